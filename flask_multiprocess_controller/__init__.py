@@ -1,0 +1,23 @@
+"""Run heavy Python work in child processes behind a flask-restful resource."""
+from __future__ import annotations
+
+from .controller import MetaMPController
+from .exceptions import (
+    AbortException, ControllerClosed, InvalidArguments, InvalidRequest, MPCError, PayloadTooLarge, QueueFull,
+    StoreError, TaskAlreadyFinished, TaskNotFound,
+)
+from .logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
+from .resource import MetaMPResource
+from .states import TaskStatus
+from .store import MemoryStore, SQLiteStore, TaskStore
+from .task import MetaMPTask, set_checkpoint, upload_status
+from .template import TemplateFactory
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "MetaMPTask", "MetaMPController", "MetaMPResource", "TemplateFactory", "upload_status", "set_checkpoint",
+    "AbortException", "MetaMPLoggerConfigurator", "DefaultMPLoggerConfigurator", "TaskStatus", "TaskStore",
+    "MemoryStore", "SQLiteStore", "MPCError", "InvalidRequest", "InvalidArguments", "PayloadTooLarge",
+    "TaskNotFound", "TaskAlreadyFinished", "QueueFull", "ControllerClosed", "StoreError",
+]

@@ -1,0 +1,134 @@
+"""What runs inside a task process: receive a task, run ``execute``, report back.
+
+Messages from the serving process: ``("run", uuid, args, context)``,
+``("stop", uuid)``, ``("exit",)``. Messages to it: ``("progress", uuid, value)``,
+``("percent", uuid, value)``, ``("log", record)``, and once per task
+``("done", uuid, kind, payload, usage)`` where ``kind`` is ``ok`` (payload: the
+result as JSON text), ``error`` (payload: ``{"type", "message", "traceback"}``)
+or ``aborted``.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any, Optional, Type
+
+from . import task as task_module
+from .exceptions import AbortException
+from .logs import ChannelQueue, MetaMPLoggerConfigurator
+from .task import MetaMPTask
+
+
+class _Channel:
+    """The child's end of the task channel (one task at a time)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self.task_id: Optional[str] = None
+        self._stop = False
+        self._pending: list[tuple] = []  # commands read while a task ran, for the next task
+        self.exit_requested = False
+
+    def send(self, message: object) -> None:
+        self._conn.send(message)
+
+    def begin(self, task_id: str) -> None:
+        self.task_id = task_id
+        self._stop = False
+
+    def publish(self, value: Any) -> None:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"upload_status() needs a JSON-serialisable value: {exc}") from None
+        self._conn.send(("progress", self.task_id, value))
+
+    def publish_percent(self, percent: float) -> None:
+        self._conn.send(("percent", self.task_id, percent))
+
+    def stop_requested(self) -> bool:
+        while not self._stop and self._conn.poll():
+            self._take(self._conn.recv())
+        return self._stop
+
+    def _take(self, message: tuple) -> None:
+        if message[0] == "stop":
+            if message[1] == self.task_id:
+                self._stop = True
+        elif message[0] == "exit":
+            self.exit_requested = True
+        else:
+            self._pending.append(message)
+
+    def next_command(self) -> tuple:
+        while self._pending:
+            message = self._pending.pop(0)
+            if message[0] == "run":
+                return message
+        if self.exit_requested:
+            return ("exit",)
+        return self._conn.recv()
+
+
+def _usage() -> tuple[float, int]:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return cpu, max(own.ru_maxrss, kids.ru_maxrss) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def _error(exc: BaseException) -> dict:
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+    return {"type": name, "message": str(exc), "traceback": traceback.format_exc()}
+
+
+def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, task_id: str, args: dict, context: dict) -> tuple:
+    channel.begin(task_id)
+    cpu_before, _ = _usage()
+    task = task_cls(task_id, channel, context)
+    task_module._set_current(task)
+    try:
+        result = task.execute(**args)
+        try:
+            kind, payload = "ok", json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            kind, payload = "error", {
+                "type": "ResultNotSerializable",
+                "message": f"execute() returned a value of type {type(result).__name__}, which is not JSON-serialisable: {exc}",
+                "traceback": None,
+            }
+    except AbortException:
+        kind, payload = "aborted", None
+    except BaseException as exc:  # the task's own failure, whatever it is, is data for the parent
+        kind, payload = "error", _error(exc)
+    finally:
+        task_module._set_current(None)
+    cpu_after, maxrss = _usage()
+    return ("done", task_id, kind, payload, {"cpu_time": cpu_after - cpu_before, "maxrss": maxrss})
+
+
+def run_child(conn: Connection, task_cls: Type[MetaMPTask], configurator: Type[MetaMPLoggerConfigurator],
+              max_tasks: int) -> None:
+    """Serve tasks over ``conn`` until ``max_tasks`` ran (0 = no limit) or the parent says exit."""
+    channel = _Channel(conn)
+    configurator.worker_log_setup(ChannelQueue(channel.send))
+    done = 0
+    while max_tasks <= 0 or done < max_tasks:
+        try:
+            message = channel.next_command()
+        except EOFError:
+            return
+        if message[0] == "exit":
+            return
+        if message[0] != "run":
+            continue
+        _, task_id, args, context = message
+        report = _run_one(task_cls, channel, task_id, args, context)
+        try:
+            channel.send(report)
+        except OSError:
+            return
+        done += 1

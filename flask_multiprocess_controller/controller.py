@@ -1,0 +1,420 @@
+"""The controller: a task queue in a store, and one controlling thread per child process.
+
+Subclass it with the seed's keywords (``controller_name=``, ``logger=``,
+``decorator=``), hand it a :class:`~.task.MetaMPTask` subclass and mount a
+:class:`~.resource.MetaMPResource` with it. Creating a controller forks its fork
+server at once (see :mod:`.forkserver` for why) and starts its controlling threads,
+so queued tasks left by an earlier run start without waiting for a request.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import threading
+import time
+import uuid as uuid_module
+import weakref
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union
+
+from flask import has_request_context, request, url_for
+from werkzeug.routing import BuildError
+
+from . import defaults
+from .arguments import ArgumentSpec
+from .callbacks import CallbackSender
+from .exceptions import ControllerClosed, InvalidRequest, TaskNotFound
+from .logs import MetaMPLoggerConfigurator
+from .presenter import present
+from .runtime import Runtime
+from .states import ALL_STATUSES, TERMINAL, TaskStatus
+from .store import TaskStore, resolve_store
+from .task import MetaMPTask
+
+ResponseTuple = tuple  # (body, status, headers): what flask-restful accepts
+
+
+def _log_call(logger: logging.Logger, name: str) -> Callable[[Callable], Callable]:
+    """The default ``decorator=``: log each call of an HTTP method at DEBUG."""
+
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def logged(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = method(self, *args, **kwargs)
+            logger.debug("%s.%s(%s) -> %s", name, method.__name__, kwargs or list(args), result)
+            return result
+
+        return logged
+
+    return wrap
+
+
+class _WorkerLogSetup(MetaMPLoggerConfigurator):
+    """The default: task processes log through the queue; the serving process keeps its own setup."""
+
+    @staticmethod
+    def listener_log_setup() -> None:
+        pass
+
+
+def _number(name: str, raw: Optional[str], kind: type = float, minimum: float = 0.0) -> Optional[Any]:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidRequest(f"Query option '{name}' must be {'an integer' if kind is int else 'a number'}, "
+                             f"not {raw!r}.") from None
+    if kind is float and value != value or value < minimum:  # NaN or too small
+        raise InvalidRequest(f"Query option '{name}' must be at least {minimum:g}, not {raw!r}.")
+    return value
+
+
+def parse_uuid(value: Any) -> str:
+    """Return the canonical form of a task uuid, or raise :class:`InvalidRequest`."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"A task uuid must be a string, not {type(value).__name__}.")
+    try:
+        return str(uuid_module.UUID(value))
+    except ValueError:
+        raise InvalidRequest(f"{value[:80]!r} is not a valid task uuid.") from None
+
+
+class MetaMPController:
+    """Queues tasks in a store and runs them in child processes, ``max_num_process`` at a time.
+
+    :param target_task: the :class:`MetaMPTask` subclass to run.
+    :param max_num_process: task processes of this controller alive at once, across every
+        process that shares the store.
+    :param max_num_queue: queued tasks allowed (running ones do not count); -1 = no bound.
+    :param callback_url: receives a JSON POST when a task starts and when it ends.
+    :param timeout: seconds a task may run (None = no limit); a request may only lower it.
+    :param stop_grace: seconds between a stop request and SIGTERM to the task's tree.
+    :param max_memory: bytes of RSS a task's whole process tree may use (None = no limit).
+    :param max_tasks_per_child: tasks one child process runs before it is replaced;
+        1 (the default) gives each task a fresh process, 0 = reuse it without limit.
+    :param store: a store URL (``sqlite:///path``, ``memory://``) or a :class:`TaskStore`;
+        defaults to ``MPC_STORE_URL``, else ``sqlite:///mpc-tasks.sqlite3``.
+    :param context: handed to each task as ``self.context``; never shown over HTTP.
+    :param retention: seconds a finished task stays readable before it is purged.
+    :param max_content_length: bytes a request body may hold.
+    :param log_configurator: a :class:`MetaMPLoggerConfigurator` subclass.
+    """
+
+    _name: ClassVar[Optional[str]] = None
+    _logger: ClassVar[logging.Logger] = logging.getLogger("MetaMPController")
+    _decorator: ClassVar[Optional[Callable[[Callable], Callable]]] = None
+
+    def __init_subclass__(cls, controller_name: Optional[str] = None, logger: Optional[logging.Logger] = None,
+                          decorator: Optional[Callable[[Callable], Callable]] = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if controller_name is not None:
+            cls._name = controller_name
+        elif "_name" not in cls.__dict__ and not cls.__dict__.get("_unnamed", False):
+            cls._name = cls.__name__
+        if logger is not None:
+            cls._logger = logger
+        elif "_logger" not in cls.__dict__:
+            cls._logger = logging.getLogger(cls._name or cls.__name__)
+        if decorator is not None:
+            cls._decorator = decorator
+
+    def __init__(self, target_task: type[MetaMPTask], max_num_process: int = 1, max_num_queue: int = -1,
+                 callback_url: Optional[str] = None, *, timeout: Optional[float] = None,
+                 stop_grace: float = defaults.STOP_GRACE, max_memory: Optional[int] = None,
+                 max_tasks_per_child: int = 1, store: Union[None, str, TaskStore] = None,
+                 context: Optional[Mapping[str, Any]] = None, retention: float = defaults.RETENTION,
+                 max_content_length: int = defaults.MAX_CONTENT_LENGTH,
+                 log_configurator: Optional[type[MetaMPLoggerConfigurator]] = None) -> None:
+        if not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
+            raise TypeError(f"target_task must be a MetaMPTask subclass, not {target_task!r}.")
+        if not isinstance(max_num_process, int) or max_num_process < 1:
+            raise ValueError(f"max_num_process must be a positive integer, not {max_num_process!r}.")
+        if not isinstance(max_num_queue, int) or max_num_queue < -1:
+            raise ValueError(f"max_num_queue must be -1 (no bound) or a non-negative integer, not {max_num_queue!r}.")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive or None.")
+        if stop_grace < 0:
+            raise ValueError("stop_grace must not be negative.")
+        if max_tasks_per_child is None:
+            max_tasks_per_child = 0
+        if max_tasks_per_child < 0:
+            raise ValueError("max_tasks_per_child must be 1 or more, or 0 for no limit.")
+        #: The task class this controller runs.
+        self.target_task = target_task
+        self.max_num_process = max_num_process
+        self.max_num_queue = max_num_queue
+        self.callback_url = callback_url
+        self.timeout = timeout
+        self.stop_grace = float(stop_grace)
+        self.max_memory = max_memory
+        self.max_tasks_per_child = max_tasks_per_child
+        self.context: dict = dict(context or {})
+        self.retention = retention
+        self.max_content_length = max_content_length
+        #: The controller's name in the store: tasks are shared by controllers of the same name.
+        self.name: str = self._name or target_task.__name__
+        self.logger = self._logger
+        self.store: TaskStore = resolve_store(store)
+        self._spec = ArgumentSpec(target_task.execute)
+        self._callbacks = CallbackSender(callback_url, self.logger) if callback_url else None
+        self._configurator = log_configurator or _WorkerLogSetup
+        # Guards _runtime creation and _closed.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._runtime: Optional[Runtime] = None
+        self._start_runtime()
+        _LIVE.add(self)
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def _start_runtime(self) -> Runtime:
+        if self._configurator is not _WorkerLogSetup:
+            self._configurator.listener_log_setup()
+        runtime = Runtime(self, self._configurator)
+        self._runtime = runtime
+        runtime.start()
+        return runtime
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime of this process; a forked copy of the controller (gunicorn --preload) gets its own."""
+        with self._lock:
+            if self._closed:
+                raise ControllerClosed(f"Controller {self.name} has been shut down.")
+            runtime = self._runtime
+            if runtime is None or runtime.pid != os.getpid():
+                runtime = self._start_runtime()
+            return runtime
+
+    @property
+    def forkserver_pid(self) -> Optional[int]:
+        """Pid of the fork server whose children are this controller's task processes."""
+        runtime = self._runtime
+        return runtime.fork_server.pid if runtime is not None else None
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop taking tasks, stop running ones (``stop_grace``, then kill) and release every resource.
+
+        Queued tasks stay queued in the store for the next start.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            runtime, self._runtime = self._runtime, None
+        if runtime is not None and runtime.pid == os.getpid():
+            runtime.shutdown(timeout)
+        if self._callbacks is not None:
+            self._callbacks.close()
+        self.store.close()
+        _LIVE.discard(self)
+
+    def __enter__(self) -> "MetaMPController":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- Python API ---------------------------------------------------------------
+
+    def enqueue(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
+                timeout: Optional[float] = None) -> list[dict]:
+        """Queue one task per mapping of keyword arguments, all or none; return their task objects.
+
+        A ``priority`` key in a mapping is taken as that task's priority unless
+        ``execute`` has a parameter of that name (seed compatibility).
+        :raises InvalidArguments: an item does not fit ``execute``; nothing is queued.
+        :raises QueueFull: the items do not fit in the queue; nothing is queued.
+        """
+        runtime = self.runtime
+        effective_timeout = self._effective_timeout(timeout)
+        now = time.time()
+        rows = []
+        for item in items:
+            if not isinstance(item, Mapping):
+                raise InvalidRequest(f"Each task must be a JSON object of keyword arguments, not {type(item).__name__}.")
+            args = dict(item)
+            task_priority = priority
+            if "priority" in args and "priority" not in self._spec.names:
+                task_priority = args.pop("priority")
+                if not isinstance(task_priority, int) or isinstance(task_priority, bool):
+                    raise InvalidRequest(f"'priority' must be an integer, not {task_priority!r}.")
+            self._spec.check(args)
+            rows.append({
+                "uuid": str(uuid_module.uuid4()), "controller": self.name, "status": TaskStatus.QUEUED.value,
+                "priority": task_priority, "args": args, "created_at": now, "timeout": effective_timeout,
+                "attempt": 0, "stop_requested": False,
+            })
+        self.store.enqueue(rows, self.max_num_queue)
+        runtime.notify_work()
+        return [self._present(self.store.get(row["uuid"]) or row) for row in rows]
+
+    def submit(self, **kwargs: Any) -> str:
+        """Queue ``execute(**kwargs)`` and return the task's uuid."""
+        return self.enqueue([kwargs])[0]["uuid"]
+
+    def status(self, uuid: str) -> dict:
+        """Return the task object of a task of this controller.
+
+        :raises TaskNotFound: no such task here.
+        """
+        return self._present(self._row(uuid))
+
+    def stop(self, uuid: str) -> dict:
+        """Ask a task to stop; return its task object (``stopped`` if it was queued, else ``stopping``).
+
+        :raises TaskNotFound: no such task here.
+        :raises TaskAlreadyFinished: the task has already ended.
+        """
+        from .supervisor import StopReason
+
+        self._row(uuid)
+        row = self.store.request_stop(uuid, time.time())
+        run = self.runtime.local_run(uuid)
+        if run is not None:
+            run.request_stop(StopReason.REQUESTED)
+        return self._present(row)
+
+    def wait(self, uuid: str, timeout: Optional[float] = None) -> dict:
+        """Wait until the task has ended or ``timeout`` seconds passed; return its task object."""
+        runtime = self.runtime
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with runtime.finished:
+            while True:
+                # Read under the condition's lock: a task that ends now cannot slip between
+                # this read and the wait below.
+                row = self._row(uuid)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if row["status"] in TERMINAL or runtime.closing or (remaining is not None and remaining <= 0):
+                    return self._present(row)
+                # A task of this process wakes us at once; one run elsewhere is seen by polling.
+                pause = defaults.STORE_POLL_INTERVAL / 5
+                runtime.finished.wait(pause if remaining is None else min(remaining, pause))
+
+    def tasks(self, status: Union[None, str, Iterable[str]] = None, limit: int = defaults.LIST_LIMIT) -> dict:
+        """Return the list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``."""
+        statuses = [status] if isinstance(status, str) else list(status or [])
+        unknown = [s for s in statuses if s not in ALL_STATUSES]
+        if unknown:
+            raise InvalidRequest(f"Unknown status {unknown[0]!r}: use one of {', '.join(ALL_STATUSES)}.")
+        if not 1 <= limit <= defaults.MAX_LIST_LIMIT:
+            raise InvalidRequest(f"'limit' must be between 1 and {defaults.MAX_LIST_LIMIT}.")
+        rows = self.store.list(self.name, statuses or None, limit)
+        counts = self.store.counts(self.name)
+        return {
+            "tasks": [self._present(row) for row in rows],
+            "running": counts.get("running", 0) + counts.get("stopping", 0),
+            "queued": counts.get("queued", 0),
+            "max_num_process": self.max_num_process,
+        }
+
+    # -- HTTP methods (what MetaMPResource calls; override them as in the seed) ---------
+
+    def post(self, *args: Mapping[str, Any], **kwargs: Any) -> ResponseTuple:
+        """Queue a task (keyword arguments) or several (positional mappings, all or none)."""
+        options = _query()
+        priority = _number("priority", options.get("priority"), int, minimum=-(2 ** 62)) or 0
+        timeout = _number("timeout", options.get("timeout"))
+        wait = self._wait_option(options)
+        if args and kwargs:
+            raise InvalidRequest("Send either one JSON object or a JSON array of objects.")
+        items = list(args) if args else [kwargs]
+        tasks = self.enqueue(items, priority=priority, timeout=timeout)
+        status = 202
+        if wait is not None:
+            deadline = time.monotonic() + wait
+            tasks = [self.wait(t["uuid"], max(0.0, deadline - time.monotonic())) for t in tasks]
+            if all(t["status"] in TERMINAL for t in tasks):
+                status = 200
+        if args:
+            return {"tasks": tasks}, status, {}
+        return tasks[0], status, {"Location": self._location(tasks[0]["uuid"])}
+
+    def get(self, **kwargs: Any) -> ResponseTuple:
+        """Return one task (when a uuid is given) or the list view."""
+        options = _query()
+        wait = self._wait_option(options)
+        if kwargs.get("uuid") is None:
+            statuses = [s for s in (options.get("status") or "").split(",") if s]
+            limit = _number("limit", options.get("limit"), int, minimum=1)
+            return self.tasks(statuses, defaults.LIST_LIMIT if limit is None else limit), 200, {}
+        uuid = parse_uuid(kwargs["uuid"])
+        task = self.wait(uuid, wait) if wait is not None else self.status(uuid)
+        return task, 200, {}
+
+    def delete(self, **kwargs: Any) -> ResponseTuple:
+        """Stop a task: 202 while it stops, 200 when it was queued and is now stopped."""
+        if kwargs.get("uuid") is None:
+            raise InvalidRequest("DELETE needs the uuid of a task: in the path, as ?uuid=, or in a JSON body.")
+        task = self.stop(parse_uuid(kwargs["uuid"]))
+        return task, (200 if task["status"] == TaskStatus.STOPPED else 202), {}
+
+    def handler(self, method: str) -> Callable[..., ResponseTuple]:
+        """The HTTP method ``method`` of this controller, wrapped in the class's ``decorator``."""
+        function = getattr(type(self), method)
+        decorator = self._decorator or _log_call(self.logger, self.name)
+        return functools.partial(decorator(function), self)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _row(self, uuid: str) -> dict:
+        uuid = parse_uuid(uuid)
+        row = self.store.get(uuid)
+        if row is None or row["controller"] != self.name:
+            raise TaskNotFound(uuid)
+        return row
+
+    def _present(self, row: dict) -> dict:
+        position = self.store.position(row) if row["status"] == TaskStatus.QUEUED else None
+        live = None
+        runtime = self._runtime
+        if runtime is not None and row["status"] not in TERMINAL:
+            live = runtime.local_run(row["uuid"])
+        return present(row, position, live)
+
+    def _effective_timeout(self, requested: Optional[float]) -> Optional[float]:
+        if requested is None:
+            return self.timeout
+        if requested <= 0:
+            raise InvalidRequest("'timeout' must be a positive number of seconds.")
+        return requested if self.timeout is None else min(requested, self.timeout)
+
+    @staticmethod
+    def _wait_option(options: Mapping[str, str]) -> Optional[float]:
+        wait = _number("wait", options.get("wait"))
+        return None if wait is None else min(wait, defaults.MAX_WAIT)
+
+    def _location(self, uuid: str) -> str:
+        if not has_request_context() or request.endpoint is None:
+            return ""
+        try:
+            return url_for(request.endpoint, uuid=uuid)
+        except BuildError:
+            return f"{request.path}?uuid={uuid}"
+
+    def _task_started(self, uuid: str) -> None:
+        if self._callbacks is not None:
+            self._callbacks.send("started", self.status(uuid))
+
+    def _task_ended(self, uuid: str) -> None:
+        if self._callbacks is not None:
+            self._callbacks.send("ended", self.status(uuid))
+
+
+def _query() -> Mapping[str, str]:
+    return request.args if has_request_context() else {}
+
+
+#: Controllers not yet shut down, to be shut down when the interpreter exits.
+_LIVE: "weakref.WeakSet[MetaMPController]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for controller in list(_LIVE):
+        try:
+            controller.shutdown()
+        except Exception:  # at exit, one failure must not keep the others running
+            logging.getLogger(__name__).exception("Shutting down controller %s failed.", controller.name)

@@ -1,0 +1,28 @@
+"""The one place where the package's exceptions become HTTP responses."""
+from __future__ import annotations
+
+from .exceptions import (
+    ControllerClosed, InvalidRequest, MPCError, PayloadTooLarge, QueueFull, StoreError, TaskAlreadyFinished,
+    TaskNotFound,
+)
+
+#: HTTP status of each exception class (the first match along the MRO wins).
+HTTP_STATUS: dict[type, int] = {
+    InvalidRequest: 400,
+    TaskNotFound: 404,
+    TaskAlreadyFinished: 409,
+    PayloadTooLarge: 413,
+    QueueFull: 429,
+    ControllerClosed: 503,
+    StoreError: 503,
+    MPCError: 500,
+}
+
+
+def error_response(exc: MPCError) -> tuple[dict, int, dict]:
+    """Return ``(body, status, headers)`` for ``exc``: a JSON object with a human ``message``."""
+    status = next(HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS)
+    headers = {}
+    if isinstance(exc, QueueFull):
+        headers["Retry-After"] = str(exc.retry_after)
+    return {"message": exc.message}, status, headers

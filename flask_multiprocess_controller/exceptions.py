@@ -1,0 +1,73 @@
+"""The package's exceptions.
+
+Every error a caller can cause is an :class:`MPCError` subclass; the resource maps
+them to HTTP status codes in one place (:mod:`.errors`).
+"""
+from __future__ import annotations
+
+
+class AbortException(BaseException):
+    """Raised by ``checkpoint()`` inside a task once a stop was requested.
+
+    It derives from :class:`BaseException` so that a task's own
+    ``except Exception`` blocks do not swallow the stop.
+    """
+
+
+class MPCError(Exception):
+    """Base class of the package's errors."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        #: A sentence for humans, sent as the ``message`` of an HTTP error body.
+        self.message = message
+
+
+class InvalidRequest(MPCError):
+    """The request is malformed: bad JSON, a bad option, a bad uuid."""
+
+
+class InvalidArguments(InvalidRequest):
+    """The keyword arguments do not fit the task's ``execute`` signature."""
+
+
+class PayloadTooLarge(MPCError):
+    """The request body is larger than the controller accepts."""
+
+
+class TaskNotFound(MPCError):
+    """No task with this uuid belongs to this controller."""
+
+    def __init__(self, uuid: str) -> None:
+        super().__init__(f"No task with uuid {uuid} is known to this controller.")
+        self.uuid = uuid
+
+
+class TaskAlreadyFinished(MPCError):
+    """The task has already reached a terminal state."""
+
+    def __init__(self, uuid: str, status: str) -> None:
+        super().__init__(f"Task {uuid} has already finished with status '{status}'.")
+        self.uuid = uuid
+        self.status = status
+
+
+class QueueFull(MPCError):
+    """Accepting the tasks would put more than ``max_num_queue`` tasks in the queue."""
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(f"The queue is full ({limit} tasks waiting); retry in {retry_after} s.")
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class ControllerClosed(MPCError):
+    """The controller has been shut down and accepts no more work."""
+
+
+class StoreError(MPCError):
+    """The task store is misconfigured or unusable."""
+
+
+class NotInTask(MPCError):
+    """A task-side helper was called outside a running task."""

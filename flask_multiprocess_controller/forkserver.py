@@ -1,0 +1,331 @@
+"""A single-threaded fork server: the parent of every task process of a controller.
+
+Why: the seed's examples have no ``if __name__ == "__main__"`` guard, so any start
+method that re-imports the script (spawn, forkserver) would start a second web
+server in each child; and forking straight from a server that already runs
+threads can deadlock the child on a lock some other thread held. So the controller
+forks this server once, when it is created (at import time in the seed, before
+any thread exists). The server inherits the task class already defined in memory
+and forks a child for each request; it never runs threads itself.
+
+Protocol over a Unix socket pair: the controller sends one byte and two file
+descriptors (the child's end of a duplex socket, and the write end of a pipe); the
+server forks, answers the child's pid, and writes the child's exit code (as
+:func:`os.waitstatus_to_exitcode` gives it) to the pipe when it reaps the child.
+The server reaps orphaned grandchildren too (it is a child subreaper), and when the
+controller's end of the socket closes (the controller shut down or its process
+died) it kills every task process group it started and exits.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Callable, Optional
+
+import psutil
+
+_PID = struct.Struct("i")
+_PR_SET_CHILD_SUBREAPER = 36
+
+#: File descriptors that belong to the serving process only; a forked server closes its copies.
+_PARENT_ONLY_FDS: set[int] = set()
+# Guards _PARENT_ONLY_FDS.
+_FDS_LOCK = threading.Lock()
+
+
+def _remember_parent_only(*fds: int) -> None:
+    with _FDS_LOCK:
+        _PARENT_ONLY_FDS.update(fds)
+
+
+def forget_parent_only(*fds: int) -> None:
+    """Stop tracking descriptors the serving process has closed."""
+    with _FDS_LOCK:
+        _PARENT_ONLY_FDS.difference_update(fds)
+
+
+class ChildProcess:
+    """The serving process's handle on one task process."""
+
+    def __init__(self, pid: int, conn: Connection, exit_fd: int) -> None:
+        self.pid = pid
+        #: Duplex channel to the child: commands out, progress/logs/results in.
+        self.conn = conn
+        #: Readable once the fork server has reaped the child; holds its exit code.
+        self.exit_fd = exit_fd
+        self.exit_code: Optional[int] = None
+        self.exited = False
+        try:
+            self.create_time: Optional[float] = psutil.Process(pid).create_time()
+        except psutil.Error:
+            self.create_time = None
+        # Guards sends on conn: the controlling thread and request threads (stop) both send.
+        self._send_lock = threading.Lock()
+
+    def send(self, message: object) -> bool:
+        """Send a command; False when the child is already gone."""
+        with self._send_lock:
+            try:
+                self.conn.send(message)
+                return True
+            except (OSError, ValueError):
+                return False
+
+    def read_exit(self) -> Optional[int]:
+        """Read the exit code after ``exit_fd`` became readable (None if the server died)."""
+        if not self.exited:
+            data = b""
+            try:
+                while len(data) < _PID.size:
+                    chunk = os.read(self.exit_fd, _PID.size - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError:
+                pass
+            self.exit_code = _PID.unpack(data)[0] if len(data) == _PID.size else None
+            self.exited = True
+        return self.exit_code
+
+    def close(self) -> None:
+        """Release the descriptors (the process itself is handled elsewhere)."""
+        fds = []
+        try:
+            fds.append(self.conn.fileno())
+        except (OSError, ValueError):
+            pass
+        forget_parent_only(*fds, self.exit_fd)
+        self.conn.close()
+        try:
+            os.close(self.exit_fd)
+        except OSError:
+            pass
+
+
+class ForkServer:
+    """Fork the server now; :meth:`spawn` asks it for task processes.
+
+    :param child_main: run in each task process with its :class:`Connection`;
+        the process exits when it returns.
+    """
+
+    def __init__(self, child_main: Callable[[Connection], None]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:  # the fork server
+            code = 0
+            try:
+                ours.close()
+                _close_parent_only_fds()
+                _serve(theirs, child_main)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid = pid
+        self._sock = ours
+        # Guards the request/answer exchange on _sock: one spawn at a time.
+        self._lock = threading.Lock()
+        self._closed = False
+        _remember_parent_only(ours.fileno())
+
+    def spawn(self) -> ChildProcess:
+        """Start a task process and return its handle."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        exit_r, exit_w = os.pipe()
+        try:
+            with self._lock:
+                if self._closed:
+                    raise OSError("the fork server is closed")
+                socket.send_fds(self._sock, [b"S"], [theirs.fileno(), exit_w])
+                answer = _recv_exact(self._sock, _PID.size)
+        except BaseException:
+            ours.close()
+            os.close(exit_r)
+            raise
+        finally:
+            theirs.close()
+            os.close(exit_w)
+        (pid,) = _PID.unpack(answer)
+        if pid <= 0:
+            ours.close()
+            os.close(exit_r)
+            raise OSError(-pid, f"the fork server could not fork: {os.strerror(-pid)}")
+        _remember_parent_only(ours.fileno(), exit_r)
+        return ChildProcess(pid, Connection(ours.detach()), exit_r)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the server (it kills any task process left) and reap it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            forget_parent_only(self._sock.fileno())
+            self._sock.close()
+        try:
+            psutil.Process(self.pid).wait(timeout)
+        except psutil.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except psutil.NoSuchProcess:
+            pass
+        try:
+            os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("the fork server has gone away")
+        data += chunk
+    return data
+
+
+def _close_parent_only_fds() -> None:
+    for fd in list(_PARENT_ONLY_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _PARENT_ONLY_FDS.clear()
+
+
+def _become_subreaper() -> None:
+    """Adopt orphaned grandchildren so that they are reaped here, never left as zombies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _serve(sock: socket.socket, child_main: Callable[[Connection], None]) -> None:
+    """The fork server's loop; never returns normally except on EOF."""
+    os.setsid()  # out of the terminal's process group: Ctrl-C is for the serving process
+    for signum in signal.valid_signals():  # drop handlers inherited from the server (gunicorn's, say)
+        if callable(signal.getsignal(signum)):
+            signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _become_subreaper()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    exits: dict[int, int] = {}  # task pid -> write end of its exit pipe
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj is sock:
+                if not _fork_one(sock, exits, child_main, (selector, sock, wake_r, wake_w)):
+                    _kill_all(exits)
+                    return
+            else:
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+        _reap(exits)
+
+
+def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection], None],
+              server_objects: tuple) -> bool:
+    try:
+        message, fds, _, _ = socket.recv_fds(sock, 1, 2)
+    except OSError:
+        return False
+    if not message:
+        for fd in fds:
+            os.close(fd)
+        return False
+    child_fd, exit_w = fds
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(child_fd)
+        os.close(exit_w)
+        sock.sendall(_PID.pack(-exc.errno))
+        return True
+    if pid == 0:
+        _become_task_process(exits, server_objects, exit_w)
+        code = 0
+        try:
+            child_main(Connection(child_fd))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError, AttributeError):
+                    pass
+            os._exit(code)
+    os.close(child_fd)
+    exits[pid] = exit_w
+    sock.sendall(_PID.pack(pid))
+    return True
+
+
+def _become_task_process(exits: dict[int, int], server_objects: tuple, exit_w: int) -> None:
+    """Drop the fork server's state in a freshly forked task process."""
+    selector, sock, wake_r, wake_w = server_objects
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    selector.close()
+    sock.close()
+    for fd in (wake_r, wake_w, exit_w, *exits.values()):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    os.setpgid(0, 0)  # its own process group, so that its whole tree can be signalled at once
+
+
+def _reap(exits: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        exit_w = exits.pop(pid, None)
+        if exit_w is not None:
+            try:
+                os.write(exit_w, _PID.pack(os.waitstatus_to_exitcode(status)))
+            except OSError:
+                pass
+            os.close(exit_w)
+
+
+def _kill_all(exits: dict[int, int]) -> None:
+    for pid in list(exits):
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    for pid in list(exits):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    _reap(exits)

@@ -1,0 +1,55 @@
+"""The task object: how a stored task is shown to HTTP and Python callers."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from .states import TaskStatus
+
+#: Keys of the task object, in the order they are shown.
+TASK_KEYS = (
+    "uuid", "status", "msg", "progress", "percent", "result", "error", "args", "priority", "position",
+    "created_at", "started_at", "ended_at", "pid", "exit_code", "memory_peak", "cpu_time", "timeout",
+    "attempt", "controller",
+)
+
+
+def iso(ts: Optional[float]) -> Optional[str]:
+    """ISO 8601 in UTC for a UNIX time, or None."""
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+def _msg(row: dict, position: Optional[int]) -> str:
+    uuid, status = row["uuid"], row["status"]
+    error = row.get("error") or {}
+    if status == TaskStatus.QUEUED:
+        return f"Task {uuid} is queued at position {position}."
+    if status == TaskStatus.RUNNING:
+        return f"Task {uuid} is running in process {row.get('pid')}."
+    if status == TaskStatus.STOPPING:
+        return f"Task {uuid} is stopping."
+    if status == TaskStatus.SUCCEEDED:
+        return f"Task {uuid} succeeded."
+    if status == TaskStatus.STOPPED and row.get("started_at") is None:
+        return f"Task {uuid} was stopped before it started."
+    if status == TaskStatus.STOPPED:
+        return f"Task {uuid} was stopped."
+    if status == TaskStatus.TIMED_OUT:
+        return f"Task {uuid} timed out: {error.get('message', '')}".rstrip(": ")
+    return f"Task {uuid} {status}: {error.get('message', '')}".rstrip(": ")
+
+
+def present(row: dict, position: Optional[int] = None, live: Optional[Any] = None) -> dict:
+    """Build the task object of a stored row.
+
+    :param position: the row's place in the queue, when it is queued.
+    :param live: the in-process run of the task, whose progress may be fresher than the store's.
+    """
+    view: dict[str, Any] = {key: row.get(key) for key in TASK_KEYS}
+    for key in ("created_at", "started_at", "ended_at"):
+        view[key] = iso(row.get(key))
+    if live is not None:
+        view["progress"], view["percent"] = live.progress, live.percent
+    view["position"] = position if row["status"] == TaskStatus.QUEUED else None
+    view["msg"] = _msg(row, position)
+    return view

@@ -1,0 +1,274 @@
+"""The moving parts of a controller in one serving process.
+
+Data flow::
+
+    submit ─▶ store (queued) ─▶ wake the slots
+    slot thread (one per process slot, so one controlling thread per child process):
+        claim the next task from the store (atomic, honours max_num_process across processes)
+        ─▶ fork server forks a task process (or the slot's warm one is reused)
+        ─▶ Supervisor relays progress/logs, enforces stop/timeout/memory, classifies the end
+        ─▶ store (terminal state), wake waiters, fire the callback, claim the next task
+
+Nothing here sleeps on the dispatch path: a submit wakes an idle slot at once and a
+slot that finishes a task claims the next one itself. Idle slots also look at a
+shared store every ``STORE_POLL_INTERVAL`` for work queued by other processes.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import threading
+import time
+from multiprocessing.connection import wait as wait_ready
+from typing import TYPE_CHECKING, Callable, Optional
+
+import psutil
+
+from . import defaults
+from .child import run_child
+from .forkserver import ChildProcess, ForkServer
+from .logs import LogListener, MetaMPLoggerConfigurator
+from .proctree import kill_tree, process_alive
+from .states import TaskStatus
+from .supervisor import Outcome, Settings, StopReason, Supervisor, TaskRun
+
+if TYPE_CHECKING:
+    from .controller import MetaMPController
+
+
+def owner_id() -> str:
+    """Name this serving process uniquely, even across pid reuse: ``host:pid:create_time``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.3f}"
+
+
+def _owner_alive(owner: Optional[str]) -> Optional[bool]:
+    """True/False for an owner on this host; None when it lives on another host (not ours to judge)."""
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    if host != socket.gethostname():
+        return None
+    pid, _, created = rest.partition(":")
+    try:
+        return process_alive(int(pid), float(created))
+    except ValueError:
+        return False
+
+
+class Runtime:
+    """Fork server, slot threads, log listener and the registry of running tasks of one controller."""
+
+    def __init__(self, controller: "MetaMPController", configurator: type[MetaMPLoggerConfigurator]) -> None:
+        self.controller = controller
+        self.store = controller.store
+        self.logger = controller.logger
+        self.pid = os.getpid()
+        child_main = functools.partial(run_child, task_cls=controller.target_task, configurator=configurator,
+                                       max_tasks=controller.max_tasks_per_child)
+        # Forked first, while this process may still be single-threaded.
+        self.fork_server = ForkServer(child_main)
+        self.owner = owner_id()
+        self.logs = LogListener()
+        # Guards _generation and closing; slots wait on it for work.
+        self._work = threading.Condition()
+        self._generation = 0
+        self.closing = False
+        # Guards _runs: the tasks running in this process, by uuid.
+        self._runs_lock = threading.Lock()
+        self._runs: dict[str, TaskRun] = {}
+        # Notified whenever a task run by this process ends.
+        self.finished = threading.Condition()
+        self._next_purge = 0.0
+        self._slots = [_Slot(self, i) for i in range(controller.max_num_process)]
+
+    def start(self) -> None:
+        self.logs.start()
+        self.reconcile()
+        for slot in self._slots:
+            slot.start()
+
+    # -- work -----------------------------------------------------------------
+
+    def notify_work(self) -> None:
+        """Wake idle slots: tasks were queued."""
+        with self._work:
+            self._generation += 1
+            self._work.notify_all()
+
+    def next_task(self) -> Optional[dict]:
+        """Claim the next task for a slot, waiting while there is none; None when closing."""
+        c = self.controller
+        while True:
+            with self._work:
+                if self.closing:
+                    return None
+                generation = self._generation
+            self._housekeeping()
+            row = self.store.claim(c.name, self.owner, c.max_num_process, time.time())
+            if row is not None:
+                return row
+            with self._work:
+                if self._generation == generation and not self.closing:
+                    self._work.wait(defaults.STORE_POLL_INTERVAL if self.store.shared else None)
+
+    def _housekeeping(self) -> None:
+        now = time.time()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + defaults.PURGE_INTERVAL
+        try:
+            purged = self.store.purge(self.controller.name, now - self.controller.retention)
+        except Exception:  # a failed purge must never stop dispatch
+            self.logger.exception("Purging expired tasks failed.")
+            return
+        if purged:
+            self.logger.info("Purged %d tasks that ended more than %g s ago.", purged, self.controller.retention)
+
+    def reconcile(self) -> None:
+        """Settle active tasks whose serving process on this host is gone: lost, or requeued."""
+        c = self.controller
+        for row in self.store.active(c.name):
+            if _owner_alive(row.get("owner")) is not False:
+                continue
+            if process_alive(row.get("pid"), row.get("pid_created")):
+                kill_tree(row["pid"])
+            if c.target_task.restartable and self.store.requeue(row["uuid"]):
+                self.logger.warning("Task %s was cut off when its server died; queued again.", row["uuid"])
+                continue
+            error = {"type": "Lost", "traceback": None,
+                     "message": f"The serving process that ran this task ({row.get('owner')}) died."}
+            if self.store.finish(row["uuid"], TaskStatus.LOST.value, ended_at=time.time(), error=error):
+                self.logger.warning("Task %s was lost with the process that ran it.", row["uuid"])
+        self.notify_work()
+
+    # -- running tasks ----------------------------------------------------------
+
+    def register(self, run: TaskRun) -> None:
+        with self._runs_lock:
+            self._runs[run.uuid] = run
+
+    def unregister(self, run: TaskRun) -> None:
+        with self._runs_lock:
+            self._runs.pop(run.uuid, None)
+
+    def local_run(self, uuid: str) -> Optional[TaskRun]:
+        with self._runs_lock:
+            return self._runs.get(uuid)
+
+    def record(self, run: TaskRun, outcome: Outcome) -> None:
+        """Store a task's outcome (or requeue it), then wake whoever waits for it."""
+        c = self.controller
+        if (run.stop_reason is StopReason.SHUTDOWN and c.target_task.restartable
+                and outcome.status is not TaskStatus.SUCCEEDED and self.store.requeue(run.uuid)):
+            self.logger.info("Task %s will run again after the restart.", run.uuid)
+        elif not self.store.finish(run.uuid, outcome.status.value, **outcome.fields):
+            self.logger.warning("Task %s had already been settled elsewhere; its outcome %s is dropped.",
+                                run.uuid, outcome.status.value)
+        with self.finished:
+            self.finished.notify_all()
+        c._task_ended(run.uuid)
+
+    # -- shutdown -------------------------------------------------------------
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop taking tasks, stop the running ones (stop_grace, then kill) and release everything."""
+        with self._work:
+            self.closing = True
+            self._work.notify_all()
+        with self._runs_lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            run.request_stop(StopReason.SHUTDOWN)
+        for slot in self._slots:
+            slot.wake()
+        for slot in self._slots:
+            if slot.is_alive():
+                slot.join(timeout)
+        self.fork_server.close()
+        self.logs.stop()
+        with self.finished:
+            self.finished.notify_all()
+
+
+class _Slot(threading.Thread):
+    """A controlling thread: runs one task process at a time, and one task in it at a time."""
+
+    def __init__(self, runtime: Runtime, index: int) -> None:
+        super().__init__(name=f"mpc-{runtime.controller.name}-slot-{index}", daemon=True)
+        self.runtime = runtime
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        c = runtime.controller
+        settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory,
+                            fresh_process=c.max_tasks_per_child == 1, shared_store=runtime.store.shared)
+        self._supervisor = Supervisor(settings, runtime.store, runtime.logs.queue, self._wake_r)
+        self._child: Optional[ChildProcess] = None
+        self._tasks_in_child = 0
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass
+
+    def run(self) -> None:
+        rt = self.runtime
+        try:
+            while True:
+                row = rt.next_task()
+                if row is None:
+                    return
+                self._run_task(row)
+        finally:
+            self._retire_child()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _run_task(self, row: dict) -> None:
+        rt = self.runtime
+        c = rt.controller
+        run = TaskRun(row, row.get("timeout"), self.wake)
+        rt.register(run)
+        try:
+            if row.get("stop_requested"):
+                run.request_stop(StopReason.REQUESTED)
+            if rt.closing:
+                run.request_stop(StopReason.SHUTDOWN)
+            child = self._warm_child()
+            c._task_started(row["uuid"])
+            outcome = self._supervisor.run(run, child, row["args"], c.context)
+            self._tasks_in_child += 1
+            if not outcome.child_alive or self._tasks_in_child >= c.max_tasks_per_child > 0:
+                self._retire_child()
+            rt.record(run, outcome)
+        except Exception as exc:  # the slot must survive anything: record the failure and go on
+            rt.logger.exception("Controlling thread failed while running task %s.", row["uuid"])
+            self._retire_child()
+            error = {"type": "ControllerError", "message": f"The controller failed to run the task: {exc}",
+                     "traceback": None}
+            rt.store.finish(row["uuid"], TaskStatus.FAILED.value, ended_at=time.time(), error=error)
+            with rt.finished:
+                rt.finished.notify_all()
+        finally:
+            rt.unregister(run)
+
+    def _warm_child(self) -> ChildProcess:
+        if self._child is None:
+            self._child = self.runtime.fork_server.spawn()
+            self._tasks_in_child = 0
+        return self._child
+
+    def _retire_child(self) -> None:
+        child, self._child = self._child, None
+        if child is None:
+            return
+        if not child.exited:
+            child.send(("exit",))
+            if not wait_ready([child.exit_fd], 2.0):
+                kill_tree(child.pid)
+                wait_ready([child.exit_fd], 2.0)
+            child.read_exit()
+        child.close()

@@ -1,0 +1,41 @@
+"""Task states: the exact strings of the HTTP contract."""
+from __future__ import annotations
+
+import enum
+
+
+class TaskStatus(str, enum.Enum):
+    """Where a task is in its life.
+
+    ``queued`` → ``running`` → one of the terminal states; ``running`` →
+    ``stopping`` → ``stopped`` on a stop request; ``queued`` → ``stopped`` when a
+    queued task is stopped before it ever ran.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def finished(self) -> bool:
+        """True for the states a task never leaves."""
+        return self in TERMINAL
+
+
+#: States a task never leaves.
+TERMINAL = frozenset(
+    {TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.STOPPED, TaskStatus.TIMED_OUT, TaskStatus.LOST}
+)
+
+#: States in which a task holds one of the controller's process slots.
+ACTIVE = frozenset({TaskStatus.RUNNING, TaskStatus.STOPPING})
+
+ALL_STATUSES = tuple(s.value for s in TaskStatus)

@@ -1,0 +1,130 @@
+"""The task base class, and the helpers a running task calls."""
+from __future__ import annotations
+
+import abc
+import logging
+import math
+from typing import Any, ClassVar, Iterable, Iterator, Optional, Protocol, TypeVar
+
+from .exceptions import AbortException, NotInTask
+
+T = TypeVar("T")
+
+
+class TaskChannel(Protocol):
+    """How a task talks to its controlling thread (implemented in the child process)."""
+
+    def publish(self, value: Any) -> None: ...
+
+    def publish_percent(self, percent: float) -> None: ...
+
+    def stop_requested(self) -> bool: ...
+
+
+#: The task running in this process, if any (a task process runs one at a time).
+_current: Optional["MetaMPTask"] = None
+
+
+class MetaMPTask(abc.ABC):
+    """Subclass this and implement :meth:`execute`; it runs in a child process.
+
+    Subclass keywords: ``task_name=`` (defaults to the class name) and ``logger=``
+    (defaults to ``logging.getLogger(<class name>)``). Set ``restartable = True``
+    on a subclass whose runs may safely be started again from the beginning when
+    the process that ran them died.
+    """
+
+    #: The task's name, for logs and messages.
+    task_name: ClassVar[str] = "MetaMPTask"
+    #: The logger of this task class; in the child it writes through the controller's process.
+    logger: ClassVar[logging.Logger] = logging.getLogger("MetaMPTask")
+    #: True when a run that was cut off may be started again from the beginning.
+    restartable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, task_name: Optional[str] = None, logger: Optional[logging.Logger] = None,
+                          **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if task_name is not None or "task_name" not in cls.__dict__:
+            cls.task_name = task_name or cls.__name__
+        if logger is not None:
+            cls.logger = logger
+        elif "logger" not in cls.__dict__:
+            cls.logger = logging.getLogger(cls.__name__)
+
+    def __init__(self, task_id: str, channel: TaskChannel, context: Optional[dict] = None) -> None:
+        #: The uuid of the task being run.
+        self.task_id = task_id
+        #: Controller-level values (secrets, settings) that are never exposed over HTTP.
+        self.context: dict = dict(context or {})
+        self._channel = channel
+
+    @abc.abstractmethod
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        """Do the work. Keyword arguments come from the request; the return value
+        (JSON-serialisable) becomes the task's ``result``."""
+
+    def upload_status(self, status: Any) -> None:
+        """Publish ``status`` (any JSON value) as the task's ``progress``.
+
+        It never waits for the store: the controlling thread keeps the last value and
+        writes it at a bounded rate.
+        """
+        self._channel.publish(status)
+
+    def checkpoint(self) -> None:
+        """Raise :class:`AbortException` if a stop of this task has been requested."""
+        if self._channel.stop_requested():
+            raise AbortException(f"Task {self.task_name} ({self.task_id}) was asked to stop.")
+
+    #: Seed name of :meth:`checkpoint`.
+    set_checkpoint = checkpoint
+
+    def track(self, iterable: Iterable[T], total: Optional[int] = None) -> Iterator[T]:
+        """Yield the items of ``iterable``, publishing the task's ``percent`` as it goes.
+
+        ``total`` defaults to ``len(iterable)``. Each step also calls
+        :meth:`checkpoint`, so a tracked loop stops promptly when asked to.
+        """
+        if total is None:
+            try:
+                total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+        last = -1
+        for done, item in enumerate(iterable):
+            self.checkpoint()
+            if total:
+                whole = math.floor(100 * done / total)
+                if whole != last:
+                    last = whole
+                    self._channel.publish_percent(float(whole))
+            yield item
+        self._channel.publish_percent(100.0)
+
+
+def _set_current(task: Optional[MetaMPTask]) -> None:
+    global _current
+    _current = task
+
+
+def current_task() -> MetaMPTask:
+    """Return the task running in this process.
+
+    :raises NotInTask: when called outside a task's ``execute``.
+    """
+    if _current is None:
+        raise NotInTask("No task is running in this process: call this from inside MetaMPTask.execute().")
+    return _current
+
+
+def upload_status(status: Any) -> None:
+    """Publish the running task's progress, from any function it calls."""
+    current_task().upload_status(status)
+
+
+def set_checkpoint() -> None:
+    """Raise :class:`AbortException` if the running task was asked to stop."""
+    current_task().checkpoint()
+
+
+__all__ = ["MetaMPTask", "AbortException", "upload_status", "set_checkpoint", "current_task"]
