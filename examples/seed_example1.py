@@ -1,0 +1,36 @@
+import logging
+import time
+
+from flask import Flask
+from flask_restful import Api
+from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
+
+class SampleTask(MetaMPTask):
+
+    def execute(self, *args, **kwargs) -> None:
+        # some actions to do when receiving HTTP requests
+        steps = int(kwargs.get('steps', 3))
+        delay = float(kwargs.get('delay', 0.2))
+        # upload status to the controller
+        self.upload_status('some_msg')
+        for step in range(steps):
+            time.sleep(delay)
+            self.upload_status({'step': step + 1, 'of': steps})
+            # check the stop signal, if flagged raise to the exception catcher
+            self.checkpoint()
+        self.logger.info('SampleTask %s finished %d steps', self.task_id, steps)
+        return
+
+class SampleController(MetaMPController, controller_name='Sample', logger=logging.getLogger('SomeHierachy.Sample'),
+                       decorator=None):
+    pass
+
+class SampleResource(MetaMPResource):
+    pass
+
+sample_api = Api()
+sample_controller = SampleController(target_task=SampleTask, max_num_process=2)
+sample_api.add_resource(SampleResource, '/sample', resource_class_args=(sample_controller,))
+app = Flask('Sample')
+sample_api.init_app(app)
+app.run()

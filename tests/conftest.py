@@ -1,0 +1,96 @@
+"""Shared fixtures: controllers that are always shut down, and a detector of leaked processes and threads."""
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import threading
+import time
+from typing import Callable, Iterator
+
+import psutil
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # so that child processes and tests can import helpers
+
+from flask import Flask  # noqa: E402
+from flask_restful import Api  # noqa: E402
+
+from flask_multiprocess_controller import MetaMPController, MetaMPResource  # noqa: E402
+
+#: Seconds a test's leftovers get to go away before they count as leaked.
+LEAK_GRACE = 5.0
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
+
+
+@pytest.fixture(autouse=True)
+def leak_detector() -> Iterator[None]:
+    """Fail any test that leaves a child process or a thread behind."""
+    threads_before = set(threading.enumerate())
+    children_before = _children()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while True:
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        children = _children() - children_before
+        if (not threads and not children) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if threads or children:
+        faulthandler.dump_traceback(all_threads=True)
+        for pid in children:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+        pytest.fail(f"test leaked threads {[t.name for t in threads]} and child processes {sorted(children)}")
+
+
+@pytest.fixture
+def make_controller() -> Iterator[Callable[..., MetaMPController]]:
+    """Build controllers (on a memory store unless told otherwise) that are shut down after the test."""
+    made: list[MetaMPController] = []
+
+    def make(task_cls: type, **kwargs: object) -> MetaMPController:
+        kwargs.setdefault("store", "memory://")
+        controller = MetaMPController(task_cls, **kwargs)
+        made.append(controller)
+        return controller
+
+    yield make
+    for controller in made:
+        controller.shutdown()
+
+
+@pytest.fixture
+def make_client(make_controller: Callable[..., MetaMPController]) -> Callable[..., object]:
+    """Mount a controller for ``task_cls`` at /tasks and /tasks/<uuid>; return (test client, controller)."""
+
+    def make(task_cls: type, **kwargs: object) -> tuple:
+        controller = make_controller(task_cls, **kwargs)
+        app = Flask(__name__)
+        Api(app).add_resource(MetaMPResource, "/tasks", "/tasks/<string:uuid>", resource_class_args=(controller,))
+        return app.test_client(), controller
+
+    return make
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: object) -> str:
+    """A SQLite store URL in the test's own temporary directory."""
+    return f"sqlite:///{tmp_path}/tasks.sqlite3"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
