@@ -202,6 +202,20 @@ def _close_parent_only_fds() -> None:
     _PARENT_ONLY_FDS.clear()
 
 
+def _close_listening_sockets() -> None:
+    """Close inherited listening sockets (gunicorn's, say), so no task process keeps a server's port bound."""
+    try:
+        connections = psutil.Process().net_connections(kind="inet")
+    except psutil.Error:
+        return
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.fd >= 0:
+            try:
+                os.close(conn.fd)
+            except OSError:
+                pass
+
+
 def _become_subreaper() -> None:
     """Adopt orphaned grandchildren so that they are reaped here, never left as zombies."""
     try:
@@ -218,6 +232,7 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection], None]) -> Non
         if callable(signal.getsignal(signum)):
             signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _close_listening_sockets()
     _become_subreaper()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)

@@ -151,6 +151,10 @@ class SQLiteStore(TaskStore):
             db.executemany(sql, [[_encode(c, row.get(c)) for c in columns] for row in rows])
 
     def claim(self, controller: str, owner: str, max_running: int, now: float) -> Optional[Row]:
+        # A plain read first: idle slots look often, and an empty queue needs no write lock.
+        if self._connection().execute("SELECT 1 FROM mpc_tasks WHERE controller = ? AND status = ? LIMIT 1",
+                                      (controller, _QUEUED)).fetchone() is None:
+            return None
         with self._transaction() as db:
             (running,) = db.execute(
                 f"SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status IN {_ACTIVE_SQL}", (controller,)
