@@ -36,4 +36,8 @@ def resolve_store(store: Union[None, str, TaskStore]) -> TaskStore:
         return MemoryStore()
     if scheme == "sqlite":
         return SQLiteStore(sqlite_path_from_url(url))
-    raise StoreError(f"Unsupported store URL {url!r}: use sqlite:///path.db or memory://.")
+    if scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisStore
+
+        return RedisStore(url)
+    raise StoreError(f"Unsupported store URL {url!r}: use sqlite:///path.db, redis://host:port/db or memory://.")
