@@ -12,6 +12,7 @@ import atexit
 import functools
 import logging
 import os
+import signal
 import threading
 import time
 import uuid as uuid_module
@@ -99,6 +100,8 @@ class MetaMPController:
     :param context: handed to each task as ``self.context``; never shown over HTTP.
     :param retention: seconds a finished task stays readable before it is purged.
     :param max_content_length: bytes a request body may hold.
+    :param lease: seconds without a heartbeat after which a serving process on another
+        host counts as dead and its running tasks are settled (``lost`` or requeued).
     :param log_configurator: a :class:`MetaMPLoggerConfigurator` subclass.
     """
 
@@ -125,7 +128,7 @@ class MetaMPController:
                  stop_grace: float = defaults.STOP_GRACE, max_memory: Optional[int] = None,
                  max_tasks_per_child: int = 1, store: Union[None, str, TaskStore] = None,
                  context: Optional[Mapping[str, Any]] = None, retention: float = defaults.RETENTION,
-                 max_content_length: int = defaults.MAX_CONTENT_LENGTH,
+                 max_content_length: int = defaults.MAX_CONTENT_LENGTH, lease: float = defaults.LEASE,
                  log_configurator: Optional[type[MetaMPLoggerConfigurator]] = None) -> None:
         if not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
             raise TypeError(f"target_task must be a MetaMPTask subclass, not {target_task!r}.")
@@ -153,6 +156,7 @@ class MetaMPController:
         self.context: dict = dict(context or {})
         self.retention = retention
         self.max_content_length = max_content_length
+        self.lease = lease
         #: The controller's name in the store: tasks are shared by controllers of the same name.
         self.name: str = self._name or target_task.__name__
         self.logger = self._logger
@@ -166,6 +170,7 @@ class MetaMPController:
         self._runtime: Optional[Runtime] = None
         self._start_runtime()
         _LIVE.add(self)
+        _exit_cleanly_on_sigterm()
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -401,6 +406,23 @@ class MetaMPController:
     def _task_ended(self, uuid: str) -> None:
         if self._callbacks is not None:
             self._callbacks.send("ended", self.status(uuid))
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM end the process through a normal exit, so that controllers shut down gracefully.
+
+    By default SIGTERM kills a Python process without running ``atexit``: the dev
+    server would leave its running tasks unrecorded. Like the default SIGINT handler
+    (which raises KeyboardInterrupt), this one unwinds the main thread; it is only
+    installed where nobody set a handler (gunicorn workers have their own, which exit
+    normally too).
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_system_exit)
 
 
 def _query() -> Mapping[str, str]:

@@ -19,6 +19,14 @@ SAMPLE_INTERVAL = 0.5
 SAMPLE_INTERVAL_WITH_MEMORY_LIMIT = 0.1
 #: Seconds between two looks at the store for work or stop requests made elsewhere.
 STORE_POLL_INTERVAL = 0.5
+#: Seconds between two heartbeats of a serving process in the store.
+HEARTBEAT_INTERVAL = 1.0
+#: Seconds without a heartbeat after which a serving process on another host counts as dead.
+LEASE = 10.0
+#: Seconds between two reconciliations of the tasks of dead serving processes.
+RECONCILE_INTERVAL = 2.0
+#: Environment variable naming this host in the store (default: the host name).
+HOST_ID_ENV = "MPC_HOST_ID"
 #: Seconds a ``?wait=`` may hold a request open at most.
 MAX_WAIT = 3600.0
 #: Tasks a list view returns when ``?limit=`` is not given, and at most.

@@ -231,7 +231,10 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection], None]) -> Non
     for signum in signal.valid_signals():  # drop handlers inherited from the server (gunicorn's, say)
         if callable(signal.getsignal(signum)):
             signal.signal(signum, signal.SIG_DFL)
+    # It ends when its control socket closes, never by a signal meant for the server
+    # (Ctrl-C, or a SIGTERM sent to every process of a service).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _close_listening_sockets()
     _become_subreaper()
     wake_r, wake_w = os.pipe()
@@ -304,6 +307,7 @@ def _become_task_process(exits: dict[int, int], server_objects: tuple, exit_w: i
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     selector.close()
     sock.close()
     for fd in (wake_r, wake_w, exit_w, *exits.values()):

@@ -38,23 +38,38 @@ if TYPE_CHECKING:
     from .controller import MetaMPController
 
 
-def owner_id() -> str:
+def host_id() -> str:
+    """This host's name in the store: ``MPC_HOST_ID``, else the host name."""
+    return os.environ.get(defaults.HOST_ID_ENV) or socket.gethostname()
+
+
+def owner_id(host: str) -> str:
     """Name this serving process uniquely, even across pid reuse: ``host:pid:create_time``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.3f}"
+    return f"{host}:{os.getpid()}:{psutil.Process().create_time():.3f}"
 
 
-def _owner_alive(owner: Optional[str]) -> Optional[bool]:
-    """True/False for an owner on this host; None when it lives on another host (not ours to judge)."""
+def _parse_owner(owner: str) -> tuple[str, int, float]:
+    rest, _, created = owner.rpartition(":")
+    host, _, pid = rest.rpartition(":")
+    return host, int(pid), float(created)
+
+
+def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], now: float, lease: float) -> bool:
+    """Whether the serving process ``owner`` still runs.
+
+    On this host the process table decides at once; elsewhere a heartbeat younger
+    than ``lease`` seconds does.
+    """
     if not owner:
         return False
-    host, _, rest = owner.partition(":")
-    if host != socket.gethostname():
-        return None
-    pid, _, created = rest.partition(":")
     try:
-        return process_alive(int(pid), float(created))
+        owner_host, pid, created = _parse_owner(owner)
     except ValueError:
         return False
+    if owner_host == host:
+        return process_alive(pid, created)
+    beat = heartbeats.get(owner)
+    return beat is not None and now - beat <= lease
 
 
 class Runtime:
@@ -69,7 +84,8 @@ class Runtime:
                                        max_tasks=controller.max_tasks_per_child)
         # Forked first, while this process may still be single-threaded.
         self.fork_server = ForkServer(child_main)
-        self.owner = owner_id()
+        self.host = host_id()
+        self.owner = owner_id(self.host)
         self.logs = LogListener()
         # Guards _generation and closing; slots wait on it for work.
         self._work = threading.Condition()
@@ -80,12 +96,15 @@ class Runtime:
         self._runs: dict[str, TaskRun] = {}
         # Notified whenever a task run by this process ends.
         self.finished = threading.Condition()
-        self._next_purge = 0.0
         self._slots = [_Slot(self, i) for i in range(controller.max_num_process)]
+        self._keeper = _Keeper(self)
 
     def start(self) -> None:
         self.logs.start()
+        self.store.heartbeat(self.owner, time.time())
         self.reconcile()
+        self.purge()
+        self._keeper.start()
         for slot in self._slots:
             slot.start()
 
@@ -105,7 +124,6 @@ class Runtime:
                 if self.closing:
                     return None
                 generation = self._generation
-            self._housekeeping()
             row = self.store.claim(c.name, self.owner, c.max_num_process, time.time())
             if row is not None:
                 return row
@@ -113,35 +131,42 @@ class Runtime:
                 if self._generation == generation and not self.closing:
                     self._work.wait(defaults.STORE_POLL_INTERVAL if self.store.shared else None)
 
-    def _housekeeping(self) -> None:
+    def purge(self) -> None:
+        """Delete the controller's tasks that ended longer than ``retention`` ago."""
         now = time.time()
-        if now < self._next_purge:
-            return
-        self._next_purge = now + defaults.PURGE_INTERVAL
-        try:
-            purged = self.store.purge(self.controller.name, now - self.controller.retention)
-        except Exception:  # a failed purge must never stop dispatch
-            self.logger.exception("Purging expired tasks failed.")
-            return
+        purged = self.store.purge(self.controller.name, now - self.controller.retention)
         if purged:
             self.logger.info("Purged %d tasks that ended more than %g s ago.", purged, self.controller.retention)
 
     def reconcile(self) -> None:
-        """Settle active tasks whose serving process on this host is gone: lost, or requeued."""
+        """Settle the active tasks of serving processes that died: ``lost``, or queued again.
+
+        Their leftover processes on this host are killed first (the pid and its
+        create time must both match, so a recycled pid is never hit).
+        """
         c = self.controller
+        now = time.time()
+        beats = self.store.heartbeats()
+        settled = 0
         for row in self.store.active(c.name):
-            if _owner_alive(row.get("owner")) is not False:
+            owner = row.get("owner")
+            if owner == self.owner or owner_alive(owner, self.host, beats, now, c.lease):
                 continue
-            if process_alive(row.get("pid"), row.get("pid_created")):
+            owner_host = owner.rpartition(":")[0].rpartition(":")[0] if owner else None
+            if owner_host == self.host and process_alive(row.get("pid"), row.get("pid_created")):
                 kill_tree(row["pid"])
+            settled += 1
             if c.target_task.restartable and self.store.requeue(row["uuid"]):
-                self.logger.warning("Task %s was cut off when its server died; queued again.", row["uuid"])
+                self.logger.warning("Task %s was cut off when its server (%s) died; queued again.", row["uuid"], owner)
                 continue
             error = {"type": "Lost", "traceback": None,
-                     "message": f"The serving process that ran this task ({row.get('owner')}) died."}
-            if self.store.finish(row["uuid"], TaskStatus.LOST.value, ended_at=time.time(), error=error):
-                self.logger.warning("Task %s was lost with the process that ran it.", row["uuid"])
-        self.notify_work()
+                     "message": f"The serving process that ran this task ({owner}) died."}
+            if self.store.finish(row["uuid"], TaskStatus.LOST.value, ended_at=now, error=error):
+                self.logger.warning("Task %s was lost with the process that ran it (%s).", row["uuid"], owner)
+        if settled:
+            with self.finished:
+                self.finished.notify_all()
+            self.notify_work()
 
     # -- running tasks ----------------------------------------------------------
 
@@ -186,6 +211,11 @@ class Runtime:
         for slot in self._slots:
             if slot.is_alive():
                 slot.join(timeout)
+        self._keeper.stop()
+        try:
+            self.store.forget_owner(self.owner)
+        except Exception:  # the store may be gone at exit; the lease covers it then
+            self.logger.warning("Could not remove this process's heartbeat from the store.")
         self.fork_server.close()
         self.logs.stop()
         with self.finished:
@@ -272,3 +302,39 @@ class _Slot(threading.Thread):
                 wait_ready([child.exit_fd], 2.0)
             child.read_exit()
         child.close()
+
+
+class _Keeper(threading.Thread):
+    """Heartbeats for this serving process, settles the tasks of dead ones, purges old tasks."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(name=f"mpc-{runtime.controller.name}-keeper", daemon=True)
+        self.runtime = runtime
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+
+    def run(self) -> None:
+        rt = self.runtime
+        next_reconcile = time.monotonic() + defaults.RECONCILE_INTERVAL
+        next_purge = time.monotonic()
+        while not self._stop_event.wait(defaults.HEARTBEAT_INTERVAL):
+            now = time.monotonic()
+            for due, action in ((True, self._beat), (now >= next_reconcile, rt.reconcile),
+                                (now >= next_purge, rt.purge)):
+                if not due:
+                    continue
+                try:
+                    action()
+                except Exception:  # a failing store must not end the keeper; it retries next round
+                    rt.logger.exception("Store housekeeping (%s) failed.", getattr(action, "__name__", action))
+            if now >= next_reconcile:
+                next_reconcile = now + defaults.RECONCILE_INTERVAL
+            if now >= next_purge:
+                next_purge = now + defaults.PURGE_INTERVAL
+
+    def _beat(self) -> None:
+        self.runtime.store.heartbeat(self.runtime.owner, time.time())

@@ -591,40 +591,61 @@ def test_bad_get_or_delete_is_400(make_client, method, url, kwargs):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("raw", [b"null", b"0", b'""', b"false", b"[null]"])
+def test_non_object_body_is_400_even_when_no_arguments_are_needed(make_client, raw):
+    """Only an empty body means "no arguments": a JSON value that is not an object (or array of them) is 400."""
+    client, controller = make_client(NoArgs)
+    assert_error(client.post("/tasks", data=raw, content_type="application/json"), 400)
+    assert controller.tasks()["tasks"] == []
+
+
+#: Odd requests beyond the table: (name, method, url, keyword arguments of the test client call).
+ODD_REQUESTS = [
+    ("binary-body", "post", "/tasks", {"data": b"\x00\x01\x02", "content_type": "application/json"}),
+    ("deeply-nested-json", "post", "/tasks",
+     {"data": b"[" * 100000 + b"]" * 100000, "content_type": "application/json"}),
+    ("deeply-nested-json-arg", "post", "/tasks",
+     {"data": b'{"n": 1, "x": ' + b"[" * 100000 + b"]" * 100000 + b"}", "content_type": "application/json"}),
+    ("huge-int-arg", "post", "/tasks", {"json": {"n": 10 ** 400}}),
+    ("infinite-float-arg", "post", "/tasks", {"data": b'{"n": 1, "f": Infinity}',
+                                              "content_type": "application/json"}),
+    ("duplicate-key", "post", "/tasks", {"data": b'{"n": 1, "n": "x"}', "content_type": "application/json"}),
+    ("nan-for-int", "post", "/tasks", {"data": b'{"n": NaN}', "content_type": "application/json"}),
+    ("huge-query-priority", "post", "/tasks?priority=99999999999999999999999", {"json": {"n": 1}}),
+    ("huge-negative-query-priority", "post", "/tasks?priority=-99999999999999999999999", {"json": {"n": 1}}),
+    ("huge-body-priority", "post", "/tasks", {"json": {"n": 1, "priority": 10 ** 30}}),
+    ("infinite-wait-and-timeout", "post", "/tasks?wait=inf&timeout=inf", {"json": {"n": "bad"}}),
+    ("uuid-in-post-body", "post", "/tasks", {"json": {"n": 1, "uuid": _UNKNOWN}}),
+    ("xml-content-type", "post", "/tasks", {"data": b'{"n": 1}', "content_type": "application/xml"}),
+    ("null-uuid-in-body", "get", "/tasks", {"json": {"uuid": None, "x": 1}}),
+    ("huge-limit", "get", "/tasks?limit=99999999999999999999", {}),
+    ("long-path-uuid", "get", f"/tasks/{'a' * 5000}", {}),
+    ("empty-query-uuid", "get", "/tasks?uuid=", {}),
+    ("delete-empty-query-uuid", "delete", "/tasks?uuid=", {}),
+    ("delete-invalid-json", "delete", "/tasks", {"data": b"not json", "content_type": "application/json"}),
+    ("put", "put", "/tasks", {"json": {"n": 1}}),
+    ("patch", "patch", f"/tasks/{_UNKNOWN}", {"json": {"status": "paused"}}),
+]
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
-def test_no_bad_input_gives_500_or_traceback(make_client, request, store):
-    """Odd requests beyond the table: whatever they get, it is a JSON 4xx, never a 500 or a traceback."""
-    url = "memory://" if store == "memory" else request.getfixturevalue("sqlite_url")
-    client, _ = make_client(Typed, store=url)
-    requests = [
-        ("post", "/tasks", {"data": b"\x00\x01\x02", "content_type": "application/json"}),
-        ("post", "/tasks", {"data": b"[" * 5000 + b"]" * 5000, "content_type": "application/json"}),
-        ("post", "/tasks", {"json": {"n": 10 ** 400}}),
-        ("post", "/tasks", {"json": {"n": 1, "f": 1e308 * 10}}),
-        ("post", "/tasks", {"data": b'{"n": 1, "n": "x"}', "content_type": "application/json"}),
-        ("post", "/tasks", {"data": b'{"n": NaN}', "content_type": "application/json"}),
-        ("post", "/tasks?priority=99999999999999999999999", {"json": {"n": 1}}),
-        ("post", "/tasks?wait=inf&timeout=inf", {"json": {"n": "bad"}}),
-        ("post", "/tasks", {"json": {"n": 1, "uuid": _UNKNOWN}}),
-        ("post", "/tasks", {"data": b'{"n": 1}', "content_type": "application/xml"}),
-        ("get", "/tasks", {"json": {"uuid": None, "x": 1}}),
-        ("get", "/tasks?limit=99999999999999999999", {}),
-        ("get", f"/tasks/{'a' * 5000}", {}),
-        ("get", "/tasks?uuid=", {}),
-        ("delete", "/tasks?uuid=", {}),
-        ("delete", "/tasks", {"data": b"not json", "content_type": "application/json"}),
-        ("put", "/tasks", {"json": {"n": 1}}),
-        ("patch", f"/tasks/{_UNKNOWN}", {"json": {"status": "paused"}}),
-    ]
-    for method, url, kwargs in requests:
-        response = getattr(client, method)(url, **kwargs)
-        assert response.status_code < 500, (method, url, response.status_code, response.data[:300])
-        assert b"Traceback" not in response.data, (method, url)
-        if 400 <= response.status_code < 500:
-            assert isinstance(response.get_json(silent=True), dict), (method, url, response.data[:300])
-    # Whatever the odd requests did, the controller still works.
+@pytest.mark.parametrize("method,url,kwargs", [c[1:] for c in ODD_REQUESTS], ids=[c[0] for c in ODD_REQUESTS])
+def test_no_bad_input_gives_500_or_traceback(make_client, request, store, method, url, kwargs):
+    """Whatever an odd request gets, it is never a 500 nor a traceback; a 4xx has a JSON message."""
+    store_url = "memory://" if store == "memory" else request.getfixturevalue("sqlite_url")
+    client, controller = make_client(Typed, store=store_url)
+    response = getattr(client, method)(url, **kwargs)
+    assert response.status_code < 500, (response.status_code, response.data[:300])
+    assert b"Traceback" not in response.data
+    if 400 <= response.status_code < 500:
+        body = response.get_json(silent=True)
+        assert isinstance(body, dict) and isinstance(body.get("message"), str), response.data[:300]
+    # Whatever the request did, the controller still works, and an accepted task ends.
     done = client.post("/tasks?wait=15", json={"n": 3})
     assert done.status_code == 200 and done.json["result"]["n"] == 3
+    for task in controller.tasks()["tasks"]:
+        assert controller.wait(task["uuid"], timeout=15)["status"] in TERMINAL
 
 
 @pytest.mark.timeout(30)

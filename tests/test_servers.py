@@ -190,6 +190,7 @@ def test_seed_example_under_gunicorn_with_two_workers(seed, tmp_path, pool):
         assert task["status"] == "succeeded", task
         assert task["progress"] == {"step": 3, "of": 3}
     server.remember()
+    assert len(server.seen) >= 5, "expected gunicorn's master, two workers and their fork servers"
     _get_from_each_worker(server, url, uuids)
 
     survivors = server.stop(signal.SIGTERM, timeout=STOP_DEADLINE)
@@ -224,5 +225,6 @@ def test_app_example_under_gunicorn_counts_primes(tmp_path, pool):
     assert requests.get(url, timeout=HTTP_TIMEOUT).json()["queued"] == 0
 
     server.remember()
+    assert len(server.seen) >= 5, "expected gunicorn's master, two workers and their fork servers"
     survivors = server.stop(signal.SIGTERM, timeout=STOP_DEADLINE)
     assert survivors == [], f"processes left {STOP_DEADLINE} s after SIGTERM to gunicorn: {survivors}\n{server.log()}"

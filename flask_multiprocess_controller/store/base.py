@@ -117,5 +117,17 @@ class TaskStore(abc.ABC):
     def purge(self, controller: str, ended_before: float) -> int:
         """Delete the controller's finished tasks that ended before ``ended_before``; return how many."""
 
+    @abc.abstractmethod
+    def heartbeat(self, owner: str, now: float) -> None:
+        """Record that the serving process ``owner`` is alive at ``now``."""
+
+    @abc.abstractmethod
+    def heartbeats(self) -> dict[str, float]:
+        """Return the last heartbeat of every serving process that has not said goodbye."""
+
+    @abc.abstractmethod
+    def forget_owner(self, owner: str) -> None:
+        """Drop ``owner``'s heartbeat (it shut down cleanly)."""
+
     def close(self) -> None:
         """Release connections held by this process."""

@@ -28,6 +28,7 @@ class MemoryStore(TaskStore):
         self._rows: dict[str, Row] = {}
         self._queues: dict[str, list[tuple[int, int, str]]] = {}
         self._seq = itertools.count(1)
+        self._heartbeats: dict[str, float] = {}
 
     def _copy(self, row: Optional[Row]) -> Optional[Row]:
         return copy.deepcopy(row) if row is not None else None
@@ -154,3 +155,15 @@ class MemoryStore(TaskStore):
             for u in doomed:
                 del self._rows[u]
             return len(doomed)
+
+    def heartbeat(self, owner: str, now: float) -> None:
+        with self._lock:
+            self._heartbeats[owner] = now
+
+    def heartbeats(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._heartbeats)
+
+    def forget_owner(self, owner: str) -> None:
+        with self._lock:
+            self._heartbeats.pop(owner, None)

@@ -370,5 +370,14 @@ class RedisStore(TaskStore):
             if done < 500:
                 return total
 
+    def heartbeat(self, owner: str, now: float) -> None:
+        self._redis.zadd(self._key("owners"), {owner: now})
+
+    def heartbeats(self) -> dict[str, float]:
+        return {_text(k): float(v) for k, v in self._redis.zrange(self._key("owners"), 0, -1, withscores=True)}
+
+    def forget_owner(self, owner: str) -> None:
+        self._redis.zrem(self._key("owners"), owner)
+
     def close(self) -> None:
         self._redis.close()

@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS mpc_tasks (
 CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_newest ON mpc_tasks (controller, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_ended ON mpc_tasks (controller, ended_at);
+CREATE TABLE IF NOT EXISTS mpc_owners (
+    owner TEXT PRIMARY KEY,
+    heartbeat REAL NOT NULL
+);
 """
 
 #: Columns stored as JSON text.
@@ -278,6 +282,18 @@ class SQLiteStore(TaskStore):
                 (controller, ended_before),
             )
             return cursor.rowcount
+
+    def heartbeat(self, owner: str, now: float) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT INTO mpc_owners (owner, heartbeat) VALUES (?, ?) "
+                       "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat", (owner, now))
+
+    def heartbeats(self) -> dict[str, float]:
+        return dict(self._connection().execute("SELECT owner, heartbeat FROM mpc_owners").fetchall())
+
+    def forget_owner(self, owner: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM mpc_owners WHERE owner = ?", (owner,))
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
