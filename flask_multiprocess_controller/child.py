@@ -1,6 +1,6 @@
 """What runs inside a task process: receive a task, run ``execute``, report back.
 
-Messages from the serving process: ``("run", uuid, args, context)``,
+Messages from the serving process: ``("run", uuid, args, context, logger levels)``,
 ``("stop", uuid)``, ``("exit",)``. Messages to it: ``("progress", uuid, value)``,
 ``("percent", uuid, value)``, ``("log", record)``, and once per task
 ``("done", uuid, kind, payload, usage)`` where ``kind`` is ``ok`` (payload: the
@@ -17,7 +17,7 @@ from typing import Any, Optional, Type
 
 from . import task as task_module
 from .exceptions import AbortException
-from .logs import ChannelQueue, MetaMPLoggerConfigurator
+from .logs import ChannelQueue, MetaMPLoggerConfigurator, apply_logger_levels
 from .task import MetaMPTask
 
 
@@ -125,7 +125,8 @@ def run_child(conn: Connection, task_cls: Type[MetaMPTask], configurator: Type[M
             return
         if message[0] != "run":
             continue
-        _, task_id, args, context = message
+        _, task_id, args, context, levels = message
+        apply_logger_levels(levels)
         report = _run_one(task_cls, channel, task_id, args, context)
         try:
             channel.send(report)

@@ -58,6 +58,26 @@ class DefaultMPLoggerConfigurator(MetaMPLoggerConfigurator):
         root.addHandler(handler)
 
 
+def logger_levels() -> dict[str, int]:
+    """The levels set on the serving process's loggers, to mirror in a task process.
+
+    A task process is forked from a snapshot taken when the controller was created;
+    levels set since then (``logging.basicConfig`` under the ``__main__`` guard, say)
+    are sent with each task so that the child logs what the server would.
+    """
+    levels = {"": logging.getLogger().level}
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            levels[name] = logger.level
+    return levels
+
+
+def apply_logger_levels(levels: dict[str, int]) -> None:
+    """Set the levels sent by :func:`logger_levels` in this (task) process."""
+    for name, level in levels.items():
+        logging.getLogger(name or None).setLevel(level)
+
+
 class ChannelQueue:
     """The child side of the log queue: ``put_nowait`` sends a record to the serving process."""
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from . import defaults
 from .forkserver import ChildProcess
+from .logs import logger_levels
 from .proctree import TreeUsage, describe_exit, kill_tree, sample, signal_tree
 from .states import TaskStatus
 
@@ -100,11 +101,13 @@ class Supervisor:
         self.store = store
         self.log_queue = log_queue
         self.wake_fd = wake_fd
+        self._levels_cache: dict = {}
+        self._levels_at = 0.0
 
     def run(self, run: TaskRun, child: ChildProcess, args: dict, context: dict) -> Outcome:
         """Start ``run`` in ``child`` and return once the task has ended."""
         run.attach(child)
-        child.send(("run", run.uuid, args, context))
+        child.send(("run", run.uuid, args, context, self._levels()))
         self.store.update(run.uuid, pid=child.pid, pid_created=child.create_time)
         usage = TreeUsage()
         done = self._watch(run, child, usage)
@@ -113,6 +116,13 @@ class Supervisor:
         else:
             kill_tree(child.pid, usage)  # whatever the task left behind in its process group
         return _classify(run, done, child, usage, self.settings)
+
+    def _levels(self) -> dict:
+        """The server's logger levels, computed at most once a second."""
+        now = time.monotonic()
+        if now >= self._levels_at:
+            self._levels_cache, self._levels_at = logger_levels(), now + 1.0
+        return self._levels_cache
 
     def _watch(self, run: TaskRun, child: ChildProcess, usage: TreeUsage) -> Optional[tuple]:
         settings = self.settings

@@ -259,4 +259,5 @@ def test_faults_in_a_reused_worker(make_controller):
     assert after["result"]["pid"] != first
     assert gone(first)
     server = psutil.Process(controller.forkserver_pid)
-    wait_until(lambda: [p.pid for p in server.children(recursive=True)] == [after["result"]["pid"]], timeout=10)
+    worker = after["result"]["pid"]
+    wait_until(lambda: [p.pid for p in server.children(recursive=True)] == [worker], timeout=10)

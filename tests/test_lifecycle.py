@@ -24,13 +24,13 @@ from flask_multiprocess_controller.exceptions import NotInTask
 
 #: Keys of the task object named in DESIGN.md, plus the resource figures the package records.
 DESIGN_KEYS = {
-    "uuid", "status", "progress", "percent", "result", "error", "args", "priority", "created_at", "started_at",
-    "ended_at", "pid", "exit_code", "position", "controller", "msg",
+    "uuid", "status", "progress", "percent", "result", "error", "args", "priority", "created_at",
+    "started_at", "ended_at", "pid", "exit_code", "position", "controller", "msg",
 }
 TERMINAL = {"succeeded", "failed", "stopped", "timed_out", "lost"}
 
 
-# -- helpers that run inside task processes ---------------------------------------------------
+# -- helpers that run inside task processes --------------------------------------------------------
 
 def wait_for_file(task: MetaMPTask, path: str, limit: float = 30.0) -> None:
     """Block (checkpointing) until ``path`` exists; give up after ``limit`` seconds."""
@@ -59,7 +59,7 @@ def helper_step(n: int) -> int:
     return n * 2
 
 
-# -- task classes ------------------------------------------------------------------------------
+# -- task classes ----------------------------------------------------------------------------------
 
 class Rich(MetaMPTask):
     """Allocates memory and burns CPU, then returns a value."""
@@ -190,7 +190,7 @@ class Retained(MetaMPTask):
         return "kept?"
 
 
-# -- test helpers --------------------------------------------------------------------------------
+# -- test helpers ----------------------------------------------------------------------------------
 
 def utc(text: str) -> datetime:
     moment = datetime.fromisoformat(text)
@@ -260,7 +260,7 @@ def test_succeeded_task_object_has_every_key(make_controller):
     assert json.loads(json.dumps(task)) == task
 
 
-# -- progress ---------------------------------------------------------------------------------------
+# -- progress --------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
 def test_last_upload_status_is_visible_while_running_and_after(make_controller, tmp_path):
@@ -282,7 +282,8 @@ def test_track_publishes_percent(make_controller, tmp_path):
     controller = make_controller(Tracked)
     gate = tmp_path / "gate"
     uuid = controller.submit(gate=str(gate), n=10)
-    running = wait_until(lambda: controller.status(uuid)["percent"] == 50.0 and controller.status(uuid), timeout=20)
+    running = wait_until(lambda: (lambda t: t if t["percent"] == 50.0 else None)(controller.status(uuid)),
+                         timeout=20)
     assert running["status"] == "running"
     gate.touch()
     task = controller.wait(uuid, timeout=20)
@@ -320,7 +321,7 @@ def test_module_level_helpers_outside_a_task_raise_not_in_task():
         set_checkpoint()
 
 
-# -- queue: positions, priorities ---------------------------------------------------------------------
+# -- queue: positions, priorities ------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
 def test_positions_while_queued(make_controller, tmp_path):
@@ -354,7 +355,8 @@ def test_priority_order_and_fifo_within_a_priority(make_controller, tmp_path):
     for tag, priority in [("p5a", 5), ("p0a", 0), ("pm1", -1), ("p5b", 5), ("p0b", 0)]:
         uuids += [t["uuid"] for t in controller.enqueue([{"tag": tag, "log": str(log)}], priority=priority)]
     # A "priority" key in the arguments is honoured (seed compatibility) and not passed to execute.
-    seeded = controller.enqueue([{"tag": "m2", "log": str(log), "priority": -2}, {"tag": "p0c", "log": str(log)}])
+    seeded = controller.enqueue([{"tag": "m2", "log": str(log), "priority": -2},
+                                 {"tag": "p0c", "log": str(log)}])
     assert seeded[0]["priority"] == -2 and "priority" not in seeded[0]["args"]
     uuids += [t["uuid"] for t in seeded]
     expected = ["m2", "pm1", "p0a", "p0b", "p0c", "p5a", "p5b"]
@@ -368,7 +370,7 @@ def test_priority_order_and_fifo_within_a_priority(make_controller, tmp_path):
     assert [controller.status(u)["args"]["tag"] for u in started] == expected
 
 
-# -- stop ---------------------------------------------------------------------------------------------------
+# -- stop ------------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
 def test_stop_queued_task_never_starts(make_controller, tmp_path):
@@ -425,7 +427,7 @@ def test_stop_finished_and_unknown_tasks(make_controller):
         controller.status(unknown)
 
 
-# -- context and task id ----------------------------------------------------------------------------------
+# -- context and task id ---------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
 def test_context_and_task_id_reach_the_task(make_controller):
@@ -438,7 +440,7 @@ def test_context_and_task_id_reach_the_task(make_controller):
     assert "s3cr3t" not in json.dumps(shown)
 
 
-# -- timeouts -----------------------------------------------------------------------------------------------
+# -- timeouts --------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
 def test_controller_timeout_ends_task_that_ignores_stop(make_controller):
@@ -483,7 +485,7 @@ def test_per_task_timeout_is_capped_by_the_controller(make_controller):
     assert controller.wait(lower["uuid"], timeout=20)["status"] == "timed_out"
 
 
-# -- reused workers -------------------------------------------------------------------------------------------
+# -- reused workers --------------------------------------------------------------------------------
 
 def _run_and_watch(controller, uuids: list, limit: float = 30.0) -> int:
     """Wait for every task while sampling the fork server's live children; return the most seen."""
@@ -526,7 +528,7 @@ def test_worker_replaced_after_max_tasks_per_child(make_controller):
     wait_until(lambda: gone(pids[0]), timeout=10)
 
 
-# -- a task with its own process pool ---------------------------------------------------------------------------
+# -- a task with its own process pool --------------------------------------------------------------
 
 @pytest.mark.timeout(60)
 def test_task_with_its_own_process_pool(make_controller):
@@ -542,7 +544,7 @@ def test_task_with_its_own_process_pool(make_controller):
     wait_until(lambda: not psutil.Process(controller.forkserver_pid).children(recursive=True), timeout=10)
 
 
-# -- logging -------------------------------------------------------------------------------------------------------
+# -- logging ---------------------------------------------------------------------------------------
 
 class _ListHandler(logging.Handler):
     def __init__(self) -> None:
@@ -577,7 +579,7 @@ def test_child_log_records_reach_the_parent_logger(make_controller):
         logger.setLevel(old_level)
 
 
-# -- callbacks --------------------------------------------------------------------------------------------------------
+# -- callbacks -------------------------------------------------------------------------------------
 
 class Receiver:
     """A tiny HTTP server on 127.0.0.1 recording JSON bodies; the first ``fail_first`` requests get a 500."""
@@ -609,6 +611,11 @@ class Receiver:
         with self._lock:
             return {b["event"]: b for b in self.bodies if b.get("uuid") == uuid}
 
+    def both_events(self, uuid: str):
+        """The task's events once both ``started`` and ``ended`` arrived, else None."""
+        events = self.events(uuid)
+        return events if {"started", "ended"} <= set(events) else None
+
     def __enter__(self) -> "Receiver":
         self.thread.start()
         return self
@@ -625,8 +632,7 @@ def test_callbacks_started_and_ended(make_controller):
         controller = make_controller(Quick, callback_url=receiver.url)
         uuid = controller.submit(x=41)
         assert controller.wait(uuid, timeout=20)["status"] == "succeeded"
-        events = wait_until(lambda: (lambda e: e if {"started", "ended"} <= set(e) else None)(receiver.events(uuid)),
-                            timeout=15)
+        events = wait_until(lambda: receiver.both_events(uuid), timeout=15)
         for name, body in events.items():
             assert body["event"] == name and body["uuid"] == uuid
             assert body["task"]["uuid"] == uuid
@@ -642,14 +648,13 @@ def test_callback_is_retried_after_a_500(make_controller):
         controller = make_controller(Quick, callback_url=receiver.url)
         uuid = controller.submit(x=1)
         assert controller.wait(uuid, timeout=20)["status"] == "succeeded"
-        events = wait_until(lambda: (lambda e: e if {"started", "ended"} <= set(e) else None)(receiver.events(uuid)),
-                            timeout=20)
+        events = wait_until(lambda: receiver.both_events(uuid), timeout=20)
         assert events["ended"]["task"]["status"] == "succeeded"
         assert receiver.attempts >= 3  # one refused, then both events delivered
         controller.shutdown()
 
 
-# -- retention and the SQLite store -------------------------------------------------------------------------------------
+# -- retention and the SQLite store ----------------------------------------------------------------
 
 @pytest.mark.timeout(60)
 def test_retention_purges_finished_tasks(make_controller, sqlite_url):
