@@ -121,7 +121,8 @@ class MetaMPController:
         elif "_logger" not in cls.__dict__:
             cls._logger = logging.getLogger(cls._name or cls.__name__)
         if decorator is not None:
-            cls._decorator = decorator
+            # staticmethod: a plain function stored on the class must not become a bound method.
+            cls._decorator = staticmethod(decorator)  # type: ignore[assignment]
 
     def __init__(self, target_task: type[MetaMPTask], max_num_process: int = 1, max_num_queue: int = -1,
                  callback_url: Optional[str] = None, *, timeout: Optional[float] = None,
@@ -246,6 +247,8 @@ class MetaMPController:
                 task_priority = args.pop("priority")
                 if not isinstance(task_priority, int) or isinstance(task_priority, bool):
                     raise InvalidRequest(f"'priority' must be an integer, not {task_priority!r}.")
+            if not -(2 ** 62) <= task_priority <= 2 ** 62:
+                raise InvalidRequest(f"'priority' must be between {-(2 ** 62)} and {2 ** 62}.")
             self._spec.check(args)
             rows.append({
                 "uuid": str(uuid_module.uuid4()), "controller": self.name, "status": TaskStatus.QUEUED.value,

@@ -21,6 +21,9 @@ def _is_json(mimetype: str) -> bool:
     return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
 
 
+EMPTY = object()  #: what read_json_body returns for an empty body
+
+
 def read_json_body(limit: int) -> Any:
     """Return the request's JSON body (None when empty), enforcing the size limit and the content type."""
     length = request.content_length
@@ -30,13 +33,13 @@ def read_json_body(limit: int) -> Any:
     if len(data) > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
     if not data.strip():
-        return None
+        return EMPTY
     if not _is_json(request.mimetype):
         raise InvalidRequest(f"The body must be JSON sent with 'Content-Type: application/json', "
                              f"not {request.mimetype or 'no content type'!r}.")
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"The body is not valid JSON: {exc}.") from None
 
 
@@ -55,7 +58,7 @@ class MetaMPResource(Resource):
 
     def _fields(self, uuid: Optional[str]) -> dict:
         body = read_json_body(self._controller.max_content_length)
-        if body is None:
+        if body is EMPTY:
             body = {}
         if not isinstance(body, dict):
             raise InvalidRequest(f"The body must be a JSON object, not {type(body).__name__}.")
@@ -75,7 +78,7 @@ class MetaMPResource(Resource):
             raise InvalidRequest("POST goes to the collection URL, without a uuid.")
         body = read_json_body(self._controller.max_content_length)
         post = self._controller.handler("post")
-        if body is None:
+        if body is EMPTY:
             return post()
         if isinstance(body, dict):
             return post(**body)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -21,9 +24,68 @@ from flask_multiprocess_controller import MetaMPController, MetaMPResource  # no
 #: Seconds a test's leftovers get to go away before they count as leaked.
 LEAK_GRACE = 5.0
 
+#: Pids of session-wide services (a Redis server) that outlive single tests on purpose.
+SERVICE_PIDS: set[int] = set()
+
 
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
+    found = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.pid not in SERVICE_PIDS:
+                found.add(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A real redis-server on 127.0.0.1 for the whole session; yields its URL (database 0)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run the README's test command, which installs it.")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--protected-mode", "yes"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    SERVICE_PIDS.add(proc.pid)
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+    client.close()
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+    SERVICE_PIDS.discard(proc.pid)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> Iterator[str]:
+    """The session's Redis, emptied before the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    client.close()
+    yield redis_server
 
 
 @pytest.fixture(autouse=True)

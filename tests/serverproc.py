@@ -64,7 +64,8 @@ def _gone(proc: psutil.Process) -> bool:
 
 def _describe(proc: psutil.Process) -> str:
     try:
-        return f"pid {proc.pid} ({' '.join(proc.cmdline())[:120]!r}, status {proc.status()}, ppid {proc.ppid()})"
+        command = " ".join(proc.cmdline())[:120]
+        return f"pid {proc.pid} ({command!r}, status {proc.status()}, ppid {proc.ppid()})"
     except psutil.Error:
         return f"pid {proc.pid} (gone)"
 
@@ -118,8 +119,8 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server {self.args} exited with {self.proc.returncode} before listening:\n"
-                                     f"{self.log()}")
+                raise AssertionError(f"server {self.args} exited with {self.proc.returncode} "
+                                     f"before listening:\n{self.log()}")
             if _listening(self.port):
                 try:
                     requests.get(self.base + path, timeout=5)
@@ -127,8 +128,8 @@ class Server:
                 except requests.RequestException:
                     pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"server {self.args} did not listen on port {self.port} within {timeout} s:\n"
-                                     f"{self.log()}")
+                raise AssertionError(f"server {self.args} did not listen on port {self.port} "
+                                     f"within {timeout} s:\n{self.log()}")
             time.sleep(0.05)
         self.remember()
 

@@ -85,7 +85,11 @@ def wait_task(client, uuid: str, timeout: float = 15.0) -> dict:
 
 
 def wait_status(client, uuid: str, status: str, timeout: float = 10.0) -> dict:
-    return wait_until(lambda: (lambda t: t if t["status"] == status else None)(get_task(client, uuid)), timeout)
+    def reached():
+        task = get_task(client, uuid)
+        return task if task["status"] == status else None
+
+    return wait_until(reached, timeout)
 
 
 def start_blocker(client, seconds: float = 60.0) -> str:
@@ -593,7 +597,7 @@ def test_bad_get_or_delete_is_400(make_client, method, url, kwargs):
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("raw", [b"null", b"0", b'""', b"false", b"[null]"])
 def test_non_object_body_is_400_even_when_no_arguments_are_needed(make_client, raw):
-    """Only an empty body means "no arguments": a JSON value that is not an object (or array of them) is 400."""
+    """Only an empty body means "no arguments": JSON that is not an object (or array of them) is 400."""
     client, controller = make_client(NoArgs)
     assert_error(client.post("/tasks", data=raw, content_type="application/json"), 400)
     assert controller.tasks()["tasks"] == []
@@ -675,7 +679,8 @@ def test_priority_orders_queued_tasks(make_client):
         "n1": client.post("/tasks?priority=-1", json={"tag": "n1"}),
     }
     assert all(r.status_code == 202 for r in posted.values())
-    assert {k: r.json["priority"] for k, r in posted.items()} == {"q5": 5, "b2": 2, "q1": 1, "d0": 0, "n1": -1}
+    priorities = {k: r.json["priority"] for k, r in posted.items()}
+    assert priorities == {"q5": 5, "b2": 2, "q1": 1, "d0": 0, "n1": -1}
     assert posted["b2"].json["args"] == {"tag": "b2"}
     positions = {k: get_task(client, r.json["uuid"])["position"] for k, r in posted.items()}
     assert positions == {"n1": 1, "d0": 2, "q1": 3, "b2": 4, "q5": 5}

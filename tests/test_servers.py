@@ -93,8 +93,8 @@ def _run_seed_session(url: str) -> None:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_seed_example_on_the_dev_server(seed, tmp_path, pool):
     if not port_is_free(5000):
-        pytest.fail("127.0.0.1:5000 is in use by another process: the seed examples bind Flask's default port "
-                    "5000, so this test needs it free.")
+        pytest.fail("127.0.0.1:5000 is in use by another process: the seed examples bind Flask's default "
+                    "port 5000, so this test needs it free.")
     server = pool.start(python(str(EXAMPLES / f"{seed}.py")), cwd=tmp_path, port=5000,
                         log_path=tmp_path / "server.log")
     url = server.base + "/sample"
@@ -121,6 +121,7 @@ def test_seed_example_on_the_dev_server(seed, tmp_path, pool):
         store.close()
     assert row is not None and row["status"] == "stopped", row
     assert row["error"]["type"] == "Shutdown"
+    assert row["pid"] in server.seen  # so the tree check above covered the task process
 
 
 # -- the same seed scripts, unmodified, under gunicorn -------------------------------------------
@@ -193,9 +194,21 @@ def test_seed_example_under_gunicorn_with_two_workers(seed, tmp_path, pool):
     assert len(server.seen) >= 5, "expected gunicorn's master, two workers and their fork servers"
     _get_from_each_worker(server, url, uuids)
 
+    # SIGTERM while a task runs: the worker running it shuts its controller down on the way out.
+    busy = _post(url, {"steps": 1000, "delay": 0.05})
+    poll_until(lambda: _seed_get(url, busy["uuid"]), lambda t: t["status"] == "running" and t["pid"], 20)
+    server.remember()
     survivors = server.stop(signal.SIGTERM, timeout=STOP_DEADLINE)
-    assert survivors == [], f"processes left {STOP_DEADLINE} s after SIGTERM to gunicorn: {survivors}\n{server.log()}"
+    assert survivors == [], f"left {STOP_DEADLINE} s after SIGTERM to gunicorn: {survivors}\n{server.log()}"
     assert "Traceback" not in server.log(), server.log()
+    store = SQLiteStore(str(db))
+    try:
+        row = store.get(busy["uuid"])
+    finally:
+        store.close()
+    assert row is not None and row["status"] == "stopped", row
+    assert row["error"]["type"] == "Shutdown"
+    assert row["pid"] in server.seen  # so the tree check above covered the task process
 
 
 @pytest.mark.slow
@@ -224,7 +237,7 @@ def test_app_example_under_gunicorn_counts_primes(tmp_path, pool):
     assert bad.status_code == 400 and "limit" in bad.json()["message"]
     assert requests.get(url, timeout=HTTP_TIMEOUT).json()["queued"] == 0
 
-    server.remember()
-    assert len(server.seen) >= 5, "expected gunicorn's master, two workers and their fork servers"
+    # Both workers booted (a request may have been served before the second one was up).
+    poll_until(lambda: len(server.remember()), lambda n: n >= 5, 30)  # master, 2 workers, 2 fork servers
     survivors = server.stop(signal.SIGTERM, timeout=STOP_DEADLINE)
-    assert survivors == [], f"processes left {STOP_DEADLINE} s after SIGTERM to gunicorn: {survivors}\n{server.log()}"
+    assert survivors == [], f"left {STOP_DEADLINE} s after SIGTERM to gunicorn: {survivors}\n{server.log()}"

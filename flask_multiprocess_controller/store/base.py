@@ -24,6 +24,13 @@ from typing import Any, Iterable, Optional, Sequence
 
 Row = dict  # a task row, see the module docstring
 
+#: Every key of a row, in storage order.
+COLUMNS = (
+    "seq", "uuid", "controller", "status", "priority", "args", "progress", "percent", "result", "error",
+    "created_at", "started_at", "ended_at", "pid", "pid_created", "exit_code", "owner", "stop_requested",
+    "timeout", "memory_peak", "cpu_time", "attempt",
+)
+
 #: Columns a caller may set with :meth:`TaskStore.update` and :meth:`TaskStore.finish`.
 MUTABLE_FIELDS = frozenset(
     {

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional, Sequence
 from ..exceptions import QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .. import defaults
-from .base import MUTABLE_FIELDS, Row, TaskStore
+from .base import COLUMNS, MUTABLE_FIELDS, Row, TaskStore
 
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE = frozenset(s.value for s in ACTIVE)
@@ -44,7 +44,7 @@ class MemoryStore(TaskStore):
             if max_queued >= 0 and self._queued_count(controller) + len(rows) > max_queued:
                 raise QueueFull(max_queued, defaults.RETRY_AFTER)
             for row in rows:
-                row = copy.deepcopy(row)
+                row = {**dict.fromkeys(COLUMNS), **copy.deepcopy(row)}
                 row["seq"] = next(self._seq)
                 self._rows[row["uuid"]] = row
                 heapq.heappush(self._queues.setdefault(controller, []), (row["priority"], row["seq"], row["uuid"]))

@@ -24,16 +24,11 @@ from typing import Any, Iterable, Optional, Sequence
 from .. import defaults
 from ..exceptions import QueueFull, StoreError, TaskAlreadyFinished, TaskNotFound
 from ..states import TERMINAL, TaskStatus
-from .base import MUTABLE_FIELDS, Row, TaskStore
+from .base import COLUMNS as _COLUMNS, MUTABLE_FIELDS, Row, TaskStore
 
 _INT = {"seq", "priority", "pid", "exit_code", "memory_peak", "attempt"}
 _FLOAT = {"percent", "created_at", "started_at", "ended_at", "pid_created", "timeout", "cpu_time"}
 _JSON = {"args", "progress", "result", "error"}
-_COLUMNS = (
-    "seq", "uuid", "controller", "status", "priority", "args", "progress", "percent", "result", "error",
-    "created_at", "started_at", "ended_at", "pid", "pid_created", "exit_code", "owner", "stop_requested",
-    "timeout", "memory_peak", "cpu_time", "attempt",
-)
 _TERMINAL = sorted(s.value for s in TERMINAL)
 
 # KEYS: seq, q, all, n ; ARGV: prefix, max_queued, rows-json (list of flat [field, value, ...] lists)

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 from .. import defaults
 from ..exceptions import QueueFull, StoreError, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import MUTABLE_FIELDS, Row, TaskStore
+from .base import COLUMNS as _COLUMNS, MUTABLE_FIELDS, Row, TaskStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mpc_tasks (
@@ -55,11 +55,6 @@ CREATE TABLE IF NOT EXISTS mpc_owners (
 
 #: Columns stored as JSON text.
 _JSON_COLUMNS = ("args", "progress", "result", "error")
-_COLUMNS = (
-    "seq", "uuid", "controller", "status", "priority", "args", "progress", "percent", "result", "error",
-    "created_at", "started_at", "ended_at", "pid", "pid_created", "exit_code", "owner", "stop_requested",
-    "timeout", "memory_peak", "cpu_time", "attempt",
-)
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mpc_tasks"
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE_SQL = "('running', 'stopping')"
