@@ -90,6 +90,8 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, task_id: str, args: 
     cpu_before, _ = _usage()
     task = task_cls(task_id, channel, context)
     task_module._set_current(task)
+    kind: str
+    payload: Any
     try:
         result = task.execute(**args)
         try:

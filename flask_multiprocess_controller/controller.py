@@ -237,7 +237,7 @@ class MetaMPController:
         runtime = self.runtime
         effective_timeout = self._effective_timeout(timeout)
         now = time.time()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for item in items:
             if not isinstance(item, Mapping):
                 raise InvalidRequest(f"Each task must be a JSON object of keyword arguments, not {type(item).__name__}.")
@@ -309,7 +309,7 @@ class MetaMPController:
             raise InvalidRequest(f"Unknown status {unknown[0]!r}: use one of {', '.join(ALL_STATUSES)}.")
         if not 1 <= limit <= defaults.MAX_LIST_LIMIT:
             raise InvalidRequest(f"'limit' must be between 1 and {defaults.MAX_LIST_LIMIT}.")
-        rows = self.store.list(self.name, statuses or None, limit)
+        rows = self.store.list_tasks(self.name, statuses or None, limit)
         counts = self.store.counts(self.name)
         return {
             "tasks": [self._present(row) for row in rows],
@@ -362,8 +362,8 @@ class MetaMPController:
     def handler(self, method: str) -> Callable[..., ResponseTuple]:
         """The HTTP method ``method`` of this controller, wrapped in the class's ``decorator``."""
         function = getattr(type(self), method)
-        decorator = self._decorator or _log_call(self.logger, self.name)
-        return functools.partial(decorator(function), self)
+        decorator = self._decorator or _log_call(self.logger, self.name)  # type: ignore[misc]
+        return functools.partial(decorator(function), self)  # type: ignore[call-arg]
 
     # -- internals -------------------------------------------------------------------
 

@@ -277,7 +277,7 @@ def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[
     except OSError as exc:
         os.close(child_fd)
         os.close(exit_w)
-        sock.sendall(_PID.pack(-exc.errno))
+        sock.sendall(_PID.pack(-(exc.errno or 1)))
         return True
     if pid == 0:
         _become_task_process(exits, server_objects, exit_w)

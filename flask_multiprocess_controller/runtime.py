@@ -16,13 +16,12 @@ shared store every ``STORE_POLL_INTERVAL`` for work queued by other processes.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import socket
 import threading
 import time
 from multiprocessing.connection import wait as wait_ready
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import psutil
 

@@ -135,7 +135,7 @@ def test_get_returns_every_documented_key(store):
             assert ROW_KEYS <= set(claimed), sorted(ROW_KEYS - set(claimed))
         elif when == "running":
             store.finish(uuid, "succeeded")
-    for row in store.list(CTL) + store.active(CTL):
+    for row in store.list_tasks(CTL) + store.active(CTL):
         assert ROW_KEYS <= set(row)
     (other,) = add(store)
     stopped = store.request_stop(other, 1.0)
@@ -150,7 +150,7 @@ def test_enqueue_is_all_or_nothing_when_the_queue_is_full(store):
         add(store, 2, max_queued=3)
     assert info.value.retry_after >= 0
     assert store.counts(CTL).get("queued", 0) == 2
-    assert len(store.list(CTL)) == 2
+    assert len(store.list_tasks(CTL)) == 2
     add(store, 1, max_queued=3)  # fits exactly
     assert store.counts(CTL)["queued"] == 3
     with pytest.raises(QueueFull):
@@ -428,15 +428,15 @@ def test_list_is_newest_first_with_status_filter_and_limit(store):
     claim(store)  # uuids[3]: lowest priority, oldest of those
     store.request_stop(uuids[0], 1.0)
     newest_first = list(reversed(uuids))
-    assert [r["uuid"] for r in store.list(CTL)] == newest_first
-    assert [r["uuid"] for r in store.list(CTL, limit=2)] == newest_first[:2]
-    assert [r["uuid"] for r in store.list(CTL, ["queued"])] == [uuids[4], uuids[2], uuids[1]]
-    assert [r["uuid"] for r in store.list(CTL, ["queued"], limit=1)] == [uuids[4]]
-    assert [r["uuid"] for r in store.list(CTL, ["running", "stopped"])] == [uuids[3], uuids[0]]
-    assert [r["uuid"] for r in store.list(CTL, iter(["stopped"]))] == [uuids[0]]
-    assert store.list(CTL, ["failed"]) == []
-    assert store.list("nobody") == []
-    assert len(store.list(OTHER)) == 2
+    assert [r["uuid"] for r in store.list_tasks(CTL)] == newest_first
+    assert [r["uuid"] for r in store.list_tasks(CTL, limit=2)] == newest_first[:2]
+    assert [r["uuid"] for r in store.list_tasks(CTL, ["queued"])] == [uuids[4], uuids[2], uuids[1]]
+    assert [r["uuid"] for r in store.list_tasks(CTL, ["queued"], limit=1)] == [uuids[4]]
+    assert [r["uuid"] for r in store.list_tasks(CTL, ["running", "stopped"])] == [uuids[3], uuids[0]]
+    assert [r["uuid"] for r in store.list_tasks(CTL, iter(["stopped"]))] == [uuids[0]]
+    assert store.list_tasks(CTL, ["failed"]) == []
+    assert store.list_tasks("nobody") == []
+    assert len(store.list_tasks(OTHER)) == 2
 
 
 @pytest.mark.timeout(30)
@@ -527,7 +527,7 @@ def test_json_fields_round_trip(store):
     assert row["result"] is None
     assert row["args"] == args
     assert row["progress"] == PROGRESS_VALUES[-1]
-    listed = store.list(CTL)[0]
+    listed = store.list_tasks(CTL)[0]
     assert (listed["args"], listed["error"]) == (args, error)
 
 

@@ -72,7 +72,7 @@ class TaskStore(abc.ABC):
         """Return the task with this uuid, or None."""
 
     @abc.abstractmethod
-    def list(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
+    def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
         """Return the controller's tasks, newest first, optionally only in ``statuses``."""
 
     @abc.abstractmethod

@@ -30,8 +30,9 @@ class MemoryStore(TaskStore):
         self._seq = itertools.count(1)
         self._heartbeats: dict[str, float] = {}
 
-    def _copy(self, row: Optional[Row]) -> Optional[Row]:
-        return copy.deepcopy(row) if row is not None else None
+    @staticmethod
+    def _copy(row: Row) -> Row:
+        return copy.deepcopy(row)
 
     def _queued_count(self, controller: str) -> int:
         return sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] == _QUEUED)
@@ -66,9 +67,10 @@ class MemoryStore(TaskStore):
 
     def get(self, uuid: str) -> Optional[Row]:
         with self._lock:
-            return self._copy(self._rows.get(uuid))
+            row = self._rows.get(uuid)
+            return None if row is None else self._copy(row)
 
-    def list(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
+    def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
         wanted = set(statuses) if statuses else None
         with self._lock:
             rows = [r for r in self._rows.values()

@@ -276,7 +276,7 @@ class RedisStore(TaskStore):
                 rows.append(_decode([x for pair in flat.items() for x in pair]))
         return rows
 
-    def list(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
+    def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
         wanted = set(statuses) if statuses else None
         found: list[Row] = []
         start = 0
@@ -297,7 +297,7 @@ class RedisStore(TaskStore):
         if row["status"] != TaskStatus.QUEUED.value:
             return None
         rank = self._redis.zrank(self._c(row["controller"], "q"), f"{row['seq']:020d}:{row['uuid']}")
-        return None if rank is None else rank + 1
+        return None if rank is None else int(rank) + 1  # type: ignore[arg-type]
 
     def update(self, uuid: str, **fields: Any) -> None:
         unknown = set(fields) - MUTABLE_FIELDS
@@ -361,7 +361,7 @@ class RedisStore(TaskStore):
             done = self._scripts["purge"](
                 keys=[self._c(controller, "ended"), self._c(controller, "all"), self._c(controller, "n")],
                 args=[self.prefix, repr(ended_before), 500])
-            total += done
+            total += int(done)
             if done < 500:
                 return total
 
@@ -369,7 +369,8 @@ class RedisStore(TaskStore):
         self._redis.zadd(self._key("owners"), {owner: now})
 
     def heartbeats(self) -> dict[str, float]:
-        return {_text(k): float(v) for k, v in self._redis.zrange(self._key("owners"), 0, -1, withscores=True)}
+        pairs = self._redis.zrange(self._key("owners"), 0, -1, withscores=True)
+        return {_text(owner): float(beat) for owner, beat in pairs}  # type: ignore[str-unpack]
 
     def forget_owner(self, owner: str) -> None:
         self._redis.zrem(self._key("owners"), owner)

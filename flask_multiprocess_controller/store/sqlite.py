@@ -179,7 +179,7 @@ class SQLiteStore(TaskStore):
         rows = self._read(f"{_SELECT} WHERE uuid = ?", (uuid,))
         return rows[0] if rows else None
 
-    def list(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
+    def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
         if statuses:
             wanted = list(statuses)
             marks = ", ".join("?" * len(wanted))
