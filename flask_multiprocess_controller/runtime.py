@@ -203,6 +203,9 @@ class Runtime:
             self._work.notify_all()
         with self._runs_lock:
             runs = list(self._runs.values())
+        if runs:
+            self.logger.warning("Shutting down: stopping %d running task(s); those that ignore the stop are "
+                                "killed after %g s.", len(runs), self.controller.stop_grace)
         for run in runs:
             run.request_stop(StopReason.SHUTDOWN)
         for slot in self._slots:
