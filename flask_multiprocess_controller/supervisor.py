@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_ready
 from typing import Any, Callable, Optional
 
+import psutil
+
 from . import defaults
 from .forkserver import ChildProcess
 from .logs import logger_levels
@@ -112,7 +114,7 @@ class Supervisor:
         usage = TreeUsage()
         done = self._watch(run, child, usage)
         if not child.exited and done is not None and not self.settings.fresh_process:
-            self._reap_descendants(child.pid)
+            self._reap_descendants(child.pid, done[4].get("children"))
         else:
             kill_tree(child.pid, usage)  # whatever the task left behind in its process group
         return _classify(run, done, child, usage, self.settings)
@@ -129,7 +131,9 @@ class Supervisor:
         sample_every = (defaults.SAMPLE_INTERVAL_WITH_MEMORY_LIMIT if settings.max_memory
                         else defaults.SAMPLE_INTERVAL)
         now = time.monotonic()
-        next_sample = now
+        # The first sample waits a full interval: short tasks are measured by the
+        # child's own report, and a sample scans the whole process table.
+        next_sample = now + sample_every
         next_flush = now + defaults.PROGRESS_INTERVAL
         next_poll = now + defaults.STORE_POLL_INTERVAL
         deadline = run.started + run.timeout if run.timeout else None
@@ -216,10 +220,14 @@ class Supervisor:
         self.store.update(run.uuid, progress=run.progress, percent=run.percent)
 
     @staticmethod
-    def _reap_descendants(pid: int) -> None:
-        """Kill what a task left behind in a process that will run more tasks."""
-        import psutil
+    def _reap_descendants(pid: int, reported: Optional[list]) -> None:
+        """Kill what a task left behind in a process that will run more tasks.
 
+        The child reports its live children when a task ends; only if it could not
+        (no /proc support) or some are left is the whole process table scanned.
+        """
+        if reported == []:
+            return
         try:
             leftovers = psutil.Process(pid).children(recursive=True)
         except psutil.Error:
