@@ -19,6 +19,7 @@ died) it kills every task process group it started and exits.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import selectors
 import signal
@@ -237,6 +238,10 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection], None]) -> Non
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _close_listening_sockets()
     _become_subreaper()
+    # Everything alive now is shared with the task processes: keep the collector off it,
+    # or the first collection in each child would copy every page of the heap.
+    gc.collect()
+    gc.freeze()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
