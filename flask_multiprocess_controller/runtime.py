@@ -155,17 +155,25 @@ class Runtime:
             if owner_host == self.host and process_alive(row.get("pid"), row.get("pid_created")):
                 kill_tree(row["pid"])
             settled += 1
-            if c.target_task.restartable and self.store.requeue(row["uuid"]):
+            if c.target_task.restartable and self.store.requeue(row["uuid"], owner=owner):
                 self.logger.warning("Task %s was cut off when its server (%s) died; queued again.", row["uuid"], owner)
                 continue
             error = {"type": "Lost", "traceback": None,
                      "message": f"The serving process that ran this task ({owner}) died."}
-            if self.store.finish(row["uuid"], TaskStatus.LOST.value, ended_at=now, error=error):
+            if self.store.finish(row["uuid"], TaskStatus.LOST.value, owner=owner, ended_at=now, error=error):
                 self.logger.warning("Task %s was lost with the process that ran it (%s).", row["uuid"], owner)
+        self._forget_dead_owners(beats, now)
         if settled:
             with self.finished:
                 self.finished.notify_all()
             self.notify_work()
+
+    def _forget_dead_owners(self, beats: dict[str, float], now: float) -> None:
+        """Drop the heartbeats of serving processes that are gone, so the table does not grow with crashes."""
+        for owner, beat in beats.items():
+            if owner != self.owner and now - beat > self.controller.lease and not owner_alive(
+                    owner, self.host, beats, now, self.controller.lease):
+                self.store.forget_owner(owner)
 
     # -- running tasks ----------------------------------------------------------
 
@@ -184,10 +192,14 @@ class Runtime:
     def record(self, run: TaskRun, outcome: Outcome) -> None:
         """Store a task's outcome (or requeue it), then wake whoever waits for it."""
         c = self.controller
+        if run.abandoned:
+            self.logger.warning("Task %s was settled elsewhere while this process was unresponsive; its run "
+                                "here was killed and is not recorded.", run.uuid)
+            return
         if (run.stop_reason is StopReason.SHUTDOWN and c.target_task.restartable
-                and outcome.status is not TaskStatus.SUCCEEDED and self.store.requeue(run.uuid)):
+                and outcome.status is not TaskStatus.SUCCEEDED and self.store.requeue(run.uuid, owner=self.owner)):
             self.logger.info("Task %s will run again after the restart.", run.uuid)
-        elif not self.store.finish(run.uuid, outcome.status.value, **outcome.fields):
+        elif not self.store.finish(run.uuid, outcome.status.value, owner=self.owner, **outcome.fields):
             self.logger.warning("Task %s had already been settled elsewhere; its outcome %s is dropped.",
                                 run.uuid, outcome.status.value)
         with self.finished:
@@ -236,7 +248,7 @@ class _Slot(threading.Thread):
         c = runtime.controller
         settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory,
                             fresh_process=c.max_tasks_per_child == 1, shared_store=runtime.store.shared)
-        self._supervisor = Supervisor(settings, runtime.store, runtime.logs.queue, self._wake_r)
+        self._supervisor = Supervisor(settings, runtime.store, runtime.owner, runtime.logs.queue, self._wake_r)
         self._child: Optional[ChildProcess] = None
         self._tasks_in_child = 0
 
@@ -281,7 +293,7 @@ class _Slot(threading.Thread):
             self._retire_child()
             error = {"type": "ControllerError", "message": f"The controller failed to run the task: {exc}",
                      "traceback": None}
-            rt.store.finish(row["uuid"], TaskStatus.FAILED.value, ended_at=time.time(), error=error)
+            rt.store.finish(row["uuid"], TaskStatus.FAILED.value, owner=rt.owner, ended_at=time.time(), error=error)
             with rt.finished:
                 rt.finished.notify_all()
         finally:

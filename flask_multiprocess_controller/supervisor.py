@@ -23,7 +23,9 @@ from . import defaults
 from .forkserver import ChildProcess
 from .logs import logger_levels
 from .proctree import TreeUsage, describe_exit, kill_tree, sample, signal_tree
-from .states import TaskStatus
+from .states import ACTIVE, TaskStatus
+
+_ACTIVE_VALUES = frozenset(s.value for s in ACTIVE)
 
 
 class StopReason(str, enum.Enum):
@@ -47,6 +49,8 @@ class TaskRun:
         self.percent: Optional[float] = row.get("percent")
         #: True while progress holds a value not yet written to the store.
         self.dirty = False
+        #: True once the store shows the task is no longer this process's (settled elsewhere).
+        self.abandoned = False
         self.stop_reason: Optional[StopReason] = None
         self.stop_at: Optional[float] = None
         self.child: Optional[ChildProcess] = None
@@ -98,8 +102,9 @@ class Outcome:
 class Supervisor:
     """Runs tasks in child processes for one controlling thread."""
 
-    def __init__(self, settings: Settings, store: Any, log_queue: Any, wake_fd: int) -> None:
+    def __init__(self, settings: Settings, store: Any, owner: str, log_queue: Any, wake_fd: int) -> None:
         self.settings = settings
+        self.owner = owner
         self.store = store
         self.log_queue = log_queue
         self.wake_fd = wake_fd
@@ -110,7 +115,7 @@ class Supervisor:
         """Start ``run`` in ``child`` and return once the task has ended."""
         run.attach(child)
         child.send(("run", run.uuid, args, context, self._levels()))
-        self.store.update(run.uuid, pid=child.pid, pid_created=child.create_time)
+        self.store.update(run.uuid, owner=self.owner, pid=child.pid, pid_created=child.create_time)
         usage = TreeUsage()
         done = self._watch(run, child, usage)
         if not child.exited and done is not None and not self.settings.fresh_process:
@@ -152,10 +157,11 @@ class Supervisor:
                     run.request_stop(StopReason.MEMORY)
                     kill_tree(child.pid, usage)
                     killed = True
-            if settings.shared_store and now >= next_poll and run.stop_reason is None:
+            if settings.shared_store and now >= next_poll and not killed:
                 next_poll = now + defaults.STORE_POLL_INTERVAL
-                if self.store.stop_requests([run.uuid]):
-                    run.request_stop(StopReason.REQUESTED)
+                if self._lost_ownership(run):
+                    kill_tree(child.pid, usage)
+                    killed = True
             if run.stop_at is not None and done is None and not killed:
                 grace_end = run.stop_at + settings.stop_grace
                 if term_at is None and now >= grace_end:
@@ -192,6 +198,20 @@ class Supervisor:
             if done is not None and not settings.fresh_process:
                 return done
 
+    def _lost_ownership(self, run: TaskRun) -> bool:
+        """Look at the stored task: pass on a stop requested elsewhere; True if it is no longer ours.
+
+        A serving process paused past its lease finds its tasks settled (or claimed
+        again) by others when it wakes up; it must then give them up at once.
+        """
+        row = self.store.get(run.uuid)
+        if row is None or row["status"] not in _ACTIVE_VALUES or row.get("owner") != self.owner:
+            run.abandoned = True
+            return True
+        if row.get("stop_requested") and run.stop_reason is None:
+            run.request_stop(StopReason.REQUESTED)
+        return False
+
     def _receive(self, run: TaskRun, child: ChildProcess, done: Optional[tuple]) -> tuple[Optional[tuple], bool]:
         """Read every message waiting on the channel; return (done message, channel still open)."""
         conn = child.conn
@@ -217,7 +237,7 @@ class Supervisor:
 
     def _flush(self, run: TaskRun) -> None:
         run.dirty = False
-        self.store.update(run.uuid, progress=run.progress, percent=run.percent)
+        self.store.update(run.uuid, owner=self.owner, progress=run.progress, percent=run.percent)
 
     @staticmethod
     def _reap_descendants(pid: int, reported: Optional[list]) -> None:

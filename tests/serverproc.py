@@ -12,9 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import psutil
 import requests
@@ -241,3 +243,237 @@ def statuses(tasks: Iterable[dict]) -> dict[str, int]:
     for task in tasks:
         counts[task["status"]] = counts.get(task["status"], 0) + 1
     return counts
+
+
+# -- gunicorn trees: workers, fork servers, task processes -----------------------------------------
+#
+# Under gunicorn the tree is master -> worker -> fork server -> task process; under a single
+# server process (the dev server) it is server -> fork server -> task process.
+
+#: A small app module for the multi-process tests (guarded ``app.run()``), configured through the
+#: ``APP_CONFIG`` environment variable (JSON: max_num_process, max_num_queue, lease, restartable).
+#: Its tasks append ``n`` to the file ``append`` (one O_APPEND write), wait until the file ``gate``
+#: exists (checking for stop requests), sleep ``sleep`` seconds and return
+#: ``{"n", "pid", "host"}``; every response names the serving process in ``X-Worker-Pid``.
+JOB_APP = r'''
+import json
+import os
+import time
+
+from flask import Flask
+from flask_restful import Api
+
+from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
+
+CONFIG = json.loads(os.environ.get("APP_CONFIG") or "{}")
+
+
+class Job(MetaMPTask):
+    restartable = bool(CONFIG.get("restartable", False))
+
+    def execute(self, n: int, gate: str = "", sleep: float = 0.0, append: str = "") -> dict:
+        if append:
+            fd = os.open(append, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{n}\n".encode())
+            finally:
+                os.close(fd)
+        while gate and not os.path.exists(gate):
+            self.checkpoint()
+            time.sleep(0.02)
+        if sleep:
+            time.sleep(sleep)
+        return {"n": n, "pid": os.getpid(), "host": os.environ.get("MPC_HOST_ID")}
+
+
+class JobController(MetaMPController, controller_name="jobs"):
+    pass
+
+
+controller = JobController(Job, max_num_process=CONFIG.get("max_num_process", 2),
+                           max_num_queue=CONFIG.get("max_num_queue", -1),
+                           stop_grace=CONFIG.get("stop_grace", 0.5), lease=CONFIG.get("lease", 3))
+app = Flask(__name__)
+Api(app).add_resource(MetaMPResource, "/tasks", "/tasks/<string:uuid>", resource_class_args=(controller,))
+
+
+@app.after_request
+def name_the_worker(response):
+    response.headers["X-Worker-Pid"] = str(os.getpid())
+    return response
+
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=int(os.environ["PORT"]))
+'''
+
+
+def write_job_app(directory: Path, name: str = "app") -> Path:
+    """Write :data:`JOB_APP` as ``<directory>/<name>.py``; return its path."""
+    path = Path(directory) / f"{name}.py"
+    path.write_text(JOB_APP)
+    return path
+
+
+def process_table() -> dict[int, int]:
+    """``pid -> ppid`` of every process (zombies included), read from /proc in one pass."""
+    table: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                data = stat.read()
+        except OSError:
+            continue
+        fields = data.rpartition(b")")[2].split()
+        try:
+            table[int(name)] = int(fields[1])
+        except (IndexError, ValueError):
+            continue
+    return table
+
+
+def descendants_at_depth(table: dict[int, int], root: int, depth: int) -> list[int]:
+    """The pids exactly ``depth`` generations below ``root`` in a :func:`process_table`."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in table.items():
+        children.setdefault(ppid, []).append(pid)
+    level = [root] if root in table else []
+    for _ in range(depth):
+        level = [child for pid in level for child in children.get(pid, [])]
+    return level
+
+
+def gunicorn_workers(server: Server) -> list[psutil.Process]:
+    """The live (not zombie) workers of a gunicorn master."""
+    try:
+        return [p for p in server.root.children() if not _gone(p)]
+    except psutil.Error:
+        return []
+
+
+def fork_servers(server: Server, depth: int = 2) -> list[int]:
+    """Pids of the fork servers of a server's tree (``depth`` 2 under gunicorn, 1 for one process)."""
+    return descendants_at_depth(process_table(), server.root.pid, depth)
+
+
+def task_processes(server: Server, depth: int = 3) -> list[int]:
+    """Pids of a server's task processes (``depth`` 3 under gunicorn, 2 for one process)."""
+    return descendants_at_depth(process_table(), server.root.pid, depth)
+
+
+def worker_of(server: Server, task_pid: int) -> psutil.Process:
+    """The gunicorn worker whose fork server is the parent of task process ``task_pid``."""
+    fork_server = psutil.Process(task_pid).parent()
+    assert fork_server is not None, f"task process {task_pid} has no parent"
+    worker = fork_server.parent()
+    assert worker is not None and worker.ppid() == server.root.pid, \
+        f"task process {task_pid} is not master -> worker -> fork server -> task in {server.args}"
+    return worker
+
+
+class TaskProcessSampler(threading.Thread):
+    """Counts the task processes of some servers together every few ms; keeps the maximum seen.
+
+    Zombies count: a task process holds its slot until its fork server has reaped it.
+    """
+
+    def __init__(self, servers: Sequence[Server], depth: int = 3, interval: float = 0.005) -> None:
+        super().__init__(name="task-process-sampler", daemon=True)
+        self.roots = [s.root.pid for s in servers]
+        self.depth = depth
+        self.interval = interval
+        self.most = 0
+        self.samples = 0
+        self.error: Optional[BaseException] = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                table = process_table()
+                count = sum(len(descendants_at_depth(table, root, self.depth)) for root in self.roots)
+                self.most = max(self.most, count)
+                self.samples += 1
+                self._halt.wait(self.interval)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+    def __enter__(self) -> "TaskProcessSampler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextmanager
+def suspended(procs: Iterable[psutil.Process]) -> Iterator[None]:
+    """SIGSTOP ``procs`` for the duration of the block (so that other processes must answer), then SIGCONT."""
+    stopped: list[psutil.Process] = []
+    try:
+        for proc in procs:
+            proc.suspend()
+            stopped.append(proc)
+        yield
+    finally:
+        for proc in stopped:
+            try:
+                proc.resume()
+            except psutil.Error:
+                pass
+
+
+def process_gone(proc: psutil.Process) -> bool:
+    """True when ``proc`` (a psutil handle, so a recycled pid does not count) has ended."""
+    return _gone(proc)
+
+
+#: Task statuses a task never leaves.
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "stopped", "timed_out", "lost"})
+
+
+class JobApi:
+    """HTTP calls to the :data:`JOB_APP` controller mounted at ``<base>/tasks``; each call opens a fresh
+    connection unless a ``session`` is given."""
+
+    def __init__(self, base: str, timeout: float = 30.0) -> None:
+        self.url = base + "/tasks"
+        self.timeout = timeout
+
+    def post(self, session: Optional[requests.Session] = None, **args: object) -> requests.Response:
+        return (session or requests).post(self.url, json=args, timeout=self.timeout)
+
+    def submit(self, **args: object) -> dict:
+        response = self.post(**args)
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    def get(self, uuid: str, session: Optional[requests.Session] = None) -> dict:
+        response = (session or requests).get(f"{self.url}/{uuid}", timeout=self.timeout)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def delete(self, uuid: str) -> requests.Response:
+        return requests.delete(f"{self.url}/{uuid}", timeout=self.timeout)
+
+    def listing(self, **params: object) -> dict:
+        response = requests.get(self.url, params=params, timeout=self.timeout)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_running(self, uuid: str, timeout: float = 20.0) -> dict:
+        """Wait until the task runs in a task process whose pid is known."""
+        return poll_until(lambda: self.get(uuid), lambda t: t["status"] == "running" and t["pid"], timeout)
+
+    def wait_ended(self, uuid: str, timeout: float = 30.0) -> dict:
+        return poll_until(lambda: self.get(uuid), lambda t: t["status"] in TERMINAL_STATUSES, timeout)
+
+    def wait_idle(self, timeout: float) -> dict:
+        """Wait until no task of the controller is queued or running (every task posted so far ended)."""
+        return poll_until(self.listing, lambda v: v["running"] == 0 and v["queued"] == 0, timeout, interval=0.2)

@@ -682,3 +682,25 @@ def test_claims_from_several_processes_are_exactly_once(tmp_path, redis_server, 
             row = store.get(uuid)
             assert row["owner"] == f"proc-{i}" and row["result"] == f"proc-{i}"
     store.close()
+
+
+@pytest.mark.timeout(30)
+def test_writes_are_fenced_by_the_owner(store):
+    """A process that lost a task (settled or claimed again elsewhere) cannot write to it any more."""
+    (uuid,) = add(store)
+    claim(store, owner="host-a:1:1.0")
+    assert store.update(uuid, owner="host-b:2:2.0", progress="stale") is False
+    assert store.get(uuid)["progress"] is None
+    assert store.update(uuid, owner="host-a:1:1.0", progress="mine") is True
+    assert store.get(uuid)["progress"] == "mine"
+    assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=1) is False
+    assert store.requeue(uuid, owner="host-b:2:2.0") is False
+    assert store.get(uuid)["status"] == "running"
+    # Settled by a survivor, then claimed again by another process: the old owner is fenced out.
+    assert store.requeue(uuid, owner="host-a:1:1.0") is True
+    claim(store, owner="host-b:2:2.0")
+    assert store.requeue(uuid, owner="host-a:1:1.0") is False
+    assert store.finish(uuid, "lost", owner="host-a:1:1.0") is False
+    assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=2) is True
+    row = store.get(uuid)
+    assert (row["status"], row["result"], row["owner"], row["attempt"]) == ("succeeded", 2, "host-b:2:2.0", 2)

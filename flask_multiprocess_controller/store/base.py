@@ -83,21 +83,29 @@ class TaskStore(abc.ABC):
     def position(self, row: Row) -> Optional[int]:
         """Return the 1-based place of a queued task in its controller's queue, else None."""
 
-    @abc.abstractmethod
-    def update(self, uuid: str, **fields: Any) -> None:
-        """Set :data:`MUTABLE_FIELDS` of a task that is still ``running`` or ``stopping``."""
+    # ``owner`` fences the three writes below: when given, the write only applies while
+    # the task is still claimed by that serving process. A process that was paused past
+    # its lease (its tasks settled elsewhere, perhaps claimed again) can then never
+    # overwrite or finish a run that is no longer its own.
 
     @abc.abstractmethod
-    def finish(self, uuid: str, status: str, **fields: Any) -> bool:
-        """Move a ``running``/``stopping`` task to a terminal ``status``.
+    def update(self, uuid: str, owner: Optional[str] = None, **fields: Any) -> bool:
+        """Set :data:`MUTABLE_FIELDS` of a task that is still ``running`` or ``stopping``.
+
+        Returns False, changing nothing, when the task is not active (or not ``owner``'s).
+        """
+
+    @abc.abstractmethod
+    def finish(self, uuid: str, status: str, owner: Optional[str] = None, **fields: Any) -> bool:
+        """Move a ``running``/``stopping`` task (of ``owner``, if given) to a terminal ``status``.
 
         Returns False, changing nothing, when the task is not active any more
         (another process reconciled it first). Atomic compare-and-set.
         """
 
     @abc.abstractmethod
-    def requeue(self, uuid: str) -> bool:
-        """Put an active task back in the queue at its old place (a restartable task)."""
+    def requeue(self, uuid: str, owner: Optional[str] = None) -> bool:
+        """Put an active task (of ``owner``, if given) back in the queue at its old place."""
 
     @abc.abstractmethod
     def request_stop(self, uuid: str, now: float) -> Row:

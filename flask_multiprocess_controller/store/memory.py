@@ -96,31 +96,39 @@ class MemoryStore(TaskStore):
                         and (r["priority"], r["seq"]) < key)
         return ahead + 1
 
-    def update(self, uuid: str, **fields: Any) -> None:
+    def _owned_active(self, uuid: str, owner: Optional[str]) -> Optional[Row]:
+        row = self._rows.get(uuid)
+        if row is None or row["status"] not in _ACTIVE or (owner is not None and row["owner"] != owner):
+            return None
+        return row
+
+    def update(self, uuid: str, owner: Optional[str] = None, **fields: Any) -> bool:
         unknown = set(fields) - MUTABLE_FIELDS
         if unknown:
             raise ValueError(f"not mutable: {sorted(unknown)}")
         with self._lock:
-            row = self._rows.get(uuid)
-            if row is not None and row["status"] in _ACTIVE:
-                row.update(copy.deepcopy(fields))
+            row = self._owned_active(uuid, owner)
+            if row is None:
+                return False
+            row.update(copy.deepcopy(fields))
+            return True
 
-    def finish(self, uuid: str, status: str, **fields: Any) -> bool:
+    def finish(self, uuid: str, status: str, owner: Optional[str] = None, **fields: Any) -> bool:
         unknown = set(fields) - MUTABLE_FIELDS
         if unknown or status not in _TERMINAL:
             raise ValueError(f"bad finish: {status} {sorted(unknown)}")
         with self._lock:
-            row = self._rows.get(uuid)
-            if row is None or row["status"] not in _ACTIVE:
+            row = self._owned_active(uuid, owner)
+            if row is None:
                 return False
             row.update(copy.deepcopy(fields))
             row["status"] = status
             return True
 
-    def requeue(self, uuid: str) -> bool:
+    def requeue(self, uuid: str, owner: Optional[str] = None) -> bool:
         with self._lock:
-            row = self._rows.get(uuid)
-            if row is None or row["status"] not in _ACTIVE:
+            row = self._owned_active(uuid, owner)
+            if row is None:
                 return False
             row.update(status=_QUEUED, owner=None, pid=None, pid_created=None, started_at=None,
                        stop_requested=False)

@@ -70,43 +70,44 @@ redis.call('HINCRBY', KEYS[3], 'running', 1)
 return redis.call('HGETALL', key)
 """
 
-# KEYS: task ; ARGV: fields-json (flat list to set), dels-json (fields to delete)
-_UPDATE = """
+# The fence shared by the writes of a claimed task: active, and still ARGV[1]'s ('' = anyone's).
+_FENCE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' and status ~= 'stopping' then return 0 end
-local sets = cjson.decode(ARGV[1])
-local dels = cjson.decode(ARGV[2])
-if #sets > 0 then redis.call('HSET', KEYS[1], unpack(sets)) end
-if #dels > 0 then redis.call('HDEL', KEYS[1], unpack(dels)) end
-return 1
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 """
 
-# KEYS: task, active, n, ended ; ARGV: status, fields-json, dels-json, uuid, ended_at
-_FINISH = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' and status ~= 'stopping' then return 0 end
+# KEYS: task ; ARGV: owner, fields-json (flat list to set), dels-json (fields to delete)
+_UPDATE = _FENCE + """
 local sets = cjson.decode(ARGV[2])
 local dels = cjson.decode(ARGV[3])
 if #sets > 0 then redis.call('HSET', KEYS[1], unpack(sets)) end
 if #dels > 0 then redis.call('HDEL', KEYS[1], unpack(dels)) end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
+return 1
+"""
+
+# KEYS: task, active, n, ended ; ARGV: owner, fields-json, dels-json, uuid, ended_at, status
+_FINISH = _FENCE + """
+local sets = cjson.decode(ARGV[2])
+local dels = cjson.decode(ARGV[3])
+if #sets > 0 then redis.call('HSET', KEYS[1], unpack(sets)) end
+if #dels > 0 then redis.call('HDEL', KEYS[1], unpack(dels)) end
+redis.call('HSET', KEYS[1], 'status', ARGV[6])
 redis.call('SREM', KEYS[2], ARGV[4])
 redis.call('HINCRBY', KEYS[3], status, -1)
-redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
 redis.call('ZADD', KEYS[4], tonumber(ARGV[5]), ARGV[4])
 return 1
 """
 
-# KEYS: task, q, active, n ; ARGV: uuid
-_REQUEUE = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' and status ~= 'stopping' then return 0 end
+# KEYS: task, q, active, n ; ARGV: owner, uuid
+_REQUEUE = _FENCE + """
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local priority = tonumber(redis.call('HGET', KEYS[1], 'priority'))
 redis.call('HSET', KEYS[1], 'status', 'queued', 'stop_requested', '0')
 redis.call('HDEL', KEYS[1], 'owner', 'pid', 'pid_created', 'started_at')
-redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('ZADD', KEYS[2], priority, string.format('%020d', seq) .. ':' .. ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[2], priority, string.format('%020d', seq) .. ':' .. ARGV[2])
 redis.call('HINCRBY', KEYS[4], status, -1)
 redis.call('HINCRBY', KEYS[4], 'queued', 1)
 return 1
@@ -299,15 +300,18 @@ class RedisStore(TaskStore):
         rank = self._redis.zrank(self._c(row["controller"], "q"), f"{row['seq']:020d}:{row['uuid']}")
         return None if rank is None else int(rank) + 1  # type: ignore[arg-type]
 
-    def update(self, uuid: str, **fields: Any) -> None:
+    def update(self, uuid: str, owner: Optional[str] = None, **fields: Any) -> bool:
         unknown = set(fields) - MUTABLE_FIELDS
         if unknown:
             raise ValueError(f"not mutable: {sorted(unknown)}")
-        if fields:
-            sets, dels = _split(fields)
-            self._scripts["update"](keys=[self._key("t", uuid)], args=[json.dumps(sets), json.dumps(dels)])
+        if not fields:
+            return False
+        sets, dels = _split(fields)
+        done = self._scripts["update"](keys=[self._key("t", uuid)],
+                                       args=[owner or "", json.dumps(sets), json.dumps(dels)])
+        return done == 1
 
-    def finish(self, uuid: str, status: str, **fields: Any) -> bool:
+    def finish(self, uuid: str, status: str, owner: Optional[str] = None, **fields: Any) -> bool:
         unknown = set(fields) - MUTABLE_FIELDS
         if unknown or status not in _TERMINAL:
             raise ValueError(f"bad finish: {status} {sorted(unknown)}")
@@ -320,10 +324,10 @@ class RedisStore(TaskStore):
         done = self._scripts["finish"](
             keys=[self._key("t", uuid), self._c(controller, "active"), self._c(controller, "n"),
                   self._c(controller, "ended")],
-            args=[status, json.dumps(sets), json.dumps(dels), uuid, repr(float(ended_at))])
+            args=[owner or "", json.dumps(sets), json.dumps(dels), uuid, repr(float(ended_at)), status])
         return done == 1
 
-    def requeue(self, uuid: str) -> bool:
+    def requeue(self, uuid: str, owner: Optional[str] = None) -> bool:
         controller = self._redis.hget(self._key("t", uuid), "controller")
         if controller is None:
             return False
@@ -331,7 +335,7 @@ class RedisStore(TaskStore):
         done = self._scripts["requeue"](
             keys=[self._key("t", uuid), self._c(controller, "q"), self._c(controller, "active"),
                   self._c(controller, "n")],
-            args=[uuid])
+            args=[owner or "", uuid])
         return done == 1
 
     def request_stop(self, uuid: str, now: float) -> Row:

@@ -211,30 +211,38 @@ class SQLiteStore(TaskStore):
             raise ValueError(f"not mutable: {sorted(unknown)}")
         return ", ".join(f"{c} = ?" for c in fields), [_encode(c, v) for c, v in fields.items()]
 
-    def update(self, uuid: str, **fields: Any) -> None:
-        if not fields:
-            return
-        clause, values = self._set_clause(fields)
-        with self._transaction() as db:
-            db.execute(f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL}",
-                       (*values, uuid))
+    @staticmethod
+    def _fence(owner: Optional[str]) -> tuple[str, tuple]:
+        return (" AND owner = ?", (owner,)) if owner is not None else ("", ())
 
-    def finish(self, uuid: str, status: str, **fields: Any) -> bool:
+    def update(self, uuid: str, owner: Optional[str] = None, **fields: Any) -> bool:
+        if not fields:
+            return False
+        clause, values = self._set_clause(fields)
+        fence, fenced = self._fence(owner)
+        with self._transaction() as db:
+            cursor = db.execute(f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL}{fence}",
+                                (*values, uuid, *fenced))
+            return cursor.rowcount == 1
+
+    def finish(self, uuid: str, status: str, owner: Optional[str] = None, **fields: Any) -> bool:
         if status not in {s.value for s in TERMINAL}:
             raise ValueError(f"not a terminal status: {status}")
         clause, values = self._set_clause(fields)
         clause = f"status = ?, {clause}" if clause else "status = ?"
+        fence, fenced = self._fence(owner)
         with self._transaction() as db:
-            cursor = db.execute(f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL}",
-                                (status, *values, uuid))
+            cursor = db.execute(f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL}{fence}",
+                                (status, *values, uuid, *fenced))
             return cursor.rowcount == 1
 
-    def requeue(self, uuid: str) -> bool:
+    def requeue(self, uuid: str, owner: Optional[str] = None) -> bool:
+        fence, fenced = self._fence(owner)
         with self._transaction() as db:
             cursor = db.execute(
                 "UPDATE mpc_tasks SET status = 'queued', owner = NULL, pid = NULL, pid_created = NULL, "
-                f"started_at = NULL, stop_requested = 0 WHERE uuid = ? AND status IN {_ACTIVE_SQL}",
-                (uuid,),
+                f"started_at = NULL, stop_requested = 0 WHERE uuid = ? AND status IN {_ACTIVE_SQL}{fence}",
+                (uuid, *fenced),
             )
             return cursor.rowcount == 1
 
