@@ -31,6 +31,7 @@ from .presenter import present
 from .runtime import Runtime
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store
+from .supervisor import StopReason
 from .task import MetaMPTask
 
 ResponseTuple = tuple  # (body, status, headers): what flask-restful accepts
@@ -163,6 +164,7 @@ class MetaMPController:
         self.logger = self._logger
         self.store: TaskStore = resolve_store(store)
         self._spec = ArgumentSpec(target_task.execute)
+        self._handlers: dict[str, Callable[..., ResponseTuple]] = {}
         self._callbacks = CallbackSender(callback_url, self.logger) if callback_url else None
         self._configurator = log_configurator or _WorkerLogSetup
         # Guards _runtime creation and _closed.
@@ -276,8 +278,6 @@ class MetaMPController:
         :raises TaskNotFound: no such task here.
         :raises TaskAlreadyFinished: the task has already ended.
         """
-        from .supervisor import StopReason
-
         self._row(uuid)
         row = self.store.request_stop(uuid, time.time())
         run = self.runtime.local_run(uuid)
@@ -360,10 +360,13 @@ class MetaMPController:
         return task, (200 if task["status"] == TaskStatus.STOPPED else 202), {}
 
     def handler(self, method: str) -> Callable[..., ResponseTuple]:
-        """The HTTP method ``method`` of this controller, wrapped in the class's ``decorator``."""
-        function = getattr(type(self), method)
-        decorator = self._decorator or _log_call(self.logger, self.name)  # type: ignore[misc]
-        return functools.partial(decorator(function), self)  # type: ignore[call-arg]
+        """The HTTP method ``method`` of this controller, wrapped once in the class's ``decorator``."""
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            function = getattr(type(self), method)
+            decorator = self._decorator or _log_call(self.logger, self.name)  # type: ignore[misc]
+            wrapped = self._handlers[method] = functools.partial(decorator(function), self)  # type: ignore[call-arg]
+        return wrapped
 
     # -- internals -------------------------------------------------------------------
 

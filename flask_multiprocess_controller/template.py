@@ -1,6 +1,7 @@
 """Class factories for the minimal-effort setup of the seed."""
 from __future__ import annotations
 
+import uuid
 from typing import Optional
 
 from .controller import MetaMPController
@@ -23,5 +24,9 @@ class TemplateFactory:
 
     @staticmethod
     def MPResource(name: Optional[str] = None) -> type[MetaMPResource]:
-        """A resource class (each mount of it gets its own endpoint name from flask-restful)."""
-        return type(name or "MPResource", (MetaMPResource,), {})
+        """A resource class; without a name it gets a unique one, so that several can be mounted in one app.
+
+        flask-restful derives a resource's endpoint from its class name, and two
+        resources with the same endpoint cannot share an app.
+        """
+        return type(name or f"MPResource_{uuid.uuid4().hex}", (MetaMPResource,), {})

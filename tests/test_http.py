@@ -814,3 +814,29 @@ def test_overridden_post_and_get_are_used_by_the_resource(own_controllers):
     assert got.status_code == 200
     assert got.json["seen_by"] == "override"
     assert got.json["status"] == "succeeded"
+
+
+@pytest.mark.timeout(30)
+def test_template_factory_resources_can_share_one_app(make_controller):
+    """Two unnamed factory resources mount side by side (each gets its own endpoint)."""
+    from flask import Flask
+    from flask_restful import Api
+
+    from flask_multiprocess_controller import TemplateFactory
+
+    class Echo(MetaMPTask):
+        def execute(self, word: str = "hi") -> str:
+            return word
+
+    first = make_controller(Echo, store="memory://")
+    second = make_controller(Echo, store="memory://")
+    app = Flask(__name__)
+    api = Api(app)
+    api.add_resource(TemplateFactory.MPResource(), "/one", resource_class_args=(first,))
+    api.add_resource(TemplateFactory.MPResource(), "/two", resource_class_args=(second,))
+    client = app.test_client()
+    for url in ("/one", "/two"):
+        posted = client.post(f"{url}?wait=10", json={"word": url})
+        assert posted.status_code == 200, posted.json
+        assert posted.json["result"] == url
+        assert posted.headers["Location"].startswith(f"{url}?uuid=")
