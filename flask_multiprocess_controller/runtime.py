@@ -53,6 +53,13 @@ def _parse_owner(owner: str) -> tuple[str, int, float]:
     return host, int(pid), float(created)
 
 
+def _owner_host(owner: Optional[str]) -> Optional[str]:
+    try:
+        return _parse_owner(owner)[0] if owner else None
+    except ValueError:
+        return None
+
+
 def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], now: float, lease: float) -> bool:
     """Whether the serving process ``owner`` still runs.
 
@@ -151,8 +158,7 @@ class Runtime:
             owner = row.get("owner")
             if owner == self.owner or owner_alive(owner, self.host, beats, now, c.lease):
                 continue
-            owner_host = owner.rpartition(":")[0].rpartition(":")[0] if owner else None
-            if owner_host == self.host and process_alive(row.get("pid"), row.get("pid_created")):
+            if _owner_host(owner) == self.host and process_alive(row.get("pid"), row.get("pid_created")):
                 kill_tree(row["pid"])
             settled += 1
             if c.target_task.restartable and self.store.requeue(row["uuid"], owner=owner):
