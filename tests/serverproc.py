@@ -102,15 +102,18 @@ class Server:
             members = []
         for proc in members:
             self.seen.setdefault(proc.pid, proc)
+        self._adopt_descendants()
+        return [p for p in self.seen.values() if not _gone(p)]
+
+    def _adopt_descendants(self) -> None:
+        """Remember the children of every remembered process: re-parented ones (an orphaned fork server, say) too."""
         for proc in list(self.seen.values()):
-            # Re-parented descendants (an orphaned fork server, say) and their children.
             if not _gone(proc):
                 try:
                     for child in proc.children(recursive=True):
                         self.seen.setdefault(child.pid, child)
                 except psutil.Error:
                     pass
-        return [p for p in self.seen.values() if not _gone(p)]
 
     def alive(self) -> list[psutil.Process]:
         """The remembered processes that still run."""
@@ -153,13 +156,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             self.proc.poll()  # reap the server itself (our child)
-            for proc in list(self.seen.values()):
-                if not _gone(proc):
-                    try:
-                        for child in proc.children(recursive=True):
-                            self.seen.setdefault(child.pid, child)
-                    except psutil.Error:
-                        pass
+            self._adopt_descendants()
             survivors = self.alive()
             if not survivors and self.proc.returncode is not None:
                 return []

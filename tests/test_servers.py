@@ -114,14 +114,7 @@ def test_seed_example_on_the_dev_server(seed, tmp_path, pool):
     assert "Traceback" not in server.log(), server.log()
 
     # The task cut off by the shutdown was recorded as stopped (the seed task is not restartable).
-    store = SQLiteStore(str(db))
-    try:
-        row = store.get(busy["uuid"])
-    finally:
-        store.close()
-    assert row is not None and row["status"] == "stopped", row
-    assert row["error"]["type"] == "Shutdown"
-    assert row["pid"] in server.seen  # so the tree check above covered the task process
+    _assert_stopped_by_shutdown(db, busy["uuid"], server)
 
 
 # -- the same seed scripts, unmodified, under gunicorn -------------------------------------------
@@ -201,14 +194,7 @@ def test_seed_example_under_gunicorn_with_two_workers(seed, tmp_path, pool):
     survivors = server.stop(signal.SIGTERM, timeout=STOP_DEADLINE)
     assert survivors == [], f"left {STOP_DEADLINE} s after SIGTERM to gunicorn: {survivors}\n{server.log()}"
     assert "Traceback" not in server.log(), server.log()
-    store = SQLiteStore(str(db))
-    try:
-        row = store.get(busy["uuid"])
-    finally:
-        store.close()
-    assert row is not None and row["status"] == "stopped", row
-    assert row["error"]["type"] == "Shutdown"
-    assert row["pid"] in server.seen  # so the tree check above covered the task process
+    _assert_stopped_by_shutdown(db, busy["uuid"], server)
 
 
 @pytest.mark.slow
@@ -241,3 +227,15 @@ def test_app_example_under_gunicorn_counts_primes(tmp_path, pool):
     poll_until(lambda: len(server.remember()), lambda n: n >= 5, 30)  # master, 2 workers, 2 fork servers
     survivors = server.stop(signal.SIGTERM, timeout=STOP_DEADLINE)
     assert survivors == [], f"left {STOP_DEADLINE} s after SIGTERM to gunicorn: {survivors}\n{server.log()}"
+
+
+def _assert_stopped_by_shutdown(db, uuid: str, server) -> None:
+    """The task cut off by a shutdown is recorded ``stopped``/``Shutdown``, and its process was watched."""
+    store = SQLiteStore(str(db))
+    try:
+        row = store.get(uuid)
+    finally:
+        store.close()
+    assert row is not None and row["status"] == "stopped", row
+    assert row["error"]["type"] == "Shutdown"
+    assert row["pid"] in server.seen  # so the tree check above covered the task process
