@@ -259,7 +259,7 @@ class MetaMPController:
             })
         self.store.enqueue(rows, self.max_num_queue)
         runtime.notify_work()
-        return [self._present(self.store.get(row["uuid"]) or row) for row in rows]
+        return [self._present(row) for row in rows]
 
     def submit(self, **kwargs: Any) -> str:
         """Queue ``execute(**kwargs)`` and return the task's uuid."""

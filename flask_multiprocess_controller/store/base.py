@@ -50,7 +50,8 @@ class TaskStore(abc.ABC):
     def enqueue(self, rows: Sequence[Row], max_queued: int) -> None:
         """Insert new ``queued`` tasks, all or none.
 
-        :param rows: complete rows without ``seq``; their ``seq`` is assigned here.
+        :param rows: complete rows without ``seq``; the ``seq`` assigned here is written into each
+            of them, so the caller has the stored rows without reading them back.
         :param max_queued: the most tasks of the controller that may be queued
             afterwards; ``-1`` for no bound.
         :raises QueueFull: when the rows do not fit; nothing is inserted then.

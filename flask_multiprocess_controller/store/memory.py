@@ -44,9 +44,9 @@ class MemoryStore(TaskStore):
             controller = rows[0]["controller"]
             if max_queued >= 0 and self._queued_count(controller) + len(rows) > max_queued:
                 raise QueueFull(max_queued, defaults.RETRY_AFTER)
-            for row in rows:
-                row = {**dict.fromkeys(COLUMNS), **copy.deepcopy(row)}
-                row["seq"] = next(self._seq)
+            for given in rows:
+                row = {**dict.fromkeys(COLUMNS), **copy.deepcopy(given)}
+                row["seq"] = given["seq"] = next(self._seq)
                 self._rows[row["uuid"]] = row
                 heapq.heappush(self._queues.setdefault(controller, []), (row["priority"], row["seq"], row["uuid"]))
 

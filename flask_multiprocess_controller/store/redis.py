@@ -38,8 +38,10 @@ local max_queued = tonumber(ARGV[2])
 if max_queued >= 0 and redis.call('ZCARD', KEYS[2]) + #rows > max_queued then
   return -1
 end
+local seqs = {}
 for _, row in ipairs(rows) do
   local seq = redis.call('INCR', KEYS[1])
+  seqs[#seqs + 1] = seq
   local uuid, priority
   for i = 1, #row, 2 do
     if row[i] == 'uuid' then uuid = row[i + 1] end
@@ -51,7 +53,7 @@ for _, row in ipairs(rows) do
   redis.call('ZADD', KEYS[3], seq, uuid)
   redis.call('HINCRBY', KEYS[4], 'queued', 1)
 end
-return #rows
+return seqs
 """
 
 # KEYS: q, active, n ; ARGV: prefix, owner, max_running, now
@@ -254,6 +256,8 @@ class RedisStore(TaskStore):
             args=[self.prefix, max_queued, json.dumps(flat_rows)])
         if done == -1:
             raise QueueFull(max_queued, defaults.RETRY_AFTER)
+        for row, seq in zip(rows, done):
+            row["seq"] = int(seq)
 
     def claim(self, controller: str, owner: str, max_running: int, now: float) -> Optional[Row]:
         flat = self._scripts["claim"](

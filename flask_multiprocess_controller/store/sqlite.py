@@ -94,6 +94,7 @@ class SQLiteStore(TaskStore):
         self.busy_timeout = busy_timeout
         # One connection per (process, thread); a forked child never reuses its parent's.
         self._local = threading.local()
+        self._schema_ready = False
         directory = os.path.dirname(self.path)
         try:
             os.makedirs(directory, exist_ok=True)
@@ -116,7 +117,9 @@ class SQLiteStore(TaskStore):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        conn.executescript(_SCHEMA)
+        if not self._schema_ready:  # the first connection creates the tables; later ones need not
+            conn.executescript(_SCHEMA)
+            self._schema_ready = True
         self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
@@ -147,7 +150,8 @@ class SQLiteStore(TaskStore):
                 ).fetchone()
                 if queued + len(rows) > max_queued:
                     raise QueueFull(max_queued, defaults.RETRY_AFTER)
-            db.executemany(sql, [[_encode(c, row.get(c)) for c in columns] for row in rows])
+            for row in rows:
+                row["seq"] = db.execute(sql, [_encode(c, row.get(c)) for c in columns]).lastrowid
 
     def claim(self, controller: str, owner: str, max_running: int, now: float) -> Optional[Row]:
         # A plain read first: idle slots look often, and an empty queue needs no write lock.
