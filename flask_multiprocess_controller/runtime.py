@@ -170,8 +170,7 @@ class Runtime:
                 self.logger.warning("Task %s was lost with the process that ran it (%s).", row["uuid"], owner)
         self._forget_dead_owners(beats, now)
         if settled:
-            with self.finished:
-                self.finished.notify_all()
+            self.wake_waiters()
             self.notify_work()
 
     def _forget_dead_owners(self, beats: dict[str, float], now: float) -> None:
@@ -180,6 +179,11 @@ class Runtime:
             if owner != self.owner and now - beat > self.controller.lease and not owner_alive(
                     owner, self.host, beats, now, self.controller.lease):
                 self.store.forget_owner(owner)
+
+    def wake_waiters(self) -> None:
+        """Wake the threads waiting in :meth:`MetaMPController.wait`: some task has ended."""
+        with self.finished:
+            self.finished.notify_all()
 
     # -- running tasks ----------------------------------------------------------
 
@@ -208,8 +212,7 @@ class Runtime:
         elif not self.store.finish(run.uuid, outcome.status.value, owner=self.owner, **outcome.fields):
             self.logger.warning("Task %s had already been settled elsewhere; its outcome %s is dropped.",
                                 run.uuid, outcome.status.value)
-        with self.finished:
-            self.finished.notify_all()
+        self.wake_waiters()
         c._task_ended(run.uuid)
 
     # -- shutdown -------------------------------------------------------------
@@ -238,8 +241,7 @@ class Runtime:
             self.logger.warning("Could not remove this process's heartbeat from the store.")
         self.fork_server.close()
         self.logs.stop()
-        with self.finished:
-            self.finished.notify_all()
+        self.wake_waiters()
 
 
 class _Slot(threading.Thread):
@@ -300,8 +302,7 @@ class _Slot(threading.Thread):
             error = {"type": "ControllerError", "message": f"The controller failed to run the task: {exc}",
                      "traceback": None}
             rt.store.finish(row["uuid"], TaskStatus.FAILED.value, owner=rt.owner, ended_at=time.time(), error=error)
-            with rt.finished:
-                rt.finished.notify_all()
+            rt.wake_waiters()
         finally:
             rt.unregister(run)
 

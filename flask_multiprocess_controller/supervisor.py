@@ -173,7 +173,7 @@ class Supervisor:
             if run.dirty and now >= next_flush:
                 self._flush(run)
                 next_flush = now + defaults.PROGRESS_INTERVAL
-            waits = [next_sample, next_poll if settings.shared_store else next_sample]
+            waits = [next_sample, next_poll] if settings.shared_store else [next_sample]
             if deadline is not None and run.stop_reason is None:
                 waits.append(deadline)
             if run.stop_at is not None and not killed and done is None:
