@@ -141,6 +141,16 @@ def make_client(make_controller: Callable[..., MetaMPController]) -> Callable[..
 
 
 @pytest.fixture
+def pool() -> Iterator[object]:
+    """Server processes started by a test; each one's whole tree is killed at the end."""
+    from serverproc import ServerPool
+
+    servers = ServerPool()
+    yield servers
+    servers.close()
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: object) -> str:
     """A SQLite store URL in the test's own temporary directory."""
     return f"sqlite:///{tmp_path}/tasks.sqlite3"

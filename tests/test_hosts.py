@@ -36,13 +36,6 @@ SETTLE_DEADLINE = 15.0
 assert SETTLE_DEADLINE >= LEASE + defaults.RECONCILE_INTERVAL + defaults.HEARTBEAT_INTERVAL + 5
 
 
-@pytest.fixture
-def pool():
-    servers = ServerPool()
-    yield servers
-    servers.close()
-
-
 class Hosts:
     """The job app served as two hosts on one Redis database."""
 

@@ -40,13 +40,6 @@ LEASE = 3.0
 SETTLE_DEADLINE = LEASE + defaults.RECONCILE_INTERVAL + 5.0
 
 
-@pytest.fixture
-def pool():
-    servers = ServerPool()
-    yield servers
-    servers.close()
-
-
 @pytest.fixture(params=["sqlite", "redis"])
 def store_url(request, tmp_path) -> str:
     """The store every worker shares, handed to the server in MPC_STORE_URL."""

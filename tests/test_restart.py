@@ -58,13 +58,6 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture
-def pool():
-    servers = ServerPool()
-    yield servers
-    servers.close()
-
-
 class GatedApp:
     """Starts the app on a fresh port each time, always on the same working directory and store."""
 

@@ -22,7 +22,7 @@ import requests
 
 from flask_multiprocess_controller import SQLiteStore
 
-from serverproc import ServerPool, free_port, gunicorn, poll_until, port_is_free, python
+from serverproc import free_port, gunicorn, poll_until, port_is_free, python
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SEEDS = ["seed_example1", "seed_example2"]
@@ -31,13 +31,6 @@ TERMINAL = {"succeeded", "failed", "stopped", "timed_out", "lost"}
 STOP_DEADLINE = 30.0
 #: Seconds a request may take (the server runs on this machine).
 HTTP_TIMEOUT = 15
-
-
-@pytest.fixture
-def pool():
-    servers = ServerPool()
-    yield servers
-    servers.close()
 
 
 def _seed_get(url: str, uuid: str) -> dict:
