@@ -1,0 +1,76 @@
+"""Run the workloads against one peer in this process and print the figures as JSON.
+
+``python -m bench.peer_main <peer key> --sizes quick --repeats 3 [--workloads a,b] [--out f.json]``
+
+Each peer runs in a process of its own (the driver, :mod:`bench.run`, starts one per peer), so
+one peer's threads, children and imports never disturb another's figures. Every workload runs
+once as a warm-up, then ``repeats`` times; every value is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from . import workloads
+from .peers import PeerUnavailable, load
+
+SIZES = {"full": workloads.FULL, "quick": workloads.QUICK, "tiny": workloads.TINY}
+
+
+def measure(key: str, sizes: workloads.Sizes, repeats: int, only: Optional[set] = None) -> dict:
+    """Start the peer, run its workloads, close it; return versions, runs and errors."""
+    outcome: dict = {"peer": key, "figures": {}, "errors": {}, "versions": {}}
+    with tempfile.TemporaryDirectory(prefix=f"bench-{key}-") as tmp:
+        peer = load(key)(Path(tmp))
+        outcome["label"] = peer.label
+        try:
+            peer.start()
+            outcome["versions"] = peer.versions()
+            for name, workload in workloads.WORKLOADS.items():
+                if name not in peer.supports or (only and name not in only):
+                    continue
+                runs = 1 if name in workloads.RUN_ONCE else repeats
+                began = time.monotonic()
+                try:
+                    peer.prepare(name)
+                    if name not in workloads.RUN_ONCE:
+                        workload(peer, sizes)  # warm-up, not kept
+                    for _ in range(runs):
+                        for metric, value in workload(peer, sizes).items():
+                            outcome["figures"].setdefault(metric, []).append(value)
+                except Exception as exc:  # one stalled workload must not hide the others
+                    outcome["errors"][name] = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc(file=sys.stderr)
+                print(f"[{key}] {name}: {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
+        except PeerUnavailable as exc:
+            outcome["unavailable"] = str(exc)
+        finally:
+            peer.close()
+    return outcome
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("peer")
+    parser.add_argument("--sizes", choices=SIZES, default="full")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workloads", default="", help="comma-separated subset (default: all the peer supports)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    only = set(filter(None, args.workloads.split(","))) or None
+    outcome = measure(args.peer, SIZES[args.sizes], args.repeats, only)
+    text = json.dumps(outcome, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""This project as a peer: through its Python API, and over HTTP on the dev server and gunicorn,
+each in its fresh-process mode (``max_tasks_per_child=1``, the default) and its reused-worker mode
+(``max_tasks_per_child=0``).
+
+Every variant uses the default embedded store, a SQLite file (here in the peer's work directory).
+The ignoring-task stop workload runs against a controller with ``stop_grace=0`` (a task that never
+checks should be stopped at once); every other workload uses the default grace of 10 s.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid as uuid_module
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import requests
+
+import flask_multiprocess_controller
+from flask_multiprocess_controller.states import TERMINAL
+from flask_multiprocess_controller.store.sqlite import SQLiteStore
+
+from . import base
+from .base import Peer, PeerUnavailable
+from .mpc_tasks import BenchController, make_controller
+
+#: Grace of the controller that serves the ignoring-task stop workload.
+RIGID_GRACE = 0.0
+DEFAULT_GRACE = 10.0
+
+
+class TaskFailed(RuntimeError):
+    """A benchmark task ended other than ``succeeded``."""
+
+
+def _value(task: dict) -> Any:
+    if task["status"] != "succeeded":
+        raise TaskFailed(f"task {task['uuid']} ended {task['status']}: {task.get('error') or task.get('msg')}")
+    return task["result"]
+
+
+class CountingSQLiteStore(SQLiteStore):
+    """The default store, counting the progress writes each task caused."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.progress_writes: Counter = Counter()
+
+    def update(self, uuid: str, owner: Optional[str] = None, **fields: Any) -> bool:
+        if "progress" in fields or "percent" in fields:
+            self.progress_writes[uuid] += 1
+        return super().update(uuid, owner, **fields)
+
+
+class _Mpc(Peer):
+    reused = False
+
+    def _store_url(self) -> str:
+        return f"sqlite:///{self.workdir / 'tasks.sqlite3'}"
+
+    def versions(self) -> dict:
+        import flask
+        import psutil
+        return {"flask-multiprocess-controller": flask_multiprocess_controller.__version__ if hasattr(
+            flask_multiprocess_controller, "__version__") else "this checkout",
+            "flask": flask.__version__, "psutil": psutil.__version__}
+
+    def prepare(self, workload: str) -> None:
+        grace = RIGID_GRACE if workload == base.STOP_IGNORING else DEFAULT_GRACE
+        if grace != self.grace:
+            self.close()
+            self._launch(grace)
+
+    def start(self) -> None:
+        self._launch(DEFAULT_GRACE)
+
+    def _launch(self, grace: float) -> None:
+        raise NotImplementedError
+
+
+class _Api(_Mpc):
+    """The Python API in this process: ``submit`` and ``wait``."""
+
+    supports = frozenset({base.BURST, base.SEQUENTIAL, base.DISPATCH, base.STOP_CHECKPOINT, base.STOP_IGNORING,
+                          base.PROGRESS})
+
+    def __init__(self, workdir: Path, python: Optional[str] = None) -> None:
+        super().__init__(workdir, python)
+        self.controller: Optional[BenchController] = None
+        self.store: Optional[CountingSQLiteStore] = None
+        self.grace = DEFAULT_GRACE
+
+    def _launch(self, grace: float) -> None:
+        self.grace = grace
+        self.store = CountingSQLiteStore(str(self.workdir / "tasks.sqlite3"))
+        self.controller = make_controller(self.store, self.reused, grace)
+
+    def close(self) -> None:
+        if self.controller is not None:
+            self.controller.shutdown()
+            self.controller = None
+
+    def submit_add(self, x: int, y: int) -> str:
+        return self.controller.submit(op="add", x=x, y=y)
+
+    def submit_stamp(self) -> str:
+        return self.controller.submit(op="stamp")
+
+    def submit_checkpointing(self) -> str:
+        return self.controller.submit(op="checkpointing")
+
+    def submit_ignoring(self) -> str:
+        return self.controller.submit(op="ignoring")
+
+    def submit_progress(self, iterations: int, report: bool) -> str:
+        return self.controller.submit(op="progress", iterations=iterations, report=report)
+
+    def progress_writes(self, handle: str) -> int:
+        return self.store.progress_writes[handle]
+
+    def result(self, handle: str, timeout: float = base.WAIT_TIMEOUT) -> Any:
+        task = self.controller.wait(handle, timeout)
+        if task["status"] not in TERMINAL:
+            raise TimeoutError(f"task {handle} still {task['status']} after {timeout} s")
+        return _value(task)
+
+    def wait_running(self, handle: str, timeout: float = base.WAIT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while self.controller.status(handle)["status"] != "running":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"task {handle} did not start within {timeout} s")
+            time.sleep(0.001)
+
+    def stop(self, handle: str) -> None:
+        self.controller.stop(handle)
+
+    def wait_stopped(self, handle: str, timeout: float = base.WAIT_TIMEOUT) -> None:
+        task = self.controller.wait(handle, timeout)
+        if task["status"] not in TERMINAL:
+            raise TimeoutError(f"task {handle} still {task['status']} {timeout} s after its stop")
+
+
+class ApiFresh(_Api):
+    key, label = "mpc-api-fresh", "this project, Python API, fresh process per task"
+
+
+class ApiReused(_Api):
+    key, label = "mpc-api-reused", "this project, Python API, reused workers"
+    reused = True
+
+
+class _Http(_Mpc):
+    """Over HTTP: POST, then GET ``?wait=`` for the result; DELETE to stop."""
+
+    supports = frozenset({base.BURST, base.SEQUENTIAL, base.DISPATCH, base.STOP_CHECKPOINT, base.STOP_IGNORING,
+                          base.MEMORY})
+
+    def __init__(self, workdir: Path, python: Optional[str] = None) -> None:
+        super().__init__(workdir, python)
+        self.server = None
+        self.port = 0
+        self.grace = DEFAULT_GRACE
+        self._local = threading.local()
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _launch(self, grace: float) -> None:
+        self.grace = grace
+        self.port = base.free_port()
+        log = self.workdir / "server.log"
+        env = {"BENCH_STORE": self._store_url(), "BENCH_REUSED": "1" if self.reused else "0",
+               "BENCH_STOP_GRACE": str(grace), "PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        self.server = base.spawn(self.command(), log, env=env)
+        base.wait_port(self.port, self.server, log=log)
+        self.base_url = f"http://127.0.0.1:{self.port}/tasks"
+
+    def close(self) -> None:
+        base.stop_tree(self.server)
+        self.server = None
+
+    def server_pids(self) -> list[int]:
+        return [self.server.pid] if self.server is not None else []
+
+    @property
+    def http(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    def _post(self, **args: Any) -> str:
+        response = self.http.post(self.base_url, json=args, timeout=base.WAIT_TIMEOUT)
+        if response.status_code != 202:
+            raise TaskFailed(f"POST answered {response.status_code}: {response.text[:300]}")
+        return response.json()["uuid"]
+
+    def _get(self, handle: str, wait: Optional[float] = None) -> dict:
+        params = {"wait": f"{wait:g}"} if wait is not None else None
+        response = self.http.get(f"{self.base_url}/{handle}", params=params, timeout=base.WAIT_TIMEOUT + 10)
+        if response.status_code != 200:
+            raise TaskFailed(f"GET answered {response.status_code}: {response.text[:300]}")
+        return response.json()
+
+    def submit_add(self, x: int, y: int) -> str:
+        return self._post(op="add", x=x, y=y)
+
+    def submit_stamp(self) -> str:
+        return self._post(op="stamp")
+
+    def submit_checkpointing(self) -> str:
+        return self._post(op="checkpointing")
+
+    def submit_ignoring(self) -> str:
+        return self._post(op="ignoring")
+
+    def get_status(self, handle: str) -> dict:
+        return self._get(handle)
+
+    def result(self, handle: str, timeout: float = base.WAIT_TIMEOUT) -> Any:
+        return _value(self._wait(handle, timeout))
+
+    def _wait(self, handle: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            task = self._get(handle, wait=max(0.0, deadline - time.monotonic()))
+            if task["status"] in TERMINAL:
+                return task
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"task {handle} still {task['status']} after {timeout} s")
+
+    def wait_running(self, handle: str, timeout: float = base.WAIT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while self._get(handle)["status"] != "running":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"task {handle} did not start within {timeout} s")
+            time.sleep(0.001)
+
+    def stop(self, handle: str) -> None:
+        response = self.http.delete(f"{self.base_url}/{handle}", timeout=base.WAIT_TIMEOUT)
+        if response.status_code not in (200, 202):
+            raise TaskFailed(f"DELETE answered {response.status_code}: {response.text[:300]}")
+
+    def wait_stopped(self, handle: str, timeout: float = base.WAIT_TIMEOUT) -> None:
+        self._wait(handle, timeout)
+
+    def populate(self, count: int) -> list[str]:
+        """Store finished tasks until ``count`` are stored (written straight into the store)."""
+        store = SQLiteStore(str(self.workdir / "tasks.sqlite3"))
+        try:
+            have = getattr(self, "_populated", [])
+            now = time.time()
+            while len(have) < count:
+                rows = [{"uuid": str(uuid_module.uuid4()), "controller": "bench", "status": "succeeded",
+                         "priority": 0, "args": {"op": "add", "x": 1, "y": 1}, "result": 2, "created_at": now,
+                         "started_at": now, "ended_at": now, "attempt": 1, "stop_requested": False}
+                        for _ in range(min(5000, count - len(have)))]
+                store.enqueue(rows, -1)
+                have += [row["uuid"] for row in rows]
+            self._populated = have
+            return list(have)
+        finally:
+            store.close()
+
+
+class _DevServer(_Http):
+    def command(self) -> list[str]:
+        return [self.python, str(base.BENCH_DIR / "peers" / "mpc_app.py")]
+
+
+class _Gunicorn(_Http):
+    supports = _Http.supports | {base.STORED}
+
+    def command(self) -> list[str]:
+        return [self.python, "-m", "gunicorn", "--workers", "2", "--worker-class", "gthread", "--threads", "8",
+                "--bind", f"127.0.0.1:{self.port}", "--timeout", "120", "--graceful-timeout", "15",
+                "bench.peers.mpc_app:app"]
+
+    def versions(self) -> dict:
+        import gunicorn
+        return {**super().versions(), "gunicorn": gunicorn.__version__}
+
+
+class DevServerFresh(_DevServer):
+    key, label = "mpc-dev-fresh", "this project, HTTP (dev server), fresh process per task"
+
+
+class DevServerReused(_DevServer):
+    key, label = "mpc-dev-reused", "this project, HTTP (dev server), reused workers"
+    reused = True
+
+
+class GunicornFresh(_Gunicorn):
+    key, label = "mpc-gunicorn-fresh", "this project, HTTP (gunicorn -w 2), fresh process per task"
+
+
+class GunicornReused(_Gunicorn):
+    key, label = "mpc-gunicorn-reused", "this project, HTTP (gunicorn -w 2), reused workers"
+    reused = True
+
+
+__all__ = ["ApiFresh", "ApiReused", "DevServerFresh", "DevServerReused", "GunicornFresh", "GunicornReused",
+           "PeerUnavailable"]

@@ -1,0 +1,205 @@
+"""The workloads: each drives one :class:`~bench.peers.base.Peer` and returns its figures.
+
+Every workload returns a flat ``{metric: value}`` dict for one run; :mod:`bench.runner` repeats
+runs after a warm-up and keeps every value, so the report can show medians and spread.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from .peers import base
+from .peers.base import Peer
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is; ``--quick`` and ``--tiny`` shrink the counts, not the shape."""
+
+    burst_tasks: int = 300
+    burst_threads: int = 8
+    sequential: int = 60
+    dispatch: int = 60
+    stops: int = 15
+    memory_queued: int = 10_000
+    progress_iterations: int = 100_000
+    stored_small: int = 1_000
+    stored_large: int = 100_000
+    stored_requests: int = 2_000
+
+
+FULL = Sizes()
+QUICK = Sizes(sequential=30, dispatch=30, stops=8, memory_queued=10_000, stored_requests=1_000)
+TINY = Sizes(burst_tasks=24, burst_threads=4, sequential=5, dispatch=5, stops=2, memory_queued=40,
+             progress_iterations=2_000, stored_small=100, stored_large=1_000, stored_requests=100)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by linear interpolation."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _latencies(name: str, samples: list[float]) -> dict:
+    ms = [s * 1000 for s in samples]
+    return {f"{name}_p50_ms": percentile(ms, 50), f"{name}_p95_ms": percentile(ms, 95)}
+
+
+def burst(peer: Peer, sizes: Sizes) -> dict:
+    """``burst_tasks`` add tasks submitted by ``burst_threads`` client threads; each thread then
+    collects its own results. Throughput runs from the first submit to the last result."""
+    per_thread = [list(range(i, sizes.burst_tasks, sizes.burst_threads)) for i in range(sizes.burst_threads)]
+    gate = threading.Barrier(sizes.burst_threads + 1)
+
+    def client(numbers: list[int]) -> int:
+        gate.wait()
+        handles = [(n, peer.submit_add(n, 1)) for n in numbers]
+        wrong = 0
+        for n, handle in handles:
+            if peer.result(handle) != n + 1:
+                wrong += 1
+        return wrong
+
+    with ThreadPoolExecutor(sizes.burst_threads) as pool:
+        futures = [pool.submit(client, numbers) for numbers in per_thread]
+        gate.wait()
+        began = time.perf_counter()
+        wrong = sum(f.result() for f in futures)
+        elapsed = time.perf_counter() - began
+    if wrong:
+        raise AssertionError(f"{wrong} burst tasks returned a wrong result")
+    return {"burst_tasks_per_s": sizes.burst_tasks / elapsed}
+
+
+def sequential(peer: Peer, sizes: Sizes) -> dict:
+    """One client submits an add task and waits for its result, ``sequential`` times."""
+    samples = []
+    for n in range(sizes.sequential):
+        began = time.perf_counter()
+        value = peer.result(peer.submit_add(n, 1))
+        samples.append(time.perf_counter() - began)
+        if value != n + 1:
+            raise AssertionError(f"sequential task returned {value!r}, not {n + 1}")
+    return _latencies("sequential", samples)
+
+
+def dispatch(peer: Peer, sizes: Sizes) -> dict:
+    """Submit → first line of the task (the task returns its own ``time.time()``), one at a time."""
+    samples = []
+    for _ in range(sizes.dispatch):
+        began = time.time()
+        started = peer.result(peer.submit_stamp())
+        samples.append(float(started) - began)
+    return _latencies("dispatch", samples)
+
+
+def _stop(peer: Peer, sizes: Sizes, submit: Callable[[], object], name: str) -> dict:
+    samples = []
+    for _ in range(sizes.stops):
+        handle = submit()
+        peer.wait_running(handle)
+        time.sleep(0.05)  # well inside the loop, not at its first line
+        began = time.perf_counter()
+        peer.stop(handle)
+        peer.wait_stopped(handle)
+        samples.append(time.perf_counter() - began)
+    return _latencies(name, samples)
+
+
+def stop_checkpoint(peer: Peer, sizes: Sizes) -> dict:
+    """Stop request → reported stopped, for a task that checks every 10 ms."""
+    return _stop(peer, sizes, peer.submit_checkpointing, "stop_checkpoint")
+
+
+def stop_ignoring(peer: Peer, sizes: Sizes) -> dict:
+    """Stop request → reported stopped, for a task that never checks."""
+    return _stop(peer, sizes, peer.submit_ignoring, "stop_ignoring")
+
+
+def memory(peer: Peer, sizes: Sizes) -> dict:
+    """PSS of the peer's own processes: idle (after a warm-up), with ``memory_queued`` tasks
+    queued behind two running blockers, and after all of them finished."""
+    for n in range(20):
+        peer.result(peer.submit_add(n, 1))
+    time.sleep(0.5)
+    idle = base.tree_pss(peer.server_pids())
+    blockers = [peer.submit_checkpointing() for _ in range(base.CONCURRENCY)]
+    for handle in blockers:
+        peer.wait_running(handle)
+    handles = _submit_many(peer, sizes.memory_queued)
+    queued = base.tree_pss(peer.server_pids())
+    for handle in blockers:
+        peer.stop(handle)
+    for handle in blockers:
+        peer.wait_stopped(handle)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda h: peer.result(h, timeout=600), handles))
+    time.sleep(0.5)
+    after = base.tree_pss(peer.server_pids())
+    mib = 1024 * 1024
+    return {"pss_idle_mib": idle / mib, "pss_queued_mib": queued / mib, "pss_after_mib": after / mib}
+
+
+def _submit_many(peer: Peer, count: int) -> list:
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda n: peer.submit_add(n, 1), range(count)))
+
+
+def progress(peer: Peer, sizes: Sizes) -> dict:
+    """The tight loop with and without a progress call per step: how much slower, and how many
+    store writes the calls caused (where the peer can count them)."""
+    plain = float(peer.result(peer.submit_progress(sizes.progress_iterations, report=False)))
+    handle = peer.submit_progress(sizes.progress_iterations, report=True)
+    reporting = float(peer.result(handle))
+    figures = {"progress_slowdown_pct": 100 * (reporting / plain - 1),
+               "progress_call_ns": 1e9 * (reporting - plain) / sizes.progress_iterations}
+    writes = getattr(peer, "progress_writes", None)
+    if writes is not None:
+        figures["progress_store_writes"] = float(writes(handle))
+    return figures
+
+
+def stored(peer: Peer, sizes: Sizes) -> dict:
+    """GET (one task by uuid) and POST rates, 8 client threads, with ``stored_small`` and then
+    ``stored_large`` tasks in the store; the peer provides ``populate``, ``get_status`` and
+    ``submit_add``."""
+    figures = {}
+    for label, count in (("small", sizes.stored_small), ("large", sizes.stored_large)):
+        uuids = peer.populate(count)
+        picks = [random.choice(uuids) for _ in range(sizes.stored_requests)]
+        with ThreadPoolExecutor(8) as pool:
+            began = time.perf_counter()
+            list(pool.map(peer.get_status, picks))
+            figures[f"get_{label}_per_s"] = sizes.stored_requests / (time.perf_counter() - began)
+            began = time.perf_counter()
+            handles = list(pool.map(lambda n: peer.submit_add(n, 1), range(sizes.stored_requests // 4)))
+            figures[f"post_{label}_per_s"] = len(handles) / (time.perf_counter() - began)
+            list(pool.map(peer.result, handles))
+    figures["get_large_vs_small"] = figures["get_small_per_s"] / figures["get_large_per_s"]
+    figures["post_large_vs_small"] = figures["post_small_per_s"] / figures["post_large_per_s"]
+    return figures
+
+
+WORKLOADS: dict[str, Callable[[Peer, Sizes], dict]] = {
+    base.BURST: burst,
+    base.SEQUENTIAL: sequential,
+    base.DISPATCH: dispatch,
+    base.STOP_CHECKPOINT: stop_checkpoint,
+    base.STOP_IGNORING: stop_ignoring,
+    base.MEMORY: memory,
+    base.PROGRESS: progress,
+    base.STORED: stored,
+}
+#: Workloads that run once per peer (they are slow, or they change the peer's state for good).
+RUN_ONCE = {base.MEMORY, base.STORED}
+
+__all__ = ["Sizes", "FULL", "QUICK", "TINY", "WORKLOADS", "RUN_ONCE", "percentile"]
