@@ -79,6 +79,27 @@ def _decode(values: Sequence[Any]) -> Row:
     return row
 
 
+#: One write lock per database file and process: threads of one process take turns here instead of
+#: in SQLite's busy handler, which sleeps for milliseconds between retries.
+_write_locks: dict[str, threading.Lock] = {}
+_write_locks_guard = threading.Lock()
+
+
+def _write_lock(path: str) -> threading.Lock:
+    with _write_locks_guard:
+        return _write_locks.setdefault(path, threading.Lock())
+
+
+def _forget_write_locks() -> None:
+    # A lock held by another thread at fork time would never be released in the child.
+    global _write_locks_guard
+    _write_locks.clear()
+    _write_locks_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_write_locks)
+
+
 class SQLiteStore(TaskStore):
     """Tasks in a SQLite database file.
 
@@ -124,15 +145,17 @@ class SQLiteStore(TaskStore):
         return conn
 
     @contextmanager
-    def _transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; only other processes' writers can make it wait in SQLite."""
         db = self._connection()
-        db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with _write_lock(self.path):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return [_decode(values) for values in self._connection().execute(sql, params).fetchall()]
