@@ -283,23 +283,27 @@ class MetaMPController:
         run = self.runtime.local_run(uuid)
         if run is not None:
             run.request_stop(StopReason.REQUESTED)
+        elif row["status"] == TaskStatus.STOPPED:  # it was queued: it ended here and now
+            self.runtime.wake_waiters(uuid)
+            self.runtime.bus.ended(uuid)
+        else:
+            self.runtime.nudge_stop(row)
         return self._present(row)
 
     def wait(self, uuid: str, timeout: Optional[float] = None) -> dict:
         """Wait until the task has ended or ``timeout`` seconds passed; return its task object."""
         runtime = self.runtime
         deadline = None if timeout is None else time.monotonic() + timeout
-        with runtime.finished:
+        # A task run by this process wakes us at once; one run elsewhere is seen by polling.
+        pause = defaults.STORE_POLL_INTERVAL / 5
+        with runtime.waiters.watch(uuid) as ended:
             while True:
-                # Read under the condition's lock: a task that ends now cannot slip between
-                # this read and the wait below.
                 row = self._row(uuid)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if row["status"] in TERMINAL or runtime.closing or (remaining is not None and remaining <= 0):
                     return self._present(row)
-                # A task of this process wakes us at once; one run elsewhere is seen by polling.
-                pause = defaults.STORE_POLL_INTERVAL / 5
-                runtime.finished.wait(pause if remaining is None else min(remaining, pause))
+                ended.wait(pause if remaining is None else min(remaining, pause))
+                ended.clear()
 
     def tasks(self, status: Union[None, str, Iterable[str]] = None, limit: int = defaults.LIST_LIMIT) -> dict:
         """Return the list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``."""

@@ -29,9 +29,11 @@ from . import defaults
 from .child import run_child
 from .forkserver import ChildProcess, ForkServer
 from .logs import LogListener, MetaMPLoggerConfigurator
+from .notify import HostBus
 from .proctree import kill_tree, process_alive
 from .states import TaskStatus
 from .supervisor import Outcome, Settings, StopReason, Supervisor, TaskRun
+from .waiters import Waiters
 
 if TYPE_CHECKING:
     from .controller import MetaMPController
@@ -100,13 +102,17 @@ class Runtime:
         # Guards _runs: the tasks running in this process, by uuid.
         self._runs_lock = threading.Lock()
         self._runs: dict[str, TaskRun] = {}
-        # Notified whenever a task run by this process ends.
-        self.finished = threading.Condition()
+        #: Threads waiting for tasks to end; woken when a task run by this process ends.
+        self.waiters = Waiters()
         self._slots = [_Slot(self, i) for i in range(controller.max_num_process)]
         self._keeper = _Keeper(self)
+        self.bus = HostBus(controller.name, self.owner, on_ended=self.wake_waiters, on_stop=self._stop_nudged,
+                           logger=self.logger)
 
     def start(self) -> None:
         self.logs.start()
+        if self.store.shared:
+            self.bus.start()
         self.store.heartbeat(self.owner, time.time())
         self.reconcile()
         self.purge()
@@ -153,6 +159,7 @@ class Runtime:
         c = self.controller
         now = time.time()
         beats = self.store.heartbeats()
+        self.bus.set_peers(owner for owner in beats if _owner_host(owner) == self.host)
         settled = 0
         for row in self.store.active(c.name):
             owner = row.get("owner")
@@ -180,10 +187,12 @@ class Runtime:
                     owner, self.host, beats, now, self.controller.lease):
                 self.store.forget_owner(owner)
 
-    def wake_waiters(self) -> None:
-        """Wake the threads waiting in :meth:`MetaMPController.wait`: some task has ended."""
-        with self.finished:
-            self.finished.notify_all()
+    def wake_waiters(self, uuid: Optional[str] = None) -> None:
+        """Wake the threads waiting in :meth:`MetaMPController.wait` for ``uuid`` (default: all)."""
+        if uuid is None:
+            self.waiters.wake_all()
+        else:
+            self.waiters.wake(uuid)
 
     # -- running tasks ----------------------------------------------------------
 
@@ -194,6 +203,20 @@ class Runtime:
     def unregister(self, run: TaskRun) -> None:
         with self._runs_lock:
             self._runs.pop(run.uuid, None)
+
+    def nudge_stop(self, row: dict) -> None:
+        """Tell the process of this host that runs ``row`` to look at its stop request now."""
+        owner = row.get("owner")
+        if owner and owner != self.owner and _owner_host(owner) == self.host:
+            self.bus.stop(owner, row["uuid"])
+
+    def _stop_nudged(self, uuid: str) -> None:
+        run = self.local_run(uuid)
+        if run is None:
+            return
+        row = self.store.get(uuid)
+        if row is not None and row.get("stop_requested") and row.get("owner") == self.owner:
+            run.request_stop(StopReason.REQUESTED)
 
     def local_run(self, uuid: str) -> Optional[TaskRun]:
         with self._runs_lock:
@@ -212,7 +235,8 @@ class Runtime:
         elif not self.store.finish(run.uuid, outcome.status.value, owner=self.owner, **outcome.fields):
             self.logger.warning("Task %s had already been settled elsewhere; its outcome %s is dropped.",
                                 run.uuid, outcome.status.value)
-        self.wake_waiters()
+        self.wake_waiters(run.uuid)
+        self.bus.ended(run.uuid)
         c._task_ended(run.uuid)
 
     # -- shutdown -------------------------------------------------------------
@@ -235,6 +259,7 @@ class Runtime:
             if slot.is_alive():
                 slot.join(timeout)
         self._keeper.stop()
+        self.bus.close()
         try:
             self.store.forget_owner(self.owner)
         except Exception:  # the store may be gone at exit; the lease covers it then
@@ -302,7 +327,7 @@ class _Slot(threading.Thread):
             error = {"type": "ControllerError", "message": f"The controller failed to run the task: {exc}",
                      "traceback": None}
             rt.store.finish(row["uuid"], TaskStatus.FAILED.value, owner=rt.owner, ended_at=time.time(), error=error)
-            rt.wake_waiters()
+            rt.wake_waiters(row["uuid"])
         finally:
             rt.unregister(run)
 
