@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Optional, Type
@@ -21,9 +23,23 @@ from .exceptions import AbortException
 from .logs import ChannelQueue, MetaMPLoggerConfigurator, apply_logger_levels
 from .task import MetaMPTask
 
+#: Seconds between two progress messages of a task (the controlling thread writes less often still).
+PUBLISH_INTERVAL = 0.05
+
+
+_NOTHING = object()
+
+#: Progress values that are JSON-serialisable by their type alone (checked without encoding).
+_JSON_SCALARS = frozenset({int, float, str, bool, type(None)})
+
 
 class _Channel:
-    """The child's end of the task channel (one task at a time)."""
+    """The child's end of the task channel (one task at a time).
+
+    Progress is coalesced here: :meth:`publish` only keeps the latest value, and a flusher thread
+    sends it at most every ``PUBLISH_INTERVAL`` seconds, so a task may report progress in a tight
+    loop at the cost of an attribute store. The last value is always sent before the task's end.
+    """
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -31,23 +47,65 @@ class _Channel:
         self._stop = False
         self._pending: list[tuple] = []  # commands read while a task ran, for the next task
         self.exit_requested = False
+        # Sends come from the task's thread and from the flusher: one message at a time.
+        self._send_lock = threading.Lock()
+        # Progress waiting to be sent (always the running task's: it is flushed before each end),
+        # and whether the flusher was told.
+        self._progress: Any = _NOTHING
+        self._armed = False
+        self._kick = threading.Event()
+        self._flush_lock = threading.Lock()
+        self._flusher: Optional[threading.Thread] = None
+        self._next_send = 0.0
 
     def send(self, message: object) -> None:
-        self._conn.send(message)
+        with self._send_lock:
+            self._conn.send(message)
 
     def begin(self, task_id: str) -> None:
         self.task_id = task_id
         self._stop = False
 
     def publish(self, value: Any) -> None:
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"upload_status() needs a JSON-serialisable value: {exc}") from None
-        self._conn.send(("progress", self.task_id, value))
+        if type(value) not in _JSON_SCALARS:
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"upload_status() needs a JSON-serialisable value: {exc}") from None
+        self._progress = value
+        if not self._armed:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._armed = True
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="mpc-progress", daemon=True)
+            self._flusher.start()
+        self._kick.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._kick.wait()
+            self._kick.clear()
+            delay = self._next_send - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            try:
+                self.flush_progress()
+            except OSError:  # the serving process is gone; the task's own next send will notice
+                return
+
+    def flush_progress(self) -> None:
+        """Send the latest unsent progress value now."""
+        with self._flush_lock:
+            self._armed = False  # before taking the value: a publish from now on arms again
+            pending, self._progress = self._progress, _NOTHING
+            if pending is not _NOTHING:
+                self.send(("progress", self.task_id, pending))
+                self._next_send = time.monotonic() + PUBLISH_INTERVAL
 
     def publish_percent(self, percent: float) -> None:
-        self._conn.send(("percent", self.task_id, percent))
+        self.send(("percent", self.task_id, percent))
 
     def stop_requested(self) -> bool:
         while not self._stop and self._conn.poll():
@@ -121,6 +179,7 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, task_id: str, args: 
         kind, payload = "error", _error(exc)
     finally:
         task_module._set_current(None)
+    channel.flush_progress()
     cpu_after, maxrss = _usage()
     usage = {"cpu_time": cpu_after - cpu_before, "maxrss": maxrss, "children": _child_pids()}
     return ("done", task_id, kind, payload, usage)
