@@ -154,14 +154,19 @@ def _submit_many(peer: Peer, count: int) -> list:
         return list(pool.map(lambda n: peer.submit_add(n, 1), range(count)))
 
 
+#: Seconds one progress loop may take: with a store write per call, some peers need minutes.
+PROGRESS_TIMEOUT = 600.0
+
+
 def progress(peer: Peer, sizes: Sizes) -> dict:
     """The tight loop with and without a progress call per step: how much slower, and how many
     store writes the calls caused (where the peer can count them)."""
     plain = reporting = float("inf")
     for _ in range(2):  # the faster of two of each: a loop this short feels any other load
-        plain = min(plain, float(peer.result(peer.submit_progress(sizes.progress_iterations, report=False))))
+        handle = peer.submit_progress(sizes.progress_iterations, report=False)
+        plain = min(plain, float(peer.result(handle, timeout=PROGRESS_TIMEOUT)))
         handle = peer.submit_progress(sizes.progress_iterations, report=True)
-        reporting = min(reporting, float(peer.result(handle)))
+        reporting = min(reporting, float(peer.result(handle, timeout=PROGRESS_TIMEOUT)))
     figures = {"progress_slowdown_pct": 100 * (reporting / plain - 1),
                "progress_call_ns": 1e9 * (reporting - plain) / sizes.progress_iterations}
     writes = getattr(peer, "progress_writes", None)

@@ -20,9 +20,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
+
+# psutil is imported where it is used: RQ imports this module in every job's fresh process, and
+# its figures should not include an import they do not need.
 
 #: Every benchmark task runs with this many processes at once.
 CONCURRENCY = 2
@@ -169,7 +173,8 @@ def spawn(argv: Sequence[str], log: Path, cwd: Optional[Path] = None, env: Optio
                                 cwd=str(cwd or REPO_DIR), env=merged, start_new_session=True)
 
 
-def _tree(pids: Iterable[int]) -> list[psutil.Process]:
+def _tree(pids: Iterable[int]) -> list["psutil.Process"]:
+    import psutil
     seen: dict[int, psutil.Process] = {}
     for pid in pids:
         try:
@@ -183,6 +188,7 @@ def _tree(pids: Iterable[int]) -> list[psutil.Process]:
 
 def stop_tree(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
     """Signal ``proc``, wait for it, then SIGKILL whatever is left of its whole tree."""
+    import psutil
     if proc is None:
         return
     procs = _tree([proc.pid])
@@ -206,6 +212,7 @@ def stop_tree(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, timeo
 
 def tree_pss(pids: Iterable[int]) -> int:
     """Proportional set size, in bytes, of these processes and all their descendants."""
+    import psutil
     total = 0
     for proc in _tree(pids):
         try:
