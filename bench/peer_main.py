@@ -23,6 +23,15 @@ from .peers import PeerUnavailable, load
 SIZES = {"full": workloads.FULL, "quick": workloads.QUICK, "tiny": workloads.TINY}
 
 
+def _failed(outcome: dict, peer, name: str, which: str, exc: Exception) -> None:
+    """Count a failed run of a workload, keep its first error, and let the peer recover."""
+    traceback.print_exc(file=sys.stderr)
+    failures = outcome.setdefault("failures", {})
+    failures[name] = failures.get(name, 0) + 1
+    outcome["errors"].setdefault(name, f"{which}: {type(exc).__name__}: {exc}")
+    peer.recover()
+
+
 def measure(key: str, sizes: workloads.Sizes, repeats: int, only: Optional[set] = None) -> dict:
     """Start the peer, run its workloads, close it; return versions, runs and errors."""
     outcome: dict = {"peer": key, "figures": {}, "errors": {}, "versions": {}}
@@ -40,13 +49,15 @@ def measure(key: str, sizes: workloads.Sizes, repeats: int, only: Optional[set] 
                 try:
                     peer.prepare(name)
                     if name not in workloads.RUN_ONCE:
-                        workload(peer, sizes)  # warm-up, not kept
-                    for _ in range(runs):
+                        workload(peer, workloads.warmup(sizes))  # warm-up, not kept
+                except Exception as exc:
+                    _failed(outcome, peer, name, "warm-up", exc)
+                for _ in range(runs):
+                    try:
                         for metric, value in workload(peer, sizes).items():
                             outcome["figures"].setdefault(metric, []).append(value)
-                except Exception as exc:  # one stalled workload must not hide the others
-                    outcome["errors"][name] = f"{type(exc).__name__}: {exc}"
-                    traceback.print_exc(file=sys.stderr)
+                    except Exception as exc:  # a stalled run must not hide the others
+                        _failed(outcome, peer, name, "run", exc)
                 print(f"[{key}] {name}: {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
         except PeerUnavailable as exc:
             outcome["unavailable"] = str(exc)

@@ -31,7 +31,7 @@ RESULTS = environment.BENCH_DIR / "results"
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark flask-multiprocess-controller against its peers.")
-    parser.add_argument("--quick", action="store_true", help="3 runs per workload and shorter series")
+    parser.add_argument("--quick", action="store_true", help="2 runs per workload and shorter series")
     parser.add_argument("--tiny", action="store_true", help="a tiny workload, to check the harness works")
     parser.add_argument("--peers", default="", help="comma-separated peer keys (default: all)")
     parser.add_argument("--workloads", default="", help="comma-separated workloads (default: all)")
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.peers import PEERS
 
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    repeats = args.repeats or {"tiny": 1, "quick": 3, "full": 5}[mode]
-    peer_timeout = args.peer_timeout or {"tiny": 240, "quick": 240, "full": 900}[mode]
+    repeats = args.repeats or {"tiny": 1, "quick": 2, "full": 5}[mode]
+    peer_timeout = args.peer_timeout or {"tiny": 240, "quick": 120, "full": 900}[mode]
     sizes = {"tiny": workloads.TINY, "quick": workloads.QUICK, "full": workloads.FULL}[mode]
     keys = [k for k in args.peers.split(",") if k] or list(PEERS)
     unknown = [k for k in keys if k not in PEERS]
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     began = time.monotonic()
     outcomes = []
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         for key in keys:
             out = Path(tmp) / f"{key}.json"
@@ -76,11 +78,16 @@ def main(argv: list[str] | None = None) -> int:
                 command += ["--workloads", args.workloads]
             print(f"== {key}", flush=True)
             peer_began = time.monotonic()
+            log = logs / f"{key}.log"
             try:
-                subprocess.run(command, cwd=environment.REPO_DIR, timeout=peer_timeout, check=False,
-                               start_new_session=True)
+                with open(log, "w") as errors:  # tracebacks of failed runs go here, not to the console
+                    subprocess.run(command, cwd=environment.REPO_DIR, timeout=peer_timeout, check=False,
+                                   start_new_session=True, stderr=errors)
             except subprocess.TimeoutExpired:
                 pass
+            for line in log.read_text().splitlines():
+                if line.startswith(f"[{key}]"):
+                    print("  ", line, flush=True)
             if out.exists():
                 outcome = json.loads(out.read_text())
             else:
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                            "errors": {"all": f"the peer did not finish within {peer_timeout:.0f} s"}}
             outcome["seconds"] = round(time.monotonic() - peer_began, 1)
             outcomes.append(outcome)
-            print(f"   {outcome['seconds']} s", flush=True)
+            print(f"   {outcome['seconds']} s in all; log: {log}", flush=True)
 
     run = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),

@@ -91,6 +91,10 @@ class Peer(abc.ABC):
         """Called before each workload; a peer that needs another configuration for it (say, a
         stop grace of 0 for the ignoring task) switches here. Most peers need nothing."""
 
+    def recover(self) -> None:
+        """Called after a run of a workload failed (a stall, a timeout): get the peer back into a
+        state where the next run can start. By default nothing is done."""
+
     # -- the trivial task -------------------------------------------------------------------
     @abc.abstractmethod
     def submit_add(self, x: int, y: int) -> Any:

@@ -123,6 +123,11 @@ def ensure_upstream_venv(venv: Path = VENV_DIR, log: Optional[Path] = None) -> d
         return found
 
 
+#: Seconds without a result after which 0.1.1 counts as stalled (its tasks here take microseconds;
+#: a burst of 300 ends within a few seconds when it does not stall).
+STALL_TIMEOUT = 15.0
+
+
 class UpstreamPeer(Peer):
     """Flask-Multiprocess-Controller 0.1.1 behind Flask 1.1's threaded development server."""
 
@@ -163,6 +168,11 @@ class UpstreamPeer(Peer):
     def close(self) -> None:
         base.stop_tree(self.proc)
         self.proc = None
+
+    def recover(self) -> None:
+        """After a stall (0.1.1's controlling threads die on a race), start a new server."""
+        self.close()
+        self.start()
 
     def versions(self) -> dict:
         return dict(self._versions)
@@ -224,7 +234,7 @@ class UpstreamPeer(Peer):
     def submit_progress(self, iterations: int, report: bool) -> tuple[str, str]:
         return self._submit("progress", iterations=iterations, report=report)
 
-    def result(self, handle: tuple[str, str], timeout: float = base.WAIT_TIMEOUT) -> Any:
+    def result(self, handle: tuple[str, str], timeout: float = STALL_TIMEOUT) -> Any:
         def done(answer: dict, seen_running: bool) -> bool:
             if "result" in answer:
                 return True
