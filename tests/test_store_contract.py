@@ -704,3 +704,27 @@ def test_writes_are_fenced_by_the_owner(store):
     assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=2) is True
     row = store.get(uuid)
     assert (row["status"], row["result"], row["owner"], row["attempt"]) == ("succeeded", 2, "host-b:2:2.0", 2)
+
+
+@pytest.mark.timeout(60)
+def test_sqlite_store_does_not_keep_a_connection_per_finished_thread(tmp_path):
+    """A server that starts a thread per request (the dev server) must not leave a connection
+    (a file descriptor and its page cache) behind for each request."""
+    import psutil
+
+    from flask_multiprocess_controller.store.sqlite import SQLiteStore
+
+    path = tmp_path / "tasks.sqlite3"
+    store = SQLiteStore(str(path))
+    try:
+        def open_connections() -> int:
+            return sum(1 for f in psutil.Process().open_files() if f.path == str(path))
+
+        for _ in range(200):
+            worker = threading.Thread(target=lambda: (store.get(str(uuid_module.uuid4())), store.heartbeat("x", 1.0)))
+            worker.start()
+            worker.join()
+        assert open_connections() <= 2, open_connections()  # one pooled connection (and its WAL file)
+    finally:
+        store.close()
+    assert open_connections() == 0

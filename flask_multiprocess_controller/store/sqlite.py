@@ -79,6 +79,9 @@ def _decode(values: Sequence[Any]) -> Row:
     return row
 
 
+#: Connections a store keeps open for reuse, per process (more are opened while more threads need one).
+_MAX_IDLE_CONNECTIONS = 16
+
 #: One write lock per database file and process: threads of one process take turns here instead of
 #: in SQLite's busy handler, which sleeps for milliseconds between retries.
 _write_locks: dict[str, threading.Lock] = {}
@@ -113,15 +116,20 @@ class SQLiteStore(TaskStore):
     def __init__(self, path: str = defaults.DEFAULT_SQLITE_PATH, busy_timeout: float = 30.0) -> None:
         self.path = os.path.abspath(path)
         self.busy_timeout = busy_timeout
-        # One connection per (process, thread); a forked child never reuses its parent's.
-        self._local = threading.local()
+        # Idle connections of the process that opened them (a forked child never uses its
+        # parent's); each operation takes one and gives it back, so a server that starts a
+        # thread per request does not open, and leave behind, a connection per request.
+        self._idle: list[sqlite3.Connection] = []
+        self._idle_pid = os.getpid()
+        self._idle_lock = threading.Lock()
         self._schema_ready = False
         directory = os.path.dirname(self.path)
         try:
             os.makedirs(directory, exist_ok=True)
-            self._connection()
-            # Do not keep the creating thread's connection: the controller forks its
-            # fork server right after, and a SQLite connection must not cross a fork.
+            with self._connection():
+                pass
+            # Keep no connection open: the controller forks its fork server right after,
+            # and a SQLite connection must not cross a fork.
             self.close()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"Cannot open the SQLite store at {self.path}: {exc}") from exc
@@ -129,10 +137,7 @@ class SQLiteStore(TaskStore):
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn
+    def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -141,14 +146,35 @@ class SQLiteStore(TaskStore):
         if not self._schema_ready:  # the first connection creates the tables; later ones need not
             conn.executescript(_SCHEMA)
             self._schema_ready = True
-        self._local.conn, self._local.pid = conn, os.getpid()
         return conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection of this process for one operation (which must leave no statement open)."""
+        with self._idle_lock:
+            if self._idle_pid != os.getpid():  # forked: the parent's connections are not ours to use
+                self._idle, self._idle_pid = [], os.getpid()
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._open()
+        try:
+            yield conn
+        finally:
+            with self._idle_lock:
+                keep = self._idle_pid == os.getpid() and len(self._idle) < _MAX_IDLE_CONNECTIONS
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._connection() as db:
+            return db.execute(sql, params).fetchall()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction; only other processes' writers can make it wait in SQLite."""
-        db = self._connection()
-        with _write_lock(self.path):
+        with self._connection() as db, _write_lock(self.path):
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -158,7 +184,7 @@ class SQLiteStore(TaskStore):
             db.execute("COMMIT")
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return [_decode(values) for values in self._connection().execute(sql, params).fetchall()]
+        return [_decode(values) for values in self._query(sql, params)]
 
     def enqueue(self, rows: Sequence[Row], max_queued: int) -> None:
         if not rows:
@@ -178,8 +204,8 @@ class SQLiteStore(TaskStore):
 
     def claim(self, controller: str, owner: str, max_running: int, now: float) -> Optional[Row]:
         # A plain read first: idle slots look often, and an empty queue needs no write lock.
-        if self._connection().execute("SELECT 1 FROM mpc_tasks WHERE controller = ? AND status = ? LIMIT 1",
-                                      (controller, _QUEUED)).fetchone() is None:
+        if not self._query("SELECT 1 FROM mpc_tasks WHERE controller = ? AND status = ? LIMIT 1",
+                           (controller, _QUEUED)):
             return None
         with self._transaction() as db:
             (running,) = db.execute(
@@ -217,19 +243,17 @@ class SQLiteStore(TaskStore):
         return self._read(f"{_SELECT} WHERE controller = ? ORDER BY seq DESC LIMIT ?", (controller, limit))
 
     def counts(self, controller: str) -> dict[str, int]:
-        cursor = self._connection().execute(
-            "SELECT status, COUNT(*) FROM mpc_tasks WHERE controller = ? GROUP BY status", (controller,)
-        )
-        return dict(cursor.fetchall())
+        return dict(self._query(
+            "SELECT status, COUNT(*) FROM mpc_tasks WHERE controller = ? GROUP BY status", (controller,)))
 
     def position(self, row: Row) -> Optional[int]:
         if row["status"] != _QUEUED:
             return None
-        (ahead,) = self._connection().execute(
+        [(ahead,)] = self._query(
             "SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status = ? "
             "AND (priority < ? OR (priority = ? AND seq < ?))",
             (row["controller"], _QUEUED, row["priority"], row["priority"], row["seq"]),
-        ).fetchone()
+        )
         return ahead + 1
 
     def _set_clause(self, fields: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -297,10 +321,8 @@ class SQLiteStore(TaskStore):
         if not wanted:
             return set()
         marks = ", ".join("?" * len(wanted))
-        cursor = self._connection().execute(
-            f"SELECT uuid FROM mpc_tasks WHERE uuid IN ({marks}) AND stop_requested = 1", wanted
-        )
-        return {uuid for (uuid,) in cursor.fetchall()}
+        return {uuid for (uuid,) in self._query(
+            f"SELECT uuid FROM mpc_tasks WHERE uuid IN ({marks}) AND stop_requested = 1", wanted)}
 
     def active(self, controller: str) -> list[Row]:
         return self._read(f"{_SELECT} WHERE controller = ? AND status IN {_ACTIVE_SQL}", (controller,))
@@ -319,14 +341,16 @@ class SQLiteStore(TaskStore):
                        "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat", (owner, now))
 
     def heartbeats(self) -> dict[str, float]:
-        return dict(self._connection().execute("SELECT owner, heartbeat FROM mpc_owners").fetchall())
+        return dict(self._query("SELECT owner, heartbeat FROM mpc_owners"))
 
     def forget_owner(self, owner: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM mpc_owners WHERE owner = ?", (owner,))
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
-        self._local = threading.local()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+            ours = self._idle_pid == os.getpid()
+        if ours:
+            for conn in idle:
+                conn.close()
