@@ -203,7 +203,11 @@ def markdown(run: dict) -> str:
     if problems or unavailable:
         lines += ["", "## Problems seen in this run", ""]
         lines += [f"- {o['label']}: not run: {o['unavailable']}" for o in unavailable]
-        lines += [f"- {o['label']}, {name}: {error}" for o, name, error in problems]
+        for o, name, error in problems:
+            failed = o.get("failures", {}).get(name)
+            runs = 1 if name in ("memory", "stored") else run["repeats"] + 1
+            count = f" (failed {failed} of {runs} runs, warm-up included)" if failed else ""
+            lines.append(f"- {o['label']}, {name}{count}; first error: {error}")
     return "\n".join(lines) + "\n"
 
 

@@ -39,6 +39,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.md/.png/.json")
     parser.add_argument("--no-setup", action="store_true", help="use this interpreter as it is")
     parser.add_argument("--peer-timeout", type=float, help="seconds one peer may take in all")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only write latest.md and latest.png again from latest.json")
     return parser.parse_args(argv)
 
 
@@ -56,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench import report, workloads
     from bench.peers import PEERS
 
+    if args.report_only:
+        run = json.loads((args.out / "latest.json").read_text())
+        (args.out / "latest.md").write_text(report.markdown(run))
+        report.chart(run, args.out / "latest.png")
+        return 0
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     repeats = args.repeats or {"tiny": 1, "quick": 2, "full": 5}[mode]
     peer_timeout = args.peer_timeout or {"tiny": 240, "quick": 120, "full": 900}[mode]
