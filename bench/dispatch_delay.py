@@ -24,11 +24,9 @@ directory), also when interrupted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,9 @@ from typing import Optional
 
 import psutil
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.peers.base import RedisServer, free_port  # noqa: E402
 
 WORKERS = 4
 MAX_NUM_PROCESS = 2
@@ -73,39 +74,6 @@ Api(app).add_resource(MetaMPResource, "/tasks", "/tasks/<string:uuid>", resource
 if __name__ == "__main__":
     app.run(host="127.0.0.1", port=int(os.environ["PORT"]))
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not on PATH")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 10
-    try:
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    proc.wait()
-                    sys.exit("redis-server did not start")
-                time.sleep(0.05)
-    finally:
-        client.close()
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 class Gunicorn:
@@ -249,22 +217,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     # SIGTERM unwinds like Ctrl-C, so that the finally clauses below clean up.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = Path(tempfile.mkdtemp(prefix="mpc-dispatch-"))
-    redis_proc = None
+    redis_server = RedisServer(workdir)
     results = []
     try:
         (workdir / "app.py").write_text(APP)
-        redis_proc, redis_url = start_redis(workdir)
-        stores = [("sqlite", f"sqlite:///{workdir}/tasks.sqlite3"), ("redis", redis_url)]
+        redis_server.start()
+        stores = [("sqlite", f"sqlite:///{workdir}/tasks.sqlite3"), ("redis", redis_server.url)]
         for name, url in stores:
             results.append(measure(name, url, workdir, args.tasks))
     finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            try:
-                redis_proc.wait(10)
-            except subprocess.TimeoutExpired:
-                redis_proc.kill()
-                redis_proc.wait()
+        redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"Dispatch delay under gunicorn -w {WORKERS}, max_num_process={MAX_NUM_PROCESS}, "

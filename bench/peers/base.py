@@ -20,10 +20,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 if TYPE_CHECKING:
     import psutil
+
+T = TypeVar("T")
 
 # psutil is imported where it is used: RQ imports this module in every job's fresh process, and
 # its figures should not include an import they do not need.
@@ -165,6 +167,23 @@ def wait_port(port: int, proc: Optional[subprocess.Popen] = None, timeout: float
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listened on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def poll_until(read: Callable[[], T], done: Callable[[T], bool], timeout: float, what: str,
+               interval: float = 0.001) -> T:
+    """Call ``read`` every ``interval`` seconds until ``done`` accepts its value; return that value.
+
+    ``done`` may raise to give up early (the task ended another way); after ``timeout`` seconds a
+    :class:`TimeoutError` names ``what`` was awaited and the last value read.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s (last seen: {value!r})")
+        time.sleep(interval)
 
 
 def spawn(argv: Sequence[str], log: Path, cwd: Optional[Path] = None, env: Optional[dict] = None) -> subprocess.Popen:

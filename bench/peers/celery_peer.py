@@ -116,15 +116,8 @@ class CeleryPeer(Peer):
 
     # -- stop ------------------------------------------------------------------------------
     def _wait_state(self, handle: Any, states: set, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            state = handle.state
-            if state in states:
-                return state
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"task {handle.id} still {state} after {timeout:.0f} s "
-                                   f"(waiting for {sorted(states)})")
-            time.sleep(POLL)
+        return base.poll_until(lambda: handle.state, lambda state: state in states, timeout,
+                               f"task {handle.id} in {sorted(states)}", POLL)
 
     def wait_running(self, handle: Any, timeout: float = base.WAIT_TIMEOUT) -> None:
         state = self._wait_state(handle, {"STARTED", "SUCCESS", "FAILURE", "REVOKED"}, timeout)

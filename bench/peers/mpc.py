@@ -8,7 +8,6 @@ checks should be stopped at once); every other workload uses the default grace o
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid as uuid_module
@@ -127,11 +126,8 @@ class _Api(_Mpc):
         return _value(task)
 
     def wait_running(self, handle: str, timeout: float = base.WAIT_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while self.controller.status(handle)["status"] != "running":
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"task {handle} did not start within {timeout} s")
-            time.sleep(0.001)
+        base.poll_until(lambda: self.controller.status(handle)["status"], "running".__eq__, timeout,
+                        f"task {handle} running")
 
     def stop(self, handle: str) -> None:
         self.controller.stop(handle)
@@ -232,11 +228,7 @@ class _Http(_Mpc):
                 raise TimeoutError(f"task {handle} still {task['status']} after {timeout} s")
 
     def wait_running(self, handle: str, timeout: float = base.WAIT_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while self._get(handle)["status"] != "running":
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"task {handle} did not start within {timeout} s")
-            time.sleep(0.001)
+        base.poll_until(lambda: self._get(handle)["status"], "running".__eq__, timeout, f"task {handle} running")
 
     def stop(self, handle: str) -> None:
         response = self.http.delete(f"{self.base_url}/{handle}", timeout=base.WAIT_TIMEOUT)

@@ -117,15 +117,8 @@ class RestfulFunctionsPeer(Peer):
 
     def _info(self, handle: tuple[str, str], done, timeout: float, what: str) -> dict:
         """Poll ``/task/info`` every :data:`POLL` s until ``done(info)`` is true."""
-        deadline = time.monotonic() + timeout
-        while True:
-            info = self._call("GET", f"/task/info/{handle[1]}")
-            if done(info):
-                return info
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"restful-functions task {handle[1]} not {what} within {timeout:.0f} s "
-                                   f"(last answer: {info})")
-            time.sleep(POLL)
+        return base.poll_until(lambda: self._call("GET", f"/task/info/{handle[1]}"), done, timeout,
+                               f"restful-functions task {handle[1]} {what}", POLL)
 
     # -- tasks --------------------------------------------------------------------------------
     def submit_add(self, x: int, y: int) -> tuple[str, str]:

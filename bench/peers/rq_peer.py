@@ -139,13 +139,12 @@ class RQPeer(Peer):
 
     # -- stop ------------------------------------------------------------------------------
     def wait_running(self, handle: Any, timeout: float = base.WAIT_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while (status := handle.get_status(refresh=True)) != "started":
+        def started(status: str) -> bool:
             if status in {"finished", *STOPPED_STATUSES}:
                 raise RuntimeError(f"job {handle.id} ended ({status}) before it was seen running")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {handle.id} still {status} after {timeout:.0f} s")
-            time.sleep(POLL)
+            return status == "started"
+
+        base.poll_until(lambda: handle.get_status(refresh=True), started, timeout, f"job {handle.id} started", POLL)
 
     def stop(self, handle: Any) -> None:
         from rq.command import send_stop_job_command
