@@ -200,7 +200,10 @@ def test_app_example_under_gunicorn_counts_primes(tmp_path, pool):
         env={"MPC_STORE_URL": f"sqlite:///{tmp_path}/tasks.sqlite3"},
     )
     url = server.base + "/primes"
-    posted = requests.post(url, json={"limit": 20000}, timeout=HTTP_TIMEOUT)
+    try:
+        posted = requests.post(url, json={"limit": 20000}, timeout=HTTP_TIMEOUT)
+    except requests.ConnectionError as exc:  # seen once (a reset): keep what gunicorn said with it
+        raise AssertionError(f"{exc}\n{server.log()}") from exc
     assert posted.status_code == 202, posted.text
     uuid = posted.json()["uuid"]
     assert posted.headers["Location"].endswith(f"/primes/{uuid}")
