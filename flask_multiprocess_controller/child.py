@@ -1,11 +1,8 @@
 """What runs inside a task process: receive a task, run ``execute``, report back.
 
-Messages from the serving process: ``("run", uuid, args, context, logger levels)``,
-``("stop", uuid)``, ``("exit",)``. Messages to it: ``("progress", uuid, value)``,
-``("percent", uuid, value)``, ``("log", record)``, and once per task
-``("done", uuid, kind, payload, usage)`` where ``kind`` is ``ok`` (payload: the
-result as JSON text), ``error`` (payload: ``{"type", "message", "traceback"}``)
-or ``aborted``.
+The messages are the dataclasses of :mod:`.protocol`: commands :class:`RunTask`,
+:class:`StopTask` and :class:`Exit` come in; :class:`Progress`, :class:`Percent`,
+:class:`LogRecordMessage` and, once per task, :class:`Done` go out.
 """
 from __future__ import annotations
 
@@ -14,13 +11,15 @@ import os
 import resource
 import threading
 import time
-import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Optional, Type
 
 from . import task as task_module
 from .exceptions import AbortException
 from .logs import ChannelQueue, MetaMPLoggerConfigurator, apply_logger_levels
+from .protocol import (
+    Command, Done, Exit, Percent, Progress, RunTask, StopTask, Usage, error_record, exception_record,
+)
 from .task import MetaMPTask
 
 #: Seconds between two progress messages of a task (the controlling thread writes less often still).
@@ -45,7 +44,7 @@ class _Channel:
         self._conn = conn
         self.task_id: Optional[str] = None
         self._stop = False
-        self._pending: list[tuple] = []  # commands read while a task ran, for the next task
+        self._pending: list[Command] = []  # commands read while a task ran, for the next task
         self.exit_requested = False
         # Sends come from the task's thread and from the flusher: one message at a time.
         self._send_lock = threading.Lock()
@@ -101,34 +100,35 @@ class _Channel:
             self._armed = False  # before taking the value: a publish from now on arms again
             pending, self._progress = self._progress, _NOTHING
             if pending is not _NOTHING:
-                self.send(("progress", self.task_id, pending))
+                self.send(Progress(self.task_id, pending))
                 self._next_send = time.monotonic() + PUBLISH_INTERVAL
 
     def publish_percent(self, percent: float) -> None:
-        self.send(("percent", self.task_id, percent))
+        self.send(Percent(self.task_id, percent))
 
     def stop_requested(self) -> bool:
         while not self._stop and self._conn.poll():
             self._take(self._conn.recv())
         return self._stop
 
-    def _take(self, message: tuple) -> None:
-        if message[0] == "stop":
-            if message[1] == self.task_id:
+    def _take(self, message: Command) -> None:
+        if isinstance(message, StopTask):
+            if message.uuid == self.task_id:
                 self._stop = True
-        elif message[0] == "exit":
+        elif isinstance(message, Exit):
             self.exit_requested = True
         else:
             self._pending.append(message)
 
-    def next_command(self) -> tuple:
+    def next_command(self) -> Command:
         while self._pending:
             message = self._pending.pop(0)
-            if message[0] == "run":
+            if isinstance(message, RunTask):
                 return message
         if self.exit_requested:
-            return ("exit",)
-        return self._conn.recv()
+            return Exit()
+        command: Command = self._conn.recv()
+        return command
 
 
 def _usage() -> tuple[float, int]:
@@ -150,39 +150,30 @@ def _child_pids() -> Optional[list[int]]:
     return pids
 
 
-def _error(exc: BaseException) -> dict:
-    kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
-    return {"type": name, "message": str(exc), "traceback": traceback.format_exc()}
-
-
-def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, task_id: str, args: dict, context: dict) -> tuple:
+def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask) -> Done:
+    task_id = command.uuid
     channel.begin(task_id)
     cpu_before, _ = _usage()
-    task = task_cls(task_id, channel, context)
+    task = task_cls(task_id, channel, command.context)
     task_module._set_current(task)
-    kind: str
-    payload: Any
     try:
-        result = task.execute(**args)
+        result = task.execute(**command.args)
         try:
-            kind, payload = "ok", json.dumps(result)
+            done = Done(task_id, "ok", result_json=json.dumps(result))
         except (TypeError, ValueError) as exc:
-            kind, payload = "error", {
-                "type": "ResultNotSerializable",
-                "message": f"execute() returned a value of type {type(result).__name__}, which is not JSON-serialisable: {exc}",
-                "traceback": None,
-            }
+            done = Done(task_id, "error", error=error_record(
+                "ResultNotSerializable",
+                f"execute() returned a value of type {type(result).__name__}, which is not JSON-serialisable: {exc}"))
     except AbortException:
-        kind, payload = "aborted", None
+        done = Done(task_id, "aborted")
     except BaseException as exc:  # the task's own failure, whatever it is, is data for the parent
-        kind, payload = "error", _error(exc)
+        done = Done(task_id, "error", error=exception_record(exc))
     finally:
         task_module._set_current(None)
     channel.flush_progress()
     cpu_after, maxrss = _usage()
-    usage = {"cpu_time": cpu_after - cpu_before, "maxrss": maxrss, "children": _child_pids()}
-    return ("done", task_id, kind, payload, usage)
+    usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids())
+    return Done(done.uuid, done.kind, done.result_json, done.error, usage)
 
 
 def run_child(conn: Connection, task_cls: Type[MetaMPTask], configurator: Type[MetaMPLoggerConfigurator],
@@ -196,13 +187,12 @@ def run_child(conn: Connection, task_cls: Type[MetaMPTask], configurator: Type[M
             message = channel.next_command()
         except EOFError:
             return
-        if message[0] == "exit":
+        if isinstance(message, Exit):
             return
-        if message[0] != "run":
+        if not isinstance(message, RunTask):
             continue
-        _, task_id, args, context, levels = message
-        apply_logger_levels(levels)
-        report = _run_one(task_cls, channel, task_id, args, context)
+        apply_logger_levels(message.levels)
+        report = _run_one(task_cls, channel, message)
         try:
             channel.send(report)
         except OSError:

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import types
 import uuid as uuid_module
 import weakref
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union
@@ -24,14 +25,13 @@ from werkzeug.routing import BuildError
 
 from . import defaults
 from .arguments import ArgumentSpec
-from .callbacks import CallbackSender
 from .exceptions import ControllerClosed, InvalidRequest, TaskNotFound
 from .logs import MetaMPLoggerConfigurator
 from .presenter import present
+from .config import RuntimeConfig
 from .runtime import Runtime
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store
-from .supervisor import StopReason
 from .task import MetaMPTask
 
 ResponseTuple = tuple  # (body, status, headers): what flask-restful accepts
@@ -165,8 +165,11 @@ class MetaMPController:
         self.store: TaskStore = resolve_store(store)
         self._spec = ArgumentSpec(target_task.execute)
         self._handlers: dict[str, Callable[..., ResponseTuple]] = {}
-        self._callbacks = CallbackSender(callback_url, self.logger) if callback_url else None
         self._configurator = log_configurator or _WorkerLogSetup
+        self._config = RuntimeConfig(
+            name=self.name, target_task=target_task, max_num_process=max_num_process, stop_grace=self.stop_grace,
+            max_memory=max_memory, max_tasks_per_child=max_tasks_per_child, retention=retention, lease=lease,
+            logger=self.logger, configurator=self._configurator, context=types.MappingProxyType(self.context))
         # Guards _runtime creation and _closed.
         self._lock = threading.Lock()
         self._closed = False
@@ -180,7 +183,7 @@ class MetaMPController:
     def _start_runtime(self) -> Runtime:
         if self._configurator is not _WorkerLogSetup:
             self._configurator.listener_log_setup()
-        runtime = Runtime(self, self._configurator)
+        runtime = Runtime(self._config, self.store, self.callback_url)
         self._runtime = runtime
         runtime.start()
         return runtime
@@ -214,8 +217,6 @@ class MetaMPController:
             runtime, self._runtime = self._runtime, None
         if runtime is not None and runtime.pid == os.getpid():
             runtime.shutdown(timeout)
-        if self._callbacks is not None:
-            self._callbacks.close()
         self.store.close()
         _LIVE.discard(self)
 
@@ -257,8 +258,7 @@ class MetaMPController:
                 "priority": task_priority, "args": args, "created_at": now, "timeout": effective_timeout,
                 "attempt": 0, "stop_requested": False,
             })
-        self.store.enqueue(rows, self.max_num_queue)
-        runtime.notify_work()
+        runtime.submit(rows, self.max_num_queue)
         return [self._present(row) for row in rows]
 
     def submit(self, **kwargs: Any) -> str:
@@ -279,30 +279,20 @@ class MetaMPController:
         :raises TaskAlreadyFinished: the task has already ended.
         """
         self._row(uuid)
-        row = self.store.request_stop(uuid, time.time())
-        run = self.runtime.local_run(uuid)
-        if run is not None:
-            run.request_stop(StopReason.REQUESTED)
-        elif row["status"] == TaskStatus.STOPPED:  # it was queued: it ended here and now
-            self.runtime.wake_waiters(uuid)
-            self.runtime.bus.ended(uuid)
-        else:
-            self.runtime.nudge_stop(row)
-        return self._present(row)
+        return self._present(self.runtime.stop(uuid))
 
     def wait(self, uuid: str, timeout: Optional[float] = None) -> dict:
         """Wait until the task has ended or ``timeout`` seconds passed; return its task object."""
         runtime = self.runtime
         deadline = None if timeout is None else time.monotonic() + timeout
-        # A task run by this process wakes us at once; one run elsewhere is seen by polling.
-        pause = defaults.STORE_POLL_INTERVAL / 5
-        with runtime.waiters.watch(uuid) as ended:
+        # The task's 'ended' event wakes us, whichever process or host ran it: no polling.
+        with runtime.watch(uuid) as ended:
             while True:
                 row = self._row(uuid)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if row["status"] in TERMINAL or runtime.closing or (remaining is not None and remaining <= 0):
                     return self._present(row)
-                ended.wait(pause if remaining is None else min(remaining, pause))
+                ended.wait(remaining)
                 ended.clear()
 
     def tasks(self, status: Union[None, str, Iterable[str]] = None, limit: int = defaults.LIST_LIMIT) -> dict:
@@ -408,14 +398,6 @@ class MetaMPController:
             return url_for(request.endpoint, uuid=uuid)
         except BuildError:
             return f"{request.path}?uuid={uuid}"
-
-    def _task_started(self, uuid: str) -> None:
-        if self._callbacks is not None:
-            self._callbacks.send("started", self.status(uuid))
-
-    def _task_ended(self, uuid: str) -> None:
-        if self._callbacks is not None:
-            self._callbacks.send("ended", self.status(uuid))
 
 
 def _raise_system_exit(signum: int, frame: object) -> None:

@@ -42,3 +42,17 @@ CALLBACK_TIMEOUT = 5.0
 DEFAULT_SQLITE_PATH = "mpc-tasks.sqlite3"
 #: Environment variable naming the store.
 STORE_URL_ENV = "MPC_STORE_URL"
+#: Seconds a background thread waits before retrying a store that failed, at first and at most.
+STORE_RETRY_MIN = 0.1
+STORE_RETRY_MAX = 5.0
+#: Seconds a change-feed reader blocks per read (it looks at its stop flag in between).
+FEED_WAIT = 0.25
+#: Seconds an unacknowledged callback of a dead serving process waits before a survivor delivers it.
+CALLBACK_ORPHAN_AGE = 2.0
+#: Callback deliveries waiting at most; past it new ones are dropped (and stay unacknowledged).
+CALLBACK_QUEUE = 10_000
+#: Seconds an idle controlling thread waits before it looks at a shared store again even though no
+#: event said so (events wake it at once; this only bounds the cost of an event that was missed).
+IDLE_RECHECK = 5.0
+#: Seconds a shutdown waits, beyond a task's stop escalation, for outcomes to be recorded.
+SHUTDOWN_MARGIN = 3.0

@@ -1,6 +1,7 @@
 """The one place where the package's exceptions become HTTP responses."""
 from __future__ import annotations
 
+from . import defaults
 from .exceptions import (
     ControllerClosed, InvalidRequest, MPCError, PayloadTooLarge, QueueFull, StoreError, TaskAlreadyFinished,
     TaskNotFound,
@@ -23,6 +24,6 @@ def error_response(exc: MPCError) -> tuple[dict, int, dict]:
     """Return ``(body, status, headers)`` for ``exc``: a JSON object with a human ``message``."""
     status = next(HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS)
     headers = {}
-    if isinstance(exc, QueueFull):
-        headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, (QueueFull, StoreError)):
+        headers["Retry-After"] = str(getattr(exc, "retry_after", defaults.RETRY_AFTER))
     return {"message": exc.message}, status, headers

@@ -14,6 +14,8 @@ import logging.handlers
 import queue
 from typing import Any, Callable
 
+from .protocol import LogRecordMessage
+
 
 class MetaMPLoggerConfigurator(abc.ABC):
     """Configures logging on both sides of the process boundary.
@@ -85,9 +87,7 @@ class ChannelQueue:
         self._send = send
 
     def put_nowait(self, record: logging.LogRecord) -> None:
-        self._send(("log", record))
-
-    put = put_nowait
+        self._send(LogRecordMessage(record))
 
 
 class _HandToNamedLogger(logging.Handler):

@@ -2,16 +2,19 @@
 
 Data flow::
 
-    submit ─▶ store (queued) ─▶ wake the slots
+    submit ─▶ store (queued + event) ─▶ wake the slots
     slot thread (one per process slot, so one controlling thread per child process):
         claim the next task from the store (atomic, honours max_num_process across processes)
         ─▶ fork server forks a task process (or the slot's warm one is reused)
         ─▶ Supervisor relays progress/logs, enforces stop/timeout/memory, classifies the end
-        ─▶ store (terminal state), wake waiters, fire the callback, claim the next task
+        ─▶ store (terminal state + event), claim the next task
+    every store write returns its event ─▶ EventHub ─▶ waiters, running tasks, callbacks
+    other processes' events ─▶ the store's change feed ─▶ EventHub (one follower thread)
 
-Nothing here sleeps on the dispatch path: a submit wakes an idle slot at once and a
-slot that finishes a task claims the next one itself. Idle slots also look at a
-shared store every ``STORE_POLL_INTERVAL`` for work queued by other processes.
+Nothing here sleeps on the dispatch path: a submit wakes an idle slot at once, a slot
+that finishes a task claims the next one itself, and work queued (or slots freed) by
+other processes arrives as events. A store outage is waited out by every thread here:
+none dies of it, and an outcome reached meanwhile is recorded once the store is back.
 """
 from __future__ import annotations
 
@@ -20,23 +23,30 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from multiprocessing.connection import wait as wait_ready
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import psutil
 
 from . import defaults
+from .callbacks import CallbackSender
 from .child import run_child
+from .config import RuntimeConfig
+from .events import Event, EventKind
+from .exceptions import StoreError
 from .forkserver import ChildProcess, ForkServer
-from .logs import LogListener, MetaMPLoggerConfigurator
-from .notify import HostBus
+from .hub import EventHub
+from .logs import LogListener
+from .persist import GaveUp, Retrier
+from .presenter import present
 from .proctree import kill_tree, process_alive
-from .states import TaskStatus
+from .protocol import Exit, error_record
+from .states import ACTIVE, TaskStatus
+from .store import TaskStore
+from .store.base import Row
 from .supervisor import Outcome, Settings, StopReason, Supervisor, TaskRun
 from .waiters import Waiters
-
-if TYPE_CHECKING:
-    from .controller import MetaMPController
 
 
 def host_id() -> str:
@@ -66,7 +76,7 @@ def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], n
     """Whether the serving process ``owner`` still runs.
 
     On this host the process table decides at once; elsewhere a heartbeat younger
-    than ``lease`` seconds does.
+    than ``lease`` seconds (on the store's clock) does.
     """
     if not owner:
         return False
@@ -80,119 +90,202 @@ def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], n
     return beat is not None and now - beat <= lease
 
 
-class Runtime:
-    """Fork server, slot threads, log listener and the registry of running tasks of one controller."""
+def callback_body(event: Event) -> dict[str, Any]:
+    """The JSON body of a callback delivery: the event, its cursor and the task object."""
+    task = present(event["task"])
+    return {"event": event["kind"], "uuid": event["uuid"], "cursor": event["cursor"], "msg": task["msg"],
+            "task": task}
 
-    def __init__(self, controller: "MetaMPController", configurator: type[MetaMPLoggerConfigurator]) -> None:
-        self.controller = controller
-        self.store = controller.store
-        self.logger = controller.logger
+
+class Runtime:
+    """Fork server, slot threads, event hub, log listener and the running tasks of one controller."""
+
+    def __init__(self, config: RuntimeConfig, store: TaskStore, callback_url: Optional[str] = None) -> None:
+        self.config = config
+        self.store = store
+        self.logger = config.logger
         self.pid = os.getpid()
-        child_main = functools.partial(run_child, task_cls=controller.target_task, configurator=configurator,
-                                       max_tasks=controller.max_tasks_per_child)
+        child_main = functools.partial(run_child, task_cls=config.target_task, configurator=config.configurator,
+                                       max_tasks=config.max_tasks_per_child)
         # Forked first, while this process may still be single-threaded.
         self.fork_server = ForkServer(child_main)
         self.host = host_id()
+        #: This serving process in the store: the owner of the tasks it runs, the emitter of its events.
         self.owner = owner_id(self.host)
         self.logs = LogListener()
         # Guards _generation and closing; slots wait on it for work.
         self._work = threading.Condition()
         self._generation = 0
         self.closing = False
+        #: Set when background threads must stop waiting for an unreachable store.
+        self._give_up = threading.Event()
         # Guards _runs: the tasks running in this process, by uuid.
         self._runs_lock = threading.Lock()
         self._runs: dict[str, TaskRun] = {}
-        #: Threads waiting for tasks to end; woken when a task run by this process ends.
-        self.waiters = Waiters()
-        self._slots = [_Slot(self, i) for i in range(controller.max_num_process)]
+        self._waiters = Waiters()
+        self.events = EventHub(store, config.name, self.logger, on_reset=self._feed_reset)
+        self.events.subscribe(self._on_event)
+        self._callbacks: Optional[CallbackSender] = None
+        if callback_url:
+            self._callbacks = CallbackSender(callback_url, self.logger, callback_body, self._ack)
+            self.events.subscribe(self._offer_callback)
+        self._slots = [_Slot(self, i) for i in range(config.max_num_process)]
         self._keeper = _Keeper(self)
-        self.bus = HostBus(controller.name, self.owner, on_ended=self.wake_waiters, on_stop=self._stop_nudged,
-                           logger=self.logger)
 
     def start(self) -> None:
         self.logs.start()
-        if self.store.shared:
-            self.bus.start()
-        self.store.heartbeat(self.owner, time.time())
-        self.reconcile()
-        self.purge()
+        retrier = Retrier(self.logger, self._give_up)
+        retrier.call("recording the heartbeat", lambda: self.store.heartbeat(self.owner), give_up_at_stop=False)
+        self.events.start()
+        retrier.call("settling the tasks of dead processes", self.reconcile, give_up_at_stop=False)
+        retrier.call("purging old tasks", self.purge, give_up_at_stop=False)
         self._keeper.start()
         for slot in self._slots:
             slot.start()
 
+    # -- what the controller asks of the runtime ------------------------------------------
+
+    def submit(self, rows: Sequence[Row], max_queued: int) -> None:
+        """Queue new task rows (all or none) and wake the slots."""
+        self.events.publish_all(self.store.enqueue(rows, max_queued, emitter=self.owner))
+        self.notify_work()
+
+    def stop(self, uuid: str) -> Row:
+        """Ask task ``uuid`` to stop, wherever it runs; return its row afterwards."""
+        row, event = self.store.request_stop(uuid, emitter=self.owner)
+        self.events.publish(event)
+        return row
+
+    @contextmanager
+    def watch(self, uuid: str) -> Iterator[threading.Event]:
+        """An event set when ``uuid`` ends (or everything must be re-read) while the block runs."""
+        with self._waiters.watch(uuid) as ended:
+            yield ended
+
+    def local_run(self, uuid: str) -> Optional[TaskRun]:
+        """The run of ``uuid`` in this process, if it runs here (its progress is the freshest)."""
+        with self._runs_lock:
+            return self._runs.get(uuid)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        kind, uuid = event["kind"], event["uuid"]
+        if kind in (EventKind.QUEUED, EventKind.REQUEUED, EventKind.ENDED):
+            self.notify_work()  # work was queued, or a slot of the controller came free
+        if kind == EventKind.ENDED:
+            self._waiters.wake(uuid)
+        run = self.local_run(uuid)
+        if run is None:
+            return
+        if kind == EventKind.STOPPING:
+            run.request_stop(StopReason.REQUESTED)
+        elif kind in (EventKind.ENDED, EventKind.REQUEUED) and event["emitter"] != self.owner:
+            run.abandon()
+
+    def _feed_reset(self) -> None:
+        """Events were lost: wake every waiter to re-read, and look at the running tasks again."""
+        self._waiters.wake_all()
+        self.notify_work()
+        with self._runs_lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            row = self.store.get(run.uuid)
+            if row is None or row["status"] not in ACTIVE or row.get("owner") != self.owner:
+                run.abandon()
+            elif row.get("stop_requested"):
+                run.request_stop(StopReason.REQUESTED)
+
+    def _offer_callback(self, event: Event) -> None:
+        if self._callbacks is not None and event["emitter"] == self.owner:
+            self._callbacks.offer(event)
+
+    def _ack(self, event: Event) -> None:
+        self.store.ack(self.config.name, [event["cursor"]])
+
     # -- work -----------------------------------------------------------------
 
     def notify_work(self) -> None:
-        """Wake idle slots: tasks were queued."""
+        """Wake idle slots: tasks were queued, or slots came free."""
         with self._work:
             self._generation += 1
             self._work.notify_all()
 
-    def next_task(self) -> Optional[dict]:
+    def next_task(self, retrier: Retrier) -> Optional[Row]:
         """Claim the next task for a slot, waiting while there is none; None when closing."""
-        c = self.controller
+        c = self.config
         while True:
             with self._work:
                 if self.closing:
                     return None
                 generation = self._generation
-            row = self.store.claim(c.name, self.owner, c.max_num_process, time.time())
+            try:
+                row = retrier.call("claiming a task", lambda: self.store.claim(c.name, self.owner, c.max_num_process))
+            except GaveUp:
+                return None
             if row is not None:
                 return row
             with self._work:
                 if self._generation == generation and not self.closing:
-                    self._work.wait(defaults.STORE_POLL_INTERVAL if self.store.shared else None)
+                    self._work.wait(defaults.IDLE_RECHECK if self.store.shared else None)
 
     def purge(self) -> None:
         """Delete the controller's tasks that ended longer than ``retention`` ago."""
-        now = time.time()
-        purged = self.store.purge(self.controller.name, now - self.controller.retention)
+        ended_before = self.store.now() - self.config.retention
+        purged = self.store.purge(self.config.name, ended_before, emitter=self.owner)
         if purged:
-            self.logger.info("Purged %d tasks that ended more than %g s ago.", purged, self.controller.retention)
+            self.logger.info("Purged %d tasks that ended more than %g s ago.", purged, self.config.retention)
 
     def reconcile(self) -> None:
         """Settle the active tasks of serving processes that died: ``lost``, or queued again.
 
         Their leftover processes on this host are killed first (the pid and its
-        create time must both match, so a recycled pid is never hit).
+        create time must both match, so a recycled pid is never hit). Callbacks those
+        processes did not deliver are delivered from here.
         """
-        c = self.controller
-        now = time.time()
+        c = self.config
+        now = self.store.now()
         beats = self.store.heartbeats()
-        self.bus.set_peers(owner for owner in beats if _owner_host(owner) == self.host)
-        settled = 0
         for row in self.store.active(c.name):
             owner = row.get("owner")
             if owner == self.owner or owner_alive(owner, self.host, beats, now, c.lease):
                 continue
             if _owner_host(owner) == self.host and process_alive(row.get("pid"), row.get("pid_created")):
                 kill_tree(row["pid"])
-            settled += 1
-            if c.target_task.restartable and self.store.requeue(row["uuid"], owner=owner):
-                self.logger.warning("Task %s was cut off when its server (%s) died; queued again.", row["uuid"], owner)
-                continue
-            error = {"type": "Lost", "traceback": None,
-                     "message": f"The serving process that ran this task ({owner}) died."}
-            if self.store.finish(row["uuid"], TaskStatus.LOST.value, owner=owner, ended_at=now, error=error):
-                self.logger.warning("Task %s was lost with the process that ran it (%s).", row["uuid"], owner)
+            self._settle_orphan(row, owner)
+        self._deliver_orphaned_callbacks(beats, now)
         self._forget_dead_owners(beats, now)
-        if settled:
-            self.wake_waiters()
-            self.notify_work()
+
+    def _settle_orphan(self, row: Row, owner: Optional[str]) -> None:
+        uuid = row["uuid"]
+        if self.config.restartable:
+            event = self.store.requeue(uuid, owner=owner, emitter=self.owner)
+            if event is not None:
+                self.logger.warning("Task %s was cut off when its server (%s) died; queued again.", uuid, owner)
+                self.events.publish(event)
+                return
+        error = error_record("Lost", f"The serving process that ran this task ({owner}) died.")
+        event = self.store.finish(uuid, TaskStatus.LOST.value, owner=owner, emitter=self.owner, error=error)
+        if event is not None:
+            self.logger.warning("Task %s was lost with the process that ran it (%s).", uuid, owner)
+            self.events.publish(event)
+
+    def _deliver_orphaned_callbacks(self, beats: dict[str, float], now: float) -> None:
+        if self._callbacks is None:
+            return
+        for event in self.store.unacked(self.config.name):
+            emitter = event["emitter"]
+            if emitter == self.owner or now - event["at"] < defaults.CALLBACK_ORPHAN_AGE:
+                continue
+            if emitter is None or not owner_alive(emitter, self.host, beats, now, self.config.lease):
+                self._callbacks.offer(event)
 
     def _forget_dead_owners(self, beats: dict[str, float], now: float) -> None:
         """Drop the heartbeats of serving processes that are gone, so the table does not grow with crashes."""
         for owner, beat in beats.items():
-            if owner != self.owner and now - beat > self.controller.lease and not owner_alive(
-                    owner, self.host, beats, now, self.controller.lease):
+            if owner != self.owner and now - beat > self.config.lease and not owner_alive(
+                    owner, self.host, beats, now, self.config.lease):
                 self.store.forget_owner(owner)
-
-    def wake_waiters(self, uuid: Optional[str] = None) -> None:
-        """Wake the threads waiting in :meth:`MetaMPController.wait` for ``uuid`` (default: all)."""
-        if uuid is None:
-            self.waiters.wake_all()
-        else:
-            self.waiters.wake(uuid)
 
     # -- running tasks ----------------------------------------------------------
 
@@ -204,45 +297,53 @@ class Runtime:
         with self._runs_lock:
             self._runs.pop(run.uuid, None)
 
-    def nudge_stop(self, row: dict) -> None:
-        """Tell the process of this host that runs ``row`` to look at its stop request now."""
-        owner = row.get("owner")
-        if owner and owner != self.owner and _owner_host(owner) == self.host:
-            self.bus.stop(owner, row["uuid"])
-
-    def _stop_nudged(self, uuid: str) -> None:
-        run = self.local_run(uuid)
-        if run is None:
-            return
-        row = self.store.get(uuid)
-        if row is not None and row.get("stop_requested") and row.get("owner") == self.owner:
-            run.request_stop(StopReason.REQUESTED)
-
-    def local_run(self, uuid: str) -> Optional[TaskRun]:
-        with self._runs_lock:
-            return self._runs.get(uuid)
-
-    def record(self, run: TaskRun, outcome: Outcome) -> None:
-        """Store a task's outcome (or requeue it), then wake whoever waits for it."""
-        c = self.controller
+    def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier) -> None:
+        """Store a task's outcome (or requeue it); an outage is waited out, so nothing is lost."""
         if run.abandoned:
             self.logger.warning("Task %s was settled elsewhere while this process was unresponsive; its run "
                                 "here was killed and is not recorded.", run.uuid)
             return
-        if (run.stop_reason is StopReason.SHUTDOWN and c.target_task.restartable
-                and outcome.status is not TaskStatus.SUCCEEDED and self.store.requeue(run.uuid, owner=self.owner)):
-            self.logger.info("Task %s will run again after the restart.", run.uuid)
-        elif not self.store.finish(run.uuid, outcome.status.value, owner=self.owner, **outcome.fields):
+        c = self.config
+        try:
+            if (run.stop_reason is StopReason.SHUTDOWN and c.restartable
+                    and outcome.status is not TaskStatus.SUCCEEDED):
+                event = retrier.call("requeueing a task", lambda: self.store.requeue(
+                    run.uuid, owner=self.owner, emitter=self.owner))
+                if event is not None:
+                    self.logger.info("Task %s will run again after the restart.", run.uuid)
+                    self.events.publish(event)
+                    return
+            event = retrier.call("recording a task's end", lambda: self.store.finish(
+                run.uuid, outcome.status.value, owner=self.owner, emitter=self.owner, **outcome.fields))
+        except GaveUp:
+            self.logger.error("Task %s ended %s while the store was unreachable, and this process is shutting "
+                              "down: its end is not recorded (the next start settles it).", run.uuid,
+                              outcome.status.value)
+            return
+        if event is None:
             self.logger.warning("Task %s had already been settled elsewhere; its outcome %s is dropped.",
                                 run.uuid, outcome.status.value)
-        self.wake_waiters(run.uuid)
-        self.bus.ended(run.uuid)
-        c._task_ended(run.uuid)
+            return
+        self.events.publish(event)
+
+    def fail(self, uuid: str, exc: BaseException, retrier: Retrier) -> None:
+        """Record that the controlling thread itself failed to run task ``uuid``."""
+        error = error_record("ControllerError", f"The controller failed to run the task: {exc}")
+        try:
+            event = retrier.call("recording a task's failure", lambda: self.store.finish(
+                uuid, TaskStatus.FAILED.value, owner=self.owner, emitter=self.owner, error=error))
+        except GaveUp:
+            return
+        self.events.publish(event)
 
     # -- shutdown -------------------------------------------------------------
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
-        """Stop taking tasks, stop the running ones (stop_grace, then kill) and release everything."""
+        """Stop taking tasks, stop the running ones (stop_grace, then kill) and release everything.
+
+        An unreachable store is waited for at most until the running tasks had the time
+        to stop (``stop_grace`` plus the kill escalation, or ``timeout``).
+        """
         with self._work:
             self.closing = True
             self._work.notify_all()
@@ -250,52 +351,62 @@ class Runtime:
             runs = list(self._runs.values())
         if runs:
             self.logger.warning("Shutting down: stopping %d running task(s); those that ignore the stop are "
-                                "killed after %g s.", len(runs), self.controller.stop_grace)
+                                "killed after %g s.", len(runs), self.config.stop_grace)
         for run in runs:
             run.request_stop(StopReason.SHUTDOWN)
         for slot in self._slots:
             slot.wake()
+        grace = self.config.stop_grace + defaults.KILL_AFTER_TERM + defaults.SHUTDOWN_MARGIN
+        deadline = time.monotonic() + (grace if timeout is None else timeout)
         for slot in self._slots:
             if slot.is_alive():
-                slot.join(timeout)
+                slot.join(max(0.0, deadline - time.monotonic()))
+        self._give_up.set()
+        for slot in self._slots:
+            slot.wake()
+            if slot.is_alive():
+                slot.join()
         self._keeper.stop()
-        self.bus.close()
+        self.events.stop()
+        if self._callbacks is not None:
+            self._callbacks.close()
         try:
             self.store.forget_owner(self.owner)
-        except Exception:  # the store may be gone at exit; the lease covers it then
+        except StoreError:  # the lease covers it
             self.logger.warning("Could not remove this process's heartbeat from the store.")
         self.fork_server.close()
         self.logs.stop()
-        self.wake_waiters()
+        self._waiters.wake_all()
 
 
 class _Slot(threading.Thread):
     """A controlling thread: runs one task process at a time, and one task in it at a time."""
 
     def __init__(self, runtime: Runtime, index: int) -> None:
-        super().__init__(name=f"mpc-{runtime.controller.name}-slot-{index}", daemon=True)
+        super().__init__(name=f"mpc-{runtime.config.name}-slot-{index}", daemon=True)
         self.runtime = runtime
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        c = runtime.controller
-        settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory,
-                            fresh_process=c.max_tasks_per_child == 1, shared_store=runtime.store.shared)
-        self._supervisor = Supervisor(settings, runtime.store, runtime.owner, runtime.logs.queue, self._wake_r)
+        c = runtime.config
+        settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process)
+        self._supervisor = Supervisor(settings, runtime.store, runtime.owner, runtime.logs.queue, self._wake_r,
+                                      runtime.events.publish, runtime.logger)
+        self._retrier = Retrier(runtime.logger, runtime._give_up)
         self._child: Optional[ChildProcess] = None
         self._tasks_in_child = 0
 
     def wake(self) -> None:
         try:
             os.write(self._wake_w, b"!")
-        except (BlockingIOError, OSError):
+        except OSError:  # full (a wake is pending anyway) or closed
             pass
 
     def run(self) -> None:
         rt = self.runtime
         try:
             while True:
-                row = rt.next_task()
+                row = rt.next_task(self._retrier)
                 if row is None:
                     return
                 self._run_task(row)
@@ -304,10 +415,10 @@ class _Slot(threading.Thread):
             os.close(self._wake_r)
             os.close(self._wake_w)
 
-    def _run_task(self, row: dict) -> None:
+    def _run_task(self, row: Row) -> None:
         rt = self.runtime
-        c = rt.controller
-        run = TaskRun(row, row.get("timeout"), self.wake)
+        c = rt.config
+        run = TaskRun(row["uuid"], row.get("timeout"), self.wake, row.get("progress"), row.get("percent"))
         rt.register(run)
         try:
             if row.get("stop_requested"):
@@ -315,19 +426,15 @@ class _Slot(threading.Thread):
             if rt.closing:
                 run.request_stop(StopReason.SHUTDOWN)
             child = self._warm_child()
-            c._task_started(row["uuid"])
-            outcome = self._supervisor.run(run, child, row["args"], c.context)
+            outcome = self._supervisor.run(run, child, row["args"], dict(c.context))
             self._tasks_in_child += 1
             if not outcome.child_alive or self._tasks_in_child >= c.max_tasks_per_child > 0:
                 self._retire_child()
-            rt.record(run, outcome)
+            rt.record(run, outcome, self._retrier)
         except Exception as exc:  # the slot must survive anything: record the failure and go on
             rt.logger.exception("Controlling thread failed while running task %s.", row["uuid"])
             self._retire_child()
-            error = {"type": "ControllerError", "message": f"The controller failed to run the task: {exc}",
-                     "traceback": None}
-            rt.store.finish(row["uuid"], TaskStatus.FAILED.value, owner=rt.owner, ended_at=time.time(), error=error)
-            rt.wake_waiters(row["uuid"])
+            rt.fail(row["uuid"], exc, self._retrier)
         finally:
             rt.unregister(run)
 
@@ -342,7 +449,7 @@ class _Slot(threading.Thread):
         if child is None:
             return
         if not child.exited:
-            child.send(("exit",))
+            child.send(Exit())
             if not wait_ready([child.exit_fd], 2.0):
                 kill_tree(child.pid)
                 wait_ready([child.exit_fd], 2.0)
@@ -354,9 +461,10 @@ class _Keeper(threading.Thread):
     """Heartbeats for this serving process, settles the tasks of dead ones, purges old tasks."""
 
     def __init__(self, runtime: Runtime) -> None:
-        super().__init__(name=f"mpc-{runtime.controller.name}-keeper", daemon=True)
+        super().__init__(name=f"mpc-{runtime.config.name}-keeper", daemon=True)
         self.runtime = runtime
         self._stop_event = threading.Event()
+        self._failing: Optional[str] = None
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -366,21 +474,31 @@ class _Keeper(threading.Thread):
     def run(self) -> None:
         rt = self.runtime
         next_reconcile = time.monotonic() + defaults.RECONCILE_INTERVAL
-        next_purge = time.monotonic()
+        next_purge = time.monotonic() + defaults.PURGE_INTERVAL
         while not self._stop_event.wait(defaults.HEARTBEAT_INTERVAL):
             now = time.monotonic()
-            for due, action in ((True, self._beat), (now >= next_reconcile, rt.reconcile),
-                                (now >= next_purge, rt.purge)):
-                if not due:
-                    continue
-                try:
-                    action()
-                except Exception:  # a failing store must not end the keeper; it retries next round
-                    rt.logger.exception("Store housekeeping (%s) failed.", getattr(action, "__name__", action))
-            if now >= next_reconcile:
+            if not self._attempt("heartbeat", lambda: rt.store.heartbeat(rt.owner)):
+                continue  # the store is down: the other chores would fail the same way
+            if now >= next_reconcile and self._attempt("reconcile", rt.reconcile):
                 next_reconcile = now + defaults.RECONCILE_INTERVAL
-            if now >= next_purge:
+            if now >= next_purge and self._attempt("purge", rt.purge):
                 next_purge = now + defaults.PURGE_INTERVAL
 
-    def _beat(self) -> None:
-        self.runtime.store.heartbeat(self.runtime.owner, time.time())
+    def _attempt(self, what: str, chore: Any) -> bool:
+        """Run one chore; a store failure is logged once per outage, not once per round."""
+        rt = self.runtime
+        try:
+            chore()
+        except StoreError as exc:
+            if self._failing is None:
+                rt.logger.warning("Store housekeeping (%s) failed: %s; retrying every %g s.", what, exc,
+                                  defaults.HEARTBEAT_INTERVAL)
+                self._failing = what
+            return False
+        except Exception:  # a bug in a chore must not end the keeper either
+            rt.logger.exception("Store housekeeping (%s) failed.", what)
+            return False
+        if self._failing is not None:
+            rt.logger.warning("Store housekeeping works again.")
+            self._failing = None
+        return True

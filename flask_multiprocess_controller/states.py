@@ -24,11 +24,9 @@ class TaskStatus(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
-    @property
-    def finished(self) -> bool:
-        """True for the states a task never leaves."""
-        return self in TERMINAL
 
+# The sets below hold members of a str Enum, so they answer for plain strings too
+# (``"running" in ACTIVE``): stores and presenters test raw status strings against them.
 
 #: States a task never leaves.
 TERMINAL = frozenset(

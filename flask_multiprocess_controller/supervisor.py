@@ -1,31 +1,36 @@
-"""Drive one task in one task process, from the start message to its recorded outcome.
+"""Drive one task in one task process, from the start message to its outcome.
 
-This is the body of a controlling thread's work for one task: it relays progress
-and logs, samples the process tree, enforces the timeout and the memory limit,
-carries out stop requests in steps (flag, ``stop_grace``, SIGTERM, SIGKILL to the
-whole tree) and classifies how the task ended.
+This is the body of a controlling thread's work for one task: it relays progress and
+logs, samples the process tree, enforces the timeout and the memory limit, carries out
+stop requests in steps (flag, ``stop_grace``, SIGTERM, SIGKILL to the whole tree) and
+classifies how the task ended. When to act is the :class:`~.watchdog.Watchdog`'s call;
+how the end is named is :func:`classify`'s; both are pure and tested without processes.
 """
 from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_ready
 from typing import Any, Callable, Optional
 
 import psutil
 
 from . import defaults
+from .events import Event
+from .exceptions import StoreError
 from .forkserver import ChildProcess
 from .logs import logger_levels
 from .proctree import TreeUsage, describe_exit, kill_tree, sample, signal_tree
-from .states import ACTIVE, TaskStatus
-
-_ACTIVE_VALUES = frozenset(s.value for s in ACTIVE)
+from .protocol import Done, ErrorRecord, LogRecordMessage, Percent, Progress, RunTask, StopTask, error_record
+from .states import TaskStatus
+from .store import TaskStore
+from .watchdog import Action, Schedule, Watchdog
 
 
 class StopReason(str, enum.Enum):
@@ -40,16 +45,17 @@ class StopReason(str, enum.Enum):
 class TaskRun:
     """A task that a controlling thread has claimed: what other threads may ask of it."""
 
-    def __init__(self, row: dict, timeout: Optional[float], wake: Callable[[], None]) -> None:
-        self.row = row
-        self.uuid: str = row["uuid"]
+    def __init__(self, uuid: str, timeout: Optional[float], wake: Callable[[], None],
+                 progress: Any = None, percent: Optional[float] = None) -> None:
+        self.uuid = uuid
         self.timeout = timeout
         self.started = time.monotonic()
-        self.progress: Any = row.get("progress")
-        self.percent: Optional[float] = row.get("percent")
+        #: The latest progress and percent reported by the task (fresher than the store's).
+        self.progress: Any = progress
+        self.percent: Optional[float] = percent
         #: True while progress holds a value not yet written to the store.
         self.dirty = False
-        #: True once the store shows the task is no longer this process's (settled elsewhere).
+        #: True once the task is known to be no longer this process's (settled elsewhere).
         self.abandoned = False
         self.stop_reason: Optional[StopReason] = None
         self.stop_at: Optional[float] = None
@@ -68,7 +74,12 @@ class TaskRun:
                 self.stop_at = time.monotonic()
             child = self.child
         if child is not None:
-            child.send(("stop", self.uuid))
+            child.send(StopTask(self.uuid))
+        self._wake()
+
+    def abandon(self) -> None:
+        """The task was settled by another process: its run here must end without a record."""
+        self.abandoned = True
         self._wake()
 
     def attach(self, child: ChildProcess) -> None:
@@ -77,17 +88,16 @@ class TaskRun:
             self.child = child
             pending = self.stop_reason is not None
         if pending:
-            child.send(("stop", self.uuid))
+            child.send(StopTask(self.uuid))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     """The controller settings a controlling thread needs."""
 
     stop_grace: float
     max_memory: Optional[int]
     fresh_process: bool
-    shared_store: bool
 
 
 @dataclass
@@ -95,94 +105,91 @@ class Outcome:
     """How a task ended: its terminal status and the fields to store with it."""
 
     status: TaskStatus
-    fields: dict
+    fields: dict[str, Any]
     child_alive: bool
 
 
-class Supervisor:
-    """Runs tasks in child processes for one controlling thread."""
+@dataclass
+class Observation:
+    """What a controlling thread saw of one run, the input of :func:`classify`."""
 
-    def __init__(self, settings: Settings, store: Any, owner: str, log_queue: Any, wake_fd: int) -> None:
+    stop_reason: Optional[StopReason]
+    done: Optional[Done]
+    exited: bool
+    exit_code: Optional[int]
+    timeout: Optional[float]
+    progress: Any = None
+    percent: Optional[float] = None
+    usage: TreeUsage = field(default_factory=TreeUsage)
+    ended_at: float = 0.0
+
+
+class Supervisor:
+    """Runs tasks in child processes for one controlling thread.
+
+    :param publish: called with each event the supervisor's store writes produce.
+    """
+
+    def __init__(self, settings: Settings, store: TaskStore, owner: str, log_queue: Any, wake_fd: int,
+                 publish: Callable[[Event], None], logger: logging.Logger) -> None:
         self.settings = settings
         self.owner = owner
         self.store = store
         self.log_queue = log_queue
         self.wake_fd = wake_fd
-        self._levels_cache: dict = {}
+        self._publish = publish
+        self._logger = logger
+        self._schedule = Schedule(
+            stop_grace=settings.stop_grace,
+            sample_every=(defaults.SAMPLE_INTERVAL_WITH_MEMORY_LIMIT if settings.max_memory
+                          else defaults.SAMPLE_INTERVAL))
+        self._levels_cache: dict[str, int] = {}
         self._levels_at = 0.0
+        self._flush_failed = False
 
-    def run(self, run: TaskRun, child: ChildProcess, args: dict, context: dict) -> Outcome:
+    def run(self, run: TaskRun, child: ChildProcess, args: dict[str, Any], context: dict[str, Any]) -> Outcome:
         """Start ``run`` in ``child`` and return once the task has ended."""
         run.attach(child)
-        child.send(("run", run.uuid, args, context, self._levels()))
-        self.store.update(run.uuid, owner=self.owner, pid=child.pid, pid_created=child.create_time)
+        child.send(RunTask(run.uuid, args, context, self._levels()))
+        started = self.store.start(run.uuid, self.owner, child.pid, child.create_time)
+        if started is None:  # settled elsewhere between the claim and now
+            run.abandon()
+        else:
+            self._publish(started)
         usage = TreeUsage()
         done = self._watch(run, child, usage)
         if not child.exited and done is not None and not self.settings.fresh_process:
-            self._reap_descendants(child.pid, done[4].get("children"))
+            self._reap_descendants(child.pid, done.usage.children)
         else:
             kill_tree(child.pid, usage)  # whatever the task left behind in its process group
-        return _classify(run, done, child, usage, self.settings)
+        observation = Observation(
+            stop_reason=run.stop_reason, done=done, exited=child.exited, exit_code=child.exit_code,
+            timeout=run.timeout, progress=run.progress, percent=run.percent, usage=usage, ended_at=time.time())
+        return classify(observation, self.settings)
 
-    def _levels(self) -> dict:
+    def _levels(self) -> dict[str, int]:
         """The server's logger levels, computed at most once a second."""
         now = time.monotonic()
         if now >= self._levels_at:
             self._levels_cache, self._levels_at = logger_levels(), now + 1.0
         return self._levels_cache
 
-    def _watch(self, run: TaskRun, child: ChildProcess, usage: TreeUsage) -> Optional[tuple]:
-        settings = self.settings
-        sample_every = (defaults.SAMPLE_INTERVAL_WITH_MEMORY_LIMIT if settings.max_memory
-                        else defaults.SAMPLE_INTERVAL)
-        now = time.monotonic()
-        # The first sample waits a full interval: short tasks are measured by the
-        # child's own report, and a sample scans the whole process table.
-        next_sample = now + sample_every
-        next_flush = now + defaults.PROGRESS_INTERVAL
-        next_poll = now + defaults.STORE_POLL_INTERVAL
-        deadline = run.started + run.timeout if run.timeout else None
-        term_at: Optional[float] = None
-        killed = False
-        done: Optional[tuple] = None
+    def _watch(self, run: TaskRun, child: ChildProcess, usage: TreeUsage) -> Optional[Done]:
+        watchdog = Watchdog(self._schedule, run.started, run.timeout)
+        done: Optional[Done] = None
         conn_open = True
         while True:
             now = time.monotonic()
-            if deadline is not None and now >= deadline and run.stop_reason is None:
-                run.request_stop(StopReason.TIMEOUT)
-            if now >= next_sample:
-                sample(child.pid, usage)
-                next_sample = now + sample_every
-                if settings.max_memory and usage.memory_now > settings.max_memory and not killed:
-                    run.request_stop(StopReason.MEMORY)
-                    kill_tree(child.pid, usage)
-                    killed = True
-            if settings.shared_store and now >= next_poll and not killed:
-                next_poll = now + defaults.STORE_POLL_INTERVAL
-                if self._lost_ownership(run):
-                    kill_tree(child.pid, usage)
-                    killed = True
-            if run.stop_at is not None and done is None and not killed:
-                grace_end = run.stop_at + settings.stop_grace
-                if term_at is None and now >= grace_end:
-                    signal_tree(child.pid, signal.SIGTERM, usage)
-                    term_at = now
-                elif term_at is not None and now >= term_at + defaults.KILL_AFTER_TERM:
-                    kill_tree(child.pid, usage)
-                    killed = True
-            if run.dirty and now >= next_flush:
-                self._flush(run)
-                next_flush = now + defaults.PROGRESS_INTERVAL
-            waits = [next_sample, next_poll] if settings.shared_store else [next_sample]
-            if deadline is not None and run.stop_reason is None:
-                waits.append(deadline)
-            if run.stop_at is not None and not killed and done is None:
-                waits.append(term_at + defaults.KILL_AFTER_TERM if term_at is not None
-                             else run.stop_at + settings.stop_grace)
-            if run.dirty:
-                waits.append(next_flush)
-            timeout = max(0.0, min(waits) - time.monotonic())
-            watched: list = [child.exit_fd, self.wake_fd]
+            state = dict(stop_at=run.stop_at, stopping=run.stop_reason is not None, dirty=run.dirty,
+                         ended=done is not None)
+            for action in watchdog.due(now, **state):  # type: ignore[arg-type]
+                self._act(action, run, child, usage, watchdog)
+            if run.abandoned and not watchdog.killed:
+                kill_tree(child.pid, usage)
+                watchdog.killed_now()
+            state.update(stopping=run.stop_reason is not None, dirty=run.dirty)
+            timeout = watchdog.sleep_for(time.monotonic(), **state)  # type: ignore[arg-type]
+            watched: list[Any] = [child.exit_fd, self.wake_fd]
             if conn_open:
                 watched.append(child.conn)
             ready = wait_ready(watched, timeout)
@@ -195,39 +202,42 @@ class Supervisor:
                 if conn_open:
                     done, conn_open = self._receive(run, child, done)
                 return done
-            if done is not None and not settings.fresh_process:
+            if done is not None and not self.settings.fresh_process:
                 return done
 
-    def _lost_ownership(self, run: TaskRun) -> bool:
-        """Look at the stored task: pass on a stop requested elsewhere; True if it is no longer ours.
+    def _act(self, action: Action, run: TaskRun, child: ChildProcess, usage: TreeUsage,
+             watchdog: Watchdog) -> None:
+        if action is Action.TIMEOUT:
+            run.request_stop(StopReason.TIMEOUT)
+        elif action is Action.SAMPLE:
+            sample(child.pid, usage)
+            limit = self.settings.max_memory
+            if limit and usage.memory_now > limit and not watchdog.killed:
+                run.request_stop(StopReason.MEMORY)
+                kill_tree(child.pid, usage)
+                watchdog.killed_now()
+        elif action is Action.TERMINATE:
+            signal_tree(child.pid, signal.SIGTERM, usage)
+        elif action is Action.KILL:
+            kill_tree(child.pid, usage)
+        elif action is Action.FLUSH:
+            self._flush(run)
 
-        A serving process paused past its lease finds its tasks settled (or claimed
-        again) by others when it wakes up; it must then give them up at once.
-        """
-        row = self.store.get(run.uuid)
-        if row is None or row["status"] not in _ACTIVE_VALUES or row.get("owner") != self.owner:
-            run.abandoned = True
-            return True
-        if row.get("stop_requested") and run.stop_reason is None:
-            run.request_stop(StopReason.REQUESTED)
-        return False
-
-    def _receive(self, run: TaskRun, child: ChildProcess, done: Optional[tuple]) -> tuple[Optional[tuple], bool]:
+    def _receive(self, run: TaskRun, child: ChildProcess, done: Optional[Done]) -> tuple[Optional[Done], bool]:
         """Read every message waiting on the channel; return (done message, channel still open)."""
         conn = child.conn
         try:
             while conn.poll():
                 message = conn.recv()
-                kind = message[0]
-                if kind == "log":
-                    self.log_queue.put(message[1])
-                elif message[1] != run.uuid:
+                if isinstance(message, LogRecordMessage):
+                    self.log_queue.put(message.record)
+                elif getattr(message, "uuid", None) != run.uuid:
                     continue
-                elif kind == "progress":
-                    run.progress, run.dirty = message[2], True
-                elif kind == "percent":
-                    run.percent, run.dirty = message[2], True
-                elif kind == "done":
+                elif isinstance(message, Progress):
+                    run.progress, run.dirty = message.value, True
+                elif isinstance(message, Percent):
+                    run.percent, run.dirty = message.value, True
+                elif isinstance(message, Done):
                     done = message
                     if not self.settings.fresh_process:
                         return done, True
@@ -237,10 +247,20 @@ class Supervisor:
 
     def _flush(self, run: TaskRun) -> None:
         run.dirty = False
-        self.store.update(run.uuid, owner=self.owner, progress=run.progress, percent=run.percent)
+        try:
+            event = self.store.progress(run.uuid, self.owner, run.progress, run.percent)
+        except StoreError as exc:  # kept in memory: the next flush (or the end record) writes it
+            run.dirty = True
+            if not self._flush_failed:
+                self._logger.warning("Cannot write the progress of task %s: %s", run.uuid, exc)
+            self._flush_failed = True
+            return
+        self._flush_failed = False
+        if event is not None:
+            self._publish(event)
 
     @staticmethod
-    def _reap_descendants(pid: int, reported: Optional[list]) -> None:
+    def _reap_descendants(pid: int, reported: Optional[list[int]]) -> None:
         """Kill what a task left behind in a process that will run more tasks.
 
         The child reports its live children when a task ends; only if it could not
@@ -267,53 +287,52 @@ def _drain_fd(fd: int) -> None:
         pass
 
 
-def _classify(run: TaskRun, done: Optional[tuple], child: ChildProcess, usage: TreeUsage,
-              settings: Settings) -> Outcome:
-    """Turn what was observed into a terminal status and the fields recorded with it."""
-    report = done[4] if done is not None else {}
-    fields: dict = {
-        "ended_at": time.time(),
-        "exit_code": child.exit_code if child.exited else None,
-        "progress": run.progress,
-        "percent": run.percent,
-        "memory_peak": max(usage.memory_peak, report.get("maxrss", 0)) or None,
-        "cpu_time": max(usage.cpu_time if settings.fresh_process else 0.0, report.get("cpu_time", 0.0)) or None,
+def classify(seen: Observation, settings: Settings) -> Outcome:
+    """Turn what was observed of a run into a terminal status and the fields recorded with it."""
+    usage = seen.usage
+    report = seen.done.usage if seen.done is not None else None
+    fields: dict[str, Any] = {
+        "ended_at": seen.ended_at,
+        "exit_code": seen.exit_code if seen.exited else None,
+        "progress": seen.progress,
+        "percent": seen.percent,
+        "memory_peak": max(usage.memory_peak, report.maxrss if report else 0) or None,
+        "cpu_time": max(usage.cpu_time if settings.fresh_process else 0.0,
+                        report.cpu_time if report else 0.0) or None,
     }
-    reason = run.stop_reason
-    alive = not child.exited
+    reason = seen.stop_reason
+    alive = not seen.exited
     if reason is StopReason.MEMORY:
-        fields["error"] = _err("MemoryLimitExceeded",
-                               f"The task's process tree used {usage.memory_now or usage.memory_peak} bytes of "
-                               f"memory, over the limit of {settings.max_memory} bytes, and was killed.")
+        fields["error"] = error_record(
+            "MemoryLimitExceeded", f"The task's process tree used {usage.memory_now or usage.memory_peak} bytes "
+                                   f"of memory, over the limit of {settings.max_memory} bytes, and was killed.")
         return Outcome(TaskStatus.FAILED, fields, alive)
-    if done is not None:
-        kind, payload = done[2], done[3]
-        if kind == "ok":
-            fields["result"] = json.loads(payload)
+    if seen.done is not None:
+        if seen.done.kind == "ok":
+            fields["result"] = json.loads(seen.done.result_json or "null")
             return Outcome(TaskStatus.SUCCEEDED, fields, alive)
-        if kind == "error":
-            fields["error"] = payload
+        if seen.done.kind == "error":
+            fields["error"] = seen.done.error
             return Outcome(TaskStatus.FAILED, fields, alive)
-        return _stopped(reason, fields, alive, run, None, settings)
-    how = describe_exit(child.exit_code)
+        return _stopped(reason, fields, alive, seen.timeout, None, settings)
+    how = describe_exit(seen.exit_code if seen.exited else None)
     if reason is None:
-        fields["error"] = _err("ProcessDied", f"The task process {how} before returning a result.")
+        fields["error"] = error_record("ProcessDied", f"The task process {how} before returning a result.")
         return Outcome(TaskStatus.FAILED, fields, False)
-    return _stopped(reason, fields, False, run, how, settings)
+    return _stopped(reason, fields, False, seen.timeout, how, settings)
 
 
-def _stopped(reason: Optional[StopReason], fields: dict, alive: bool, run: TaskRun, how: Optional[str],
-             settings: Settings) -> Outcome:
+def _stopped(reason: Optional[StopReason], fields: dict[str, Any], alive: bool, timeout: Optional[float],
+             how: Optional[str], settings: Settings) -> Outcome:
     killed = f" It did not stop within {settings.stop_grace:g} s and {how}." if how else ""
+    error: Optional[ErrorRecord] = None
     if reason is StopReason.TIMEOUT:
-        fields["error"] = _err("TaskTimeout", f"The task ran longer than its timeout of {run.timeout:g} s.{killed}")
+        fields["error"] = error_record("TaskTimeout", f"The task ran longer than its timeout of {timeout:g} s.{killed}")
         return Outcome(TaskStatus.TIMED_OUT, fields, alive)
     if reason is StopReason.SHUTDOWN:
-        fields["error"] = _err("Shutdown", f"The task was stopped because its server shut down.{killed}")
+        error = error_record("Shutdown", f"The task was stopped because its server shut down.{killed}")
     elif how:
-        fields["error"] = _err("Killed", f"The task was asked to stop.{killed}")
+        error = error_record("Killed", f"The task was asked to stop.{killed}")
+    if error is not None:
+        fields["error"] = error
     return Outcome(TaskStatus.STOPPED, fields, alive)
-
-
-def _err(kind: str, message: str) -> dict:
-    return {"type": kind, "message": message, "traceback": None}

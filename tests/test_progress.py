@@ -1,16 +1,13 @@
 """Progress reported in a tight loop is coalesced in the task process, yet the last value always
-arrives; serving processes of one host nudge each other when a task ends or must stop."""
+arrives."""
 from __future__ import annotations
 
-import threading
 import time
-import uuid as uuid_module
 
 import pytest
 
 from conftest import wait_until
 from flask_multiprocess_controller import MetaMPTask
-from flask_multiprocess_controller.notify import HostBus
 
 
 class Chatty(MetaMPTask):
@@ -62,51 +59,3 @@ def test_unserialisable_progress_still_fails_at_the_call(make_controller):
     assert task["error"]["type"] == "TypeError"
     assert "JSON-serialisable" in task["error"]["message"]
     assert task["progress"] == 99
-
-
-# -- nudges between serving processes ----------------------------------------------------------
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str]] = []
-        self.event = threading.Event()
-
-    def handler(self, verb: str):
-        def record(uuid: str) -> None:
-            self.seen.append((verb, uuid))
-            self.event.set()
-        return record
-
-
-def _bus(controller: str, owner: str, recorder: _Recorder) -> HostBus:
-    import logging
-    bus = HostBus(controller, owner, on_ended=recorder.handler("ended"), on_stop=recorder.handler("stop"),
-                  logger=logging.getLogger("test-bus"))
-    bus.start()
-    return bus
-
-
-@pytest.mark.timeout(30)
-def test_a_host_bus_delivers_ended_and_stop_to_the_right_runtime():
-    name = f"bus-{uuid_module.uuid4().hex[:8]}"
-    a_seen, b_seen, other_seen = _Recorder(), _Recorder(), _Recorder()
-    a = _bus(name, "host:1:1.000", a_seen)
-    b = _bus(name, "host:2:2.000", b_seen)
-    other = _bus(name + "-other", "host:2:2.000", other_seen)  # same process, another controller
-    try:
-        a.set_peers(["host:1:1.000", "host:2:2.000", "host:3:3.000"])  # itself and a dead one are harmless
-        task = str(uuid_module.uuid4())
-        a.ended(task)
-        assert b_seen.event.wait(10)
-        assert b_seen.seen == [("ended", task)]
-        b_seen.event.clear()
-        b.stop("host:1:1.000", task)
-        assert a_seen.event.wait(10)
-        assert a_seen.seen == [("stop", task)]
-        time.sleep(0.2)
-        assert other_seen.seen == [], "a nudge reached another controller's runtime"
-        assert b_seen.seen == [("ended", task)], "a runtime nudged itself"
-    finally:
-        for bus in (a, b, other):
-            bus.close()

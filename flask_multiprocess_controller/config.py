@@ -1,0 +1,39 @@
+"""The settings a controller hands to its runtime, frozen once the controller is built."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
+
+from .logs import MetaMPLoggerConfigurator
+from .task import MetaMPTask
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """What the moving parts of one controller need to know about it (see :class:`MetaMPController`)."""
+
+    #: The controller's name in the store.
+    name: str
+    target_task: type[MetaMPTask]
+    max_num_process: int
+    stop_grace: float
+    max_memory: Optional[int]
+    max_tasks_per_child: int
+    retention: float
+    lease: float
+    logger: logging.Logger
+    configurator: type[MetaMPLoggerConfigurator]
+    #: Handed to each task as ``self.context``.
+    context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def restartable(self) -> bool:
+        """Whether a run cut off by the death of its server is queued again."""
+        return bool(self.target_task.restartable)
+
+    @property
+    def fresh_process(self) -> bool:
+        """Whether each task gets a process of its own."""
+        return self.max_tasks_per_child == 1
