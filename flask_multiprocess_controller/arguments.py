@@ -36,6 +36,29 @@ def _fits(value: Any, basic: type) -> bool:
     return isinstance(value, basic)
 
 
+def check_depth(value: Any, limit: int) -> None:
+    """Raise :class:`InvalidArguments` if ``value`` nests lists and objects deeper than ``limit`` levels.
+
+    Deep nesting costs every reader a recursion per level (JSON encoders, SQLite's JSON
+    handling), so it is refused before anything is stored.
+    """
+    level = [value]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise InvalidArguments(f"Arguments nest deeper than {limit} levels.")
+        level = [child for item in level for child in _children(item)]
+
+
+def _children(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [v for v in value.values() if isinstance(v, (dict, list))]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, (dict, list))]
+    return []
+
+
 class ArgumentSpec:
     """What keyword arguments a task's ``execute`` accepts."""
 

@@ -7,6 +7,8 @@ The messages are the dataclasses of :mod:`.protocol`: commands :class:`RunTask`,
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import resource
 import threading
@@ -16,6 +18,7 @@ from typing import Any, Optional, Type
 
 from . import task as task_module
 from .exceptions import AbortException
+from .proctree import set_process_name, task_process_name
 from .logs import ChannelQueue, MetaMPLoggerConfigurator, apply_logger_levels
 from .protocol import (
     Command, Done, Exit, Percent, Progress, RunTask, StopTask, Usage, error_record, exception_record,
@@ -28,8 +31,12 @@ PUBLISH_INTERVAL = 0.05
 
 _NOTHING = object()
 
+#: The name of a task process between tasks.
+_IDLE_NAME = "mpc-idle"
+
 #: Progress values that are JSON-serialisable by their type alone (checked without encoding).
 _JSON_SCALARS = frozenset({int, float, str, bool, type(None)})
+_INFINITIES = (math.inf, -math.inf)
 
 
 class _Channel:
@@ -56,24 +63,50 @@ class _Channel:
         self._flush_lock = threading.Lock()
         self._flusher: Optional[threading.Thread] = None
         self._next_send = 0.0
+        self._limit = 0
+        self._short_str = 0
+        self._logger = logging.getLogger(__name__)
 
     def send(self, message: object) -> None:
         with self._send_lock:
             self._conn.send(message)
 
-    def begin(self, task_id: str) -> None:
-        self.task_id = task_id
+    def begin(self, command: RunTask, logger: logging.Logger) -> None:
+        self.task_id = command.uuid
         self._stop = False
+        self._limit = command.limits.progress_bytes
+        # A string this short cannot encode to more than the limit (JSON escapes take 6 bytes at most).
+        self._short_str = self._limit // 6
+        self._logger = logger
 
     def publish(self, value: Any) -> None:
-        if type(value) not in _JSON_SCALARS:
+        kind = type(value)
+        if kind is float:
+            if value != value or value in _INFINITIES:
+                self._refuse(f"{value!r} is not a JSON number")
+                return
+        elif kind is str:
+            if len(value) > self._short_str and len(json.dumps(value)) > self._limit:
+                self._refuse(f"it has {len(value)} characters, over the limit of {self._limit} bytes")
+                return
+        elif kind not in _JSON_SCALARS:
             try:
-                json.dumps(value)
-            except (TypeError, ValueError) as exc:
+                size = len(json.dumps(value, allow_nan=False))
+            except TypeError as exc:
                 raise TypeError(f"upload_status() needs a JSON-serialisable value: {exc}") from None
+            except ValueError as exc:  # NaN or Infinity inside: not valid JSON for any client
+                self._refuse(str(exc))
+                return
+            if size > self._limit:
+                self._refuse(f"it encodes to {size} bytes, over the limit of {self._limit} bytes")
+                return
         self._progress = value
         if not self._armed:
             self._arm()
+
+    def _refuse(self, why: str) -> None:
+        self._logger.warning("upload_status() of task %s refused: %s; the previous progress stays.",
+                             self.task_id, why)
 
     def _arm(self) -> None:
         self._armed = True
@@ -150,26 +183,37 @@ def _child_pids() -> Optional[list[int]]:
     return pids
 
 
+def _result(task_id: str, result: Any, limit: int) -> Done:
+    """The report of a task that returned ``result``: its JSON, or why it cannot be stored."""
+    try:
+        text = json.dumps(result, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return Done(task_id, "error", error=error_record(
+            "ResultNotSerializable",
+            f"execute() returned a value of type {type(result).__name__}, which is not JSON-serialisable: {exc}"))
+    if len(text) > limit:
+        return Done(task_id, "error", error=error_record(
+            "ResultTooLarge", f"execute() returned {len(text)} bytes of JSON, over the controller's "
+                              f"max_result_size of {limit} bytes."))
+    return Done(task_id, "ok", result_json=text)
+
+
 def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask) -> Done:
     task_id = command.uuid
-    channel.begin(task_id)
+    channel.begin(command, task_cls.logger)
     cpu_before, _ = _usage()
+    set_process_name(task_process_name(task_id))  # the proof that this process is the task's
     task = task_cls(task_id, channel, command.context)
     task_module._set_current(task)
     try:
-        result = task.execute(**command.args)
-        try:
-            done = Done(task_id, "ok", result_json=json.dumps(result))
-        except (TypeError, ValueError) as exc:
-            done = Done(task_id, "error", error=error_record(
-                "ResultNotSerializable",
-                f"execute() returned a value of type {type(result).__name__}, which is not JSON-serialisable: {exc}"))
+        done = _result(task_id, task.execute(**command.args), command.limits.result_bytes)
     except AbortException:
         done = Done(task_id, "aborted")
     except BaseException as exc:  # the task's own failure, whatever it is, is data for the parent
         done = Done(task_id, "error", error=exception_record(exc))
     finally:
         task_module._set_current(None)
+        set_process_name(_IDLE_NAME)
     channel.flush_progress()
     cpu_after, maxrss = _usage()
     usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids())

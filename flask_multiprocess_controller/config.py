@@ -7,6 +7,7 @@ from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
 from .logs import MetaMPLoggerConfigurator
+from .protocol import Limits
 from .task import MetaMPTask
 
 
@@ -25,6 +26,9 @@ class RuntimeConfig:
     lease: float
     logger: logging.Logger
     configurator: type[MetaMPLoggerConfigurator]
+    limits: Limits
+    #: Whether callbacks show ``error.traceback``.
+    expose_tracebacks: bool = False
     #: Handed to each task as ``self.context``.
     context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 

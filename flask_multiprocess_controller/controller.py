@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import os
 import signal
 import threading
@@ -20,14 +21,15 @@ import uuid as uuid_module
 import weakref
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union
 
-from flask import has_request_context, request, url_for
+from flask import current_app, has_app_context, has_request_context, request, url_for
 from werkzeug.routing import BuildError
 
 from . import defaults
-from .arguments import ArgumentSpec
-from .exceptions import ControllerClosed, InvalidRequest, TaskNotFound
+from .arguments import ArgumentSpec, check_depth
+from .exceptions import ControllerClosed, InvalidRequest, PayloadTooLarge, TaskNotFound
 from .logs import MetaMPLoggerConfigurator
-from .presenter import present
+from .presenter import clip, hide_traceback, present
+from .protocol import Limits
 from .config import RuntimeConfig
 from .runtime import Runtime
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
@@ -68,7 +70,9 @@ def _number(name: str, raw: Optional[str], kind: type = float, minimum: float = 
     except ValueError:
         raise InvalidRequest(f"Query option '{name}' must be {'an integer' if kind is int else 'a number'}, "
                              f"not {raw!r}.") from None
-    if kind is float and value != value or value < minimum:  # NaN or too small
+    if kind is float and not math.isfinite(value):
+        raise InvalidRequest(f"Query option '{name}' must be a finite number, not {raw!r}.")
+    if value < minimum:
         raise InvalidRequest(f"Query option '{name}' must be at least {minimum:g}, not {raw!r}.")
     return value
 
@@ -104,6 +108,12 @@ class MetaMPController:
     :param lease: seconds without a heartbeat after which a serving process on another
         host counts as dead and its running tasks are settled (``lost`` or requeued).
     :param log_configurator: a :class:`MetaMPLoggerConfigurator` subclass.
+    :param max_wait: seconds a ``?wait=`` holds a request at most; a longer one is clamped.
+    :param expose_tracebacks: show ``error.traceback`` to HTTP clients and callbacks (also
+        shown over HTTP when the app runs in debug mode); the store and the logs always keep it.
+    :param max_result_size: bytes of JSON a result may take; over it the task fails (``ResultTooLarge``).
+    :param max_progress_size: bytes of JSON one progress value may take; a larger one is refused.
+    :param max_bulk: task objects one bulk POST may hold; over it, 413.
     """
 
     _name: ClassVar[Optional[str]] = None
@@ -131,7 +141,10 @@ class MetaMPController:
                  max_tasks_per_child: int = 1, store: Union[None, str, TaskStore] = None,
                  context: Optional[Mapping[str, Any]] = None, retention: float = defaults.RETENTION,
                  max_content_length: int = defaults.MAX_CONTENT_LENGTH, lease: float = defaults.LEASE,
-                 log_configurator: Optional[type[MetaMPLoggerConfigurator]] = None) -> None:
+                 log_configurator: Optional[type[MetaMPLoggerConfigurator]] = None,
+                 max_wait: float = defaults.MAX_WAIT, expose_tracebacks: bool = False,
+                 max_result_size: int = defaults.MAX_RESULT_SIZE,
+                 max_progress_size: int = defaults.MAX_PROGRESS_SIZE, max_bulk: int = defaults.MAX_BULK) -> None:
         if not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
             raise TypeError(f"target_task must be a MetaMPTask subclass, not {target_task!r}.")
         if not isinstance(max_num_process, int) or max_num_process < 1:
@@ -158,6 +171,13 @@ class MetaMPController:
         self.context: dict = dict(context or {})
         self.retention = retention
         self.max_content_length = max_content_length
+        for name, value in (("max_wait", max_wait), ("max_result_size", max_result_size),
+                            ("max_progress_size", max_progress_size), ("max_bulk", max_bulk)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, not {value!r}.")
+        self.max_wait = float(max_wait)
+        self.expose_tracebacks = bool(expose_tracebacks)
+        self.max_bulk = int(max_bulk)
         self.lease = lease
         #: The controller's name in the store: tasks are shared by controllers of the same name.
         self.name: str = self._name or target_task.__name__
@@ -169,7 +189,9 @@ class MetaMPController:
         self._config = RuntimeConfig(
             name=self.name, target_task=target_task, max_num_process=max_num_process, stop_grace=self.stop_grace,
             max_memory=max_memory, max_tasks_per_child=max_tasks_per_child, retention=retention, lease=lease,
-            logger=self.logger, configurator=self._configurator, context=types.MappingProxyType(self.context))
+            logger=self.logger, configurator=self._configurator, context=types.MappingProxyType(self.context),
+            limits=Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size)),
+            expose_tracebacks=self.expose_tracebacks)
         # Guards _runtime creation and _closed.
         self._lock = threading.Lock()
         self._closed = False
@@ -238,6 +260,8 @@ class MetaMPController:
         :raises QueueFull: the items do not fit in the queue; nothing is queued.
         """
         runtime = self.runtime
+        if len(items) > self.max_bulk:
+            raise PayloadTooLarge(f"{len(items)} tasks in one request; the limit is {self.max_bulk}.")
         effective_timeout = self._effective_timeout(timeout)
         now = time.time()
         rows: list[dict[str, Any]] = []
@@ -252,6 +276,7 @@ class MetaMPController:
                     raise InvalidRequest(f"'priority' must be an integer, not {task_priority!r}.")
             if not -(2 ** 62) <= task_priority <= 2 ** 62:
                 raise InvalidRequest(f"'priority' must be between {-(2 ** 62)} and {2 ** 62}.")
+            check_depth(args, defaults.MAX_ARGS_DEPTH)
             self._spec.check(args)
             rows.append({
                 "uuid": str(uuid_module.uuid4()), "controller": self.name, "status": TaskStatus.QUEUED.value,
@@ -259,7 +284,7 @@ class MetaMPController:
                 "attempt": 0, "stop_requested": False,
             })
         runtime.submit(rows, self.max_num_queue)
-        return [self._present(row) for row in rows]
+        return self._present_new(rows)
 
     def submit(self, **kwargs: Any) -> str:
         """Queue ``execute(**kwargs)`` and return the task's uuid."""
@@ -306,7 +331,7 @@ class MetaMPController:
         rows = self.store.list_tasks(self.name, statuses or None, limit)
         counts = self.store.counts(self.name)
         return {
-            "tasks": [self._present(row) for row in rows],
+            "tasks": [clip(self._present(row), defaults.LIST_VALUE_SIZE) for row in rows],
             "running": counts.get("running", 0) + counts.get("stopping", 0),
             "queued": counts.get("queued", 0),
             "max_num_process": self.max_num_process,
@@ -330,6 +355,7 @@ class MetaMPController:
             tasks = [self.wait(t["uuid"], max(0.0, deadline - time.monotonic())) for t in tasks]
             if all(t["status"] in TERMINAL for t in tasks):
                 status = 200
+        tasks = [self._for_client(t) for t in tasks]
         if args:
             return {"tasks": tasks}, status, {}
         return tasks[0], status, {"Location": self._location(tasks[0]["uuid"])}
@@ -341,16 +367,18 @@ class MetaMPController:
         if kwargs.get("uuid") is None:
             statuses = [s for s in (options.get("status") or "").split(",") if s]
             limit = _number("limit", options.get("limit"), int, minimum=1)
-            return self.tasks(statuses, defaults.LIST_LIMIT if limit is None else limit), 200, {}
+            listing = self.tasks(statuses, defaults.LIST_LIMIT if limit is None else limit)
+            listing["tasks"] = [self._for_client(t) for t in listing["tasks"]]
+            return listing, 200, {}
         uuid = parse_uuid(kwargs["uuid"])
         task = self.wait(uuid, wait) if wait is not None else self.status(uuid)
-        return task, 200, {}
+        return self._for_client(task), 200, {}
 
     def delete(self, **kwargs: Any) -> ResponseTuple:
         """Stop a task: 202 while it stops, 200 when it was queued and is now stopped."""
         if kwargs.get("uuid") is None:
             raise InvalidRequest("DELETE needs the uuid of a task: in the path, as ?uuid=, or in a JSON body.")
-        task = self.stop(parse_uuid(kwargs["uuid"]))
+        task = self._for_client(self.stop(parse_uuid(kwargs["uuid"])))
         return task, (200 if task["status"] == TaskStatus.STOPPED else 202), {}
 
     def handler(self, method: str) -> Callable[..., ResponseTuple]:
@@ -379,6 +407,23 @@ class MetaMPController:
             live = runtime.local_run(row["uuid"])
         return present(row, position, live)
 
+    def _for_client(self, task: dict) -> dict:
+        """A task object as HTTP clients see it: no traceback unless the controller (or debug mode) says so."""
+        if self.expose_tracebacks or (has_app_context() and current_app.debug):
+            return task
+        return hide_traceback(task)
+
+    def _present_new(self, rows: list[dict[str, Any]]) -> list[dict]:
+        """Task objects of rows just queued together: one position query, not one per row.
+
+        Rows of one priority were inserted together, so they stand one after another in
+        the queue (with any tasks claimed meanwhile, positions are at most that high).
+        """
+        if len({row["priority"] for row in rows}) != 1:
+            return [self._present(row) for row in rows]
+        first = self.store.position(rows[0])
+        return [present(row, None if first is None else first + i) for i, row in enumerate(rows)]
+
     def _effective_timeout(self, requested: Optional[float]) -> Optional[float]:
         if requested is None:
             return self.timeout
@@ -386,10 +431,10 @@ class MetaMPController:
             raise InvalidRequest("'timeout' must be a positive number of seconds.")
         return requested if self.timeout is None else min(requested, self.timeout)
 
-    @staticmethod
-    def _wait_option(options: Mapping[str, str]) -> Optional[float]:
+    def _wait_option(self, options: Mapping[str, str]) -> Optional[float]:
+        """The ``?wait=`` of a request, clamped to ``max_wait`` (a longer wait is not refused)."""
         wait = _number("wait", options.get("wait"))
-        return None if wait is None else min(wait, defaults.MAX_WAIT)
+        return None if wait is None else min(wait, self.max_wait)
 
     def _location(self, uuid: str) -> str:
         if not has_request_context() or request.endpoint is None:

@@ -27,8 +27,22 @@ LEASE = 10.0
 RECONCILE_INTERVAL = 2.0
 #: Environment variable naming this host in the store (default: the host name).
 HOST_ID_ENV = "MPC_HOST_ID"
-#: Seconds a ``?wait=`` may hold a request open at most.
-MAX_WAIT = 3600.0
+#: Seconds a ``?wait=`` (or any long-lived response) holds a request open at most: below gunicorn's
+#: default worker timeout of 30 s, so a long-poll never gets a sync worker killed.
+MAX_WAIT = 25.0
+#: Bytes of JSON a task's result may take (1 MiB); over it the task fails with ``ResultTooLarge``.
+MAX_RESULT_SIZE = 1024 * 1024
+#: Bytes of JSON one progress value may take (64 KiB); a larger one is refused in the task.
+MAX_PROGRESS_SIZE = 64 * 1024
+#: Bytes of JSON the list view shows of a task's ``args``, ``progress`` and ``result`` each (4 KiB);
+#: a larger value is shown as null and named in the item's ``truncated``.
+LIST_VALUE_SIZE = 4 * 1024
+#: Task objects one bulk POST may hold; over it, 413.
+MAX_BULK = 1000
+#: Levels a task's keyword arguments may nest at most.
+MAX_ARGS_DEPTH = 100
+#: Log records waiting for the serving process's handlers at most; past it records are dropped (counted).
+LOG_QUEUE_SIZE = 10_000
 #: Tasks a list view returns when ``?limit=`` is not given, and at most.
 LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000

@@ -8,13 +8,18 @@ forks this server once, when it is created (at import time in the seed, before
 any thread exists). The server inherits the task class already defined in memory
 and forks a child for each request; it never runs threads itself.
 
-Protocol over a Unix socket pair: the controller sends one byte and two file
-descriptors (the child's end of a duplex socket, and the write end of a pipe); the
-server forks, answers the child's pid, and writes the child's exit code (as
-:func:`os.waitstatus_to_exitcode` gives it) to the pipe when it reaps the child.
-The server reaps orphaned grandchildren too (it is a child subreaper), and when the
-controller's end of the socket closes (the controller shut down or its process
-died) it kills every task process group it started and exits.
+Protocol over a Unix socket pair: to start a task process the controller sends
+``S`` and two file descriptors (the child's end of a duplex socket, and the write
+end of a pipe); the server forks, answers the child's pid, and writes the child's
+exit code (as :func:`os.waitstatus_to_exitcode` gives it) to the pipe when it reaps
+the child. To signal a task's process group the controller sends ``K``, the pid and
+the signal; the server signals the group only while that task process is its own,
+unreaped child, so a pid the kernel has recycled is never hit. When a task process
+exits, the server kills what is left in its process group before reaping it (the
+unreaped leader keeps the group's id from being reused). The server reaps orphaned
+grandchildren too (it is a child subreaper), and when the controller's end of the
+socket closes (the controller shut down or its process died) it kills every task
+process group it started and exits.
 """
 from __future__ import annotations
 
@@ -28,11 +33,14 @@ import struct
 import sys
 import threading
 from multiprocessing.connection import Connection
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import psutil
 
+from .proctree import signal_processes
+
 _PID = struct.Struct("i")
+_KILL = struct.Struct("ii")  # pid, signal
 _PR_SET_CHILD_SUBREAPER = 36
 
 #: File descriptors that belong to the serving process only; a forked server closes its copies.
@@ -53,9 +61,13 @@ def forget_parent_only(*fds: int) -> None:
 
 
 class ChildProcess:
-    """The serving process's handle on one task process."""
+    """The serving process's handle on one task process.
 
-    def __init__(self, pid: int, conn: Connection, exit_fd: int) -> None:
+    :param signal_group: signals the task's process group through the fork server.
+    """
+
+    def __init__(self, pid: int, conn: Connection, exit_fd: int,
+                 signal_group: Callable[[int, int], bool]) -> None:
         self.pid = pid
         #: Duplex channel to the child: commands out, progress/logs/results in.
         self.conn = conn
@@ -63,10 +75,14 @@ class ChildProcess:
         self.exit_fd = exit_fd
         self.exit_code: Optional[int] = None
         self.exited = False
+        self._signal_group = signal_group
+        #: The task process as psutil saw it at its start: signals through it check the create time.
+        self.process: Optional[psutil.Process]
         try:
-            self.create_time: Optional[float] = psutil.Process(pid).create_time()
+            self.process = psutil.Process(pid)
+            self.create_time: Optional[float] = self.process.create_time()
         except psutil.Error:
-            self.create_time = None
+            self.process, self.create_time = None, None
         # Guards sends on conn: the controlling thread and request threads (stop) both send.
         self._send_lock = threading.Lock()
 
@@ -78,6 +94,25 @@ class ChildProcess:
                 return True
             except (OSError, ValueError):
                 return False
+
+    def signal_tree(self, signum: int, seen: Iterable[psutil.Process] = ()) -> None:
+        """Send ``signum`` to the task's process group, its live descendants and the processes ``seen``.
+
+        Only processes proven to be the task's are signalled: the group through the fork
+        server (while the task process is its unreaped child), the others through psutil,
+        which checks each process's create time. "Already dead" counts as success.
+        """
+        if not self.exited:
+            self._signal_group(self.pid, signum)
+        targets: dict[int, psutil.Process] = {proc.pid: proc for proc in seen}
+        if self.process is not None and not self.exited:
+            try:
+                targets.setdefault(self.pid, self.process)
+                for proc in self.process.children(recursive=True):
+                    targets.setdefault(proc.pid, proc)
+            except psutil.Error:
+                pass
+        signal_processes(targets.values(), signum)
 
     def read_exit(self) -> Optional[int]:
         """Read the exit code after ``exit_fd`` became readable (None if the server died)."""
@@ -161,7 +196,19 @@ class ForkServer:
             os.close(exit_r)
             raise OSError(-pid, f"the fork server could not fork: {os.strerror(-pid)}")
         _remember_parent_only(ours.fileno(), exit_r)
-        return ChildProcess(pid, Connection(ours.detach()), exit_r)
+        return ChildProcess(pid, Connection(ours.detach()), exit_r, self.signal_group)
+
+    def signal_group(self, pid: int, signum: int) -> bool:
+        """Signal the process group of task process ``pid``; False when it is no longer the server's child."""
+        with self._lock:
+            if self._closed:
+                return False
+            try:
+                self._sock.sendall(b"K" + _KILL.pack(pid, signum))
+                (answer,) = _PID.unpack(_recv_exact(self._sock, _PID.size))
+            except OSError:
+                return False
+        return answer == 0
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the server (it kills any task process left) and reap it."""
@@ -254,7 +301,7 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection], None]) -> Non
     while True:
         for key, _ in selector.select():
             if key.fileobj is sock:
-                if not _fork_one(sock, exits, child_main, (selector, sock, wake_r, wake_w)):
+                if not _handle(sock, exits, child_main, (selector, sock, wake_r, wake_w)):
                     _kill_all(exits)
                     return
             else:
@@ -266,17 +313,40 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection], None]) -> Non
         _reap(exits)
 
 
-def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection], None],
-              server_objects: tuple) -> bool:
+def _handle(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection], None],
+            server_objects: tuple[Any, ...]) -> bool:
+    """Serve one request; False when the controller's end is closed."""
     try:
         message, fds, _, _ = socket.recv_fds(sock, 1, 2)
     except OSError:
         return False
-    if not message:
+    if message == b"K":
+        try:
+            pid, signum = _KILL.unpack(_recv_exact(sock, _KILL.size))
+        except OSError:
+            return False
+        sock.sendall(_PID.pack(_signal_own_group(exits, pid, signum)))
+        return True
+    if message != b"S" or len(fds) != 2:
         for fd in fds:
             os.close(fd)
         return False
-    child_fd, exit_w = fds
+    return _fork_one(sock, exits, child_main, server_objects, *fds)
+
+
+def _signal_own_group(exits: dict[int, int], pid: int, signum: int) -> int:
+    """Signal the group of ``pid`` if it is an unreaped task process of this server: 0, else 1."""
+    if pid not in exits:
+        return 1
+    try:
+        os.killpg(pid, signum)
+    except OSError:
+        pass
+    return 0
+
+
+def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection], None],
+              server_objects: tuple[Any, ...], child_fd: int, exit_w: int) -> bool:
     try:
         pid = os.fork()
     except OSError as exc:
@@ -326,11 +396,20 @@ def _become_task_process(exits: dict[int, int], server_objects: tuple, exit_w: i
 def _reap(exits: dict[int, int]) -> None:
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return
-        if pid == 0:
+        if exited is None or exited.si_pid == 0:
             return
+        pid = exited.si_pid
+        if pid in exits:
+            # The exited leader is not reaped yet, so its group id cannot have been reused:
+            # whatever the task left in its group is killed here, and nothing else.
+            _signal_own_group(exits, pid, signal.SIGKILL)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            continue
         exit_w = exits.pop(pid, None)
         if exit_w is not None:
             try:

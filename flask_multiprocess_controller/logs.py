@@ -12,8 +12,10 @@ import abc
 import logging
 import logging.handlers
 import queue
+import threading
 from typing import Any, Callable
 
+from . import defaults
 from .protocol import LogRecordMessage
 
 
@@ -103,20 +105,80 @@ class _HandToNamedLogger(logging.Handler):
         self.handle(record)
 
 
-class LogListener:
-    """The serving side: a queue fed by controlling threads, drained by a QueueListener."""
+class _StoppableListener(logging.handlers.QueueListener):
+    """A QueueListener whose stop waits a bounded time: a handler stuck on a slow stream must not
+    hold a shutdown."""
 
-    def __init__(self) -> None:
-        self.queue: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
-        self._listener = logging.handlers.QueueListener(self.queue, _HandToNamedLogger())
+    def start(self) -> None:
+        # A daemon thread: a process that exits must not wait for a backlog of task log records.
+        self._thread = threading.Thread(target=self._monitor, name="mpc-log-relay", daemon=True)
+        self._thread.start()
+
+    def stop_within(self, timeout: float) -> bool:
+        """Ask the thread to end after the records already queued; False if it is still busy."""
+        thread = self._thread
+        if thread is None:
+            return True
+        self.enqueue_sentinel()
+        thread.join(timeout)
+        self._thread = None
+        return not thread.is_alive()
+
+
+class LogListener:
+    """The serving side: a bounded queue fed by controlling threads, drained by a QueueListener.
+
+    When the handlers cannot keep up (a task logging in a tight loop to a slow stream),
+    records are dropped rather than held: the serving process's memory stays bounded,
+    the drops are counted and logged, and shutdown never waits for a backlog.
+    """
+
+    def __init__(self, logger: logging.Logger, capacity: int = defaults.LOG_QUEUE_SIZE) -> None:
+        self._logger = logger
+        self.queue: "queue.Queue[Any]" = queue.Queue(capacity)
+        self._listener = _StoppableListener(self.queue, _HandToNamedLogger())
         self._started = False
+        # Guards dropped and _reported.
+        self._lock = threading.Lock()
+        #: Records dropped because the queue was full.
+        self.dropped = 0
+        self._reported = 0
 
     def start(self) -> None:
         if not self._started:
             self._listener.start()
             self._started = True
 
-    def stop(self) -> None:
-        if self._started:
-            self._listener.stop()
-            self._started = False
+    def put(self, record: logging.LogRecord) -> None:
+        """Queue a record of a task process, or count it as dropped when the queue is full."""
+        try:
+            self.queue.put_nowait(record)
+            return
+        except queue.Full:
+            pass
+        with self._lock:
+            self.dropped += 1
+            first = self.dropped == self._reported + 1
+        if first:
+            self._logger.warning("Task log records arrive faster than the log handlers write them: dropping "
+                                 "records while %d wait (the count is logged at shutdown).", self.queue.maxsize)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop relaying: what is still queued after ``timeout`` seconds is dropped."""
+        if not self._started:
+            return
+        self._started = False
+        while True:  # make room for the listener's sentinel: the backlog is dropped, not waited for
+            try:
+                self.queue.get_nowait()
+                with self._lock:
+                    self.dropped += 1
+            except queue.Empty:
+                break
+        if not self._listener.stop_within(timeout):
+            self._logger.warning("A log handler is still busy after %g s; not waiting for it.", timeout)
+        with self._lock:
+            dropped, self._reported = self.dropped, self.dropped
+        if dropped:
+            self._logger.warning("%d task log record(s) were dropped because the log handlers could not keep up.",
+                                 dropped)

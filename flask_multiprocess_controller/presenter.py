@@ -1,6 +1,7 @@
 """The task object: how a stored task is shown to HTTP and Python callers."""
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -46,6 +47,8 @@ def present(row: dict, position: Optional[int] = None, live: Optional[Any] = Non
     :param live: the in-process run of the task, whose progress may be fresher than the store's.
     """
     view: dict[str, Any] = {key: row.get(key) for key in TASK_KEYS}
+    if view["error"] is not None:
+        view["error"] = dict(view["error"])  # callers may hide the traceback without touching the row
     for key in ("created_at", "started_at", "ended_at"):
         view[key] = iso(row.get(key))
     if live is not None:
@@ -53,3 +56,25 @@ def present(row: dict, position: Optional[int] = None, live: Optional[Any] = Non
     view["position"] = position if row["status"] == TaskStatus.QUEUED else None
     view["msg"] = _msg(row, position)
     return view
+
+
+def hide_traceback(task: dict) -> dict:
+    """The task object without its error's traceback (kept in the store and the logs)."""
+    if task.get("error") and task["error"].get("traceback") is not None:
+        task["error"] = {**task["error"], "traceback": None}
+    return task
+
+
+#: The values the list view shows only up to a size (the item URL gives them whole).
+_CLIPPED = ("args", "progress", "result")
+
+
+def clip(task: dict, limit: int) -> dict:
+    """Null out ``args``, ``progress`` and ``result`` larger than ``limit`` bytes of JSON, naming them in
+    ``truncated``: a list view stays small whatever its tasks carry."""
+    truncated = [key for key in _CLIPPED if task.get(key) is not None and len(json.dumps(task[key])) > limit]
+    for key in truncated:
+        task[key] = None
+    if truncated:
+        task["truncated"] = truncated
+    return task

@@ -1,12 +1,15 @@
 """A task's process tree: sampling its resources and killing all of it (psutil)."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import psutil
+
+_PR_SET_NAME = 15
 
 
 @dataclass
@@ -23,10 +26,9 @@ class TreeUsage:
     seen: dict[int, psutil.Process] = field(default_factory=dict)
 
 
-def sample(pid: int, usage: TreeUsage) -> None:
-    """Add one sample of the tree rooted at ``pid`` to ``usage``."""
+def sample(root: psutil.Process, usage: TreeUsage) -> None:
+    """Add one sample of the tree rooted at the task process ``root`` to ``usage``."""
     try:
-        root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return
@@ -46,25 +48,13 @@ def sample(pid: int, usage: TreeUsage) -> None:
     usage.cpu_time = max(usage.cpu_time, cpu)
 
 
-def signal_tree(pid: int, signum: int, usage: Optional[TreeUsage] = None) -> None:
-    """Send ``signum`` to the task's process group, its live descendants, and every member seen before.
+def signal_processes(procs: Iterable[psutil.Process], signum: int) -> None:
+    """Send ``signum`` to each of ``procs`` that still runs.
 
-    "Already dead" counts as success; processes whose pid was recycled are never
-    hit (psutil checks the create time of the processes it remembers).
+    psutil checks each process's create time, so a pid the kernel recycled for
+    another process is never hit; "already dead" counts as success.
     """
-    try:
-        os.killpg(pid, signum)
-    except OSError:
-        pass
-    targets: dict[int, psutil.Process] = dict(usage.seen) if usage else {}
-    try:
-        root = psutil.Process(pid)
-        targets.setdefault(root.pid, root)
-        for child in root.children(recursive=True):
-            targets.setdefault(child.pid, child)
-    except psutil.Error:
-        pass
-    for proc in targets.values():
+    for proc in procs:
         try:
             if proc.is_running():
                 proc.send_signal(signum)
@@ -72,9 +62,47 @@ def signal_tree(pid: int, signum: int, usage: Optional[TreeUsage] = None) -> Non
             pass
 
 
-def kill_tree(pid: int, usage: Optional[TreeUsage] = None) -> None:
-    """SIGKILL the whole tree of a task process."""
-    signal_tree(pid, signal.SIGKILL, usage)
+def task_process_name(uuid: str) -> str:
+    """The name a task process takes while it runs task ``uuid`` (14 bytes: the kernel keeps 15)."""
+    return "mpc-" + uuid.replace("-", "")[:10]
+
+
+def set_process_name(name: str) -> None:
+    """Set this process's name as ``ps`` and ``/proc/PID/comm`` show it (Linux ``PR_SET_NAME``)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def proven_task_process(pid: Optional[int], create_time: Optional[float], uuid: str) -> Optional[psutil.Process]:
+    """The process ``pid`` if it proves to be the running task ``uuid``'s own process, else None.
+
+    A stored row's word is not enough to kill a process: the process itself must
+    carry the task's name (which it takes only once its task was claimed), the
+    create time must match, and it must lead its own process group.
+    """
+    if not pid or create_time is None:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > 0.01 or proc.name() != task_process_name(uuid):
+            return None
+        if os.getpgid(pid) != pid:
+            return None
+        return proc
+    except (psutil.Error, OSError):
+        return None
+
+
+def kill_process_tree(proc: psutil.Process) -> None:
+    """SIGKILL ``proc`` and its live descendants (psutil-checked, so no recycled pid is hit)."""
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        family = [proc]
+    signal_processes(family, signal.SIGKILL)
 
 
 def process_alive(pid: Optional[int], create_time: Optional[float]) -> bool:

@@ -38,6 +38,14 @@ def exception_record(exc: BaseException) -> ErrorRecord:
 # -- commands to the task process -------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Limits:
+    """Sizes a task's reports may have, in bytes of JSON."""
+
+    result_bytes: int
+    progress_bytes: int
+
+
+@dataclass(frozen=True)
 class RunTask:
     """Run one task: ``execute(**args)`` with ``context``, logging at the server's ``levels``."""
 
@@ -45,6 +53,7 @@ class RunTask:
     args: dict[str, Any]
     context: dict[str, Any]
     levels: dict[str, int]
+    limits: Limits
 
 
 @dataclass(frozen=True)

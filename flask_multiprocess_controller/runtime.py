@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import socket
 import threading
 import time
@@ -39,8 +40,8 @@ from .forkserver import ChildProcess, ForkServer
 from .hub import EventHub
 from .logs import LogListener
 from .persist import GaveUp, Retrier
-from .presenter import present
-from .proctree import kill_tree, process_alive
+from .presenter import hide_traceback, present
+from .proctree import kill_process_tree, process_alive, proven_task_process
 from .protocol import Exit, error_record
 from .states import ACTIVE, TaskStatus
 from .store import TaskStore
@@ -50,8 +51,31 @@ from .waiters import Waiters
 
 
 def host_id() -> str:
-    """This host's name in the store: ``MPC_HOST_ID``, else the host name."""
-    return os.environ.get(defaults.HOST_ID_ENV) or socket.gethostname()
+    """This host's name in the store: ``MPC_HOST_ID``, else the host name qualified by its pid namespace and boot.
+
+    Pids are only comparable within one pid namespace of one boot: two containers on one
+    host network share a host name but not their process tables, and each would take the
+    other's live processes for dead ones. The default identity therefore names the pid
+    namespace (the inode of ``/proc/self/ns/pid``) and the boot (``boot_id``) too.
+    """
+    configured = os.environ.get(defaults.HOST_ID_ENV)
+    if configured:
+        return configured
+    return "/".join([socket.gethostname(), *_namespace_marks()])
+
+
+def _namespace_marks() -> list[str]:
+    marks = []
+    try:
+        marks.append("pidns-" + str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            marks.append("boot-" + boot.read().strip()[:8])
+    except OSError:
+        pass
+    return marks
 
 
 def owner_id(host: str) -> str:
@@ -90,9 +114,11 @@ def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], n
     return beat is not None and now - beat <= lease
 
 
-def callback_body(event: Event) -> dict[str, Any]:
+def callback_body(event: Event, expose_tracebacks: bool = False) -> dict[str, Any]:
     """The JSON body of a callback delivery: the event, its cursor and the task object."""
     task = present(event["task"])
+    if not expose_tracebacks:
+        hide_traceback(task)
     return {"event": event["kind"], "uuid": event["uuid"], "cursor": event["cursor"], "msg": task["msg"],
             "task": task}
 
@@ -112,7 +138,7 @@ class Runtime:
         self.host = host_id()
         #: This serving process in the store: the owner of the tasks it runs, the emitter of its events.
         self.owner = owner_id(self.host)
-        self.logs = LogListener()
+        self.logs = LogListener(self.logger)
         # Guards _generation and closing; slots wait on it for work.
         self._work = threading.Condition()
         self._generation = 0
@@ -127,7 +153,8 @@ class Runtime:
         self.events.subscribe(self._on_event)
         self._callbacks: Optional[CallbackSender] = None
         if callback_url:
-            self._callbacks = CallbackSender(callback_url, self.logger, callback_body, self._ack)
+            body = functools.partial(callback_body, expose_tracebacks=config.expose_tracebacks)
+            self._callbacks = CallbackSender(callback_url, self.logger, body, self._ack)
             self.events.subscribe(self._offer_callback)
         self._slots = [_Slot(self, i) for i in range(config.max_num_process)]
         self._keeper = _Keeper(self)
@@ -239,9 +266,10 @@ class Runtime:
     def reconcile(self) -> None:
         """Settle the active tasks of serving processes that died: ``lost``, or queued again.
 
-        Their leftover processes on this host are killed first (the pid and its
-        create time must both match, so a recycled pid is never hit). Callbacks those
-        processes did not deliver are delivered from here.
+        Their leftover task processes on this host are killed first, but only a process
+        that proves to be the task's own (see :func:`~.proctree.proven_task_process`):
+        a row of the store is never enough. Callbacks those processes did not deliver
+        are delivered from here.
         """
         c = self.config
         now = self.store.now()
@@ -250,8 +278,10 @@ class Runtime:
             owner = row.get("owner")
             if owner == self.owner or owner_alive(owner, self.host, beats, now, c.lease):
                 continue
-            if _owner_host(owner) == self.host and process_alive(row.get("pid"), row.get("pid_created")):
-                kill_tree(row["pid"])
+            if _owner_host(owner) == self.host:
+                leftover = proven_task_process(row.get("pid"), row.get("pid_created"), row["uuid"])
+                if leftover is not None:
+                    kill_process_tree(leftover)
             self._settle_orphan(row, owner)
         self._deliver_orphaned_callbacks(beats, now)
         self._forget_dead_owners(beats, now)
@@ -389,8 +419,9 @@ class _Slot(threading.Thread):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         c = runtime.config
-        settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process)
-        self._supervisor = Supervisor(settings, runtime.store, runtime.owner, runtime.logs.queue, self._wake_r,
+        settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process,
+                            limits=c.limits)
+        self._supervisor = Supervisor(settings, runtime.store, runtime.owner, runtime.logs, self._wake_r,
                                       runtime.events.publish, runtime.logger)
         self._retrier = Retrier(runtime.logger, runtime._give_up)
         self._child: Optional[ChildProcess] = None
@@ -451,7 +482,7 @@ class _Slot(threading.Thread):
         if not child.exited:
             child.send(Exit())
             if not wait_ready([child.exit_fd], 2.0):
-                kill_tree(child.pid)
+                child.signal_tree(signal.SIGKILL)
                 wait_ready([child.exit_fd], 2.0)
             child.read_exit()
         child.close()

@@ -25,9 +25,11 @@ from . import defaults
 from .events import Event
 from .exceptions import StoreError
 from .forkserver import ChildProcess
-from .logs import logger_levels
-from .proctree import TreeUsage, describe_exit, kill_tree, sample, signal_tree
-from .protocol import Done, ErrorRecord, LogRecordMessage, Percent, Progress, RunTask, StopTask, error_record
+from .logs import LogListener, logger_levels
+from .proctree import TreeUsage, describe_exit, sample, signal_processes
+from .protocol import (
+    Done, ErrorRecord, Limits, LogRecordMessage, Percent, Progress, RunTask, StopTask, error_record,
+)
 from .states import TaskStatus
 from .store import TaskStore
 from .watchdog import Action, Schedule, Watchdog
@@ -98,6 +100,7 @@ class Settings:
     stop_grace: float
     max_memory: Optional[int]
     fresh_process: bool
+    limits: Limits = Limits(result_bytes=defaults.MAX_RESULT_SIZE, progress_bytes=defaults.MAX_PROGRESS_SIZE)
 
 
 @dataclass
@@ -130,12 +133,12 @@ class Supervisor:
     :param publish: called with each event the supervisor's store writes produce.
     """
 
-    def __init__(self, settings: Settings, store: TaskStore, owner: str, log_queue: Any, wake_fd: int,
+    def __init__(self, settings: Settings, store: TaskStore, owner: str, logs: LogListener, wake_fd: int,
                  publish: Callable[[Event], None], logger: logging.Logger) -> None:
         self.settings = settings
         self.owner = owner
         self.store = store
-        self.log_queue = log_queue
+        self.logs = logs
         self.wake_fd = wake_fd
         self._publish = publish
         self._logger = logger
@@ -150,7 +153,7 @@ class Supervisor:
     def run(self, run: TaskRun, child: ChildProcess, args: dict[str, Any], context: dict[str, Any]) -> Outcome:
         """Start ``run`` in ``child`` and return once the task has ended."""
         run.attach(child)
-        child.send(RunTask(run.uuid, args, context, self._levels()))
+        child.send(RunTask(run.uuid, args, context, self._levels(), self.settings.limits))
         started = self.store.start(run.uuid, self.owner, child.pid, child.create_time)
         if started is None:  # settled elsewhere between the claim and now
             run.abandon()
@@ -159,9 +162,9 @@ class Supervisor:
         usage = TreeUsage()
         done = self._watch(run, child, usage)
         if not child.exited and done is not None and not self.settings.fresh_process:
-            self._reap_descendants(child.pid, done.usage.children)
-        else:
-            kill_tree(child.pid, usage)  # whatever the task left behind in its process group
+            self._reap_descendants(child, done.usage.children)
+        else:  # whatever the task left behind (its group went with it when the fork server reaped it)
+            child.signal_tree(signal.SIGKILL, usage.seen.values())
         observation = Observation(
             stop_reason=run.stop_reason, done=done, exited=child.exited, exit_code=child.exit_code,
             timeout=run.timeout, progress=run.progress, percent=run.percent, usage=usage, ended_at=time.time())
@@ -185,7 +188,7 @@ class Supervisor:
             for action in watchdog.due(now, **state):  # type: ignore[arg-type]
                 self._act(action, run, child, usage, watchdog)
             if run.abandoned and not watchdog.killed:
-                kill_tree(child.pid, usage)
+                child.signal_tree(signal.SIGKILL, usage.seen.values())
                 watchdog.killed_now()
             state.update(stopping=run.stop_reason is not None, dirty=run.dirty)
             timeout = watchdog.sleep_for(time.monotonic(), **state)  # type: ignore[arg-type]
@@ -210,16 +213,17 @@ class Supervisor:
         if action is Action.TIMEOUT:
             run.request_stop(StopReason.TIMEOUT)
         elif action is Action.SAMPLE:
-            sample(child.pid, usage)
+            if child.process is not None and not child.exited:
+                sample(child.process, usage)
             limit = self.settings.max_memory
             if limit and usage.memory_now > limit and not watchdog.killed:
                 run.request_stop(StopReason.MEMORY)
-                kill_tree(child.pid, usage)
+                child.signal_tree(signal.SIGKILL, usage.seen.values())
                 watchdog.killed_now()
         elif action is Action.TERMINATE:
-            signal_tree(child.pid, signal.SIGTERM, usage)
+            child.signal_tree(signal.SIGTERM, usage.seen.values())
         elif action is Action.KILL:
-            kill_tree(child.pid, usage)
+            child.signal_tree(signal.SIGKILL, usage.seen.values())
         elif action is Action.FLUSH:
             self._flush(run)
 
@@ -230,7 +234,7 @@ class Supervisor:
             while conn.poll():
                 message = conn.recv()
                 if isinstance(message, LogRecordMessage):
-                    self.log_queue.put(message.record)
+                    self.logs.put(message.record)
                 elif getattr(message, "uuid", None) != run.uuid:
                     continue
                 elif isinstance(message, Progress):
@@ -260,23 +264,19 @@ class Supervisor:
             self._publish(event)
 
     @staticmethod
-    def _reap_descendants(pid: int, reported: Optional[list[int]]) -> None:
+    def _reap_descendants(child: ChildProcess, reported: Optional[list[int]]) -> None:
         """Kill what a task left behind in a process that will run more tasks.
 
         The child reports its live children when a task ends; only if it could not
         (no /proc support) or some are left is the whole process table scanned.
         """
-        if reported == []:
+        if reported == [] or child.process is None:
             return
         try:
-            leftovers = psutil.Process(pid).children(recursive=True)
+            leftovers = child.process.children(recursive=True)
         except psutil.Error:
             return
-        for proc in leftovers:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+        signal_processes(leftovers, signal.SIGKILL)
 
 
 def _drain_fd(fd: int) -> None:
