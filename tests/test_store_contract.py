@@ -6,21 +6,32 @@ To add a backend, add one line to ``BACKENDS``: a name and a function of the tes
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import uuid as uuid_module
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
+import redis
 
 from flask_multiprocess_controller import (
     MemoryStore, QueueFull, SQLiteStore, TaskAlreadyFinished, TaskNotFound, TaskStore,
 )
+from flask_multiprocess_controller.events import CALLBACK_KINDS, Changes, Event
+from flask_multiprocess_controller.exceptions import StoreError, StoreUnavailable
+from flask_multiprocess_controller.store import resolve_store
 from flask_multiprocess_controller.store.redis import RedisStore
+
+from conftest import free_port, wait_until
 
 
 def _redis_store(env: SimpleNamespace) -> TaskStore:
@@ -34,12 +45,40 @@ BACKENDS: dict[str, Callable[[SimpleNamespace], TaskStore]] = {
 }
 
 
+#: The backends whose store several processes (and store objects) share.
+SHARED_BACKENDS = ["sqlite", "redis"]
+
+
 @pytest.fixture(params=list(BACKENDS))
 def store(request, tmp_path, redis_server):
     env = SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server)
     made = BACKENDS[request.param](env)
     yield made
     made.close()
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+def shared_store(request, tmp_path, redis_server):
+    env = SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server)
+    made = BACKENDS[request.param](env)
+    yield made
+    made.close()
+
+
+def reopen(store: TaskStore) -> TaskStore:
+    """A new store object on the same SQLite file or Redis key space."""
+    if isinstance(store, SQLiteStore):
+        return SQLiteStore(store.path)
+    assert isinstance(store, RedisStore)
+    return RedisStore(store.url, prefix=store.prefix)
+
+
+def location(store: TaskStore) -> tuple[str, str, str]:
+    """(kind, location, prefix) of a shared store, for a child process to open the same one."""
+    if isinstance(store, SQLiteStore):
+        return "sqlite", store.path, ""
+    assert isinstance(store, RedisStore)
+    return "redis", store.url, store.prefix
 
 
 #: The keys every stored task has (store/base.py's module docstring).
@@ -50,6 +89,8 @@ ROW_KEYS = {
 }
 CTL = "contract"
 OTHER = "other-controller"
+OWNER = "owner-1"
+EVENT_KEYS = {"cursor", "kind", "uuid", "controller", "at", "emitter", "task"}
 
 
 def make_row(controller: str = CTL, priority: int = 0, args: Any = None, created_at: float | None = None,
@@ -69,9 +110,13 @@ def add(store: TaskStore, n: int = 1, controller: str = CTL, max_queued: int = -
     return [r["uuid"] for r in rows]
 
 
-def claim(store: TaskStore, controller: str = CTL, max_running: int = 1000, owner: str = "owner-1",
-          now: float | None = None):
-    return store.claim(controller, owner, max_running, time.time() if now is None else now)
+def claim(store: TaskStore, controller: str = CTL, max_running: int = 1000, owner: str = OWNER):
+    return store.claim(controller, owner, max_running)
+
+
+def stop(store: TaskStore, uuid: str) -> dict:
+    """Request a stop; return the task afterwards."""
+    return store.request_stop(uuid)[0]
 
 
 def status_of(store: TaskStore, uuid: str) -> str:
@@ -127,8 +172,9 @@ def test_get_returns_every_documented_key(store):
     for when in ("queued", "running", "finished"):
         row = store.get(uuid)
         assert ROW_KEYS <= set(row), (when, sorted(ROW_KEYS - set(row)))
-        for key in ("progress", "percent", "result", "error", "ended_at", "pid", "exit_code"):
+        for key in ("progress", "percent", "result", "error", "pid", "exit_code"):
             assert row[key] is None, (when, key)
+        assert (row["ended_at"] is None) == (when != "finished")  # finish() defaults it to the store's now
         if when == "queued":
             assert row["started_at"] is None and row["owner"] is None
             claimed = claim(store)
@@ -138,8 +184,9 @@ def test_get_returns_every_documented_key(store):
     for row in store.list_tasks(CTL) + store.active(CTL):
         assert ROW_KEYS <= set(row)
     (other,) = add(store)
-    stopped = store.request_stop(other, 1.0)
+    stopped, event = store.request_stop(other)
     assert ROW_KEYS <= set(stopped), sorted(ROW_KEYS - set(stopped))
+    assert ROW_KEYS <= set(event["task"]), sorted(ROW_KEYS - set(event["task"]))
     assert store.get(str(uuid_module.uuid4())) is None
 
 
@@ -184,18 +231,21 @@ def test_claim_order_is_priority_then_seq(store):
     add(store, 3, controller=OTHER, priority=-100)
     expected = [u for _, _, u in sorted((p, i, u) for i, (p, u) in enumerate(zip(by_priority, uuids)))]
     claimed = []
-    now = time.time()
-    while (row := claim(store, now=now)) is not None:
+    started = {}
+    before = store.now()
+    while (row := claim(store)) is not None:
         assert row["status"] == "running"
-        assert row["owner"] == "owner-1"
-        assert row["started_at"] == now
+        assert row["owner"] == OWNER
         assert row["attempt"] == 1
         assert row["controller"] == CTL
         claimed.append(row["uuid"])
+        started[row["uuid"]] = row["started_at"]
+    after = store.now()
     assert claimed == expected
+    assert all(before <= started[u] <= after for u in claimed)  # the store's clock, at the claim
     for uuid in claimed:
         got = fetch(store, uuid)
-        assert got["status"] == "running" and got["owner"] == "owner-1" and got["started_at"] == now
+        assert got["status"] == "running" and got["owner"] == OWNER and got["started_at"] == started[uuid]
         assert got["attempt"] == 1
     assert counts(store, OTHER) == {"queued": 3}
 
@@ -206,7 +256,7 @@ def test_claim_respects_max_running_counting_stopping(store):
     first, second = claim(store, max_running=2), claim(store, max_running=2)
     assert first is not None and second is not None
     assert claim(store, max_running=2) is None
-    store.request_stop(first["uuid"], time.time())
+    stop(store, first["uuid"])
     assert status_of(store, first["uuid"]) == "stopping"
     assert claim(store, max_running=2) is None  # stopping still holds its slot
     assert store.finish(first["uuid"], "stopped", ended_at=time.time())
@@ -231,29 +281,35 @@ def test_claim_returns_none_when_nothing_is_queued(store):
     assert counts(store, CTL) == {"running": 1}
 
 
-# -- update, finish, requeue --------------------------------------------------------------------------
+# -- start, progress, finish, requeue -------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
-def test_update_only_touches_active_tasks(store):
+def test_start_and_progress_only_touch_active_tasks(store):
     running, stopping, finished, queued = add(store, 4)
     for _ in range(3):
         claim(store)
-    store.request_stop(stopping, time.time())
+    stop(store, stopping)
     store.finish(finished, "succeeded", ended_at=time.time(), result=1)
     for uuid in (queued, running, stopping, finished):
-        store.update(uuid, progress={"step": uuid[:4]}, percent=50.0, pid=4242)
+        started = store.start(uuid, OWNER, 4242, 1.5)
+        progressed = store.progress(uuid, OWNER, {"step": uuid[:4]}, 50.0)
+        active = uuid in (running, stopping)
+        assert (started is not None, progressed is not None) == (active, active), uuid
     for uuid in (running, stopping):
         row = fetch(store, uuid)
-        assert (row["progress"], row["percent"], row["pid"]) == ({"step": uuid[:4]}, 50.0, 4242)
+        assert (row["progress"], row["percent"], row["pid"], row["pid_created"]) == \
+            ({"step": uuid[:4]}, 50.0, 4242, 1.5)
     for uuid in (queued, finished):
         row = fetch(store, uuid)
         assert (row["progress"], row["percent"], row["pid"]) == (None, None, None)
     assert [status_of(store, u) for u in (queued, running, stopping, finished)] == \
         ["queued", "running", "stopping", "succeeded"]
-    store.update(str(uuid_module.uuid4()), progress=1)  # unknown: no error, no row
-    with pytest.raises(ValueError):
-        store.update(running, status="succeeded")
-    assert status_of(store, running) == "running"
+    unknown = str(uuid_module.uuid4())
+    assert store.progress(unknown, OWNER, 1, None) is None  # unknown: no error, no row
+    assert store.start(unknown, OWNER, 1, 1.0) is None
+    assert store.get(unknown) is None
+    assert store.progress(running, OWNER, None, None) is not None  # clearing progress
+    assert (fetch(store, running)["progress"], fetch(store, running)["percent"]) == (None, None)
 
 
 @pytest.mark.timeout(30)
@@ -261,22 +317,20 @@ def test_finish_is_compare_and_set(store):
     running, stopping, queued = add(store, 3)
     claim(store)
     claim(store)
-    store.request_stop(stopping, time.time())
+    stop(store, stopping)
     assert store.finish(running, "failed", ended_at=100.0, exit_code=1, error={"type": "X", "message": "m",
-                                                                              "traceback": None}) is True
+                                                                              "traceback": None}) is not None
     row = fetch(store, running)
     assert (row["status"], row["ended_at"], row["exit_code"]) == ("failed", 100.0, 1)
-    assert store.finish(running, "succeeded", ended_at=200.0, result="late") is False
+    assert store.finish(running, "succeeded", ended_at=200.0, result="late") is None
     row = fetch(store, running)
     assert (row["status"], row["ended_at"], row["result"]) == ("failed", 100.0, None)
-    assert store.finish(stopping, "stopped", ended_at=101.0) is True
+    assert store.finish(stopping, "stopped", ended_at=101.0) is not None
     assert status_of(store, stopping) == "stopped"
-    assert store.finish(queued, "succeeded", ended_at=102.0) is False
+    assert store.finish(queued, "succeeded", ended_at=102.0) is None
     assert status_of(store, queued) == "queued"
     assert fetch(store, queued)["ended_at"] is None
-    assert store.finish(str(uuid_module.uuid4()), "lost", ended_at=1.0) is False
-    with pytest.raises(ValueError):
-        store.finish(queued, "running")
+    assert store.finish(str(uuid_module.uuid4()), "lost", ended_at=1.0) is None
 
 
 @pytest.mark.timeout(30)
@@ -317,8 +371,8 @@ def test_requeue_keeps_the_old_queue_place(store):
     a, b, c = add(store, 3)
     first = claim(store, max_running=1)
     assert first["uuid"] == a
-    store.update(a, pid=999, pid_created=1.5)
-    assert store.requeue(a) is True
+    store.start(a, OWNER, 999, 1.5)
+    assert store.requeue(a) is not None
     row = fetch(store, a)
     assert row["status"] == "queued"
     assert row["owner"] is None and row["pid"] is None and row["started_at"] is None
@@ -330,18 +384,17 @@ def test_requeue_keeps_the_old_queue_place(store):
     assert again["attempt"] == 2
     assert again["owner"] == "owner-2"
     # A stopping task can be requeued too (its stop request is dropped with it).
-    store.request_stop(a, time.time())
-    assert store.requeue(a) is True
+    stop(store, a)
+    assert store.requeue(a) is not None
     assert fetch(store, a)["stop_requested"] is False
-    assert store.stop_requests([a]) == set()
     assert [claim(store)["uuid"] for _ in range(3)] == [a, b, c]
     # Only active tasks go back.
     store.finish(a, "succeeded", ended_at=time.time())
-    assert store.requeue(a) is False
+    assert store.requeue(a) is None
     assert status_of(store, a) == "succeeded"
     (queued,) = add(store)
-    assert store.requeue(queued) is False
-    assert store.requeue(str(uuid_module.uuid4())) is False
+    assert store.requeue(queued) is None
+    assert store.requeue(str(uuid_module.uuid4())) is None
 
 
 # -- stop ---------------------------------------------------------------------------------------------
@@ -349,31 +402,34 @@ def test_requeue_keeps_the_old_queue_place(store):
 @pytest.mark.timeout(30)
 def test_request_stop_of_queued_task_stops_it(store):
     (uuid,) = add(store)
-    row = full(store.request_stop(uuid, 1234.5))
+    before = store.now()
+    row = full(stop(store, uuid))
+    after = store.now()
     assert row["uuid"] == uuid
     assert row["status"] == "stopped"
-    assert row["ended_at"] == 1234.5
+    assert before <= row["ended_at"] <= after  # the store's clock
     assert row["stop_requested"] is True
     got = fetch(store, uuid)
-    assert (got["status"], got["ended_at"], got["started_at"]) == ("stopped", 1234.5, None)
+    assert (got["status"], got["ended_at"], got["started_at"]) == ("stopped", row["ended_at"], None)
     assert claim(store) is None  # never started
     with pytest.raises(TaskAlreadyFinished):
-        store.request_stop(uuid, 2000.0)
-    assert fetch(store, uuid)["ended_at"] == 1234.5
+        store.request_stop(uuid)
+    assert fetch(store, uuid)["ended_at"] == row["ended_at"]
 
 
 @pytest.mark.timeout(30)
 def test_request_stop_of_running_task_marks_it_stopping(store):
     (uuid,) = add(store)
     claim(store)
-    row = full(store.request_stop(uuid, 10.0))
+    row = full(stop(store, uuid))
     assert row["status"] == "stopping"
     assert row["stop_requested"] is True
     assert row["ended_at"] is None
     got = fetch(store, uuid)
     assert (got["status"], got["stop_requested"], got["ended_at"]) == ("stopping", True, None)
-    again = full(store.request_stop(uuid, 11.0))  # stopping: returned unchanged
-    assert again["status"] == "stopping" and again["ended_at"] is None
+    again, event = store.request_stop(uuid)  # stopping: returned unchanged, nothing written
+    assert full(again)["status"] == "stopping" and full(again)["ended_at"] is None
+    assert event is None
     assert store.finish(uuid, "stopped", ended_at=12.0)
 
 
@@ -383,25 +439,11 @@ def test_request_stop_of_finished_or_unknown_task_raises(store):
     claim(store)
     store.finish(uuid, "succeeded", ended_at=5.0, result=[1])
     with pytest.raises(TaskAlreadyFinished):
-        store.request_stop(uuid, 6.0)
+        store.request_stop(uuid)
     row = fetch(store, uuid)
     assert (row["status"], row["stop_requested"], row["ended_at"]) == ("succeeded", False, 5.0)
     with pytest.raises(TaskNotFound):
-        store.request_stop(str(uuid_module.uuid4()), 6.0)
-
-
-@pytest.mark.timeout(30)
-def test_stop_requests_returns_the_stopped_subset(store):
-    running, stopping, queued, untouched = add(store, 4)
-    claim(store)
-    claim(store)
-    store.request_stop(queued, 1.0)
-    store.request_stop(stopping, 1.0)
-    unknown = str(uuid_module.uuid4())
-    assert store.stop_requests([queued, running, stopping, untouched, unknown]) == {queued, stopping}
-    assert store.stop_requests([running]) == set()
-    assert store.stop_requests([]) == set()
-    assert store.stop_requests(iter([stopping])) == {stopping}
+        store.request_stop(str(uuid_module.uuid4()))
 
 
 @pytest.mark.timeout(30)
@@ -411,7 +453,7 @@ def test_active_lists_running_and_stopping_of_the_controller(store):
     claim(store)
     claim(store)
     claim(store, controller=OTHER)
-    store.request_stop(stopping, 1.0)
+    stop(store, stopping)
     assert sorted(r["uuid"] for r in store.active(CTL)) == sorted([running, stopping])
     assert {r["status"] for r in store.active(CTL)} == {"running", "stopping"}
     store.finish(running, "succeeded", ended_at=2.0)
@@ -426,7 +468,7 @@ def test_list_is_newest_first_with_status_filter_and_limit(store):
     uuids = add(store, 3) + add(store, 2, priority=-5)
     add(store, 2, controller=OTHER)
     claim(store)  # uuids[3]: lowest priority, oldest of those
-    store.request_stop(uuids[0], 1.0)
+    stop(store, uuids[0])
     newest_first = list(reversed(uuids))
     assert [r["uuid"] for r in store.list_tasks(CTL)] == newest_first
     assert [r["uuid"] for r in store.list_tasks(CTL, limit=2)] == newest_first[:2]
@@ -447,9 +489,9 @@ def test_counts_per_status(store):
     claim(store)  # a
     claim(store)  # b
     claim(store)  # c
-    store.request_stop(b, 1.0)
+    stop(store, b)
     store.finish(c, "timed_out", ended_at=2.0)
-    store.request_stop(d, 3.0)
+    stop(store, d)
     assert counts(store) == \
         {"running": 1, "stopping": 1, "timed_out": 1, "stopped": 1, "queued": 1}
     assert counts(store, OTHER) == {"queued": 2}
@@ -467,7 +509,7 @@ def test_position_is_the_one_based_place_in_the_queue(store):
     assert store.position(fetch(store, high[0])) is None
     assert store.position(fetch(store, low[0])) == 1
     assert store.position(fetch(store, low[1])) == 2
-    store.request_stop(low[0], 1.0)
+    stop(store, low[0])
     assert store.position(fetch(store, low[0])) is None
     assert store.position(fetch(store, low[1])) == 1
 
@@ -476,29 +518,32 @@ def test_position_is_the_one_based_place_in_the_queue(store):
 
 @pytest.mark.timeout(30)
 def test_purge_removes_only_old_finished_tasks_of_that_controller(store):
-    old_done, new_done, old_stopped_queued, old_running, still_queued = add(store, 5)
+    old_done, new_done, stopped_queued, running, still_queued = add(store, 5)
     (other_old,) = add(store, 1, controller=OTHER)
     claim(store)  # old_done
     claim(store)  # new_done
     claim(store, controller=OTHER)
-    store.request_stop(old_stopped_queued, 100.0)
-    claim(store)  # old_running
-    store.update(old_running, ended_at=50.0)  # an odd value on an active task must not make it purgeable
+    stopped_at = stop(store, stopped_queued)["ended_at"]  # the store's clock: now
+    claim(store)  # running
     assert store.finish(old_done, "failed", ended_at=100.0)
     assert store.finish(new_done, "succeeded", ended_at=1000.0)
     assert store.finish(other_old, "succeeded", ended_at=10.0)
-    assert store.purge(CTL, 500.0) == 2
+    assert store.purge(CTL, 500.0) == 1
     assert fetch(store, old_done) is None
-    assert fetch(store, old_stopped_queued) is None
-    for uuid in (new_done, old_running, still_queued, other_old):
+    for uuid in (new_done, stopped_queued, running, still_queued, other_old):
         assert fetch(store, uuid) is not None
     assert store.purge(CTL, 500.0) == 0
     assert store.purge(CTL, 1000.0) == 0  # strictly before the cutoff
     assert store.purge(CTL, 1000.5) == 1
     assert fetch(store, new_done) is None
-    assert status_of(store, old_running) == "running"
+    assert store.purge(CTL, stopped_at) == 0
+    assert store.purge(CTL, stopped_at + 1.0) == 1
+    assert fetch(store, stopped_queued) is None
+    assert status_of(store, running) == "running"
     assert status_of(store, still_queued) == "queued"
+    assert counts(store) == {"running": 1, "queued": 1}
     assert store.purge(OTHER, 1e12) == 1
+    assert store.list_tasks(OTHER) == [] and counts(store, OTHER) == {}
 
 
 # -- JSON fields ----------------------------------------------------------------------------------------
@@ -516,7 +561,7 @@ def test_json_fields_round_trip(store):
     assert fetch(store, uuid)["args"] == args
     assert claim(store)["args"] == args
     for value in PROGRESS_VALUES:
-        store.update(uuid, progress=value)
+        store.progress(uuid, OWNER, value, None)
         got = fetch(store, uuid)["progress"]
         assert got == value and type(got) is type(value), (value, got)
     error = {"type": "ValueError", "message": "bad ✗ \"value\"",
@@ -555,18 +600,31 @@ def test_returned_rows_are_copies(store):
 # -- heartbeats -----------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
-def test_heartbeats_record_the_last_beat_of_each_owner(store):
+def test_heartbeats_record_the_last_beat_of_each_owner_on_the_store_clock(store):
     assert store.heartbeats() == {}
     a, b = "host-a:123:1700000000.125", "host-b:456:1700000001.5"
-    store.heartbeat(a, 10.0)
-    store.heartbeat(b, 11.5)
-    store.heartbeat(a, 12.25)
-    assert store.heartbeats() == {a: 12.25, b: 11.5}
+    before = store.now()
+    store.heartbeat(a)
+    store.heartbeat(b)
+    after = store.now()
+    beats = store.heartbeats()
+    assert set(beats) == {a, b}
+    assert all(before <= beat <= after for beat in beats.values())
+    store.heartbeat(a)
+    again = store.heartbeats()
+    assert again[a] >= beats[a] and again[b] == beats[b]
     store.forget_owner(a)
-    assert store.heartbeats() == {b: 11.5}
+    assert store.heartbeats() == {b: beats[b]}
     store.forget_owner("never-seen")
-    store.heartbeat(a, 13.0)  # an owner may come back
-    assert store.heartbeats() == {a: 13.0, b: 11.5}
+    store.heartbeat(a)  # an owner may come back
+    assert set(store.heartbeats()) == {a, b}
+
+
+@pytest.mark.timeout(30)
+def test_now_is_the_store_clock_in_unix_seconds(store):
+    first, second = store.now(), store.now()
+    assert isinstance(first, float) and first <= second
+    assert abs(first - time.time()) < 5.0  # one machine here: the clocks agree
 
 
 # -- concurrency ----------------------------------------------------------------------------------------
@@ -581,7 +639,7 @@ def test_concurrent_claims_from_threads_claim_each_task_once(store):
     def worker(index: int) -> None:
         try:
             start.wait(10)
-            while (row := store.claim(CTL, f"thread-{index}", 200, time.time())) is not None:
+            while (row := store.claim(CTL, f"thread-{index}", 200)) is not None:
                 claimed[index].append(row["uuid"])
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -619,7 +677,7 @@ _CLAIM_SCRIPT = textwrap.dedent("""
         time.sleep(0.005)
     claimed, max_active, refused = [], 0, 0
     while time.monotonic() < deadline:
-        row = store.claim(controller, owner, 3, time.time())
+        row = store.claim(controller, owner, 3)
         if row is None:
             counts = store.counts(controller)
             if not counts.get("queued"):
@@ -689,19 +747,22 @@ def test_writes_are_fenced_by_the_owner(store):
     """A process that lost a task (settled or claimed again elsewhere) cannot write to it any more."""
     (uuid,) = add(store)
     claim(store, owner="host-a:1:1.0")
-    assert store.update(uuid, owner="host-b:2:2.0", progress="stale") is False
-    assert store.get(uuid)["progress"] is None
-    assert store.update(uuid, owner="host-a:1:1.0", progress="mine") is True
+    latest = store.latest_cursor()
+    assert store.progress(uuid, "host-b:2:2.0", "stale", None) is None
+    assert store.start(uuid, "host-b:2:2.0", 1, 1.0) is None
+    assert store.get(uuid)["progress"] is None and store.get(uuid)["pid"] is None
+    assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=1) is None
+    assert store.requeue(uuid, owner="host-b:2:2.0") is None
+    assert store.latest_cursor() == latest  # a write fenced out writes no event either
+    assert store.progress(uuid, "host-a:1:1.0", "mine", None) is not None
     assert store.get(uuid)["progress"] == "mine"
-    assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=1) is False
-    assert store.requeue(uuid, owner="host-b:2:2.0") is False
     assert store.get(uuid)["status"] == "running"
     # Settled by a survivor, then claimed again by another process: the old owner is fenced out.
-    assert store.requeue(uuid, owner="host-a:1:1.0") is True
+    assert store.requeue(uuid, owner="host-a:1:1.0") is not None
     claim(store, owner="host-b:2:2.0")
-    assert store.requeue(uuid, owner="host-a:1:1.0") is False
-    assert store.finish(uuid, "lost", owner="host-a:1:1.0") is False
-    assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=2) is True
+    assert store.requeue(uuid, owner="host-a:1:1.0") is None
+    assert store.finish(uuid, "lost", owner="host-a:1:1.0") is None
+    assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=2) is not None
     row = store.get(uuid)
     assert (row["status"], row["result"], row["owner"], row["attempt"]) == ("succeeded", 2, "host-b:2:2.0", 2)
 
@@ -721,7 +782,7 @@ def test_sqlite_store_does_not_keep_a_connection_per_finished_thread(tmp_path):
             return sum(1 for f in psutil.Process().open_files() if f.path == str(path))
 
         for _ in range(200):
-            worker = threading.Thread(target=lambda: (store.get(str(uuid_module.uuid4())), store.heartbeat("x", 1.0)))
+            worker = threading.Thread(target=lambda: (store.get(str(uuid_module.uuid4())), store.heartbeat("x")))
             worker.start()
             worker.join()
         assert open_connections() <= 2, open_connections()  # one pooled connection (and its WAL file)
