@@ -101,8 +101,8 @@ class MemoryStore(TaskStore):
                 _, _, uuid = heapq.heappop(queue)
                 row = self._rows.get(uuid)
                 if row is not None and row["status"] == _QUEUED:
-                    row.update(status=TaskStatus.RUNNING.value, owner=owner, started_at=time.time(),
-                               attempt=row["attempt"] + 1)
+                    row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": time.time(),
+                                "attempt": row["attempt"] + 1})
                     return copy.deepcopy(row)
             return None
 
@@ -111,7 +111,7 @@ class MemoryStore(TaskStore):
             row = self._owned_active(uuid, owner)
             if row is None:
                 return None
-            row.update(pid=pid, pid_created=pid_created)
+            row.update({"pid": pid, "pid_created": pid_created})
             return self._emit(EventKind.STARTED, row, owner, time.time())
 
     def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
@@ -119,7 +119,7 @@ class MemoryStore(TaskStore):
             row = self._owned_active(uuid, owner)
             if row is None:
                 return None
-            row.update(progress=copy.deepcopy(progress), percent=percent)
+            row.update({"progress": copy.deepcopy(progress), "percent": percent})
             return self._emit(EventKind.PROGRESS, row, owner, time.time())
 
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
@@ -137,8 +137,8 @@ class MemoryStore(TaskStore):
             row = self._owned_active(uuid, owner)
             if row is None:
                 return None
-            row.update(status=_QUEUED, owner=None, pid=None, pid_created=None, started_at=None,
-                       stop_requested=False)
+            row.update({"status": _QUEUED, "owner": None, "pid": None, "pid_created": None, "started_at": None,
+                        "stop_requested": False})
             heapq.heappush(self._queues.setdefault(row["controller"], []), (row["priority"], row["seq"], uuid))
             return self._emit(EventKind.REQUEUED, row, owner if emitter is None else emitter, time.time())
 
@@ -152,10 +152,10 @@ class MemoryStore(TaskStore):
             now = time.time()
             event = None
             if row["status"] == _QUEUED:
-                row.update(status=TaskStatus.STOPPED.value, ended_at=now, stop_requested=True)
+                row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
                 event = self._emit(EventKind.ENDED, row, emitter, now)
             elif row["status"] == TaskStatus.RUNNING.value:
-                row.update(status=TaskStatus.STOPPING.value, stop_requested=True)
+                row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
                 event = self._emit(EventKind.STOPPING, row, emitter, now)
             return copy.deepcopy(row), event
 

@@ -382,7 +382,8 @@ class SQLiteStore(TaskStore):
                 "WHERE seq = ?",
                 (owner, now, row["seq"]),
             )
-        row.update(status=TaskStatus.RUNNING.value, owner=owner, started_at=now, attempt=row["attempt"] + 1)
+        row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": now,
+                    "attempt": row["attempt"] + 1})
         return row
 
     def _update_active(self, kind: EventKind, uuid: str, owner: Optional[str], emitter: Optional[str],
@@ -433,12 +434,12 @@ class SQLiteStore(TaskStore):
             if status == _QUEUED:
                 db.execute("UPDATE mpc_tasks SET status = 'stopped', ended_at = ?, stop_requested = 1 "
                            "WHERE seq = ?", (now, row["seq"]))
-                row.update(status=TaskStatus.STOPPED.value, ended_at=now, stop_requested=True)
+                row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
                 return row, self._emit(db, EventKind.ENDED, row, emitter, now)
             if status == TaskStatus.RUNNING.value:
                 db.execute("UPDATE mpc_tasks SET status = 'stopping', stop_requested = 1 WHERE seq = ?",
                            (row["seq"],))
-                row.update(status=TaskStatus.STOPPING.value, stop_requested=True)
+                row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
                 return row, self._emit(db, EventKind.STOPPING, row, emitter, now)
         return row, None
 
