@@ -789,3 +789,576 @@ def test_sqlite_store_does_not_keep_a_connection_per_finished_thread(tmp_path):
     finally:
         store.close()
     assert open_connections() == 0
+
+
+# -- events: every state-changing write returns its event, and the feed shows the same ----------------
+
+def check_event(event: Optional[Event], kind: str, uuid: str, emitter: Optional[str], status: str,
+                controller: str = CTL) -> Event:
+    """Assert the shape of one event; return it."""
+    assert event is not None, kind
+    assert set(event) == EVENT_KEYS
+    assert isinstance(event["cursor"], str) and isinstance(event["at"], float)
+    assert (event["kind"], event["uuid"], event["controller"], event["emitter"]) == (kind, uuid, controller, emitter)
+    assert ROW_KEYS <= set(event["task"])
+    assert (event["task"]["uuid"], event["task"]["status"]) == (uuid, status)
+    return event
+
+
+@pytest.mark.timeout(30)
+def test_every_state_change_returns_its_event_and_the_feed_shows_the_same_in_order(store):
+    since = store.changes(None).cursor
+    before = store.now()
+    written: list[Event] = []
+    rows = [make_row(priority=p) for p in (0, 1, 2)]
+    a, b, c = (r["uuid"] for r in rows)
+    queued = store.enqueue(rows, -1, emitter="client-1")
+    assert [e["task"]["seq"] for e in queued] == [r["seq"] for r in rows]  # input order
+    written += [check_event(e, "queued", r["uuid"], "client-1", "queued") for e, r in zip(queued, rows)]
+
+    assert claim(store)["uuid"] == a  # no event: "started" comes with the pid
+    started = check_event(store.start(a, OWNER, 4242, 1.5), "started", a, OWNER, "running")
+    assert (started["task"]["pid"], started["task"]["pid_created"], started["task"]["owner"]) == (4242, 1.5, OWNER)
+    progressed = check_event(store.progress(a, OWNER, {"step": 1}, 10.0), "progress", a, OWNER, "running")
+    assert (progressed["task"]["progress"], progressed["task"]["percent"]) == ({"step": 1}, 10.0)
+    row, stopping = store.request_stop(a, emitter="stopper")
+    check_event(stopping, "stopping", a, "stopper", "stopping")
+    assert stopping["task"] == row and row["stop_requested"] is True
+    assert store.request_stop(a, emitter="stopper")[1] is None  # already stopping: nothing written
+    requeued = check_event(store.requeue(a, owner=OWNER), "requeued", a, OWNER, "queued")  # emitter = owner
+    assert (requeued["task"]["owner"], requeued["task"]["pid"], requeued["task"]["stop_requested"]) == \
+        (None, None, False)
+    written += [started, progressed, stopping, requeued]
+
+    assert claim(store)["uuid"] == a
+    ended = check_event(store.finish(a, "succeeded", owner=OWNER, result=[1]), "ended", a, OWNER, "succeeded")
+    assert ended["task"]["result"] == [1]
+    assert ended["task"]["ended_at"] == ended["at"]  # ended_at defaults to the store's clock at the change
+    assert claim(store)["uuid"] == b
+    lost = check_event(store.finish(b, "lost", emitter="reconciler", ended_at=5.0), "ended", b, "reconciler",
+                       "lost")
+    assert lost["task"]["ended_at"] == 5.0
+    row, stopped = store.request_stop(c)
+    check_event(stopped, "ended", c, None, "stopped")
+    assert stopped["task"] == row and row["ended_at"] == stopped["at"]
+    written += [ended, lost, stopped]
+
+    assert store.purge(CTL, store.now() + 1.0, emitter="janitor") == 3
+    purged = store.changes(stopped["cursor"]).events
+    assert sorted(e["uuid"] for e in purged) == sorted([a, b, c])
+    by_uuid = {e["uuid"]: e for e in written}
+    for event in purged:  # the row as it was when deleted
+        check_event(event, "purged", event["uuid"], "janitor", by_uuid[event["uuid"]]["task"]["status"])
+    written += purged
+    after = store.now()
+
+    feed = store.changes(since)
+    assert feed.events == written
+    assert (feed.cursor, feed.reset) == (written[-1]["cursor"], False)
+    assert feed.cursor == store.latest_cursor()
+    assert len({e["cursor"] for e in written}) == len(written)
+    assert all(before <= e["at"] <= after for e in written)
+    # A limit cuts the batch; its cursor resumes right after it.
+    first = store.changes(since, limit=4)
+    assert (first.events, first.cursor) == (written[:4], written[3]["cursor"])
+    assert store.changes(first.cursor).events == written[4:]
+
+
+@pytest.mark.timeout(30)
+def test_writes_that_change_nothing_write_no_event(store):
+    running, queued = add(store, 2)
+    claim(store)
+    latest = store.latest_cursor()
+    assert store.claim(CTL, OWNER, 1) is None  # the limit: no event either way
+    assert store.start(queued, OWNER, 1, 1.0) is None
+    assert store.progress(queued, OWNER, 1, None) is None
+    assert store.finish(queued, "succeeded") is None
+    assert store.requeue(queued) is None
+    assert store.purge(CTL, 0.0) == 0
+    with pytest.raises(QueueFull):
+        add(store, 1, max_queued=1)
+    assert store.latest_cursor() == latest
+    assert store.changes(latest) == Changes([], latest, False)
+
+
+@pytest.mark.timeout(30)
+def test_enqueue_returns_one_event_per_row_in_input_order(store):
+    rows = [make_row(priority=i % 3, args={"i": i}) for i in range(300)]
+    events = store.enqueue(rows, -1)
+    assert [e["uuid"] for e in events] == [r["uuid"] for r in rows]
+    assert [e["task"]["args"] for e in events] == [{"i": i} for i in range(300)]
+    assert [e["task"]["seq"] for e in events] == [r["seq"] for r in rows]
+    assert {e["kind"] for e in events} == {"queued"} and {e["emitter"] for e in events} == {None}
+    assert store.enqueue([], -1) == []
+
+
+# -- the change feed --------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_changes_from_none_returns_nothing_and_the_latest_cursor(store):
+    empty = store.changes(None)
+    assert empty == Changes([], store.latest_cursor(), False)
+    assert store.changes(empty.cursor) == Changes([], empty.cursor, False)
+    (uuid,) = add(store)
+    now = store.changes(None, timeout=5.0)  # "from now": does not wait for what comes next
+    assert now.events == [] and now.reset is False
+    assert now.cursor == store.latest_cursor() != empty.cursor
+    assert [e["uuid"] for e in store.changes(empty.cursor).events] == [uuid]
+    assert store.changes(now.cursor) == Changes([], now.cursor, False)
+
+
+@pytest.mark.timeout(30)
+def test_waiting_changes_return_after_the_timeout_with_nothing(store):
+    latest = store.latest_cursor()
+    started = time.monotonic()
+    assert store.changes(latest, timeout=0.2) == Changes([], latest, False)
+    assert time.monotonic() - started >= 0.19
+
+
+@pytest.mark.timeout(60)
+def test_waiting_changes_wake_when_another_thread_writes(store):
+    since = store.latest_cursor()
+    rows = [make_row()]
+    failures: list[BaseException] = []
+
+    def write_later() -> None:
+        try:
+            time.sleep(0.3)  # let the reader block first
+            store.enqueue(rows, -1, emitter="writer-thread")
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    writer = threading.Thread(target=write_later, name="feed-writer")
+    writer.start()
+    try:
+        started = time.monotonic()
+        found = store.changes(since, timeout=30.0)
+        waited = time.monotonic() - started
+    finally:
+        writer.join(30)
+    assert failures == []
+    assert [(e["uuid"], e["emitter"]) for e in found.events] == [(rows[0]["uuid"], "writer-thread")]
+    assert found.cursor == found.events[0]["cursor"] and found.reset is False
+    assert waited < 15.0  # woken by the write, not by the timeout
+
+
+_WRITE_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time, uuid
+
+    kind, location, prefix, controller, go = sys.argv[1:6]
+    if kind == "sqlite":
+        from flask_multiprocess_controller import SQLiteStore
+        store = SQLiteStore(location)
+    else:
+        from flask_multiprocess_controller.store.redis import RedisStore
+        store = RedisStore(location, prefix=prefix)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            raise SystemExit("never told to start")
+        time.sleep(0.005)
+    time.sleep(0.3)  # let the parent block first
+    row = {"uuid": str(uuid.uuid4()), "controller": controller, "status": "queued", "priority": 0, "args": {},
+           "created_at": time.time(), "timeout": None, "attempt": 0, "stop_requested": False}
+    (event,) = store.enqueue([row], -1, emitter="writer-process")
+    store.close()
+    print(json.dumps({"uuid": row["uuid"], "cursor": event["cursor"]}))
+""")
+
+
+@pytest.mark.timeout(60)
+def test_waiting_changes_wake_when_another_process_writes(shared_store, tmp_path):
+    since = shared_store.latest_cursor()
+    go = tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITE_SCRIPT, *location(shared_store), CTL, str(go)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        go.touch()
+        started = time.monotonic()
+        found = shared_store.changes(since, timeout=30.0)
+        waited = time.monotonic() - started
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    assert proc.returncode == 0, err[-2000:]
+    written = json.loads(out.strip().splitlines()[-1])
+    assert [(e["uuid"], e["cursor"], e["emitter"]) for e in found.events] == \
+        [(written["uuid"], written["cursor"], "writer-process")]
+    assert waited < 15.0
+
+
+def wait_past(store: TaskStore, event: Event) -> None:
+    """Return once the store's clock is past ``event`` (so a retention of 0 covers it)."""
+    wait_until(lambda: store.now() > event["at"] + 0.002, timeout=5.0, interval=0.001)
+
+
+@pytest.mark.timeout(30)
+def test_a_cursor_whose_events_were_pruned_gives_a_reset(store):
+    since = store.latest_cursor()
+    events = store.enqueue([make_row() for _ in range(3)], -1)
+    claim(store)
+    events.append(store.start(events[0]["uuid"], OWNER, 1, 1.0))  # a callback event: in the outbox
+    assert store.unacked(CTL) == [events[-1]]
+    wait_past(store, events[-1])
+    store.event_retention = 0.0
+    assert store.purge(CTL, 0.0) == 0  # no task to purge, but old events go
+    latest = store.latest_cursor()
+    assert latest == events[-1]["cursor"]  # pruning keeps the latest cursor
+    for pruned in (since, events[0]["cursor"], events[2]["cursor"]):
+        assert store.changes(pruned) == Changes([], latest, True)
+        assert store.changes(pruned, timeout=10.0) == Changes([], latest, True)  # at once
+    assert store.changes(latest) == Changes([], latest, False)  # nothing after it was lost
+    assert store.unacked(CTL) == []  # outbox entries go with their events
+    store.event_retention = 3600.0
+    later = store.progress(events[0]["uuid"], OWNER, 1, None)
+    assert store.changes(latest) == Changes([later], later["cursor"], False)
+
+
+@pytest.mark.timeout(30)
+def test_events_beyond_max_events_are_pruned_oldest_first(store):
+    since = store.latest_cursor()
+    store.max_events = 3
+    events = store.enqueue([make_row() for _ in range(6)], -1)
+    store.purge(CTL, 0.0)
+    assert store.changes(since).reset is True
+    assert store.changes(events[1]["cursor"]).reset is True
+    kept = store.changes(events[2]["cursor"])
+    assert (kept.events, kept.reset) == (events[3:], False)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("garbage", ["", "garbage", "-1", "1.5", "  3", "0x10", "1-2-3", "9" * 30,
+                                     "123456789", "99999999999999-0", "18446744073709551616-0", "١٢"])
+def test_a_cursor_that_is_not_one_of_the_stores_gives_a_reset(store, garbage):
+    add(store, 2)
+    latest = store.latest_cursor()
+    assert store.changes(garbage) == Changes([], latest, True)
+    assert store.changes(garbage, timeout=10.0) == Changes([], latest, True)  # at once, no exception
+    store.ack(CTL, [garbage])  # ignored
+
+
+@pytest.mark.timeout(30)
+def test_the_feed_and_the_outbox_survive_a_new_store_object(shared_store):
+    since = shared_store.latest_cursor()
+    (uuid,) = add(shared_store)
+    claim(shared_store)
+    started = shared_store.start(uuid, OWNER, 7, 7.0)
+    ended = shared_store.finish(uuid, "failed", owner=OWNER)
+    written = shared_store.changes(since).events
+    other = reopen(shared_store)
+    try:
+        assert other.latest_cursor() == shared_store.latest_cursor() == ended["cursor"]
+        assert other.changes(since) == Changes(written, ended["cursor"], False)
+        assert other.unacked(CTL) == [started, ended]
+        other.ack(CTL, [started["cursor"]])
+        assert shared_store.unacked(CTL) == [ended]
+        wait_past(shared_store, ended)
+        shared_store.event_retention = 0.0
+        shared_store.purge(CTL, 0.0)
+        assert other.changes(since).reset is True  # the pruned mark is stored too
+        assert other.changes(ended["cursor"]) == Changes([], ended["cursor"], False)
+    finally:
+        other.close()
+
+
+# -- the callback outbox ----------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_the_outbox_keeps_callback_events_until_acknowledged(store):
+    assert CALLBACK_KINDS == {"started", "ended"}
+    running, stopped, stopping = add(store, 3)
+    since = store.latest_cursor()
+    (elsewhere,) = add(store, 1, controller=OTHER)
+    claim(store)
+    started = store.start(running, OWNER, 1, 1.0)
+    store.progress(running, OWNER, 1, None)  # not a callback kind
+    ended = store.finish(running, "succeeded", owner=OWNER)
+    stopped_event = store.request_stop(stopped)[1]
+    claim(store)
+    store.request_stop(stopping)  # "stopping": not a callback kind
+    claim(store, controller=OTHER)
+    other_started = store.start(elsewhere, OWNER, 2, 2.0)
+    written = store.changes(since).events
+    assert store.unacked(CTL) == [started, ended, stopped_event]
+    assert store.unacked(CTL, limit=2) == [started, ended]
+    assert store.unacked(OTHER) == [other_started]
+    assert store.unacked("nobody") == []
+    store.ack(CTL, [started["cursor"], other_started["cursor"], "garbage"])  # another controller's: ignored
+    assert store.unacked(CTL) == [ended, stopped_event]
+    assert store.unacked(OTHER) == [other_started]
+    store.ack(CTL, iter([ended["cursor"], stopped_event["cursor"], ended["cursor"]]))
+    assert store.unacked(CTL) == []
+    store.ack(CTL, [])
+    assert store.changes(since).events == written  # acknowledging leaves the feed alone
+
+
+# -- the store clock inside claim -------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_claim_takes_started_at_inside_its_atomic_step(store):
+    """With one slot, each claim succeeds only after the finish that freed the slot committed: its
+    started_at, read inside the claim's atomic step, is never earlier than that finish's ended_at."""
+    uuids = add(store, 15)
+    claimed: list[dict] = []
+    ended_at: dict[str, float] = {}
+    failures: list[BaseException] = []
+    deadline = time.monotonic() + 40
+
+    def claimer() -> None:
+        try:
+            while len(claimed) < len(uuids) and time.monotonic() < deadline:
+                row = store.claim(CTL, "claimer", 1)
+                if row is None:
+                    time.sleep(0.001)
+                else:
+                    claimed.append(row)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    def finisher() -> None:
+        try:
+            while len(ended_at) < len(uuids) and time.monotonic() < deadline:
+                for row in store.active(CTL):
+                    event = store.finish(row["uuid"], "succeeded")  # ended_at: the store's clock
+                    if event is not None:
+                        ended_at[row["uuid"]] = event["task"]["ended_at"]
+                time.sleep(0.001)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=claimer, name="claimer"), threading.Thread(target=finisher, name="finisher")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(50)
+    assert failures == []
+    assert sorted(r["uuid"] for r in claimed) == sorted(uuids) == sorted(ended_at)
+    for previous, row in zip(claimed, claimed[1:]):
+        assert row["started_at"] >= ended_at[previous["uuid"]], (previous["uuid"], row["uuid"])
+    for row in claimed:
+        assert row["started_at"] <= ended_at[row["uuid"]]
+
+
+# -- list paging ------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_list_tasks_pages_with_before(store):
+    uuids = add(store, 9)
+    for _ in range(3):
+        claim(store)  # uuids[0..2] running
+    stop(store, uuids[1])  # stopping
+    for uuid in (uuids[3], uuids[6]):
+        stop(store, uuid)  # stopped
+    newest_first = list(reversed(uuids))
+
+    def pages(statuses: Optional[list[str]], size: int) -> list[list[str]]:
+        found, before = [], None
+        while page := store.list_tasks(CTL, statuses, limit=size, before=before):
+            found.append([r["uuid"] for r in page])
+            before = page[-1]["seq"]
+        return found
+
+    assert pages(None, 4) == [newest_first[:4], newest_first[4:8], newest_first[8:]]
+    queued_or_stopped = [u for u in newest_first if u not in uuids[:3]]
+    assert pages(["queued", "stopped"], 2) == [queued_or_stopped[i:i + 2] for i in range(0, 6, 2)]
+    assert pages(["stopped", "running", "stopping"], 10) == \
+        [[uuids[6], uuids[3], uuids[2], uuids[1], uuids[0]]]
+    seq = {u: fetch(store, u)["seq"] for u in uuids}
+    assert [r["uuid"] for r in store.list_tasks(CTL, ["queued"], limit=2, before=seq[uuids[7]])] == \
+        [uuids[5], uuids[4]]
+    assert store.list_tasks(CTL, before=seq[uuids[0]]) == []
+    assert store.list_tasks(CTL, ["queued"], before=seq[uuids[0]]) == []
+    assert [r["uuid"] for r in store.list_tasks(CTL, ["running"], before=seq[uuids[8]])] == [uuids[2], uuids[0]]
+
+
+# -- finish()'s arguments are checked once, in the base class ----------------------------------------------
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("status, fields", [
+    ("succeeded", {"bogus": 1}), ("succeeded", {"seq": 5}), ("succeeded", {"owner_id": "x"}),
+    ("succeeded", {"result": 1, "attempt": 3}), ("running", {}), ("queued", {}), ("stopping", {}), ("done", {}),
+], ids=repr)
+def test_finish_rejects_unknown_fields_and_non_terminal_statuses(store, status, fields):
+    assert type(store).finish is TaskStore.finish  # the backends implement _finish only
+    (uuid,) = add(store)
+    claim(store)
+    latest = store.latest_cursor()
+    with pytest.raises(ValueError):
+        store.finish(uuid, status, **fields)
+    with pytest.raises(ValueError):
+        store.finish(uuid, status, owner=OWNER, emitter="x", **fields)
+    assert status_of(store, uuid) == "running"
+    assert store.latest_cursor() == latest
+
+
+# -- driver errors ----------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_locked_sqlite_file_gives_store_unavailable_until_released(tmp_path):
+    path = tmp_path / "locked.sqlite3"
+    store = SQLiteStore(str(path), busy_timeout=0.1)
+    locker = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        (queued,) = add(store)
+        locker.execute("BEGIN EXCLUSIVE")
+        for write in (lambda: add(store), lambda: claim(store), lambda: store.heartbeat("x"),
+                      lambda: store.request_stop(queued), lambda: store.purge(CTL, 1e12)):
+            with pytest.raises(StoreUnavailable) as info:
+                write()
+            assert isinstance(info.value, StoreError) and info.value.retry_after >= 1
+            assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+            assert "locked" in str(info.value.__cause__)
+        assert store.get(queued)["status"] == "queued"  # readers are not blocked in WAL mode
+        locker.execute("ROLLBACK")
+        add(store)  # works again, on fresh connections
+        assert claim(store)["uuid"] == queued
+        assert counts(store) == {"queued": 1, "running": 1}
+        with pytest.raises(QueueFull):  # domain errors pass unchanged
+            add(store, 1, max_queued=1)
+    finally:
+        locker.close()
+        store.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_file_that_is_not_a_database_gives_store_error(tmp_path):
+    path = tmp_path / "garbage.sqlite3"
+    path.write_bytes(b"this is not a SQLite database\n" * 200)
+    with pytest.raises(StoreError) as info:
+        SQLiteStore(str(path))
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    """A redis-server of this test only, on ``port``, ready to answer."""
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port, retry=None)
+    try:
+        wait_until(lambda: proc.poll() is not None or _pings(client), timeout=10.0)
+    finally:
+        client.close()
+    assert proc.poll() is None, "redis-server did not start"
+    return proc
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def stop_redis(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[tuple[int, Callable[[], subprocess.Popen]]]:
+    """A free port and a starter of redis-servers on it; whatever was started is stopped at the end."""
+    port = free_port()
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        started.append(start_redis(port))
+        return started[-1]
+
+    yield port, start
+    for proc in started:
+        if proc.poll() is None:
+            stop_redis(proc)
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_redis_gives_store_unavailable_until_it_is_back(own_redis):
+    port, start = own_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    server = start()
+    store = RedisStore(url, prefix="down:")
+    try:
+        add(store)
+        since = store.latest_cursor()
+        stop_redis(server)
+        for call in (lambda: add(store), lambda: store.get("x"), lambda: store.changes(since, timeout=0.5),
+                     lambda: store.heartbeat("x")):
+            with pytest.raises(StoreUnavailable) as info:
+                call()
+            assert isinstance(info.value.__cause__, redis.ConnectionError)
+        with pytest.raises(StoreUnavailable):
+            RedisStore(url, prefix="down:")
+        start()  # an empty server (no persistence): the scripts must be loaded again
+        (uuid,) = add(store)
+        assert claim(store)["uuid"] == uuid
+        assert store.start(uuid, OWNER, 1, 1.0)["kind"] == "started"
+        assert counts(store) == {"running": 1}
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_redis_error_reply_gives_store_error(redis_server):
+    store = RedisStore(redis_server, prefix=f"wrongtype-{uuid_module.uuid4().hex}:")
+    client = redis.Redis.from_url(redis_server)
+    # Keys of the wrong type, which the scripts' first commands touch (a script that fails halfway
+    # is not rolled back: Redis scripts are atomic, not transactional).
+    broken = [f"{store.prefix}events", f"{store.prefix}c:{CTL}:q"]
+    try:
+        for key in broken:
+            client.set(key, "not what the store keeps here")
+        for call in (store.latest_cursor, lambda: store.changes("0-0"), lambda: add(store)):
+            with pytest.raises(StoreError) as info:
+                call()
+            assert not isinstance(info.value, StoreUnavailable)
+            assert isinstance(info.value.__cause__, redis.ResponseError)
+        client.delete(*broken)
+        assert store.list_tasks(CTL) == []  # nothing was half written
+        add(store)
+        assert counts(store) == {"queued": 1}
+    finally:
+        client.close()
+        store.close()
+
+
+# -- SQLite file permissions ------------------------------------------------------------------------------
+
+def modes(path: Path) -> dict[str, int]:
+    """The permission bits of the database file and of its -wal and -shm files."""
+    files = {suffix: Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm")}
+    assert all(f.exists() for f in files.values()), [s for s, f in files.items() if not f.exists()]
+    return {suffix: stat.S_IMODE(os.stat(f).st_mode) for suffix, f in files.items()}
+
+
+@pytest.mark.timeout(30)
+def test_sqlite_files_are_created_0600(tmp_path):
+    path = tmp_path / "private.sqlite3"
+    store = SQLiteStore(str(path))
+    try:
+        add(store)  # the pooled connection keeps -wal and -shm in place
+        assert modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(30)
+def test_sqlite_url_mode_sets_the_files_permissions(tmp_path):
+    path = tmp_path / "group.sqlite3"
+    store = resolve_store(f"sqlite:///{path}?mode=0640")
+    try:
+        assert isinstance(store, SQLiteStore) and store.path == str(path)
+        add(store)
+        assert modes(path) == {"": 0o640, "-wal": 0o640, "-shm": 0o640}
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("query", ["mode=999", "mode=abc", "mode=", "mode=01777", "mode=-600", "other=1",
+                                   "mode=0600&mode=0640x"])
+def test_a_bad_sqlite_url_option_gives_store_error(tmp_path, query):
+    with pytest.raises(StoreError):
+        resolve_store(f"sqlite:///{tmp_path}/bad.sqlite3?{query}")
+    assert not (tmp_path / "bad.sqlite3").exists()
