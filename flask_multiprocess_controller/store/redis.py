@@ -367,6 +367,12 @@ def _stream_id(cursor: str) -> Optional[tuple[int, int]]:
     return (ms, n) if ms < 2 ** 64 and n < 2 ** 64 else None
 
 
+def _server_id(value: Any) -> tuple[int, int]:
+    """A stream id the server returned, as a comparable pair."""
+    ms, n = _text(value).split("-")
+    return int(ms), int(n)
+
+
 def _pad(cursor: str) -> Optional[str]:
     """The outbox member of a cursor (the Lua ``pad``), or None when it is not a valid one."""
     parsed = _stream_id(cursor)
@@ -374,8 +380,8 @@ def _pad(cursor: str) -> Optional[str]:
 
 
 def _unpad(member: Any) -> str:
-    ms, n = _text(member).split("-")
-    return f"{int(ms)}-{int(n)}"
+    """The cursor of an outbox member."""
+    return "%d-%d" % _server_id(member)
 
 
 def _store_error(url: str, exc: Exception) -> StoreError:
@@ -522,11 +528,10 @@ class RedisStore(TaskStore):
     def _changes(self, since: str, limit: int) -> Changes:
         after = _stream_id(since)
         pruned, latest, entries = self._scripts["feed"](args=[self.prefix, "" if after is None else since, limit])
-        latest = _text(latest)
-        if after is None or after < cast(tuple, _stream_id(_text(pruned))) or after > cast(tuple, _stream_id(latest)):
-            return Changes([], latest, True)
-        events = [_event(cursor, fields) for cursor, fields in entries if _stream_id(_text(cursor)) != after]
-        events = events[:limit]
+        if after is None or after < _server_id(pruned) or after > _server_id(latest):
+            return Changes([], _text(latest), True)
+        # The script reads from ``since`` inclusive (an exclusive start fails on the largest id).
+        events = [_event(cursor, fields) for cursor, fields in entries if _server_id(cursor) != after][:limit]
         return Changes(events, events[-1]["cursor"] if events else since, False)
 
     @_guarded
