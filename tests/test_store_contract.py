@@ -1,7 +1,9 @@
-"""One contract suite for every TaskStore implementation (store/base.py), run against each backend.
+"""One contract suite (version 2, store/base.py) for every TaskStore implementation, run against each backend.
 
 To add a backend, add one line to ``BACKENDS``: a name and a function of the test's environment
-(``env.tmp_path``, ``env.redis_url``) that returns a fresh, empty store.
+(``env.tmp_path``, ``env.redis_url``) that returns a fresh, empty store; add its name to
+``SHARED_BACKENDS`` too when several processes can share it (the multi-process and durability
+tests then run on it). The tests of one backend's own failure modes and options come last.
 """
 from __future__ import annotations
 
