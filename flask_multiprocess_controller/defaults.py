@@ -19,6 +19,12 @@ SAMPLE_INTERVAL = 0.5
 SAMPLE_INTERVAL_WITH_MEMORY_LIMIT = 0.1
 #: Seconds between two looks at the store for work or stop requests made elsewhere.
 STORE_POLL_INTERVAL = 0.5
+#: Seconds between two looks of a blocked ``changes()`` at a SQLite store for other processes' writes.
+FEED_POLL_INTERVAL = 0.02
+#: Seconds task events (and callback outbox entries) are kept before ``purge()`` prunes them (24 h).
+EVENT_RETENTION = 24 * 3600.0
+#: The most task events a store keeps; older ones are pruned first.
+EVENT_STREAM_MAXLEN = 100_000
 #: Seconds between two heartbeats of a serving process in the store.
 HEARTBEAT_INTERVAL = 1.0
 #: Seconds without a heartbeat after which a serving process on another host counts as dead.

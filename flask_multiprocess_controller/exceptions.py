@@ -69,5 +69,16 @@ class StoreError(MPCError):
     """The task store is misconfigured or unusable."""
 
 
+class StoreUnavailable(StoreError):
+    """The task store is down or locked right now; the same call may succeed later.
+
+    :param retry_after: seconds a caller (or an HTTP client, as ``Retry-After``) should wait.
+    """
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NotInTask(MPCError):
     """A task-side helper was called outside a running task."""

@@ -1,26 +1,39 @@
-"""One contract suite for every TaskStore implementation (store/base.py), run against each backend.
+"""One contract suite (version 2, store/base.py) for every TaskStore implementation, run against each backend.
 
 To add a backend, add one line to ``BACKENDS``: a name and a function of the test's environment
-(``env.tmp_path``, ``env.redis_url``) that returns a fresh, empty store.
+(``env.tmp_path``, ``env.redis_url``) that returns a fresh, empty store; add its name to
+``SHARED_BACKENDS`` too when several processes can share it (the multi-process and durability
+tests then run on it). The tests of one backend's own failure modes and options come last.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import uuid as uuid_module
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
+import redis
 
 from flask_multiprocess_controller import (
     MemoryStore, QueueFull, SQLiteStore, TaskAlreadyFinished, TaskNotFound, TaskStore,
 )
+from flask_multiprocess_controller.events import CALLBACK_KINDS, Changes, Event
+from flask_multiprocess_controller.exceptions import StoreError, StoreUnavailable
+from flask_multiprocess_controller.store import resolve_store
 from flask_multiprocess_controller.store.redis import RedisStore
+
+from conftest import free_port, wait_until
 
 
 def _redis_store(env: SimpleNamespace) -> TaskStore:
@@ -34,12 +47,40 @@ BACKENDS: dict[str, Callable[[SimpleNamespace], TaskStore]] = {
 }
 
 
+#: The backends whose store several processes (and store objects) share.
+SHARED_BACKENDS = ["sqlite", "redis"]
+
+
 @pytest.fixture(params=list(BACKENDS))
 def store(request, tmp_path, redis_server):
     env = SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server)
     made = BACKENDS[request.param](env)
     yield made
     made.close()
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+def shared_store(request, tmp_path, redis_server):
+    env = SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server)
+    made = BACKENDS[request.param](env)
+    yield made
+    made.close()
+
+
+def reopen(store: TaskStore) -> TaskStore:
+    """A new store object on the same SQLite file or Redis key space."""
+    if isinstance(store, SQLiteStore):
+        return SQLiteStore(store.path)
+    assert isinstance(store, RedisStore)
+    return RedisStore(store.url, prefix=store.prefix)
+
+
+def location(store: TaskStore) -> tuple[str, str, str]:
+    """(kind, location, prefix) of a shared store, for a child process to open the same one."""
+    if isinstance(store, SQLiteStore):
+        return "sqlite", store.path, ""
+    assert isinstance(store, RedisStore)
+    return "redis", store.url, store.prefix
 
 
 #: The keys every stored task has (store/base.py's module docstring).
@@ -50,6 +91,8 @@ ROW_KEYS = {
 }
 CTL = "contract"
 OTHER = "other-controller"
+OWNER = "owner-1"
+EVENT_KEYS = {"cursor", "kind", "uuid", "controller", "at", "emitter", "task"}
 
 
 def make_row(controller: str = CTL, priority: int = 0, args: Any = None, created_at: float | None = None,
@@ -69,9 +112,13 @@ def add(store: TaskStore, n: int = 1, controller: str = CTL, max_queued: int = -
     return [r["uuid"] for r in rows]
 
 
-def claim(store: TaskStore, controller: str = CTL, max_running: int = 1000, owner: str = "owner-1",
-          now: float | None = None):
-    return store.claim(controller, owner, max_running, time.time() if now is None else now)
+def claim(store: TaskStore, controller: str = CTL, max_running: int = 1000, owner: str = OWNER):
+    return store.claim(controller, owner, max_running)
+
+
+def stop(store: TaskStore, uuid: str) -> dict:
+    """Request a stop; return the task afterwards."""
+    return store.request_stop(uuid)[0]
 
 
 def status_of(store: TaskStore, uuid: str) -> str:
@@ -127,8 +174,9 @@ def test_get_returns_every_documented_key(store):
     for when in ("queued", "running", "finished"):
         row = store.get(uuid)
         assert ROW_KEYS <= set(row), (when, sorted(ROW_KEYS - set(row)))
-        for key in ("progress", "percent", "result", "error", "ended_at", "pid", "exit_code"):
+        for key in ("progress", "percent", "result", "error", "pid", "exit_code"):
             assert row[key] is None, (when, key)
+        assert (row["ended_at"] is None) == (when != "finished")  # finish() defaults it to the store's now
         if when == "queued":
             assert row["started_at"] is None and row["owner"] is None
             claimed = claim(store)
@@ -138,8 +186,9 @@ def test_get_returns_every_documented_key(store):
     for row in store.list_tasks(CTL) + store.active(CTL):
         assert ROW_KEYS <= set(row)
     (other,) = add(store)
-    stopped = store.request_stop(other, 1.0)
+    stopped, event = store.request_stop(other)
     assert ROW_KEYS <= set(stopped), sorted(ROW_KEYS - set(stopped))
+    assert ROW_KEYS <= set(event["task"]), sorted(ROW_KEYS - set(event["task"]))
     assert store.get(str(uuid_module.uuid4())) is None
 
 
@@ -184,18 +233,21 @@ def test_claim_order_is_priority_then_seq(store):
     add(store, 3, controller=OTHER, priority=-100)
     expected = [u for _, _, u in sorted((p, i, u) for i, (p, u) in enumerate(zip(by_priority, uuids)))]
     claimed = []
-    now = time.time()
-    while (row := claim(store, now=now)) is not None:
+    started = {}
+    before = store.now()
+    while (row := claim(store)) is not None:
         assert row["status"] == "running"
-        assert row["owner"] == "owner-1"
-        assert row["started_at"] == now
+        assert row["owner"] == OWNER
         assert row["attempt"] == 1
         assert row["controller"] == CTL
         claimed.append(row["uuid"])
+        started[row["uuid"]] = row["started_at"]
+    after = store.now()
     assert claimed == expected
+    assert all(before <= started[u] <= after for u in claimed)  # the store's clock, at the claim
     for uuid in claimed:
         got = fetch(store, uuid)
-        assert got["status"] == "running" and got["owner"] == "owner-1" and got["started_at"] == now
+        assert got["status"] == "running" and got["owner"] == OWNER and got["started_at"] == started[uuid]
         assert got["attempt"] == 1
     assert counts(store, OTHER) == {"queued": 3}
 
@@ -206,7 +258,7 @@ def test_claim_respects_max_running_counting_stopping(store):
     first, second = claim(store, max_running=2), claim(store, max_running=2)
     assert first is not None and second is not None
     assert claim(store, max_running=2) is None
-    store.request_stop(first["uuid"], time.time())
+    stop(store, first["uuid"])
     assert status_of(store, first["uuid"]) == "stopping"
     assert claim(store, max_running=2) is None  # stopping still holds its slot
     assert store.finish(first["uuid"], "stopped", ended_at=time.time())
@@ -231,29 +283,35 @@ def test_claim_returns_none_when_nothing_is_queued(store):
     assert counts(store, CTL) == {"running": 1}
 
 
-# -- update, finish, requeue --------------------------------------------------------------------------
+# -- start, progress, finish, requeue -------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
-def test_update_only_touches_active_tasks(store):
+def test_start_and_progress_only_touch_active_tasks(store):
     running, stopping, finished, queued = add(store, 4)
     for _ in range(3):
         claim(store)
-    store.request_stop(stopping, time.time())
+    stop(store, stopping)
     store.finish(finished, "succeeded", ended_at=time.time(), result=1)
     for uuid in (queued, running, stopping, finished):
-        store.update(uuid, progress={"step": uuid[:4]}, percent=50.0, pid=4242)
+        started = store.start(uuid, OWNER, 4242, 1.5)
+        progressed = store.progress(uuid, OWNER, {"step": uuid[:4]}, 50.0)
+        active = uuid in (running, stopping)
+        assert (started is not None, progressed is not None) == (active, active), uuid
     for uuid in (running, stopping):
         row = fetch(store, uuid)
-        assert (row["progress"], row["percent"], row["pid"]) == ({"step": uuid[:4]}, 50.0, 4242)
+        assert (row["progress"], row["percent"], row["pid"], row["pid_created"]) == \
+            ({"step": uuid[:4]}, 50.0, 4242, 1.5)
     for uuid in (queued, finished):
         row = fetch(store, uuid)
         assert (row["progress"], row["percent"], row["pid"]) == (None, None, None)
     assert [status_of(store, u) for u in (queued, running, stopping, finished)] == \
         ["queued", "running", "stopping", "succeeded"]
-    store.update(str(uuid_module.uuid4()), progress=1)  # unknown: no error, no row
-    with pytest.raises(ValueError):
-        store.update(running, status="succeeded")
-    assert status_of(store, running) == "running"
+    unknown = str(uuid_module.uuid4())
+    assert store.progress(unknown, OWNER, 1, None) is None  # unknown: no error, no row
+    assert store.start(unknown, OWNER, 1, 1.0) is None
+    assert store.get(unknown) is None
+    assert store.progress(running, OWNER, None, None) is not None  # clearing progress
+    assert (fetch(store, running)["progress"], fetch(store, running)["percent"]) == (None, None)
 
 
 @pytest.mark.timeout(30)
@@ -261,22 +319,20 @@ def test_finish_is_compare_and_set(store):
     running, stopping, queued = add(store, 3)
     claim(store)
     claim(store)
-    store.request_stop(stopping, time.time())
+    stop(store, stopping)
     assert store.finish(running, "failed", ended_at=100.0, exit_code=1, error={"type": "X", "message": "m",
-                                                                              "traceback": None}) is True
+                                                                              "traceback": None}) is not None
     row = fetch(store, running)
     assert (row["status"], row["ended_at"], row["exit_code"]) == ("failed", 100.0, 1)
-    assert store.finish(running, "succeeded", ended_at=200.0, result="late") is False
+    assert store.finish(running, "succeeded", ended_at=200.0, result="late") is None
     row = fetch(store, running)
     assert (row["status"], row["ended_at"], row["result"]) == ("failed", 100.0, None)
-    assert store.finish(stopping, "stopped", ended_at=101.0) is True
+    assert store.finish(stopping, "stopped", ended_at=101.0) is not None
     assert status_of(store, stopping) == "stopped"
-    assert store.finish(queued, "succeeded", ended_at=102.0) is False
+    assert store.finish(queued, "succeeded", ended_at=102.0) is None
     assert status_of(store, queued) == "queued"
     assert fetch(store, queued)["ended_at"] is None
-    assert store.finish(str(uuid_module.uuid4()), "lost", ended_at=1.0) is False
-    with pytest.raises(ValueError):
-        store.finish(queued, "running")
+    assert store.finish(str(uuid_module.uuid4()), "lost", ended_at=1.0) is None
 
 
 @pytest.mark.timeout(30)
@@ -317,8 +373,8 @@ def test_requeue_keeps_the_old_queue_place(store):
     a, b, c = add(store, 3)
     first = claim(store, max_running=1)
     assert first["uuid"] == a
-    store.update(a, pid=999, pid_created=1.5)
-    assert store.requeue(a) is True
+    store.start(a, OWNER, 999, 1.5)
+    assert store.requeue(a) is not None
     row = fetch(store, a)
     assert row["status"] == "queued"
     assert row["owner"] is None and row["pid"] is None and row["started_at"] is None
@@ -330,18 +386,17 @@ def test_requeue_keeps_the_old_queue_place(store):
     assert again["attempt"] == 2
     assert again["owner"] == "owner-2"
     # A stopping task can be requeued too (its stop request is dropped with it).
-    store.request_stop(a, time.time())
-    assert store.requeue(a) is True
+    stop(store, a)
+    assert store.requeue(a) is not None
     assert fetch(store, a)["stop_requested"] is False
-    assert store.stop_requests([a]) == set()
     assert [claim(store)["uuid"] for _ in range(3)] == [a, b, c]
     # Only active tasks go back.
     store.finish(a, "succeeded", ended_at=time.time())
-    assert store.requeue(a) is False
+    assert store.requeue(a) is None
     assert status_of(store, a) == "succeeded"
     (queued,) = add(store)
-    assert store.requeue(queued) is False
-    assert store.requeue(str(uuid_module.uuid4())) is False
+    assert store.requeue(queued) is None
+    assert store.requeue(str(uuid_module.uuid4())) is None
 
 
 # -- stop ---------------------------------------------------------------------------------------------
@@ -349,31 +404,34 @@ def test_requeue_keeps_the_old_queue_place(store):
 @pytest.mark.timeout(30)
 def test_request_stop_of_queued_task_stops_it(store):
     (uuid,) = add(store)
-    row = full(store.request_stop(uuid, 1234.5))
+    before = store.now()
+    row = full(stop(store, uuid))
+    after = store.now()
     assert row["uuid"] == uuid
     assert row["status"] == "stopped"
-    assert row["ended_at"] == 1234.5
+    assert before <= row["ended_at"] <= after  # the store's clock
     assert row["stop_requested"] is True
     got = fetch(store, uuid)
-    assert (got["status"], got["ended_at"], got["started_at"]) == ("stopped", 1234.5, None)
+    assert (got["status"], got["ended_at"], got["started_at"]) == ("stopped", row["ended_at"], None)
     assert claim(store) is None  # never started
     with pytest.raises(TaskAlreadyFinished):
-        store.request_stop(uuid, 2000.0)
-    assert fetch(store, uuid)["ended_at"] == 1234.5
+        store.request_stop(uuid)
+    assert fetch(store, uuid)["ended_at"] == row["ended_at"]
 
 
 @pytest.mark.timeout(30)
 def test_request_stop_of_running_task_marks_it_stopping(store):
     (uuid,) = add(store)
     claim(store)
-    row = full(store.request_stop(uuid, 10.0))
+    row = full(stop(store, uuid))
     assert row["status"] == "stopping"
     assert row["stop_requested"] is True
     assert row["ended_at"] is None
     got = fetch(store, uuid)
     assert (got["status"], got["stop_requested"], got["ended_at"]) == ("stopping", True, None)
-    again = full(store.request_stop(uuid, 11.0))  # stopping: returned unchanged
-    assert again["status"] == "stopping" and again["ended_at"] is None
+    again, event = store.request_stop(uuid)  # stopping: returned unchanged, nothing written
+    assert full(again)["status"] == "stopping" and full(again)["ended_at"] is None
+    assert event is None
     assert store.finish(uuid, "stopped", ended_at=12.0)
 
 
@@ -383,25 +441,11 @@ def test_request_stop_of_finished_or_unknown_task_raises(store):
     claim(store)
     store.finish(uuid, "succeeded", ended_at=5.0, result=[1])
     with pytest.raises(TaskAlreadyFinished):
-        store.request_stop(uuid, 6.0)
+        store.request_stop(uuid)
     row = fetch(store, uuid)
     assert (row["status"], row["stop_requested"], row["ended_at"]) == ("succeeded", False, 5.0)
     with pytest.raises(TaskNotFound):
-        store.request_stop(str(uuid_module.uuid4()), 6.0)
-
-
-@pytest.mark.timeout(30)
-def test_stop_requests_returns_the_stopped_subset(store):
-    running, stopping, queued, untouched = add(store, 4)
-    claim(store)
-    claim(store)
-    store.request_stop(queued, 1.0)
-    store.request_stop(stopping, 1.0)
-    unknown = str(uuid_module.uuid4())
-    assert store.stop_requests([queued, running, stopping, untouched, unknown]) == {queued, stopping}
-    assert store.stop_requests([running]) == set()
-    assert store.stop_requests([]) == set()
-    assert store.stop_requests(iter([stopping])) == {stopping}
+        store.request_stop(str(uuid_module.uuid4()))
 
 
 @pytest.mark.timeout(30)
@@ -411,7 +455,7 @@ def test_active_lists_running_and_stopping_of_the_controller(store):
     claim(store)
     claim(store)
     claim(store, controller=OTHER)
-    store.request_stop(stopping, 1.0)
+    stop(store, stopping)
     assert sorted(r["uuid"] for r in store.active(CTL)) == sorted([running, stopping])
     assert {r["status"] for r in store.active(CTL)} == {"running", "stopping"}
     store.finish(running, "succeeded", ended_at=2.0)
@@ -426,7 +470,7 @@ def test_list_is_newest_first_with_status_filter_and_limit(store):
     uuids = add(store, 3) + add(store, 2, priority=-5)
     add(store, 2, controller=OTHER)
     claim(store)  # uuids[3]: lowest priority, oldest of those
-    store.request_stop(uuids[0], 1.0)
+    stop(store, uuids[0])
     newest_first = list(reversed(uuids))
     assert [r["uuid"] for r in store.list_tasks(CTL)] == newest_first
     assert [r["uuid"] for r in store.list_tasks(CTL, limit=2)] == newest_first[:2]
@@ -447,9 +491,9 @@ def test_counts_per_status(store):
     claim(store)  # a
     claim(store)  # b
     claim(store)  # c
-    store.request_stop(b, 1.0)
+    stop(store, b)
     store.finish(c, "timed_out", ended_at=2.0)
-    store.request_stop(d, 3.0)
+    stop(store, d)
     assert counts(store) == \
         {"running": 1, "stopping": 1, "timed_out": 1, "stopped": 1, "queued": 1}
     assert counts(store, OTHER) == {"queued": 2}
@@ -467,7 +511,7 @@ def test_position_is_the_one_based_place_in_the_queue(store):
     assert store.position(fetch(store, high[0])) is None
     assert store.position(fetch(store, low[0])) == 1
     assert store.position(fetch(store, low[1])) == 2
-    store.request_stop(low[0], 1.0)
+    stop(store, low[0])
     assert store.position(fetch(store, low[0])) is None
     assert store.position(fetch(store, low[1])) == 1
 
@@ -476,29 +520,32 @@ def test_position_is_the_one_based_place_in_the_queue(store):
 
 @pytest.mark.timeout(30)
 def test_purge_removes_only_old_finished_tasks_of_that_controller(store):
-    old_done, new_done, old_stopped_queued, old_running, still_queued = add(store, 5)
+    old_done, new_done, stopped_queued, running, still_queued = add(store, 5)
     (other_old,) = add(store, 1, controller=OTHER)
     claim(store)  # old_done
     claim(store)  # new_done
     claim(store, controller=OTHER)
-    store.request_stop(old_stopped_queued, 100.0)
-    claim(store)  # old_running
-    store.update(old_running, ended_at=50.0)  # an odd value on an active task must not make it purgeable
+    stopped_at = stop(store, stopped_queued)["ended_at"]  # the store's clock: now
+    claim(store)  # running
     assert store.finish(old_done, "failed", ended_at=100.0)
     assert store.finish(new_done, "succeeded", ended_at=1000.0)
     assert store.finish(other_old, "succeeded", ended_at=10.0)
-    assert store.purge(CTL, 500.0) == 2
+    assert store.purge(CTL, 500.0) == 1
     assert fetch(store, old_done) is None
-    assert fetch(store, old_stopped_queued) is None
-    for uuid in (new_done, old_running, still_queued, other_old):
+    for uuid in (new_done, stopped_queued, running, still_queued, other_old):
         assert fetch(store, uuid) is not None
     assert store.purge(CTL, 500.0) == 0
     assert store.purge(CTL, 1000.0) == 0  # strictly before the cutoff
     assert store.purge(CTL, 1000.5) == 1
     assert fetch(store, new_done) is None
-    assert status_of(store, old_running) == "running"
+    assert store.purge(CTL, stopped_at) == 0
+    assert store.purge(CTL, stopped_at + 1.0) == 1
+    assert fetch(store, stopped_queued) is None
+    assert status_of(store, running) == "running"
     assert status_of(store, still_queued) == "queued"
+    assert counts(store) == {"running": 1, "queued": 1}
     assert store.purge(OTHER, 1e12) == 1
+    assert store.list_tasks(OTHER) == [] and counts(store, OTHER) == {}
 
 
 # -- JSON fields ----------------------------------------------------------------------------------------
@@ -516,7 +563,7 @@ def test_json_fields_round_trip(store):
     assert fetch(store, uuid)["args"] == args
     assert claim(store)["args"] == args
     for value in PROGRESS_VALUES:
-        store.update(uuid, progress=value)
+        store.progress(uuid, OWNER, value, None)
         got = fetch(store, uuid)["progress"]
         assert got == value and type(got) is type(value), (value, got)
     error = {"type": "ValueError", "message": "bad ✗ \"value\"",
@@ -555,18 +602,31 @@ def test_returned_rows_are_copies(store):
 # -- heartbeats -----------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
-def test_heartbeats_record_the_last_beat_of_each_owner(store):
+def test_heartbeats_record_the_last_beat_of_each_owner_on_the_store_clock(store):
     assert store.heartbeats() == {}
     a, b = "host-a:123:1700000000.125", "host-b:456:1700000001.5"
-    store.heartbeat(a, 10.0)
-    store.heartbeat(b, 11.5)
-    store.heartbeat(a, 12.25)
-    assert store.heartbeats() == {a: 12.25, b: 11.5}
+    before = store.now()
+    store.heartbeat(a)
+    store.heartbeat(b)
+    after = store.now()
+    beats = store.heartbeats()
+    assert set(beats) == {a, b}
+    assert all(before <= beat <= after for beat in beats.values())
+    store.heartbeat(a)
+    again = store.heartbeats()
+    assert again[a] >= beats[a] and again[b] == beats[b]
     store.forget_owner(a)
-    assert store.heartbeats() == {b: 11.5}
+    assert store.heartbeats() == {b: beats[b]}
     store.forget_owner("never-seen")
-    store.heartbeat(a, 13.0)  # an owner may come back
-    assert store.heartbeats() == {a: 13.0, b: 11.5}
+    store.heartbeat(a)  # an owner may come back
+    assert set(store.heartbeats()) == {a, b}
+
+
+@pytest.mark.timeout(30)
+def test_now_is_the_store_clock_in_unix_seconds(store):
+    first, second = store.now(), store.now()
+    assert isinstance(first, float) and first <= second
+    assert abs(first - time.time()) < 5.0  # one machine here: the clocks agree
 
 
 # -- concurrency ----------------------------------------------------------------------------------------
@@ -581,7 +641,7 @@ def test_concurrent_claims_from_threads_claim_each_task_once(store):
     def worker(index: int) -> None:
         try:
             start.wait(10)
-            while (row := store.claim(CTL, f"thread-{index}", 200, time.time())) is not None:
+            while (row := store.claim(CTL, f"thread-{index}", 200)) is not None:
                 claimed[index].append(row["uuid"])
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -619,7 +679,7 @@ _CLAIM_SCRIPT = textwrap.dedent("""
         time.sleep(0.005)
     claimed, max_active, refused = [], 0, 0
     while time.monotonic() < deadline:
-        row = store.claim(controller, owner, 3, time.time())
+        row = store.claim(controller, owner, 3)
         if row is None:
             counts = store.counts(controller)
             if not counts.get("queued"):
@@ -689,19 +749,22 @@ def test_writes_are_fenced_by_the_owner(store):
     """A process that lost a task (settled or claimed again elsewhere) cannot write to it any more."""
     (uuid,) = add(store)
     claim(store, owner="host-a:1:1.0")
-    assert store.update(uuid, owner="host-b:2:2.0", progress="stale") is False
-    assert store.get(uuid)["progress"] is None
-    assert store.update(uuid, owner="host-a:1:1.0", progress="mine") is True
+    latest = store.latest_cursor()
+    assert store.progress(uuid, "host-b:2:2.0", "stale", None) is None
+    assert store.start(uuid, "host-b:2:2.0", 1, 1.0) is None
+    assert store.get(uuid)["progress"] is None and store.get(uuid)["pid"] is None
+    assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=1) is None
+    assert store.requeue(uuid, owner="host-b:2:2.0") is None
+    assert store.latest_cursor() == latest  # a write fenced out writes no event either
+    assert store.progress(uuid, "host-a:1:1.0", "mine", None) is not None
     assert store.get(uuid)["progress"] == "mine"
-    assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=1) is False
-    assert store.requeue(uuid, owner="host-b:2:2.0") is False
     assert store.get(uuid)["status"] == "running"
     # Settled by a survivor, then claimed again by another process: the old owner is fenced out.
-    assert store.requeue(uuid, owner="host-a:1:1.0") is True
+    assert store.requeue(uuid, owner="host-a:1:1.0") is not None
     claim(store, owner="host-b:2:2.0")
-    assert store.requeue(uuid, owner="host-a:1:1.0") is False
-    assert store.finish(uuid, "lost", owner="host-a:1:1.0") is False
-    assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=2) is True
+    assert store.requeue(uuid, owner="host-a:1:1.0") is None
+    assert store.finish(uuid, "lost", owner="host-a:1:1.0") is None
+    assert store.finish(uuid, "succeeded", owner="host-b:2:2.0", result=2) is not None
     row = store.get(uuid)
     assert (row["status"], row["result"], row["owner"], row["attempt"]) == ("succeeded", 2, "host-b:2:2.0", 2)
 
@@ -721,10 +784,583 @@ def test_sqlite_store_does_not_keep_a_connection_per_finished_thread(tmp_path):
             return sum(1 for f in psutil.Process().open_files() if f.path == str(path))
 
         for _ in range(200):
-            worker = threading.Thread(target=lambda: (store.get(str(uuid_module.uuid4())), store.heartbeat("x", 1.0)))
+            worker = threading.Thread(target=lambda: (store.get(str(uuid_module.uuid4())), store.heartbeat("x")))
             worker.start()
             worker.join()
         assert open_connections() <= 2, open_connections()  # one pooled connection (and its WAL file)
     finally:
         store.close()
     assert open_connections() == 0
+
+
+# -- events: every state-changing write returns its event, and the feed shows the same ----------------
+
+def check_event(event: Optional[Event], kind: str, uuid: str, emitter: Optional[str], status: str,
+                controller: str = CTL) -> Event:
+    """Assert the shape of one event; return it."""
+    assert event is not None, kind
+    assert set(event) == EVENT_KEYS
+    assert isinstance(event["cursor"], str) and isinstance(event["at"], float)
+    assert (event["kind"], event["uuid"], event["controller"], event["emitter"]) == (kind, uuid, controller, emitter)
+    assert ROW_KEYS <= set(event["task"])
+    assert (event["task"]["uuid"], event["task"]["status"]) == (uuid, status)
+    return event
+
+
+@pytest.mark.timeout(30)
+def test_every_state_change_returns_its_event_and_the_feed_shows_the_same_in_order(store):
+    since = store.changes(None).cursor
+    before = store.now()
+    written: list[Event] = []
+    rows = [make_row(priority=p) for p in (0, 1, 2)]
+    a, b, c = (r["uuid"] for r in rows)
+    queued = store.enqueue(rows, -1, emitter="client-1")
+    assert [e["task"]["seq"] for e in queued] == [r["seq"] for r in rows]  # input order
+    written += [check_event(e, "queued", r["uuid"], "client-1", "queued") for e, r in zip(queued, rows)]
+
+    assert claim(store)["uuid"] == a  # no event: "started" comes with the pid
+    started = check_event(store.start(a, OWNER, 4242, 1.5), "started", a, OWNER, "running")
+    assert (started["task"]["pid"], started["task"]["pid_created"], started["task"]["owner"]) == (4242, 1.5, OWNER)
+    progressed = check_event(store.progress(a, OWNER, {"step": 1}, 10.0), "progress", a, OWNER, "running")
+    assert (progressed["task"]["progress"], progressed["task"]["percent"]) == ({"step": 1}, 10.0)
+    row, stopping = store.request_stop(a, emitter="stopper")
+    check_event(stopping, "stopping", a, "stopper", "stopping")
+    assert stopping["task"] == row and row["stop_requested"] is True
+    assert store.request_stop(a, emitter="stopper")[1] is None  # already stopping: nothing written
+    requeued = check_event(store.requeue(a, owner=OWNER), "requeued", a, OWNER, "queued")  # emitter = owner
+    assert (requeued["task"]["owner"], requeued["task"]["pid"], requeued["task"]["stop_requested"]) == \
+        (None, None, False)
+    written += [started, progressed, stopping, requeued]
+
+    assert claim(store)["uuid"] == a
+    ended = check_event(store.finish(a, "succeeded", owner=OWNER, result=[1]), "ended", a, OWNER, "succeeded")
+    assert ended["task"]["result"] == [1]
+    assert ended["task"]["ended_at"] == ended["at"]  # ended_at defaults to the store's clock at the change
+    assert claim(store)["uuid"] == b
+    lost = check_event(store.finish(b, "lost", emitter="reconciler", ended_at=5.0), "ended", b, "reconciler",
+                       "lost")
+    assert lost["task"]["ended_at"] == 5.0
+    row, stopped = store.request_stop(c)
+    check_event(stopped, "ended", c, None, "stopped")
+    assert stopped["task"] == row and row["ended_at"] == stopped["at"]
+    written += [ended, lost, stopped]
+
+    assert store.purge(CTL, store.now() + 1.0, emitter="janitor") == 3
+    purged = store.changes(stopped["cursor"]).events
+    assert sorted(e["uuid"] for e in purged) == sorted([a, b, c])
+    by_uuid = {e["uuid"]: e for e in written}
+    for event in purged:  # the row as it was when deleted
+        check_event(event, "purged", event["uuid"], "janitor", by_uuid[event["uuid"]]["task"]["status"])
+    written += purged
+    after = store.now()
+
+    feed = store.changes(since)
+    assert feed.events == written
+    assert (feed.cursor, feed.reset) == (written[-1]["cursor"], False)
+    assert feed.cursor == store.latest_cursor()
+    assert len({e["cursor"] for e in written}) == len(written)
+    assert all(before <= e["at"] <= after for e in written)
+    # A limit cuts the batch; its cursor resumes right after it.
+    first = store.changes(since, limit=4)
+    assert (first.events, first.cursor) == (written[:4], written[3]["cursor"])
+    assert store.changes(first.cursor).events == written[4:]
+
+
+@pytest.mark.timeout(30)
+def test_writes_that_change_nothing_write_no_event(store):
+    running, queued = add(store, 2)
+    claim(store)
+    latest = store.latest_cursor()
+    assert store.claim(CTL, OWNER, 1) is None  # the limit: no event either way
+    assert store.start(queued, OWNER, 1, 1.0) is None
+    assert store.progress(queued, OWNER, 1, None) is None
+    assert store.finish(queued, "succeeded") is None
+    assert store.requeue(queued) is None
+    assert store.purge(CTL, 0.0) == 0
+    with pytest.raises(QueueFull):
+        add(store, 1, max_queued=1)
+    assert store.latest_cursor() == latest
+    assert store.changes(latest) == Changes([], latest, False)
+
+
+@pytest.mark.timeout(30)
+def test_enqueue_returns_one_event_per_row_in_input_order(store):
+    rows = [make_row(priority=i % 3, args={"i": i}) for i in range(300)]
+    events = store.enqueue(rows, -1)
+    assert [e["uuid"] for e in events] == [r["uuid"] for r in rows]
+    assert [e["task"]["args"] for e in events] == [{"i": i} for i in range(300)]
+    assert [e["task"]["seq"] for e in events] == [r["seq"] for r in rows]
+    assert {e["kind"] for e in events} == {"queued"} and {e["emitter"] for e in events} == {None}
+    assert store.enqueue([], -1) == []
+
+
+# -- the change feed --------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_changes_from_none_returns_nothing_and_the_latest_cursor(store):
+    empty = store.changes(None)
+    assert empty == Changes([], store.latest_cursor(), False)
+    assert store.changes(empty.cursor) == Changes([], empty.cursor, False)
+    (uuid,) = add(store)
+    now = store.changes(None, timeout=5.0)  # "from now": does not wait for what comes next
+    assert now.events == [] and now.reset is False
+    assert now.cursor == store.latest_cursor() != empty.cursor
+    assert [e["uuid"] for e in store.changes(empty.cursor).events] == [uuid]
+    assert store.changes(now.cursor) == Changes([], now.cursor, False)
+
+
+@pytest.mark.timeout(30)
+def test_waiting_changes_return_after_the_timeout_with_nothing(store):
+    latest = store.latest_cursor()
+    started = time.monotonic()
+    assert store.changes(latest, timeout=0.2) == Changes([], latest, False)
+    assert time.monotonic() - started >= 0.19
+
+
+@pytest.mark.timeout(60)
+def test_waiting_changes_wake_when_another_thread_writes(store):
+    since = store.latest_cursor()
+    rows = [make_row()]
+    failures: list[BaseException] = []
+
+    def write_later() -> None:
+        try:
+            time.sleep(0.3)  # let the reader block first
+            store.enqueue(rows, -1, emitter="writer-thread")
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    writer = threading.Thread(target=write_later, name="feed-writer")
+    writer.start()
+    try:
+        started = time.monotonic()
+        found = store.changes(since, timeout=30.0)
+        waited = time.monotonic() - started
+    finally:
+        writer.join(30)
+    assert failures == []
+    assert [(e["uuid"], e["emitter"]) for e in found.events] == [(rows[0]["uuid"], "writer-thread")]
+    assert found.cursor == found.events[0]["cursor"] and found.reset is False
+    assert waited < 15.0  # woken by the write, not by the timeout
+
+
+_WRITE_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time, uuid
+
+    kind, location, prefix, controller, go = sys.argv[1:6]
+    if kind == "sqlite":
+        from flask_multiprocess_controller import SQLiteStore
+        store = SQLiteStore(location)
+    else:
+        from flask_multiprocess_controller.store.redis import RedisStore
+        store = RedisStore(location, prefix=prefix)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            raise SystemExit("never told to start")
+        time.sleep(0.005)
+    time.sleep(0.3)  # let the parent block first
+    row = {"uuid": str(uuid.uuid4()), "controller": controller, "status": "queued", "priority": 0, "args": {},
+           "created_at": time.time(), "timeout": None, "attempt": 0, "stop_requested": False}
+    (event,) = store.enqueue([row], -1, emitter="writer-process")
+    store.close()
+    print(json.dumps({"uuid": row["uuid"], "cursor": event["cursor"]}))
+""")
+
+
+@pytest.mark.timeout(60)
+def test_waiting_changes_wake_when_another_process_writes(shared_store, tmp_path):
+    since = shared_store.latest_cursor()
+    go = tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITE_SCRIPT, *location(shared_store), CTL, str(go)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        go.touch()
+        started = time.monotonic()
+        found = shared_store.changes(since, timeout=30.0)
+        waited = time.monotonic() - started
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    assert proc.returncode == 0, err[-2000:]
+    written = json.loads(out.strip().splitlines()[-1])
+    assert [(e["uuid"], e["cursor"], e["emitter"]) for e in found.events] == \
+        [(written["uuid"], written["cursor"], "writer-process")]
+    assert waited < 15.0
+
+
+def wait_past(store: TaskStore, event: Event) -> None:
+    """Return once the store's clock is past ``event`` (so a retention of 0 covers it)."""
+    wait_until(lambda: store.now() > event["at"] + 0.002, timeout=5.0, interval=0.001)
+
+
+@pytest.mark.timeout(30)
+def test_a_cursor_whose_events_were_pruned_gives_a_reset(store):
+    since = store.latest_cursor()
+    events = store.enqueue([make_row() for _ in range(3)], -1)
+    claim(store)
+    events.append(store.start(events[0]["uuid"], OWNER, 1, 1.0))  # a callback event: in the outbox
+    assert store.unacked(CTL) == [events[-1]]
+    wait_past(store, events[-1])
+    store.event_retention = 0.0
+    assert store.purge(CTL, 0.0) == 0  # no task to purge, but old events go
+    latest = store.latest_cursor()
+    assert latest == events[-1]["cursor"]  # pruning keeps the latest cursor
+    for pruned in (since, events[0]["cursor"], events[2]["cursor"]):
+        assert store.changes(pruned) == Changes([], latest, True)
+        assert store.changes(pruned, timeout=10.0) == Changes([], latest, True)  # at once
+    assert store.changes(latest) == Changes([], latest, False)  # nothing after it was lost
+    assert store.unacked(CTL) == []  # outbox entries go with their events
+    store.event_retention = 3600.0
+    later = store.progress(events[0]["uuid"], OWNER, 1, None)
+    assert store.changes(latest) == Changes([later], later["cursor"], False)
+
+
+@pytest.mark.timeout(30)
+def test_events_beyond_max_events_are_pruned_oldest_first(store):
+    since = store.latest_cursor()
+    store.max_events = 3
+    events = store.enqueue([make_row() for _ in range(6)], -1)
+    store.purge(CTL, 0.0)
+    assert store.changes(since).reset is True
+    assert store.changes(events[1]["cursor"]).reset is True
+    kept = store.changes(events[2]["cursor"])
+    assert (kept.events, kept.reset) == (events[3:], False)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("garbage", ["", "garbage", "-1", "1.5", "  3", "0x10", "1-2-3", "9" * 30,
+                                     "123456789", "99999999999999-0", "18446744073709551616-0", "١٢"])
+def test_a_cursor_that_is_not_one_of_the_stores_gives_a_reset(store, garbage):
+    add(store, 2)
+    latest = store.latest_cursor()
+    assert store.changes(garbage) == Changes([], latest, True)
+    assert store.changes(garbage, timeout=10.0) == Changes([], latest, True)  # at once, no exception
+    store.ack(CTL, [garbage])  # ignored
+
+
+@pytest.mark.timeout(30)
+def test_the_feed_and_the_outbox_survive_a_new_store_object(shared_store):
+    since = shared_store.latest_cursor()
+    (uuid,) = add(shared_store)
+    claim(shared_store)
+    started = shared_store.start(uuid, OWNER, 7, 7.0)
+    ended = shared_store.finish(uuid, "failed", owner=OWNER)
+    written = shared_store.changes(since).events
+    other = reopen(shared_store)
+    try:
+        assert other.latest_cursor() == shared_store.latest_cursor() == ended["cursor"]
+        assert other.changes(since) == Changes(written, ended["cursor"], False)
+        assert other.unacked(CTL) == [started, ended]
+        other.ack(CTL, [started["cursor"]])
+        assert shared_store.unacked(CTL) == [ended]
+        wait_past(shared_store, ended)
+        shared_store.event_retention = 0.0
+        shared_store.purge(CTL, 0.0)
+        assert other.changes(since).reset is True  # the pruned mark is stored too
+        assert other.changes(ended["cursor"]) == Changes([], ended["cursor"], False)
+    finally:
+        other.close()
+
+
+# -- the callback outbox ----------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_the_outbox_keeps_callback_events_until_acknowledged(store):
+    assert CALLBACK_KINDS == {"started", "ended"}
+    running, stopped, stopping = add(store, 3)
+    since = store.latest_cursor()
+    (elsewhere,) = add(store, 1, controller=OTHER)
+    claim(store)
+    started = store.start(running, OWNER, 1, 1.0)
+    store.progress(running, OWNER, 1, None)  # not a callback kind
+    ended = store.finish(running, "succeeded", owner=OWNER)
+    stopped_event = store.request_stop(stopped)[1]
+    claim(store)
+    store.request_stop(stopping)  # "stopping": not a callback kind
+    claim(store, controller=OTHER)
+    other_started = store.start(elsewhere, OWNER, 2, 2.0)
+    written = store.changes(since).events
+    assert store.unacked(CTL) == [started, ended, stopped_event]
+    assert store.unacked(CTL, limit=2) == [started, ended]
+    assert store.unacked(OTHER) == [other_started]
+    assert store.unacked("nobody") == []
+    store.ack(CTL, [started["cursor"], other_started["cursor"], "garbage"])  # another controller's: ignored
+    assert store.unacked(CTL) == [ended, stopped_event]
+    assert store.unacked(OTHER) == [other_started]
+    store.ack(CTL, iter([ended["cursor"], stopped_event["cursor"], ended["cursor"]]))
+    assert store.unacked(CTL) == []
+    store.ack(CTL, [])
+    assert store.changes(since).events == written  # acknowledging leaves the feed alone
+
+
+# -- the store clock inside claim -------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_claim_takes_started_at_inside_its_atomic_step(store):
+    """With one slot, each claim succeeds only after the finish that freed the slot committed: its
+    started_at, read inside the claim's atomic step, is never earlier than that finish's ended_at."""
+    uuids = add(store, 15)
+    claimed: list[dict] = []
+    ended_at: dict[str, float] = {}
+    failures: list[BaseException] = []
+    deadline = time.monotonic() + 40
+
+    def claimer() -> None:
+        try:
+            while len(claimed) < len(uuids) and time.monotonic() < deadline:
+                row = store.claim(CTL, "claimer", 1)
+                if row is None:
+                    time.sleep(0.001)
+                else:
+                    claimed.append(row)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    def finisher() -> None:
+        try:
+            while len(ended_at) < len(uuids) and time.monotonic() < deadline:
+                for row in store.active(CTL):
+                    event = store.finish(row["uuid"], "succeeded")  # ended_at: the store's clock
+                    if event is not None:
+                        ended_at[row["uuid"]] = event["task"]["ended_at"]
+                time.sleep(0.001)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=claimer, name="claimer"), threading.Thread(target=finisher, name="finisher")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(50)
+    assert failures == []
+    assert sorted(r["uuid"] for r in claimed) == sorted(uuids) == sorted(ended_at)
+    for previous, row in zip(claimed, claimed[1:]):
+        assert row["started_at"] >= ended_at[previous["uuid"]], (previous["uuid"], row["uuid"])
+    for row in claimed:
+        assert row["started_at"] <= ended_at[row["uuid"]]
+
+
+# -- list paging ------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_list_tasks_pages_with_before(store):
+    uuids = add(store, 9)
+    for _ in range(3):
+        claim(store)  # uuids[0..2] running
+    stop(store, uuids[1])  # stopping
+    for uuid in (uuids[3], uuids[6]):
+        stop(store, uuid)  # stopped
+    newest_first = list(reversed(uuids))
+
+    def pages(statuses: Optional[list[str]], size: int) -> list[list[str]]:
+        found, before = [], None
+        while page := store.list_tasks(CTL, statuses, limit=size, before=before):
+            found.append([r["uuid"] for r in page])
+            before = page[-1]["seq"]
+        return found
+
+    assert pages(None, 4) == [newest_first[:4], newest_first[4:8], newest_first[8:]]
+    queued_or_stopped = [u for u in newest_first if u not in uuids[:3]]
+    assert pages(["queued", "stopped"], 2) == [queued_or_stopped[i:i + 2] for i in range(0, 6, 2)]
+    assert pages(["stopped", "running", "stopping"], 10) == \
+        [[uuids[6], uuids[3], uuids[2], uuids[1], uuids[0]]]
+    seq = {u: fetch(store, u)["seq"] for u in uuids}
+    assert [r["uuid"] for r in store.list_tasks(CTL, ["queued"], limit=2, before=seq[uuids[7]])] == \
+        [uuids[5], uuids[4]]
+    assert store.list_tasks(CTL, before=seq[uuids[0]]) == []
+    assert store.list_tasks(CTL, ["queued"], before=seq[uuids[0]]) == []
+    assert [r["uuid"] for r in store.list_tasks(CTL, ["running"], before=seq[uuids[8]])] == [uuids[2], uuids[0]]
+
+
+# -- finish()'s arguments are checked once, in the base class ----------------------------------------------
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("status, fields", [
+    ("succeeded", {"bogus": 1}), ("succeeded", {"seq": 5}), ("succeeded", {"owner_id": "x"}),
+    ("succeeded", {"result": 1, "attempt": 3}), ("running", {}), ("queued", {}), ("stopping", {}), ("done", {}),
+], ids=repr)
+def test_finish_rejects_unknown_fields_and_non_terminal_statuses(store, status, fields):
+    assert type(store).finish is TaskStore.finish  # the backends implement _finish only
+    (uuid,) = add(store)
+    claim(store)
+    latest = store.latest_cursor()
+    with pytest.raises(ValueError):
+        store.finish(uuid, status, **fields)
+    with pytest.raises(ValueError):
+        store.finish(uuid, status, owner=OWNER, emitter="x", **fields)
+    assert status_of(store, uuid) == "running"
+    assert store.latest_cursor() == latest
+
+
+# -- driver errors ----------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_locked_sqlite_file_gives_store_unavailable_until_released(tmp_path):
+    path = tmp_path / "locked.sqlite3"
+    store = SQLiteStore(str(path), busy_timeout=0.1)
+    locker = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        (queued,) = add(store)
+        locker.execute("BEGIN EXCLUSIVE")
+        for write in (lambda: add(store), lambda: claim(store), lambda: store.heartbeat("x"),
+                      lambda: store.request_stop(queued), lambda: store.purge(CTL, 1e12)):
+            with pytest.raises(StoreUnavailable) as info:
+                write()
+            assert isinstance(info.value, StoreError) and info.value.retry_after >= 1
+            assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+            assert "locked" in str(info.value.__cause__)
+        assert store.get(queued)["status"] == "queued"  # readers are not blocked in WAL mode
+        locker.execute("ROLLBACK")
+        add(store)  # works again, on fresh connections
+        assert claim(store)["uuid"] == queued
+        assert counts(store) == {"queued": 1, "running": 1}
+        with pytest.raises(QueueFull):  # domain errors pass unchanged
+            add(store, 1, max_queued=1)
+    finally:
+        locker.close()
+        store.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_file_that_is_not_a_database_gives_store_error(tmp_path):
+    path = tmp_path / "garbage.sqlite3"
+    path.write_bytes(b"this is not a SQLite database\n" * 200)
+    with pytest.raises(StoreError) as info:
+        SQLiteStore(str(path))
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    """A redis-server of this test only, on ``port``, ready to answer."""
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port, retry=None)
+    try:
+        wait_until(lambda: proc.poll() is not None or _pings(client), timeout=10.0)
+    finally:
+        client.close()
+    assert proc.poll() is None, "redis-server did not start"
+    return proc
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def stop_redis(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[tuple[int, Callable[[], subprocess.Popen]]]:
+    """A free port and a starter of redis-servers on it; whatever was started is stopped at the end."""
+    port = free_port()
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        started.append(start_redis(port))
+        return started[-1]
+
+    yield port, start
+    for proc in started:
+        if proc.poll() is None:
+            stop_redis(proc)
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_redis_gives_store_unavailable_until_it_is_back(own_redis):
+    port, start = own_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    server = start()
+    store = RedisStore(url, prefix="down:")
+    try:
+        add(store)
+        since = store.latest_cursor()
+        stop_redis(server)
+        for call in (lambda: add(store), lambda: store.get("x"), lambda: store.changes(since, timeout=0.5),
+                     lambda: store.heartbeat("x")):
+            with pytest.raises(StoreUnavailable) as info:
+                call()
+            assert isinstance(info.value.__cause__, redis.ConnectionError)
+        with pytest.raises(StoreUnavailable):
+            RedisStore(url, prefix="down:")
+        start()  # an empty server (no persistence): the scripts must be loaded again
+        (uuid,) = add(store)
+        assert claim(store)["uuid"] == uuid
+        assert store.start(uuid, OWNER, 1, 1.0)["kind"] == "started"
+        assert counts(store) == {"running": 1}
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_redis_error_reply_gives_store_error(redis_server):
+    store = RedisStore(redis_server, prefix=f"wrongtype-{uuid_module.uuid4().hex}:")
+    client = redis.Redis.from_url(redis_server)
+    # Keys of the wrong type, which the scripts' first commands touch (a script that fails halfway
+    # is not rolled back: Redis scripts are atomic, not transactional).
+    broken = [f"{store.prefix}events", f"{store.prefix}c:{CTL}:q"]
+    try:
+        for key in broken:
+            client.set(key, "not what the store keeps here")
+        for call in (store.latest_cursor, lambda: store.changes("0-0"), lambda: add(store)):
+            with pytest.raises(StoreError) as info:
+                call()
+            assert not isinstance(info.value, StoreUnavailable)
+            assert isinstance(info.value.__cause__, redis.ResponseError)
+        client.delete(*broken)
+        assert store.list_tasks(CTL) == []  # nothing was half written
+        add(store)
+        assert counts(store) == {"queued": 1}
+    finally:
+        client.close()
+        store.close()
+
+
+# -- SQLite file permissions ------------------------------------------------------------------------------
+
+def modes(path: Path) -> dict[str, int]:
+    """The permission bits of the database file and of its -wal and -shm files."""
+    files = {suffix: Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm")}
+    assert all(f.exists() for f in files.values()), [s for s, f in files.items() if not f.exists()]
+    return {suffix: stat.S_IMODE(os.stat(f).st_mode) for suffix, f in files.items()}
+
+
+@pytest.mark.timeout(30)
+def test_sqlite_files_are_created_0600(tmp_path):
+    path = tmp_path / "private.sqlite3"
+    store = SQLiteStore(str(path))
+    try:
+        add(store)  # the pooled connection keeps -wal and -shm in place
+        assert modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(30)
+def test_sqlite_url_mode_sets_the_files_permissions(tmp_path):
+    path = tmp_path / "group.sqlite3"
+    store = resolve_store(f"sqlite:///{path}?mode=0640")
+    try:
+        assert isinstance(store, SQLiteStore) and store.path == str(path)
+        add(store)
+        assert modes(path) == {"": 0o640, "-wal": 0o640, "-shm": 0o640}
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("query", ["mode=999", "mode=abc", "mode=", "mode=01777", "mode=-600", "other=1",
+                                   "mode=0600&mode=0640x"])
+def test_a_bad_sqlite_url_option_gives_store_error(tmp_path, query):
+    with pytest.raises(StoreError):
+        resolve_store(f"sqlite:///{tmp_path}/bad.sqlite3?{query}")
+    assert not (tmp_path / "bad.sqlite3").exists()

@@ -5,12 +5,14 @@ import copy
 import heapq
 import itertools
 import threading
+import time
 from typing import Any, Iterable, Optional, Sequence
 
+from .. import defaults
+from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .. import defaults
-from .base import COLUMNS, MUTABLE_FIELDS, Row, TaskStore
+from .base import COLUMNS, Row, TaskStore, parse_counter
 
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE = frozenset(s.value for s in ACTIVE)
@@ -18,39 +20,78 @@ _TERMINAL = frozenset(s.value for s in TERMINAL)
 
 
 class MemoryStore(TaskStore):
-    """Tasks in a dict, guarded by one lock; queues as heaps with lazy deletion."""
+    """Tasks in a dict, guarded by one lock; queues as heaps with lazy deletion; events in a list."""
 
     shared = False
 
     def __init__(self) -> None:
-        # Guards every attribute below.
-        self._lock = threading.Lock()
+        # Guards every attribute below; notified whenever an event is appended (wakes ``changes``).
+        self._lock = threading.Condition(threading.Lock())
         self._rows: dict[str, Row] = {}
         self._queues: dict[str, list[tuple[int, int, str]]] = {}
         self._seq = itertools.count(1)
         self._heartbeats: dict[str, float] = {}
+        #: The feed, oldest first; cursors are consecutive integers.
+        self._events: list[Event] = []
+        self._last_cursor = 0
+        #: Every event with a cursor up to this one was pruned.
+        self._pruned = 0
+        #: Unacknowledged callback events per controller, by cursor (insertion order = cursor order).
+        self._outbox: dict[str, dict[int, Event]] = {}
 
-    @staticmethod
-    def _copy(row: Row) -> Row:
-        return copy.deepcopy(row)
+    # -- helpers (called with the lock held) --------------------------------------------------------------
 
-    def _queued_count(self, controller: str) -> int:
-        return sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] == _QUEUED)
+    def _emit(self, kind: EventKind, row: Row, emitter: Optional[str], at: float) -> Event:
+        """Append the event of a change of ``row`` to the feed (and the outbox); return a copy."""
+        self._last_cursor += 1
+        event = Event(cursor=str(self._last_cursor), kind=kind.value, uuid=row["uuid"],
+                      controller=row["controller"], at=at, emitter=emitter, task=copy.deepcopy(dict(row)))
+        self._events.append(event)
+        if event["kind"] in CALLBACK_KINDS:
+            self._outbox.setdefault(row["controller"], {})[self._last_cursor] = event
+        self._lock.notify_all()
+        return copy.deepcopy(event)
 
-    def enqueue(self, rows: Sequence[Row], max_queued: int) -> None:
-        if not rows:
+    def _owned_active(self, uuid: str, owner: Optional[str]) -> Optional[Row]:
+        row = self._rows.get(uuid)
+        if row is None or row["status"] not in _ACTIVE or (owner is not None and row["owner"] != owner):
+            return None
+        return row
+
+    def _prune_events(self, now: float) -> None:
+        """Drop the events older than the retention or beyond the newest ``max_events``, with their outbox entries."""
+        cutoff = now - self.event_retention
+        too_old = next((i for i, e in enumerate(self._events) if e["at"] >= cutoff), len(self._events))
+        bound = max(self._pruned + too_old, self._last_cursor - self.max_events)
+        if bound <= self._pruned:
             return
+        del self._events[:bound - self._pruned]  # self._events[i] has the cursor self._pruned + 1 + i
+        self._pruned = bound
+        for entries in self._outbox.values():
+            for cursor in [c for c in entries if c <= bound]:
+                del entries[cursor]
+
+    # -- writes --------------------------------------------------------------------------------------------
+
+    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None) -> list[Event]:
+        if not rows:
+            return []
         with self._lock:
             controller = rows[0]["controller"]
-            if max_queued >= 0 and self._queued_count(controller) + len(rows) > max_queued:
+            queued = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] == _QUEUED)
+            if max_queued >= 0 and queued + len(rows) > max_queued:
                 raise QueueFull(max_queued, defaults.RETRY_AFTER)
+            now = time.time()
+            events = []
             for given in rows:
-                row = {**dict.fromkeys(COLUMNS), **copy.deepcopy(given)}
+                row: Row = {**dict.fromkeys(COLUMNS), **copy.deepcopy(given)}  # type: ignore[typeddict-item]
                 row["seq"] = given["seq"] = next(self._seq)
                 self._rows[row["uuid"]] = row
                 heapq.heappush(self._queues.setdefault(controller, []), (row["priority"], row["seq"], row["uuid"]))
+                events.append(self._emit(EventKind.QUEUED, row, emitter, now))
+            return events
 
-    def claim(self, controller: str, owner: str, max_running: int, now: float) -> Optional[Row]:
+    def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
         with self._lock:
             running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)
             if running >= max_running:
@@ -60,23 +101,125 @@ class MemoryStore(TaskStore):
                 _, _, uuid = heapq.heappop(queue)
                 row = self._rows.get(uuid)
                 if row is not None and row["status"] == _QUEUED:
-                    row.update(status=TaskStatus.RUNNING.value, owner=owner, started_at=now,
-                               attempt=row["attempt"] + 1)
-                    return self._copy(row)
+                    row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": time.time(),
+                                "attempt": row["attempt"] + 1})
+                    return copy.deepcopy(row)
             return None
+
+    def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
+        with self._lock:
+            row = self._owned_active(uuid, owner)
+            if row is None:
+                return None
+            row.update({"pid": pid, "pid_created": pid_created})
+            return self._emit(EventKind.STARTED, row, owner, time.time())
+
+    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
+        with self._lock:
+            row = self._owned_active(uuid, owner)
+            if row is None:
+                return None
+            row.update({"progress": copy.deepcopy(progress), "percent": percent})
+            return self._emit(EventKind.PROGRESS, row, owner, time.time())
+
+    def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
+                fields: dict[str, Any]) -> Optional[Event]:
+        with self._lock:
+            row = self._owned_active(uuid, owner)
+            if row is None:
+                return None
+            now = time.time()
+            row.update({"ended_at": now, **copy.deepcopy(fields), "status": status})  # type: ignore[typeddict-item]
+            return self._emit(EventKind.ENDED, row, emitter, now)
+
+    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None) -> Optional[Event]:
+        with self._lock:
+            row = self._owned_active(uuid, owner)
+            if row is None:
+                return None
+            row.update({"status": _QUEUED, "owner": None, "pid": None, "pid_created": None, "started_at": None,
+                        "stop_requested": False})
+            heapq.heappush(self._queues.setdefault(row["controller"], []), (row["priority"], row["seq"], uuid))
+            return self._emit(EventKind.REQUEUED, row, owner if emitter is None else emitter, time.time())
+
+    def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        with self._lock:
+            row = self._rows.get(uuid)
+            if row is None:
+                raise TaskNotFound(uuid)
+            if row["status"] in _TERMINAL:
+                raise TaskAlreadyFinished(uuid, row["status"])
+            now = time.time()
+            event = None
+            if row["status"] == _QUEUED:
+                row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
+                event = self._emit(EventKind.ENDED, row, emitter, now)
+            elif row["status"] == TaskStatus.RUNNING.value:
+                row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
+                event = self._emit(EventKind.STOPPING, row, emitter, now)
+            return copy.deepcopy(row), event
+
+    def purge(self, controller: str, ended_before: float, emitter: Optional[str] = None) -> int:
+        with self._lock:
+            now = time.time()
+            doomed = [r for r in self._rows.values()
+                      if r["controller"] == controller and r["status"] in _TERMINAL
+                      and r["ended_at"] is not None and r["ended_at"] < ended_before]
+            for row in doomed:
+                del self._rows[row["uuid"]]
+                self._emit(EventKind.PURGED, row, emitter, now)
+            self._prune_events(now)
+            return len(doomed)
+
+    # -- the change feed and the outbox -------------------------------------------------------------------
+
+    def _changes(self, since: str, limit: int) -> Changes:
+        after = parse_counter(since)
+        with self._lock:
+            if after is None or after < self._pruned or after > self._last_cursor:
+                return Changes([], str(self._last_cursor), True)
+            # Cursors are consecutive: the event after ``after`` sits at a known index.
+            start = after - self._pruned
+            events = copy.deepcopy(self._events[start:start + limit])
+        return Changes(events, events[-1]["cursor"] if events else since, False)
+
+    def _wait_for_changes(self, since: str, timeout: float) -> None:
+        after = parse_counter(since)
+        with self._lock:
+            self._lock.wait_for(lambda: after is None or self._last_cursor > after, timeout)
+
+    def latest_cursor(self) -> str:
+        with self._lock:
+            return str(self._last_cursor)
+
+    def unacked(self, controller: str, limit: int = 100) -> list[Event]:
+        with self._lock:
+            return copy.deepcopy(list(itertools.islice(self._outbox.get(controller, {}).values(), limit)))
+
+    def ack(self, controller: str, cursors: Iterable[str]) -> None:
+        with self._lock:
+            entries = self._outbox.get(controller, {})
+            for cursor in cursors:
+                number = parse_counter(cursor)
+                if number is not None:
+                    entries.pop(number, None)
+
+    # -- reads ---------------------------------------------------------------------------------------------
 
     def get(self, uuid: str) -> Optional[Row]:
         with self._lock:
             row = self._rows.get(uuid)
-            return None if row is None else self._copy(row)
+            return None if row is None else copy.deepcopy(row)
 
-    def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
-        wanted = set(statuses) if statuses else None
+    def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
+                   before: Optional[int] = None) -> list[Row]:
+        wanted = set(statuses or ()) or None
         with self._lock:
             rows = [r for r in self._rows.values()
-                    if r["controller"] == controller and (wanted is None or r["status"] in wanted)]
+                    if r["controller"] == controller and (wanted is None or r["status"] in wanted)
+                    and (before is None or r["seq"] < before)]
             rows.sort(key=lambda r: r["seq"], reverse=True)
-            return [self._copy(r) for r in rows[:limit]]
+            return copy.deepcopy(rows[:limit])
 
     def counts(self, controller: str) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -96,79 +239,19 @@ class MemoryStore(TaskStore):
                         and (r["priority"], r["seq"]) < key)
         return ahead + 1
 
-    def _owned_active(self, uuid: str, owner: Optional[str]) -> Optional[Row]:
-        row = self._rows.get(uuid)
-        if row is None or row["status"] not in _ACTIVE or (owner is not None and row["owner"] != owner):
-            return None
-        return row
-
-    def update(self, uuid: str, owner: Optional[str] = None, **fields: Any) -> bool:
-        unknown = set(fields) - MUTABLE_FIELDS
-        if unknown:
-            raise ValueError(f"not mutable: {sorted(unknown)}")
-        with self._lock:
-            row = self._owned_active(uuid, owner)
-            if row is None:
-                return False
-            row.update(copy.deepcopy(fields))
-            return True
-
-    def finish(self, uuid: str, status: str, owner: Optional[str] = None, **fields: Any) -> bool:
-        unknown = set(fields) - MUTABLE_FIELDS
-        if unknown or status not in _TERMINAL:
-            raise ValueError(f"bad finish: {status} {sorted(unknown)}")
-        with self._lock:
-            row = self._owned_active(uuid, owner)
-            if row is None:
-                return False
-            row.update(copy.deepcopy(fields))
-            row["status"] = status
-            return True
-
-    def requeue(self, uuid: str, owner: Optional[str] = None) -> bool:
-        with self._lock:
-            row = self._owned_active(uuid, owner)
-            if row is None:
-                return False
-            row.update(status=_QUEUED, owner=None, pid=None, pid_created=None, started_at=None,
-                       stop_requested=False)
-            heapq.heappush(self._queues.setdefault(row["controller"], []), (row["priority"], row["seq"], uuid))
-            return True
-
-    def request_stop(self, uuid: str, now: float) -> Row:
-        with self._lock:
-            row = self._rows.get(uuid)
-            if row is None:
-                raise TaskNotFound(uuid)
-            if row["status"] in _TERMINAL:
-                raise TaskAlreadyFinished(uuid, row["status"])
-            if row["status"] == _QUEUED:
-                row.update(status=TaskStatus.STOPPED.value, ended_at=now, stop_requested=True)
-            elif row["status"] == TaskStatus.RUNNING.value:
-                row.update(status=TaskStatus.STOPPING.value, stop_requested=True)
-            return self._copy(row)
-
-    def stop_requests(self, uuids: Iterable[str]) -> set[str]:
-        with self._lock:
-            return {u for u in uuids if u in self._rows and self._rows[u]["stop_requested"]}
-
     def active(self, controller: str) -> list[Row]:
         with self._lock:
-            return [self._copy(r) for r in self._rows.values()
+            return [copy.deepcopy(r) for r in self._rows.values()
                     if r["controller"] == controller and r["status"] in _ACTIVE]
 
-    def purge(self, controller: str, ended_before: float) -> int:
-        with self._lock:
-            doomed = [u for u, r in self._rows.items()
-                      if r["controller"] == controller and r["status"] in _TERMINAL
-                      and r["ended_at"] is not None and r["ended_at"] < ended_before]
-            for u in doomed:
-                del self._rows[u]
-            return len(doomed)
+    # -- clock and heartbeats ------------------------------------------------------------------------------
 
-    def heartbeat(self, owner: str, now: float) -> None:
+    def now(self) -> float:
+        return time.time()
+
+    def heartbeat(self, owner: str) -> None:
         with self._lock:
-            self._heartbeats[owner] = now
+            self._heartbeats[owner] = time.time()
 
     def heartbeats(self) -> dict[str, float]:
         with self._lock:

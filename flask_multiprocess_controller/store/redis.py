@@ -1,10 +1,11 @@
 """The scale-out store: tasks in Redis, shared by the serving processes of several hosts.
 
-Every operation that must be atomic (bounded insert, claim under the global limit,
-compare-and-set finish, stop requests, requeue, purge) is one Lua script, so it runs
-as a single step on the server whatever the number of hosts.
+Every state change is one Lua script: the change, the indexes that follow from it, its event
+(``XADD`` to the feed) and, for callback kinds, its outbox entry happen as a single step on the
+server, whatever the number of hosts. The store's clock is the server's (``TIME``).
 
-Keys, all under ``prefix`` (default ``mpc:``):
+Keys, all under ``prefix`` (default ``mpc:``; scripts derive them from it, so the store needs
+one Redis server, not a Cluster):
 
 - ``seq`` — counter giving each task its insertion order;
 - ``t:<uuid>`` — hash: the task's columns as strings (absent = None);
@@ -12,145 +13,292 @@ Keys, all under ``prefix`` (default ``mpc:``):
   ``<seq zero-padded>:<uuid>`` so that equal priorities run in insertion order;
 - ``c:<controller>:active`` — set of the uuids ``running`` or ``stopping``;
 - ``c:<controller>:all`` — sorted set of every task by ``seq`` (the list view);
+- ``c:<controller>:s:<status>`` — sorted set of the tasks in ``status`` by ``seq`` (filtered lists);
 - ``c:<controller>:ended`` — sorted set of finished tasks by ``ended_at`` (purges);
 - ``c:<controller>:n`` — hash: number of tasks in each status;
+- ``c:<controller>:outbox`` — sorted set of unacknowledged callback events, all scored 0 so that
+  members (zero-padded stream ids) sort by id; ``c:<controller>:outbox:events`` — hash: member to event;
+- ``events`` — stream: the change feed; ``events:pruned`` — id of the newest event pruned from it;
 - ``owners`` — sorted set of serving processes by their last heartbeat.
 """
 from __future__ import annotations
 
+import functools
+import heapq
 import json
-from typing import Any, Iterable, Optional, Sequence
+import re
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, cast
 
 from .. import defaults
-from ..exceptions import QueueFull, StoreError, TaskAlreadyFinished, TaskNotFound
-from ..states import TERMINAL, TaskStatus
-from .base import COLUMNS as _COLUMNS, MUTABLE_FIELDS, Row, TaskStore
+from ..events import CALLBACK_KINDS, Changes, Event
+from ..exceptions import QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound
+from ..states import ACTIVE, TERMINAL, TaskStatus
+from .base import COLUMNS as _COLUMNS, Row, TaskStore
+
+try:
+    import redis
+except ImportError:  # RedisStore() says how to install it
+    redis = None  # type: ignore[assignment]
 
 _INT = {"seq", "priority", "pid", "exit_code", "memory_peak", "attempt"}
 _FLOAT = {"percent", "created_at", "started_at", "ended_at", "pid_created", "timeout", "cpu_time"}
 _JSON = {"args", "progress", "result", "error"}
-_TERMINAL = sorted(s.value for s in TERMINAL)
+assert {s.value for s in ACTIVE} == {"running", "stopping"}
 
-# KEYS: seq, q, all, n ; ARGV: prefix, max_queued, rows-json (list of flat [field, value, ...] lists)
-_ENQUEUE = """
-local rows = cjson.decode(ARGV[3])
-local max_queued = tonumber(ARGV[2])
-if max_queued >= 0 and redis.call('ZCARD', KEYS[2]) + #rows > max_queued then
-  return -1
+#: Seconds one ``XREAD BLOCK`` of a waiting ``changes()`` lasts at most (it waits in several if longer).
+_FEED_BLOCK_MAX = 10.0
+#: Tasks one purge script deletes, so that the server is never busy for long.
+_PURGE_BATCH = 500
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+
+def _lua_set(values: Iterable[str]) -> str:
+    return "{" + ", ".join(f"['{v}'] = true" for v in sorted(values)) + "}"
+
+
+# Shared by every script that writes. ARGV[1] prefix, ARGV[2] emitter ('' = none), ARGV[3] max_events;
+# a script's own arguments follow from ARGV[4].
+_LIB = """
+local prefix, emitter, max_events = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = string.format('%.6f', tonumber(clock[1]) + tonumber(clock[2]) / 1000000)
+local stream = prefix .. 'events'
+local ACTIVE = ACTIVE_SET
+local TERMINAL = TERMINAL_SET
+local CALLBACK = CALLBACK_SET
+
+local function ckey(controller, what)
+  return prefix .. 'c:' .. controller .. ':' .. what
 end
-local seqs = {}
+
+-- A task's member of its controller's queue: seq zero-padded, so equal priorities run in insertion order.
+local function queue_member(seq, uuid)
+  return string.format('%020d', tonumber(seq)) .. ':' .. uuid
+end
+
+-- A stream id zero-padded, so that ids sort as strings (the members of an outbox).
+local function pad(id)
+  local ms, n = string.match(id, '^(%d+)-(%d+)$')
+  return string.rep('0', 20 - #ms) .. ms .. '-' .. string.rep('0', 20 - #n) .. n
+end
+
+-- True when the task at key is running or stopping and, unless owner is '', still owner's.
+local function owned_active(key, owner)
+  local status, holder = unpack(redis.call('HMGET', key, 'status', 'owner'))
+  return ACTIVE[status] and (owner == '' or holder == owner)
+end
+
+-- Set the fields of a JSON flat list [field, value, ...] and delete those of a JSON list (None values).
+local function set_fields(key, sets, dels)
+  sets, dels = cjson.decode(sets), cjson.decode(dels)
+  if #sets > 0 then redis.call('HSET', key, unpack(sets)) end
+  if #dels > 0 then redis.call('HDEL', key, unpack(dels)) end
+end
+
+-- Move the task at key to status new, keeping its controller's indexes in step.
+local function move(key, new)
+  local uuid, controller, old, seq, priority =
+    unpack(redis.call('HMGET', key, 'uuid', 'controller', 'status', 'seq', 'priority'))
+  redis.call('HSET', key, 'status', new)
+  redis.call('ZREM', ckey(controller, 's:' .. old), uuid)
+  redis.call('ZADD', ckey(controller, 's:' .. new), seq, uuid)
+  redis.call('HINCRBY', ckey(controller, 'n'), old, -1)
+  redis.call('HINCRBY', ckey(controller, 'n'), new, 1)
+  if old == 'queued' then redis.call('ZREM', ckey(controller, 'q'), queue_member(seq, uuid)) end
+  if new == 'queued' then redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid)) end
+  if ACTIVE[new] then
+    redis.call('SADD', ckey(controller, 'active'), uuid)
+  else
+    redis.call('SREM', ckey(controller, 'active'), uuid)
+  end
+  if TERMINAL[new] then redis.call('ZADD', ckey(controller, 'ended'), redis.call('HGET', key, 'ended_at'), uuid) end
+end
+
+-- Prune the oldest events beyond max_events once there are 1% more, remembering the newest one pruned.
+local function cap()
+  if redis.call('XLEN', stream) <= max_events + math.floor(max_events / 100) then return end
+  redis.call('XTRIM', stream, 'MAXLEN', '=', max_events + 1)
+  local last_pruned = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
+  redis.call('XTRIM', stream, 'MAXLEN', '=', max_events)
+  redis.call('SET', prefix .. 'events:pruned', last_pruned)
+end
+
+-- Append the event kind of the task at key to the feed (and, for callbacks, to its controller's outbox).
+-- Returns {cursor, fields}.
+local function emit(kind, key)
+  local uuid, controller = unpack(redis.call('HMGET', key, 'uuid', 'controller'))
+  local fields = {'kind', kind, 'uuid', uuid, 'controller', controller, 'at', now,
+                  'task', cjson.encode(redis.call('HGETALL', key))}
+  if emitter ~= '' then
+    fields[#fields + 1] = 'emitter'
+    fields[#fields + 1] = emitter
+  end
+  local id = redis.call('XADD', stream, '*', unpack(fields))
+  if CALLBACK[kind] then
+    redis.call('ZADD', ckey(controller, 'outbox'), 0, pad(id))
+    redis.call('HSET', ckey(controller, 'outbox:events'), pad(id), cjson.encode(fields))
+  end
+  cap()
+  return {id, fields}
+end
+""".replace("ACTIVE_SET", _lua_set(s.value for s in ACTIVE)).replace(
+    "TERMINAL_SET", _lua_set(s.value for s in TERMINAL)).replace("CALLBACK_SET", _lua_set(CALLBACK_KINDS))
+
+# ARGV from 4: max_queued, controller, rows (JSON list of flat [field, value, ...] lists, without seq)
+_ENQUEUE = _LIB + """
+local max_queued, controller, rows = tonumber(ARGV[4]), ARGV[5], cjson.decode(ARGV[6])
+if max_queued >= 0 and redis.call('ZCARD', ckey(controller, 'q')) + #rows > max_queued then return -1 end
+local events = {}
 for _, row in ipairs(rows) do
-  local seq = redis.call('INCR', KEYS[1])
-  seqs[#seqs + 1] = seq
+  local seq = redis.call('INCR', prefix .. 'seq')
   local uuid, priority
   for i = 1, #row, 2 do
     if row[i] == 'uuid' then uuid = row[i + 1] end
-    if row[i] == 'priority' then priority = tonumber(row[i + 1]) end
+    if row[i] == 'priority' then priority = row[i + 1] end
   end
-  local key = ARGV[1] .. 't:' .. uuid
+  local key = prefix .. 't:' .. uuid
   redis.call('HSET', key, 'seq', seq, unpack(row))
-  redis.call('ZADD', KEYS[2], priority, string.format('%020d', seq) .. ':' .. uuid)
-  redis.call('ZADD', KEYS[3], seq, uuid)
-  redis.call('HINCRBY', KEYS[4], 'queued', 1)
+  redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
+  redis.call('ZADD', ckey(controller, 'all'), seq, uuid)
+  redis.call('ZADD', ckey(controller, 's:queued'), seq, uuid)
+  redis.call('HINCRBY', ckey(controller, 'n'), 'queued', 1)
+  events[#events + 1] = emit('queued', key)
 end
-return seqs
+return events
 """
 
-# KEYS: q, active, n ; ARGV: prefix, owner, max_running, now
-_CLAIM = """
-if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[3]) then return false end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0)
+# ARGV from 4: controller, owner, max_running. Returns the claimed row (flat), or nil.
+_CLAIM = _LIB + """
+local controller, owner = ARGV[4], ARGV[5]
+if redis.call('SCARD', ckey(controller, 'active')) >= tonumber(ARGV[6]) then return false end
+local first = redis.call('ZRANGE', ckey(controller, 'q'), 0, 0)
 if #first == 0 then return false end
-redis.call('ZREM', KEYS[1], first[1])
-local uuid = string.sub(first[1], 22)
-local key = ARGV[1] .. 't:' .. uuid
-redis.call('HSET', key, 'status', 'running', 'owner', ARGV[2], 'started_at', ARGV[4])
+local key = prefix .. 't:' .. string.sub(first[1], 22)
+move(key, 'running')
+redis.call('HSET', key, 'owner', owner, 'started_at', now)
 redis.call('HINCRBY', key, 'attempt', 1)
-redis.call('SADD', KEYS[2], uuid)
-redis.call('HINCRBY', KEYS[3], 'queued', -1)
-redis.call('HINCRBY', KEYS[3], 'running', 1)
 return redis.call('HGETALL', key)
 """
 
-# The fence shared by the writes of a claimed task: active, and still ARGV[1]'s ('' = anyone's).
-_FENCE = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' and status ~= 'stopping' then return 0 end
-if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+# ARGV from 4: uuid, owner, pid, pid_created
+_START = _LIB + """
+local key = prefix .. 't:' .. ARGV[4]
+if not owned_active(key, ARGV[5]) then return false end
+redis.call('HSET', key, 'pid', ARGV[6], 'pid_created', ARGV[7])
+return emit('started', key)
 """
 
-# KEYS: task ; ARGV: owner, fields-json (flat list to set), dels-json (fields to delete)
-_UPDATE = _FENCE + """
-local sets = cjson.decode(ARGV[2])
-local dels = cjson.decode(ARGV[3])
-if #sets > 0 then redis.call('HSET', KEYS[1], unpack(sets)) end
-if #dels > 0 then redis.call('HDEL', KEYS[1], unpack(dels)) end
-return 1
+# ARGV from 4: uuid, owner, fields to set (JSON flat list), fields to delete (JSON list)
+_PROGRESS = _LIB + """
+local key = prefix .. 't:' .. ARGV[4]
+if not owned_active(key, ARGV[5]) then return false end
+set_fields(key, ARGV[6], ARGV[7])
+return emit('progress', key)
 """
 
-# KEYS: task, active, n, ended ; ARGV: owner, fields-json, dels-json, uuid, ended_at, status
-_FINISH = _FENCE + """
-local sets = cjson.decode(ARGV[2])
-local dels = cjson.decode(ARGV[3])
-if #sets > 0 then redis.call('HSET', KEYS[1], unpack(sets)) end
-if #dels > 0 then redis.call('HDEL', KEYS[1], unpack(dels)) end
-redis.call('HSET', KEYS[1], 'status', ARGV[6])
-redis.call('SREM', KEYS[2], ARGV[4])
-redis.call('HINCRBY', KEYS[3], status, -1)
-redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
-redis.call('ZADD', KEYS[4], tonumber(ARGV[5]), ARGV[4])
-return 1
+# ARGV from 4: uuid, owner ('' = anyone's), status, fields to set, fields to delete
+_FINISH = _LIB + """
+local key = prefix .. 't:' .. ARGV[4]
+if not owned_active(key, ARGV[5]) then return false end
+redis.call('HSET', key, 'ended_at', now)
+set_fields(key, ARGV[7], ARGV[8])
+move(key, ARGV[6])
+return emit('ended', key)
 """
 
-# KEYS: task, q, active, n ; ARGV: owner, uuid
-_REQUEUE = _FENCE + """
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-local priority = tonumber(redis.call('HGET', KEYS[1], 'priority'))
-redis.call('HSET', KEYS[1], 'status', 'queued', 'stop_requested', '0')
-redis.call('HDEL', KEYS[1], 'owner', 'pid', 'pid_created', 'started_at')
-redis.call('SREM', KEYS[3], ARGV[2])
-redis.call('ZADD', KEYS[2], priority, string.format('%020d', seq) .. ':' .. ARGV[2])
-redis.call('HINCRBY', KEYS[4], status, -1)
-redis.call('HINCRBY', KEYS[4], 'queued', 1)
-return 1
+# ARGV from 4: uuid, owner ('' = anyone's)
+_REQUEUE = _LIB + """
+local key = prefix .. 't:' .. ARGV[4]
+if not owned_active(key, ARGV[5]) then return false end
+redis.call('HSET', key, 'stop_requested', '0')
+redis.call('HDEL', key, 'owner', 'pid', 'pid_created', 'started_at')
+move(key, 'queued')
+return emit('requeued', key)
 """
 
-# KEYS: task ; ARGV: prefix, uuid, now
-_REQUEST_STOP = """
-local status = redis.call('HGET', KEYS[1], 'status')
+# ARGV from 4: uuid. Returns {'missing'}, {'finished', status} or {'ok', row (flat), event or nil}.
+_REQUEST_STOP = _LIB + """
+local key = prefix .. 't:' .. ARGV[4]
+local status = redis.call('HGET', key, 'status')
 if not status then return {'missing'} end
-local controller = redis.call('HGET', KEYS[1], 'controller')
-local base = ARGV[1] .. 'c:' .. controller .. ':'
+if TERMINAL[status] then return {'finished', status} end
+local event = false
 if status == 'queued' then
-  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-  redis.call('ZREM', base .. 'q', string.format('%020d', seq) .. ':' .. ARGV[2])
-  redis.call('HSET', KEYS[1], 'status', 'stopped', 'ended_at', ARGV[3], 'stop_requested', '1')
-  redis.call('HINCRBY', base .. 'n', 'queued', -1)
-  redis.call('HINCRBY', base .. 'n', 'stopped', 1)
-  redis.call('ZADD', base .. 'ended', tonumber(ARGV[3]), ARGV[2])
+  redis.call('HSET', key, 'ended_at', now, 'stop_requested', '1')
+  move(key, 'stopped')
+  event = emit('ended', key)
 elseif status == 'running' then
-  redis.call('HSET', KEYS[1], 'status', 'stopping', 'stop_requested', '1')
-  redis.call('HINCRBY', base .. 'n', 'running', -1)
-  redis.call('HINCRBY', base .. 'n', 'stopping', 1)
-elseif status ~= 'stopping' then
-  return {'finished', status}
+  redis.call('HSET', key, 'stop_requested', '1')
+  move(key, 'stopping')
+  event = emit('stopping', key)
 end
-return {'ok', redis.call('HGETALL', KEYS[1])}
+return {'ok', redis.call('HGETALL', key), event}
 """
 
-# KEYS: ended, all, n ; ARGV: prefix, before, batch
-_PURGE = """
-local doomed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+# ARGV from 4: controller, ended_before, batch. Returns how many tasks it deleted.
+_PURGE = _LIB + """
+local controller = ARGV[4]
+local doomed = redis.call('ZRANGEBYSCORE', ckey(controller, 'ended'), '-inf', '(' .. ARGV[5],
+                          'LIMIT', 0, tonumber(ARGV[6]))
 for _, uuid in ipairs(doomed) do
-  local key = ARGV[1] .. 't:' .. uuid
+  local key = prefix .. 't:' .. uuid
   local status = redis.call('HGET', key, 'status')
-  if status then redis.call('HINCRBY', KEYS[3], status, -1) end
-  redis.call('DEL', key)
-  redis.call('ZREM', KEYS[2], uuid)
-  redis.call('ZREM', KEYS[1], uuid)
+  if status then
+    emit('purged', key)
+    redis.call('HINCRBY', ckey(controller, 'n'), status, -1)
+    redis.call('ZREM', ckey(controller, 's:' .. status), uuid)
+    redis.call('DEL', key)
+  end
+  redis.call('ZREM', ckey(controller, 'all'), uuid)
+  redis.call('ZREM', ckey(controller, 'ended'), uuid)
 end
 return #doomed
 """
+
+# ARGV from 4: controller (whose outbox to prune), retention seconds.
+_PRUNE = _LIB + """
+local cutoff = math.floor((tonumber(clock[1]) + tonumber(clock[2]) / 1000000 - tonumber(ARGV[5])) * 1000)
+if cutoff > 0 then
+  local min_id = string.format('%d', cutoff) .. '-0'
+  local old = redis.call('XREVRANGE', stream, '(' .. min_id, '-', 'COUNT', 1)
+  if #old > 0 then
+    redis.call('XTRIM', stream, 'MINID', '=', min_id)
+    redis.call('SET', prefix .. 'events:pruned', old[1][1])
+  end
+end
+local last_pruned = redis.call('GET', prefix .. 'events:pruned')
+if last_pruned then
+  local outbox, upto = ckey(ARGV[4], 'outbox'), '[' .. pad(last_pruned)
+  for _, member in ipairs(redis.call('ZRANGEBYLEX', outbox, '-', upto)) do
+    redis.call('HDEL', ckey(ARGV[4], 'outbox:events'), member)
+  end
+  redis.call('ZREMRANGEBYLEX', outbox, '-', upto)
+end
+return 1
+"""
+
+# ARGV: prefix, since ('' = none), limit. Returns {newest pruned id, latest id, entries from since on}.
+_FEED = """
+local stream = ARGV[1] .. 'events'
+local pruned = redis.call('GET', ARGV[1] .. 'events:pruned') or '0-0'
+local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+local latest = pruned
+if #last > 0 then latest = last[1][1] end
+local entries = {}
+if ARGV[2] ~= '' then entries = redis.call('XRANGE', stream, ARGV[2], '+', 'COUNT', tonumber(ARGV[3]) + 1) end
+return {pruned, latest, entries}
+"""
+
+# ARGV: prefix, owner
+_HEARTBEAT = """
+local clock = redis.call('TIME')
+redis.call('ZADD', ARGV[1] .. 'owners', string.format('%.6f', tonumber(clock[1]) + tonumber(clock[2]) / 1000000),
+           ARGV[2])
+"""
+
+_SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "start": _START, "progress": _PROGRESS, "finish": _FINISH,
+            "requeue": _REQUEUE, "request_stop": _REQUEST_STOP, "purge": _PURGE, "prune": _PRUNE,
+            "feed": _FEED, "heartbeat": _HEARTBEAT}
 
 
 def _encode(column: str, value: Any) -> Optional[str]:
@@ -167,7 +315,7 @@ def _encode(column: str, value: Any) -> Optional[str]:
 
 def _decode(flat: Sequence[Any]) -> Row:
     raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
-    row: Row = {}
+    row: dict[str, Any] = {}
     for column in _COLUMNS:
         value = raw.get(column)
         if value is None:
@@ -182,15 +330,23 @@ def _decode(flat: Sequence[Any]) -> Row:
             row[column] = value == "1"
         else:
             row[column] = value
-    return row
+    return cast(Row, row)
+
+
+def _event(cursor: Any, flat: Sequence[Any]) -> Event:
+    """The event of a feed entry (or an outbox entry): its id and its flat list of fields."""
+    fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+    return Event(cursor=_text(cursor), kind=fields["kind"], uuid=fields["uuid"], controller=fields["controller"],
+                 at=float(fields["at"]), emitter=fields.get("emitter"),
+                 task=dict(_decode(json.loads(fields["task"]))))
 
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _split(fields: dict) -> tuple[list[str], list[str]]:
-    """Fields to set (flat list) and fields to delete (set to None)."""
+def _split(fields: dict[str, Any]) -> tuple[str, str]:
+    """Fields to set (JSON flat list) and fields to delete, the ones set to None (JSON list)."""
     sets: list[str] = []
     dels: list[str] = []
     for column, value in fields.items():
@@ -199,7 +355,56 @@ def _split(fields: dict) -> tuple[list[str], list[str]]:
             dels.append(column)
         else:
             sets += [column, encoded]
-    return sets, dels
+    return json.dumps(sets), json.dumps(dels)
+
+
+def _stream_id(cursor: str) -> Optional[tuple[int, int]]:
+    """A cursor as a comparable stream id, or None when it is not a valid one."""
+    found = _STREAM_ID.fullmatch(cursor) if isinstance(cursor, str) else None
+    if found is None:
+        return None
+    ms, n = int(found[1]), int(found[2])
+    return (ms, n) if ms < 2 ** 64 and n < 2 ** 64 else None
+
+
+def _server_id(value: Any) -> tuple[int, int]:
+    """A stream id the server returned, as a comparable pair."""
+    ms, n = _text(value).split("-")
+    return int(ms), int(n)
+
+
+def _pad(cursor: str) -> Optional[str]:
+    """The outbox member of a cursor (the Lua ``pad``), or None when it is not a valid one."""
+    parsed = _stream_id(cursor)
+    return None if parsed is None else f"{parsed[0]:020d}-{parsed[1]:020d}"
+
+
+def _unpad(member: Any) -> str:
+    """The cursor of an outbox member."""
+    return "%d-%d" % _server_id(member)
+
+
+def _store_error(url: str, exc: Exception) -> StoreError:
+    """The store error a driver error becomes: StoreUnavailable when the server cannot be reached."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return StoreUnavailable(f"The Redis store at {url} is unreachable: {exc}", defaults.RETRY_AFTER)
+    return StoreError(f"The Redis store at {url} failed: {exc}")
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _guarded(method: _Method) -> _Method:
+    """Let a driver error leave a store method only as a :class:`StoreError`, chained from it."""
+
+    @functools.wraps(method)
+    def guarded(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except redis.RedisError as exc:
+            raise _store_error(self.url, exc) from exc
+
+    return cast(_Method, guarded)
 
 
 class RedisStore(TaskStore):
@@ -212,21 +417,22 @@ class RedisStore(TaskStore):
     shared = True
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "mpc:") -> None:
-        try:
-            import redis
-        except ImportError:
+        if redis is None:
             raise StoreError("The Redis store needs the redis package: pip install "
-                             "'flask-multiprocess-controller[redis]'.") from None
+                             "'flask-multiprocess-controller[redis]'.")
         self.url = url
         self.prefix = prefix
         self._redis = redis.Redis.from_url(url)
+        # Waiting ``changes()`` calls block on connections of their own, which need a socket
+        # timeout above the longest block; the client's pools are thread-safe.
+        self._feed = redis.Redis.from_url(url, socket_timeout=_FEED_BLOCK_MAX + 5.0)
         try:
             self._redis.ping()
         except redis.RedisError as exc:
-            raise StoreError(f"Cannot reach the Redis store at {url}: {exc}") from exc
-        self._scripts = {name: self._redis.register_script(source) for name, source in (
-            ("enqueue", _ENQUEUE), ("claim", _CLAIM), ("update", _UPDATE), ("finish", _FINISH),
-            ("requeue", _REQUEUE), ("request_stop", _REQUEST_STOP), ("purge", _PURGE))}
+            self.close()
+            raise _store_error(url, exc) from exc
+        # Script objects load themselves again on NOSCRIPT (a restarted server).
+        self._scripts = {name: self._redis.register_script(source) for name, source in _SCRIPTS.items()}
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r})"
@@ -237,151 +443,188 @@ class RedisStore(TaskStore):
     def _c(self, controller: str, what: str) -> str:
         return self._key("c", controller, what)
 
-    def enqueue(self, rows: Sequence[Row], max_queued: int) -> None:
+    def _write(self, script: str, emitter: Optional[str], *args: Any) -> Any:
+        """Run a writing script with the arguments every one of them takes first."""
+        return self._scripts[script](args=[self.prefix, emitter or "", self.max_events, *args])
+
+    def _get_many(self, uuids: Sequence[Any]) -> list[Row]:
+        pipe = self._redis.pipeline(transaction=False)
+        for uuid in uuids:
+            pipe.hgetall(self._key("t", _text(uuid)))
+        return [_decode([x for pair in flat.items() for x in pair]) for flat in pipe.execute() if flat]
+
+    # -- writes --------------------------------------------------------------------------------------------
+
+    @_guarded
+    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None) -> list[Event]:
         if not rows:
-            return
-        controller = rows[0]["controller"]
+            return []
         flat_rows = []
         for row in rows:
             flat: list[str] = []
             for column in _COLUMNS:
-                if column == "seq":
-                    continue
-                encoded = _encode(column, row.get(column))
+                encoded = None if column == "seq" else _encode(column, row.get(column))
                 if encoded is not None:
                     flat += [column, encoded]
             flat_rows.append(flat)
-        done = self._scripts["enqueue"](
-            keys=[self._key("seq"), self._c(controller, "q"), self._c(controller, "all"), self._c(controller, "n")],
-            args=[self.prefix, max_queued, json.dumps(flat_rows)])
+        done = self._write("enqueue", emitter, max_queued, rows[0]["controller"], json.dumps(flat_rows))
         if done == -1:
             raise QueueFull(max_queued, defaults.RETRY_AFTER)
-        for row, seq in zip(rows, done):
-            row["seq"] = int(seq)
+        events = [_event(cursor, fields) for cursor, fields in done]
+        for row, event in zip(rows, events):
+            row["seq"] = event["task"]["seq"]
+        return events
 
-    def claim(self, controller: str, owner: str, max_running: int, now: float) -> Optional[Row]:
-        flat = self._scripts["claim"](
-            keys=[self._c(controller, "q"), self._c(controller, "active"), self._c(controller, "n")],
-            args=[self.prefix, owner, max_running, repr(now)])
+    @_guarded
+    def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
+        flat = self._write("claim", None, controller, owner, max_running)
         return _decode(flat) if flat else None
 
+    @_guarded
+    def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
+        done = self._write("start", owner, uuid, owner, _encode("pid", pid), _encode("pid_created", pid_created))
+        return _event(*done) if done else None
+
+    @_guarded
+    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
+        done = self._write("progress", owner, uuid, owner, *_split({"progress": progress, "percent": percent}))
+        return _event(*done) if done else None
+
+    @_guarded
+    def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
+                fields: dict[str, Any]) -> Optional[Event]:
+        done = self._write("finish", emitter, uuid, owner or "", status, *_split(fields))
+        return _event(*done) if done else None
+
+    @_guarded
+    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None) -> Optional[Event]:
+        done = self._write("requeue", owner if emitter is None else emitter, uuid, owner or "")
+        return _event(*done) if done else None
+
+    @_guarded
+    def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        answer = self._write("request_stop", emitter, uuid)
+        verdict = _text(answer[0])
+        if verdict == "missing":
+            raise TaskNotFound(uuid)
+        if verdict == "finished":
+            raise TaskAlreadyFinished(uuid, _text(answer[1]))
+        return _decode(answer[1]), _event(*answer[2]) if answer[2] else None
+
+    @_guarded
+    def purge(self, controller: str, ended_before: float, emitter: Optional[str] = None) -> int:
+        total = 0
+        while True:
+            done = int(self._write("purge", emitter, controller, repr(float(ended_before)), _PURGE_BATCH))
+            total += done
+            if done < _PURGE_BATCH:
+                break
+        self._write("prune", emitter, controller, repr(float(self.event_retention)))
+        return total
+
+    # -- the change feed and the outbox -------------------------------------------------------------------
+
+    @_guarded
+    def _changes(self, since: str, limit: int) -> Changes:
+        after = _stream_id(since)
+        pruned, latest, entries = self._scripts["feed"](args=[self.prefix, "" if after is None else since, limit])
+        if after is None or after < _server_id(pruned) or after > _server_id(latest):
+            return Changes([], _text(latest), True)
+        # The script reads from ``since`` inclusive (an exclusive start fails on the largest id).
+        events = [_event(cursor, fields) for cursor, fields in entries if _server_id(cursor) != after][:limit]
+        return Changes(events, events[-1]["cursor"] if events else since, False)
+
+    @_guarded
+    def _wait_for_changes(self, since: str, timeout: float) -> None:
+        block = max(1, int(min(timeout, _FEED_BLOCK_MAX) * 1000))
+        self._feed.xread({self._key("events"): since}, count=1, block=block)
+
+    @_guarded
+    def latest_cursor(self) -> str:
+        return _text(self._scripts["feed"](args=[self.prefix, "", 0])[1])
+
+    @_guarded
+    def unacked(self, controller: str, limit: int = 100) -> list[Event]:
+        members = self._redis.zrange(self._c(controller, "outbox"), 0, limit - 1) if limit > 0 else []
+        if not members:
+            return []
+        payloads = self._redis.hmget(self._c(controller, "outbox:events"), members)
+        # An entry acknowledged between the two reads has no payload any more.
+        return [_event(_unpad(member), json.loads(payload))
+                for member, payload in zip(members, payloads) if payload is not None]
+
+    @_guarded
+    def ack(self, controller: str, cursors: Iterable[str]) -> None:
+        members = [m for m in map(_pad, cursors) if m is not None]
+        if members:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.zrem(self._c(controller, "outbox"), *members)
+            pipe.hdel(self._c(controller, "outbox:events"), *members)
+            pipe.execute()
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    @_guarded
     def get(self, uuid: str) -> Optional[Row]:
         flat = self._redis.hgetall(self._key("t", uuid))
         if not flat:
             return None
         return _decode([x for pair in flat.items() for x in pair])
 
-    def _get_many(self, uuids: Sequence[Any]) -> list[Row]:
-        pipe = self._redis.pipeline(transaction=False)
-        for uuid in uuids:
-            pipe.hgetall(self._key("t", _text(uuid)))
-        rows = []
-        for flat in pipe.execute():
-            if flat:
-                rows.append(_decode([x for pair in flat.items() for x in pair]))
-        return rows
+    @_guarded
+    def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
+                   before: Optional[int] = None) -> list[Row]:
+        top = "+inf" if before is None else f"({before}"
+        wanted = list(dict.fromkeys(statuses or ()))
+        if not wanted:
+            uuids = self._redis.zrevrangebyscore(self._c(controller, "all"), top, "-inf", start=0, num=limit)
+            return self._get_many(uuids)
+        # The newest ``limit`` of each wanted status, merged: O(limit) per status.
+        pipe = self._redis.pipeline(transaction=True)
+        for status in wanted:
+            pipe.zrevrangebyscore(self._c(controller, f"s:{status}"), top, "-inf", start=0, num=limit,
+                                  withscores=True)
+        merged = heapq.merge(*pipe.execute(), key=lambda pair: pair[1], reverse=True)
+        uuids = [uuid for uuid, _ in merged][:limit]
+        # A task may have changed status since: keep to the filter.
+        return [row for row in self._get_many(uuids) if row["status"] in wanted]
 
-    def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
-        wanted = set(statuses) if statuses else None
-        found: list[Row] = []
-        start = 0
-        page = max(limit, 100) if wanted else limit
-        while len(found) < limit:
-            uuids = self._redis.zrevrange(self._c(controller, "all"), start, start + page - 1)
-            if not uuids:
-                break
-            start += page
-            found += [r for r in self._get_many(uuids) if wanted is None or r["status"] in wanted]
-        return found[:limit]
-
+    @_guarded
     def counts(self, controller: str) -> dict[str, int]:
         raw = self._redis.hgetall(self._c(controller, "n"))
         return {_text(k): int(v) for k, v in raw.items() if int(v)}
 
+    @_guarded
     def position(self, row: Row) -> Optional[int]:
         if row["status"] != TaskStatus.QUEUED.value:
             return None
         rank = self._redis.zrank(self._c(row["controller"], "q"), f"{row['seq']:020d}:{row['uuid']}")
         return None if rank is None else int(rank) + 1  # type: ignore[arg-type]
 
-    def update(self, uuid: str, owner: Optional[str] = None, **fields: Any) -> bool:
-        unknown = set(fields) - MUTABLE_FIELDS
-        if unknown:
-            raise ValueError(f"not mutable: {sorted(unknown)}")
-        if not fields:
-            return False
-        sets, dels = _split(fields)
-        done = self._scripts["update"](keys=[self._key("t", uuid)],
-                                       args=[owner or "", json.dumps(sets), json.dumps(dels)])
-        return done == 1
-
-    def finish(self, uuid: str, status: str, owner: Optional[str] = None, **fields: Any) -> bool:
-        unknown = set(fields) - MUTABLE_FIELDS
-        if unknown or status not in _TERMINAL:
-            raise ValueError(f"bad finish: {status} {sorted(unknown)}")
-        controller = self._redis.hget(self._key("t", uuid), "controller")
-        if controller is None:
-            return False
-        controller = _text(controller)
-        ended_at = fields.get("ended_at") or 0.0
-        sets, dels = _split(fields)
-        done = self._scripts["finish"](
-            keys=[self._key("t", uuid), self._c(controller, "active"), self._c(controller, "n"),
-                  self._c(controller, "ended")],
-            args=[owner or "", json.dumps(sets), json.dumps(dels), uuid, repr(float(ended_at)), status])
-        return done == 1
-
-    def requeue(self, uuid: str, owner: Optional[str] = None) -> bool:
-        controller = self._redis.hget(self._key("t", uuid), "controller")
-        if controller is None:
-            return False
-        controller = _text(controller)
-        done = self._scripts["requeue"](
-            keys=[self._key("t", uuid), self._c(controller, "q"), self._c(controller, "active"),
-                  self._c(controller, "n")],
-            args=[owner or "", uuid])
-        return done == 1
-
-    def request_stop(self, uuid: str, now: float) -> Row:
-        answer = self._scripts["request_stop"](keys=[self._key("t", uuid)], args=[self.prefix, uuid, repr(now)])
-        verdict = _text(answer[0])
-        if verdict == "missing":
-            raise TaskNotFound(uuid)
-        if verdict == "finished":
-            raise TaskAlreadyFinished(uuid, _text(answer[1]))
-        return _decode(answer[1])
-
-    def stop_requests(self, uuids: Iterable[str]) -> set[str]:
-        wanted = list(uuids)
-        if not wanted:
-            return set()
-        pipe = self._redis.pipeline(transaction=False)
-        for uuid in wanted:
-            pipe.hget(self._key("t", uuid), "stop_requested")
-        return {u for u, flag in zip(wanted, pipe.execute()) if _text(flag) == "1"}
-
+    @_guarded
     def active(self, controller: str) -> list[Row]:
         return self._get_many(sorted(self._redis.smembers(self._c(controller, "active"))))
 
-    def purge(self, controller: str, ended_before: float) -> int:
-        total = 0
-        while True:
-            done = self._scripts["purge"](
-                keys=[self._c(controller, "ended"), self._c(controller, "all"), self._c(controller, "n")],
-                args=[self.prefix, repr(ended_before), 500])
-            total += int(done)
-            if done < 500:
-                return total
+    # -- clock and heartbeats ------------------------------------------------------------------------------
 
-    def heartbeat(self, owner: str, now: float) -> None:
-        self._redis.zadd(self._key("owners"), {owner: now})
+    @_guarded
+    def now(self) -> float:
+        seconds, microseconds = self._redis.time()
+        return seconds + microseconds / 1e6
 
+    @_guarded
+    def heartbeat(self, owner: str) -> None:
+        self._scripts["heartbeat"](args=[self.prefix, owner])
+
+    @_guarded
     def heartbeats(self) -> dict[str, float]:
         pairs = self._redis.zrange(self._key("owners"), 0, -1, withscores=True)
         return {_text(owner): float(beat) for owner, beat in pairs}  # type: ignore[str-unpack]
 
+    @_guarded
     def forget_owner(self, owner: str) -> None:
         self._redis.zrem(self._key("owners"), owner)
 
     def close(self) -> None:
         self._redis.close()
+        self._feed.close()

@@ -1,23 +1,31 @@
 """The default store: one SQLite file on the local disk, shared by the processes of one machine.
 
-Connections are opened lazily, one per thread and process (never carried across a
-fork); the database runs in WAL mode with a busy timeout, and every write is one
-short transaction. Claims and bounded inserts run under ``BEGIN IMMEDIATE`` so that
-the controller's limits hold across every process using the file.
+Connections come from a small pool of this process (never carried across a fork); the
+database runs in WAL mode with a busy timeout, and every write is one short transaction
+that also appends its event to ``mpc_events`` (and, for callback kinds, ``mpc_outbox``).
+Claims and bounded inserts run under ``BEGIN IMMEDIATE`` so that the controller's limits
+hold across every process using the file. The store's clock is this machine's clock.
+
+Any error of the driver leaves a method as :class:`StoreUnavailable` (locked past the busy
+timeout, unwritable, I/O) or :class:`StoreError`; the connection it happened on is dropped,
+so the store works again once the cause is gone.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from .. import defaults
-from ..exceptions import QueueFull, StoreError, TaskAlreadyFinished, TaskNotFound
+from ..events import CALLBACK_KINDS, Changes, Event, EventKind
+from ..exceptions import QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import COLUMNS as _COLUMNS, MUTABLE_FIELDS, Row, TaskStore
+from .base import COLUMNS as _COLUMNS, Row, TaskStore, parse_counter
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mpc_tasks (
@@ -45,21 +53,52 @@ CREATE TABLE IF NOT EXISTS mpc_tasks (
     attempt INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
+CREATE INDEX IF NOT EXISTS mpc_tasks_status ON mpc_tasks (controller, status, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_newest ON mpc_tasks (controller, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_ended ON mpc_tasks (controller, ended_at);
 CREATE TABLE IF NOT EXISTS mpc_owners (
     owner TEXT PRIMARY KEY,
     heartbeat REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS mpc_events (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    controller TEXT NOT NULL,
+    at REAL NOT NULL,
+    emitter TEXT,
+    task TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mpc_events_at ON mpc_events (at);
+CREATE TABLE IF NOT EXISTS mpc_outbox (
+    cursor INTEGER PRIMARY KEY,
+    controller TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mpc_outbox_controller ON mpc_outbox (controller, cursor);
+CREATE TABLE IF NOT EXISTS mpc_meta (
+    key TEXT PRIMARY KEY,
+    value
+);
 """
 
 #: Columns stored as JSON text.
 _JSON_COLUMNS = ("args", "progress", "result", "error")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mpc_tasks"
+_EVENT_COLUMNS = "cursor, kind, uuid, controller, at, emitter, task"
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE_SQL = "('running', 'stopping')"
-_TERMINAL_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(TERMINAL)) + ")"
+_TERMINAL = frozenset(s.value for s in TERMINAL)
+_TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(_TERMINAL)) + ")"
 assert {s.value for s in ACTIVE} == {"running", "stopping"}
+#: The newest cursor written (AUTOINCREMENT's high-water mark: it survives the pruning of every event).
+_LATEST_SQL = "SELECT seq FROM sqlite_sequence WHERE name = 'mpc_events'"
+#: Every event with a cursor up to this one was pruned.
+_PRUNED_SQL = "SELECT value FROM mpc_meta WHERE key = 'pruned'"
+#: Tasks a purge deletes per transaction, so that other writers do not wait long.
+_PURGE_BATCH = 500
+_NO_SEQ = 2 ** 63 - 1
+#: Stands for the store's clock at the change, read once the write lock is held.
+_NOW = object()
 
 
 def _encode(column: str, value: Any) -> Any:
@@ -71,12 +110,23 @@ def _encode(column: str, value: Any) -> Any:
 
 
 def _decode(values: Sequence[Any]) -> Row:
-    row = dict(zip(_COLUMNS, values))
+    row: Row = dict(zip(_COLUMNS, values))  # type: ignore[assignment]
     for column in _JSON_COLUMNS:
-        if row[column] is not None:
-            row[column] = json.loads(row[column])
+        if row[column] is not None:  # type: ignore[literal-required]
+            row[column] = json.loads(row[column])  # type: ignore[literal-required]
     row["stop_requested"] = bool(row["stop_requested"])
     return row
+
+
+def _event(values: Sequence[Any]) -> Event:
+    cursor, kind, uuid, controller, at, emitter, task = values
+    return Event(cursor=str(cursor), kind=kind, uuid=uuid, controller=controller, at=at, emitter=emitter,
+                 task=json.loads(task))
+
+
+def _latest(db: sqlite3.Connection) -> int:
+    found = db.execute(_LATEST_SQL).fetchone()
+    return found[0] if found else 0
 
 
 #: Connections a store keeps open for reuse, per process (more are opened while more threads need one).
@@ -85,7 +135,7 @@ _MAX_IDLE_CONNECTIONS = 16
 #: One write lock per database file and process: threads of one process take turns here instead of
 #: in SQLite's busy handler, which sleeps for milliseconds between retries.
 _write_locks: dict[str, threading.Lock] = {}
-_write_locks_guard = threading.Lock()
+_write_locks_guard = threading.Lock()  # guards _write_locks
 
 
 def _write_lock(path: str) -> threading.Lock:
@@ -109,67 +159,129 @@ class SQLiteStore(TaskStore):
     :param path: the database file; relative paths are relative to the working
         directory of the process that creates the store.
     :param busy_timeout: seconds a write waits for another process's lock.
+    :param mode: permissions of the database file (and its ``-wal``/``-shm`` files) when this
+        store creates it; tasks hold arguments and results, so only the owner by default.
     """
 
     shared = True
 
-    def __init__(self, path: str = defaults.DEFAULT_SQLITE_PATH, busy_timeout: float = 30.0) -> None:
+    def __init__(self, path: str = defaults.DEFAULT_SQLITE_PATH, busy_timeout: float = 30.0,
+                 mode: int = 0o600) -> None:
+        if not 0 <= mode <= 0o777:
+            raise StoreError(f"The SQLite store's file mode must be between 0o000 and 0o777, not {mode:#o}.")
         self.path = os.path.abspath(path)
         self.busy_timeout = busy_timeout
-        # Idle connections of the process that opened them (a forked child never uses its
-        # parent's); each operation takes one and gives it back, so a server that starts a
-        # thread per request does not open, and leave behind, a connection per request.
+        self.mode = mode
+        # Guards _idle and _idle_pid: idle connections of the process that opened them (a forked
+        # child never uses its parent's); each operation takes one and gives it back, so a server
+        # that starts a thread per request does not open, and leave behind, a connection per request.
+        self._idle_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._idle_pid = os.getpid()
-        self._idle_lock = threading.Lock()
         self._schema_ready = False
-        directory = os.path.dirname(self.path)
+        # Guards _generation, which counts this object's commits: a waiting ``changes()`` wakes
+        # on it at once, and polls for the commits of other objects and processes.
+        self._committed = threading.Condition()
+        self._generation = 0
         try:
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            created = self._create_file()
             with self._connection():
-                pass
+                if created:  # SQLite gives -wal and -shm the file's mode; make sure of it
+                    for suffix in ("", "-wal", "-shm"):
+                        if os.path.exists(self.path + suffix):
+                            os.chmod(self.path + suffix, mode)
             # Keep no connection open: the controller forks its fork server right after,
             # and a SQLite connection must not cross a fork.
             self.close()
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise StoreError(f"Cannot open the SQLite store at {self.path}: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
 
+    def _create_file(self) -> bool:
+        """Create the empty database file with ``mode``, unless it exists; return whether it was created.
+
+        ``O_EXCL`` with an explicit ``fchmod`` instead of a umask: the umask is the whole process's,
+        and other threads may create files meanwhile.
+        """
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.mode)
+        except FileExistsError:
+            return False
+        try:
+            os.fchmod(fd, self.mode)
+        finally:
+            os.close(fd)
+        return True
+
+    # -- connections and transactions ----------------------------------------------------------------------
+
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        if not self._schema_ready:  # the first connection creates the tables; later ones need not
-            conn.executescript(_SCHEMA)
-            self._schema_ready = True
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            if not self._schema_ready:  # the first connection creates the tables; later ones need not
+                conn.executescript(_SCHEMA)
+                self._schema_ready = True
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        """The store error that a driver error becomes: locked, unwritable or I/O errors may pass."""
+        message = f"The SQLite store at {self.path} failed: {exc}"
+        if isinstance(exc, sqlite3.OperationalError):
+            return StoreUnavailable(message, defaults.RETRY_AFTER)
+        return StoreError(message)
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        """A connection of this process for one operation (which must leave no statement open)."""
+        """A connection of this process for one operation (which must leave no statement open).
+
+        The one place where driver errors become store errors; a connection that saw one is
+        closed, not reused, since it may be left inside a transaction.
+        """
         with self._idle_lock:
             if self._idle_pid != os.getpid():  # forked: the parent's connections are not ours to use
                 self._idle, self._idle_pid = [], os.getpid()
             conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            conn = self._open()
         try:
+            if conn is None:
+                conn = self._open()
             yield conn
-        finally:
-            with self._idle_lock:
-                keep = self._idle_pid == os.getpid() and len(self._idle) < _MAX_IDLE_CONNECTIONS
-                if keep:
-                    self._idle.append(conn)
-            if not keep:
+        except sqlite3.Error as exc:
+            if conn is not None:
                 conn.close()
+                conn = None
+            raise self._error(exc) from exc
+        finally:
+            if conn is not None:
+                with self._idle_lock:
+                    keep = self._idle_pid == os.getpid() and len(self._idle) < _MAX_IDLE_CONNECTIONS
+                    if keep:
+                        self._idle.append(conn)
+                if not keep:
+                    conn.close()
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self._connection() as db:
             return db.execute(sql, params).fetchall()
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: its statements all see the same committed state."""
+        with self._connection() as db:
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.execute("COMMIT")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -182,16 +294,53 @@ class SQLiteStore(TaskStore):
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+        with self._committed:
+            self._generation += 1
+            self._committed.notify_all()
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return [_decode(values) for values in self._query(sql, params)]
 
-    def enqueue(self, rows: Sequence[Row], max_queued: int) -> None:
+    # -- events --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _emit(db: sqlite3.Connection, kind: EventKind, row: Row, emitter: Optional[str], at: float) -> Event:
+        """Append the event of a change of ``row`` (and its outbox entry) in the caller's transaction."""
+        cursor = db.execute(
+            "INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task) VALUES (?, ?, ?, ?, ?, ?)",
+            (kind.value, row["uuid"], row["controller"], at, emitter, json.dumps(row)),
+        ).lastrowid
+        if kind.value in CALLBACK_KINDS:
+            db.execute("INSERT INTO mpc_outbox (cursor, controller) VALUES (?, ?)", (cursor, row["controller"]))
+        return Event(cursor=str(cursor), kind=kind.value, uuid=row["uuid"], controller=row["controller"], at=at,
+                     emitter=emitter, task=dict(row))
+
+    @staticmethod
+    def _row(db: sqlite3.Connection, uuid: str) -> Row:
+        return _decode(db.execute(f"{_SELECT} WHERE uuid = ?", (uuid,)).fetchone())
+
+    def _prune_events(self) -> None:
+        """Delete the events (and outbox entries) older than the retention or beyond the newest ``max_events``."""
+        with self._transaction() as db:
+            (too_old,) = db.execute("SELECT MAX(cursor) FROM mpc_events WHERE at < ?",
+                                    (time.time() - self.event_retention,)).fetchone()
+            bound = max(too_old or 0, _latest(db) - self.max_events)
+            pruned = db.execute(_PRUNED_SQL).fetchone()
+            if bound <= (pruned[0] if pruned else 0):
+                return
+            db.execute("DELETE FROM mpc_events WHERE cursor <= ?", (bound,))
+            db.execute("DELETE FROM mpc_outbox WHERE cursor <= ?", (bound,))
+            db.execute("INSERT OR REPLACE INTO mpc_meta (key, value) VALUES ('pruned', ?)", (bound,))
+
+    # -- writes --------------------------------------------------------------------------------------------
+
+    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None) -> list[Event]:
         if not rows:
-            return
+            return []
         controller = rows[0]["controller"]
         columns = [c for c in _COLUMNS if c != "seq"]
         sql = f"INSERT INTO mpc_tasks ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        events = []
         with self._transaction() as db:
             if max_queued >= 0:
                 (queued,) = db.execute(
@@ -199,15 +348,23 @@ class SQLiteStore(TaskStore):
                 ).fetchone()
                 if queued + len(rows) > max_queued:
                     raise QueueFull(max_queued, defaults.RETRY_AFTER)
+            now = time.time()
             for row in rows:
-                row["seq"] = db.execute(sql, [_encode(c, row.get(c)) for c in columns]).lastrowid
+                values = [_encode(c, row.get(c)) for c in columns]
+                seq = db.execute(sql, values).lastrowid
+                stored = _decode([seq, *values])  # what a read would return, without the read
+                events.append(self._emit(db, EventKind.QUEUED, stored, emitter, now))
+        for row, event in zip(rows, events):
+            row["seq"] = event["task"]["seq"]
+        return events
 
-    def claim(self, controller: str, owner: str, max_running: int, now: float) -> Optional[Row]:
+    def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
         # A plain read first: idle slots look often, and an empty queue needs no write lock.
         if not self._query("SELECT 1 FROM mpc_tasks WHERE controller = ? AND status = ? LIMIT 1",
                            (controller, _QUEUED)):
             return None
         with self._transaction() as db:
+            now = time.time()  # inside the lock: later than any change committed before this claim
             (running,) = db.execute(
                 f"SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status IN {_ACTIVE_SQL}", (controller,)
             ).fetchone()
@@ -225,22 +382,147 @@ class SQLiteStore(TaskStore):
                 "WHERE seq = ?",
                 (owner, now, row["seq"]),
             )
-        row.update(status=TaskStatus.RUNNING.value, owner=owner, started_at=now, attempt=row["attempt"] + 1)
+        row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": now,
+                    "attempt": row["attempt"] + 1})
         return row
+
+    def _update_active(self, kind: EventKind, uuid: str, owner: Optional[str], emitter: Optional[str],
+                       assignments: dict[str, Any]) -> Optional[Event]:
+        """Set columns of an active task (of ``owner``, if given) and write the event ``kind``.
+
+        A value :data:`_NOW` is the store's clock at the change.
+        """
+        clause = ", ".join(f"{c} = ?" for c in assignments)
+        fence, fenced = (" AND owner = ?", (owner,)) if owner is not None else ("", ())
+        with self._transaction() as db:
+            now = time.time()
+            values = [now if v is _NOW else _encode(c, v) for c, v in assignments.items()]
+            changed = db.execute(f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL}{fence}",
+                                 (*values, uuid, *fenced)).rowcount
+            if not changed:
+                return None
+            return self._emit(db, kind, self._row(db, uuid), emitter, now)
+
+    def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
+        return self._update_active(EventKind.STARTED, uuid, owner, owner, {"pid": pid, "pid_created": pid_created})
+
+    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
+        return self._update_active(EventKind.PROGRESS, uuid, owner, owner,
+                                   {"progress": progress, "percent": percent})
+
+    def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
+                fields: dict[str, Any]) -> Optional[Event]:
+        return self._update_active(EventKind.ENDED, uuid, owner, emitter,
+                                   {"ended_at": _NOW, **fields, "status": status})
+
+    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None) -> Optional[Event]:
+        return self._update_active(
+            EventKind.REQUEUED, uuid, owner, owner if emitter is None else emitter,
+            {"status": _QUEUED, "owner": None, "pid": None, "pid_created": None, "started_at": None,
+             "stop_requested": False})
+
+    def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        with self._transaction() as db:
+            found = db.execute(f"{_SELECT} WHERE uuid = ?", (uuid,)).fetchone()
+            if found is None:
+                raise TaskNotFound(uuid)
+            row = _decode(found)
+            status = row["status"]
+            if status in _TERMINAL:
+                raise TaskAlreadyFinished(uuid, status)
+            now = time.time()
+            if status == _QUEUED:
+                db.execute("UPDATE mpc_tasks SET status = 'stopped', ended_at = ?, stop_requested = 1 "
+                           "WHERE seq = ?", (now, row["seq"]))
+                row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
+                return row, self._emit(db, EventKind.ENDED, row, emitter, now)
+            if status == TaskStatus.RUNNING.value:
+                db.execute("UPDATE mpc_tasks SET status = 'stopping', stop_requested = 1 WHERE seq = ?",
+                           (row["seq"],))
+                row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
+                return row, self._emit(db, EventKind.STOPPING, row, emitter, now)
+        return row, None
+
+    def purge(self, controller: str, ended_before: float, emitter: Optional[str] = None) -> int:
+        total = 0
+        while True:
+            with self._transaction() as db:
+                doomed = [_decode(found) for found in db.execute(
+                    f"{_SELECT} WHERE controller = ? AND status IN {_TERMINAL_SQL} AND ended_at < ? LIMIT ?",
+                    (controller, ended_before, _PURGE_BATCH))]
+                now = time.time()
+                for row in doomed:
+                    db.execute("DELETE FROM mpc_tasks WHERE seq = ?", (row["seq"],))
+                    self._emit(db, EventKind.PURGED, row, emitter, now)
+            total += len(doomed)
+            if len(doomed) < _PURGE_BATCH:
+                break
+        self._prune_events()
+        return total
+
+    # -- the change feed and the outbox -------------------------------------------------------------------
+
+    def _changes(self, since: str, limit: int) -> Changes:
+        after = parse_counter(since)
+        with self._snapshot() as db:
+            latest = _latest(db)
+            pruned = db.execute(_PRUNED_SQL).fetchone()
+            if after is None or after < (pruned[0] if pruned else 0) or after > latest:
+                return Changes([], str(latest), True)
+            events = [_event(values) for values in db.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM mpc_events WHERE cursor > ? ORDER BY cursor LIMIT ?", (after, limit))]
+        return Changes(events, events[-1]["cursor"] if events else since, False)
+
+    def _wait_for_changes(self, since: str, timeout: float) -> None:
+        after = parse_counter(since)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._committed:
+                generation = self._generation
+            if after is None or int(self.latest_cursor()) > after:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with self._committed:
+                self._committed.wait_for(lambda: self._generation != generation,
+                                         min(defaults.FEED_POLL_INTERVAL, remaining))
+
+    def latest_cursor(self) -> str:
+        with self._connection() as db:
+            return str(_latest(db))
+
+    def unacked(self, controller: str, limit: int = 100) -> list[Event]:
+        return [_event(values) for values in self._query(
+            f"SELECT {', '.join('e.' + c for c in _EVENT_COLUMNS.split(', '))} FROM mpc_outbox o "
+            "JOIN mpc_events e ON e.cursor = o.cursor WHERE o.controller = ? ORDER BY o.cursor LIMIT ?",
+            (controller, limit))]
+
+    def ack(self, controller: str, cursors: Iterable[str]) -> None:
+        numbers = [(controller, n) for n in map(parse_counter, cursors) if n is not None]
+        if numbers:
+            with self._transaction() as db:
+                db.executemany("DELETE FROM mpc_outbox WHERE controller = ? AND cursor = ?", numbers)
+
+    # -- reads ---------------------------------------------------------------------------------------------
 
     def get(self, uuid: str) -> Optional[Row]:
         rows = self._read(f"{_SELECT} WHERE uuid = ?", (uuid,))
         return rows[0] if rows else None
 
-    def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100) -> list[Row]:
-        if statuses:
-            wanted = list(statuses)
-            marks = ", ".join("?" * len(wanted))
-            return self._read(
-                f"{_SELECT} WHERE controller = ? AND status IN ({marks}) ORDER BY seq DESC LIMIT ?",
-                (controller, *wanted, limit),
-            )
-        return self._read(f"{_SELECT} WHERE controller = ? ORDER BY seq DESC LIMIT ?", (controller, limit))
+    def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
+                   before: Optional[int] = None) -> list[Row]:
+        below = _NO_SEQ if before is None else before
+        wanted = list(dict.fromkeys(statuses or ()))
+        if not wanted:
+            return self._read(f"{_SELECT} WHERE controller = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                              (controller, below, limit))
+        # One index range per status (each at most ``limit`` rows), merged: O(limit) per status,
+        # however many older tasks of other statuses there are.
+        pages = [self._read(f"{_SELECT} WHERE controller = ? AND status = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                            (controller, status, below, limit))
+                 for status in wanted]
+        return list(heapq.merge(*pages, key=lambda r: r["seq"], reverse=True))[:limit]
 
     def counts(self, controller: str) -> dict[str, int]:
         return dict(self._query(
@@ -256,89 +538,18 @@ class SQLiteStore(TaskStore):
         )
         return ahead + 1
 
-    def _set_clause(self, fields: dict[str, Any]) -> tuple[str, list[Any]]:
-        unknown = set(fields) - MUTABLE_FIELDS
-        if unknown:
-            raise ValueError(f"not mutable: {sorted(unknown)}")
-        return ", ".join(f"{c} = ?" for c in fields), [_encode(c, v) for c, v in fields.items()]
-
-    @staticmethod
-    def _fence(owner: Optional[str]) -> tuple[str, tuple]:
-        return (" AND owner = ?", (owner,)) if owner is not None else ("", ())
-
-    def update(self, uuid: str, owner: Optional[str] = None, **fields: Any) -> bool:
-        if not fields:
-            return False
-        clause, values = self._set_clause(fields)
-        fence, fenced = self._fence(owner)
-        with self._transaction() as db:
-            cursor = db.execute(f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL}{fence}",
-                                (*values, uuid, *fenced))
-            return cursor.rowcount == 1
-
-    def finish(self, uuid: str, status: str, owner: Optional[str] = None, **fields: Any) -> bool:
-        if status not in {s.value for s in TERMINAL}:
-            raise ValueError(f"not a terminal status: {status}")
-        clause, values = self._set_clause(fields)
-        clause = f"status = ?, {clause}" if clause else "status = ?"
-        fence, fenced = self._fence(owner)
-        with self._transaction() as db:
-            cursor = db.execute(f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL}{fence}",
-                                (status, *values, uuid, *fenced))
-            return cursor.rowcount == 1
-
-    def requeue(self, uuid: str, owner: Optional[str] = None) -> bool:
-        fence, fenced = self._fence(owner)
-        with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE mpc_tasks SET status = 'queued', owner = NULL, pid = NULL, pid_created = NULL, "
-                f"started_at = NULL, stop_requested = 0 WHERE uuid = ? AND status IN {_ACTIVE_SQL}{fence}",
-                (uuid, *fenced),
-            )
-            return cursor.rowcount == 1
-
-    def request_stop(self, uuid: str, now: float) -> Row:
-        with self._transaction() as db:
-            found = db.execute(f"{_SELECT} WHERE uuid = ?", (uuid,)).fetchone()
-            if found is None:
-                raise TaskNotFound(uuid)
-            row = _decode(found)
-            status = row["status"]
-            if status in {s.value for s in TERMINAL}:
-                raise TaskAlreadyFinished(uuid, status)
-            if status == _QUEUED:
-                db.execute("UPDATE mpc_tasks SET status = 'stopped', ended_at = ?, stop_requested = 1 "
-                           "WHERE seq = ?", (now, row["seq"]))
-                row.update(status=TaskStatus.STOPPED.value, ended_at=now, stop_requested=True)
-            elif status == TaskStatus.RUNNING.value:
-                db.execute("UPDATE mpc_tasks SET status = 'stopping', stop_requested = 1 WHERE seq = ?",
-                           (row["seq"],))
-                row.update(status=TaskStatus.STOPPING.value, stop_requested=True)
-        return row
-
-    def stop_requests(self, uuids: Iterable[str]) -> set[str]:
-        wanted = list(uuids)
-        if not wanted:
-            return set()
-        marks = ", ".join("?" * len(wanted))
-        return {uuid for (uuid,) in self._query(
-            f"SELECT uuid FROM mpc_tasks WHERE uuid IN ({marks}) AND stop_requested = 1", wanted)}
-
     def active(self, controller: str) -> list[Row]:
         return self._read(f"{_SELECT} WHERE controller = ? AND status IN {_ACTIVE_SQL}", (controller,))
 
-    def purge(self, controller: str, ended_before: float) -> int:
-        with self._transaction() as db:
-            cursor = db.execute(
-                f"DELETE FROM mpc_tasks WHERE controller = ? AND status IN {_TERMINAL_SQL} AND ended_at < ?",
-                (controller, ended_before),
-            )
-            return cursor.rowcount
+    # -- clock and heartbeats ------------------------------------------------------------------------------
 
-    def heartbeat(self, owner: str, now: float) -> None:
+    def now(self) -> float:
+        return time.time()
+
+    def heartbeat(self, owner: str) -> None:
         with self._transaction() as db:
             db.execute("INSERT INTO mpc_owners (owner, heartbeat) VALUES (?, ?) "
-                       "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat", (owner, now))
+                       "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat", (owner, time.time()))
 
     def heartbeats(self) -> dict[str, float]:
         return dict(self._query("SELECT owner, heartbeat FROM mpc_owners"))
