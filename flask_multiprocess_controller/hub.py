@@ -38,6 +38,7 @@ class EventHub:
         self._logger = logger
         self._on_reset = on_reset
         self._subscribers: list[Subscriber] = []
+        self._local_subscribers: list[Subscriber] = []
         # Guards _recent and _recent_order.
         self._recent_lock = threading.Lock()
         self._recent: set[str] = set()
@@ -47,9 +48,13 @@ class EventHub:
         self._thread: Optional[threading.Thread] = None
         self._cursor: Optional[str] = None
 
-    def subscribe(self, subscriber: Subscriber) -> None:
-        """Call ``subscriber`` with every event of the controller from now on (before :meth:`start`)."""
-        self._subscribers.append(subscriber)
+    def subscribe(self, subscriber: Subscriber, local_only: bool = False) -> None:
+        """Call ``subscriber`` with every event of the controller from now on (before :meth:`start`).
+
+        :param local_only: only the events this runtime wrote itself (those it must act on alone,
+            such as delivering callbacks).
+        """
+        (self._local_subscribers if local_only else self._subscribers).append(subscriber)
 
     def start(self) -> None:
         """Follow the store's feed from its current end (only a shared store has other writers)."""
@@ -70,7 +75,7 @@ class EventHub:
                 self._recent_order.append(event["cursor"])
                 while len(self._recent_order) > _RECENT:
                     self._recent.discard(self._recent_order.popleft())
-        self._dispatch(event)
+        self._dispatch(event, self._subscribers + self._local_subscribers)
 
     def publish_all(self, events: list[Event]) -> None:
         """:meth:`publish` each of ``events`` in order."""
@@ -81,8 +86,8 @@ class EventHub:
         with self._recent_lock:
             return cursor in self._recent
 
-    def _dispatch(self, event: Event) -> None:
-        for subscriber in self._subscribers:
+    def _dispatch(self, event: Event, subscribers: list[Subscriber]) -> None:
+        for subscriber in subscribers:
             try:
                 subscriber(event)
             except Exception:  # one consumer's failure must not starve the others
@@ -103,7 +108,7 @@ class EventHub:
                 self._on_reset()
             for event in changes.events:
                 if event["controller"] == self.controller and not self._seen_here(event["cursor"]):
-                    self._dispatch(event)
+                    self._dispatch(event, self._subscribers)
 
     def stop(self) -> None:
         """Stop following the feed (waits at most one feed read)."""

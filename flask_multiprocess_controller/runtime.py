@@ -155,7 +155,7 @@ class Runtime:
         if callback_url:
             body = functools.partial(callback_body, expose_tracebacks=config.expose_tracebacks)
             self._callbacks = CallbackSender(callback_url, self.logger, body, self._ack)
-            self.events.subscribe(self._offer_callback)
+            self.events.subscribe(self._callbacks.offer, local_only=True)
         self._slots = [_Slot(self, i) for i in range(config.max_num_process)]
         self._keeper = _Keeper(self)
 
@@ -222,10 +222,6 @@ class Runtime:
                 run.abandon()
             elif row.get("stop_requested"):
                 run.request_stop(StopReason.REQUESTED)
-
-    def _offer_callback(self, event: Event) -> None:
-        if self._callbacks is not None and event["emitter"] == self.owner:
-            self._callbacks.offer(event)
 
     def _ack(self, event: Event) -> None:
         self.store.ack(self.config.name, [event["cursor"]])
@@ -421,9 +417,9 @@ class _Slot(threading.Thread):
         c = runtime.config
         settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process,
                             limits=c.limits)
-        self._supervisor = Supervisor(settings, runtime.store, runtime.owner, runtime.logs, self._wake_r,
-                                      runtime.events.publish, runtime.logger)
         self._retrier = Retrier(runtime.logger, runtime._give_up)
+        self._supervisor = Supervisor(settings, runtime.store, runtime.owner, runtime.logs, self._wake_r,
+                                      runtime.events.publish, runtime.logger, self._retrier)
         self._child: Optional[ChildProcess] = None
         self._tasks_in_child = 0
 

@@ -26,6 +26,7 @@ from .events import Event
 from .exceptions import StoreError
 from .forkserver import ChildProcess
 from .logs import LogListener, logger_levels
+from .persist import Retrier
 from .proctree import TreeUsage, describe_exit, sample, signal_processes
 from .protocol import (
     Done, ErrorRecord, Limits, LogRecordMessage, Percent, Progress, RunTask, StopTask, error_record,
@@ -134,7 +135,7 @@ class Supervisor:
     """
 
     def __init__(self, settings: Settings, store: TaskStore, owner: str, logs: LogListener, wake_fd: int,
-                 publish: Callable[[Event], None], logger: logging.Logger) -> None:
+                 publish: Callable[[Event], None], logger: logging.Logger, retrier: Retrier) -> None:
         self.settings = settings
         self.owner = owner
         self.store = store
@@ -142,6 +143,7 @@ class Supervisor:
         self.wake_fd = wake_fd
         self._publish = publish
         self._logger = logger
+        self._retrier = retrier
         self._schedule = Schedule(
             stop_grace=settings.stop_grace,
             sample_every=(defaults.SAMPLE_INTERVAL_WITH_MEMORY_LIMIT if settings.max_memory
@@ -154,7 +156,9 @@ class Supervisor:
         """Start ``run`` in ``child`` and return once the task has ended."""
         run.attach(child)
         child.send(RunTask(run.uuid, args, context, self._levels(), self.settings.limits))
-        started = self.store.start(run.uuid, self.owner, child.pid, child.create_time)
+        # The task runs already: an outage here is waited out (the pid is what stops and kills go by).
+        started = self._retrier.call("recording a task's process", lambda: self.store.start(
+            run.uuid, self.owner, child.pid, child.create_time or 0.0))
         if started is None:  # settled elsewhere between the claim and now
             run.abandon()
         else:

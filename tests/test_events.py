@@ -319,7 +319,7 @@ def test_redis_down_answers_503_and_nothing_is_lost_when_it_is_back(make_control
     controller = make_controller(Ends, store=own_redis.url, max_num_process=1)
     client = _app(controller)
     running = client.post("/tasks", json={"how": "wait", "gate": str(gate)}).get_json()["uuid"]
-    wait_until(lambda: client.get(f"/tasks/{running}").get_json()["status"] == "running", timeout=20)
+    wait_until(lambda: client.get(f"/tasks/{running}").get_json()["pid"], timeout=20)
     own_redis.stop()
     for answer in (client.get(f"/tasks/{running}"), client.post("/tasks", json={}), client.get("/tasks"),
                    client.delete(f"/tasks/{running}")):
@@ -353,7 +353,7 @@ def test_a_task_that_ends_during_a_redis_restart_is_recorded(make_controller, tm
     gate = tmp_path / "gate"
     controller = make_controller(Ends, store=own_redis.url, max_num_process=1)
     uuid = controller.submit(how="wait", gate=str(gate))
-    wait_until(lambda: controller.status(uuid)["status"] == "running", timeout=20)
+    wait_until(lambda: controller.status(uuid)["pid"], timeout=20)
     client.shutdown(save=True)
     client.close()
     own_redis.proc.wait(10)
