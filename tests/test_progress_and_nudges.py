@@ -78,6 +78,11 @@ class _Recorder:
             self.event.set()
         return record
 
+    def wait_for(self, entry: tuple[str, str], timeout: float = 10.0) -> list[tuple[str, str]]:
+        """Wait until ``entry`` was handled; return everything handled up to then."""
+        wait_until(lambda: entry in self.seen, timeout=timeout)
+        return list(self.seen)
+
 
 def _bus(controller: str, owner: str, recorder: _Recorder) -> HostBus:
     import logging
@@ -90,23 +95,31 @@ def _bus(controller: str, owner: str, recorder: _Recorder) -> HostBus:
 @pytest.mark.timeout(30)
 def test_a_host_bus_delivers_ended_and_stop_to_the_right_runtime():
     name = f"bus-{uuid_module.uuid4().hex[:8]}"
-    a_seen, b_seen, other_seen = _Recorder(), _Recorder(), _Recorder()
+    a_seen, b_seen, other_seen, probe_seen = _Recorder(), _Recorder(), _Recorder(), _Recorder()
     a = _bus(name, "host:1:1.000", a_seen)
     b = _bus(name, "host:2:2.000", b_seen)
     other = _bus(name + "-other", "host:2:2.000", other_seen)  # same process, another controller
+    probe = _bus(name + "-other", "host:1:1.000", probe_seen)  # a peer of ``other`` only
     try:
         a.set_peers(["host:1:1.000", "host:2:2.000", "host:3:3.000"])  # itself and a dead one are harmless
         task = str(uuid_module.uuid4())
         a.ended(task)
         assert b_seen.event.wait(10)
         assert b_seen.seen == [("ended", task)]
-        b_seen.event.clear()
         b.stop("host:1:1.000", task)
         assert a_seen.event.wait(10)
         assert a_seen.seen == [("stop", task)]
-        time.sleep(0.2)
-        assert other_seen.seen == [], "a nudge reached another controller's runtime"
-        assert b_seen.seen == [("ended", task)], "a runtime nudged itself"
+        # A datagram is in its receiver's queue once sendto returns, and each bus handles its queue in
+        # order: once a marker sent now has been handled, so has any stray nudge sent before it.
+        marker = str(uuid_module.uuid4())
+        b.stop("host:1:1.000", marker)
+        a.stop("host:2:2.000", marker)
+        probe.stop("host:2:2.000", marker)
+        assert a_seen.wait_for(("stop", marker)) == [("stop", task), ("stop", marker)], "a runtime nudged itself"
+        assert b_seen.wait_for(("stop", marker)) == [("ended", task), ("stop", marker)], "a runtime nudged itself"
+        assert other_seen.wait_for(("stop", marker)) == [("stop", marker)], \
+            "a nudge reached another controller's runtime"
+        assert probe_seen.seen == []
     finally:
-        for bus in (a, b, other):
+        for bus in (a, b, other, probe):
             bus.close()
