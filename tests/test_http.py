@@ -229,7 +229,9 @@ def test_post_wait_returns_200_when_finished_in_time(make_client):
 @pytest.mark.timeout(30)
 def test_post_wait_returns_202_when_not_finished(make_client):
     client, _ = make_client(Work, stop_grace=0.5)
+    began = time.monotonic()
     response = client.post("/tasks?wait=0.3", json={"seconds": 60})
+    assert time.monotonic() - began >= 0.3, "the POST did not wait"
     assert response.status_code == 202, response.data
     assert response.json["status"] in {"queued", "running"}
     assert "Location" in response.headers
@@ -273,7 +275,9 @@ def test_get_long_polls(make_client):
     assert response.json["status"] == "succeeded"
     # A task that outlives the wait is returned, unfinished, once the wait is over.
     blocker = start_blocker(client)
+    began = time.monotonic()
     response = client.get(f"/tasks/{blocker}?wait=0.3")
+    assert time.monotonic() - began >= 0.3, "the GET did not wait"
     assert response.status_code == 200
     assert response.json["status"] == "running"
     assert client.delete(f"/tasks/{blocker}").status_code == 202

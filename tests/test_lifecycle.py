@@ -709,7 +709,8 @@ def test_sqlite_store_keeps_finished_and_queued_tasks_across_restarts(make_contr
     assert finished["ended_at"] is not None
     # The running task was stopped by the shutdown; it is not run again.
     cut = second.wait(blocker, timeout=20)
-    assert cut["status"] in TERMINAL and cut["status"] != "succeeded", cut
+    assert cut["status"] == "stopped" and cut["error"]["type"] == "Shutdown", cut
+    assert cut["result"] is None
     for u in left:
         task = second.wait(u, timeout=20)
         assert task["status"] == "succeeded", task
