@@ -449,7 +449,8 @@ def test_controller_timeout_ends_task_that_ignores_stop(make_controller):
     task = controller.wait(uuid, timeout=20)
     assert task["status"] == "timed_out", task
     assert task["error"]["type"] == "TaskTimeout"
-    assert "timeout" in task["error"]["message"]
+    assert "timeout of 1 s" in task["error"]["message"], task
+    assert "did not stop within 0.5 s" in task["error"]["message"], task  # it ignored the stop: killed
     assert task["result"] is None
 
 
