@@ -1,4 +1,5 @@
-"""The benchmark harness runs end to end on a tiny workload and writes its report.
+"""The benchmark harness runs end to end on a tiny workload and writes its report; so does the
+cross-host benchmark, ``bench/cross_host.py``.
 
 Only the peers that need no environment of their own are run here (the upstream release needs
 Flask 1.1 in a venv of its own, restful-functions its own aiohttp server); figures are not judged,
@@ -7,10 +8,13 @@ only that every workload produced them and the report shows them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,3 +52,50 @@ def test_the_benchmark_runs_every_workload_on_a_tiny_load_and_writes_its_report(
         assert outcome["label"] in report
     assert "| met |" in report or "| missed |" in report
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+CROSS_HOST_FIGURES = {"wait_on_other_host_ms", "stop_from_other_host_ms", "idle_waiters_dev_server_pct",
+                      "idle_waiters_gunicorn_pct"}
+
+
+def _processes_with(marker: str) -> list[str]:
+    """Processes whose environment holds ``marker`` (everything the benchmark started inherits it)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.environ().get("MPC_BENCH_SMOKE") == marker:
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:120]}")
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_the_cross_host_benchmark_gives_every_figure_and_leaves_nothing(tmp_path):
+    marker = uuid.uuid4().hex
+    out = tmp_path / "cross_host.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/cross_host.py", "--tasks", "3", "--waiters", "10", "--window", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=75, env={**os.environ, "MPC_BENCH_SMOKE": marker},
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert _processes_with(marker) == [], "the benchmark left processes behind"
+    run = json.loads(out.read_text())
+    figures = run["figures"]
+    assert set(figures) == CROSS_HOST_FIGURES
+    for key in ("wait_on_other_host_ms", "stop_from_other_host_ms"):
+        figure = figures[key]
+        assert figure["samples"] == 3, (key, figure)
+        assert 0 < figure["min"] <= figure["median"] <= figure["p90"] <= figure["max"], (key, figure)
+        assert figure["met"] is (figure["median"] <= float(figure["target"].split()[2])), (key, figure)
+    for key in ("idle_waiters_dev_server_pct", "idle_waiters_gunicorn_pct"):
+        figure = figures[key]
+        assert (figure["waiters"], figure["held_at_end"], figure["unanswered_after_stop"]) == (10, 10, 0), figure
+        assert figure["value"] == pytest.approx(figure["with_waiters_pct"] - figure["idle_pct"], abs=0.02), figure
+        assert figure["met"] is (figure["value"] < 5), (key, figure)
+    assert run["settings"]["tasks"] == 3 and run["settings"]["window_s"] == 1
+    table = completed.stdout
+    assert "GET ?wait= held on host B" in table and "DELETE sent to host B" in table
+    assert "10 idle ?wait= on the dev server" in table and "10 idle ?wait= on gunicorn" in table
+    assert table.count(" met") + table.count(" MISSED") == 4, table

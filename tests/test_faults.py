@@ -7,7 +7,9 @@ import faulthandler
 import os
 import signal
 import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 
 import psutil
 import pytest
@@ -32,6 +34,10 @@ class Faulty(MetaMPTask):
             ctypes.string_at(0)
         if mode == "exit":
             os._exit(code)
+        if mode == "sys_exit":
+            sys.exit(code)  # the sys.exit line
+        if mode == "sys_exit_bare":
+            sys.exit()  # the bare sys.exit line
         if mode == "wait_for_kill":
             self.upload_status({"pid": os.getpid()})
             time.sleep(60)
@@ -89,46 +95,76 @@ def run_fault(controller, **args) -> dict:
     return task
 
 
-# -- tests ------------------------------------------------------------------------------------------------
+# -- faults that end the task "failed" -----------------------------------------------------------------
 
-@pytest.mark.timeout(60)
-def test_exception_in_execute(make_controller):
-    controller = make_controller(Faulty)
-    task = run_fault(controller, mode="raise", code=17)
+@dataclass(frozen=True)
+class Fault:
+    """A fault a task runs into, and the ``failed`` task object it must end with."""
+
+    #: Arguments of ``Faulty.execute``.
+    args: dict
+    #: ``error["type"]``.
+    error_type: str
+    #: Text ``error["message"]`` contains (the whole message when ``exact``).
+    message: str
+    #: ``exit_code`` of the task's (fresh) process: 0 when execute's failure was caught in the process.
+    exit_code: int
+    exact: bool = False
+    #: Lines ``error["traceback"]`` contains; empty: the error has no traceback (the process said nothing).
+    traceback: tuple = ()
+    #: Controller keywords the fault needs.
+    controller: dict = field(default_factory=dict)
+
+
+FAULTS = {
+    "exception": Fault({"mode": "raise", "code": 17}, "ValueError", "bad value 17 on purpose", 0, exact=True,
+                       traceback=("Traceback", 'raise ValueError(f"bad value {code} on purpose")', "test_faults.py")),
+    # SystemExit is an exception of execute like any other: caught in the task process, which stays sane.
+    "sys-exit-3": Fault({"mode": "sys_exit", "code": 3}, "SystemExit", "3", 0, exact=True,
+                        traceback=("Traceback", "sys.exit(code)  # the sys.exit line", "test_faults.py")),
+    "sys-exit": Fault({"mode": "sys_exit_bare"}, "SystemExit", "", 0,
+                      traceback=("Traceback", "sys.exit()  # the bare sys.exit line")),
+    "segfault": Fault({"mode": "segfault"}, "ProcessDied", "SIGSEGV", -signal.SIGSEGV),
+    "os-exit": Fault({"mode": "exit", "code": 3}, "ProcessDied", "exited with code 3", 3),
+    "memory-hog": Fault({"mode": "hog"}, "MemoryLimitExceeded", str(200 * MIB), -signal.SIGKILL,
+                        controller={"max_memory": 200 * MIB}),
+    "unserialisable-result": Fault({"mode": "unserialisable"}, "ResultNotSerializable", "not JSON-serialisable", 0),
+    "unserialisable-progress": Fault({"mode": "bad_status"}, "TypeError", "JSON-serialisable", 0,
+                                     traceback=("Traceback", "self.upload_status(object())")),
+}
+
+
+def assert_failed_with(task: dict, fault: Fault) -> None:
+    """``task`` ended ``failed`` with the error, exit code and empty result ``fault`` calls for."""
     assert task["status"] == "failed", task
     error = task["error"]
-    assert error["type"] == "ValueError"
-    assert error["message"] == "bad value 17 on purpose"
-    assert "Traceback" in error["traceback"]
-    assert 'raise ValueError(f"bad value {code} on purpose")' in error["traceback"]
-    assert "test_faults.py" in error["traceback"]
+    assert error["type"] == fault.error_type, error
+    if fault.exact:
+        assert error["message"] == fault.message, error
+    else:
+        assert fault.message in error["message"], error
+    if fault.traceback:
+        for line in fault.traceback:
+            assert line in error["traceback"], error["traceback"]
+    else:
+        assert error["traceback"] is None, error
+    assert task["exit_code"] == fault.exit_code, task
     assert task["result"] is None
-    still_works(controller)
-    no_leftovers(controller)
+    assert task["progress"] is None
 
 
 @pytest.mark.timeout(60)
-def test_segfault(make_controller):
-    controller = make_controller(Faulty)
-    task = run_fault(controller, mode="segfault")
-    assert task["status"] == "failed", task
-    assert task["exit_code"] == -signal.SIGSEGV
-    assert "SIGSEGV" in task["error"]["message"]
-    assert task["error"]["type"]
+@pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
+def test_fault_fails_the_task_and_the_controller_goes_on(make_controller, fault):
+    controller = make_controller(Faulty, **fault.controller)
+    task = run_fault(controller, **fault.args)
+    assert_failed_with(task, fault)
+    assert task["pid"] != os.getpid()
     still_works(controller)
     no_leftovers(controller)
 
 
-@pytest.mark.timeout(60)
-def test_os_exit(make_controller):
-    controller = make_controller(Faulty)
-    task = run_fault(controller, mode="exit", code=3)
-    assert task["status"] == "failed", task
-    assert task["exit_code"] == 3
-    assert "exited with code 3" in task["error"]["message"]
-    still_works(controller)
-    no_leftovers(controller)
-
+# -- faults from outside, and stops ------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
 def test_sigkill_from_outside(make_controller):
@@ -141,6 +177,7 @@ def test_sigkill_from_outside(make_controller):
     task = controller.wait(uuid, timeout=20)
     assert task["status"] == "failed", task
     assert task["exit_code"] == -signal.SIGKILL
+    assert task["error"]["type"] == "ProcessDied", task
     assert "SIGKILL" in task["error"]["message"]
     still_works(controller)
     no_leftovers(controller)
@@ -157,9 +194,10 @@ def test_stop_of_task_ignoring_it_kills_the_whole_tree(make_controller):
     assert answer["status"] == "stopping"
     task = controller.wait(uuid, timeout=20)
     assert task["status"] == "stopped", task
-    assert task["error"] is not None
+    assert task["error"]["type"] == "Killed", task
     assert "kill" in task["error"]["message"].lower()
     assert "0.5 s" in task["error"]["message"]
+    assert task["exit_code"] in (-signal.SIGTERM, -signal.SIGKILL), task
     wait_until(lambda: gone(child) and gone(grandchild), timeout=10)
     still_works(controller)
     no_leftovers(controller)
@@ -174,44 +212,9 @@ def test_stop_of_checkpointing_task(make_controller):
     assert controller.stop(uuid)["status"] == "stopping"
     task = controller.wait(uuid, timeout=10)
     assert task["status"] == "stopped", task
-    assert task["error"] is None or "kill" not in task["error"]["message"].lower()
+    assert task["error"] is None, task  # stopped at a checkpoint: no error
+    assert task["exit_code"] == 0, task
     wait_until(lambda: gone(progress["pid"]), timeout=10)
-    still_works(controller)
-    no_leftovers(controller)
-
-
-@pytest.mark.timeout(60)
-def test_memory_hog_is_killed(make_controller):
-    controller = make_controller(Faulty, max_memory=200 * MIB)
-    task = run_fault(controller, mode="hog")
-    assert task["status"] == "failed", task
-    assert task["error"]["type"] == "MemoryLimitExceeded"
-    assert str(200 * MIB) in task["error"]["message"]
-    assert task["result"] is None
-    still_works(controller)
-    no_leftovers(controller)
-
-
-@pytest.mark.timeout(60)
-def test_unserialisable_result(make_controller):
-    controller = make_controller(Faulty)
-    task = run_fault(controller, mode="unserialisable")
-    assert task["status"] == "failed", task
-    assert task["error"]["type"] == "ResultNotSerializable"
-    assert "not JSON-serialisable" in task["error"]["message"]
-    assert task["result"] is None
-    still_works(controller)
-    no_leftovers(controller)
-
-
-@pytest.mark.timeout(60)
-def test_unserialisable_progress(make_controller):
-    controller = make_controller(Faulty)
-    task = run_fault(controller, mode="bad_status")
-    assert task["status"] == "failed", task
-    assert task["error"]["type"] == "TypeError"
-    assert "JSON-serialisable" in task["error"]["message"]
-    assert task["progress"] is None
     still_works(controller)
     no_leftovers(controller)
 
@@ -220,23 +223,18 @@ def test_unserialisable_progress(make_controller):
 def test_faults_one_after_another_leave_nothing(make_controller):
     """Every fault on one controller with two slots; it keeps working and nothing is left."""
     controller = make_controller(Faulty, max_num_process=2, stop_grace=0.5, max_memory=200 * MIB)
-    expected = [
-        ({"mode": "raise", "code": 1}, "failed"),
-        ({"mode": "segfault"}, "failed"),
-        ({"mode": "exit", "code": 3}, "failed"),
-        ({"mode": "hog"}, "failed"),
-        ({"mode": "unserialisable"}, "failed"),
-        ({"mode": "bad_status"}, "failed"),
-        ({"mode": "ok"}, "succeeded"),
-    ]
-    uuids = [controller.submit(**args) for args, _ in expected]
+    uuids = {name: controller.submit(**fault.args) for name, fault in FAULTS.items()}
+    ok = controller.submit(mode="ok")
     stoppable = controller.submit(mode="ignore_stop")
     progress = wait_until(lambda: controller.status(stoppable)["progress"], timeout=30)
     controller.stop(stoppable)
-    for uuid, (args, status) in zip(uuids, expected):
+    for name, uuid in uuids.items():
         task = controller.wait(uuid, timeout=30)
-        assert task["status"] == status, (args, task)
-    assert controller.wait(stoppable, timeout=20)["status"] == "stopped"
+        assert task["status"] == "failed", (name, task)
+        assert task["error"]["type"] == FAULTS[name].error_type, (name, task)
+    assert controller.wait(ok, timeout=30)["status"] == "succeeded"
+    stopped = controller.wait(stoppable, timeout=20)
+    assert stopped["status"] == "stopped" and stopped["error"]["type"] == "Killed", stopped
     wait_until(lambda: gone(progress["pid"]) and gone(progress["grandchild"]), timeout=10)
     still_works(controller)
     no_leftovers(controller)
@@ -244,15 +242,21 @@ def test_faults_one_after_another_leave_nothing(make_controller):
 
 @pytest.mark.timeout(60)
 def test_faults_in_a_reused_worker(make_controller):
-    """With reuse, an exception keeps the worker; a crash replaces it; the tree is clean afterwards."""
+    """With reuse, an exception (SystemExit too) keeps the worker; a crash replaces it; the tree is clean
+    afterwards."""
     controller = make_controller(Faulty, max_tasks_per_child=0)
     first = controller.wait(controller.submit(mode="ok"), timeout=20)["result"]["pid"]
-    raised = run_fault(controller, mode="raise", code=2)
-    assert raised["status"] == "failed" and raised["pid"] == first
-    again = controller.wait(controller.submit(mode="ok"), timeout=20)
-    assert again["status"] == "succeeded" and again["result"]["pid"] == first
+    for name in ("exception", "sys-exit-3", "sys-exit"):
+        fault = FAULTS[name]
+        failed = run_fault(controller, **fault.args)
+        assert failed["status"] == "failed" and failed["error"]["type"] == fault.error_type, (name, failed)
+        assert failed["pid"] == first, (name, failed)
+        assert failed["exit_code"] is None, (name, failed)  # the worker lives on
+        again = controller.wait(controller.submit(mode="ok"), timeout=20)
+        assert again["status"] == "succeeded" and again["result"]["pid"] == first, (name, again)
     crashed = run_fault(controller, mode="exit", code=3)
     assert crashed["status"] == "failed" and crashed["exit_code"] == 3
+    assert crashed["error"]["type"] == "ProcessDied", crashed
     assert crashed["pid"] == first
     after = controller.wait(controller.submit(mode="ok"), timeout=20)
     assert after["status"] == "succeeded"

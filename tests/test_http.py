@@ -14,7 +14,7 @@ from flask import Flask
 from flask_restful import Api
 
 from conftest import wait_until
-from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
+from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, defaults
 
 TERMINAL = {"succeeded", "failed", "stopped", "timed_out", "lost"}
 TASK_KEYS = {"uuid", "status", "progress", "percent", "result", "error", "args", "priority", "created_at",
@@ -229,7 +229,9 @@ def test_post_wait_returns_200_when_finished_in_time(make_client):
 @pytest.mark.timeout(30)
 def test_post_wait_returns_202_when_not_finished(make_client):
     client, _ = make_client(Work, stop_grace=0.5)
+    began = time.monotonic()
     response = client.post("/tasks?wait=0.3", json={"seconds": 60})
+    assert time.monotonic() - began >= 0.3, "the POST did not wait"
     assert response.status_code == 202, response.data
     assert response.json["status"] in {"queued", "running"}
     assert "Location" in response.headers
@@ -273,7 +275,9 @@ def test_get_long_polls(make_client):
     assert response.json["status"] == "succeeded"
     # A task that outlives the wait is returned, unfinished, once the wait is over.
     blocker = start_blocker(client)
+    began = time.monotonic()
     response = client.get(f"/tasks/{blocker}?wait=0.3")
+    assert time.monotonic() - began >= 0.3, "the GET did not wait"
     assert response.status_code == 200
     assert response.json["status"] == "running"
     assert client.delete(f"/tasks/{blocker}").status_code == 202
@@ -453,8 +457,10 @@ def test_queue_full_is_429_with_retry_after(make_client):
     accepted = [client.post("/tasks", json={"tag": f"q{i}"}) for i in range(2)]
     assert [r.status_code for r in accepted] == [202, 202]
     response = client.post("/tasks", json={"tag": "overflow"})
-    assert_error(response, 429)
-    assert int(response.headers["Retry-After"]) >= 0
+    body = assert_error(response, 429)
+    assert response.headers["Retry-After"] == str(defaults.RETRY_AFTER)
+    assert defaults.RETRY_AFTER >= 1  # 0 would invite clients to hammer a full queue
+    assert f"retry in {defaults.RETRY_AFTER} s" in body["message"]
     assert controller.tasks()["queued"] == 2
     assert len(list_uuids(client)) == 3
     # Freeing a queue place makes room again.
@@ -471,7 +477,7 @@ def test_bulk_post_that_overflows_queue_is_rejected_whole(make_client):
     before = list_uuids(client)
     response = client.post("/tasks", json=[{"tag": "b0"}, {"tag": "b1"}])
     assert_error(response, 429)
-    assert "Retry-After" in response.headers
+    assert response.headers["Retry-After"] == str(defaults.RETRY_AFTER)
     assert list_uuids(client) == before
     assert controller.tasks()["queued"] == 1
     # A bulk that fits exactly is accepted.
@@ -737,8 +743,9 @@ def test_query_timeout_ends_long_task_timed_out(make_client):
     task = wait_task(client, response.json["uuid"], timeout=20)
     assert task["status"] == "timed_out", task
     assert task["result"] is None
-    assert task["error"]["type"]
-    assert isinstance(task["error"]["message"], str)
+    assert task["error"]["type"] == "TaskTimeout", task
+    assert "timeout of 0.5 s" in task["error"]["message"], task
+    assert task["timeout"] == 0.5
 
 
 @pytest.mark.timeout(30)
@@ -746,7 +753,10 @@ def test_query_timeout_cannot_raise_controller_timeout(make_client):
     client, _ = make_client(Work, stop_grace=0.5, timeout=0.5)
     response = client.post("/tasks?timeout=3000", json={"seconds": 60})
     assert response.status_code == 202
-    assert wait_task(client, response.json["uuid"], timeout=20)["status"] == "timed_out"
+    assert response.json["timeout"] == 0.5
+    task = wait_task(client, response.json["uuid"], timeout=20)
+    assert task["status"] == "timed_out", task
+    assert "timeout of 0.5 s" in task["error"]["message"], task
 
 
 # -- the subclass decorator= keyword and overridden methods ----------------------------------------

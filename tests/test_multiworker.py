@@ -239,7 +239,8 @@ def test_the_queue_bound_holds_across_workers(store_url, tmp_path, pool):
     assert codes == [202] * 5 + [429] * 15, codes
     for response in responses:
         if response.status_code == 429:
-            assert response.headers.get("Retry-After") and response.json()["message"], response.text
+            assert response.headers.get("Retry-After") == str(defaults.RETRY_AFTER), response.headers
+            assert response.json()["message"], response.text
     answered_by = {r.headers["X-Worker-Pid"] for r in responses}
     assert len(answered_by) >= 2, f"all 20 POSTs were answered by one worker: {answered_by}"
 

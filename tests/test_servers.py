@@ -130,7 +130,8 @@ def _task_processes(server) -> int:
 
 
 def _get_from_each_worker(server, url: str, uuids: list[str]) -> None:
-    """Freeze one worker at a time (SIGSTOP), so that the other one must answer every GET."""
+    """Freeze one worker at a time (SIGSTOP), so that the other one must answer every GET (each task
+    has succeeded)."""
     workers = _workers(server)
     assert len(workers) == 2, workers
     for frozen in workers:
@@ -138,7 +139,7 @@ def _get_from_each_worker(server, url: str, uuids: list[str]) -> None:
         try:
             for uuid in uuids:
                 task = _seed_get(url, uuid)
-                assert task["uuid"] == uuid and task["status"] in TERMINAL
+                assert task["uuid"] == uuid and task["status"] == "succeeded", task
         finally:
             frozen.resume()
 
