@@ -28,7 +28,7 @@ import psutil
 from . import defaults
 from .child import run_child
 from .forkserver import ChildProcess, ForkServer
-from .logs import LogListener, MetaMPLoggerConfigurator
+from .logs import LogListener, MetaMPLoggerConfigurator, log_task_ended, log_task_started
 from .notify import HostBus
 from .proctree import kill_tree, process_alive
 from .states import TaskStatus
@@ -229,6 +229,7 @@ class Runtime:
             self.logger.warning("Task %s was settled elsewhere while this process was unresponsive; its run "
                                 "here was killed and is not recorded.", run.uuid)
             return
+        log_task_ended(self.logger, run.uuid, outcome.status.value, outcome.fields.get("error"))
         if (run.stop_reason is StopReason.SHUTDOWN and c.target_task.restartable
                 and outcome.status is not TaskStatus.SUCCEEDED and self.store.requeue(run.uuid, owner=self.owner)):
             self.logger.info("Task %s will run again after the restart.", run.uuid)
@@ -315,6 +316,7 @@ class _Slot(threading.Thread):
             if rt.closing:
                 run.request_stop(StopReason.SHUTDOWN)
             child = self._warm_child()
+            log_task_started(rt.logger, row["uuid"], child.pid)
             c._task_started(row["uuid"])
             outcome = self._supervisor.run(run, child, row["args"], c.context)
             self._tasks_in_child += 1
