@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from .exceptions import (
-    ControllerClosed, InvalidRequest, MPCError, PayloadTooLarge, QueueFull, StoreError, TaskAlreadyFinished,
-    TaskNotFound,
+    ControllerClosed, InvalidRequest, MethodNotServed, MPCError, PayloadTooLarge, QueueFull, StoreError,
+    TaskAlreadyFinished, TaskNotFound,
 )
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
     InvalidRequest: 400,
     TaskNotFound: 404,
+    MethodNotServed: 405,
     TaskAlreadyFinished: 409,
     PayloadTooLarge: 413,
     QueueFull: 429,
@@ -25,4 +26,6 @@ def error_response(exc: MPCError) -> tuple[dict, int, dict]:
     headers = {}
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, MethodNotServed):
+        headers["Allow"] = ", ".join(exc.allowed)
     return {"message": exc.message}, status, headers
