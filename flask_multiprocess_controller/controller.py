@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequenc
 from flask import has_request_context, request, url_for
 from werkzeug.routing import BuildError
 
+from . import compat as compat_module
 from . import defaults
 from .arguments import ArgumentSpec
 from .callbacks import CallbackSender
@@ -147,9 +148,13 @@ class MetaMPController:
     :param lease: seconds without a heartbeat after which a serving process on another
         host counts as dead and its running tasks are settled (``lost`` or requeued).
     :param log_configurator: the same as ``logger_configurator_cls``.
+    :param compat: ``"0.1"`` makes this controller's resource take bodies of any content
+        type and answer in upstream 0.1's shapes and codes, for clients that cannot change
+        (see :mod:`.compat`); None (the default) keeps this version's answers.
 
     .. versionchanged:: 0.3
-        Upstream's positional order; ``target_task=None``; ``logger_configurator_cls``.
+        Upstream's positional order; ``target_task=None``; ``logger_configurator_cls``;
+        ``compat``.
     """
 
     _name: ClassVar[Optional[str]] = None
@@ -178,8 +183,8 @@ class MetaMPController:
                  max_memory: Optional[int] = None, max_tasks_per_child: int = 1,
                  store: Union[None, str, TaskStore] = None, context: Optional[Mapping[str, Any]] = None,
                  retention: float = defaults.RETENTION, max_content_length: int = defaults.MAX_CONTENT_LENGTH,
-                 lease: float = defaults.LEASE,
-                 log_configurator: Optional[type[MetaMPLoggerConfigurator]] = None) -> None:
+                 lease: float = defaults.LEASE, log_configurator: Optional[type[MetaMPLoggerConfigurator]] = None,
+                 compat: Optional[str] = None) -> None:
         if target_task is not None and not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
             raise TypeError(f"target_task must be a MetaMPTask subclass or None, not {target_task!r}.")
         _check_callback_url(callback_url)
@@ -209,6 +214,8 @@ class MetaMPController:
         self.retention = retention
         self.max_content_length = max_content_length
         self.lease = lease
+        #: ``"0.1"`` when this controller answers HTTP in upstream 0.1's shapes (see :mod:`.compat`).
+        self.compat: Optional[str] = compat_module.check_version(compat)
         #: The controller's name in the store: tasks are shared by controllers of the same name.
         self.name: str = self._name or (target_task or type(self)).__name__
         #: The class's logger; records at INFO and above that no handler takes go to standard error.
@@ -218,6 +225,7 @@ class MetaMPController:
         self._handlers: dict[str, Callable[..., Any]] = {}
         self._callbacks = CallbackSender(callback_url, self.logger) if callback_url else None
         self._configurator = configurator or _WorkerLogSetup
+        self._posts = compat_module.PostCounter()
         # Guards _runtime creation and _closed.
         self._lock = threading.Lock()
         self._closed = False
@@ -389,16 +397,24 @@ class MetaMPController:
         for several; 200 with ``?wait=`` once every task ended within the wait.
         """
         self._require_task("post")
-        return self._answer_post(*args, **kwargs)
+        reply = self._answer_post(*args, **kwargs)
+        if self.compat:
+            items = list(args) if args else [kwargs]
+            return compat_module.post_reply(self.name, items, bool(args), reply, self._posts)
+        return reply
 
     def get(self, **kwargs: Any) -> Reply:
         """Return one task (when a ``uuid`` is given) or the list view; other keywords are ignored."""
         self._require_task("get")
+        if self.compat:
+            return compat_module.get_reply(kwargs, lambda: self._answer_get(**kwargs))
         return self._answer_get(**kwargs)
 
     def delete(self, **kwargs: Any) -> Reply:
         """Stop task ``uuid``: 202 while it stops, 200 when it was queued and is now stopped."""
         self._require_task("delete")
+        if self.compat:
+            return compat_module.delete_reply(kwargs, lambda: self._answer_delete(**kwargs))
         return self._answer_delete(**kwargs)
 
     def put(self, *args: Any, **kwargs: Any) -> Reply:

@@ -20,6 +20,7 @@ from typing import Any
 from flask import current_app, request
 from flask_restful import Resource
 
+from .compat import error_body
 from .controller import HTTP_METHODS, MetaMPController
 from .errors import error_response
 from .exceptions import InvalidRequest, MPCError, PayloadTooLarge
@@ -36,8 +37,12 @@ EMPTY = object()  #: what read_json_body returns for an empty body
 _ARRAY_BODY_METHODS = frozenset({"post", "put", "patch"})
 
 
-def read_json_body(limit: int) -> Any:
-    """Return the request's JSON body (:data:`EMPTY` when empty), enforcing the size limit and the content type."""
+def read_json_body(limit: int, any_content_type: bool = False) -> Any:
+    """Return the request's JSON body (:data:`EMPTY` when empty), enforcing the size limit and the content type.
+
+    :param any_content_type: parse the body as JSON whatever its content type says
+        (upstream 0.1 did; see :mod:`.compat` for why it is not the default).
+    """
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"The request body has {length} bytes; the limit is {limit} bytes.")
@@ -46,7 +51,7 @@ def read_json_body(limit: int) -> Any:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
     if not data.strip():
         return EMPTY
-    if not _is_json(request.mimetype):
+    if not any_content_type and not _is_json(request.mimetype):
         raise InvalidRequest(f"The body must be JSON sent with 'Content-Type: application/json', "
                              f"not {request.mimetype or 'no content type'!r}.")
     try:
@@ -83,12 +88,13 @@ class MetaMPResource(Resource):
         try:
             return super().dispatch_request(*args, **kwargs)
         except MPCError as exc:
-            return error_response(exc)
+            body, status, headers = error_response(exc)
+            return (error_body(body) if self._controller.compat else body), status, headers
 
     def _call(self, method: str, path: dict[str, Any]) -> Any:
         """Call the controller's ``method`` with the body and path values; return what flask-restful takes."""
         controller = self._controller
-        body = read_json_body(controller.max_content_length)
+        body = read_json_body(controller.max_content_length, any_content_type=controller.compat is not None)
         handler = controller.handler(method)
         if isinstance(body, list) and method in _ARRAY_BODY_METHODS:
             if not body:
