@@ -1,13 +1,14 @@
 """Flask's habit for logs nobody configured: records at INFO and above still reach standard error.
 
-Flask gives ``app.logger`` a stream handler unless a handler already takes its
-records (``flask.logging.has_level_handler``). The controller does the same for its
-own records and for the records its task processes send, with two differences:
-the decision is made for each record when it is emitted, so an app that configures
-logging after creating its controllers (``logging.basicConfig`` under the
-``__main__`` guard, say) gets nothing extra from then on; and records at INFO count
-too, so task start and end lines and a task's own ``logger.info`` are seen, as they
-were with upstream 0.1. No handler is ever added to the app's loggers.
+Flask gives ``app.logger`` a stream handler unless a handler already takes records
+at the logger's level (``flask.logging.has_level_handler``). The controller does the
+same for its own records and for the records its task processes send, with two
+differences: the check is made for each record when it is emitted, so an app that
+configures logging after creating its controllers (``logging.basicConfig`` under the
+``__main__`` guard, say) gets nothing extra from then on; and while no handler takes
+them, records at INFO are printed too (not only from WARNING, Python's default
+level), so task start and end lines and a task's own ``logger.info`` are seen, as
+they were with upstream 0.1. No handler is ever added to the app's loggers.
 """
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ _handler = _StderrHandler()
 _handler.setFormatter(logging.Formatter(CONSOLE_FORMAT))
 
 
-def has_level_handler(logger: logging.Logger, level: int) -> bool:
-    """Whether a handler on ``logger`` or the loggers it propagates to takes records at ``level``.
+def has_level_handler(logger: logging.Logger) -> bool:
+    """Whether a handler on ``logger`` or the loggers it propagates to takes its effective level.
 
-    Python's last-resort handler does not count, as in Flask's function of the same name.
+    Flask's function of the same name: Python's last-resort handler does not count.
     """
+    level = logger.getEffectiveLevel()
     current: Optional[logging.Logger] = logger
     while current is not None:
         if any(handler.level <= level for handler in current.handlers):
@@ -53,19 +55,23 @@ def has_level_handler(logger: logging.Logger, level: int) -> bool:
     return False
 
 
+def _printed(level: int) -> bool:
+    return level >= CONSOLE_LEVEL and logging.root.manager.disable < level
+
+
 def handle(logger: logging.Logger, record: logging.LogRecord) -> None:
     """Hand a finished record (from a task process) to ``logger``, or to the fallback if nothing takes it."""
-    if has_level_handler(logger, record.levelno):
+    if has_level_handler(logger):
         if logger.isEnabledFor(record.levelno):
             logger.handle(record)
-    elif record.levelno >= CONSOLE_LEVEL and logging.root.manager.disable < record.levelno:
+    elif _printed(record.levelno):
         _handler.handle(record)
 
 
 def child_root_level() -> int:
     """The root level a task process should log at, so that the fallback sees what it would print."""
     root = logging.getLogger()
-    if has_level_handler(root, CONSOLE_LEVEL):
+    if has_level_handler(root):
         return root.level
     return min(root.level, CONSOLE_LEVEL)
 
@@ -87,9 +93,9 @@ class ConsoleFallbackLogger(logging.Logger):
         self.parent = logger  # getEffectiveLevel() and hasHandlers() answer for the app's logger
 
     def isEnabledFor(self, level: int) -> bool:
-        if has_level_handler(self.wrapped, level):
+        if has_level_handler(self.wrapped):
             return self.wrapped.isEnabledFor(level)
-        return level >= CONSOLE_LEVEL and logging.root.manager.disable < level
+        return _printed(level)
 
     def handle(self, record: logging.LogRecord) -> None:
         handle(self.wrapped, record)

@@ -95,22 +95,23 @@ class MetaMPResource(Resource):
         """Call the controller's ``method`` with the body and path values; return what flask-restful takes."""
         controller = self._controller
         body = read_json_body(controller.max_content_length, any_content_type=controller.compat is not None)
-        handler = controller.handler(method)
+        if body is EMPTY:
+            body = {}
         if isinstance(body, list) and method in _ARRAY_BODY_METHODS:
             if not body:
                 raise InvalidRequest(f"A JSON array sent with {method.upper()} needs at least one item.")
-            return restful_result(handler(*body, **path))
-        if body is EMPTY:
-            body = {}
-        if not isinstance(body, dict):
+            args, fields = body, {}
+        elif isinstance(body, dict):
+            args, fields = [], dict(body)
+        else:
             kinds = "a JSON object or an array of objects" if method in _ARRAY_BODY_METHODS else "a JSON object"
             raise InvalidRequest(f"The body must be {kinds}, not {type(body).__name__}.")
-        fields = {**body, **path}
+        fields.update(path)
         if method != "post" and path.get("uuid") is None:
-            uuid = request.args.get("uuid") or body.get("uuid")
+            uuid = request.args.get("uuid") or fields.get("uuid")
             if uuid is not None:
                 fields["uuid"] = uuid
-        return restful_result(handler(**fields))
+        return restful_result(controller.handler(method)(*args, **fields))
 
     def get(self, **path: Any) -> Any:
         return self._call("get", path)
