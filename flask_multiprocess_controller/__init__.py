@@ -3,15 +3,16 @@ from __future__ import annotations
 
 from .controller import MetaMPController
 from .exceptions import (
-    AbortException, ControllerClosed, InvalidArguments, InvalidRequest, MPCError, PayloadTooLarge, QueueFull,
-    StoreError, TaskAlreadyFinished, TaskNotFound,
+    AbortException, ControllerClosed, InvalidArguments, InvalidRequest, MethodNotServed, MPCError, NoTargetTask,
+    PayloadTooLarge, QueueFull, StoreError, TaskAlreadyFinished, TaskNotFound,
 )
 from .logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
 from .resource import MetaMPResource
+from .responses import Reply
 from .states import TaskStatus
 from .store import MemoryStore, SQLiteStore, TaskStore
 from .task import MetaMPTask, set_checkpoint, upload_status
-from .template import TemplateFactory
+from .template import TemplateFactory, TemplateMPController, TemplateMPResource
 
 __version__ = "0.2.0"
 
@@ -19,5 +20,6 @@ __all__ = [
     "MetaMPTask", "MetaMPController", "MetaMPResource", "TemplateFactory", "upload_status", "set_checkpoint",
     "AbortException", "MetaMPLoggerConfigurator", "DefaultMPLoggerConfigurator", "TaskStatus", "TaskStore",
     "MemoryStore", "SQLiteStore", "MPCError", "InvalidRequest", "InvalidArguments", "PayloadTooLarge",
-    "TaskNotFound", "TaskAlreadyFinished", "QueueFull", "ControllerClosed", "StoreError",
+    "TaskNotFound", "TaskAlreadyFinished", "QueueFull", "ControllerClosed", "StoreError", "MethodNotServed",
+    "NoTargetTask", "Reply", "TemplateMPController", "TemplateMPResource",
 ]

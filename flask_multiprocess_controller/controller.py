@@ -4,7 +4,9 @@ Subclass it with the seed's keywords (``controller_name=``, ``logger=``,
 ``decorator=``), hand it a :class:`~.task.MetaMPTask` subclass and mount a
 :class:`~.resource.MetaMPResource` with it. Creating a controller forks its fork
 server at once (see :mod:`.forkserver` for why) and starts its controlling threads,
-so queued tasks left by an earlier run start without waiting for a request.
+so queued tasks left by an earlier run start without waiting for a request. A
+controller made with ``target_task=None`` starts neither: it only answers the HTTP
+methods its class overrides.
 """
 from __future__ import annotations
 
@@ -24,19 +26,27 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequenc
 from flask import current_app, has_app_context, has_request_context, request, url_for
 from werkzeug.routing import BuildError
 
+from . import compat as compat_module
 from . import defaults
 from .arguments import ArgumentSpec, check_depth
-from .exceptions import ControllerClosed, InvalidRequest, PayloadTooLarge, TaskNotFound
+from .config import RuntimeConfig
+from .console import console_aware
+from .exceptions import (
+    ControllerClosed, InvalidRequest, MethodNotServed, NoTargetTask, PayloadTooLarge, TaskNotFound,
+)
 from .logs import MetaMPLoggerConfigurator
 from .presenter import clip, hide_traceback, present
 from .protocol import Limits
-from .config import RuntimeConfig
+from .responses import Reply
 from .runtime import Runtime
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store
 from .task import MetaMPTask
 
-ResponseTuple = tuple  # (body, status, headers): what flask-restful accepts
+#: HTTP methods a controller may serve, in the order an ``Allow`` header lists them.
+HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
+#: Handlers whose default works on the controller's tasks: served when it has a ``target_task``.
+TASK_HANDLERS = frozenset({"get", "post", "delete"})
 
 
 def _log_call(logger: logging.Logger, name: str) -> Callable[[Callable], Callable]:
@@ -77,6 +87,31 @@ def _number(name: str, raw: Optional[str], kind: type = float, minimum: float = 
     return value
 
 
+def _check_callback_url(url: Any) -> None:
+    """Refuse a ``callback_url`` that is not an http(s) URL string (or None)."""
+    if url is None:
+        return
+    if not isinstance(url, str):
+        raise TypeError(
+            f"callback_url must be an http(s) URL string or None, not {type(url).__name__} {url!r}. The "
+            f"positional order is (target_task, callback_url, max_num_process, max_num_queue, "
+            f"logger_configurator_cls), as in 0.1: pass max_num_process=... by keyword.")
+    if url and not url.lower().startswith(("http://", "https://")):
+        raise ValueError(f"callback_url must be an http:// or https:// URL, not {url!r}.")
+
+
+def _pick_configurator(*given: Optional[type[MetaMPLoggerConfigurator]]) -> Optional[type[MetaMPLoggerConfigurator]]:
+    """The configurator named by ``logger_configurator_cls`` and/or ``log_configurator`` (None: neither)."""
+    named = {c for c in given if c is not None}
+    if len(named) > 1:
+        raise TypeError("logger_configurator_cls and log_configurator name the same setting: pass one of them.")
+    configurator = named.pop() if named else None
+    if configurator is not None and not (isinstance(configurator, type)
+                                         and issubclass(configurator, MetaMPLoggerConfigurator)):
+        raise TypeError(f"The log configurator must be a MetaMPLoggerConfigurator subclass, not {configurator!r}.")
+    return configurator
+
+
 def parse_uuid(value: Any) -> str:
     """Return the canonical form of a task uuid, or raise :class:`InvalidRequest`."""
     if not isinstance(value, str):
@@ -90,11 +125,22 @@ def parse_uuid(value: Any) -> str:
 class MetaMPController:
     """Queues tasks in a store and runs them in child processes, ``max_num_process`` at a time.
 
-    :param target_task: the :class:`MetaMPTask` subclass to run.
+    The positional order is upstream 0.1's: ``(target_task, callback_url,
+    max_num_process, max_num_queue, logger_configurator_cls)``; the rest is keyword-only.
+
+    :param target_task: the :class:`MetaMPTask` subclass to run, or None for a controller
+        that runs no task and only answers the HTTP methods its class overrides (it starts
+        no process and no thread).
+    :param callback_url: an http(s) URL that receives a JSON POST when a task starts and
+        when it ends. Anything but a string or None raises TypeError, so that a call written
+        for 0.2's order, ``C(T, 2)``, fails instead of taking 2 for a URL.
     :param max_num_process: task processes of this controller alive at once, across every
         process that shares the store.
     :param max_num_queue: queued tasks allowed (running ones do not count); -1 = no bound.
-    :param callback_url: receives a JSON POST when a task starts and when it ends.
+    :param logger_configurator_cls: a :class:`MetaMPLoggerConfigurator` subclass (upstream's
+        name of ``log_configurator``). Without one, the app's logging configuration decides
+        where the controller's and the tasks' records go, and records at INFO and above
+        that no handler takes are printed on standard error (see :mod:`.console`).
     :param timeout: seconds a task may run (None = no limit); a request may only lower it.
     :param stop_grace: seconds between a stop request and SIGTERM to the task's tree.
     :param max_memory: bytes of RSS a task's whole process tree may use (None = no limit).
@@ -107,13 +153,21 @@ class MetaMPController:
     :param max_content_length: bytes a request body may hold.
     :param lease: seconds without a heartbeat after which a serving process on another
         host counts as dead and its running tasks are settled (``lost`` or requeued).
-    :param log_configurator: a :class:`MetaMPLoggerConfigurator` subclass.
+    :param log_configurator: the same as ``logger_configurator_cls``.
     :param max_wait: seconds a ``?wait=`` holds a request at most; a longer one is clamped.
     :param expose_tracebacks: show ``error.traceback`` to HTTP clients and callbacks (also
         shown over HTTP when the app runs in debug mode); the store and the logs always keep it.
     :param max_result_size: bytes of JSON a result may take; over it the task fails (``ResultTooLarge``).
     :param max_progress_size: bytes of JSON one progress value may take; a larger one is refused.
     :param max_bulk: task objects one bulk POST may hold; over it, 413.
+    :param compat: ``"0.1"`` makes this controller's resource take bodies of any content
+        type and answer in upstream 0.1's shapes and codes, for clients that cannot change
+        (see :mod:`.compat`); None (the default) keeps this version's answers.
+
+    .. versionchanged:: 0.3
+        Upstream's positional order; ``target_task=None``; ``logger_configurator_cls``;
+        ``compat``, ``max_wait``, ``expose_tracebacks``, ``max_result_size``,
+        ``max_progress_size``, ``max_bulk``.
     """
 
     _name: ClassVar[Optional[str]] = None
@@ -135,22 +189,25 @@ class MetaMPController:
             # staticmethod: a plain function stored on the class must not become a bound method.
             cls._decorator = staticmethod(decorator)  # type: ignore[assignment]
 
-    def __init__(self, target_task: type[MetaMPTask], max_num_process: int = 1, max_num_queue: int = -1,
-                 callback_url: Optional[str] = None, *, timeout: Optional[float] = None,
-                 stop_grace: float = defaults.STOP_GRACE, max_memory: Optional[int] = None,
-                 max_tasks_per_child: int = 1, store: Union[None, str, TaskStore] = None,
-                 context: Optional[Mapping[str, Any]] = None, retention: float = defaults.RETENTION,
-                 max_content_length: int = defaults.MAX_CONTENT_LENGTH, lease: float = defaults.LEASE,
-                 log_configurator: Optional[type[MetaMPLoggerConfigurator]] = None,
-                 max_wait: float = defaults.MAX_WAIT, expose_tracebacks: bool = False,
-                 max_result_size: int = defaults.MAX_RESULT_SIZE,
+    def __init__(self, target_task: Optional[type[MetaMPTask]], callback_url: Optional[str] = None,
+                 max_num_process: int = 1, max_num_queue: int = -1,
+                 logger_configurator_cls: Optional[type[MetaMPLoggerConfigurator]] = None, *,
+                 timeout: Optional[float] = None, stop_grace: float = defaults.STOP_GRACE,
+                 max_memory: Optional[int] = None, max_tasks_per_child: int = 1,
+                 store: Union[None, str, TaskStore] = None, context: Optional[Mapping[str, Any]] = None,
+                 retention: float = defaults.RETENTION, max_content_length: int = defaults.MAX_CONTENT_LENGTH,
+                 lease: float = defaults.LEASE, log_configurator: Optional[type[MetaMPLoggerConfigurator]] = None,
+                 compat: Optional[str] = None, max_wait: float = defaults.MAX_WAIT,
+                 expose_tracebacks: bool = False, max_result_size: int = defaults.MAX_RESULT_SIZE,
                  max_progress_size: int = defaults.MAX_PROGRESS_SIZE, max_bulk: int = defaults.MAX_BULK) -> None:
-        if not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
-            raise TypeError(f"target_task must be a MetaMPTask subclass, not {target_task!r}.")
+        if target_task is not None and not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
+            raise TypeError(f"target_task must be a MetaMPTask subclass or None, not {target_task!r}.")
+        _check_callback_url(callback_url)
         if not isinstance(max_num_process, int) or max_num_process < 1:
             raise ValueError(f"max_num_process must be a positive integer, not {max_num_process!r}.")
         if not isinstance(max_num_queue, int) or max_num_queue < -1:
             raise ValueError(f"max_num_queue must be -1 (no bound) or a non-negative integer, not {max_num_queue!r}.")
+        configurator = _pick_configurator(logger_configurator_cls, log_configurator)
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive or None.")
         if stop_grace < 0:
@@ -159,7 +216,7 @@ class MetaMPController:
             max_tasks_per_child = 0
         if max_tasks_per_child < 0:
             raise ValueError("max_tasks_per_child must be 1 or more, or 0 for no limit.")
-        #: The task class this controller runs.
+        #: The task class this controller runs (None: it runs none).
         self.target_task = target_task
         self.max_num_process = max_num_process
         self.max_num_queue = max_num_queue
@@ -179,23 +236,32 @@ class MetaMPController:
         self.expose_tracebacks = bool(expose_tracebacks)
         self.max_bulk = int(max_bulk)
         self.lease = lease
+        #: ``"0.1"`` when this controller answers HTTP in upstream 0.1's shapes (see :mod:`.compat`).
+        self.compat: Optional[str] = compat_module.check_version(compat)
         #: The controller's name in the store: tasks are shared by controllers of the same name.
-        self.name: str = self._name or target_task.__name__
-        self.logger = self._logger
+        self.name: str = self._name or (target_task or type(self)).__name__
+        #: The class's logger; records at INFO and above that no handler takes go to standard error.
+        self.logger = console_aware(self._logger)
         self.store: TaskStore = resolve_store(store)
-        self._spec = ArgumentSpec(target_task.execute)
-        self._handlers: dict[str, Callable[..., ResponseTuple]] = {}
-        self._configurator = log_configurator or _WorkerLogSetup
-        self._config = RuntimeConfig(
-            name=self.name, target_task=target_task, max_num_process=max_num_process, stop_grace=self.stop_grace,
-            max_memory=max_memory, max_tasks_per_child=max_tasks_per_child, retention=retention, lease=lease,
-            logger=self.logger, configurator=self._configurator, context=types.MappingProxyType(self.context),
-            limits=Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size)),
-            expose_tracebacks=self.expose_tracebacks)
+        self._spec = ArgumentSpec(target_task.execute) if target_task is not None else None
+        self._handlers: dict[str, Callable[..., Any]] = {}
+        self._configurator = configurator or _WorkerLogSetup
+        self._posts = compat_module.PostCounter()
+        self._config: Optional[RuntimeConfig] = None
+        if target_task is not None:
+            self._config = RuntimeConfig(
+                name=self.name, target_task=target_task, max_num_process=max_num_process,
+                stop_grace=self.stop_grace, max_memory=max_memory, max_tasks_per_child=max_tasks_per_child,
+                retention=retention, lease=lease, logger=self.logger, configurator=self._configurator,
+                context=types.MappingProxyType(self.context),
+                limits=Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size)),
+                expose_tracebacks=self.expose_tracebacks)
         # Guards _runtime creation and _closed.
         self._lock = threading.Lock()
         self._closed = False
         self._runtime: Optional[Runtime] = None
+        if target_task is None:
+            return  # nothing to run: no fork server, no thread, nothing to shut down at exit
         self._start_runtime()
         _LIVE.add(self)
         _exit_cleanly_on_sigterm()
@@ -203,6 +269,9 @@ class MetaMPController:
     # -- life cycle ---------------------------------------------------------------
 
     def _start_runtime(self) -> Runtime:
+        if self._config is None:
+            raise NoTargetTask(f"Controller {self.name} has no target_task, so it runs no tasks.",
+                               self.served_methods())
         if self._configurator is not _WorkerLogSetup:
             self._configurator.listener_log_setup()
         runtime = Runtime(self._config, self.store, self.callback_url)
@@ -338,9 +407,92 @@ class MetaMPController:
         }
 
     # -- HTTP methods (what MetaMPResource calls; override them as in the seed) ---------
+    #
+    # Each one gets the request's JSON body and path values as keywords and returns a
+    # Reply: a dict that carries its status and headers, which an override calling
+    # super() may change. A method the controller does not serve raises MethodNotServed
+    # (405 with Allow); overriding it in a subclass serves it.
 
-    def post(self, *args: Mapping[str, Any], **kwargs: Any) -> ResponseTuple:
-        """Queue a task (keyword arguments) or several (positional mappings, all or none)."""
+    def post(self, *args: Mapping[str, Any], **kwargs: Any) -> Reply:
+        """Queue a task (keyword arguments) or several (positional mappings, all or none).
+
+        Answers 202 with the task object and a ``Location`` header, or ``{"tasks": [...]}``
+        for several; 200 with ``?wait=`` once every task ended within the wait.
+        """
+        self._require_task("post")
+        reply = self._answer_post(*args, **kwargs)
+        if self.compat:
+            items = list(args) if args else [kwargs]
+            return compat_module.post_reply(self.name, items, bool(args), reply, self._posts)
+        return reply
+
+    def get(self, **kwargs: Any) -> Reply:
+        """Return one task (when a ``uuid`` is given) or the list view; other keywords are ignored."""
+        self._require_task("get")
+        if self.compat:
+            return compat_module.get_reply(kwargs, lambda: self._answer_get(**kwargs))
+        return self._answer_get(**kwargs)
+
+    def delete(self, **kwargs: Any) -> Reply:
+        """Stop task ``uuid``: 202 while it stops, 200 when it was queued and is now stopped."""
+        self._require_task("delete")
+        if self.compat:
+            return compat_module.delete_reply(kwargs, lambda: self._answer_delete(**kwargs))
+        return self._answer_delete(**kwargs)
+
+    def put(self, *args: Any, **kwargs: Any) -> Reply:
+        """Not served unless overridden: raises :class:`MethodNotServed` (405 with ``Allow``)."""
+        raise self._not_served("put")
+
+    def patch(self, *args: Any, **kwargs: Any) -> Reply:
+        """Not served unless overridden: raises :class:`MethodNotServed` (405 with ``Allow``)."""
+        raise self._not_served("patch")
+
+    def head(self, *args: Any, **kwargs: Any) -> Reply:
+        """Unless overridden, the resource answers HEAD as Flask does: GET without the body."""
+        raise self._not_served("head")
+
+    def options(self, *args: Any, **kwargs: Any) -> Reply:
+        """Unless overridden, Flask answers OPTIONS itself, with an ``Allow`` header."""
+        raise self._not_served("options")
+
+    def trace(self, *args: Any, **kwargs: Any) -> Reply:
+        """Not served unless overridden: raises :class:`MethodNotServed` (405 with ``Allow``)."""
+        raise self._not_served("trace")
+
+    def handler(self, method: str) -> Callable[..., Any]:
+        """The HTTP method ``method`` of this controller, wrapped once in the class's ``decorator``."""
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            function = getattr(type(self), method)
+            decorator = self._decorator or _log_call(self.logger, self.name)  # type: ignore[misc]
+            wrapped = self._handlers[method] = functools.partial(decorator(function), self)  # type: ignore[call-arg]
+        return wrapped
+
+    def overrides(self, method: str) -> bool:
+        """Whether this controller's class defines its own handler of HTTP method ``method``.
+
+        .. versionadded:: 0.3
+        """
+        return getattr(type(self), method) is not getattr(MetaMPController, method)
+
+    def served_methods(self) -> tuple[str, ...]:
+        """The HTTP methods this controller answers, upper case, in the order of an ``Allow`` header.
+
+        GET, POST and DELETE when it has a task; any method its class overrides; HEAD
+        with GET, and OPTIONS, as Flask adds them.
+
+        .. versionadded:: 0.3
+        """
+        served = {method for method in HTTP_METHODS if self.overrides(method)}
+        if self.target_task is not None:
+            served |= TASK_HANDLERS
+        if "get" in served:
+            served.add("head")
+        served.add("options")
+        return tuple(method.upper() for method in HTTP_METHODS if method in served)
+
+    def _answer_post(self, *args: Mapping[str, Any], **kwargs: Any) -> Reply:
         options = _query()
         priority = _number("priority", options.get("priority"), int, minimum=-(2 ** 62)) or 0
         timeout = _number("timeout", options.get("timeout"))
@@ -357,11 +509,10 @@ class MetaMPController:
                 status = 200
         tasks = [self._for_client(t) for t in tasks]
         if args:
-            return {"tasks": tasks}, status, {}
-        return tasks[0], status, {"Location": self._location(tasks[0]["uuid"])}
+            return Reply({"tasks": tasks}, status)
+        return Reply(tasks[0], status, {"Location": self._location(tasks[0]["uuid"])})
 
-    def get(self, **kwargs: Any) -> ResponseTuple:
-        """Return one task (when a uuid is given) or the list view."""
+    def _answer_get(self, **kwargs: Any) -> Reply:
         options = _query()
         wait = self._wait_option(options)
         if kwargs.get("uuid") is None:
@@ -369,26 +520,25 @@ class MetaMPController:
             limit = _number("limit", options.get("limit"), int, minimum=1)
             listing = self.tasks(statuses, defaults.LIST_LIMIT if limit is None else limit)
             listing["tasks"] = [self._for_client(t) for t in listing["tasks"]]
-            return listing, 200, {}
+            return Reply(listing)
         uuid = parse_uuid(kwargs["uuid"])
-        task = self.wait(uuid, wait) if wait is not None else self.status(uuid)
-        return self._for_client(task), 200, {}
+        return Reply(self._for_client(self.wait(uuid, wait) if wait is not None else self.status(uuid)))
 
-    def delete(self, **kwargs: Any) -> ResponseTuple:
-        """Stop a task: 202 while it stops, 200 when it was queued and is now stopped."""
+    def _answer_delete(self, **kwargs: Any) -> Reply:
         if kwargs.get("uuid") is None:
             raise InvalidRequest("DELETE needs the uuid of a task: in the path, as ?uuid=, or in a JSON body.")
         task = self._for_client(self.stop(parse_uuid(kwargs["uuid"])))
-        return task, (200 if task["status"] == TaskStatus.STOPPED else 202), {}
+        return Reply(task, 200 if task["status"] == TaskStatus.STOPPED else 202)
 
-    def handler(self, method: str) -> Callable[..., ResponseTuple]:
-        """The HTTP method ``method`` of this controller, wrapped once in the class's ``decorator``."""
-        wrapped = self._handlers.get(method)
-        if wrapped is None:
-            function = getattr(type(self), method)
-            decorator = self._decorator or _log_call(self.logger, self.name)  # type: ignore[misc]
-            wrapped = self._handlers[method] = functools.partial(decorator(function), self)  # type: ignore[call-arg]
-        return wrapped
+    def _require_task(self, method: str) -> None:
+        """Raise :class:`NoTargetTask` if this controller has no task for ``method``'s default to work on."""
+        if self.target_task is None:
+            raise NoTargetTask(f"Controller {self.name} has no target_task, so it runs no tasks: override "
+                               f"{method}() in its class to serve {method.upper()}.", self.served_methods())
+
+    def _not_served(self, method: str) -> MethodNotServed:
+        return MethodNotServed(f"Controller {self.name} does not serve {method.upper()}: override {method}() "
+                               f"in its class to serve it.", self.served_methods())
 
     # -- internals -------------------------------------------------------------------
 

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from . import defaults
 from .exceptions import (
-    ControllerClosed, InvalidRequest, MPCError, PayloadTooLarge, QueueFull, StoreError, TaskAlreadyFinished,
-    TaskNotFound,
+    ControllerClosed, InvalidRequest, MethodNotServed, MPCError, PayloadTooLarge, QueueFull, StoreError,
+    TaskAlreadyFinished, TaskNotFound,
 )
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
     InvalidRequest: 400,
     TaskNotFound: 404,
+    MethodNotServed: 405,
     TaskAlreadyFinished: 409,
     PayloadTooLarge: 413,
     QueueFull: 429,
@@ -26,4 +27,6 @@ def error_response(exc: MPCError) -> tuple[dict, int, dict]:
     headers = {}
     if isinstance(exc, (QueueFull, StoreError)):
         headers["Retry-After"] = str(getattr(exc, "retry_after", defaults.RETRY_AFTER))
+    if isinstance(exc, MethodNotServed):
+        headers["Allow"] = ", ".join(exc.allowed)
     return {"message": exc.message}, status, headers

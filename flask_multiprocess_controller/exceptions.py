@@ -5,6 +5,8 @@ them to HTTP status codes in one place (:mod:`.errors`).
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 
 class AbortException(BaseException):
     """Raised by ``checkpoint()`` inside a task once a stop was requested.
@@ -59,6 +61,30 @@ class QueueFull(MPCError):
         super().__init__(f"The queue is full ({limit} tasks waiting); retry in {retry_after} s.")
         self.limit = limit
         self.retry_after = retry_after
+
+
+class MethodNotServed(MPCError):
+    """The controller does not serve this HTTP method: its class does not override the handler.
+
+    Answered with 405 and an ``Allow`` header listing the methods it does serve.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, message: str, allowed: Iterable[str]) -> None:
+        super().__init__(message)
+        #: Upper-case names of the HTTP methods the controller serves.
+        self.allowed = tuple(allowed)
+
+
+class NoTargetTask(MethodNotServed):
+    """The controller was made with ``target_task=None``: it runs no tasks.
+
+    Such a controller only answers the HTTP methods its class overrides (upstream
+    0.1's pattern for endpoints that answer locally, a callback receiver say).
+
+    .. versionadded:: 0.3
+    """
 
 
 class ControllerClosed(MPCError):

@@ -13,7 +13,9 @@ import logging
 import logging.handlers
 import queue
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+from . import console
 
 from . import defaults
 from .protocol import LogRecordMessage
@@ -49,17 +51,27 @@ class MetaMPLoggerConfigurator(abc.ABC):
 
 
 class DefaultMPLoggerConfigurator(MetaMPLoggerConfigurator):
-    """Logs everything from INFO up to standard error, with process and thread names."""
+    """Logs everything from INFO up to standard error, with process and thread names.
+
+    Its handler is added to the root logger once per process, however many
+    controllers name this configurator.
+    """
 
     @staticmethod
     def listener_log_setup() -> None:
         root = logging.getLogger()
         if root.level == logging.NOTSET or root.level > logging.INFO:
             root.setLevel(logging.INFO)
-        handler = logging.StreamHandler()
+        if any(isinstance(h, _DefaultStderrHandler) for h in root.handlers):
+            return
+        handler = _DefaultStderrHandler()
         handler.setFormatter(logging.Formatter(
             "[%(asctime)s][%(processName)s:%(process)d][%(threadName)s][%(levelname)s][%(name)s] %(message)s"))
         root.addHandler(handler)
+
+
+class _DefaultStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :class:`DefaultMPLoggerConfigurator` adds, recognisable so it is added once."""
 
 
 def logger_levels() -> dict[str, int]:
@@ -67,9 +79,11 @@ def logger_levels() -> dict[str, int]:
 
     A task process is forked from a snapshot taken when the controller was created;
     levels set since then (``logging.basicConfig`` under the ``__main__`` guard, say)
-    are sent with each task so that the child logs what the server would.
+    are sent with each task so that the child logs what the server would. While the
+    serving process has no handler for INFO records, the child's root logs at INFO,
+    so that the console fallback (:mod:`.console`) sees the task's records.
     """
-    levels = {"": logging.getLogger().level}
+    levels = {"": console.child_root_level()}
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
         if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
             levels[name] = logger.level
@@ -96,9 +110,7 @@ class _HandToNamedLogger(logging.Handler):
     """Hands a record from a task process to the serving process's logger of the same name."""
 
     def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
-        logger = logging.getLogger(record.name)
-        if logger.isEnabledFor(record.levelno):
-            logger.handle(record)
+        console.handle(logging.getLogger(record.name), record)
         return True
 
     def emit(self, record: logging.LogRecord) -> None:  # pragma: no cover - handle() does the work
@@ -182,3 +194,24 @@ class LogListener:
         if dropped:
             self._logger.warning("%d task log record(s) were dropped because the log handlers could not keep up.",
                                  dropped)
+
+
+# -- the controller's lines about each task ------------------------------------------------------------
+
+def log_task_started(logger: logging.Logger, uuid: str, pid: Optional[int]) -> None:
+    """Log at INFO that task ``uuid`` started in process ``pid``."""
+    console.console_aware(logger).info("Task %s started in process %s.", uuid, pid)
+
+
+def log_task_ended(logger: logging.Logger, uuid: str, status: str, error: Optional[dict[str, Any]] = None) -> None:
+    """Log at INFO how task ``uuid`` ended: its state, and its error if it has one.
+
+    A task that stopped at a checkpoint is "aborted by signal", upstream 0.1's words.
+    """
+    log = console.console_aware(logger)
+    if status == "stopped" and not error:
+        log.info("Task %s aborted by signal: it stopped at a checkpoint.", uuid)
+    elif error:
+        log.info("Task %s ended %s: %s: %s", uuid, status, error.get("type"), error.get("message"))
+    else:
+        log.info("Task %s ended %s.", uuid, status)

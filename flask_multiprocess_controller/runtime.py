@@ -38,7 +38,7 @@ from .events import Event, EventKind
 from .exceptions import StoreError
 from .forkserver import ChildProcess, ForkServer
 from .hub import EventHub
-from .logs import LogListener
+from .logs import LogListener, log_task_ended, log_task_started
 from .persist import GaveUp, Retrier
 from .presenter import hide_traceback, present
 from .proctree import kill_process_tree, process_alive, proven_task_process
@@ -151,6 +151,7 @@ class Runtime:
         self._waiters = Waiters()
         self.events = EventHub(store, config.name, self.logger, on_reset=self._feed_reset)
         self.events.subscribe(self._on_event)
+        self.events.subscribe(self._log_event, local_only=True)
         self._callbacks: Optional[CallbackSender] = None
         if callback_url:
             body = functools.partial(callback_body, expose_tracebacks=config.expose_tracebacks)
@@ -209,6 +210,14 @@ class Runtime:
             run.request_stop(StopReason.REQUESTED)
         elif kind in (EventKind.ENDED, EventKind.REQUEUED) and event["emitter"] != self.owner:
             run.abandon()
+
+    def _log_event(self, event: Event) -> None:
+        """The controller's INFO lines about each task, from the process that made the change."""
+        task = event["task"]
+        if event["kind"] == EventKind.STARTED:
+            log_task_started(self.logger, event["uuid"], task.get("pid"))
+        elif event["kind"] == EventKind.ENDED:
+            log_task_ended(self.logger, event["uuid"], task["status"], task.get("error"))
 
     def _feed_reset(self) -> None:
         """Events were lost: wake every waiter to re-read, and look at the running tasks again."""

@@ -40,6 +40,9 @@ class MetaMPTask(abc.ABC):
     logger: ClassVar[logging.Logger] = logging.getLogger("MetaMPTask")
     #: True when a run that was cut off may be started again from the beginning.
     restartable: ClassVar[bool] = False
+    #: How many tasks of this class this process has started, this one included (upstream 0.1's
+    #: counter; 1 in a fresh task process). ``self.task_id`` is the task's unique name.
+    counter: ClassVar[int] = 0
 
     def __init_subclass__(cls, task_name: Optional[str] = None, logger: Optional[logging.Logger] = None,
                           **kwargs: Any) -> None:
@@ -54,6 +57,7 @@ class MetaMPTask(abc.ABC):
     def __init__(self, task_id: str, channel: TaskChannel, context: Optional[dict] = None) -> None:
         #: The uuid of the task being run.
         self.task_id = task_id
+        type(self).counter += 1
         #: Controller-level values (secrets, settings) that are never exposed over HTTP.
         self.context: dict = dict(context or {})
         self._channel = channel

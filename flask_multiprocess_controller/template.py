@@ -1,4 +1,10 @@
-"""Class factories for the minimal-effort setup of the seed."""
+"""Class factories for the minimal-effort setup of the seed, and the template classes of 0.1's docs.
+
+Upstream 0.1.1's package description still shows ``TemplateMPController`` and
+``TemplateMPResource`` (the classes of its pre-0.1 releases, which the factory
+replaced); they are kept here as ready-made subclasses, so code written from either
+keeps working.
+"""
 from __future__ import annotations
 
 import uuid
@@ -30,3 +36,21 @@ class TemplateFactory:
         resources with the same endpoint cannot share an app.
         """
         return type(name or f"MPResource_{uuid.uuid4().hex}", (MetaMPResource,), {})
+
+
+class TemplateMPController(MetaMPController):
+    """A ready-to-use controller class, named after the task class of each controller made from it.
+
+    .. versionadded:: 0.3
+    """
+
+    _unnamed = True
+    _name = None
+
+
+class TemplateMPResource(MetaMPResource):
+    """A ready-to-use resource class. Its endpoint is its class name, so one app mounts it once;
+    use :meth:`TemplateFactory.MPResource` for several.
+
+    .. versionadded:: 0.3
+    """
