@@ -78,7 +78,7 @@ class ArgumentSpec:
                 if basic is not None:
                     self._types[name] = (basic, nullable)
 
-    def check(self, kwargs: dict) -> None:
+    def check(self, kwargs: dict[str, Any]) -> None:
         """Raise :class:`InvalidArguments` unless ``execute(**kwargs)`` would bind and fit the basic annotations."""
         try:
             self._signature.bind(**kwargs)

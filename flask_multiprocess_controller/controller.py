@@ -21,7 +21,7 @@ import time
 import types
 import uuid as uuid_module
 import weakref
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, TypedDict, Union
 
 from flask import current_app, has_app_context, has_request_context, request, url_for
 from werkzeug.routing import BuildError
@@ -35,12 +35,13 @@ from .exceptions import (
     ControllerClosed, InvalidRequest, MethodNotServed, NoTargetTask, PayloadTooLarge, TaskNotFound,
 )
 from .logs import MetaMPLoggerConfigurator
-from .presenter import clip, hide_traceback, present
+from .presenter import TaskObject, clip, hide_traceback, present
 from .protocol import Limits
 from .responses import Reply
 from .runtime import Runtime
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store
+from .store.base import Row
 from .task import MetaMPTask
 
 #: HTTP methods a controller may serve, in the order an ``Allow`` header lists them.
@@ -49,10 +50,13 @@ HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "tra
 TASK_HANDLERS = frozenset({"get", "post", "delete"})
 
 
-def _log_call(logger: logging.Logger, name: str) -> Callable[[Callable], Callable]:
+Handler = Callable[..., Any]
+
+
+def _log_call(logger: logging.Logger, name: str) -> Callable[[Handler], Handler]:
     """The default ``decorator=``: log each call of an HTTP method at DEBUG."""
 
-    def wrap(method: Callable) -> Callable:
+    def wrap(method: Handler) -> Handler:
         @functools.wraps(method)
         def logged(self: Any, *args: Any, **kwargs: Any) -> Any:
             result = method(self, *args, **kwargs)
@@ -122,6 +126,15 @@ def parse_uuid(value: Any) -> str:
         raise InvalidRequest(f"{value[:80]!r} is not a valid task uuid.") from None
 
 
+class ListView(TypedDict):
+    """What a list request answers: the newest tasks and the controller's counts."""
+
+    tasks: list[TaskObject]
+    running: int
+    queued: int
+    max_num_process: int
+
+
 class MetaMPController:
     """Queues tasks in a store and runs them in child processes, ``max_num_process`` at a time.
 
@@ -172,10 +185,10 @@ class MetaMPController:
 
     _name: ClassVar[Optional[str]] = None
     _logger: ClassVar[logging.Logger] = logging.getLogger("MetaMPController")
-    _decorator: ClassVar[Optional[Callable[[Callable], Callable]]] = None
+    _decorator: ClassVar[Optional[Callable[[Handler], Handler]]] = None
 
     def __init_subclass__(cls, controller_name: Optional[str] = None, logger: Optional[logging.Logger] = None,
-                          decorator: Optional[Callable[[Callable], Callable]] = None, **kwargs: Any) -> None:
+                          decorator: Optional[Callable[[Handler], Handler]] = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if controller_name is not None:
             cls._name = controller_name
@@ -187,7 +200,7 @@ class MetaMPController:
             cls._logger = logging.getLogger(cls._name or cls.__name__)
         if decorator is not None:
             # staticmethod: a plain function stored on the class must not become a bound method.
-            cls._decorator = staticmethod(decorator)  # type: ignore[assignment]
+            cls._decorator = staticmethod(decorator)
 
     def __init__(self, target_task: Optional[type[MetaMPTask]], callback_url: Optional[str] = None,
                  max_num_process: int = 1, max_num_queue: int = -1,
@@ -212,8 +225,6 @@ class MetaMPController:
             raise ValueError("timeout must be positive or None.")
         if stop_grace < 0:
             raise ValueError("stop_grace must not be negative.")
-        if max_tasks_per_child is None:
-            max_tasks_per_child = 0
         if max_tasks_per_child < 0:
             raise ValueError("max_tasks_per_child must be 1 or more, or 0 for no limit.")
         #: The task class this controller runs (None: it runs none).
@@ -225,7 +236,7 @@ class MetaMPController:
         self.stop_grace = float(stop_grace)
         self.max_memory = max_memory
         self.max_tasks_per_child = max_tasks_per_child
-        self.context: dict = dict(context or {})
+        self.context: dict[str, Any] = dict(context or {})
         self.retention = retention
         self.max_content_length = max_content_length
         for name, value in (("max_wait", max_wait), ("max_result_size", max_result_size),
@@ -320,7 +331,7 @@ class MetaMPController:
     # -- Python API ---------------------------------------------------------------
 
     def enqueue(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
-                timeout: Optional[float] = None) -> list[dict]:
+                timeout: Optional[float] = None) -> list[TaskObject]:
         """Queue one task per mapping of keyword arguments, all or none; return their task objects.
 
         A ``priority`` key in a mapping is taken as that task's priority unless
@@ -328,25 +339,29 @@ class MetaMPController:
         :raises InvalidArguments: an item does not fit ``execute``; nothing is queued.
         :raises QueueFull: the items do not fit in the queue; nothing is queued.
         """
-        runtime = self.runtime
+        runtime = self.runtime  # raises NoTargetTask for a controller without a task
+        spec = self._spec
+        if spec is None:
+            raise NoTargetTask(f"Controller {self.name} has no target_task, so it runs no tasks.",
+                               self.served_methods())
         if len(items) > self.max_bulk:
             raise PayloadTooLarge(f"{len(items)} tasks in one request; the limit is {self.max_bulk}.")
         effective_timeout = self._effective_timeout(timeout)
         now = time.time()
-        rows: list[dict[str, Any]] = []
+        rows: list[Row] = []
         for item in items:
             if not isinstance(item, Mapping):
                 raise InvalidRequest(f"Each task must be a JSON object of keyword arguments, not {type(item).__name__}.")
             args = dict(item)
             task_priority = priority
-            if "priority" in args and "priority" not in self._spec.names:
+            if "priority" in args and "priority" not in spec.names:
                 task_priority = args.pop("priority")
                 if not isinstance(task_priority, int) or isinstance(task_priority, bool):
                     raise InvalidRequest(f"'priority' must be an integer, not {task_priority!r}.")
             if not -(2 ** 62) <= task_priority <= 2 ** 62:
                 raise InvalidRequest(f"'priority' must be between {-(2 ** 62)} and {2 ** 62}.")
             check_depth(args, defaults.MAX_ARGS_DEPTH)
-            self._spec.check(args)
+            spec.check(args)
             rows.append({
                 "uuid": str(uuid_module.uuid4()), "controller": self.name, "status": TaskStatus.QUEUED.value,
                 "priority": task_priority, "args": args, "created_at": now, "timeout": effective_timeout,
@@ -357,16 +372,16 @@ class MetaMPController:
 
     def submit(self, **kwargs: Any) -> str:
         """Queue ``execute(**kwargs)`` and return the task's uuid."""
-        return self.enqueue([kwargs])[0]["uuid"]
+        return str(self.enqueue([kwargs])[0]["uuid"])
 
-    def status(self, uuid: str) -> dict:
+    def status(self, uuid: str) -> TaskObject:
         """Return the task object of a task of this controller.
 
         :raises TaskNotFound: no such task here.
         """
         return self._present(self._row(uuid))
 
-    def stop(self, uuid: str) -> dict:
+    def stop(self, uuid: str) -> TaskObject:
         """Ask a task to stop; return its task object (``stopped`` if it was queued, else ``stopping``).
 
         :raises TaskNotFound: no such task here.
@@ -375,7 +390,7 @@ class MetaMPController:
         self._row(uuid)
         return self._present(self.runtime.stop(uuid))
 
-    def wait(self, uuid: str, timeout: Optional[float] = None) -> dict:
+    def wait(self, uuid: str, timeout: Optional[float] = None) -> TaskObject:
         """Wait until the task has ended or ``timeout`` seconds passed; return its task object."""
         runtime = self.runtime
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -389,7 +404,7 @@ class MetaMPController:
                 ended.wait(remaining)
                 ended.clear()
 
-    def tasks(self, status: Union[None, str, Iterable[str]] = None, limit: int = defaults.LIST_LIMIT) -> dict:
+    def tasks(self, status: Union[None, str, Iterable[str]] = None, limit: int = defaults.LIST_LIMIT) -> ListView:
         """Return the list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``."""
         statuses = [status] if isinstance(status, str) else list(status or [])
         unknown = [s for s in statuses if s not in ALL_STATUSES]
@@ -542,14 +557,14 @@ class MetaMPController:
 
     # -- internals -------------------------------------------------------------------
 
-    def _row(self, uuid: str) -> dict:
+    def _row(self, uuid: str) -> Row:
         uuid = parse_uuid(uuid)
         row = self.store.get(uuid)
         if row is None or row["controller"] != self.name:
             raise TaskNotFound(uuid)
         return row
 
-    def _present(self, row: dict) -> dict:
+    def _present(self, row: Row) -> TaskObject:
         position = self.store.position(row) if row["status"] == TaskStatus.QUEUED else None
         live = None
         runtime = self._runtime
@@ -557,13 +572,13 @@ class MetaMPController:
             live = runtime.local_run(row["uuid"])
         return present(row, position, live)
 
-    def _for_client(self, task: dict) -> dict:
+    def _for_client(self, task: TaskObject) -> TaskObject:
         """A task object as HTTP clients see it: no traceback unless the controller (or debug mode) says so."""
         if self.expose_tracebacks or (has_app_context() and current_app.debug):
             return task
         return hide_traceback(task)
 
-    def _present_new(self, rows: list[dict[str, Any]]) -> list[dict]:
+    def _present_new(self, rows: list[Row]) -> list[TaskObject]:
         """Task objects of rows just queued together: one position query, not one per row.
 
         Rows of one priority were inserted together, so they stand one after another in

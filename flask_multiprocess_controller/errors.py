@@ -1,6 +1,8 @@
 """The one place where the package's exceptions become HTTP responses."""
 from __future__ import annotations
 
+from typing import Any
+
 from . import defaults
 from .exceptions import (
     ControllerClosed, InvalidRequest, MethodNotServed, MPCError, PayloadTooLarge, QueueFull, StoreError,
@@ -21,7 +23,7 @@ HTTP_STATUS: dict[type, int] = {
 }
 
 
-def error_response(exc: MPCError) -> tuple[dict, int, dict]:
+def error_response(exc: MPCError) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Return ``(body, status, headers)`` for ``exc``: a JSON object with a human ``message``."""
     status = next(HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS)
     headers = {}

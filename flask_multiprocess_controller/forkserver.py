@@ -205,7 +205,7 @@ class ForkServer:
                 return False
             try:
                 self._sock.sendall(b"K" + _KILL.pack(pid, signum))
-                (answer,) = _PID.unpack(_recv_exact(self._sock, _PID.size))
+                answer: int = _PID.unpack(_recv_exact(self._sock, _PID.size))[0]
             except OSError:
                 return False
         return answer == 0
@@ -376,7 +376,7 @@ def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[
     return True
 
 
-def _become_task_process(exits: dict[int, int], server_objects: tuple, exit_w: int) -> None:
+def _become_task_process(exits: dict[int, int], server_objects: tuple[Any, ...], exit_w: int) -> None:
     """Drop the fork server's state in a freshly forked task process."""
     selector, sock, wake_r, wake_w = server_objects
     signal.set_wakeup_fd(-1)

@@ -109,7 +109,7 @@ class ChannelQueue:
 class _HandToNamedLogger(logging.Handler):
     """Hands a record from a task process to the serving process's logger of the same name."""
 
-    def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+    def handle(self, record: logging.LogRecord) -> bool:
         console.handle(logging.getLogger(record.name), record)
         return True
 
@@ -123,7 +123,9 @@ class _StoppableListener(logging.handlers.QueueListener):
 
     def start(self) -> None:
         # A daemon thread: a process that exits must not wait for a backlog of task log records.
-        self._thread = threading.Thread(target=self._monitor, name="mpc-log-relay", daemon=True)
+        # (QueueListener's own start() makes the same thread with its _monitor loop, but not as a daemon.)
+        self._thread = threading.Thread(target=self._monitor, name="mpc-log-relay",  # type: ignore[attr-defined]
+                                        daemon=True)
         self._thread.start()
 
     def stop_within(self, timeout: float) -> bool:

@@ -3,9 +3,40 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict, cast
 
 from .states import TaskStatus
+from .store.base import Row
+
+
+class TaskObject(TypedDict, total=False):
+    """The task object of the HTTP contract (DESIGN.md §3), as HTTP answers and the Python API give it."""
+
+    uuid: str
+    status: str
+    #: A human sentence.
+    msg: str
+    progress: Any
+    percent: Optional[float]
+    result: Any
+    error: Optional[dict[str, Any]]
+    args: dict[str, Any]
+    priority: int
+    #: 1-based place in the queue while queued, else None.
+    position: Optional[int]
+    #: ISO 8601 in UTC.
+    created_at: Optional[str]
+    started_at: Optional[str]
+    ended_at: Optional[str]
+    pid: Optional[int]
+    exit_code: Optional[int]
+    memory_peak: Optional[int]
+    cpu_time: Optional[float]
+    timeout: Optional[float]
+    attempt: int
+    controller: str
+    #: In list views only: the values shown as null because they were too large.
+    truncated: list[str]
 
 #: Keys of the task object, in the order they are shown.
 TASK_KEYS = (
@@ -20,7 +51,7 @@ def iso(ts: Optional[float]) -> Optional[str]:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
-def _msg(row: dict, position: Optional[int]) -> str:
+def _msg(row: Row, position: Optional[int]) -> str:
     uuid, status = row["uuid"], row["status"]
     error = row.get("error") or {}
     if status == TaskStatus.QUEUED:
@@ -40,28 +71,30 @@ def _msg(row: dict, position: Optional[int]) -> str:
     return f"Task {uuid} {status}: {error.get('message', '')}".rstrip(": ")
 
 
-def present(row: dict, position: Optional[int] = None, live: Optional[Any] = None) -> dict:
+def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None) -> TaskObject:
     """Build the task object of a stored row.
 
     :param position: the row's place in the queue, when it is queued.
     :param live: the in-process run of the task, whose progress may be fresher than the store's.
     """
-    view: dict[str, Any] = {key: row.get(key) for key in TASK_KEYS}
+    stored = cast(dict[str, Any], row)
+    view: dict[str, Any] = {key: stored.get(key) for key in TASK_KEYS}
     if view["error"] is not None:
         view["error"] = dict(view["error"])  # callers may hide the traceback without touching the row
     for key in ("created_at", "started_at", "ended_at"):
-        view[key] = iso(row.get(key))
+        view[key] = iso(stored.get(key))
     if live is not None:
         view["progress"], view["percent"] = live.progress, live.percent
     view["position"] = position if row["status"] == TaskStatus.QUEUED else None
     view["msg"] = _msg(row, position)
-    return view
+    return cast(TaskObject, view)
 
 
-def hide_traceback(task: dict) -> dict:
+def hide_traceback(task: TaskObject) -> TaskObject:
     """The task object without its error's traceback (kept in the store and the logs)."""
-    if task.get("error") and task["error"].get("traceback") is not None:
-        task["error"] = {**task["error"], "traceback": None}
+    error = task.get("error")
+    if error and error.get("traceback") is not None:
+        task["error"] = {**error, "traceback": None}
     return task
 
 
@@ -69,12 +102,13 @@ def hide_traceback(task: dict) -> dict:
 _CLIPPED = ("args", "progress", "result")
 
 
-def clip(task: dict, limit: int) -> dict:
+def clip(task: TaskObject, limit: int) -> TaskObject:
     """Null out ``args``, ``progress`` and ``result`` larger than ``limit`` bytes of JSON, naming them in
     ``truncated``: a list view stays small whatever its tasks carry."""
-    truncated = [key for key in _CLIPPED if task.get(key) is not None and len(json.dumps(task[key])) > limit]
+    values = cast(dict[str, Any], task)
+    truncated = [key for key in _CLIPPED if values.get(key) is not None and len(json.dumps(values[key])) > limit]
     for key in truncated:
-        task[key] = None
+        values[key] = None
     if truncated:
         task["truncated"] = truncated
     return task

@@ -20,6 +20,8 @@ from typing import Any
 from flask import current_app, request
 from flask_restful import Resource
 
+from . import defaults
+from .arguments import check_depth
 from .compat import error_body
 from .controller import HTTP_METHODS, MetaMPController
 from .errors import error_response
@@ -55,12 +57,20 @@ def read_json_body(limit: int, any_content_type: bool = False) -> Any:
         raise InvalidRequest(f"The body must be JSON sent with 'Content-Type: application/json', "
                              f"not {request.mimetype or 'no content type'!r}.")
     try:
-        return json.loads(data)
+        body = json.loads(data, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"The body is not valid JSON: {exc}.") from None
+    # A bulk body is one level deeper than the arguments it carries.
+    check_depth(body, defaults.MAX_ARGS_DEPTH + 1)
+    return body
 
 
-class MetaMPResource(Resource):
+def _refuse_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON, though Python's parser takes them."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+class MetaMPResource(Resource):  # type: ignore[misc]  # flask-restful is untyped
     """A flask-restful resource bound to one controller (its only constructor argument)."""
 
     def __init__(self, controller: MetaMPController) -> None:
@@ -107,6 +117,8 @@ class MetaMPResource(Resource):
             kinds = "a JSON object or an array of objects" if method in _ARRAY_BODY_METHODS else "a JSON object"
             raise InvalidRequest(f"The body must be {kinds}, not {type(body).__name__}.")
         fields.update(path)
+        if "self" in fields or any(isinstance(item, dict) and "self" in item for item in args):
+            raise InvalidRequest("'self' cannot be the name of an argument.")
         if method != "post" and path.get("uuid") is None:
             uuid = request.args.get("uuid") or fields.get("uuid")
             if uuid is not None:

@@ -26,7 +26,7 @@ import threading
 import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait as wait_ready
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, cast
 
 import psutil
 
@@ -116,7 +116,7 @@ def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], n
 
 def callback_body(event: Event, expose_tracebacks: bool = False) -> dict[str, Any]:
     """The JSON body of a callback delivery: the event, its cursor and the task object."""
-    task = present(event["task"])
+    task = present(cast(Row, event["task"]))
     if not expose_tracebacks:
         hide_traceback(task)
     return {"event": event["kind"], "uuid": event["uuid"], "cursor": event["cursor"], "msg": task["msg"],
@@ -204,8 +204,8 @@ class Runtime:
         if kind == EventKind.ENDED:
             self._waiters.wake(uuid)
         run = self.local_run(uuid)
-        if run is None:
-            return
+        if run is None or event["task"].get("attempt") != run.attempt:
+            return  # not about the run of this process (an earlier attempt's event, read late)
         if kind == EventKind.STOPPING:
             run.request_stop(StopReason.REQUESTED)
         elif kind in (EventKind.ENDED, EventKind.REQUEUED) and event["emitter"] != self.owner:
@@ -227,7 +227,8 @@ class Runtime:
             runs = list(self._runs.values())
         for run in runs:
             row = self.store.get(run.uuid)
-            if row is None or row["status"] not in ACTIVE or row.get("owner") != self.owner:
+            if (row is None or row["status"] not in ACTIVE or row.get("owner") != self.owner
+                    or row.get("attempt") != run.attempt):
                 run.abandon()
             elif row.get("stop_requested"):
                 run.request_stop(StopReason.REQUESTED)
@@ -454,7 +455,8 @@ class _Slot(threading.Thread):
     def _run_task(self, row: Row) -> None:
         rt = self.runtime
         c = rt.config
-        run = TaskRun(row["uuid"], row.get("timeout"), self.wake, row.get("progress"), row.get("percent"))
+        run = TaskRun(row["uuid"], row.get("timeout"), self.wake, row.get("progress"), row.get("percent"),
+                      attempt=row.get("attempt"))
         rt.register(run)
         try:
             if row.get("stop_requested"):

@@ -49,8 +49,10 @@ class TaskRun:
     """A task that a controlling thread has claimed: what other threads may ask of it."""
 
     def __init__(self, uuid: str, timeout: Optional[float], wake: Callable[[], None],
-                 progress: Any = None, percent: Optional[float] = None) -> None:
+                 progress: Any = None, percent: Optional[float] = None, attempt: Optional[int] = None) -> None:
         self.uuid = uuid
+        #: Which run of the task this is (the store counts claims): events of other runs do not apply.
+        self.attempt = attempt
         self.timeout = timeout
         self.started = time.monotonic()
         #: The latest progress and percent reported by the task (fresher than the store's).

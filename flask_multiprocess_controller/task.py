@@ -54,16 +54,16 @@ class MetaMPTask(abc.ABC):
         elif "logger" not in cls.__dict__:
             cls.logger = logging.getLogger(cls.__name__)
 
-    def __init__(self, task_id: str, channel: TaskChannel, context: Optional[dict] = None) -> None:
+    def __init__(self, task_id: str, channel: TaskChannel, context: Optional[dict[str, Any]] = None) -> None:
         #: The uuid of the task being run.
         self.task_id = task_id
         type(self).counter += 1
         #: Controller-level values (secrets, settings) that are never exposed over HTTP.
-        self.context: dict = dict(context or {})
+        self.context: dict[str, Any] = dict(context or {})
         self._channel = channel
         if type(self).upload_status is MetaMPTask.upload_status:
             # Progress may be reported in a task's innermost loop: skip one call level there.
-            self.upload_status = channel.publish  # type: ignore[method-assign]
+            self.upload_status = channel.publish  # type: ignore[method-assign,assignment]
 
     @abc.abstractmethod
     def execute(self, *args: Any, **kwargs: Any) -> Any:

@@ -541,11 +541,11 @@ class RedisStore(TaskStore):
 
     @_guarded
     def latest_cursor(self) -> str:
-        return _text(self._scripts["feed"](args=[self.prefix, "", 0])[1])
+        return str(_text(self._scripts["feed"](args=[self.prefix, "", 0])[1]))
 
     @_guarded
     def unacked(self, controller: str, limit: int = 100) -> list[Event]:
-        members = self._redis.zrange(self._c(controller, "outbox"), 0, limit - 1) if limit > 0 else []
+        members: list[Any] = list(self._redis.zrange(self._c(controller, "outbox"), 0, limit - 1)) if limit > 0 else []
         if not members:
             return []
         payloads = self._redis.hmget(self._c(controller, "outbox:events"), members)

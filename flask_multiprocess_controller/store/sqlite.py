@@ -269,7 +269,7 @@ class SQLiteStore(TaskStore):
                 if not keep:
                     conn.close()
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._connection() as db:
             return db.execute(sql, params).fetchall()
 
@@ -536,7 +536,7 @@ class SQLiteStore(TaskStore):
             "AND (priority < ? OR (priority = ? AND seq < ?))",
             (row["controller"], _QUEUED, row["priority"], row["priority"], row["seq"]),
         )
-        return ahead + 1
+        return int(ahead) + 1
 
     def active(self, controller: str) -> list[Row]:
         return self._read(f"{_SELECT} WHERE controller = ? AND status IN {_ACTIVE_SQL}", (controller,))
