@@ -83,6 +83,8 @@ class CallbackSender:
             try:
                 if self._deliver(event):
                     self._acknowledge(event)
+            except Exception:  # one broken delivery must not end the thread (it stays in the outbox)
+                self._logger.exception("Delivering the %s callback of task %s failed.", event["kind"], event["uuid"])
             finally:
                 with self._lock:
                     self._pending.discard(event["cursor"])

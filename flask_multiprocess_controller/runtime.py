@@ -424,6 +424,9 @@ class _Slot(threading.Thread):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # Guards _pipe_open and the pipe's descriptors, which wake() writes from other threads.
+        self._pipe_lock = threading.Lock()
+        self._pipe_open = True
         c = runtime.config
         settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process,
                             limits=c.limits)
@@ -434,10 +437,13 @@ class _Slot(threading.Thread):
         self._tasks_in_child = 0
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:  # full (a wake is pending anyway) or closed
-            pass
+        """Interrupt the controlling thread's wait (a stop, a shutdown); harmless once it has ended."""
+        with self._pipe_lock:
+            if self._pipe_open:
+                try:
+                    os.write(self._wake_w, b"!")
+                except BlockingIOError:  # full: a wake is pending anyway
+                    pass
 
     def run(self) -> None:
         rt = self.runtime
@@ -449,8 +455,11 @@ class _Slot(threading.Thread):
                 self._run_task(row)
         finally:
             self._retire_child()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            # A descriptor number is reused at once: no wake may write to it after this.
+            with self._pipe_lock:
+                self._pipe_open = False
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     def _run_task(self, row: Row) -> None:
         rt = self.runtime

@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import time
@@ -417,3 +418,30 @@ def test_under_gunicorn_no_more_tasks_overlap_than_slots(tmp_path, pool, sqlite_
         overlapping = [s for s in spans if s[0] <= moment < s[1]]
         assert len(overlapping) <= 2, overlapping
 
+
+
+@pytest.mark.timeout(60)
+def test_a_wake_after_shutdown_writes_to_no_reused_descriptor(make_controller):
+    """A controlling thread's wake pipe is closed when it ends; a late wake (a stop arriving during the
+    shutdown, say) must not write into whatever file or socket got the same descriptor number."""
+    controller = make_controller(Ends, max_num_process=2)
+    slots = list(controller.runtime._slots)
+    old_numbers = {slot._wake_w for slot in slots}
+    controller.shutdown()
+    # Sockets are writable at both ends, so a stray byte shows up whichever end got an old number.
+    reused: list[tuple[socket.socket, socket.socket]] = []
+    try:
+        while not old_numbers <= {s.fileno() for pair in reused for s in pair} and len(reused) < 500:
+            reused.append(socket.socketpair())  # the lowest free numbers: sooner or later the slots' old ones
+        assert old_numbers <= {s.fileno() for pair in reused for s in pair}
+        for slot in slots:
+            slot.wake()
+        for pair in reused:
+            for end in pair:
+                end.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    end.recv(16)
+    finally:
+        for pair in reused:
+            for end in pair:
+                end.close()
