@@ -38,10 +38,14 @@ from .logs import MetaMPLoggerConfigurator
 from .presenter import TaskObject, clip, hide_traceback, present
 from .protocol import Limits
 from .responses import Reply
-from .runtime import Runtime
+from . import registry
+from .clientside import ClientSide
+from .exceptions import StoreError
+from .forkserver import ForkServer
+from .runtime import Runtime, child_main
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
-from .store import TaskStore, resolve_store
-from .store.base import Row
+from .store import TaskStore, resolve_store, store_url
+from .store.base import ANY_TENANT, Row
 from .task import MetaMPTask
 
 #: HTTP methods a controller may serve, in the order an ``Allow`` header lists them.
@@ -102,6 +106,24 @@ def _check_callback_url(url: Any) -> None:
             f"logger_configurator_cls), as in 0.1: pass max_num_process=... by keyword.")
     if url and not url.lower().startswith(("http://", "https://")):
         raise ValueError(f"callback_url must be an http:// or https:// URL, not {url!r}.")
+
+
+#: How each ``MPC_*`` setting of an app's config becomes a controller setting.
+_SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
+    "stop_grace": float, "retention": float, "max_content_length": int, "max_wait": float,
+    "expose_tracebacks": bool,
+}
+
+
+def _setting(key: str, value: Any) -> Any:
+    """The controller setting ``key`` of a config value, checked."""
+    try:
+        converted = _SETTING_TYPES[key](value)
+    except (TypeError, ValueError):
+        raise ValueError(f"MPC_{key.upper()} must be a {_SETTING_TYPES[key].__name__}, not {value!r}.") from None
+    if key != "expose_tracebacks" and (converted < 0 or (key == "max_wait" and converted == 0)):
+        raise ValueError(f"MPC_{key.upper()} must be positive, not {value!r}.")
+    return converted
 
 
 def _pick_configurator(*given: Optional[type[MetaMPLoggerConfigurator]]) -> Optional[type[MetaMPLoggerConfigurator]]:
@@ -212,7 +234,8 @@ class MetaMPController:
                  lease: float = defaults.LEASE, log_configurator: Optional[type[MetaMPLoggerConfigurator]] = None,
                  compat: Optional[str] = None, max_wait: float = defaults.MAX_WAIT,
                  expose_tracebacks: bool = False, max_result_size: int = defaults.MAX_RESULT_SIZE,
-                 max_progress_size: int = defaults.MAX_PROGRESS_SIZE, max_bulk: int = defaults.MAX_BULK) -> None:
+                 max_progress_size: int = defaults.MAX_PROGRESS_SIZE, max_bulk: int = defaults.MAX_BULK,
+                 role: Optional[str] = None, tenant: Optional[Callable[[], Any]] = None) -> None:
         if target_task is not None and not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
             raise TypeError(f"target_task must be a MetaMPTask subclass or None, not {target_task!r}.")
         _check_callback_url(callback_url)
@@ -253,59 +276,150 @@ class MetaMPController:
         self.name: str = self._name or (target_task or type(self)).__name__
         #: The class's logger; records at INFO and above that no handler takes go to standard error.
         self.logger = console_aware(self._logger)
-        self.store: TaskStore = resolve_store(store)
+        if role not in (None, registry.SERVER, registry.CLIENT):
+            raise ValueError(f"role must be 'server' or 'client', not {role!r}.")
+        #: ``"client"``: this process submits, reads and stops tasks through the store but runs none.
+        self.role: str = role or registry.role()
+        if tenant is not None and not callable(tenant):
+            raise TypeError(f"tenant must be a callable evaluated in the request context, not {tenant!r}.")
+        #: Called in the request context: the tenant each task is stamped with and visible to.
+        self.tenant = tenant
+        self._store_arg = store
+        self._store: Optional[TaskStore] = store if isinstance(store, TaskStore) else None
+        #: Settings the app's ``MPC_*`` configuration may still set (those left at their defaults).
+        self._configurable = {key for key, value, default in (
+            ("stop_grace", stop_grace, defaults.STOP_GRACE), ("retention", retention, defaults.RETENTION),
+            ("max_content_length", max_content_length, defaults.MAX_CONTENT_LENGTH),
+            ("max_wait", max_wait, defaults.MAX_WAIT), ("expose_tracebacks", expose_tracebacks, False),
+        ) if value == default}
+        self._app_config: Mapping[str, Any] = {}
+        self._instance_path: Optional[str] = None
         self._spec = ArgumentSpec(target_task.execute) if target_task is not None else None
         self._handlers: dict[str, Callable[..., Any]] = {}
         self._configurator = configurator or _WorkerLogSetup
         self._posts = compat_module.PostCounter()
-        self._config: Optional[RuntimeConfig] = None
-        if target_task is not None:
-            self._config = RuntimeConfig(
-                name=self.name, target_task=target_task, max_num_process=max_num_process,
-                stop_grace=self.stop_grace, max_memory=max_memory, max_tasks_per_child=max_tasks_per_child,
-                retention=retention, lease=lease, logger=self.logger, configurator=self._configurator,
-                context=types.MappingProxyType(self.context),
-                limits=Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size)),
-                expose_tracebacks=self.expose_tracebacks)
-        # Guards _runtime creation and _closed.
-        self._lock = threading.Lock()
+        self._limits = Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size))
+        # Guards _store and _side creation, and _closed.
+        self._lock = threading.RLock()
         self._closed = False
-        self._runtime: Optional[Runtime] = None
+        self._side: Union[None, Runtime, ClientSide] = None
+        self._fork_server: Optional[ForkServer] = None
+        registry.register(self)
         if target_task is None:
             return  # nothing to run: no fork server, no thread, nothing to shut down at exit
-        self._start_runtime()
+        if self.role == registry.SERVER:
+            if self._configurator is not _WorkerLogSetup:
+                self._configurator.listener_log_setup()
+            # Forked now, while the process may still be single-threaded (see forkserver.py); the rest
+            # of the runtime starts once the store is known (see bind() and _activate()).
+            self._fork_server = ForkServer(child_main(target_task, self._configurator, max_tasks_per_child))
+            self._fork_server_pid_owner = os.getpid()
+            _exit_cleanly_on_sigterm()
         _LIVE.add(self)
-        _exit_cleanly_on_sigterm()
+        bound = registry.bound_app()
+        if bound is not None:
+            self.bind(bound[1], bound[2])
+        if isinstance(store, TaskStore):
+            self._activate()  # a store object is final: nothing the app says can change it
 
     # -- life cycle ---------------------------------------------------------------
 
-    def _start_runtime(self) -> Runtime:
-        if self._config is None:
-            raise NoTargetTask(f"Controller {self.name} has no target_task, so it runs no tasks.",
-                               self.served_methods())
-        if self._configurator is not _WorkerLogSetup:
-            self._configurator.listener_log_setup()
-        runtime = Runtime(self._config, self.store, self.callback_url)
-        self._runtime = runtime
-        runtime.start()
-        return runtime
+    def bind(self, config: Mapping[str, Any], instance_path: Optional[str] = None) -> None:
+        """Take an app's ``MPC_*`` settings and instance folder (what :class:`MultiprocessController` does).
+
+        Settings given to the constructor win over the app's; relative SQLite paths resolve
+        against ``instance_path``. Nothing runs against a store before the controller is
+        bound, mounted or used, so a controller made at import time never touches a store
+        that the app's configuration names differently.
+
+        :raises RuntimeError: the controller already uses another store than the app names.
+        """
+        with self._lock:
+            self._app_config = dict(config)
+            self._instance_path = instance_path
+            for key in self._configurable:
+                name = "MPC_" + key.upper()
+                if name in config:
+                    setattr(self, key, _setting(key, config[name]))
+            if self._store is not None and self._store_arg is None and self._side is not None:
+                wanted = store_url(config.get("MPC_STORE_URL"))
+                if wanted != self._store_url_used:
+                    raise RuntimeError(f"Controller {self.name} already runs against {self._store_url_used}, not "
+                                       f"the app's {wanted}: initialise the extension before using the controller.")
 
     @property
-    def runtime(self) -> Runtime:
-        """The runtime of this process; a forked copy of the controller (gunicorn --preload) gets its own."""
+    def store(self) -> TaskStore:
+        """The task store: the constructor's ``store=``, else the app's ``MPC_STORE_URL``, else the
+        ``MPC_STORE_URL`` environment variable, else the default SQLite file."""
+        with self._lock:
+            if self._store is None:
+                url = self._store_arg if isinstance(self._store_arg, str) else None
+                url = url or self._app_config.get("MPC_STORE_URL")
+                self._store_url_used = store_url(url)
+                store = resolve_store(self._store_url_used, self._instance_path)
+                if self.role == registry.CLIENT and not store.shared:
+                    raise StoreError(f"Controller {self.name} is a client ({registry.ROLE_ENV}=client) and its store "
+                                     f"{self._store_url_used} lives in one process only: name a shared store "
+                                     f"(sqlite:///... or redis://...).")
+                self._store = store
+            return self._store
+
+    def mounted(self) -> None:
+        """The controller's resource was mounted in an app: start it, unless an extension will (its init_app)."""
+        if not registry.extension_pending_somewhere() and self.target_task is not None:
+            self._activate()
+
+    def _activate(self) -> Union[Runtime, "ClientSide"]:
         with self._lock:
             if self._closed:
                 raise ControllerClosed(f"Controller {self.name} has been shut down.")
-            runtime = self._runtime
-            if runtime is None or runtime.pid != os.getpid():
-                runtime = self._start_runtime()
+            side = self._side
+            if side is not None and (not isinstance(side, Runtime) or side.pid == os.getpid()):
+                return side
+            if self.target_task is None:
+                raise NoTargetTask(f"Controller {self.name} has no target_task, so it runs no tasks.",
+                                   self.served_methods())
+            store = self.store
+            if self.role == registry.CLIENT:
+                self._side = ClientSide(store, self.name, self.logger)
+                return self._side
+            fork_server = self._fork_server
+            if fork_server is None or self._fork_server_pid_owner != os.getpid():
+                # A forked copy of the controller (gunicorn --preload) gets a fork server of its own.
+                fork_server = self._fork_server = ForkServer(
+                    child_main(self.target_task, self._configurator, self.max_tasks_per_child))
+                self._fork_server_pid_owner = os.getpid()
+            runtime = Runtime(self._runtime_config(), store, self.callback_url, fork_server)
+            self._side = runtime
+            runtime.start()
             return runtime
+
+    def _runtime_config(self) -> RuntimeConfig:
+        task = self.target_task
+        if task is None:
+            raise NoTargetTask(f"Controller {self.name} has no target_task.", self.served_methods())
+        return RuntimeConfig(
+            name=self.name, target_task=task, max_num_process=self.max_num_process,
+            stop_grace=self.stop_grace, max_memory=self.max_memory, max_tasks_per_child=self.max_tasks_per_child,
+            retention=self.retention, lease=self.lease, logger=self.logger, configurator=self._configurator,
+            context=types.MappingProxyType(self.context), limits=self._limits,
+            expose_tracebacks=self.expose_tracebacks)
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime of this serving process, started on first use (a forked copy gets its own).
+
+        :raises RuntimeError: in a client-only process, which has no runtime.
+        """
+        side = self._activate()
+        if not isinstance(side, Runtime):
+            raise RuntimeError(f"Controller {self.name} is a client in this process: it runs no tasks here.")
+        return side
 
     @property
     def forkserver_pid(self) -> Optional[int]:
         """Pid of the fork server whose children are this controller's task processes."""
-        runtime = self._runtime
-        return runtime.fork_server.pid if runtime is not None else None
+        return self._fork_server.pid if self._fork_server is not None else None
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop taking tasks, stop running ones (``stop_grace``, then kill) and release every resource.
@@ -316,11 +430,20 @@ class MetaMPController:
             if self._closed:
                 return
             self._closed = True
-            runtime, self._runtime = self._runtime, None
-        if runtime is not None and runtime.pid == os.getpid():
-            runtime.shutdown(timeout)
-        self.store.close()
+            side, self._side = self._side, None
+            fork_server, self._fork_server = self._fork_server, None
+            store = self._store
+        if isinstance(side, Runtime):
+            if side.pid == os.getpid():
+                side.shutdown(timeout)
+        elif side is not None:
+            side.shutdown()
+        if fork_server is not None and self._fork_server_pid_owner == os.getpid():
+            fork_server.close()
+        if store is not None:
+            store.close()
         _LIVE.discard(self)
+        registry.unregister(self)
 
     def __enter__(self) -> "MetaMPController":
         return self
@@ -339,7 +462,7 @@ class MetaMPController:
         :raises InvalidArguments: an item does not fit ``execute``; nothing is queued.
         :raises QueueFull: the items do not fit in the queue; nothing is queued.
         """
-        runtime = self.runtime  # raises NoTargetTask for a controller without a task
+        side = self._activate()  # raises NoTargetTask for a controller without a task
         spec = self._spec
         if spec is None:
             raise NoTargetTask(f"Controller {self.name} has no target_task, so it runs no tasks.",
@@ -347,6 +470,7 @@ class MetaMPController:
         if len(items) > self.max_bulk:
             raise PayloadTooLarge(f"{len(items)} tasks in one request; the limit is {self.max_bulk}.")
         effective_timeout = self._effective_timeout(timeout)
+        tenant = self.current_tenant()
         now = time.time()
         rows: list[Row] = []
         for item in items:
@@ -363,11 +487,12 @@ class MetaMPController:
             check_depth(args, defaults.MAX_ARGS_DEPTH)
             spec.check(args)
             rows.append({
+                "tenant": tenant,
                 "uuid": str(uuid_module.uuid4()), "controller": self.name, "status": TaskStatus.QUEUED.value,
                 "priority": task_priority, "args": args, "created_at": now, "timeout": effective_timeout,
                 "attempt": 0, "stop_requested": False,
             })
-        runtime.submit(rows, self.max_num_queue)
+        side.submit(rows, self.max_num_queue)
         return self._present_new(rows)
 
     def submit(self, **kwargs: Any) -> str:
@@ -388,18 +513,18 @@ class MetaMPController:
         :raises TaskAlreadyFinished: the task has already ended.
         """
         self._row(uuid)
-        return self._present(self.runtime.stop(uuid))
+        return self._present(self._activate().stop(uuid))
 
     def wait(self, uuid: str, timeout: Optional[float] = None) -> TaskObject:
         """Wait until the task has ended or ``timeout`` seconds passed; return its task object."""
-        runtime = self.runtime
+        side = self._activate()
         deadline = None if timeout is None else time.monotonic() + timeout
         # The task's 'ended' event wakes us, whichever process or host ran it: no polling.
-        with runtime.watch(uuid) as ended:
+        with side.watch(uuid) as ended:
             while True:
                 row = self._row(uuid)
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if row["status"] in TERMINAL or runtime.closing or (remaining is not None and remaining <= 0):
+                if row["status"] in TERMINAL or side.closing or (remaining is not None and remaining <= 0):
                     return self._present(row)
                 ended.wait(remaining)
                 ended.clear()
@@ -412,7 +537,8 @@ class MetaMPController:
             raise InvalidRequest(f"Unknown status {unknown[0]!r}: use one of {', '.join(ALL_STATUSES)}.")
         if not 1 <= limit <= defaults.MAX_LIST_LIMIT:
             raise InvalidRequest(f"'limit' must be between 1 and {defaults.MAX_LIST_LIMIT}.")
-        rows = self.store.list_tasks(self.name, statuses or None, limit)
+        self._started()
+        rows = self.store.list_tasks(self.name, statuses or None, limit, tenant=self.tenant_filter())
         counts = self.store.counts(self.name)
         return {
             "tasks": [clip(self._present(row), defaults.LIST_VALUE_SIZE) for row in rows],
@@ -559,15 +685,39 @@ class MetaMPController:
 
     def _row(self, uuid: str) -> Row:
         uuid = parse_uuid(uuid)
+        self._started()
         row = self.store.get(uuid)
-        if row is None or row["controller"] != self.name:
+        if row is None or row["controller"] != self.name or not self.visible(row):
             raise TaskNotFound(uuid)
         return row
+
+    def _started(self) -> None:
+        """Start the controller on its first use (reads included), if it has a task to run."""
+        if self.target_task is not None:
+            self._activate()
+
+    def current_tenant(self) -> Optional[str]:
+        """The tenant of the request being served (the ``tenant=`` hook's answer), None outside one."""
+        if self.tenant is None or not has_request_context():
+            return None
+        value = self.tenant()
+        return None if value is None else str(value)
+
+    def tenant_filter(self) -> Any:
+        """What lists are filtered by: the request's tenant, or every tenant (no hook, or no request)."""
+        if self.tenant is None or not has_request_context():
+            return ANY_TENANT
+        return self.current_tenant()
+
+    def visible(self, row: Row) -> bool:
+        """Whether the request being served may see ``row`` (its tenant's, when the controller has a hook)."""
+        wanted = self.tenant_filter()
+        return wanted is ANY_TENANT or row.get("tenant") == wanted
 
     def _present(self, row: Row) -> TaskObject:
         position = self.store.position(row) if row["status"] == TaskStatus.QUEUED else None
         live = None
-        runtime = self._runtime
+        runtime = self._side
         if runtime is not None and row["status"] not in TERMINAL:
             live = runtime.local_run(row["uuid"])
         return present(row, position, live)

@@ -87,6 +87,7 @@ class MetaMPResource(Resource):  # type: ignore[misc]  # flask-restful is untype
         view = super().as_view(name, *class_args, **class_kwargs)
         controller = class_args[0] if class_args else class_kwargs.get("controller")
         if isinstance(controller, MetaMPController):
+            controller.mounted()
             own = {m for m in HTTP_METHODS if getattr(cls, m) is not getattr(MetaMPResource, m)}
             routed = set(controller.served_methods()) | {m.upper() for m in own}
             if not (controller.overrides("options") or "options" in own):

@@ -26,7 +26,8 @@ import threading
 import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait as wait_ready
-from typing import Any, Iterator, Optional, Sequence, cast
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Iterator, Optional, Sequence, cast
 
 import psutil
 
@@ -38,7 +39,7 @@ from .events import Event, EventKind
 from .exceptions import StoreError
 from .forkserver import ChildProcess, ForkServer
 from .hub import EventHub
-from .logs import LogListener, log_task_ended, log_task_started
+from .logs import LogListener, MetaMPLoggerConfigurator, log_task_ended, log_task_started
 from .persist import GaveUp, Retrier
 from .presenter import hide_traceback, present
 from .proctree import kill_process_tree, process_alive, proven_task_process
@@ -47,6 +48,7 @@ from .states import ACTIVE, TaskStatus
 from .store import TaskStore
 from .store.base import Row
 from .supervisor import Outcome, Settings, StopReason, Supervisor, TaskRun
+from .task import MetaMPTask
 from .waiters import Waiters
 
 
@@ -114,6 +116,12 @@ def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], n
     return beat is not None and now - beat <= lease
 
 
+def child_main(task_cls: type[MetaMPTask], configurator: type[MetaMPLoggerConfigurator],
+               max_tasks: int) -> Callable[[Connection], None]:
+    """What each task process of a controller runs (see :func:`~.child.run_child`)."""
+    return functools.partial(run_child, task_cls=task_cls, configurator=configurator, max_tasks=max_tasks)
+
+
 def callback_body(event: Event, expose_tracebacks: bool = False) -> dict[str, Any]:
     """The JSON body of a callback delivery: the event, its cursor and the task object."""
     task = present(cast(Row, event["task"]))
@@ -126,15 +134,14 @@ def callback_body(event: Event, expose_tracebacks: bool = False) -> dict[str, An
 class Runtime:
     """Fork server, slot threads, event hub, log listener and the running tasks of one controller."""
 
-    def __init__(self, config: RuntimeConfig, store: TaskStore, callback_url: Optional[str] = None) -> None:
+    def __init__(self, config: RuntimeConfig, store: TaskStore, callback_url: Optional[str],
+                 fork_server: ForkServer) -> None:
         self.config = config
         self.store = store
         self.logger = config.logger
         self.pid = os.getpid()
-        child_main = functools.partial(run_child, task_cls=config.target_task, configurator=config.configurator,
-                                       max_tasks=config.max_tasks_per_child)
-        # Forked first, while this process may still be single-threaded.
-        self.fork_server = ForkServer(child_main)
+        #: The parent of every task process; forked with the controller, before threads existed.
+        self.fork_server = fork_server
         self.host = host_id()
         #: This serving process in the store: the owner of the tasks it runs, the emitter of its events.
         self.owner = owner_id(self.host)
@@ -410,7 +417,6 @@ class Runtime:
             self.store.forget_owner(self.owner)
         except StoreError:  # the lease covers it
             self.logger.warning("Could not remove this process's heartbeat from the store.")
-        self.fork_server.close()
         self.logs.stop()
         self._waiters.wake_all()
 

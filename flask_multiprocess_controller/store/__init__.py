@@ -12,7 +12,7 @@ from .base import TaskStore
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["TaskStore", "MemoryStore", "SQLiteStore", "resolve_store", "sqlite_path_from_url"]
+__all__ = ["TaskStore", "MemoryStore", "SQLiteStore", "resolve_store", "sqlite_path_from_url", "store_url"]
 
 
 def sqlite_path_from_url(url: str) -> str:
@@ -25,7 +25,7 @@ def sqlite_path_from_url(url: str) -> str:
     return path
 
 
-def _sqlite_store(url: str) -> SQLiteStore:
+def _sqlite_store(url: str, base_dir: Optional[str] = None) -> SQLiteStore:
     """The store of a SQLite URL; ``?mode=0640`` (octal) sets the permissions of a file it creates."""
     options = dict(parse_qsl(url.partition("?")[2], keep_blank_values=True))
     unknown = set(options) - {"mode"}
@@ -37,21 +37,31 @@ def _sqlite_store(url: str) -> SQLiteStore:
             raise StoreError(f"The SQLite store's mode= is octal permissions like 0600 or 0640, "
                              f"not {options['mode']!r}.")
         mode = int(options["mode"], 8)
-    return SQLiteStore(sqlite_path_from_url(url), mode=mode)
+    path = sqlite_path_from_url(url)
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.join(base_dir, path)
+    return SQLiteStore(path, mode=mode)
 
 
-def resolve_store(store: Union[None, str, TaskStore]) -> TaskStore:
-    """Return the store named by ``store``, else by ``MPC_STORE_URL``, else the default SQLite file."""
+def store_url(store: Optional[str] = None) -> str:
+    """The URL of the store named by ``store``, else by ``MPC_STORE_URL``, else of the default SQLite file."""
+    return store or os.environ.get(defaults.STORE_URL_ENV) or f"sqlite:///{defaults.DEFAULT_SQLITE_PATH}"
+
+
+def resolve_store(store: Union[None, str, TaskStore], base_dir: Optional[str] = None) -> TaskStore:
+    """Return the store named by ``store``, else by ``MPC_STORE_URL``, else the default SQLite file.
+
+    :param base_dir: the folder relative SQLite paths are relative to (an app's instance
+        folder); the working directory when None.
+    """
     if isinstance(store, TaskStore):
         return store
-    url: Optional[str] = store or os.environ.get(defaults.STORE_URL_ENV)
-    if not url:
-        return SQLiteStore(defaults.DEFAULT_SQLITE_PATH)
+    url = store_url(store)
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         return MemoryStore()
     if scheme == "sqlite":
-        return _sqlite_store(url)
+        return _sqlite_store(url, base_dir)
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisStore
 

@@ -63,7 +63,19 @@ class Row(TypedDict, total=False):
     #: Seconds, or None.
     cpu_time: Optional[float]
     attempt: int
+    #: Who may see the task, when the controller has a ``tenant=`` hook (None: nobody in particular).
+    tenant: Optional[str]
 
+
+class _AnyTenant:
+    """The default of ``list_tasks(tenant=...)``: tasks of every tenant."""
+
+    def __repr__(self) -> str:
+        return "ANY_TENANT"
+
+
+#: List the tasks of every tenant (the default), as opposed to those of tenant None.
+ANY_TENANT: Any = _AnyTenant()
 
 #: Every key of a row, in storage order.
 COLUMNS = tuple(Row.__annotations__)
@@ -243,10 +255,12 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
-                   before: Optional[int] = None) -> list[Row]:
+                   before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         """Return the controller's tasks, newest first (by ``seq``), optionally only in ``statuses``.
 
-        :param before: a ``seq``: only older tasks (paging). Costs O(``limit``) on every store.
+        :param before: a ``seq``: only older tasks (paging). Costs O(``limit``) on every store
+            (with a ``tenant``, in proportion to the tasks skipped on Redis).
+        :param tenant: only the tasks stamped with this tenant (None included); every tenant's by default.
         """
 
     @abc.abstractmethod

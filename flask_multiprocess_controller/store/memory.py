@@ -12,7 +12,7 @@ from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import COLUMNS, Row, TaskStore, parse_counter
+from .base import ANY_TENANT, COLUMNS, Row, TaskStore, parse_counter
 
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE = frozenset(s.value for s in ACTIVE)
@@ -212,12 +212,13 @@ class MemoryStore(TaskStore):
             return None if row is None else copy.deepcopy(row)
 
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
-                   before: Optional[int] = None) -> list[Row]:
+                   before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         wanted = set(statuses or ()) or None
         with self._lock:
             rows = [r for r in self._rows.values()
                     if r["controller"] == controller and (wanted is None or r["status"] in wanted)
-                    and (before is None or r["seq"] < before)]
+                    and (before is None or r["seq"] < before)
+                    and (tenant is ANY_TENANT or r.get("tenant") == tenant)]
             rows.sort(key=lambda r: r["seq"], reverse=True)
             return copy.deepcopy(rows[:limit])
 

@@ -33,7 +33,7 @@ from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event
 from ..exceptions import QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import COLUMNS as _COLUMNS, Row, TaskStore
+from .base import ANY_TENANT, COLUMNS as _COLUMNS, Row, TaskStore
 
 try:
     import redis
@@ -573,7 +573,20 @@ class RedisStore(TaskStore):
 
     @_guarded
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
-                   before: Optional[int] = None) -> list[Row]:
+                   before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
+        if tenant is ANY_TENANT:
+            return self._list_page(controller, statuses, limit, before)
+        found: list[Row] = []
+        while len(found) < limit:  # pages of the newest tasks, filtered by tenant here
+            page = self._list_page(controller, statuses, limit, before)
+            found += [row for row in page if row.get("tenant") == tenant]
+            if len(page) < limit:
+                break
+            before = page[-1]["seq"]
+        return found[:limit]
+
+    def _list_page(self, controller: str, statuses: Optional[Iterable[str]], limit: int,
+                   before: Optional[int]) -> list[Row]:
         top = "+inf" if before is None else f"({before}"
         wanted = list(dict.fromkeys(statuses or ()))
         if not wanted:

@@ -25,7 +25,7 @@ from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import COLUMNS as _COLUMNS, Row, TaskStore, parse_counter
+from .base import ANY_TENANT, COLUMNS as _COLUMNS, Row, TaskStore, parse_counter
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mpc_tasks (
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS mpc_tasks (
     timeout REAL,
     memory_peak INTEGER,
     cpu_time REAL,
-    attempt INTEGER NOT NULL DEFAULT 0
+    attempt INTEGER NOT NULL DEFAULT 0,
+    tenant TEXT
 );
 CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_status ON mpc_tasks (controller, status, seq);
@@ -80,6 +81,21 @@ CREATE TABLE IF NOT EXISTS mpc_meta (
     value
 );
 """
+
+#: Columns added after the first release of the schema, with their types: files made before get them.
+_ADDED_COLUMNS = {"tenant": "TEXT"}
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    present = {row[1] for row in conn.execute("PRAGMA table_info(mpc_tasks)")}
+    for column, kind in _ADDED_COLUMNS.items():
+        if column not in present:
+            try:
+                conn.execute(f"ALTER TABLE mpc_tasks ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
+
 
 #: Columns stored as JSON text.
 _JSON_COLUMNS = ("args", "progress", "result", "error")
@@ -227,6 +243,7 @@ class SQLiteStore(TaskStore):
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             if not self._schema_ready:  # the first connection creates the tables; later ones need not
                 conn.executescript(_SCHEMA)
+                _add_missing_columns(conn)
                 self._schema_ready = True
         except BaseException:
             conn.close()
@@ -511,16 +528,17 @@ class SQLiteStore(TaskStore):
         return rows[0] if rows else None
 
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
-                   before: Optional[int] = None) -> list[Row]:
+                   before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         below = _NO_SEQ if before is None else before
         wanted = list(dict.fromkeys(statuses or ()))
+        by_tenant, tenant_args = ("", ()) if tenant is ANY_TENANT else (" AND tenant IS ?", (tenant,))
         if not wanted:
-            return self._read(f"{_SELECT} WHERE controller = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-                              (controller, below, limit))
+            return self._read(f"{_SELECT} WHERE controller = ? AND seq < ?{by_tenant} ORDER BY seq DESC LIMIT ?",
+                              (controller, below, *tenant_args, limit))
         # One index range per status (each at most ``limit`` rows), merged: O(limit) per status,
         # however many older tasks of other statuses there are.
-        pages = [self._read(f"{_SELECT} WHERE controller = ? AND status = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-                            (controller, status, below, limit))
+        pages = [self._read(f"{_SELECT} WHERE controller = ? AND status = ? AND seq < ?{by_tenant} "
+                            f"ORDER BY seq DESC LIMIT ?", (controller, status, below, *tenant_args, limit))
                  for status in wanted]
         return list(heapq.merge(*pages, key=lambda r: r["seq"], reverse=True))[:limit]
 
