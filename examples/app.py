@@ -1,4 +1,4 @@
-"""A fuller example: typed arguments, progress, an item URL, a timeout and a memory limit.
+"""A fuller example: typed arguments, progress, an item URL, a timeout, a memory limit and the extension.
 
 Run it with ``python examples/app.py`` (the dev server on http://127.0.0.1:5000), or
 under gunicorn with ``gunicorn -w 2 -b 127.0.0.1:8000 --chdir examples app:app``.
@@ -10,7 +10,7 @@ import time
 from flask import Flask
 from flask_restful import Api
 
-from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
+from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, MultiprocessController
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
 
@@ -39,12 +39,15 @@ class PrimeController(MetaMPController, controller_name="primes"):
     pass
 
 
+#: The extension: MPC_* settings, /mpc/health, the task API under /mpc/api/, and `flask mpc`.
+mpc = MultiprocessController()
 primes = PrimeController(PrimeCount, max_num_process=2, max_num_queue=100, timeout=600, stop_grace=5,
                          max_memory=512 * 1024 * 1024)
 
 app = Flask(__name__)
 api = Api(app)
 api.add_resource(MetaMPResource, "/primes", "/primes/<string:uuid>", resource_class_args=(primes,))
+mpc.init_app(app)  # tasks live in instance/mpc-tasks.sqlite3 unless MPC_STORE_URL says otherwise
 
 if __name__ == "__main__":
     app.run(host="127.0.0.1", port=5000)

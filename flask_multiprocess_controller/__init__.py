@@ -6,6 +6,7 @@ from .exceptions import (
     AbortException, ControllerClosed, InvalidArguments, InvalidRequest, MethodNotServed, MPCError, NoTargetTask,
     PayloadTooLarge, QueueFull, StoreError, TaskAlreadyFinished, TaskNotFound,
 )
+from .extension import MultiprocessController
 from .logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
 from .resource import MetaMPResource
 from .responses import Reply
@@ -21,5 +22,5 @@ __all__ = [
     "AbortException", "MetaMPLoggerConfigurator", "DefaultMPLoggerConfigurator", "TaskStatus", "TaskStore",
     "MemoryStore", "SQLiteStore", "MPCError", "InvalidRequest", "InvalidArguments", "PayloadTooLarge",
     "TaskNotFound", "TaskAlreadyFinished", "QueueFull", "ControllerClosed", "StoreError", "MethodNotServed",
-    "NoTargetTask", "Reply", "TemplateMPController", "TemplateMPResource",
+    "NoTargetTask", "Reply", "TemplateMPController", "TemplateMPResource", "MultiprocessController",
 ]

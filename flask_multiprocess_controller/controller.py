@@ -293,6 +293,7 @@ class MetaMPController:
             ("max_wait", max_wait, defaults.MAX_WAIT), ("expose_tracebacks", expose_tracebacks, False),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
+        self._bound = False
         self._instance_path: Optional[str] = None
         self._spec = ArgumentSpec(target_task.execute) if target_task is not None else None
         self._handlers: dict[str, Callable[..., Any]] = {}
@@ -316,9 +317,6 @@ class MetaMPController:
             self._fork_server_pid_owner = os.getpid()
             _exit_cleanly_on_sigterm()
         _LIVE.add(self)
-        bound = registry.bound_app()
-        if bound is not None:
-            self.bind(bound[1], bound[2])
         if isinstance(store, TaskStore):
             self._activate()  # a store object is final: nothing the app says can change it
 
@@ -328,24 +326,35 @@ class MetaMPController:
         """Take an app's ``MPC_*`` settings and instance folder (what :class:`MultiprocessController` does).
 
         Settings given to the constructor win over the app's; relative SQLite paths resolve
-        against ``instance_path``. Nothing runs against a store before the controller is
+        against ``instance_path``. The first app to bind a controller is its app. Nothing runs against a store before the controller is
         bound, mounted or used, so a controller made at import time never touches a store
         that the app's configuration names differently.
 
         :raises RuntimeError: the controller already uses another store than the app names.
         """
         with self._lock:
+            if self._bound:  # the first app to bind a controller is its app
+                return
+            settings = {key: _setting(key, config["MPC_" + key.upper()]) for key in self._configurable
+                        if "MPC_" + key.upper() in config}
+            if self._side is not None:
+                self._check_unchanged(settings, config)
+            self._bound = True
             self._app_config = dict(config)
             self._instance_path = instance_path
-            for key in self._configurable:
-                name = "MPC_" + key.upper()
-                if name in config:
-                    setattr(self, key, _setting(key, config[name]))
-            if self._store is not None and self._store_arg is None and self._side is not None:
-                wanted = store_url(config.get("MPC_STORE_URL"))
-                if wanted != self._store_url_used:
-                    raise RuntimeError(f"Controller {self.name} already runs against {self._store_url_used}, not "
-                                       f"the app's {wanted}: initialise the extension before using the controller.")
+            for key, value in settings.items():
+                setattr(self, key, value)
+
+    def _check_unchanged(self, settings: dict[str, Any], config: Mapping[str, Any]) -> None:
+        """A controller that already runs cannot take other settings: say how to order the set-up."""
+        changed = sorted(key for key, value in settings.items() if getattr(self, key) != value)
+        if self._store_arg is None and store_url(config.get("MPC_STORE_URL")) != self._store_url_used:
+            changed.insert(0, "store")
+        if changed:
+            raise RuntimeError(
+                f"Controller {self.name} started before the app's configuration was read, so it cannot take the "
+                f"app's {', '.join(changed)}: make the MultiprocessController() before mounting resources (and "
+                f"call init_app(app) once they are), or give the controller these settings itself.")
 
     @property
     def store(self) -> TaskStore:
@@ -366,7 +375,7 @@ class MetaMPController:
 
     def mounted(self) -> None:
         """The controller's resource was mounted in an app: start it, unless an extension will (its init_app)."""
-        if not registry.extension_pending_somewhere() and self.target_task is not None:
+        if not registry.extension_made() and self.target_task is not None:
             self._activate()
 
     def _activate(self) -> Union[Runtime, "ClientSide"]:
@@ -379,6 +388,7 @@ class MetaMPController:
             if self.target_task is None:
                 raise NoTargetTask(f"Controller {self.name} has no target_task, so it runs no tasks.",
                                    self.served_methods())
+            self._bind_to_current_app()
             store = self.store
             if self.role == registry.CLIENT:
                 self._side = ClientSide(store, self.name, self.logger)
@@ -393,6 +403,11 @@ class MetaMPController:
             self._side = runtime
             runtime.start()
             return runtime
+
+    def _bind_to_current_app(self) -> None:
+        """Used first inside an app that has the extension (a request, a CLI command): take its settings."""
+        if not self._bound and has_app_context() and "mpc" in current_app.extensions:
+            self.bind(current_app.extensions["mpc"].settings, current_app.instance_path)
 
     def _runtime_config(self) -> RuntimeConfig:
         task = self.target_task
@@ -722,6 +737,14 @@ class MetaMPController:
             live = runtime.local_run(row["uuid"])
         return present(row, position, live)
 
+    def client_view(self, row: Row) -> TaskObject:
+        """The task object of a stored row as HTTP clients see it (see :meth:`client_view_of`)."""
+        return self._for_client(self._present(row))
+
+    def client_view_of(self, task: TaskObject) -> TaskObject:
+        """A task object as HTTP clients see it: no traceback unless the controller (or debug mode) says so."""
+        return self._for_client(task)
+
     def _for_client(self, task: TaskObject) -> TaskObject:
         """A task object as HTTP clients see it: no traceback unless the controller (or debug mode) says so."""
         if self.expose_tracebacks or (has_app_context() and current_app.debug):
@@ -761,6 +784,8 @@ class MetaMPController:
 
 
 def _raise_system_exit(signum: int, frame: object) -> None:
+    # Once: a second SIGTERM (a supervisor repeating itself) must not cut the graceful shutdown short.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     raise SystemExit(128 + signum)
 
 

@@ -76,3 +76,5 @@ CALLBACK_QUEUE = 10_000
 IDLE_RECHECK = 5.0
 #: Seconds a shutdown waits, beyond a task's stop escalation, for outcomes to be recorded.
 SHUTDOWN_MARGIN = 3.0
+#: URL prefix of the extension's views (health, task API).
+URL_PREFIX = "/mpc"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from .controller import MetaMPController
@@ -24,11 +24,9 @@ CLIENT = "client"
 _lock = threading.Lock()
 _controllers: "weakref.WeakSet[MetaMPController]" = weakref.WeakSet()
 _forced_role: Optional[str] = None
-#: Extension objects not initialised with an app yet: while there is one, mounting a resource does
-#: not start its controller; the extension's ``init_app`` does, with the app's configuration.
-_pending_extensions: "weakref.WeakSet[Any]" = weakref.WeakSet()
-#: The app whose extension was initialised last, and its settings, for controllers made afterwards.
-_bound: Optional[tuple["weakref.ref[Any]", dict[str, Any], Optional[str]]] = None
+#: True once an extension object was made in this process: mounting a resource then no longer
+#: starts its controller; the extension's ``init_app`` (or the first use) does, with the app's settings.
+_extension_made = False
 
 
 def role() -> str:
@@ -64,33 +62,14 @@ def controllers() -> list["MetaMPController"]:
     return sorted(found, key=lambda c: c.name)
 
 
-def extension_pending(extension: Any, pending: bool) -> None:
-    """Record that ``extension`` waits for its first ``init_app`` (or no longer does)."""
+def note_extension() -> None:
+    """Record that an extension object exists in this process."""
+    global _extension_made
     with _lock:
-        if pending:
-            _pending_extensions.add(extension)
-        else:
-            _pending_extensions.discard(extension)
+        _extension_made = True
 
 
-def extension_pending_somewhere() -> bool:
-    """Whether an extension object of this process still waits for its app."""
+def extension_made() -> bool:
+    """Whether an extension object was made in this process."""
     with _lock:
-        return len(_pending_extensions) > 0
-
-
-def note_bound_app(app: Any, config: dict[str, Any], instance_path: Optional[str]) -> None:
-    """Remember the app an extension was initialised with, for controllers created later."""
-    global _bound
-    with _lock:
-        _bound = (weakref.ref(app), config, instance_path)
-
-
-def bound_app() -> Optional[tuple[Any, dict[str, Any], Optional[str]]]:
-    """The last app an extension was initialised with (if it still exists), its MPC_* settings and instance folder."""
-    with _lock:
-        bound = _bound
-    if bound is None:
-        return None
-    app = bound[0]()
-    return None if app is None else (app, bound[1], bound[2])
+        return _extension_made

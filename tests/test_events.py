@@ -197,7 +197,7 @@ def test_a_task_lost_with_its_server_has_one_end(ends, receiver, sqlite_url):
     assert store.claim("Ends", owner, 1) is not None
     feed = Feed(store)
     controller, _ = ends()
-    _app(controller)  # a new server mounts it, starts, and settles what the dead one left
+    controller.tasks()  # a new server starts using it, and settles what the dead one left
     assert_one_end(feed, receiver, row["uuid"], "lost")
 
 
@@ -240,7 +240,7 @@ def test_an_undelivered_callback_of_a_dead_process_is_delivered_once_by_the_next
     ended = store.finish(row["uuid"], "succeeded", owner=owner, emitter=owner, result=1)
     assert {e["cursor"] for e in store.unacked("Ends")} >= {started["cursor"], ended["cursor"]}
     time.sleep(0.1)
-    _app(make_controller(Ends, store=sqlite_url, callback_url=receiver.url))  # the next start of a server
+    make_controller(Ends, store=sqlite_url, callback_url=receiver.url).tasks()  # the next start of a server
     bodies = wait_until(lambda: receiver.both_events(row["uuid"]), timeout=30)
     assert bodies["ended"]["cursor"] == ended["cursor"]
     wait_until(lambda: not store.unacked("Ends"), timeout=10)

@@ -1,0 +1,225 @@
+"""``flask mpc``: list, inspect, stop, wait for, purge and submit tasks from a shell.
+
+Flask finds the group through the ``flask.commands`` entry point before it imports the app,
+and the group makes the process a client first (see :mod:`.registry`): importing the app then
+creates its controllers as clients, which read and write the store but start no fork server and
+no thread, so the command never runs a task. ``init_app`` also adds the same commands to
+``app.cli`` (what ``app.test_cli_runner()`` invokes), where the process's role is left as it is.
+
+User errors (an unknown uuid, a bad argument) print one line and exit non-zero.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import click
+from flask.cli import AppGroup, with_appcontext
+
+from . import registry
+from .exceptions import MPCError
+from .states import TERMINAL, TaskStatus
+
+if TYPE_CHECKING:
+    from .controller import MetaMPController
+
+#: Seconds between two looks at a task's progress while ``wait`` draws its bar.
+_WAIT_STEP = 0.5
+
+
+def _commands(group: AppGroup) -> AppGroup:
+    """Add every ``mpc`` subcommand to ``group``."""
+    for command in (list_command, status_command, stop_command, wait_command, purge_command, submit_command):
+        group.add_command(command)
+    return group
+
+
+def _controllers() -> list["MetaMPController"]:
+    from .extension import MultiprocessController
+
+    return MultiprocessController.controllers()
+
+
+def _controller(name: str) -> "MetaMPController":
+    from .extension import MultiprocessController
+
+    try:
+        return MultiprocessController.controller(name)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _owner(uuid: str) -> "MetaMPController":
+    """The controller of task ``uuid``."""
+    from .controller import parse_uuid
+
+    try:
+        uuid = parse_uuid(uuid)
+        for controller in _controllers():
+            row = controller.store.get(uuid)
+            if row is not None and row["controller"] == controller.name:
+                return controller
+    except MPCError as exc:
+        raise click.ClickException(exc.message) from None
+    raise click.ClickException(f"No task with uuid {uuid} is known to any controller.")
+
+
+def _user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the package's errors into one-line click errors."""
+    import functools
+
+    @functools.wraps(action)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return action(*args, **kwargs)
+        except MPCError as exc:
+            raise click.ClickException(exc.message) from None
+
+    return guarded
+
+
+def _ago(iso: Optional[str]) -> str:
+    if not iso:
+        return "-"
+    seconds = max(0.0, time.time() - datetime.fromisoformat(iso).timestamp())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _table(tasks: list[dict[str, Any]]) -> str:
+    header = ("UUID", "CONTROLLER", "STATUS", "%", "CREATED", "ENDED")
+    rows = [(t["uuid"], t["controller"], t["status"], "-" if t.get("percent") is None else f"{t['percent']:.0f}",
+             _ago(t.get("created_at")), _ago(t.get("ended_at"))) for t in tasks]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in (header, *rows))
+
+
+@click.command("list")
+@click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in TaskStatus]),
+              help="Only tasks in this status (repeatable).")
+@click.option("--controller", "controller_name", help="Only this controller's tasks.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@with_appcontext
+@_user_errors
+def list_command(statuses: tuple[str, ...], controller_name: Optional[str], limit: int, as_json: bool) -> None:
+    """List the newest tasks of every controller."""
+    from .views import list_all
+
+    controllers = [_controller(controller_name)] if controller_name else _controllers()
+    found = list_all(controllers, list(statuses), limit, None)["tasks"]
+    click.echo(json.dumps(found, indent=2) if as_json else (_table(found) if found else "No tasks."))
+
+
+@click.command("status")
+@click.argument("uuid")
+@click.option("--json", "as_json", is_flag=True, help="Print the task object as JSON.")
+@with_appcontext
+@_user_errors
+def status_command(uuid: str, as_json: bool) -> None:
+    """Show one task."""
+    task = _owner(uuid).status(uuid)
+    if as_json:
+        click.echo(json.dumps(task, indent=2))
+        return
+    for key in ("uuid", "controller", "status", "msg", "progress", "percent", "args", "result", "created_at",
+                "started_at", "ended_at", "pid", "attempt"):
+        click.echo(f"{key:>10}: {json.dumps(task.get(key)) if key in ('progress', 'args', 'result') else task.get(key)}")
+    error = task.get("error")
+    if error:
+        click.echo(f"{'error':>10}: {error['type']}: {error['message']}")
+        if error.get("traceback"):
+            click.echo(error["traceback"].rstrip())
+
+
+@click.command("stop")
+@click.argument("uuid")
+@with_appcontext
+@_user_errors
+def stop_command(uuid: str) -> None:
+    """Stop a task (a queued one never starts; a running one is stopped gracefully)."""
+    task = _owner(uuid).stop(uuid)
+    click.echo(task["msg"])
+
+
+@click.command("wait")
+@click.argument("uuid")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Give up after this many seconds.")
+@with_appcontext
+@_user_errors
+def wait_command(uuid: str, timeout: Optional[float]) -> None:
+    """Wait for a task to end, with a progress bar; exit 0 if it succeeded, 1 otherwise."""
+    controller = _owner(uuid)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with click.progressbar(length=100, label=f"Task {uuid[:8]}", show_eta=False) as bar:
+        shown = 0
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            task = controller.wait(uuid, _WAIT_STEP if left is None else min(_WAIT_STEP, left))
+            percent = int(task.get("percent") or 0)
+            if task["status"] == TaskStatus.SUCCEEDED:
+                percent = 100
+            if percent > shown:
+                bar.update(percent - shown)
+                shown = percent
+            if task["status"] in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
+                break
+    click.echo(task["msg"])
+    raise SystemExit(0 if task["status"] == TaskStatus.SUCCEEDED else 1)
+
+
+@click.command("purge")
+@click.option("--older-than", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Delete finished tasks that ended more than this long ago (default: each controller's retention).")
+@with_appcontext
+@_user_errors
+def purge_command(older_than: Optional[float]) -> None:
+    """Delete finished tasks past their retention now."""
+    total = 0
+    for controller in _controllers():
+        store = controller.store
+        keep = controller.retention if older_than is None else older_than
+        total += store.purge(controller.name, store.now() - keep)
+    click.echo(f"Purged {total} task(s).")
+
+
+@click.command("submit")
+@click.argument("controller_name", metavar="CONTROLLER")
+@click.argument("arguments", nargs=-1, metavar="KEY=VALUE...")
+@with_appcontext
+@_user_errors
+def submit_command(controller_name: str, arguments: tuple[str, ...]) -> None:
+    """Queue a task; each VALUE is JSON when it parses (42, true, [1, 2]), else a string."""
+    kwargs: dict[str, Any] = {}
+    for argument in arguments:
+        key, sep, raw = argument.partition("=")
+        if not sep or not key:
+            raise click.ClickException(f"Arguments look like KEY=VALUE, not {argument!r}.")
+        try:
+            kwargs[key] = json.loads(raw)
+        except ValueError:
+            kwargs[key] = raw
+    click.echo(_controller(controller_name).submit(**kwargs))
+
+
+class _ClientGroup(AppGroup):
+    """The ``mpc`` group as the ``flask`` command loads it: the process becomes a client before any
+    subcommand imports the app."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        registry.become_client()
+        return super().invoke(ctx)
+
+
+_HELP = "Inspect and control flask-multiprocess-controller tasks."
+
+#: The commands as ``init_app`` adds them to ``app.cli`` (the process's role is left as it is).
+mpc_commands = _commands(AppGroup("mpc", help=_HELP))
+
+#: The ``flask.commands`` entry point: the same commands, run as a client-only process.
+mpc = _commands(_ClientGroup("mpc", help=_HELP))

@@ -1,0 +1,167 @@
+"""The extension's URLs under ``MPC_URL_PREFIX``: the health endpoint and the task API of every controller.
+
+Every view is wrapped in the extension's ``decorator=``; every answer is JSON, errors with a
+``message`` (mapped in :mod:`.errors`); a controller's ``tenant=`` hook limits what a request sees.
+"""
+from __future__ import annotations
+
+import functools
+import heapq
+from typing import TYPE_CHECKING, Any, Callable, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+from flask import Blueprint, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from . import defaults
+from .errors import error_response
+from .exceptions import InvalidRequest, MPCError, StoreError, TaskNotFound
+from .presenter import TaskObject, clip
+from .states import ALL_STATUSES
+from .store import TaskStore
+
+if TYPE_CHECKING:
+    from .controller import MetaMPController
+    from .extension import MultiprocessController
+
+
+def make_blueprint(extension: "MultiprocessController") -> Blueprint:
+    """The blueprint of the extension's views (registered by ``init_app`` under the prefix)."""
+    blueprint = Blueprint("mpc", __name__)
+    wrap = _wrapper(extension)
+    blueprint.add_url_rule("/health", "health", wrap(_health(extension)))
+    blueprint.add_url_rule("/api/tasks", "tasks", wrap(_task_list(extension)))
+    blueprint.add_url_rule("/api/tasks/<uuid>", "task", wrap(_task_item(extension)), methods=["GET", "DELETE"])
+    return blueprint
+
+
+def _wrapper(extension: "MultiprocessController") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Map package errors to JSON answers, then apply the extension's decorator."""
+
+    def wrap(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def answering(*args: Any, **kwargs: Any) -> ResponseReturnValue:
+            try:
+                return view(*args, **kwargs)  # type: ignore[no-any-return]
+            except MPCError as exc:
+                body, status, headers = error_response(exc)
+                return jsonify(body), status, headers
+
+        return extension.decorator(answering) if extension.decorator else answering
+
+    return wrap
+
+
+def public_store_name(store: TaskStore) -> str:
+    """How a store is shown to operators: its URL without any password."""
+    url = getattr(store, "url", None)
+    if not isinstance(url, str):
+        path = getattr(store, "path", None)
+        return f"sqlite:///{path}" if isinstance(path, str) else type(store).__name__
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def _health(extension: "MultiprocessController") -> Callable[[], ResponseReturnValue]:
+    def health() -> ResponseReturnValue:
+        report: dict[str, Any] = {}
+        ok = True
+        for controller in extension.controllers():
+            entry: dict[str, Any] = {"max_num_process": controller.max_num_process}
+            try:
+                store = controller.store
+                entry["store"] = public_store_name(store)
+                counts = store.counts(controller.name)
+                entry.update(running=counts.get("running", 0) + counts.get("stopping", 0),
+                             queued=counts.get("queued", 0))
+            except StoreError as exc:
+                ok = False
+                entry.update(status="unavailable", message=exc.message)
+            report[controller.name] = entry
+        body = {"status": "ok" if ok else "unavailable", "controllers": report}
+        if ok:
+            return jsonify(body), 200
+        return jsonify(body), 503, {"Retry-After": str(defaults.RETRY_AFTER)}
+
+    return health
+
+
+def _task_list(extension: "MultiprocessController") -> Callable[[], ResponseReturnValue]:
+    def tasks() -> ResponseReturnValue:
+        wanted = request.args.get("controller")
+        controllers = [c for c in extension.controllers() if wanted in (None, "", c.name)]
+        if wanted and not controllers:
+            raise InvalidRequest(f"No controller is called {wanted!r}.")
+        statuses = [s for s in (request.args.get("status") or "").split(",") if s]
+        unknown = [s for s in statuses if s not in ALL_STATUSES]
+        if unknown:
+            raise InvalidRequest(f"Unknown status {unknown[0]!r}: use one of {', '.join(ALL_STATUSES)}.")
+        limit = _int_option("limit", defaults.LIST_LIMIT, 1, defaults.MAX_LIST_LIMIT)
+        before = _int_option("before", None, 1, None)
+        return jsonify(list_all(controllers, statuses, limit, before))
+
+    return tasks
+
+
+def list_all(controllers: list["MetaMPController"], statuses: list[str], limit: int,
+             before: Optional[int]) -> dict[str, Any]:
+    """The newest tasks of several controllers, merged newest first, with the cursor of the next page.
+
+    Each controller's store returns at most ``limit`` tasks older than ``before`` (a ``seq``),
+    so a page costs O(``limit``) per controller. Controllers sharing a store (the usual case)
+    share its ``seq`` order; across different stores the order is each store's own.
+    """
+    pages = []
+    for controller in controllers:
+        rows = controller.store.list_tasks(controller.name, statuses or None, limit, before,
+                                           tenant=controller.tenant_filter())
+        pages.append([(row["seq"], controller, row) for row in rows])
+    merged = list(heapq.merge(*pages, key=lambda item: item[0], reverse=True))[:limit]
+    found: list[TaskObject] = [clip(controller.client_view(row), defaults.LIST_VALUE_SIZE)
+                               for _, controller, row in merged]
+    next_cursor = merged[-1][0] if len(merged) == limit else None
+    return {"tasks": found, "next": next_cursor}
+
+
+def _task_item(extension: "MultiprocessController") -> Callable[[str], ResponseReturnValue]:
+    def task(uuid: str) -> ResponseReturnValue:
+        controller = find_owner(extension, uuid)
+        if request.method == "DELETE":
+            stopped = controller.client_view_of(controller.stop(uuid))
+            return jsonify(stopped), (200 if stopped["status"] == "stopped" else 202)
+        return jsonify(controller.client_view_of(controller.status(uuid)))
+
+    return task
+
+
+def find_owner(extension: "MultiprocessController", uuid: str) -> "MetaMPController":
+    """The controller whose task ``uuid`` is (and visible to the request).
+
+    :raises TaskNotFound: no controller of this process has it, or the request's tenant may not see it.
+    """
+    from .controller import parse_uuid
+
+    uuid = parse_uuid(uuid)
+    for controller in extension.controllers():
+        row = controller.store.get(uuid)
+        if row is not None and row["controller"] == controller.name and controller.visible(row):
+            return controller
+    raise TaskNotFound(uuid)
+
+
+def _int_option(name: str, default: Optional[int], minimum: int, maximum: Optional[int]) -> Any:
+    raw = request.args.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"Query option '{name}' must be an integer, not {raw!r}.") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise InvalidRequest(f"Query option '{name}' must be {bound}, not {value}.")
+    return value
