@@ -783,23 +783,44 @@ class MetaMPController:
             return f"{request.path}?uuid={uuid}"
 
 
+def _stop_claiming_everywhere() -> None:
+    """Tell every runtime of the process to claim no more tasks (flags only: safe in a signal handler)."""
+    for controller in list(_LIVE):
+        side = controller._side
+        if isinstance(side, Runtime):
+            side.stop_claiming()
+
+
 def _raise_system_exit(signum: int, frame: object) -> None:
+    _stop_claiming_everywhere()
     # Once: a second SIGTERM (a supervisor repeating itself) must not cut the graceful shutdown short.
     signal.signal(signal.SIGTERM, lambda *_: None)
     raise SystemExit(128 + signum)
 
 
 def _exit_cleanly_on_sigterm() -> None:
-    """Make SIGTERM end the process through a normal exit, so that controllers shut down gracefully.
+    """On SIGTERM, stop claiming tasks at once, and end the process through a normal exit.
 
     By default SIGTERM kills a Python process without running ``atexit``: the dev
     server would leave its running tasks unrecorded. Like the default SIGINT handler
-    (which raises KeyboardInterrupt), this one unwinds the main thread; it is only
-    installed where nobody set a handler (gunicorn workers have their own, which exit
-    normally too).
+    (which raises KeyboardInterrupt), the handler installed where nobody set one unwinds
+    the main thread. A handler set before (a gunicorn worker's, which exits normally
+    too, but only after its accept loop notices) is kept and called after the runtimes
+    stopped claiming: a worker that is going away must not take a queued task that a
+    sibling's stopping task just made room for.
     """
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_system_exit)
+    elif callable(previous) and previous is not _raise_system_exit and not getattr(previous, "_mpc", False):
+        def chained(signum: int, frame: Any) -> None:
+            _stop_claiming_everywhere()
+            previous(signum, frame)
+
+        chained._mpc = True  # type: ignore[attr-defined]
+        signal.signal(signal.SIGTERM, chained)
 
 
 def _query() -> Mapping[str, str]:

@@ -73,8 +73,14 @@ CALLBACK_ORPHAN_AGE = 2.0
 CALLBACK_QUEUE = 10_000
 #: Seconds an idle controlling thread waits before it looks at a shared store again even though no
 #: event said so (events wake it at once; this only bounds the cost of an event that was missed).
-IDLE_RECHECK = 5.0
+IDLE_RECHECK = 60.0
 #: Seconds a shutdown waits, beyond a task's stop escalation, for outcomes to be recorded.
 SHUTDOWN_MARGIN = 3.0
 #: URL prefix of the extension's views (health, task API).
 URL_PREFIX = "/mpc"
+#: Bytes of its newest log lines each task keeps (256 KiB).
+LOG_KEEP_BYTES = 256 * 1024
+#: Seconds a task's log lines are kept after its last line (a day), whatever the task's retention.
+LOG_RETENTION = 24 * 3600.0
+#: Seconds a serving process claims nothing after a sibling stopped a task because it is shutting down.
+SIBLING_SHUTDOWN_HOLD = 2.0

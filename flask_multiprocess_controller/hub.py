@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from . import defaults
 from .events import Event
+from .exceptions import StoreError
 from .persist import GaveUp, Retrier
 from .store import TaskStore
 
@@ -46,6 +47,8 @@ class EventHub:
         self._stop = threading.Event()
         self._retrier = Retrier(logger, self._stop)
         self._thread: Optional[threading.Thread] = None
+        # Guards _cursor and the reading of the feed from it (the follower, or catch_up()).
+        self._reading = threading.Lock()
         self._cursor: Optional[str] = None
 
     def subscribe(self, subscriber: Subscriber, local_only: bool = False) -> None:
@@ -95,12 +98,27 @@ class EventHub:
 
     def _follow(self) -> None:
         while not self._stop.is_set():
-            cursor = self._cursor
             try:
-                changes = self._retrier.call(
-                    "reading the change feed", lambda: self.store.changes(cursor, defaults.FEED_WAIT))
+                self._read(defaults.FEED_WAIT)
             except GaveUp:
                 return
+
+    def catch_up(self) -> None:
+        """Read and dispatch, in this thread, the events of other processes written so far."""
+        if self._thread is None:
+            return
+        try:
+            self._read(0.0)
+        except StoreError:  # the follower catches up once the store is back
+            pass
+
+    def _read(self, wait: float) -> None:
+        with self._reading:
+            cursor = self._cursor
+            if wait > 0:
+                changes = self._retrier.call("reading the change feed", lambda: self.store.changes(cursor, wait))
+            else:
+                changes = self.store.changes(cursor, 0.0)
             self._cursor = changes.cursor
             if changes.reset:
                 self._logger.warning("Task events were pruned before this process read them; "

@@ -18,6 +18,7 @@ none dies of it, and an outcome reached meanwhile is recorded once the store is 
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import signal
@@ -131,6 +132,12 @@ def callback_body(event: Event, expose_tracebacks: bool = False) -> dict[str, An
             "task": task}
 
 
+def _shutdown_end(event: Event) -> bool:
+    """Whether the event is the end of a task that its server's shutdown stopped."""
+    error = event["task"].get("error") or {}
+    return bool(error.get("type") == "Shutdown")
+
+
 class Runtime:
     """Fork server, slot threads, event hub, log listener and the running tasks of one controller."""
 
@@ -150,6 +157,12 @@ class Runtime:
         self._work = threading.Condition()
         self._generation = 0
         self.closing = False
+        #: True once the process is going away: no more claims (see stop_claiming).
+        self.draining = False
+        #: Monotonic time before which no task is claimed (a sibling is shutting down).
+        self._hold_claims_until = 0.0
+        #: Store-clock times at which siblings recently stopped tasks because they were shutting down.
+        self._sibling_shutdowns: collections.deque[float] = collections.deque(maxlen=16)
         #: Set when background threads must stop waiting for an unreachable store.
         self._give_up = threading.Event()
         # Guards _runs: the tasks running in this process, by uuid.
@@ -206,6 +219,12 @@ class Runtime:
 
     def _on_event(self, event: Event) -> None:
         kind, uuid = event["kind"], event["uuid"]
+        if kind == EventKind.ENDED and _shutdown_end(event) and event["emitter"] != self.owner:
+            # A sibling is shutting down, and this process is probably next (gunicorn signals its
+            # workers one after the other, and a worker may handle its signal late): hold off claims
+            # for a moment, so no queued task is started only to be cut short.
+            self._hold_claims_until = time.monotonic() + defaults.SIBLING_SHUTDOWN_HOLD
+            self._sibling_shutdowns.append(event["at"])
         if kind in (EventKind.QUEUED, EventKind.REQUEUED, EventKind.ENDED):
             self.notify_work()  # work was queued, or a slot of the controller came free
         if kind == EventKind.ENDED:
@@ -245,6 +264,13 @@ class Runtime:
 
     # -- work -----------------------------------------------------------------
 
+    def stop_claiming(self) -> None:
+        """Claim no more tasks (the process is going away); running ones go on until :meth:`shutdown`.
+
+        Only sets a flag, so a signal handler may call it.
+        """
+        self.draining = True
+
     def notify_work(self) -> None:
         """Wake idle slots: tasks were queued, or slots came free."""
         with self._work:
@@ -256,18 +282,37 @@ class Runtime:
         c = self.config
         while True:
             with self._work:
-                if self.closing:
+                if self.closing or self.draining:
                     return None
+                held = self._hold_claims_until - time.monotonic()
+                if held > 0:
+                    self._work.wait(held)
+                    continue
                 generation = self._generation
             try:
                 row = retrier.call("claiming a task", lambda: self.store.claim(c.name, self.owner, c.max_num_process))
             except GaveUp:
+                return None
+            if row is not None and self._going_away():  # claimed as the process began to go away: give it back
+                self.give_back(row, retrier)
                 return None
             if row is not None:
                 return row
             with self._work:
                 if self._generation == generation and not self.closing:
                     self._work.wait(defaults.IDLE_RECHECK if self.store.shared else None)
+
+    def _going_away(self) -> bool:
+        return self.draining
+
+    def give_back(self, row: Row, retrier: Retrier) -> None:
+        """Return a task this process claimed but will not run to the queue."""
+        try:
+            event = retrier.call("returning a task to the queue", lambda: self.store.requeue(
+                row["uuid"], owner=self.owner, emitter=self.owner, uncount=True))
+        except GaveUp:
+            return  # the next start settles it (requeued if restartable, else lost)
+        self.events.publish(event)
 
     def purge(self) -> None:
         """Delete the controller's tasks that ended longer than ``retention`` ago."""
@@ -348,6 +393,15 @@ class Runtime:
             return
         c = self.config
         try:
+            if (run.stop_reason is StopReason.SHUTDOWN and outcome.status is TaskStatus.STOPPED
+                    and self._claimed_amid_shutdown(run)):
+                event = retrier.call("returning a task to the queue", lambda: self.store.requeue(
+                    run.uuid, owner=self.owner, emitter=self.owner, uncount=True))
+                if event is not None:
+                    self.logger.info("Task %s was claimed as the server began to shut down; it is queued again.",
+                                     run.uuid)
+                    self.events.publish(event)
+                    return
             if (run.stop_reason is StopReason.SHUTDOWN and c.restartable
                     and outcome.status is not TaskStatus.SUCCEEDED):
                 event = retrier.call("requeueing a task", lambda: self.store.requeue(
@@ -368,6 +422,16 @@ class Runtime:
                                 run.uuid, outcome.status.value)
             return
         self.events.publish(event)
+
+    def _claimed_amid_shutdown(self, run: TaskRun) -> bool:
+        """Whether ``run`` was claimed just after a sibling began to shut down (this process had not
+        been told yet): such a task is given back rather than recorded as stopped by the shutdown."""
+        claimed = run.claimed_at
+        if claimed is None:
+            return False
+        self.events.catch_up()  # what the siblings did may not have been read yet
+        return any(
+            0.0 <= claimed - at <= defaults.SIBLING_SHUTDOWN_HOLD for at in list(self._sibling_shutdowns))
 
     def fail(self, uuid: str, exc: BaseException, retrier: Retrier) -> None:
         """Record that the controlling thread itself failed to run task ``uuid``."""
@@ -471,14 +535,15 @@ class _Slot(threading.Thread):
         rt = self.runtime
         c = rt.config
         run = TaskRun(row["uuid"], row.get("timeout"), self.wake, row.get("progress"), row.get("percent"),
-                      attempt=row.get("attempt"))
+                      attempt=row.get("attempt"), claimed_at=row.get("started_at"))
         rt.register(run)
         try:
             if row.get("stop_requested"):
                 run.request_stop(StopReason.REQUESTED)
-            if rt.closing:
-                run.request_stop(StopReason.SHUTDOWN)
             child = self._warm_child()
+            if rt.closing or rt.draining:  # the process began to go away since the claim: do not start it
+                rt.give_back(row, self._retrier)
+                return
             outcome = self._supervisor.run(run, child, row["args"], dict(c.context))
             self._tasks_in_child += 1
             if not outcome.child_alive or self._tasks_in_child >= c.max_tasks_per_child > 0:

@@ -49,8 +49,11 @@ class TaskRun:
     """A task that a controlling thread has claimed: what other threads may ask of it."""
 
     def __init__(self, uuid: str, timeout: Optional[float], wake: Callable[[], None],
-                 progress: Any = None, percent: Optional[float] = None, attempt: Optional[int] = None) -> None:
+                 progress: Any = None, percent: Optional[float] = None, attempt: Optional[int] = None,
+                 claimed_at: Optional[float] = None) -> None:
         self.uuid = uuid
+        #: When the store recorded the claim (its clock), to tell a claim made as the server began to stop.
+        self.claimed_at = claimed_at
         #: Which run of the task this is (the store counts claims): events of other runs do not apply.
         self.attempt = attempt
         self.timeout = timeout

@@ -330,3 +330,41 @@ def test_tenants_cannot_see_or_stop_each_others_tasks(tmp_path, monkeypatch):
     finally:
         example.reports.shutdown()
         sys.modules.pop("tenants_app", None)
+
+
+@pytest.mark.timeout(60)
+def test_a_client_controller_runs_nothing_and_needs_a_shared_store(tmp_path, monkeypatch):
+    client = MetaMPController(Echo, role="client", store="memory://")
+    try:
+        with pytest.raises(Exception, match="one process only"):
+            client.submit(value=1)
+    finally:
+        client.shutdown()
+    monkeypatch.setenv("MPC_ROLE", "client")
+    url = f"sqlite:///{tmp_path}/shared.sqlite3"
+    queued_by_client = MetaMPController(Echo, store=url)
+    try:
+        assert queued_by_client.role == "client" and queued_by_client.forkserver_pid is None
+        before = {p.pid for p in psutil_children()}
+        uuid = queued_by_client.submit(value=5)
+        assert queued_by_client.status(uuid)["status"] == "queued"
+        assert {p.pid for p in psutil_children()} == before, "a client starts no process"
+        monkeypatch.delenv("MPC_ROLE")
+        server = MetaMPController(Echo, store=url)
+        try:
+            server.tasks()  # a serving process starts and runs what the client queued
+            done = queued_by_client.wait(uuid, timeout=20)
+            assert done["status"] == "succeeded" and done["result"] == 5
+        finally:
+            server.shutdown()
+    finally:
+        queued_by_client.shutdown()
+    monkeypatch.setenv("MPC_ROLE", "sometimes")
+    with pytest.raises(ValueError, match="MPC_ROLE"):
+        MetaMPController(Echo, store="memory://")
+
+
+def psutil_children() -> list[Any]:
+    import psutil
+
+    return psutil.Process().children(recursive=True)

@@ -1364,3 +1364,15 @@ def test_a_bad_sqlite_url_option_gives_store_error(tmp_path, query):
     with pytest.raises(StoreError):
         resolve_store(f"sqlite:///{tmp_path}/bad.sqlite3?{query}")
     assert not (tmp_path / "bad.sqlite3").exists()
+
+
+@pytest.mark.timeout(30)
+def test_requeue_can_take_the_claim_back(store):
+    [uuid] = add(store)
+    assert claim(store)["attempt"] == 1
+    event = store.requeue(uuid, owner="owner-1", uncount=True)
+    assert event["kind"] == "requeued" and event["task"]["attempt"] == 0
+    assert fetch(store, uuid)["status"] == "queued" and fetch(store, uuid)["attempt"] == 0
+    assert claim(store)["attempt"] == 1, "the claim given back did not count"
+    store.requeue(uuid, owner="owner-1")
+    assert claim(store)["attempt"] == 2

@@ -17,6 +17,8 @@ on the clocks of the hosts that share it.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import abc
 import re
 import time
@@ -25,6 +27,10 @@ from typing import Any, Iterable, Optional, Sequence, TypedDict
 from .. import defaults
 from ..events import Changes, Event
 from ..states import TERMINAL
+
+
+if TYPE_CHECKING:
+    from .logbook import LogBook
 
 
 class Row(TypedDict, total=False):
@@ -177,10 +183,13 @@ class TaskStore(abc.ABC):
         """:meth:`finish` with checked arguments."""
 
     @abc.abstractmethod
-    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None) -> Optional[Event]:
+    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None,
+                uncount: bool = False) -> Optional[Event]:
         """Put an active task (of ``owner``, if given) back in the queue at its old place; event ``requeued``.
 
         Its owner, pid, ``started_at`` and stop request are cleared. ``emitter`` defaults to ``owner``.
+        :param uncount: the claim is taken back as if it never happened (``attempt`` goes down by one):
+            for a task the claiming process gives back without running it.
         """
 
     @abc.abstractmethod
@@ -292,6 +301,18 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def forget_owner(self, owner: str) -> None:
         """Drop ``owner``'s heartbeat (it shut down cleanly)."""
+
+    @property
+    def logs(self) -> "LogBook":
+        """The per-task logs kept in this store (see :mod:`.logbook`)."""
+        book = self.__dict__.get("_logbook")
+        if book is None:
+            book = self.__dict__["_logbook"] = self._make_logbook()
+        return book
+
+    @abc.abstractmethod
+    def _make_logbook(self) -> "LogBook":
+        """This store's :class:`~.logbook.LogBook`."""
 
     def close(self) -> None:
         """Release connections held by this process."""

@@ -6,13 +6,16 @@ import heapq
 import itertools
 import threading
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import ANY_TENANT, COLUMNS, Row, TaskStore, parse_counter
+
+if TYPE_CHECKING:
+    from .logbook import LogBook
 
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE = frozenset(s.value for s in ACTIVE)
@@ -132,11 +135,14 @@ class MemoryStore(TaskStore):
             row.update({"ended_at": now, **copy.deepcopy(fields), "status": status})  # type: ignore[typeddict-item]
             return self._emit(EventKind.ENDED, row, emitter, now)
 
-    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None) -> Optional[Event]:
+    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None,
+                uncount: bool = False) -> Optional[Event]:
         with self._lock:
             row = self._owned_active(uuid, owner)
             if row is None:
                 return None
+            if uncount:
+                row["attempt"] = max(0, row["attempt"] - 1)
             row.update({"status": _QUEUED, "owner": None, "pid": None, "pid_created": None, "started_at": None,
                         "stop_requested": False})
             heapq.heappush(self._queues.setdefault(row["controller"], []), (row["priority"], row["seq"], uuid))
@@ -261,3 +267,8 @@ class MemoryStore(TaskStore):
     def forget_owner(self, owner: str) -> None:
         with self._lock:
             self._heartbeats.pop(owner, None)
+
+    def _make_logbook(self) -> "LogBook":
+        from .logbook import MemoryLogBook
+
+        return MemoryLogBook(self)

@@ -23,17 +23,21 @@ one Redis server, not a Cluster):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import json
 import re
-from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, TypeVar, cast, Iterator
 
 from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event
 from ..exceptions import QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import ANY_TENANT, COLUMNS as _COLUMNS, Row, TaskStore
+
+if TYPE_CHECKING:
+    from .logbook import LogBook
 
 try:
     import redis
@@ -212,6 +216,9 @@ local key = prefix .. 't:' .. ARGV[4]
 if not owned_active(key, ARGV[5]) then return false end
 redis.call('HSET', key, 'stop_requested', '0')
 redis.call('HDEL', key, 'owner', 'pid', 'pid_created', 'started_at')
+if ARGV[6] == '1' and tonumber(redis.call('HGET', key, 'attempt') or '0') > 0 then
+  redis.call('HINCRBY', key, 'attempt', -1)
+end
 move(key, 'queued')
 return emit('requeued', key)
 """
@@ -497,8 +504,9 @@ class RedisStore(TaskStore):
         return _event(*done) if done else None
 
     @_guarded
-    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None) -> Optional[Event]:
-        done = self._write("requeue", owner if emitter is None else emitter, uuid, owner or "")
+    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None,
+                uncount: bool = False) -> Optional[Event]:
+        done = self._write("requeue", owner if emitter is None else emitter, uuid, owner or "", "1" if uncount else "0")
         return _event(*done) if done else None
 
     @_guarded
@@ -641,3 +649,16 @@ class RedisStore(TaskStore):
     def close(self) -> None:
         self._redis.close()
         self._feed.close()
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Let a driver error raised in the block leave it only as a :class:`StoreError`."""
+        try:
+            yield
+        except redis.RedisError as exc:
+            raise _store_error(self.url, exc) from exc
+
+    def _make_logbook(self) -> "LogBook":
+        from .logbook import RedisLogBook
+
+        return RedisLogBook(self)

@@ -19,13 +19,16 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import ANY_TENANT, COLUMNS as _COLUMNS, Row, TaskStore, parse_counter
+
+if TYPE_CHECKING:
+    from .logbook import LogBook
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mpc_tasks (
@@ -115,6 +118,8 @@ _PURGE_BATCH = 500
 _NO_SEQ = 2 ** 63 - 1
 #: Stands for the store's clock at the change, read once the write lock is held.
 _NOW = object()
+#: An assignment that takes one off a counter (a claim given back does not count as an attempt).
+_UNCOUNT = object()
 
 
 def _encode(column: str, value: Any) -> Any:
@@ -409,11 +414,11 @@ class SQLiteStore(TaskStore):
 
         A value :data:`_NOW` is the store's clock at the change.
         """
-        clause = ", ".join(f"{c} = ?" for c in assignments)
+        clause = ", ".join(f"{c} = MAX(0, {c} - 1)" if v is _UNCOUNT else f"{c} = ?" for c, v in assignments.items())
         fence, fenced = (" AND owner = ?", (owner,)) if owner is not None else ("", ())
         with self._transaction() as db:
             now = time.time()
-            values = [now if v is _NOW else _encode(c, v) for c, v in assignments.items()]
+            values = [now if v is _NOW else _encode(c, v) for c, v in assignments.items() if v is not _UNCOUNT]
             changed = db.execute(f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL}{fence}",
                                  (*values, uuid, *fenced)).rowcount
             if not changed:
@@ -432,11 +437,14 @@ class SQLiteStore(TaskStore):
         return self._update_active(EventKind.ENDED, uuid, owner, emitter,
                                    {"ended_at": _NOW, **fields, "status": status})
 
-    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None) -> Optional[Event]:
-        return self._update_active(
-            EventKind.REQUEUED, uuid, owner, owner if emitter is None else emitter,
-            {"status": _QUEUED, "owner": None, "pid": None, "pid_created": None, "started_at": None,
-             "stop_requested": False})
+    def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None,
+                uncount: bool = False) -> Optional[Event]:
+        assignments: dict[str, Any] = {"status": _QUEUED, "owner": None, "pid": None, "pid_created": None,
+                                       "started_at": None, "stop_requested": False}
+        if uncount:
+            assignments["attempt"] = _UNCOUNT
+        return self._update_active(EventKind.REQUEUED, uuid, owner, owner if emitter is None else emitter,
+                                   assignments)
 
     def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
         with self._transaction() as db:
@@ -583,3 +591,8 @@ class SQLiteStore(TaskStore):
         if ours:
             for conn in idle:
                 conn.close()
+
+    def _make_logbook(self) -> "LogBook":
+        from .logbook import SQLiteLogBook
+
+        return SQLiteLogBook(self)
