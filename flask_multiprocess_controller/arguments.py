@@ -134,7 +134,7 @@ def _fits(value: Any, basic: type) -> bool:
 
 
 def _same(value: Any, choice: Any) -> bool:
-    """Whether a JSON value equals a ``Literal`` value: same type (``True`` is not ``1``, ``1.0`` is not ``1``)."""
+    """Whether a JSON value equals a ``Literal`` value, type included: ``True`` is not ``1``, ``1.0`` not ``1``."""
     return type(value) is type(choice) and value == choice
 
 
@@ -195,7 +195,8 @@ class ArgumentSpec:
             hints = {}
         #: The keyword arguments, in the signature's order.
         self.params: tuple[Param, ...] = tuple(
-            _param(p, arg_type(hints[p.name]) if p.name in hints else None) for p in params if p.name in self.names)
+            _param(p, arg_type(hints[p.name]) if p.name in hints else None)
+            for p in params if p.name in self.names)
         #: Whether ``execute`` takes ``**kwargs``: then any other name is accepted too, unchecked.
         self.open = any(p.kind is p.VAR_KEYWORD for p in params)
         #: Whether no request can call ``execute``: it has positional-only parameters without defaults.

@@ -46,7 +46,8 @@ _RESPONSES = "#/components/responses/"
 _PARAMETERS = "#/components/parameters/"
 
 #: A path variable of a werkzeug rule: ``<converter(args):name>``.
-_VARIABLE = re.compile(r"<(?:(?P<converter>[a-zA-Z_][a-zA-Z0-9_]*)(?:\((?P<args>.*?)\))?:)?(?P<name>[a-zA-Z_]\w*)>")
+_VARIABLE = re.compile(
+    r"<(?:(?P<converter>[a-zA-Z_][a-zA-Z0-9_]*)(?:\((?P<args>.*?)\))?:)?(?P<name>[a-zA-Z_]\w*)>")
 
 
 def openapi_document(app: Flask, title: Optional[str] = None, version: str = "1",
@@ -225,7 +226,10 @@ class _Builder:
 
 
 def openapi_path(rule: Rule) -> tuple[str, list[dict[str, Any]]]:
-    """The OpenAPI path template of a werkzeug rule (``/t/<string:uuid>`` → ``/t/{uuid}``) and its path parameters."""
+    """The OpenAPI path template of a werkzeug rule and its path parameters.
+
+    ``/t/<string:uuid>`` becomes ``/t/{uuid}``, with a ``uuid`` path parameter.
+    """
     parameters = []
     for match in _VARIABLE.finditer(rule.rule):
         name = match["name"]
@@ -310,8 +314,8 @@ def _post_operation(mount: Mount, arguments_ref: str) -> dict[str, Any]:
         ]})},
         "responses": {
             "200": _task_response("With `?wait=`: every task ended within the wait.", one_or_many, location=True),
-            "202": _task_response("Queued: the task object (`Location` names its URL), or `{\"tasks\": [...]}` for "
-                                  "an array body, in its order.", one_or_many, location=True),
+            "202": _task_response("Queued: the task object (`Location` names its URL), or "
+                                  "`{\"tasks\": [...]}` for an array body, in its order.", one_or_many, location=True),
             **_errors("BadRequest", "PayloadTooLarge", "QueueFull", "Unavailable"),
         },
     }
@@ -319,7 +323,7 @@ def _post_operation(mount: Mount, arguments_ref: str) -> dict[str, Any]:
 
 def _post_to_item() -> dict[str, Any]:
     return {"summary": "Not here: POST goes to the collection URL",
-            "description": "Tasks are queued by a POST to the collection URL, without a uuid: this one is refused.",
+            "description": "Tasks are queued by a POST to the collection URL, without a uuid: this is refused.",
             "responses": _errors("BadRequest")}
 
 
@@ -500,10 +504,11 @@ def _common_schemas() -> dict[str, Any]:
         "Task": {"type": "object", "required": list(TASK_KEYS), "properties": task_properties},
         "TaskBatch": {"type": "object", "required": ["tasks"],
                       "properties": {"tasks": {"type": "array", "items": _ref(_SCHEMAS, "Task")}}},
-        "TaskList": {"type": "object", "required": ["tasks", "running", "queued", "max_num_process"], "properties": {
-            "tasks": {"type": "array", "items": _ref(_SCHEMAS, "Task"), "description": "Newest first."},
-            "running": {"type": "integer", "minimum": 0}, "queued": {"type": "integer", "minimum": 0},
-            "max_num_process": {"type": "integer", "minimum": 1}}},
+        "TaskList": {
+            "type": "object", "required": ["tasks", "running", "queued", "max_num_process"], "properties": {
+                "tasks": {"type": "array", "items": _ref(_SCHEMAS, "Task"), "description": "Newest first."},
+                "running": {"type": "integer", "minimum": 0}, "queued": {"type": "integer", "minimum": 0},
+                "max_num_process": {"type": "integer", "minimum": 1}}},
         "Error": {"type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}},
     }
 
@@ -511,8 +516,8 @@ def _common_schemas() -> dict[str, Any]:
 def _parameters() -> dict[str, Any]:
     return {
         "wait": {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0},
-                 "description": ("Seconds to wait for the task(s) to end before answering; a wait longer than the "
-                                 "controller's `max_wait` is shortened to it.")},
+                 "description": ("Seconds to wait for the task(s) to end before answering; a wait longer than "
+                                 "the controller's `max_wait` is shortened to it.")},
         "priority": {"name": "priority", "in": "query",
                      "schema": {"type": "integer", "minimum": -PRIORITY_RANGE, "maximum": PRIORITY_RANGE},
                      "description": "Lower runs first; FIFO among equals. Default 0."},
@@ -545,9 +550,10 @@ def _responses() -> dict[str, Any]:
         "Conflict": _error("The task has already ended."),
         "PayloadTooLarge": _error("The body is larger than the controller's `max_content_length`, or holds more "
                                   "tasks than its `max_bulk`."),
-        "QueueFull": _error("The queue is full: nothing was queued; retry after `Retry-After` seconds.", "Retry-After"),
-        "Unavailable": _error("The task store is unreachable (retry after `Retry-After` seconds) or the controller "
-                              "has shut down.", "Retry-After"),
+        "QueueFull": _error("The queue is full: nothing was queued; retry after `Retry-After` seconds.",
+                            "Retry-After"),
+        "Unavailable": _error("The task store is unreachable (retry after `Retry-After` seconds) or the "
+                              "controller has shut down.", "Retry-After"),
         "MethodNotAllowed": _error("The controller does not serve this method.", "Allow"),
     }
 
@@ -555,6 +561,7 @@ def _responses() -> dict[str, Any]:
 def _headers() -> dict[str, Any]:
     return {
         "Location": {"description": "The URL that GETs the task.", "schema": {"type": "string"}},
-        "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer", "minimum": 0}},
+        "Retry-After": {"description": "Seconds to wait before retrying.",
+                        "schema": {"type": "integer", "minimum": 0}},
         "Allow": {"description": "The methods the URL serves.", "schema": {"type": "string"}},
     }

@@ -32,7 +32,7 @@ class PositionalOnly(MetaMPTask):
 
 
 class Untyped(MetaMPTask):
-    def execute(self, a, b=1, *, c: "Unresolvable" = None) -> None:  # type: ignore[name-defined]  # noqa: F821
+    def execute(self, a, b=1, *, c: "Unresolvable" = None) -> None:  # noqa: F821 - unresolvable on purpose
         return None
 
 
@@ -105,7 +105,7 @@ def test_other_annotations_leave_the_value_unchecked(annotation):
 @pytest.mark.timeout(30)
 def test_defaults_that_do_not_fit_are_left_out_of_the_schema():
     class Odd(MetaMPTask):
-        def execute(self, a: int = None, b: float = float("nan"), c: tuple = (1, 2)) -> None:  # type: ignore[assignment]
+        def execute(self, a: int = None, b: float = float("nan"), c: tuple = (1, 2)) -> None:  # noqa: RUF013
             return None
 
     props = ArgumentSpec(Odd.execute).schema()["properties"]

@@ -94,7 +94,8 @@ def test_status_codes_of_the_http_table(make_controller):
     assert set(paths["/solve/{uuid}"]["post"]["responses"]) == {"400"}  # POST goes to the collection URL
     document = openapi_document(app)
     responses = document["components"]["responses"]
-    assert "Retry-After" in responses["QueueFull"]["headers"] and "Retry-After" in responses["Unavailable"]["headers"]
+    assert "Retry-After" in responses["QueueFull"]["headers"]
+    assert "Retry-After" in responses["Unavailable"]["headers"]
     assert "Allow" in responses["MethodNotAllowed"]["headers"]
     assert document["components"]["schemas"]["Error"]["required"] == ["message"]
     assert "Location" in paths["/solve"]["post"]["responses"]["202"]["headers"]
@@ -203,8 +204,9 @@ def test_apps_without_resources_and_other_views():
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_example_app_conforms_to_its_document(tmp_path, pool):
-    """Generated requests (valid and invalid ones, and POST → GET → DELETE sequences) against ``examples/app.py`` on 127.0.0.1: no 500, and every answer's status,
-    content type, headers and body as the document declares."""
+    """Generated requests (valid and invalid ones, and POST → GET → DELETE sequences) against
+    ``examples/app.py`` on 127.0.0.1: no 500, and every answer's status, content type, headers and
+    body as the document declares."""
     import hypothesis
     import requests
     import schemathesis
