@@ -31,9 +31,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     servers = ServerPool()
     try:
-        yield servers.start(python(str(TESTS / "client_app.py")), cwd=directory, port=port,
-                            log_path=directory / "server.log", ready_path="/ready",
-                            env={"PORT": str(port), "MPC_STORE_URL": f"sqlite:///{directory}/tasks.sqlite3"})
+        started = servers.start(python(str(TESTS / "client_app.py")), cwd=directory, port=port,
+                                log_path=directory / "server.log", ready_path="/ready",
+                                env={"PORT": str(port), "MPC_STORE_URL": f"sqlite:///{directory}/tasks.sqlite3"})
+        yield started
+        assert started.stop(timeout=30) == [], started.log()
     finally:
         servers.close()
 
