@@ -1,0 +1,394 @@
+"""A Python client of the HTTP API of one mounted resource.
+
+::
+
+    from flask_multiprocess_controller.client import Client
+
+    with Client("http://127.0.0.1:5000", "/reports") as reports:
+        uuid = reports.submit(customer=7)
+        task = reports.wait(uuid, progress=True)     # a tqdm bar driven by the task's percent
+        print(task["status"], task["result"])
+
+It speaks the README's HTTP table and nothing else, so it runs in any process: a script, a
+cron job, another service. It needs ``requests`` (and ``tqdm`` for progress bars), the
+``client`` extra: ``pip install 'flask-multiprocess-controller[client]'``; both are imported
+when first needed, and it never creates an app, a controller or a process.
+
+Each error answer raises a :class:`ClientError` subclass named after its status code. A
+``429`` (queue full: nothing was queued) and a ``503`` (store unreachable) are retried, after
+the ``Retry-After`` the server sent, up to ``max_retries`` times.
+
+.. versionadded:: 0.3
+"""
+from __future__ import annotations
+
+import email.utils
+import time
+import urllib.parse
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
+
+if TYPE_CHECKING:
+    import requests
+    from tqdm import tqdm
+
+#: Seconds one long-poll of :meth:`Client.wait` asks for: below the server's ``max_wait``
+#: default of 25 s, so that the server answers before anything between gives up on the request.
+WAIT_CHUNK = 20.0
+#: Seconds between two reads of a task while :meth:`Client.wait` shows a progress bar
+#: (a long-poll answers only when the task ends; the bar needs the percentages in between).
+PROGRESS_INTERVAL = 0.5
+#: Seconds a request may take (a long-poll: this beyond its wait).
+DEFAULT_TIMEOUT = 30.0
+#: Times a 429 or 503 answer is retried before its error is raised.
+DEFAULT_MAX_RETRIES = 3
+#: Seconds a retry waits at most: a longer ``Retry-After`` raises the error at once.
+MAX_RETRY_DELAY = 60.0
+#: Seconds a retry waits when the answer names no ``Retry-After``.
+DEFAULT_RETRY_DELAY = 1.0
+#: States a task never leaves.
+TERMINAL_STATES = frozenset({"succeeded", "failed", "stopped", "timed_out", "lost"})
+
+_EXTRA = "pip install 'flask-multiprocess-controller[client]'"
+
+Auth = Union[tuple[str, str], Callable[..., Any], None]
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+class ClientError(Exception):
+    """An error answer of the server, or no answer at all; the base of this module's errors."""
+
+    #: The HTTP status this class stands for (None: any, or no answer).
+    code: Optional[int] = None
+
+    def __init__(self, message: str, *, status: Optional[int] = None,
+                 response: Optional[requests.Response] = None, retry_after: Optional[float] = None) -> None:
+        super().__init__(message)
+        #: The server's ``message`` (or what went wrong).
+        self.message = message
+        #: The HTTP status of the answer; None when there was none.
+        self.status = status
+        #: The answer itself, when there was one.
+        self.response = response
+        #: Seconds the server asked to wait before retrying (``Retry-After``), if it said.
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.message if self.status is None else f"{self.status}: {self.message}"
+
+
+class TransportError(ClientError):
+    """No answer: the server could not be reached, or did not answer within the timeout."""
+
+
+class BadRequest(ClientError):
+    """400: invalid JSON, arguments ``execute`` does not take, a bad option or a malformed uuid."""
+
+    code = 400
+
+
+class Unauthorized(ClientError):
+    """401: the app wants credentials (pass ``auth=`` or ``headers=`` to the client)."""
+
+    code = 401
+
+
+class Forbidden(ClientError):
+    """403: the credentials do not allow this."""
+
+    code = 403
+
+
+class NotFound(ClientError):
+    """404: no such task (or no such URL)."""
+
+    code = 404
+
+
+class MethodNotAllowed(ClientError):
+    """405: the resource does not serve this method."""
+
+    code = 405
+
+
+class Conflict(ClientError):
+    """409: the task has already ended."""
+
+    code = 409
+
+
+class PayloadTooLarge(ClientError):
+    """413: the body is over the server's size limit, or holds too many tasks."""
+
+    code = 413
+
+
+class QueueFull(ClientError):
+    """429: the queue is full and nothing was queued; raised once the retries are spent."""
+
+    code = 429
+
+
+class ServerError(ClientError):
+    """500: the server failed."""
+
+    code = 500
+
+
+class ServerUnavailable(ClientError):
+    """503: the task store is unreachable or the controller shut down; raised once the retries are spent."""
+
+    code = 503
+
+
+_BY_STATUS: dict[int, type[ClientError]] = {
+    cls.code: cls for cls in (BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, Conflict,
+                              PayloadTooLarge, QueueFull, ServerError, ServerUnavailable) if cls.code is not None
+}
+
+#: Statuses retried after ``Retry-After``.
+_RETRIED = frozenset({429, 503})
+
+
+# -- the client ------------------------------------------------------------------------------------
+
+
+class Client:
+    """Calls one resource of a server: ``Client("http://host:5000", "/reports")``.
+
+    :param base_url: scheme, host and port (and any path the app is mounted below).
+    :param resource: the resource's collection URL, as mounted (``"/reports"``).
+        Tasks are addressed by ``?uuid=``, which every mount answers, seed-style or with an item URL.
+    :param session: a ``requests.Session`` to send through (its headers, cookies, adapters
+        and certificates apply); the client makes its own when None, and closes only that one.
+    :param auth: what ``requests`` takes as ``auth=``: a ``(user, password)`` pair or an auth callable.
+    :param headers: headers sent with every request (``{"Authorization": "Bearer ..."}``).
+    :param prefix: the extension's URL prefix (``MPC_URL_PREFIX``), for :meth:`logs`.
+    :param timeout: seconds a request may take (a long-poll: this beyond its wait).
+    :param max_retries: times a 429 or 503 answer is retried (0: never).
+    :param max_retry_delay: seconds a retry waits at most; a longer ``Retry-After`` raises at once.
+    """
+
+    def __init__(self, base_url: str, resource: str, session: Optional[requests.Session] = None,
+                 auth: Auth = None, headers: Optional[Mapping[str, str]] = None, *, prefix: str = "/mpc",
+                 timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES,
+                 max_retry_delay: float = MAX_RETRY_DELAY) -> None:
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, not {max_retries!r}.")
+        requests = _import_requests()
+        self.base_url = base_url.rstrip("/")
+        self.resource = "/" + resource.strip("/")
+        self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+        self.session = session if session is not None else requests.Session()
+        self._owns_session = session is None
+        self.auth = auth
+        self.headers = dict(headers or {})
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.max_retry_delay = max_retry_delay
+
+    def __repr__(self) -> str:
+        return f"Client({self.base_url!r}, {self.resource!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the session, if the client made it."""
+        if self._owns_session:
+            self.session.close()
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def submit(self, *, priority: Optional[int] = None, timeout: Optional[float] = None, **arguments: Any) -> str:
+        """Queue ``execute(**arguments)``; return the task's uuid.
+
+        ``priority`` (lower runs first) and ``timeout`` (seconds; it can only lower the
+        controller's) travel as query options. To pass task arguments of those names, use
+        :meth:`submit_many`.
+        """
+        task = self._send("POST", self._url(), params=_options(priority, timeout), body=arguments)
+        return str(task["uuid"])
+
+    def submit_many(self, items: Iterable[Mapping[str, Any]], *, priority: Optional[int] = None,
+                    timeout: Optional[float] = None) -> list[dict[str, Any]]:
+        """Queue one task per mapping of keyword arguments, all or none; return their task objects in order."""
+        body = [dict(item) for item in items]
+        if not body:
+            return []
+        answer = self._send("POST", self._url(), params=_options(priority, timeout), body=body)
+        return list(answer["tasks"])
+
+    def status(self, uuid: str) -> dict[str, Any]:
+        """The task object of task ``uuid``."""
+        return dict(self._send("GET", self._url(), params={"uuid": uuid}))
+
+    def stop(self, uuid: str) -> dict[str, Any]:
+        """Stop task ``uuid``; return its task object: ``stopping`` while it stops, ``stopped`` if it was queued."""
+        return dict(self._send("DELETE", self._url(), params={"uuid": uuid}))
+
+    def logs(self, uuid: str) -> list[Any]:
+        """The log lines the server keeps for task ``uuid`` (``GET <prefix>/api/tasks/<uuid>/logs``).
+
+        The answer is a JSON array of lines, or an object holding them under ``lines``.
+        """
+        path = f"{self.prefix}/api/tasks/{urllib.parse.quote(uuid, safe='')}/logs"
+        answer = self._send("GET", self.base_url + path)
+        if isinstance(answer, dict):
+            answer = answer.get("lines", [])
+        if not isinstance(answer, list):
+            raise ClientError(f"The logs of task {uuid} are not a list: {answer!r:.80}")
+        return answer
+
+    def wait(self, uuid: str, timeout: Optional[float] = None, progress: bool = False) -> dict[str, Any]:
+        """Wait until task ``uuid`` has ended, or ``timeout`` seconds passed; return its task object.
+
+        It long-polls (``?wait=``) in chunks of :data:`WAIT_CHUNK` seconds, below the
+        server's ``max_wait``, so no proxy or worker timeout cuts a request. With
+        ``progress=True`` it draws a tqdm bar of the task's ``percent`` on standard error,
+        reading the task every :data:`PROGRESS_INTERVAL` seconds instead.
+        Check the returned ``status``: after a ``timeout`` the task may still run.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chunk = PROGRESS_INTERVAL if progress else WAIT_CHUNK
+        bar = _progress_bar(uuid) if progress else None
+        try:
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                wait = chunk if remaining is None else min(chunk, remaining)
+                task = dict(self._send("GET", self._url(), params={"uuid": uuid, "wait": f"{wait:.3f}"},
+                                       timeout=wait + self.timeout))
+                if bar is not None:
+                    _show(bar, task)
+                ended = task.get("status") in TERMINAL_STATES
+                if ended or (deadline is not None and time.monotonic() >= deadline):
+                    return task
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def _url(self) -> str:
+        return self.base_url + self.resource
+
+    def _send(self, method: str, url: str, params: Optional[Mapping[str, str]] = None, body: Any = None,
+              timeout: Optional[float] = None) -> Any:
+        """Send one request, retrying 429 and 503 answers; return the decoded JSON of the answer."""
+        requests = _import_requests()
+        attempt = 0
+        while True:
+            try:
+                response = self.session.request(
+                    method, url, params=params, json=body, headers=self.headers or None, auth=self.auth,
+                    timeout=self.timeout if timeout is None else timeout)
+            except requests.RequestException as exc:
+                raise TransportError(f"{method} {url} got no answer: {exc}") from exc
+            if response.status_code < 400:
+                return _json(response)
+            error = _error(response)
+            delay = error.retry_after if error.retry_after is not None else DEFAULT_RETRY_DELAY
+            retry = response.status_code in _RETRIED and attempt < self.max_retries
+            if not retry or delay > self.max_retry_delay:
+                raise error
+            attempt += 1
+            time.sleep(delay)
+
+    def list(self, status: Union[None, str, Iterable[str]] = None, limit: Optional[int] = None) -> dict[str, Any]:
+        """The list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``, newest first.
+
+        :param status: only tasks in this state, or in these states.
+        :param limit: the most tasks to list (the server's default: 100).
+        """
+        params: dict[str, str] = {}
+        if status is not None:
+            params["status"] = status if isinstance(status, str) else ",".join(status)
+        if limit is not None:
+            params["limit"] = str(limit)
+        return dict(self._send("GET", self._url(), params=params))
+
+
+def _options(priority: Optional[int], timeout: Optional[float]) -> dict[str, str]:
+    options = {}
+    if priority is not None:
+        options["priority"] = str(priority)
+    if timeout is not None:
+        options["timeout"] = repr(float(timeout))
+    return options
+
+
+def _json(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise ClientError(f"The answer to {response.request.method} {response.url} is not JSON: "
+                          f"{response.text[:200]!r}", status=response.status_code, response=response) from None
+
+
+def _error(response: requests.Response) -> ClientError:
+    """The :class:`ClientError` of an error answer, with the server's ``message`` when it sent one."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    message = body.get("message") if isinstance(body, dict) else None
+    if not isinstance(message, str):
+        message = response.reason or response.text[:200] or "no message"
+    cls = _BY_STATUS.get(response.status_code, ServerError if response.status_code >= 500 else ClientError)
+    return cls(message, status=response.status_code, response=response,
+               retry_after=parse_retry_after(response.headers.get("Retry-After")))
+
+
+def parse_retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+# -- optional imports and the progress bar ---------------------------------------------------------
+
+
+def _import_requests() -> Any:
+    try:
+        import requests
+    except ImportError as exc:
+        raise ImportError(f"flask_multiprocess_controller.client needs requests: {_EXTRA}") from exc
+    return requests
+
+
+def _progress_bar(uuid: str) -> tqdm[Any]:
+    try:
+        from tqdm import tqdm
+    except ImportError as exc:
+        raise ImportError(f"Client.wait(progress=True) needs tqdm: {_EXTRA}") from exc
+
+    class _Bar(tqdm):  # type: ignore[type-arg]
+        # No monitor thread: the bar is updated by hand, and a thread lingering for ten seconds
+        # after the wait would outlive the call that made it.
+        monitor_interval = 0
+
+    return _Bar(total=100, desc=f"task {uuid[:8]}", unit="%",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
+
+
+def _show(bar: tqdm[Any], task: Mapping[str, Any]) -> None:
+    percent = task.get("percent")
+    if isinstance(percent, (int, float)):
+        bar.update(min(max(float(percent), 0.0), 100.0) - bar.n)
+    bar.set_postfix_str(str(task.get("status")), refresh=False)
+    bar.refresh()

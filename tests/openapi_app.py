@@ -1,0 +1,42 @@
+"""``examples/app.py`` served on 127.0.0.1:$PORT with its OpenAPI document at ``/openapi.json``.
+
+The schemathesis test runs it as a subprocess. The example is loaded as it is; only its
+waits and its task timeout are shortened (``?wait=`` answers within a second, a task
+runs at most two), so that generated requests for huge prime counts keep the run quick.
+The document is served from a plain route, as the extension will serve it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from flask import jsonify
+
+from flask_multiprocess_controller.openapi import openapi_document
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "app.py"
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("app", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["app"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _load_example()
+example.primes.max_wait = 1.0
+example.primes.timeout = 2.0
+app = example.app
+
+
+@app.get("/openapi.json")
+def openapi_json():
+    return jsonify(openapi_document(app, title="primes example"))
+
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=int(os.environ["PORT"]), threaded=True)
