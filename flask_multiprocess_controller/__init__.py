@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from .controller import MetaMPController
 from .exceptions import (
-    AbortException, ControllerClosed, InvalidArguments, InvalidRequest, MethodNotServed, MPCError, NoTargetTask,
-    PayloadTooLarge, QueueFull, StoreError, TaskAlreadyFinished, TaskNotFound,
+    AbortException, ControllerClosed, InvalidArguments, InvalidRequest, InvalidTransition, MemoryLimitExceeded,
+    MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, ProcessDied, QueueFull, StoreError,
+    TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
 )
 from .logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
 from .resource import MetaMPResource
@@ -21,5 +22,6 @@ __all__ = [
     "AbortException", "MetaMPLoggerConfigurator", "DefaultMPLoggerConfigurator", "TaskStatus", "TaskStore",
     "MemoryStore", "SQLiteStore", "MPCError", "InvalidRequest", "InvalidArguments", "PayloadTooLarge",
     "TaskNotFound", "TaskAlreadyFinished", "QueueFull", "ControllerClosed", "StoreError", "MethodNotServed",
-    "NoTargetTask", "Reply", "TemplateMPController", "TemplateMPResource",
+    "NoTargetTask", "Reply", "TemplateMPController", "TemplateMPResource", "InvalidTransition", "TaskFailure",
+    "ProcessDied", "TaskTimeout", "MemoryLimitExceeded",
 ]
