@@ -283,11 +283,16 @@ class Scheduler:
         self._renew_at = 0.0
         self._failing = False
 
-    def declare(self, spec: ScheduleSpec) -> None:
-        """Add (or replace) a schedule; it is declared in the store at once."""
+    def add(self, spec: ScheduleSpec) -> None:
+        """Add (or replace) a schedule, to be declared at the next round (:meth:`run_once`)."""
         with self._lock:
             self._specs[spec.name] = spec
             self._renew_at = 0.0
+
+    def declare(self, spec: ScheduleSpec) -> None:
+        """Add (or replace) a schedule and run the rounds in a thread of their own: it is declared at once."""
+        self.add(spec)
+        with self._lock:
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, name=f"mpc-{self.controller}-scheduler",
                                                  daemon=True)
@@ -357,7 +362,7 @@ class Scheduler:
 
     def _fire_due(self, spec: ScheduleSpec, fired_until: float, now: float) -> float:
         """Handle the due firings of one schedule; return its ``fired_until`` afterwards."""
-        todo = plan(spec, fired_until, now)
+        todo = plan(spec, fired_until, now, defaults.SCHEDULE_GRACE)
         if todo.pass_over_until is not None:
             if self.store.fire(self.controller, spec.name, todo.pass_over_until, None, self.max_queued).outcome \
                     is FireOutcome.MISSED:

@@ -1,6 +1,6 @@
 """The store contract's operations for task policies (version 3, store/base.py), on every backend.
 
-The same ``store`` fixture as tests/test_store_contract.py (memory, SQLite, Redis): retries that wait
+The backends of tests/test_store_contract.py (its ``BACKENDS``: memory, SQLite, Redis): retries that wait
 out of the ready queue, pause and resume, re-prioritising, stop-all, leases and schedule firings.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 import uuid as uuid_module
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,11 +18,25 @@ from flask_multiprocess_controller import (
 )
 from flask_multiprocess_controller.store.base import FireOutcome
 
-from test_store_contract import (  # noqa: F401  (fixtures)
-    CTL, OTHER, OWNER, add, claim, counts, fetch, make_row, reopen, shared_store, status_of, stop, store,
+from test_store_contract import (
+    BACKENDS, CTL, OTHER, OWNER, SHARED_BACKENDS, add, claim, counts, fetch, make_row, reopen, status_of, stop,
 )
 
 ERROR = {"type": "ValueError", "message": "boom", "traceback": None}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def store(request, tmp_path, redis_server):
+    made = BACKENDS[request.param](SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server))
+    yield made
+    made.close()
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+def shared_store(request, tmp_path, redis_server):
+    made = BACKENDS[request.param](SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server))
+    yield made
+    made.close()
 
 
 def running(store, n: int = 1) -> list[str]:
