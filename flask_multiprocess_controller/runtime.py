@@ -335,7 +335,8 @@ class Runtime:
                 self.events.publish(event)
                 return
         error = error_record("Lost", f"The serving process that ran this task ({owner}) died.")
-        event = self.store.finish(uuid, TaskStatus.LOST.value, owner=owner, emitter=self.owner, error=error)
+        event = self.store.finish(uuid, TaskStatus.LOST.value, owner=owner, emitter=self.owner, error=error,
+                                  errors=[*(row.get("errors") or []), error])
         if event is not None:
             self.logger.warning("Task %s was lost with the process that ran it (%s).", uuid, owner)
             self.events.publish(event)
