@@ -118,7 +118,8 @@ class ScheduleSpec:
 
     @classmethod
     def from_json(cls, spec: Mapping[str, Any], name: str) -> "ScheduleSpec":
-        """A spec as another process declared it in the store (unchecked: it is shown, not fired)."""
+        """A spec as another process declared it in the store (unchecked: it is shown, not fired; fields
+        this version does not know are left out)."""
         known = {key: spec[key] for key in ("cron", "every", "tz", "kwargs", "catchup", "priority", "timeout")
                  if key in spec}
         return cls(name, **known)
@@ -224,10 +225,7 @@ def describe(states: list[ScheduleRow], local: Mapping[str, ScheduleSpec], contr
     """The schedules of a controller as stored, and those declared only here, by name."""
     infos: dict[str, ScheduleInfo] = {}
     for state in states:
-        try:
-            spec = ScheduleSpec.from_json(state["spec"], state["name"])
-        except TypeError:  # declared by a version that knows other fields: shown, never fired here
-            spec = ScheduleSpec(state["name"])
+        spec = ScheduleSpec.from_json(state["spec"], state["name"])
         active = now - state["seen_at"] <= lease
         next_firing = _next_firing(spec, max(now, state["fired_until"])) if active else None
         infos[spec.name] = _info(spec, controller, active, next_firing, state)
