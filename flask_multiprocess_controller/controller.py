@@ -506,8 +506,9 @@ class MetaMPController:
         check_depth(spec.kwargs, defaults.MAX_ARGS_DEPTH)
         self._spec.check(spec.kwargs)
         self._schedules[name] = spec
-        runtime = self._runtime
-        if runtime is not None and runtime.pid == os.getpid() and not self._closed:
+        with self._lock:
+            runtime = None if self._closed else self._runtime
+        if runtime is not None and runtime.pid == os.getpid():  # else the runtime made next declares it
             runtime.scheduler.declare(spec)
 
     def schedules(self) -> list[ScheduleInfo]:
@@ -522,9 +523,9 @@ class MetaMPController:
 
     def _change(self, uuid: str, write: Callable[[str, Optional[str]], tuple[Row, Optional[Event]]]) -> TaskObject:
         """Apply a store write to one task of this controller and dispatch its event here."""
-        self._row(uuid)
+        uuid = self._row(uuid)["uuid"]
         runtime = self.runtime
-        row, event = write(parse_uuid(uuid), runtime.owner)
+        row, event = write(uuid, runtime.owner)
         runtime.events.publish(event)
         return self._present(row)
 

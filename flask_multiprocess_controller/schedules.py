@@ -270,7 +270,7 @@ class Scheduler:
         self.max_queued = max_queued
         self._logger = logger
         self._publish = publish
-        # Guards _specs and _thread.
+        # Guards _specs, _thread and _renew_at (a schedule added makes the next round declare at once).
         self._lock = threading.Lock()
         self._specs: dict[str, ScheduleSpec] = {}
         self._thread: Optional[threading.Thread] = None
@@ -333,18 +333,25 @@ class Scheduler:
 
     def run_once(self) -> float:
         """One round: declare and take (or keep) the lease when due, fire what is due; seconds to the next round."""
+        clock = time.monotonic()
         with self._lock:
             specs = dict(self._specs)
-        clock = time.monotonic()
-        if clock >= self._renew_at:
-            self.store.declare_schedules(self.controller, {n: s.to_json() for n, s in specs.items()}, self.owner)
-            holder = self.store.acquire_lease(lease_name(self.controller), self.owner, self.lease)
+            renew = clock >= self._renew_at
+            if renew:
+                self._renew_at = clock + self.lease / 3
+            until_renewal = max(0.0, self._renew_at - clock)
+        if renew:
+            try:
+                self.store.declare_schedules(self.controller, {n: s.to_json() for n, s in specs.items()}, self.owner)
+                holder = self.store.acquire_lease(lease_name(self.controller), self.owner, self.lease)
+            except StoreError:
+                with self._lock:
+                    self._renew_at = 0.0  # the next round tries again
+                raise
             if holder != self.holder:
                 self._logger.info("This process %s the schedules of %s.", "now fires" if holder else "no longer fires",
                                   self.controller)
             self.holder = holder
-            self._renew_at = clock + self.lease / 3
-        until_renewal = max(0.0, self._renew_at - clock)
         if not self.holder:
             return until_renewal
         now = self.store.now()
