@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from .controller import MetaMPController
 from .exceptions import (
-    AbortException, ControllerClosed, InvalidArguments, InvalidRequest, MethodNotServed, MPCError, NoTargetTask,
-    PayloadTooLarge, QueueFull, StoreError, TaskAlreadyFinished, TaskNotFound,
+    AbortException, ControllerClosed, InvalidArguments, InvalidRequest, InvalidTransition, MemoryLimitExceeded,
+    MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, ProcessDied, QueueFull, StoreError,
+    TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
 )
 from .extension import MultiprocessController
 from .logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
@@ -23,4 +24,5 @@ __all__ = [
     "MemoryStore", "SQLiteStore", "MPCError", "InvalidRequest", "InvalidArguments", "PayloadTooLarge",
     "TaskNotFound", "TaskAlreadyFinished", "QueueFull", "ControllerClosed", "StoreError", "MethodNotServed",
     "NoTargetTask", "Reply", "TemplateMPController", "TemplateMPResource", "MultiprocessController",
+    "InvalidTransition", "TaskFailure", "ProcessDied", "TaskTimeout", "MemoryLimitExceeded",
 ]

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import resource
+import dataclasses
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -23,6 +24,7 @@ from .logs import ChannelQueue, MetaMPLoggerConfigurator, apply_logger_levels
 from .protocol import (
     Command, Done, Exit, Percent, Progress, RunTask, StopTask, Usage, error_record, exception_record,
 )
+from .retries import RetryPolicy
 from .task import MetaMPTask
 
 #: Seconds between two progress messages of a task (the controlling thread writes less often still).
@@ -210,14 +212,15 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask) ->
     except AbortException:
         done = Done(task_id, "aborted")
     except BaseException as exc:  # the task's own failure, whatever it is, is data for the parent
-        done = Done(task_id, "error", error=exception_record(exc))
+        done = Done(task_id, "error", error=exception_record(exc),
+                    retryable=RetryPolicy.of(task_cls).retries_raised(exc))
     finally:
         task_module._set_current(None)
         set_process_name(_IDLE_NAME)
     channel.flush_progress()
     cpu_after, maxrss = _usage()
     usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids())
-    return Done(done.uuid, done.kind, done.result_json, done.error, usage)
+    return dataclasses.replace(done, usage=usage)
 
 
 def run_child(conn: Connection, task_cls: Type[MetaMPTask], configurator: Type[MetaMPLoggerConfigurator],

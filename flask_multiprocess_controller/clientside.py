@@ -31,6 +31,10 @@ class ClientSide:
         self._waiters = Waiters()
         self._hub = EventHub(store, controller, logger, on_reset=self._waiters.wake_all)
         self._hub.subscribe(self._on_event)
+        #: A client records its changes without an owner: no serving process of its own made them.
+        self.owner: Optional[str] = None
+        #: Its own writes' events, dispatched here (a client's waits see them at once).
+        self.events = self._hub
         # Guards _following.
         self._lock = threading.Lock()
         self._following = False

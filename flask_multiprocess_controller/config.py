@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 
 from .logs import MetaMPLoggerConfigurator
 from .protocol import Limits
+from .retries import RetryPolicy
 from .task import MetaMPTask
 
 
@@ -31,11 +32,18 @@ class RuntimeConfig:
     expose_tracebacks: bool = False
     #: Handed to each task as ``self.context``.
     context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    #: Queued tasks allowed (-1: no bound): what a schedule's firing may meet.
+    max_num_queue: int = -1
 
     @property
     def restartable(self) -> bool:
         """Whether a run cut off by the death of its server is queued again."""
         return bool(self.target_task.restartable)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """How the task class's failed attempts are retried."""
+        return RetryPolicy.of(self.target_task)
 
     @property
     def fresh_process(self) -> bool:

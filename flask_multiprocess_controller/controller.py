@@ -31,10 +31,12 @@ from . import defaults
 from .arguments import ArgumentSpec, check_depth
 from .config import RuntimeConfig
 from .console import console_aware
+from .events import Event, EventKind
 from .exceptions import (
-    ControllerClosed, InvalidRequest, MethodNotServed, NoTargetTask, PayloadTooLarge, TaskNotFound,
+    ControllerClosed, InvalidRequest, MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, TaskNotFound,
 )
 from .logs import MetaMPLoggerConfigurator
+from .patching import check_priority, parse_change
 from .presenter import TaskObject, clip, hide_traceback, present
 from .protocol import Limits
 from .responses import Reply
@@ -42,7 +44,9 @@ from . import registry
 from .clientside import ClientSide
 from .exceptions import StoreError
 from .forkserver import ForkServer
+from .retries import RetryPolicy
 from .runtime import Runtime, child_main
+from .schedules import ScheduleInfo, ScheduleSpec, describe
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store, store_url
 from .store.base import ANY_TENANT, Row
@@ -51,7 +55,7 @@ from .task import MetaMPTask
 #: HTTP methods a controller may serve, in the order an ``Allow`` header lists them.
 HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
 #: Handlers whose default works on the controller's tasks: served when it has a ``target_task``.
-TASK_HANDLERS = frozenset({"get", "post", "delete"})
+TASK_HANDLERS = frozenset({"get", "post", "delete", "patch"})
 
 
 Handler = Callable[..., Any]
@@ -250,6 +254,8 @@ class MetaMPController:
             raise ValueError("stop_grace must not be negative.")
         if max_tasks_per_child < 0:
             raise ValueError("max_tasks_per_child must be 1 or more, or 0 for no limit.")
+        if target_task is not None:
+            RetryPolicy.of(target_task)  # a bad retry setting fails here, not at the first failure
         #: The task class this controller runs (None: it runs none).
         self.target_task = target_task
         self.max_num_process = max_num_process
@@ -297,6 +303,8 @@ class MetaMPController:
         self._instance_path: Optional[str] = None
         self._spec = ArgumentSpec(target_task.execute) if target_task is not None else None
         self._handlers: dict[str, Callable[..., Any]] = {}
+        #: The schedules declared in this process, by name.
+        self._schedules: dict[str, ScheduleSpec] = {}
         self._configurator = configurator or _WorkerLogSetup
         self._posts = compat_module.PostCounter()
         self._limits = Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size))
@@ -402,6 +410,8 @@ class MetaMPController:
             runtime = Runtime(self._runtime_config(), store, self.callback_url, fork_server)
             self._side = runtime
             runtime.start()
+            for spec in self._schedules.values():
+                runtime.scheduler.declare(spec)
             return runtime
 
     def _bind_to_current_app(self) -> None:
@@ -418,7 +428,7 @@ class MetaMPController:
             stop_grace=self.stop_grace, max_memory=self.max_memory, max_tasks_per_child=self.max_tasks_per_child,
             retention=self.retention, lease=self.lease, logger=self.logger, configurator=self._configurator,
             context=types.MappingProxyType(self.context), limits=self._limits,
-            expose_tracebacks=self.expose_tracebacks)
+            expose_tracebacks=self.expose_tracebacks, max_num_queue=self.max_num_queue)
 
     @property
     def runtime(self) -> Runtime:
@@ -557,10 +567,128 @@ class MetaMPController:
         counts = self.store.counts(self.name)
         return {
             "tasks": [clip(self._present(row), defaults.LIST_VALUE_SIZE) for row in rows],
-            "running": counts.get("running", 0) + counts.get("stopping", 0),
+            "running": counts.get("running", 0) + counts.get("stopping", 0) + counts.get("paused", 0),
             "queued": counts.get("queued", 0),
             "max_num_process": self.max_num_process,
         }
+
+    # -- task policies (see retries.py, pausing.py, schedules.py) ---------------------
+
+    def pause(self, uuid: str) -> TaskObject:
+        """Suspend a running task's whole process tree, wherever it runs; return its task object (``paused``).
+
+        It keeps its slot, and its timeout clock stops until :meth:`resume`. Pausing a paused task
+        changes nothing.
+
+        :raises TaskNotFound: no such task here.
+        :raises TaskAlreadyFinished: the task has already ended.
+        :raises InvalidTransition: the task is queued or stopping.
+
+        .. versionadded:: 0.3
+        """
+        return self._change(uuid, self.store.pause)
+
+    def resume(self, uuid: str) -> TaskObject:
+        """Resume a paused task; return its task object (``running``). Resuming a running task changes nothing.
+
+        :raises TaskNotFound, TaskAlreadyFinished, InvalidTransition: as :meth:`pause`.
+
+        .. versionadded:: 0.3
+        """
+        return self._change(uuid, self.store.resume)
+
+    def reprioritise(self, uuid: str, priority: int) -> TaskObject:
+        """Give a queued task a new priority (lower runs first); its ``position`` follows at once.
+
+        :raises InvalidRequest: ``priority`` is not an integer in range.
+        :raises InvalidTransition: the task is no longer queued (409).
+
+        .. versionadded:: 0.3
+        """
+        priority = check_priority(priority)
+        return self._change(uuid, lambda u, emitter: self.store.reprioritise(u, priority, emitter))
+
+    def stop_all(self) -> dict[str, int]:
+        """Stop every queued, running and paused task of this controller, wherever it runs.
+
+        Queued tasks end ``stopped`` without starting (in one atomic step of the store, so none
+        starts meanwhile); running and paused ones get the usual graceful stop and escalation.
+        Returns ``{"stopped": <queued tasks stopped>, "stopping": <running tasks asked to stop>}``.
+
+        .. versionadded:: 0.3
+        """
+        side = self._activate()
+        if self.tenant_filter() is not ANY_TENANT:
+            return self._stop_all_of_tenant()
+        events = self.store.stop_all(self.name, emitter=side.owner)
+        side.events.publish_all(events)
+        return {"stopped": sum(e["kind"] == EventKind.ENDED for e in events),
+                "stopping": sum(e["kind"] == EventKind.STOPPING for e in events)}
+
+    def _stop_all_of_tenant(self) -> dict[str, int]:
+        """Stop-all within the request's tenant: its queued, running and paused tasks, one by one."""
+        counts = {"stopped": 0, "stopping": 0}
+        wanted = ["queued", "running", "paused"]
+        before = None
+        while True:
+            rows = self.store.list_tasks(self.name, wanted, defaults.MAX_LIST_LIMIT, before,
+                                         tenant=self.tenant_filter())
+            for row in rows:
+                try:
+                    task = self.stop(row["uuid"])
+                except MPCError:  # it ended meanwhile
+                    continue
+                counts["stopped" if task["status"] == TaskStatus.STOPPED else "stopping"] += 1
+            if len(rows) < defaults.MAX_LIST_LIMIT:
+                return counts
+            before = rows[-1]["seq"]
+
+    def schedule(self, name: str, *, cron: Optional[str] = None, every: Optional[float] = None,
+                 kwargs: Optional[Mapping[str, Any]] = None, tz: str = "UTC", catchup: str = "skip",
+                 priority: int = 0, timeout: Optional[float] = None) -> None:
+        """Queue ``execute(**kwargs)`` at each firing of a schedule, once across every process sharing the store.
+
+        Give ``cron`` (a cron expression in time zone ``tz``; needs the ``schedules`` extra) or
+        ``every`` (seconds, at least 1). Declare it in every serving process, after the
+        controller is made (at import time, as the controller itself); declaring a name again
+        replaces it. ``catchup`` says what happens to firings missed while no server ran:
+        ``"skip"`` them, or queue ``"one"`` task for them. See :mod:`.schedules`.
+
+        :raises InvalidArguments: ``kwargs`` do not fit ``execute``.
+        :raises ValueError, TypeError: a bad schedule (the message says which field).
+
+        .. versionadded:: 0.3
+        """
+        if self._spec is None:
+            raise NoTargetTask(f"Controller {self.name} has no target_task: it has nothing to schedule.",
+                               self.served_methods())
+        spec = ScheduleSpec.build(name, cron=cron, every=every, tz=tz, kwargs=kwargs, catchup=catchup,
+                                  priority=check_priority(priority), timeout=self._effective_timeout(timeout))
+        check_depth(spec.kwargs, defaults.MAX_ARGS_DEPTH)
+        self._spec.check(spec.kwargs)
+        self._schedules[name] = spec
+        with self._lock:
+            side = None if self._closed else self._side
+        if isinstance(side, Runtime) and side.pid == os.getpid():  # else the runtime made next declares it
+            side.scheduler.declare(spec)
+
+    def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule of this controller: declared by a serving process now (``active``), in the past
+        (inactive), or only in this process; with its next firing, its last one and its skipped firings.
+
+        Reads the store only: it works in any process, serving or not.
+
+        .. versionadded:: 0.3
+        """
+        return describe(self.store.schedules(self.name), self._schedules, self.name, self.store.now(), self.lease)
+
+    def _change(self, uuid: str, write: Callable[[str, Optional[str]], tuple[Row, Optional[Event]]]) -> TaskObject:
+        """Apply a store write to one task of this controller and dispatch its event here."""
+        uuid = self._row(uuid)["uuid"]
+        side = self._activate()
+        row, event = write(uuid, side.owner)
+        side.events.publish(event)
+        return self._present(row)
 
     # -- HTTP methods (what MetaMPResource calls; override them as in the seed) ---------
     #
@@ -590,9 +718,13 @@ class MetaMPController:
         return self._answer_get(**kwargs)
 
     def delete(self, **kwargs: Any) -> Reply:
-        """Stop task ``uuid``: 202 while it stops, 200 when it was queued and is now stopped."""
+        """Stop task ``uuid``: 202 while it stops, 200 when it was queued and is now stopped.
+
+        Without a uuid, ``?all=true`` stops every queued and running task of the controller:
+        202 with ``{"stopped": n_queued, "stopping": n_running}`` (see :meth:`stop_all`).
+        """
         self._require_task("delete")
-        if self.compat:
+        if self.compat and not (kwargs.get("uuid") is None and "all" in _query()):
             return compat_module.delete_reply(kwargs, lambda: self._answer_delete(**kwargs))
         return self._answer_delete(**kwargs)
 
@@ -601,8 +733,26 @@ class MetaMPController:
         raise self._not_served("put")
 
     def patch(self, *args: Any, **kwargs: Any) -> Reply:
-        """Not served unless overridden: raises :class:`MethodNotServed` (405 with ``Allow``)."""
-        raise self._not_served("patch")
+        """Change task ``uuid``: ``{"status": "paused"}`` suspends a running task's process tree,
+        ``{"status": "running"}`` resumes it, ``{"priority": n}`` moves a queued task. 200 with the task object.
+
+        .. versionchanged:: 0.3
+            Served by default (it answered 405 unless overridden).
+        """
+        self._require_task("patch")
+        if args:
+            raise InvalidRequest("PATCH takes one JSON object, not an array.")
+        if kwargs.get("uuid") is None:
+            raise InvalidRequest("PATCH needs the uuid of a task: in the path, as ?uuid=, or in a JSON body.")
+        change = parse_change(kwargs)
+        uuid = parse_uuid(kwargs["uuid"])
+        if change.priority is not None:
+            task = self.reprioritise(uuid, change.priority)
+        elif change.status == TaskStatus.PAUSED:
+            task = self.pause(uuid)
+        else:
+            task = self.resume(uuid)
+        return Reply(self._for_client(task))
 
     def head(self, *args: Any, **kwargs: Any) -> Reply:
         """Unless overridden, the resource answers HEAD as Flask does: GET without the body."""
@@ -635,7 +785,7 @@ class MetaMPController:
     def served_methods(self) -> tuple[str, ...]:
         """The HTTP methods this controller answers, upper case, in the order of an ``Allow`` header.
 
-        GET, POST and DELETE when it has a task; any method its class overrides; HEAD
+        GET, POST, PATCH and DELETE when it has a task; any method its class overrides; HEAD
         with GET, and OPTIONS, as Flask adds them.
 
         .. versionadded:: 0.3
@@ -681,8 +831,14 @@ class MetaMPController:
         return Reply(self._for_client(self.wait(uuid, wait) if wait is not None else self.status(uuid)))
 
     def _answer_delete(self, **kwargs: Any) -> Reply:
+        every = _stop_all_option(_query())
+        if kwargs.get("uuid") is None and every:
+            return Reply(self.stop_all(), 202)
+        if every:
+            raise InvalidRequest("DELETE stops one task (a uuid) or all of them (?all=true), not both.")
         if kwargs.get("uuid") is None:
-            raise InvalidRequest("DELETE needs the uuid of a task: in the path, as ?uuid=, or in a JSON body.")
+            raise InvalidRequest("DELETE needs the uuid of a task (in the path, as ?uuid=, or in a JSON body), "
+                                 "or ?all=true to stop every task of the controller.")
         task = self._for_client(self.stop(parse_uuid(kwargs["uuid"])))
         return Reply(task, 200 if task["status"] == TaskStatus.STOPPED else 202)
 
@@ -825,6 +981,16 @@ def _exit_cleanly_on_sigterm() -> None:
 
 def _query() -> Mapping[str, str]:
     return request.args if has_request_context() else {}
+
+
+def _stop_all_option(options: Mapping[str, str]) -> bool:
+    """The ``?all=`` of a DELETE: ``true`` (or ``1``) stops every task; ``false``, ``0`` or none, one."""
+    raw = options.get("all")
+    if raw is None or raw.lower() in ("false", "0"):
+        return False
+    if raw.lower() in ("true", "1"):
+        return True
+    raise InvalidRequest(f"Query option 'all' must be true or false, not {raw[:40]!r}.")
 
 
 #: Controllers not yet shut down, to be shut down when the interpreter exits.

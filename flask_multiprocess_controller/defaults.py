@@ -74,6 +74,13 @@ CALLBACK_QUEUE = 10_000
 #: Seconds an idle controlling thread waits before it looks at a shared store again even though no
 #: event said so (events wake it at once; this only bounds the cost of an event that was missed).
 IDLE_RECHECK = 60.0
+#: Seconds an idle slot sleeps past the earliest ``retry_at``, so that the claim it wakes for finds it due.
+RETRY_WAKE_MARGIN = 0.01
+#: Seconds late a schedule's firing may be and still queue its task; older ones were missed while no
+#: serving process ran (``catchup=`` decides). Above the default lease, so a failover loses no firing.
+SCHEDULE_GRACE = 30.0
+#: Seconds the scheduler wakes after a firing's time, so that the store's clock has passed it.
+SCHEDULE_WAKE_MARGIN = 0.01
 #: Seconds a shutdown waits, beyond a task's stop escalation, for outcomes to be recorded.
 SHUTDOWN_MARGIN = 3.0
 #: URL prefix of the extension's views (health, task API).

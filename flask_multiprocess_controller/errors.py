@@ -5,8 +5,8 @@ from typing import Any
 
 from . import defaults
 from .exceptions import (
-    ControllerClosed, InvalidRequest, MethodNotServed, MPCError, PayloadTooLarge, QueueFull, StoreError,
-    TaskAlreadyFinished, TaskNotFound,
+    ControllerClosed, InvalidRequest, InvalidTransition, MethodNotServed, MPCError, PayloadTooLarge, QueueFull,
+    StoreError, TaskAlreadyFinished, TaskNotFound,
 )
 
 #: HTTP status of each exception class (the first match along the MRO wins).
@@ -15,6 +15,7 @@ HTTP_STATUS: dict[type, int] = {
     TaskNotFound: 404,
     MethodNotServed: 405,
     TaskAlreadyFinished: 409,
+    InvalidTransition: 409,
     PayloadTooLarge: 413,
     QueueFull: 429,
     ControllerClosed: 503,

@@ -54,6 +54,22 @@ class TaskAlreadyFinished(MPCError):
         self.status = status
 
 
+class InvalidTransition(MPCError):
+    """The task is not in a state the requested change applies to (409).
+
+    Pausing applies to a ``running`` task, resuming to a ``paused`` one, re-prioritising
+    to a ``queued`` one; a finished task raises :class:`TaskAlreadyFinished` instead.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, uuid: str, status: str, change: str, needs: str) -> None:
+        super().__init__(f"Task {uuid} is {status}: only a {needs} task can be {change}.")
+        self.uuid = uuid
+        #: The task's status when the change was refused.
+        self.status = status
+
+
 class QueueFull(MPCError):
     """Accepting the tasks would put more than ``max_num_queue`` tasks in the queue."""
 
@@ -108,3 +124,26 @@ class StoreUnavailable(StoreError):
 
 class NotInTask(MPCError):
     """A task-side helper was called outside a running task."""
+
+
+class TaskFailure(MPCError):
+    """Base of the ways a task can fail outside ``execute``; name them in a task's ``retry_on``.
+
+    They are never raised: a task that failed this way has an ``error`` whose ``type`` is the
+    class's name, and a task class whose ``retry_on`` names the class (or a base of it, such as
+    this one) runs again after such a failure.
+
+    .. versionadded:: 0.3
+    """
+
+
+class ProcessDied(TaskFailure):
+    """The task process crashed (a segfault, ``os._exit``, a signal from outside) before returning."""
+
+
+class TaskTimeout(TaskFailure):
+    """The task ran longer than its timeout and was stopped (status ``timed_out``)."""
+
+
+class MemoryLimitExceeded(TaskFailure):
+    """The task's process tree used more memory than ``max_memory`` and was killed."""

@@ -35,6 +35,12 @@ class TaskObject(TypedDict, total=False):
     timeout: Optional[float]
     attempt: int
     controller: str
+    #: While a failed attempt waits for its retry: when it may run again (ISO 8601), else None.
+    retry_at: Optional[str]
+    #: The error of every attempt that ended with one, oldest first.
+    errors: list[dict[str, Any]]
+    #: The schedule firing that queued the task, ``{"name", "firing"}`` (ISO 8601), else None.
+    schedule: Optional[dict[str, Any]]
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
@@ -42,7 +48,7 @@ class TaskObject(TypedDict, total=False):
 TASK_KEYS = (
     "uuid", "status", "msg", "progress", "percent", "result", "error", "args", "priority", "position",
     "created_at", "started_at", "ended_at", "pid", "exit_code", "memory_peak", "cpu_time", "timeout",
-    "attempt", "controller",
+    "attempt", "controller", "retry_at", "errors", "schedule",
 )
 
 
@@ -54,12 +60,17 @@ def iso(ts: Optional[float]) -> Optional[str]:
 def _msg(row: Row, position: Optional[int]) -> str:
     uuid, status = row["uuid"], row["status"]
     error = row.get("error") or {}
+    if status == TaskStatus.QUEUED and row.get("retry_at") is not None:
+        return (f"Task {uuid} failed on attempt {row.get('attempt')} and runs again from "
+                f"{iso(row.get('retry_at'))}.")
     if status == TaskStatus.QUEUED:
         return f"Task {uuid} is queued at position {position}."
     if status == TaskStatus.RUNNING:
         return f"Task {uuid} is running in process {row.get('pid')}."
     if status == TaskStatus.STOPPING:
         return f"Task {uuid} is stopping."
+    if status == TaskStatus.PAUSED:
+        return f"Task {uuid} is paused in process {row.get('pid')}."
     if status == TaskStatus.SUCCEEDED:
         return f"Task {uuid} succeeded."
     if status == TaskStatus.STOPPED and row.get("started_at") is None:
@@ -81,8 +92,11 @@ def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None
     view: dict[str, Any] = {key: stored.get(key) for key in TASK_KEYS}
     if view["error"] is not None:
         view["error"] = dict(view["error"])  # callers may hide the traceback without touching the row
-    for key in ("created_at", "started_at", "ended_at"):
+    for key in ("created_at", "started_at", "ended_at", "retry_at"):
         view[key] = iso(stored.get(key))
+    view["errors"] = [dict(error) for error in view["errors"] or []]
+    if view["schedule"] is not None:
+        view["schedule"] = {**view["schedule"], "firing": iso(view["schedule"].get("firing"))}
     if live is not None:
         view["progress"], view["percent"] = live.progress, live.percent
     view["position"] = position if row["status"] == TaskStatus.QUEUED else None
@@ -91,20 +105,22 @@ def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None
 
 
 def hide_traceback(task: TaskObject) -> TaskObject:
-    """The task object without its error's traceback (kept in the store and the logs)."""
+    """The task object without its errors' tracebacks (kept in the store and the logs)."""
     error = task.get("error")
     if error and error.get("traceback") is not None:
         task["error"] = {**error, "traceback": None}
+    if any(e.get("traceback") is not None for e in task.get("errors") or []):
+        task["errors"] = [{**e, "traceback": None} for e in task["errors"]]
     return task
 
 
 #: The values the list view shows only up to a size (the item URL gives them whole).
-_CLIPPED = ("args", "progress", "result")
+_CLIPPED = ("args", "progress", "result", "errors")
 
 
 def clip(task: TaskObject, limit: int) -> TaskObject:
-    """Null out ``args``, ``progress`` and ``result`` larger than ``limit`` bytes of JSON, naming them in
-    ``truncated``: a list view stays small whatever its tasks carry."""
+    """Null out ``args``, ``progress``, ``result`` and ``errors`` larger than ``limit`` bytes of JSON, naming
+    them in ``truncated``: a list view stays small whatever its tasks carry."""
     values = cast(dict[str, Any], task)
     truncated = [key for key in _CLIPPED if values.get(key) is not None and len(json.dumps(values[key])) > limit]
     for key in truncated:

@@ -111,7 +111,8 @@ class Done:
     """Task ``uuid`` ended in the task process.
 
     ``kind`` is ``ok`` (``result_json`` holds the result as JSON text), ``error``
-    (``error`` says what failed) or ``aborted`` (it stopped at a checkpoint).
+    (``error`` says what failed) or ``aborted`` (it stopped at a checkpoint). ``retryable``
+    says whether an exception raised by ``execute`` matches the task class's ``retry_on``.
     """
 
     uuid: str
@@ -119,6 +120,7 @@ class Done:
     result_json: Optional[str] = None
     error: Optional[ErrorRecord] = None
     usage: Usage = field(default_factory=Usage)
+    retryable: bool = False
 
 
 Report = Union[Progress, Percent, LogRecordMessage, Done]

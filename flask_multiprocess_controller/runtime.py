@@ -41,10 +41,12 @@ from .exceptions import StoreError
 from .forkserver import ChildProcess, ForkServer
 from .hub import EventHub
 from .logs import LogListener, MetaMPLoggerConfigurator, log_task_ended, log_task_started
+from .pausing import follow_pause_event
 from .persist import GaveUp, Retrier
 from .presenter import hide_traceback, present
 from .proctree import kill_process_tree, process_alive, proven_task_process
 from .protocol import Exit, error_record
+from .schedules import Scheduler
 from .states import ACTIVE, TaskStatus
 from .store import TaskStore
 from .store.base import Row
@@ -179,6 +181,9 @@ class Runtime:
             self.events.subscribe(self._callbacks.offer, local_only=True)
         self._slots = [_Slot(self, i) for i in range(config.max_num_process)]
         self._keeper = _Keeper(self)
+        #: Fires the controller's schedules while this process holds their lease (no thread until one is declared).
+        self.scheduler = Scheduler(store, config.name, self.owner, config.lease, config.max_num_queue, self.logger,
+                                   self.events.publish)
 
     def start(self) -> None:
         self.logs.start()
@@ -232,10 +237,20 @@ class Runtime:
         run = self.local_run(uuid)
         if run is None or event["task"].get("attempt") != run.attempt:
             return  # not about the run of this process (an earlier attempt's event, read late)
-        if kind == EventKind.STOPPING:
+        if kind == EventKind.STOPPING or (kind == EventKind.STARTED and event["task"].get("stop_requested")):
             run.request_stop(StopReason.REQUESTED)
         elif kind in (EventKind.ENDED, EventKind.REQUEUED) and event["emitter"] != self.owner:
             run.abandon()
+        elif kind in (EventKind.STARTED, EventKind.PAUSED, EventKind.RESUMED):
+            follow_pause_event(run, event, lambda: self._stored_status(uuid))
+
+    def _stored_status(self, uuid: str) -> Optional[str]:
+        """The task's status in the store now (None when it cannot be read: the event's word stands)."""
+        try:
+            row = self.store.get(uuid)
+        except StoreError:
+            return None
+        return None if row is None else row["status"]
 
     def _log_event(self, event: Event) -> None:
         """The controller's INFO lines about each task, from the process that made the change."""
@@ -258,6 +273,8 @@ class Runtime:
                 run.abandon()
             elif row.get("stop_requested"):
                 run.request_stop(StopReason.REQUESTED)
+            else:
+                run.request_pause(row["status"] == TaskStatus.PAUSED)
 
     def _ack(self, event: Event) -> None:
         self.store.ack(self.config.name, [event["cursor"]])
@@ -298,9 +315,26 @@ class Runtime:
                 return None
             if row is not None:
                 return row
+            idle_for = self._idle_wait()
             with self._work:
                 if self._generation == generation and not self.closing:
-                    self._work.wait(defaults.IDLE_RECHECK if self.store.shared else None)
+                    self._work.wait(idle_for)
+
+    def _idle_wait(self) -> Optional[float]:
+        """Seconds an idle slot may sleep: until the earliest retry of a failed attempt comes due at most.
+
+        The time coming is no event, so this is the one wake-up that must be timed. A shared store
+        is looked at again every ``IDLE_RECHECK`` seconds anyway (a missed event costs no more).
+        """
+        idle = defaults.IDLE_RECHECK if self.store.shared else None
+        try:
+            retry_at = self.store.next_retry_at(self.config.name)
+            if retry_at is None:
+                return idle
+            due_in = max(0.0, retry_at - self.store.now()) + defaults.RETRY_WAKE_MARGIN
+        except StoreError:  # the claim that follows meets the outage, and waits it out
+            return defaults.STORE_RETRY_MIN
+        return due_in if idle is None else min(idle, due_in)
 
     def _going_away(self) -> bool:
         return self.draining
@@ -353,7 +387,8 @@ class Runtime:
                 self.events.publish(event)
                 return
         error = error_record("Lost", f"The serving process that ran this task ({owner}) died.")
-        event = self.store.finish(uuid, TaskStatus.LOST.value, owner=owner, emitter=self.owner, error=error)
+        event = self.store.finish(uuid, TaskStatus.LOST.value, owner=owner, emitter=self.owner, error=error,
+                                  errors=[*(row.get("errors") or []), error])
         if event is not None:
             self.logger.warning("Task %s was lost with the process that ran it (%s).", uuid, owner)
             self.events.publish(event)
@@ -410,8 +445,13 @@ class Runtime:
                     self.logger.info("Task %s will run again after the restart.", run.uuid)
                     self.events.publish(event)
                     return
+            if self._retry(run, outcome, retrier):
+                return
+            fields = dict(outcome.fields)
+            if fields.get("error") is not None:
+                fields["errors"] = [*run.errors, fields["error"]]
             event = retrier.call("recording a task's end", lambda: self.store.finish(
-                run.uuid, outcome.status.value, owner=self.owner, emitter=self.owner, **outcome.fields))
+                run.uuid, outcome.status.value, owner=self.owner, emitter=self.owner, **fields))
         except GaveUp:
             self.logger.error("Task %s ended %s while the store was unreachable, and this process is shutting "
                               "down: its end is not recorded (the next start settles it).", run.uuid,
@@ -432,6 +472,26 @@ class Runtime:
         self.events.catch_up()  # what the siblings did may not have been read yet
         return any(
             0.0 <= claimed - at <= defaults.SIBLING_SHUTDOWN_HOLD for at in list(self._sibling_shutdowns))
+
+    def _retry(self, run: TaskRun, outcome: Outcome, retrier: Retrier) -> bool:
+        """Queue the task again if its class retries this end (see :mod:`.retries`); True when it was."""
+        policy = self.config.retry_policy
+        error = outcome.fields.get("error")
+        stopped = run.stop_reason in (StopReason.REQUESTED, StopReason.SHUTDOWN)
+        delay = policy.next_delay(outcome.status.value, error, outcome.retry_match, stopped, len(run.errors))
+        if delay is None:
+            return False
+        fields = {"errors": [*run.errors, error], "progress": outcome.fields.get("progress"),
+                  "percent": outcome.fields.get("percent")}
+        event = retrier.call("queueing a retry", lambda: self.store.retry(
+            run.uuid, delay, owner=self.owner, emitter=self.owner, **fields))
+        if event is None:  # stopped or settled elsewhere meanwhile: the end is recorded as usual
+            return False
+        self.logger.warning("Task %s %s on attempt %s (%s: %s); retry %d of %d in %.1f s.", run.uuid,
+                            outcome.status.value, run.attempt, (error or {}).get("type"),
+                            (error or {}).get("message"), len(run.errors) + 1, policy.max_retries, delay)
+        self.events.publish(event)
+        return True
 
     def fail(self, uuid: str, exc: BaseException, retrier: Retrier) -> None:
         """Record that the controlling thread itself failed to run task ``uuid``."""
@@ -461,6 +521,7 @@ class Runtime:
                                 "killed after %g s.", len(runs), self.config.stop_grace)
         for run in runs:
             run.request_stop(StopReason.SHUTDOWN)
+        self.scheduler.stop()
         for slot in self._slots:
             slot.wake()
         grace = self.config.stop_grace + defaults.KILL_AFTER_TERM + defaults.SHUTDOWN_MARGIN
@@ -536,6 +597,7 @@ class _Slot(threading.Thread):
         c = rt.config
         run = TaskRun(row["uuid"], row.get("timeout"), self.wake, row.get("progress"), row.get("percent"),
                       attempt=row.get("attempt"), claimed_at=row.get("started_at"))
+        run.errors = list(row.get("errors") or [])
         rt.register(run)
         try:
             if row.get("stop_requested"):

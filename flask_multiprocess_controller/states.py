@@ -9,12 +9,18 @@ class TaskStatus(str, enum.Enum):
 
     ``queued`` → ``running`` → one of the terminal states; ``running`` →
     ``stopping`` → ``stopped`` on a stop request; ``queued`` → ``stopped`` when a
-    queued task is stopped before it ever ran.
+    queued task is stopped before it ever ran; ``running`` ⇄ ``paused`` when its process
+    tree is suspended and resumed (a paused task keeps its slot, and can be stopped);
+    a failed attempt with retries left goes back to ``queued``.
+
+    .. versionchanged:: 0.3
+        ``paused``.
     """
 
     QUEUED = "queued"
     RUNNING = "running"
     STOPPING = "stopping"
+    PAUSED = "paused"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     STOPPED = "stopped"
@@ -34,6 +40,6 @@ TERMINAL = frozenset(
 )
 
 #: States in which a task holds one of the controller's process slots.
-ACTIVE = frozenset({TaskStatus.RUNNING, TaskStatus.STOPPING})
+ACTIVE = frozenset({TaskStatus.RUNNING, TaskStatus.STOPPING, TaskStatus.PAUSED})
 
 ALL_STATUSES = tuple(s.value for s in TaskStatus)

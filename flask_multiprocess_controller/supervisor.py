@@ -26,6 +26,7 @@ from .events import Event
 from .exceptions import StoreError
 from .forkserver import ChildProcess
 from .logs import LogListener, logger_levels
+from .pausing import TreePause
 from .persist import Retrier
 from .proctree import TreeUsage, describe_exit, sample, signal_processes
 from .protocol import (
@@ -68,6 +69,10 @@ class TaskRun:
         self.stop_reason: Optional[StopReason] = None
         self.stop_at: Optional[float] = None
         self.child: Optional[ChildProcess] = None
+        #: Whether the store says the task is paused; the controlling thread makes its tree follow.
+        self.pause_wanted = False
+        #: The errors of the task's earlier attempts, oldest first (what the store's ``errors`` held).
+        self.errors: list[Any] = []
         self._wake = wake
         # Guards stop_reason, stop_at and child.
         self._lock = threading.Lock()
@@ -84,6 +89,17 @@ class TaskRun:
         if child is not None:
             child.send(StopTask(self.uuid))
         self._wake()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop (of any reason) was asked for."""
+        return self.stop_reason is not None
+
+    def request_pause(self, paused: bool) -> None:
+        """Suspend (or resume) the task's process tree, as the store now says (see :mod:`.pausing`)."""
+        if paused != self.pause_wanted:
+            self.pause_wanted = paused
+            self._wake()
 
     def abandon(self) -> None:
         """The task was settled by another process: its run here must end without a record."""
@@ -116,6 +132,8 @@ class Outcome:
     status: TaskStatus
     fields: dict[str, Any]
     child_alive: bool
+    #: For an exception raised by ``execute``: whether it matched the task class's ``retry_on``.
+    retry_match: Optional[bool] = None
 
 
 @dataclass
@@ -187,11 +205,19 @@ class Supervisor:
         return self._levels_cache
 
     def _watch(self, run: TaskRun, child: ChildProcess, usage: TreeUsage) -> Optional[Done]:
+        pause = TreePause(child, usage)
+        try:
+            return self._watch_run(run, child, usage, pause)
+        finally:
+            pause.release()  # a reused process must not wait frozen for its next task
+
+    def _watch_run(self, run: TaskRun, child: ChildProcess, usage: TreeUsage, pause: TreePause) -> Optional[Done]:
         watchdog = Watchdog(self._schedule, run.started, run.timeout)
         done: Optional[Done] = None
         conn_open = True
         while True:
             now = time.monotonic()
+            pause.follow(run, watchdog, now)
             state = dict(stop_at=run.stop_at, stopping=run.stop_reason is not None, dirty=run.dirty,
                          ended=done is not None)
             for action in watchdog.due(now, **state):  # type: ignore[arg-type]
@@ -202,7 +228,8 @@ class Supervisor:
             state.update(stopping=run.stop_reason is not None, dirty=run.dirty)
             timeout = watchdog.sleep_for(time.monotonic(), **state)  # type: ignore[arg-type]
             watched: list[Any] = [child.exit_fd, self.wake_fd]
-            if conn_open:
+            # Not while suspended: a message half written when the tree stopped would block the read.
+            if conn_open and not pause.paused:
                 watched.append(child.conn)
             ready = wait_ready(watched, timeout)
             if self.wake_fd in ready:
@@ -322,7 +349,7 @@ def classify(seen: Observation, settings: Settings) -> Outcome:
             return Outcome(TaskStatus.SUCCEEDED, fields, alive)
         if seen.done.kind == "error":
             fields["error"] = seen.done.error
-            return Outcome(TaskStatus.FAILED, fields, alive)
+            return Outcome(TaskStatus.FAILED, fields, alive, retry_match=seen.done.retryable)
         return _stopped(reason, fields, alive, seen.timeout, None, settings)
     how = describe_exit(seen.exit_code if seen.exited else None)
     if reason is None:

@@ -32,6 +32,13 @@ class MetaMPTask(abc.ABC):
     (defaults to ``logging.getLogger(<class name>)``). Set ``restartable = True``
     on a subclass whose runs may safely be started again from the beginning when
     the process that ran them died.
+
+    Retries (see :mod:`.retries`): ``max_retries`` failed attempts are run again after
+    ``retry_backoff`` seconds, doubling (with jitter) up to ``retry_backoff_max``, when the
+    failure matches ``retry_on`` (None: any exception ``execute`` raises).
+
+    .. versionchanged:: 0.3
+        ``max_retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_on``.
     """
 
     #: The task's name, for logs and messages.
@@ -40,6 +47,16 @@ class MetaMPTask(abc.ABC):
     logger: ClassVar[logging.Logger] = logging.getLogger("MetaMPTask")
     #: True when a run that was cut off may be started again from the beginning.
     restartable: ClassVar[bool] = False
+    #: How many times a failed attempt is run again (0: never).
+    max_retries: ClassVar[int] = 0
+    #: Seconds before the first retry; each further one waits twice as long, with jitter.
+    retry_backoff: ClassVar[float] = 1.0
+    #: The longest pause before a retry, in seconds.
+    retry_backoff_max: ClassVar[float] = 600.0
+    #: Exception types (a class or a tuple) whose failures are retried; None: any exception ``execute``
+    #: raises. Crashes, timeouts and the memory limit are retried only when named here (``ProcessDied``,
+    #: ``TaskTimeout``, ``MemoryLimitExceeded``).
+    retry_on: ClassVar[Optional[Any]] = None
     #: How many tasks of this class this process has started, this one included (upstream 0.1's
     #: counter; 1 in a fresh task process). ``self.task_id`` is the task's unique name.
     counter: ClassVar[int] = 0

@@ -5,6 +5,9 @@ moment, progress waits to be written, the task reported its end) and answers whi
 actions are due and how long the thread may sleep. It never reads a clock, sleeps or
 touches a process, so the stop escalation (flag, ``stop_grace``, SIGTERM,
 ``KILL_AFTER_TERM``, SIGKILL) and the timeout are tested with plain numbers.
+
+A task's timeout counts the time it runs, not the time it is paused: :meth:`Watchdog.pause`
+stops its clock and :meth:`Watchdog.resume` moves the deadline by the time spent paused.
 """
 from __future__ import annotations
 
@@ -49,8 +52,10 @@ class Watchdog:
 
     def __init__(self, schedule: Schedule, started: float, timeout: Optional[float]) -> None:
         self.schedule = schedule
-        #: Monotonic time after which the task has run too long.
+        #: Monotonic time after which the task has run too long (it moves on by each pause).
         self.deadline = started + timeout if timeout else None
+        #: When the current pause began; None while the task is not paused.
+        self.paused_since: Optional[float] = None
         # The first sample waits a full interval: short tasks are measured by their own report,
         # and a sample scans the process table.
         self._next_sample = started + schedule.sample_every
@@ -63,6 +68,23 @@ class Watchdog:
         """Record that the caller killed the tree (memory limit, ownership lost)."""
         self.killed = True
 
+    def pause(self, now: float) -> None:
+        """The task was suspended at ``now``: its timeout clock stops (a second call changes nothing)."""
+        if self.paused_since is None:
+            self.paused_since = now
+
+    def resume(self, now: float) -> None:
+        """The task was resumed at ``now``: the deadline moves by the time it spent paused."""
+        if self.paused_since is None:
+            return
+        if self.deadline is not None:
+            self.deadline += max(0.0, now - self.paused_since)
+        self.paused_since = None
+
+    def _live_deadline(self, stopping: bool) -> Optional[float]:
+        """The deadline while it may fall due (its clock runs and no stop is under way), else None."""
+        return None if stopping or self.paused_since is not None else self.deadline
+
     def due(self, now: float, *, stop_at: Optional[float], stopping: bool, dirty: bool,
             ended: bool) -> list[Action]:
         """The actions due at ``now``, in the order to carry them out.
@@ -73,7 +95,8 @@ class Watchdog:
         :param ended: the task already reported its end (nothing to escalate).
         """
         actions: list[Action] = []
-        if self.deadline is not None and now >= self.deadline and not stopping:
+        deadline = self._live_deadline(stopping)
+        if deadline is not None and now >= deadline:
             actions.append(Action.TIMEOUT)
         if now >= self._next_sample:
             actions.append(Action.SAMPLE)
@@ -94,8 +117,9 @@ class Watchdog:
                   ended: bool) -> float:
         """Seconds until the next action may be due (0 if one is due now)."""
         moments = [self._next_sample]
-        if self.deadline is not None and not stopping:
-            moments.append(self.deadline)
+        deadline = self._live_deadline(stopping)
+        if deadline is not None:
+            moments.append(deadline)
         if stop_at is not None and not ended and not self.killed:
             moments.append(self._term_at + self.schedule.kill_after_term if self._term_at is not None
                            else stop_at + self.schedule.stop_grace)

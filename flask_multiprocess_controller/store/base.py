@@ -1,4 +1,4 @@
-"""The task store contract (version 2).
+"""The task store contract (version 3).
 
 The store is the single source of truth for tasks: every process that serves the
 app reads and writes tasks through it, and the limits of a controller
@@ -14,6 +14,11 @@ so that callbacks survive a crash (at least once).
 Times written by the store (``started_at``, a default ``ended_at``, heartbeats, ``Event.at``)
 come from the store's own clock (:meth:`TaskStore.now`), so leases and orderings do not depend
 on the clocks of the hosts that share it.
+
+Version 3 adds the task policies: retries that wait out of the ready queue until their
+``retry_at`` (:meth:`TaskStore.retry`), pause and resume (:meth:`TaskStore.pause`), moving a
+queued task (:meth:`TaskStore.reprioritise`), stopping everything (:meth:`TaskStore.stop_all`),
+leases (:meth:`TaskStore.acquire_lease`) and the state of schedules (:meth:`TaskStore.fire`).
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from typing import TYPE_CHECKING
 import abc
 import re
 import time
-from typing import Any, Iterable, Optional, Sequence, TypedDict
+import enum
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, TypedDict
 
 from .. import defaults
 from ..events import Changes, Event
@@ -69,6 +75,12 @@ class Row(TypedDict, total=False):
     #: Seconds, or None.
     cpu_time: Optional[float]
     attempt: int
+    #: While a failed attempt waits for its retry: when it may run again (store clock); else None.
+    retry_at: Optional[float]
+    #: The error of every attempt that ended with one, oldest first; None before the first.
+    errors: Optional[list[dict[str, Any]]]
+    #: The schedule firing that queued the task, ``{"name", "firing"}`` (UNIX seconds); else None.
+    schedule: Optional[dict[str, Any]]
     #: Who may see the task, when the controller has a ``tenant=`` hook (None: nobody in particular).
     tenant: Optional[str]
 
@@ -90,12 +102,64 @@ COLUMNS = tuple(Row.__annotations__)
 MUTABLE_FIELDS = frozenset(
     {
         "progress", "percent", "result", "error", "started_at", "ended_at", "pid", "pid_created",
-        "exit_code", "memory_peak", "cpu_time",
+        "exit_code", "memory_peak", "cpu_time", "errors",
     }
 )
 
 _TERMINAL = frozenset(s.value for s in TERMINAL)
 _COUNTER = re.compile(r"[0-9]{1,18}")
+
+
+class ScheduleRow(TypedDict):
+    """The state of one schedule of a controller, as the store keeps it (see :mod:`..schedules`)."""
+
+    controller: str
+    name: str
+    #: What the serving processes declare (JSON), opaque to the store.
+    spec: dict[str, Any]
+    #: Every firing up to this time (store clock) was handled: queued, skipped or missed.
+    fired_until: float
+    #: The time of the last firing that queued a task, and that task's uuid.
+    last_fired: Optional[float]
+    last_task: Optional[str]
+    #: Firings skipped because the queue was full, and the time of the last one.
+    skipped: int
+    last_skipped: Optional[float]
+    #: When a serving process last declared the schedule (store clock), and which one.
+    seen_at: float
+    declared_by: Optional[str]
+
+
+class FireOutcome(str, enum.Enum):
+    """What :meth:`TaskStore.fire` did with a firing."""
+
+    #: A task was queued for it.
+    QUEUED = "queued"
+    #: The queue was full: no task, counted in the schedule's ``skipped``.
+    FULL = "full"
+    #: Passed over on purpose (a firing missed while no server ran): no task.
+    MISSED = "missed"
+    #: Not later than the schedule's ``fired_until`` (another process handled it), or the schedule
+    #: was never declared: nothing written.
+    STALE = "stale"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Fired(NamedTuple):
+    """What :meth:`TaskStore.fire` returns."""
+
+    outcome: FireOutcome
+    #: The ``queued`` event of the task, for :attr:`FireOutcome.QUEUED`.
+    event: Optional[Event]
+
+
+def check_fields(method: str, fields: Mapping[str, Any]) -> None:
+    """Raise ValueError when ``fields`` holds a column a caller may not set (see :data:`MUTABLE_FIELDS`)."""
+    unknown = set(fields) - MUTABLE_FIELDS
+    if unknown:
+        raise ValueError(f"{method}() cannot set {sorted(unknown)}: only {sorted(MUTABLE_FIELDS)}")
 
 
 def parse_counter(cursor: str) -> Optional[int]:
@@ -135,7 +199,9 @@ class TaskStore(abc.ABC):
     def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
         """Move the next queued task to ``running`` and return it, or return None.
 
-        The next task is the one with the lowest ``(priority, seq)``. Nothing is
+        The next task is the one with the lowest ``(priority, seq)`` among the queued tasks that
+        wait for no ``retry_at`` (a claim first moves those whose ``retry_at`` has come into the
+        ready queue, clearing it; the others cost it nothing). Nothing is
         claimed when the controller already has ``max_running`` tasks ``running``
         or ``stopping``. Atomic: two callers never claim the same task, and the
         limit holds across every process sharing the store. ``started_at`` is the
@@ -168,9 +234,7 @@ class TaskStore(abc.ABC):
         :raises ValueError: an unknown field or a status that is not terminal (nothing written).
         Atomic compare-and-set: of two finishers, one gets the event, the other None.
         """
-        unknown = set(fields) - MUTABLE_FIELDS
-        if unknown:
-            raise ValueError(f"finish() cannot set {sorted(unknown)}: only {sorted(MUTABLE_FIELDS)}")
+        check_fields("finish", fields)
         if status not in _TERMINAL:
             raise ValueError(f"finish() needs a terminal status ({sorted(_TERMINAL)}), not {status!r}")
         if "ended_at" in fields and fields["ended_at"] is None:
@@ -197,8 +261,8 @@ class TaskStore(abc.ABC):
         """Ask a task to stop; return the task afterwards and the event written.
 
         A queued task becomes ``stopped`` at once (``ended_at`` = the store's clock, event
-        ``ended``); a running one ``stopping`` with ``stop_requested`` set (event ``stopping``);
-        a ``stopping`` one is returned unchanged, with no event.
+        ``ended``); a running or paused one ``stopping`` with ``stop_requested`` set (event
+        ``stopping``); a ``stopping`` one is returned unchanged, with no event.
 
         :raises TaskNotFound: unknown uuid.
         :raises TaskAlreadyFinished: the task is in a terminal state.
@@ -212,6 +276,124 @@ class TaskStore(abc.ABC):
 
         Writes a ``purged`` event per task (its row as it was). Also prunes the events (and outbox
         entries) older than :attr:`event_retention` or beyond the newest :attr:`max_events`.
+        """
+
+    # -- task policies ----------------------------------------------------------------------------------
+
+    def retry(self, uuid: str, delay: float, owner: Optional[str] = None, emitter: Optional[str] = None,
+              **fields: Any) -> Optional[Event]:
+        """Queue an active task (of ``owner``, if given) again for another attempt; event ``requeued``.
+
+        The task becomes ``queued`` with ``retry_at`` = the store's clock plus ``delay`` seconds;
+        its ``attempt`` is kept (the next claim counts on), its owner, pid, ``started_at`` and stop
+        request are cleared, and ``fields`` (:data:`MUTABLE_FIELDS`: ``errors``, say) are set.
+        Until ``retry_at`` it stays out of the ready queue: claims skip it at no cost and its
+        :meth:`position` is None. No queue bound applies. ``emitter`` defaults to ``owner``.
+
+        Returns None, writing nothing, when the task is not active, not ``owner``'s, or a stop
+        of it was requested (a stopped task never runs again).
+        :raises ValueError: an unknown field (nothing written).
+        """
+        check_fields("retry", fields)
+        return self._retry(uuid, max(0.0, float(delay)), owner, owner if emitter is None else emitter, fields)
+
+    @abc.abstractmethod
+    def _retry(self, uuid: str, delay: float, owner: Optional[str], emitter: Optional[str],
+               fields: dict[str, Any]) -> Optional[Event]:
+        """:meth:`retry` with checked arguments."""
+
+    @abc.abstractmethod
+    def next_retry_at(self, controller: str) -> Optional[float]:
+        """The earliest ``retry_at`` of the controller's queued tasks that wait for one, or None.
+
+        Idle slots sleep until then (nothing else would wake them: the time coming is no event).
+        """
+
+    @abc.abstractmethod
+    def pause(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        """Mark a running task ``paused``; return it afterwards and the event ``paused``.
+
+        The serving process that runs it suspends its process tree when it sees the event. A
+        task already paused is returned unchanged, with no event.
+
+        :raises TaskNotFound: unknown uuid.
+        :raises TaskAlreadyFinished: the task is in a terminal state.
+        :raises InvalidTransition: the task is ``queued`` or ``stopping``.
+        """
+
+    @abc.abstractmethod
+    def resume(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        """Mark a paused task ``running`` again; return it afterwards and the event ``resumed``.
+
+        A task already running is returned unchanged, with no event.
+
+        :raises TaskNotFound: unknown uuid.
+        :raises TaskAlreadyFinished: the task is in a terminal state.
+        :raises InvalidTransition: the task is ``queued`` or ``stopping``.
+        """
+
+    @abc.abstractmethod
+    def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:
+        """Give a queued task a new ``priority``, which moves it in the queue at once.
+
+        Returns the task afterwards and a ``queued`` event (it is queued anew at its new place,
+        keeping its ``seq`` among tasks of that priority).
+
+        :raises TaskNotFound: unknown uuid.
+        :raises TaskAlreadyFinished: the task is in a terminal state.
+        :raises InvalidTransition: the task is no longer queued.
+        """
+
+    @abc.abstractmethod
+    def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
+        """Stop every queued, running and paused task of the controller; return the events written.
+
+        As :meth:`request_stop` for each, in one atomic step, so that no queued task starts
+        meanwhile: queued ones end ``stopped`` (events ``ended``, first), running and paused ones
+        become ``stopping`` (events ``stopping``); tasks already stopping are left as they are.
+        """
+
+    # -- leases and schedules --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` for ``owner`` until ``ttl`` seconds from now (store clock).
+
+        Returns True when ``owner`` holds it afterwards: it was free, expired or already
+        ``owner``'s. Atomic: two callers never both get a free lease.
+        """
+
+    @abc.abstractmethod
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give up the lease ``name`` if ``owner`` holds it (a clean shutdown: others need not wait)."""
+
+    @abc.abstractmethod
+    def declare_schedules(self, controller: str, specs: Mapping[str, dict[str, Any]], owner: str) -> None:
+        """Record that the serving process ``owner`` declares these schedules (by name) now.
+
+        Each one's ``spec`` is replaced, ``seen_at`` set to the store's clock and ``declared_by`` to
+        ``owner``; a schedule new to the store starts with ``fired_until`` = that clock, so it
+        fires only after it was first declared.
+        """
+
+    @abc.abstractmethod
+    def schedules(self, controller: str) -> list[ScheduleRow]:
+        """Every schedule of the controller the store knows, by name (declared now or in the past)."""
+
+    @abc.abstractmethod
+    def fire(self, controller: str, name: str, firing: float, row: Optional[Row], max_queued: int,
+             emitter: Optional[str] = None) -> Fired:
+        """Handle the firing at time ``firing`` of the schedule ``name``: queue ``row`` for it, once.
+
+        Atomic compare-and-set on the schedule's ``fired_until``: only a firing later than it is
+        handled, and ``fired_until`` becomes ``firing`` in the same step as the enqueue, so a
+        firing is queued exactly once whichever processes and hosts try it. Then:
+
+        - ``row`` None: the firing is passed over on purpose (:attr:`FireOutcome.MISSED`);
+        - the controller has ``max_queued`` tasks queued (-1: no bound): no task, the
+          schedule's ``skipped`` grows and ``last_skipped`` = ``firing`` (:attr:`FireOutcome.FULL`);
+        - else ``row`` is inserted as :meth:`enqueue` does (``seq`` written into it), and
+          ``last_fired``/``last_task`` record it (:attr:`FireOutcome.QUEUED`, with its event).
         """
 
     # -- the change feed --------------------------------------------------------------------------------
@@ -278,7 +460,11 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def position(self, row: Row) -> Optional[int]:
-        """Return the 1-based place of a queued task in its controller's queue, else None."""
+        """Return the 1-based place of a queued task in its controller's queue, else None.
+
+        The queue is the ready queue: a task waiting for its ``retry_at`` has no place yet
+        (None), and the tasks that do are not counted ahead of others.
+        """
 
     @abc.abstractmethod
     def active(self, controller: str) -> list[Row]:

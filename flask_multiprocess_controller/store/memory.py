@@ -6,13 +6,13 @@ import heapq
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
-from ..exceptions import QueueFull, TaskAlreadyFinished, TaskNotFound
+from ..exceptions import InvalidTransition, QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import ANY_TENANT, COLUMNS, Row, TaskStore, parse_counter
+from .base import ANY_TENANT, COLUMNS, FireOutcome, Fired, Row, ScheduleRow, TaskStore, parse_counter
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -41,6 +41,12 @@ class MemoryStore(TaskStore):
         self._pruned = 0
         #: Unacknowledged callback events per controller, by cursor (insertion order = cursor order).
         self._outbox: dict[str, dict[int, Event]] = {}
+        #: Tasks waiting for their ``retry_at`` per controller: heaps of (retry_at, uuid), lazily deleted.
+        self._delayed: dict[str, list[tuple[float, str]]] = {}
+        #: Leases by name: (holder, expiry time).
+        self._leases: dict[str, tuple[str, float]] = {}
+        #: Schedule states by (controller, name).
+        self._schedules: dict[tuple[str, str], ScheduleRow] = {}
 
     # -- helpers (called with the lock held) --------------------------------------------------------------
 
@@ -81,29 +87,48 @@ class MemoryStore(TaskStore):
             return []
         with self._lock:
             controller = rows[0]["controller"]
-            queued = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] == _QUEUED)
-            if max_queued >= 0 and queued + len(rows) > max_queued:
+            if max_queued >= 0 and self._queued_count(controller) + len(rows) > max_queued:
                 raise QueueFull(max_queued, defaults.RETRY_AFTER)
             now = time.time()
-            events = []
-            for given in rows:
-                row: Row = {**dict.fromkeys(COLUMNS), **copy.deepcopy(given)}  # type: ignore[typeddict-item]
-                row["seq"] = given["seq"] = next(self._seq)
-                self._rows[row["uuid"]] = row
-                heapq.heappush(self._queues.setdefault(controller, []), (row["priority"], row["seq"], row["uuid"]))
-                events.append(self._emit(EventKind.QUEUED, row, emitter, now))
-            return events
+            return [self._insert(given, emitter, now) for given in rows]
+
+    def _insert(self, given: Row, emitter: Optional[str], now: float) -> Event:
+        """Store a new queued task (writing its ``seq`` into ``given``); return its ``queued`` event."""
+        row: Row = {**dict.fromkeys(COLUMNS), **copy.deepcopy(given)}  # type: ignore[typeddict-item]
+        row["seq"] = given["seq"] = next(self._seq)
+        self._rows[row["uuid"]] = row
+        self._push_ready(row)
+        return self._emit(EventKind.QUEUED, row, emitter, now)
+
+    def _push_ready(self, row: Row) -> None:
+        heapq.heappush(self._queues.setdefault(row["controller"], []), (row["priority"], row["seq"], row["uuid"]))
+
+    def _queued_count(self, controller: str) -> int:
+        return sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] == _QUEUED)
+
+    def _promote_due(self, controller: str, now: float) -> None:
+        """Move the controller's tasks whose ``retry_at`` has come into the ready queue."""
+        delayed = self._delayed.get(controller, [])
+        while delayed and delayed[0][0] <= now:
+            retry_at, uuid = heapq.heappop(delayed)
+            row = self._rows.get(uuid)
+            if row is not None and row["status"] == _QUEUED and row["retry_at"] == retry_at:
+                row["retry_at"] = None
+                self._push_ready(row)
 
     def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
         with self._lock:
             running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)
             if running >= max_running:
                 return None
+            self._promote_due(controller, time.time())
             queue = self._queues.get(controller, [])
             while queue:
-                _, _, uuid = heapq.heappop(queue)
+                priority, _, uuid = heapq.heappop(queue)
                 row = self._rows.get(uuid)
-                if row is not None and row["status"] == _QUEUED:
+                # An entry is stale once its task left the queue, moved to another priority or waits for a retry.
+                if (row is not None and row["status"] == _QUEUED and row["priority"] == priority
+                        and row["retry_at"] is None):
                     row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": time.time(),
                                 "attempt": row["attempt"] + 1})
                     return copy.deepcopy(row)
@@ -155,15 +180,18 @@ class MemoryStore(TaskStore):
                 raise TaskNotFound(uuid)
             if row["status"] in _TERMINAL:
                 raise TaskAlreadyFinished(uuid, row["status"])
-            now = time.time()
-            event = None
-            if row["status"] == _QUEUED:
-                row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
-                event = self._emit(EventKind.ENDED, row, emitter, now)
-            elif row["status"] == TaskStatus.RUNNING.value:
-                row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
-                event = self._emit(EventKind.STOPPING, row, emitter, now)
+            event = self._stop_one(row, emitter, time.time())
             return copy.deepcopy(row), event
+
+    def _stop_one(self, row: Row, emitter: Optional[str], now: float) -> Optional[Event]:
+        """Stop a task that is not terminal: what :meth:`request_stop` and :meth:`stop_all` do to each."""
+        if row["status"] == _QUEUED:
+            row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
+            return self._emit(EventKind.ENDED, row, emitter, now)
+        if row["status"] in (TaskStatus.RUNNING.value, TaskStatus.PAUSED.value):
+            row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
+            return self._emit(EventKind.STOPPING, row, emitter, now)
+        return None
 
     def purge(self, controller: str, ended_before: float, emitter: Optional[str] = None) -> int:
         with self._lock:
@@ -176,6 +204,128 @@ class MemoryStore(TaskStore):
                 self._emit(EventKind.PURGED, row, emitter, now)
             self._prune_events(now)
             return len(doomed)
+
+    # -- task policies -------------------------------------------------------------------------------------
+
+    def _retry(self, uuid: str, delay: float, owner: Optional[str], emitter: Optional[str],
+               fields: dict[str, Any]) -> Optional[Event]:
+        with self._lock:
+            row = self._owned_active(uuid, owner)
+            if row is None or row["stop_requested"]:
+                return None
+            now = time.time()
+            row.update({**copy.deepcopy(fields), "status": _QUEUED, "owner": None,  # type: ignore[typeddict-item]
+                        "pid": None, "pid_created": None, "started_at": None, "retry_at": now + delay})
+            heapq.heappush(self._delayed.setdefault(row["controller"], []), (now + delay, uuid))
+            return self._emit(EventKind.REQUEUED, row, emitter, now)
+
+    def next_retry_at(self, controller: str) -> Optional[float]:
+        with self._lock:
+            delayed = self._delayed.get(controller, [])
+            while delayed:
+                retry_at, uuid = delayed[0]
+                row = self._rows.get(uuid)
+                if row is not None and row["status"] == _QUEUED and row["retry_at"] == retry_at:
+                    return retry_at
+                heapq.heappop(delayed)  # stale: stopped or promoted meanwhile
+            return None
+
+    def _transition(self, uuid: str, wanted: str, change: str, needs: str, kind: EventKind,
+                    emitter: Optional[str]) -> tuple[Row, Optional[Event]]:
+        """Move a task from ``needs`` to ``wanted`` (no change if it is ``wanted`` already)."""
+        with self._lock:
+            row = self._rows.get(uuid)
+            if row is None:
+                raise TaskNotFound(uuid)
+            status = row["status"]
+            if status in _TERMINAL:
+                raise TaskAlreadyFinished(uuid, status)
+            if status == wanted:
+                return copy.deepcopy(row), None
+            if status != needs:
+                raise InvalidTransition(uuid, status, change, needs)
+            row["status"] = wanted
+            return copy.deepcopy(row), self._emit(kind, row, emitter, time.time())
+
+    def pause(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        return self._transition(uuid, TaskStatus.PAUSED.value, "paused", TaskStatus.RUNNING.value,
+                                EventKind.PAUSED, emitter)
+
+    def resume(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        return self._transition(uuid, TaskStatus.RUNNING.value, "resumed", TaskStatus.PAUSED.value,
+                                EventKind.RESUMED, emitter)
+
+    def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:
+        with self._lock:
+            row = self._rows.get(uuid)
+            if row is None:
+                raise TaskNotFound(uuid)
+            if row["status"] in _TERMINAL:
+                raise TaskAlreadyFinished(uuid, row["status"])
+            if row["status"] != _QUEUED:
+                raise InvalidTransition(uuid, row["status"], "re-prioritised", _QUEUED)
+            row["priority"] = priority
+            if row["retry_at"] is None:
+                self._push_ready(row)  # the entry at the old priority is now stale
+            return copy.deepcopy(row), self._emit(EventKind.QUEUED, row, emitter, time.time())
+
+    def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
+        with self._lock:
+            now = time.time()
+            mine = sorted((r for r in self._rows.values() if r["controller"] == controller), key=lambda r: r["seq"])
+            events = []
+            for row in [r for r in mine if r["status"] == _QUEUED] + [r for r in mine if r["status"] != _QUEUED]:
+                if row["status"] not in _TERMINAL:
+                    event = self._stop_one(row, emitter, now)
+                    if event is not None:
+                        events.append(event)
+            return events
+
+    # -- leases and schedules --------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        with self._lock:
+            now = time.time()
+            holder = self._leases.get(name)
+            if holder is not None and holder[0] != owner and holder[1] > now:
+                return False
+            self._leases[name] = (owner, now + ttl)
+            return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self._lock:
+            if self._leases.get(name, ("", 0.0))[0] == owner:
+                del self._leases[name]
+
+    def declare_schedules(self, controller: str, specs: Mapping[str, dict[str, Any]], owner: str) -> None:
+        with self._lock:
+            now = time.time()
+            for name, spec in specs.items():
+                state = self._schedules.setdefault((controller, name), ScheduleRow(
+                    controller=controller, name=name, spec={}, fired_until=now, last_fired=None, last_task=None,
+                    skipped=0, last_skipped=None, seen_at=now, declared_by=owner))
+                state.update({"spec": copy.deepcopy(dict(spec)), "seen_at": now, "declared_by": owner})
+
+    def schedules(self, controller: str) -> list[ScheduleRow]:
+        with self._lock:
+            return [copy.deepcopy(state) for (ctl, name), state in sorted(self._schedules.items())
+                    if ctl == controller]
+
+    def fire(self, controller: str, name: str, firing: float, row: Optional[Row], max_queued: int,
+             emitter: Optional[str] = None) -> Fired:
+        with self._lock:
+            state = self._schedules.get((controller, name))
+            if state is None or firing <= state["fired_until"]:
+                return Fired(FireOutcome.STALE, None)
+            state["fired_until"] = firing
+            if row is None:
+                return Fired(FireOutcome.MISSED, None)
+            if 0 <= max_queued <= self._queued_count(controller):
+                state.update({"skipped": state["skipped"] + 1, "last_skipped": firing})
+                return Fired(FireOutcome.FULL, None)
+            event = self._insert(row, emitter, time.time())
+            state.update({"last_fired": firing, "last_task": row["uuid"]})
+            return Fired(FireOutcome.QUEUED, event)
 
     # -- the change feed and the outbox -------------------------------------------------------------------
 
@@ -237,13 +387,13 @@ class MemoryStore(TaskStore):
         return counts
 
     def position(self, row: Row) -> Optional[int]:
-        if row["status"] != _QUEUED:
+        if row["status"] != _QUEUED or row.get("retry_at") is not None:
             return None
         key = (row["priority"], row["seq"])
         with self._lock:
             ahead = sum(1 for r in self._rows.values()
                         if r["controller"] == row["controller"] and r["status"] == _QUEUED
-                        and (r["priority"], r["seq"]) < key)
+                        and r["retry_at"] is None and (r["priority"], r["seq"]) < key)
         return ahead + 1
 
     def active(self, controller: str) -> list[Row]:

@@ -9,8 +9,10 @@ one Redis server, not a Cluster):
 
 - ``seq`` — counter giving each task its insertion order;
 - ``t:<uuid>`` — hash: the task's columns as strings (absent = None);
-- ``c:<controller>:q`` — sorted set of queued tasks, score = priority, member =
+- ``c:<controller>:q`` — sorted set of queued tasks ready to run, score = priority, member =
   ``<seq zero-padded>:<uuid>`` so that equal priorities run in insertion order;
+- ``c:<controller>:delayed`` — sorted set of queued tasks waiting for their retry, score =
+  ``retry_at``, member = uuid (a claim moves the due ones into ``q``);
 - ``c:<controller>:active`` — set of the uuids ``running`` or ``stopping``;
 - ``c:<controller>:all`` — sorted set of every task by ``seq`` (the list view);
 - ``c:<controller>:s:<status>`` — sorted set of the tasks in ``status`` by ``seq`` (filtered lists);
@@ -19,7 +21,10 @@ one Redis server, not a Cluster):
 - ``c:<controller>:outbox`` — sorted set of unacknowledged callback events, all scored 0 so that
   members (zero-padded stream ids) sort by id; ``c:<controller>:outbox:events`` — hash: member to event;
 - ``events`` — stream: the change feed; ``events:pruned`` — id of the newest event pruned from it;
-- ``owners`` — sorted set of serving processes by their last heartbeat.
+- ``owners`` — sorted set of serving processes by their last heartbeat;
+- ``lease:<name>`` — string: the holder of a lease, expiring with it;
+- ``c:<controller>:schedules`` — set of the controller's schedule names; ``c:<controller>:sched:<name>``
+  — hash: one schedule's state (:class:`~.base.ScheduleRow`; ``spec`` as JSON).
 """
 from __future__ import annotations
 
@@ -28,13 +33,15 @@ import functools
 import heapq
 import json
 import re
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, TypeVar, cast, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, cast
 
 from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event
-from ..exceptions import QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound
+from ..exceptions import (
+    InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
+)
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import ANY_TENANT, COLUMNS as _COLUMNS, Row, TaskStore
+from .base import ANY_TENANT, COLUMNS as _COLUMNS, FireOutcome, Fired, Row, ScheduleRow, TaskStore
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -45,9 +52,8 @@ except ImportError:  # RedisStore() says how to install it
     redis = None  # type: ignore[assignment]
 
 _INT = {"seq", "priority", "pid", "exit_code", "memory_peak", "attempt"}
-_FLOAT = {"percent", "created_at", "started_at", "ended_at", "pid_created", "timeout", "cpu_time"}
-_JSON = {"args", "progress", "result", "error"}
-assert {s.value for s in ACTIVE} == {"running", "stopping"}
+_FLOAT = {"percent", "created_at", "started_at", "ended_at", "pid_created", "timeout", "cpu_time", "retry_at"}
+_JSON = {"args", "progress", "result", "error", "errors", "schedule"}
 
 #: Seconds one ``XREAD BLOCK`` of a waiting ``changes()`` lasts at most (it waits in several if longer).
 _FEED_BLOCK_MAX = 10.0
@@ -108,8 +114,18 @@ local function move(key, new)
   redis.call('ZADD', ckey(controller, 's:' .. new), seq, uuid)
   redis.call('HINCRBY', ckey(controller, 'n'), old, -1)
   redis.call('HINCRBY', ckey(controller, 'n'), new, 1)
-  if old == 'queued' then redis.call('ZREM', ckey(controller, 'q'), queue_member(seq, uuid)) end
-  if new == 'queued' then redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid)) end
+  if old == 'queued' then
+    redis.call('ZREM', ckey(controller, 'q'), queue_member(seq, uuid))
+    redis.call('ZREM', ckey(controller, 'delayed'), uuid)
+  end
+  if new == 'queued' then
+    local retry_at = redis.call('HGET', key, 'retry_at')
+    if retry_at then
+      redis.call('ZADD', ckey(controller, 'delayed'), retry_at, uuid)
+    else
+      redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
+    end
+  end
   if ACTIVE[new] then
     redis.call('SADD', ckey(controller, 'active'), uuid)
   else
@@ -145,15 +161,14 @@ local function emit(kind, key)
   cap()
   return {id, fields}
 end
-""".replace("ACTIVE_SET", _lua_set(s.value for s in ACTIVE)).replace(
-    "TERMINAL_SET", _lua_set(s.value for s in TERMINAL)).replace("CALLBACK_SET", _lua_set(CALLBACK_KINDS))
 
-# ARGV from 4: max_queued, controller, rows (JSON list of flat [field, value, ...] lists, without seq)
-_ENQUEUE = _LIB + """
-local max_queued, controller, rows = tonumber(ARGV[4]), ARGV[5], cjson.decode(ARGV[6])
-if max_queued >= 0 and redis.call('ZCARD', ckey(controller, 'q')) + #rows > max_queued then return -1 end
-local events = {}
-for _, row in ipairs(rows) do
+-- How many of the controller's tasks are queued (ready or waiting for a retry).
+local function queued_count(controller)
+  return redis.call('ZCARD', ckey(controller, 'q')) + redis.call('ZCARD', ckey(controller, 'delayed'))
+end
+
+-- Store a new queued task from a flat [field, value, ...] list without seq; returns its uuid and event.
+local function insert_queued(controller, row)
   local seq = redis.call('INCR', prefix .. 'seq')
   local uuid, priority
   for i = 1, #row, 2 do
@@ -166,7 +181,42 @@ for _, row in ipairs(rows) do
   redis.call('ZADD', ckey(controller, 'all'), seq, uuid)
   redis.call('ZADD', ckey(controller, 's:queued'), seq, uuid)
   redis.call('HINCRBY', ckey(controller, 'n'), 'queued', 1)
-  events[#events + 1] = emit('queued', key)
+  return uuid, emit('queued', key)
+end
+
+-- Stop the task at key as request_stop does; returns its event, or false when nothing changed.
+local function stop_one(key)
+  local status = redis.call('HGET', key, 'status')
+  if status == 'queued' then
+    redis.call('HSET', key, 'ended_at', now, 'stop_requested', '1')
+    move(key, 'stopped')
+    return emit('ended', key)
+  elseif status == 'running' or status == 'paused' then
+    redis.call('HSET', key, 'stop_requested', '1')
+    move(key, 'stopping')
+    return emit('stopping', key)
+  end
+  return false
+end
+
+-- The verdict on changing the task at key: false to go on, else the answer to return.
+local function unchangeable(key)
+  local status = redis.call('HGET', key, 'status')
+  if not status then return {'missing'} end
+  if TERMINAL[status] then return {'finished', status} end
+  return false
+end
+""".replace("ACTIVE_SET", _lua_set(s.value for s in ACTIVE)).replace(
+    "TERMINAL_SET", _lua_set(s.value for s in TERMINAL)).replace("CALLBACK_SET", _lua_set(CALLBACK_KINDS))
+
+# ARGV from 4: max_queued, controller, rows (JSON list of flat [field, value, ...] lists, without seq)
+_ENQUEUE = _LIB + """
+local max_queued, controller, rows = tonumber(ARGV[4]), ARGV[5], cjson.decode(ARGV[6])
+if max_queued >= 0 and queued_count(controller) + #rows > max_queued then return -1 end
+local events = {}
+for _, row in ipairs(rows) do
+  local _, event = insert_queued(controller, row)
+  events[#events + 1] = event
 end
 return events
 """
@@ -174,6 +224,15 @@ return events
 # ARGV from 4: controller, owner, max_running. Returns the claimed row (flat), or nil.
 _CLAIM = _LIB + """
 local controller, owner = ARGV[4], ARGV[5]
+-- Tasks whose retry time came join the ready queue (a bounded batch per claim).
+local delayed = ckey(controller, 'delayed')
+for _, uuid in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)) do
+  local key = prefix .. 't:' .. uuid
+  redis.call('ZREM', delayed, uuid)
+  redis.call('HDEL', key, 'retry_at')
+  local seq, priority = unpack(redis.call('HMGET', key, 'seq', 'priority'))
+  redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
+end
 if redis.call('SCARD', ckey(controller, 'active')) >= tonumber(ARGV[6]) then return false end
 local first = redis.call('ZRANGE', ckey(controller, 'q'), 0, 0)
 if #first == 0 then return false end
@@ -226,20 +285,112 @@ return emit('requeued', key)
 # ARGV from 4: uuid. Returns {'missing'}, {'finished', status} or {'ok', row (flat), event or nil}.
 _REQUEST_STOP = _LIB + """
 local key = prefix .. 't:' .. ARGV[4]
-local status = redis.call('HGET', key, 'status')
-if not status then return {'missing'} end
-if TERMINAL[status] then return {'finished', status} end
-local event = false
-if status == 'queued' then
-  redis.call('HSET', key, 'ended_at', now, 'stop_requested', '1')
-  move(key, 'stopped')
-  event = emit('ended', key)
-elseif status == 'running' then
-  redis.call('HSET', key, 'stop_requested', '1')
-  move(key, 'stopping')
-  event = emit('stopping', key)
-end
+local refused = unchangeable(key)
+if refused then return refused end
+local event = stop_one(key)
 return {'ok', redis.call('HGETALL', key), event}
+"""
+
+# ARGV from 4: uuid, owner ('' = anyone's), delay seconds, fields to set, fields to delete
+_RETRY = _LIB + """
+local key = prefix .. 't:' .. ARGV[4]
+if not owned_active(key, ARGV[5]) or redis.call('HGET', key, 'stop_requested') == '1' then return false end
+set_fields(key, ARGV[7], ARGV[8])
+redis.call('HSET', key, 'retry_at', string.format('%.6f', tonumber(now) + tonumber(ARGV[6])))
+redis.call('HDEL', key, 'owner', 'pid', 'pid_created', 'started_at')
+move(key, 'queued')
+return emit('requeued', key)
+"""
+
+# ARGV from 4: uuid, wanted status, status needed, event kind. Returns as _REQUEST_STOP, or {'invalid', status}.
+_TRANSITION = _LIB + """
+local key = prefix .. 't:' .. ARGV[4]
+local refused = unchangeable(key)
+if refused then return refused end
+local status = redis.call('HGET', key, 'status')
+if status == ARGV[5] then return {'ok', redis.call('HGETALL', key), false} end
+if status ~= ARGV[6] then return {'invalid', status} end
+move(key, ARGV[5])
+return {'ok', redis.call('HGETALL', key), emit(ARGV[7], key)}
+"""
+
+# ARGV from 4: uuid, priority. Returns as _TRANSITION.
+_REPRIORITISE = _LIB + """
+local key = prefix .. 't:' .. ARGV[4]
+local refused = unchangeable(key)
+if refused then return refused end
+local status, controller, seq, uuid = unpack(redis.call('HMGET', key, 'status', 'controller', 'seq', 'uuid'))
+if status ~= 'queued' then return {'invalid', status} end
+redis.call('HSET', key, 'priority', ARGV[5])
+local q, member = ckey(controller, 'q'), queue_member(seq, uuid)
+if redis.call('ZSCORE', q, member) then redis.call('ZADD', q, ARGV[5], member) end
+return {'ok', redis.call('HGETALL', key), emit('queued', key)}
+"""
+
+# ARGV from 4: controller. Returns the events written: the queued tasks' first.
+_STOP_ALL = _LIB + """
+local controller = ARGV[4]
+local doomed = {}
+for _, member in ipairs(redis.call('ZRANGE', ckey(controller, 'q'), 0, -1)) do
+  doomed[#doomed + 1] = string.sub(member, 22)
+end
+for _, uuid in ipairs(redis.call('ZRANGE', ckey(controller, 'delayed'), 0, -1)) do doomed[#doomed + 1] = uuid end
+for _, uuid in ipairs(redis.call('SMEMBERS', ckey(controller, 'active'))) do doomed[#doomed + 1] = uuid end
+local events = {}
+for _, uuid in ipairs(doomed) do
+  local event = stop_one(prefix .. 't:' .. uuid)
+  if event then events[#events + 1] = event end
+end
+return events
+"""
+
+# ARGV from 4: controller, owner, specs (JSON list of [name, spec as JSON text]).
+_DECLARE = _LIB + """
+local controller, owner = ARGV[4], ARGV[5]
+for _, pair in ipairs(cjson.decode(ARGV[6])) do
+  local key = ckey(controller, 'sched:' .. pair[1])
+  redis.call('HSETNX', key, 'fired_until', now)
+  redis.call('HSETNX', key, 'skipped', 0)
+  redis.call('HSET', key, 'spec', pair[2], 'seen_at', now, 'declared_by', owner)
+  redis.call('SADD', ckey(controller, 'schedules'), pair[1])
+end
+return 1
+"""
+
+# ARGV from 4: controller, name, firing, max_queued, row (JSON flat list, '' = none).
+# Returns {outcome} or {'queued', event}.
+_FIRE = _LIB + """
+local controller, firing = ARGV[4], ARGV[6]
+local key = ckey(controller, 'sched:' .. ARGV[5])
+local fired_until = redis.call('HGET', key, 'fired_until')
+if not fired_until or tonumber(firing) <= tonumber(fired_until) then return {'stale'} end
+redis.call('HSET', key, 'fired_until', firing)
+if ARGV[8] == '' then return {'missed'} end
+local max_queued = tonumber(ARGV[7])
+if max_queued >= 0 and queued_count(controller) >= max_queued then
+  redis.call('HINCRBY', key, 'skipped', 1)
+  redis.call('HSET', key, 'last_skipped', firing)
+  return {'full'}
+end
+local uuid, event = insert_queued(controller, cjson.decode(ARGV[8]))
+redis.call('HSET', key, 'last_fired', firing, 'last_task', uuid)
+return {'queued', event}
+"""
+
+# ARGV: prefix, name, owner, ttl in ms. Returns 1 when owner holds the lease afterwards.
+_LEASE = """
+local key = ARGV[1] .. 'lease:' .. ARGV[2]
+local holder = redis.call('GET', key)
+if holder and holder ~= ARGV[3] then return 0 end
+redis.call('SET', key, ARGV[3], 'PX', ARGV[4])
+return 1
+"""
+
+# ARGV: prefix, name, owner
+_RELEASE = """
+local key = ARGV[1] .. 'lease:' .. ARGV[2]
+if redis.call('GET', key) == ARGV[3] then redis.call('DEL', key) end
+return 1
 """
 
 # ARGV from 4: controller, ended_before, batch. Returns how many tasks it deleted.
@@ -305,7 +456,9 @@ redis.call('ZADD', ARGV[1] .. 'owners', string.format('%.6f', tonumber(clock[1])
 
 _SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "start": _START, "progress": _PROGRESS, "finish": _FINISH,
             "requeue": _REQUEUE, "request_stop": _REQUEST_STOP, "purge": _PURGE, "prune": _PRUNE,
-            "feed": _FEED, "heartbeat": _HEARTBEAT}
+            "feed": _FEED, "heartbeat": _HEARTBEAT, "retry": _RETRY, "transition": _TRANSITION,
+            "reprioritise": _REPRIORITISE, "stop_all": _STOP_ALL, "declare": _DECLARE, "fire": _FIRE,
+            "lease": _LEASE, "release": _RELEASE}
 
 
 def _encode(column: str, value: Any) -> Optional[str]:
@@ -350,6 +503,42 @@ def _event(cursor: Any, flat: Sequence[Any]) -> Event:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _flat_row(row: Row) -> list[str]:
+    """A new row as the flat ``[field, value, ...]`` list the scripts insert (no ``seq``, no None values)."""
+    flat: list[str] = []
+    for column in _COLUMNS:
+        encoded = None if column == "seq" else _encode(column, row.get(column))
+        if encoded is not None:
+            flat += [column, encoded]
+    return flat
+
+
+def _changed(uuid: str, answer: Any, change: str, needs: str) -> tuple[Row, Optional[Event]]:
+    """The row and event of a script that changes one task by its uuid, or the error it reported."""
+    verdict = _text(answer[0])
+    if verdict == "missing":
+        raise TaskNotFound(uuid)
+    if verdict == "finished":
+        raise TaskAlreadyFinished(uuid, _text(answer[1]))
+    if verdict == "invalid":
+        raise InvalidTransition(uuid, _text(answer[1]), change, needs)
+    return _decode(answer[1]), _event(*answer[2]) if answer[2] else None
+
+
+_SCHEDULE_FLOATS = ("fired_until", "last_fired", "last_skipped", "seen_at")
+
+
+def _schedule_row(controller: str, name: str, raw: dict[Any, Any]) -> ScheduleRow:
+    """A schedule's state from its hash."""
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    state: dict[str, Any] = {"controller": controller, "name": name, "spec": json.loads(fields.get("spec") or "{}"),
+                             "skipped": int(fields.get("skipped") or 0), "last_task": fields.get("last_task"),
+                             "declared_by": fields.get("declared_by")}
+    for column in _SCHEDULE_FLOATS:
+        state[column] = float(fields[column]) if fields.get(column) is not None else None
+    return cast(ScheduleRow, state)
 
 
 def _split(fields: dict[str, Any]) -> tuple[str, str]:
@@ -466,14 +655,7 @@ class RedisStore(TaskStore):
     def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None) -> list[Event]:
         if not rows:
             return []
-        flat_rows = []
-        for row in rows:
-            flat: list[str] = []
-            for column in _COLUMNS:
-                encoded = None if column == "seq" else _encode(column, row.get(column))
-                if encoded is not None:
-                    flat += [column, encoded]
-            flat_rows.append(flat)
+        flat_rows = [_flat_row(row) for row in rows]
         done = self._write("enqueue", emitter, max_queued, rows[0]["controller"], json.dumps(flat_rows))
         if done == -1:
             raise QueueFull(max_queued, defaults.RETRY_AFTER)
@@ -511,13 +693,7 @@ class RedisStore(TaskStore):
 
     @_guarded
     def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
-        answer = self._write("request_stop", emitter, uuid)
-        verdict = _text(answer[0])
-        if verdict == "missing":
-            raise TaskNotFound(uuid)
-        if verdict == "finished":
-            raise TaskAlreadyFinished(uuid, _text(answer[1]))
-        return _decode(answer[1]), _event(*answer[2]) if answer[2] else None
+        return _changed(uuid, self._write("request_stop", emitter, uuid), "stopped", "")
 
     @_guarded
     def purge(self, controller: str, ended_before: float, emitter: Optional[str] = None) -> int:
@@ -529,6 +705,80 @@ class RedisStore(TaskStore):
                 break
         self._write("prune", emitter, controller, repr(float(self.event_retention)))
         return total
+
+    # -- task policies -------------------------------------------------------------------------------------
+
+    @_guarded
+    def _retry(self, uuid: str, delay: float, owner: Optional[str], emitter: Optional[str],
+               fields: dict[str, Any]) -> Optional[Event]:
+        done = self._write("retry", emitter, uuid, owner or "", repr(delay), *_split(fields))
+        return _event(*done) if done else None
+
+    @_guarded
+    def next_retry_at(self, controller: str) -> Optional[float]:
+        first = self._redis.zrange(self._c(controller, "delayed"), 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+    def _transition(self, uuid: str, wanted: str, change: str, needs: str, kind: str,
+                    emitter: Optional[str]) -> tuple[Row, Optional[Event]]:
+        return _changed(uuid, self._write("transition", emitter, uuid, wanted, needs, kind), change, needs)
+
+    @_guarded
+    def pause(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        return self._transition(uuid, TaskStatus.PAUSED.value, "paused", TaskStatus.RUNNING.value, "paused",
+                                emitter)
+
+    @_guarded
+    def resume(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        return self._transition(uuid, TaskStatus.RUNNING.value, "resumed", TaskStatus.PAUSED.value, "resumed",
+                                emitter)
+
+    @_guarded
+    def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:
+        row, event = _changed(uuid, self._write("reprioritise", emitter, uuid, str(int(priority))),
+                              "re-prioritised", TaskStatus.QUEUED.value)
+        return row, cast(Event, event)  # the script always writes one when it changes the task
+
+    @_guarded
+    def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
+        return [_event(*done) for done in self._write("stop_all", emitter, controller)]
+
+    # -- leases and schedules --------------------------------------------------------------------------------
+
+    @_guarded
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        return bool(self._scripts["lease"](args=[self.prefix, name, owner, max(1, int(ttl * 1000))]))
+
+    @_guarded
+    def release_lease(self, name: str, owner: str) -> None:
+        self._scripts["release"](args=[self.prefix, name, owner])
+
+    @_guarded
+    def declare_schedules(self, controller: str, specs: Mapping[str, dict[str, Any]], owner: str) -> None:
+        pairs = [[name, json.dumps(spec)] for name, spec in specs.items()]
+        if pairs:
+            self._write("declare", owner, controller, owner, json.dumps(pairs))
+
+    @_guarded
+    def schedules(self, controller: str) -> list[ScheduleRow]:
+        names = sorted(_text(name) for name in self._redis.smembers(self._c(controller, "schedules")))
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self._c(controller, f"sched:{name}"))
+        return [_schedule_row(controller, name, raw) for name, raw in zip(names, pipe.execute()) if raw]
+
+    @_guarded
+    def fire(self, controller: str, name: str, firing: float, row: Optional[Row], max_queued: int,
+             emitter: Optional[str] = None) -> Fired:
+        flat = "" if row is None else json.dumps(_flat_row(row))
+        answer = self._write("fire", emitter, controller, name, repr(float(firing)), max_queued, flat)
+        outcome = FireOutcome(_text(answer[0]))
+        if outcome is not FireOutcome.QUEUED:
+            return Fired(outcome, None)
+        event = _event(*answer[1])
+        if row is not None:  # always: a firing without a row is never queued
+            row["seq"] = event["task"]["seq"]
+        return Fired(outcome, event)
 
     # -- the change feed and the outbox -------------------------------------------------------------------
 

@@ -19,13 +19,15 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Sequence, cast
 
 from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
-from ..exceptions import QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound
+from ..exceptions import (
+    InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
+)
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import ANY_TENANT, COLUMNS as _COLUMNS, Row, TaskStore, parse_counter
+from .base import ANY_TENANT, COLUMNS as _COLUMNS, FireOutcome, Fired, Row, ScheduleRow, TaskStore, parse_counter
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -54,6 +56,9 @@ CREATE TABLE IF NOT EXISTS mpc_tasks (
     memory_peak INTEGER,
     cpu_time REAL,
     attempt INTEGER NOT NULL DEFAULT 0,
+    retry_at REAL,
+    errors TEXT,
+    schedule TEXT,
     tenant TEXT
 );
 CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
@@ -83,32 +88,56 @@ CREATE TABLE IF NOT EXISTS mpc_meta (
     key TEXT PRIMARY KEY,
     value
 );
+CREATE TABLE IF NOT EXISTS mpc_leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mpc_schedules (
+    controller TEXT NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    fired_until REAL NOT NULL,
+    last_fired REAL,
+    last_task TEXT,
+    skipped INTEGER NOT NULL DEFAULT 0,
+    last_skipped REAL,
+    seen_at REAL NOT NULL,
+    declared_by TEXT,
+    PRIMARY KEY (controller, name)
+);
 """
 
-#: Columns added after the first release of the schema, with their types: files made before get them.
-_ADDED_COLUMNS = {"tenant": "TEXT"}
+#: Columns added to ``mpc_tasks`` after its first release, with their declarations: a file made
+#: by an older version gets them (``ALTER TABLE``) when a store first opens it.
+_ADDED_COLUMNS = {"retry_at": "REAL", "errors": "TEXT", "schedule": "TEXT", "tenant": "TEXT"}
 
-
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    present = {row[1] for row in conn.execute("PRAGMA table_info(mpc_tasks)")}
-    for column, kind in _ADDED_COLUMNS.items():
-        if column not in present:
-            try:
-                conn.execute(f"ALTER TABLE mpc_tasks ADD COLUMN {column} {kind}")
-            except sqlite3.OperationalError as exc:  # another process added it first
-                if "duplicate column" not in str(exc):
-                    raise
-
+#: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
+#: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
+_ADDED_INDEXES = """
+CREATE INDEX IF NOT EXISTS mpc_tasks_ready ON mpc_tasks (controller, priority, seq)
+    WHERE status = 'queued' AND retry_at IS NULL;
+CREATE INDEX IF NOT EXISTS mpc_tasks_delayed ON mpc_tasks (controller, retry_at)
+    WHERE status = 'queued' AND retry_at IS NOT NULL;
+"""
 
 #: Columns stored as JSON text.
-_JSON_COLUMNS = ("args", "progress", "result", "error")
+_JSON_COLUMNS = ("args", "progress", "result", "error", "errors", "schedule")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mpc_tasks"
 _EVENT_COLUMNS = "cursor, kind, uuid, controller, at, emitter, task"
 _QUEUED = TaskStatus.QUEUED.value
-_ACTIVE_SQL = "('running', 'stopping')"
+_ACTIVE_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(ACTIVE)) + ")"
 _TERMINAL = frozenset(s.value for s in TERMINAL)
 _TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(_TERMINAL)) + ")"
-assert {s.value for s in ACTIVE} == {"running", "stopping"}
+#: The queued tasks a claim may take: the partial index ``mpc_tasks_ready`` (named, since without
+#: statistics SQLite would rather walk the wider ``mpc_tasks_queue``, delayed tasks included).
+_READY_SQL = "status = 'queued' AND retry_at IS NULL"
+_READY_TASKS = "mpc_tasks INDEXED BY mpc_tasks_ready"
+#: The queued tasks waiting for a retry (the partial index ``mpc_tasks_delayed``).
+_DELAYED_SQL = "status = 'queued' AND retry_at IS NOT NULL"
+_SELECT_READY = f"SELECT {', '.join(_COLUMNS)} FROM {_READY_TASKS}"
+_SCHEDULE_COLUMNS = ("controller", "name", "spec", "fired_until", "last_fired", "last_task", "skipped",
+                     "last_skipped", "seen_at", "declared_by")
 #: The newest cursor written (AUTOINCREMENT's high-water mark: it survives the pruning of every event).
 _LATEST_SQL = "SELECT seq FROM sqlite_sequence WHERE name = 'mpc_events'"
 #: Every event with a cursor up to this one was pruned.
@@ -143,6 +172,25 @@ def _event(values: Sequence[Any]) -> Event:
     cursor, kind, uuid, controller, at, emitter, task = values
     return Event(cursor=str(cursor), kind=kind, uuid=uuid, controller=controller, at=at, emitter=emitter,
                  task=json.loads(task))
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a file made by an older version up to the current columns and indexes."""
+    present = {info[1] for info in db.execute("PRAGMA table_info(mpc_tasks)")}
+    for column, declaration in _ADDED_COLUMNS.items():
+        if column not in present:
+            try:
+                db.execute(f"ALTER TABLE mpc_tasks ADD COLUMN {column} {declaration}")
+            except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                if "duplicate column" not in str(exc):
+                    raise
+    db.executescript(_ADDED_INDEXES)
+
+
+def _schedule_row(values: Sequence[Any]) -> ScheduleRow:
+    state = dict(zip(_SCHEDULE_COLUMNS, values))
+    state["spec"] = json.loads(state["spec"])
+    return cast(ScheduleRow, state)
 
 
 def _latest(db: sqlite3.Connection) -> int:
@@ -360,41 +408,50 @@ class SQLiteStore(TaskStore):
         if not rows:
             return []
         controller = rows[0]["controller"]
-        columns = [c for c in _COLUMNS if c != "seq"]
-        sql = f"INSERT INTO mpc_tasks ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        events = []
         with self._transaction() as db:
-            if max_queued >= 0:
-                (queued,) = db.execute(
-                    "SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status = ?", (controller, _QUEUED)
-                ).fetchone()
-                if queued + len(rows) > max_queued:
-                    raise QueueFull(max_queued, defaults.RETRY_AFTER)
-            now = time.time()
-            for row in rows:
-                values = [_encode(c, row.get(c)) for c in columns]
-                seq = db.execute(sql, values).lastrowid
-                stored = _decode([seq, *values])  # what a read would return, without the read
-                events.append(self._emit(db, EventKind.QUEUED, stored, emitter, now))
+            if max_queued >= 0 and self._queued_count(db, controller) + len(rows) > max_queued:
+                raise QueueFull(max_queued, defaults.RETRY_AFTER)
+            events = self._insert(db, rows, emitter, time.time())
         for row, event in zip(rows, events):
             row["seq"] = event["task"]["seq"]
         return events
 
+    @staticmethod
+    def _queued_count(db: sqlite3.Connection, controller: str) -> int:
+        (queued,) = db.execute(
+            "SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status = ?", (controller, _QUEUED)).fetchone()
+        return int(queued)
+
+    def _insert(self, db: sqlite3.Connection, rows: Sequence[Row], emitter: Optional[str], now: float) -> list[Event]:
+        """Insert new queued tasks in the caller's transaction; return their ``queued`` events."""
+        columns = [c for c in _COLUMNS if c != "seq"]
+        sql = f"INSERT INTO mpc_tasks ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        events = []
+        for row in rows:
+            values = [_encode(c, row.get(c)) for c in columns]
+            seq = db.execute(sql, values).lastrowid
+            stored = _decode([seq, *values])  # what a read would return, without the read
+            events.append(self._emit(db, EventKind.QUEUED, stored, emitter, now))
+        return events
+
     def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
-        # A plain read first: idle slots look often, and an empty queue needs no write lock.
-        if not self._query("SELECT 1 FROM mpc_tasks WHERE controller = ? AND status = ? LIMIT 1",
-                           (controller, _QUEUED)):
+        # A plain read first: idle slots look often, and a queue with nothing ready needs no write lock.
+        if not self._query(f"SELECT 1 FROM {_READY_TASKS} WHERE controller = ? AND {_READY_SQL} UNION ALL "
+                           f"SELECT 1 FROM mpc_tasks WHERE controller = ? AND {_DELAYED_SQL} AND retry_at <= ? "
+                           "LIMIT 1", (controller, controller, time.time())):
             return None
         with self._transaction() as db:
             now = time.time()  # inside the lock: later than any change committed before this claim
+            db.execute(f"UPDATE mpc_tasks SET retry_at = NULL WHERE controller = ? AND {_DELAYED_SQL} "
+                       "AND retry_at <= ?", (controller, now))  # their retry time came: into the ready queue
             (running,) = db.execute(
                 f"SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status IN {_ACTIVE_SQL}", (controller,)
             ).fetchone()
             if running >= max_running:
                 return None
             found = db.execute(
-                f"{_SELECT} WHERE controller = ? AND status = ? ORDER BY priority, seq LIMIT 1",
-                (controller, _QUEUED),
+                f"{_SELECT_READY} WHERE controller = ? AND {_READY_SQL} "
+                "ORDER BY priority, seq LIMIT 1", (controller,),
             ).fetchone()
             if found is None:
                 return None
@@ -455,18 +512,21 @@ class SQLiteStore(TaskStore):
             status = row["status"]
             if status in _TERMINAL:
                 raise TaskAlreadyFinished(uuid, status)
-            now = time.time()
-            if status == _QUEUED:
-                db.execute("UPDATE mpc_tasks SET status = 'stopped', ended_at = ?, stop_requested = 1 "
-                           "WHERE seq = ?", (now, row["seq"]))
-                row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
-                return row, self._emit(db, EventKind.ENDED, row, emitter, now)
-            if status == TaskStatus.RUNNING.value:
-                db.execute("UPDATE mpc_tasks SET status = 'stopping', stop_requested = 1 WHERE seq = ?",
-                           (row["seq"],))
-                row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
-                return row, self._emit(db, EventKind.STOPPING, row, emitter, now)
-        return row, None
+            return row, self._stop_one(db, row, emitter, time.time())
+
+    def _stop_one(self, db: sqlite3.Connection, row: Row, emitter: Optional[str], now: float) -> Optional[Event]:
+        """Stop a task that is not terminal (``row`` is updated): what :meth:`request_stop` and
+        :meth:`stop_all` do to each."""
+        if row["status"] == _QUEUED:
+            db.execute("UPDATE mpc_tasks SET status = 'stopped', ended_at = ?, stop_requested = 1 "
+                       "WHERE seq = ?", (now, row["seq"]))
+            row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
+            return self._emit(db, EventKind.ENDED, row, emitter, now)
+        if row["status"] in (TaskStatus.RUNNING.value, TaskStatus.PAUSED.value):
+            db.execute("UPDATE mpc_tasks SET status = 'stopping', stop_requested = 1 WHERE seq = ?", (row["seq"],))
+            row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
+            return self._emit(db, EventKind.STOPPING, row, emitter, now)
+        return None
 
     def purge(self, controller: str, ended_before: float, emitter: Optional[str] = None) -> int:
         total = 0
@@ -484,6 +544,128 @@ class SQLiteStore(TaskStore):
                 break
         self._prune_events()
         return total
+
+    # -- task policies -------------------------------------------------------------------------------------
+
+    def _retry(self, uuid: str, delay: float, owner: Optional[str], emitter: Optional[str],
+               fields: dict[str, Any]) -> Optional[Event]:
+        fence, fenced = (" AND owner = ?", (owner,)) if owner is not None else ("", ())
+        assignments = {**fields, "status": _QUEUED, "owner": None, "pid": None, "pid_created": None,
+                       "started_at": None}
+        clause = ", ".join(f"{c} = ?" for c in assignments)
+        with self._transaction() as db:
+            now = time.time()
+            changed = db.execute(
+                f"UPDATE mpc_tasks SET {clause}, retry_at = ? WHERE uuid = ? AND status IN {_ACTIVE_SQL} "
+                f"AND stop_requested = 0{fence}",
+                (*(_encode(c, v) for c, v in assignments.items()), now + delay, uuid, *fenced)).rowcount
+            if not changed:
+                return None
+            return self._emit(db, EventKind.REQUEUED, self._row(db, uuid), emitter, now)
+
+    def next_retry_at(self, controller: str) -> Optional[float]:
+        [(earliest,)] = self._query(f"SELECT MIN(retry_at) FROM mpc_tasks WHERE controller = ? AND {_DELAYED_SQL}",
+                                    (controller,))
+        return None if earliest is None else float(earliest)
+
+    def _changeable(self, db: sqlite3.Connection, uuid: str) -> Row:
+        """The task ``uuid`` read in the caller's transaction, if it has not finished."""
+        found = db.execute(f"{_SELECT} WHERE uuid = ?", (uuid,)).fetchone()
+        if found is None:
+            raise TaskNotFound(uuid)
+        row = _decode(found)
+        if row["status"] in _TERMINAL:
+            raise TaskAlreadyFinished(uuid, row["status"])
+        return row
+
+    def _transition(self, uuid: str, wanted: str, change: str, needs: str, kind: EventKind,
+                    emitter: Optional[str]) -> tuple[Row, Optional[Event]]:
+        """Move a task from ``needs`` to ``wanted`` (no change if it is ``wanted`` already)."""
+        with self._transaction() as db:
+            row = self._changeable(db, uuid)
+            if row["status"] == wanted:
+                return row, None
+            if row["status"] != needs:
+                raise InvalidTransition(uuid, row["status"], change, needs)
+            db.execute("UPDATE mpc_tasks SET status = ? WHERE seq = ?", (wanted, row["seq"]))
+            row["status"] = wanted
+            return row, self._emit(db, kind, row, emitter, time.time())
+
+    def pause(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        return self._transition(uuid, TaskStatus.PAUSED.value, "paused", TaskStatus.RUNNING.value,
+                                EventKind.PAUSED, emitter)
+
+    def resume(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+        return self._transition(uuid, TaskStatus.RUNNING.value, "resumed", TaskStatus.PAUSED.value,
+                                EventKind.RESUMED, emitter)
+
+    def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:
+        with self._transaction() as db:
+            row = self._changeable(db, uuid)
+            if row["status"] != _QUEUED:
+                raise InvalidTransition(uuid, row["status"], "re-prioritised", _QUEUED)
+            db.execute("UPDATE mpc_tasks SET priority = ? WHERE seq = ?", (priority, row["seq"]))
+            row["priority"] = priority
+            return row, self._emit(db, EventKind.QUEUED, row, emitter, time.time())
+
+    def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
+        with self._transaction() as db:
+            now = time.time()
+            rows = [_decode(found) for found in db.execute(
+                f"{_SELECT} WHERE controller = ? AND status IN ('queued', 'running', 'paused') "
+                "ORDER BY status != 'queued', seq", (controller,))]
+            return [event for event in (self._stop_one(db, row, emitter, now) for row in rows) if event is not None]
+
+    # -- leases and schedules --------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        with self._transaction() as db:
+            now = time.time()
+            found = db.execute("SELECT holder, expires FROM mpc_leases WHERE name = ?", (name,)).fetchone()
+            if found is not None and found[0] != owner and found[1] > now:
+                return False
+            db.execute("INSERT INTO mpc_leases (name, holder, expires) VALUES (?, ?, ?) ON CONFLICT (name) "
+                       "DO UPDATE SET holder = excluded.holder, expires = excluded.expires", (name, owner, now + ttl))
+            return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM mpc_leases WHERE name = ? AND holder = ?", (name, owner))
+
+    def declare_schedules(self, controller: str, specs: Mapping[str, dict[str, Any]], owner: str) -> None:
+        with self._transaction() as db:
+            now = time.time()
+            db.executemany(
+                "INSERT INTO mpc_schedules (controller, name, spec, fired_until, seen_at, declared_by) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (controller, name) DO UPDATE SET spec = excluded.spec, "
+                "seen_at = excluded.seen_at, declared_by = excluded.declared_by",
+                [(controller, name, json.dumps(spec), now, now, owner) for name, spec in specs.items()])
+
+    def schedules(self, controller: str) -> list[ScheduleRow]:
+        return [_schedule_row(values) for values in self._query(
+            f"SELECT {', '.join(_SCHEDULE_COLUMNS)} FROM mpc_schedules WHERE controller = ? ORDER BY name",
+            (controller,))]
+
+    def fire(self, controller: str, name: str, firing: float, row: Optional[Row], max_queued: int,
+             emitter: Optional[str] = None) -> Fired:
+        key = (controller, name)
+        with self._transaction() as db:
+            found = db.execute("SELECT fired_until FROM mpc_schedules WHERE controller = ? AND name = ?",
+                               key).fetchone()
+            if found is None or firing <= found[0]:
+                return Fired(FireOutcome.STALE, None)
+            db.execute("UPDATE mpc_schedules SET fired_until = ? WHERE controller = ? AND name = ?", (firing, *key))
+            if row is None:
+                return Fired(FireOutcome.MISSED, None)
+            if 0 <= max_queued <= self._queued_count(db, controller):
+                db.execute("UPDATE mpc_schedules SET skipped = skipped + 1, last_skipped = ? "
+                           "WHERE controller = ? AND name = ?", (firing, *key))
+                return Fired(FireOutcome.FULL, None)
+            [event] = self._insert(db, [row], emitter, time.time())
+            db.execute("UPDATE mpc_schedules SET last_fired = ?, last_task = ? WHERE controller = ? AND name = ?",
+                       (firing, row["uuid"], *key))
+        row["seq"] = event["task"]["seq"]
+        return Fired(FireOutcome.QUEUED, event)
 
     # -- the change feed and the outbox -------------------------------------------------------------------
 
@@ -555,12 +737,11 @@ class SQLiteStore(TaskStore):
             "SELECT status, COUNT(*) FROM mpc_tasks WHERE controller = ? GROUP BY status", (controller,)))
 
     def position(self, row: Row) -> Optional[int]:
-        if row["status"] != _QUEUED:
+        if row["status"] != _QUEUED or row.get("retry_at") is not None:
             return None
         [(ahead,)] = self._query(
-            "SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status = ? "
-            "AND (priority < ? OR (priority = ? AND seq < ?))",
-            (row["controller"], _QUEUED, row["priority"], row["priority"], row["seq"]),
+            f"SELECT COUNT(*) FROM {_READY_TASKS} WHERE controller = ? AND {_READY_SQL} AND (priority, seq) < (?, ?)",
+            (row["controller"], row["priority"], row["seq"]),
         )
         return int(ahead) + 1
 
