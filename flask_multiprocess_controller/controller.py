@@ -680,6 +680,7 @@ class MetaMPController:
 
         .. versionadded:: 0.3
         """
+        self._started()
         return describe(self.store.schedules(self.name), self._schedules, self.name, self.store.now(), self.lease)
 
     def _change(self, uuid: str, write: Callable[[str, Optional[str]], tuple[Row, Optional[Event]]]) -> TaskObject:

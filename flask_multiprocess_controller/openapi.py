@@ -204,6 +204,8 @@ class _Builder:
             return _post_operation(mount, self._arguments_ref(mount.controller))
         if method == "get":
             return _get_item() if mount.is_item else _get_collection()
+        if method == "patch":
+            return _patch_operation(mount.is_item)
         return _delete_operation(mount.is_item)
 
     def _arguments_ref(self, controller: MetaMPController) -> str:
@@ -272,7 +274,7 @@ def _is_custom(mount: Mount, method: str) -> bool:
     """Whether ``method`` answers what user code returns rather than the package's default answer."""
     controller = mount.controller
     return (controller.compat is not None or controller.target_task is None or controller.overrides(method)
-            or _resource_overrides(mount, method) or method not in ("get", "post", "delete"))
+            or _resource_overrides(mount, method) or method not in ("get", "post", "delete", "patch"))
 
 
 # -- operations ------------------------------------------------------------------------------------
@@ -361,6 +363,26 @@ def _delete_operation(is_item: bool) -> dict[str, Any]:
         "responses": {
             "200": _task_response("The task was queued: now `stopped`.", _ref(_SCHEMAS, "Task")),
             "202": _task_response("The task runs: now `stopping`.", _ref(_SCHEMAS, "Task")),
+            **_errors("BadRequest", "NotFound", "Conflict", "Unavailable"),
+        },
+    }
+
+
+def _patch_operation(is_item: bool) -> dict[str, Any]:
+    body = {"oneOf": [
+        {"type": "object", "properties": {"status": {"enum": ["paused", "running"]}}, "required": ["status"],
+         "additionalProperties": False},
+        {"type": "object", "properties": {"priority": {"type": "integer"}}, "required": ["priority"],
+         "additionalProperties": False},
+    ]}
+    return {
+        "summary": "Pause, resume or re-prioritise a task",
+        "description": ("`{\"status\": \"paused\"}` suspends a running task's whole process tree, "
+                        "`{\"status\": \"running\"}` resumes it; `{\"priority\": n}` moves a queued task."),
+        "parameters": [] if is_item else [_required_uuid()],
+        "requestBody": {"required": True, "content": _json(body)},
+        "responses": {
+            "200": _task_response("The task object after the change.", _ref(_SCHEMAS, "Task")),
             **_errors("BadRequest", "NotFound", "Conflict", "Unavailable"),
         },
     }

@@ -77,8 +77,8 @@ def test_document_is_valid_openapi_3_1_with_every_mount(make_controller):
     assert document["info"]["title"] == "Solver" and document["info"]["version"] == "2.1"
     assert set(document["paths"]) == {"/solve", "/solve/{uuid}", "/open"}
     # The methods each URL serves (HEAD and OPTIONS are Flask's own and left out).
-    assert set(document["paths"]["/solve"]) == {"get", "post", "delete"}
-    assert set(document["paths"]["/solve/{uuid}"]) == {"get", "post", "delete", "parameters"}
+    assert set(document["paths"]["/solve"]) == {"get", "post", "delete", "patch"}
+    assert set(document["paths"]["/solve/{uuid}"]) == {"get", "post", "delete", "patch", "parameters"}
     assert document["paths"]["/solve/{uuid}"]["parameters"][0]["schema"]["format"] == "uuid"
     json.dumps(document)  # JSON-ready
 
@@ -176,7 +176,7 @@ def test_overridden_and_compat_methods_are_described_as_any_json(make_controller
         document = openapi_document(app)
         validate(document)
         paths = document["paths"]
-        assert set(paths["/custom"]) == {"get", "post", "put", "delete"}
+        assert set(paths["/custom"]) == {"get", "post", "put", "patch", "delete"}
         assert paths["/custom"]["post"]["responses"]["default"]["content"]["application/json"]["schema"] == {}
         assert "200" in paths["/custom"]["get"]["responses"]  # not overridden: the default answer
         assert "default" in paths["/custom"]["put"]["responses"]

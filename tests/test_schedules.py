@@ -157,6 +157,7 @@ def test_a_schedule_no_serving_process_declares_any_more_is_inactive(make_contro
     old.shutdown()
     new = make_controller(Tick, store=sqlite_url, lease=1.0)
     new.schedule("new", every=3600)
+    new.tasks()  # it serves from now on (a mount or a request would start it too)
     time.sleep(1.5)
     shown = {s["name"]: s for s in new.schedules()}
     assert set(shown) == {"old", "new"}
