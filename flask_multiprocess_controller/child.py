@@ -20,9 +20,10 @@ from typing import Any, Optional, Type
 from . import task as task_module
 from .exceptions import AbortException
 from .proctree import set_process_name, task_process_name
+from .capture import OutputCapture
 from .logs import ChannelQueue, MetaMPLoggerConfigurator, apply_logger_levels
 from .protocol import (
-    Command, Done, Exit, Percent, Progress, RunTask, StopTask, Usage, error_record, exception_record,
+    Command, Done, Exit, Output, Percent, Progress, RunTask, StopTask, Usage, error_record, exception_record,
 )
 from .retries import RetryPolicy
 from .task import MetaMPTask
@@ -205,6 +206,8 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask) ->
     channel.begin(command, task_cls.logger)
     cpu_before, _ = _usage()
     set_process_name(task_process_name(task_id))  # the proof that this process is the task's
+    capture = OutputCapture(lambda lines: _send_quietly(channel, Output(task_id, lines)))
+    capture.begin()
     task = task_cls(task_id, channel, command.context)
     task_module._set_current(task)
     try:
@@ -216,11 +219,19 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask) ->
                     retryable=RetryPolicy.of(task_cls).retries_raised(exc))
     finally:
         task_module._set_current(None)
+        capture.end()
         set_process_name(_IDLE_NAME)
     channel.flush_progress()
     cpu_after, maxrss = _usage()
     usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids())
     return dataclasses.replace(done, usage=usage)
+
+
+def _send_quietly(channel: _Channel, message: Output) -> None:
+    try:
+        channel.send(message)
+    except OSError:  # the serving process is gone
+        pass
 
 
 def run_child(conn: Connection, task_cls: Type[MetaMPTask], configurator: Type[MetaMPLoggerConfigurator],

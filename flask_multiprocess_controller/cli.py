@@ -31,7 +31,8 @@ _WAIT_STEP = 0.5
 
 def _commands(group: AppGroup) -> AppGroup:
     """Add every ``mpc`` subcommand to ``group``."""
-    for command in (list_command, status_command, stop_command, wait_command, purge_command, submit_command):
+    for command in (list_command, status_command, stop_command, wait_command, purge_command, submit_command,
+                    logs_command, schedules_command):
         group.add_command(command)
     return group
 
@@ -138,13 +139,68 @@ def status_command(uuid: str, as_json: bool) -> None:
 
 
 @click.command("stop")
-@click.argument("uuid")
+@click.argument("uuid", required=False)
+@click.option("--all", "stop_all", is_flag=True, help="Stop every queued and running task of --controller.")
+@click.option("--controller", "controller_name", help="With --all: the controller whose tasks to stop.")
 @with_appcontext
 @_user_errors
-def stop_command(uuid: str) -> None:
-    """Stop a task (a queued one never starts; a running one is stopped gracefully)."""
+def stop_command(uuid: Optional[str], stop_all: bool, controller_name: Optional[str]) -> None:
+    """Stop a task (a queued one never starts; a running one is stopped gracefully), or all of a controller's."""
+    if stop_all:
+        if uuid or not controller_name:
+            raise click.ClickException("Use either UUID, or --all with --controller NAME.")
+        counts = _controller(controller_name).stop_all()
+        click.echo(f"Stopped {counts['stopped']} queued task(s); {counts['stopping']} running task(s) are stopping.")
+        return
+    if not uuid:
+        raise click.ClickException("Name the task to stop (UUID), or use --all --controller NAME.")
     task = _owner(uuid).stop(uuid)
     click.echo(task["msg"])
+
+
+@click.command("logs")
+@click.argument("uuid")
+@click.option("--follow", is_flag=True, help="Print new lines as they come, until the task ends.")
+@with_appcontext
+@_user_errors
+def logs_command(uuid: str, follow: bool) -> None:
+    """Print a task's kept log lines (what it logged and printed)."""
+    controller = _owner(uuid)
+    book = controller.store.logs
+    after = 0
+    while True:
+        lines = book.read(uuid, after)
+        for n, line in lines:
+            click.echo(line)
+            after = n
+        if not follow or lines:
+            if not follow:
+                return
+            continue
+        if controller.status(uuid)["status"] in TERMINAL:
+            for n, line in book.read(uuid, after):
+                click.echo(line)
+            return
+        time.sleep(_WAIT_STEP)
+
+
+@click.command("schedules")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@with_appcontext
+@_user_errors
+def schedules_command(as_json: bool) -> None:
+    """List every controller's schedules, their next firing and whether a server still declares them."""
+    found = [info for controller in _controllers() for info in controller.schedules()]
+    if as_json:
+        click.echo(json.dumps(found, indent=2, default=str))
+        return
+    if not found:
+        click.echo("No schedules.")
+        return
+    for info in found:
+        when = info.get("cron") or f"every {info.get('every'):g} s"
+        state = "active" if info.get("active") else "inactive"
+        click.echo(f"{info['controller']}/{info['name']}: {when} ({state}); next {info.get('next_firing') or '-'}")
 
 
 @click.command("wait")

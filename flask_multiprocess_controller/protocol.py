@@ -90,6 +90,14 @@ class Percent:
 
 
 @dataclass(frozen=True)
+class Output:
+    """Lines task ``uuid`` (or a process it started) wrote to its standard output or error."""
+
+    uuid: str
+    lines: list[str]
+
+
+@dataclass(frozen=True)
 class LogRecordMessage:
     """A log record prepared by the task process's QueueHandler."""
 
@@ -123,4 +131,4 @@ class Done:
     retryable: bool = False
 
 
-Report = Union[Progress, Percent, LogRecordMessage, Done]
+Report = Union[Progress, Percent, LogRecordMessage, Output, Done]

@@ -353,6 +353,7 @@ class Runtime:
         ended_before = self.store.now() - self.config.retention
         purged = self.store.purge(self.config.name, ended_before, emitter=self.owner)
         if purged:
+            self.store.logs.drop_orphans()  # a task's log goes with the task
             self.logger.info("Purged %d tasks that ended more than %g s ago.", purged, self.config.retention)
 
     def reconcile(self) -> None:

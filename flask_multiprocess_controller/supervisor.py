@@ -8,6 +8,7 @@ how the end is named is :func:`classify`'s; both are pure and tested without pro
 """
 from __future__ import annotations
 
+import collections
 import enum
 import json
 import logging
@@ -30,7 +31,7 @@ from .pausing import TreePause
 from .persist import Retrier
 from .proctree import TreeUsage, describe_exit, sample, signal_processes
 from .protocol import (
-    Done, ErrorRecord, Limits, LogRecordMessage, Percent, Progress, RunTask, StopTask, error_record,
+    Done, ErrorRecord, Limits, LogRecordMessage, Output, Percent, Progress, RunTask, StopTask, error_record,
 )
 from .states import TaskStatus
 from .store import TaskStore
@@ -64,6 +65,9 @@ class TaskRun:
         self.percent: Optional[float] = percent
         #: True while progress holds a value not yet written to the store.
         self.dirty = False
+        #: Log lines of the task not yet written to the store (the newest LOG_KEEP_BYTES at most).
+        self.log_lines: collections.deque[str] = collections.deque()
+        self._log_bytes = 0
         #: True once the task is known to be no longer this process's (settled elsewhere).
         self.abandoned = False
         self.stop_reason: Optional[StopReason] = None
@@ -100,6 +104,22 @@ class TaskRun:
         if paused != self.pause_wanted:
             self.pause_wanted = paused
             self._wake()
+
+    def add_log_lines(self, lines: list[str]) -> None:
+        """Keep lines for the task's log (the oldest unwritten ones go first past the per-task budget)."""
+        for line in lines:
+            self.log_lines.append(line)
+            self._log_bytes += len(line)
+        while self._log_bytes > defaults.LOG_KEEP_BYTES and self.log_lines:
+            self._log_bytes -= len(self.log_lines.popleft())
+        self.dirty = True
+
+    def take_log_lines(self) -> list[str]:
+        """The unwritten log lines, now counted as written."""
+        lines = list(self.log_lines)
+        self.log_lines.clear()
+        self._log_bytes = 0
+        return lines
 
     def abandon(self) -> None:
         """The task was settled by another process: its run here must end without a record."""
@@ -188,6 +208,7 @@ class Supervisor:
             self._publish(started)
         usage = TreeUsage()
         done = self._watch(run, child, usage)
+        self._write_log(run)
         if not child.exited and done is not None and not self.settings.fresh_process:
             self._reap_descendants(child, done.usage.children)
         else:  # whatever the task left behind (its group went with it when the fork server reaped it)
@@ -271,6 +292,9 @@ class Supervisor:
                 message = conn.recv()
                 if isinstance(message, LogRecordMessage):
                     self.logs.put(message.record)
+                    run.add_log_lines([_log_line(message.record)])
+                elif isinstance(message, Output) and message.uuid == run.uuid:
+                    run.add_log_lines(message.lines)
                 elif getattr(message, "uuid", None) != run.uuid:
                     continue
                 elif isinstance(message, Progress):
@@ -285,8 +309,18 @@ class Supervisor:
             return done, False
         return done, True
 
+    def _write_log(self, run: TaskRun) -> None:
+        lines = run.take_log_lines()
+        if not lines:
+            return
+        try:
+            self.store.logs.append(run.uuid, lines)
+        except StoreError as exc:  # the log is best kept; the task goes on
+            self._logger.warning("Cannot keep %d log line(s) of task %s: %s", len(lines), run.uuid, exc)
+
     def _flush(self, run: TaskRun) -> None:
         run.dirty = False
+        self._write_log(run)
         try:
             event = self.store.progress(run.uuid, self.owner, run.progress, run.percent)
         except StoreError as exc:  # kept in memory: the next flush (or the end record) writes it
@@ -313,6 +347,12 @@ class Supervisor:
         except psutil.Error:
             return
         signal_processes(leftovers, signal.SIGKILL)
+
+
+def _log_line(record: logging.LogRecord) -> str:
+    """A task's log record as one line of its kept log."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.created))
+    return f"{when} {record.levelname} {record.name}: {record.getMessage()}"
 
 
 def _drain_fd(fd: int) -> None:

@@ -7,22 +7,28 @@ from __future__ import annotations
 
 import functools
 import heapq
-from typing import TYPE_CHECKING, Any, Callable, Optional
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from flask.typing import ResponseReturnValue
 
 from . import defaults
 from .errors import error_response
 from .exceptions import InvalidRequest, MPCError, StoreError, TaskNotFound
-from .presenter import TaskObject, clip
-from .states import ALL_STATUSES
+from .presenter import TaskObject, clip, present
+from .states import ALL_STATUSES, TERMINAL
+from .store.base import ANY_TENANT
 from .store import TaskStore
 
 if TYPE_CHECKING:
     from .controller import MetaMPController
     from .extension import MultiprocessController
+
+
+#: Seconds between two reads of a followed task's log.
+_LOG_FOLLOW_INTERVAL = 0.25
 
 
 def make_blueprint(extension: "MultiprocessController") -> Blueprint:
@@ -32,7 +38,95 @@ def make_blueprint(extension: "MultiprocessController") -> Blueprint:
     blueprint.add_url_rule("/health", "health", wrap(_health(extension)))
     blueprint.add_url_rule("/api/tasks", "tasks", wrap(_task_list(extension)))
     blueprint.add_url_rule("/api/tasks/<uuid>", "task", wrap(_task_item(extension)), methods=["GET", "DELETE"])
+    blueprint.add_url_rule("/api/tasks/<uuid>/logs", "logs", wrap(_task_logs(extension)))
+    blueprint.add_url_rule("/api/schedules", "schedules", wrap(_schedules(extension)))
+    blueprint.add_url_rule("/events", "events", wrap(_events(extension)))
+    blueprint.add_url_rule("/openapi.json", "openapi", wrap(_openapi))
     return blueprint
+
+
+def _max_wait() -> float:
+    """The long-lived-response cap of this app (``MPC_MAX_WAIT``)."""
+    return float(current_app.config.get("MPC_MAX_WAIT", defaults.MAX_WAIT))
+
+
+def _sse(lines: Iterator[str]) -> Response:
+    return Response(stream_with_context(lines), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _openapi() -> ResponseReturnValue:
+    from .openapi import openapi_document
+
+    return jsonify(openapi_document(current_app, server_url=request.script_root or None))
+
+
+def _schedules(extension: "MultiprocessController") -> Callable[[], ResponseReturnValue]:
+    def schedules() -> ResponseReturnValue:
+        found = [info for controller in extension.controllers() for info in controller.schedules()]
+        return jsonify({"schedules": found})
+
+    return schedules
+
+
+def _events(extension: "MultiprocessController") -> Callable[[], ResponseReturnValue]:
+    def events() -> ResponseReturnValue:
+        from .sse import stream
+
+        wanted = request.args.get("controller")
+        controllers = [c for c in extension.controllers() if wanted in (None, "", c.name)]
+        if not controllers:
+            raise InvalidRequest(f"No controller is called {wanted!r}." if wanted else "No controller to follow.")
+        tenants = {c.name: c.tenant_filter() for c in controllers}  # evaluated now, in the request
+
+        def view(controller: "MetaMPController", event: Any) -> Optional[dict[str, Any]]:
+            task = event["task"]
+            wanted_tenant = tenants[controller.name]
+            if wanted_tenant is not ANY_TENANT and task.get("tenant") != wanted_tenant:
+                return None
+            if event["kind"] == "purged":
+                return {"uuid": event["uuid"], "controller": controller.name}
+            return dict(controller.client_view_of(present(task)))
+
+        last_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+        return _sse(stream(controllers, view, last_id, _max_wait()))
+
+    return events
+
+
+def _task_logs(extension: "MultiprocessController") -> Callable[[str], ResponseReturnValue]:
+    def logs(uuid: str) -> ResponseReturnValue:
+        controller = find_owner(extension, uuid)
+        after = _int_option("after", 0, 0, None)
+        book = controller.store.logs
+        if request.args.get("follow") not in (None, "", "0", "false"):
+            return _sse(_follow_log(controller, uuid, after, _max_wait()))
+        lines = book.read(uuid, after)
+        return jsonify({"lines": [{"n": n, "line": line} for n, line in lines],
+                        "next": lines[-1][0] if lines else after})
+
+    return logs
+
+
+def _follow_log(controller: "MetaMPController", uuid: str, after: int, max_wait: float) -> Iterator[str]:
+    """New log lines as SSE ``line`` events, until the task ended and its last line was sent, or ``max_wait``."""
+    from .sse import message
+
+    deadline = time.monotonic() + max_wait
+    yield "retry: 1000\n\n"
+    while True:
+        lines = controller.store.logs.read(uuid, after)
+        for n, line in lines:
+            yield message("line", {"n": n, "line": line}, str(n))
+            after = n
+        if not lines:
+            row = controller.store.get(uuid)
+            if row is None or row["status"] in TERMINAL:
+                yield message("end", {"status": row["status"] if row else None})
+                return
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(_LOG_FOLLOW_INTERVAL)
 
 
 def _wrapper(extension: "MultiprocessController") -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -43,6 +43,9 @@ class LogBook(abc.ABC):
     def drop(self, uuids: Iterable[str]) -> None:
         """Forget these tasks' logs (their tasks were purged)."""
 
+    def drop_orphans(self) -> None:
+        """Forget the logs of tasks the store no longer has (after a purge). Redis's expire by themselves."""
+
     def _clip(self, lines: Sequence[str]) -> list[str]:
         """Lines as kept: none longer than the whole budget."""
         limit = max(1, self.keep_bytes)
@@ -54,6 +57,7 @@ class MemoryLogBook(LogBook):
 
     def __init__(self, store: "MemoryStore", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._store = store
         # Guards _logs.
         self._lock = threading.Lock()
         #: uuid -> (kept lines, their size, the last number given, the time of the last line)
@@ -85,6 +89,12 @@ class MemoryLogBook(LogBook):
     def _expire(self, now: float) -> None:
         for uuid in [u for u, entry in self._logs.items() if now - entry[3] > self.retention]:
             del self._logs[uuid]
+
+    def drop_orphans(self) -> None:
+        known = self._store.uuids()
+        with self._lock:
+            for uuid in [u for u in self._logs if u not in known]:
+                del self._logs[uuid]
 
 
 _SQLITE_SCHEMA = """
@@ -167,6 +177,12 @@ class SQLiteLogBook(LogBook):
         self._schema()
         with self._store._transaction() as db:
             self._drop(db, list(uuids))
+
+    def drop_orphans(self) -> None:
+        self._schema()
+        with self._store._transaction() as db:
+            db.execute("DELETE FROM mpc_logs WHERE uuid NOT IN (SELECT uuid FROM mpc_tasks)")
+            db.execute("DELETE FROM mpc_log_sizes WHERE uuid NOT IN (SELECT uuid FROM mpc_tasks)")
 
 
 # KEYS: lines, meta ; ARGV: keep_bytes, retention seconds, line...

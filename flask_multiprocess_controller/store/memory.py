@@ -418,6 +418,11 @@ class MemoryStore(TaskStore):
         with self._lock:
             self._heartbeats.pop(owner, None)
 
+    def uuids(self) -> set[str]:
+        """The uuids of every task kept (for the log book's clean-up)."""
+        with self._lock:
+            return set(self._rows)
+
     def _make_logbook(self) -> "LogBook":
         from .logbook import MemoryLogBook
 
