@@ -42,6 +42,7 @@ import platform
 import random
 import shutil
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -217,6 +218,58 @@ class HeldWait(threading.Thread):
         finally:
             self.connected.set()
             conn.close()
+
+
+class HeldStream(threading.Thread):
+    """``GET /mpc/events`` over a connection of its own, read until ``until`` is set (an idle SSE client)."""
+
+    def __init__(self, server: Server, until: threading.Event) -> None:
+        super().__init__(name="held-stream", daemon=True)
+        self.server = server
+        self.until = until
+        self.local_port = 0
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.server.port), timeout=HTTP_TIMEOUT)
+        try:
+            self.local_port = sock.getsockname()[1]
+            sock.sendall(b"GET /mpc/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n")
+            sock.settimeout(0.5)
+            while not self.until.is_set():
+                try:
+                    if not sock.recv(4096):
+                        return
+                except TimeoutError:  # idle: nothing to read, as expected
+                    continue
+        except BaseException as exc:  # reported by the measurement
+            self.error = exc
+        finally:
+            sock.close()
+
+
+def measure_idle_streams(server: Server, clients: int, window: float) -> dict:
+    """(4): CPU of ``server``'s tree with ``clients`` connected, idle event streams, above its own idle CPU."""
+    until = threading.Event()
+    held = [HeldStream(server, until) for _ in range(clients)]
+    time.sleep(CPU_SETTLE)
+    idle, = _cpu_rate([server], window)
+    try:
+        for stream in held:
+            stream.start()
+        poll_until(lambda: len(server.client_ports() & {s.local_port for s in held}), lambda n: n >= clients,
+                   STEP_TIMEOUT, f"{clients} event streams held by {server.name}", interval=0.1)
+        time.sleep(CPU_SETTLE)
+        loaded, = _cpu_rate([server], window)
+        failed = [s.error for s in held if s.error is not None]
+        if failed:
+            raise RuntimeError(f"{len(failed)} event streams failed, e.g. {failed[0]!r}")
+    finally:
+        until.set()
+        for stream in held:
+            stream.join(HTTP_TIMEOUT)
+    return {"value": round((loaded - idle) * 100, 2), "idle_pct": round(idle * 100, 2),
+            "with_waiters_pct": round(loaded * 100, 2), "clients": clients, "window_s": window}
 
 
 # -- HTTP helpers ------------------------------------------------------------------------------------
@@ -439,6 +492,11 @@ def run(args: argparse.Namespace, workdir: Path, started: list) -> dict:
         idle = measure_idle_waiters(server, redis_server.proc.pid, args.waiters, args.window)
         figures[key] = {**idle, "target": f"< {TARGET_IDLE_PCT:g} % of one core",
                         "met": idle["value"] < TARGET_IDLE_PCT}
+        if key == "idle_waiters_dev_server_pct":
+            print(f"(4) {args.waiters} idle event streams on {server.name}, {args.window:g} s windows ...", flush=True)
+            streams = measure_idle_streams(server, args.waiters, args.window)
+            figures["idle_streams_dev_server_pct"] = {**streams, "target": f"< {TARGET_IDLE_PCT:g} % of one core",
+                                                      "met": streams["value"] < TARGET_IDLE_PCT}
         server.stop()
     return {"figures": figures, "commands": commands}
 
@@ -460,7 +518,8 @@ def _table(result: dict) -> str:
     lines += ["", f"{'figure (% of one core)':58} {'idle':>7} {'held':>7} {'extra':>7}  {'target':22} result"]
     for key, label in (("idle_waiters_dev_server_pct", f"{s['waiters']} idle ?wait= on the dev server"),
                        ("idle_waiters_gunicorn_pct",
-                        f"{s['waiters']} idle ?wait= on gunicorn -w {GUNICORN_WORKERS} gthread")):
+                        f"{s['waiters']} idle ?wait= on gunicorn -w {GUNICORN_WORKERS} gthread"),
+                       ("idle_streams_dev_server_pct", f"{s['waiters']} idle /mpc/events streams on the dev server")):
         fig = f[key]
         lines.append(f"{label:58} {fig['idle_pct']:7.2f} {fig['with_waiters_pct']:7.2f} {fig['value']:7.2f}  "
                      f"{fig['target']:22} {verdict[fig['met']]}")

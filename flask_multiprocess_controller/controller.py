@@ -119,6 +119,10 @@ _SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
 }
 
 
+#: Settings a started runtime has taken for good; the others are read at each request.
+_FROZEN_SETTINGS = frozenset({"stop_grace", "retention"})
+
+
 def _setting(key: str, value: Any) -> Any:
     """The controller setting ``key`` of a config value, checked."""
     try:
@@ -354,8 +358,10 @@ class MetaMPController:
                 setattr(self, key, value)
 
     def _check_unchanged(self, settings: dict[str, Any], config: Mapping[str, Any]) -> None:
-        """A controller that already runs cannot take other settings: say how to order the set-up."""
-        changed = sorted(key for key, value in settings.items() if getattr(self, key) != value)
+        """A controller that already runs cannot take another store, stop grace or retention: say how to
+        order the set-up (the settings read at each request it takes as they come)."""
+        changed = sorted(key for key, value in settings.items()
+                         if key in _FROZEN_SETTINGS and getattr(self, key) != value)
         if self._store_arg is None and store_url(config.get("MPC_STORE_URL")) != self._store_url_used:
             changed.insert(0, "store")
         if changed:

@@ -55,7 +55,7 @@ def test_the_benchmark_runs_every_workload_on_a_tiny_load_and_writes_its_report(
 
 
 CROSS_HOST_FIGURES = {"wait_on_other_host_ms", "stop_from_other_host_ms", "idle_waiters_dev_server_pct",
-                      "idle_waiters_gunicorn_pct"}
+                      "idle_waiters_gunicorn_pct", "idle_streams_dev_server_pct"}
 
 
 def _processes_with(marker: str) -> list[str]:
@@ -94,8 +94,13 @@ def test_the_cross_host_benchmark_gives_every_figure_and_leaves_nothing(tmp_path
         assert (figure["waiters"], figure["held_at_end"], figure["unanswered_after_stop"]) == (10, 10, 0), figure
         assert figure["value"] == pytest.approx(figure["with_waiters_pct"] - figure["idle_pct"], abs=0.02), figure
         assert figure["met"] is (figure["value"] < 5), (key, figure)
+    streams = figures["idle_streams_dev_server_pct"]
+    assert streams["clients"] == 10, streams
+    assert streams["value"] == pytest.approx(streams["with_waiters_pct"] - streams["idle_pct"], abs=0.02), streams
+    assert streams["met"] is (streams["value"] < 5), streams
     assert run["settings"]["tasks"] == 3 and run["settings"]["window_s"] == 1
     table = completed.stdout
     assert "GET ?wait= held on host B" in table and "DELETE sent to host B" in table
     assert "10 idle ?wait= on the dev server" in table and "10 idle ?wait= on gunicorn" in table
-    assert table.count(" met") + table.count(" MISSED") == 4, table
+    assert "10 idle /mpc/events streams on the dev server" in table
+    assert table.count(" met") + table.count(" MISSED") == 5, table

@@ -14,7 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from flask import Flask  # noqa: E402
 from flask_restful import Api  # noqa: E402
 
-from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask  # noqa: E402
+from flask_multiprocess_controller import (  # noqa: E402
+    MetaMPController, MetaMPResource, MetaMPTask, MultiprocessController,
+)
 
 #: Seconds the task sleeps between two checkpoints, unless told otherwise.
 CHECKPOINT_EVERY = 0.01
@@ -42,7 +44,10 @@ class BeatController(MetaMPController, controller_name="cross-host"):
 
 controller = BeatController(Beat, max_num_process=int(os.environ.get("BENCH_MAX_NUM_PROCESS", "2")))
 app = Flask(__name__)
+# Event streams (<prefix>/events) last as long as a benchmark window, not the default 25 s.
+app.config["MPC_MAX_WAIT"] = float(os.environ.get("BENCH_MAX_WAIT", "600"))
 Api(app).add_resource(MetaMPResource, "/tasks", "/tasks/<string:uuid>", resource_class_args=(controller,))
+MultiprocessController(app)
 
 if __name__ == "__main__":
     app.run(host="127.0.0.1", port=int(os.environ["PORT"]), threaded=True)
