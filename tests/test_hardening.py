@@ -323,7 +323,8 @@ def test_a_task_process_carries_its_tasks_name(make_controller, tmp_path):
     controller = make_controller(Returns)
     uuid = controller.submit(gate=str(gate))
     task = wait_until(lambda: (t := controller.status(uuid))["pid"] and t, timeout=20)
-    assert psutil.Process(task["pid"]).name() == task_process_name(uuid)
+    # The process takes the name once it received its task, which may be just after its pid was recorded.
+    wait_until(lambda: psutil.Process(task["pid"]).name() == task_process_name(uuid), timeout=10)
     gate.touch()
     assert controller.wait(uuid, timeout=20)["status"] == "succeeded"
 
