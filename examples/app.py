@@ -5,6 +5,7 @@ under gunicorn with ``gunicorn -w 2 -b 127.0.0.1:8000 --chdir examples app:app``
 """
 import logging
 import math
+import os
 import time
 
 from flask import Flask
@@ -44,7 +45,9 @@ mpc = MultiprocessController()
 primes = PrimeController(PrimeCount, max_num_process=2, max_num_queue=100, timeout=600, stop_grace=5,
                          max_memory=512 * 1024 * 1024)
 
-app = Flask(__name__)
+# Run as a script, an app's instance folder would be the working directory's (Flask cannot find the package of
+# __main__); naming it keeps `python examples/app.py`, `flask --app app mpc ...` and cron jobs on one store.
+app = Flask(__name__, instance_path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance"))
 api = Api(app)
 api.add_resource(MetaMPResource, "/primes", "/primes/<string:uuid>", resource_class_args=(primes,))
 mpc.init_app(app)  # tasks live in instance/mpc-tasks.sqlite3 unless MPC_STORE_URL says otherwise
