@@ -17,7 +17,9 @@ PROGRESS_INTERVAL = 0.25
 SAMPLE_INTERVAL = 0.5
 #: Seconds between two samples when a memory limit is set.
 SAMPLE_INTERVAL_WITH_MEMORY_LIMIT = 0.1
-#: Seconds between two looks at the store for work or stop requests made elsewhere.
+#: Seconds within which a serving process has reacted to work or a stop request made elsewhere. Nothing
+#: polls at this rate any more (the change feed wakes idle slots and running tasks at once); it remains the
+#: bound that waits for "nothing else happens" use.
 STORE_POLL_INTERVAL = 0.5
 #: Seconds between two looks of a blocked ``changes()`` at a SQLite store for other processes' writes.
 FEED_POLL_INTERVAL = 0.02
