@@ -89,13 +89,6 @@ class Broadcaster:
                         mine.put_nowait(None)
                         break
 
-    def close(self) -> None:
-        self._stop.set()
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-
 
 def _clear(mine: "queue.Queue[Any]") -> None:
     while True:
@@ -117,15 +110,6 @@ def broadcaster_for(store: TaskStore) -> Broadcaster:
         if found is None or found.store is not store:
             found = _broadcasters[id(store)] = Broadcaster(store)
         return found
-
-
-def close_broadcasters() -> None:
-    """Stop every reader thread (at shutdown, and between tests)."""
-    with _broadcasters_lock:
-        found = list(_broadcasters.values())
-        _broadcasters.clear()
-    for broadcaster in found:
-        broadcaster.close()
 
 
 def message(kind: str, data: Any, event_id: Optional[str] = None) -> str:
