@@ -807,7 +807,7 @@ class MetaMPController:
 
     def _answer_post(self, *args: Mapping[str, Any], **kwargs: Any) -> Reply:
         options = _query()
-        priority = _number("priority", options.get("priority"), int, minimum=-(2 ** 62)) or 0
+        priority = check_priority(_number("priority", options.get("priority"), int, minimum=-(2 ** 62)) or 0)
         timeout = _number("timeout", options.get("timeout"))
         wait = self._wait_option(options)
         if args and kwargs:

@@ -392,3 +392,12 @@ def test_a_normal_end_signals_no_process(make_controller, monkeypatch):
         assert task["status"] == "succeeded"
         pids.add(task["pid"])
     assert not [s for s in signalled if s[1] in pids], signalled
+
+
+@pytest.mark.timeout(30)
+def test_a_query_priority_out_of_range_is_refused_whatever_the_body_says(make_controller):
+    client = mount(make_controller(Returns))
+    for body in ({}, {"priority": 1}):
+        answer = client.post(f"/tasks?priority={2 ** 63}", json=body)
+        assert answer.status_code == 400 and "between" in answer.get_json()["message"], answer.get_data(as_text=True)
+    assert client.get("/tasks").get_json()["tasks"] == [], "nothing was queued"
