@@ -31,7 +31,7 @@ import enum
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, TypedDict
 
 from .. import defaults
-from ..events import Changes, Event
+from ..events import Changes, Event, EventKind
 from ..states import TERMINAL
 
 
@@ -309,7 +309,6 @@ class TaskStore(abc.ABC):
         Idle slots sleep until then (nothing else would wake them: the time coming is no event).
         """
 
-    @abc.abstractmethod
     def pause(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
         """Mark a running task ``paused``; return it afterwards and the event ``paused``.
 
@@ -320,8 +319,8 @@ class TaskStore(abc.ABC):
         :raises TaskAlreadyFinished: the task is in a terminal state.
         :raises InvalidTransition: the task is ``queued`` or ``stopping``.
         """
+        return self._transition(uuid, "paused", "paused", "running", EventKind.PAUSED, emitter)
 
-    @abc.abstractmethod
     def resume(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
         """Mark a paused task ``running`` again; return it afterwards and the event ``resumed``.
 
@@ -330,6 +329,16 @@ class TaskStore(abc.ABC):
         :raises TaskNotFound: unknown uuid.
         :raises TaskAlreadyFinished: the task is in a terminal state.
         :raises InvalidTransition: the task is ``queued`` or ``stopping``.
+        """
+        return self._transition(uuid, "running", "resumed", "paused", EventKind.RESUMED, emitter)
+
+    @abc.abstractmethod
+    def _transition(self, uuid: str, wanted: str, change: str, needs: str, kind: EventKind,
+                    emitter: Optional[str]) -> tuple[Row, Optional[Event]]:
+        """Move a task from status ``needs`` to ``wanted`` and write the event ``kind``, atomically.
+
+        A task in ``wanted`` already is returned unchanged, with no event; other statuses raise as
+        :meth:`pause` says (``change`` names the change in their message).
         """
 
     @abc.abstractmethod

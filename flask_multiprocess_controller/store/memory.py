@@ -247,14 +247,6 @@ class MemoryStore(TaskStore):
             row["status"] = wanted
             return copy.deepcopy(row), self._emit(kind, row, emitter, time.time())
 
-    def pause(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
-        return self._transition(uuid, TaskStatus.PAUSED.value, "paused", TaskStatus.RUNNING.value,
-                                EventKind.PAUSED, emitter)
-
-    def resume(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
-        return self._transition(uuid, TaskStatus.RUNNING.value, "resumed", TaskStatus.PAUSED.value,
-                                EventKind.RESUMED, emitter)
-
     def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:
         with self._lock:
             row = self._rows.get(uuid)

@@ -36,7 +36,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, cast
 
 from .. import defaults
-from ..events import CALLBACK_KINDS, Changes, Event
+from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import (
     InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
 )
@@ -719,19 +719,10 @@ class RedisStore(TaskStore):
         first = self._redis.zrange(self._c(controller, "delayed"), 0, 0, withscores=True)
         return float(first[0][1]) if first else None
 
-    def _transition(self, uuid: str, wanted: str, change: str, needs: str, kind: str,
+    @_guarded
+    def _transition(self, uuid: str, wanted: str, change: str, needs: str, kind: EventKind,
                     emitter: Optional[str]) -> tuple[Row, Optional[Event]]:
-        return _changed(uuid, self._write("transition", emitter, uuid, wanted, needs, kind), change, needs)
-
-    @_guarded
-    def pause(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
-        return self._transition(uuid, TaskStatus.PAUSED.value, "paused", TaskStatus.RUNNING.value, "paused",
-                                emitter)
-
-    @_guarded
-    def resume(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
-        return self._transition(uuid, TaskStatus.RUNNING.value, "resumed", TaskStatus.PAUSED.value, "resumed",
-                                emitter)
+        return _changed(uuid, self._write("transition", emitter, uuid, wanted, needs, kind.value), change, needs)
 
     @_guarded
     def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:

@@ -591,14 +591,6 @@ class SQLiteStore(TaskStore):
             row["status"] = wanted
             return row, self._emit(db, kind, row, emitter, time.time())
 
-    def pause(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
-        return self._transition(uuid, TaskStatus.PAUSED.value, "paused", TaskStatus.RUNNING.value,
-                                EventKind.PAUSED, emitter)
-
-    def resume(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
-        return self._transition(uuid, TaskStatus.RUNNING.value, "resumed", TaskStatus.PAUSED.value,
-                                EventKind.RESUMED, emitter)
-
     def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:
         with self._transaction() as db:
             row = self._changeable(db, uuid)
