@@ -106,15 +106,3 @@ class MultiprocessController:
                 return candidate
         known = ", ".join(c.name for c in MultiprocessController.controllers()) or "none"
         raise LookupError(f"No controller is called {name!r} (known: {known}).")
-
-
-def state_of(app: Flask) -> ExtensionState:
-    """The extension's state of ``app``.
-
-    :raises RuntimeError: the app was never initialised with :class:`MultiprocessController`.
-    """
-    state = app.extensions.get("mpc")
-    if not isinstance(state, ExtensionState):
-        raise RuntimeError("This app has no MultiprocessController: call MultiprocessController(app) or "
-                           "mpc.init_app(app) first.")
-    return state

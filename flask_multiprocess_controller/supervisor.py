@@ -31,7 +31,7 @@ from .pausing import TreePause
 from .persist import Retrier
 from .proctree import TreeUsage, describe_exit, sample, signal_processes
 from .protocol import (
-    Done, ErrorRecord, Limits, LogRecordMessage, Output, Percent, Progress, RunTask, StopTask, error_record,
+    Done, ErrorRecord, Limits, LogRecordMessage, Output, Percent, Progress, Report, RunTask, StopTask, error_record,
 )
 from .states import TaskStatus
 from .store import TaskStore
@@ -289,7 +289,7 @@ class Supervisor:
         conn = child.conn
         try:
             while conn.poll():
-                message = conn.recv()
+                message: Report = conn.recv()
                 if isinstance(message, LogRecordMessage):
                     self.logs.put(message.record)
                     run.add_log_lines([_log_line(message.record)])

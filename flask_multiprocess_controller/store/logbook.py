@@ -11,7 +11,7 @@ import abc
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import defaults
 
@@ -38,10 +38,6 @@ class LogBook(abc.ABC):
     @abc.abstractmethod
     def read(self, uuid: str, after: int = 0, limit: int = 1000) -> list[Line]:
         """The kept lines numbered above ``after``, oldest first, at most ``limit``."""
-
-    @abc.abstractmethod
-    def drop(self, uuids: Iterable[str]) -> None:
-        """Forget these tasks' logs (their tasks were purged)."""
 
     def drop_orphans(self) -> None:
         """Forget the logs of tasks the store no longer has (after a purge). Redis's expire by themselves."""
@@ -80,11 +76,6 @@ class MemoryLogBook(LogBook):
         with self._lock:
             entry = self._logs.get(uuid)
             return [] if entry is None else [line for line in entry[0] if line[0] > after][:limit]
-
-    def drop(self, uuids: Iterable[str]) -> None:
-        with self._lock:
-            for uuid in uuids:
-                self._logs.pop(uuid, None)
 
     def _expire(self, now: float) -> None:
         for uuid in [u for u, entry in self._logs.items() if now - entry[3] > self.retention]:
@@ -173,11 +164,6 @@ class SQLiteLogBook(LogBook):
         return [(int(n), str(line)) for n, line in self._store._query(
             "SELECT n, line FROM mpc_logs WHERE uuid = ? AND n > ? ORDER BY n LIMIT ?", (uuid, after, limit))]
 
-    def drop(self, uuids: Iterable[str]) -> None:
-        self._schema()
-        with self._store._transaction() as db:
-            self._drop(db, list(uuids))
-
     def drop_orphans(self) -> None:
         self._schema()
         with self._store._transaction() as db:
@@ -238,9 +224,3 @@ class RedisLogBook(LogBook):
                 if len(found) >= limit:
                     break
         return found
-
-    def drop(self, uuids: Iterable[str]) -> None:
-        keys = [key for uuid in uuids for key in self._keys(uuid)]
-        if keys:
-            with self._store.guard():
-                self._store._redis.delete(*keys)
