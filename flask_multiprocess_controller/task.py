@@ -107,7 +107,8 @@ class MetaMPTask(abc.ABC):
         """Yield the items of ``iterable``, publishing the task's ``percent`` as it goes.
 
         ``total`` defaults to ``len(iterable)``. Each step also calls
-        :meth:`checkpoint`, so a tracked loop stops promptly when asked to.
+        :meth:`checkpoint`, so a tracked loop stops promptly when asked to. ``percent`` reaches 100
+        only when the loop ends: a ``total`` smaller than the items holds it at 99 meanwhile.
         """
         if total is None:
             try:
@@ -118,7 +119,7 @@ class MetaMPTask(abc.ABC):
         for done, item in enumerate(iterable):
             self.checkpoint()
             if total:
-                whole = math.floor(100 * done / total)
+                whole = min(99, math.floor(100 * done / total))
                 if whole != last:
                     last = whole
                     self._channel.publish_percent(float(whole))

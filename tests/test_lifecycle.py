@@ -102,6 +102,16 @@ class Tracked(MetaMPTask):
         return total
 
 
+class TrackedPastTotal(MetaMPTask):
+    """Tracks 20 items with a stated total of 10, then waits for the gate."""
+
+    def execute(self, gate: str) -> str:
+        for i in self.track(range(20), total=10):
+            if i == 15:
+                wait_for_file(self, gate)
+        return "done"
+
+
 class UsesHelpers(MetaMPTask):
     def execute(self, n: int) -> int:
         return helper_step(n)
@@ -289,6 +299,20 @@ def test_track_publishes_percent(make_controller, tmp_path):
     task = controller.wait(uuid, timeout=20)
     assert task["status"] == "succeeded", task
     assert task["result"] == sum(range(10))
+    assert task["percent"] == 100.0
+
+
+@pytest.mark.timeout(60)
+def test_track_holds_percent_below_100_when_total_is_understated(make_controller, tmp_path):
+    controller = make_controller(TrackedPastTotal)
+    gate = tmp_path / "gate"
+    uuid = controller.submit(gate=str(gate))
+    running = wait_until(lambda: (lambda t: t if t["percent"] == 99.0 else None)(controller.status(uuid)),
+                         timeout=20)
+    assert running["status"] == "running"
+    gate.touch()
+    task = controller.wait(uuid, timeout=20)
+    assert task["status"] == "succeeded", task
     assert task["percent"] == 100.0
 
 
