@@ -50,12 +50,16 @@ def measure(key: str, sizes: workloads.Sizes, repeats: int, only: Optional[set] 
                     peer.prepare(name)
                     if name not in workloads.RUN_ONCE:
                         workload(peer, workloads.warmup(sizes))  # warm-up, not kept
+                except PeerUnavailable:
+                    raise
                 except Exception as exc:
                     _failed(outcome, peer, name, "warm-up", exc)
                 for _ in range(runs):
                     try:
-                        for metric, value in workload(peer, sizes).items():
+                        for metric, value in workloads.accounted(name, peer, sizes).items():
                             outcome["figures"].setdefault(metric, []).append(value)
+                    except PeerUnavailable:
+                        raise
                     except Exception as exc:  # a stalled run must not hide the others
                         _failed(outcome, peer, name, "run", exc)
                 print(f"[{key}] {name}: {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
