@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(run, indent=1))
     (args.out / "latest.md").write_text(report.markdown(run))
-    report.chart(run, args.out / "latest.png")
-    print(f"Wrote {args.out / 'latest.md'} and latest.png in {run['seconds']:.0f} s.")
+    charted = report.chart(run, args.out / "latest.png")
+    print(f"Wrote {args.out / 'latest.md'}" + (" and latest.png" if charted else " (no chart: matplotlib is missing)")
+          + f" in {run['seconds']:.0f} s.")
     failed = [o["peer"] for o in outcomes if o.get("errors") or o.get("unavailable")]
     if failed:
         print(f"Problems with: {', '.join(failed)} (see the report).")

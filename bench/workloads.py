@@ -221,8 +221,9 @@ def memory(peer: Peer, sizes: Sizes) -> dict:
     time.sleep(0.5)
     idle = base.tree_pss(peer.server_pids())
     mib = 1024 * 1024
+    split = {f"pss_idle_{role}_mib": value / mib for role, value in _pss_roles(peer).items()}
     if base.STOP_CHECKPOINT not in peer.supports:  # a floor: nothing runs, nothing queues
-        return {"pss_idle_mib": idle / mib}
+        return {"pss_idle_mib": idle / mib, **split}
     blockers = [peer.submit_checkpointing() for _ in range(base.CONCURRENCY)]
     for handle in blockers:
         peer.wait_running(handle)
@@ -236,7 +237,32 @@ def memory(peer: Peer, sizes: Sizes) -> dict:
         list(pool.map(lambda h: peer.result(h, timeout=600), handles))
     time.sleep(0.5)
     after = base.tree_pss(peer.server_pids())
-    return {"pss_idle_mib": idle / mib, "pss_queued_mib": queued / mib, "pss_after_mib": after / mib}
+    return {"pss_idle_mib": idle / mib, "pss_queued_mib": queued / mib, "pss_after_mib": after / mib, **split}
+
+
+def _pss_roles(peer: Peer) -> dict:
+    """PSS by role for this project's servers (and the HTTP floor): the serving processes, the fork
+    servers (their children) and the task processes (below the fork servers)."""
+    serving_of = getattr(peer, "serving_processes", None)
+    if serving_of is None:
+        return {}
+    import psutil
+
+    from .peers import accounting
+
+    def pss(procs: list) -> int:
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_full_info().pss
+            except psutil.Error:
+                continue
+        return total
+    serving = serving_of()
+    pids = {p.pid for p in serving}
+    forkservers = [c for p in serving for c in accounting.children(p) if c.pid not in pids]
+    tasks = [t for f in forkservers for t in accounting.children(f, recursive=True)]
+    return {"serving": pss(serving), "forkserver": pss(forkservers), "tasks": pss(tasks)}
 
 
 def _submit_many(peer: Peer, count: int) -> list:
