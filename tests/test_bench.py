@@ -128,3 +128,31 @@ def test_the_cross_host_benchmark_gives_every_figure_and_leaves_nothing(tmp_path
     assert "10 idle ?wait= on the dev server" in table and "10 idle ?wait= on gunicorn" in table
     assert "10 idle /mpc/events streams on the dev server" in table
     assert table.count(" met") + table.count(" MISSED") == 5, table
+
+
+SCALE_OUT_FIGURES = {"tasks_per_s", "claim_p50_ms", "claim_p99_ms", "redis_cpu_ms_per_task", "redis_calls_per_task",
+                     "redis_atomic_writes_per_task", "events_per_task", "idle_redis_cpu_ms_per_host_s",
+                     "idle_redis_cpu_ms_per_heartbeat", "hosts_cpu_ms_per_task"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_the_scale_out_benchmark_measures_each_host_count_projects_and_leaves_nothing(tmp_path):
+    marker = uuid.uuid4().hex
+    completed = subprocess.run(
+        [sys.executable, "bench/scale_out.py", "--hosts", "1,2", "--tasks", "40", "--batch", "10",
+         "--latency-tasks", "3", "--idle", "0.5", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=75, env={**os.environ, "MPC_BENCH_SMOKE": marker},
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert _processes_with(marker) == [], "the benchmark left processes behind"
+    run = json.loads((tmp_path / "scale_out.json").read_text())
+    assert [row["hosts"] for row in run["measured"]] == [1, 2]
+    for row in run["measured"]:
+        assert SCALE_OUT_FIGURES <= set(row), row
+        assert row["tasks_per_s"] > 0 and row["claim_samples"] == 3 and row["tasks"] == 40, row
+        assert row["redis_atomic_writes_per_task"] > 0, row
+    hosts = [row["hosts"] for row in run["projection"]["rows"]]
+    assert hosts[:2] == [1, 2] and 256 in hosts
+    report = (tmp_path / "scale_out.md").read_text()
+    assert "# Scale-out on one Redis" in report and "## Projected ceiling of one Redis core" in report
