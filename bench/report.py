@@ -44,6 +44,7 @@ STORED_COLUMNS = [
     ("post_large_vs_small", "POST slowdown ×", "{:.2f}", False),
 ]
 OURS_PREFIX = "mpc-"
+FLOOR_PREFIX = "http-floor-"
 
 
 def median(outcome: dict, metric: str) -> Optional[float]:
@@ -274,7 +275,8 @@ def _against_floors(outcomes: dict[str, dict]) -> list[str]:
 
 def _ratios(outcomes: dict[str, dict]) -> list[str]:
     ours = [k for k in outcomes if k.startswith(OURS_PREFIX) and outcomes[k].get("figures")]
-    peers = [k for k in outcomes if not k.startswith(OURS_PREFIX) and outcomes[k].get("figures")]
+    # The HTTP floors have a table of their own ("Against the floors").
+    peers = [k for k in outcomes if not k.startswith((OURS_PREFIX, FLOOR_PREFIX)) and outcomes[k].get("figures")]
     if not ours or not peers:
         return []
     lines = ["Each cell: this project's median over the peer's (burst: higher is better; dispatch and sequential "
@@ -330,9 +332,10 @@ def markdown(run: dict) -> str:
         "threads; fork server = this project's fork servers; task processes = the processes that ran tasks, "
         "alive or reaped; client = the benchmark's client threads (`time.thread_time()`); Redis = "
         "`redis-server`. Read with psutil (user + system, 10 ms clock ticks summed over a run). Store write tx = "
-        "this project's SQLite write transactions per task, counted by a trace callback on the store's "
-        "connections in every process of the server (one byte appended per committed write transaction; "
-        "read-only transactions not counted).", "",
+        "this project's SQLite write transactions per task, counted in one extra run of the workload (after "
+        "the measured ones, on a server started again with a trace callback on the store's connections in every "
+        "process: one byte appended to a file per committed write transaction; read-only transactions not "
+        "counted); the measured runs go without the callback.", "",
         *_where_time_goes(outcomes), "",
         "## Memory (PSS of the peer's own processes, Redis excluded)", "",
         f"Idle after a warm-up; with {run['sizes']['memory_queued']:,} tasks queued behind two running ones; after "

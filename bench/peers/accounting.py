@@ -10,8 +10,9 @@ Store writes: the benchmark's own servers of this project wrap the SQLite store'
 trace callback (:func:`install_write_counter`, set up before the controller exists, so the fork server
 and the task processes inherit it). Each write transaction that commits (a ``COMMIT`` after
 ``BEGIN IMMEDIATE`` or after a write statement, or a write statement in autocommit mode) appends one
-byte to a file opened with ``O_APPEND`` (atomic across processes); the count is the file's size. It
-costs one ``write(2)`` per transaction in the measured runs. Read-only transactions are not counted.
+byte to a file opened with ``O_APPEND`` (atomic across processes); the count is the file's size.
+Read-only transactions are not counted. A Python callback on every statement costs a little, so the
+write counts come from one extra run of each workload (:mod:`bench.peer_main`), not the measured ones.
 """
 from __future__ import annotations
 
