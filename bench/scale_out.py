@@ -24,9 +24,10 @@ one private ``redis-server`` (flushed between counts). Three phases:
 
 On a small machine the drain soon measures the CPUs (every serving process and worker shares them),
 not Redis, so the ceiling is projected from Redis's own cost: with c(N) its CPU seconds per task
-(a straight line fitted over the measured N, since each event wakes every host's reader) and i its
-idle CPU per host-second, one Redis core carries H hosts at up to (1 − H·i) / c(H) tasks/s; with S slots
-per host that keeps every slot busy while the mean task lasts at least H·S / that rate.
+(a straight line fitted over the measured N, since each event wakes every host's reader) and r(N)
+its share of a core at rest (a line too: its own timers, plus each host's heartbeats and blocking
+feed reads), one Redis core carries H hosts at up to (1 − r(H)) / c(H) tasks/s; with S slots per host
+that keeps every slot busy while the mean task lasts at least H·S / that rate.
 
 Writes ``bench/results/scale_out.json`` and ``scale_out.md``; tears down everything it started.
 """
@@ -242,28 +243,34 @@ def measure(count: int, args: argparse.Namespace, workdir: Path, redis_server: R
     }
 
 
-def project(rows: list[dict], slots: int) -> dict:
-    """One Redis core's ceiling, from Redis's own CPU per task (a line in the host count) and per idle host."""
-    xs = [r["hosts"] for r in rows]
-    ys = [r["redis_cpu_ms_per_task"] / 1000 for r in rows]
-    if len(rows) >= 2 and len(set(xs)) >= 2:
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept, slope ≥ 0) of a least-squares line; the median and no slope for fewer than two counts."""
+    if len(set(xs)) >= 2:
         slope, intercept = statistics.linear_regression(xs, ys)
-        slope = max(0.0, slope)
-        if slope == 0.0:
-            intercept = statistics.median(ys)
-    else:
-        slope, intercept = 0.0, ys[0]
-    idle = statistics.median(r["idle_redis_cpu_ms_per_host_s"] / 1000 for r in rows)
+        if slope >= 0:
+            return intercept, slope
+    return statistics.median(ys), 0.0
+
+
+def project(rows: list[dict], slots: int) -> dict:
+    """One Redis core's ceiling, from Redis's own CPU per task and at rest, each a line in the host count:
+    per task, each host adds its feed reads and claim attempts; at rest, Redis has a cost of its own
+    (its timers) and each host adds its heartbeats and blocking feed reads."""
+    xs = [float(r["hosts"]) for r in rows]
+    task_base, task_per_host = _line(xs, [r["redis_cpu_ms_per_task"] / 1000 for r in rows])
+    idle_base, idle_per_host = _line(xs, [r["idle_redis_cpu_pct"] / 100 for r in rows])
+    idle_base = max(0.0, idle_base)
     projected = []
-    for hosts in sorted({*xs, *PROJECTED_HOSTS}):
-        per_task = intercept + slope * hosts
-        spare = 1.0 - hosts * idle
-        rate = spare / per_task if spare > 0 and per_task > 0 else 0.0
-        projected.append({"hosts": hosts, "redis_cpu_ms_per_task": 1000 * per_task,
-                          "idle_core_pct": 100 * hosts * idle, "max_tasks_per_s": rate,
-                          "shortest_mean_task_s": hosts * slots / rate if rate else None})
-    return {"per_task_ms": {"intercept": 1000 * intercept, "per_host": 1000 * slope},
-            "idle_ms_per_host_s": 1000 * idle, "slots": slots, "rows": projected}
+    for hosts in sorted({*[r["hosts"] for r in rows], *PROJECTED_HOSTS}):
+        per_task = task_base + task_per_host * hosts
+        idle = idle_base + hosts * idle_per_host
+        rate = (1.0 - idle) / per_task if idle < 1 and per_task > 0 else 0.0
+        projected.append({"hosts": hosts, "redis_cpu_ms_per_task": 1000 * per_task, "idle_core_pct": 100 * idle,
+                          "max_tasks_per_s": rate, "shortest_mean_task_s": hosts * slots / rate if rate else None})
+    return {"per_task_ms": {"intercept": 1000 * task_base, "per_host": 1000 * task_per_host},
+            "idle": {"base_core_pct": 100 * idle_base, "ms_per_host_s": 1000 * idle_per_host,
+                     "ms_per_heartbeat": 1000 * idle_per_host * defaults.HEARTBEAT_INTERVAL},
+            "slots": slots, "rows": projected}
 
 
 def markdown(result: dict) -> str:
@@ -300,9 +307,11 @@ def markdown(result: dict) -> str:
     p = result["projection"]
     lines += [
         "", "## Projected ceiling of one Redis core", "",
-        f"Redis CPU per task fitted as {p['per_task_ms']['intercept']:.3f} ms + {p['per_task_ms']['per_host']:.4f} ms "
-        f"× hosts; idle cost {p['idle_ms_per_host_s']:.3f} ms of Redis CPU per host per second. With one Redis core "
-        f"(Redis runs commands on one thread), H hosts carry at most (1 s − H × idle) / per-task tasks/s; with "
+        f"Lines fitted over the measured counts: Redis CPU per task = {p['per_task_ms']['intercept']:.3f} ms + "
+        f"{p['per_task_ms']['per_host']:.4f} ms × hosts; Redis CPU at rest = {p['idle']['base_core_pct']:.2f} % of a "
+        f"core + {p['idle']['ms_per_host_s']:.3f} ms per host per second (all of a host's idle traffic counted "
+        f"against its heartbeats: {p['idle']['ms_per_heartbeat']:.3f} ms per heartbeat at most). With one Redis core "
+        f"(Redis runs commands on one thread), H hosts carry at most (1 s − rest(H)) / per-task(H) tasks/s; with "
         f"{p['slots']} slots per host, every slot stays busy while the mean task lasts at least H × "
         f"{p['slots']} / that rate.", "",
         "| hosts | hosts × slots | Redis CPU ms/task | idle share of the core % | max tasks/s | shortest mean task s |",
