@@ -281,7 +281,7 @@ def markdown(result: dict) -> str:
         f"redis-server {s['redis_version']}. Each serving process is a dev server with its own `MPC_HOST_ID` (a "
         f"simulated host) and {s['slots']} reused workers; tiny tasks ({s['tasks']} per drain, posted "
         f"{s['batch']} per bulk POST); claim latency over {s['latency_tasks']} tasks posted one at a time; "
-        f"idle window {s['idle_s']:g} s.", "",
+        f"idle window {s['idle_s']:g} s." + (f" {s['note']}" if s.get("note") else ""), "",
         "Redis calls/task counts the commands a script runs as well as the script's own call; atomic writes are "
         "the scripts and transactions (`EVALSHA`, `EVAL`, `FCALL`, `EXEC`). Redis CPU is `INFO cpu` "
         "(user + system), which also holds its network and event-loop work.", "",
@@ -348,6 +348,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--latency-tasks", type=int, default=60, help="tasks of the claim latency (default 60)")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of the idle window (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"directory of scale_out.json/.md (default {RESULTS})")
+    parser.add_argument("--note", default="", help="a sentence for the report (say, what else ran on the machine)")
     args = parser.parse_args(argv)
     args.hosts = [int(h) for h in args.hosts.split(",") if h]
     if not args.hosts or min(args.hosts) < 1 or args.tasks < 1 or args.latency_tasks < 1 or args.idle <= 0:
@@ -372,7 +373,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "latency_tasks": args.latency_tasks, "idle_s": args.idle, "cpus": os.cpu_count(),
         "python": platform.python_version(), "platform": platform.platform(),
         "redis_version": result.pop("redis_version"),
-        "heartbeat_interval_s": defaults.HEARTBEAT_INTERVAL,
+        "heartbeat_interval_s": defaults.HEARTBEAT_INTERVAL, "note": args.note,
         "command": "python bench/scale_out.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
             argv if argv is not None else sys.argv[1:])),
         "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
