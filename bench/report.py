@@ -205,7 +205,13 @@ def _why(target: Target, outcomes: dict[str, dict], cores: int) -> str:
                           if median(ours, f"cpu_{workload}_{role}_ms"))
         text = f"ours: {mine:.2f} CPU ms/task ({roles})"
         if workload == "burst" and cores:
-            text += f", a CPU-bound ceiling of {cores * 1000 / mine:,.0f} tasks/s on {cores} cores"
+            ceiling = cores * 1000 / mine
+            text += f", a CPU-bound ceiling of {ceiling:,.0f} tasks/s on {cores} cores"
+            rate = median(ours, "burst_tasks_per_s")
+            if rate:
+                text += (f" (the run reached {100 * rate / ceiling:.0f} % of it: " +
+                         ("CPU bounds it" if rate >= 0.7 * ceiling else
+                          "waits bound it, hand-overs and wake-ups between processes, more than CPU") + ")")
         theirs = _cpu_total(outcomes.get(target.peer or "", {}), target.peer_metric or "")
         if theirs:
             text += f"; the reference: {theirs:.2f} CPU ms/task"
