@@ -19,11 +19,11 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PEERS = ["mp-fork", "mp-fork-fair", "pool", "http-floor-gunicorn", "http-floor-gunicorn-wait", "mpc-api-fresh",
-         "mpc-api-reused", "mpc-dev-reused", "mpc-gunicorn-reused", "mpc-gunicorn-reused-wait", "mpc-gunicorn-batch"]
+PEERS = ["mp-fork", "mp-fork-fair", "pool", "http-floor-gunicorn", "http-floor-dev-wait", "mpc-api-fresh",
+         "mpc-api-reused", "mpc-dev-reused", "mpc-gunicorn-reused", "mpc-dev-reused-wait", "mpc-dev-batch"]
 #: Rows that run only the burst (one request per task, or the batch path) and the sequential workload.
-BURST_ONLY = {"mpc-gunicorn-batch"}
-SEQUENTIAL_NO_DISPATCH = {"http-floor-gunicorn-wait", "mpc-gunicorn-reused-wait"}
+BURST_ONLY = {"mpc-dev-batch"}
+SEQUENTIAL_NO_DISPATCH = {"http-floor-dev-wait", "mpc-dev-reused-wait"}
 
 
 @pytest.mark.slow
@@ -37,10 +37,10 @@ def test_the_benchmark_runs_every_workload_on_a_tiny_load_and_writes_its_report(
     run = json.loads((tmp_path / "latest.json").read_text())
     by_peer = {o["peer"]: o for o in run["outcomes"]}
     assert list(by_peer) == PEERS
-    batch = by_peer["mpc-gunicorn-batch"]
+    batch = by_peer["mpc-dev-batch"]
     if batch.get("unavailable"):  # a server without the batch API: the row says so, the others run
         assert "no batch API" in batch["unavailable"], batch
-        del by_peer["mpc-gunicorn-batch"]
+        del by_peer["mpc-dev-batch"]
     for key, outcome in by_peer.items():
         assert not outcome.get("unavailable"), (key, outcome["unavailable"])
         assert not outcome.get("errors"), (key, outcome["errors"])

@@ -411,9 +411,6 @@ class _Floor:
     def prepare(self, workload: str) -> None:
         pass
 
-    def store_writes(self) -> Optional[int]:
-        return None
-
     #: Nothing to count: the floor has no store (so no extra run either).
     enable_write_count = None
 
