@@ -387,23 +387,23 @@ def chart(run: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     outcomes = [o for o in run["outcomes"] if o.get("figures")]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(outcomes) + 2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(outcomes) + 2), sharey=True)
+    # One row per peer in both panels, top to bottom in report order; a peer without the figure
+    # keeps its row, empty, so the two panels line up.
+    labels = [o["label"] for o in outcomes]
+    rows = list(range(len(outcomes)))[::-1]
     for ax, metric, title in ((axes[0], "burst_tasks_per_s", "Burst throughput, tasks/s (log scale)"),
                               (axes[1], "dispatch_p50_ms", "Dispatch latency p50, ms (log scale)")):
-        labels, values, colors = [], [], []
-        for o in outcomes:
+        for y, o in zip(rows, outcomes):
             value = median(o, metric)
             if value is None or value <= 0 or math.isnan(value):
                 continue
-            labels.append(o["label"])
-            values.append(value)
-            colors.append("#1f77b4" if o["peer"].startswith(OURS_PREFIX) else "#999999")
-        ax.barh(labels[::-1], values[::-1], color=colors[::-1])
+            ax.barh(y, value, color="#1f77b4" if o["peer"].startswith(OURS_PREFIX) else "#999999")
+            ax.text(value, y, f" {value:,.3g}", va="center", fontsize=8)
         ax.set_xscale("log")
         ax.set_title(title)
-        for y, v in enumerate(values[::-1]):
-            ax.text(v, y, f" {v:,.3g}", va="center", fontsize=8)
-    axes[1].set_yticklabels([])
+    axes[0].set_yticks(rows)
+    axes[0].set_yticklabels(labels)
     fig.suptitle(f"flask-multiprocess-controller vs peers ({run['date']}, {run['machine']['cores']} cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
