@@ -32,6 +32,30 @@ def _failed(outcome: dict, peer, name: str, which: str, exc: Exception) -> None:
     peer.recover()
 
 
+def _count_writes(peer, outcome: dict, sizes: workloads.Sizes, only: Optional[set]) -> None:
+    """One more run of each accounted workload with the store's write transactions counted, for
+    peers that can count them; only the write counts are kept from it (counting costs a little, so
+    the measured runs go without)."""
+    enable = getattr(peer, "enable_write_count", None)
+    if enable is None:
+        return
+    names = [n for n in workloads.ACCOUNTED if n in peer.supports and not (only and n not in only)]
+    if not names:
+        return
+    began = time.monotonic()
+    try:
+        enable()
+        for name in names:
+            peer.prepare(name)
+            workloads.WORKLOADS[name](peer, workloads.warmup(sizes))
+            for metric, value in workloads.accounted(name, peer, sizes).items():
+                if metric.startswith("writes_"):
+                    outcome["figures"].setdefault(metric, []).append(value)
+    except Exception as exc:
+        _failed(outcome, peer, "store writes", "run", exc)
+    print(f"[{peer.key}] store writes: {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
+
+
 def measure(key: str, sizes: workloads.Sizes, repeats: int, only: Optional[set] = None) -> dict:
     """Start the peer, run its workloads, close it; return versions, runs and errors."""
     outcome: dict = {"peer": key, "figures": {}, "errors": {}, "versions": {}}
@@ -50,15 +74,20 @@ def measure(key: str, sizes: workloads.Sizes, repeats: int, only: Optional[set] 
                     peer.prepare(name)
                     if name not in workloads.RUN_ONCE:
                         workload(peer, workloads.warmup(sizes))  # warm-up, not kept
+                except PeerUnavailable:
+                    raise
                 except Exception as exc:
                     _failed(outcome, peer, name, "warm-up", exc)
                 for _ in range(runs):
                     try:
-                        for metric, value in workload(peer, sizes).items():
+                        for metric, value in workloads.accounted(name, peer, sizes).items():
                             outcome["figures"].setdefault(metric, []).append(value)
+                    except PeerUnavailable:
+                        raise
                     except Exception as exc:  # a stalled run must not hide the others
                         _failed(outcome, peer, name, "run", exc)
                 print(f"[{key}] {name}: {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
+            _count_writes(peer, outcome, sizes, only)
         except PeerUnavailable as exc:
             outcome["unavailable"] = str(exc)
         finally:

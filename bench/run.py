@@ -86,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {key}", flush=True)
             peer_began = time.monotonic()
             log = logs / f"{key}.log"
+            problem = f"the peer did not finish within {peer_timeout:.0f} s"
             try:
                 with open(log, "w") as errors:  # tracebacks of failed runs go here, not to the console
-                    subprocess.run(command, cwd=environment.REPO_DIR, timeout=peer_timeout, check=False,
-                                   start_new_session=True, stderr=errors)
+                    done = subprocess.run(command, cwd=environment.REPO_DIR, timeout=peer_timeout, check=False,
+                                          start_new_session=True, stderr=errors)
+                if done.returncode:
+                    problem = f"the peer's process exited with code {done.returncode} (see {log.name})"
             except subprocess.TimeoutExpired:
                 pass
             for line in log.read_text().splitlines():
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 outcome = json.loads(out.read_text())
             else:
                 outcome = {"peer": key, "label": key, "figures": {}, "versions": {},
-                           "errors": {"all": f"the peer did not finish within {peer_timeout:.0f} s"}}
+                           "errors": {"all": problem}}
             outcome["seconds"] = round(time.monotonic() - peer_began, 1)
             outcomes.append(outcome)
             print(f"   {outcome['seconds']} s in all; log: {log}", flush=True)
@@ -113,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(run, indent=1))
     (args.out / "latest.md").write_text(report.markdown(run))
-    report.chart(run, args.out / "latest.png")
-    print(f"Wrote {args.out / 'latest.md'} and latest.png in {run['seconds']:.0f} s.")
+    charted = report.chart(run, args.out / "latest.png")
+    print(f"Wrote {args.out / 'latest.md'}" + (" and latest.png" if charted else " (no chart: matplotlib is missing)")
+          + f" in {run['seconds']:.0f} s.")
     failed = [o["peer"] for o in outcomes if o.get("errors") or o.get("unavailable")]
     if failed:
         print(f"Problems with: {', '.join(failed)} (see the report).")

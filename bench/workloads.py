@@ -62,52 +62,130 @@ def _latencies(name: str, samples: list[float]) -> dict:
     return {f"{name}_p50_ms": percentile(ms, 50), f"{name}_p95_ms": percentile(ms, 95)}
 
 
+#: Figures whose name starts with this are for :func:`accounted`, not kept.
+PRIVATE = "_"
+
+
 def burst(peer: Peer, sizes: Sizes) -> dict:
     """``burst_tasks`` add tasks submitted by ``burst_threads`` client threads; each thread then
-    collects its own results. Throughput runs from the first submit to the last result."""
+    collects its own results. Throughput runs from the first submit to the last result.
+
+    A peer with a batch path (``run_batch``) gets the whole burst in one call from one client
+    thread instead: one bulk submit and one wait on the batch."""
+    if hasattr(peer, "run_batch"):
+        return _batch_burst(peer, sizes)
     per_thread = [list(range(i, sizes.burst_tasks, sizes.burst_threads)) for i in range(sizes.burst_threads)]
     gate = threading.Barrier(sizes.burst_threads + 1)
 
-    def client(numbers: list[int]) -> int:
+    def client(numbers: list[int]) -> tuple[int, float]:
         gate.wait()
+        cpu = time.thread_time()
         handles = [(n, peer.submit_add(n, 1)) for n in numbers]
         wrong = 0
         for n, handle in handles:
             if peer.result(handle) != n + 1:
                 wrong += 1
-        return wrong
+        return wrong, time.thread_time() - cpu
 
     with ThreadPoolExecutor(sizes.burst_threads) as pool:
         futures = [pool.submit(client, numbers) for numbers in per_thread]
         gate.wait()
         began = time.perf_counter()
-        wrong = sum(f.result() for f in futures)
+        outcomes = [f.result() for f in futures]
         elapsed = time.perf_counter() - began
+    wrong = sum(w for w, _ in outcomes)
     if wrong:
         raise AssertionError(f"{wrong} burst tasks returned a wrong result")
-    return {"burst_tasks_per_s": sizes.burst_tasks / elapsed}
+    return {"burst_tasks_per_s": sizes.burst_tasks / elapsed, "_client_cpu_s": sum(c for _, c in outcomes)}
+
+
+def _batch_burst(peer: Peer, sizes: Sizes) -> dict:
+    items = [{"op": "add", "x": n, "y": 1} for n in range(sizes.burst_tasks)]
+    cpu = time.thread_time()
+    began = time.perf_counter()
+    values = peer.run_batch(items)
+    elapsed = time.perf_counter() - began
+    wrong = sum(1 for n, value in enumerate(values) if value != n + 1) + abs(len(values) - len(items))
+    if wrong:
+        raise AssertionError(f"{wrong} batch tasks returned a wrong result")
+    return {"burst_tasks_per_s": sizes.burst_tasks / elapsed, "_client_cpu_s": time.thread_time() - cpu}
 
 
 def sequential(peer: Peer, sizes: Sizes) -> dict:
     """One client submits an add task and waits for its result, ``sequential`` times."""
     samples = []
+    cpu = time.thread_time()
     for n in range(sizes.sequential):
         began = time.perf_counter()
         value = peer.result(peer.submit_add(n, 1))
         samples.append(time.perf_counter() - began)
         if value != n + 1:
             raise AssertionError(f"sequential task returned {value!r}, not {n + 1}")
-    return _latencies("sequential", samples)
+    return {**_latencies("sequential", samples), "_client_cpu_s": time.thread_time() - cpu}
 
 
 def dispatch(peer: Peer, sizes: Sizes) -> dict:
     """Submit → first line of the task (the task returns its own ``time.time()``), one at a time."""
     samples = []
+    cpu = time.thread_time()
     for _ in range(sizes.dispatch):
         began = time.time()
         started = peer.result(peer.submit_stamp())
         samples.append(float(started) - began)
-    return _latencies("dispatch", samples)
+    return {**_latencies("dispatch", samples), "_client_cpu_s": time.thread_time() - cpu}
+
+
+def post(peer: Peer, sizes: Sizes) -> dict:
+    """The submit alone (for HTTP peers, one POST's round trip), one at a time, ``dispatch`` times;
+    each task's result is fetched after the timed submit."""
+    samples = []
+    for n in range(sizes.dispatch):
+        began = time.perf_counter()
+        handle = peer.submit_add(n, 1)
+        samples.append(time.perf_counter() - began)
+        peer.result(handle)
+    return _latencies("post", samples)
+
+
+#: Workloads whose CPU by role and store writes :func:`accounted` records, and their task counts.
+ACCOUNTED: dict[str, Callable[[Sizes], int]] = {
+    base.BURST: lambda sizes: sizes.burst_tasks,
+    base.SEQUENTIAL: lambda sizes: sizes.sequential,
+    base.DISPATCH: lambda sizes: sizes.dispatch,
+}
+#: The roles CPU is split by, as figures name them (``cpu_<workload>_<role>_ms``).
+ROLES = {"serving": "serving", "fork server": "forkserver", "tasks": "tasks", "client": "client", "redis": "redis"}
+
+
+def accounted(name: str, peer: Peer, sizes: Sizes) -> dict:
+    """One run of workload ``name``; for the workloads in :data:`ACCOUNTED`, the run's CPU milliseconds
+    per task by process role and the store write transactions per task besides.
+
+    The client is the benchmark's own client threads (their ``time.thread_time()``). For a peer
+    served from outside this process, each role's processes are read by :meth:`Peer.cpu_roles`;
+    for one served from inside it (the floors, the Python API), the serving figure is this
+    process's CPU less the client threads'."""
+    if name not in ACCOUNTED:
+        return {k: v for k, v in WORKLOADS[name](peer, sizes).items() if not k.startswith(PRIVATE)}
+    import psutil
+
+    from .peers import accounting
+    me = psutil.Process()
+    roles_before, me_before, writes_before = peer.cpu_roles(), accounting.own(me), peer.store_writes()
+    figures = WORKLOADS[name](peer, sizes)
+    roles_after, me_after, writes_after = peer.cpu_roles(), accounting.own(me), peer.store_writes()
+    tasks = ACCOUNTED[name](sizes)
+    client = figures.pop("_client_cpu_s", 0.0)
+    cpu = {role: roles_after.get(role, 0.0) - roles_before.get(role, 0.0) for role in roles_after}
+    cpu["client"] = client
+    if peer.in_process:
+        cpu["serving"] = max(0.0, (me_after - me_before) - client)
+    for role, value in cpu.items():
+        figures[f"cpu_{name}_{ROLES[role]}_ms"] = 1000 * value / tasks
+    figures[f"cpu_{name}_total_ms"] = 1000 * sum(cpu.values()) / tasks
+    if writes_before is not None and writes_after is not None:
+        figures[f"writes_{name}_per_task"] = (writes_after - writes_before) / tasks
+    return figures
 
 
 def _stop(peer: Peer, sizes: Sizes, submit: Callable[[], object], name: str) -> dict:
@@ -142,6 +220,10 @@ def memory(peer: Peer, sizes: Sizes) -> dict:
         peer.result(peer.submit_add(n, 1))
     time.sleep(0.5)
     idle = base.tree_pss(peer.server_pids())
+    mib = 1024 * 1024
+    split = {f"pss_idle_{role}_mib": value / mib for role, value in _pss_roles(peer).items()}
+    if base.STOP_CHECKPOINT not in peer.supports:  # a floor: nothing runs, nothing queues
+        return {"pss_idle_mib": idle / mib, **split}
     blockers = [peer.submit_checkpointing() for _ in range(base.CONCURRENCY)]
     for handle in blockers:
         peer.wait_running(handle)
@@ -155,8 +237,32 @@ def memory(peer: Peer, sizes: Sizes) -> dict:
         list(pool.map(lambda h: peer.result(h, timeout=600), handles))
     time.sleep(0.5)
     after = base.tree_pss(peer.server_pids())
-    mib = 1024 * 1024
-    return {"pss_idle_mib": idle / mib, "pss_queued_mib": queued / mib, "pss_after_mib": after / mib}
+    return {"pss_idle_mib": idle / mib, "pss_queued_mib": queued / mib, "pss_after_mib": after / mib, **split}
+
+
+def _pss_roles(peer: Peer) -> dict:
+    """PSS by role for this project's servers (and the HTTP floor): the serving processes, the fork
+    servers (their children) and the task processes (below the fork servers)."""
+    serving_of = getattr(peer, "serving_processes", None)
+    if serving_of is None:
+        return {}
+    import psutil
+
+    from .peers import accounting
+
+    def pss(procs: list) -> int:
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_full_info().pss
+            except psutil.Error:
+                continue
+        return total
+    serving = serving_of()
+    pids = {p.pid for p in serving}
+    forkservers = [c for p in serving for c in accounting.children(p) if c.pid not in pids]
+    tasks = [t for f in forkservers for t in accounting.children(f, recursive=True)]
+    return {"serving": pss(serving), "forkserver": pss(forkservers), "tasks": pss(tasks)}
 
 
 def _submit_many(peer: Peer, count: int) -> list:
@@ -212,6 +318,7 @@ WORKLOADS: dict[str, Callable[[Peer, Sizes], dict]] = {
     base.BURST: burst,
     base.SEQUENTIAL: sequential,
     base.DISPATCH: dispatch,
+    base.POST: post,
     base.STOP_CHECKPOINT: stop_checkpoint,
     base.STOP_IGNORING: stop_ignoring,
     base.MEMORY: memory,
@@ -221,4 +328,4 @@ WORKLOADS: dict[str, Callable[[Peer, Sizes], dict]] = {
 #: Workloads that run once per peer (they are slow, or they change the peer's state for good).
 RUN_ONCE = {base.MEMORY, base.STORED}
 
-__all__ = ["Sizes", "FULL", "QUICK", "TINY", "WORKLOADS", "RUN_ONCE", "percentile", "warmup"]
+__all__ = ["accounted", "Sizes", "FULL", "QUICK", "TINY", "WORKLOADS", "RUN_ONCE", "percentile", "warmup"]

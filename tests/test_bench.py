@@ -1,9 +1,10 @@
 """The benchmark harness runs end to end on a tiny workload and writes its report; so does the
 cross-host benchmark, ``bench/cross_host.py``.
 
-Only the peers that need no environment of their own are run here (the upstream release needs
-Flask 1.1 in a venv of its own, restful-functions its own aiohttp server); figures are not judged,
-only that every workload produced them and the report shows them.
+Only the floors and this project's own rows are run here, so the test install needs none of the
+peers' packages (Celery, RQ, matplotlib and restful-functions come with the ``bench`` extra, the upstream
+release needs Flask 1.1 in a venv of its own); figures are not judged, only that every workload
+produced them and the report shows them.
 """
 from __future__ import annotations
 
@@ -18,39 +19,62 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PEERS = ["mp-fork", "pool", "celery", "rq", "mpc-api-fresh", "mpc-api-reused", "mpc-dev-reused",
-         "mpc-gunicorn-reused"]
+PEERS = ["mp-fork", "mp-fork-fair", "pool", "http-floor-gunicorn", "http-floor-dev-wait", "mpc-api-fresh",
+         "mpc-api-reused", "mpc-dev-reused", "mpc-gunicorn-reused", "mpc-dev-reused-wait", "mpc-dev-batch"]
+#: Rows that run only the burst (one request per task, or the batch path) and the sequential workload.
+BURST_ONLY = {"mpc-dev-batch"}
+SEQUENTIAL_NO_DISPATCH = {"http-floor-dev-wait", "mpc-dev-reused-wait"}
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(150)
 def test_the_benchmark_runs_every_workload_on_a_tiny_load_and_writes_its_report(tmp_path):
     completed = subprocess.run(
         [sys.executable, "bench/run.py", "--tiny", "--no-setup", "--peers", ",".join(PEERS), "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=450,
+        cwd=REPO, capture_output=True, text=True, timeout=130,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     run = json.loads((tmp_path / "latest.json").read_text())
     by_peer = {o["peer"]: o for o in run["outcomes"]}
     assert list(by_peer) == PEERS
+    batch = by_peer["mpc-dev-batch"]
+    if batch.get("unavailable"):  # a server without the batch API: the row says so, the others run
+        assert "no batch API" in batch["unavailable"], batch
+        del by_peer["mpc-dev-batch"]
     for key, outcome in by_peer.items():
         assert not outcome.get("unavailable"), (key, outcome["unavailable"])
         assert not outcome.get("errors"), (key, outcome["errors"])
         figures = outcome["figures"]
         assert figures["burst_tasks_per_s"][0] > 0, key
-        assert figures["sequential_p50_ms"][0] > 0, key
-        assert figures["dispatch_p50_ms"][0] > 0, key
+        assert figures["cpu_burst_total_ms"][0] >= 0, key
+        assert "cpu_burst_client_ms" in figures and "cpu_burst_serving_ms" in figures, key
+        if key.startswith("mpc-"):
+            assert figures["writes_burst_per_task"][0] > 0, key
+            assert "cpu_burst_forkserver_ms" in figures and "cpu_burst_tasks_ms" in figures, key
+        if key not in BURST_ONLY:
+            assert figures["sequential_p50_ms"][0] > 0, key
+        if key not in BURST_ONLY | SEQUENTIAL_NO_DISPATCH:
+            assert figures["dispatch_p50_ms"][0] > 0, key
+    for key in ("http-floor-gunicorn", "mpc-gunicorn-reused"):
+        assert by_peer[key]["figures"]["post_p50_ms"][0] > 0, key
     ours = by_peer["mpc-gunicorn-reused"]["figures"]
-    for metric in ("stop_checkpoint_p50_ms", "stop_ignoring_p50_ms", "pss_idle_mib", "get_large_vs_small"):
+    for metric in ("stop_checkpoint_p50_ms", "stop_ignoring_p50_ms", "pss_idle_mib", "pss_idle_serving_mib",
+                   "pss_idle_forkserver_mib", "get_large_vs_small"):
         assert ours[metric][0] > 0, metric
+    assert by_peer["http-floor-gunicorn"]["figures"]["pss_idle_mib"][0] > 0
     assert by_peer["mpc-api-reused"]["figures"]["progress_call_ns"], "the progress workload gave no figure"
-    assert by_peer["celery"]["figures"]["stop_checkpoint_p50_ms"][0] > 0
     report = (tmp_path / "latest.md").read_text()
-    for section in ("## Throughput and latency", "## Ratios to each peer", "## Targets", "## Versions"):
+    for section in ("## Throughput and latency", "## Ratios to each peer", "## Against the floors",
+                    "## Where the time goes", "## Targets", "## Versions"):
         assert section in report
-    for outcome in by_peer.values():
+    for outcome in run["outcomes"]:
         assert outcome["label"] in report
     assert "| met |" in report or "| missed |" in report
+    assert "HTTP floor's POST p50 + 0.5 ms" in report and "≥ 2 × Celery" in report
+    try:
+        import matplotlib  # noqa: F401  (the bench extra's; the chart is skipped without it)
+    except ImportError:
+        return
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -104,3 +128,31 @@ def test_the_cross_host_benchmark_gives_every_figure_and_leaves_nothing(tmp_path
     assert "10 idle ?wait= on the dev server" in table and "10 idle ?wait= on gunicorn" in table
     assert "10 idle /mpc/events streams on the dev server" in table
     assert table.count(" met") + table.count(" MISSED") == 5, table
+
+
+SCALE_OUT_FIGURES = {"tasks_per_s", "claim_p50_ms", "claim_p99_ms", "redis_cpu_ms_per_task", "redis_calls_per_task",
+                     "redis_atomic_writes_per_task", "events_per_task", "idle_redis_cpu_ms_per_host_s",
+                     "idle_redis_cpu_ms_per_heartbeat", "hosts_cpu_ms_per_task"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_the_scale_out_benchmark_measures_each_host_count_projects_and_leaves_nothing(tmp_path):
+    marker = uuid.uuid4().hex
+    completed = subprocess.run(
+        [sys.executable, "bench/scale_out.py", "--hosts", "1,2", "--tasks", "40", "--batch", "10",
+         "--latency-tasks", "3", "--idle", "0.5", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=75, env={**os.environ, "MPC_BENCH_SMOKE": marker},
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert _processes_with(marker) == [], "the benchmark left processes behind"
+    run = json.loads((tmp_path / "scale_out.json").read_text())
+    assert [row["hosts"] for row in run["measured"]] == [1, 2]
+    for row in run["measured"]:
+        assert SCALE_OUT_FIGURES <= set(row), row
+        assert row["tasks_per_s"] > 0 and row["claim_samples"] == 3 and row["tasks"] == 40, row
+        assert row["redis_atomic_writes_per_task"] > 0, row
+    hosts = [row["hosts"] for row in run["projection"]["rows"]]
+    assert hosts[:2] == [1, 2] and 256 in hosts
+    report = (tmp_path / "scale_out.md").read_text()
+    assert "# Scale-out on one Redis" in report and "## Projected ceiling of one Redis core" in report

@@ -8,17 +8,26 @@ from .base import Peer, PeerUnavailable
 
 PEERS: dict[str, str] = {
     "mp-fork": "bench.peers.floors:ForkPerTask",
+    "mp-fork-fair": "bench.peers.floors:ForkPerTaskFair",
     "pool": "bench.peers.floors:PoolExecutor",
     "celery": "bench.peers.celery_peer:CeleryPeer",
     "rq": "bench.peers.rq_peer:RQPeer",
     "upstream": "bench.peers.upstream_peer:UpstreamPeer",
     "restful-functions": "bench.peers.restful_functions_peer:RestfulFunctionsPeer",
+    "http-floor-dev": "bench.peers.mpc:DevServerFloor",
+    "http-floor-dev-wait": "bench.peers.mpc:DevServerFloorWait",
+    "http-floor-gunicorn": "bench.peers.mpc:GunicornFloor",
+    "http-floor-gunicorn-wait": "bench.peers.mpc:GunicornFloorWait",
     "mpc-api-fresh": "bench.peers.mpc:ApiFresh",
     "mpc-api-reused": "bench.peers.mpc:ApiReused",
     "mpc-dev-fresh": "bench.peers.mpc:DevServerFresh",
     "mpc-dev-reused": "bench.peers.mpc:DevServerReused",
     "mpc-gunicorn-fresh": "bench.peers.mpc:GunicornFresh",
     "mpc-gunicorn-reused": "bench.peers.mpc:GunicornReused",
+    "mpc-dev-reused-wait": "bench.peers.mpc:DevServerReusedWait",
+    "mpc-gunicorn-reused-wait": "bench.peers.mpc:GunicornReusedWait",
+    "mpc-dev-batch": "bench.peers.mpc:DevServerBatch",
+    "mpc-gunicorn-batch": "bench.peers.mpc:GunicornBatch",
 }
 
 

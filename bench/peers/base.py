@@ -46,6 +46,7 @@ STOP_IGNORING = "stop_ignoring"
 MEMORY = "memory"
 PROGRESS = "progress"
 STORED = "stored"
+POST = "post"
 
 BENCH_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = BENCH_DIR.parent
@@ -69,6 +70,9 @@ class Peer(abc.ABC):
     label: str = ""
     #: Which workloads this peer takes part in (the others are reported as "n/a").
     supports: frozenset = frozenset({BURST, SEQUENTIAL, DISPATCH})
+    #: True when the peer serves from the benchmark's own process (the floors, the Python API): the
+    #: CPU of that process, less the client threads' own, is then its serving CPU.
+    in_process: bool = False
 
     def __init__(self, workdir: Path, python: Optional[str] = None) -> None:
         #: A private directory for this peer's files (logs, databases, sockets).
@@ -137,6 +141,18 @@ class Peer(abc.ABC):
         """Pids of the peer's own long-lived processes (servers, workers; not Redis); their
         descendants are included by :func:`tree_pss`."""
         return []
+
+    # -- where the time goes ------------------------------------------------------------------
+    def cpu_roles(self) -> dict:
+        """CPU seconds so far of the peer's processes by role (``serving``, ``fork server``, ``tasks``,
+        ``redis``), outside the benchmark's own process; by default the server pids serve and
+        everything below them runs tasks. :mod:`bench.peers.accounting` says how each is read."""
+        from . import accounting
+        return accounting.tree_roles(accounting.processes(self.server_pids()))
+
+    def store_writes(self) -> Optional[int]:
+        """Store write transactions so far, for peers that can count them (else None)."""
+        return None
 
     # -- progress ---------------------------------------------------------------------------
     def submit_progress(self, iterations: int, report: bool) -> Any:

@@ -133,3 +133,10 @@ class CeleryPeer(Peer):
     # -- memory ----------------------------------------------------------------------------
     def server_pids(self) -> list[int]:
         return [self.worker.pid] if self.worker is not None else []
+
+    def cpu_roles(self) -> dict:
+        """The worker's main process serves, its pool processes run tasks; Redis besides."""
+        from . import accounting
+        roles = super().cpu_roles()
+        roles["redis"] = sum(map(accounting.own, accounting.processes([self.redis.proc.pid])))
+        return roles

@@ -1,5 +1,11 @@
-"""The two floors: a bare ``multiprocessing`` process per task (what a fresh process costs at
-least), and ``concurrent.futures.ProcessPoolExecutor(2)`` (what a reused worker costs at least).
+"""The floors: a ``multiprocessing`` process per task (what a fresh process costs at least), and
+``concurrent.futures.ProcessPoolExecutor(2)`` (what a reused worker costs at least).
+
+A fork costs more the larger the process being forked (its page tables are copied, and each page
+the child or parent then writes is copied too), so the fork-per-task floor runs twice: from a bare
+parent that imported only the standard library, and from a parent of the size of a serving process,
+with the imports of ``examples/app.py`` (Flask, flask-restful, psutil, this package) and an app
+built. The fresh-process targets are judged against the second, the fair one; the report shows both.
 
 Neither has a queue of its own beyond a thread pool or the executor's, a store, an HTTP layer or a
 way to stop a running task: they are the floors, not products.
@@ -24,6 +30,16 @@ def stamp() -> float:
     return time.time()
 
 
+def _children_cpu() -> dict:
+    """The task processes' CPU: this process's children, alive or reaped."""
+    import psutil
+
+    from . import accounting
+    me = psutil.Process()
+    below = accounting.children(me, recursive=True)
+    return {"tasks": sum(map(accounting.own, below)) + accounting.reaped(me) + sum(map(accounting.reaped, below))}
+
+
 def _child(conn: Any, func: Callable, args: tuple) -> None:
     conn.send(func(*args))
     conn.close()
@@ -34,6 +50,7 @@ class ForkPerTask(Peer):
     back over a ``Pipe``."""
 
     key, label = "mp-fork", "multiprocessing, a forked process per task"
+    in_process = True
 
     def start(self) -> None:
         self.context = multiprocessing.get_context("fork")
@@ -58,6 +75,9 @@ class ForkPerTask(Peer):
             receive.close()
             process.join()
 
+    def cpu_roles(self) -> dict:
+        return _children_cpu()
+
     def submit_add(self, x: int, y: int) -> Future:
         return self.runners.submit(self._run, add, (x, y))
 
@@ -68,10 +88,34 @@ class ForkPerTask(Peer):
         return handle.result(timeout)
 
 
+class ForkPerTaskFair(ForkPerTask):
+    """:class:`ForkPerTask` from a parent the size of a serving process: the imports of
+    ``examples/app.py`` and a Flask app with a flask-restful ``Api``, built before any fork."""
+
+    key, label = "mp-fork-fair", "multiprocessing, a forked process per task, from a Flask-sized parent"
+
+    def start(self) -> None:
+        import flask
+        import flask_restful
+        import psutil  # noqa: F401
+
+        import flask_multiprocess_controller  # noqa: F401
+
+        self.app = flask.Flask(__name__)
+        flask_restful.Api(self.app)
+        super().start()
+
+    def versions(self) -> dict:
+        import flask
+        return {**super().versions(), "flask": flask.__version__,
+                "parent imports": "flask, flask_restful, psutil, flask_multiprocess_controller"}
+
+
 class PoolExecutor(Peer):
     """``ProcessPoolExecutor(max_workers=2)`` with the fork start method, workers reused."""
 
     key, label = "pool", "ProcessPoolExecutor(2), reused workers"
+    in_process = True
 
     def start(self) -> None:
         self.pool: Optional[ProcessPoolExecutor] = ProcessPoolExecutor(
@@ -86,6 +130,9 @@ class PoolExecutor(Peer):
 
     def versions(self) -> dict:
         return {"python": sys.version.split()[0]}
+
+    def cpu_roles(self) -> dict:
+        return _children_cpu()
 
     def submit_add(self, x: int, y: int) -> Future:
         return self.pool.submit(add, x, y)

@@ -21,7 +21,7 @@ import flask_multiprocess_controller
 from flask_multiprocess_controller.states import TERMINAL
 from flask_multiprocess_controller.store.sqlite import SQLiteStore
 
-from . import base
+from . import accounting, base
 from .base import Peer, PeerUnavailable
 from .mpc_tasks import BenchController, make_controller
 
@@ -59,6 +59,24 @@ class _Mpc(Peer):
     def _store_url(self) -> str:
         return f"sqlite:///{self.workdir / 'tasks.sqlite3'}"
 
+    @property
+    def write_log(self) -> Path:
+        """The file :func:`bench.peers.accounting.install_write_counter` counts write transactions in."""
+        return self.workdir / "store-writes.count"
+
+    def store_writes(self) -> Optional[int]:
+        return accounting.writes(self.write_log) if self.count_writes else None
+
+    #: Whether the store's write transactions are counted (a trace callback on every statement, which
+    #: costs a little): off for the measured runs, on for the extra run that counts them.
+    count_writes = False
+
+    def enable_write_count(self) -> None:
+        """Start again with the store's write transactions counted."""
+        self.count_writes = True
+        self.close()
+        self._launch(self.grace)
+
     def versions(self) -> dict:
         import flask
         import psutil
@@ -91,8 +109,16 @@ class _Api(_Mpc):
         self.store: Optional[CountingSQLiteStore] = None
         self.grace = DEFAULT_GRACE
 
+    in_process = True
+
+    def cpu_roles(self) -> dict:
+        import psutil
+        return accounting.mpc_roles([psutil.Process()], include_serving=False)
+
     def _launch(self, grace: float) -> None:
         self.grace = grace
+        if self.count_writes:
+            accounting.install_write_counter(str(self.write_log))
         self.store = CountingSQLiteStore(str(self.workdir / "tasks.sqlite3"))
         self.controller = make_controller(self.store, self.reused, grace)
 
@@ -150,8 +176,12 @@ class ApiReused(_Api):
 class _Http(_Mpc):
     """Over HTTP: POST, then GET ``?wait=`` for the result; DELETE to stop."""
 
-    supports = frozenset({base.BURST, base.SEQUENTIAL, base.DISPATCH, base.STOP_CHECKPOINT, base.STOP_IGNORING,
-                          base.MEMORY})
+    supports = frozenset({base.BURST, base.SEQUENTIAL, base.DISPATCH, base.POST, base.STOP_CHECKPOINT,
+                          base.STOP_IGNORING, base.MEMORY})
+    #: One request per task: ``POST ?wait=`` answers the finished task (else it is waited on by GET).
+    one_request = False
+    #: Seconds a ``POST ?wait=`` may hold (below the server's ``max_wait``, 25 s).
+    POST_WAIT = 20.0
 
     def __init__(self, workdir: Path, python: Optional[str] = None) -> None:
         super().__init__(workdir, python)
@@ -168,7 +198,8 @@ class _Http(_Mpc):
         self.port = base.free_port()
         log = self.workdir / "server.log"
         env = {"BENCH_STORE": self._store_url(), "BENCH_REUSED": "1" if self.reused else "0",
-               "BENCH_STOP_GRACE": str(grace), "PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+               "BENCH_STOP_GRACE": str(grace), "PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+               accounting.WRITE_LOG_ENV: str(self.write_log) if self.count_writes else ""}
         self.server = base.spawn(self.command(), log, env=env)
         base.wait_port(self.port, self.server, log=log)
         self.base_url = f"http://127.0.0.1:{self.port}/tasks"
@@ -180,6 +211,13 @@ class _Http(_Mpc):
     def server_pids(self) -> list[int]:
         return [self.server.pid] if self.server is not None else []
 
+    def serving_processes(self) -> list:
+        """The processes that serve requests (the dev server; gunicorn's master and workers)."""
+        return accounting.processes(self.server_pids())
+
+    def cpu_roles(self) -> dict:
+        return accounting.mpc_roles(self.serving_processes())
+
     @property
     def http(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -187,8 +225,14 @@ class _Http(_Mpc):
             session = self._local.session = requests.Session()
         return session
 
-    def _post(self, **args: Any) -> str:
-        response = self.http.post(self.base_url, json=args, timeout=base.WAIT_TIMEOUT)
+    def _post(self, **args: Any) -> Any:
+        if self.one_request:
+            response = self.http.post(self.base_url, json=args, params={"wait": f"{self.POST_WAIT:g}"},
+                                      timeout=self.POST_WAIT + 10)
+            if response.status_code == 200:
+                return response.json()  # the finished task: its handle is the task itself
+        else:
+            response = self.http.post(self.base_url, json=args, timeout=base.WAIT_TIMEOUT)
         if response.status_code != 202:
             raise TaskFailed(f"POST answered {response.status_code}: {response.text[:300]}")
         return response.json()["uuid"]
@@ -215,7 +259,9 @@ class _Http(_Mpc):
     def get_status(self, handle: str) -> dict:
         return self._get(handle)
 
-    def result(self, handle: str, timeout: float = base.WAIT_TIMEOUT) -> Any:
+    def result(self, handle: Any, timeout: float = base.WAIT_TIMEOUT) -> Any:
+        if isinstance(handle, dict):  # one_request: the POST answered the finished task
+            return _value(handle)
         return _value(self._wait(handle, timeout))
 
     def _wait(self, handle: str, timeout: float) -> dict:
@@ -265,10 +311,15 @@ class _DevServer(_Http):
 class _Gunicorn(_Http):
     supports = _Http.supports | {base.STORED}
 
+    app = "bench.peers.mpc_app:app"
+
     def command(self) -> list[str]:
         return [self.python, "-m", "gunicorn", "--workers", "2", "--worker-class", "gthread", "--threads", "8",
-                "--bind", f"127.0.0.1:{self.port}", "--timeout", "120", "--graceful-timeout", "15",
-                "bench.peers.mpc_app:app"]
+                "--bind", f"127.0.0.1:{self.port}", "--timeout", "120", "--graceful-timeout", "15", self.app]
+
+    def serving_processes(self) -> list:
+        masters = accounting.processes(self.server_pids())
+        return masters + [w for m in masters for w in accounting.children(m)]
 
     def versions(self) -> dict:
         import gunicorn
@@ -291,6 +342,112 @@ class GunicornFresh(_Gunicorn):
 class GunicornReused(_Gunicorn):
     key, label = "mpc-gunicorn-reused", "this project, HTTP (gunicorn -w 2), reused workers"
     reused = True
+
+
+class DevServerReusedWait(DevServerReused):
+    key, label = "mpc-dev-reused-wait", "this project, HTTP (dev server), reused workers, one POST ?wait= per task"
+    one_request = True
+    supports = frozenset({base.BURST, base.SEQUENTIAL})
+
+
+class GunicornReusedWait(GunicornReused):
+    key, label = "mpc-gunicorn-reused-wait", "this project, HTTP (gunicorn -w 2), reused workers, one POST ?wait= per task"
+    one_request = True
+    supports = frozenset({base.BURST, base.SEQUENTIAL})
+
+
+class NoBatchApi(PeerUnavailable):
+    """The server answered a bulk POST without a ``batch`` id."""
+
+
+class _Batch:
+    """The batch path: the whole burst in one bulk POST (a JSON array of the tasks' arguments), then
+    ``GET /tasks?batch=<id>&wait=S`` until every task of the batch has ended (one request, unless a
+    wait runs out first)."""
+
+    supports = frozenset({base.BURST})
+
+    def run_batch(self, items: list[dict], timeout: float = base.WAIT_TIMEOUT) -> list[Any]:
+        response = self.http.post(self.base_url, json=items, timeout=base.WAIT_TIMEOUT)
+        if response.status_code != 202:
+            raise TaskFailed(f"bulk POST answered {response.status_code}: {response.text[:300]}")
+        body = response.json()
+        if not isinstance(body, dict) or "batch" not in body:
+            raise NoBatchApi("n/a (no batch API): the bulk POST answered no batch id")
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, min(self.POST_WAIT, deadline - time.monotonic()))
+            answer = self.http.get(self.base_url, params={"batch": body["batch"], "wait": f"{wait:g}"},
+                                   timeout=wait + 10)
+            if answer.status_code not in (200, 202):
+                raise TaskFailed(f"GET ?batch= answered {answer.status_code}: {answer.text[:300]}")
+            state = answer.json()
+            if answer.status_code == 200 and state.get("ended") == state.get("total"):
+                break
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"batch {body['batch']}: {state.get('ended')} of {state.get('total')} "
+                                   f"ended after {timeout} s")
+        tasks = state.get("tasks") or []
+        by_uuid = {t["uuid"]: t for t in tasks if isinstance(t, dict)}
+        order = [t["uuid"] if isinstance(t, dict) else t for t in body["tasks"]]
+        # The answer is expected to carry each task; should it list only uuids, each is read once.
+        return [_value(by_uuid[u] if u in by_uuid else self._get(u)) for u in order]
+
+
+class DevServerBatch(_Batch, DevServerReused):
+    key, label = "mpc-dev-batch", "this project, HTTP (dev server), reused workers, one bulk POST + batch wait"
+
+
+class GunicornBatch(_Batch, GunicornReused):
+    key, label = "mpc-gunicorn-batch", "this project, HTTP (gunicorn -w 2), reused workers, one bulk POST + batch wait"
+
+
+class _Floor:
+    """The HTTP floor: this stack and client with a handler that does no work
+    (:mod:`bench.peers.http_floor_app`); the same requests per task as the row it is the floor of."""
+
+    supports = frozenset({base.BURST, base.SEQUENTIAL, base.DISPATCH, base.POST, base.MEMORY})
+
+    def prepare(self, workload: str) -> None:
+        pass
+
+    #: Nothing to count: the floor has no store (so no extra run either).
+    enable_write_count = None
+
+    def cpu_roles(self) -> dict:
+        return {"serving": sum(map(accounting.own, self.serving_processes()))}
+
+
+class DevServerFloor(_Floor, DevServerReused):
+    key, label = "http-floor-dev", "HTTP floor: Flask + flask-restful, no-op handler (dev server), POST + GET"
+
+    def command(self) -> list[str]:
+        return [self.python, str(base.BENCH_DIR / "peers" / "http_floor_app.py")]
+
+    def versions(self) -> dict:
+        from importlib.metadata import version
+        return {"flask": version("flask"), "flask-restful": version("flask-restful")}
+
+
+class DevServerFloorWait(DevServerFloor):
+    key, label = "http-floor-dev-wait", "HTTP floor: no-op handler (dev server), one POST ?wait= per task"
+    one_request = True
+    supports = frozenset({base.BURST, base.SEQUENTIAL})
+
+
+class GunicornFloor(_Floor, GunicornReused):
+    key, label = "http-floor-gunicorn", "HTTP floor: Flask + flask-restful, no-op handler (gunicorn -w 2), POST + GET"
+    app = "bench.peers.http_floor_app:app"
+
+    def versions(self) -> dict:
+        from importlib.metadata import version
+        return {"flask": version("flask"), "flask-restful": version("flask-restful"), "gunicorn": version("gunicorn")}
+
+
+class GunicornFloorWait(GunicornFloor):
+    key, label = "http-floor-gunicorn-wait", "HTTP floor: no-op handler (gunicorn -w 2), one POST ?wait= per task"
+    one_request = True
+    supports = frozenset({base.BURST, base.SEQUENTIAL})
 
 
 __all__ = ["ApiFresh", "ApiReused", "DevServerFresh", "DevServerReused", "GunicornFresh", "GunicornReused",

@@ -12,9 +12,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from flask import Flask  # noqa: E402
 from flask_restful import Api  # noqa: E402
 
+from bench.peers.accounting import install_write_counter  # noqa: E402
 from bench.peers.mpc_tasks import from_environment  # noqa: E402
 from flask_multiprocess_controller import MetaMPResource  # noqa: E402
 
+install_write_counter()  # with BENCH_WRITE_LOG set: count the store's write transactions (before any fork)
 controller = from_environment()
 app = Flask(__name__)
 Api(app).add_resource(MetaMPResource, "/tasks", "/tasks/<string:uuid>", resource_class_args=(controller,))

@@ -165,3 +165,10 @@ class RQPeer(Peer):
     # -- memory ----------------------------------------------------------------------------
     def server_pids(self) -> list[int]:
         return [proc.pid for proc in self.workers]
+
+    def cpu_roles(self) -> dict:
+        """Each worker serves (it dequeues), the work horse it forks per job runs the task; Redis besides."""
+        from . import accounting
+        roles = super().cpu_roles()
+        roles["redis"] = sum(map(accounting.own, accounting.processes([self.redis_server.proc.pid])))
+        return roles
