@@ -468,6 +468,20 @@ class TaskStore(abc.ABC):
         """Return how many of the controller's tasks are in each status (absent = 0)."""
 
     @abc.abstractmethod
+    def ended_counts(self, controller: str, since: float, step: float = 60.0,
+                     tenant: Any = ANY_TENANT) -> dict[tuple[int, str], int]:
+        """Count the controller's tasks that ended at or after ``since``, per time slot and terminal status.
+
+        The slot of a task is ``int((ended_at - since) // step)``; the answer maps
+        ``(slot, status)`` to a count (absent = 0). Reads the store's index of ended tasks
+        (the one purges use), so the cost follows the tasks in the window, not the table.
+
+        :param tenant: only the tasks stamped with this tenant; every tenant's by default.
+
+        .. versionadded:: 0.3
+        """
+
+    @abc.abstractmethod
     def position(self, row: Row) -> Optional[int]:
         """Return the 1-based place of a queued task in its controller's queue, else None.
 
