@@ -11,7 +11,6 @@
   const PAGE = 100;                 // tasks per page of the list
   const LOG_LINES = 500;            // log lines kept on a task page
   const DISCONNECTED_AFTER = 1500;  // ms an event stream error lasts before the page says so
-  const TERMINAL = ["succeeded", "failed", "stopped", "timed_out", "lost"];
   const ACTIVE = ["queued", "running", "paused", "stopping"];
   const KINDS = ["queued", "started", "progress", "stopping", "paused", "resumed", "requeued", "ended"];
   const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -137,7 +136,7 @@
   const connection = {
     source: null,
     down: false,       // the page says "disconnected"
-    lost: false,       // an error happened since the last open
+    opens: 0,          // streams opened so far
     timer: null,
 
     start() {
@@ -151,17 +150,22 @@
 
     opened() {
       clearTimeout(this.timer);
-      const wasLost = this.lost;
-      this.lost = false;
+      this.timer = null;
+      const first = !this.opens++;
+      const wasDown = this.down;
       this.setDown(false);
-      if (wasLost) refresh();  // whatever happened while we were away
+      // The list was read before the stream was open, so events between the two were missed: read it
+      // again now. After a short drop the browser resumes with Last-Event-ID and the server replays
+      // what was missed; after a disconnection that showed, read everything again anyway.
+      if (first || wasDown) refresh();
     },
 
     failed() {
-      this.lost = true;
-      clearTimeout(this.timer);
       // A stream ending after its maximum wait reconnects at once: only a lasting error is shown.
-      this.timer = setTimeout(() => this.setDown(true), DISCONNECTED_AFTER);
+      // Retries fail again every second while the server is away: the first failure starts the clock.
+      if (this.timer === null && !this.down) {
+        this.timer = setTimeout(() => { this.timer = null; this.setDown(true); }, DISCONNECTED_AFTER);
+      }
       if (this.source.readyState === EventSource.CLOSED) {
         // The server answered but not with a stream (a proxy's error page, a restart in progress):
         // EventSource gives up, we do not.

@@ -1,0 +1,53 @@
+"""``examples/app.py`` served on 127.0.0.1:$PORT for the dashboard's browser tests, with one more controller.
+
+The example is loaded as it is. The ``echo`` controller added here runs a task that publishes the
+text it is given as its progress, logs it, waits until the file ``gate`` exists (checking for stop
+requests) and fails with that text when asked: what a hostile client or task may write, for the
+tests that check the page shows it as text.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "app.py"
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("app", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["app"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Echo(MetaMPTask):
+    """Publish ``text`` as progress and in the log; wait for ``gate``; fail with ``text`` if ``fail``."""
+
+    def execute(self, text: str = "", gate: str = "", fail: bool = False) -> str:
+        self.upload_status(text)
+        self.logger.info("echo %s", text)
+        while gate and not os.path.exists(gate):
+            self.checkpoint()
+            time.sleep(0.02)
+        if fail:
+            raise ValueError(text)
+        return text
+
+
+class EchoController(MetaMPController, controller_name="echo"):
+    pass
+
+
+example = _load_example()
+echo = EchoController(Echo, max_num_process=2, stop_grace=1)
+app = example.app
+example.api.add_resource(MetaMPResource, "/echo", "/echo/<string:uuid>", endpoint="echo", resource_class_args=(echo,))
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=int(os.environ["PORT"]), threaded=True)
