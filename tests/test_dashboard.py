@@ -324,3 +324,18 @@ def test_a_wheel_installed_in_a_fresh_venv_serves_the_dashboard(tmp_path, pool):
         assert answer.headers["Content-Type"].split(";")[0] == mimetype, url
     assert (STATIC / "dashboard.js").read_bytes() == requests.get(server.base + "/mpc/dashboard.js", timeout=10).content
     assert server.stop() == []
+
+
+@pytest.mark.timeout(30)
+def test_the_openapi_document_describes_the_extension_task_api(controllers):
+    from openapi_spec_validator import validate
+
+    app = make_app(controllers(Gate), config={"MPC_URL_PREFIX": "/ops"})
+    document = app.test_client().get("/ops/openapi.json").get_json()
+    validate(document)
+    paths = document["paths"]
+    assert set(paths["/ops/api/tasks"]) == {"get", "delete"}
+    assert {"get", "delete", "patch"} <= set(paths["/ops/api/tasks/{uuid}"])
+    assert set(paths["/ops/api/tasks"]["delete"]["responses"]) == {"202", "400", "503"}
+    assert set(paths["/ops/api/tasks/{uuid}"]["patch"]["responses"]) == {"200", "400", "404", "409", "503"}
+    assert "get" in paths["/ops/api/stats"]
