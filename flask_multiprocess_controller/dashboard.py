@@ -56,7 +56,7 @@ def add_dashboard(blueprint: Blueprint, extension: "MultiprocessController", wra
 
 
 def _package_file(name: str) -> bytes:
-    return resources.files(__package__).joinpath("static", name).read_bytes()
+    return resources.files(__package__).joinpath("static").joinpath(name).read_bytes()
 
 
 def _secured(response: Response) -> Response:

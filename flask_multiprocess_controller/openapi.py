@@ -400,7 +400,8 @@ def extension_paths(prefix: str) -> dict[str, Any]:
     """
     controller = {"name": "controller", "in": "query", "schema": {"type": "string"},
                   "description": "Only this controller's tasks (its name)."}
-    item = {"parameters": [{"name": "uuid", "in": "path", "required": True, "schema": {"type": "string"}}]}
+    item: dict[str, Any] = {"parameters": [{"name": "uuid", "in": "path", "required": True,
+                                            "schema": {"type": "string"}}]}
     get_item = {"summary": "Any controller's task", "responses": {
         "200": _task_response("The task object.", _ref(_SCHEMAS, "Task")),
         **_errors("BadRequest", "NotFound", "Unavailable")}}
@@ -432,7 +433,7 @@ def extension_paths(prefix: str) -> dict[str, Any]:
                      "minutes": {"type": "integer"},
                      "counts": {"type": "object", "additionalProperties": counts}}}),
                  **_errors("BadRequest", "Unavailable")}}
-    operations = {f"{prefix}/api/tasks": {"get": listing, "delete": stop_all},
+    operations: dict[str, dict[str, Any]] = {f"{prefix}/api/tasks": {"get": listing, "delete": stop_all},
                   f"{prefix}/api/tasks/{{uuid}}": item, f"{prefix}/api/stats": {"get": stats}}
     for path, entry in operations.items():
         for method, operation in entry.items():

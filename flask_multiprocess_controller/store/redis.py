@@ -861,7 +861,8 @@ class RedisStore(TaskStore):
     @_guarded
     def ended_counts(self, controller: str, since: float, step: float = 60.0,
                      tenant: Any = ANY_TENANT) -> dict[tuple[int, str], int]:
-        ended = self._redis.zrangebyscore(self._c(controller, "ended"), repr(float(since)), "+inf", withscores=True)
+        ended: list[tuple[Any, float]] = list(self._redis.zrangebyscore(  # type: ignore[arg-type]
+            self._c(controller, "ended"), repr(float(since)), "+inf", withscores=True))
         found: dict[tuple[int, str], int] = {}
         for start in range(0, len(ended), _STATS_BATCH):
             batch = ended[start:start + _STATS_BATCH]
