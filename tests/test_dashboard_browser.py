@@ -103,12 +103,16 @@ def test_the_list_shows_controllers_and_a_progress_bar_that_advances(page: Any, 
     assert page.locator("#chart rect.fill-succeeded").count() >= 1, "the chart counts the task that ended"
 
 
-def test_stop_on_the_task_page_ends_the_task_stopped(page: Any, server: Server, tmp_path: Path) -> None:
+def test_pause_resume_and_stop_on_the_task_page(page: Any, server: Server, tmp_path: Path) -> None:
     uuid = submit(server, "/echo", text="waiting", gate=str(tmp_path / "never"))
     page.goto(server.base + f"/mpc/#/tasks/{uuid}")
     page.wait_for_selector("#task-status.status-running")
     page.wait_for_selector("#task-log:has-text('echo waiting')")
     assert page.inner_text("#task-uuid") == uuid
+    page.click("#task-actions button.pause")
+    page.wait_for_selector("#task-status.status-paused")
+    page.click("#task-actions button.resume")
+    page.wait_for_selector("#task-status.status-running")
     page.click("#task-actions button.stop")  # the confirmation is accepted by the page fixture
     page.wait_for_selector("#task-status.status-stopped")
     assert requests.get(f"{server.base}/mpc/api/tasks/{uuid}", timeout=10).json()["status"] == "stopped"
@@ -152,3 +156,30 @@ def test_the_page_recovers_after_the_server_restarts(page: Any, pool: ServerPool
     after = submit(second, "/echo", text="after")
     page.wait_for_selector(f'{row(after)}[data-status="succeeded"]')
     assert page.locator(row(before)).count() == 1, "the list was re-read, not duplicated"
+
+
+def test_pages_past_a_hundred_search_and_stop_all(page: Any, server: Server, tmp_path: Path) -> None:
+    gate = str(tmp_path / "never")
+    answer = requests.post(server.base + "/echo", json=[{"text": str(n), "gate": gate} for n in range(105)],
+                           timeout=30)
+    assert answer.status_code == 202, answer.text
+    uuids = [task["uuid"] for task in answer.json()["tasks"]]
+    page.goto(server.base + "/mpc/")
+    page.wait_for_selector(row(uuids[-1]))
+    assert page.locator("#task-rows tr").count() == 100, "newest first, 100 at a time"
+    assert page.locator(row(uuids[0])).count() == 0
+    page.click("#older")
+    page.wait_for_selector(row(uuids[0]))
+    assert page.locator("#task-rows tr").count() == 105
+    assert page.locator("#older").is_hidden()
+    page.fill("#search", uuids[7][:6])
+    assert page.locator(row(uuids[7])).is_visible()
+    assert page.locator("#task-rows tr:visible").count() == sum(u.startswith(uuids[7][:6]) for u in uuids)
+    page.fill("#search", uuids[7])
+    page.wait_for_selector("#task-view:visible")
+    assert page.inner_text("#task-uuid") == uuids[7]
+    page.click("text=← all tasks")
+    page.fill("#search", "")
+    page.click('#controllers [data-controller="echo"] button.danger')  # confirmed by the page fixture
+    page.wait_for_selector(f'{row(uuids[-1])}[data-status="stopped"]')
+    page.wait_for_function("() => !document.querySelector('#task-rows tr:not([data-status=\"stopped\"])')")

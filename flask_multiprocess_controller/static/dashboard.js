@@ -348,9 +348,10 @@
     clear(cells[3]).appendChild(progressBar(task));
     cells[4].textContent = show(task.progress).slice(0, 200);
     cells[4].className = "latest";
-    clear(cells[5]).appendChild(timeCell(task.created_at));
-    clear(cells[6]).appendChild(timeCell(task.started_at));
-    clear(cells[7]).appendChild(timeCell(task.ended_at));
+    for (const [i, iso] of [[5, task.created_at], [6, task.started_at], [7, task.ended_at]]) {
+      clear(cells[i]);
+      if (iso) cells[i].appendChild(timeCell(iso));
+    }
     cells[8].textContent = duration(task);
   }
 
