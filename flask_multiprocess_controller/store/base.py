@@ -19,6 +19,8 @@ Version 3 adds the task policies: retries that wait out of the ready queue until
 ``retry_at`` (:meth:`TaskStore.retry`), pause and resume (:meth:`TaskStore.pause`), moving a
 queued task (:meth:`TaskStore.reprioritise`), stopping everything (:meth:`TaskStore.stop_all`),
 leases (:meth:`TaskStore.acquire_lease`) and the state of schedules (:meth:`TaskStore.fire`).
+
+The dashboard's chart reads :meth:`TaskStore.ended_counts`: ended tasks per time slot and status.
 """
 from __future__ import annotations
 
