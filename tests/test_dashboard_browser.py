@@ -64,11 +64,10 @@ def save_screenshot(page: Any, path: Path) -> None:
     path.write_bytes(page.screenshot())
 
 
-def start(pool: ServerPool, tmp_path: Path, port: int) -> Server:
+def start(pool: ServerPool, tmp_path: Path, port: int, **env: str) -> Server:
     return pool.start(python(str(APP)), cwd=tmp_path, port=port, log_path=tmp_path / "server.log",
                       ready_path="/mpc/health",
-                      env={"PORT": str(port), "MPC_STORE_URL": f"sqlite:///{tmp_path}/tasks.sqlite3",
-                           "MPC_MAX_WAIT": "5"})
+                      env={"PORT": str(port), "MPC_STORE_URL": f"sqlite:///{tmp_path}/tasks.sqlite3", **env})
 
 
 @pytest.fixture
@@ -100,7 +99,7 @@ def test_the_list_shows_controllers_and_a_progress_bar_that_advances(page: Any, 
     page.wait_for_selector(f"{row(uuid)} td.latest:has-text('checked_below')")
     page.wait_for_selector(f'{row(uuid)}[data-status="succeeded"]')
     assert page.locator(f"{row(uuid)} progress").evaluate("bar => bar.value") == 100
-    assert page.locator("#chart rect.fill-succeeded").count() >= 1, "the chart counts the task that ended"
+    page.wait_for_selector("#chart rect.fill-succeeded")  # the chart counts the task that ended
 
 
 def test_pause_resume_and_stop_on_the_task_page(page: Any, server: Server, tmp_path: Path) -> None:
@@ -183,3 +182,30 @@ def test_pages_past_a_hundred_search_and_stop_all(page: Any, server: Server, tmp
     page.click('#controllers [data-controller="echo"] button.danger')  # confirmed by the page fixture
     page.wait_for_selector(f'{row(uuids[-1])}[data-status="stopped"]')
     page.wait_for_function("() => !document.querySelector('#task-rows tr:not([data-status=\"stopped\"])')")
+
+
+def test_the_traceback_is_shown_when_the_controller_exposes_it(page: Any, pool: ServerPool, tmp_path: Path) -> None:
+    server = start(pool, tmp_path, free_port(), ECHO_TRACEBACKS="1")
+    failed = submit(server, "/echo", text="boom", fail=True)
+    page.goto(server.base + f"/mpc/#/tasks/{failed}")
+    page.wait_for_selector("#task-status.status-failed")
+    assert page.inner_text("#task-error") == "ValueError: boom"
+    assert "Traceback (most recent call last)" in page.inner_text("#task-traceback")
+    assert "raise ValueError(text)" in page.inner_text("#task-traceback")
+    assert page.locator("#task-traceback-note").is_hidden()
+
+
+def test_a_stream_that_ends_normally_reconnects_without_showing_disconnected(page: Any, pool: ServerPool,
+                                                                             tmp_path: Path) -> None:
+    server = start(pool, tmp_path, free_port(), STREAM_SECONDS="1")
+    page.goto(server.base + "/mpc/")
+    page.wait_for_selector("#connection.up")
+    # Every class the badge takes from now on (set again on each open of the stream).
+    page.evaluate("""() => {
+        window.badges = [];
+        new MutationObserver(() => window.badges.push(document.getElementById('connection').className))
+            .observe(document.getElementById('connection'), {attributes: true});
+    }""")
+    page.wait_for_function("() => window.badges.length >= 2")  # two more streams opened after ending
+    assert set(page.evaluate("window.badges")) == {"connection up"}
+    assert server.log().count("GET /mpc/events") >= 3

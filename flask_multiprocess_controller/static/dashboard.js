@@ -12,6 +12,7 @@
   const LOG_LINES = 500;            // log lines kept on a task page
   const DISCONNECTED_AFTER = 1500;  // ms an event stream error lasts before the page says so
   const ACTIVE = ["queued", "running", "paused", "stopping"];
+  const TERMINAL = ["succeeded", "failed", "stopped", "timed_out", "lost"];
   const KINDS = ["queued", "started", "progress", "stopping", "paused", "resumed", "requeued", "ended"];
   const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
   const PREFIX = /^[0-9a-f-]{4,}$/i;
@@ -23,6 +24,7 @@
     next: null,         // cursor of the next (older) page
     stats: null,        // the chart's counts
     current: null,      // uuid of the task page shown, or null
+    shown: null,        // the task object the task page shows
     log: null,          // EventSource of the task page's log
     logAfter: 0,
     healthTimer: null,
@@ -183,18 +185,27 @@
     },
   };
 
+  // An answer and an event about one task may arrive in either order (a DELETE's "stopping" after the
+  // event of its end): an ended task never goes back to an earlier state.
+  function stale(shown, task) {
+    return Boolean(shown) && TERMINAL.includes(shown.status) && !TERMINAL.includes(task.status);
+  }
+
+  function showTask(task) {
+    if (state.rows.has(task.uuid) && !stale(state.tasks.get(task.uuid), task)) {
+      state.tasks.set(task.uuid, task);
+      fillRow(state.rows.get(task.uuid), task);
+    }
+    if (state.current === task.uuid && !stale(state.shown, task)) renderTask(task);
+  }
+
   function onTaskEvent(kind, event) {
     let task;
     try { task = JSON.parse(event.data); } catch (e) { return; }
     if (!task || typeof task.uuid !== "string") return;
-    if (state.tasks.has(task.uuid)) {
-      state.tasks.set(task.uuid, task);
-      fillRow(state.rows.get(task.uuid), task);
-    } else if (kind === "queued" && matchesFilters(task)) {
-      addRow(task, true);
-    }
-    if (state.current === task.uuid) renderTask(task);
-    if (kind === "ended") countEnded(task);
+    if (!state.tasks.has(task.uuid) && kind === "queued" && matchesFilters(task)) addRow(task, true);
+    showTask(task);
+    if (kind === "ended") soon("statsTimer", loadStats, 1000);  // at most one read of the counts a second
     soon("healthTimer", loadHealth, 500);
   }
 
@@ -388,18 +399,6 @@
     drawChart();
   }
 
-  function countEnded(task) {
-    const stats = state.stats;
-    if (!stats || !task.ended_at || !OUTCOMES.includes(task.status)) return;
-    const controller = $("filter-controller").value;
-    if (controller && task.controller !== controller) return;
-    const slot = Math.floor((Date.parse(task.ended_at) - Date.parse(stats.since)) / (stats.step * 1000));
-    if (slot >= stats.minutes) { soon("statsTimer", loadStats, 200); return; }  // a new minute: shift the window
-    if (slot < 0) return;
-    stats.counts[task.status][slot] += 1;
-    drawChart();
-  }
-
   function svg(tag, attributes) {
     const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
     for (const [key, value] of Object.entries(attributes || {})) node.setAttribute(key, String(value));
@@ -493,7 +492,7 @@
       return;
     }
     if (state.current !== uuid) return;
-    renderTask(task);
+    if (!stale(state.shown, task)) renderTask(task);
   }
 
   function followLog(uuid) {
@@ -539,6 +538,7 @@
   }
 
   function renderTask(task) {
+    state.shown = task;
     $("task-uuid").textContent = task.uuid;
     const badge = $("task-status");
     badge.textContent = task.status.replace("_", " ");
@@ -636,8 +636,7 @@
     try {
       const task = await api("api/tasks/" + encodeURIComponent(uuid), options);
       banner("");
-      if (state.current === uuid) renderTask(task);
-      if (state.rows.has(uuid)) { state.tasks.set(uuid, task); fillRow(state.rows.get(uuid), task); }
+      showTask(task);
     } catch (e) { banner(e.message); }
   }
 
@@ -648,7 +647,7 @@
     const uuid = match ? match[1].toLowerCase() : null;
     $("list-view").hidden = Boolean(uuid);
     $("task-view").hidden = !uuid;
-    if (uuid !== state.current) closeLog();
+    if (uuid !== state.current) { closeLog(); state.shown = null; }
     state.current = uuid;
     if (uuid) {
       clear($("task-fields"));
