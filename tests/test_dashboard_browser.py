@@ -209,3 +209,20 @@ def test_a_stream_that_ends_normally_reconnects_without_showing_disconnected(pag
     page.wait_for_function("() => window.badges.length >= 2")  # two more streams opened after ending
     assert set(page.evaluate("window.badges")) == {"connection up"}
     assert server.log().count("GET /mpc/events") >= 3
+
+
+def test_retry_history_and_schedules(page: Any, server: Server) -> None:
+    uuid = submit(server, "/flaky", why="<b>network down</b>")
+    page.goto(server.base + f"/mpc/#/tasks/{uuid}")
+    page.wait_for_selector("#task-status.status-failed")
+    task = requests.get(f"{server.base}/mpc/api/tasks/{uuid}", timeout=10).json()
+    assert len(task["errors"]) == 2, task
+    assert page.locator("#task-retries li").count() == 2
+    assert page.locator("#task-retries li").all_inner_texts() == \
+        [f"attempt {e['attempt']}: ConnectionError: <b>network down</b>" if "attempt" in e
+         else "ConnectionError: <b>network down</b>" for e in task["errors"]]
+    assert page.inner_text("#task-fields div:has(dt:text-is('Attempt')) dd") == str(task["attempt"])
+    page.click("text=← all tasks")
+    page.wait_for_selector("#schedule-rows tr")
+    assert page.locator("#schedule-rows tr").first.locator("td").all_inner_texts()[:4] == \
+        ["nightly", "flaky", "every 86400 s", "active"]
