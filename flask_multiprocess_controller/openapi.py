@@ -419,7 +419,7 @@ def extension_paths(prefix: str) -> dict[str, Any]:
                 "parameters": [{**controller, "required": True, "description": "The controller's name."},
                                {"name": "all", "in": "query", "required": True, "schema": {"enum": ["true", "1"]},
                                 "description": "Must be `true`: a DELETE of the list stops every task."}],
-                "responses": {"202": _task_response("How many queued tasks were stopped and running ones asked to stop.", {
+                "responses": {"202": _task_response("Queued tasks stopped, and running ones asked to stop.", {
                     "type": "object", "required": ["stopped", "stopping"], "properties": {
                         "stopped": {"type": "integer", "minimum": 0}, "stopping": {"type": "integer", "minimum": 0}}}),
                     **_errors("BadRequest", "Unavailable")}}
