@@ -43,12 +43,14 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
-    """A fresh page in its own context; any script error it reports fails the test."""
+    """A fresh page in its own context; any script error or Content-Security-Policy violation fails the test."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     opened = context.new_page()
     opened.set_default_timeout(SHOWN)
     errors: list[str] = []
     opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    opened.on("console", lambda message: errors.append(message.text)
+              if "Content Security Policy" in message.text else None)
     opened.on("dialog", lambda dialog: dialog.accept())
     yield opened
     try:
