@@ -159,7 +159,7 @@ def test_the_page_recovers_after_the_server_restarts(page: Any, pool: ServerPool
     assert page.locator(row(before)).count() == 1, "the list was re-read, not duplicated"
 
 
-def test_pages_past_a_hundred_search_and_stop_all(page: Any, server: Server, tmp_path: Path) -> None:
+def test_pages_past_a_hundred_search_reprioritise_and_stop_all(page: Any, server: Server, tmp_path: Path) -> None:
     gate = str(tmp_path / "never")
     answer = requests.post(server.base + "/echo", json=[{"text": str(n), "gate": gate} for n in range(105)],
                            timeout=30)
@@ -179,6 +179,11 @@ def test_pages_past_a_hundred_search_and_stop_all(page: Any, server: Server, tmp
     page.fill("#search", uuids[7])
     page.wait_for_selector("#task-view:visible")
     assert page.inner_text("#task-uuid") == uuids[7]
+    page.wait_for_selector("#task-status.status-queued")
+    page.fill("#task-actions input.priority", "-5")
+    page.click("#task-actions button.reprioritise")
+    page.wait_for_selector("#task-fields div:has(dt:text-is('Priority')) dd:text-is('-5')")
+    assert page.inner_text("#task-fields div:has(dt:text-is('Position')) dd") == "1", "first in the queue now"
     page.click("text=← all tasks")
     page.fill("#search", "")
     page.click('#controllers [data-controller="echo"] button.danger')  # confirmed by the page fixture
