@@ -11,7 +11,6 @@
   const PAGE = 100;                 // tasks per page of the list
   const LOG_LINES = 500;            // log lines kept on a task page
   const DISCONNECTED_AFTER = 1500;  // ms an event stream error lasts before the page says so
-  const ACTIVE = ["queued", "running", "paused", "stopping"];
   const TERMINAL = ["succeeded", "failed", "stopped", "timed_out", "lost"];
   const KINDS = ["queued", "started", "progress", "stopping", "paused", "resumed", "requeued", "ended"];
   const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -25,6 +24,9 @@
     stats: null,        // the chart's counts
     current: null,      // uuid of the task page shown, or null
     shown: null,        // the task object the task page shows
+    readings: 0,        // reads of the list's first page started so far
+    reading: false,     // one is on its way
+    missed: [],         // [kind, task] of the events received meanwhile
     log: null,          // EventSource of the task page's log
     logAfter: 0,
     healthTimer: null,
@@ -117,6 +119,9 @@
   }
 
   function progressBar(task) {
+    if (typeof task.percent !== "number" && TERMINAL.includes(task.status) && task.status !== "succeeded") {
+      return el("span", "—", "muted");  // it ended without saying how far it got
+    }
     const bar = document.createElement("progress");
     bar.max = 100;
     if (typeof task.percent === "number") {
@@ -125,9 +130,9 @@
       bar.title = task.percent.toFixed(1) + " %";
     } else if (task.status === "succeeded") {
       bar.value = 100;
-    } else if (!ACTIVE.includes(task.status) || task.status === "queued") {
+    } else if (task.status === "queued") {
       bar.value = 0;
-    }
+    }  // else running without a percent: an indeterminate bar
     bar.setAttribute("aria-label", "progress of task " + task.uuid);
     bar.className = "bar status-" + task.status;
     return bar;
@@ -196,17 +201,24 @@
       state.tasks.set(task.uuid, task);
       fillRow(state.rows.get(task.uuid), task);
     }
-    if (state.current === task.uuid && !stale(state.shown, task)) renderTask(task);
+    if (state.current !== task.uuid || stale(state.shown, task)) return;
+    // Events carry no queue position (it moves with every other task): read it with the task.
+    if (task.status === "queued" && task.position === null) openTask(task.uuid); else renderTask(task);
   }
 
   function onTaskEvent(kind, event) {
     let task;
     try { task = JSON.parse(event.data); } catch (e) { return; }
     if (!task || typeof task.uuid !== "string") return;
-    if (!state.tasks.has(task.uuid) && kind === "queued" && matchesFilters(task)) addRow(task, true);
-    showTask(task);
+    if (state.reading) state.missed.push([kind, task]);  // applied again once the list read lands
+    applyEvent(kind, task);
     if (kind === "ended") soon("statsTimer", loadStats, 1000);  // at most one read of the counts a second
     soon("healthTimer", loadHealth, 500);
+  }
+
+  function applyEvent(kind, task) {
+    if (!state.tasks.has(task.uuid) && kind === "queued" && matchesFilters(task)) addRow(task, true);
+    showTask(task);
   }
 
   function onPurged(event) {
@@ -312,16 +324,30 @@
   }
 
   async function loadTasks(older) {
+    // Events that arrive while the first page is read may be newer than what it answers: they are
+    // kept and applied again on top of it. Only the latest of overlapping reads is shown.
+    const reading = older ? null : ++state.readings;
+    if (reading) { state.reading = true; state.missed = []; }
     let page;
     try {
       page = await api(listQuery(older ? state.next : null));
-    } catch (e) { banner(e.message); return; }
-    if (!older) {
+    } catch (e) {
+      if (reading === state.readings) state.reading = false;
+      banner(e.message);
+      return;
+    }
+    if (reading !== null && reading !== state.readings) return;
+    if (reading) {
       clear($("task-rows"));
       state.tasks.clear();
       state.rows.clear();
     }
     for (const task of page.tasks) addRow(task, false);
+    if (reading) {
+      state.reading = false;
+      for (const [kind, task] of state.missed) applyEvent(kind, task);
+      state.missed = [];
+    }
     state.next = page.next;
     $("older").hidden = page.next === null || page.next === undefined;
     applySearch();
