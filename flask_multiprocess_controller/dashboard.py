@@ -93,7 +93,8 @@ def _stats(extension: "MultiprocessController") -> Callable[[], ResponseReturnVa
             for (slot, status), n in found.items():
                 if 0 <= slot < minutes and status in counts:
                     counts[status][slot] += n
-        return jsonify({"since": iso(since), "step": int(_STEP), "minutes": minutes, "counts": counts})
+        return jsonify({"since": iso(since), "now": iso(now), "step": int(_STEP), "minutes": minutes,
+                        "counts": counts})
 
     return stats
 

@@ -428,8 +428,9 @@ def extension_paths(prefix: str) -> dict[str, Any]:
              "parameters": [controller, {"name": "minutes", "in": "query", "description": "Minutes back from now.",
                                          "schema": {"type": "integer", "minimum": 1, "maximum": 1440, "default": 60}}],
              "responses": {"200": _task_response("One count per minute, oldest first, for each terminal status.", {
-                 "type": "object", "required": ["since", "step", "minutes", "counts"], "properties": {
+                 "type": "object", "required": ["since", "now", "step", "minutes", "counts"], "properties": {
                      "since": {"type": "string", "format": "date-time"}, "step": {"type": "integer"},
+                     "now": {"type": "string", "format": "date-time", "description": "The store's clock."},
                      "minutes": {"type": "integer"},
                      "counts": {"type": "object", "additionalProperties": counts}}}),
                  **_errors("BadRequest", "Unavailable")}}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid as uuid_module
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,8 @@ def test_stats_count_ended_tasks_per_minute_and_outcome(controllers, tmp_path):
     controller.wait(stopped, timeout=20)
     stats = client.get("/mpc/api/stats").get_json()
     assert stats["minutes"] == 60 and stats["step"] == 60
+    since, now = (datetime.fromisoformat(stats[key]).timestamp() for key in ("since", "now"))
+    assert since + 59 * 60 <= now < since + 60 * 60, "the last minute of the window is the current one"
     assert set(stats["counts"]) == {"succeeded", "failed", "stopped", "timed_out", "lost"}
     assert all(len(counts) == 60 for counts in stats["counts"].values())
     assert {status: sum(counts) for status, counts in stats["counts"].items()} == \

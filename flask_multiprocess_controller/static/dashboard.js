@@ -422,7 +422,26 @@
     try {
       state.stats = await api("api/stats" + (controller ? "?controller=" + encodeURIComponent(controller) : ""));
     } catch (e) { return; }
+    state.stats.skew = Date.parse(state.stats.now) - Date.now();
     drawChart();
+  }
+
+  // As minutes pass, the chart's window moves on by itself: a new, empty minute on the right.
+  function advanceChart() {
+    const stats = state.stats;
+    if (!stats) return;
+    let moved = false;
+    const now = Date.now() + stats.skew;  // the store's clock, whatever this computer's says
+    if (now >= Date.parse(stats.since) + 2 * stats.minutes * stats.step * 1000) {
+      loadStats();  // far behind (a laptop that slept): read it all again
+      return;
+    }
+    while (now >= Date.parse(stats.since) + stats.minutes * stats.step * 1000) {
+      for (const counts of Object.values(stats.counts)) { counts.shift(); counts.push(0); }
+      stats.since = new Date(Date.parse(stats.since) + stats.step * 1000).toISOString();
+      moved = true;
+    }
+    if (moved) drawChart();
   }
 
   function svg(tag, attributes) {
@@ -683,6 +702,7 @@
   }
 
   function tick() {
+    advanceChart();
     for (const node of document.querySelectorAll("time.rel")) node.textContent = relative(node.dateTime);
     for (const [uuid, row] of state.rows) {
       const task = state.tasks.get(uuid);
