@@ -1,6 +1,7 @@
 """A fuller example: typed arguments, progress, an item URL, a timeout, a memory limit and the extension.
 
-Run it with ``python examples/app.py`` (the dev server on http://127.0.0.1:5000), or
+Run it with ``python examples/app.py`` (the dev server on http://127.0.0.1:5000; the dashboard is at
+http://127.0.0.1:5000/mpc/), or
 under gunicorn with ``gunicorn -w 2 -b 127.0.0.1:8000 --chdir examples app:app``.
 """
 import logging
@@ -40,7 +41,7 @@ class PrimeController(MetaMPController, controller_name="primes"):
     pass
 
 
-#: The extension: MPC_* settings, /mpc/health, the task API under /mpc/api/, and `flask mpc`.
+#: The extension: MPC_* settings, /mpc/health, the task API under /mpc/api/, the dashboard at /mpc/, and `flask mpc`.
 mpc = MultiprocessController()
 primes = PrimeController(PrimeCount, max_num_process=2, max_num_queue=100, timeout=600, stop_grace=5,
                          max_memory=512 * 1024 * 1024)

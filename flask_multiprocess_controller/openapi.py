@@ -63,6 +63,10 @@ def openapi_document(app: Flask, title: Optional[str] = None, version: str = "1"
     for mount in find_mounts(app):
         builder.add(mount)
     builder.link()
+    state = app.extensions.get("mpc")
+    if state is not None:
+        builder.paths.update(extension_paths(state.prefix))
+        builder.tags.append({"name": "mpc", "description": "The extension's task API over every controller."})
     document: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {"title": title or app.name, "version": version, "description": _INFO},
@@ -386,6 +390,58 @@ def _patch_operation(is_item: bool) -> dict[str, Any]:
             **_errors("BadRequest", "NotFound", "Conflict", "Unavailable"),
         },
     }
+
+
+def extension_paths(prefix: str) -> dict[str, Any]:
+    """The extension's JSON task API under ``prefix``: every controller's tasks, as the dashboard reads them.
+
+    The extension's other URLs (the dashboard page, event and log streams, health, schedules) are
+    left out: they are not JSON request/answer operations of the task API.
+    """
+    controller = {"name": "controller", "in": "query", "schema": {"type": "string"},
+                  "description": "Only this controller's tasks (its name)."}
+    item: dict[str, Any] = {"parameters": [{"name": "uuid", "in": "path", "required": True,
+                                            "schema": {"type": "string"}}]}
+    get_item = {"summary": "Any controller's task", "responses": {
+        "200": _task_response("The task object.", _ref(_SCHEMAS, "Task")),
+        **_errors("BadRequest", "NotFound", "Unavailable")}}
+    item.update(get=get_item, delete=_delete_operation(True), patch=_patch_operation(True))
+    before = {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1},
+              "description": "The `next` cursor of the previous page: only older tasks."}
+    listing = {"summary": "Every controller's tasks, newest first",
+               "parameters": [controller, _ref(_PARAMETERS, "status"), _ref(_PARAMETERS, "limit"), before],
+               "responses": {"200": _task_response("A page of tasks, and the cursor of the next one (null: last).", {
+                   "type": "object", "required": ["tasks", "next"], "properties": {
+                       "tasks": {"type": "array", "items": _ref(_SCHEMAS, "Task")},
+                       "next": _nullable("integer")}}),
+                   **_errors("BadRequest", "Unavailable")}}
+    stop_all = {"summary": "Stop every queued and running task of one controller",
+                "parameters": [{**controller, "required": True, "description": "The controller's name."},
+                               {"name": "all", "in": "query", "required": True, "schema": {"enum": ["true", "1"]},
+                                "description": "Must be `true`: a DELETE of the list stops every task."}],
+                "responses": {"202": _task_response("Queued tasks stopped, and running ones asked to stop.", {
+                    "type": "object", "required": ["stopped", "stopping"], "properties": {
+                        "stopped": {"type": "integer", "minimum": 0}, "stopping": {"type": "integer", "minimum": 0}}}),
+                    **_errors("BadRequest", "Unavailable")}}
+    counts = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+    stats = {"summary": "Tasks ended per minute and outcome (the dashboard's chart)",
+             "parameters": [controller, {"name": "minutes", "in": "query", "description": "Minutes back from now.",
+                                         "schema": {"type": "integer", "minimum": 1, "maximum": 1440, "default": 60}}],
+             "responses": {"200": _task_response("One count per minute, oldest first, for each terminal status.", {
+                 "type": "object", "required": ["since", "now", "step", "minutes", "counts"], "properties": {
+                     "since": {"type": "string", "format": "date-time"}, "step": {"type": "integer"},
+                     "now": {"type": "string", "format": "date-time", "description": "The store's clock."},
+                     "minutes": {"type": "integer"},
+                     "counts": {"type": "object", "additionalProperties": counts}}}),
+                 **_errors("BadRequest", "Unavailable")}}
+    operations: dict[str, dict[str, Any]] = {f"{prefix}/api/tasks": {"get": listing, "delete": stop_all},
+                  f"{prefix}/api/tasks/{{uuid}}": item, f"{prefix}/api/stats": {"get": stats}}
+    for path, entry in operations.items():
+        for method, operation in entry.items():
+            if method != "parameters":
+                operation["tags"] = ["mpc"]
+                operation["operationId"] = _safe(f"mpc{path[len(prefix):]}.{method}")
+    return operations
 
 
 def _required_uuid() -> dict[str, Any]:

@@ -36,12 +36,16 @@ def make_blueprint(extension: "MultiprocessController") -> Blueprint:
     blueprint = Blueprint("mpc", __name__)
     wrap = _wrapper(extension)
     blueprint.add_url_rule("/health", "health", wrap(_health(extension)))
-    blueprint.add_url_rule("/api/tasks", "tasks", wrap(_task_list(extension)))
-    blueprint.add_url_rule("/api/tasks/<uuid>", "task", wrap(_task_item(extension)), methods=["GET", "DELETE"])
+    blueprint.add_url_rule("/api/tasks", "tasks", wrap(_task_list(extension)), methods=["GET", "DELETE"])
+    blueprint.add_url_rule("/api/tasks/<uuid>", "task", wrap(_task_item(extension)),
+                           methods=["GET", "DELETE", "PATCH"])
     blueprint.add_url_rule("/api/tasks/<uuid>/logs", "logs", wrap(_task_logs(extension)))
     blueprint.add_url_rule("/api/schedules", "schedules", wrap(_schedules(extension)))
     blueprint.add_url_rule("/events", "events", wrap(_events(extension)))
     blueprint.add_url_rule("/openapi.json", "openapi", wrap(_openapi))
+    from .dashboard import add_dashboard
+
+    add_dashboard(blueprint, extension, wrap)
     return blueprint
 
 
@@ -186,6 +190,8 @@ def _health(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
 
 def _task_list(extension: "MultiprocessController") -> Callable[[], ResponseReturnValue]:
     def tasks() -> ResponseReturnValue:
+        if request.method == "DELETE":
+            return _stop_all(extension)
         wanted = request.args.get("controller")
         controllers = [c for c in extension.controllers() if wanted in (None, "", c.name)]
         if wanted and not controllers:
@@ -199,6 +205,22 @@ def _task_list(extension: "MultiprocessController") -> Callable[[], ResponseRetu
         return jsonify(list_all(controllers, statuses, limit, before))
 
     return tasks
+
+
+def _stop_all(extension: "MultiprocessController") -> ResponseReturnValue:
+    """``DELETE <prefix>/api/tasks?controller=NAME&all=true``: the resource's stop-all, for one named controller."""
+    from .controller import _stop_all_option
+
+    name = request.args.get("controller")
+    if not _stop_all_option(request.args):
+        raise InvalidRequest("DELETE of the task list stops every task of one controller: "
+                             "send ?controller=<name>&all=true.")
+    controller = next((c for c in extension.controllers() if name and c.name == name), None)
+    if controller is None:
+        known = ", ".join(c.name for c in extension.controllers()) or "none"
+        raise InvalidRequest(f"Name the controller to stop with ?controller= (known: {known})."
+                             if not name else f"No controller is called {name[:80]!r} (known: {known}).")
+    return jsonify(controller.stop_all()), 202
 
 
 def list_all(controllers: list["MetaMPController"], statuses: list[str], limit: int,
@@ -227,9 +249,27 @@ def _task_item(extension: "MultiprocessController") -> Callable[[str], ResponseR
         if request.method == "DELETE":
             stopped = controller.client_view_of(controller.stop(uuid))
             return jsonify(stopped), (200 if stopped["status"] == "stopped" else 202)
+        if request.method == "PATCH":
+            return jsonify(controller.client_view_of(_patch(controller, uuid)))
         return jsonify(controller.client_view_of(controller.status(uuid)))
 
     return task
+
+
+def _patch(controller: "MetaMPController", uuid: str) -> TaskObject:
+    """The change a PATCH body asks for, applied as the resource's default PATCH does (not a class's override)."""
+    from .patching import parse_change
+
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise InvalidRequest('PATCH takes a JSON object: {"status": "paused"}, {"status": "running"} '
+                             'or {"priority": <integer>}.')
+    change = parse_change(body)
+    if change.priority is not None:
+        return controller.reprioritise(uuid, change.priority)
+    if change.status == "paused":
+        return controller.pause(uuid)
+    return controller.resume(uuid)
 
 
 def find_owner(extension: "MultiprocessController", uuid: str) -> "MetaMPController":

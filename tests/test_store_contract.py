@@ -484,6 +484,36 @@ def test_list_is_newest_first_with_status_filter_and_limit(store):
 
 
 @pytest.mark.timeout(30)
+def test_ended_counts_per_slot_and_status(store):
+    """What the dashboard's chart of ended tasks reads: terminal tasks since a time, per slot and status."""
+    rows = [make_row() for _ in range(6)]
+    rows[5]["tenant"] = "acme"
+    store.enqueue(rows, -1)
+    other = add(store, 1, controller=OTHER)
+    a, b, c, d, e, f = (r["uuid"] for r in rows)
+    for _ in range(6):
+        claim(store)
+    since = 1000.0
+    store.finish(a, "succeeded", ended_at=since - 1)  # before the window
+    store.finish(b, "succeeded", ended_at=since)  # the window starts at since, inclusive
+    store.finish(c, "succeeded", ended_at=since + 59.5)
+    store.finish(d, "failed", ended_at=since + 60)
+    store.finish(f, "timed_out", ended_at=since + 125)
+    claim(store, OTHER)
+    store.finish(other[0], "failed", ended_at=since + 1)
+    # e still runs: not counted.
+    assert store.ended_counts(CTL, since) == {(0, "succeeded"): 2, (1, "failed"): 1, (2, "timed_out"): 1}
+    assert store.ended_counts(CTL, since, step=3600.0) == {(0, "succeeded"): 2, (0, "failed"): 1,
+                                                           (0, "timed_out"): 1}
+    assert store.ended_counts(CTL, since, tenant="acme") == {(2, "timed_out"): 1}
+    assert store.ended_counts(CTL, since, tenant="nobody") == {}
+    assert store.ended_counts(OTHER, since) == {(0, "failed"): 1}
+    assert store.ended_counts(CTL, since + 200) == {}
+    stop(store, e)
+    assert sum(store.ended_counts(CTL, since).values()) == 4  # stopping is not an end yet
+
+
+@pytest.mark.timeout(30)
 def test_counts_per_status(store):
     assert counts(store, CTL) == {}
     a, b, c, d, e = add(store, 5)

@@ -378,6 +378,18 @@ class MemoryStore(TaskStore):
                     counts[r["status"]] = counts.get(r["status"], 0) + 1
         return counts
 
+    def ended_counts(self, controller: str, since: float, step: float = 60.0,
+                     tenant: Any = ANY_TENANT) -> dict[tuple[int, str], int]:
+        found: dict[tuple[int, str], int] = {}
+        with self._lock:
+            for r in self._rows.values():
+                ended = r.get("ended_at")
+                if (r["controller"] == controller and ended is not None and ended >= since
+                        and (tenant is ANY_TENANT or r.get("tenant") == tenant)):
+                    key = (int((ended - since) // step), r["status"])
+                    found[key] = found.get(key, 0) + 1
+        return found
+
     def position(self, row: Row) -> Optional[int]:
         if row["status"] != _QUEUED or row.get("retry_at") is not None:
             return None

@@ -59,6 +59,8 @@ _JSON = {"args", "progress", "result", "error", "errors", "schedule"}
 _FEED_BLOCK_MAX = 10.0
 #: Tasks one purge script deletes, so that the server is never busy for long.
 _PURGE_BATCH = 500
+#: Ended tasks read per round trip by ``ended_counts``.
+_STATS_BATCH = 1000
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 
 
@@ -855,6 +857,24 @@ class RedisStore(TaskStore):
     def counts(self, controller: str) -> dict[str, int]:
         raw = self._redis.hgetall(self._c(controller, "n"))
         return {_text(k): int(v) for k, v in raw.items() if int(v)}
+
+    @_guarded
+    def ended_counts(self, controller: str, since: float, step: float = 60.0,
+                     tenant: Any = ANY_TENANT) -> dict[tuple[int, str], int]:
+        ended: list[tuple[Any, float]] = list(self._redis.zrangebyscore(  # type: ignore[arg-type]
+            self._c(controller, "ended"), repr(float(since)), "+inf", withscores=True))
+        found: dict[tuple[int, str], int] = {}
+        for start in range(0, len(ended), _STATS_BATCH):
+            batch = ended[start:start + _STATS_BATCH]
+            pipe = self._redis.pipeline(transaction=False)
+            for uuid, _ in batch:
+                pipe.hmget(self._key("t", _text(uuid)), "status", "tenant")
+            for (_, at), (status, owner) in zip(batch, pipe.execute()):
+                if status is None or (tenant is not ANY_TENANT and _text(owner) != tenant):
+                    continue  # purged meanwhile, or another tenant's
+                key = (int((float(at) - since) // step), _text(status))
+                found[key] = found.get(key, 0) + 1
+        return found
 
     @_guarded
     def position(self, row: Row) -> Optional[int]:

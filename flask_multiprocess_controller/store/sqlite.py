@@ -728,6 +728,15 @@ class SQLiteStore(TaskStore):
         return dict(self._query(
             "SELECT status, COUNT(*) FROM mpc_tasks WHERE controller = ? GROUP BY status", (controller,)))
 
+    def ended_counts(self, controller: str, since: float, step: float = 60.0,
+                     tenant: Any = ANY_TENANT) -> dict[tuple[int, str], int]:
+        by_tenant, tenant_args = ("", ()) if tenant is ANY_TENANT else (" AND tenant IS ?", (tenant,))
+        rows = self._query(
+            f"SELECT CAST((ended_at - ?) / ? AS INTEGER) AS slot, status, COUNT(*) FROM mpc_tasks "
+            f"WHERE controller = ? AND ended_at >= ? AND status IN {_TERMINAL_SQL}{by_tenant} GROUP BY slot, status",
+            (since, step, controller, since, *tenant_args))
+        return {(int(slot), str(status)): int(count) for slot, status, count in rows}
+
     def position(self, row: Row) -> Optional[int]:
         if row["status"] != _QUEUED or row.get("retry_at") is not None:
             return None

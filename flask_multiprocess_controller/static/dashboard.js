@@ -1,0 +1,730 @@
+/* The dashboard of flask-multiprocess-controller.
+ *
+ * Served at <prefix>/ with every URL it calls relative to that page, so it works under any
+ * MPC_URL_PREFIX and SCRIPT_NAME. It follows <prefix>/events with one EventSource and updates
+ * what it shows from the task objects the events carry (no polling). Everything a task or a
+ * client wrote is put in the page as text (textContent), never parsed as HTML.
+ */
+"use strict";
+
+(function () {
+  const PAGE = 100;                 // tasks per page of the list
+  const LOG_LINES = 500;            // log lines kept on a task page
+  const DISCONNECTED_AFTER = 1500;  // ms an event stream error lasts before the page says so
+  const TERMINAL = ["succeeded", "failed", "stopped", "timed_out", "lost"];
+  const KINDS = ["queued", "started", "progress", "stopping", "paused", "resumed", "requeued", "ended"];
+  const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+  const PREFIX = /^[0-9a-f-]{4,}$/i;
+
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    tasks: new Map(),   // uuid -> task object shown in the list
+    rows: new Map(),    // uuid -> <tr>
+    next: null,         // cursor of the next (older) page
+    stats: null,        // the chart's counts
+    current: null,      // uuid of the task page shown, or null
+    shown: null,        // the task object the task page shows
+    readings: 0,        // reads of the list's first page started so far
+    reading: false,     // one is on its way
+    missed: [],         // [kind, task] of the events received meanwhile
+    log: null,          // EventSource of the task page's log
+    logAfter: 0,
+    healthTimer: null,
+    statsTimer: null,
+  };
+
+  // -- small helpers -----------------------------------------------------------------------------
+
+  function el(tag, text, cls) {
+    const node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (cls) node.className = cls;
+    return node;
+  }
+
+  function clear(node) {
+    while (node.firstChild) node.removeChild(node.firstChild);
+    return node;
+  }
+
+  async function api(path, options) {
+    const response = await fetch(path, Object.assign({headers: {"Accept": "application/json"}}, options || {}));
+    let body = null;
+    try { body = await response.json(); } catch (e) { body = null; }
+    if (!response.ok) {
+      const message = body && typeof body.message === "string" ? body.message : response.status + " " + response.statusText;
+      const error = new Error(message);
+      error.status = response.status;
+      throw error;
+    }
+    return body;
+  }
+
+  function banner(message) {
+    const node = $("banner");
+    node.textContent = message || "";
+    node.hidden = !message;
+  }
+
+  function show(value) {
+    if (value === null || value === undefined) return "";
+    return typeof value === "string" ? value : JSON.stringify(value);
+  }
+
+  function pretty(value) {
+    if (value === null || value === undefined) return "—";
+    return typeof value === "string" ? value : JSON.stringify(value, null, 2);
+  }
+
+  function relative(iso) {
+    if (!iso) return "";
+    const seconds = Math.round((Date.now() - Date.parse(iso)) / 1000);
+    const ago = seconds >= 0;
+    let n = Math.abs(seconds);
+    let unit = "s";
+    if (n >= 86400) { n = Math.floor(n / 86400); unit = "d"; }
+    else if (n >= 3600) { n = Math.floor(n / 3600); unit = "h"; }
+    else if (n >= 60) { n = Math.floor(n / 60); unit = "min"; }
+    return ago ? n + " " + unit + " ago" : "in " + n + " " + unit;
+  }
+
+  function timeCell(iso) {
+    const node = el("time", relative(iso), "rel");
+    if (iso) {
+      node.dateTime = iso;
+      node.title = new Date(iso).toLocaleString() + " (" + iso + ")";
+    }
+    return node;
+  }
+
+  function duration(task) {
+    if (!task.started_at) return "";
+    const end = task.ended_at ? Date.parse(task.ended_at) : Date.now();
+    let s = Math.max(0, (end - Date.parse(task.started_at)) / 1000);
+    if (s < 60) return s.toFixed(s < 10 ? 1 : 0) + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
+    return Math.floor(s / 3600) + " h " + Math.round((s % 3600) / 60) + " min";
+  }
+
+  function bytes(n) {
+    if (n === null || n === undefined) return "—";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return n.toFixed(i ? 1 : 0) + " " + units[i];
+  }
+
+  function statusBadge(status) {
+    return el("span", status ? status.replace("_", " ") : "", "status status-" + (status || "unknown"));
+  }
+
+  function progressBar(task) {
+    if (typeof task.percent !== "number" && TERMINAL.includes(task.status) && task.status !== "succeeded") {
+      return el("span", "—", "muted");  // it ended without saying how far it got
+    }
+    const bar = document.createElement("progress");
+    bar.max = 100;
+    if (typeof task.percent === "number") {
+      bar.value = task.percent;
+      bar.textContent = Math.round(task.percent) + " %";
+      bar.title = task.percent.toFixed(1) + " %";
+    } else if (task.status === "succeeded") {
+      bar.value = 100;
+    } else if (task.status === "queued") {
+      bar.value = 0;
+    }  // else running without a percent: an indeterminate bar
+    bar.setAttribute("aria-label", "progress of task " + task.uuid);
+    bar.className = "bar status-" + task.status;
+    return bar;
+  }
+
+  // -- connection --------------------------------------------------------------------------------
+
+  const connection = {
+    source: null,
+    down: false,       // the page says "disconnected"
+    opens: 0,          // streams opened so far
+    timer: null,
+
+    start() {
+      this.source = new EventSource("events");
+      this.source.addEventListener("open", () => this.opened());
+      this.source.addEventListener("error", () => this.failed());
+      for (const kind of KINDS) this.source.addEventListener(kind, (e) => onTaskEvent(kind, e));
+      this.source.addEventListener("purged", (e) => onPurged(e));
+      this.source.addEventListener("reset", () => refresh());
+    },
+
+    opened() {
+      clearTimeout(this.timer);
+      this.timer = null;
+      const first = !this.opens++;
+      const wasDown = this.down;
+      this.setDown(false);
+      // The list was read before the stream was open, so events between the two were missed: read it
+      // again now. After a short drop the browser resumes with Last-Event-ID and the server replays
+      // what was missed; after a disconnection that showed, read everything again anyway.
+      if (first || wasDown) refresh();
+    },
+
+    failed() {
+      // A stream ending after its maximum wait reconnects at once: only a lasting error is shown.
+      // Retries fail again every second while the server is away: the first failure starts the clock.
+      if (this.timer === null && !this.down) {
+        this.timer = setTimeout(() => { this.timer = null; this.setDown(true); }, DISCONNECTED_AFTER);
+      }
+      if (this.source.readyState === EventSource.CLOSED) {
+        // The server answered but not with a stream (a proxy's error page, a restart in progress):
+        // EventSource gives up, we do not.
+        this.source.close();
+        setTimeout(() => this.start(), 1000);
+      }
+    },
+
+    setDown(down) {
+      this.down = down;
+      const node = $("connection");
+      node.textContent = down ? "disconnected — reconnecting" : "live";
+      node.className = "connection " + (down ? "down" : "up");
+      document.body.classList.toggle("disconnected", down);
+    },
+  };
+
+  // An answer and an event about one task may arrive in either order (a DELETE's "stopping" after the
+  // event of its end): an ended task never goes back to an earlier state.
+  function stale(shown, task) {
+    return Boolean(shown) && TERMINAL.includes(shown.status) && !TERMINAL.includes(task.status);
+  }
+
+  function showTask(task) {
+    if (state.rows.has(task.uuid) && !stale(state.tasks.get(task.uuid), task)) {
+      state.tasks.set(task.uuid, task);
+      fillRow(state.rows.get(task.uuid), task);
+    }
+    if (state.current !== task.uuid || stale(state.shown, task)) return;
+    // Events carry no queue position (it moves with every other task): read it with the task.
+    if (task.status === "queued" && task.position === null) openTask(task.uuid); else renderTask(task);
+  }
+
+  function onTaskEvent(kind, event) {
+    let task;
+    try { task = JSON.parse(event.data); } catch (e) { return; }
+    if (!task || typeof task.uuid !== "string") return;
+    if (state.reading) state.missed.push([kind, task]);  // applied again once the list read lands
+    applyEvent(kind, task);
+    if (kind === "ended") soon("statsTimer", loadStats, 1000);  // at most one read of the counts a second
+    soon("healthTimer", loadHealth, 500);
+  }
+
+  function applyEvent(kind, task) {
+    if (!state.tasks.has(task.uuid) && kind === "queued" && matchesFilters(task)) addRow(task, true);
+    showTask(task);
+  }
+
+  function onPurged(event) {
+    let data;
+    try { data = JSON.parse(event.data); } catch (e) { return; }
+    const row = data && state.rows.get(data.uuid);
+    if (row) {
+      row.remove();
+      state.rows.delete(data.uuid);
+      state.tasks.delete(data.uuid);
+    }
+  }
+
+  function soon(name, fn, delay) {
+    if (state[name]) return;
+    state[name] = setTimeout(() => { state[name] = null; fn(); }, delay);
+  }
+
+  function refresh() {
+    loadHealth();
+    loadStats();
+    loadSchedules();
+    loadTasks(false);
+    if (state.current) openTask(state.current);
+  }
+
+  // -- controllers -------------------------------------------------------------------------------
+
+  async function loadHealth() {
+    let health;
+    try {
+      health = await fetch("health").then((r) => r.json());
+    } catch (e) { return; }
+    const box = clear($("controllers"));
+    const select = $("filter-controller");
+    const chosen = select.value;
+    const names = Object.keys(health.controllers || {}).sort();
+    clear(select).appendChild(el("option", "all")).value = "";
+    for (const name of names) {
+      const info = health.controllers[name];
+      const option = el("option", name);
+      option.value = name;
+      select.appendChild(option);
+      box.appendChild(controllerCard(name, info));
+    }
+    select.value = names.includes(chosen) ? chosen : "";
+  }
+
+  function controllerCard(name, info) {
+    const card = el("article", null, "card");
+    card.dataset.controller = name;
+    card.appendChild(el("h2", name));
+    if (info.status === "unavailable") {
+      card.appendChild(el("p", "store unavailable: " + (info.message || ""), "bad"));
+      return card;
+    }
+    const stats = el("dl", null, "counts");
+    const pairs = [["running", info.running + " / " + info.max_num_process], ["queued", info.queued]];
+    for (const [term, value] of pairs) {
+      const div = el("div");
+      div.appendChild(el("dt", term));
+      div.appendChild(el("dd", value, "count-" + term));
+      stats.appendChild(div);
+    }
+    card.appendChild(stats);
+    const meter = document.createElement("meter");
+    meter.min = 0;
+    meter.max = Math.max(1, info.max_num_process);
+    meter.value = info.running;
+    meter.title = info.running + " of " + info.max_num_process + " slots busy";
+    card.appendChild(meter);
+    card.appendChild(el("p", info.store, "store"));
+    const stop = el("button", "Stop all", "danger");
+    stop.type = "button";
+    stop.addEventListener("click", () => stopAll(name));
+    card.appendChild(stop);
+    return card;
+  }
+
+  async function stopAll(name) {
+    if (!window.confirm("Stop every queued and running task of " + name + "?")) return;
+    try {
+      const answer = await api("api/tasks?controller=" + encodeURIComponent(name) + "&all=true", {method: "DELETE"});
+      banner("Stopped " + answer.stopped + " queued task(s); " + answer.stopping + " running task(s) stopping.");
+      setTimeout(() => banner(""), 5000);
+    } catch (e) { banner(e.message); }
+  }
+
+  // -- the task list -----------------------------------------------------------------------------
+
+  function listQuery(before) {
+    const params = new URLSearchParams({limit: String(PAGE)});
+    if ($("filter-controller").value) params.set("controller", $("filter-controller").value);
+    if ($("filter-status").value) params.set("status", $("filter-status").value);
+    if (before) params.set("before", String(before));
+    return "api/tasks?" + params.toString();
+  }
+
+  function matchesFilters(task) {
+    const controller = $("filter-controller").value;
+    const statuses = $("filter-status").value;
+    return (!controller || task.controller === controller) && (!statuses || statuses.split(",").includes(task.status));
+  }
+
+  async function loadTasks(older) {
+    // Events that arrive while the first page is read may be newer than what it answers: they are
+    // kept and applied again on top of it. Only the latest of overlapping reads is shown.
+    const reading = older ? null : ++state.readings;
+    if (reading) { state.reading = true; state.missed = []; }
+    let page;
+    try {
+      page = await api(listQuery(older ? state.next : null));
+    } catch (e) {
+      if (reading === state.readings) state.reading = false;
+      banner(e.message);
+      return;
+    }
+    if (reading !== null && reading !== state.readings) return;
+    if (reading) {
+      clear($("task-rows"));
+      state.tasks.clear();
+      state.rows.clear();
+    }
+    for (const task of page.tasks) addRow(task, false);
+    if (reading) {
+      state.reading = false;
+      for (const [kind, task] of state.missed) applyEvent(kind, task);
+      state.missed = [];
+    }
+    state.next = page.next;
+    $("older").hidden = page.next === null || page.next === undefined;
+    applySearch();
+  }
+
+  const COLUMNS = ["Task", "Controller", "Status", "Progress", "Latest", "Created", "Started", "Ended", "Duration"];
+
+  function addRow(task, atTop) {
+    if (state.rows.has(task.uuid)) return;
+    const row = document.createElement("tr");
+    for (const label of COLUMNS) {
+      const cell = document.createElement("td");
+      cell.dataset.label = label;
+      row.appendChild(cell);
+    }
+    state.tasks.set(task.uuid, task);
+    state.rows.set(task.uuid, row);
+    fillRow(row, task);
+    const body = $("task-rows");
+    if (atTop) body.insertBefore(row, body.firstChild); else body.appendChild(row);
+    $("list-empty").hidden = true;
+    applySearch();
+  }
+
+  function fillRow(row, task) {
+    row.dataset.uuid = task.uuid;
+    row.dataset.status = task.status;
+    const cells = row.children;
+    const link = el("a", task.uuid.slice(0, 8), "uuid");
+    link.href = "#/tasks/" + task.uuid;
+    link.title = task.uuid;
+    clear(cells[0]).appendChild(link);
+    cells[1].textContent = task.controller || "";
+    clear(cells[2]).appendChild(statusBadge(task.status));
+    clear(cells[3]).appendChild(progressBar(task));
+    cells[4].textContent = show(task.progress).slice(0, 200);
+    cells[4].className = "latest";
+    for (const [i, iso] of [[5, task.created_at], [6, task.started_at], [7, task.ended_at]]) {
+      clear(cells[i]);
+      if (iso) cells[i].appendChild(timeCell(iso));
+    }
+    cells[8].textContent = duration(task);
+  }
+
+  function applySearch() {
+    const text = $("search").value.trim().toLowerCase();
+    const prefix = PREFIX.test(text) ? text : "";
+    let shown = 0;
+    for (const [uuid, row] of state.rows) {
+      row.hidden = Boolean(prefix) && !uuid.startsWith(prefix);
+      if (!row.hidden) shown++;
+    }
+    $("list-empty").hidden = shown > 0;
+  }
+
+  function onSearch(event) {
+    const text = $("search").value.trim();
+    if (UUID.test(text)) {
+      event.preventDefault();
+      location.hash = "#/tasks/" + text.toLowerCase();
+      return;
+    }
+    applySearch();
+  }
+
+  // -- the chart ---------------------------------------------------------------------------------
+
+  const OUTCOMES = ["succeeded", "failed", "stopped", "timed_out", "lost"];
+
+  async function loadStats() {
+    const controller = $("filter-controller").value;
+    try {
+      state.stats = await api("api/stats" + (controller ? "?controller=" + encodeURIComponent(controller) : ""));
+    } catch (e) { return; }
+    state.stats.skew = Date.parse(state.stats.now) - Date.now();
+    drawChart();
+  }
+
+  // As minutes pass, the chart's window moves on by itself: a new, empty minute on the right.
+  function advanceChart() {
+    const stats = state.stats;
+    if (!stats) return;
+    let moved = false;
+    const now = Date.now() + stats.skew;  // the store's clock, whatever this computer's says
+    if (now >= Date.parse(stats.since) + 2 * stats.minutes * stats.step * 1000) {
+      loadStats();  // far behind (a laptop that slept): read it all again
+      return;
+    }
+    while (now >= Date.parse(stats.since) + stats.minutes * stats.step * 1000) {
+      for (const counts of Object.values(stats.counts)) { counts.shift(); counts.push(0); }
+      stats.since = new Date(Date.parse(stats.since) + stats.step * 1000).toISOString();
+      moved = true;
+    }
+    if (moved) drawChart();
+  }
+
+  function svg(tag, attributes) {
+    const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [key, value] of Object.entries(attributes || {})) node.setAttribute(key, String(value));
+    return node;
+  }
+
+  function drawChart() {
+    const stats = state.stats;
+    const box = clear($("chart"));
+    if (!stats) return;
+    const width = 1200, height = 110, pad = 18;
+    const slots = stats.minutes;
+    const totals = [];
+    for (let i = 0; i < slots; i++) totals.push(OUTCOMES.reduce((sum, s) => sum + (stats.counts[s] ? stats.counts[s][i] : 0), 0));
+    const top = Math.max(1, ...totals);
+    const chart = svg("svg", {viewBox: "0 0 " + width + " " + (height + pad), role: "img", class: "chart-svg"});
+    const total = totals.reduce((a, b) => a + b, 0);
+    chart.appendChild(svg("title")).textContent = total + " tasks ended in the last " + slots + " minutes";
+    const barWidth = width / slots;
+    for (let i = 0; i < slots; i++) {
+      let y = height;
+      for (const status of OUTCOMES) {
+        const n = stats.counts[status] ? stats.counts[status][i] : 0;
+        if (!n) continue;
+        const h = (n / top) * (height - 4);
+        y -= h;
+        const rect = svg("rect", {x: (i * barWidth + 0.5).toFixed(2), y: y.toFixed(2), width: Math.max(1, barWidth - 1).toFixed(2),
+                                  height: h.toFixed(2), class: "fill-" + status});
+        const minute = new Date(Date.parse(stats.since) + i * stats.step * 1000);
+        rect.appendChild(svg("title")).textContent = n + " " + status + " at " + minute.toLocaleTimeString();
+        chart.appendChild(rect);
+      }
+    }
+    chart.appendChild(svg("line", {x1: 0, y1: height, x2: width, y2: height, class: "axis"}));
+    const left = svg("text", {x: 0, y: height + 14, class: "tick"});
+    left.textContent = "-" + slots + " min";
+    const right = svg("text", {x: width, y: height + 14, class: "tick end"});
+    right.textContent = "now";
+    const peak = svg("text", {x: 2, y: 10, class: "tick"});
+    peak.textContent = "max " + top + "/min";
+    chart.appendChild(left);
+    chart.appendChild(right);
+    chart.appendChild(peak);
+    box.appendChild(chart);
+    const legend = el("p", null, "legend");
+    for (const status of OUTCOMES) {
+      const sum = (stats.counts[status] || []).reduce((a, b) => a + b, 0);
+      legend.appendChild(el("span", status.replace("_", " ") + " " + sum, "key key-" + status));
+    }
+    box.appendChild(legend);
+  }
+
+  // -- schedules ---------------------------------------------------------------------------------
+
+  async function loadSchedules() {
+    let found;
+    try { found = (await api("api/schedules")).schedules; } catch (e) { return; }
+    const body = clear($("schedule-rows"));
+    for (const info of found) {
+      const row = document.createElement("tr");
+      const when = info.cron ? "cron " + info.cron + " (" + info.tz + ")" : "every " + info.every + " s";
+      const cells = [info.name, info.controller, when, info.active ? "active" : "inactive"];
+      for (let i = 0; i < cells.length; i++) {
+        const cell = el("td", cells[i]);
+        cell.dataset.label = ["Name", "Controller", "When", "Active"][i];
+        if (i === 3) cell.className = info.active ? "ok" : "muted";
+        row.appendChild(cell);
+      }
+      for (const [label, iso] of [["Next", info.next_firing], ["Last", info.last_firing]]) {
+        const cell = document.createElement("td");
+        cell.dataset.label = label;
+        cell.appendChild(timeCell(iso));
+        row.appendChild(cell);
+      }
+      const skipped = el("td", info.skipped || 0);
+      skipped.dataset.label = "Skipped";
+      row.appendChild(skipped);
+      body.appendChild(row);
+    }
+    $("schedules-empty").hidden = found.length > 0;
+  }
+
+  // -- the task page -----------------------------------------------------------------------------
+
+  async function openTask(uuid) {
+    let task;
+    try {
+      task = await api("api/tasks/" + encodeURIComponent(uuid));
+    } catch (e) {
+      banner(e.message);
+      return;
+    }
+    if (state.current !== uuid) return;
+    if (!stale(state.shown, task)) renderTask(task);
+  }
+
+  function followLog(uuid) {
+    closeLog();
+    clear($("task-log"));
+    state.logAfter = 0;
+    $("log-state").textContent = "following…";
+    const source = new EventSource("api/tasks/" + encodeURIComponent(uuid) + "/logs?follow=1");
+    state.log = source;
+    source.addEventListener("line", (event) => {
+      let data;
+      try { data = JSON.parse(event.data); } catch (e) { return; }
+      if (data.n <= state.logAfter) return;  // a reconnected stream starts again from the first line
+      state.logAfter = data.n;
+      appendLog(data.line);
+    });
+    source.addEventListener("end", () => {
+      $("log-state").textContent = "(task ended)";
+      closeLog();
+    });
+  }
+
+  function appendLog(line) {
+    const log = $("task-log");
+    const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+    log.appendChild(document.createTextNode(String(line) + "\n"));
+    while (log.childNodes.length > LOG_LINES) log.removeChild(log.firstChild);
+    if (atBottom) log.scrollTop = log.scrollHeight;
+  }
+
+  function closeLog() {
+    if (state.log) state.log.close();
+    state.log = null;
+  }
+
+  function field(list, term, value) {
+    const div = el("div");
+    div.appendChild(el("dt", term));
+    const dd = el("dd");
+    if (value instanceof Node) dd.appendChild(value); else dd.textContent = value === null || value === undefined || value === "" ? "—" : String(value);
+    div.appendChild(dd);
+    list.appendChild(div);
+  }
+
+  function renderTask(task) {
+    state.shown = task;
+    $("task-uuid").textContent = task.uuid;
+    const badge = $("task-status");
+    badge.textContent = task.status.replace("_", " ");
+    badge.className = "status status-" + task.status;
+    clear($("task-bar")).appendChild(progressBar(task));
+    $("task-progress-text").textContent = show(task.progress);
+    renderActions(task);
+    const list = clear($("task-fields"));
+    field(list, "Controller", task.controller);
+    field(list, "Message", task.msg);
+    field(list, "Priority", task.priority);
+    field(list, "Position", task.position);
+    field(list, "Attempt", task.attempt);
+    field(list, "Retry at", task.retry_at ? timeCell(task.retry_at) : null);
+    field(list, "Pid", task.pid);
+    field(list, "Exit code", task.exit_code);
+    field(list, "Memory peak", task.memory_peak === null || task.memory_peak === undefined ? null : bytes(task.memory_peak));
+    field(list, "CPU time", typeof task.cpu_time === "number" ? task.cpu_time.toFixed(2) + " s" : null);
+    field(list, "Timeout", typeof task.timeout === "number" ? task.timeout + " s" : null);
+    field(list, "Created", task.created_at ? timeCell(task.created_at) : null);
+    field(list, "Started", task.started_at ? timeCell(task.started_at) : null);
+    field(list, "Ended", task.ended_at ? timeCell(task.ended_at) : null);
+    field(list, "Duration", duration(task));
+    field(list, "Schedule", task.schedule ? task.schedule.name + " (" + task.schedule.firing + ")" : null);
+    $("task-args").textContent = pretty(task.args);
+    $("task-result").textContent = pretty(task.result);
+    renderError(task.error);
+    renderRetries(task.errors || []);
+  }
+
+  function renderError(error) {
+    $("task-error-panel").hidden = !error;
+    if (!error) return;
+    $("task-error").textContent = (error.type ? error.type + ": " : "") + show(error.message);
+    const hidden = !error.traceback;
+    $("task-traceback").hidden = hidden;
+    $("task-traceback").textContent = error.traceback || "";
+    $("task-traceback-note").hidden = !hidden;
+    $("task-traceback-note").textContent = "Traceback hidden: set MPC_EXPOSE_TRACEBACKS = True in the app's " +
+      "config (or expose_tracebacks=True on the controller) to show it here. It is in the server's log.";
+  }
+
+  function renderRetries(errors) {
+    $("task-retries-panel").hidden = errors.length === 0;
+    const list = clear($("task-retries"));
+    for (const error of errors) {
+      const item = el("li");
+      const head = (error.attempt !== undefined ? "attempt " + error.attempt + ": " : "") +
+        (error.type ? error.type + ": " : "") + show(error.message);
+      item.appendChild(el("span", head));
+      if (error.traceback) item.appendChild(el("pre", error.traceback));
+      list.appendChild(item);
+    }
+  }
+
+  function button(label, cls, action) {
+    const node = el("button", label, cls);
+    node.type = "button";
+    node.addEventListener("click", action);
+    return node;
+  }
+
+  function renderActions(task) {
+    const box = clear($("task-actions"));
+    const uuid = task.uuid;
+    if (["queued", "running", "paused"].includes(task.status)) {
+      box.appendChild(button("Stop", "danger stop", async () => {
+        if (!window.confirm("Stop task " + uuid + "?")) return;
+        await change(uuid, {method: "DELETE"});
+      }));
+    }
+    if (task.status === "running") box.appendChild(button("Pause", "pause", () => patch(uuid, {status: "paused"})));
+    if (task.status === "paused") box.appendChild(button("Resume", "resume", () => patch(uuid, {status: "running"})));
+    if (task.status === "queued") {
+      const input = el("input");
+      input.type = "number";
+      input.step = "1";
+      input.value = String(task.priority);
+      input.setAttribute("aria-label", "priority");
+      input.className = "priority";
+      box.appendChild(input);
+      box.appendChild(button("Set priority", "reprioritise", () => {
+        const value = Number(input.value);
+        if (!Number.isInteger(value)) { banner("A priority is an integer (lower runs first)."); return; }
+        patch(uuid, {priority: value});
+      }));
+    }
+  }
+
+  function patch(uuid, body) {
+    return change(uuid, {method: "PATCH", body: JSON.stringify(body), headers: {"Content-Type": "application/json", "Accept": "application/json"}});
+  }
+
+  async function change(uuid, options) {
+    try {
+      const task = await api("api/tasks/" + encodeURIComponent(uuid), options);
+      banner("");
+      showTask(task);
+    } catch (e) { banner(e.message); }
+  }
+
+  // -- routing -----------------------------------------------------------------------------------
+
+  function route() {
+    const match = /^#\/tasks\/([0-9a-fA-F-]{36})$/.exec(location.hash);
+    const uuid = match ? match[1].toLowerCase() : null;
+    $("list-view").hidden = Boolean(uuid);
+    $("task-view").hidden = !uuid;
+    if (uuid !== state.current) { closeLog(); state.shown = null; }
+    state.current = uuid;
+    if (uuid) {
+      clear($("task-fields"));
+      openTask(uuid);
+      followLog(uuid);
+    }
+  }
+
+  function tick() {
+    advanceChart();
+    for (const node of document.querySelectorAll("time.rel")) node.textContent = relative(node.dateTime);
+    for (const [uuid, row] of state.rows) {
+      const task = state.tasks.get(uuid);
+      if (task && task.started_at && !task.ended_at) row.children[8].textContent = duration(task);
+    }
+  }
+
+  function start() {
+    $("filter-controller").addEventListener("change", () => { loadTasks(false); loadStats(); });
+    $("filter-status").addEventListener("change", () => loadTasks(false));
+    $("search").addEventListener("input", onSearch);
+    $("filters").addEventListener("submit", (event) => { event.preventDefault(); onSearch(event); });
+    $("older").addEventListener("click", () => loadTasks(true));
+    window.addEventListener("hashchange", route);
+    connection.start();
+    loadHealth();
+    loadStats();
+    loadSchedules();
+    loadTasks(false);
+    route();
+    setInterval(tick, 5000);  // relative times only: the data comes from the event stream
+  }
+
+  document.addEventListener("DOMContentLoaded", start);
+})();

@@ -1,0 +1,235 @@
+"""The dashboard in a real browser: Debian's chromium, headless, driven by Playwright.
+
+One browser for the module; each test gets its own context (closed at its end) and its own server
+(``tests/dashboard_app.py``: the example app plus a controller whose task echoes hostile text) on
+127.0.0.1 with a SQLite store in the test's temporary directory. Screenshots go to that directory.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+from conftest import free_port
+from serverproc import Server, ServerPool, python
+
+APP = Path(__file__).resolve().parent / "dashboard_app.py"
+#: Milliseconds the page gets to show what a test waits for.
+SHOWN = 20_000
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.fail("chromium is not installed: run the README's test command, which installs it.")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=binary, args=["--no-sandbox"])
+        # The browser starts its shared helper processes (GPU, network, storage) on first use: start
+        # them now, so that each test's leak detector sees only what that test's own page left.
+        warm = chromium.new_context()
+        warm.new_page().goto("data:text/html,<p>ready</p>")
+        warm.close()
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
+    """A fresh page in its own context; any script error or Content-Security-Policy violation fails the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    opened = context.new_page()
+    opened.set_default_timeout(SHOWN)
+    errors: list[str] = []
+    opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    opened.on("console", lambda message: errors.append(message.text)
+              if "Content Security Policy" in message.text else None)
+    opened.on("dialog", lambda dialog: dialog.accept())
+    yield opened
+    try:
+        save_screenshot(opened, tmp_path / "last.png")
+    finally:
+        context.close()
+    assert errors == [], errors
+
+
+def save_screenshot(page: Any, path: Path) -> None:
+    """Write a screenshot of ``page`` ourselves: Playwright would write it from a worker thread of its
+    event loop, a thread that outlives the test (the leak detector would rightly count it)."""
+    path.write_bytes(page.screenshot())
+
+
+def start(pool: ServerPool, tmp_path: Path, port: int, **env: str) -> Server:
+    return pool.start(python(str(APP)), cwd=tmp_path, port=port, log_path=tmp_path / "server.log",
+                      ready_path="/mpc/health",
+                      env={"PORT": str(port), "MPC_STORE_URL": f"sqlite:///{tmp_path}/tasks.sqlite3", **env})
+
+
+@pytest.fixture
+def server(pool: ServerPool, tmp_path: Path) -> Server:
+    return start(pool, tmp_path, free_port())
+
+
+def submit(server: Server, path: str, **kwargs: Any) -> str:
+    answer = requests.post(server.base + path, json=kwargs, timeout=10)
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["uuid"])
+
+
+def row(uuid: str) -> str:
+    return f'#task-rows tr[data-uuid="{uuid}"]'
+
+
+def test_the_list_shows_controllers_and_a_progress_bar_that_advances(page: Any, server: Server) -> None:
+    uuid = submit(server, "/primes", limit=100_000, chunks=25, pause=0.12)
+    page.goto(server.base + "/mpc/")
+    page.wait_for_selector('#controllers [data-controller="primes"]')
+    page.wait_for_selector(row(uuid))
+    assert uuid[:8] in page.inner_text(row(uuid))
+    page.wait_for_selector("#connection.up")
+    first = page.wait_for_function(
+        f"() => {{ const bar = document.querySelector('{row(uuid)} progress');"
+        f" return bar && bar.value > 0 && bar.value < 100 ? bar.value : false; }}").json_value()
+    page.wait_for_function(f"() => document.querySelector('{row(uuid)} progress').value > {first}")
+    page.wait_for_selector(f"{row(uuid)} td.latest:has-text('checked_below')")
+    page.wait_for_selector(f'{row(uuid)}[data-status="succeeded"]')
+    assert page.locator(f"{row(uuid)} progress").evaluate("bar => bar.value") == 100
+    page.wait_for_selector("#chart rect.fill-succeeded")  # the chart counts the task that ended
+
+
+def test_pause_resume_and_stop_on_the_task_page(page: Any, server: Server, tmp_path: Path) -> None:
+    uuid = submit(server, "/echo", text="waiting", gate=str(tmp_path / "never"))
+    page.goto(server.base + f"/mpc/#/tasks/{uuid}")
+    page.wait_for_selector("#task-status.status-running")
+    page.wait_for_selector("#task-log:has-text('echo waiting')")
+    assert page.inner_text("#task-uuid") == uuid
+    page.click("#task-actions button.pause")
+    page.wait_for_selector("#task-status.status-paused")
+    page.click("#task-actions button.resume")
+    page.wait_for_selector("#task-status.status-running")
+    page.click("#task-actions button.stop")  # the confirmation is accepted by the page fixture
+    page.wait_for_selector("#task-status.status-stopped")
+    assert requests.get(f"{server.base}/mpc/api/tasks/{uuid}", timeout=10).json()["status"] == "stopped"
+    assert page.locator("#task-actions button.stop").count() == 0, "nothing left to stop"
+
+
+HOSTILE = '<script>window.pwned = "script"</script><img src=x onerror="window.pwned = \'img\'">'
+
+
+def test_hostile_text_is_shown_as_text_and_nothing_runs(page: Any, server: Server) -> None:
+    shown = submit(server, "/echo", text=HOSTILE)
+    failed = submit(server, "/echo", text=HOSTILE, fail=True)
+    page.goto(server.base + "/mpc/")
+    page.wait_for_selector(f'{row(shown)}[data-status="succeeded"]')
+    page.wait_for_selector(f'{row(failed)}[data-status="failed"]')
+    assert page.inner_text(f"{row(shown)} td.latest") == HOSTILE
+    page.goto(server.base + f"/mpc/#/tasks/{failed}")
+    page.wait_for_selector("#task-status.status-failed")
+    page.wait_for_selector("#task-log:has-text('echo <script>')")
+    assert json.loads(page.inner_text("#task-args")) == {"text": HOSTILE, "fail": True}
+    assert page.inner_text("#task-error") == f"ValueError: {HOSTILE}"
+    assert page.inner_text("#task-progress-text") == HOSTILE
+    assert "MPC_EXPOSE_TRACEBACKS" in page.inner_text("#task-traceback-note"), "the page says the traceback is hidden"
+    assert page.evaluate("window.pwned") is None
+    assert page.locator("main img, main script").count() == 0, "no element was made from the text"
+
+
+def test_the_page_recovers_after_the_server_restarts(page: Any, pool: ServerPool, tmp_path: Path) -> None:
+    port = free_port()
+    first = start(pool, tmp_path, port)
+    before = submit(first, "/echo", text="before")
+    page.goto(first.base + "/mpc/")
+    page.wait_for_selector(f'{row(before)}[data-status="succeeded"]')
+    page.wait_for_selector("#connection.up")
+    assert first.stop() == []
+    page.wait_for_selector("#connection.down")
+    assert "disconnected" in page.inner_text("#connection")
+    save_screenshot(page, tmp_path / "disconnected.png")
+    second = start(pool, tmp_path, port)
+    page.wait_for_selector("#connection.up")
+    after = submit(second, "/echo", text="after")
+    page.wait_for_selector(f'{row(after)}[data-status="succeeded"]')
+    assert page.locator(row(before)).count() == 1, "the list was re-read, not duplicated"
+
+
+def test_pages_past_a_hundred_search_reprioritise_and_stop_all(page: Any, server: Server, tmp_path: Path) -> None:
+    gate = str(tmp_path / "never")
+    answer = requests.post(server.base + "/echo", json=[{"text": str(n), "gate": gate} for n in range(105)],
+                           timeout=30)
+    assert answer.status_code == 202, answer.text
+    uuids = [task["uuid"] for task in answer.json()["tasks"]]
+    page.goto(server.base + "/mpc/")
+    page.wait_for_selector(row(uuids[-1]))
+    assert page.locator("#task-rows tr").count() == 100, "newest first, 100 at a time"
+    assert page.locator(row(uuids[0])).count() == 0
+    page.click("#older")
+    page.wait_for_selector(row(uuids[0]))
+    assert page.locator("#task-rows tr").count() == 105
+    assert page.locator("#older").is_hidden()
+    page.fill("#search", uuids[7][:6])
+    assert page.locator(row(uuids[7])).is_visible()
+    assert page.locator("#task-rows tr:visible").count() == sum(u.startswith(uuids[7][:6]) for u in uuids)
+    page.fill("#search", uuids[7])
+    page.wait_for_selector("#task-view:visible")
+    assert page.inner_text("#task-uuid") == uuids[7]
+    page.wait_for_selector("#task-status.status-queued")
+    page.fill("#task-actions input.priority", "-5")
+    page.click("#task-actions button.reprioritise")
+    page.wait_for_selector("#task-fields div:has(dt:text-is('Priority')) dd:text-is('-5')")
+    assert page.inner_text("#task-fields div:has(dt:text-is('Position')) dd") == "1", "first in the queue now"
+    page.click("text=← all tasks")
+    page.fill("#search", "")
+    page.click('#controllers [data-controller="echo"] button.danger')  # confirmed by the page fixture
+    page.wait_for_selector(f'{row(uuids[-1])}[data-status="stopped"]')
+    page.wait_for_function("() => !document.querySelector('#task-rows tr:not([data-status=\"stopped\"])')")
+
+
+def test_the_traceback_is_shown_when_the_controller_exposes_it(page: Any, pool: ServerPool, tmp_path: Path) -> None:
+    server = start(pool, tmp_path, free_port(), ECHO_TRACEBACKS="1")
+    failed = submit(server, "/echo", text="boom", fail=True)
+    page.goto(server.base + f"/mpc/#/tasks/{failed}")
+    page.wait_for_selector("#task-status.status-failed")
+    assert page.inner_text("#task-error") == "ValueError: boom"
+    assert "Traceback (most recent call last)" in page.inner_text("#task-traceback")
+    assert "raise ValueError(text)" in page.inner_text("#task-traceback")
+    assert page.locator("#task-traceback-note").is_hidden()
+
+
+def test_a_stream_that_ends_normally_reconnects_without_showing_disconnected(page: Any, pool: ServerPool,
+                                                                             tmp_path: Path) -> None:
+    server = start(pool, tmp_path, free_port(), STREAM_SECONDS="1")
+    page.goto(server.base + "/mpc/")
+    page.wait_for_selector("#connection.up")
+    # Every class the badge takes from now on (set again on each open of the stream).
+    page.evaluate("""() => {
+        window.badges = [];
+        new MutationObserver(() => window.badges.push(document.getElementById('connection').className))
+            .observe(document.getElementById('connection'), {attributes: true});
+    }""")
+    page.wait_for_function("() => window.badges.length >= 2")  # two more streams opened after ending
+    assert set(page.evaluate("window.badges")) == {"connection up"}
+    assert server.log().count("GET /mpc/events") >= 3
+
+
+def test_retry_history_and_schedules(page: Any, server: Server) -> None:
+    uuid = submit(server, "/flaky", why="<b>network down</b>")
+    page.goto(server.base + f"/mpc/#/tasks/{uuid}")
+    page.wait_for_selector("#task-status.status-failed")
+    task = requests.get(f"{server.base}/mpc/api/tasks/{uuid}", timeout=10).json()
+    assert len(task["errors"]) == 2, task
+    assert page.locator("#task-retries li").count() == 2
+    assert page.locator("#task-retries li").all_inner_texts() == \
+        [f"attempt {e['attempt']}: ConnectionError: <b>network down</b>" if "attempt" in e
+         else "ConnectionError: <b>network down</b>" for e in task["errors"]]
+    assert page.inner_text("#task-fields div:has(dt:text-is('Attempt')) dd") == str(task["attempt"])
+    page.click("text=← all tasks")
+    page.wait_for_selector("#schedule-rows tr")
+    assert page.locator("#schedule-rows tr").first.locator("td").all_inner_texts()[:4] == \
+        ["nightly", "flaky", "every 86400 s", "active"]
