@@ -359,14 +359,29 @@ def _get_collection() -> dict[str, Any]:
 
 
 def _delete_operation(is_item: bool) -> dict[str, Any]:
+    if is_item:
+        return {
+            "summary": "Stop a task",
+            "description": ("A running task is asked to stop (202, `stopping`); a queued one is stopped at once "
+                            "and never starts (200, `stopped`)."),
+            "responses": {
+                "200": _task_response("The task was queued: now `stopped`.", _ref(_SCHEMAS, "Task")),
+                "202": _task_response("The task runs: now `stopping`.", _ref(_SCHEMAS, "Task")),
+                **_errors("BadRequest", "NotFound", "Conflict", "Unavailable"),
+            },
+        }
     return {
-        "summary": "Stop a task",
-        "description": ("A running task is asked to stop (202, `stopping`); a queued one is stopped at once and "
-                        "never starts (200, `stopped`)."),
-        "parameters": [] if is_item else [_required_uuid()],
+        "summary": "Stop a task, or every task",
+        "description": ("`?uuid=`: a running task is asked to stop (202, `stopping`); a queued one is stopped at "
+                        "once and never starts (200, `stopped`). `?all=true`: every queued task is stopped and "
+                        "every running one asked to stop (202 with the counts). Neither: 400."),
+        "parameters": [{**_required_uuid(), "required": False},
+                       {"name": "all", "in": "query", "schema": {"enum": ["true", "false", "1", "0"]},
+                        "description": "`true` stops every queued and running task of the controller."}],
         "responses": {
             "200": _task_response("The task was queued: now `stopped`.", _ref(_SCHEMAS, "Task")),
-            "202": _task_response("The task runs: now `stopping`.", _ref(_SCHEMAS, "Task")),
+            "202": _task_response("The task runs: now `stopping`; or, with `?all=true`, the counts.",
+                                  {"anyOf": [_ref(_SCHEMAS, "Task"), _ref(_SCHEMAS, "StopAll")]}),
             **_errors("BadRequest", "NotFound", "Conflict", "Unavailable"),
         },
     }
@@ -419,9 +434,8 @@ def extension_paths(prefix: str) -> dict[str, Any]:
                 "parameters": [{**controller, "required": True, "description": "The controller's name."},
                                {"name": "all", "in": "query", "required": True, "schema": {"enum": ["true", "1"]},
                                 "description": "Must be `true`: a DELETE of the list stops every task."}],
-                "responses": {"202": _task_response("Queued tasks stopped, and running ones asked to stop.", {
-                    "type": "object", "required": ["stopped", "stopping"], "properties": {
-                        "stopped": {"type": "integer", "minimum": 0}, "stopping": {"type": "integer", "minimum": 0}}}),
+                "responses": {"202": _task_response("Queued tasks stopped, and running ones asked to stop.",
+                                                    _ref(_SCHEMAS, "StopAll")),
                     **_errors("BadRequest", "Unavailable")}}
     counts = {"type": "array", "items": {"type": "integer", "minimum": 0}}
     stats = {"summary": "Tasks ended per minute and outcome (the dashboard's chart)",
@@ -587,6 +601,9 @@ def _common_schemas() -> dict[str, Any]:
                 "tasks": {"type": "array", "items": _ref(_SCHEMAS, "Task"), "description": "Newest first."},
                 "running": {"type": "integer", "minimum": 0}, "queued": {"type": "integer", "minimum": 0},
                 "max_num_process": {"type": "integer", "minimum": 1}}},
+        "StopAll": {"type": "object", "required": ["stopped", "stopping"], "properties": {
+            "stopped": {"type": "integer", "minimum": 0, "description": "Queued tasks now stopped."},
+            "stopping": {"type": "integer", "minimum": 0, "description": "Running tasks asked to stop."}}},
         "Error": {"type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}},
     }
 

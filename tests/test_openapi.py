@@ -115,7 +115,9 @@ def test_query_options(make_controller):
     assert names(paths["/solve"]["post"]) == {"priority", "timeout", "wait"}
     assert names(paths["/solve"]["get"]) == {"uuid", "wait", "status", "limit"}
     assert names(paths["/solve/{uuid}"]["get"]) == {"wait"}
-    assert names(paths["/solve"]["delete"]) == {"uuid"}
+    assert names(paths["/solve"]["delete"]) == {"uuid", "all"}
+    stop_all = paths["/solve"]["delete"]["responses"]["202"]["content"]["application/json"]["schema"]
+    assert {"$ref": "#/components/schemas/StopAll"} in stop_all["anyOf"]
     assert params["status"]["schema"]["items"] == {"$ref": "#/components/schemas/TaskStatus"}
     assert params["status"]["explode"] is False  # ?status=queued,running
     assert params["limit"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
