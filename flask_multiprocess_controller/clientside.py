@@ -17,7 +17,7 @@ from .events import Event, EventKind
 from .hub import EventHub
 from .store import TaskStore
 from .store.base import Row
-from .waiters import Waiters
+from .waiters import Countdown, Waiters
 
 
 class ClientSide:
@@ -57,6 +57,16 @@ class ClientSide:
                 self._following = True
         with self._waiters.watch(uuid) as ended:
             yield ended
+
+    @contextmanager
+    def watch_all(self, uuids: Sequence[str]) -> Iterator[Countdown]:
+        """A countdown of ``uuids`` ending, fed by the store's change feed."""
+        with self._lock:
+            if not self._following:
+                self._hub.start()
+                self._following = True
+        with self._waiters.watch_all(uuids) as countdown:
+            yield countdown
 
     def local_run(self, uuid: str) -> Optional[object]:
         """Nothing runs here."""

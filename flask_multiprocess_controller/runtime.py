@@ -52,7 +52,7 @@ from .store import TaskStore
 from .store.base import Row
 from .supervisor import Outcome, Settings, StopReason, Supervisor, TaskRun
 from .task import MetaMPTask
-from .waiters import Waiters
+from .waiters import Countdown, Waiters
 
 
 def host_id() -> str:
@@ -214,6 +214,12 @@ class Runtime:
         """An event set when ``uuid`` ends (or everything must be re-read) while the block runs."""
         with self._waiters.watch(uuid) as ended:
             yield ended
+
+    @contextmanager
+    def watch_all(self, uuids: Sequence[str]) -> Iterator[Countdown]:
+        """A countdown of ``uuids`` ending (see :class:`~.waiters.Countdown`) while the block runs."""
+        with self._waiters.watch_all(uuids) as countdown:
+            yield countdown
 
     def local_run(self, uuid: str) -> Optional[TaskRun]:
         """The run of ``uuid`` in this process, if it runs here (its progress is the freshest)."""

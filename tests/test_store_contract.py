@@ -519,6 +519,27 @@ def test_position_is_the_one_based_place_in_the_queue(store):
 # -- purge ----------------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
+def test_batch_lists_the_tasks_of_one_batch_in_input_order(store):
+    batch, other_batch = uuid_module.uuid4().hex, uuid_module.uuid4().hex
+    rows = [dict(make_row(priority=p), batch=batch) for p in (5, -1, 0)]
+    store.enqueue(rows, -1)
+    store.enqueue([dict(make_row(), batch=other_batch)], -1)
+    store.enqueue([dict(make_row(OTHER), batch=batch)], -1)  # another controller's: not in CTL's batch
+    (alone,) = add(store)
+    assert [r["uuid"] for r in store.batch(CTL, batch)] == [r["uuid"] for r in rows]
+    assert all(ROW_KEYS <= set(r) and r["batch"] == batch for r in store.batch(CTL, batch))
+    assert [r["batch"] for r in store.batch(CTL, other_batch)] == [other_batch]
+    assert store.get(alone)["batch"] is None
+    assert store.batch(CTL, uuid_module.uuid4().hex) == []
+    # Claims, ends and purges show in it.
+    assert claim(store)["uuid"] == rows[1]["uuid"]
+    assert store.finish(rows[1]["uuid"], "succeeded", ended_at=10.0)
+    assert [r["status"] for r in store.batch(CTL, batch)] == ["queued", "succeeded", "queued"]
+    assert store.purge(CTL, 100.0) == 1
+    assert [r["uuid"] for r in store.batch(CTL, batch)] == [rows[0]["uuid"], rows[2]["uuid"]]
+
+
+@pytest.mark.timeout(30)
 def test_purge_removes_only_old_finished_tasks_of_that_controller(store):
     old_done, new_done, stopped_queued, running, still_queued = add(store, 5)
     (other_old,) = add(store, 1, controller=OTHER)

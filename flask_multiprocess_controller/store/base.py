@@ -83,6 +83,8 @@ class Row(TypedDict, total=False):
     schedule: Optional[dict[str, Any]]
     #: Who may see the task, when the controller has a ``tenant=`` hook (None: nobody in particular).
     tenant: Optional[str]
+    #: The id of the bulk submission the task came with (every task of one bulk shares it); else None.
+    batch: Optional[str]
 
 
 class _AnyTenant:
@@ -461,6 +463,14 @@ class TaskStore(abc.ABC):
         :param before: a ``seq``: only older tasks (paging). Costs O(``limit``) on every store
             (with a ``tenant``, in proportion to the tasks skipped on Redis).
         :param tenant: only the tasks stamped with this tenant (None included); every tenant's by default.
+        """
+
+    @abc.abstractmethod
+    def batch(self, controller: str, batch: str) -> list[Row]:
+        """Return the controller's tasks stored with the ``batch`` id, in input order (by ``seq``).
+
+        An unknown batch (or one whose tasks were all purged) gives an empty list. Costs
+        O(size of the batch) on every store.
         """
 
     @abc.abstractmethod

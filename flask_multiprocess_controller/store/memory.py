@@ -370,6 +370,12 @@ class MemoryStore(TaskStore):
             rows.sort(key=lambda r: r["seq"], reverse=True)
             return copy.deepcopy(rows[:limit])
 
+    def batch(self, controller: str, batch: str) -> list[Row]:
+        with self._lock:
+            rows = [r for r in self._rows.values() if r["controller"] == controller and r.get("batch") == batch]
+            rows.sort(key=lambda r: r["seq"])
+            return copy.deepcopy(rows)
+
     def counts(self, controller: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self._lock:

@@ -170,13 +170,15 @@ end
 -- Store a new queued task from a flat [field, value, ...] list without seq; returns its uuid and event.
 local function insert_queued(controller, row)
   local seq = redis.call('INCR', prefix .. 'seq')
-  local uuid, priority
+  local uuid, priority, batch
   for i = 1, #row, 2 do
     if row[i] == 'uuid' then uuid = row[i + 1] end
     if row[i] == 'priority' then priority = row[i + 1] end
+    if row[i] == 'batch' then batch = row[i + 1] end
   end
   local key = prefix .. 't:' .. uuid
   redis.call('HSET', key, 'seq', seq, unpack(row))
+  if batch then redis.call('ZADD', ckey(controller, 'b:' .. batch), seq, uuid) end
   redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
   redis.call('ZADD', ckey(controller, 'all'), seq, uuid)
   redis.call('ZADD', ckey(controller, 's:queued'), seq, uuid)
@@ -400,9 +402,10 @@ local doomed = redis.call('ZRANGEBYSCORE', ckey(controller, 'ended'), '-inf', '(
                           'LIMIT', 0, tonumber(ARGV[6]))
 for _, uuid in ipairs(doomed) do
   local key = prefix .. 't:' .. uuid
-  local status = redis.call('HGET', key, 'status')
+  local status, batch = unpack(redis.call('HMGET', key, 'status', 'batch'))
   if status then
     emit('purged', key)
+    if batch then redis.call('ZREM', ckey(controller, 'b:' .. batch), uuid) end
     redis.call('HINCRBY', ckey(controller, 'n'), status, -1)
     redis.call('ZREM', ckey(controller, 's:' .. status), uuid)
     redis.call('DEL', key)
@@ -850,6 +853,11 @@ class RedisStore(TaskStore):
         uuids = [uuid for uuid, _ in merged][:limit]
         # A task may have changed status since: keep to the filter.
         return [row for row in self._get_many(uuids) if row["status"] in wanted]
+
+    @_guarded
+    def batch(self, controller: str, batch: str) -> list[Row]:
+        # A sorted set per batch (by seq), written with the tasks and trimmed by purges.
+        return self._get_many(self._redis.zrange(self._c(controller, "b:" + batch), 0, -1))
 
     @_guarded
     def counts(self, controller: str) -> dict[str, int]:

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS mpc_tasks (
     retry_at REAL,
     errors TEXT,
     schedule TEXT,
-    tenant TEXT
+    tenant TEXT,
+    batch TEXT
 );
 CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_status ON mpc_tasks (controller, status, seq);
@@ -110,7 +111,7 @@ CREATE TABLE IF NOT EXISTS mpc_schedules (
 
 #: Columns added to ``mpc_tasks`` after its first release, with their declarations: a file made
 #: by an older version gets them (``ALTER TABLE``) when a store first opens it.
-_ADDED_COLUMNS = {"retry_at": "REAL", "errors": "TEXT", "schedule": "TEXT", "tenant": "TEXT"}
+_ADDED_COLUMNS = {"retry_at": "REAL", "errors": "TEXT", "schedule": "TEXT", "tenant": "TEXT", "batch": "TEXT"}
 
 #: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
 #: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
@@ -119,6 +120,7 @@ CREATE INDEX IF NOT EXISTS mpc_tasks_ready ON mpc_tasks (controller, priority, s
     WHERE status = 'queued' AND retry_at IS NULL;
 CREATE INDEX IF NOT EXISTS mpc_tasks_delayed ON mpc_tasks (controller, retry_at)
     WHERE status = 'queued' AND retry_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch IS NOT NULL;
 """
 
 #: Columns stored as JSON text.
@@ -723,6 +725,9 @@ class SQLiteStore(TaskStore):
                             f"ORDER BY seq DESC LIMIT ?", (controller, status, below, *tenant_args, limit))
                  for status in wanted]
         return list(heapq.merge(*pages, key=lambda r: r["seq"], reverse=True))[:limit]
+
+    def batch(self, controller: str, batch: str) -> list[Row]:
+        return self._read(f"{_SELECT} WHERE batch = ? AND controller = ? ORDER BY seq", (batch, controller))
 
     def counts(self, controller: str) -> dict[str, int]:
         return dict(self._query(
