@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait as wait_ready
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Iterator, Optional, Sequence, cast
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, cast
 
 import psutil
 
@@ -300,8 +300,12 @@ class Runtime:
             self._generation += 1
             self._work.notify_all()
 
-    def next_task(self, retrier: Retrier) -> Optional[Row]:
-        """Claim the next task for a slot, waiting while there is none; None when closing."""
+    def next_task(self, retrier: Retrier, child: Optional[ChildProcess] = None) -> Optional[Claim]:
+        """Claim the next task for a slot, waiting while there is none; None when closing.
+
+        :param child: the slot's task process when it has one already (a reused one): it is
+            recorded with the claim, in the same write, and the claim carries the ``started`` event.
+        """
         c = self.config
         while True:
             with self._work:
@@ -313,18 +317,27 @@ class Runtime:
                     continue
                 generation = self._generation
             try:
-                row = retrier.call("claiming a task", lambda: self.store.claim(c.name, self.owner, c.max_num_process))
+                claim = retrier.call("claiming a task", lambda: self._claim(child))
             except GaveUp:
                 return None
-            if row is not None and self._going_away():  # claimed as the process began to go away: give it back
-                self.give_back(row, retrier)
+            if claim is not None and self._going_away():  # claimed as the process began to go away: give it back
+                self.events.publish(claim.started)
+                self.give_back(claim.row, retrier)
                 return None
-            if row is not None:
-                return row
+            if claim is not None:
+                return claim
             idle_for = self._idle_wait()
             with self._work:
                 if self._generation == generation and not self.closing:
                     self._work.wait(idle_for)
+
+    def _claim(self, child: Optional[ChildProcess]) -> Optional[Claim]:
+        c = self.config
+        if child is None:
+            row = self.store.claim(c.name, self.owner, c.max_num_process)
+            return None if row is None else Claim(row, None)
+        claimed = self.store.claim_started(c.name, self.owner, c.max_num_process, child.pid, child.create_time or 0.0)
+        return None if claimed is None else Claim(*claimed)
 
     def _idle_wait(self) -> Optional[float]:
         """Seconds an idle slot may sleep: until the earliest retry of a failed attempt comes due at most.
@@ -553,6 +566,13 @@ class Runtime:
         self._waiters.wake_all()
 
 
+class Claim(NamedTuple):
+    """A task a slot claimed, and the ``started`` event when its process was recorded with the claim."""
+
+    row: Row
+    started: Optional[Event]
+
+
 class _Slot(threading.Thread):
     """A controlling thread: runs one task process at a time, and one task in it at a time."""
 
@@ -587,10 +607,10 @@ class _Slot(threading.Thread):
         rt = self.runtime
         try:
             while True:
-                row = rt.next_task(self._retrier)
-                if row is None:
+                claim = rt.next_task(self._retrier, self._child)
+                if claim is None:
                     return
-                self._run_task(row)
+                self._run_task(claim)
         finally:
             self._retire_child()
             # A descriptor number is reused at once: no wake may write to it after this.
@@ -599,7 +619,8 @@ class _Slot(threading.Thread):
                 os.close(self._wake_r)
                 os.close(self._wake_w)
 
-    def _run_task(self, row: Row) -> None:
+    def _run_task(self, claim: Claim) -> None:
+        row = claim.row
         rt = self.runtime
         c = rt.config
         run = TaskRun(row["uuid"], row.get("timeout"), self.wake, row.get("progress"), row.get("percent"),
@@ -611,9 +632,10 @@ class _Slot(threading.Thread):
                 run.request_stop(StopReason.REQUESTED)
             child = self._warm_child()
             if rt.closing or rt.draining:  # the process began to go away since the claim: do not start it
+                rt.events.publish(claim.started)
                 rt.give_back(row, self._retrier)
                 return
-            outcome = self._supervisor.run(run, child, row["args"], dict(c.context))
+            outcome = self._supervisor.run(run, child, row["args"], dict(c.context), claim.started)
             self._tasks_in_child += 1
             if not outcome.child_alive or self._tasks_in_child >= c.max_tasks_per_child > 0:
                 self._retire_child()

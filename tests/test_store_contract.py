@@ -286,6 +286,28 @@ def test_claim_returns_none_when_nothing_is_queued(store):
 # -- start, progress, finish, requeue -------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
+def test_claim_started_claims_and_records_the_process_at_once(store):
+    first, second = add(store, 2)
+    assert store.claim_started(CTL, OWNER, 1, 4242, 123.5)[0]["uuid"] == first
+    row = fetch(store, first)
+    assert (row["status"], row["owner"], row["pid"], row["pid_created"], row["attempt"]) == (
+        "running", OWNER, 4242, 123.5, 1)
+    assert row["started_at"] is not None
+    assert store.claim_started(CTL, OWNER, 1, 4343, 1.0) is None  # the limit holds as for claim()
+    assert status_of(store, second) == "queued"
+    store.finish(first, "succeeded", owner=OWNER)
+    before = store.latest_cursor()
+    claimed, event = store.claim_started(CTL, OWNER, 1, 4343, 2.0)
+    assert claimed["uuid"] == second and claimed["pid"] == 4343 and claimed["status"] == "running"
+    assert EVENT_KEYS <= set(event)
+    assert (event["kind"], event["uuid"], event["emitter"]) == ("started", second, OWNER)
+    assert event["task"]["pid"] == 4343 and event["task"]["status"] == "running"
+    feed = store.changes(before)  # the one event of the step, in the feed as start() writes it
+    assert [(e["kind"], e["cursor"]) for e in feed.events] == [("started", event["cursor"])]
+    assert store.claim_started(CTL, OWNER, 5, 1, 1.0) is None  # nothing queued
+
+
+@pytest.mark.timeout(30)
 def test_start_and_progress_only_touch_active_tasks(store):
     running, stopping, finished, queued = add(store, 4)
     for _ in range(3):

@@ -212,6 +212,24 @@ class TaskStore(abc.ABC):
         ``started`` event comes with the pid (:meth:`start`).
         """
 
+    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
+                      pid_created: float) -> Optional[tuple[Row, Event]]:
+        """:meth:`claim` and :meth:`start` in one step, for a serving process whose task process is
+        already there (a reused one): return the claimed task with its process recorded and the
+        ``started`` event, or None when nothing was claimed.
+
+        The backends of this package make one transaction of it; this default makes two (a
+        task settled elsewhere between them gives None, as :meth:`start` would).
+        """
+        row = self.claim(controller, owner, max_running)
+        if row is None:
+            return None
+        event = self.start(row["uuid"], owner, pid, pid_created)
+        if event is None:
+            return None
+        row.update({"pid": pid, "pid_created": pid_created})
+        return row, event
+
     # ``owner`` fences the writes of a claimed task below: when given, the write only applies
     # while the task is still claimed by that serving process. A process that was paused past
     # its lease (its tasks settled elsewhere, perhaps claimed again) can then never overwrite

@@ -118,21 +118,35 @@ class MemoryStore(TaskStore):
 
     def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
         with self._lock:
-            running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)
-            if running >= max_running:
+            row = self._claim(controller, owner, max_running)
+            return None if row is None else copy.deepcopy(row)
+
+    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
+                      pid_created: float) -> Optional[tuple[Row, Event]]:
+        with self._lock:
+            row = self._claim(controller, owner, max_running)
+            if row is None:
                 return None
-            self._promote_due(controller, time.time())
-            queue = self._queues.get(controller, [])
-            while queue:
-                priority, _, uuid = heapq.heappop(queue)
-                row = self._rows.get(uuid)
-                # An entry is stale once its task left the queue, moved to another priority or waits for a retry.
-                if (row is not None and row["status"] == _QUEUED and row["priority"] == priority
-                        and row["retry_at"] is None):
-                    row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": time.time(),
-                                "attempt": row["attempt"] + 1})
-                    return copy.deepcopy(row)
+            row.update({"pid": pid, "pid_created": pid_created})
+            return copy.deepcopy(row), self._emit(EventKind.STARTED, row, owner, time.time())
+
+    def _claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
+        """:meth:`claim` under the lock: the stored row itself (callers copy it)."""
+        running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)
+        if running >= max_running:
             return None
+        self._promote_due(controller, time.time())
+        queue = self._queues.get(controller, [])
+        while queue:
+            priority, _, uuid = heapq.heappop(queue)
+            row = self._rows.get(uuid)
+            # An entry is stale once its task left the queue, moved to another priority or waits for a retry.
+            if (row is not None and row["status"] == _QUEUED and row["priority"] == priority
+                    and row["retry_at"] is None):
+                row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": time.time(),
+                            "attempt": row["attempt"] + 1})
+                return row
+        return None
 
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
         with self._lock:

@@ -245,6 +245,11 @@ redis.call('HINCRBY', key, 'attempt', 1)
 return redis.call('HGETALL', key)
 """
 
+# ARGV from 4: controller, owner, max_running, pid, pid_created. Returns {row (flat), started event}, or nil.
+_CLAIM_STARTED = _CLAIM.replace("return redis.call('HGETALL', key)\n", """redis.call('HSET', key, 'pid', ARGV[7], 'pid_created', ARGV[8])
+return {redis.call('HGETALL', key), emit('started', key)}
+""")
+
 # ARGV from 4: uuid, owner, pid, pid_created
 _START = _LIB + """
 local key = prefix .. 't:' .. ARGV[4]
@@ -457,7 +462,7 @@ redis.call('ZADD', ARGV[1] .. 'owners', string.format('%.6f', tonumber(clock[1])
            ARGV[2])
 """
 
-_SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "start": _START, "progress": _PROGRESS, "finish": _FINISH,
+_SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "claim_started": _CLAIM_STARTED, "start": _START, "progress": _PROGRESS, "finish": _FINISH,
             "requeue": _REQUEUE, "request_stop": _REQUEST_STOP, "purge": _PURGE, "prune": _PRUNE,
             "feed": _FEED, "heartbeat": _HEARTBEAT, "retry": _RETRY, "transition": _TRANSITION,
             "reprioritise": _REPRIORITISE, "stop_all": _STOP_ALL, "declare": _DECLARE, "fire": _FIRE,
@@ -671,6 +676,16 @@ class RedisStore(TaskStore):
     def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
         flat = self._write("claim", None, controller, owner, max_running)
         return _decode(flat) if flat else None
+
+    @_guarded
+    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
+                      pid_created: float) -> Optional[tuple[Row, Event]]:
+        done = self._write("claim_started", owner, controller, owner, max_running, _encode("pid", pid),
+                           _encode("pid_created", pid_created))
+        if not done:
+            return None
+        flat, event = done
+        return _decode(flat), _event(*event)
 
     @_guarded
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:

@@ -437,11 +437,26 @@ class SQLiteStore(TaskStore):
         return events
 
     def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
+        claimed = self._claim(controller, owner, max_running, None)
+        return None if claimed is None else claimed[0]
+
+    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
+                      pid_created: float) -> Optional[tuple[Row, Event]]:
+        claimed = self._claim(controller, owner, max_running, (pid, pid_created))
+        if claimed is None or claimed[1] is None:
+            return None
+        return claimed[0], claimed[1]
+
+    def _claim(self, controller: str, owner: str, max_running: int,
+               process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
+        """Claim the next task in one transaction; with ``process`` (pid, create time), record it and
+        write the ``started`` event in the same transaction."""
         # A plain read first: idle slots look often, and a queue with nothing ready needs no write lock.
         if not self._query(f"SELECT 1 FROM {_READY_TASKS} WHERE controller = ? AND {_READY_SQL} UNION ALL "
                            f"SELECT 1 FROM mpc_tasks WHERE controller = ? AND {_DELAYED_SQL} AND retry_at <= ? "
                            "LIMIT 1", (controller, controller, time.time())):
             return None
+        event = None
         with self._transaction() as db:
             now = time.time()  # inside the lock: later than any change committed before this claim
             db.execute(f"UPDATE mpc_tasks SET retry_at = NULL WHERE controller = ? AND {_DELAYED_SQL} "
@@ -458,14 +473,17 @@ class SQLiteStore(TaskStore):
             if found is None:
                 return None
             row = _decode(found)
+            pid, pid_created = process if process is not None else (row["pid"], row["pid_created"])
             db.execute(
-                "UPDATE mpc_tasks SET status = 'running', owner = ?, started_at = ?, attempt = attempt + 1 "
-                "WHERE seq = ?",
-                (owner, now, row["seq"]),
+                "UPDATE mpc_tasks SET status = 'running', owner = ?, started_at = ?, attempt = attempt + 1, "
+                "pid = ?, pid_created = ? WHERE seq = ?",
+                (owner, now, pid, pid_created, row["seq"]),
             )
-        row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": now,
-                    "attempt": row["attempt"] + 1})
-        return row
+            row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": now,
+                        "attempt": row["attempt"] + 1, "pid": pid, "pid_created": pid_created})
+            if process is not None:
+                event = self._emit(db, EventKind.STARTED, row, owner, now)
+        return row, event
 
     def _update_active(self, kind: EventKind, uuid: str, owner: Optional[str], emitter: Optional[str],
                        assignments: dict[str, Any]) -> Optional[Event]:
