@@ -21,7 +21,7 @@ import time
 import types
 import uuid as uuid_module
 import weakref
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, TypedDict, Union
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, TypedDict, Union, cast
 
 from flask import current_app, has_app_context, has_request_context, request, url_for
 from werkzeug.routing import BuildError
@@ -495,6 +495,11 @@ class MetaMPController:
         :raises InvalidArguments: an item does not fit ``execute``; nothing is queued.
         :raises QueueFull: the items do not fit in the queue; nothing is queued.
         """
+        return self._present_new(self._enqueue_rows(items, priority, timeout, batch))
+
+    def _enqueue_rows(self, items: Sequence[Mapping[str, Any]], priority: int, timeout: Optional[float],
+                      batch: Optional[str]) -> list[Row]:
+        """:meth:`enqueue` without the task objects (a caller that waits reads them anyway)."""
         side = self._activate()  # raises NoTargetTask for a controller without a task
         spec = self._spec
         if spec is None:
@@ -526,7 +531,7 @@ class MetaMPController:
                 "attempt": 0, "stop_requested": False, "batch": batch,
             })
         side.submit(rows, self.max_num_queue)
-        return self._present_new(rows)
+        return rows
 
     def submit(self, **kwargs: Any) -> str:
         """Queue ``execute(**kwargs)`` and return the task's uuid."""
@@ -607,15 +612,18 @@ class MetaMPController:
         """Wait until the task has ended or ``timeout`` seconds passed; return its task object."""
         side = self._activate()
         deadline = None if timeout is None else time.monotonic() + timeout
-        # The task's 'ended' event wakes us, whichever process or host ran it: no polling.
+        # The task's 'ended' event wakes us, whichever process or host ran it: no polling. It
+        # carries the task as its ending wrote it, so the store is not read again then.
         with side.watch(uuid) as ended:
+            row = self._row(uuid)
             while True:
-                row = self._row(uuid)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if row["status"] in TERMINAL or side.closing or (remaining is not None and remaining <= 0):
                     return self._present(row)
                 ended.wait(remaining)
                 ended.clear()
+                task = cast(Optional[Row], ended.task)
+                row = task if task is not None and task.get("status") in TERMINAL else self._row(uuid)
 
     def tasks(self, status: Union[None, str, Iterable[str]] = None, limit: int = defaults.LIST_LIMIT) -> ListView:
         """Return the list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``."""
@@ -871,13 +879,12 @@ class MetaMPController:
             raise InvalidRequest("Send either one JSON object or a JSON array of objects.")
         if args:
             return self._answer_bulk_post(list(args), priority, timeout, wait)
-        tasks = self.enqueue([kwargs], priority=priority, timeout=timeout)
-        status = 202
-        if wait is not None:
-            tasks = [self.wait(tasks[0]["uuid"], wait)]
-            if tasks[0]["status"] in TERMINAL:
-                status = 200
-        task = self._for_client(tasks[0])
+        if wait is None:
+            task, status = self.enqueue([kwargs], priority=priority, timeout=timeout)[0], 202
+        else:  # the wait reads the task anyway: no queue position is computed for it first
+            task = self.wait(self._enqueue_rows([kwargs], priority, timeout, None)[0]["uuid"], wait)
+            status = 200 if task["status"] in TERMINAL else 202
+        task = self._for_client(task)
         return Reply(task, status, {"Location": self._location(task["uuid"])})
 
     def _answer_bulk_post(self, items: list[Mapping[str, Any]], priority: int, timeout: Optional[float],

@@ -52,7 +52,7 @@ from .store import TaskStore
 from .store.base import Row
 from .supervisor import Outcome, Settings, StopReason, Supervisor, TaskRun
 from .task import MetaMPTask
-from .waiters import Countdown, Waiters
+from .waiters import Countdown, Ended, Waiters
 
 
 def host_id() -> str:
@@ -210,7 +210,7 @@ class Runtime:
         return row
 
     @contextmanager
-    def watch(self, uuid: str) -> Iterator[threading.Event]:
+    def watch(self, uuid: str) -> Iterator[Ended]:
         """An event set when ``uuid`` ends (or everything must be re-read) while the block runs."""
         with self._waiters.watch(uuid) as ended:
             yield ended
@@ -239,7 +239,7 @@ class Runtime:
         if kind in (EventKind.QUEUED, EventKind.REQUEUED, EventKind.ENDED):
             self.notify_work()  # work was queued, or a slot of the controller came free
         if kind == EventKind.ENDED:
-            self._waiters.wake(uuid)
+            self._waiters.wake(uuid, event["task"])
         run = self.local_run(uuid)
         if run is None or event["task"].get("attempt") != run.attempt:
             return  # not about the run of this process (an earlier attempt's event, read late)

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Protocol, Union
+from typing import Any, Iterable, Iterator, Optional, Protocol, Union
 
 
 class _Watcher(Protocol):
     def set(self) -> None: ...
+
+
+class Ended(threading.Event):
+    """Set when a watched task ends; :attr:`task` is then its row as the ending wrote it (None when
+    woken for another reason: the caller re-reads the store)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task: Optional[dict[str, Any]] = None
 
 
 class Countdown:
@@ -79,9 +88,9 @@ class Waiters:
                     del self._events[uuid]
 
     @contextmanager
-    def watch(self, uuid: str) -> Iterator[threading.Event]:
+    def watch(self, uuid: str) -> Iterator[Ended]:
         """An event set when ``uuid`` ends (or :meth:`wake_all` is called) while the block runs."""
-        event = threading.Event()
+        event = Ended()
         self._add(uuid, event)
         try:
             yield event
@@ -102,11 +111,13 @@ class Waiters:
             for member in members:
                 self._remove(member.uuid, member)
 
-    def wake(self, uuid: str) -> None:
-        """Wake the threads waiting for ``uuid``."""
+    def wake(self, uuid: str, task: Optional[dict[str, Any]] = None) -> None:
+        """Wake the threads waiting for ``uuid``; ``task`` is its row as its ending wrote it."""
         with self._lock:
             events = list(self._events.get(uuid, ()))
         for event in events:
+            if isinstance(event, Ended):
+                event.task = task
             event.set()
 
     def wake_all(self) -> None:
@@ -114,5 +125,7 @@ class Waiters:
         with self._lock:
             events = [event for events in self._events.values() for event in events]
         for event in events:
+            if isinstance(event, Ended):
+                event.task = None  # re-read: the row may have changed since
             target: Union[_Watcher, threading.Event] = event.countdown.done if isinstance(event, _Member) else event
             target.set()
