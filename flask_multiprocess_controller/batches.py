@@ -46,7 +46,7 @@ def new_batch_id() -> str:
 
 
 def parse_batch_id(value: Any) -> str:
-    """The canonical form of a batch id (lowercase hex, dashes of a uuid dropped), or :class:`InvalidRequest`."""
+    """The canonical form of a batch id (lowercase hex, a uuid's dashes dropped); else :class:`InvalidRequest`."""
     if isinstance(value, str):
         text = value.strip().lower().replace("-", "")
         if _BATCH_ID.fullmatch(text):

@@ -285,7 +285,8 @@ class Client:
             wait = WAIT_CHUNK if remaining is None else min(WAIT_CHUNK, remaining)
             view = dict(self._send("GET", self._url(), params={"batch": batch, "wait": f"{wait:.3f}"},
                                    timeout=wait + self.timeout))
-            if view.get("ended") == view.get("total") or (deadline is not None and time.monotonic() >= deadline):
+            late = deadline is not None and time.monotonic() >= deadline
+            if view.get("ended") == view.get("total") or late:
                 return view
 
     # -- HTTP ---------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from .config import RuntimeConfig
 from .console import console_aware
 from .events import Event, EventKind
 from .exceptions import (
-    BatchNotFound, ControllerClosed, InvalidRequest, MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, TaskNotFound,
+    BatchNotFound, ControllerClosed, InvalidRequest, MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge,
+    TaskNotFound,
 )
 from .logs import MetaMPLoggerConfigurator
 from .patching import check_priority, parse_change
@@ -914,7 +915,7 @@ class MetaMPController:
         return Reply(self._for_client(self.wait(uuid, wait) if wait is not None else self.status(uuid)))
 
     def _answer_batch_get(self, batch: str, uuid: Optional[str], wait: Optional[float]) -> Reply:
-        """``?batch=<id>``: 200 once every task of the batch ended, else 202; tasks clipped as in the list view."""
+        """``?batch=<id>``: 200 once every task of the batch ended, else 202; tasks clipped as in a list view."""
         if uuid is not None:
             raise InvalidRequest("A GET names one task (a uuid) or one batch (?batch=), not both.")
         view = self.wait_batch(batch, 0.0 if wait is None else wait)

@@ -5,7 +5,8 @@ from typing import Any
 
 from . import defaults
 from .exceptions import (
-    BatchNotFound, ControllerClosed, InvalidRequest, InvalidTransition, MethodNotServed, MPCError, PayloadTooLarge, QueueFull,
+    BatchNotFound, ControllerClosed, InvalidRequest, InvalidTransition, MethodNotServed, MPCError, PayloadTooLarge,
+    QueueFull,
     StoreError, TaskAlreadyFinished, TaskNotFound,
 )
 

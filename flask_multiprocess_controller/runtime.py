@@ -306,7 +306,6 @@ class Runtime:
         :param child: the slot's task process when it has one already (a reused one): it is
             recorded with the claim, in the same write, and the claim carries the ``started`` event.
         """
-        c = self.config
         while True:
             with self._work:
                 if self.closing or self.draining:
@@ -320,7 +319,7 @@ class Runtime:
                 claim = retrier.call("claiming a task", lambda: self._claim(child))
             except GaveUp:
                 return None
-            if claim is not None and self._going_away():  # claimed as the process began to go away: give it back
+            if claim is not None and self._going_away():  # claimed as the process began to go away: give back
                 self.events.publish(claim.started)
                 self.give_back(claim.row, retrier)
                 return None
@@ -336,7 +335,8 @@ class Runtime:
         if child is None:
             row = self.store.claim(c.name, self.owner, c.max_num_process)
             return None if row is None else Claim(row, None)
-        claimed = self.store.claim_started(c.name, self.owner, c.max_num_process, child.pid, child.create_time or 0.0)
+        claimed = self.store.claim_started(c.name, self.owner, c.max_num_process, child.pid,
+                                           child.create_time or 0.0)
         return None if claimed is None else Claim(*claimed)
 
     def _idle_wait(self) -> Optional[float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Optional, Protocol, Union
+from typing import Any, Iterable, Iterator, Optional, Protocol
 
 
 class _Watcher(Protocol):
@@ -127,5 +127,4 @@ class Waiters:
         for event in events:
             if isinstance(event, Ended):
                 event.task = None  # re-read: the row may have changed since
-            target: Union[_Watcher, threading.Event] = event.countdown.done if isinstance(event, _Member) else event
-            target.set()
+            (event.countdown.done if isinstance(event, _Member) else event).set()

@@ -135,7 +135,8 @@ def test_wait_batch_is_woken_by_the_last_ending(make_controller, sqlite_url):
     controller = make_controller(Sleep, max_num_process=3, store=sqlite_url)
     batch = controller.submit_many([{"seconds": 0.2}, {"seconds": 0.4}, {"seconds": 0.1}])
     views: list = []
-    waiters = [threading.Thread(target=lambda: views.append(controller.wait_batch(batch.id, 30))) for _ in range(5)]
+    waiters = [threading.Thread(target=lambda: views.append(controller.wait_batch(batch.id, 30)))
+               for _ in range(5)]
     for thread in waiters:
         thread.start()
     for thread in waiters:

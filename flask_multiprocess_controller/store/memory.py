@@ -386,7 +386,8 @@ class MemoryStore(TaskStore):
 
     def batch(self, controller: str, batch: str) -> list[Row]:
         with self._lock:
-            rows = [r for r in self._rows.values() if r["controller"] == controller and r.get("batch") == batch]
+            rows = [r for r in self._rows.values()
+                    if r["controller"] == controller and r.get("batch") == batch]
             rows.sort(key=lambda r: r["seq"])
             return copy.deepcopy(rows)
 

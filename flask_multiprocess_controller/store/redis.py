@@ -246,7 +246,8 @@ return redis.call('HGETALL', key)
 """
 
 # ARGV from 4: controller, owner, max_running, pid, pid_created. Returns {row (flat), started event}, or nil.
-_CLAIM_STARTED = _CLAIM.replace("return redis.call('HGETALL', key)\n", """redis.call('HSET', key, 'pid', ARGV[7], 'pid_created', ARGV[8])
+_CLAIM_STARTED = _CLAIM.replace("return redis.call('HGETALL', key)\n", """
+redis.call('HSET', key, 'pid', ARGV[7], 'pid_created', ARGV[8])
 return {redis.call('HGETALL', key), emit('started', key)}
 """)
 
@@ -462,7 +463,8 @@ redis.call('ZADD', ARGV[1] .. 'owners', string.format('%.6f', tonumber(clock[1])
            ARGV[2])
 """
 
-_SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "claim_started": _CLAIM_STARTED, "start": _START, "progress": _PROGRESS, "finish": _FINISH,
+_SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "claim_started": _CLAIM_STARTED,
+            "start": _START, "progress": _PROGRESS, "finish": _FINISH,
             "requeue": _REQUEUE, "request_stop": _REQUEST_STOP, "purge": _PURGE, "prune": _PRUNE,
             "feed": _FEED, "heartbeat": _HEARTBEAT, "retry": _RETRY, "transition": _TRANSITION,
             "reprioritise": _REPRIORITISE, "stop_all": _STOP_ALL, "declare": _DECLARE, "fire": _FIRE,
