@@ -355,6 +355,18 @@ class Runtime:
             return defaults.STORE_RETRY_MIN
         return due_in if idle is None else min(idle, due_in)
 
+    def may_claim(self) -> bool:
+        """Whether a slot may claim a task now (not closing or going away, no hold on claims)."""
+        return not (self.closing or self.draining) and time.monotonic() >= self._hold_claims_until
+
+    def adopt(self, row: Row, retrier: Retrier) -> Optional[Claim]:
+        """A task claimed together with the end of the slot's last one: run it, or give it back when
+        the process began to go away meanwhile."""
+        if self.closing or self._going_away():
+            self.give_back(row, retrier)
+            return None
+        return Claim(row, None)
+
     def _going_away(self) -> bool:
         return self.draining
 
@@ -440,12 +452,17 @@ class Runtime:
         with self._runs_lock:
             self._runs.pop(run.uuid, None)
 
-    def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier) -> None:
-        """Store a task's outcome (or requeue it); an outage is waited out, so nothing is lost."""
+    def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier, claim_next: bool = False) -> Optional[Row]:
+        """Store a task's outcome (or requeue it); an outage is waited out, so nothing is lost.
+
+        :param claim_next: the slot is free once this is recorded (its process is gone): claim its
+            next task in the same write as a plain end. Returns the task claimed so, if any.
+        """
+        claimed: Optional[Row] = None
         if run.abandoned:
             self.logger.warning("Task %s was settled elsewhere while this process was unresponsive; its run "
                                 "here was killed and is not recorded.", run.uuid)
-            return
+            return None
         c = self.config
         try:
             if (run.stop_reason is StopReason.SHUTDOWN and outcome.status is TaskStatus.STOPPED
@@ -456,7 +473,7 @@ class Runtime:
                     self.logger.info("Task %s was claimed as the server began to shut down; it is queued again.",
                                      run.uuid)
                     self.events.publish(event)
-                    return
+                    return None
             if (run.stop_reason is StopReason.SHUTDOWN and c.restartable
                     and outcome.status is not TaskStatus.SUCCEEDED):
                 event = retrier.call("requeueing a task", lambda: self.store.requeue(
@@ -464,24 +481,29 @@ class Runtime:
                 if event is not None:
                     self.logger.info("Task %s will run again after the restart.", run.uuid)
                     self.events.publish(event)
-                    return
+                    return None
             if self._retry(run, outcome, retrier):
-                return
+                return None
             fields = dict(outcome.fields)
             if fields.get("error") is not None:
                 fields["errors"] = [*run.errors, fields["error"]]
-            event = retrier.call("recording a task's end", lambda: self.store.finish(
-                run.uuid, outcome.status.value, owner=self.owner, emitter=self.owner, **fields))
+            if claim_next and self.may_claim():
+                event, claimed = retrier.call("recording a task's end", lambda: self.store.finish_and_claim(
+                    run.uuid, outcome.status.value, self.owner, c.name, c.max_num_process, **fields))
+            else:
+                event = retrier.call("recording a task's end", lambda: self.store.finish(
+                    run.uuid, outcome.status.value, owner=self.owner, emitter=self.owner, **fields))
         except GaveUp:
             self.logger.error("Task %s ended %s while the store was unreachable, and this process is shutting "
                               "down: its end is not recorded (the next start settles it).", run.uuid,
                               outcome.status.value)
-            return
+            return None
         if event is None:
             self.logger.warning("Task %s had already been settled elsewhere; its outcome %s is dropped.",
                                 run.uuid, outcome.status.value)
-            return
+            return None
         self.events.publish(event)
+        return claimed
 
     def _claimed_amid_shutdown(self, run: TaskRun) -> bool:
         """Whether ``run`` was claimed just after a sibling began to shut down (this process had not
@@ -593,6 +615,8 @@ class _Slot(threading.Thread):
                                       runtime.events.publish, runtime.logger, self._retrier)
         self._child: Optional[ChildProcess] = None
         self._tasks_in_child = 0
+        #: A task claimed with the end of the slot's last one (same write), run next.
+        self._next: Optional[Row] = None
 
     def wake(self) -> None:
         """Interrupt the controlling thread's wait (a stop, a shutdown); harmless once it has ended."""
@@ -607,7 +631,10 @@ class _Slot(threading.Thread):
         rt = self.runtime
         try:
             while True:
-                claim = rt.next_task(self._retrier, self._child)
+                ready, self._next = self._next, None
+                claim = rt.adopt(ready, self._retrier) if ready is not None else None
+                if claim is None:
+                    claim = rt.next_task(self._retrier, self._child)
                 if claim is None:
                     return
                 self._run_task(claim)
@@ -639,7 +666,8 @@ class _Slot(threading.Thread):
             self._tasks_in_child += 1
             if not outcome.child_alive or self._tasks_in_child >= c.max_tasks_per_child > 0:
                 self._retire_child()
-            rt.record(run, outcome, self._retrier)
+            # With no process left, the slot is free once the end is written: its next claim rides along.
+            self._next = rt.record(run, outcome, self._retrier, claim_next=self._child is None)
         except Exception as exc:  # the slot must survive anything: record the failure and go on
             rt.logger.exception("Controlling thread failed while running task %s.", row["uuid"])
             self._retire_child()

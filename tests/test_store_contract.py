@@ -308,6 +308,24 @@ def test_claim_started_claims_and_records_the_process_at_once(store):
 
 
 @pytest.mark.timeout(30)
+def test_finish_and_claim_ends_a_task_and_claims_the_next_for_its_owner(store):
+    first, second, third = add(store, 3)
+    assert claim(store, max_running=1)["uuid"] == first
+    assert store.finish_and_claim(first, "succeeded", "someone-else", CTL, 1) == (None, None)  # fenced
+    event, claimed = store.finish_and_claim(first, "succeeded", OWNER, CTL, 1, result=7)
+    assert (event["kind"], event["uuid"], event["task"]["status"], event["task"]["result"]) == (
+        "ended", first, "succeeded", 7)
+    assert claimed["uuid"] == second and claimed["status"] == "running" and claimed["owner"] == OWNER
+    assert (status_of(store, first), status_of(store, second), status_of(store, third)) == (
+        "succeeded", "running", "queued")
+    assert claim(store)["uuid"] == third
+    event, claimed = store.finish_and_claim(second, "failed", OWNER, CTL, 1)  # third still runs: the limit holds
+    assert event is not None and claimed is None
+    with pytest.raises(ValueError):
+        store.finish_and_claim(third, "running", OWNER, CTL, 1)
+
+
+@pytest.mark.timeout(30)
 def test_start_and_progress_only_touch_active_tasks(store):
     running, stopping, finished, queued = add(store, 4)
     for _ in range(3):
