@@ -18,8 +18,6 @@ import json
 import logging
 import queue
 import threading
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Optional
 
 from . import defaults
@@ -97,6 +95,9 @@ class CallbackSender:
                                  event["uuid"], exc)
 
     def _deliver(self, event: Event) -> bool:
+        import urllib.error  # imported here: only a controller with a callback_url needs an HTTP client
+        import urllib.request
+
         data = json.dumps(self._body(event)).encode()
         headers = {"Content-Type": "application/json", "Idempotency-Key": event["cursor"]}
         delay = self.backoff

@@ -1,13 +1,14 @@
 """Capturing what a task writes to its standard output and error, at the file-descriptor level.
 
 While a task runs, file descriptors 1 and 2 of its process are pipes: a C extension's ``printf``
-and a child process's output are caught as well as ``print``. A pump thread per pipe copies the
+and a child process's output are caught as well as ``print``. A pump thread copies the
 bytes on to the original descriptors (the server's console sees them as before) and sends the
 complete lines to the serving process, which keeps them in the task's log.
 """
 from __future__ import annotations
 
 import os
+import select
 import sys
 import threading
 from typing import Any, Callable, Optional
@@ -33,6 +34,7 @@ class OutputCapture:
     def begin(self) -> None:
         """Start capturing (a no-op where the descriptors cannot be redirected)."""
         _flush_python_streams()
+        pipes: list[tuple[int, int]] = []  # (read end, original descriptor), for the pump
         try:
             for fd in (1, 2):
                 read_end, write_end = os.pipe()
@@ -40,12 +42,16 @@ class OutputCapture:
                 os.dup2(write_end, fd)
                 os.close(write_end)
                 self._saved.append(saved)
-                pump = threading.Thread(target=self._pump, args=(read_end, saved), name="mpc-output", daemon=True)
-                pump.start()
-                self._pumps.append(pump)
+                pipes.append((read_end, saved))
         except OSError:
-            self.end()
+            for read_end, _ in pipes:
+                os.close(read_end)
+            self._restore()
             return
+        # One pump for both pipes: a thread is the dearest thing a fresh task process starts.
+        pump = threading.Thread(target=self._pump, args=(pipes,), name="mpc-output", daemon=True)
+        pump.start()
+        self._pumps.append(pump)
         # print() writes to whatever sys.stdout is (a test runner's capture, say): make it the descriptors.
         self._streams = (sys.stdout, sys.stderr)
         sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
@@ -57,33 +63,51 @@ class OutputCapture:
         if self._streams is not None:
             sys.stdout, sys.stderr = self._streams
             self._streams = None
+        self._restore()
+        for pump in self._pumps:
+            pump.join(_DRAIN)
+        self._pumps = []
+
+    def _restore(self) -> None:
         for fd, saved in zip((1, 2), self._saved):
             try:
                 os.dup2(saved, fd)  # the pipe's last writer (unless a leftover child holds it) goes away
             except OSError:
                 pass
-        for pump in self._pumps:
-            pump.join(_DRAIN)
-        self._pumps = []
-        self._saved = []  # the pumps close them (a pump kept alive by a leftover child still writes)
+        if not self._pumps:  # nobody pumps (begin failed): the saved copies are ours to close
+            for saved in self._saved:
+                os.close(saved)
+        self._saved = []  # else the pump closes them (a pump kept alive by a leftover child still writes)
 
-    def _pump(self, read_end: int, console: int) -> None:
-        pending = b""
-        try:
-            while True:
-                data = os.read(read_end, 65536)
-                if not data:
-                    break
-                _write_all(console, data)
-                pending += data
-                *complete, pending = pending.split(b"\n")
-                if complete:
-                    self._send([_text(line) for line in complete])
-            if pending:
-                self._send([_text(pending)])
-        except OSError:
-            pass
-        finally:
+    def _pump(self, pipes: list[tuple[int, int]]) -> None:
+        """Copy each pipe to its original descriptor and send its complete lines, until every pipe ends."""
+        consoles = dict(pipes)
+        pending = {read_end: b"" for read_end in consoles}
+        poller = select.poll()
+        for read_end in consoles:
+            poller.register(read_end, select.POLLIN)
+        while consoles:
+            try:
+                ready = poller.poll()
+            except OSError:
+                break
+            for read_end, _ in ready:
+                try:
+                    data = os.read(read_end, 65536)
+                except OSError:
+                    data = b""
+                if data:
+                    _write_all(consoles[read_end], data)
+                    *complete, pending[read_end] = (pending[read_end] + data).split(b"\n")
+                    if complete:
+                        self._send([_text(line) for line in complete])
+                    continue
+                if pending[read_end]:
+                    self._send([_text(pending[read_end])])
+                poller.unregister(read_end)
+                os.close(read_end)
+                os.close(consoles.pop(read_end))
+        for read_end, console in consoles.items():  # poll failed: release what is left
             os.close(read_end)
             os.close(console)
 

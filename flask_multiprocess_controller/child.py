@@ -201,7 +201,13 @@ def _result(task_id: str, result: Any, limit: int) -> Done:
     return Done(task_id, "ok", result_json=text)
 
 
-def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask) -> Done:
+def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, reused: bool) -> Done:
+    """Run one task and return its report.
+
+    :param reused: the process serves more tasks after this one. A process that serves one
+        only ends after it: it takes no idle name and lists no children (its whole process
+        group goes with it, and the serving process looks at its tree itself).
+    """
     task_id = command.uuid
     channel.begin(command, task_cls.logger)
     cpu_before, _ = _usage()
@@ -220,10 +226,11 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask) ->
     finally:
         task_module._set_current(None)
         capture.end()
-        set_process_name(_IDLE_NAME)
+        if reused:
+            set_process_name(_IDLE_NAME)
     channel.flush_progress()
     cpu_after, maxrss = _usage()
-    usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids())
+    usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids() if reused else None)
     return dataclasses.replace(done, usage=usage)
 
 
@@ -250,7 +257,7 @@ def run_child(conn: Connection, task_cls: Type[MetaMPTask], configurator: Type[M
         if not isinstance(message, RunTask):
             continue
         apply_logger_levels(message.levels)
-        report = _run_one(task_cls, channel, message)
+        report = _run_one(task_cls, channel, message, reused=max_tasks != 1)
         try:
             channel.send(report)
         except OSError:

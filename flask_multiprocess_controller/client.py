@@ -272,6 +272,23 @@ class Client:
             if bar is not None:
                 bar.close()
 
+    def wait_batch(self, batch: str, timeout: Optional[float] = None) -> dict[str, Any]:
+        """Wait until every task of a batch has ended, or ``timeout`` seconds passed.
+
+        ``batch`` is the ``batch`` of the task objects :meth:`submit_many` returns. Returns
+        ``{"batch", "total", "ended", "tasks"}`` (tasks in input order, large values clipped as in
+        the list view); it long-polls ``?batch=&wait=`` in chunks of :data:`WAIT_CHUNK` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait = WAIT_CHUNK if remaining is None else min(WAIT_CHUNK, remaining)
+            view = dict(self._send("GET", self._url(), params={"batch": batch, "wait": f"{wait:.3f}"},
+                                   timeout=wait + self.timeout))
+            late = deadline is not None and time.monotonic() >= deadline
+            if view.get("ended") == view.get("total") or late:
+                return view
+
     # -- HTTP ---------------------------------------------------------------------------------
 
     def _url(self) -> str:

@@ -17,7 +17,7 @@ from .events import Event, EventKind
 from .hub import EventHub
 from .store import TaskStore
 from .store.base import Row
-from .waiters import Waiters
+from .waiters import Countdown, Ended, Waiters
 
 
 class ClientSide:
@@ -49,7 +49,7 @@ class ClientSide:
         return row
 
     @contextmanager
-    def watch(self, uuid: str) -> Iterator[threading.Event]:
+    def watch(self, uuid: str) -> Iterator[Ended]:
         """An event set when ``uuid`` ends, fed by the store's change feed."""
         with self._lock:
             if not self._following:
@@ -58,13 +58,23 @@ class ClientSide:
         with self._waiters.watch(uuid) as ended:
             yield ended
 
+    @contextmanager
+    def watch_all(self, uuids: Sequence[str]) -> Iterator[Countdown]:
+        """A countdown of ``uuids`` ending, fed by the store's change feed."""
+        with self._lock:
+            if not self._following:
+                self._hub.start()
+                self._following = True
+        with self._waiters.watch_all(uuids) as countdown:
+            yield countdown
+
     def local_run(self, uuid: str) -> Optional[object]:
         """Nothing runs here."""
         return None
 
     def _on_event(self, event: Event) -> None:
         if event["kind"] == EventKind.ENDED:
-            self._waiters.wake(event["uuid"])
+            self._waiters.wake(event["uuid"], event["task"])
 
     def shutdown(self) -> None:
         """Stop following the feed."""

@@ -21,7 +21,7 @@ import time
 import types
 import uuid as uuid_module
 import weakref
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, TypedDict, Union
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, TypedDict, Union, cast
 
 from flask import current_app, has_app_context, has_request_context, request, url_for
 from werkzeug.routing import BuildError
@@ -29,11 +29,13 @@ from werkzeug.routing import BuildError
 from . import compat as compat_module
 from . import defaults
 from .arguments import ArgumentSpec, check_depth
+from .batches import Batch, BatchView, new_batch_id, parse_batch_id
 from .config import RuntimeConfig
 from .console import console_aware
 from .events import Event, EventKind
 from .exceptions import (
-    ControllerClosed, InvalidRequest, MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, TaskNotFound,
+    BatchNotFound, ControllerClosed, InvalidRequest, MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge,
+    TaskNotFound,
 )
 from .logs import MetaMPLoggerConfigurator
 from .patching import check_priority, parse_change
@@ -485,14 +487,20 @@ class MetaMPController:
     # -- Python API ---------------------------------------------------------------
 
     def enqueue(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
-                timeout: Optional[float] = None) -> list[TaskObject]:
+                timeout: Optional[float] = None, batch: Optional[str] = None) -> list[TaskObject]:
         """Queue one task per mapping of keyword arguments, all or none; return their task objects.
 
         A ``priority`` key in a mapping is taken as that task's priority unless
-        ``execute`` has a parameter of that name (seed compatibility).
+        ``execute`` has a parameter of that name (seed compatibility). ``batch`` is stored
+        with every task (see :meth:`submit_many`).
         :raises InvalidArguments: an item does not fit ``execute``; nothing is queued.
         :raises QueueFull: the items do not fit in the queue; nothing is queued.
         """
+        return self._present_new(self._enqueue_rows(items, priority, timeout, batch))
+
+    def _enqueue_rows(self, items: Sequence[Mapping[str, Any]], priority: int, timeout: Optional[float],
+                      batch: Optional[str]) -> list[Row]:
+        """:meth:`enqueue` without the task objects (a caller that waits reads them anyway)."""
         side = self._activate()  # raises NoTargetTask for a controller without a task
         spec = self._spec
         if spec is None:
@@ -521,14 +529,69 @@ class MetaMPController:
                 "tenant": tenant,
                 "uuid": str(uuid_module.uuid4()), "controller": self.name, "status": TaskStatus.QUEUED.value,
                 "priority": task_priority, "args": args, "created_at": now, "timeout": effective_timeout,
-                "attempt": 0, "stop_requested": False,
+                "attempt": 0, "stop_requested": False, "batch": batch,
             })
         side.submit(rows, self.max_num_queue)
-        return self._present_new(rows)
+        return rows
 
     def submit(self, **kwargs: Any) -> str:
         """Queue ``execute(**kwargs)`` and return the task's uuid."""
         return str(self.enqueue([kwargs])[0]["uuid"])
+
+    def submit_many(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
+                    timeout: Optional[float] = None) -> Batch:
+        """Queue one task per mapping of keyword arguments, all or none, as one batch.
+
+        Returns the :class:`~.batches.Batch`: its ``id`` (what :meth:`wait_batch` and
+        ``GET <collection>?batch=`` take) and the task objects, in input order.
+
+        .. versionadded:: 0.3
+        """
+        if not items:
+            raise InvalidRequest("A batch needs at least one task.")
+        batch = new_batch_id()
+        return Batch(batch, self.enqueue(items, priority=priority, timeout=timeout, batch=batch))
+
+    def wait_batch(self, batch: str, timeout: Optional[float] = None) -> BatchView:
+        """Wait until every task of the batch has ended, or ``timeout`` seconds passed (0: do not wait).
+
+        Returns ``{"batch", "total", "ended", "tasks"}``, the tasks in input order. The wait
+        is woken by the last task's ``ended`` event, wherever it ran: the batch is read again
+        only then (and when events were lost), not at each task's end.
+
+        :raises BatchNotFound: no task of this controller (visible to the request) has this id.
+        :raises InvalidRequest: ``batch`` is not a batch id.
+
+        .. versionadded:: 0.3
+        """
+        batch = parse_batch_id(batch)
+        side = self._activate()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rows = self._batch_rows(batch)
+        if timeout is not None and timeout <= 0 or all(row["status"] in TERMINAL for row in rows):
+            return self._batch_view(batch, rows)
+        with side.watch_all([row["uuid"] for row in rows]) as countdown:
+            while True:
+                rows = self._batch_rows(batch)  # read after watching: no ending is missed
+                pending = [row["uuid"] for row in rows if row["status"] not in TERMINAL]
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if not pending or side.closing or (remaining is not None and remaining <= 0):
+                    return self._batch_view(batch, rows)
+                countdown.still_pending(pending)
+                countdown.done.wait(remaining)
+                countdown.done.clear()
+
+    def _batch_view(self, batch: str, rows: list[Row]) -> BatchView:
+        tasks = [self._present(row) for row in rows]
+        ended = sum(task["status"] in TERMINAL for task in tasks)
+        return {"batch": batch, "total": len(tasks), "ended": ended, "tasks": tasks}
+
+    def _batch_rows(self, batch: str) -> list[Row]:
+        self._started()
+        rows = [row for row in self.store.batch(self.name, batch) if self.visible(row)]
+        if not rows:
+            raise BatchNotFound(batch)
+        return rows
 
     def status(self, uuid: str) -> TaskObject:
         """Return the task object of a task of this controller.
@@ -550,15 +613,18 @@ class MetaMPController:
         """Wait until the task has ended or ``timeout`` seconds passed; return its task object."""
         side = self._activate()
         deadline = None if timeout is None else time.monotonic() + timeout
-        # The task's 'ended' event wakes us, whichever process or host ran it: no polling.
+        # The task's 'ended' event wakes us, whichever process or host ran it: no polling. It
+        # carries the task as its ending wrote it, so the store is not read again then.
         with side.watch(uuid) as ended:
+            row = self._row(uuid)
             while True:
-                row = self._row(uuid)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if row["status"] in TERMINAL or side.closing or (remaining is not None and remaining <= 0):
                     return self._present(row)
                 ended.wait(remaining)
                 ended.clear()
+                task = cast(Optional[Row], ended.task)
+                row = task if task is not None and task.get("status") in TERMINAL else self._row(uuid)
 
     def tasks(self, status: Union[None, str, Iterable[str]] = None, limit: int = defaults.LIST_LIMIT) -> ListView:
         """Return the list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``."""
@@ -812,22 +878,33 @@ class MetaMPController:
         wait = self._wait_option(options)
         if args and kwargs:
             raise InvalidRequest("Send either one JSON object or a JSON array of objects.")
-        items = list(args) if args else [kwargs]
-        tasks = self.enqueue(items, priority=priority, timeout=timeout)
-        status = 202
-        if wait is not None:
-            deadline = time.monotonic() + wait
-            tasks = [self.wait(t["uuid"], max(0.0, deadline - time.monotonic())) for t in tasks]
-            if all(t["status"] in TERMINAL for t in tasks):
-                status = 200
-        tasks = [self._for_client(t) for t in tasks]
         if args:
-            return Reply({"tasks": tasks}, status)
-        return Reply(tasks[0], status, {"Location": self._location(tasks[0]["uuid"])})
+            return self._answer_bulk_post(list(args), priority, timeout, wait)
+        if wait is None:
+            task, status = self.enqueue([kwargs], priority=priority, timeout=timeout)[0], 202
+        else:  # the wait reads the task anyway: no queue position is computed for it first
+            task = self.wait(self._enqueue_rows([kwargs], priority, timeout, None)[0]["uuid"], wait)
+            status = 200 if task["status"] in TERMINAL else 202
+        task = self._for_client(task)
+        return Reply(task, status, {"Location": self._location(task["uuid"])})
+
+    def _answer_bulk_post(self, items: list[Mapping[str, Any]], priority: int, timeout: Optional[float],
+                          wait: Optional[float]) -> Reply:
+        """A bulk POST: ``{"tasks": [...], "batch": id}``; with ``?wait=``, 200 once the whole batch ended."""
+        batch = self.submit_many(items, priority=priority, timeout=timeout)
+        tasks, status = batch.tasks, 202
+        if wait is not None:
+            view = self.wait_batch(batch.id, wait)
+            tasks = view["tasks"]
+            if view["ended"] == view["total"]:
+                status = 200
+        return Reply({"tasks": [self._for_client(t) for t in tasks], "batch": batch.id}, status)
 
     def _answer_get(self, **kwargs: Any) -> Reply:
         options = _query()
         wait = self._wait_option(options)
+        if options.get("batch") is not None:
+            return self._answer_batch_get(options["batch"], kwargs.get("uuid"), wait)
         if kwargs.get("uuid") is None:
             statuses = [s for s in (options.get("status") or "").split(",") if s]
             limit = _number("limit", options.get("limit"), int, minimum=1)
@@ -836,6 +913,14 @@ class MetaMPController:
             return Reply(listing)
         uuid = parse_uuid(kwargs["uuid"])
         return Reply(self._for_client(self.wait(uuid, wait) if wait is not None else self.status(uuid)))
+
+    def _answer_batch_get(self, batch: str, uuid: Optional[str], wait: Optional[float]) -> Reply:
+        """``?batch=<id>``: 200 once every task of the batch ended, else 202; tasks clipped as in a list view."""
+        if uuid is not None:
+            raise InvalidRequest("A GET names one task (a uuid) or one batch (?batch=), not both.")
+        view = self.wait_batch(batch, 0.0 if wait is None else wait)
+        view["tasks"] = [clip(self._for_client(t), defaults.LIST_VALUE_SIZE) for t in view["tasks"]]
+        return Reply(dict(view), 200 if view["ended"] == view["total"] else 202)
 
     def _answer_delete(self, **kwargs: Any) -> Reply:
         every = _stop_all_option(_query())

@@ -5,7 +5,8 @@ from typing import Any
 
 from . import defaults
 from .exceptions import (
-    ControllerClosed, InvalidRequest, InvalidTransition, MethodNotServed, MPCError, PayloadTooLarge, QueueFull,
+    BatchNotFound, ControllerClosed, InvalidRequest, InvalidTransition, MethodNotServed, MPCError, PayloadTooLarge,
+    QueueFull,
     StoreError, TaskAlreadyFinished, TaskNotFound,
 )
 
@@ -13,6 +14,7 @@ from .exceptions import (
 HTTP_STATUS: dict[type, int] = {
     InvalidRequest: 400,
     TaskNotFound: 404,
+    BatchNotFound: 404,
     MethodNotServed: 405,
     TaskAlreadyFinished: 409,
     InvalidTransition: 409,

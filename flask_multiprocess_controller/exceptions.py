@@ -45,6 +45,14 @@ class TaskNotFound(MPCError):
         self.uuid = uuid
 
 
+class BatchNotFound(MPCError):
+    """No task of this controller (visible to the request) was queued with this batch id."""
+
+    def __init__(self, batch: str) -> None:
+        super().__init__(f"No batch with id {batch} is known to this controller.")
+        self.batch = batch
+
+
 class TaskAlreadyFinished(MPCError):
     """The task has already reached a terminal state."""
 

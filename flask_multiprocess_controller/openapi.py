@@ -319,9 +319,11 @@ def _post_operation(mount: Mount, arguments_ref: str) -> dict[str, Any]:
             {"type": "array", "items": {"$ref": arguments_ref}, "minItems": 1, "maxItems": controller.max_bulk},
         ]})},
         "responses": {
-            "200": _task_response("With `?wait=`: every task ended within the wait.", one_or_many, location=True),
+            "200": _task_response("With `?wait=`: every task (of an array body: the whole batch) ended within "
+                                  "the wait.", one_or_many, location=True),
             "202": _task_response("Queued: the task object (`Location` names its URL), or "
-                                  "`{\"tasks\": [...]}` for an array body, in its order.", one_or_many, location=True),
+                                  "`{\"tasks\": [...], \"batch\": id}` for an array body, in its order.",
+                                  one_or_many, location=True),
             **_errors("BadRequest", "PayloadTooLarge", "QueueFull", "Unavailable"),
         },
     }
@@ -347,12 +349,17 @@ def _get_collection() -> dict[str, Any]:
     return {
         "summary": "The controller's tasks, or one task",
         "description": ("Without `uuid`: the list view, newest first. With `?uuid=`: that task, as its item URL "
-                        "answers (`?wait=` long-polls it)."),
-        "parameters": [_ref(_PARAMETERS, "uuid"), _ref(_PARAMETERS, "wait"), _ref(_PARAMETERS, "status"),
-                       _ref(_PARAMETERS, "limit")],
+                        "answers (`?wait=` long-polls it). With `?batch=`: the tasks of that bulk POST, 200 "
+                        "once all have ended, else 202 (`?wait=` long-polls the whole batch)."),
+        "parameters": [_ref(_PARAMETERS, "uuid"), _ref(_PARAMETERS, "batch"), _ref(_PARAMETERS, "wait"),
+                       _ref(_PARAMETERS, "status"), _ref(_PARAMETERS, "limit")],
         "responses": {
-            "200": _task_response("The list view, or the task named by `?uuid=`.",
-                                  {"anyOf": [_ref(_SCHEMAS, "TaskList"), _ref(_SCHEMAS, "Task")]}),
+            "200": _task_response("The list view, the task named by `?uuid=`, or the batch named by `?batch=` "
+                                  "with every task ended.",
+                                  {"anyOf": [_ref(_SCHEMAS, "TaskList"), _ref(_SCHEMAS, "Task"),
+                                             _ref(_SCHEMAS, "BatchState")]}),
+            "202": _task_response("`?batch=`: some of its tasks have not ended (yet, or within the wait).",
+                                  _ref(_SCHEMAS, "BatchState")),
             **_errors("BadRequest", "NotFound", "Unavailable"),
         },
     }
@@ -585,6 +592,8 @@ def _common_schemas() -> dict[str, Any]:
         "timeout": _nullable("number", description="Seconds the task may run."),
         "attempt": {"type": "integer", "minimum": 0},
         "controller": {"type": "string"},
+        "batch": _nullable("string", pattern="^[0-9a-f]{32}$",
+                           description="The id of the bulk POST that queued the task; null for a single POST."),
         "truncated": {"type": "array", "items": {"enum": ["args", "progress", "result"]},
                       "description": "In a list view: the values shown as null because they are too large."},
     }
@@ -594,8 +603,16 @@ def _common_schemas() -> dict[str, Any]:
             "type": {"type": "string"}, "message": {"type": "string"},
             "traceback": _nullable("string", description="Shown only when the controller exposes tracebacks.")}},
         "Task": {"type": "object", "required": list(TASK_KEYS), "properties": task_properties},
-        "TaskBatch": {"type": "object", "required": ["tasks"],
-                      "properties": {"tasks": {"type": "array", "items": _ref(_SCHEMAS, "Task")}}},
+        "TaskBatch": {"type": "object", "required": ["tasks", "batch"],
+                      "properties": {"tasks": {"type": "array", "items": _ref(_SCHEMAS, "Task")},
+                                     "batch": {"type": "string", "pattern": "^[0-9a-f]{32}$",
+                                               "description": "The batch id: `GET ?batch=<id>` waits for them all."}}},
+        "BatchState": {
+            "type": "object", "required": ["batch", "total", "ended", "tasks"], "properties": {
+                "batch": {"type": "string"}, "total": {"type": "integer", "minimum": 1},
+                "ended": {"type": "integer", "minimum": 0},
+                "tasks": {"type": "array", "items": _ref(_SCHEMAS, "Task"),
+                          "description": "In input order, values clipped as in the list view."}}},
         "TaskList": {
             "type": "object", "required": ["tasks", "running", "queued", "max_num_process"], "properties": {
                 "tasks": {"type": "array", "items": _ref(_SCHEMAS, "Task"), "description": "Newest first."},
@@ -618,6 +635,9 @@ def _parameters() -> dict[str, Any]:
                      "description": "Lower runs first; FIFO among equals. Default 0."},
         "timeout": {"name": "timeout", "in": "query", "schema": {"type": "number", "exclusiveMinimum": 0},
                     "description": "Seconds the task may run; it can only lower the controller's timeout."},
+        "batch": {"name": "batch", "in": "query", "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                  "description": ("A batch id (a bulk POST's `batch`): the state of its tasks; with `?wait=S`, "
+                                  "answers as soon as all of them have ended, or after S seconds.")},
         "uuid": {"name": "uuid", "in": "query", "description": "A task's uuid (empty: none).",
                  "schema": {"type": "string", "anyOf": [{"format": "uuid"}, {"maxLength": 0}]}},
         "status": {"name": "status", "in": "query", "style": "form", "explode": False,
@@ -641,7 +661,7 @@ def _responses() -> dict[str, Any]:
     return {
         "BadRequest": _error("Invalid JSON, a body that is not a JSON object (or array of them), arguments "
                              "`execute` does not take, a bad query option or a malformed uuid."),
-        "NotFound": _error("No task with this uuid belongs to this controller."),
+        "NotFound": _error("No task with this uuid (or batch with this id) belongs to this controller."),
         "Conflict": _error("The task has already ended."),
         "PayloadTooLarge": _error("The body is larger than the controller's `max_content_length`, or holds more "
                                   "tasks than its `max_bulk`."),

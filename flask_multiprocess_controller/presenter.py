@@ -41,6 +41,9 @@ class TaskObject(TypedDict, total=False):
     errors: list[dict[str, Any]]
     #: The schedule firing that queued the task, ``{"name", "firing"}`` (ISO 8601), else None.
     schedule: Optional[dict[str, Any]]
+    #: The id of the bulk POST (or :meth:`~.controller.MetaMPController.submit_many`) that queued the
+    #: task, shared by every task of it; None for a task queued alone.
+    batch: Optional[str]
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
@@ -48,7 +51,7 @@ class TaskObject(TypedDict, total=False):
 TASK_KEYS = (
     "uuid", "status", "msg", "progress", "percent", "result", "error", "args", "priority", "position",
     "created_at", "started_at", "ended_at", "pid", "exit_code", "memory_peak", "cpu_time", "timeout",
-    "attempt", "controller", "retry_at", "errors", "schedule",
+    "attempt", "controller", "retry_at", "errors", "schedule", "batch",
 )
 
 

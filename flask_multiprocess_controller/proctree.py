@@ -5,7 +5,7 @@ import ctypes
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import psutil
 
@@ -67,13 +67,23 @@ def task_process_name(uuid: str) -> str:
     return "mpc-" + uuid.replace("-", "")[:10]
 
 
+def _load_prctl() -> Optional[Any]:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+#: ``prctl`` of the C library, looked up once at import: in the serving process, before the fork
+#: server is forked, so that a task process finds it ready instead of loading it (and copying the
+#: pages it touches) at each start.
+_PRCTL = _load_prctl()
+
+
 def set_process_name(name: str) -> None:
     """Set this process's name as ``ps`` and ``/proc/PID/comm`` show it (Linux ``PR_SET_NAME``)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def proven_task_process(pid: Optional[int], create_time: Optional[float], uuid: str) -> Optional[psutil.Process]:

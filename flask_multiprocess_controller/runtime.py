@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait as wait_ready
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Iterator, Optional, Sequence, cast
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, cast
 
 import psutil
 
@@ -52,7 +52,7 @@ from .store import TaskStore
 from .store.base import Row
 from .supervisor import Outcome, Settings, StopReason, Supervisor, TaskRun
 from .task import MetaMPTask
-from .waiters import Waiters
+from .waiters import Countdown, Ended, Waiters
 
 
 def host_id() -> str:
@@ -210,10 +210,16 @@ class Runtime:
         return row
 
     @contextmanager
-    def watch(self, uuid: str) -> Iterator[threading.Event]:
+    def watch(self, uuid: str) -> Iterator[Ended]:
         """An event set when ``uuid`` ends (or everything must be re-read) while the block runs."""
         with self._waiters.watch(uuid) as ended:
             yield ended
+
+    @contextmanager
+    def watch_all(self, uuids: Sequence[str]) -> Iterator[Countdown]:
+        """A countdown of ``uuids`` ending (see :class:`~.waiters.Countdown`) while the block runs."""
+        with self._waiters.watch_all(uuids) as countdown:
+            yield countdown
 
     def local_run(self, uuid: str) -> Optional[TaskRun]:
         """The run of ``uuid`` in this process, if it runs here (its progress is the freshest)."""
@@ -233,7 +239,7 @@ class Runtime:
         if kind in (EventKind.QUEUED, EventKind.REQUEUED, EventKind.ENDED):
             self.notify_work()  # work was queued, or a slot of the controller came free
         if kind == EventKind.ENDED:
-            self._waiters.wake(uuid)
+            self._waiters.wake(uuid, event["task"])
         run = self.local_run(uuid)
         if run is None or event["task"].get("attempt") != run.attempt:
             return  # not about the run of this process (an earlier attempt's event, read late)
@@ -294,9 +300,12 @@ class Runtime:
             self._generation += 1
             self._work.notify_all()
 
-    def next_task(self, retrier: Retrier) -> Optional[Row]:
-        """Claim the next task for a slot, waiting while there is none; None when closing."""
-        c = self.config
+    def next_task(self, retrier: Retrier, child: Optional[ChildProcess] = None) -> Optional[Claim]:
+        """Claim the next task for a slot, waiting while there is none; None when closing.
+
+        :param child: the slot's task process when it has one already (a reused one): it is
+            recorded with the claim, in the same write, and the claim carries the ``started`` event.
+        """
         while True:
             with self._work:
                 if self.closing or self.draining:
@@ -307,18 +316,28 @@ class Runtime:
                     continue
                 generation = self._generation
             try:
-                row = retrier.call("claiming a task", lambda: self.store.claim(c.name, self.owner, c.max_num_process))
+                claim = retrier.call("claiming a task", lambda: self._claim(child))
             except GaveUp:
                 return None
-            if row is not None and self._going_away():  # claimed as the process began to go away: give it back
-                self.give_back(row, retrier)
+            if claim is not None and self._going_away():  # claimed as the process began to go away: give back
+                self.events.publish(claim.started)
+                self.give_back(claim.row, retrier)
                 return None
-            if row is not None:
-                return row
+            if claim is not None:
+                return claim
             idle_for = self._idle_wait()
             with self._work:
                 if self._generation == generation and not self.closing:
                     self._work.wait(idle_for)
+
+    def _claim(self, child: Optional[ChildProcess]) -> Optional[Claim]:
+        c = self.config
+        if child is None:
+            row = self.store.claim(c.name, self.owner, c.max_num_process)
+            return None if row is None else Claim(row, None)
+        claimed = self.store.claim_started(c.name, self.owner, c.max_num_process, child.pid,
+                                           child.create_time or 0.0)
+        return None if claimed is None else Claim(*claimed)
 
     def _idle_wait(self) -> Optional[float]:
         """Seconds an idle slot may sleep: until the earliest retry of a failed attempt comes due at most.
@@ -335,6 +354,18 @@ class Runtime:
         except StoreError:  # the claim that follows meets the outage, and waits it out
             return defaults.STORE_RETRY_MIN
         return due_in if idle is None else min(idle, due_in)
+
+    def may_claim(self) -> bool:
+        """Whether a slot may claim a task now (not closing or going away, no hold on claims)."""
+        return not (self.closing or self.draining) and time.monotonic() >= self._hold_claims_until
+
+    def adopt(self, row: Row, retrier: Retrier) -> Optional[Claim]:
+        """A task claimed together with the end of the slot's last one: run it, or give it back when
+        the process began to go away meanwhile."""
+        if self.closing or self._going_away():
+            self.give_back(row, retrier)
+            return None
+        return Claim(row, None)
 
     def _going_away(self) -> bool:
         return self.draining
@@ -421,12 +452,17 @@ class Runtime:
         with self._runs_lock:
             self._runs.pop(run.uuid, None)
 
-    def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier) -> None:
-        """Store a task's outcome (or requeue it); an outage is waited out, so nothing is lost."""
+    def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier, claim_next: bool = False) -> Optional[Row]:
+        """Store a task's outcome (or requeue it); an outage is waited out, so nothing is lost.
+
+        :param claim_next: the slot is free once this is recorded (its process is gone): claim its
+            next task in the same write as a plain end. Returns the task claimed so, if any.
+        """
+        claimed: Optional[Row] = None
         if run.abandoned:
             self.logger.warning("Task %s was settled elsewhere while this process was unresponsive; its run "
                                 "here was killed and is not recorded.", run.uuid)
-            return
+            return None
         c = self.config
         try:
             if (run.stop_reason is StopReason.SHUTDOWN and outcome.status is TaskStatus.STOPPED
@@ -437,7 +473,7 @@ class Runtime:
                     self.logger.info("Task %s was claimed as the server began to shut down; it is queued again.",
                                      run.uuid)
                     self.events.publish(event)
-                    return
+                    return None
             if (run.stop_reason is StopReason.SHUTDOWN and c.restartable
                     and outcome.status is not TaskStatus.SUCCEEDED):
                 event = retrier.call("requeueing a task", lambda: self.store.requeue(
@@ -445,24 +481,29 @@ class Runtime:
                 if event is not None:
                     self.logger.info("Task %s will run again after the restart.", run.uuid)
                     self.events.publish(event)
-                    return
+                    return None
             if self._retry(run, outcome, retrier):
-                return
+                return None
             fields = dict(outcome.fields)
             if fields.get("error") is not None:
                 fields["errors"] = [*run.errors, fields["error"]]
-            event = retrier.call("recording a task's end", lambda: self.store.finish(
-                run.uuid, outcome.status.value, owner=self.owner, emitter=self.owner, **fields))
+            if claim_next and self.may_claim():
+                event, claimed = retrier.call("recording a task's end", lambda: self.store.finish_and_claim(
+                    run.uuid, outcome.status.value, self.owner, c.name, c.max_num_process, **fields))
+            else:
+                event = retrier.call("recording a task's end", lambda: self.store.finish(
+                    run.uuid, outcome.status.value, owner=self.owner, emitter=self.owner, **fields))
         except GaveUp:
             self.logger.error("Task %s ended %s while the store was unreachable, and this process is shutting "
                               "down: its end is not recorded (the next start settles it).", run.uuid,
                               outcome.status.value)
-            return
+            return None
         if event is None:
             self.logger.warning("Task %s had already been settled elsewhere; its outcome %s is dropped.",
                                 run.uuid, outcome.status.value)
-            return
+            return None
         self.events.publish(event)
+        return claimed
 
     def _claimed_amid_shutdown(self, run: TaskRun) -> bool:
         """Whether ``run`` was claimed just after a sibling began to shut down (this process had not
@@ -547,6 +588,13 @@ class Runtime:
         self._waiters.wake_all()
 
 
+class Claim(NamedTuple):
+    """A task a slot claimed, and the ``started`` event when its process was recorded with the claim."""
+
+    row: Row
+    started: Optional[Event]
+
+
 class _Slot(threading.Thread):
     """A controlling thread: runs one task process at a time, and one task in it at a time."""
 
@@ -567,6 +615,8 @@ class _Slot(threading.Thread):
                                       runtime.events.publish, runtime.logger, self._retrier)
         self._child: Optional[ChildProcess] = None
         self._tasks_in_child = 0
+        #: A task claimed with the end of the slot's last one (same write), run next.
+        self._next: Optional[Row] = None
 
     def wake(self) -> None:
         """Interrupt the controlling thread's wait (a stop, a shutdown); harmless once it has ended."""
@@ -581,10 +631,13 @@ class _Slot(threading.Thread):
         rt = self.runtime
         try:
             while True:
-                row = rt.next_task(self._retrier)
-                if row is None:
+                ready, self._next = self._next, None
+                claim = rt.adopt(ready, self._retrier) if ready is not None else None
+                if claim is None:
+                    claim = rt.next_task(self._retrier, self._child)
+                if claim is None:
                     return
-                self._run_task(row)
+                self._run_task(claim)
         finally:
             self._retire_child()
             # A descriptor number is reused at once: no wake may write to it after this.
@@ -593,7 +646,8 @@ class _Slot(threading.Thread):
                 os.close(self._wake_r)
                 os.close(self._wake_w)
 
-    def _run_task(self, row: Row) -> None:
+    def _run_task(self, claim: Claim) -> None:
+        row = claim.row
         rt = self.runtime
         c = rt.config
         run = TaskRun(row["uuid"], row.get("timeout"), self.wake, row.get("progress"), row.get("percent"),
@@ -605,13 +659,15 @@ class _Slot(threading.Thread):
                 run.request_stop(StopReason.REQUESTED)
             child = self._warm_child()
             if rt.closing or rt.draining:  # the process began to go away since the claim: do not start it
+                rt.events.publish(claim.started)
                 rt.give_back(row, self._retrier)
                 return
-            outcome = self._supervisor.run(run, child, row["args"], dict(c.context))
+            outcome = self._supervisor.run(run, child, row["args"], dict(c.context), claim.started)
             self._tasks_in_child += 1
             if not outcome.child_alive or self._tasks_in_child >= c.max_tasks_per_child > 0:
                 self._retire_child()
-            rt.record(run, outcome, self._retrier)
+            # With no process left, the slot is free once the end is written: its next claim rides along.
+            self._next = rt.record(run, outcome, self._retrier, claim_next=self._child is None)
         except Exception as exc:  # the slot must survive anything: record the failure and go on
             rt.logger.exception("Controlling thread failed while running task %s.", row["uuid"])
             self._retire_child()

@@ -50,10 +50,15 @@ from .states import TaskStatus
 from .store import TaskStore
 from .store.base import FireOutcome, Row, ScheduleRow
 
-try:
-    from croniter import croniter
-except ImportError:  # ScheduleSpec.build says how to install it
-    croniter = None
+
+def _croniter() -> Any:
+    """The ``croniter`` class, imported at the first cron schedule (it and its dependencies weigh
+    megabytes a server without cron schedules need not carry); None when it is not installed."""
+    try:
+        from croniter import croniter
+    except ImportError:  # ScheduleSpec.build says how to install it
+        return None
+    return croniter
 
 #: What ``catchup=`` may say.
 CATCHUP = ("skip", "one")
@@ -134,13 +139,13 @@ class ScheduleSpec:
         """The first firing strictly after ``moment`` (UNIX seconds)."""
         if self.every is not None:
             return (math.floor(moment / self.every) + 1) * self.every
-        return float(croniter(self.cron, self._local(moment)).get_next(float))
+        return float(_croniter()(self.cron, self._local(moment)).get_next(float))
 
     def latest_until(self, moment: float) -> Optional[float]:
         """The last firing at or before ``moment``."""
         if self.every is not None:
             return math.floor(moment / self.every) * self.every
-        before = float(croniter(self.cron, self._local(moment)).get_prev(float))
+        before = float(_croniter()(self.cron, self._local(moment)).get_prev(float))
         at = self.next_after(before)
         return at if at <= moment else before
 
@@ -149,6 +154,7 @@ class ScheduleSpec:
 
 
 def _check_cron(name: str, cron: Any) -> None:
+    croniter = _croniter()
     if croniter is None:
         raise ImportError("cron= schedules need croniter: pip install 'flask-multiprocess-controller[schedules]'.")
     if not isinstance(cron, str) or not croniter.is_valid(cron):

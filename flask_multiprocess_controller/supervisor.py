@@ -195,13 +195,19 @@ class Supervisor:
         self._levels_at = 0.0
         self._flush_failed = False
 
-    def run(self, run: TaskRun, child: ChildProcess, args: dict[str, Any], context: dict[str, Any]) -> Outcome:
-        """Start ``run`` in ``child`` and return once the task has ended."""
+    def run(self, run: TaskRun, child: ChildProcess, args: dict[str, Any], context: dict[str, Any],
+            started: Optional[Event] = None) -> Outcome:
+        """Start ``run`` in ``child`` and return once the task has ended.
+
+        :param started: the ``started`` event when the claim recorded ``child`` already (a reused
+            process); else the process is recorded here, once the task was sent to it.
+        """
         run.attach(child)
         child.send(RunTask(run.uuid, args, context, self._levels(), self.settings.limits))
-        # The task runs already: an outage here is waited out (the pid is what stops and kills go by).
-        started = self._retrier.call("recording a task's process", lambda: self.store.start(
-            run.uuid, self.owner, child.pid, child.create_time or 0.0))
+        if started is None:
+            # The task runs already: an outage here is waited out (the pid is what stops and kills go by).
+            started = self._retrier.call("recording a task's process", lambda: self.store.start(
+                run.uuid, self.owner, child.pid, child.create_time or 0.0))
         if started is None:  # settled elsewhere between the claim and now
             run.abandon()
         else:

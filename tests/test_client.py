@@ -255,3 +255,14 @@ def test_imports_in_a_process_without_an_app_and_names_the_extra_when_requests_i
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=50)
     assert done.returncode == 0, done.stderr
     assert "pip install 'flask-multiprocess-controller[client]'" in done.stdout
+
+
+@pytest.mark.timeout(60)
+def test_wait_batch_over_a_real_server(jobs):
+    tasks = jobs.submit_many([{"n": 1}, {"n": 2}, {"n": 3}])
+    batch = tasks[0]["batch"]
+    assert batch and all(t["batch"] == batch for t in tasks)
+    view = jobs.wait_batch(batch, timeout=30)
+    assert view["batch"] == batch and view["total"] == view["ended"] == 3
+    assert [t["uuid"] for t in view["tasks"]] == [t["uuid"] for t in tasks]
+    assert {t["status"] for t in view["tasks"]} == {"succeeded"}

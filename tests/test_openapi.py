@@ -89,7 +89,7 @@ def test_status_codes_of_the_http_table(make_controller):
     paths = openapi_document(app)["paths"]
     assert set(paths["/solve"]["post"]["responses"]) == {"200", "202", "400", "413", "429", "503"}
     assert set(paths["/solve/{uuid}"]["get"]["responses"]) == {"200", "400", "404", "503"}
-    assert set(paths["/solve"]["get"]["responses"]) == {"200", "400", "404", "503"}
+    assert set(paths["/solve"]["get"]["responses"]) == {"200", "202", "400", "404", "503"}  # 202: ?batch= not ended
     assert set(paths["/solve/{uuid}"]["delete"]["responses"]) == {"200", "202", "400", "404", "409", "503"}
     assert set(paths["/solve/{uuid}"]["post"]["responses"]) == {"400"}  # POST goes to the collection URL
     document = openapi_document(app)
@@ -113,7 +113,7 @@ def test_query_options(make_controller):
 
     paths = document["paths"]
     assert names(paths["/solve"]["post"]) == {"priority", "timeout", "wait"}
-    assert names(paths["/solve"]["get"]) == {"uuid", "wait", "status", "limit"}
+    assert names(paths["/solve"]["get"]) == {"uuid", "batch", "wait", "status", "limit"}
     assert names(paths["/solve/{uuid}"]["get"]) == {"wait"}
     assert names(paths["/solve"]["delete"]) == {"uuid", "all"}
     stop_all = paths["/solve"]["delete"]["responses"]["202"]["content"]["application/json"]["schema"]

@@ -286,6 +286,46 @@ def test_claim_returns_none_when_nothing_is_queued(store):
 # -- start, progress, finish, requeue -------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
+def test_claim_started_claims_and_records_the_process_at_once(store):
+    first, second = add(store, 2)
+    assert store.claim_started(CTL, OWNER, 1, 4242, 123.5)[0]["uuid"] == first
+    row = fetch(store, first)
+    assert (row["status"], row["owner"], row["pid"], row["pid_created"], row["attempt"]) == (
+        "running", OWNER, 4242, 123.5, 1)
+    assert row["started_at"] is not None
+    assert store.claim_started(CTL, OWNER, 1, 4343, 1.0) is None  # the limit holds as for claim()
+    assert status_of(store, second) == "queued"
+    store.finish(first, "succeeded", owner=OWNER)
+    before = store.latest_cursor()
+    claimed, event = store.claim_started(CTL, OWNER, 1, 4343, 2.0)
+    assert claimed["uuid"] == second and claimed["pid"] == 4343 and claimed["status"] == "running"
+    assert EVENT_KEYS <= set(event)
+    assert (event["kind"], event["uuid"], event["emitter"]) == ("started", second, OWNER)
+    assert event["task"]["pid"] == 4343 and event["task"]["status"] == "running"
+    feed = store.changes(before)  # the one event of the step, in the feed as start() writes it
+    assert [(e["kind"], e["cursor"]) for e in feed.events] == [("started", event["cursor"])]
+    assert store.claim_started(CTL, OWNER, 5, 1, 1.0) is None  # nothing queued
+
+
+@pytest.mark.timeout(30)
+def test_finish_and_claim_ends_a_task_and_claims_the_next_for_its_owner(store):
+    first, second, third = add(store, 3)
+    assert claim(store, max_running=1)["uuid"] == first
+    assert store.finish_and_claim(first, "succeeded", "someone-else", CTL, 1) == (None, None)  # fenced
+    event, claimed = store.finish_and_claim(first, "succeeded", OWNER, CTL, 1, result=7)
+    assert (event["kind"], event["uuid"], event["task"]["status"], event["task"]["result"]) == (
+        "ended", first, "succeeded", 7)
+    assert claimed["uuid"] == second and claimed["status"] == "running" and claimed["owner"] == OWNER
+    assert (status_of(store, first), status_of(store, second), status_of(store, third)) == (
+        "succeeded", "running", "queued")
+    assert claim(store)["uuid"] == third
+    event, claimed = store.finish_and_claim(second, "failed", OWNER, CTL, 1)  # third still runs: the limit holds
+    assert event is not None and claimed is None
+    with pytest.raises(ValueError):
+        store.finish_and_claim(third, "running", OWNER, CTL, 1)
+
+
+@pytest.mark.timeout(30)
 def test_start_and_progress_only_touch_active_tasks(store):
     running, stopping, finished, queued = add(store, 4)
     for _ in range(3):
@@ -547,6 +587,27 @@ def test_position_is_the_one_based_place_in_the_queue(store):
 
 
 # -- purge ----------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_batch_lists_the_tasks_of_one_batch_in_input_order(store):
+    batch, other_batch = uuid_module.uuid4().hex, uuid_module.uuid4().hex
+    rows = [dict(make_row(priority=p), batch=batch) for p in (5, -1, 0)]
+    store.enqueue(rows, -1)
+    store.enqueue([dict(make_row(), batch=other_batch)], -1)
+    store.enqueue([dict(make_row(OTHER), batch=batch)], -1)  # another controller's: not in CTL's batch
+    (alone,) = add(store)
+    assert [r["uuid"] for r in store.batch(CTL, batch)] == [r["uuid"] for r in rows]
+    assert all(ROW_KEYS <= set(r) and r["batch"] == batch for r in store.batch(CTL, batch))
+    assert [r["batch"] for r in store.batch(CTL, other_batch)] == [other_batch]
+    assert store.get(alone)["batch"] is None
+    assert store.batch(CTL, uuid_module.uuid4().hex) == []
+    # Claims, ends and purges show in it.
+    assert claim(store)["uuid"] == rows[1]["uuid"]
+    assert store.finish(rows[1]["uuid"], "succeeded", ended_at=10.0)
+    assert [r["status"] for r in store.batch(CTL, batch)] == ["queued", "succeeded", "queued"]
+    assert store.purge(CTL, 100.0) == 1
+    assert [r["uuid"] for r in store.batch(CTL, batch)] == [rows[0]["uuid"], rows[2]["uuid"]]
+
 
 @pytest.mark.timeout(30)
 def test_purge_removes_only_old_finished_tasks_of_that_controller(store):

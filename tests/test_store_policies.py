@@ -405,3 +405,29 @@ def test_a_sqlite_file_of_an_older_version_gets_the_new_columns(tmp_path):
         assert claim(store)["attempt"] == 2
     finally:
         store.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_sqlite_file_of_an_older_version_gets_the_batch_column(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE mpc_tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, uuid TEXT NOT NULL UNIQUE,
+            controller TEXT NOT NULL, status TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0,
+            args TEXT NOT NULL, progress TEXT, percent REAL, result TEXT, error TEXT, created_at REAL NOT NULL,
+            started_at REAL, ended_at REAL, pid INTEGER, pid_created REAL, exit_code INTEGER, owner TEXT,
+            stop_requested INTEGER NOT NULL DEFAULT 0, timeout REAL, memory_peak INTEGER, cpu_time REAL,
+            attempt INTEGER NOT NULL DEFAULT 0, retry_at REAL, errors TEXT, schedule TEXT, tenant TEXT);
+        INSERT INTO mpc_tasks (uuid, controller, status, args, created_at) VALUES ('u-old', 'contract', 'queued',
+            '{}', 1.0);
+    """)
+    old.close()
+    store = SQLiteStore(str(path))
+    try:
+        assert store.get("u-old")["batch"] is None
+        batch = uuid_module.uuid4().hex
+        rows = [dict(make_row(), batch=batch) for _ in range(2)]
+        store.enqueue(rows, -1)
+        assert [r["uuid"] for r in store.batch("contract", batch)] == [r["uuid"] for r in rows]
+    finally:
+        store.close()

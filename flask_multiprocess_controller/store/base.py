@@ -85,6 +85,8 @@ class Row(TypedDict, total=False):
     schedule: Optional[dict[str, Any]]
     #: Who may see the task, when the controller has a ``tenant=`` hook (None: nobody in particular).
     tenant: Optional[str]
+    #: The id of the bulk submission the task came with (every task of one bulk shares it); else None.
+    batch: Optional[str]
 
 
 class _AnyTenant:
@@ -164,6 +166,16 @@ def check_fields(method: str, fields: Mapping[str, Any]) -> None:
         raise ValueError(f"{method}() cannot set {sorted(unknown)}: only {sorted(MUTABLE_FIELDS)}")
 
 
+def _finish_fields(status: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The checked fields of a finish: ValueError for an unknown field or a status that is not terminal."""
+    check_fields("finish", fields)
+    if status not in _TERMINAL:
+        raise ValueError(f"finish() needs a terminal status ({sorted(_TERMINAL)}), not {status!r}")
+    if "ended_at" in fields and fields["ended_at"] is None:
+        del fields["ended_at"]  # a finished task always has an end time
+    return fields
+
+
 def parse_counter(cursor: str) -> Optional[int]:
     """The integer of a decimal cursor (memory, SQLite), or None when it is not one of ours."""
     return int(cursor) if isinstance(cursor, str) and _COUNTER.fullmatch(cursor) else None
@@ -212,6 +224,24 @@ class TaskStore(abc.ABC):
         ``started`` event comes with the pid (:meth:`start`).
         """
 
+    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
+                      pid_created: float) -> Optional[tuple[Row, Event]]:
+        """:meth:`claim` and :meth:`start` in one step, for a serving process whose task process is
+        already there (a reused one): return the claimed task with its process recorded and the
+        ``started`` event, or None when nothing was claimed.
+
+        The backends of this package make one transaction of it; this default makes two (a
+        task settled elsewhere between them gives None, as :meth:`start` would).
+        """
+        row = self.claim(controller, owner, max_running)
+        if row is None:
+            return None
+        event = self.start(row["uuid"], owner, pid, pid_created)
+        if event is None:
+            return None
+        row.update({"pid": pid, "pid_created": pid_created})
+        return row, event
+
     # ``owner`` fences the writes of a claimed task below: when given, the write only applies
     # while the task is still claimed by that serving process. A process that was paused past
     # its lease (its tasks settled elsewhere, perhaps claimed again) can then never overwrite
@@ -236,12 +266,22 @@ class TaskStore(abc.ABC):
         :raises ValueError: an unknown field or a status that is not terminal (nothing written).
         Atomic compare-and-set: of two finishers, one gets the event, the other None.
         """
-        check_fields("finish", fields)
-        if status not in _TERMINAL:
-            raise ValueError(f"finish() needs a terminal status ({sorted(_TERMINAL)}), not {status!r}")
-        if "ended_at" in fields and fields["ended_at"] is None:
-            del fields["ended_at"]  # a finished task always has an end time
+        fields = _finish_fields(status, fields)
         return self._finish(uuid, status, owner, owner if emitter is None else emitter, fields)
+
+    def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
+                         **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
+        """:meth:`finish` a task of ``owner``, then :meth:`claim` the next task of ``controller`` for ``owner``.
+
+        For a serving process whose slot is free again once the task ended (a fresh process per
+        task): one write instead of two. Returns the ``ended`` event (None when the finish wrote
+        nothing: then nothing is claimed either) and the claimed task (or None). The backends of
+        this package make one transaction of it (Redis: two scripts); this default makes two.
+        """
+        event = self.finish(uuid, status, owner=owner, **fields)
+        if event is None:
+            return None, None
+        return event, self.claim(controller, owner, max_running)
 
     @abc.abstractmethod
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
@@ -463,6 +503,14 @@ class TaskStore(abc.ABC):
         :param before: a ``seq``: only older tasks (paging). Costs O(``limit``) on every store
             (with a ``tenant``, in proportion to the tasks skipped on Redis).
         :param tenant: only the tasks stamped with this tenant (None included); every tenant's by default.
+        """
+
+    @abc.abstractmethod
+    def batch(self, controller: str, batch: str) -> list[Row]:
+        """Return the controller's tasks stored with the ``batch`` id, in input order (by ``seq``).
+
+        An unknown batch (or one whose tasks were all purged) gives an empty list. Costs
+        O(size of the batch) on every store.
         """
 
     @abc.abstractmethod

@@ -12,7 +12,7 @@ from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import InvalidTransition, QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import ANY_TENANT, COLUMNS, FireOutcome, Fired, Row, ScheduleRow, TaskStore, parse_counter
+from .base import ANY_TENANT, COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, parse_counter
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -118,21 +118,43 @@ class MemoryStore(TaskStore):
 
     def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
         with self._lock:
-            running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)
-            if running >= max_running:
+            row = self._claim(controller, owner, max_running)
+            return None if row is None else copy.deepcopy(row)
+
+    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
+                      pid_created: float) -> Optional[tuple[Row, Event]]:
+        with self._lock:
+            row = self._claim(controller, owner, max_running)
+            if row is None:
                 return None
-            self._promote_due(controller, time.time())
-            queue = self._queues.get(controller, [])
-            while queue:
-                priority, _, uuid = heapq.heappop(queue)
-                row = self._rows.get(uuid)
-                # An entry is stale once its task left the queue, moved to another priority or waits for a retry.
-                if (row is not None and row["status"] == _QUEUED and row["priority"] == priority
-                        and row["retry_at"] is None):
-                    row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": time.time(),
-                                "attempt": row["attempt"] + 1})
-                    return copy.deepcopy(row)
+            row.update({"pid": pid, "pid_created": pid_created})
+            return copy.deepcopy(row), self._emit(EventKind.STARTED, row, owner, time.time())
+
+    def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
+                         **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
+        fields = _finish_fields(status, fields)
+        with self._lock:
+            event = self._finish_locked(uuid, status, owner, owner, fields)
+            row = None if event is None else self._claim(controller, owner, max_running)
+            return event, None if row is None else copy.deepcopy(row)
+
+    def _claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
+        """:meth:`claim` under the lock: the stored row itself (callers copy it)."""
+        running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)
+        if running >= max_running:
             return None
+        self._promote_due(controller, time.time())
+        queue = self._queues.get(controller, [])
+        while queue:
+            priority, _, uuid = heapq.heappop(queue)
+            row = self._rows.get(uuid)
+            # An entry is stale once its task left the queue, moved to another priority or waits for a retry.
+            if (row is not None and row["status"] == _QUEUED and row["priority"] == priority
+                    and row["retry_at"] is None):
+                row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": time.time(),
+                            "attempt": row["attempt"] + 1})
+                return row
+        return None
 
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
         with self._lock:
@@ -153,12 +175,16 @@ class MemoryStore(TaskStore):
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
                 fields: dict[str, Any]) -> Optional[Event]:
         with self._lock:
-            row = self._owned_active(uuid, owner)
-            if row is None:
-                return None
-            now = time.time()
-            row.update({"ended_at": now, **copy.deepcopy(fields), "status": status})  # type: ignore[typeddict-item]
-            return self._emit(EventKind.ENDED, row, emitter, now)
+            return self._finish_locked(uuid, status, owner, emitter, fields)
+
+    def _finish_locked(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
+                       fields: dict[str, Any]) -> Optional[Event]:
+        row = self._owned_active(uuid, owner)
+        if row is None:
+            return None
+        now = time.time()
+        row.update({"ended_at": now, **copy.deepcopy(fields), "status": status})  # type: ignore[typeddict-item]
+        return self._emit(EventKind.ENDED, row, emitter, now)
 
     def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None,
                 uncount: bool = False) -> Optional[Event]:
@@ -369,6 +395,13 @@ class MemoryStore(TaskStore):
                     and (tenant is ANY_TENANT or r.get("tenant") == tenant)]
             rows.sort(key=lambda r: r["seq"], reverse=True)
             return copy.deepcopy(rows[:limit])
+
+    def batch(self, controller: str, batch: str) -> list[Row]:
+        with self._lock:
+            rows = [r for r in self._rows.values()
+                    if r["controller"] == controller and r.get("batch") == batch]
+            rows.sort(key=lambda r: r["seq"])
+            return copy.deepcopy(rows)
 
     def counts(self, controller: str) -> dict[str, int]:
         counts: dict[str, int] = {}

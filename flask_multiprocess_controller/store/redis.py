@@ -172,13 +172,15 @@ end
 -- Store a new queued task from a flat [field, value, ...] list without seq; returns its uuid and event.
 local function insert_queued(controller, row)
   local seq = redis.call('INCR', prefix .. 'seq')
-  local uuid, priority
+  local uuid, priority, batch
   for i = 1, #row, 2 do
     if row[i] == 'uuid' then uuid = row[i + 1] end
     if row[i] == 'priority' then priority = row[i + 1] end
+    if row[i] == 'batch' then batch = row[i + 1] end
   end
   local key = prefix .. 't:' .. uuid
   redis.call('HSET', key, 'seq', seq, unpack(row))
+  if batch then redis.call('ZADD', ckey(controller, 'b:' .. batch), seq, uuid) end
   redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
   redis.call('ZADD', ckey(controller, 'all'), seq, uuid)
   redis.call('ZADD', ckey(controller, 's:queued'), seq, uuid)
@@ -244,6 +246,12 @@ redis.call('HSET', key, 'owner', owner, 'started_at', now)
 redis.call('HINCRBY', key, 'attempt', 1)
 return redis.call('HGETALL', key)
 """
+
+# ARGV from 4: controller, owner, max_running, pid, pid_created. Returns {row (flat), started event}, or nil.
+_CLAIM_STARTED = _CLAIM.replace("return redis.call('HGETALL', key)\n", """
+redis.call('HSET', key, 'pid', ARGV[7], 'pid_created', ARGV[8])
+return {redis.call('HGETALL', key), emit('started', key)}
+""")
 
 # ARGV from 4: uuid, owner, pid, pid_created
 _START = _LIB + """
@@ -402,9 +410,10 @@ local doomed = redis.call('ZRANGEBYSCORE', ckey(controller, 'ended'), '-inf', '(
                           'LIMIT', 0, tonumber(ARGV[6]))
 for _, uuid in ipairs(doomed) do
   local key = prefix .. 't:' .. uuid
-  local status = redis.call('HGET', key, 'status')
+  local status, batch = unpack(redis.call('HMGET', key, 'status', 'batch'))
   if status then
     emit('purged', key)
+    if batch then redis.call('ZREM', ckey(controller, 'b:' .. batch), uuid) end
     redis.call('HINCRBY', ckey(controller, 'n'), status, -1)
     redis.call('ZREM', ckey(controller, 's:' .. status), uuid)
     redis.call('DEL', key)
@@ -456,7 +465,8 @@ redis.call('ZADD', ARGV[1] .. 'owners', string.format('%.6f', tonumber(clock[1])
            ARGV[2])
 """
 
-_SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "start": _START, "progress": _PROGRESS, "finish": _FINISH,
+_SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "claim_started": _CLAIM_STARTED,
+            "start": _START, "progress": _PROGRESS, "finish": _FINISH,
             "requeue": _REQUEUE, "request_stop": _REQUEST_STOP, "purge": _PURGE, "prune": _PRUNE,
             "feed": _FEED, "heartbeat": _HEARTBEAT, "retry": _RETRY, "transition": _TRANSITION,
             "reprioritise": _REPRIORITISE, "stop_all": _STOP_ALL, "declare": _DECLARE, "fire": _FIRE,
@@ -672,6 +682,16 @@ class RedisStore(TaskStore):
         return _decode(flat) if flat else None
 
     @_guarded
+    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
+                      pid_created: float) -> Optional[tuple[Row, Event]]:
+        done = self._write("claim_started", owner, controller, owner, max_running, _encode("pid", pid),
+                           _encode("pid_created", pid_created))
+        if not done:
+            return None
+        flat, event = done
+        return _decode(flat), _event(*event)
+
+    @_guarded
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
         done = self._write("start", owner, uuid, owner, _encode("pid", pid), _encode("pid_created", pid_created))
         return _event(*done) if done else None
@@ -852,6 +872,11 @@ class RedisStore(TaskStore):
         uuids = [uuid for uuid, _ in merged][:limit]
         # A task may have changed status since: keep to the filter.
         return [row for row in self._get_many(uuids) if row["status"] in wanted]
+
+    @_guarded
+    def batch(self, controller: str, batch: str) -> list[Row]:
+        # A sorted set per batch (by seq), written with the tasks and trimmed by purges.
+        return self._get_many(self._redis.zrange(self._c(controller, "b:" + batch), 0, -1))
 
     @_guarded
     def counts(self, controller: str) -> dict[str, int]:

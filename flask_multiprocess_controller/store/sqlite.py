@@ -27,7 +27,7 @@ from ..exceptions import (
     InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import ANY_TENANT, COLUMNS as _COLUMNS, FireOutcome, Fired, Row, ScheduleRow, TaskStore, parse_counter
+from .base import ANY_TENANT, COLUMNS as _COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, parse_counter
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS mpc_tasks (
     retry_at REAL,
     errors TEXT,
     schedule TEXT,
-    tenant TEXT
+    tenant TEXT,
+    batch TEXT
 );
 CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_status ON mpc_tasks (controller, status, seq);
@@ -110,7 +111,7 @@ CREATE TABLE IF NOT EXISTS mpc_schedules (
 
 #: Columns added to ``mpc_tasks`` after its first release, with their declarations: a file made
 #: by an older version gets them (``ALTER TABLE``) when a store first opens it.
-_ADDED_COLUMNS = {"retry_at": "REAL", "errors": "TEXT", "schedule": "TEXT", "tenant": "TEXT"}
+_ADDED_COLUMNS = {"retry_at": "REAL", "errors": "TEXT", "schedule": "TEXT", "tenant": "TEXT", "batch": "TEXT"}
 
 #: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
 #: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
@@ -119,6 +120,7 @@ CREATE INDEX IF NOT EXISTS mpc_tasks_ready ON mpc_tasks (controller, priority, s
     WHERE status = 'queued' AND retry_at IS NULL;
 CREATE INDEX IF NOT EXISTS mpc_tasks_delayed ON mpc_tasks (controller, retry_at)
     WHERE status = 'queued' AND retry_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch IS NOT NULL;
 """
 
 #: Columns stored as JSON text.
@@ -435,35 +437,64 @@ class SQLiteStore(TaskStore):
         return events
 
     def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
+        claimed = self._claim(controller, owner, max_running, None)
+        return None if claimed is None else claimed[0]
+
+    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
+                      pid_created: float) -> Optional[tuple[Row, Event]]:
+        claimed = self._claim(controller, owner, max_running, (pid, pid_created))
+        if claimed is None or claimed[1] is None:
+            return None
+        return claimed[0], claimed[1]
+
+    def _claim(self, controller: str, owner: str, max_running: int,
+               process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
+        """Claim the next task in one transaction; with ``process`` (pid, create time), record it and
+        write the ``started`` event in the same transaction."""
         # A plain read first: idle slots look often, and a queue with nothing ready needs no write lock.
         if not self._query(f"SELECT 1 FROM {_READY_TASKS} WHERE controller = ? AND {_READY_SQL} UNION ALL "
                            f"SELECT 1 FROM mpc_tasks WHERE controller = ? AND {_DELAYED_SQL} AND retry_at <= ? "
                            "LIMIT 1", (controller, controller, time.time())):
             return None
         with self._transaction() as db:
-            now = time.time()  # inside the lock: later than any change committed before this claim
-            db.execute(f"UPDATE mpc_tasks SET retry_at = NULL WHERE controller = ? AND {_DELAYED_SQL} "
-                       "AND retry_at <= ?", (controller, now))  # their retry time came: into the ready queue
-            (running,) = db.execute(
-                f"SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status IN {_ACTIVE_SQL}", (controller,)
-            ).fetchone()
-            if running >= max_running:
-                return None
-            found = db.execute(
-                f"{_SELECT_READY} WHERE controller = ? AND {_READY_SQL} "
-                "ORDER BY priority, seq LIMIT 1", (controller,),
-            ).fetchone()
-            if found is None:
-                return None
-            row = _decode(found)
-            db.execute(
-                "UPDATE mpc_tasks SET status = 'running', owner = ?, started_at = ?, attempt = attempt + 1 "
-                "WHERE seq = ?",
-                (owner, now, row["seq"]),
-            )
+            return self._claim_in(db, controller, owner, max_running, process)
+
+    def _claim_in(self, db: sqlite3.Connection, controller: str, owner: str, max_running: int,
+                  process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
+        """:meth:`_claim` in the caller's write transaction."""
+        now = time.time()  # inside the lock: later than any change committed before this claim
+        db.execute(f"UPDATE mpc_tasks SET retry_at = NULL WHERE controller = ? AND {_DELAYED_SQL} "
+                   "AND retry_at <= ?", (controller, now))  # their retry time came: into the ready queue
+        (running,) = db.execute(
+            f"SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status IN {_ACTIVE_SQL}", (controller,)
+        ).fetchone()
+        if running >= max_running:
+            return None
+        found = db.execute(
+            f"{_SELECT_READY} WHERE controller = ? AND {_READY_SQL} "
+            "ORDER BY priority, seq LIMIT 1", (controller,),
+        ).fetchone()
+        if found is None:
+            return None
+        row = _decode(found)
+        pid, pid_created = process if process is not None else (row["pid"], row["pid_created"])
+        db.execute(
+            "UPDATE mpc_tasks SET status = 'running', owner = ?, started_at = ?, attempt = attempt + 1, "
+            "pid = ?, pid_created = ? WHERE seq = ?",
+            (owner, now, pid, pid_created, row["seq"]),
+        )
         row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": now,
-                    "attempt": row["attempt"] + 1})
-        return row
+                    "attempt": row["attempt"] + 1, "pid": pid, "pid_created": pid_created})
+        event = self._emit(db, EventKind.STARTED, row, owner, now) if process is not None else None
+        return row, event
+
+    def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
+                         **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
+        assignments = {"ended_at": _NOW, **_finish_fields(status, fields), "status": status}
+        with self._transaction() as db:
+            event = self._update_active_in(db, EventKind.ENDED, uuid, owner, owner, assignments)
+            claimed = None if event is None else self._claim_in(db, controller, owner, max_running, None)
+        return event, None if claimed is None else claimed[0]
 
     def _update_active(self, kind: EventKind, uuid: str, owner: Optional[str], emitter: Optional[str],
                        assignments: dict[str, Any]) -> Optional[Event]:
@@ -471,16 +502,21 @@ class SQLiteStore(TaskStore):
 
         A value :data:`_NOW` is the store's clock at the change.
         """
+        with self._transaction() as db:
+            return self._update_active_in(db, kind, uuid, owner, emitter, assignments)
+
+    def _update_active_in(self, db: sqlite3.Connection, kind: EventKind, uuid: str, owner: Optional[str],
+                          emitter: Optional[str], assignments: dict[str, Any]) -> Optional[Event]:
+        """:meth:`_update_active` in the caller's write transaction."""
         clause = ", ".join(f"{c} = MAX(0, {c} - 1)" if v is _UNCOUNT else f"{c} = ?" for c, v in assignments.items())
         fence, fenced = (" AND owner = ?", (owner,)) if owner is not None else ("", ())
-        with self._transaction() as db:
-            now = time.time()
-            values = [now if v is _NOW else _encode(c, v) for c, v in assignments.items() if v is not _UNCOUNT]
-            changed = db.execute(f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL}{fence}",
-                                 (*values, uuid, *fenced)).rowcount
-            if not changed:
-                return None
-            return self._emit(db, kind, self._row(db, uuid), emitter, now)
+        now = time.time()
+        values = [now if v is _NOW else _encode(c, v) for c, v in assignments.items() if v is not _UNCOUNT]
+        changed = db.execute(f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL}{fence}",
+                             (*values, uuid, *fenced)).rowcount
+        if not changed:
+            return None
+        return self._emit(db, kind, self._row(db, uuid), emitter, now)
 
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
         return self._update_active(EventKind.STARTED, uuid, owner, owner, {"pid": pid, "pid_created": pid_created})
@@ -723,6 +759,9 @@ class SQLiteStore(TaskStore):
                             f"ORDER BY seq DESC LIMIT ?", (controller, status, below, *tenant_args, limit))
                  for status in wanted]
         return list(heapq.merge(*pages, key=lambda r: r["seq"], reverse=True))[:limit]
+
+    def batch(self, controller: str, batch: str) -> list[Row]:
+        return self._read(f"{_SELECT} WHERE batch = ? AND controller = ? ORDER BY seq", (batch, controller))
 
     def counts(self, controller: str) -> dict[str, int]:
         return dict(self._query(

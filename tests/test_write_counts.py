@@ -1,0 +1,115 @@
+"""How many write transactions a task costs the store: counted by a wrapper around each backend.
+
+Each write method of a store is one transaction (its event rides in it). A task queued alone in
+a fresh process costs at most four: enqueue, claim, start (the pid) and finish; a bulk of n tasks
+shares one enqueue, and a slot whose task ended claims its next task in the same write as that end
+(finish_and_claim). In a reused process the claim records the pid too (claim_started): three.
+Progress uploaded by a short task rides with its finish.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import pytest
+
+from flask_multiprocess_controller import MemoryStore, MetaMPTask, SQLiteStore, TaskStore
+
+#: The write methods of the store contract (each one transaction).
+WRITES = ("enqueue", "claim", "claim_started", "start", "progress", "_finish", "finish_and_claim", "requeue",
+          "request_stop", "_retry", "purge", "stop_all", "reprioritise", "_transition", "fire")
+
+
+class Quick(MetaMPTask):
+    def execute(self, i: int = 0) -> int:
+        self.upload_status(i)
+        return i
+
+
+def counting(store_cls: type) -> Any:
+    """A subclass of ``store_cls`` counting its write calls (claims only when they claimed a task)."""
+    counts: collections.Counter = collections.Counter()
+
+    def wrap(name: str) -> Any:
+        original = getattr(store_cls, name)
+
+        def counted(self: TaskStore, *args: Any, **kwargs: Any) -> Any:
+            answer = original(self, *args, **kwargs)
+            if not name.startswith("claim") or answer is not None:
+                counts[name] += 1
+            if name == "finish_and_claim" and answer[1] is not None:
+                counts["claimed with an end"] += 1
+            return answer
+
+        return counted
+
+    cls = type(f"Counting{store_cls.__name__}", (store_cls,), {name: wrap(name) for name in WRITES})
+    cls.counts = counts  # type: ignore[attr-defined]
+    return cls
+
+
+def _summary(counts: dict, n: int) -> dict:
+    """Per kind of write, for n tasks: the claims made either way, the ends either way, all writes."""
+    claims = counts.get("claim", 0) + counts.get("claimed with an end", 0)
+    ends = counts.get("_finish", 0) + counts.get("finish_and_claim", 0)
+    writes = sum(v for k, v in counts.items() if k not in ("claimed with an end", "progress"))
+    return {"claims": claims, "ends": ends, "starts": counts.get("start", 0), "per_task": writes / n}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_task_costs_at_most_four_writes_and_a_bulk_shares_its_enqueue(backend, make_controller, tmp_path):
+    store_cls = counting(MemoryStore if backend == "memory" else SQLiteStore)
+    store = store_cls() if backend == "memory" else store_cls(str(tmp_path / "w.sqlite3"))
+    controller = make_controller(Quick, max_num_process=2, store=store)
+    controller.wait(controller.submit(i=0), 20)
+    store_cls.counts.clear()
+    uuids = [controller.submit(i=i) for i in range(5)]
+    for uuid in uuids:
+        assert controller.wait(uuid, 20)["status"] == "succeeded"
+    single = dict(store_cls.counts)
+    store_cls.counts.clear()
+    batch = controller.submit_many([{"i": i} for i in range(5)])
+    assert controller.wait_batch(batch.id, 20)["ended"] == 5
+    bulk = dict(store_cls.counts)
+    assert single["enqueue"] == 5 and bulk["enqueue"] == 1
+    for counts in (single, bulk):
+        summary = _summary(counts, 5)
+        assert (summary["claims"], summary["ends"], summary["starts"]) == (5, 5, 5), counts
+        assert summary["per_task"] <= 4, counts
+        others = set(counts) - {"enqueue", "claim", "start", "_finish", "finish_and_claim", "claimed with an end",
+                                "progress"}
+        assert others == set(), counts
+    # Of a bulk, every task but those the free slots claimed at first is claimed with an end.
+    assert bulk.get("claimed with an end", 0) + bulk.get("claim", 0) == 5
+    assert _summary(bulk, 5)["per_task"] < 3.5, bulk
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_task_in_a_reused_process_costs_three(backend, make_controller, tmp_path):
+    store_cls = counting(MemoryStore if backend == "memory" else SQLiteStore)
+    store = store_cls() if backend == "memory" else store_cls(str(tmp_path / "w.sqlite3"))
+    controller = make_controller(Quick, max_num_process=1, max_tasks_per_child=0, store=store)
+    first = controller.wait(controller.submit(i=0), 20)  # the slot's process starts with this one
+    store_cls.counts.clear()
+    uuids = [controller.submit(i=i) for i in range(5)]
+    tasks = [controller.wait(uuid, 20) for uuid in uuids]
+    assert {t["status"] for t in tasks} == {"succeeded"} and {t["pid"] for t in tasks} == {first["pid"]}
+    counts = {k: v for k, v in store_cls.counts.items() if k != "progress"}
+    assert counts == {"enqueue": 5, "claim_started": 5, "_finish": 5}, counts
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_one_slot_claims_each_next_task_with_the_end_of_the_last(backend, make_controller, tmp_path):
+    store_cls = counting(MemoryStore if backend == "memory" else SQLiteStore)
+    store = store_cls() if backend == "memory" else store_cls(str(tmp_path / "w.sqlite3"))
+    controller = make_controller(Quick, max_num_process=1, store=store)
+    controller.wait(controller.submit(i=0), 20)
+    store_cls.counts.clear()
+    batch = controller.submit_many([{"i": i} for i in range(5)])
+    view = controller.wait_batch(batch.id, 20)
+    assert [t["result"] for t in view["tasks"]] == [0, 1, 2, 3, 4]
+    counts = {k: v for k, v in store_cls.counts.items() if k != "progress"}
+    assert counts == {"enqueue": 1, "claim": 1, "start": 5, "finish_and_claim": 5, "claimed with an end": 4}, counts
