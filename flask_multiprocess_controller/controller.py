@@ -923,7 +923,7 @@ class MetaMPController:
         return Reply(dict(view), 200 if view["ended"] == view["total"] else 202)
 
     def _answer_delete(self, **kwargs: Any) -> Reply:
-        every = _stop_all_option(_query())
+        every = stop_all_option(_query())
         if kwargs.get("uuid") is None and every:
             return Reply(self.stop_all(), 202)
         if every:
@@ -1075,7 +1075,7 @@ def _query() -> Mapping[str, str]:
     return request.args if has_request_context() else {}
 
 
-def _stop_all_option(options: Mapping[str, str]) -> bool:
+def stop_all_option(options: Mapping[str, str]) -> bool:
     """The ``?all=`` of a DELETE: ``true`` (or ``1``) stops every task; ``false``, ``0`` or none, one."""
     raw = options.get("all")
     if raw is None or raw.lower() in ("false", "0"):

@@ -209,10 +209,10 @@ def _task_list(extension: "MultiprocessController") -> Callable[[], ResponseRetu
 
 def _stop_all(extension: "MultiprocessController") -> ResponseReturnValue:
     """``DELETE <prefix>/api/tasks?controller=NAME&all=true``: the resource's stop-all, for one named controller."""
-    from .controller import _stop_all_option
+    from .controller import stop_all_option
 
     name = request.args.get("controller")
-    if not _stop_all_option(request.args):
+    if not stop_all_option(request.args):
         raise InvalidRequest("DELETE of the task list stops every task of one controller: "
                              "send ?controller=<name>&all=true.")
     controller = next((c for c in extension.controllers() if name and c.name == name), None)
