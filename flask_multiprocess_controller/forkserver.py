@@ -37,7 +37,10 @@ from typing import Any, Callable, Iterable, Optional
 
 import psutil
 
-from .proctree import signal_processes
+from .proctree import set_process_name, signal_processes
+
+#: The fork server's process name (``ps``, ``/proc/PID/comm``).
+FORK_SERVER_NAME = "mpc-forkserver"
 
 _PID = struct.Struct("i")
 _KILL = struct.Struct("ii")  # pid, signal
@@ -285,6 +288,7 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection], None]) -> Non
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _close_listening_sockets()
     _become_subreaper()
+    set_process_name(FORK_SERVER_NAME)  # what ps and top show; task processes rename themselves
     # Everything alive now is shared with the task processes: keep the collector off it,
     # or the first collection in each child would copy every page of the heap.
     gc.collect()

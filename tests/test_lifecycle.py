@@ -742,3 +742,13 @@ def test_sqlite_store_keeps_finished_and_queued_tasks_across_restarts(make_contr
     assert read_lines(log) == ["done", "blocker", "left0", "left1", "left2"]
     listing = second.tasks()
     assert {t["uuid"] for t in listing["tasks"]} == {done, blocker, *left}
+
+
+@pytest.mark.timeout(30)
+def test_fork_server_is_named_for_ps(make_controller):
+    from flask_multiprocess_controller.forkserver import FORK_SERVER_NAME
+
+    controller = make_controller(UsesHelpers)
+    assert controller.wait(controller.submit(n=1), timeout=20)["status"] == "succeeded"
+    assert psutil.Process(controller.forkserver_pid).name() == FORK_SERVER_NAME == "mpc-forkserver"
+
