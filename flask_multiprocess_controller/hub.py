@@ -116,7 +116,7 @@ class EventHub:
         with self._reading:
             cursor = self._cursor
             if wait > 0:
-                changes = self._retrier.call("reading the change feed", lambda: self.store.changes(cursor, wait))
+                changes = self._retrier.call("reading the change feed", lambda: self.store.changes(cursor, wait, foreign_only=True))
             else:
                 changes = self.store.changes(cursor, 0.0)
             self._cursor = changes.cursor

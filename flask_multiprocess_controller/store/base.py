@@ -449,13 +449,19 @@ class TaskStore(abc.ABC):
 
     # -- the change feed --------------------------------------------------------------------------------
 
-    def changes(self, since: Optional[str], timeout: float = 0.0, *, limit: int = 1000) -> Changes:
+    def changes(self, since: Optional[str], timeout: float = 0.0, *, limit: int = 1000,
+                foreign_only: bool = False) -> Changes:
         """Return the events after the cursor ``since``, oldest first, at most ``limit``.
 
         When there are none, wait up to ``timeout`` seconds for one. ``since=None`` means
         "from now": no events, and the latest cursor to resume from. ``reset`` is True (with
         the latest cursor and no events) when events after ``since`` were pruned, or when
         ``since`` is not a cursor of this store: the caller must re-read the current state.
+
+        ``foreign_only`` says the caller already has this process's own events (a runtime's
+        follower, which dispatched them when they were written): a store may then wait for other
+        processes' writes only, so that a burst of local writes does not wake the reader once per
+        write on the threads that serve them. The events returned still include local ones.
         """
         if since is None:
             return Changes([], self.latest_cursor(), False)
@@ -465,15 +471,18 @@ class TaskStore(abc.ABC):
             remaining = deadline - time.monotonic()
             if found.events or found.reset or remaining <= 0:
                 return found
-            self._wait_for_changes(since, remaining)
+            self._wait_for_changes(since, remaining, foreign_only)
 
     @abc.abstractmethod
     def _changes(self, since: str, limit: int) -> Changes:
         """:meth:`changes` without waiting."""
 
     @abc.abstractmethod
-    def _wait_for_changes(self, since: str, timeout: float) -> None:
-        """Return once there may be events after ``since`` (a valid cursor), or after ``timeout`` seconds."""
+    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
+        """Return once there may be events after ``since`` (a valid cursor), or after ``timeout`` seconds.
+
+        With ``foreign_only``, waking for this process's own writes is optional (see :meth:`changes`).
+        """
 
     @abc.abstractmethod
     def latest_cursor(self) -> str:

@@ -357,7 +357,7 @@ class MemoryStore(TaskStore):
             events = copy.deepcopy(self._events[start:start + limit])
         return Changes(events, events[-1]["cursor"] if events else since, False)
 
-    def _wait_for_changes(self, since: str, timeout: float) -> None:
+    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
         after = parse_counter(since)
         with self._lock:
             self._lock.wait_for(lambda: after is None or self._last_cursor > after, timeout)

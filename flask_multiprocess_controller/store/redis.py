@@ -806,7 +806,7 @@ class RedisStore(TaskStore):
         return Changes(events, events[-1]["cursor"] if events else since, False)
 
     @_guarded
-    def _wait_for_changes(self, since: str, timeout: float) -> None:
+    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
         block = max(1, int(min(timeout, _FEED_BLOCK_MAX) * 1000))
         self._feed.xread({self._key("events"): since}, count=1, block=block)
 

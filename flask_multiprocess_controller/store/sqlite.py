@@ -708,9 +708,19 @@ class SQLiteStore(TaskStore):
                 f"SELECT {_EVENT_COLUMNS} FROM mpc_events WHERE cursor > ? ORDER BY cursor LIMIT ?", (after, limit))]
         return Changes(events, events[-1]["cursor"] if events else since, False)
 
-    def _wait_for_changes(self, since: str, timeout: float) -> None:
+    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
         after = parse_counter(since)
         deadline = time.monotonic() + timeout
+        if foreign_only:
+            # Other processes' commits are seen by looking, every poll interval; this process's
+            # own commits need not wake the caller, so a burst of them costs one look per interval.
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                time.sleep(min(defaults.FEED_POLL_INTERVAL, remaining))
+                if after is None or int(self.latest_cursor()) > after:
+                    return
         while True:
             with self._committed:
                 generation = self._generation
