@@ -200,8 +200,7 @@ class Runtime:
 
     def submit(self, rows: Sequence[Row], max_queued: int) -> None:
         """Queue new task rows (all or none) and wake the slots."""
-        self.events.publish_all(self.store.enqueue(rows, max_queued, emitter=self.owner))
-        self.notify_work()
+        self.events.publish_all(self.store.enqueue(rows, max_queued, emitter=self.owner))  # each wakes a slot
 
     def stop(self, uuid: str) -> Row:
         """Ask task ``uuid`` to stop, wherever it runs; return its row afterwards."""
@@ -237,7 +236,9 @@ class Runtime:
             self._hold_claims_until = time.monotonic() + defaults.SIBLING_SHUTDOWN_HOLD
             self._sibling_shutdowns.append(event["at"])
         if kind in (EventKind.QUEUED, EventKind.REQUEUED, EventKind.ENDED):
-            self.notify_work()  # work was queued, or a slot of the controller came free
+            # One task was queued, or one place under max_num_process came free: one idle slot
+            # claims it (waking every idle slot would only make the others claim nothing).
+            self.notify_work(1)
         if kind == EventKind.ENDED:
             self._waiters.wake(uuid, event["task"])
         run = self.local_run(uuid)
@@ -294,11 +295,17 @@ class Runtime:
         """
         self.draining = True
 
-    def notify_work(self) -> None:
-        """Wake idle slots: tasks were queued, or slots came free."""
+    def notify_work(self, slots: Optional[int] = None) -> None:
+        """Wake idle slots (``slots`` of them, else all): tasks were queued, or places came free.
+
+        A slot that is claiming rather than waiting meanwhile sees the change too (it claims again).
+        """
         with self._work:
             self._generation += 1
-            self._work.notify_all()
+            if slots is None:
+                self._work.notify_all()
+            else:
+                self._work.notify(slots)
 
     def next_task(self, retrier: Retrier, child: Optional[ChildProcess] = None) -> Optional[Claim]:
         """Claim the next task for a slot, waiting while there is none; None when closing.
