@@ -1060,7 +1060,8 @@ _WRITE_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.timeout(60)
-def test_waiting_changes_wake_when_another_process_writes(shared_store, tmp_path):
+@pytest.mark.parametrize("foreign_only", [False, True])
+def test_waiting_changes_wake_when_another_process_writes(shared_store, tmp_path, foreign_only):
     since = shared_store.latest_cursor()
     go = tmp_path / "go"
     proc = subprocess.Popen([sys.executable, "-c", _WRITE_SCRIPT, *location(shared_store), CTL, str(go)],
@@ -1068,7 +1069,7 @@ def test_waiting_changes_wake_when_another_process_writes(shared_store, tmp_path
     try:
         go.touch()
         started = time.monotonic()
-        found = shared_store.changes(since, timeout=30.0)
+        found = shared_store.changes(since, timeout=30.0, foreign_only=foreign_only)
         waited = time.monotonic() - started
         out, err = proc.communicate(timeout=30)
     finally:
@@ -1080,6 +1081,16 @@ def test_waiting_changes_wake_when_another_process_writes(shared_store, tmp_path
     assert [(e["uuid"], e["cursor"], e["emitter"]) for e in found.events] == \
         [(written["uuid"], written["cursor"], "writer-process")]
     assert waited < 15.0
+
+
+@pytest.mark.timeout(30)
+def test_a_foreign_only_read_still_returns_this_process_s_own_events(store):
+    # The hint lets a store skip waking for local writes, never hide them from the reader.
+    since = store.latest_cursor()
+    (event,) = store.enqueue([make_row()], -1, emitter="here")
+    found = store.changes(since, timeout=5.0, foreign_only=True)
+    assert [e["cursor"] for e in found.events] == [event["cursor"]]
+    assert store.changes(found.cursor, timeout=0.1, foreign_only=True).events == []
 
 
 def wait_past(store: TaskStore, event: Event) -> None:
