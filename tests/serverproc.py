@@ -300,6 +300,17 @@ def name_the_worker(response):
     return response
 
 
+@app.before_request
+def hold_the_worker():
+    # X-Hold-Worker: S keeps the worker on this request S seconds (at most 1) before it is handled,
+    # so that concurrent requests are spread over the workers instead of drained by the first awake.
+    from flask import request
+
+    hold = request.headers.get("X-Hold-Worker")
+    if hold:
+        time.sleep(min(1.0, float(hold)))
+
+
 if __name__ == "__main__":
     app.run(host="127.0.0.1", port=int(os.environ["PORT"]))
 '''
@@ -443,8 +454,11 @@ class JobApi:
         self.url = base + "/tasks"
         self.timeout = timeout
 
-    def post(self, session: Optional[requests.Session] = None, **args: object) -> requests.Response:
-        return (session or requests).post(self.url, json=args, timeout=self.timeout)
+    def post(self, session: Optional[requests.Session] = None, hold: Optional[float] = None,
+             **args: object) -> requests.Response:
+        """POST ``args``; ``hold``: seconds the worker that takes it is kept on it first (``X-Hold-Worker``)."""
+        headers = {"X-Hold-Worker": str(hold)} if hold else None
+        return (session or requests).post(self.url, json=args, timeout=self.timeout, headers=headers)
 
     def submit(self, **args: object) -> dict:
         response = self.post(**args)

@@ -218,13 +218,15 @@ def test_the_queue_bound_holds_across_workers(store_url, tmp_path, pool):
     api.wait_running(blocker)
 
     # Twenty POSTs at once, each on a connection of its own, so that the workers answer them together.
+    # Each holds its worker 0.2 s before it is handled: a gunicorn worker accepts again at once after a
+    # quick answer, and alone could drain all twenty before the others wake.
     responses: list = [None] * 20
     barrier = threading.Barrier(len(responses))
 
     def post(i: int) -> None:
         try:
             barrier.wait(10)
-            responses[i] = api.post(n=i + 1, gate=gate)
+            responses[i] = api.post(n=i + 1, gate=gate, hold=0.2)
         except BaseException as exc:  # reported below
             responses[i] = exc
 
