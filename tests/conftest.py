@@ -4,7 +4,6 @@ from __future__ import annotations
 import faulthandler
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -40,10 +39,10 @@ def _children() -> set[int]:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on (see :func:`serverproc.free_port`)."""
+    from serverproc import free_port as below_the_ephemeral_range
+
+    return below_the_ephemeral_range()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import os
+import random
 import shutil
 import signal
 import socket
@@ -163,7 +164,23 @@ class Peer(abc.ABC):
 
 # -- helpers shared by peers -------------------------------------------------------------------
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on, chosen below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` is an ephemeral one, and any outgoing connection
+    made before the server binds it may take it; a port below that range is never given away.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(min(20000, low // 2), low - 1)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
