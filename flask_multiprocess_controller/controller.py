@@ -536,7 +536,8 @@ class MetaMPController:
 
     def submit(self, **kwargs: Any) -> str:
         """Queue ``execute(**kwargs)`` and return the task's uuid."""
-        return str(self.enqueue([kwargs])[0]["uuid"])
+        # Only the uuid is returned: no task object, so no queue position to count.
+        return str(self._enqueue_rows([kwargs], 0, None, None)[0]["uuid"])
 
     def submit_many(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
                     timeout: Optional[float] = None) -> Batch:
