@@ -8,23 +8,12 @@ two attempts (retry history), and has a schedule.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
 from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "app.py"
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("app", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["app"] = module
-    spec.loader.exec_module(module)
-    return module
+from serverproc import load_example_app
 
 
 class Echo(MetaMPTask):
@@ -60,7 +49,7 @@ class FlakyController(MetaMPController, controller_name="flaky"):
     pass
 
 
-example = _load_example()
+example = load_example_app()
 echo = EchoController(Echo, max_num_process=2, stop_grace=1,
                       expose_tracebacks=os.environ.get("ECHO_TRACEBACKS") == "1")
 app = example.app

@@ -7,27 +7,16 @@ The document is served from a plain route, as the extension will serve it.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 from flask import jsonify
 
 from flask_multiprocess_controller.openapi import openapi_document
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "app.py"
+from serverproc import load_example_app
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("app", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["app"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-example = _load_example()
+example = load_example_app()
 example.primes.max_wait = 1.0
 example.primes.timeout = 2.0
 app = example.app

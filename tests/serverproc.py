@@ -7,6 +7,7 @@ its parent died is still checked.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -24,6 +26,20 @@ import requests
 
 #: Seconds a server gets to open its port.
 START_TIMEOUT = 30.0
+
+
+#: The example app of the README (``examples/app.py``).
+EXAMPLE_APP = Path(__file__).resolve().parent.parent / "examples" / "app.py"
+
+
+def load_example_app() -> types.ModuleType:
+    """Import ``examples/app.py`` as the module ``app`` (test apps that extend it run it this way)."""
+    spec = importlib.util.spec_from_file_location("app", EXAMPLE_APP)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["app"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:
