@@ -170,6 +170,10 @@ class Runtime:
         # Guards _runs: the tasks running in this process, by uuid.
         self._runs_lock = threading.Lock()
         self._runs: dict[str, TaskRun] = {}
+        #: Claims made (or being made) whose task is not registered in _runs yet; guarded by _runs_lock.
+        self._open_claims = 0
+        #: Tasks of this process that no slot ran at the last reconciliation (uuid -> attempt).
+        self._unattended: dict[str, Any] = {}
         self._waiters = Waiters()
         self.events = EventHub(store, config.name, self.logger, on_reset=self._feed_reset)
         self.events.subscribe(self._on_event)
@@ -322,16 +326,20 @@ class Runtime:
                     self._work.wait(held)
                     continue
                 generation = self._generation
+            self._open_claim()
             try:
                 claim = retrier.call("claiming a task", lambda: self._claim(child))
             except GaveUp:
+                self.close_claim()
                 return None
             if claim is not None and self._going_away():  # claimed as the process began to go away: give back
                 self.events.publish(claim.started)
                 self.give_back(claim.row, retrier)
+                self.close_claim()
                 return None
             if claim is not None:
-                return claim
+                return claim  # the slot closes the claim once it has registered the run
+            self.close_claim()
             idle_for = self._idle_wait()
             with self._work:
                 if self._generation == generation and not self.closing:
@@ -371,6 +379,7 @@ class Runtime:
         the process began to go away meanwhile."""
         if self.closing or self._going_away():
             self.give_back(row, retrier)
+            self.close_claim()
             return None
         return Claim(row, None)
 
@@ -405,7 +414,9 @@ class Runtime:
         c = self.config
         now = self.store.now()
         beats = self.store.heartbeats()
-        for row in self.store.active(c.name):
+        active = self.store.active(c.name)
+        self._recover_unattended(active)
+        for row in active:
             owner = row.get("owner")
             if owner == self.owner or owner_alive(owner, self.host, beats, now, c.lease):
                 continue
@@ -416,6 +427,33 @@ class Runtime:
             self._settle_orphan(row, owner)
         self._deliver_orphaned_callbacks(beats, now)
         self._forget_dead_owners(beats, now)
+
+    def _recover_unattended(self, active: list[Row]) -> None:
+        """Give back the tasks the store says this process runs while no slot of it runs them.
+
+        A claim can be written without its answer arriving (the connection broke after the
+        store ran it; the claim asked again found the queue empty): the task would stay
+        ``running`` under a live owner for ever. Such a task is returned to the queue once two
+        reconciliations in a row saw it so, with no claim of this process under way meanwhile.
+        """
+        with self._runs_lock:
+            claiming = self._open_claims > 0
+            here = set(self._runs)
+        seen, self._unattended = self._unattended, {}
+        if claiming:
+            return
+        for row in active:
+            uuid = row["uuid"]
+            if row.get("owner") != self.owner or uuid in here:
+                continue
+            if seen.get(uuid) != row.get("attempt"):
+                self._unattended[uuid] = row.get("attempt")
+                continue
+            event = self.store.requeue(uuid, owner=self.owner, emitter=self.owner, uncount=True)
+            if event is not None:
+                self.logger.warning("Task %s was claimed by this process but never started (the claim's answer "
+                                    "was lost); it is queued again.", uuid)
+                self.events.publish(event)
 
     def _settle_orphan(self, row: Row, owner: Optional[str]) -> None:
         uuid = row["uuid"]
@@ -452,8 +490,21 @@ class Runtime:
     # -- running tasks ----------------------------------------------------------
 
     def register(self, run: TaskRun) -> None:
+        """Note a claimed task as running here; this closes its claim (see :meth:`_open_claim`)."""
         with self._runs_lock:
             self._runs[run.uuid] = run
+            self._open_claims -= 1
+
+    def _open_claim(self) -> None:
+        """A slot begins a claim: until it registers the task (or finds none), the task may be
+        this process's in the store without a run here, and :meth:`_recover_unattended` waits."""
+        with self._runs_lock:
+            self._open_claims += 1
+
+    def close_claim(self) -> None:
+        """A claim ended without a task to register (none was claimed, or it was given back)."""
+        with self._runs_lock:
+            self._open_claims -= 1
 
     def unregister(self, run: TaskRun) -> None:
         with self._runs_lock:
@@ -495,8 +546,13 @@ class Runtime:
             if fields.get("error") is not None:
                 fields["errors"] = [*run.errors, fields["error"]]
             if claim_next and self.may_claim():
-                event, claimed = retrier.call("recording a task's end", lambda: self.store.finish_and_claim(
-                    run.uuid, outcome.status.value, self.owner, c.name, c.max_num_process, **fields))
+                self._open_claim()
+                try:
+                    event, claimed = retrier.call("recording a task's end", lambda: self.store.finish_and_claim(
+                        run.uuid, outcome.status.value, self.owner, c.name, c.max_num_process, **fields))
+                finally:
+                    if claimed is None:
+                        self.close_claim()
             else:
                 event = retrier.call("recording a task's end", lambda: self.store.finish(
                     run.uuid, outcome.status.value, owner=self.owner, emitter=self.owner, **fields))

@@ -483,9 +483,20 @@ class JobApi:
     """HTTP calls to the :data:`JOB_APP` controller mounted at ``<base>/tasks``; each call opens a fresh
     connection unless a ``session`` is given."""
 
-    def __init__(self, base: str, timeout: float = 30.0) -> None:
+    def __init__(self, base: str, timeout: float = 30.0, log: Optional[Callable[[], str]] = None) -> None:
+        """:param log: returns the server's log, shown when a wait fails (what the server said then)."""
         self.url = base + "/tasks"
         self.timeout = timeout
+        self._log = log
+
+    def _poll(self, fetch: Callable[[], dict], done: Callable[[dict], bool], timeout: float,
+              interval: float = 0.05) -> dict:
+        try:
+            return poll_until(fetch, done, timeout, interval)
+        except AssertionError as exc:
+            if self._log is None:
+                raise
+            raise AssertionError(f"{exc}\n--- server log (end) ---\n{self._log()[-12000:]}") from None
 
     def post(self, session: Optional[requests.Session] = None, hold: Optional[float] = None,
              **args: object) -> requests.Response:
@@ -513,11 +524,11 @@ class JobApi:
 
     def wait_running(self, uuid: str, timeout: float = 20.0) -> dict:
         """Wait until the task runs in a task process whose pid is known."""
-        return poll_until(lambda: self.get(uuid), lambda t: t["status"] == "running" and t["pid"], timeout)
+        return self._poll(lambda: self.get(uuid), lambda t: t["status"] == "running" and t["pid"], timeout)
 
     def wait_ended(self, uuid: str, timeout: float = 30.0) -> dict:
-        return poll_until(lambda: self.get(uuid), lambda t: t["status"] in TERMINAL_STATUSES, timeout)
+        return self._poll(lambda: self.get(uuid), lambda t: t["status"] in TERMINAL_STATUSES, timeout)
 
     def wait_idle(self, timeout: float) -> dict:
         """Wait until no task of the controller is queued or running (every task posted so far ended)."""
-        return poll_until(self.listing, lambda v: v["running"] == 0 and v["queued"] == 0, timeout, interval=0.2)
+        return self._poll(self.listing, lambda v: v["running"] == 0 and v["queued"] == 0, timeout, interval=0.2)

@@ -410,7 +410,7 @@ def test_under_gunicorn_no_more_tasks_overlap_than_slots(tmp_path, pool, sqlite_
                         cwd=tmp_path, port=port, log_path=tmp_path / "gunicorn.log",
                         env={"MPC_STORE_URL": sqlite_url, "APP_CONFIG": json.dumps({"max_num_process": 2})},
                         ready_path="/tasks")
-    api = JobApi(server.base, 30.0)
+    api = JobApi(server.base, 30.0, log=server.log)
     uuids = [api.submit(n=i, sleep=0.02)["uuid"] for i in range(60)]
     tasks = [api.wait_ended(u, timeout=60) for u in uuids]
     assert Counter(t["status"] for t in tasks) == {"succeeded": 60}

@@ -57,7 +57,7 @@ class Hosts:
             ready_path="/tasks")
         poll_until(lambda: len(fork_servers(server)), lambda n: n == 1, 60, interval=0.1)
         server.remember()
-        return server, JobApi(server.base, HTTP_TIMEOUT)
+        return server, JobApi(server.base, HTTP_TIMEOUT, log=server.log)
 
     def gate(self, name: str) -> str:
         return str(self.gates / name)

@@ -70,7 +70,7 @@ class Cluster:
             gunicorn("-w", str(WORKERS), "-b", f"127.0.0.1:{port}", "--chdir", str(self.tmp_path), "app:app"),
             cwd=self.tmp_path, port=port, log_path=self.tmp_path / f"gunicorn-{self.starts}.log",
             env={"MPC_STORE_URL": self.store_url, "APP_CONFIG": json.dumps(self.config)}, ready_path="/tasks")
-        self.api = JobApi(self.server.base, HTTP_TIMEOUT)
+        self.api = JobApi(self.server.base, HTTP_TIMEOUT, log=self.server.log)
         # Every worker has imported the app, so its controller has forked its fork server.
         poll_until(lambda: len(fork_servers(self.server)), lambda n: n == WORKERS, 60, interval=0.1)
         self.server.remember()
