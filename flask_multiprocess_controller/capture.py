@@ -1,9 +1,15 @@
 """Capturing what a task writes to its standard output and error, at the file-descriptor level.
 
 While a task runs, file descriptors 1 and 2 of its process are pipes: a C extension's ``printf``
-and a child process's output are caught as well as ``print``. A pump thread copies the
-bytes on to the original descriptors (the server's console sees them as before) and sends the
-complete lines to the serving process, which keeps them in the task's log.
+and a child process's output are caught as well as ``print``. The bytes are copied on to the
+original descriptors (the server's console sees them as before) and the complete lines are kept
+in the task's log.
+
+Two ways, by process kind. A process that runs one task (the default) gets its pipes from the
+fork server at birth and the serving process reads them (:class:`PipeReader`): no thread is
+started in the task process, whose start is what a fresh process per task pays for. A process
+that runs many tasks redirects its descriptors around each task and pumps them from a thread of
+its own (:class:`OutputCapture`), sending the lines over its channel.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import os
 import select
 import sys
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 #: Seconds the end of a task waits for the pumps to pass on what is left in the pipes.
 _DRAIN = 1.0
@@ -33,7 +39,7 @@ class OutputCapture:
 
     def begin(self) -> None:
         """Start capturing (a no-op where the descriptors cannot be redirected)."""
-        _flush_python_streams()
+        flush_python_streams()
         pipes: list[tuple[int, int]] = []  # (read end, original descriptor), for the pump
         try:
             for fd in (1, 2):
@@ -59,7 +65,7 @@ class OutputCapture:
 
     def end(self) -> None:
         """Put the original descriptors back and pass on what the task wrote last."""
-        _flush_python_streams()
+        flush_python_streams()
         if self._streams is not None:
             sys.stdout, sys.stderr = self._streams
             self._streams = None
@@ -112,6 +118,65 @@ class OutputCapture:
             os.close(console)
 
 
+class PipeReader:
+    """The serving process's end of a task process's output pipes (standard output, then error).
+
+    :meth:`read` takes what one pipe holds now; the bytes go on to this process's descriptor
+    of the same number, the complete lines are returned. Non-blocking throughout: a process the
+    task left behind may hold a pipe open long after the task ended.
+    """
+
+    def __init__(self, fds: Sequence[int]) -> None:
+        self._consoles = {fd: console for fd, console in zip(fds, (1, 2))}
+        self._pending = {fd: b"" for fd in self._consoles}
+        for fd in self._consoles:
+            os.set_blocking(fd, False)
+
+    def fds(self) -> list[int]:
+        """The pipes still open."""
+        return list(self._consoles)
+
+    def read(self, fd: int) -> list[str]:
+        """Lines completed by what pipe ``fd`` holds now (the partial last one too once it ended)."""
+        lines: list[str] = []
+        while fd in self._consoles:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                lines += self._finish(fd)
+                break
+            _write_all(self._consoles[fd], data)
+            *complete, self._pending[fd] = (self._pending[fd] + data).split(b"\n")
+            lines += [_text(line) for line in complete]
+            if len(data) < 65536:
+                break
+        return lines
+
+    def drain(self) -> list[str]:
+        """Everything the pipes hold now, partial lines included; the pipes are closed."""
+        lines: list[str] = []
+        for fd in self.fds():
+            lines += self.read(fd)
+            lines += self._finish(fd)
+        return lines
+
+    def _finish(self, fd: int) -> list[str]:
+        if fd not in self._consoles:
+            return []
+        del self._consoles[fd]
+        rest = self._pending.pop(fd)
+        os.close(fd)
+        return [_text(rest)] if rest else []
+
+    def close(self) -> None:
+        for fd in self.fds():
+            self._finish(fd)
+
+
 def _text(line: bytes) -> str:
     return line[:_LINE_MAX].decode("utf-8", "replace").rstrip("\r")
 
@@ -124,7 +189,15 @@ def _write_all(fd: int, data: bytes) -> None:
         pass
 
 
-def _flush_python_streams() -> None:
+def use_descriptors_for_print() -> None:
+    """Make ``sys.stdout``/``sys.stderr`` write to descriptors 1 and 2, whatever they were (a test
+    runner's capture, say), so that print() reaches the pipes of the task processes forked from here."""
+    sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
+    sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+
+
+def flush_python_streams() -> None:
+    """Push what print() buffered to the descriptors."""
     for stream in (sys.stdout, sys.stderr):
         flush: Optional[Callable[[], None]] = getattr(stream, "flush", None)
         if flush is not None:

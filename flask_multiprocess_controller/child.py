@@ -20,7 +20,7 @@ from typing import Any, Optional, Type
 from . import task as task_module
 from .exceptions import AbortException
 from .proctree import set_process_name, task_process_name
-from .capture import OutputCapture
+from .capture import OutputCapture, flush_python_streams
 from .logs import ChannelQueue, MetaMPLoggerConfigurator, apply_logger_levels
 from .protocol import (
     Command, Done, Exit, Output, Percent, Progress, RunTask, StopTask, Usage, error_record, exception_record,
@@ -206,14 +206,17 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
 
     :param reused: the process serves more tasks after this one. A process that serves one
         only ends after it: it takes no idle name and lists no children (its whole process
-        group goes with it, and the serving process looks at its tree itself).
+        group goes with it, and the serving process looks at its tree itself), and its output
+        is captured already (its descriptors 1 and 2 are pipes from birth, read by the serving
+        process: see :mod:`.capture`).
     """
     task_id = command.uuid
     channel.begin(command, task_cls.logger)
     cpu_before, _ = _usage()
     set_process_name(task_process_name(task_id))  # the proof that this process is the task's
-    capture = OutputCapture(lambda lines: _send_quietly(channel, Output(task_id, lines)))
-    capture.begin()
+    capture = OutputCapture(lambda lines: _send_quietly(channel, Output(task_id, lines))) if reused else None
+    if capture is not None:
+        capture.begin()
     task = task_cls(task_id, channel, command.context)
     task_module._set_current(task)
     try:
@@ -225,9 +228,11 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
                     retryable=RetryPolicy.of(task_cls).retries_raised(exc))
     finally:
         task_module._set_current(None)
-        capture.end()
-        if reused:
+        if capture is not None:
+            capture.end()
             set_process_name(_IDLE_NAME)
+        else:
+            flush_python_streams()
     channel.flush_progress()
     cpu_after, maxrss = _usage()
     usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids() if reused else None)

@@ -12,7 +12,8 @@ Protocol over a Unix socket pair: to start a task process the controller sends
 ``S`` and two file descriptors (the child's end of a duplex socket, and the write
 end of a pipe); the server forks, answers the child's pid, and writes the child's
 exit code (as :func:`os.waitstatus_to_exitcode` gives it) to the pipe when it reaps
-the child. To signal a task's process group the controller sends ``K``, the pid and
+the child. ``C`` instead of ``S`` also gives the child pipes for its descriptors 1
+and 2 from birth; their read ends come with the pid (see :class:`~.capture.PipeReader`). To signal a task's process group the controller sends ``K``, the pid and
 the signal; the server signals the group only while that task process is its own,
 unreaped child, so a pid the kernel has recycled is never hit. When a task process
 exits, the server kills what is left in its process group before reaping it (the
@@ -37,6 +38,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import psutil
 
+from .capture import PipeReader, use_descriptors_for_print
 from .proctree import set_process_name, signal_processes
 
 #: The fork server's process name (``ps``, ``/proc/PID/comm``).
@@ -70,8 +72,10 @@ class ChildProcess:
     """
 
     def __init__(self, pid: int, conn: Connection, exit_fd: int,
-                 signal_group: Callable[[int, int], bool]) -> None:
+                 signal_group: Callable[[int, int], bool], output: Optional[PipeReader] = None) -> None:
         self.pid = pid
+        #: The pipes of the process's descriptors 1 and 2, when the serving process reads them.
+        self.output = output
         #: Duplex channel to the child: commands out, progress/logs/results in.
         self.conn = conn
         #: Readable once the fork server has reaped the child; holds its exit code.
@@ -140,6 +144,9 @@ class ChildProcess:
             fds.append(self.conn.fileno())
         except (OSError, ValueError):
             pass
+        if self.output is not None:
+            fds += self.output.fds()
+            self.output.close()
         forget_parent_only(*fds, self.exit_fd)
         self.conn.close()
         try:
@@ -176,19 +183,29 @@ class ForkServer:
         self._closed = False
         _remember_parent_only(ours.fileno())
 
-    def spawn(self) -> ChildProcess:
-        """Start a task process and return its handle."""
+    def spawn(self, capture_output: bool = False) -> ChildProcess:
+        """Start a task process and return its handle.
+
+        :param capture_output: the process's descriptors 1 and 2 are pipes from birth, read
+            through the handle's :attr:`~ChildProcess.output` (for a process that runs one task).
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         exit_r, exit_w = os.pipe()
+        pipes: list[int] = []
         try:
             with self._lock:
                 if self._closed:
                     raise OSError("the fork server is closed")
-                socket.send_fds(self._sock, [b"S"], [theirs.fileno(), exit_w])
-                answer = _recv_exact(self._sock, _PID.size)
+                socket.send_fds(self._sock, [b"C" if capture_output else b"S"], [theirs.fileno(), exit_w])
+                answer, pipes, _, _ = socket.recv_fds(self._sock, _PID.size, 2)
+                if not answer:
+                    raise OSError("the fork server has gone away")
+                answer += _recv_exact(self._sock, _PID.size - len(answer))
         except BaseException:
             ours.close()
             os.close(exit_r)
+            for fd in pipes:
+                os.close(fd)
             raise
         finally:
             theirs.close()
@@ -198,8 +215,9 @@ class ForkServer:
             ours.close()
             os.close(exit_r)
             raise OSError(-pid, f"the fork server could not fork: {os.strerror(-pid)}")
-        _remember_parent_only(ours.fileno(), exit_r)
-        return ChildProcess(pid, Connection(ours.detach()), exit_r, self.signal_group)
+        _remember_parent_only(ours.fileno(), exit_r, *pipes)
+        return ChildProcess(pid, Connection(ours.detach()), exit_r, self.signal_group,
+                            PipeReader(pipes) if pipes else None)
 
     def signal_group(self, pid: int, signum: int) -> bool:
         """Signal the process group of task process ``pid``; False when it is no longer the server's child."""
@@ -289,6 +307,7 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection], None]) -> Non
     _close_listening_sockets()
     _become_subreaper()
     set_process_name(FORK_SERVER_NAME)  # what ps and top show; task processes rename themselves
+    use_descriptors_for_print()
     # Everything alive now is shared with the task processes: keep the collector off it,
     # or the first collection in each child would copy every page of the heap.
     gc.collect()
@@ -331,11 +350,11 @@ def _handle(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Co
             return False
         sock.sendall(_PID.pack(_signal_own_group(exits, pid, signum)))
         return True
-    if message != b"S" or len(fds) != 2:
+    if message not in (b"S", b"C") or len(fds) != 2:
         for fd in fds:
             os.close(fd)
         return False
-    return _fork_one(sock, exits, child_main, server_objects, *fds)
+    return _fork_one(sock, exits, child_main, server_objects, *fds, capture_output=message == b"C")
 
 
 def _signal_own_group(exits: dict[int, int], pid: int, signum: int) -> int:
@@ -350,16 +369,23 @@ def _signal_own_group(exits: dict[int, int], pid: int, signum: int) -> int:
 
 
 def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection], None],
-              server_objects: tuple[Any, ...], child_fd: int, exit_w: int) -> bool:
+              server_objects: tuple[Any, ...], child_fd: int, exit_w: int, capture_output: bool) -> bool:
+    pipes: list[tuple[int, int]] = []  # (read end, write end) for descriptors 1 and 2
     try:
+        if capture_output:
+            pipes = [os.pipe(), os.pipe()]
         pid = os.fork()
     except OSError as exc:
-        os.close(child_fd)
-        os.close(exit_w)
+        for fd in (child_fd, exit_w, *(fd for pipe in pipes for fd in pipe)):
+            os.close(fd)
         sock.sendall(_PID.pack(-(exc.errno or 1)))
         return True
     if pid == 0:
         _become_task_process(exits, server_objects, exit_w)
+        for target, (read_end, write_end) in zip((1, 2), pipes):
+            os.dup2(write_end, target)
+            os.close(write_end)
+            os.close(read_end)
         code = 0
         try:
             child_main(Connection(child_fd))
@@ -376,7 +402,17 @@ def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[
             os._exit(code)
     os.close(child_fd)
     exits[pid] = exit_w
-    sock.sendall(_PID.pack(pid))
+    for _, write_end in pipes:
+        os.close(write_end)
+    read_ends = [read_end for read_end, _ in pipes]
+    try:
+        if read_ends:
+            socket.send_fds(sock, [_PID.pack(pid)], read_ends)
+        else:
+            sock.sendall(_PID.pack(pid))
+    finally:
+        for fd in read_ends:
+            os.close(fd)
     return True
 
 

@@ -740,7 +740,7 @@ class _Slot(threading.Thread):
 
     def _warm_child(self) -> ChildProcess:
         if self._child is None:
-            self._child = self.runtime.fork_server.spawn()
+            self._child = self.runtime.fork_server.spawn(capture_output=self.runtime.config.fresh_process)
             self._tasks_in_child = 0
         return self._child
 

@@ -258,15 +258,24 @@ class Supervisor:
             # Not while suspended: a message half written when the tree stopped would block the read.
             if conn_open and not pause.paused:
                 watched.append(child.conn)
+            output = child.output
+            if output is not None:
+                watched += output.fds()
             ready = wait_ready(watched, timeout)
             if self.wake_fd in ready:
                 _drain_fd(self.wake_fd)
             if conn_open and child.conn in ready:
                 done, conn_open = self._receive(run, child, done)
+            if output is not None:  # after the channel: a log record sent before a print comes first
+                for fd in output.fds():
+                    if fd in ready:
+                        _keep_lines(run, output.read(fd))
             if child.exit_fd in ready:
                 child.read_exit()
                 if conn_open:
                     done, conn_open = self._receive(run, child, done)
+                if output is not None:  # what it wrote last (a process it left may write on: not waited for)
+                    _keep_lines(run, output.drain())
                 return done
             if done is not None and not self.settings.fresh_process:
                 return done
@@ -353,6 +362,11 @@ class Supervisor:
         except psutil.Error:
             return
         signal_processes(leftovers, signal.SIGKILL)
+
+
+def _keep_lines(run: TaskRun, lines: list[str]) -> None:
+    if lines:
+        run.add_log_lines(lines)
 
 
 def _log_line(record: logging.LogRecord) -> str:

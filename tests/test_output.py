@@ -1,0 +1,47 @@
+"""What a task writes to its descriptors 1 and 2 lands in its log, in both process kinds: a fresh
+process per task (pipes from birth, read by the serving process) and a reused one (redirected
+around each task, pumped from the task process)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from flask_multiprocess_controller import MetaMPTask
+
+
+class Writer(MetaMPTask):
+    """Writes through print(), straight to descriptor 2, and from a process of its own."""
+
+    def execute(self, tag: str = "") -> dict:
+        print(f"printed {tag}")
+        sys.stderr.write(f"to stderr {tag}\n")
+        subprocess.run([sys.executable, "-c", f"print('from a child process {tag}')"], check=True)
+        print(f"no newline at the end {tag}", end="")
+        return {"threads": threading.active_count()}
+
+
+def _log(controller, uuid: str) -> list[str]:
+    return [text for _, text in controller.store.logs.read(uuid)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("max_tasks_per_child", [1, 0], ids=["fresh", "reused"])
+def test_everything_a_task_writes_is_in_its_log_and_on_the_console(make_controller, sqlite_url, capfd,
+                                                                   max_tasks_per_child):
+    controller = make_controller(Writer, store=sqlite_url, max_tasks_per_child=max_tasks_per_child)
+    for tag in ("one", "two"):  # two in a row: a reused process keeps each task's lines apart
+        task = controller.wait(controller.submit(tag=tag), timeout=30)
+        assert task["status"] == "succeeded", task
+        # Lines of one descriptor keep their order; stdout and stderr may interleave either way.
+        lines = _log(controller, task["uuid"])
+        assert sorted(lines) == sorted([f"printed {tag}", f"to stderr {tag}", f"from a child process {tag}",
+                                        f"no newline at the end {tag}"]), lines
+        out = [line for line in lines if "stderr" not in line]
+        assert out == [f"printed {tag}", f"from a child process {tag}", f"no newline at the end {tag}"], lines
+    if max_tasks_per_child == 1:
+        assert task["result"]["threads"] == 1, "a fresh task process runs the task on its only thread"
+    console = capfd.readouterr()
+    assert "printed one" in console.out and "to stderr two" in console.err
