@@ -28,6 +28,7 @@ from ..exceptions import (
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import ANY_TENANT, COLUMNS as _COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, parse_counter
+from .groupcommit import GroupCommit
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -254,6 +255,8 @@ class SQLiteStore(TaskStore):
         # on it at once, and polls for the commits of other objects and processes.
         self._committed = threading.Condition()
         self._generation = 0
+        #: The writes of a task's life that slots make together (claims, starts, progress, ends) share commits.
+        self._group = GroupCommit(self._transaction, self._error)
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             created = self._create_file()
@@ -456,8 +459,7 @@ class SQLiteStore(TaskStore):
                            f"SELECT 1 FROM mpc_tasks WHERE controller = ? AND {_DELAYED_SQL} AND retry_at <= ? "
                            "LIMIT 1", (controller, controller, time.time())):
             return None
-        with self._transaction() as db:
-            return self._claim_in(db, controller, owner, max_running, process)
+        return self._group.run(lambda db: self._claim_in(db, controller, owner, max_running, process))
 
     def _claim_in(self, db: sqlite3.Connection, controller: str, owner: str, max_running: int,
                   process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
@@ -491,10 +493,13 @@ class SQLiteStore(TaskStore):
     def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
                          **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
         assignments = {"ended_at": _NOW, **_finish_fields(status, fields), "status": status}
-        with self._transaction() as db:
+
+        def end_and_claim(db: sqlite3.Connection) -> tuple[Optional[Event], Optional[Row]]:
             event = self._update_active_in(db, EventKind.ENDED, uuid, owner, owner, assignments)
             claimed = None if event is None else self._claim_in(db, controller, owner, max_running, None)
-        return event, None if claimed is None else claimed[0]
+            return event, None if claimed is None else claimed[0]
+
+        return self._group.run(end_and_claim)
 
     def _update_active(self, kind: EventKind, uuid: str, owner: Optional[str], emitter: Optional[str],
                        assignments: dict[str, Any]) -> Optional[Event]:
@@ -502,8 +507,7 @@ class SQLiteStore(TaskStore):
 
         A value :data:`_NOW` is the store's clock at the change.
         """
-        with self._transaction() as db:
-            return self._update_active_in(db, kind, uuid, owner, emitter, assignments)
+        return self._group.run(lambda db: self._update_active_in(db, kind, uuid, owner, emitter, assignments))
 
     def _update_active_in(self, db: sqlite3.Connection, kind: EventKind, uuid: str, owner: Optional[str],
                           emitter: Optional[str], assignments: dict[str, Any]) -> Optional[Event]:
