@@ -126,7 +126,9 @@ class PipeReader:
     task left behind may hold a pipe open long after the task ended.
     """
 
-    def __init__(self, fds: Sequence[int]) -> None:
+    def __init__(self, fds: Sequence[int], on_close: Callable[[int], None] = lambda fd: None) -> None:
+        """:param on_close: told of each pipe closed here, before its number can be reused."""
+        self._on_close = on_close
         self._consoles = {fd: console for fd, console in zip(fds, (1, 2))}
         self._pending = {fd: b"" for fd in self._consoles}
         for fd in self._consoles:
@@ -169,6 +171,7 @@ class PipeReader:
             return []
         del self._consoles[fd]
         rest = self._pending.pop(fd)
+        self._on_close(fd)
         os.close(fd)
         return [_text(rest)] if rest else []
 
@@ -189,9 +192,15 @@ def _write_all(fd: int, data: bytes) -> None:
         pass
 
 
+#: Streams replaced by :func:`use_descriptors_for_print`, kept: freeing one would close its
+#: descriptor, whose number a forked process may since have given to something else.
+_REPLACED_STREAMS: list[Any] = []
+
+
 def use_descriptors_for_print() -> None:
     """Make ``sys.stdout``/``sys.stderr`` write to descriptors 1 and 2, whatever they were (a test
     runner's capture, say), so that print() reaches the pipes of the task processes forked from here."""
+    _REPLACED_STREAMS.extend((sys.stdout, sys.stderr))
     sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
     sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
 

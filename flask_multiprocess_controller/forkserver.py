@@ -145,7 +145,6 @@ class ChildProcess:
         except (OSError, ValueError):
             pass
         if self.output is not None:
-            fds += self.output.fds()
             self.output.close()
         forget_parent_only(*fds, self.exit_fd)
         self.conn.close()
@@ -217,7 +216,7 @@ class ForkServer:
             raise OSError(-pid, f"the fork server could not fork: {os.strerror(-pid)}")
         _remember_parent_only(ours.fileno(), exit_r, *pipes)
         return ChildProcess(pid, Connection(ours.detach()), exit_r, self.signal_group,
-                            PipeReader(pipes) if pipes else None)
+                            PipeReader(pipes, on_close=forget_parent_only) if pipes else None)
 
     def signal_group(self, pid: int, signum: int) -> bool:
         """Signal the process group of task process ``pid``; False when it is no longer the server's child."""
@@ -354,7 +353,8 @@ def _handle(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Co
         for fd in fds:
             os.close(fd)
         return False
-    return _fork_one(sock, exits, child_main, server_objects, *fds, capture_output=message == b"C")
+    child_fd, exit_w = fds
+    return _fork_one(sock, exits, child_main, server_objects, child_fd, exit_w, capture_output=message == b"C")
 
 
 def _signal_own_group(exits: dict[int, int], pid: int, signum: int) -> int:

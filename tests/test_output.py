@@ -3,13 +3,14 @@ process per task (pipes from birth, read by the serving process) and a reused on
 around each task, pumped from the task process)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 
 import pytest
 
-from flask_multiprocess_controller import MetaMPTask
+from flask_multiprocess_controller import MetaMPTask, forkserver
 
 
 class Writer(MetaMPTask):
@@ -21,6 +22,10 @@ class Writer(MetaMPTask):
         subprocess.run([sys.executable, "-c", f"print('from a child process {tag}')"], check=True)
         print(f"no newline at the end {tag}", end="")
         return {"threads": threading.active_count()}
+
+
+class OtherWriter(Writer):
+    """The same task under another controller."""
 
 
 def _log(controller, uuid: str) -> list[str]:
@@ -45,3 +50,17 @@ def test_everything_a_task_writes_is_in_its_log_and_on_the_console(make_controll
         assert task["result"]["threads"] == 1, "a fresh task process runs the task on its only thread"
     console = capfd.readouterr()
     assert "printed one" in console.out and "to stderr two" in console.err
+
+
+@pytest.mark.timeout(60)
+def test_a_controller_made_after_tasks_ran_starts_its_own(make_controller, sqlite_url):
+    """The pipes read here are closed once their task ended; a fork server forked later must not
+    take their numbers for descriptors of the serving process (its own control socket, say)."""
+    first = make_controller(Writer, store=sqlite_url)
+    for tag in ("a", "b"):
+        assert first.wait(first.submit(tag=tag), timeout=30)["status"] == "succeeded"
+    # Every descriptor a new fork server would close as the serving process's own is still open here.
+    for fd in list(forkserver._PARENT_ONLY_FDS):
+        os.fstat(fd)
+    second = make_controller(OtherWriter, store=sqlite_url)
+    assert second.wait(second.submit(tag="c"), timeout=30)["status"] == "succeeded"
