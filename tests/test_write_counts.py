@@ -113,3 +113,42 @@ def test_one_slot_claims_each_next_task_with_the_end_of_the_last(backend, make_c
     assert [t["result"] for t in view["tasks"]] == [0, 1, 2, 3, 4]
     counts = {k: v for k, v in store_cls.counts.items() if k != "progress"}
     assert counts == {"enqueue": 1, "claim": 1, "start": 5, "finish_and_claim": 5, "claimed with an end": 4}, counts
+
+
+class TracedSQLiteStore(SQLiteStore):
+    """A SQLite store that counts the write transactions its connections begin."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.write_transactions = 0
+        super().__init__(*args, **kwargs)
+
+    def _open(self) -> Any:
+        conn = super()._open()
+
+        def trace(sql: str) -> None:
+            if sql.lstrip().upper().startswith("BEGIN IMMEDIATE"):
+                self.write_transactions += 1
+
+        conn.set_trace_callback(trace)
+        return conn
+
+
+@pytest.mark.timeout(30)
+def test_a_claim_that_cannot_succeed_takes_no_write_lock(tmp_path):
+    """Slots of several processes compete for a controller's places: while all are taken, or nothing is
+    ready, a claim only reads."""
+    store = TracedSQLiteStore(str(tmp_path / "s.sqlite3"))
+    try:
+        assert store.claim("c", "host:1:1.0", 1) is None  # nothing queued
+        assert store.write_transactions == 0
+        store.enqueue([{"uuid": f"00000000-0000-4000-8000-00000000000{i}", "controller": "c", "status": "queued",
+                        "priority": 0, "args": {}, "created_at": 1.0, "timeout": None, "attempt": 0,
+                        "stop_requested": False} for i in range(3)], -1)
+        assert store.claim("c", "host:1:1.0", 1) is not None
+        before = store.write_transactions
+        assert store.claim("c", "host:2:1.0", 1) is None  # the one place is taken
+        assert store.write_transactions == before
+        assert store.claim("c", "host:2:1.0", 2) is not None  # a place free: the claim writes
+        assert store.write_transactions == before + 1
+    finally:
+        store.close()

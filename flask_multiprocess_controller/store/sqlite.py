@@ -454,10 +454,13 @@ class SQLiteStore(TaskStore):
                process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
         """Claim the next task in one transaction; with ``process`` (pid, create time), record it and
         write the ``started`` event in the same transaction."""
-        # A plain read first: idle slots look often, and a queue with nothing ready needs no write lock.
-        if not self._query(f"SELECT 1 FROM {_READY_TASKS} WHERE controller = ? AND {_READY_SQL} UNION ALL "
-                           f"SELECT 1 FROM mpc_tasks WHERE controller = ? AND {_DELAYED_SQL} AND retry_at <= ? "
-                           "LIMIT 1", (controller, controller, time.time())):
+        # A plain read first: idle slots look often, and a queue with nothing ready, or a controller
+        # running all it may (slots of other processes compete for its places), needs no write lock.
+        if not self._query(f"SELECT 1 WHERE (SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status IN "
+                           f"{_ACTIVE_SQL}) < ? AND EXISTS (SELECT 1 FROM {_READY_TASKS} WHERE controller = ? "
+                           f"AND {_READY_SQL} UNION ALL SELECT 1 FROM mpc_tasks WHERE controller = ? AND "
+                           f"{_DELAYED_SQL} AND retry_at <= ?)",
+                           (controller, max_running, controller, controller, time.time())):
             return None
         return self._group.run(lambda db: self._claim_in(db, controller, owner, max_running, process))
 
