@@ -17,7 +17,7 @@ import os
 import select
 import sys
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 #: Seconds the end of a task waits for the pumps to pass on what is left in the pipes.
 _DRAIN = 1.0
@@ -88,48 +88,39 @@ class OutputCapture:
     def _pump(self, pipes: list[tuple[int, int]]) -> None:
         """Copy each pipe to its original descriptor and send its complete lines, until every pipe ends."""
         consoles = dict(pipes)
-        pending = {read_end: b"" for read_end in consoles}
+        reader = PipeReader(consoles, on_close=lambda read_end: os.close(consoles[read_end]))
         poller = select.poll()
         for read_end in consoles:
             poller.register(read_end, select.POLLIN)
-        while consoles:
+        while reader.fds():
             try:
                 ready = poller.poll()
             except OSError:
                 break
             for read_end, _ in ready:
-                try:
-                    data = os.read(read_end, 65536)
-                except OSError:
-                    data = b""
-                if data:
-                    _write_all(consoles[read_end], data)
-                    *complete, pending[read_end] = (pending[read_end] + data).split(b"\n")
-                    if complete:
-                        self._send([_text(line) for line in complete])
-                    continue
-                if pending[read_end]:
-                    self._send([_text(pending[read_end])])
-                poller.unregister(read_end)
-                os.close(read_end)
-                os.close(consoles.pop(read_end))
-        for read_end, console in consoles.items():  # poll failed: release what is left
-            os.close(read_end)
-            os.close(console)
+                lines = reader.read(read_end)
+                if lines:
+                    self._send(lines)
+                if read_end not in reader.fds():
+                    poller.unregister(read_end)
+        reader.close()  # poll failed: release what is left
 
 
 class PipeReader:
-    """The serving process's end of a task process's output pipes (standard output, then error).
+    """The reading end of output pipes: the serving process's for a task process that runs one
+    task, the pump thread's in a process that runs many.
 
-    :meth:`read` takes what one pipe holds now; the bytes go on to this process's descriptor
-    of the same number, the complete lines are returned. Non-blocking throughout: a process the
-    task left behind may hold a pipe open long after the task ended.
+    :meth:`read` takes what one pipe holds now; the bytes go on to the pipe's console descriptor,
+    the complete lines are returned. Non-blocking throughout: a process the task left behind may
+    hold a pipe open long after the task ended.
+
+    :param consoles: each pipe's read end and the descriptor its bytes are copied to.
+    :param on_close: told of each pipe once it ended, just before it is closed here.
     """
 
-    def __init__(self, fds: Sequence[int], on_close: Callable[[int], None] = lambda fd: None) -> None:
-        """:param on_close: told of each pipe closed here, before its number can be reused."""
+    def __init__(self, consoles: Mapping[int, int], on_close: Callable[[int], None] = lambda fd: None) -> None:
         self._on_close = on_close
-        self._consoles = {fd: console for fd, console in zip(fds, (1, 2))}
+        self._consoles = dict(consoles)
         self._pending = {fd: b"" for fd in self._consoles}
         for fd in self._consoles:
             os.set_blocking(fd, False)

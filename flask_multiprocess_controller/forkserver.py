@@ -13,11 +13,12 @@ Protocol over a Unix socket pair: to start a task process the controller sends
 end of a pipe); the server forks, answers the child's pid, and writes the child's
 exit code (as :func:`os.waitstatus_to_exitcode` gives it) to the pipe when it reaps
 the child. ``C`` instead of ``S`` also gives the child pipes for its descriptors 1
-and 2 from birth; their read ends come with the pid (see :class:`~.capture.PipeReader`). To signal a task's process group the controller sends ``K``, the pid and
-the signal; the server signals the group only while that task process is its own,
-unreaped child, so a pid the kernel has recycled is never hit. When a task process
-exits, the server kills what is left in its process group before reaping it (the
-unreaped leader keeps the group's id from being reused). The server reaps orphaned
+and 2 from birth; their read ends come with the pid (see :class:`~.capture.PipeReader`).
+To signal a task's process group the controller sends ``K``, the pid and the signal;
+the server signals the group only while that task process is its own, unreaped child,
+so a pid the kernel has recycled is never hit. When a task process exits, the server
+kills what is left in its process group before reaping it (the unreaped leader keeps
+the group's id from being reused). The server reaps orphaned
 grandchildren too (it is a child subreaper), and when the controller's end of the
 socket closes (the controller shut down or its process died) it kills every task
 process group it started and exits.
@@ -216,7 +217,7 @@ class ForkServer:
             raise OSError(-pid, f"the fork server could not fork: {os.strerror(-pid)}")
         _remember_parent_only(ours.fileno(), exit_r, *pipes)
         return ChildProcess(pid, Connection(ours.detach()), exit_r, self.signal_group,
-                            PipeReader(pipes, on_close=forget_parent_only) if pipes else None)
+                            PipeReader(dict(zip(pipes, (1, 2))), on_close=forget_parent_only) if pipes else None)
 
     def signal_group(self, pid: int, signum: int) -> bool:
         """Signal the process group of task process ``pid``; False when it is no longer the server's child."""

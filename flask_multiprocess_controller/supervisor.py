@@ -107,6 +107,8 @@ class TaskRun:
 
     def add_log_lines(self, lines: list[str]) -> None:
         """Keep lines for the task's log (the oldest unwritten ones go first past the per-task budget)."""
+        if not lines:
+            return
         for line in lines:
             self.log_lines.append(line)
             self._log_bytes += len(line)
@@ -269,13 +271,13 @@ class Supervisor:
             if output is not None:  # after the channel: a log record sent before a print comes first
                 for fd in output.fds():
                     if fd in ready:
-                        _keep_lines(run, output.read(fd))
+                        run.add_log_lines(output.read(fd))
             if child.exit_fd in ready:
                 child.read_exit()
                 if conn_open:
                     done, conn_open = self._receive(run, child, done)
                 if output is not None:  # what it wrote last (a process it left may write on: not waited for)
-                    _keep_lines(run, output.drain())
+                    run.add_log_lines(output.drain())
                 return done
             if done is not None and not self.settings.fresh_process:
                 return done
@@ -362,11 +364,6 @@ class Supervisor:
         except psutil.Error:
             return
         signal_processes(leftovers, signal.SIGKILL)
-
-
-def _keep_lines(run: TaskRun, lines: list[str]) -> None:
-    if lines:
-        run.add_log_lines(lines)
 
 
 def _log_line(record: logging.LogRecord) -> str:

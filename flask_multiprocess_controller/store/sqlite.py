@@ -27,7 +27,10 @@ from ..exceptions import (
     InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import ANY_TENANT, COLUMNS as _COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, parse_counter
+from .base import (
+    ANY_TENANT, COLUMNS as _COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
+    parse_counter,
+)
 from .groupcommit import GroupCommit
 
 if TYPE_CHECKING:
@@ -130,6 +133,8 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mpc_tasks"
 _EVENT_COLUMNS = "cursor, kind, uuid, controller, at, emitter, task"
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(ACTIVE)) + ")"
+#: How many tasks of a controller (the parameter) are active: what max_num_process bounds.
+_ACTIVE_COUNT = f"SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status IN {_ACTIVE_SQL}"
 _TERMINAL = frozenset(s.value for s in TERMINAL)
 _TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(_TERMINAL)) + ")"
 #: The queued tasks a claim may take: the partial index ``mpc_tasks_ready`` (named, since without
@@ -456,10 +461,9 @@ class SQLiteStore(TaskStore):
         write the ``started`` event in the same transaction."""
         # A plain read first: idle slots look often, and a queue with nothing ready, or a controller
         # running all it may (slots of other processes compete for its places), needs no write lock.
-        if not self._query(f"SELECT 1 WHERE (SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status IN "
-                           f"{_ACTIVE_SQL}) < ? AND EXISTS (SELECT 1 FROM {_READY_TASKS} WHERE controller = ? "
-                           f"AND {_READY_SQL} UNION ALL SELECT 1 FROM mpc_tasks WHERE controller = ? AND "
-                           f"{_DELAYED_SQL} AND retry_at <= ?)",
+        if not self._query(f"SELECT 1 WHERE ({_ACTIVE_COUNT}) < ? AND EXISTS (SELECT 1 FROM {_READY_TASKS} "
+                           f"WHERE controller = ? AND {_READY_SQL} UNION ALL SELECT 1 FROM mpc_tasks "
+                           f"WHERE controller = ? AND {_DELAYED_SQL} AND retry_at <= ?)",
                            (controller, max_running, controller, controller, time.time())):
             return None
         return self._group.run(lambda db: self._claim_in(db, controller, owner, max_running, process))
@@ -470,9 +474,7 @@ class SQLiteStore(TaskStore):
         now = time.time()  # inside the lock: later than any change committed before this claim
         db.execute(f"UPDATE mpc_tasks SET retry_at = NULL WHERE controller = ? AND {_DELAYED_SQL} "
                    "AND retry_at <= ?", (controller, now))  # their retry time came: into the ready queue
-        (running,) = db.execute(
-            f"SELECT COUNT(*) FROM mpc_tasks WHERE controller = ? AND status IN {_ACTIVE_SQL}", (controller,)
-        ).fetchone()
+        (running,) = db.execute(_ACTIVE_COUNT, (controller,)).fetchone()
         if running >= max_running:
             return None
         found = db.execute(
