@@ -11,7 +11,6 @@ import socket
 import sqlite3
 import subprocess
 import time
-import uuid as uuid_module
 from collections import Counter
 from datetime import datetime
 from typing import Any, Optional
@@ -21,6 +20,7 @@ from conftest import free_port, wait_until
 from flask import Flask
 from flask_restful import Api
 from test_lifecycle import Receiver
+from test_store_contract import make_row
 
 from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, SQLiteStore
 from flask_multiprocess_controller.runtime import host_id
@@ -90,16 +90,11 @@ def assert_one_end(feed: Feed, receiver: Receiver, uuid: str, status: str) -> di
     assert bodies[0]["cursor"] == ended[0]["cursor"]
     # A later event of the store proves that no second 'ended' of this task is still on its way:
     # everything written before it has been read, and callbacks are delivered in order.
-    marker = feed.store.enqueue([_row("marker")], -1)[0]
+    marker = feed.store.enqueue([make_row("marker")], -1)[0]
     wait_until(lambda: feed.of(marker["uuid"]), timeout=10)
     assert len(feed.of(uuid, "ended")) == 1
     assert len(ended_callbacks(receiver, uuid)) == 1
     return bodies[0]["task"]
-
-
-def _row(controller: str) -> dict:
-    return {"uuid": str(uuid_module.uuid4()), "controller": controller, "status": "queued", "priority": 0,
-            "args": {}, "created_at": time.time(), "timeout": None, "attempt": 0, "stop_requested": False}
 
 
 @pytest.fixture
@@ -189,7 +184,7 @@ def test_a_controller_error_has_one_end(ends, receiver, monkeypatch):
 @pytest.mark.timeout(60)
 def test_a_task_lost_with_its_server_has_one_end(ends, receiver, sqlite_url):
     store = resolve_store(sqlite_url)
-    row = _row("Ends")
+    row = make_row("Ends")
     store.enqueue([row], -1)
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -233,7 +228,7 @@ def test_an_undelivered_callback_of_a_dead_process_is_delivered_once_by_the_next
     dead = subprocess.Popen(["true"])
     dead.wait()
     owner = f"{host_id()}:{dead.pid}:1.000"
-    row = _row("Ends")
+    row = make_row("Ends")
     store.enqueue([row], -1, emitter=owner)
     assert store.claim("Ends", owner, 1) is not None
     started = store.start(row["uuid"], owner, dead.pid, 1.0)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
-import uuid as uuid_module
 from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
+from test_store_contract import make_row
 
 from flask_multiprocess_controller import SQLiteStore
 from flask_multiprocess_controller.exceptions import StoreError
@@ -99,9 +98,7 @@ def test_slots_ending_together_each_get_their_own_event(tmp_path):
     """Many threads end tasks of one store at once: every end is written, with its own event."""
     store = SQLiteStore(str(tmp_path / "s.sqlite3"))
     try:
-        rows = [{"uuid": str(uuid_module.uuid4()), "controller": "c", "status": "queued", "priority": 0, "args": {},
-                 "created_at": time.time(), "timeout": None, "attempt": 0, "stop_requested": False}
-                for _ in range(16)]
+        rows = [make_row("c") for _ in range(16)]
         store.enqueue(rows, -1)
         uuids = [row["uuid"] for row in rows]
         claimed = [store.claim("c", "host:1:1.0", 16) for _ in uuids]

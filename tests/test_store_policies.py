@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 import uuid as uuid_module
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -380,22 +381,27 @@ def test_a_firing_tried_by_many_processes_at_once_is_queued_once(shared_store):
 
 # -- backend specifics ----------------------------------------------------------------------------------------
 
-@pytest.mark.timeout(30)
-def test_a_sqlite_file_of_an_older_version_gets_the_new_columns(tmp_path):
+def _old_sqlite_file(tmp_path: Path, later_columns: str = "") -> str:
+    """A task table as the first release made it (plus ``later_columns``), holding one queued task ``u-old``."""
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path)
-    old.executescript("""
+    old.executescript(f"""
         CREATE TABLE mpc_tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, uuid TEXT NOT NULL UNIQUE,
             controller TEXT NOT NULL, status TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0,
             args TEXT NOT NULL, progress TEXT, percent REAL, result TEXT, error TEXT, created_at REAL NOT NULL,
             started_at REAL, ended_at REAL, pid INTEGER, pid_created REAL, exit_code INTEGER, owner TEXT,
             stop_requested INTEGER NOT NULL DEFAULT 0, timeout REAL, memory_peak INTEGER, cpu_time REAL,
-            attempt INTEGER NOT NULL DEFAULT 0);
+            attempt INTEGER NOT NULL DEFAULT 0{later_columns});
         INSERT INTO mpc_tasks (uuid, controller, status, args, created_at) VALUES ('u-old', 'contract', 'queued',
-            '{}', 1.0);
+            '{{}}', 1.0);
     """)
     old.close()
-    store = SQLiteStore(str(path))
+    return str(path)
+
+
+@pytest.mark.timeout(30)
+def test_a_sqlite_file_of_an_older_version_gets_the_new_columns(tmp_path):
+    store = SQLiteStore(_old_sqlite_file(tmp_path))
     try:
         row = store.get("u-old")
         assert (row["retry_at"], row["errors"], row["schedule"]) == (None, None, None)
@@ -409,20 +415,7 @@ def test_a_sqlite_file_of_an_older_version_gets_the_new_columns(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_a_sqlite_file_of_an_older_version_gets_the_batch_column(tmp_path):
-    path = tmp_path / "old.sqlite3"
-    old = sqlite3.connect(path)
-    old.executescript("""
-        CREATE TABLE mpc_tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, uuid TEXT NOT NULL UNIQUE,
-            controller TEXT NOT NULL, status TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0,
-            args TEXT NOT NULL, progress TEXT, percent REAL, result TEXT, error TEXT, created_at REAL NOT NULL,
-            started_at REAL, ended_at REAL, pid INTEGER, pid_created REAL, exit_code INTEGER, owner TEXT,
-            stop_requested INTEGER NOT NULL DEFAULT 0, timeout REAL, memory_peak INTEGER, cpu_time REAL,
-            attempt INTEGER NOT NULL DEFAULT 0, retry_at REAL, errors TEXT, schedule TEXT, tenant TEXT);
-        INSERT INTO mpc_tasks (uuid, controller, status, args, created_at) VALUES ('u-old', 'contract', 'queued',
-            '{}', 1.0);
-    """)
-    old.close()
-    store = SQLiteStore(str(path))
+    store = SQLiteStore(_old_sqlite_file(tmp_path, ", retry_at REAL, errors TEXT, schedule TEXT, tenant TEXT"))
     try:
         assert store.get("u-old")["batch"] is None
         batch = uuid_module.uuid4().hex

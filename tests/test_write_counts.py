@@ -12,6 +12,7 @@ import collections
 from typing import Any
 
 import pytest
+from test_store_contract import make_row
 
 from flask_multiprocess_controller import MemoryStore, MetaMPTask, SQLiteStore, TaskStore
 
@@ -48,6 +49,12 @@ def counting(store_cls: type) -> Any:
     return cls
 
 
+def counting_store(backend: str, tmp_path: Any) -> Any:
+    """A counting store of ``backend`` ("memory" or "sqlite"); its write calls are in ``.counts``."""
+    store_cls = counting(MemoryStore if backend == "memory" else SQLiteStore)
+    return store_cls() if backend == "memory" else store_cls(str(tmp_path / "w.sqlite3"))
+
+
 def _summary(counts: dict, n: int) -> dict:
     """Per kind of write, for n tasks: the claims made either way, the ends either way, all writes."""
     claims = counts.get("claim", 0) + counts.get("claimed with an end", 0)
@@ -59,19 +66,18 @@ def _summary(counts: dict, n: int) -> dict:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
 def test_a_task_costs_at_most_four_writes_and_a_bulk_shares_its_enqueue(backend, make_controller, tmp_path):
-    store_cls = counting(MemoryStore if backend == "memory" else SQLiteStore)
-    store = store_cls() if backend == "memory" else store_cls(str(tmp_path / "w.sqlite3"))
+    store = counting_store(backend, tmp_path)
     controller = make_controller(Quick, max_num_process=2, store=store)
     controller.wait(controller.submit(i=0), 20)
-    store_cls.counts.clear()
+    store.counts.clear()
     uuids = [controller.submit(i=i) for i in range(5)]
     for uuid in uuids:
         assert controller.wait(uuid, 20)["status"] == "succeeded"
-    single = dict(store_cls.counts)
-    store_cls.counts.clear()
+    single = dict(store.counts)
+    store.counts.clear()
     batch = controller.submit_many([{"i": i} for i in range(5)])
     assert controller.wait_batch(batch.id, 20)["ended"] == 5
-    bulk = dict(store_cls.counts)
+    bulk = dict(store.counts)
     assert single["enqueue"] == 5 and bulk["enqueue"] == 1
     for counts in (single, bulk):
         summary = _summary(counts, 5)
@@ -88,30 +94,28 @@ def test_a_task_costs_at_most_four_writes_and_a_bulk_shares_its_enqueue(backend,
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
 def test_a_task_in_a_reused_process_costs_three(backend, make_controller, tmp_path):
-    store_cls = counting(MemoryStore if backend == "memory" else SQLiteStore)
-    store = store_cls() if backend == "memory" else store_cls(str(tmp_path / "w.sqlite3"))
+    store = counting_store(backend, tmp_path)
     controller = make_controller(Quick, max_num_process=1, max_tasks_per_child=0, store=store)
     first = controller.wait(controller.submit(i=0), 20)  # the slot's process starts with this one
-    store_cls.counts.clear()
+    store.counts.clear()
     uuids = [controller.submit(i=i) for i in range(5)]
     tasks = [controller.wait(uuid, 20) for uuid in uuids]
     assert {t["status"] for t in tasks} == {"succeeded"} and {t["pid"] for t in tasks} == {first["pid"]}
-    counts = {k: v for k, v in store_cls.counts.items() if k != "progress"}
+    counts = {k: v for k, v in store.counts.items() if k != "progress"}
     assert counts == {"enqueue": 5, "claim_started": 5, "_finish": 5}, counts
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
 def test_one_slot_claims_each_next_task_with_the_end_of_the_last(backend, make_controller, tmp_path):
-    store_cls = counting(MemoryStore if backend == "memory" else SQLiteStore)
-    store = store_cls() if backend == "memory" else store_cls(str(tmp_path / "w.sqlite3"))
+    store = counting_store(backend, tmp_path)
     controller = make_controller(Quick, max_num_process=1, store=store)
     controller.wait(controller.submit(i=0), 20)
-    store_cls.counts.clear()
+    store.counts.clear()
     batch = controller.submit_many([{"i": i} for i in range(5)])
     view = controller.wait_batch(batch.id, 20)
     assert [t["result"] for t in view["tasks"]] == [0, 1, 2, 3, 4]
-    counts = {k: v for k, v in store_cls.counts.items() if k != "progress"}
+    counts = {k: v for k, v in store.counts.items() if k != "progress"}
     assert counts == {"enqueue": 1, "claim": 1, "start": 5, "finish_and_claim": 5, "claimed with an end": 4}, counts
 
 
@@ -141,9 +145,7 @@ def test_a_claim_that_cannot_succeed_takes_no_write_lock(tmp_path):
     try:
         assert store.claim("c", "host:1:1.0", 1) is None  # nothing queued
         assert store.write_transactions == 0
-        store.enqueue([{"uuid": f"00000000-0000-4000-8000-00000000000{i}", "controller": "c", "status": "queued",
-                        "priority": 0, "args": {}, "created_at": 1.0, "timeout": None, "attempt": 0,
-                        "stop_requested": False} for i in range(3)], -1)
+        store.enqueue([make_row("c") for _ in range(3)], -1)
         assert store.claim("c", "host:1:1.0", 1) is not None
         before = store.write_transactions
         assert store.claim("c", "host:2:1.0", 1) is None  # the one place is taken
