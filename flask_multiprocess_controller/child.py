@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import resource
 import dataclasses
 import threading
@@ -23,7 +24,8 @@ from .proctree import set_process_name, task_process_name
 from .capture import OutputCapture, flush_python_streams
 from .logs import ChannelQueue, MetaMPLoggerConfigurator, apply_logger_levels
 from .protocol import (
-    Command, Done, Exit, Output, Percent, Progress, RunTask, StopTask, Usage, error_record, exception_record,
+    Command, Done, Exit, Limits, LogRecordMessage, Output, Percent, Progress, RunTask, StopTask, Usage,
+    error_record, exception_record,
 )
 from .retries import RetryPolicy
 from .task import MetaMPTask
@@ -33,6 +35,9 @@ PUBLISH_INTERVAL = 0.05
 
 
 _NOTHING = object()
+
+#: Made at import, so that a task process finds it in the fork server's memory instead of making it.
+_LOGGER = logging.getLogger(__name__)
 
 #: The name of a task process between tasks.
 _IDLE_NAME = "mpc-idle"
@@ -68,7 +73,7 @@ class _Channel:
         self._next_send = 0.0
         self._limit = 0
         self._short_str = 0
-        self._logger = logging.getLogger(__name__)
+        self._logger = _LOGGER
 
     def send(self, message: object) -> None:
         with self._send_lock:
@@ -246,11 +251,44 @@ def _send_quietly(channel: _Channel, message: Output) -> None:
         pass
 
 
+#: The channel of this task process (None in the fork server): where its log records go.
+_channel: Optional[_Channel] = None
+#: Whether the fork server set up this process's logging already (see :func:`prepare_fork_server`).
+_logging_ready = False
+
+
+def _send_log_record(message: object) -> None:
+    """Send a log record over this task process's channel (the fork server has none: it prints it)."""
+    if _channel is not None:
+        _channel.send(message)
+    elif isinstance(message, LogRecordMessage) and logging.lastResort is not None:
+        logging.lastResort.handle(message.record)
+
+
+def prepare_fork_server(configurator: Type[MetaMPLoggerConfigurator]) -> None:
+    """Set up once, in the fork server, what every task process would otherwise set up at its start.
+
+    The default ``worker_log_setup`` runs here (its QueueHandler sends over whichever channel the
+    task process has); an overridden one still runs in each task process, as it always did. The
+    protocol's first pickling and JSON encoding fill their caches here too. All of this is then
+    shared, copy-on-write, by every task process instead of costing each its own pages.
+    """
+    global _logging_ready
+    if configurator.worker_log_setup is MetaMPLoggerConfigurator.worker_log_setup:
+        configurator.worker_log_setup(ChannelQueue(_send_log_record))
+        _logging_ready = True
+    sample = Done("", "ok", result_json=json.dumps(None), usage=Usage(children=[]))
+    pickle.loads(pickle.dumps(sample))
+    pickle.loads(pickle.dumps(RunTask("", {}, {}, {}, Limits(0, 0))))
+
+
 def run_child(conn: Connection, task_cls: Type[MetaMPTask], configurator: Type[MetaMPLoggerConfigurator],
               max_tasks: int) -> None:
     """Serve tasks over ``conn`` until ``max_tasks`` ran (0 = no limit) or the parent says exit."""
-    channel = _Channel(conn)
-    configurator.worker_log_setup(ChannelQueue(channel.send))
+    global _channel
+    channel = _channel = _Channel(conn)
+    if not _logging_ready:
+        configurator.worker_log_setup(ChannelQueue(_send_log_record))
     done = 0
     while max_tasks <= 0 or done < max_tasks:
         try:

@@ -47,7 +47,7 @@ from .clientside import ClientSide
 from .exceptions import StoreError
 from .forkserver import ForkServer
 from .retries import RetryPolicy
-from .runtime import Runtime, child_main
+from .runtime import Runtime, task_fork_server
 from .schedules import ScheduleInfo, ScheduleSpec, describe
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store, store_url
@@ -327,7 +327,7 @@ class MetaMPController:
                 self._configurator.listener_log_setup()
             # Forked now, while the process may still be single-threaded (see forkserver.py); the rest
             # of the runtime starts once the store is known (see bind() and _activate()).
-            self._fork_server = ForkServer(child_main(target_task, self._configurator, max_tasks_per_child))
+            self._fork_server = task_fork_server(target_task, self._configurator, max_tasks_per_child)
             self._fork_server_pid_owner = os.getpid()
             _exit_cleanly_on_sigterm()
         _LIVE.add(self)
@@ -412,8 +412,8 @@ class MetaMPController:
             fork_server = self._fork_server
             if fork_server is None or self._fork_server_pid_owner != os.getpid():
                 # A forked copy of the controller (gunicorn --preload) gets a fork server of its own.
-                fork_server = self._fork_server = ForkServer(
-                    child_main(self.target_task, self._configurator, self.max_tasks_per_child))
+                fork_server = self._fork_server = task_fork_server(
+                    self.target_task, self._configurator, self.max_tasks_per_child)
                 self._fork_server_pid_owner = os.getpid()
             runtime = Runtime(self._runtime_config(), store, self.callback_url, fork_server)
             self._side = runtime

@@ -160,9 +160,12 @@ class ForkServer:
 
     :param child_main: run in each task process with its :class:`Connection`;
         the process exits when it returns.
+    :param prepare: run once in the fork server before its first fork: what it sets up
+        there, every task process inherits instead of setting it up again.
     """
 
-    def __init__(self, child_main: Callable[[Connection], None]) -> None:
+    def __init__(self, child_main: Callable[[Connection], None],
+                 prepare: Optional[Callable[[], None]] = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # the fork server
@@ -170,7 +173,7 @@ class ForkServer:
             try:
                 ours.close()
                 _close_parent_only_fds()
-                _serve(theirs, child_main)
+                _serve(theirs, child_main, prepare)
             except BaseException:
                 code = 1
             finally:
@@ -294,7 +297,8 @@ def _become_subreaper() -> None:
         pass
 
 
-def _serve(sock: socket.socket, child_main: Callable[[Connection], None]) -> None:
+def _serve(sock: socket.socket, child_main: Callable[[Connection], None],
+           prepare: Optional[Callable[[], None]] = None) -> None:
     """The fork server's loop; never returns normally except on EOF."""
     os.setsid()  # out of the terminal's process group: Ctrl-C is for the serving process
     for signum in signal.valid_signals():  # drop handlers inherited from the server (gunicorn's, say)
@@ -308,10 +312,13 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection], None]) -> Non
     _become_subreaper()
     set_process_name(FORK_SERVER_NAME)  # what ps and top show; task processes rename themselves
     use_descriptors_for_print()
+    if prepare is not None:
+        prepare()
     # Everything alive now is shared with the task processes: keep the collector off it,
     # or the first collection in each child would copy every page of the heap.
     gc.collect()
     gc.freeze()
+    ctypes.CDLL(None).malloc_trim(0)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)

@@ -26,7 +26,8 @@ class MetaMPLoggerConfigurator(abc.ABC):
 
     Pass a subclass as the controller's ``log_configurator=``: its
     :meth:`listener_log_setup` runs once in the serving process before the first
-    task starts; :meth:`worker_log_setup` runs in each task process.
+    task starts; :meth:`worker_log_setup` runs in each task process (the default one
+    runs once in the fork server instead, and every task process inherits what it did).
     """
 
     @staticmethod
@@ -93,7 +94,9 @@ def logger_levels() -> dict[str, int]:
 def apply_logger_levels(levels: dict[str, int]) -> None:
     """Set the levels sent by :func:`logger_levels` in this (task) process."""
     for name, level in levels.items():
-        logging.getLogger(name or None).setLevel(level)
+        logger = logging.getLogger(name or None)
+        if logger.level != level:  # most are inherited as they are; setLevel would clear every logger's cache
+            logger.setLevel(level)
 
 
 class ChannelQueue:

@@ -27,14 +27,13 @@ import threading
 import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait as wait_ready
-from multiprocessing.connection import Connection
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, cast
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, cast
 
 import psutil
 
 from . import defaults
 from .callbacks import CallbackSender
-from .child import run_child
+from .child import prepare_fork_server, run_child
 from .config import RuntimeConfig
 from .events import Event, EventKind
 from .exceptions import StoreError
@@ -119,10 +118,12 @@ def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], n
     return beat is not None and now - beat <= lease
 
 
-def child_main(task_cls: type[MetaMPTask], configurator: type[MetaMPLoggerConfigurator],
-               max_tasks: int) -> Callable[[Connection], None]:
-    """What each task process of a controller runs (see :func:`~.child.run_child`)."""
-    return functools.partial(run_child, task_cls=task_cls, configurator=configurator, max_tasks=max_tasks)
+def task_fork_server(task_cls: type[MetaMPTask], configurator: type[MetaMPLoggerConfigurator],
+                     max_tasks: int) -> ForkServer:
+    """Fork the fork server of a controller: each of its task processes runs :func:`~.child.run_child`,
+    on what :func:`~.child.prepare_fork_server` set up in the server once."""
+    main = functools.partial(run_child, task_cls=task_cls, configurator=configurator, max_tasks=max_tasks)
+    return ForkServer(main, prepare=functools.partial(prepare_fork_server, configurator))
 
 
 def callback_body(event: Event, expose_tracebacks: bool = False) -> dict[str, Any]:

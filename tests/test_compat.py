@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -107,6 +108,58 @@ class Quiet(MetaMPLoggerConfigurator):
     @staticmethod
     def listener_log_setup():
         Quiet.calls += 1
+
+
+class PidRecorder(MetaMPLoggerConfigurator):
+    """Overrides ``worker_log_setup`` (keeping the default's work) and notes each process it runs in."""
+
+    path = ""
+
+    @staticmethod
+    def listener_log_setup():
+        pass
+
+    @staticmethod
+    def worker_log_setup(queue):
+        MetaMPLoggerConfigurator.worker_log_setup(queue)
+        with open(PidRecorder.path, "a") as notes:
+            notes.write(f"{os.getpid()}\n")
+
+
+class LogsItsPid(MetaMPTask, task_name="logs-its-pid"):
+    """Logs a line naming its process and returns its pid."""
+
+    def execute(self):
+        logging.getLogger("logs-its-pid").warning("task process %d", os.getpid())
+        return os.getpid()
+
+
+def run_logging_tasks(controller, count: int, caplog) -> tuple[set, set]:
+    """Run ``count`` tasks one after the other: the pids they returned, and the pids their log lines named."""
+    with caplog.at_level(logging.WARNING, logger="logs-its-pid"):
+        results = {controller.wait(controller.submit(), 20)["result"] for _ in range(count)}
+    logged = {record.process for record in caplog.records if record.name == "logs-its-pid"}
+    return results, logged
+
+
+@pytest.mark.timeout(60)
+def test_an_overridden_worker_log_setup_runs_in_each_task_process(own, tmp_path, caplog):
+    PidRecorder.path = str(tmp_path / "pids")
+    controller = MetaMPController(LogsItsPid, log_configurator=PidRecorder, store="memory://")
+    own.append(controller)
+    pids, logged = run_logging_tasks(controller, 3, caplog)
+    assert len(pids) == 3  # a fresh process per task
+    assert {int(pid) for pid in Path(PidRecorder.path).read_text().split()} == pids
+    assert logged == pids
+
+
+@pytest.mark.timeout(60)
+def test_the_default_worker_log_setup_reaches_the_server_from_every_task_process(own, caplog):
+    controller = MetaMPController(LogsItsPid, store="memory://")
+    own.append(controller)
+    pids, logged = run_logging_tasks(controller, 3, caplog)
+    assert len(pids) == 3
+    assert logged == pids
 
 
 @pytest.mark.timeout(30)
