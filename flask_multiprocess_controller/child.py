@@ -12,7 +12,6 @@ import math
 import os
 import pickle
 import resource
-import dataclasses
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -67,7 +66,7 @@ class _Channel:
         # and whether the flusher was told.
         self._progress: Any = _NOTHING
         self._armed = False
-        self._kick = threading.Event()
+        self._kick: Optional[threading.Event] = None  # made with the flusher, by the first publish
         self._flush_lock = threading.Lock()
         self._flusher: Optional[threading.Thread] = None
         self._next_send = 0.0
@@ -76,8 +75,11 @@ class _Channel:
         self._logger = _LOGGER
 
     def send(self, message: object) -> None:
+        # What Connection.send does, less its ForkingPickler (made per message, for what only
+        # descriptors and connections need): the serving process's recv() reads it the same.
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         with self._send_lock:
-            self._conn.send(message)
+            self._conn.send_bytes(data)
 
     def begin(self, command: RunTask, logger: logging.Logger) -> None:
         self.task_id = command.uuid
@@ -118,15 +120,18 @@ class _Channel:
 
     def _arm(self) -> None:
         self._armed = True
+        if self._kick is None:
+            self._kick = threading.Event()
         if self._flusher is None:
-            self._flusher = threading.Thread(target=self._flush_loop, name="mpc-progress", daemon=True)
+            self._flusher = threading.Thread(target=self._flush_loop, args=(self._kick,), name="mpc-progress",
+                                             daemon=True)
             self._flusher.start()
         self._kick.set()
 
-    def _flush_loop(self) -> None:
+    def _flush_loop(self, kick: threading.Event) -> None:
         while True:
-            self._kick.wait()
-            self._kick.clear()
+            kick.wait()
+            kick.clear()
             delay = self._next_send - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -241,7 +246,7 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
     channel.flush_progress()
     cpu_after, maxrss = _usage()
     usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids() if reused else None)
-    return dataclasses.replace(done, usage=usage)
+    return Done(done.uuid, done.kind, done.result_json, done.error, usage, done.retryable)
 
 
 def _send_quietly(channel: _Channel, message: Output) -> None:

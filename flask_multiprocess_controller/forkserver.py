@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import selectors
+import select
 import signal
 import socket
 import struct
@@ -36,6 +36,8 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Iterable, Optional
+
+import _signal
 
 import psutil
 
@@ -48,6 +50,9 @@ FORK_SERVER_NAME = "mpc-forkserver"
 _PID = struct.Struct("i")
 _KILL = struct.Struct("ii")  # pid, signal
 _PR_SET_CHILD_SUBREAPER = 36
+# Plain ints for the C signal functions a task process calls (see _become_task_process).
+_SIGCHLD, _SIGINT, _SIGTERM, _SIG_DFL = (int(value) for value in (
+    signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIG_DFL))
 
 #: File descriptors that belong to the serving process only; a forked server closes its copies.
 _PARENT_ONLY_FDS: set[int] = set()
@@ -325,13 +330,15 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection], None],
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     exits: dict[int, int] = {}  # task pid -> write end of its exit pipe
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ)
-    selector.register(wake_r, selectors.EVENT_READ)
+    # A poll object holds no descriptor of its own: a task process has nothing of it to close.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    server_fd = sock.fileno()
     while True:
-        for key, _ in selector.select():
-            if key.fileobj is sock:
-                if not _handle(sock, exits, child_main, (selector, sock, wake_r, wake_w)):
+        for fd, _ in poller.poll():
+            if fd == server_fd:
+                if not _handle(sock, exits, child_main, (sock, wake_r, wake_w)):
                     _kill_all(exits)
                     return
             else:
@@ -425,15 +432,18 @@ def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[
 
 
 def _become_task_process(exits: dict[int, int], server_objects: tuple[Any, ...], exit_w: int) -> None:
-    """Drop the fork server's state in a freshly forked task process."""
-    selector, sock, wake_r, wake_w = server_objects
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    selector.close()
-    sock.close()
-    for fd in (wake_r, wake_w, exit_w, *exits.values()):
+    """Drop the fork server's state in a freshly forked task process.
+
+    It touches as little of the inherited heap as it can, since each page it writes is
+    copied for this process alone: the C signal functions (no enum conversions), and a
+    socket detached from its descriptor rather than closed through its object.
+    """
+    sock, wake_r, wake_w = server_objects
+    _signal.set_wakeup_fd(-1)
+    _signal.signal(_SIGCHLD, _SIG_DFL)
+    _signal.signal(_SIGINT, _signal.default_int_handler)
+    _signal.signal(_SIGTERM, _SIG_DFL)
+    for fd in (sock.detach(), wake_r, wake_w, exit_w, *exits.values()):
         try:
             os.close(fd)
         except OSError:
