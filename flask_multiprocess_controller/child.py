@@ -35,8 +35,10 @@ PUBLISH_INTERVAL = 0.05
 
 _NOTHING = object()
 
-#: Made at import, so that a task process finds it in the fork server's memory instead of making it.
+#: Made at import, so that a task process finds them in the fork server's memory instead of making them.
 _LOGGER = logging.getLogger(__name__)
+#: ``json.dumps(value, allow_nan=False)`` without a new encoder per call (NaN and Infinity are no JSON).
+_STRICT_JSON = json.JSONEncoder(allow_nan=False)
 
 #: The name of a task process between tasks.
 _IDLE_NAME = "mpc-idle"
@@ -101,7 +103,7 @@ class _Channel:
                 return
         elif kind not in _JSON_SCALARS:
             try:
-                size = len(json.dumps(value, allow_nan=False))
+                size = len(_STRICT_JSON.encode(value))
             except TypeError as exc:
                 raise TypeError(f"upload_status() needs a JSON-serialisable value: {exc}") from None
             except ValueError as exc:  # NaN or Infinity inside: not valid JSON for any client
@@ -199,7 +201,7 @@ def _child_pids() -> Optional[list[int]]:
 def _result(task_id: str, result: Any, limit: int) -> Done:
     """The report of a task that returned ``result``: its JSON, or why it cannot be stored."""
     try:
-        text = json.dumps(result, allow_nan=False)
+        text = _STRICT_JSON.encode(result)
     except (TypeError, ValueError) as exc:
         return Done(task_id, "error", error=error_record(
             "ResultNotSerializable",
@@ -282,7 +284,7 @@ def prepare_fork_server(configurator: Type[MetaMPLoggerConfigurator]) -> None:
     if configurator.worker_log_setup is MetaMPLoggerConfigurator.worker_log_setup:
         configurator.worker_log_setup(ChannelQueue(_send_log_record))
         _logging_ready = True
-    sample = Done("", "ok", result_json=json.dumps(None), usage=Usage(children=[]))
+    sample = Done("", "ok", result_json=_STRICT_JSON.encode(None), usage=Usage(children=[]))
     pickle.loads(pickle.dumps(sample))
     pickle.loads(pickle.dumps(RunTask("", {}, {}, {}, Limits(0, 0))))
 
