@@ -213,20 +213,22 @@ def _result(task_id: str, result: Any, limit: int) -> Done:
     return Done(task_id, "ok", result_json=text)
 
 
-def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, reused: bool) -> Done:
+def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, reused: bool,
+             output_captured: bool) -> Done:
     """Run one task and return its report.
 
     :param reused: the process serves more tasks after this one. A process that serves one
         only ends after it: it takes no idle name and lists no children (its whole process
-        group goes with it, and the serving process looks at its tree itself), and its output
-        is captured already (its descriptors 1 and 2 are pipes from birth, read by the serving
-        process: see :mod:`.capture`).
+        group goes with it, and the serving process looks at its tree itself).
+    :param output_captured: the process's descriptors 1 and 2 are pipes from birth, read by the
+        serving process (see :mod:`.capture`); otherwise the task's output is captured here.
     """
     task_id = command.uuid
     channel.begin(command, task_cls.logger)
     cpu_before, _ = _usage()
     set_process_name(task_process_name(task_id))  # the proof that this process is the task's
-    capture = OutputCapture(lambda lines: _send_quietly(channel, Output(task_id, lines))) if reused else None
+    capture = None if output_captured else OutputCapture(
+        lambda lines: _send_quietly(channel, Output(task_id, lines)))
     if capture is not None:
         capture.begin()
     task = task_cls(task_id, channel, command.context)
@@ -242,9 +244,10 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
         task_module._set_current(None)
         if capture is not None:
             capture.end()
-            set_process_name(_IDLE_NAME)
         else:
             flush_python_streams()
+        if reused:
+            set_process_name(_IDLE_NAME)
     channel.flush_progress()
     cpu_after, maxrss = _usage()
     usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids() if reused else None)
@@ -289,9 +292,12 @@ def prepare_fork_server(configurator: Type[MetaMPLoggerConfigurator]) -> None:
     pickle.loads(pickle.dumps(RunTask("", {}, {}, {}, Limits(0, 0))))
 
 
-def run_child(conn: Connection, task_cls: Type[MetaMPTask], configurator: Type[MetaMPLoggerConfigurator],
-              max_tasks: int) -> None:
-    """Serve tasks over ``conn`` until ``max_tasks`` ran (0 = no limit) or the parent says exit."""
+def run_child(conn: Connection, output_captured: bool, task_cls: Type[MetaMPTask],
+              configurator: Type[MetaMPLoggerConfigurator], max_tasks: int) -> None:
+    """Serve tasks over ``conn`` until ``max_tasks`` ran (0 = no limit) or the parent says exit.
+
+    :param output_captured: the fork server gave this process pipes for its descriptors 1 and 2.
+    """
     global _channel
     channel = _channel = _Channel(conn)
     if not _logging_ready:
@@ -307,7 +313,7 @@ def run_child(conn: Connection, task_cls: Type[MetaMPTask], configurator: Type[M
         if not isinstance(message, RunTask):
             continue
         apply_logger_levels(message.levels)
-        report = _run_one(task_cls, channel, message, reused=max_tasks != 1)
+        report = _run_one(task_cls, channel, message, reused=max_tasks != 1, output_captured=output_captured)
         try:
             channel.send(report)
         except OSError:

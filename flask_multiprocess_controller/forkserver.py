@@ -163,13 +163,13 @@ class ChildProcess:
 class ForkServer:
     """Fork the server now; :meth:`spawn` asks it for task processes.
 
-    :param child_main: run in each task process with its :class:`Connection`;
-        the process exits when it returns.
+    :param child_main: run in each task process with its :class:`Connection` and whether its
+        descriptors 1 and 2 are pipes the serving process reads; the process exits when it returns.
     :param prepare: run once in the fork server before its first fork: what it sets up
         there, every task process inherits instead of setting it up again.
     """
 
-    def __init__(self, child_main: Callable[[Connection], None],
+    def __init__(self, child_main: Callable[[Connection, bool], None],
                  prepare: Optional[Callable[[], None]] = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
@@ -224,8 +224,8 @@ class ForkServer:
             os.close(exit_r)
             raise OSError(-pid, f"the fork server could not fork: {os.strerror(-pid)}")
         _remember_parent_only(ours.fileno(), exit_r, *pipes)
-        return ChildProcess(pid, Connection(ours.detach()), exit_r, self.signal_group,
-                            PipeReader(dict(zip(pipes, (1, 2))), on_close=forget_parent_only) if pipes else None)
+        output = PipeReader(dict(zip(pipes, (1, 2))), on_close=forget_parent_only) if pipes else None
+        return ChildProcess(pid, Connection(ours.detach()), exit_r, self.signal_group, output)
 
     def signal_group(self, pid: int, signum: int) -> bool:
         """Signal the process group of task process ``pid``; False when it is no longer the server's child."""
@@ -302,7 +302,7 @@ def _become_subreaper() -> None:
         pass
 
 
-def _serve(sock: socket.socket, child_main: Callable[[Connection], None],
+def _serve(sock: socket.socket, child_main: Callable[[Connection, bool], None],
            prepare: Optional[Callable[[], None]] = None) -> None:
     """The fork server's loop; never returns normally except on EOF."""
     os.setsid()  # out of the terminal's process group: Ctrl-C is for the serving process
@@ -350,7 +350,7 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection], None],
         _reap(exits)
 
 
-def _handle(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection], None],
+def _handle(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection, bool], None],
             server_objects: tuple[Any, ...]) -> bool:
     """Serve one request; False when the controller's end is closed."""
     try:
@@ -369,7 +369,8 @@ def _handle(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Co
             os.close(fd)
         return False
     child_fd, exit_w = fds
-    return _fork_one(sock, exits, child_main, server_objects, child_fd, exit_w, capture_output=message == b"C")
+    return _fork_one(sock, exits, child_main, server_objects, child_fd, exit_w,
+                     capture_output=message == b"C")
 
 
 def _signal_own_group(exits: dict[int, int], pid: int, signum: int) -> int:
@@ -383,7 +384,7 @@ def _signal_own_group(exits: dict[int, int], pid: int, signum: int) -> int:
     return 0
 
 
-def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection], None],
+def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection, bool], None],
               server_objects: tuple[Any, ...], child_fd: int, exit_w: int, capture_output: bool) -> bool:
     pipes: list[tuple[int, int]] = []  # (read end, write end) for descriptors 1 and 2
     try:
@@ -403,7 +404,7 @@ def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[
             os.close(read_end)
         code = 0
         try:
-            child_main(Connection(child_fd))
+            child_main(Connection(child_fd), capture_output)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
