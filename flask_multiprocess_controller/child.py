@@ -68,9 +68,8 @@ class _Channel:
         # and whether the flusher was told.
         self._progress: Any = _NOTHING
         self._armed = False
-        self._kick: Optional[threading.Event] = None  # made with the flusher, by the first publish
+        self._kick: Optional[threading.Event] = None  # made with the flusher thread, by the first publish
         self._flush_lock = threading.Lock()
-        self._flusher: Optional[threading.Thread] = None
         self._next_send = 0.0
         self._limit = 0
         self._short_str = 0
@@ -124,10 +123,8 @@ class _Channel:
         self._armed = True
         if self._kick is None:
             self._kick = threading.Event()
-        if self._flusher is None:
-            self._flusher = threading.Thread(target=self._flush_loop, args=(self._kick,), name="mpc-progress",
-                                             daemon=True)
-            self._flusher.start()
+            threading.Thread(target=self._flush_loop, args=(self._kick,), name="mpc-progress",
+                             daemon=True).start()
         self._kick.set()
 
     def _flush_loop(self, kick: threading.Event) -> None:
