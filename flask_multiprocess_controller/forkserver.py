@@ -323,7 +323,6 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection, bool], None],
     # or the first collection in each child would copy every page of the heap.
     gc.collect()
     gc.freeze()
-    ctypes.CDLL(None).malloc_trim(0)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
