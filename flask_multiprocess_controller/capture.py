@@ -8,8 +8,9 @@ in the task's log.
 Two ways, by process kind. A process that runs one task (the default) gets its pipes from the
 fork server at birth and the serving process reads them (:class:`PipeReader`): no thread is
 started in the task process, whose start is what a fresh process per task pays for. A process
-that runs many tasks redirects its descriptors around each task and pumps them from a thread of
-its own (:class:`OutputCapture`), sending the lines over its channel.
+that runs many tasks makes its descriptors pipes at its first task, for the rest of its life, and
+pumps them from a thread of its own (:class:`OutputCapture`), sending each task's lines over its
+channel.
 """
 from __future__ import annotations
 
@@ -19,91 +20,103 @@ import sys
 import threading
 from typing import Any, Callable, Mapping, Optional
 
-#: Seconds the end of a task waits for the pumps to pass on what is left in the pipes.
-_DRAIN = 1.0
 #: Characters of one line kept (a longer one is cut).
 _LINE_MAX = 8192
 
 
 class OutputCapture:
-    """Redirects descriptors 1 and 2 to pipes for the duration of a task.
+    """Descriptors 1 and 2 of a process that runs many tasks, as pipes from its first task on.
 
-    :param send: called with each batch of complete lines.
+    One pump thread copies the pipes on to the original descriptors and sends the complete lines
+    as the running task's (:meth:`begin` names it). :meth:`end` takes what the task left in the
+    pipes, its partial last line included, before the task's end is reported: every line reaches
+    its own task's log, in order. The pipes and the pump are made once, not per task: a thread
+    and four descriptors per task were most of what a reused process paid to start a task.
+
+    :param send: called with a task's uuid and a batch of its complete lines.
     """
 
-    def __init__(self, send: Callable[[list[str]], None]) -> None:
+    def __init__(self, send: Callable[[str, list[str]], None]) -> None:
         self._send = send
-        self._saved: list[int] = []
-        self._pumps: list[threading.Thread] = []
+        # Held while lines are read and sent (by the pump, or by end()): they go out in order,
+        # each as the task's that ran when it was read.
+        self._lock = threading.Lock()
+        self._task: Optional[str] = None
+        self._reader: Optional[PipeReader] = None
+        self._write_ends: dict[int, int] = {}  # descriptor (1 or 2) -> write end of its pipe
         self._streams: Optional[tuple[Any, Any]] = None
 
-    def begin(self) -> None:
-        """Start capturing (a no-op where the descriptors cannot be redirected)."""
+    def begin(self, task_id: str) -> None:
+        """Capture what task ``task_id`` writes (a no-op where the descriptors cannot be redirected)."""
         flush_python_streams()
-        pipes: list[tuple[int, int]] = []  # (read end, original descriptor), for the pump
+        if self._reader is None and not self._start():
+            return
+        for fd, write_end in self._write_ends.items():  # again: the last task may have pointed them elsewhere
+            try:
+                os.dup2(write_end, fd)
+            except OSError:
+                pass
+        # print() writes to whatever sys.stdout is (a test runner's capture, say): make it the descriptors.
+        sys.stdout, sys.stderr = self._streams or (sys.stdout, sys.stderr)
+        with self._lock:
+            self._task = task_id
+
+    def end(self) -> None:
+        """Send what the task wrote last; what is written from now on is no task's until the next begin()."""
+        flush_python_streams()
+        reader = self._reader
+        if reader is None:
+            return
+        with self._lock:
+            lines: list[str] = []
+            for fd in reader.fds():
+                lines += reader.read(fd)
+                lines += reader.take_partial(fd)
+            task, self._task = self._task, None
+            if lines and task is not None:
+                self._send(task, lines)
+
+    def _start(self) -> bool:
+        pipes: list[list[Any]] = []  # [descriptor, read end, write end, saved original]
         try:
             for fd in (1, 2):
                 read_end, write_end = os.pipe()
-                saved = os.dup(fd)
+                pipes.append([fd, read_end, write_end, None])
+                pipes[-1][3] = os.dup(fd)
                 os.dup2(write_end, fd)
-                os.close(write_end)
-                self._saved.append(saved)
-                pipes.append((read_end, saved))
         except OSError:
-            for read_end, _ in pipes:
+            for fd, read_end, write_end, saved in pipes:
+                if saved is not None:
+                    os.dup2(saved, fd)
+                    os.close(saved)
                 os.close(read_end)
-            self._restore()
-            return
-        # One pump for both pipes: a thread is the dearest thing a fresh task process starts.
-        pump = threading.Thread(target=self._pump, args=(pipes,), name="mpc-output", daemon=True)
-        pump.start()
-        self._pumps.append(pump)
-        # print() writes to whatever sys.stdout is (a test runner's capture, say): make it the descriptors.
-        self._streams = (sys.stdout, sys.stderr)
-        sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
-        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+                os.close(write_end)
+            return False
+        self._write_ends = {fd: write_end for fd, _, write_end, _ in pipes}
+        self._reader = PipeReader({read_end: saved for _, read_end, _, saved in pipes})
+        self._streams = (open(1, "w", buffering=1, closefd=False, errors="backslashreplace"),
+                         open(2, "w", buffering=1, closefd=False, errors="backslashreplace"))
+        threading.Thread(target=self._pump, args=(self._reader,), name="mpc-output", daemon=True).start()
+        return True
 
-    def end(self) -> None:
-        """Put the original descriptors back and pass on what the task wrote last."""
-        flush_python_streams()
-        if self._streams is not None:
-            sys.stdout, sys.stderr = self._streams
-            self._streams = None
-        self._restore()
-        for pump in self._pumps:
-            pump.join(_DRAIN)
-        self._pumps = []
-
-    def _restore(self) -> None:
-        for fd, saved in zip((1, 2), self._saved):
-            try:
-                os.dup2(saved, fd)  # the pipe's last writer (unless a leftover child holds it) goes away
-            except OSError:
-                pass
-        if not self._pumps:  # nobody pumps (begin failed): the saved copies are ours to close
-            for saved in self._saved:
-                os.close(saved)
-        self._saved = []  # else the pump closes them (a pump kept alive by a leftover child still writes)
-
-    def _pump(self, pipes: list[tuple[int, int]]) -> None:
-        """Copy each pipe to its original descriptor and send its complete lines, until every pipe ends."""
-        consoles = dict(pipes)
-        reader = PipeReader(consoles, on_close=lambda read_end: os.close(consoles[read_end]))
+    def _pump(self, reader: PipeReader) -> None:
+        """Copy each pipe to its original descriptor and send its complete lines, for good."""
         poller = select.poll()
-        for read_end in consoles:
+        for read_end in reader.fds():
             poller.register(read_end, select.POLLIN)
         while reader.fds():
             try:
                 ready = poller.poll()
             except OSError:
-                break
-            for read_end, _ in ready:
-                lines = reader.read(read_end)
-                if lines:
-                    self._send(lines)
-                if read_end not in reader.fds():
-                    poller.unregister(read_end)
-        reader.close()  # poll failed: release what is left
+                return
+            with self._lock:
+                lines: list[str] = []
+                for read_end, _ in ready:
+                    lines += reader.read(read_end)
+                    if read_end not in reader.fds():
+                        poller.unregister(read_end)
+                if lines and self._task is not None:
+                    self._send(self._task, lines)
 
 
 class PipeReader:
@@ -148,6 +161,14 @@ class PipeReader:
             if len(data) < 65536:
                 break
         return lines
+
+    def take_partial(self, fd: int) -> list[str]:
+        """The partial last line pipe ``fd`` holds, as a line of its own (none if it holds none)."""
+        rest = self._pending.get(fd, b"")
+        if not rest:
+            return []
+        self._pending[fd] = b""
+        return [_text(rest)]
 
     def drain(self) -> list[str]:
         """Everything the pipes hold now, partial lines included; the pipes are closed."""

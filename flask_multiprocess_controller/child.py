@@ -224,10 +224,9 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
     channel.begin(command, task_cls.logger)
     cpu_before, _ = _usage()
     set_process_name(task_process_name(task_id))  # the proof that this process is the task's
-    capture = None if output_captured else OutputCapture(
-        lambda lines: _send_quietly(channel, Output(task_id, lines)))
+    capture = None if output_captured else _output_capture(channel)
     if capture is not None:
-        capture.begin()
+        capture.begin(task_id)
     task = task_cls(task_id, channel, command.context)
     task_module._set_current(task)
     try:
@@ -258,6 +257,16 @@ def _send_quietly(channel: _Channel, message: Output) -> None:
         pass
 
 
+def _output_capture(channel: _Channel) -> OutputCapture:
+    """This process's capture of descriptors 1 and 2, made at its first task (see :mod:`.capture`)."""
+    global _capture
+    if _capture is None:
+        _capture = OutputCapture(lambda task_id, lines: _send_quietly(channel, Output(task_id, lines)))
+    return _capture
+
+
+#: The output capture of a task process that runs many tasks (None until its first task).
+_capture: Optional[OutputCapture] = None
 #: The channel of this task process (None in the fork server): where its log records go.
 _channel: Optional[_Channel] = None
 #: Whether the fork server set up this process's logging already (see :func:`prepare_fork_server`).
