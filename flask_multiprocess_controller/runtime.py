@@ -375,14 +375,15 @@ class Runtime:
         """Whether a slot may claim a task now (not closing or going away, no hold on claims)."""
         return not (self.closing or self.draining) and time.monotonic() >= self._hold_claims_until
 
-    def adopt(self, row: Row, retrier: Retrier) -> Optional[Claim]:
+    def adopt(self, claim: Claim, retrier: Retrier) -> Optional[Claim]:
         """A task claimed together with the end of the slot's last one: run it, or give it back when
         the process began to go away meanwhile."""
         if self.closing or self._going_away():
-            self.give_back(row, retrier)
+            self.events.publish(claim.started)
+            self.give_back(claim.row, retrier)
             self.close_claim()
             return None
-        return Claim(row, None)
+        return claim
 
     def _going_away(self) -> bool:
         return self.draining
@@ -511,13 +512,16 @@ class Runtime:
         with self._runs_lock:
             self._runs.pop(run.uuid, None)
 
-    def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier, claim_next: bool = False) -> Optional[Row]:
+    def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier, claim_next: bool = False,
+               child: Optional[ChildProcess] = None) -> Optional[Claim]:
         """Store a task's outcome (or requeue it); an outage is waited out, so nothing is lost.
 
-        :param claim_next: the slot is free once this is recorded (its process is gone): claim its
-            next task in the same write as a plain end. Returns the task claimed so, if any.
+        :param claim_next: the slot is free once this is recorded: claim its next task in the same
+            write as a plain end. Returns the task claimed so, if any.
+        :param child: the slot's task process, when it stays for the next task (a reused one): the
+            claim records it, as :meth:`next_task` would.
         """
-        claimed: Optional[Row] = None
+        claimed: Optional[Claim] = None
         if run.abandoned:
             self.logger.warning("Task %s was settled elsewhere while this process was unresponsive; its run "
                                 "here was killed and is not recorded.", run.uuid)
@@ -549,8 +553,8 @@ class Runtime:
             if claim_next and self.may_claim():
                 self._open_claim()
                 try:
-                    event, claimed = retrier.call("recording a task's end", lambda: self.store.finish_and_claim(
-                        run.uuid, outcome.status.value, self.owner, c.name, c.max_num_process, **fields))
+                    event, claimed = retrier.call("recording a task's end",
+                                                  lambda: self._finish_and_claim(run, outcome, child, fields))
                 finally:
                     if claimed is None:
                         self.close_claim()
@@ -568,6 +572,18 @@ class Runtime:
             return None
         self.events.publish(event)
         return claimed
+
+    def _finish_and_claim(self, run: TaskRun, outcome: Outcome, child: Optional[ChildProcess],
+                          fields: dict[str, Any]) -> tuple[Optional[Event], Optional[Claim]]:
+        c = self.config
+        if child is None:
+            event, row = self.store.finish_and_claim(run.uuid, outcome.status.value, self.owner, c.name,
+                                                     c.max_num_process, **fields)
+            return event, None if row is None else Claim(row, None)
+        event, claimed = self.store.finish_and_claim_started(
+            run.uuid, outcome.status.value, self.owner, c.name, c.max_num_process, child.pid,
+            child.create_time or 0.0, **fields)
+        return event, None if claimed is None else Claim(*claimed)
 
     def _claimed_amid_shutdown(self, run: TaskRun) -> bool:
         """Whether ``run`` was claimed just after a sibling began to shut down (this process had not
@@ -680,7 +696,7 @@ class _Slot(threading.Thread):
         self._child: Optional[ChildProcess] = None
         self._tasks_in_child = 0
         #: A task claimed with the end of the slot's last one (same write), run next.
-        self._next: Optional[Row] = None
+        self._next: Optional[Claim] = None
 
     def wake(self) -> None:
         """Interrupt the controlling thread's wait (a stop, a shutdown); harmless once it has ended."""
@@ -730,8 +746,9 @@ class _Slot(threading.Thread):
             self._tasks_in_child += 1
             if not outcome.child_alive or self._tasks_in_child >= c.max_tasks_per_child > 0:
                 self._retire_child()
-            # With no process left, the slot is free once the end is written: its next claim rides along.
-            self._next = rt.record(run, outcome, self._retrier, claim_next=self._child is None)
+            # The slot is free once the end is written: its next claim rides along (recording the
+            # process, when the slot keeps one).
+            self._next = rt.record(run, outcome, self._retrier, claim_next=True, child=self._child)
         except Exception as exc:  # the slot must survive anything: record the failure and go on
             rt.logger.exception("Controlling thread failed while running task %s.", row["uuid"])
             self._retire_child()

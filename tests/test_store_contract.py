@@ -326,6 +326,27 @@ def test_finish_and_claim_ends_a_task_and_claims_the_next_for_its_owner(store):
 
 
 @pytest.mark.timeout(30)
+def test_finish_and_claim_started_hands_the_process_on_to_the_next_task(store):
+    first, second, third = add(store, 3)
+    assert store.claim_started(CTL, OWNER, 1, 4242, 12.5)[0]["uuid"] == first
+    assert store.finish_and_claim_started(first, "succeeded", "someone-else", CTL, 1, 4242, 12.5) == (None, None)
+    before = store.latest_cursor()
+    ended, (claimed, started) = store.finish_and_claim_started(first, "succeeded", OWNER, CTL, 1, 4242, 12.5,
+                                                               result=7)
+    assert (ended["kind"], ended["uuid"], ended["task"]["result"]) == ("ended", first, 7)
+    assert (claimed["uuid"], claimed["status"], claimed["owner"], claimed["pid"], claimed["pid_created"]) == (
+        second, "running", OWNER, 4242, 12.5)
+    assert (started["kind"], started["uuid"], started["task"]["pid"]) == ("started", second, 4242)
+    row = fetch(store, second)
+    assert (row["pid"], row["pid_created"], row["attempt"]) == (4242, 12.5, 1)
+    feed = store.changes(before)  # the end, then the start it made room for
+    assert [(e["kind"], e["uuid"]) for e in feed.events] == [("ended", first), ("started", second)]
+    assert claim(store, max_running=1) is None  # the limit holds: second runs
+    ended, claimed = store.finish_and_claim_started(second, "failed", OWNER, CTL, 0, 4242, 12.5)
+    assert ended is not None and claimed is None and status_of(store, third) == "queued"
+
+
+@pytest.mark.timeout(30)
 def test_start_and_progress_only_touch_active_tasks(store):
     running, stopping, finished, queued = add(store, 4)
     for _ in range(3):

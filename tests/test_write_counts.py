@@ -3,8 +3,10 @@
 Each write method of a store is one transaction (its event rides in it). A task queued alone in
 a fresh process costs at most four: enqueue, claim, start (the pid) and finish; a bulk of n tasks
 shares one enqueue, and a slot whose task ended claims its next task in the same write as that end
-(finish_and_claim). In a reused process the claim records the pid too (claim_started): three.
-Progress uploaded by a short task rides with its finish.
+(finish_and_claim). In a reused process the claim records the pid too (claim_started), and a task
+that ends claims the next one for the same process in the same write (finish_and_claim_started):
+three writes for a task queued alone, two in a burst. Progress uploaded by a short task rides with
+its finish.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from test_store_contract import make_row
 from flask_multiprocess_controller import MemoryStore, MetaMPTask, SQLiteStore, TaskStore
 
 #: The write methods of the store contract (each one transaction).
-WRITES = ("enqueue", "claim", "claim_started", "start", "progress", "_finish", "finish_and_claim", "requeue",
-          "request_stop", "_retry", "purge", "stop_all", "reprioritise", "_transition", "fire")
+WRITES = ("enqueue", "claim", "claim_started", "start", "progress", "_finish", "finish_and_claim",
+          "finish_and_claim_started", "requeue", "request_stop", "_retry", "purge", "stop_all", "reprioritise",
+          "_transition", "fire")
 
 
 class Quick(MetaMPTask):
@@ -38,7 +41,7 @@ def counting(store_cls: type) -> Any:
             answer = original(self, *args, **kwargs)
             if not name.startswith("claim") or answer is not None:
                 counts[name] += 1
-            if name == "finish_and_claim" and answer[1] is not None:
+            if name.startswith("finish_and_claim") and answer[1] is not None:
                 counts["claimed with an end"] += 1
             return answer
 
@@ -93,16 +96,24 @@ def test_a_task_costs_at_most_four_writes_and_a_bulk_shares_its_enqueue(backend,
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
-def test_a_task_in_a_reused_process_costs_three(backend, make_controller, tmp_path):
+def test_a_task_in_a_reused_process_costs_three_alone_and_two_in_a_burst(backend, make_controller, tmp_path):
     store = counting_store(backend, tmp_path)
     controller = make_controller(Quick, max_num_process=1, max_tasks_per_child=0, store=store)
     first = controller.wait(controller.submit(i=0), 20)  # the slot's process starts with this one
     store.counts.clear()
-    uuids = [controller.submit(i=i) for i in range(5)]
-    tasks = [controller.wait(uuid, 20) for uuid in uuids]
+    tasks = [controller.wait(controller.submit(i=i), 20) for i in range(5)]
     assert {t["status"] for t in tasks} == {"succeeded"} and {t["pid"] for t in tasks} == {first["pid"]}
     counts = {k: v for k, v in store.counts.items() if k != "progress"}
-    assert counts == {"enqueue": 5, "claim_started": 5, "_finish": 5}, counts
+    # One at a time: each end finds nothing queued, so the next task is claimed when it comes.
+    assert counts == {"enqueue": 5, "claim_started": 5, "finish_and_claim_started": 5}, counts
+    store.counts.clear()
+    batch = controller.submit_many([{"i": i} for i in range(5)])
+    tasks = controller.wait_batch(batch.id, 20)["tasks"]
+    assert [t["result"] for t in tasks] == [0, 1, 2, 3, 4] and {t["pid"] for t in tasks} == {first["pid"]}
+    counts = {k: v for k, v in store.counts.items() if k != "progress"}
+    # Queued together: the first is claimed on its own, each next one with the end of the last.
+    assert counts == {"enqueue": 1, "claim_started": 1, "finish_and_claim_started": 5, "claimed with an end": 4}, \
+        counts
 
 
 @pytest.mark.timeout(60)

@@ -138,6 +138,18 @@ class MemoryStore(TaskStore):
             row = None if event is None else self._claim(controller, owner, max_running)
             return event, None if row is None else copy.deepcopy(row)
 
+    def finish_and_claim_started(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
+                                 pid: int, pid_created: float,
+                                 **fields: Any) -> tuple[Optional[Event], Optional[tuple[Row, Event]]]:
+        fields = _finish_fields(status, fields)
+        with self._lock:
+            event = self._finish_locked(uuid, status, owner, owner, fields)
+            row = None if event is None else self._claim(controller, owner, max_running)
+            if row is None:
+                return event, None
+            row.update({"pid": pid, "pid_created": pid_created})
+            return event, (copy.deepcopy(row), self._emit(EventKind.STARTED, row, owner, time.time()))
+
     def _claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
         """:meth:`claim` under the lock: the stored row itself (callers copy it)."""
         running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)

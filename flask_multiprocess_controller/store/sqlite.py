@@ -497,12 +497,27 @@ class SQLiteStore(TaskStore):
 
     def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
                          **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
+        event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, None, fields)
+        return event, None if claimed is None else claimed[0]
+
+    def finish_and_claim_started(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
+                                 pid: int, pid_created: float,
+                                 **fields: Any) -> tuple[Optional[Event], Optional[tuple[Row, Event]]]:
+        event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, (pid, pid_created),
+                                             fields)
+        if claimed is None or claimed[1] is None:
+            return event, None
+        return event, (claimed[0], claimed[1])
+
+    def _end_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
+                       process: Optional[tuple[int, float]], fields: dict[str, Any],
+                       ) -> tuple[Optional[Event], Optional[tuple[Row, Optional[Event]]]]:
+        """Finish a task and claim the next in one transaction (see :meth:`_claim_in` for ``process``)."""
         assignments = {"ended_at": _NOW, **_finish_fields(status, fields), "status": status}
 
-        def end_and_claim(db: sqlite3.Connection) -> tuple[Optional[Event], Optional[Row]]:
+        def end_and_claim(db: sqlite3.Connection) -> tuple[Optional[Event], Optional[tuple[Row, Optional[Event]]]]:
             event = self._update_active_in(db, EventKind.ENDED, uuid, owner, owner, assignments)
-            claimed = None if event is None else self._claim_in(db, controller, owner, max_running, None)
-            return event, None if claimed is None else claimed[0]
+            return event, None if event is None else self._claim_in(db, controller, owner, max_running, process)
 
         return self._group.run(end_and_claim)
 
