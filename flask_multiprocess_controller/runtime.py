@@ -173,6 +173,10 @@ class Runtime:
         self._runs: dict[str, TaskRun] = {}
         #: Claims made (or being made) whose task is not registered in _runs yet; guarded by _runs_lock.
         self._open_claims = 0
+        #: Cursors of ``ended`` events whose place under max_num_process the slot that wrote them took
+        #: on at once (it claimed its next task in the same write, or found none queued): no idle slot
+        #: need be woken for them.
+        self._places_kept: set[str] = set()
         #: Tasks of this process that no slot ran at the last reconciliation (uuid -> attempt).
         self._unattended: dict[str, Any] = {}
         self._waiters = Waiters()
@@ -240,10 +244,12 @@ class Runtime:
             # for a moment, so no queued task is started only to be cut short.
             self._hold_claims_until = time.monotonic() + defaults.SIBLING_SHUTDOWN_HOLD
             self._sibling_shutdowns.append(event["at"])
-        if kind in (EventKind.QUEUED, EventKind.REQUEUED, EventKind.ENDED):
+        if kind in (EventKind.QUEUED, EventKind.REQUEUED) or (
+                kind == EventKind.ENDED and event["cursor"] not in self._places_kept):
             # One task was queued, or one place under max_num_process came free: one idle slot
             # claims it (waking every idle slot would only make the others claim nothing).
             self.notify_work(1)
+        self._places_kept.discard(event["cursor"])
         if kind == EventKind.ENDED:
             self._waiters.wake(uuid, event["task"])
         run = self.local_run(uuid)
@@ -550,7 +556,8 @@ class Runtime:
             fields = dict(outcome.fields)
             if fields.get("error") is not None:
                 fields["errors"] = [*run.errors, fields["error"]]
-            if claim_next and self.may_claim():
+            claim_next = claim_next and self.may_claim()
+            if claim_next:
                 self._open_claim()
                 try:
                     event, claimed = retrier.call("recording a task's end",
@@ -570,6 +577,8 @@ class Runtime:
             self.logger.warning("Task %s had already been settled elsewhere; its outcome %s is dropped.",
                                 run.uuid, outcome.status.value)
             return None
+        if claim_next:  # the claim in the same write took the place (or found nothing queued)
+            self._places_kept.add(event["cursor"])
         self.events.publish(event)
         return claimed
 
