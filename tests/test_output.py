@@ -1,6 +1,6 @@
 """What a task writes to its descriptors 1 and 2 lands in its log, in both process kinds: a fresh
-process per task (pipes from birth, read by the serving process) and a reused one (redirected
-around each task, pumped from the task process)."""
+process per task (pipes from birth, read by the serving process) and a reused one (pipes from its
+first task on, pumped from the task process and cut at each task's end)."""
 from __future__ import annotations
 
 import os
@@ -64,3 +64,28 @@ def test_a_controller_made_after_tasks_ran_starts_its_own(make_controller, sqlit
         os.fstat(fd)
     second = make_controller(OtherWriter, store=sqlite_url)
     assert second.wait(second.submit(tag="c"), timeout=30)["status"] == "succeeded"
+
+
+class Redirector(MetaMPTask):
+    """Points its descriptors 1 and 2 elsewhere when asked (and leaves them so), then prints."""
+
+    def execute(self, tag: str = "", away: bool = False) -> int:
+        if away:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        print(f"printed {tag}", flush=True)
+        return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_a_reused_process_captures_each_task_even_after_one_pointed_its_descriptors_elsewhere(
+        make_controller, sqlite_url):
+    controller = make_controller(Redirector, store=sqlite_url, max_num_process=1, max_tasks_per_child=0)
+    tasks = [controller.wait(controller.submit(tag=tag, away=tag == "away"), timeout=30)
+             for tag in ("before", "away", "after")]
+    assert [t["status"] for t in tasks] == ["succeeded"] * 3, tasks
+    assert len({t["result"] for t in tasks}) == 1, "the three ran in one process"
+    logs = {tag: _log(controller, t["uuid"]) for tag, t in zip(("before", "away", "after"), tasks)}
+    assert logs == {"before": ["printed before"], "away": [], "after": ["printed after"]}, logs
