@@ -124,11 +124,7 @@ class MemoryStore(TaskStore):
     def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
                       pid_created: float) -> Optional[tuple[Row, Event]]:
         with self._lock:
-            row = self._claim(controller, owner, max_running)
-            if row is None:
-                return None
-            row.update({"pid": pid, "pid_created": pid_created})
-            return copy.deepcopy(row), self._emit(EventKind.STARTED, row, owner, time.time())
+            return self._claim_started(controller, owner, max_running, pid, pid_created)
 
     def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
                          **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
@@ -144,11 +140,17 @@ class MemoryStore(TaskStore):
         fields = _finish_fields(status, fields)
         with self._lock:
             event = self._finish_locked(uuid, status, owner, owner, fields)
-            row = None if event is None else self._claim(controller, owner, max_running)
-            if row is None:
-                return event, None
-            row.update({"pid": pid, "pid_created": pid_created})
-            return event, (copy.deepcopy(row), self._emit(EventKind.STARTED, row, owner, time.time()))
+            return event, None if event is None else self._claim_started(controller, owner, max_running, pid,
+                                                                         pid_created)
+
+    def _claim_started(self, controller: str, owner: str, max_running: int, pid: int,
+                       pid_created: float) -> Optional[tuple[Row, Event]]:
+        """:meth:`claim_started` under the lock."""
+        row = self._claim(controller, owner, max_running)
+        if row is None:
+            return None
+        row.update({"pid": pid, "pid_created": pid_created})
+        return copy.deepcopy(row), self._emit(EventKind.STARTED, row, owner, time.time())
 
     def _claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
         """:meth:`claim` under the lock: the stored row itself (callers copy it)."""
