@@ -211,20 +211,19 @@ def _result(task_id: str, result: Any, limit: int) -> Done:
 
 
 def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, reused: bool,
-             output_captured: bool) -> Done:
+             capture: Optional[OutputCapture]) -> Done:
     """Run one task and return its report.
 
     :param reused: the process serves more tasks after this one. A process that serves one
         only ends after it: it takes no idle name and lists no children (its whole process
         group goes with it, and the serving process looks at its tree itself).
-    :param output_captured: the process's descriptors 1 and 2 are pipes from birth, read by the
-        serving process (see :mod:`.capture`); otherwise the task's output is captured here.
+    :param capture: this process's capture of its output; None when its descriptors 1 and 2
+        are pipes from birth, read by the serving process (see :mod:`.capture`).
     """
     task_id = command.uuid
     channel.begin(command, task_cls.logger)
     cpu_before, _ = _usage()
     set_process_name(task_process_name(task_id))  # the proof that this process is the task's
-    capture = None if output_captured else _output_capture(channel)
     if capture is not None:
         capture.begin(task_id)
     task = task_cls(task_id, channel, command.context)
@@ -257,16 +256,6 @@ def _send_quietly(channel: _Channel, message: Output) -> None:
         pass
 
 
-def _output_capture(channel: _Channel) -> OutputCapture:
-    """This process's capture of descriptors 1 and 2, made at its first task (see :mod:`.capture`)."""
-    global _capture
-    if _capture is None:
-        _capture = OutputCapture(lambda task_id, lines: _send_quietly(channel, Output(task_id, lines)))
-    return _capture
-
-
-#: The output capture of a task process that runs many tasks (None until its first task).
-_capture: Optional[OutputCapture] = None
 #: The channel of this task process (None in the fork server): where its log records go.
 _channel: Optional[_Channel] = None
 #: Whether the fork server set up this process's logging already (see :func:`prepare_fork_server`).
@@ -308,6 +297,8 @@ def run_child(conn: Connection, output_captured: bool, task_cls: Type[MetaMPTask
     channel = _channel = _Channel(conn)
     if not _logging_ready:
         configurator.worker_log_setup(ChannelQueue(_send_log_record))
+    capture = None if output_captured else OutputCapture(
+        lambda task_id, lines: _send_quietly(channel, Output(task_id, lines)))
     done = 0
     while max_tasks <= 0 or done < max_tasks:
         try:
@@ -319,7 +310,7 @@ def run_child(conn: Connection, output_captured: bool, task_cls: Type[MetaMPTask
         if not isinstance(message, RunTask):
             continue
         apply_logger_levels(message.levels)
-        report = _run_one(task_cls, channel, message, reused=max_tasks != 1, output_captured=output_captured)
+        report = _run_one(task_cls, channel, message, reused=max_tasks != 1, capture=capture)
         try:
             channel.send(report)
         except OSError:
