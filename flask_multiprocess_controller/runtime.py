@@ -518,12 +518,13 @@ class Runtime:
         with self._runs_lock:
             self._runs.pop(run.uuid, None)
 
-    def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier, claim_next: bool = False,
+    def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier,
                child: Optional[ChildProcess] = None) -> Optional[Claim]:
         """Store a task's outcome (or requeue it); an outage is waited out, so nothing is lost.
 
-        :param claim_next: the slot is free once this is recorded: claim its next task in the same
-            write as a plain end. Returns the task claimed so, if any.
+        The slot is free once this is recorded: a plain end claims the slot's next task in the same
+        write (unless no claim may be made now). Returns the task claimed so, if any.
+
         :param child: the slot's task process, when it stays for the next task (a reused one): the
             claim records it, as :meth:`next_task` would.
         """
@@ -556,7 +557,7 @@ class Runtime:
             fields = dict(outcome.fields)
             if fields.get("error") is not None:
                 fields["errors"] = [*run.errors, fields["error"]]
-            claim_next = claim_next and self.may_claim()
+            claim_next = self.may_claim()
             if claim_next:
                 self._open_claim()
                 try:
@@ -757,7 +758,7 @@ class _Slot(threading.Thread):
                 self._retire_child()
             # The slot is free once the end is written: its next claim rides along (recording the
             # process, when the slot keeps one).
-            self._next = rt.record(run, outcome, self._retrier, claim_next=True, child=self._child)
+            self._next = rt.record(run, outcome, self._retrier, child=self._child)
         except Exception as exc:  # the slot must survive anything: record the failure and go on
             rt.logger.exception("Controlling thread failed while running task %s.", row["uuid"])
             self._retire_child()
