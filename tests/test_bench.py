@@ -156,3 +156,24 @@ def test_the_scale_out_benchmark_measures_each_host_count_projects_and_leaves_no
     assert hosts[:2] == [1, 2] and 256 in hosts
     report = (tmp_path / "scale_out.md").read_text()
     assert "# Scale-out on one Redis" in report and "## Projected ceiling of one Redis core" in report
+
+
+@pytest.mark.timeout(10)
+def test_a_target_without_a_figure_says_which_peer_failed_or_was_not_run():
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench import report
+    finally:
+        sys.path.remove(str(REPO))
+    ours = {"label": "ours", "figures": {"burst_tasks_per_s": [900.0]}, "errors": {}}
+    stalled = {"label": "upstream", "figures": {"sequential_p50_ms": [6.8]},
+               "errors": {"burst": "run: TimeoutError: not finished within 15 s"}}
+    rows = {text: (figure, verdict) for text, figure, verdict, _ in
+            report.evaluate({"mpc-dev-fresh": ours, "upstream": stalled})}
+    figure, verdict = rows[next(t for t in rows if "5 × upstream" in t)]
+    assert verdict == "not measured"
+    assert figure == "every burst run of upstream failed; first error: run: TimeoutError: not finished within 15 s"
+
+    absent = {"label": "upstream", "figures": {}, "errors": {}, "unavailable": "Flask 1.1 would not install"}
+    rows = {text: figure for text, figure, _, _ in report.evaluate({"mpc-dev-fresh": ours, "upstream": absent})}
+    assert rows[next(t for t in rows if "5 × upstream" in t)] == "upstream was not run: Flask 1.1 would not install"
