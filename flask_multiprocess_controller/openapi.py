@@ -443,7 +443,7 @@ def extension_paths(prefix: str) -> dict[str, Any]:
                                 "description": "Must be `true`: a DELETE of the list stops every task."}],
                 "responses": {"202": _task_response("Queued tasks stopped, and running ones asked to stop.",
                                                     _ref(_SCHEMAS, "StopAll")),
-                    **_errors("BadRequest", "Unavailable")}}
+                              **_errors("BadRequest", "Unavailable")}}
     counts = {"type": "array", "items": {"type": "integer", "minimum": 0}}
     stats = {"summary": "Tasks ended per minute and outcome (the dashboard's chart)",
              "parameters": [controller, {"name": "minutes", "in": "query", "description": "Minutes back from now.",
@@ -456,7 +456,8 @@ def extension_paths(prefix: str) -> dict[str, Any]:
                      "counts": {"type": "object", "additionalProperties": counts}}}),
                  **_errors("BadRequest", "Unavailable")}}
     operations: dict[str, dict[str, Any]] = {f"{prefix}/api/tasks": {"get": listing, "delete": stop_all},
-                  f"{prefix}/api/tasks/{{uuid}}": item, f"{prefix}/api/stats": {"get": stats}}
+                                             f"{prefix}/api/tasks/{{uuid}}": item,
+                                             f"{prefix}/api/stats": {"get": stats}}
     for path, entry in operations.items():
         for method, operation in entry.items():
             if method != "parameters":

@@ -47,6 +47,7 @@ class TaskObject(TypedDict, total=False):
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
+
 #: Keys of the task object, in the order they are shown.
 TASK_KEYS = (
     "uuid", "status", "msg", "progress", "percent", "result", "error", "args", "priority", "position",

@@ -29,8 +29,8 @@ from typing import Any, Callable, Optional
 from .exceptions import MemoryLimitExceeded, ProcessDied, TaskFailure, TaskTimeout
 
 #: The failures outside ``execute``, by the ``type`` of their error record.
-FAILURES: dict[str, type[TaskFailure]] = {kind.__name__: kind for kind in (ProcessDied, TaskTimeout,
-                                                                              MemoryLimitExceeded)}
+FAILURES: dict[str, type[TaskFailure]] = {
+    kind.__name__: kind for kind in (ProcessDied, TaskTimeout, MemoryLimitExceeded)}
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ def _croniter() -> Any:
         return None
     return croniter
 
+
 #: What ``catchup=`` may say.
 CATCHUP = ("skip", "one")
 #: Firings handled per schedule per round at most (a long outage is caught up over several rounds).
@@ -299,7 +300,7 @@ class Scheduler:
         with self._lock:
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, name=f"mpc-{self.controller}-scheduler",
-                                                 daemon=True)
+                                                daemon=True)
                 self._thread.start()
         self._wake.set()
 
@@ -393,4 +394,3 @@ class Scheduler:
                                      "(max_num_queue=%d).", spec.name, self.controller, iso(firing), self.max_queued)
             fired_until = max(fired_until, firing)
         return fired_until
-

@@ -200,7 +200,7 @@ def test_both_names_of_the_log_configurator_are_accepted(own):
 @pytest.mark.timeout(30)
 def test_keyword_construction_of_the_tutorial_and_of_0_2_still_works(own):
     controller = TemplateFactory.MPController(name="Main")(target_task=Steps, max_num_process=2,
-                                                             callback_url="http://127.0.0.1:9/cb", store="memory://")
+                                                           callback_url="http://127.0.0.1:9/cb", store="memory://")
     own.append(controller)
     assert (controller.name, controller.max_num_process, controller.callback_url) == \
         ("Main", 2, "http://127.0.0.1:9/cb")
@@ -449,7 +449,7 @@ def test_a_plain_dict_from_an_override_answers_200(own):
 
 def _compat_pair(own):
     legacy = TemplateFactory.MPController(name="Legacy")(target_task=Steps, max_num_process=2, compat="0.1",
-                                                          store="memory://", stop_grace=0.5)
+                                                         store="memory://", stop_grace=0.5)
     strict = TemplateFactory.MPController(name="Strict")(target_task=Steps, store="memory://")
     own.extend([legacy, strict])
     return legacy, strict, mount((legacy, "/legacy"), (strict, "/strict"))

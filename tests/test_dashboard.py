@@ -21,7 +21,6 @@ from flask import Flask, abort, request
 from flask_restful import Api
 
 from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, MultiprocessController
-from flask_multiprocess_controller.dashboard import CONTENT_SECURITY_POLICY
 
 from conftest import free_port, wait_until
 from serverproc import poll_until

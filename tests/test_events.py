@@ -415,7 +415,6 @@ def test_under_gunicorn_no_more_tasks_overlap_than_slots(tmp_path, pool, sqlite_
         assert len(overlapping) <= 2, overlapping
 
 
-
 @pytest.mark.timeout(60)
 def test_a_wake_after_shutdown_writes_to_no_reused_descriptor(make_controller):
     """A controlling thread's wake pipe is closed when it ends; a late wake (a stop arriving during the

@@ -751,4 +751,3 @@ def test_fork_server_is_named_for_ps(make_controller):
     controller = make_controller(UsesHelpers)
     assert controller.wait(controller.submit(n=1), timeout=20)["status"] == "succeeded"
     assert psutil.Process(controller.forkserver_pid).name() == FORK_SERVER_NAME == "mpc-forkserver"
-

@@ -259,7 +259,7 @@ def test_retry_on_value_error_fails_a_key_error_at_once(make_client, sqlite_url,
 @pytest.mark.parametrize("task_cls, status, attempts", [(Crashes, "failed", 1), (CrashesRetried, "succeeded", 2)],
                          ids=["by-default", "when-named"])
 def test_a_crash_is_retried_only_when_retry_on_names_process_died(make_controller, tmp_path, task_cls, status,
-                                                                   attempts):
+                                                                  attempts):
     controller = make_controller(task_cls)
     log = tmp_path / "crash.jsonl"
     task = controller.wait(controller.submit(log=str(log)), timeout=20)

@@ -87,7 +87,7 @@ def holder_pid(store_url: str) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_every_second_under_three_workers_queues_each_firing_once_even_across_a_failover(tmp_path, pool: ServerPool,
-                                                                                          store_url):
+                                                                                         store_url):
     (tmp_path / "tick_app.py").write_text(TICK_APP)
     port = free_port()
     server = pool.start(gunicorn("-w", "3", "-b", f"127.0.0.1:{port}", "--chdir", str(tmp_path), "tick_app:app"),

@@ -381,8 +381,8 @@ def test_finish_is_compare_and_set(store):
     claim(store)
     claim(store)
     stop(store, stopping)
-    assert store.finish(running, "failed", ended_at=100.0, exit_code=1, error={"type": "X", "message": "m",
-                                                                              "traceback": None}) is not None
+    error = {"type": "X", "message": "m", "traceback": None}
+    assert store.finish(running, "failed", ended_at=100.0, exit_code=1, error=error) is not None
     row = fetch(store, running)
     assert (row["status"], row["ended_at"], row["exit_code"]) == ("failed", 100.0, 1)
     assert store.finish(running, "succeeded", ended_at=200.0, result="late") is None
