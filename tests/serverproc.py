@@ -453,14 +453,41 @@ class TaskProcessSampler(threading.Thread):
         self.stop()
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (or gone).
+
+    ``kill(SIGSTOP)`` returns before the stop has taken effect: the kernel hands the signal to
+    one thread, which stops the others once it runs. Until then the other threads run on, and a
+    serving process "frozen" so may still read a task's ``queued`` event and claim it.
+    """
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as stat:
+                state = stat.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+        if state not in (b"T", b"t", b"Z", b"X"):
+            return False
+    return True
+
+
 @contextmanager
 def suspended(procs: Iterable[psutil.Process]) -> Iterator[None]:
-    """SIGSTOP ``procs`` for the duration of the block (so that other processes must answer), then SIGCONT."""
+    """SIGSTOP ``procs`` for the duration of the block (so that other processes must answer), then SIGCONT.
+
+    The block starts once every thread of every process has stopped, not merely been signalled.
+    """
     stopped: list[psutil.Process] = []
     try:
         for proc in procs:
             proc.suspend()
             stopped.append(proc)
+        poll_until(lambda: [p.pid for p in stopped if not all_threads_stopped(p.pid)], lambda left: not left,
+                   10, interval=0.001)
         yield
     finally:
         for proc in stopped:
