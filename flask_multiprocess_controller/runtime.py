@@ -340,8 +340,7 @@ class Runtime:
                 self.close_claim()
                 return None
             if claim is not None and self._going_away():  # claimed as the process began to go away: give back
-                self.events.publish(claim.started)
-                self.give_back(claim.row, retrier)
+                self.give_back(claim, retrier)
                 self.close_claim()
                 return None
             if claim is not None:
@@ -385,8 +384,7 @@ class Runtime:
         """A task claimed together with the end of the slot's last one: run it, or give it back when
         the process began to go away meanwhile."""
         if self.closing or self._going_away():
-            self.events.publish(claim.started)
-            self.give_back(claim.row, retrier)
+            self.give_back(claim, retrier)
             self.close_claim()
             return None
         return claim
@@ -394,11 +392,16 @@ class Runtime:
     def _going_away(self) -> bool:
         return self.draining
 
-    def give_back(self, row: Row, retrier: Retrier) -> None:
-        """Return a task this process claimed but will not run to the queue."""
+    def give_back(self, claim: Claim, retrier: Retrier) -> None:
+        """Return a task this process claimed but will not run to the queue.
+
+        A claim that recorded its process wrote a ``started`` event: it is published first, so
+        that every subscriber sees the task start, then go back to the queue.
+        """
+        self.events.publish(claim.started)
         try:
             event = retrier.call("returning a task to the queue", lambda: self.store.requeue(
-                row["uuid"], owner=self.owner, emitter=self.owner, uncount=True))
+                claim.row["uuid"], owner=self.owner, emitter=self.owner, uncount=True))
         except GaveUp:
             return  # the next start settles it (requeued if restartable, else lost)
         self.events.publish(event)
@@ -749,8 +752,7 @@ class _Slot(threading.Thread):
                 run.request_stop(StopReason.REQUESTED)
             child = self._warm_child()
             if rt.closing or rt.draining:  # the process began to go away since the claim: do not start it
-                rt.events.publish(claim.started)
-                rt.give_back(row, self._retrier)
+                rt.give_back(claim, self._retrier)
                 return
             outcome = self._supervisor.run(run, child, row["args"], dict(c.context), claim.started)
             self._tasks_in_child += 1
