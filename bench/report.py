@@ -224,11 +224,11 @@ def _why(target: Target, outcomes: dict[str, dict], cores: int) -> str:
     return "; ".join(parts)
 
 
-def _unmeasured(target: Target, outcomes: dict[str, dict], ours_missing: bool) -> str:
+def _unmeasured(target: Target, outcomes: dict[str, dict]) -> str:
     """Why a target has no figure: the peer that was not run, or whose runs of the workload all failed."""
     for key, metric in ((target.ours, target.metric), (target.peer, target.peer_metric)):
         outcome = outcomes.get(key or "", {})
-        if key is None or (key == target.ours and not ours_missing) or median(outcome, metric) is not None:
+        if key is None or metric is None or median(outcome, metric) is not None:
             continue
         if outcome.get("unavailable"):
             return f"{outcome['label']} was not run: {outcome['unavailable']}"
@@ -246,7 +246,7 @@ def evaluate(outcomes: dict[str, dict], cores: int = 0) -> list[tuple[str, str, 
         ours = median(outcomes.get(target.ours, {}), target.metric)
         theirs = median(outcomes.get(target.peer, {}), target.peer_metric) if target.peer else None
         if ours is None or (target.peer and theirs is None):
-            rows.append((target.text, _unmeasured(target, outcomes, ours is None), "not measured", target.bound))
+            rows.append((target.text, _unmeasured(target, outcomes), "not measured", target.bound))
             continue
         detail = target.describe(ours, theirs)
         if target.peer:
