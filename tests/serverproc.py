@@ -19,7 +19,7 @@ import time
 import types
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import psutil
 import requests
@@ -254,8 +254,11 @@ def gunicorn(*args: str) -> list[str]:
     return [sys.executable, "-m", "gunicorn", *args]
 
 
-def poll_until(fetch: Callable[[], dict], done: Callable[[dict], bool], timeout: float,
-               interval: float = 0.05) -> dict:
+Polled = TypeVar("Polled")
+
+
+def poll_until(fetch: Callable[[], Polled], done: Callable[[Polled], bool], timeout: float,
+               interval: float = 0.05) -> Polled:
     """Call ``fetch`` until ``done(value)``; fail with the last value after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
