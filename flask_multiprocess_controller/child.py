@@ -14,13 +14,13 @@ import pickle
 import resource
 import threading
 import time
-from multiprocessing.connection import Connection
 from typing import Any, Optional, Type
 
 from . import task as task_module
 from .exceptions import AbortException
-from .proctree import set_process_name, task_process_name
+from .proctree import IDLE_NAME, set_process_name, task_process_name
 from .capture import OutputCapture, flush_python_streams
+from .channel import PacketChannel
 from .logs import ChannelQueue, MetaMPLoggerConfigurator, apply_logger_levels
 from .protocol import (
     Command, Done, Exit, Limits, LogRecordMessage, Output, Percent, Progress, RunTask, StopTask, Usage,
@@ -40,8 +40,6 @@ _LOGGER = logging.getLogger(__name__)
 #: ``json.dumps(value, allow_nan=False)`` without a new encoder per call (NaN and Infinity are no JSON).
 _STRICT_JSON = json.JSONEncoder(allow_nan=False)
 
-#: The name of a task process between tasks.
-_IDLE_NAME = "mpc-idle"
 
 #: Progress values that are JSON-serialisable by their type alone (checked without encoding).
 _JSON_SCALARS = frozenset({int, float, str, bool, type(None)})
@@ -56,7 +54,7 @@ class _Channel:
     loop at the cost of an attribute store. The last value is always sent before the task's end.
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: PacketChannel) -> None:
         self._conn = conn
         self.task_id: Optional[str] = None
         self._stop = False
@@ -158,7 +156,7 @@ class _Channel:
 
     def _take(self, message: Command) -> None:
         if isinstance(message, StopTask):
-            if message.uuid == self.task_id:
+            if message.uuid == self.task_id or message.uuid is None:
                 self._stop = True
         elif isinstance(message, Exit):
             self.exit_requested = True
@@ -242,7 +240,7 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
         else:
             flush_python_streams()
         if reused:
-            set_process_name(_IDLE_NAME)
+            set_process_name(IDLE_NAME)
     channel.flush_progress()
     cpu_after, maxrss = _usage()
     usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids() if reused else None)
@@ -287,7 +285,7 @@ def prepare_fork_server(configurator: Type[MetaMPLoggerConfigurator]) -> None:
     pickle.loads(pickle.dumps(RunTask("", {}, {}, {}, Limits(0, 0))))
 
 
-def run_child(conn: Connection, output_captured: bool, task_cls: Type[MetaMPTask],
+def run_child(conn: PacketChannel, output_captured: bool, task_cls: Type[MetaMPTask],
               configurator: Type[MetaMPLoggerConfigurator], max_tasks: int) -> None:
     """Serve tasks over ``conn`` until ``max_tasks`` ran (0 = no limit) or the parent says exit.
 

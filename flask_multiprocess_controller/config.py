@@ -34,6 +34,8 @@ class RuntimeConfig:
     context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     #: Queued tasks allowed (-1: no bound): what a schedule's firing may meet.
     max_num_queue: int = -1
+    #: Seconds running tasks wait to be adopted when this process ends (0: they are stopped; see .handover).
+    handover_window: float = 0.0
 
     @property
     def restartable(self) -> bool:

@@ -46,6 +46,7 @@ from . import registry
 from .clientside import ClientSide
 from .exceptions import StoreError
 from .forkserver import ForkServer
+from .handover import HANDOVER_ON_SIGINT_ENV, configured_window
 from .retries import RetryPolicy
 from .runtime import Runtime, task_fork_server
 from .schedules import ScheduleInfo, ScheduleSpec, describe
@@ -117,12 +118,12 @@ def _check_callback_url(url: Any) -> None:
 #: How each ``MPC_*`` setting of an app's config becomes a controller setting.
 _SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
     "stop_grace": float, "retention": float, "max_content_length": int, "max_wait": float,
-    "expose_tracebacks": bool,
+    "expose_tracebacks": bool, "handover_window": float,
 }
 
 
 #: Settings a started runtime has taken for good; the others are read at each request.
-_FROZEN_SETTINGS = frozenset({"stop_grace", "retention"})
+_FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window"})
 
 
 def _setting(key: str, value: Any) -> Any:
@@ -245,7 +246,8 @@ class MetaMPController:
                  compat: Optional[str] = None, max_wait: float = defaults.MAX_WAIT,
                  expose_tracebacks: bool = False, max_result_size: int = defaults.MAX_RESULT_SIZE,
                  max_progress_size: int = defaults.MAX_PROGRESS_SIZE, max_bulk: int = defaults.MAX_BULK,
-                 role: Optional[str] = None, tenant: Optional[Callable[[], Any]] = None) -> None:
+                 role: Optional[str] = None, tenant: Optional[Callable[[], Any]] = None,
+                 handover_window: Optional[float] = None) -> None:
         if target_task is not None and not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
             raise TypeError(f"target_task must be a MetaMPTask subclass or None, not {target_task!r}.")
         _check_callback_url(callback_url)
@@ -279,6 +281,10 @@ class MetaMPController:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, not {value!r}.")
         self.max_wait = float(max_wait)
+        #: Seconds running tasks wait to be adopted when this process ends (None: ``MPC_HANDOVER_WINDOW``,
+        #: else 60 s; 0: they are stopped with the process). See :mod:`.handover`.
+        self.handover_window: Optional[float] = (
+            None if handover_window is None else configured_window(handover_window))
         self.expose_tracebacks = bool(expose_tracebacks)
         self.max_bulk = int(max_bulk)
         self.lease = lease
@@ -303,6 +309,7 @@ class MetaMPController:
             ("stop_grace", stop_grace, defaults.STOP_GRACE), ("retention", retention, defaults.RETENTION),
             ("max_content_length", max_content_length, defaults.MAX_CONTENT_LENGTH),
             ("max_wait", max_wait, defaults.MAX_WAIT), ("expose_tracebacks", expose_tracebacks, False),
+            ("handover_window", handover_window, None),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
         self._bound = False
@@ -436,7 +443,8 @@ class MetaMPController:
             stop_grace=self.stop_grace, max_memory=self.max_memory, max_tasks_per_child=self.max_tasks_per_child,
             retention=self.retention, lease=self.lease, logger=self.logger, configurator=self._configurator,
             context=types.MappingProxyType(self.context), limits=self._limits,
-            expose_tracebacks=self.expose_tracebacks, max_num_queue=self.max_num_queue)
+            expose_tracebacks=self.expose_tracebacks, max_num_queue=self.max_num_queue,
+            handover_window=configured_window(self.handover_window))
 
     @property
     def runtime(self) -> Runtime:
@@ -454,10 +462,15 @@ class MetaMPController:
         """Pid of the fork server whose children are this controller's task processes."""
         return self._fork_server.pid if self._fork_server is not None else None
 
-    def shutdown(self, timeout: Optional[float] = None) -> None:
+    def shutdown(self, timeout: Optional[float] = None, hand_over: bool = False) -> None:
         """Stop taking tasks, stop running ones (``stop_grace``, then kill) and release every resource.
 
         Queued tasks stay queued in the store for the next start.
+
+        :param hand_over: leave the running tasks running, for another serving process of the app on
+            this host to adopt within ``handover_window`` seconds (what the end of a serving process
+            does; see :mod:`.handover`); without a window, or with a store of one process, they are
+            stopped all the same.
         """
         with self._lock:
             if self._closed:
@@ -466,13 +479,14 @@ class MetaMPController:
             side, self._side = self._side, None
             fork_server, self._fork_server = self._fork_server, None
             store = self._store
+        handed_over = False
         if isinstance(side, Runtime):
             if side.pid == os.getpid():
-                side.shutdown(timeout)
+                handed_over = side.shutdown(timeout, hand_over)
         elif side is not None:
             side.shutdown()
         if fork_server is not None and self._fork_server_pid_owner == os.getpid():
-            fork_server.close()
+            fork_server.close(hand_over=handed_over)
         if store is not None:
             store.close()
         _LIVE.discard(self)
@@ -1032,6 +1046,26 @@ class MetaMPController:
             return f"{request.path}?uuid={uuid}"
 
 
+#: Set when the process got Ctrl-C (SIGINT) or a quick-exit signal: its exit stops the running tasks
+#: rather than handing them over (a developer who presses Ctrl-C expects the tasks to end with the server).
+_stop_tasks_at_exit = False
+
+
+def _stop_tasks_when_interrupted(previous: Any) -> Callable[[int, Any], None]:
+    """A handler for SIGINT or SIGQUIT that marks the exit as one that stops tasks, then does what ``previous`` did."""
+    def handler(signum: int, frame: Any) -> None:
+        global _stop_tasks_at_exit
+        if os.environ.get(HANDOVER_ON_SIGINT_ENV, "").lower() not in ("1", "true", "yes"):
+            _stop_tasks_at_exit = True
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    handler._mpc = True  # type: ignore[attr-defined]
+    return handler
+
+
 def _stop_claiming_everywhere() -> None:
     """Tell every runtime of the process to claim no more tasks (flags only: safe in a signal handler)."""
     for controller in list(_LIVE):
@@ -1060,6 +1094,11 @@ def _exit_cleanly_on_sigterm() -> None:
     """
     if threading.current_thread() is not threading.main_thread():
         return
+    for signum in (signal.SIGINT, signal.SIGQUIT):
+        before = signal.getsignal(signum)
+        if (callable(before) or signum == signal.SIGINT and before == signal.SIG_DFL) and not getattr(
+                before, "_mpc", False):
+            signal.signal(signum, _stop_tasks_when_interrupted(before))
     previous = signal.getsignal(signal.SIGTERM)
     if previous == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_system_exit)
@@ -1092,8 +1131,9 @@ _LIVE: "weakref.WeakSet[MetaMPController]" = weakref.WeakSet()
 
 @atexit.register
 def _shutdown_all() -> None:
+    """At the exit of the process: hand the running tasks over (see :mod:`.handover`), unless Ctrl-C ended it."""
     for controller in list(_LIVE):
         try:
-            controller.shutdown()
+            controller.shutdown(hand_over=not _stop_tasks_at_exit)
         except Exception:  # at exit, one failure must not keep the others running
             logging.getLogger(__name__).exception("Shutting down controller %s failed.", controller.name)

@@ -20,6 +20,8 @@ class EventKind(str, enum.Enum):
     PAUSED = "paused"
     RESUMED = "resumed"
     REQUEUED = "requeued"
+    #: A serving process took over a running task whose own serving process ended (see .handover).
+    ADOPTED = "adopted"
     ENDED = "ended"
     PURGED = "purged"
 

@@ -28,21 +28,25 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import pickle
 import select
 import signal
 import socket
 import struct
 import sys
 import threading
-from multiprocessing.connection import Connection
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import _signal
 
 import psutil
 
 from .capture import PipeReader, use_descriptors_for_print
+from .channel import PacketChannel, channel_pair
 from .proctree import set_process_name, signal_processes
+
+if TYPE_CHECKING:
+    from .handover import HandoverConfig
 
 #: The fork server's process name (``ps``, ``/proc/PID/comm``).
 FORK_SERVER_NAME = "mpc-forkserver"
@@ -60,7 +64,8 @@ _PARENT_ONLY_FDS: set[int] = set()
 _FDS_LOCK = threading.Lock()
 
 
-def _remember_parent_only(*fds: int) -> None:
+def remember_parent_only(*fds: int) -> None:
+    """Track descriptors of the serving process's own, which a fork server forked later must close."""
     with _FDS_LOCK:
         _PARENT_ONLY_FDS.update(fds)
 
@@ -77,7 +82,7 @@ class ChildProcess:
     :param signal_group: signals the task's process group through the fork server.
     """
 
-    def __init__(self, pid: int, conn: Connection, exit_fd: int,
+    def __init__(self, pid: int, conn: PacketChannel, exit_fd: int,
                  signal_group: Callable[[int, int], bool], output: Optional[PipeReader] = None) -> None:
         self.pid = pid
         #: The pipes of the process's descriptors 1 and 2, when the serving process reads them.
@@ -169,7 +174,7 @@ class ForkServer:
         there, every task process inherits instead of setting it up again.
     """
 
-    def __init__(self, child_main: Callable[[Connection, bool], None],
+    def __init__(self, child_main: Callable[[PacketChannel, bool], None],
                  prepare: Optional[Callable[[], None]] = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
@@ -189,7 +194,7 @@ class ForkServer:
         # Guards the request/answer exchange on _sock: one spawn at a time.
         self._lock = threading.Lock()
         self._closed = False
-        _remember_parent_only(ours.fileno())
+        remember_parent_only(ours.fileno())
 
     def spawn(self, capture_output: bool = False) -> ChildProcess:
         """Start a task process and return its handle.
@@ -197,14 +202,16 @@ class ForkServer:
         :param capture_output: the process's descriptors 1 and 2 are pipes from birth, read
             through the handle's :attr:`~ChildProcess.output` (for a process that runs one task).
         """
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = channel_pair()
         exit_r, exit_w = os.pipe()
         pipes: list[int] = []
         try:
             with self._lock:
                 if self._closed:
                     raise OSError("the fork server is closed")
-                socket.send_fds(self._sock, [b"C" if capture_output else b"S"], [theirs.fileno(), exit_w])
+                # The server keeps a copy of our end, so that the task can be handed over (see .handover).
+                socket.send_fds(self._sock, [b"C" if capture_output else b"S"],
+                                [theirs.fileno(), exit_w, ours.fileno()])
                 answer, pipes, _, _ = socket.recv_fds(self._sock, _PID.size, 2)
                 if not answer:
                     raise OSError("the fork server has gone away")
@@ -223,9 +230,9 @@ class ForkServer:
             ours.close()
             os.close(exit_r)
             raise OSError(-pid, f"the fork server could not fork: {os.strerror(-pid)}")
-        _remember_parent_only(ours.fileno(), exit_r, *pipes)
+        remember_parent_only(ours.fileno(), exit_r, *pipes)
         output = PipeReader(dict(zip(pipes, (1, 2))), on_close=forget_parent_only) if pipes else None
-        return ChildProcess(pid, Connection(ours.detach()), exit_r, self.signal_group, output)
+        return ChildProcess(pid, PacketChannel(ours.detach()), exit_r, self.signal_group, output)
 
     def signal_group(self, pid: int, signum: int) -> bool:
         """Signal the process group of task process ``pid``; False when it is no longer the server's child."""
@@ -239,14 +246,33 @@ class ForkServer:
                 return False
         return answer == 0
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Close the server (it kills any task process left) and reap it."""
+    def arm_handover(self, config: "HandoverConfig") -> None:
+        """Make the server keep its task processes running when this process ends, for a live serving
+        process of the same controller to adopt (see :mod:`.handover`)."""
+        data = pickle.dumps(config)
+        with self._lock:
+            if not self._closed:
+                self._sock.sendall(b"H" + _PID.pack(len(data)) + data)
+
+    def close(self, timeout: float = 5.0, hand_over: bool = False) -> None:
+        """Close the server and reap it: it kills any task process left, unless ``hand_over``.
+
+        :param hand_over: the running task processes are to be adopted: the server outlives this
+            process with them (when it was armed), and is not waited for.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             forget_parent_only(self._sock.fileno())
+            if not hand_over:
+                try:
+                    self._sock.sendall(b"Q")
+                except OSError:
+                    pass
             self._sock.close()
+        if hand_over:
+            return
         try:
             psutil.Process(self.pid).wait(timeout)
         except psutil.TimeoutExpired:
@@ -302,9 +328,9 @@ def _become_subreaper() -> None:
         pass
 
 
-def _serve(sock: socket.socket, child_main: Callable[[Connection, bool], None],
+def _serve(sock: socket.socket, child_main: Callable[[PacketChannel, bool], None],
            prepare: Optional[Callable[[], None]] = None) -> None:
-    """The fork server's loop; never returns normally except on EOF."""
+    """The fork server's life; returns once it has no controller and no task process left."""
     os.setsid()  # out of the terminal's process group: Ctrl-C is for the serving process
     for signum in signal.valid_signals():  # drop handlers inherited from the server (gunicorn's, say)
         if callable(signal.getsignal(signum)):
@@ -323,170 +349,270 @@ def _serve(sock: socket.socket, child_main: Callable[[Connection, bool], None],
     # or the first collection in each child would copy every page of the heap.
     gc.collect()
     gc.freeze()
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    exits: dict[int, int] = {}  # task pid -> write end of its exit pipe
-    # A poll object holds no descriptor of its own: a task process has nothing of it to close.
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    poller.register(wake_r, select.POLLIN)
-    server_fd = sock.fileno()
-    while True:
-        for fd, _ in poller.poll():
-            if fd == server_fd:
-                if not _handle(sock, exits, child_main, (sock, wake_r, wake_w)):
-                    _kill_all(exits)
-                    return
-            else:
-                try:
-                    while os.read(wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
-        _reap(exits)
+    _Server(sock, child_main).run()
 
 
-def _handle(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection, bool], None],
-            server_objects: tuple[Any, ...]) -> bool:
-    """Serve one request; False when the controller's end is closed."""
-    try:
-        message, fds, _, _ = socket.recv_fds(sock, 1, 2)
-    except OSError:
-        return False
-    if message == b"K":
+class Task:
+    """A task process of this fork server, and the descriptors the server keeps for it.
+
+    The server keeps a copy of the serving process's end of the task's channel and of its output
+    pipes, so that a process adopting the task can be given them (see :mod:`.handover`).
+    """
+
+    def __init__(self, pid: int, exit_w: int, channel: int = -1, outputs: tuple[int, ...] = ()) -> None:
+        self.pid = pid
+        #: Where the exit code goes once the process is reaped (the supervising process reads it).
+        self.exit_w = exit_w
+        self.channel = channel
+        self.outputs = outputs
+        #: Set once reaped (its adopter is told at once).
+        self.exit_code: Optional[int] = None
         try:
-            pid, signum = _KILL.unpack(_recv_exact(sock, _KILL.size))
+            self.create_time = psutil.Process(pid).create_time()
+        except psutil.Error:
+            self.create_time = 0.0
+        #: Whether the process adopting the task took it (else it is killed).
+        self.adopted = False
+
+    def kept_fds(self) -> list[int]:
+        return [fd for fd in (self.exit_w, self.channel, *self.outputs) if fd >= 0]
+
+    def report_exit(self, code: int) -> None:
+        """Write the exit code for whoever supervises the task now."""
+        self.exit_code = code
+        if self.exit_w >= 0:
+            try:
+                os.write(self.exit_w, _PID.pack(code))
+            except OSError:
+                pass
+            os.close(self.exit_w)
+            self.exit_w = -1
+
+    def new_exit_pipe(self) -> int:
+        """A fresh exit pipe for a new supervisor; its read end (the code is in it already if reaped)."""
+        if self.exit_w >= 0:
+            os.close(self.exit_w)
+        exit_r, self.exit_w = os.pipe()
+        if self.exit_code is not None:
+            code, self.exit_code = self.exit_code, None
+            self.report_exit(code)
+            self.exit_code = code
+        return exit_r
+
+    def release(self) -> None:
+        """Close what the server kept for the task (it was reaped and its exit code delivered)."""
+        for fd in (self.exit_w, self.channel, *self.outputs):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.exit_w, self.channel, self.outputs = -1, -1, ()
+
+
+class _Server:
+    """The fork server's loop: requests from its controller, then, once the controller is gone, the
+    hand-over of the task processes left (see :mod:`.handover`)."""
+
+    def __init__(self, sock: socket.socket, child_main: Callable[[PacketChannel, bool], None]) -> None:
+        self.sock: Optional[socket.socket] = sock
+        self.child_main = child_main
+        self.tasks: dict[int, Task] = {}
+        self.config: Optional["HandoverConfig"] = None
+        #: Set once the controller is gone and task processes are kept for adoption.
+        self.holder: Any = None
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+
+    def run(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        # A poll object holds no descriptor of its own: a task process has nothing of it to close.
+        while self.sock is not None or self.holder is not None:
+            poller = select.poll()
+            poller.register(self.wake_r, select.POLLIN)
+            if self.sock is not None:
+                poller.register(self.sock, select.POLLIN)
+            timeout = None
+            if self.holder is not None:
+                for fd in self.holder.fds():
+                    poller.register(fd, select.POLLIN)
+                timeout = self.holder.timeout()
+            for fd, _ in poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)):
+                if self.sock is not None and fd == self.sock.fileno():
+                    if not self._handle():
+                        self._controller_gone()
+                elif fd == self.wake_r:
+                    try:
+                        while os.read(self.wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif self.holder is not None:
+                    self.holder.ready(fd)
+            self.reap()
+            if self.holder is not None:
+                self.holder.tick()
+                if self.holder.finished():
+                    self.holder = None
+
+    def _controller_gone(self, quit_now: bool = False) -> None:
+        """The controller closed its end: keep the task processes for adoption, or kill them all."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+        if quit_now or self.config is None or not self.tasks:
+            self.kill_all()
+            return
+        from .handover import Holder
+
+        self.holder = Holder(self, self.config)
+
+    def _handle(self) -> bool:
+        """Serve one request; False when the controller's end is closed."""
+        sock = self.sock
+        assert sock is not None
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, 1, 3)
         except OSError:
             return False
-        sock.sendall(_PID.pack(_signal_own_group(exits, pid, signum)))
-        return True
-    if message not in (b"S", b"C") or len(fds) != 2:
-        for fd in fds:
-            os.close(fd)
-        return False
-    child_fd, exit_w = fds
-    return _fork_one(sock, exits, child_main, server_objects, child_fd, exit_w,
-                     capture_output=message == b"C")
+        if message == b"K":
+            try:
+                pid, signum = _KILL.unpack(_recv_exact(sock, _KILL.size))
+            except OSError:
+                return False
+            sock.sendall(_PID.pack(self.signal_group(pid, signum)))
+            return True
+        if message == b"H":
+            try:
+                (size,) = _PID.unpack(_recv_exact(sock, _PID.size))
+                self.config = pickle.loads(_recv_exact(sock, size))
+            except (OSError, pickle.UnpicklingError, EOFError):
+                return False
+            return True
+        if message == b"Q":
+            self._controller_gone(quit_now=True)
+            return True
+        if message not in (b"S", b"C") or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            return False
+        child_fd, exit_w, channel = fds
+        return self._fork_one(sock, child_fd, exit_w, channel, capture_output=message == b"C")
 
-
-def _signal_own_group(exits: dict[int, int], pid: int, signum: int) -> int:
-    """Signal the group of ``pid`` if it is an unreaped task process of this server: 0, else 1."""
-    if pid not in exits:
-        return 1
-    try:
-        os.killpg(pid, signum)
-    except OSError:
-        pass
-    return 0
-
-
-def _fork_one(sock: socket.socket, exits: dict[int, int], child_main: Callable[[Connection, bool], None],
-              server_objects: tuple[Any, ...], child_fd: int, exit_w: int, capture_output: bool) -> bool:
-    pipes: list[tuple[int, int]] = []  # (read end, write end) for descriptors 1 and 2
-    try:
-        if capture_output:
-            pipes = [os.pipe(), os.pipe()]
-        pid = os.fork()
-    except OSError as exc:
-        for fd in (child_fd, exit_w, *(fd for pipe in pipes for fd in pipe)):
-            os.close(fd)
-        sock.sendall(_PID.pack(-(exc.errno or 1)))
-        return True
-    if pid == 0:
-        _become_task_process(exits, server_objects, exit_w)
-        for target, (read_end, write_end) in zip((1, 2), pipes):
-            os.dup2(write_end, target)
-            os.close(write_end)
-            os.close(read_end)
-        code = 0
+    def signal_group(self, pid: int, signum: int) -> int:
+        """Signal the group of ``pid`` if it is an unreaped task process of this server: 0, else 1."""
+        task = self.tasks.get(pid)
+        if task is None or task.exit_code is not None:
+            return 1
         try:
-            child_main(Connection(child_fd), capture_output)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            code = 1
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError, AttributeError):
-                    pass
-            os._exit(code)
-    os.close(child_fd)
-    exits[pid] = exit_w
-    for _, write_end in pipes:
-        os.close(write_end)
-    read_ends = [read_end for read_end, _ in pipes]
-    try:
+            os.killpg(pid, signum)
+        except OSError:
+            pass
+        return 0
+
+    def _fork_one(self, sock: socket.socket, child_fd: int, exit_w: int, channel: int,
+                  capture_output: bool) -> bool:
+        pipes: list[tuple[int, int]] = []  # (read end, write end) for descriptors 1 and 2
+        try:
+            if capture_output:
+                pipes = [os.pipe(), os.pipe()]
+            pid = os.fork()
+        except OSError as exc:
+            for fd in (child_fd, exit_w, channel, *(fd for pipe in pipes for fd in pipe)):
+                os.close(fd)
+            sock.sendall(_PID.pack(-(exc.errno or 1)))
+            return True
+        if pid == 0:
+            self._become_task_process(exit_w, channel)
+            for target, (read_end, write_end) in zip((1, 2), pipes):
+                os.dup2(write_end, target)
+                os.close(write_end)
+                os.close(read_end)
+            code = 0
+            try:
+                self.child_main(PacketChannel(child_fd), capture_output)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                code = 1
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except (OSError, ValueError, AttributeError):
+                        pass
+                os._exit(code)
+        os.close(child_fd)
+        for _, write_end in pipes:
+            os.close(write_end)
+        read_ends = [read_end for read_end, _ in pipes]
+        self.tasks[pid] = Task(pid, exit_w, channel, tuple(read_ends))
         if read_ends:
             socket.send_fds(sock, [_PID.pack(pid)], read_ends)
         else:
             sock.sendall(_PID.pack(pid))
-    finally:
-        for fd in read_ends:
-            os.close(fd)
-    return True
+        return True
 
+    def _become_task_process(self, exit_w: int, channel: int) -> None:
+        """Drop the fork server's state in a freshly forked task process.
 
-def _become_task_process(exits: dict[int, int], server_objects: tuple[Any, ...], exit_w: int) -> None:
-    """Drop the fork server's state in a freshly forked task process.
+        It touches as little of the inherited heap as it can, since each page it writes is
+        copied for this process alone: the C signal functions (no enum conversions), and a
+        socket detached from its descriptor rather than closed through its object.
+        """
+        _signal.set_wakeup_fd(-1)
+        _signal.signal(_SIGCHLD, _SIG_DFL)
+        _signal.signal(_SIGINT, _signal.default_int_handler)
+        _signal.signal(_SIGTERM, _SIG_DFL)
+        sock = self.sock
+        kept = [fd for task in self.tasks.values() for fd in task.kept_fds()]
+        for fd in (sock.detach() if sock is not None else -1, self.wake_r, self.wake_w, exit_w, channel, *kept):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        os.setpgid(0, 0)  # its own process group, so that its whole tree can be signalled at once
 
-    It touches as little of the inherited heap as it can, since each page it writes is
-    copied for this process alone: the C signal functions (no enum conversions), and a
-    socket detached from its descriptor rather than closed through its object.
-    """
-    sock, wake_r, wake_w = server_objects
-    _signal.set_wakeup_fd(-1)
-    _signal.signal(_SIGCHLD, _SIG_DFL)
-    _signal.signal(_SIGINT, _signal.default_int_handler)
-    _signal.signal(_SIGTERM, _SIG_DFL)
-    for fd in (sock.detach(), wake_r, wake_w, exit_w, *exits.values()):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    os.setpgid(0, 0)  # its own process group, so that its whole tree can be signalled at once
-
-
-def _reap(exits: dict[int, int]) -> None:
-    while True:
-        try:
-            exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return
-        if exited is None or exited.si_pid == 0:
-            return
-        pid = exited.si_pid
-        if pid in exits:
-            # The exited leader is not reaped yet, so its group id cannot have been reused:
-            # whatever the task left in its group is killed here, and nothing else.
-            _signal_own_group(exits, pid, signal.SIGKILL)
-        try:
-            _, status = os.waitpid(pid, 0)
-        except ChildProcessError:
-            continue
-        exit_w = exits.pop(pid, None)
-        if exit_w is not None:
+    def reap(self) -> None:
+        while True:
             try:
-                os.write(exit_w, _PID.pack(os.waitstatus_to_exitcode(status)))
-            except OSError:
-                pass
-            os.close(exit_w)
-
-
-def _kill_all(exits: dict[int, int]) -> None:
-    for pid in list(exits):
-        for kill in (os.killpg, os.kill):
+                exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if exited is None or exited.si_pid == 0:
+                return
+            pid = exited.si_pid
+            task = self.tasks.get(pid)
+            if task is not None:
+                # The exited leader is not reaped yet, so its group id cannot have been reused:
+                # whatever the task left in its group is killed here, and nothing else.
+                self.signal_group(pid, signal.SIGKILL)
             try:
-                kill(pid, signal.SIGKILL)
-            except OSError:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                continue
+            if task is None:
+                continue
+            task.report_exit(os.waitstatus_to_exitcode(status))
+            if self.holder is None or self.holder.forget_when_reaped(task):
+                del self.tasks[pid]
+                task.release()
+
+    def kill_all(self) -> None:
+        for pid in list(self.tasks):
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        for pid in list(self.tasks):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
                 pass
-    for pid in list(exits):
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-    _reap(exits)
+            task = self.tasks.pop(pid)
+            task.release()
+        self.reap()

@@ -62,6 +62,19 @@ def signal_processes(procs: Iterable[psutil.Process], signum: int) -> None:
             pass
 
 
+#: The name of a reused task process between tasks.
+IDLE_NAME = "mpc-idle"
+
+
+def process_name(pid: int) -> Optional[str]:
+    """The name of process ``pid`` as the kernel keeps it (``/proc/PID/comm``), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().rstrip("\n")
+    except OSError:
+        return None
+
+
 def task_process_name(uuid: str) -> str:
     """The name a task process takes while it runs task ``uuid`` (14 bytes: the kernel keeps 15)."""
     return "mpc-" + uuid.replace("-", "")[:10]

@@ -58,9 +58,9 @@ class RunTask:
 
 @dataclass(frozen=True)
 class StopTask:
-    """Make the next ``checkpoint()`` of task ``uuid`` raise."""
+    """Make the next ``checkpoint()`` of task ``uuid`` raise (None: of whichever task runs)."""
 
-    uuid: str
+    uuid: Optional[str]
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,14 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence, cast
 import psutil
 
 from . import defaults
+from .adoption import AdoptedRun, AdoptionListener, Link, Offer, adoptable
 from .callbacks import CallbackSender
 from .child import prepare_fork_server, run_child
 from .config import RuntimeConfig
 from .events import Event, EventKind
 from .exceptions import StoreError
-from .forkserver import ChildProcess, ForkServer
+from .forkserver import FORK_SERVER_NAME, ChildProcess, ForkServer
+from .handover import HandoverConfig, handover_directory, held_key, reopen_url
 from .hub import EventHub
 from .logs import LogListener, MetaMPLoggerConfigurator, log_task_ended, log_task_started
 from .pausing import follow_pause_event
@@ -108,6 +110,9 @@ def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], n
     """
     if not owner:
         return False
+    held = heartbeats.get(held_key(owner))  # its tasks are held for adoption (see .handover)
+    if held is not None and now - held <= lease:
+        return True
     try:
         owner_host, pid, created = _parse_owner(owner)
     except ValueError:
@@ -133,6 +138,15 @@ def callback_body(event: Event, expose_tracebacks: bool = False) -> dict[str, An
         hide_traceback(task)
     return {"event": event["kind"], "uuid": event["uuid"], "cursor": event["cursor"], "msg": task["msg"],
             "task": task}
+
+
+def _held_for_adoption(proc: psutil.Process) -> bool:
+    """Whether task process ``proc`` is still its fork server's: held for adoption, as its serving process ended."""
+    try:
+        parent = proc.parent()
+        return parent is not None and parent.name() == FORK_SERVER_NAME
+    except psutil.Error:
+        return False
 
 
 def _shutdown_end(event: Event) -> bool:
@@ -193,17 +207,40 @@ class Runtime:
         #: Fires the controller's schedules while this process holds their lease (no thread until one is declared).
         self.scheduler = Scheduler(store, config.name, self.owner, config.lease, config.max_num_queue, self.logger,
                                    self.events.publish)
+        #: How this process's tasks are handed over when it ends (None: they are stopped; see .handover).
+        self.handover: Optional[HandoverConfig] = None
+        self._listener: Optional[AdoptionListener] = None
+        #: Controlling threads of adopted tasks; guarded by _runs_lock.
+        self._adopted: list[AdoptedRun] = []
 
     def start(self) -> None:
         self.logs.start()
         retrier = Retrier(self.logger, self._give_up)
         retrier.call("recording the heartbeat", lambda: self.store.heartbeat(self.owner), give_up_at_stop=False)
         self.events.start()
+        self._offer_adoption()
         retrier.call("settling the tasks of dead processes", self.reconcile, give_up_at_stop=False)
         retrier.call("purging old tasks", self.purge, give_up_at_stop=False)
         self._keeper.start()
         for slot in self._slots:
             slot.start()
+
+    def _offer_adoption(self) -> None:
+        """Arm the hand-over: tasks outlive this process, and tasks of ended processes are adopted here."""
+        c = self.config
+        if c.handover_window <= 0 or not self.store.shared:
+            return
+        url = reopen_url(self.store)
+        directory = handover_directory(self.host, c.name, url) if url else None
+        if url is None or directory is None:
+            return
+        self.handover = HandoverConfig(
+            directory=directory, owner=self.owner, window=c.handover_window, store_url=url, controller=c.name,
+            stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process,
+            restartable=c.restartable)
+        self.fork_server.arm_handover(self.handover)
+        self._listener = AdoptionListener(self, directory)
+        self._listener.start()
 
     # -- what the controller asks of the runtime ------------------------------------------
 
@@ -433,6 +470,8 @@ class Runtime:
                 continue
             if _owner_host(owner) == self.host:
                 leftover = proven_task_process(row.get("pid"), row.get("pid_created"), row["uuid"])
+                if leftover is not None and _held_for_adoption(leftover):
+                    continue  # its fork server hands it over, or settles it (see .handover)
                 if leftover is not None:
                     kill_process_tree(leftover)
             self._settle_orphan(row, owner)
@@ -498,6 +537,76 @@ class Runtime:
                     owner, self.host, beats, now, self.config.lease):
                 self.store.forget_owner(owner)
 
+    # -- adoption (see .adoption) ------------------------------------------------
+
+    @property
+    def give_up_event(self) -> threading.Event:
+        """Set when background threads must stop waiting for an unreachable store."""
+        return self._give_up
+
+    def new_supervisor(self, wake_fd: int, retrier: Retrier) -> Supervisor:
+        """A supervisor for one controlling thread whose wake-ups arrive on ``wake_fd``."""
+        c = self.config
+        settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process,
+                            limits=c.limits)
+        return Supervisor(settings, self.store, self.owner, self.logs, wake_fd, self.events.publish, self.logger,
+                          retrier)
+
+    def take_over(self, owner: str, offers: Sequence[Offer], link: Link) -> Optional[list[int]]:
+        """Take over the offered task processes of serving process ``owner``; the pids taken (None: refused).
+
+        A process is taken only when the store says it runs an active task of ``owner`` (same pid,
+        same create time); the store then records this process as the owner, in one write each.
+        """
+        if self.closing:
+            return None
+        c = self.config
+        try:
+            rows = {row.get("pid"): row for row in self.store.active(c.name) if row.get("owner") == owner}
+        except StoreError as exc:
+            self.logger.warning("Cannot take over the tasks of %s now: %s", owner, exc)
+            return None
+        accepted: list[int] = []
+        for offer in offers:
+            row = rows.get(offer.pid)
+            event = None
+            if row is not None and adoptable(offer, row, c.fresh_process):
+                try:
+                    event = self.store.adopt(row["uuid"], owner, self.owner)
+                except StoreError:
+                    event = None
+            if row is None or event is None:
+                continue
+            link.add()
+            runner = AdoptedRun(self, cast(Row, event["task"]), offer.child(link.signal_group), link)
+            with self._runs_lock:
+                self._adopted.append(runner)
+            runner.start()
+            self.events.publish(event)
+            self.logger.info("Task %s (pid %d) was adopted from %s, which ended.", row["uuid"], offer.pid, owner)
+            accepted.append(offer.pid)
+        return accepted
+
+    def register_adopted(self, run: TaskRun) -> None:
+        """Note an adopted task as running here."""
+        with self._runs_lock:
+            self._runs[run.uuid] = run
+
+    def adopted_run_ended(self, runner: AdoptedRun) -> None:
+        with self._runs_lock:
+            if runner in self._adopted:
+                self._adopted.remove(runner)
+
+    @staticmethod
+    def retire(child: ChildProcess) -> None:
+        """End a task process between tasks (a reused one): ask it to exit, kill it if it does not."""
+        if not child.exited:
+            child.send(Exit())
+            if not wait_ready([child.exit_fd], 2.0):
+                child.signal_tree(signal.SIGKILL)
+                wait_ready([child.exit_fd], 2.0)
+            child.read_exit()
+
     # -- running tasks ----------------------------------------------------------
 
     def register(self, run: TaskRun) -> None:
@@ -522,7 +631,7 @@ class Runtime:
             self._runs.pop(run.uuid, None)
 
     def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier,
-               child: Optional[ChildProcess] = None) -> Optional[Claim]:
+               child: Optional[ChildProcess] = None, claim_next: bool = True) -> Optional[Claim]:
         """Store a task's outcome (or requeue it); an outage is waited out, so nothing is lost.
 
         The slot is free once this is recorded: a plain end claims the slot's next task in the same
@@ -560,7 +669,7 @@ class Runtime:
             fields = dict(outcome.fields)
             if fields.get("error") is not None:
                 fields["errors"] = [*run.errors, fields["error"]]
-            claim_next = self.may_claim()
+            claim_next = claim_next and self.may_claim()
             if claim_next:
                 self._open_claim()
                 try:
@@ -640,21 +749,37 @@ class Runtime:
 
     # -- shutdown -------------------------------------------------------------
 
-    def shutdown(self, timeout: Optional[float] = None) -> None:
-        """Stop taking tasks, stop the running ones (stop_grace, then kill) and release everything.
+    def shutdown(self, timeout: Optional[float] = None, hand_over: bool = False) -> bool:
+        """Stop taking tasks, stop or hand over the running ones and release everything.
 
         An unreachable store is waited for at most until the running tasks had the time
         to stop (``stop_grace`` plus the kill escalation, or ``timeout``).
+
+        :param hand_over: leave the running tasks to the fork server for another serving process
+            to adopt (see :mod:`.handover`) when the hand-over is armed; else they are stopped.
+        :returns: whether the tasks were handed over.
         """
+        if self._listener is not None:
+            self._listener.stop()  # adopt nothing more
         with self._work:
             self.closing = True
             self._work.notify_all()
         with self._runs_lock:
             runs = list(self._runs.values())
-        if runs:
+        hand_over = hand_over and self.handover is not None
+        if hand_over and runs:
+            try:  # so that no reconciliation elsewhere settles them in the moment before the holder beats
+                self.store.heartbeat(held_key(self.owner))
+            except StoreError:
+                pass
+            self.logger.warning("Shutting down: %d running task(s) go on, for another serving process of the app "
+                                "on this host to adopt within %g s.", len(runs), self.config.handover_window)
+            for run in runs:
+                run.release()
+        elif runs:
             self.logger.warning("Shutting down: stopping %d running task(s); those that ignore the stop are "
                                 "killed after %g s.", len(runs), self.config.stop_grace)
-        for run in runs:
+        for run in runs if not hand_over else ():
             run.request_stop(StopReason.SHUTDOWN)
         self.scheduler.stop()
         for slot in self._slots:
@@ -664,11 +789,18 @@ class Runtime:
         for slot in self._slots:
             if slot.is_alive():
                 slot.join(max(0.0, deadline - time.monotonic()))
+        with self._runs_lock:
+            adopted = list(self._adopted)
+        for runner in adopted:
+            runner.join(max(0.0, deadline - time.monotonic()))
         self._give_up.set()
         for slot in self._slots:
             slot.wake()
             if slot.is_alive():
                 slot.join()
+        for runner in adopted:
+            runner.wake()
+            runner.join()
         self._keeper.stop()
         self.events.stop()
         if self._callbacks is not None:
@@ -679,6 +811,7 @@ class Runtime:
             self.logger.warning("Could not remove this process's heartbeat from the store.")
         self.logs.stop()
         self._waiters.wake_all()
+        return hand_over
 
 
 class Claim(NamedTuple):
@@ -700,12 +833,8 @@ class _Slot(threading.Thread):
         # Guards _pipe_open and the pipe's descriptors, which wake() writes from other threads.
         self._pipe_lock = threading.Lock()
         self._pipe_open = True
-        c = runtime.config
-        settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process,
-                            limits=c.limits)
         self._retrier = Retrier(runtime.logger, runtime._give_up)
-        self._supervisor = Supervisor(settings, runtime.store, runtime.owner, runtime.logs, self._wake_r,
-                                      runtime.events.publish, runtime.logger, self._retrier)
+        self._supervisor = runtime.new_supervisor(self._wake_r, self._retrier)
         self._child: Optional[ChildProcess] = None
         self._tasks_in_child = 0
         #: A task claimed with the end of the slot's last one (same write), run next.
@@ -755,6 +884,10 @@ class _Slot(threading.Thread):
                 rt.give_back(claim, self._retrier)
                 return
             outcome = self._supervisor.run(run, child, row["args"], dict(c.context), claim.started)
+            if outcome is None:  # released: its process goes on, for another serving process to adopt
+                self._child = None
+                child.close()
+                return
             self._tasks_in_child += 1
             if not outcome.child_alive or self._tasks_in_child >= c.max_tasks_per_child > 0:
                 self._retire_child()
@@ -778,12 +911,7 @@ class _Slot(threading.Thread):
         child, self._child = self._child, None
         if child is None:
             return
-        if not child.exited:
-            child.send(Exit())
-            if not wait_ready([child.exit_fd], 2.0):
-                child.signal_tree(signal.SIGKILL)
-                wait_ready([child.exit_fd], 2.0)
-            child.read_exit()
+        self.runtime.retire(child)
         child.close()
 
 

@@ -70,6 +70,8 @@ class TaskRun:
         self._log_bytes = 0
         #: True once the task is known to be no longer this process's (settled elsewhere).
         self.abandoned = False
+        #: True once this process lets go of the running task for another to adopt (see .handover).
+        self.released = False
         self.stop_reason: Optional[StopReason] = None
         self.stop_at: Optional[float] = None
         self.child: Optional[ChildProcess] = None
@@ -126,6 +128,11 @@ class TaskRun:
     def abandon(self) -> None:
         """The task was settled by another process: its run here must end without a record."""
         self.abandoned = True
+        self._wake()
+
+    def release(self) -> None:
+        """Stop supervising the task and leave its process running, for another serving process to adopt."""
+        self.released = True
         self._wake()
 
     def attach(self, child: ChildProcess) -> None:
@@ -198,8 +205,9 @@ class Supervisor:
         self._flush_failed = False
 
     def run(self, run: TaskRun, child: ChildProcess, args: dict[str, Any], context: dict[str, Any],
-            started: Optional[Event] = None) -> Outcome:
-        """Start ``run`` in ``child`` and return once the task has ended.
+            started: Optional[Event] = None) -> Optional[Outcome]:
+        """Start ``run`` in ``child`` and return once the task has ended (None: it was released, see
+        :meth:`supervise`).
 
         :param started: the ``started`` event when the claim recorded ``child`` already (a reused
             process); else the process is recorded here, once the task was sent to it.
@@ -214,8 +222,20 @@ class Supervisor:
             run.abandon()
         else:
             self._publish(started)
+        return self.supervise(run, child)
+
+    def supervise(self, run: TaskRun, child: ChildProcess) -> Optional[Outcome]:
+        """Watch ``run``, running in ``child`` already, until it ends, and classify its end.
+
+        Also what an adopting process does with a task it took over (see :mod:`.handover`).
+        Returns None when the run was released before it ended: its latest progress and log lines
+        are written, and its process goes on for another serving process to adopt.
+        """
         usage = TreeUsage()
         done = self._watch(run, child, usage)
+        if done is None and run.released and not child.exited:
+            self._flush(run)
+            return None
         self._write_log(run)
         if not child.exited and done is not None and not self.settings.fresh_process:
             self._reap_descendants(child, done.usage.children)
@@ -235,16 +255,21 @@ class Supervisor:
 
     def _watch(self, run: TaskRun, child: ChildProcess, usage: TreeUsage) -> Optional[Done]:
         pause = TreePause(child, usage)
+        done: Optional[Done] = None
         try:
-            return self._watch_run(run, child, usage, pause)
+            done = self._watch_run(run, child, usage, pause)
+            return done
         finally:
-            pause.release()  # a reused process must not wait frozen for its next task
+            if done is not None or not run.released:  # a released task stays as it is, paused or not
+                pause.release()  # a reused process must not wait frozen for its next task
 
     def _watch_run(self, run: TaskRun, child: ChildProcess, usage: TreeUsage, pause: TreePause) -> Optional[Done]:
         watchdog = Watchdog(self._schedule, run.started, run.timeout)
         done: Optional[Done] = None
         conn_open = True
         while True:
+            if run.released and done is None:
+                return None
             now = time.monotonic()
             pause.follow(run, watchdog, now)
             state = dict(stop_at=run.stop_at, stopping=run.stop_reason is not None, dirty=run.dirty,
@@ -309,7 +334,7 @@ class Supervisor:
                 message: Report = conn.recv()
                 if isinstance(message, LogRecordMessage):
                     self.logs.put(message.record)
-                    run.add_log_lines([_log_line(message.record)])
+                    run.add_log_lines([log_line(message.record)])
                 elif isinstance(message, Output) and message.uuid == run.uuid:
                     run.add_log_lines(message.lines)
                 elif getattr(message, "uuid", None) != run.uuid:
@@ -366,7 +391,7 @@ class Supervisor:
         signal_processes(leftovers, signal.SIGKILL)
 
 
-def _log_line(record: logging.LogRecord) -> str:
+def log_line(record: logging.LogRecord) -> str:
     """A task's log record as one line of its kept log."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.created))
     return f"{when} {record.levelname} {record.name}: {record.getMessage()}"

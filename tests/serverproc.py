@@ -233,6 +233,8 @@ class ServerPool:
         full_env = dict(os.environ)
         full_env.pop("MPC_STORE_URL", None)
         full_env.pop("FLASK_RUN_FROM_CLI", None)
+        # Running tasks end with their server unless a test asks for the hand-over (test_handover.py).
+        full_env["MPC_HANDOVER_WINDOW"] = "0"
         full_env.update(env or {})
         server = Server(args, cwd=cwd, env=full_env, port=port, log_path=log_path)
         self.servers.append(server)

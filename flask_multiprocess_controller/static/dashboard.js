@@ -12,7 +12,7 @@
   const LOG_LINES = 500;            // log lines kept on a task page
   const DISCONNECTED_AFTER = 1500;  // ms an event stream error lasts before the page says so
   const TERMINAL = ["succeeded", "failed", "stopped", "timed_out", "lost"];
-  const KINDS = ["queued", "started", "progress", "stopping", "paused", "resumed", "requeued", "ended"];
+  const KINDS = ["queued", "started", "progress", "stopping", "paused", "resumed", "requeued", "adopted", "ended"];
   const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
   const PREFIX = /^[0-9a-f-]{4,}$/i;
 

@@ -315,6 +315,15 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def adopt(self, uuid: str, owner: str, new_owner: str) -> Optional[Event]:
+        """Make ``new_owner`` the owner of an active task of ``owner``; event ``adopted``, emitted by ``new_owner``.
+
+        What a serving process writes when it takes over a running task whose process outlived its
+        serving process (see :mod:`..handover`). Everything else of the task stays as it is. None
+        (nothing written) when the task is not active or not ``owner``'s.
+        """
+
+    @abc.abstractmethod
     def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
         """Ask a task to stop; return the task afterwards and the event written.
 

@@ -213,6 +213,14 @@ class MemoryStore(TaskStore):
             heapq.heappush(self._queues.setdefault(row["controller"], []), (row["priority"], row["seq"], uuid))
             return self._emit(EventKind.REQUEUED, row, owner if emitter is None else emitter, time.time())
 
+    def adopt(self, uuid: str, owner: str, new_owner: str) -> Optional[Event]:
+        with self._lock:
+            row = self._owned_active(uuid, owner)
+            if row is None:
+                return None
+            row["owner"] = new_owner
+            return self._emit(EventKind.ADOPTED, row, new_owner, time.time())
+
     def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
         with self._lock:
             row = self._rows.get(uuid)

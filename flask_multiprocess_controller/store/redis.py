@@ -292,6 +292,14 @@ move(key, 'queued')
 return emit('requeued', key)
 """
 
+# ARGV from 4: uuid, owner, new owner
+_ADOPT = _LIB + """
+local key = prefix .. 't:' .. ARGV[4]
+if not owned_active(key, ARGV[5]) then return false end
+redis.call('HSET', key, 'owner', ARGV[6])
+return emit('adopted', key)
+"""
+
 # ARGV from 4: uuid. Returns {'missing'}, {'finished', status} or {'ok', row (flat), event or nil}.
 _REQUEST_STOP = _LIB + """
 local key = prefix .. 't:' .. ARGV[4]
@@ -467,7 +475,7 @@ redis.call('ZADD', ARGV[1] .. 'owners', string.format('%.6f', tonumber(clock[1])
 
 _SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "claim_started": _CLAIM_STARTED,
             "start": _START, "progress": _PROGRESS, "finish": _FINISH,
-            "requeue": _REQUEUE, "request_stop": _REQUEST_STOP, "purge": _PURGE, "prune": _PRUNE,
+            "requeue": _REQUEUE, "adopt": _ADOPT, "request_stop": _REQUEST_STOP, "purge": _PURGE, "prune": _PRUNE,
             "feed": _FEED, "heartbeat": _HEARTBEAT, "retry": _RETRY, "transition": _TRANSITION,
             "reprioritise": _REPRIORITISE, "stop_all": _STOP_ALL, "declare": _DECLARE, "fire": _FIRE,
             "lease": _LEASE, "release": _RELEASE}
@@ -711,6 +719,11 @@ class RedisStore(TaskStore):
     def requeue(self, uuid: str, owner: Optional[str] = None, emitter: Optional[str] = None,
                 uncount: bool = False) -> Optional[Event]:
         done = self._write("requeue", owner if emitter is None else emitter, uuid, owner or "", "1" if uncount else "0")
+        return _event(*done) if done else None
+
+    @_guarded
+    def adopt(self, uuid: str, owner: str, new_owner: str) -> Optional[Event]:
+        done = self._write("adopt", new_owner, uuid, owner, new_owner)
         return _event(*done) if done else None
 
     @_guarded

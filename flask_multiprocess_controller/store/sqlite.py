@@ -563,6 +563,9 @@ class SQLiteStore(TaskStore):
         return self._update_active(EventKind.REQUEUED, uuid, owner, owner if emitter is None else emitter,
                                    assignments)
 
+    def adopt(self, uuid: str, owner: str, new_owner: str) -> Optional[Event]:
+        return self._update_active(EventKind.ADOPTED, uuid, owner, new_owner, {"owner": new_owner})
+
     def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
         with self._transaction() as db:
             found = db.execute(f"{_SELECT} WHERE uuid = ?", (uuid,)).fetchone()
