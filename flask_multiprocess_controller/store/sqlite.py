@@ -29,7 +29,7 @@ from ..exceptions import (
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
     ANY_TENANT, COLUMNS as _COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
-    parse_counter,
+    event_task, parse_counter,
 )
 from .groupcommit import GroupCommit
 
@@ -64,7 +64,9 @@ CREATE TABLE IF NOT EXISTS mpc_tasks (
     errors TEXT,
     schedule TEXT,
     tenant TEXT,
-    batch TEXT
+    batch TEXT,
+    state TEXT,
+    state_saved_at REAL
 );
 CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_status ON mpc_tasks (controller, status, seq);
@@ -115,7 +117,8 @@ CREATE TABLE IF NOT EXISTS mpc_schedules (
 
 #: Columns added to ``mpc_tasks`` after its first release, with their declarations: a file made
 #: by an older version gets them (``ALTER TABLE``) when a store first opens it.
-_ADDED_COLUMNS = {"retry_at": "REAL", "errors": "TEXT", "schedule": "TEXT", "tenant": "TEXT", "batch": "TEXT"}
+_ADDED_COLUMNS = {"retry_at": "REAL", "errors": "TEXT", "schedule": "TEXT", "tenant": "TEXT", "batch": "TEXT",
+                  "state": "TEXT", "state_saved_at": "REAL"}
 
 #: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
 #: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
@@ -128,7 +131,7 @@ CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch
 """
 
 #: Columns stored as JSON text.
-_JSON_COLUMNS = ("args", "progress", "result", "error", "errors", "schedule")
+_JSON_COLUMNS = ("args", "progress", "result", "error", "errors", "schedule", "state")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mpc_tasks"
 _EVENT_COLUMNS = "cursor, kind, uuid, controller, at, emitter, task"
 _QUEUED = TaskStatus.QUEUED.value
@@ -174,6 +177,11 @@ def _decode(values: Sequence[Any]) -> Row:
             row[column] = json.loads(row[column])  # type: ignore[literal-required]
     row["stop_requested"] = bool(row["stop_requested"])
     return row
+
+
+def _shown(row: Row) -> Row:
+    """``row`` for a write that answers with the task: less its saved state, as its event shows it."""
+    return cast(Row, event_task(row))
 
 
 def _event(values: Sequence[Any]) -> Event:
@@ -386,14 +394,15 @@ class SQLiteStore(TaskStore):
     @staticmethod
     def _emit(db: sqlite3.Connection, kind: EventKind, row: Row, emitter: Optional[str], at: float) -> Event:
         """Append the event of a change of ``row`` (and its outbox entry) in the caller's transaction."""
+        task = event_task(row)
         cursor = db.execute(
             "INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task) VALUES (?, ?, ?, ?, ?, ?)",
-            (kind.value, row["uuid"], row["controller"], at, emitter, json.dumps(row)),
+            (kind.value, row["uuid"], row["controller"], at, emitter, json.dumps(task)),
         ).lastrowid
         if kind.value in CALLBACK_KINDS:
             db.execute("INSERT INTO mpc_outbox (cursor, controller) VALUES (?, ?)", (cursor, row["controller"]))
         return Event(cursor=str(cursor), kind=kind.value, uuid=row["uuid"], controller=row["controller"], at=at,
-                     emitter=emitter, task=dict(row))
+                     emitter=emitter, task=task)
 
     @staticmethod
     def _row(db: sqlite3.Connection, uuid: str) -> Row:
@@ -549,6 +558,16 @@ class SQLiteStore(TaskStore):
         return self._update_active(EventKind.PROGRESS, uuid, owner, owner,
                                    {"progress": progress, "percent": percent})
 
+    def save_state(self, uuid: str, owner: str, state: Any) -> bool:
+        text = _encode("state", state)
+
+        def save(db: sqlite3.Connection) -> bool:
+            return bool(db.execute(
+                f"UPDATE mpc_tasks SET state = ?, state_saved_at = ? WHERE uuid = ? AND status IN {_ACTIVE_SQL} "
+                "AND owner = ?", (text, time.time(), uuid, owner)).rowcount)
+
+        return self._group.run(save)
+
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
                 fields: dict[str, Any]) -> Optional[Event]:
         return self._update_active(EventKind.ENDED, uuid, owner, emitter,
@@ -572,7 +591,8 @@ class SQLiteStore(TaskStore):
             status = row["status"]
             if status in _TERMINAL:
                 raise TaskAlreadyFinished(uuid, status)
-            return row, self._stop_one(db, row, emitter, time.time())
+            event = self._stop_one(db, row, emitter, time.time())  # updates row
+            return _shown(row), event
 
     def _stop_one(self, db: sqlite3.Connection, row: Row, emitter: Optional[str], now: float) -> Optional[Event]:
         """Stop a task that is not terminal (``row`` is updated): what :meth:`request_stop` and
@@ -644,12 +664,12 @@ class SQLiteStore(TaskStore):
         with self._transaction() as db:
             row = self._changeable(db, uuid)
             if row["status"] == wanted:
-                return row, None
+                return _shown(row), None
             if row["status"] != needs:
                 raise InvalidTransition(uuid, row["status"], change, needs)
             db.execute("UPDATE mpc_tasks SET status = ? WHERE seq = ?", (wanted, row["seq"]))
             row["status"] = wanted
-            return row, self._emit(db, kind, row, emitter, time.time())
+            return _shown(row), self._emit(db, kind, row, emitter, time.time())
 
     def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:
         with self._transaction() as db:
@@ -658,7 +678,7 @@ class SQLiteStore(TaskStore):
                 raise InvalidTransition(uuid, row["status"], "re-prioritised", _QUEUED)
             db.execute("UPDATE mpc_tasks SET priority = ? WHERE seq = ?", (priority, row["seq"]))
             row["priority"] = priority
-            return row, self._emit(db, EventKind.QUEUED, row, emitter, time.time())
+            return _shown(row), self._emit(db, EventKind.QUEUED, row, emitter, time.time())
 
     def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
         with self._transaction() as db:
