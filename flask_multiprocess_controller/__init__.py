@@ -4,8 +4,8 @@ from __future__ import annotations
 from .controller import MetaMPController
 from .exceptions import (
     AbortException, ControllerClosed, InvalidArguments, InvalidRequest, InvalidTransition, MemoryLimitExceeded,
-    MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, ProcessDied, QueueFull, StateTooLarge, StoreError,
-    TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
+    MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, ProcessDied, QueueFull, StateTooLarge,
+    StoreError, TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
 )
 from .extension import MultiprocessController
 from .logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator

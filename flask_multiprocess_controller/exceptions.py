@@ -142,8 +142,8 @@ class StateTooLarge(MPCError):
     """
 
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"save_state() was given {size} bytes of JSON, over the controller's max_state_size of "
-                         f"{limit} bytes; nothing was saved.")
+        super().__init__(f"save_state() was given {size} bytes of JSON, over the controller's max_state_size "
+                         f"of {limit} bytes; nothing was saved.")
         #: Bytes of JSON the value took, and the most allowed.
         self.size = size
         self.limit = limit

@@ -921,7 +921,8 @@ def test_saved_state_survives_requeue_and_retry_and_comes_with_the_next_claim(st
     claimed = claim(store, owner="host-b:2:2.0")
     assert (claimed["uuid"], claimed["state"], claimed["state_saved_at"]) == (uuid, {"done": 10}, saved_at)
     assert store.save_state(uuid, "host-b:2:2.0", {"done": 20})
-    assert store.retry(uuid, 0.0, owner="host-b:2:2.0", errors=[{"type": "X", "message": "m", "traceback": None}])
+    error = {"type": "X", "message": "m", "traceback": None}
+    assert store.retry(uuid, 0.0, owner="host-b:2:2.0", errors=[error])
     assert fetch(store, uuid)["state"] == {"done": 20}
     claimed = wait_until(lambda: claim(store, owner="host-c:3:3.0"), timeout=10)
     assert (claimed["uuid"], claimed["state"], claimed["attempt"]) == (uuid, {"done": 20}, 3)

@@ -6,7 +6,8 @@ app reads and writes tasks through it, and the limits of a controller
 they hold across processes that share it.
 
 Every write that changes a task's state also writes the task's :class:`~..events.Event`
-(the row less its saved ``state``, see :func:`event_task`) in the same atomic step and returns it, so the store's change feed (:meth:`TaskStore.changes`)
+(the row less its saved ``state``, see :func:`event_task`) in the same atomic step and returns it,
+so the store's change feed (:meth:`TaskStore.changes`)
 never misses a change and never shows one that did not happen. Events of the kinds in
 :data:`~..events.CALLBACK_KINDS` are also kept in a per-controller outbox until acknowledged,
 so that callbacks survive a crash (at least once).
@@ -375,7 +376,8 @@ class TaskStore(abc.ABC):
 
         The task becomes ``queued`` with ``retry_at`` = the store's clock plus ``delay`` seconds;
         its ``attempt`` and saved ``state`` are kept (the next claim counts on), its owner, pid,
-        ``started_at`` and stop request are cleared, and ``fields`` (:data:`MUTABLE_FIELDS`: ``errors``, say) are set.
+        ``started_at`` and stop request are cleared, and ``fields`` (:data:`MUTABLE_FIELDS`: ``errors``,
+        say) are set.
         Until ``retry_at`` it stays out of the ready queue: claims skip it at no cost and its
         :meth:`position` is None. No queue bound applies. ``emitter`` defaults to ``owner``.
 

@@ -13,7 +13,8 @@ from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import InvalidTransition, QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task, parse_counter,
+    ANY_TENANT, COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task,
+    parse_counter,
 )
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ _TERMINAL = frozenset(s.value for s in TERMINAL)
 
 
 def _shown(row: Row) -> Row:
-    """A copy of ``row`` for a write that answers with the task: less its saved state, as its event shows it."""
+    """A copy of ``row`` for a write that answers with the task: less its saved state, as events show it."""
     return cast(Row, copy.deepcopy(event_task(row)))
 
 
@@ -61,7 +62,8 @@ class MemoryStore(TaskStore):
         """Append the event of a change of ``row`` to the feed (and the outbox); return a copy."""
         self._last_cursor += 1
         event = Event(cursor=str(self._last_cursor), kind=kind.value, uuid=row["uuid"],
-                      controller=row["controller"], at=at, emitter=emitter, task=copy.deepcopy(event_task(row)))
+                      controller=row["controller"], at=at, emitter=emitter,
+                      task=copy.deepcopy(event_task(row)))
         self._events.append(event)
         if event["kind"] in CALLBACK_KINDS:
             self._outbox.setdefault(row["controller"], {})[self._last_cursor] = event

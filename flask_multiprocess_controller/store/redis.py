@@ -41,7 +41,10 @@ from ..exceptions import (
     InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import ANY_TENANT, COLUMNS as _COLUMNS, EVENT_HIDDEN, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task
+from .base import (
+    ANY_TENANT, COLUMNS as _COLUMNS, EVENT_HIDDEN, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
+    event_task,
+)
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -225,7 +228,8 @@ local function unchangeable(key)
   return false
 end
 """.replace("ACTIVE_SET", _lua_set(s.value for s in ACTIVE)).replace(
-    "TERMINAL_SET", _lua_set(s.value for s in TERMINAL)).replace("CALLBACK_SET", _lua_set(CALLBACK_KINDS)).replace(
+    "TERMINAL_SET", _lua_set(s.value for s in TERMINAL)).replace("CALLBACK_SET", _lua_set(CALLBACK_KINDS))
+_LIB = _LIB.replace(
     "EVENT_HIDDEN_SET", _lua_set(EVENT_HIDDEN))
 
 # ARGV from 4: max_queued, controller, rows (JSON list of flat [field, value, ...] lists, without seq)

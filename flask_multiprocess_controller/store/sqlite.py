@@ -563,8 +563,8 @@ class SQLiteStore(TaskStore):
 
         def save(db: sqlite3.Connection) -> bool:
             return bool(db.execute(
-                f"UPDATE mpc_tasks SET state = ?, state_saved_at = ? WHERE uuid = ? AND status IN {_ACTIVE_SQL} "
-                "AND owner = ?", (text, time.time(), uuid, owner)).rowcount)
+                f"UPDATE mpc_tasks SET state = ?, state_saved_at = ? WHERE uuid = ? "
+                f"AND status IN {_ACTIVE_SQL} AND owner = ?", (text, time.time(), uuid, owner)).rowcount)
 
         return self._group.run(save)
 
