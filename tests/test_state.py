@@ -7,8 +7,12 @@ saved state runs, with a new server on the same SQLite file resuming it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
 from datetime import datetime
 import multiprocessing
 import signal
@@ -21,7 +25,7 @@ from flask_multiprocess_controller.child import _Channel
 from flask_multiprocess_controller.protocol import Limits, RunTask, SaveState, StateSaved, StopTask
 from flask_multiprocess_controller.store import resolve_store
 
-from serverproc import ServerPool, free_port, poll_until, python
+from serverproc import EXAMPLE_APP, ServerPool, free_port, poll_until, python
 
 HTTP_TIMEOUT = 15
 ORPHAN_DEADLINE = 10.0
@@ -174,6 +178,60 @@ def test_the_task_object_shows_when_state_was_saved_but_never_the_state(make_cli
     assert fresh["state"] is not None  # kept in the store, shown nowhere
     assert '"state":' not in client.get(f"/tasks/{uuid}").get_data(as_text=True)
     assert '"state":' not in client.get("/tasks").get_data(as_text=True)
+
+
+# -- the example app's task --------------------------------------------------------------------------------
+
+EXAMPLE_RUN = """
+import importlib.util, json, sys
+
+spec = importlib.util.spec_from_file_location("app", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules["app"] = module
+spec.loader.exec_module(module)
+
+
+class Channel:
+    def __init__(self):
+        self.saved = []
+
+    def publish(self, value):
+        pass
+
+    def publish_percent(self, percent):
+        pass
+
+    def stop_requested(self):
+        return False
+
+    def save_state(self, value):
+        self.saved.append(value)
+        return True
+
+
+module.PrimeCount.SAVE_EVERY = 0.0  # save after every chunk
+answers = []
+for state in (None, {"checked_below": 10000, "found": 0}):
+    channel = Channel()
+    result = module.PrimeCount("t", channel, {}, state=state).execute(limit=20000, chunks=4)
+    answers.append({"result": result, "saved": channel.saved})
+print(json.dumps(answers))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_example_saves_how_far_it_got_and_resumes_from_there(tmp_path):
+    env = {**os.environ, "MPC_ROLE": "client", "MPC_STORE_URL": "memory://"}  # no task process, no file
+    done = subprocess.run([sys.executable, "-c", EXAMPLE_RUN, str(EXAMPLE_APP)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    fresh, resumed = json.loads(done.stdout)
+    assert fresh["result"] == {"limit": 20000, "primes": 2262}
+    assert [s["checked_below"] for s in fresh["saved"]] == [5000, 10000, 15000, 20000]
+    assert fresh["saved"][-1]["found"] == 2262
+    # Resumed from a state saying 0 primes were below 10000: only the primes above it were counted.
+    assert resumed["result"] == {"limit": 20000, "primes": 2262 - 1229}
+    assert [s["checked_below"] for s in resumed["saved"]] == [15000, 20000]
 
 
 # -- a real server lost or shut down while a task that saved state runs --------------------------------------
