@@ -934,6 +934,28 @@ def test_saved_state_survives_requeue_and_retry_and_comes_with_the_next_claim(st
 
 
 @pytest.mark.timeout(30)
+def test_lists_and_answers_of_writes_leave_the_saved_state_out_but_get_has_it(store):
+    (uuid,) = add(store)
+    rows = [make_row() for _ in range(2)]
+    for row in rows:
+        row["batch"] = "b" * 32
+    store.enqueue(rows, -1)
+    for owner in ("o-1", "o-2", "o-3"):
+        claim(store, owner=owner)
+    for owner, row_uuid in zip(("o-1", "o-2", "o-3"), (uuid, rows[0]["uuid"], rows[1]["uuid"])):
+        assert store.save_state(row_uuid, owner, {"big": "y" * 10_000})
+    listed = store.list_tasks(CTL) + store.list_tasks(CTL, statuses=["running"]) + store.batch(CTL, "b" * 32)
+    assert len(listed) == 3 + 3 + 2
+    for row in listed:
+        assert row.get("state") is None and row["state_saved_at"] is not None
+        assert ROW_KEYS <= set(row)
+    stopped, _ = store.request_stop(uuid)
+    assert stopped.get("state") is None and stopped["status"] == "stopping"
+    assert store.get(uuid)["state"] == {"big": "y" * 10_000}
+    assert [row["state"] for row in store.active(CTL)] == [{"big": "y" * 10_000}] * 3
+
+
+@pytest.mark.timeout(30)
 def test_saved_state_is_never_in_events(store):
     (uuid,) = add(store)
     big = {"blob": "x" * 50_000}

@@ -558,6 +558,9 @@ class TaskStore(abc.ABC):
                    before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         """Return the controller's tasks, newest first (by ``seq``), optionally only in ``statuses``.
 
+        Like :meth:`batch`, it gives the rows without their saved ``state`` (large, and shown nowhere:
+        see :func:`event_task`); :meth:`get` has it.
+
         :param before: a ``seq``: only older tasks (paging). Costs O(``limit``) on every store
             (with a ``tenant``, in proportion to the tasks skipped on Redis).
         :param tenant: only the tasks stamped with this tenant (None included); every tenant's by default.

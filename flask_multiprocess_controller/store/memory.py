@@ -26,7 +26,7 @@ _TERMINAL = frozenset(s.value for s in TERMINAL)
 
 
 def _shown(row: Row) -> Row:
-    """A copy of ``row`` for a write that answers with the task: less its saved state, as events show it."""
+    """A copy of ``row`` as lists and the writes that answer with a task give it: less its saved state."""
     return cast(Row, copy.deepcopy(event_task(row)))
 
 
@@ -425,14 +425,14 @@ class MemoryStore(TaskStore):
                     and (before is None or r["seq"] < before)
                     and (tenant is ANY_TENANT or r.get("tenant") == tenant)]
             rows.sort(key=lambda r: r["seq"], reverse=True)
-            return copy.deepcopy(rows[:limit])
+            return [_shown(r) for r in rows[:limit]]
 
     def batch(self, controller: str, batch: str) -> list[Row]:
         with self._lock:
             rows = [r for r in self._rows.values()
                     if r["controller"] == controller and r.get("batch") == batch]
             rows.sort(key=lambda r: r["seq"])
-            return copy.deepcopy(rows)
+            return [_shown(r) for r in rows]
 
     def counts(self, controller: str) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -58,6 +58,8 @@ _INT = {"seq", "priority", "pid", "exit_code", "memory_peak", "attempt"}
 _FLOAT = {"percent", "created_at", "started_at", "ended_at", "pid_created", "timeout", "cpu_time", "retry_at",
           "state_saved_at"}
 _JSON = {"args", "progress", "result", "error", "errors", "schedule", "state"}
+#: The columns lists read (not the saved state, see ``event_task``); the uuid first.
+_LISTED_COLUMNS = ("uuid", *(c for c in _COLUMNS if c != "uuid" and c not in EVENT_HIDDEN))
 
 #: Seconds one ``XREAD BLOCK`` of a waiting ``changes()`` lasts at most (it waits in several if longer).
 _FEED_BLOCK_MAX = 10.0
@@ -688,6 +690,19 @@ class RedisStore(TaskStore):
             pipe.hgetall(self._key("t", _text(uuid)))
         return [_decode([x for pair in flat.items() for x in pair]) for flat in pipe.execute() if flat]
 
+    def _list_many(self, uuids: Sequence[Any]) -> list[Row]:
+        """:meth:`_get_many` for lists: the rows without their saved state (large, and shown nowhere)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for uuid in uuids:
+            pipe.hmget(self._key("t", _text(uuid)), _LISTED_COLUMNS)
+        rows = []
+        for values in pipe.execute():
+            if values[0] is not None:  # uuid: None once the task was purged
+                present = [(field, value) for field, value in zip(_LISTED_COLUMNS, values) if value is not None]
+                row = _decode([x for pair in present for x in pair])
+                rows.append(cast(Row, event_task(row)))
+        return rows
+
     # -- writes --------------------------------------------------------------------------------------------
 
     @_guarded
@@ -893,7 +908,7 @@ class RedisStore(TaskStore):
         wanted = list(dict.fromkeys(statuses or ()))
         if not wanted:
             uuids = self._redis.zrevrangebyscore(self._c(controller, "all"), top, "-inf", start=0, num=limit)
-            return self._get_many(uuids)
+            return self._list_many(uuids)
         # The newest ``limit`` of each wanted status, merged: O(limit) per status.
         pipe = self._redis.pipeline(transaction=True)
         for status in wanted:
@@ -902,12 +917,12 @@ class RedisStore(TaskStore):
         merged = heapq.merge(*pipe.execute(), key=lambda pair: pair[1], reverse=True)
         uuids = [uuid for uuid, _ in merged][:limit]
         # A task may have changed status since: keep to the filter.
-        return [row for row in self._get_many(uuids) if row["status"] in wanted]
+        return [row for row in self._list_many(uuids) if row["status"] in wanted]
 
     @_guarded
     def batch(self, controller: str, batch: str) -> list[Row]:
         # A sorted set per batch (by seq), written with the tasks and trimmed by purges.
-        return self._get_many(self._redis.zrange(self._c(controller, "b:" + batch), 0, -1))
+        return self._list_many(self._redis.zrange(self._c(controller, "b:" + batch), 0, -1))
 
     @_guarded
     def counts(self, controller: str) -> dict[str, int]:

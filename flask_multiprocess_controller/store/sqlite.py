@@ -28,8 +28,8 @@ from ..exceptions import (
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, COLUMNS as _COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
-    event_task, parse_counter,
+    ANY_TENANT, COLUMNS as _COLUMNS, EVENT_HIDDEN, _finish_fields, FireOutcome, Fired, Row, ScheduleRow,
+    TaskStore, event_task, parse_counter,
 )
 from .groupcommit import GroupCommit
 
@@ -133,6 +133,9 @@ CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch
 #: Columns stored as JSON text.
 _JSON_COLUMNS = ("args", "progress", "result", "error", "errors", "schedule", "state")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mpc_tasks"
+#: Lists read tasks without their saved state, which may be large and is shown nowhere (see ``event_task``).
+_LISTED_COLUMNS = tuple(c for c in _COLUMNS if c not in EVENT_HIDDEN)
+_SELECT_LISTED = f"SELECT {', '.join(_LISTED_COLUMNS)} FROM mpc_tasks"
 _EVENT_COLUMNS = "cursor, kind, uuid, controller, at, emitter, task"
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(ACTIVE)) + ")"
@@ -170,17 +173,22 @@ def _encode(column: str, value: Any) -> Any:
     return value
 
 
-def _decode(values: Sequence[Any]) -> Row:
-    row: Row = dict(zip(_COLUMNS, values))  # type: ignore[assignment]
+def _decode(values: Sequence[Any], columns: Sequence[str] = _COLUMNS) -> Row:
+    row: Row = dict(zip(columns, values))  # type: ignore[assignment]
     for column in _JSON_COLUMNS:
-        if row[column] is not None:  # type: ignore[literal-required]
+        if row.get(column) is not None:
             row[column] = json.loads(row[column])  # type: ignore[literal-required]
     row["stop_requested"] = bool(row["stop_requested"])
     return row
 
 
+def _listed(values: Sequence[Any]) -> Row:
+    """A row read with :data:`_SELECT_LISTED`: without its saved state."""
+    return _decode(values, _LISTED_COLUMNS)
+
+
 def _shown(row: Row) -> Row:
-    """``row`` for a write that answers with the task: less its saved state, as its event shows it."""
+    """``row`` as the writes that answer with a task give it: less its saved state, as its event shows it."""
     return cast(Row, event_task(row))
 
 
@@ -388,6 +396,10 @@ class SQLiteStore(TaskStore):
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return [_decode(values) for values in self._query(sql, params)]
+
+    def _read_listed(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """:meth:`_read` of a query on :data:`_SELECT_LISTED`."""
+        return [_listed(values) for values in self._query(sql, params)]
 
     # -- events --------------------------------------------------------------------------------------------
 
@@ -612,8 +624,9 @@ class SQLiteStore(TaskStore):
         total = 0
         while True:
             with self._transaction() as db:
-                doomed = [_decode(found) for found in db.execute(
-                    f"{_SELECT} WHERE controller = ? AND status IN {_TERMINAL_SQL} AND ended_at < ? LIMIT ?",
+                doomed = [_listed(found) for found in db.execute(
+                    f"{_SELECT_LISTED} WHERE controller = ? AND status IN {_TERMINAL_SQL} AND ended_at < ? "
+                    "LIMIT ?",
                     (controller, ended_before, _PURGE_BATCH))]
                 now = time.time()
                 for row in doomed:
@@ -683,8 +696,8 @@ class SQLiteStore(TaskStore):
     def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
         with self._transaction() as db:
             now = time.time()
-            rows = [_decode(found) for found in db.execute(
-                f"{_SELECT} WHERE controller = ? AND status IN ('queued', 'running', 'paused') "
+            rows = [_listed(found) for found in db.execute(
+                f"{_SELECT_LISTED} WHERE controller = ? AND status IN ('queued', 'running', 'paused') "
                 "ORDER BY status != 'queued', seq", (controller,))]
             return [event for event in (self._stop_one(db, row, emitter, now) for row in rows) if event is not None]
 
@@ -805,17 +818,19 @@ class SQLiteStore(TaskStore):
         wanted = list(dict.fromkeys(statuses or ()))
         by_tenant, tenant_args = ("", ()) if tenant is ANY_TENANT else (" AND tenant IS ?", (tenant,))
         if not wanted:
-            return self._read(f"{_SELECT} WHERE controller = ? AND seq < ?{by_tenant} ORDER BY seq DESC LIMIT ?",
-                              (controller, below, *tenant_args, limit))
+            return self._read_listed(f"{_SELECT_LISTED} WHERE controller = ? AND seq < ?{by_tenant} "
+                                     "ORDER BY seq DESC LIMIT ?", (controller, below, *tenant_args, limit))
         # One index range per status (each at most ``limit`` rows), merged: O(limit) per status,
         # however many older tasks of other statuses there are.
-        pages = [self._read(f"{_SELECT} WHERE controller = ? AND status = ? AND seq < ?{by_tenant} "
-                            f"ORDER BY seq DESC LIMIT ?", (controller, status, below, *tenant_args, limit))
+        pages = [self._read_listed(f"{_SELECT_LISTED} WHERE controller = ? AND status = ? AND seq < ?"
+                                   f"{by_tenant} ORDER BY seq DESC LIMIT ?",
+                                   (controller, status, below, *tenant_args, limit))
                  for status in wanted]
         return list(heapq.merge(*pages, key=lambda r: r["seq"], reverse=True))[:limit]
 
     def batch(self, controller: str, batch: str) -> list[Row]:
-        return self._read(f"{_SELECT} WHERE batch = ? AND controller = ? ORDER BY seq", (batch, controller))
+        return self._read_listed(f"{_SELECT_LISTED} WHERE batch = ? AND controller = ? ORDER BY seq",
+                                 (batch, controller))
 
     def counts(self, controller: str) -> dict[str, int]:
         return dict(self._query(
