@@ -698,8 +698,8 @@ class RedisStore(TaskStore):
         rows = []
         for values in pipe.execute():
             if values[0] is not None:  # uuid: None once the task was purged
-                present = [(field, value) for field, value in zip(_LISTED_COLUMNS, values) if value is not None]
-                row = _decode([x for pair in present for x in pair])
+                flat = [x for pair in zip(_LISTED_COLUMNS, values) if pair[1] is not None for x in pair]
+                row = _decode(flat)
                 rows.append(cast(Row, event_task(row)))
         return rows
 
