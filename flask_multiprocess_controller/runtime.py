@@ -468,9 +468,11 @@ class Runtime:
                 self.events.publish(event)
 
     def _settle_orphan(self, row: Row, owner: Optional[str]) -> None:
-        """``lost``, or queued again when the task class is restartable or the task saved a state."""
+        """``lost``, or queued again when the task class is restartable or the task saved a state (unless a
+        stop of it was asked for: a task a client stopped is not brought back by the loss of its server)."""
         uuid = row["uuid"]
-        if self.config.restartable or row.get("state_saved_at") is not None:
+        resumable = row.get("state_saved_at") is not None and not row.get("stop_requested")
+        if self.config.restartable or resumable:
             event = self.store.requeue(uuid, owner=owner, emitter=self.owner)
             if event is not None:
                 self.logger.warning("Task %s was cut off when its server (%s) died; queued again.", uuid, owner)

@@ -13,6 +13,8 @@ import math
 import os
 import subprocess
 import sys
+import time
+import uuid as uuid_module
 from datetime import datetime
 import multiprocessing
 import signal
@@ -22,6 +24,7 @@ import requests
 
 from flask_multiprocess_controller import MetaMPTask, StateTooLarge
 from flask_multiprocess_controller.child import _Channel
+from flask_multiprocess_controller.runtime import host_id
 from flask_multiprocess_controller.protocol import Limits, RunTask, SaveState, StateSaved, StopTask
 from flask_multiprocess_controller.store import resolve_store
 
@@ -155,6 +158,35 @@ def test_too_large_and_nan_states_are_refused_inside_the_task(make_controller):
     assert "NaN and Infinity" in result["nan"]
     assert (result["state_before"], result["stored"], result["state_after"]) == (None, True, {"good": 1})
     assert controller.store.get(uuid)["state"] == {"good": 1}
+
+
+class ReturnsItsState(MetaMPTask):
+    def execute(self) -> dict:
+        return {"resumed_from": self.state}
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_servers_task_that_saved_state_is_queued_again_unless_a_stop_was_asked(
+        make_controller, tmp_path):
+    store = resolve_store(f"sqlite:///{tmp_path / 'orphans.sqlite3'}")
+    dead = f"{host_id()}:{os.getpid()}:1.0"  # this pid, another start time: a serving process that is gone
+    rows = [{"uuid": str(uuid_module.uuid4()), "controller": "ReturnsItsState", "status": "queued",
+             "priority": 0, "args": {}, "created_at": time.time(), "timeout": None, "attempt": 0,
+             "stop_requested": False} for _ in range(3)]
+    store.enqueue(rows, -1)
+    resumable, stopped, plain = (row["uuid"] for row in rows)
+    for uuid in (resumable, stopped, plain):
+        assert store.claim("ReturnsItsState", dead, 10)["uuid"] == uuid
+    assert store.save_state(resumable, dead, {"reached": 5})
+    assert store.save_state(stopped, dead, {"reached": 6})
+    store.request_stop(stopped)
+    controller = make_controller(ReturnsItsState, store=store)  # its start settles the dead server's tasks
+    done = controller.wait(resumable, timeout=30)
+    assert (done["status"], done["attempt"]) == ("succeeded", 2)
+    assert done["result"] == {"resumed_from": {"reached": 5}}
+    for uuid in (stopped, plain):  # a stop was asked / nothing saved, and the class is not restartable
+        task = controller.wait(uuid, timeout=30)
+        assert (task["status"], task["error"]["type"]) == ("lost", "Lost"), task
 
 
 @pytest.mark.timeout(30)
