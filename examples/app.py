@@ -18,14 +18,31 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(na
 
 
 class PrimeCount(MetaMPTask, task_name="prime-count"):
-    """Count the primes below ``limit``, reporting progress as it goes."""
+    """Count the primes below ``limit``, reporting progress as it goes.
+
+    Every few seconds it saves how far it got (``save_state``): if its server dies or shuts down, the
+    task is queued again and the next attempt goes on from there (``self.state``) instead of restarting.
+    """
+
+    #: Seconds between two saves of how far the count got.
+    SAVE_EVERY = 2.0
 
     def execute(self, limit: int = 100_000, chunks: int = 20, pause: float = 0.0) -> dict:
-        found = 0
+        resumed = self.state or {}  # what an earlier attempt saved, if any
+        found, done_below = resumed.get("found", 0), resumed.get("checked_below", 0)
+        if resumed:
+            self.logger.info("resuming from %d (%d primes found below it)", done_below, found)
         step = max(1, limit // chunks)
+        next_save = time.monotonic() + self.SAVE_EVERY
         for start in self.track(range(0, limit, step)):  # publishes percent and honours stop requests
+            if start < done_below:
+                continue  # counted by an earlier attempt
             found += sum(1 for n in range(start, min(start + step, limit)) if _is_prime(n))
-            self.upload_status({"checked_below": min(start + step, limit), "found": found})
+            reached = {"checked_below": min(start + step, limit), "found": found}
+            self.upload_status(reached)
+            if time.monotonic() >= next_save:
+                self.save_state(reached)
+                next_save = time.monotonic() + self.SAVE_EVERY
             time.sleep(pause)
         self.logger.info("%d primes below %d", found, limit)
         return {"limit": limit, "primes": found}

@@ -4,8 +4,8 @@ from __future__ import annotations
 from .controller import MetaMPController
 from .exceptions import (
     AbortException, ControllerClosed, InvalidArguments, InvalidRequest, InvalidTransition, MemoryLimitExceeded,
-    MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, ProcessDied, QueueFull, StoreError,
-    TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
+    MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, ProcessDied, QueueFull, StateTooLarge,
+    StoreError, TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
 )
 from .extension import MultiprocessController
 from .logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
@@ -25,4 +25,5 @@ __all__ = [
     "TaskNotFound", "TaskAlreadyFinished", "QueueFull", "ControllerClosed", "StoreError", "MethodNotServed",
     "NoTargetTask", "Reply", "TemplateMPController", "TemplateMPResource", "MultiprocessController",
     "InvalidTransition", "TaskFailure", "ProcessDied", "TaskTimeout", "MemoryLimitExceeded",
+    "StateTooLarge",
 ]

@@ -245,6 +245,7 @@ class AdoptedRun(threading.Thread):
                       attempt=row.get("attempt"), claimed_at=row.get("started_at"))
         run.started = time.monotonic() - _elapsed(rt, row)  # the timeout counts from the task's start
         run.errors = list(row.get("errors") or [])
+        run.has_state = row.get("state_saved_at") is not None
         rt.register_adopted(run)
         try:
             run.attach(child)

@@ -2,7 +2,8 @@
 
 The messages are the dataclasses of :mod:`.protocol`: commands :class:`RunTask`,
 :class:`StopTask` and :class:`Exit` come in; :class:`Progress`, :class:`Percent`,
-:class:`LogRecordMessage` and, once per task, :class:`Done` go out.
+:class:`LogRecordMessage` and, once per task, :class:`Done` go out. ``save_state()`` sends
+:class:`SaveState` and waits for its :class:`StateSaved`.
 """
 from __future__ import annotations
 
@@ -16,15 +17,15 @@ import threading
 import time
 from typing import Any, Optional, Type
 
-from . import task as task_module
-from .exceptions import AbortException
+from . import defaults, task as task_module
+from .exceptions import AbortException, StateTooLarge
 from .proctree import IDLE_NAME, set_process_name, task_process_name
 from .capture import OutputCapture, flush_python_streams
 from .channel import PacketChannel
 from .logs import ChannelQueue, MetaMPLoggerConfigurator, apply_logger_levels
 from .protocol import (
-    Command, Done, Exit, Limits, LogRecordMessage, Output, Percent, Progress, RunTask, StopTask, Usage,
-    error_record, exception_record,
+    Command, Done, Exit, Limits, LogRecordMessage, Output, Percent, Progress, RunTask, SaveState, StateSaved,
+    StopTask, Usage, error_record, exception_record,
 )
 from .retries import RetryPolicy
 from .task import MetaMPTask
@@ -71,7 +72,14 @@ class _Channel:
         self._next_send = 0.0
         self._limit = 0
         self._short_str = 0
+        self._state_limit = 0
         self._logger = _LOGGER
+        # Reads of the connection come from the task's thread, or from a thread of it saving its state.
+        self._recv_lock = threading.Lock()
+        #: Numbers the task's saves, so that a late answer to one that timed out is told apart.
+        self._saves = 0
+        #: Seconds a save waits for the serving process's answer.
+        self.ack_timeout = defaults.STATE_ACK_TIMEOUT
 
     def send(self, message: object) -> None:
         # What Connection.send does, less its ForkingPickler (made per message, for what only
@@ -86,6 +94,7 @@ class _Channel:
         self._limit = command.limits.progress_bytes
         # A string this short cannot encode to more than the limit (JSON escapes take 6 bytes at most).
         self._short_str = self._limit // 6
+        self._state_limit = command.limits.state_bytes
         self._logger = logger
 
     def publish(self, value: Any) -> None:
@@ -150,9 +159,71 @@ class _Channel:
         self.send(Percent(self.task_id, percent))
 
     def stop_requested(self) -> bool:
-        while not self._stop and self._conn.poll():
-            self._take(self._conn.recv())
+        if not self._recv_lock.acquire(blocking=False):  # a save reads the connection now, and keeps the stop
+            return self._stop
+        try:
+            while not self._stop and self._conn.poll():
+                self._take(self._conn.recv())
+        finally:
+            self._recv_lock.release()
         return self._stop
+
+    def save_state(self, value: Any) -> bool:
+        """Have ``value`` stored as the task's saved state; return True once the store holds it.
+
+        The value is checked here (JSON without NaN or Infinity, at most ``max_state_size`` bytes),
+        sent to the serving process as :class:`SaveState`, and the answer :class:`StateSaved` awaited
+        for at most :attr:`ack_timeout` seconds. Commands read meanwhile are kept as
+        :meth:`stop_requested` keeps them (a stop is seen by the next ``checkpoint()``). No answer in
+        time, a refusal (the task is no longer this server's) or a lost serving process is logged
+        and gives False: the task goes on.
+
+        :raises TypeError: ``value`` is not JSON-serialisable.
+        :raises ValueError: it holds NaN or Infinity.
+        :raises StateTooLarge: its JSON is over the limit.
+        """
+        try:
+            text = _STRICT_JSON.encode(value)
+        except TypeError as exc:
+            raise TypeError(f"save_state() needs a JSON-serialisable value: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"save_state() needs a JSON value (NaN and Infinity are not JSON): {exc}") \
+                from None
+        if len(text) > self._state_limit:  # ASCII: one byte per character
+            raise StateTooLarge(len(text), self._state_limit)
+        with self._recv_lock:
+            self._saves += 1
+            number = self._saves
+            try:
+                self.send(SaveState(self.task_id or "", number, text))
+                answer = self._await_saved(number)
+            except (OSError, EOFError):
+                self._logger.warning("save_state() of task %s: the serving process is gone; the state may "
+                                     "not be stored.", self.task_id)
+                return False
+        if answer is None:
+            self._logger.warning("save_state() of task %s: no answer from the serving process within %g s; "
+                                 "the state may not be stored, and the task goes on.", self.task_id,
+                                 self.ack_timeout)
+            return False
+        if not answer.stored:
+            self._logger.warning("save_state() of task %s: the state was not stored (the task is no longer "
+                                 "this server's, or the store failed).", self.task_id)
+        return answer.stored
+
+    def _await_saved(self, number: int) -> Optional[StateSaved]:
+        """Read the connection until the answer to save ``number`` comes (None after the timeout)."""
+        deadline = time.monotonic() + self.ack_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._conn.poll(remaining):
+                return None
+            message = self._conn.recv()
+            if isinstance(message, StateSaved):
+                if message.uuid == self.task_id and message.number == number:
+                    return message
+            else:
+                self._take(message)
 
     def _take(self, message: Command) -> None:
         if isinstance(message, StopTask):
@@ -160,7 +231,7 @@ class _Channel:
                 self._stop = True
         elif isinstance(message, Exit):
             self.exit_requested = True
-        else:
+        elif not isinstance(message, StateSaved):  # a late answer to a save that stopped waiting
             self._pending.append(message)
 
     def next_command(self) -> Command:
@@ -224,7 +295,7 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
     set_process_name(task_process_name(task_id))  # the proof that this process is the task's
     if capture is not None:
         capture.begin(task_id)
-    task = task_cls(task_id, channel, command.context)
+    task = task_cls(task_id, channel, command.context, state=command.state)
     task_module._set_current(task)
     try:
         done = _result(task_id, task.execute(**command.args), command.limits.result_bytes)
@@ -282,7 +353,8 @@ def prepare_fork_server(configurator: Type[MetaMPLoggerConfigurator]) -> None:
         _logging_ready = True
     sample = Done("", "ok", result_json=_STRICT_JSON.encode(None), usage=Usage(children=[]))
     pickle.loads(pickle.dumps(sample))
-    pickle.loads(pickle.dumps(RunTask("", {}, {}, {}, Limits(0, 0))))
+    pickle.loads(pickle.dumps(RunTask("", {}, {}, {}, Limits(0, 0, 0))))
+    pickle.loads(pickle.dumps(SaveState("", 0, "")))
 
 
 def run_child(conn: PacketChannel, output_captured: bool, task_cls: Type[MetaMPTask],

@@ -205,6 +205,8 @@ class MetaMPController:
         shown over HTTP when the app runs in debug mode); the store and the logs always keep it.
     :param max_result_size: bytes of JSON a result may take; over it the task fails (``ResultTooLarge``).
     :param max_progress_size: bytes of JSON one progress value may take; a larger one is refused.
+    :param max_state_size: bytes of JSON a task's ``save_state()`` value may take; over it the call raises
+        :class:`~.exceptions.StateTooLarge` in the task (default 1 MiB).
     :param max_bulk: task objects one bulk POST may hold; over it, 413.
     :param compat: ``"0.1"`` makes this controller's resource take bodies of any content
         type and answer in upstream 0.1's shapes and codes, for clients that cannot change
@@ -213,7 +215,7 @@ class MetaMPController:
     .. versionchanged:: 0.3
         Upstream's positional order; ``target_task=None``; ``logger_configurator_cls``;
         ``compat``, ``max_wait``, ``expose_tracebacks``, ``max_result_size``,
-        ``max_progress_size``, ``max_bulk``.
+        ``max_progress_size``, ``max_bulk``, ``max_state_size``.
     """
 
     _name: ClassVar[Optional[str]] = None
@@ -247,6 +249,7 @@ class MetaMPController:
                  expose_tracebacks: bool = False, max_result_size: int = defaults.MAX_RESULT_SIZE,
                  max_progress_size: int = defaults.MAX_PROGRESS_SIZE, max_bulk: int = defaults.MAX_BULK,
                  role: Optional[str] = None, tenant: Optional[Callable[[], Any]] = None,
+                 max_state_size: int = defaults.MAX_STATE_SIZE,
                  handover_window: Optional[float] = None) -> None:
         if target_task is not None and not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
             raise TypeError(f"target_task must be a MetaMPTask subclass or None, not {target_task!r}.")
@@ -277,7 +280,8 @@ class MetaMPController:
         self.retention = retention
         self.max_content_length = max_content_length
         for name, value in (("max_wait", max_wait), ("max_result_size", max_result_size),
-                            ("max_progress_size", max_progress_size), ("max_bulk", max_bulk)):
+                            ("max_progress_size", max_progress_size), ("max_bulk", max_bulk),
+                            ("max_state_size", max_state_size)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, not {value!r}.")
         self.max_wait = float(max_wait)
@@ -320,7 +324,8 @@ class MetaMPController:
         self._schedules: dict[str, ScheduleSpec] = {}
         self._configurator = configurator or _WorkerLogSetup
         self._posts = compat_module.PostCounter()
-        self._limits = Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size))
+        self._limits = Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size),
+                              state_bytes=int(max_state_size))
         # Guards _store and _side creation, and _closed.
         self._lock = threading.RLock()
         self._closed = False

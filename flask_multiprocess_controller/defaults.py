@@ -40,6 +40,10 @@ HOST_ID_ENV = "MPC_HOST_ID"
 MAX_WAIT = 25.0
 #: Bytes of JSON a task's result may take (1 MiB); over it the task fails with ``ResultTooLarge``.
 MAX_RESULT_SIZE = 1024 * 1024
+#: Bytes of JSON a task's saved state may take (1 MiB); over it ``save_state()`` raises ``StateTooLarge``.
+MAX_STATE_SIZE = 1024 * 1024
+#: Seconds ``save_state()`` waits for the serving process to say the state is stored; then the task goes on.
+STATE_ACK_TIMEOUT = 30.0
 #: Bytes of JSON one progress value may take (64 KiB); a larger one is refused in the task.
 MAX_PROGRESS_SIZE = 64 * 1024
 #: Bytes of JSON the list view shows of a task's ``args``, ``progress`` and ``result`` each (4 KiB);

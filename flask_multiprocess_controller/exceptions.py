@@ -134,6 +134,21 @@ class NotInTask(MPCError):
     """A task-side helper was called outside a running task."""
 
 
+class StateTooLarge(MPCError):
+    """Raised inside a task by ``save_state()`` when the value's JSON is over the controller's
+    ``max_state_size``; nothing is saved, and the task may catch it and go on.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"save_state() was given {size} bytes of JSON, over the controller's max_state_size "
+                         f"of {limit} bytes; nothing was saved.")
+        #: Bytes of JSON the value took, and the most allowed.
+        self.size = size
+        self.limit = limit
+
+
 class TaskFailure(MPCError):
     """Base of the ways a task can fail outside ``execute``; name them in a task's ``retry_on``.
 

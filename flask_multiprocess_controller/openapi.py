@@ -595,6 +595,10 @@ def _common_schemas() -> dict[str, Any]:
         "controller": {"type": "string"},
         "batch": _nullable("string", pattern="^[0-9a-f]{32}$",
                            description="The id of the bulk POST that queued the task; null for a single POST."),
+        "state_saved_at": _nullable(
+            "string", format="date-time",
+            description="When the task last saved its state with `save_state()` (an attempt after the first "
+                        "resumes from it); null when it never did. The state itself is never shown."),
         "truncated": {"type": "array", "items": {"enum": ["args", "progress", "result"]},
                       "description": "In a list view: the values shown as null because they are too large."},
     }

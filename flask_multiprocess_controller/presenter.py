@@ -44,6 +44,8 @@ class TaskObject(TypedDict, total=False):
     #: The id of the bulk POST (or :meth:`~.controller.MetaMPController.submit_many`) that queued the
     #: task, shared by every task of it; None for a task queued alone.
     batch: Optional[str]
+    #: When the task last saved its state (ISO 8601), else None. The state itself is never shown.
+    state_saved_at: Optional[str]
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
@@ -52,7 +54,7 @@ class TaskObject(TypedDict, total=False):
 TASK_KEYS = (
     "uuid", "status", "msg", "progress", "percent", "result", "error", "args", "priority", "position",
     "created_at", "started_at", "ended_at", "pid", "exit_code", "memory_peak", "cpu_time", "timeout",
-    "attempt", "controller", "retry_at", "errors", "schedule", "batch",
+    "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
 )
 
 
@@ -96,7 +98,7 @@ def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None
     view: dict[str, Any] = {key: stored.get(key) for key in TASK_KEYS}
     if view["error"] is not None:
         view["error"] = dict(view["error"])  # callers may hide the traceback without touching the row
-    for key in ("created_at", "started_at", "ended_at", "retry_at"):
+    for key in ("created_at", "started_at", "ended_at", "retry_at", "state_saved_at"):
         view[key] = iso(stored.get(key))
     view["errors"] = [dict(error) for error in view["errors"] or []]
     if view["schedule"] is not None:

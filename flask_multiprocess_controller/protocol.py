@@ -1,8 +1,9 @@
 """The messages between a controlling thread and its task process, and the one error record type.
 
 Each message is a small frozen dataclass, pickled over the task's channel. Commands go to the
-task process (:class:`RunTask`, :class:`StopTask`, :class:`Exit`); reports come back
-(:class:`Progress`, :class:`Percent`, :class:`LogRecordMessage`, and once per task :class:`Done`).
+task process (:class:`RunTask`, :class:`StopTask`, :class:`Exit`, and :class:`StateSaved` answering a
+:class:`SaveState`); reports come back (:class:`Progress`, :class:`Percent`, :class:`LogRecordMessage`,
+:class:`SaveState`, and once per task :class:`Done`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import logging
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypedDict, Union
+
+from . import defaults
 
 
 class ErrorRecord(TypedDict):
@@ -43,17 +46,22 @@ class Limits:
 
     result_bytes: int
     progress_bytes: int
+    state_bytes: int = defaults.MAX_STATE_SIZE
 
 
 @dataclass(frozen=True)
 class RunTask:
-    """Run one task: ``execute(**args)`` with ``context``, logging at the server's ``levels``."""
+    """Run one task: ``execute(**args)`` with ``context``, logging at the server's ``levels``.
+
+    ``state`` is what an earlier attempt of the task saved (``self.state``), None when nothing was.
+    """
 
     uuid: str
     args: dict[str, Any]
     context: dict[str, Any]
     levels: dict[str, int]
     limits: Limits
+    state: Any = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,17 @@ class Exit:
     """Leave the task loop: the process is retired."""
 
 
-Command = Union[RunTask, StopTask, Exit]
+@dataclass(frozen=True)
+class StateSaved:
+    """The answer to :class:`SaveState` number ``number`` of task ``uuid``: ``stored`` says whether the
+    store now holds it (False: the task is no longer this server's, or the store failed)."""
+
+    uuid: str
+    number: int
+    stored: bool
+
+
+Command = Union[RunTask, StopTask, Exit, StateSaved]
 
 
 # -- reports from the task process ------------------------------------------------------------------
@@ -87,6 +105,16 @@ class Percent:
 
     uuid: Optional[str]
     value: float
+
+
+@dataclass(frozen=True)
+class SaveState:
+    """Store ``state_json`` (checked JSON text) as task ``uuid``'s saved state, then answer
+    :class:`StateSaved` with the same ``number``."""
+
+    uuid: str
+    number: int
+    state_json: str
 
 
 @dataclass(frozen=True)
@@ -131,4 +159,4 @@ class Done:
     retryable: bool = False
 
 
-Report = Union[Progress, Percent, LogRecordMessage, Output, Done]
+Report = Union[Progress, Percent, LogRecordMessage, Output, SaveState, Done]

@@ -452,7 +452,8 @@ class Runtime:
             self.logger.info("Purged %d tasks that ended more than %g s ago.", purged, self.config.retention)
 
     def reconcile(self) -> None:
-        """Settle the active tasks of serving processes that died: ``lost``, or queued again.
+        """Settle the active tasks of serving processes that died: ``lost``, or queued again (restartable,
+        or with a saved state).
 
         Their leftover task processes on this host are killed first, but only a process
         that proves to be the task's own (see :func:`~.proctree.proven_task_process`):
@@ -506,8 +507,11 @@ class Runtime:
                 self.events.publish(event)
 
     def _settle_orphan(self, row: Row, owner: Optional[str]) -> None:
+        """``lost``, or queued again when the task class is restartable or the task saved a state (unless a
+        stop of it was asked for: a task a client stopped is not brought back by the loss of its server)."""
         uuid = row["uuid"]
-        if self.config.restartable:
+        resumable = row.get("state_saved_at") is not None and not row.get("stop_requested")
+        if self.config.restartable or resumable:
             event = self.store.requeue(uuid, owner=owner, emitter=self.owner)
             if event is not None:
                 self.logger.warning("Task %s was cut off when its server (%s) died; queued again.", uuid, owner)
@@ -656,7 +660,7 @@ class Runtime:
                                      run.uuid)
                     self.events.publish(event)
                     return None
-            if (run.stop_reason is StopReason.SHUTDOWN and c.restartable
+            if (run.stop_reason is StopReason.SHUTDOWN and (c.restartable or run.has_state)
                     and outcome.status is not TaskStatus.SUCCEEDED):
                 event = retrier.call("requeueing a task", lambda: self.store.requeue(
                     run.uuid, owner=self.owner, emitter=self.owner))
@@ -875,6 +879,7 @@ class _Slot(threading.Thread):
         run = TaskRun(row["uuid"], row.get("timeout"), self.wake, row.get("progress"), row.get("percent"),
                       attempt=row.get("attempt"), claimed_at=row.get("started_at"))
         run.errors = list(row.get("errors") or [])
+        run.has_state = row.get("state_saved_at") is not None
         rt.register(run)
         try:
             if row.get("stop_requested"):
@@ -883,7 +888,8 @@ class _Slot(threading.Thread):
             if rt.closing or rt.draining:  # the process began to go away since the claim: do not start it
                 rt.give_back(claim, self._retrier)
                 return
-            outcome = self._supervisor.run(run, child, row["args"], dict(c.context), claim.started)
+            outcome = self._supervisor.run(run, child, row["args"], dict(c.context), claim.started,
+                                           row.get("state"))
             if outcome is None:  # released: its process goes on, for another serving process to adopt
                 self._child = None
                 child.close()

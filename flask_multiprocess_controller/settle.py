@@ -143,8 +143,8 @@ def _record(store: "TaskStore", config: "HandoverConfig", owner: str, row: Any, 
             percent=row.get("percent") if one.percent is _UNSET else one.percent, ended_at=time.time())
         outcome = classify(seen, Settings(stop_grace=config.stop_grace, max_memory=config.max_memory,
                                           fresh_process=config.fresh_process))
-        if outcome.status is not TaskStatus.SUCCEEDED and (
-                config.restartable or row.get("state_saved_at") is not None):
+        saved = row.get("state_saved_at") is not None and not row.get("stop_requested")
+        if outcome.status is not TaskStatus.SUCCEEDED and (config.restartable or saved):
             store.requeue(uuid, owner=owner, emitter=owner)
             return
         fields = dict(outcome.fields)

@@ -31,7 +31,8 @@ from .pausing import TreePause
 from .persist import Retrier
 from .proctree import TreeUsage, describe_exit, sample, signal_processes
 from .protocol import (
-    Done, ErrorRecord, Limits, LogRecordMessage, Output, Percent, Progress, Report, RunTask, StopTask, error_record,
+    Done, ErrorRecord, Limits, LogRecordMessage, Output, Percent, Progress, Report, RunTask, SaveState,
+    StateSaved, StopTask, error_record,
 )
 from .states import TaskStatus
 from .store import TaskStore
@@ -79,6 +80,9 @@ class TaskRun:
         self.pause_wanted = False
         #: The errors of the task's earlier attempts, oldest first (what the store's ``errors`` held).
         self.errors: list[Any] = []
+        #: Whether the task has a saved state (an earlier attempt's, or one this run stored): cut off by
+        #: a shutdown, it is queued again to resume from it.
+        self.has_state = False
         self._wake = wake
         # Guards stop_reason, stop_at and child.
         self._lock = threading.Lock()
@@ -151,7 +155,8 @@ class Settings:
     stop_grace: float
     max_memory: Optional[int]
     fresh_process: bool
-    limits: Limits = Limits(result_bytes=defaults.MAX_RESULT_SIZE, progress_bytes=defaults.MAX_PROGRESS_SIZE)
+    limits: Limits = Limits(result_bytes=defaults.MAX_RESULT_SIZE, progress_bytes=defaults.MAX_PROGRESS_SIZE,
+                            state_bytes=defaults.MAX_STATE_SIZE)
 
 
 @dataclass
@@ -205,15 +210,16 @@ class Supervisor:
         self._flush_failed = False
 
     def run(self, run: TaskRun, child: ChildProcess, args: dict[str, Any], context: dict[str, Any],
-            started: Optional[Event] = None) -> Optional[Outcome]:
+            started: Optional[Event] = None, state: Any = None) -> Optional[Outcome]:
         """Start ``run`` in ``child`` and return once the task has ended (None: it was released, see
         :meth:`supervise`).
 
         :param started: the ``started`` event when the claim recorded ``child`` already (a reused
             process); else the process is recorded here, once the task was sent to it.
+        :param state: the task's saved state (from the claimed row), its ``self.state``.
         """
         run.attach(child)
-        child.send(RunTask(run.uuid, args, context, self._levels(), self.settings.limits))
+        child.send(RunTask(run.uuid, args, context, self._levels(), self.settings.limits, state))
         if started is None:
             # The task runs already: an outage here is waited out (the pid is what stops and kills go by).
             started = self._retrier.call("recording a task's process", lambda: self.store.start(
@@ -343,6 +349,8 @@ class Supervisor:
                     run.progress, run.dirty = message.value, True
                 elif isinstance(message, Percent):
                     run.percent, run.dirty = message.value, True
+                elif isinstance(message, SaveState):
+                    self._save_state(run, child, message)
                 elif isinstance(message, Done):
                     done = message
                     if not self.settings.fresh_process:
@@ -350,6 +358,21 @@ class Supervisor:
         except (EOFError, OSError):
             return done, False
         return done, True
+
+    def _save_state(self, run: TaskRun, child: ChildProcess, message: SaveState) -> None:
+        """Store the state the task saved, and tell it whether the store holds it.
+
+        One attempt, no retry: the task waits for the answer (bounded on its side), and a later
+        save replaces this one anyway. Progress is not flushed with it (it has its own pace).
+        """
+        try:
+            stored = self.store.save_state(run.uuid, self.owner, json.loads(message.state_json))
+        except StoreError as exc:
+            self._logger.warning("Cannot save the state of task %s: %s", run.uuid, exc)
+            stored = False
+        if stored:
+            run.has_state = True
+        child.send(StateSaved(run.uuid, message.number, stored))
 
     def _write_log(self, run: TaskRun) -> None:
         lines = run.take_log_lines()

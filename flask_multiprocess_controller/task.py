@@ -20,6 +20,8 @@ class TaskChannel(Protocol):
 
     def stop_requested(self) -> bool: ...
 
+    def save_state(self, value: Any) -> bool: ...
+
 
 #: The task running in this process, if any (a task process runs one at a time).
 _current: Optional["MetaMPTask"] = None
@@ -33,12 +35,16 @@ class MetaMPTask(abc.ABC):
     on a subclass whose runs may safely be started again from the beginning when
     the process that ran them died.
 
+    A task may save where it got to with :meth:`save_state`; a later attempt finds it in
+    :attr:`state` and resumes from there.
+
     Retries (see :mod:`.retries`): ``max_retries`` failed attempts are run again after
     ``retry_backoff`` seconds, doubling (with jitter) up to ``retry_backoff_max``, when the
     failure matches ``retry_on`` (None: any exception ``execute`` raises).
 
     .. versionchanged:: 0.3
-        ``max_retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_on``.
+        ``max_retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_on``; ``save_state()``,
+        ``state``.
     """
 
     #: The task's name, for logs and messages.
@@ -71,9 +77,14 @@ class MetaMPTask(abc.ABC):
         elif "logger" not in cls.__dict__:
             cls.logger = logging.getLogger(cls.__name__)
 
-    def __init__(self, task_id: str, channel: TaskChannel, context: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, task_id: str, channel: TaskChannel, context: Optional[dict[str, Any]] = None,
+                 state: Any = None) -> None:
         #: The uuid of the task being run.
         self.task_id = task_id
+        #: Where to resume from: what an earlier attempt of this task saved with :meth:`save_state` (after
+        #: its server was lost or shut down, or before a retry), then what this attempt saved; None when
+        #: nothing was saved.
+        self.state: Any = state
         type(self).counter += 1
         #: Controller-level values (secrets, settings) that are never exposed over HTTP.
         self.context: dict[str, Any] = dict(context or {})
@@ -94,6 +105,33 @@ class MetaMPTask(abc.ABC):
         writes it at a bounded rate.
         """
         self._channel.publish(status)
+
+    def save_state(self, value: Any) -> bool:
+        """Save ``value`` (any JSON value) durably with the task: a later attempt of it starts with it
+        in :attr:`state`.
+
+        A later attempt is one after a retry (see :mod:`.retries`), or after the server running the
+        task was lost or shut down: a task that saved state is queued again then, as a
+        ``restartable`` one would be, instead of ending ``lost`` or ``stopped``. Each call replaces
+        the value saved before, in one store write; call it every so often, not in a tight loop.
+
+        The call waits until the serving process says the store holds the value, so that when it
+        returns True the value survives a crash of anything. It never waits long: after 30 s without
+        an answer, or when the value could not be stored (the task is no longer this server's, or
+        the store failed), a warning is logged and it returns False, leaving the task to go on. A stop
+        requested meanwhile is kept for the next :meth:`checkpoint`. :attr:`state` becomes ``value``
+        either way.
+
+        :raises StateTooLarge: the value's JSON is over the controller's ``max_state_size`` (nothing
+            is saved; the task may catch it and go on).
+        :raises TypeError: the value is not JSON-serialisable.
+        :raises ValueError: it holds NaN or Infinity, which JSON has no words for.
+
+        .. versionadded:: 0.3
+        """
+        stored = self._channel.save_state(value)
+        self.state = value
+        return stored
 
     def checkpoint(self) -> None:
         """Raise :class:`AbortException` if a stop of this task has been requested."""

@@ -4,7 +4,8 @@ The example is loaded as it is. The ``echo`` controller added here runs a task t
 text it is given as its progress, logs it, waits until the file ``gate`` exists (checking for stop
 requests) and fails with that text when asked: what a hostile client or task may write, for the
 tests that check the page shows it as text. The ``flaky`` controller's task fails on each of its
-two attempts (retry history), and has a schedule.
+two attempts (retry history), and has a schedule. The ``resumes`` controller's task saves a state and
+fails on its first attempt, and returns the state it resumed from on its second.
 """
 from __future__ import annotations
 
@@ -49,6 +50,24 @@ class FlakyController(MetaMPController, controller_name="flaky"):
     pass
 
 
+class Resumes(MetaMPTask):
+    """Saves ``{"reached": reached}`` and fails on its first attempt; returns what it resumed from next."""
+
+    max_retries = 1
+    retry_backoff = 0.1
+    retry_backoff_max = 0.2
+
+    def execute(self, reached: int = 1) -> dict:
+        if self.state is None:
+            self.save_state({"reached": reached})
+            raise ConnectionError("cut off after saving")
+        return {"resumed_from": self.state}
+
+
+class ResumesController(MetaMPController, controller_name="resumes"):
+    pass
+
+
 example = load_example_app()
 echo = EchoController(Echo, max_num_process=2, stop_grace=1,
                       expose_tracebacks=os.environ.get("ECHO_TRACEBACKS") == "1")
@@ -60,6 +79,9 @@ flaky = FlakyController(Flaky, max_num_process=1)
 flaky.schedule("nightly", every=86400, kwargs={"why": "nightly"})  # fires at midnight UTC only
 example.api.add_resource(MetaMPResource, "/flaky", "/flaky/<string:uuid>", endpoint="flaky",
                          resource_class_args=(flaky,))
+resumes = ResumesController(Resumes, max_num_process=1)
+example.api.add_resource(MetaMPResource, "/resumes", "/resumes/<string:uuid>", endpoint="resumes",
+                         resource_class_args=(resumes,))
 
 if __name__ == "__main__":
     app.run(host="127.0.0.1", port=int(os.environ["PORT"]), threaded=True)

@@ -233,3 +233,17 @@ def test_retry_history_and_schedules(page: Any, server: Server) -> None:
     page.wait_for_selector("#schedule-rows tr")
     assert page.locator("#schedule-rows tr").first.locator("td").all_inner_texts()[:4] == \
         ["nightly", "flaky", "every 86400 s", "active"]
+
+
+def test_the_task_page_says_when_an_attempt_resumed_from_saved_state(page: Any, server: Server) -> None:
+    uuid = submit(server, "/resumes", reached=7)
+    page.goto(server.base + f"/mpc/#/tasks/{uuid}")
+    page.wait_for_selector("#task-status.status-succeeded")
+    task = requests.get(f"{server.base}/mpc/api/tasks/{uuid}", timeout=10).json()
+    assert task["attempt"] == 2 and task["result"] == {"resumed_from": {"reached": 7}}, task
+    assert task["state_saved_at"] is not None and "state" not in task
+    resumed = page.locator("#task-fields div:has(dt:text-is('Resumed')) dd")
+    assert resumed.inner_text().startswith("resumed from state saved at ")
+    assert resumed.locator("time").get_attribute("datetime") == task["state_saved_at"]
+    saved = page.locator("#task-fields div:has(dt:text-is('State saved')) dd time")
+    assert saved.get_attribute("datetime") == task["state_saved_at"]

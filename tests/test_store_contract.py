@@ -881,6 +881,106 @@ def test_writes_are_fenced_by_the_owner(store):
     assert (row["status"], row["result"], row["owner"], row["attempt"]) == ("succeeded", 2, "host-b:2:2.0", 2)
 
 
+# -- saved state -------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_save_state_is_fenced_by_the_owner_and_only_touches_active_tasks(store):
+    running, queued = add(store, 2)
+    claim(store, max_running=1, owner="host-a:1:1.0")
+    assert fetch(store, running)["state"] is None and fetch(store, running)["state_saved_at"] is None
+    before = store.now()
+    assert store.save_state(running, "host-b:2:2.0", {"n": 1}) is False  # not its owner's
+    assert store.save_state(queued, "host-a:1:1.0", {"n": 1}) is False  # not active
+    assert store.save_state(str(uuid_module.uuid4()), "host-a:1:1.0", 1) is False  # unknown: no row made
+    assert fetch(store, running)["state"] is None
+    assert store.save_state(running, "host-a:1:1.0", {"n": [1, 2.5, None, "x"], "deep": {"k": True}}) is True
+    after = store.now()
+    row = fetch(store, running)
+    assert row["state"] == {"n": [1, 2.5, None, "x"], "deep": {"k": True}}
+    assert before <= row["state_saved_at"] <= after
+    assert store.save_state(running, "host-a:1:1.0", 7) is True  # the latest value replaces the last
+    assert fetch(store, running)["state"] == 7
+    stop(store, running)
+    assert store.save_state(running, "host-a:1:1.0", 8) is True  # a stopping task may still save
+    store.finish(running, "stopped")
+    assert store.save_state(running, "host-a:1:1.0", 9) is False  # an ended one may not
+    row = fetch(store, running)
+    assert (row["status"], row["state"]) == ("stopped", 8)  # an end keeps what was saved
+    assert fetch(store, queued)["state"] is None
+
+
+@pytest.mark.timeout(30)
+def test_saved_state_survives_requeue_and_retry_and_comes_with_the_next_claim(store):
+    (uuid,) = add(store)
+    claim(store, owner="host-a:1:1.0")
+    assert store.save_state(uuid, "host-a:1:1.0", {"done": 10})
+    saved_at = fetch(store, uuid)["state_saved_at"]
+    assert store.requeue(uuid, owner="host-a:1:1.0") is not None
+    row = fetch(store, uuid)
+    assert (row["status"], row["state"], row["state_saved_at"]) == ("queued", {"done": 10}, saved_at)
+    claimed = claim(store, owner="host-b:2:2.0")
+    assert (claimed["uuid"], claimed["state"], claimed["state_saved_at"]) == (uuid, {"done": 10}, saved_at)
+    assert store.save_state(uuid, "host-b:2:2.0", {"done": 20})
+    error = {"type": "X", "message": "m", "traceback": None}
+    assert store.retry(uuid, 0.0, owner="host-b:2:2.0", errors=[error])
+    assert fetch(store, uuid)["state"] == {"done": 20}
+    claimed = wait_until(lambda: claim(store, owner="host-c:3:3.0"), timeout=10)
+    assert (claimed["uuid"], claimed["state"], claimed["attempt"]) == (uuid, {"done": 20}, 3)
+    started = store.claim_started  # a claim that records the process returns the state too
+    assert store.requeue(uuid, owner="host-c:3:3.0") is not None
+    got = started(CTL, "host-d:4:4.0", 10, 4242, 1.5)
+    assert got is not None and got[0]["state"] == {"done": 20}
+    assert "state" not in got[1]["task"]
+
+
+@pytest.mark.timeout(30)
+def test_lists_and_answers_of_writes_leave_the_saved_state_out_but_get_has_it(store):
+    (uuid,) = add(store)
+    rows = [make_row() for _ in range(2)]
+    for row in rows:
+        row["batch"] = "b" * 32
+    store.enqueue(rows, -1)
+    for owner in ("o-1", "o-2", "o-3"):
+        claim(store, owner=owner)
+    for owner, row_uuid in zip(("o-1", "o-2", "o-3"), (uuid, rows[0]["uuid"], rows[1]["uuid"])):
+        assert store.save_state(row_uuid, owner, {"big": "y" * 10_000})
+    listed = store.list_tasks(CTL) + store.list_tasks(CTL, statuses=["running"]) + store.batch(CTL, "b" * 32)
+    assert len(listed) == 3 + 3 + 2
+    for row in listed:
+        assert row.get("state") is None and row["state_saved_at"] is not None
+        assert ROW_KEYS <= set(row)
+    stopped, _ = store.request_stop(uuid)
+    assert stopped.get("state") is None and stopped["status"] == "stopping"
+    assert store.get(uuid)["state"] == {"big": "y" * 10_000}
+    assert [row["state"] for row in store.active(CTL)] == [{"big": "y" * 10_000}] * 3
+
+
+@pytest.mark.timeout(30)
+def test_saved_state_is_never_in_events(store):
+    (uuid,) = add(store)
+    big = {"blob": "x" * 50_000}
+    claim(store)
+    assert store.save_state(uuid, OWNER, big)
+    since = store.changes(None).cursor
+    events = [store.start(uuid, OWNER, 4242, 1.5), store.progress(uuid, OWNER, {"p": 1}, 10.0),
+              stop(store, uuid) and None, store.requeue(uuid, owner=OWNER)]
+    claimed = claim(store)
+    assert claimed["state"] == big
+    events.append(store.finish(uuid, "succeeded", owner=OWNER, result=1))
+    returned = [e for e in events if e is not None]
+    assert len(returned) == 4
+    feed = store.changes(since, limit=100).events
+    assert [e["kind"] for e in feed] == ["started", "progress", "stopping", "requeued", "ended"]
+    for event in returned + feed:
+        assert event["task"].get("state") is None, event["kind"]
+        assert "x" * 1000 not in json.dumps(event)
+    saved_at = fetch(store, uuid)["state_saved_at"]
+    assert [e["task"]["state_saved_at"] for e in feed] == [saved_at] * 5  # when, but never what
+    assert all("x" * 1000 not in json.dumps(e) for e in store.unacked(CTL))
+    store.purge(CTL, time.time() + 1)
+    assert all(e["task"].get("state") is None for e in store.changes(since, limit=100).events)
+
+
 @pytest.mark.timeout(60)
 def test_sqlite_store_does_not_keep_a_connection_per_finished_thread(tmp_path):
     """A server that starts a thread per request (the dev server) must not leave a connection
@@ -1455,6 +1555,21 @@ def modes(path: Path) -> dict[str, int]:
     files = {suffix: Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm")}
     assert all(f.exists() for f in files.values()), [s for s, f in files.items() if not f.exists()]
     return {suffix: stat.S_IMODE(os.stat(f).st_mode) for suffix, f in files.items()}
+
+
+@pytest.mark.timeout(30)
+def test_sqlite_file_of_an_older_version_gets_the_saved_state_columns(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    SQLiteStore(str(path)).close()
+    with sqlite3.connect(path) as db:  # the table as a version before saved states made it
+        db.execute("ALTER TABLE mpc_tasks DROP COLUMN state")
+        db.execute("ALTER TABLE mpc_tasks DROP COLUMN state_saved_at")
+    store = SQLiteStore(str(path))
+    (uuid,) = add(store)
+    claim(store)
+    assert store.save_state(uuid, OWNER, {"resume_at": 3})
+    assert store.get(uuid)["state"] == {"resume_at": 3}
+    store.close()
 
 
 @pytest.mark.timeout(30)

@@ -582,6 +582,15 @@
     list.appendChild(div);
   }
 
+  // A task's attempt after the first begins from the state an earlier one saved (save_state); the time
+  // shown is the latest save, the attempt's own ones included. The state itself is never sent to the page.
+  function resumedFrom(task) {
+    if (!task.state_saved_at || !(task.attempt > 1)) return null;
+    const span = el("span", "resumed from state saved at ");
+    span.appendChild(timeCell(task.state_saved_at));
+    return span;
+  }
+
   function renderTask(task) {
     state.shown = task;
     $("task-uuid").textContent = task.uuid;
@@ -598,6 +607,8 @@
     field(list, "Position", task.position);
     field(list, "Attempt", task.attempt);
     field(list, "Retry at", task.retry_at ? timeCell(task.retry_at) : null);
+    field(list, "Resumed", resumedFrom(task));
+    field(list, "State saved", task.state_saved_at ? timeCell(task.state_saved_at) : null);
     field(list, "Pid", task.pid);
     field(list, "Exit code", task.exit_code);
     field(list, "Memory peak", task.memory_peak === null || task.memory_peak === undefined ? null : bytes(task.memory_peak));

@@ -6,7 +6,8 @@ app reads and writes tasks through it, and the limits of a controller
 they hold across processes that share it.
 
 Every write that changes a task's state also writes the task's :class:`~..events.Event`
-in the same atomic step and returns it, so the store's change feed (:meth:`TaskStore.changes`)
+(the row less its saved ``state``, see :func:`event_task`) in the same atomic step and returns it,
+so the store's change feed (:meth:`TaskStore.changes`)
 never misses a change and never shows one that did not happen. Events of the kinds in
 :data:`~..events.CALLBACK_KINDS` are also kept in a per-controller outbox until acknowledged,
 so that callbacks survive a crash (at least once).
@@ -87,6 +88,11 @@ class Row(TypedDict, total=False):
     tenant: Optional[str]
     #: The id of the bulk submission the task came with (every task of one bulk shares it); else None.
     batch: Optional[str]
+    #: The last value the task saved with ``save_state()`` (any JSON value), kept across attempts; else None.
+    #: Never in events (it may be large): see :func:`event_task`.
+    state: Any
+    #: When ``state`` was last saved (store clock), else None.
+    state_saved_at: Optional[float]
 
 
 class _AnyTenant:
@@ -101,6 +107,9 @@ ANY_TENANT: Any = _AnyTenant()
 
 #: Every key of a row, in storage order.
 COLUMNS = tuple(Row.__annotations__)
+
+#: Columns of a row that events leave out (a saved state may be large; events are many and copied widely).
+EVENT_HIDDEN = frozenset({"state"})
 
 #: Columns a caller may set with :meth:`TaskStore.finish`.
 MUTABLE_FIELDS = frozenset(
@@ -174,6 +183,11 @@ def _finish_fields(status: str, fields: dict[str, Any]) -> dict[str, Any]:
     if "ended_at" in fields and fields["ended_at"] is None:
         del fields["ended_at"]  # a finished task always has an end time
     return fields
+
+
+def event_task(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The task of an event: the row without the columns of :data:`EVENT_HIDDEN`."""
+    return {key: value for key, value in row.items() if key not in EVENT_HIDDEN}
 
 
 def parse_counter(cursor: str) -> Optional[int]:
@@ -256,6 +270,20 @@ class TaskStore(abc.ABC):
     def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
         """Set the progress of an active task of ``owner``; event ``progress``."""
 
+    @abc.abstractmethod
+    def save_state(self, uuid: str, owner: str, state: Any) -> bool:
+        """Store ``state`` (any JSON value) as the saved state of an active task of ``owner``.
+
+        Sets ``state`` and ``state_saved_at`` (the store's clock) in one atomic compare-and-set, like
+        :meth:`progress`; returns False, writing nothing, when the task is not active or not
+        ``owner``'s. The state stays with the task through :meth:`requeue` and :meth:`retry`, so the
+        next attempt's claim returns it. No event is written: the value is left out of events anyway
+        (:data:`EVENT_HIDDEN`), and the task's next event (progress, end) carries ``state_saved_at``.
+        The caller bounds its size (the controller's ``max_state_size``).
+
+        .. versionadded:: 0.3
+        """
+
     def finish(self, uuid: str, status: str, owner: Optional[str] = None, emitter: Optional[str] = None,
                **fields: Any) -> Optional[Event]:
         """Move an active task (of ``owner``, if given) to a terminal ``status``; event ``ended``.
@@ -309,7 +337,8 @@ class TaskStore(abc.ABC):
                 uncount: bool = False) -> Optional[Event]:
         """Put an active task (of ``owner``, if given) back in the queue at its old place; event ``requeued``.
 
-        Its owner, pid, ``started_at`` and stop request are cleared. ``emitter`` defaults to ``owner``.
+        Its owner, pid, ``started_at`` and stop request are cleared; its saved ``state`` stays. ``emitter``
+        defaults to ``owner``.
         :param uncount: the claim is taken back as if it never happened (``attempt`` goes down by one):
             for a task the claiming process gives back without running it.
         """
@@ -326,6 +355,9 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
         """Ask a task to stop; return the task afterwards and the event written.
+
+        Like :meth:`pause`, :meth:`resume` and :meth:`reprioritise`, it answers with the task as its
+        event shows it: without its saved ``state`` (see :func:`event_task`).
 
         A queued task becomes ``stopped`` at once (``ended_at`` = the store's clock, event
         ``ended``); a running or paused one ``stopping`` with ``stop_requested`` set (event
@@ -352,8 +384,9 @@ class TaskStore(abc.ABC):
         """Queue an active task (of ``owner``, if given) again for another attempt; event ``requeued``.
 
         The task becomes ``queued`` with ``retry_at`` = the store's clock plus ``delay`` seconds;
-        its ``attempt`` is kept (the next claim counts on), its owner, pid, ``started_at`` and stop
-        request are cleared, and ``fields`` (:data:`MUTABLE_FIELDS`: ``errors``, say) are set.
+        its ``attempt`` and saved ``state`` are kept (the next claim counts on), its owner, pid,
+        ``started_at`` and stop request are cleared, and ``fields`` (:data:`MUTABLE_FIELDS`: ``errors``,
+        say) are set.
         Until ``retry_at`` it stays out of the ready queue: claims skip it at no cost and its
         :meth:`position` is None. No queue bound applies. ``emitter`` defaults to ``owner``.
 
@@ -533,6 +566,9 @@ class TaskStore(abc.ABC):
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
                    before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         """Return the controller's tasks, newest first (by ``seq``), optionally only in ``statuses``.
+
+        Like :meth:`batch`, it gives the rows without their saved ``state`` (large, and shown nowhere:
+        see :func:`event_task`); :meth:`get` has it.
 
         :param before: a ``seq``: only older tasks (paging). Costs O(``limit``) on every store
             (with a ``tenant``, in proportion to the tasks skipped on Redis).

@@ -6,13 +6,16 @@ import heapq
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, cast
 
 from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import InvalidTransition, QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import ANY_TENANT, COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, parse_counter
+from .base import (
+    ANY_TENANT, COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task,
+    parse_counter,
+)
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -20,6 +23,11 @@ if TYPE_CHECKING:
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE = frozenset(s.value for s in ACTIVE)
 _TERMINAL = frozenset(s.value for s in TERMINAL)
+
+
+def _shown(row: Row) -> Row:
+    """A copy of ``row`` as lists and the writes that answer with a task give it: less its saved state."""
+    return cast(Row, copy.deepcopy(event_task(row)))
 
 
 class MemoryStore(TaskStore):
@@ -54,7 +62,8 @@ class MemoryStore(TaskStore):
         """Append the event of a change of ``row`` to the feed (and the outbox); return a copy."""
         self._last_cursor += 1
         event = Event(cursor=str(self._last_cursor), kind=kind.value, uuid=row["uuid"],
-                      controller=row["controller"], at=at, emitter=emitter, task=copy.deepcopy(dict(row)))
+                      controller=row["controller"], at=at, emitter=emitter,
+                      task=copy.deepcopy(event_task(row)))
         self._events.append(event)
         if event["kind"] in CALLBACK_KINDS:
             self._outbox.setdefault(row["controller"], {})[self._last_cursor] = event
@@ -186,6 +195,14 @@ class MemoryStore(TaskStore):
             row.update({"progress": copy.deepcopy(progress), "percent": percent})
             return self._emit(EventKind.PROGRESS, row, owner, time.time())
 
+    def save_state(self, uuid: str, owner: str, state: Any) -> bool:
+        with self._lock:
+            row = self._owned_active(uuid, owner)
+            if row is None:
+                return False
+            row.update({"state": copy.deepcopy(state), "state_saved_at": time.time()})
+            return True
+
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
                 fields: dict[str, Any]) -> Optional[Event]:
         with self._lock:
@@ -229,7 +246,7 @@ class MemoryStore(TaskStore):
             if row["status"] in _TERMINAL:
                 raise TaskAlreadyFinished(uuid, row["status"])
             event = self._stop_one(row, emitter, time.time())
-            return copy.deepcopy(row), event
+            return _shown(row), event
 
     def _stop_one(self, row: Row, emitter: Optional[str], now: float) -> Optional[Event]:
         """Stop a task that is not terminal: what :meth:`request_stop` and :meth:`stop_all` do to each."""
@@ -289,11 +306,11 @@ class MemoryStore(TaskStore):
             if status in _TERMINAL:
                 raise TaskAlreadyFinished(uuid, status)
             if status == wanted:
-                return copy.deepcopy(row), None
+                return _shown(row), None
             if status != needs:
                 raise InvalidTransition(uuid, status, change, needs)
             row["status"] = wanted
-            return copy.deepcopy(row), self._emit(kind, row, emitter, time.time())
+            return _shown(row), self._emit(kind, row, emitter, time.time())
 
     def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:
         with self._lock:
@@ -307,7 +324,7 @@ class MemoryStore(TaskStore):
             row["priority"] = priority
             if row["retry_at"] is None:
                 self._push_ready(row)  # the entry at the old priority is now stale
-            return copy.deepcopy(row), self._emit(EventKind.QUEUED, row, emitter, time.time())
+            return _shown(row), self._emit(EventKind.QUEUED, row, emitter, time.time())
 
     def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
         with self._lock:
@@ -416,14 +433,14 @@ class MemoryStore(TaskStore):
                     and (before is None or r["seq"] < before)
                     and (tenant is ANY_TENANT or r.get("tenant") == tenant)]
             rows.sort(key=lambda r: r["seq"], reverse=True)
-            return copy.deepcopy(rows[:limit])
+            return [_shown(r) for r in rows[:limit]]
 
     def batch(self, controller: str, batch: str) -> list[Row]:
         with self._lock:
             rows = [r for r in self._rows.values()
                     if r["controller"] == controller and r.get("batch") == batch]
             rows.sort(key=lambda r: r["seq"])
-            return copy.deepcopy(rows)
+            return [_shown(r) for r in rows]
 
     def counts(self, controller: str) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -41,7 +41,10 @@ from ..exceptions import (
     InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .base import ANY_TENANT, COLUMNS as _COLUMNS, FireOutcome, Fired, Row, ScheduleRow, TaskStore
+from .base import (
+    ANY_TENANT, COLUMNS as _COLUMNS, EVENT_HIDDEN, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
+    event_task,
+)
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -52,8 +55,11 @@ except ImportError:  # RedisStore() says how to install it
     redis = None  # type: ignore[assignment]
 
 _INT = {"seq", "priority", "pid", "exit_code", "memory_peak", "attempt"}
-_FLOAT = {"percent", "created_at", "started_at", "ended_at", "pid_created", "timeout", "cpu_time", "retry_at"}
-_JSON = {"args", "progress", "result", "error", "errors", "schedule"}
+_FLOAT = {"percent", "created_at", "started_at", "ended_at", "pid_created", "timeout", "cpu_time", "retry_at",
+          "state_saved_at"}
+_JSON = {"args", "progress", "result", "error", "errors", "schedule", "state"}
+#: The columns lists read (not the saved state, see ``event_task``); the uuid first.
+_LISTED_COLUMNS = ("uuid", *(c for c in _COLUMNS if c != "uuid" and c not in EVENT_HIDDEN))
 
 #: Seconds one ``XREAD BLOCK`` of a waiting ``changes()`` lasts at most (it waits in several if longer).
 _FEED_BLOCK_MAX = 10.0
@@ -78,6 +84,7 @@ local stream = prefix .. 'events'
 local ACTIVE = ACTIVE_SET
 local TERMINAL = TERMINAL_SET
 local CALLBACK = CALLBACK_SET
+local EVENT_HIDDEN = EVENT_HIDDEN_SET
 
 local function ckey(controller, what)
   return prefix .. 'c:' .. controller .. ':' .. what
@@ -145,12 +152,24 @@ local function cap()
   redis.call('SET', prefix .. 'events:pruned', last_pruned)
 end
 
+-- The task at key as a flat [field, value, ...] list, less the fields events leave out (a saved state).
+local function event_task(key)
+  local all, task = redis.call('HGETALL', key), {}
+  for i = 1, #all, 2 do
+    if not EVENT_HIDDEN[all[i]] then
+      task[#task + 1] = all[i]
+      task[#task + 1] = all[i + 1]
+    end
+  end
+  return task
+end
+
 -- Append the event kind of the task at key to the feed (and, for callbacks, to its controller's outbox).
 -- Returns {cursor, fields}.
 local function emit(kind, key)
   local uuid, controller = unpack(redis.call('HMGET', key, 'uuid', 'controller'))
   local fields = {'kind', kind, 'uuid', uuid, 'controller', controller, 'at', now,
-                  'task', cjson.encode(redis.call('HGETALL', key))}
+                  'task', cjson.encode(event_task(key))}
   if emitter ~= '' then
     fields[#fields + 1] = 'emitter'
     fields[#fields + 1] = emitter
@@ -212,6 +231,8 @@ local function unchangeable(key)
 end
 """.replace("ACTIVE_SET", _lua_set(s.value for s in ACTIVE)).replace(
     "TERMINAL_SET", _lua_set(s.value for s in TERMINAL)).replace("CALLBACK_SET", _lua_set(CALLBACK_KINDS))
+_LIB = _LIB.replace(
+    "EVENT_HIDDEN_SET", _lua_set(EVENT_HIDDEN))
 
 # ARGV from 4: max_queued, controller, rows (JSON list of flat [field, value, ...] lists, without seq)
 _ENQUEUE = _LIB + """
@@ -269,6 +290,14 @@ set_fields(key, ARGV[6], ARGV[7])
 return emit('progress', key)
 """
 
+# ARGV from 4: uuid, owner, state (JSON). Returns 1 when it was stored, else nil. No event.
+_SAVE_STATE = _LIB + """
+local key = prefix .. 't:' .. ARGV[4]
+if not owned_active(key, ARGV[5]) then return false end
+redis.call('HSET', key, 'state', ARGV[6], 'state_saved_at', now)
+return 1
+"""
+
 # ARGV from 4: uuid, owner ('' = anyone's), status, fields to set, fields to delete
 _FINISH = _LIB + """
 local key = prefix .. 't:' .. ARGV[4]
@@ -306,7 +335,7 @@ local key = prefix .. 't:' .. ARGV[4]
 local refused = unchangeable(key)
 if refused then return refused end
 local event = stop_one(key)
-return {'ok', redis.call('HGETALL', key), event}
+return {'ok', event_task(key), event}
 """
 
 # ARGV from 4: uuid, owner ('' = anyone's), delay seconds, fields to set, fields to delete
@@ -326,10 +355,10 @@ local key = prefix .. 't:' .. ARGV[4]
 local refused = unchangeable(key)
 if refused then return refused end
 local status = redis.call('HGET', key, 'status')
-if status == ARGV[5] then return {'ok', redis.call('HGETALL', key), false} end
+if status == ARGV[5] then return {'ok', event_task(key), false} end
 if status ~= ARGV[6] then return {'invalid', status} end
 move(key, ARGV[5])
-return {'ok', redis.call('HGETALL', key), emit(ARGV[7], key)}
+return {'ok', event_task(key), emit(ARGV[7], key)}
 """
 
 # ARGV from 4: uuid, priority. Returns as _TRANSITION.
@@ -342,7 +371,7 @@ if status ~= 'queued' then return {'invalid', status} end
 redis.call('HSET', key, 'priority', ARGV[5])
 local q, member = ckey(controller, 'q'), queue_member(seq, uuid)
 if redis.call('ZSCORE', q, member) then redis.call('ZADD', q, ARGV[5], member) end
-return {'ok', redis.call('HGETALL', key), emit('queued', key)}
+return {'ok', event_task(key), emit('queued', key)}
 """
 
 # ARGV from 4: controller. Returns the events written: the queued tasks' first.
@@ -474,8 +503,9 @@ redis.call('ZADD', ARGV[1] .. 'owners', string.format('%.6f', tonumber(clock[1])
 """
 
 _SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "claim_started": _CLAIM_STARTED,
-            "start": _START, "progress": _PROGRESS, "finish": _FINISH,
-            "requeue": _REQUEUE, "adopt": _ADOPT, "request_stop": _REQUEST_STOP, "purge": _PURGE, "prune": _PRUNE,
+            "start": _START, "progress": _PROGRESS, "save_state": _SAVE_STATE, "finish": _FINISH,
+            "requeue": _REQUEUE, "adopt": _ADOPT, "request_stop": _REQUEST_STOP, "purge": _PURGE,
+            "prune": _PRUNE,
             "feed": _FEED, "heartbeat": _HEARTBEAT, "retry": _RETRY, "transition": _TRANSITION,
             "reprioritise": _REPRIORITISE, "stop_all": _STOP_ALL, "declare": _DECLARE, "fire": _FIRE,
             "lease": _LEASE, "release": _RELEASE}
@@ -518,7 +548,7 @@ def _event(cursor: Any, flat: Sequence[Any]) -> Event:
     fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
     return Event(cursor=_text(cursor), kind=fields["kind"], uuid=fields["uuid"], controller=fields["controller"],
                  at=float(fields["at"]), emitter=fields.get("emitter"),
-                 task=dict(_decode(json.loads(fields["task"]))))
+                 task=event_task(_decode(json.loads(fields["task"]))))
 
 
 def _text(value: Any) -> Any:
@@ -544,7 +574,7 @@ def _changed(uuid: str, answer: Any, change: str, needs: str) -> tuple[Row, Opti
         raise TaskAlreadyFinished(uuid, _text(answer[1]))
     if verdict == "invalid":
         raise InvalidTransition(uuid, _text(answer[1]), change, needs)
-    return _decode(answer[1]), _event(*answer[2]) if answer[2] else None
+    return cast(Row, event_task(_decode(answer[1]))), _event(*answer[2]) if answer[2] else None
 
 
 _SCHEDULE_FLOATS = ("fired_until", "last_fired", "last_skipped", "seen_at")
@@ -669,6 +699,19 @@ class RedisStore(TaskStore):
             pipe.hgetall(self._key("t", _text(uuid)))
         return [_decode([x for pair in flat.items() for x in pair]) for flat in pipe.execute() if flat]
 
+    def _list_many(self, uuids: Sequence[Any]) -> list[Row]:
+        """:meth:`_get_many` for lists: the rows without their saved state (large, and shown nowhere)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for uuid in uuids:
+            pipe.hmget(self._key("t", _text(uuid)), _LISTED_COLUMNS)
+        rows = []
+        for values in pipe.execute():
+            if values[0] is not None:  # uuid: None once the task was purged
+                flat = [x for pair in zip(_LISTED_COLUMNS, values) if pair[1] is not None for x in pair]
+                row = _decode(flat)
+                rows.append(cast(Row, event_task(row)))
+        return rows
+
     # -- writes --------------------------------------------------------------------------------------------
 
     @_guarded
@@ -708,6 +751,10 @@ class RedisStore(TaskStore):
     def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
         done = self._write("progress", owner, uuid, owner, *_split({"progress": progress, "percent": percent}))
         return _event(*done) if done else None
+
+    @_guarded
+    def save_state(self, uuid: str, owner: str, state: Any) -> bool:
+        return bool(self._write("save_state", owner, uuid, owner, json.dumps(state)))
 
     @_guarded
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
@@ -875,7 +922,7 @@ class RedisStore(TaskStore):
         wanted = list(dict.fromkeys(statuses or ()))
         if not wanted:
             uuids = self._redis.zrevrangebyscore(self._c(controller, "all"), top, "-inf", start=0, num=limit)
-            return self._get_many(uuids)
+            return self._list_many(uuids)
         # The newest ``limit`` of each wanted status, merged: O(limit) per status.
         pipe = self._redis.pipeline(transaction=True)
         for status in wanted:
@@ -884,12 +931,12 @@ class RedisStore(TaskStore):
         merged = heapq.merge(*pipe.execute(), key=lambda pair: pair[1], reverse=True)
         uuids = [uuid for uuid, _ in merged][:limit]
         # A task may have changed status since: keep to the filter.
-        return [row for row in self._get_many(uuids) if row["status"] in wanted]
+        return [row for row in self._list_many(uuids) if row["status"] in wanted]
 
     @_guarded
     def batch(self, controller: str, batch: str) -> list[Row]:
         # A sorted set per batch (by seq), written with the tasks and trimmed by purges.
-        return self._get_many(self._redis.zrange(self._c(controller, "b:" + batch), 0, -1))
+        return self._list_many(self._redis.zrange(self._c(controller, "b:" + batch), 0, -1))
 
     @_guarded
     def counts(self, controller: str) -> dict[str, int]:

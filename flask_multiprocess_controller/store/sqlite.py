@@ -28,8 +28,8 @@ from ..exceptions import (
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, COLUMNS as _COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
-    parse_counter,
+    ANY_TENANT, COLUMNS as _COLUMNS, EVENT_HIDDEN, _finish_fields, FireOutcome, Fired, Row, ScheduleRow,
+    TaskStore, event_task, parse_counter,
 )
 from .groupcommit import GroupCommit
 
@@ -64,7 +64,9 @@ CREATE TABLE IF NOT EXISTS mpc_tasks (
     errors TEXT,
     schedule TEXT,
     tenant TEXT,
-    batch TEXT
+    batch TEXT,
+    state TEXT,
+    state_saved_at REAL
 );
 CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_status ON mpc_tasks (controller, status, seq);
@@ -115,7 +117,8 @@ CREATE TABLE IF NOT EXISTS mpc_schedules (
 
 #: Columns added to ``mpc_tasks`` after its first release, with their declarations: a file made
 #: by an older version gets them (``ALTER TABLE``) when a store first opens it.
-_ADDED_COLUMNS = {"retry_at": "REAL", "errors": "TEXT", "schedule": "TEXT", "tenant": "TEXT", "batch": "TEXT"}
+_ADDED_COLUMNS = {"retry_at": "REAL", "errors": "TEXT", "schedule": "TEXT", "tenant": "TEXT", "batch": "TEXT",
+                  "state": "TEXT", "state_saved_at": "REAL"}
 
 #: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
 #: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
@@ -128,8 +131,11 @@ CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch
 """
 
 #: Columns stored as JSON text.
-_JSON_COLUMNS = ("args", "progress", "result", "error", "errors", "schedule")
+_JSON_COLUMNS = ("args", "progress", "result", "error", "errors", "schedule", "state")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mpc_tasks"
+#: Lists read tasks without their saved state, which may be large and is shown nowhere (see ``event_task``).
+_LISTED_COLUMNS = tuple(c for c in _COLUMNS if c not in EVENT_HIDDEN)
+_SELECT_LISTED = f"SELECT {', '.join(_LISTED_COLUMNS)} FROM mpc_tasks"
 _EVENT_COLUMNS = "cursor, kind, uuid, controller, at, emitter, task"
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(ACTIVE)) + ")"
@@ -167,13 +173,23 @@ def _encode(column: str, value: Any) -> Any:
     return value
 
 
-def _decode(values: Sequence[Any]) -> Row:
-    row: Row = dict(zip(_COLUMNS, values))  # type: ignore[assignment]
+def _decode(values: Sequence[Any], columns: Sequence[str] = _COLUMNS) -> Row:
+    row: Row = dict(zip(columns, values))  # type: ignore[assignment]
     for column in _JSON_COLUMNS:
-        if row[column] is not None:  # type: ignore[literal-required]
+        if row.get(column) is not None:
             row[column] = json.loads(row[column])  # type: ignore[literal-required]
     row["stop_requested"] = bool(row["stop_requested"])
     return row
+
+
+def _listed(values: Sequence[Any]) -> Row:
+    """A row read with :data:`_SELECT_LISTED`: without its saved state."""
+    return _decode(values, _LISTED_COLUMNS)
+
+
+def _shown(row: Row) -> Row:
+    """``row`` as the writes that answer with a task give it: less its saved state, as its event shows it."""
+    return cast(Row, event_task(row))
 
 
 def _event(values: Sequence[Any]) -> Event:
@@ -381,19 +397,24 @@ class SQLiteStore(TaskStore):
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return [_decode(values) for values in self._query(sql, params)]
 
+    def _read_listed(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """:meth:`_read` of a query on :data:`_SELECT_LISTED`."""
+        return [_listed(values) for values in self._query(sql, params)]
+
     # -- events --------------------------------------------------------------------------------------------
 
     @staticmethod
     def _emit(db: sqlite3.Connection, kind: EventKind, row: Row, emitter: Optional[str], at: float) -> Event:
         """Append the event of a change of ``row`` (and its outbox entry) in the caller's transaction."""
+        task = event_task(row)
         cursor = db.execute(
             "INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task) VALUES (?, ?, ?, ?, ?, ?)",
-            (kind.value, row["uuid"], row["controller"], at, emitter, json.dumps(row)),
+            (kind.value, row["uuid"], row["controller"], at, emitter, json.dumps(task)),
         ).lastrowid
         if kind.value in CALLBACK_KINDS:
             db.execute("INSERT INTO mpc_outbox (cursor, controller) VALUES (?, ?)", (cursor, row["controller"]))
         return Event(cursor=str(cursor), kind=kind.value, uuid=row["uuid"], controller=row["controller"], at=at,
-                     emitter=emitter, task=dict(row))
+                     emitter=emitter, task=task)
 
     @staticmethod
     def _row(db: sqlite3.Connection, uuid: str) -> Row:
@@ -549,6 +570,16 @@ class SQLiteStore(TaskStore):
         return self._update_active(EventKind.PROGRESS, uuid, owner, owner,
                                    {"progress": progress, "percent": percent})
 
+    def save_state(self, uuid: str, owner: str, state: Any) -> bool:
+        text = _encode("state", state)
+
+        def save(db: sqlite3.Connection) -> bool:
+            return bool(db.execute(
+                f"UPDATE mpc_tasks SET state = ?, state_saved_at = ? WHERE uuid = ? "
+                f"AND status IN {_ACTIVE_SQL} AND owner = ?", (text, time.time(), uuid, owner)).rowcount)
+
+        return self._group.run(save)
+
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
                 fields: dict[str, Any]) -> Optional[Event]:
         return self._update_active(EventKind.ENDED, uuid, owner, emitter,
@@ -575,7 +606,8 @@ class SQLiteStore(TaskStore):
             status = row["status"]
             if status in _TERMINAL:
                 raise TaskAlreadyFinished(uuid, status)
-            return row, self._stop_one(db, row, emitter, time.time())
+            event = self._stop_one(db, row, emitter, time.time())  # updates row
+            return _shown(row), event
 
     def _stop_one(self, db: sqlite3.Connection, row: Row, emitter: Optional[str], now: float) -> Optional[Event]:
         """Stop a task that is not terminal (``row`` is updated): what :meth:`request_stop` and
@@ -595,8 +627,9 @@ class SQLiteStore(TaskStore):
         total = 0
         while True:
             with self._transaction() as db:
-                doomed = [_decode(found) for found in db.execute(
-                    f"{_SELECT} WHERE controller = ? AND status IN {_TERMINAL_SQL} AND ended_at < ? LIMIT ?",
+                doomed = [_listed(found) for found in db.execute(
+                    f"{_SELECT_LISTED} WHERE controller = ? AND status IN {_TERMINAL_SQL} AND ended_at < ? "
+                    "LIMIT ?",
                     (controller, ended_before, _PURGE_BATCH))]
                 now = time.time()
                 for row in doomed:
@@ -647,12 +680,12 @@ class SQLiteStore(TaskStore):
         with self._transaction() as db:
             row = self._changeable(db, uuid)
             if row["status"] == wanted:
-                return row, None
+                return _shown(row), None
             if row["status"] != needs:
                 raise InvalidTransition(uuid, row["status"], change, needs)
             db.execute("UPDATE mpc_tasks SET status = ? WHERE seq = ?", (wanted, row["seq"]))
             row["status"] = wanted
-            return row, self._emit(db, kind, row, emitter, time.time())
+            return _shown(row), self._emit(db, kind, row, emitter, time.time())
 
     def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:
         with self._transaction() as db:
@@ -661,13 +694,13 @@ class SQLiteStore(TaskStore):
                 raise InvalidTransition(uuid, row["status"], "re-prioritised", _QUEUED)
             db.execute("UPDATE mpc_tasks SET priority = ? WHERE seq = ?", (priority, row["seq"]))
             row["priority"] = priority
-            return row, self._emit(db, EventKind.QUEUED, row, emitter, time.time())
+            return _shown(row), self._emit(db, EventKind.QUEUED, row, emitter, time.time())
 
     def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
         with self._transaction() as db:
             now = time.time()
-            rows = [_decode(found) for found in db.execute(
-                f"{_SELECT} WHERE controller = ? AND status IN ('queued', 'running', 'paused') "
+            rows = [_listed(found) for found in db.execute(
+                f"{_SELECT_LISTED} WHERE controller = ? AND status IN ('queued', 'running', 'paused') "
                 "ORDER BY status != 'queued', seq", (controller,))]
             return [event for event in (self._stop_one(db, row, emitter, now) for row in rows) if event is not None]
 
@@ -788,17 +821,19 @@ class SQLiteStore(TaskStore):
         wanted = list(dict.fromkeys(statuses or ()))
         by_tenant, tenant_args = ("", ()) if tenant is ANY_TENANT else (" AND tenant IS ?", (tenant,))
         if not wanted:
-            return self._read(f"{_SELECT} WHERE controller = ? AND seq < ?{by_tenant} ORDER BY seq DESC LIMIT ?",
-                              (controller, below, *tenant_args, limit))
+            return self._read_listed(f"{_SELECT_LISTED} WHERE controller = ? AND seq < ?{by_tenant} "
+                                     "ORDER BY seq DESC LIMIT ?", (controller, below, *tenant_args, limit))
         # One index range per status (each at most ``limit`` rows), merged: O(limit) per status,
         # however many older tasks of other statuses there are.
-        pages = [self._read(f"{_SELECT} WHERE controller = ? AND status = ? AND seq < ?{by_tenant} "
-                            f"ORDER BY seq DESC LIMIT ?", (controller, status, below, *tenant_args, limit))
+        pages = [self._read_listed(f"{_SELECT_LISTED} WHERE controller = ? AND status = ? AND seq < ?"
+                                   f"{by_tenant} ORDER BY seq DESC LIMIT ?",
+                                   (controller, status, below, *tenant_args, limit))
                  for status in wanted]
         return list(heapq.merge(*pages, key=lambda r: r["seq"], reverse=True))[:limit]
 
     def batch(self, controller: str, batch: str) -> list[Row]:
-        return self._read(f"{_SELECT} WHERE batch = ? AND controller = ? ORDER BY seq", (batch, controller))
+        return self._read_listed(f"{_SELECT_LISTED} WHERE batch = ? AND controller = ? ORDER BY seq",
+                                 (batch, controller))
 
     def counts(self, controller: str) -> dict[str, int]:
         return dict(self._query(
