@@ -34,6 +34,16 @@ class RuntimeConfig:
     context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     #: Queued tasks allowed (-1: no bound): what a schedule's firing may meet.
     max_num_queue: int = -1
+    #: Controlling threads (slots) of this process; None: ``max_num_process``. Only the slot count:
+    #: ``max_num_process`` stays the limit across every process, enforced by the store.
+    slots: Optional[int] = None
+    #: Seconds a shutting-down process lets its running tasks finish on their own before stopping them.
+    shutdown_wait: float = 0.0
+
+    @property
+    def slot_count(self) -> int:
+        """How many controlling threads this process runs."""
+        return self.max_num_process if self.slots is None else self.slots
 
     @property
     def restartable(self) -> bool:

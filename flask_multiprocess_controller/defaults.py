@@ -93,3 +93,7 @@ LOG_KEEP_BYTES = 256 * 1024
 LOG_RETENTION = 24 * 3600.0
 #: Seconds a serving process claims nothing after a sibling stopped a task because it is shutting down.
 SIBLING_SHUTDOWN_HOLD = 2.0
+#: Seconds a shutting-down serving process lets its running tasks finish on their own before it stops
+#: them (0: stop them at once); also the ``MPC_SHUTDOWN_WAIT`` environment variable.
+SHUTDOWN_WAIT = 0.0
+SHUTDOWN_WAIT_ENV = "MPC_SHUTDOWN_WAIT"
