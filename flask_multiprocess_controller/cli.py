@@ -268,13 +268,14 @@ def submit_command(controller_name: str, arguments: tuple[str, ...]) -> None:
 
 def _echo_drain(state: dict[str, Any]) -> None:
     if state["drained"]:
-        click.echo(f"Host {state['host']} is drained (since {state['since']}): its serving processes claim no new "
-                   f"task; running ones go on.")
+        click.echo(f"Host {state['host']} is drained (since {state['since']}): its serving processes claim "
+                   f"no new task; running ones go on.")
     else:
         click.echo(f"Host {state['host']} is not drained: its serving processes claim tasks.")
 
 
-_HOST_HELP = "The host (as its servers name it: MPC_HOST_ID, else host name and pid namespace); default: this host."
+_HOST_HELP = ("The host, as its servers name it (MPC_HOST_ID, else the host name and pid namespace); "
+              "default: this host.")
 
 
 @click.command("drain")

@@ -293,7 +293,8 @@ class MetaMPController:
         self.max_bulk = int(max_bulk)
         self.lease = lease
         #: Seconds a shutting-down serving process lets its running tasks finish (see ``shutdown_wait``).
-        self.shutdown_wait = _env_shutdown_wait() if shutdown_wait is None else _setting("shutdown_wait", shutdown_wait)
+        self.shutdown_wait = (_env_shutdown_wait() if shutdown_wait is None
+                              else _setting("shutdown_wait", shutdown_wait))
         #: Controlling threads this process runs (None: ``max_num_process``); ``flask mpc worker --slots``
         #: sets it for the process. The store still holds ``max_num_process`` across processes.
         self.slots: Optional[int] = registry.slots()

@@ -35,7 +35,7 @@ class HostDrain(TypedDict):
 def check_host(host: Any) -> str:
     """``host`` when it can name a host, else :class:`InvalidRequest`."""
     if not isinstance(host, str) or not host.strip():
-        raise InvalidRequest("Name the host to drain: a non-empty string such as the MPC_HOST_ID of its servers.")
+        raise InvalidRequest("Name the host to drain: a non-empty string, such as its servers' MPC_HOST_ID.")
     if len(host) > MAX_HOST_LENGTH or not host.isprintable():
         raise InvalidRequest(f"A host name has at most {MAX_HOST_LENGTH} printable characters; "
                              f"{host[:40]!r}... does not name one.")
@@ -43,7 +43,7 @@ def check_host(host: Any) -> str:
 
 
 def distinct_stores(controllers: Iterable["MetaMPController"]) -> list["TaskStore"]:
-    """The stores of ``controllers``, each shared store once (controllers of one URL have a store object each)."""
+    """The stores of ``controllers``, each shared one once (each controller has a store object of its own)."""
     found: dict[Any, "TaskStore"] = {}
     for controller in controllers:
         store = controller.store

@@ -5,8 +5,8 @@ from typing import Any
 
 from . import defaults
 from .exceptions import (
-    BatchNotFound, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed, MPCError,
-    PayloadTooLarge,
+    BatchNotFound, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed,
+    MPCError, PayloadTooLarge,
     QueueFull,
     StoreError, TaskAlreadyFinished, TaskNotFound,
 )

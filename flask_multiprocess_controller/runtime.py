@@ -317,8 +317,9 @@ class Runtime:
         drained = self.host in self.store.drained_hosts()
         was, self.host_drained = self.host_drained, drained
         if drained != was:
-            self.logger.warning("Host %s is %s: this process %s.", self.host, "drained" if drained else "undrained",
-                                "claims no new task (running ones go on)" if drained else "claims tasks again")
+            self.logger.warning("Host %s is %s: this process %s.", self.host,
+                                "drained" if drained else "undrained",
+                                "claims no new task; running ones go on" if drained else "claims tasks again")
         if was and not drained:
             self.notify_work()
 
@@ -396,7 +397,7 @@ class Runtime:
         return due_in if idle is None else min(idle, due_in)
 
     def may_claim(self) -> bool:
-        """Whether a slot may claim a task now (not closing or going away, host not drained, no hold on claims)."""
+        """Whether a slot may claim a task now (not closing or going away, host not drained, no hold)."""
         return (not (self.closing or self.draining or self.host_drained)
                 and time.monotonic() >= self._hold_claims_until)
 
@@ -659,6 +660,25 @@ class Runtime:
             return
         self.events.publish(event)
 
+    def _let_running_tasks_finish(self) -> None:
+        """``shutdown_wait``: claim nothing more, and give the running tasks that long to end on their own."""
+        wait = self.config.shutdown_wait
+        if wait <= 0 or not self._no_successor_expected():
+            return
+        self.stop_claiming()
+        deadline = time.monotonic() + wait
+        with self._runs_lock:
+            if self._runs:
+                self.logger.warning("Shutting down: waiting up to %g s for %d running task(s) to finish.",
+                                    wait, len(self._runs))
+            while self._runs and self._runs_changed.wait(max(0.0, deadline - time.monotonic())):
+                pass
+
+    def _no_successor_expected(self) -> bool:
+        """Whether no sibling process is expected to take over this one's running tasks (then they are
+        given ``shutdown_wait`` to finish here)."""
+        return True
+
     # -- shutdown -------------------------------------------------------------
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
@@ -701,26 +721,6 @@ class Runtime:
             self.logger.warning("Could not remove this process's heartbeat from the store.")
         self.logs.stop()
         self._waiters.wake_all()
-
-
-    def _let_running_tasks_finish(self) -> None:
-        """``shutdown_wait``: claim nothing more, and give the running tasks that long to end on their own."""
-        wait = self.config.shutdown_wait
-        if wait <= 0 or not self._no_successor_expected():
-            return
-        self.stop_claiming()
-        deadline = time.monotonic() + wait
-        with self._runs_lock:
-            if self._runs:
-                self.logger.warning("Shutting down: waiting up to %g s for %d running task(s) to finish.", wait,
-                                    len(self._runs))
-            while self._runs and self._runs_changed.wait(max(0.0, deadline - time.monotonic())):
-                pass
-
-    def _no_successor_expected(self) -> bool:
-        """Whether no sibling process is expected to take over this one's running tasks (then they are
-        given ``shutdown_wait`` to finish here)."""
-        return True
 
 
 class Claim(NamedTuple):

@@ -168,7 +168,7 @@ def public_store_name(store: TaskStore) -> str:
 
 
 def _host_drain(extension: "MultiprocessController") -> Callable[[str], ResponseReturnValue]:
-    """``POST <prefix>/api/hosts/<host>/drain`` drains the host, ``DELETE`` undrains it: 200 with its state."""
+    """``POST <prefix>/api/hosts/<host>/drain`` drains the host, ``DELETE`` undrains it: 200, its state."""
 
     def host_drain(host: str) -> ResponseReturnValue:
         from .drain import set_host_drained
@@ -207,7 +207,7 @@ def _health(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
         body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "controllers": report,
                                 "drained_hosts": _drained_hosts(extension)}
         runtime = next(filter(None, (c.local_runtime() for c in extension.controllers())), None)
-        if runtime is not None:  # this process serves: on which host, and whether it claims (not while drained)
+        if runtime is not None:  # this process serves: on which host, and whether it claims (not if drained)
             body["this_process"] = {"host": runtime.host, "host_drained": runtime.host_drained}
         if ok:
             return jsonify(body), 200

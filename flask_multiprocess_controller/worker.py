@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 def check_servable(controller: "MetaMPController") -> None:
     """Raise :class:`WorkerRefused` unless a worker process can run ``controller``'s tasks for others."""
     if controller.role != registry.SERVER:
-        raise WorkerRefused(f"Controller {controller.name} is a client in this process, so it cannot run tasks: "
-                            f"start the worker as `flask mpc worker`, which makes its controllers servers.")
+        raise WorkerRefused(f"Controller {controller.name} is a client in this process, so it cannot run "
+                            f"tasks: start the worker as `flask mpc worker`, which makes it a server.")
     if not controller.store.shared:
         raise WorkerRefused(f"Controller {controller.name} uses a store that lives in one process only "
                             f"({type(controller.store).__name__}): a worker can only serve a shared store "

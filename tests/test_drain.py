@@ -124,11 +124,11 @@ def test_unknown_hosts_and_bad_names_get_a_json_message(served, path, status, wo
 # -- real servers on a shared store ---------------------------------------------------------------------
 
 #: The job app of serverproc with the extension, so that it serves /mpc/health and the drain URL.
+_MOUNTED = "resource_class_args=(controller,))\n"
 DRAIN_APP = JOB_APP.replace(
-    "from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask",
-    "from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, MultiprocessController",
-).replace(
-    'resource_class_args=(controller,))\n', 'resource_class_args=(controller,))\nMultiprocessController(app)\n', 1)
+    "from flask_multiprocess_controller import MetaMPController,",
+    "from flask_multiprocess_controller import MultiprocessController, MetaMPController,",
+).replace(_MOUNTED, _MOUNTED + "MultiprocessController(app)\n", 1)
 assert DRAIN_APP.count("MultiprocessController") == 2
 
 
@@ -156,8 +156,8 @@ class Hosts:
     def start(self, host: str) -> tuple[Server, JobApi]:
         port = free_port()
         server = self.pool.start(python("app.py"), cwd=self.tmp_path, port=port,
-                                 log_path=self.tmp_path / f"{host}.log", env={**self.env(host), "PORT": str(port)},
-                                 ready_path="/mpc/health")
+                                 log_path=self.tmp_path / f"{host}.log",
+                                 env={**self.env(host), "PORT": str(port)}, ready_path="/mpc/health")
         api = JobApi(server.base, HTTP_TIMEOUT, log=server.log)
         api.listing()  # the controller starts on its first use
         return server, api
@@ -165,8 +165,8 @@ class Hosts:
     def flask(self, host: str, *args: str) -> subprocess.CompletedProcess[str]:
         """``flask mpc ...`` from this directory, as a process of ``host``."""
         env = {**os.environ, **self.env(host)}
-        return subprocess.run([sys.executable, "-m", "flask", "--app", "app", "mpc", *args], cwd=self.tmp_path,
-                              env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, "-m", "flask", "--app", "app", "mpc", *args],
+                              cwd=self.tmp_path, env=env, capture_output=True, text=True, timeout=60)
 
 
 def _health(server: Server) -> dict:
@@ -218,7 +218,8 @@ def test_a_host_drained_over_http_leaves_new_tasks_to_the_other_host(store_url, 
     third = api_a.submit(n=3)["uuid"]
     assert api_a.get(third)["status"] == "queued"
     response = requests.delete(url, timeout=HTTP_TIMEOUT)
-    assert response.status_code == 200 and response.json() == {"host": "host-a", "drained": False, "since": None}
+    assert response.status_code == 200
+    assert response.json() == {"host": "host-a", "drained": False, "since": None}
     ran = api_a.wait_ended(third)
     assert ran["status"] == "succeeded" and ran["result"]["host"] == "host-a", ran
     assert _health(a)["drained_hosts"] == []

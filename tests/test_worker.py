@@ -37,7 +37,8 @@ class Tiers:
         self.tmp_path = tmp_path
         self.pool = pool
         self.config = {"stop_grace": 0.5, "lease": 3, **config}
-        self.env = {"MPC_STORE_URL": store_url, "APP_CONFIG": json.dumps(self.config), "MPC_HANDOVER_WINDOW": "0"}
+        self.env = {"MPC_STORE_URL": store_url, "APP_CONFIG": json.dumps(self.config),
+                    "MPC_HANDOVER_WINDOW": "0"}
         self.started = 0
 
     def _log(self, name: str) -> Path:
@@ -47,7 +48,8 @@ class Tiers:
     def web(self) -> tuple[Server, JobApi]:
         port = free_port()
         server = self.pool.start(python("app.py"), cwd=self.tmp_path, port=port, log_path=self._log("web"),
-                                 env={**self.env, "PORT": str(port), "MPC_ROLE": "client"}, ready_path="/tasks")
+                                 env={**self.env, "PORT": str(port), "MPC_ROLE": "client"},
+                                 ready_path="/tasks")
         return server, JobApi(server.base, HTTP_TIMEOUT, log=server.log)
 
     def worker(self, *args: str, role: Optional[str] = "client") -> Server:
@@ -60,8 +62,8 @@ class Tiers:
         env.pop("FLASK_RUN_FROM_CLI", None)
         if role:
             env["MPC_ROLE"] = role
-        worker = Server(python("-m", "flask", "--app", "app", "mpc", "worker", *args), cwd=self.tmp_path, env=env,
-                        port=0, log_path=self._log("worker"))
+        worker = Server(python("-m", "flask", "--app", "app", "mpc", "worker", *args), cwd=self.tmp_path,
+                        env=env, port=0, log_path=self._log("worker"))
         self.pool.servers.append(worker)
 
         def serving() -> bool:
@@ -180,8 +182,10 @@ def test_a_worker_refuses_a_store_of_one_process_and_an_unknown_controller(tmp_p
     refused = _flask(tmp_path, {"MPC_STORE_URL": "memory://"}, "worker")
     assert refused.returncode != 0
     assert "only serve a shared store" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
-    unknown = _flask(tmp_path, {"MPC_STORE_URL": f"sqlite:///{tmp_path}/t.sqlite3"}, "worker", "--controller", "x")
+    shared = {"MPC_STORE_URL": f"sqlite:///{tmp_path}/t.sqlite3"}
+    unknown = _flask(tmp_path, shared, "worker", "--controller", "x")
     assert unknown.returncode != 0
-    assert "No controller is called 'x'" in unknown.stderr and "Traceback" not in unknown.stderr, unknown.stderr
-    bad = _flask(tmp_path, {"MPC_STORE_URL": f"sqlite:///{tmp_path}/t.sqlite3"}, "worker", "--slots", "0")
+    assert "No controller is called 'x'" in unknown.stderr, unknown.stderr
+    assert "Traceback" not in unknown.stderr, unknown.stderr
+    bad = _flask(tmp_path, shared, "worker", "--slots", "0")
     assert bad.returncode != 0 and "--slots" in bad.stderr, bad.stderr

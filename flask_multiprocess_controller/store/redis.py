@@ -950,7 +950,8 @@ class RedisStore(TaskStore):
 
     @_guarded
     def drained_hosts(self) -> dict[str, float]:
-        return {_text(host): float(since) for host, since in self._redis.hgetall(self._key("drained")).items()}
+        drained = self._redis.hgetall(self._key("drained"))
+        return {_text(host): float(since) for host, since in drained.items()}
 
     def close(self) -> None:
         self._redis.close()

@@ -846,13 +846,14 @@ class SQLiteStore(TaskStore):
     def set_drained(self, host: str, drained: bool) -> None:
         with self._transaction() as db:
             if drained:
-                db.execute("INSERT INTO mpc_drained_hosts (host, since) VALUES (?, ?) ON CONFLICT (host) DO NOTHING",
-                           (host, time.time()))
+                db.execute("INSERT INTO mpc_drained_hosts (host, since) VALUES (?, ?) "
+                           "ON CONFLICT (host) DO NOTHING", (host, time.time()))
             else:
                 db.execute("DELETE FROM mpc_drained_hosts WHERE host = ?", (host,))
 
     def drained_hosts(self) -> dict[str, float]:
-        return {str(host): float(since) for host, since in self._query("SELECT host, since FROM mpc_drained_hosts")}
+        rows = self._query("SELECT host, since FROM mpc_drained_hosts")
+        return {str(host): float(since) for host, since in rows}
 
     def close(self) -> None:
         with self._idle_lock:
