@@ -61,12 +61,7 @@ def set_host_drained(controllers: list["MetaMPController"], host: str, drained: 
     :raises HostNotFound: no store of the controllers has seen the host.
     :raises InvalidRequest: ``host`` cannot name a host, or there is no controller.
     """
-    host = check_host(host)
-    stores = distinct_stores(controllers)
-    if not stores:
-        raise InvalidRequest("There is no controller, so no store to drain a host in.")
-    if not any(host in store.known_hosts() or host in store.drained_hosts() for store in stores):
-        raise HostNotFound(host)
+    host, stores = _known(controllers, host)
     for store in stores:
         store.set_drained(host, drained)
     for controller in controllers:
@@ -74,6 +69,26 @@ def set_host_drained(controllers: list["MetaMPController"], host: str, drained: 
         if runtime is not None and runtime.host == host:
             runtime.refresh_host_drained()
     return host_state(stores, host)
+
+
+def drain_state(controllers: list["MetaMPController"], host: str) -> HostDrain:
+    """Whether ``host`` is drained in the stores of ``controllers``.
+
+    :raises HostNotFound, InvalidRequest: as :func:`set_host_drained`.
+    """
+    host, stores = _known(controllers, host)
+    return host_state(stores, host)
+
+
+def _known(controllers: list["MetaMPController"], host: Any) -> tuple[str, list["TaskStore"]]:
+    """The checked host name and the controllers' stores, once one of them has seen the host."""
+    host = check_host(host)
+    stores = distinct_stores(controllers)
+    if not stores:
+        raise InvalidRequest("There is no controller, so no store that knows hosts.")
+    if not any(host in store.known_hosts() or host in store.drained_hosts() for store in stores):
+        raise HostNotFound(host)
+    return host, stores
 
 
 def host_state(stores: list["TaskStore"], host: str) -> HostDrain:

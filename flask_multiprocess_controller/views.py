@@ -43,7 +43,7 @@ def make_blueprint(extension: "MultiprocessController") -> Blueprint:
     blueprint.add_url_rule("/api/schedules", "schedules", wrap(_schedules(extension)))
     # Host ids contain "/" (see runtime.host_id): the path converter takes them whole.
     blueprint.add_url_rule("/api/hosts/<path:host>/drain", "host_drain", wrap(_host_drain(extension)),
-                           methods=["POST", "DELETE"])
+                           methods=["GET", "POST", "DELETE"])
     blueprint.add_url_rule("/events", "events", wrap(_events(extension)))
     blueprint.add_url_rule("/openapi.json", "openapi", wrap(_openapi))
     from .dashboard import add_dashboard
@@ -168,11 +168,14 @@ def public_store_name(store: TaskStore) -> str:
 
 
 def _host_drain(extension: "MultiprocessController") -> Callable[[str], ResponseReturnValue]:
-    """``POST <prefix>/api/hosts/<host>/drain`` drains the host, ``DELETE`` undrains it: 200, its state."""
+    """``POST <prefix>/api/hosts/<host>/drain`` drains the host, ``DELETE`` undrains it, ``GET`` reads it:
+    200 with its state."""
 
     def host_drain(host: str) -> ResponseReturnValue:
-        from .drain import set_host_drained
+        from .drain import drain_state, set_host_drained
 
+        if request.method == "GET":
+            return jsonify(drain_state(extension.controllers(), host))
         return jsonify(set_host_drained(extension.controllers(), host, request.method == "POST"))
 
     return host_drain

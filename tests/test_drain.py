@@ -85,6 +85,7 @@ def test_drain_and_undrain_this_host_through_the_extension(served, tmp_path):
     assert body["host"] == host and body["drained"] is True and body["since"], body
     assert runtime.host_drained, "the process that drains takes the flag at once"
     assert client.post(url, headers=TOKEN).get_json() == body, "draining again keeps the first since"
+    assert client.get(url, headers=TOKEN).get_json() == body
     health = client.get("/mpc/health", headers=TOKEN).get_json()
     assert health["drained_hosts"] == [body]
     assert health["this_process"] == {"host": host, "host_drained": True}
@@ -98,6 +99,7 @@ def test_drain_and_undrain_this_host_through_the_extension(served, tmp_path):
     undrained = client.delete(url, headers=TOKEN)
     assert undrained.status_code == 200
     assert undrained.get_json() == {"host": host, "drained": False, "since": None}
+    assert client.get(url, headers=TOKEN).get_json() == undrained.get_json()
     assert controller.wait(waiting, timeout=20)["status"] == "succeeded", "claims resume at once"
     health = client.get("/mpc/health", headers=TOKEN).get_json()
     assert health["drained_hosts"] == [] and health["this_process"]["host_drained"] is False
@@ -114,7 +116,7 @@ def test_drain_and_undrain_this_host_through_the_extension(served, tmp_path):
 def test_unknown_hosts_and_bad_names_get_a_json_message(served, path, status, words):
     client, controller = served
     controller.runtime  # this host heartbeats: the store knows one host
-    for method in (client.post, client.delete):
+    for method in (client.post, client.delete, client.get):
         response = method(path, headers=TOKEN)
         assert response.status_code == status, response.get_data(as_text=True)
         assert words in response.get_json()["message"]
