@@ -44,6 +44,7 @@ def start(controllers: Sequence["MetaMPController"], slots: Optional[int] = None
     if not controllers:
         raise WorkerRefused("There is no controller to serve.")
     for controller in controllers:
+        _bind_to_current_app(controller)
         check_servable(controller)
         running = controller.local_runtime()
         if slots is not None and running is not None and running.config.slot_count != slots:
@@ -57,6 +58,15 @@ def start(controllers: Sequence["MetaMPController"], slots: Optional[int] = None
             "Worker %d on host %s serves controller %s: %d slot(s), at most %d task(s) across every process, "
             "store %s.", os.getpid(), runtime.host, controller.name, runtime.config.slot_count,
             controller.max_num_process, _store_name(controller))
+
+
+def _bind_to_current_app(controller: "MetaMPController") -> None:
+    """Give the controller the current app's ``MPC_*`` settings before its store is first looked at
+    (a controller made after ``init_app`` would otherwise resolve its store without them)."""
+    from flask import current_app, has_app_context
+
+    if has_app_context() and "mpc" in current_app.extensions:
+        controller.bind(current_app.extensions["mpc"].settings, current_app.instance_path)
 
 
 def _store_name(controller: "MetaMPController") -> str:
