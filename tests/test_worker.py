@@ -189,3 +189,22 @@ def test_a_worker_refuses_a_store_of_one_process_and_an_unknown_controller(tmp_p
     assert "Traceback" not in unknown.stderr, unknown.stderr
     bad = _flask(tmp_path, shared, "worker", "--slots", "0")
     assert bad.returncode != 0 and "--slots" in bad.stderr, bad.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_leaves_through_the_normal_exit_and_honours_the_shutdown_wait(tmp_path, pool):
+    tiers = Tiers(tmp_path, pool, f"sqlite:///{tmp_path}/tasks.sqlite3", max_num_process=1)
+    tiers.env["MPC_SHUTDOWN_WAIT"] = "10"
+    web, api = tiers.web()
+    worker = tiers.worker()
+    finishing = api.submit(n=1, sleep=2)["uuid"]
+    api.wait_running(finishing)
+    waiting = api.submit(n=2)["uuid"]
+    _stop(worker)  # SIGTERM: the controllers' exit path, which waits for the running task
+    assert api.get(finishing)["status"] == "succeeded"
+    assert api.get(waiting)["status"] == "queued", "a worker that is going away claims nothing"
+    replacement = tiers.worker()
+    ended = api.wait_ended(waiting)
+    assert ended["status"] == "succeeded" and _worker_ran(ended, replacement), ended
+    _stop(replacement)
+    _stop(web)
