@@ -1,5 +1,5 @@
-"""``flask mpc``: list, inspect, stop, wait for, purge and submit tasks from a shell; drain and undrain
-a host; run a worker.
+"""``flask mpc``: list, inspect, stop, wait for, purge and submit tasks from a shell; list, drain and
+undrain hosts; run a worker.
 
 Flask finds the group through the ``flask.commands`` entry point before it imports the app,
 and the group makes the process a client first (see :mod:`.registry`): importing the app then
@@ -35,7 +35,8 @@ _WAIT_STEP = 0.5
 def _commands(group: AppGroup) -> AppGroup:
     """Add every ``mpc`` subcommand to ``group``."""
     for command in (list_command, status_command, stop_command, wait_command, purge_command, submit_command,
-                    logs_command, schedules_command, drain_command, undrain_command, worker_command):
+                    logs_command, schedules_command, hosts_command, drain_command, undrain_command,
+                    worker_command):
         group.add_command(command)
     return group
 
@@ -272,6 +273,28 @@ def _echo_drain(state: dict[str, Any]) -> None:
                    f"no new task; running ones go on.")
     else:
         click.echo(f"Host {state['host']} is not drained: its serving processes claim tasks.")
+
+
+@click.command("hosts")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@with_appcontext
+@_user_errors
+def hosts_command(as_json: bool) -> None:
+    """List the hosts whose serving processes heartbeat in the store, and which are drained."""
+    from .drain import known_hosts
+
+    found = known_hosts(_controllers())
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("No hosts.")
+        return
+    header = ("HOST", "HEARTBEAT", "DRAINED")
+    rows = [(h["host"], _ago(h["heartbeat"]), f"since {h['since']}" if h["drained"] else "-") for h in found]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for line in (header, *rows):
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 
 
 _HOST_HELP = ("The host, as its servers name it (MPC_HOST_ID, else the host name and pid namespace); "

@@ -97,6 +97,24 @@ def host_state(stores: list["TaskStore"], host: str) -> HostDrain:
     return {"host": host, "drained": bool(since), "since": iso(min(since)) if since else None}
 
 
+class HostInfo(HostDrain):
+    """A host the stores know: its drain state and its newest heartbeat (ISO 8601; None when none is left)."""
+
+    heartbeat: Optional[str]
+
+
+def known_hosts(controllers: list["MetaMPController"]) -> list[HostInfo]:
+    """Every host with a serving process that heartbeats in the stores of ``controllers``, or drained there,
+    by name: what an operator drains (host ids are long: ``web-1/pidns-4026531836/boot-5673eb4c``)."""
+    beats: dict[str, float] = {}
+    drained = {entry["host"]: entry["since"] for entry in drained_hosts(controllers)}
+    for store in distinct_stores(controllers):
+        for host, beat in store.known_hosts().items():
+            beats[host] = max(beat, beats.get(host, beat))
+    return [{"host": host, "drained": host in drained, "since": drained.get(host),
+             "heartbeat": iso(beats.get(host))} for host in sorted(set(beats) | set(drained))]
+
+
 def drained_hosts(controllers: list["MetaMPController"]) -> list[HostDrain]:
     """Every host drained in the stores of ``controllers``, by name."""
     since: dict[str, float] = {}

@@ -213,6 +213,11 @@ def test_drain_and_undrain_through_the_test_runner(cli_app, tmp_path):
     assert drained.exit_code == 0, drained.output
     assert f"Host {runtime.host} is drained" in drained.output
     assert runtime.host_drained, "the process that drains takes the flag at once"
+    listed = json.loads(runner.invoke(args=["mpc", "hosts", "--json"]).output)
+    assert [(h["host"], h["drained"], bool(h["since"]), bool(h["heartbeat"])) for h in listed] == [
+        (runtime.host, True, True, True)]
+    table = runner.invoke(args=["mpc", "hosts"]).output
+    assert "HOST" in table and runtime.host in table and "since" in table, table
     waiting = controller.submit(steps=1)
     assert controller.status(waiting)["status"] == "queued"
     undrained = runner.invoke(args=["mpc", "undrain", "--host", runtime.host])
