@@ -475,8 +475,9 @@ def _drain_operations() -> dict[str, Any]:
                   "description": "When the host was drained (the store's clock); null when it is not."}}}
 
     def operation(summary: str) -> dict[str, Any]:
-        errors = _errors("BadRequest", "NotFound", "Unavailable")
-        return {"summary": summary, "responses": {"200": _task_response("The host's drain state.", state), **errors}}
+        answer = _task_response("The host's drain state.", state)
+        return {"summary": summary,
+                "responses": {"200": answer, **_errors("BadRequest", "NotFound", "Unavailable")}}
 
     host = {"name": "host", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "The host's id as its servers name it (MPC_HOST_ID); it may contain '/'."}
