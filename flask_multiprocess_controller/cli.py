@@ -1,10 +1,13 @@
-"""``flask mpc``: list, inspect, stop, wait for, purge and submit tasks from a shell.
+"""``flask mpc``: list, inspect, stop, wait for, purge and submit tasks from a shell; list, drain and
+undrain hosts; run a worker.
 
 Flask finds the group through the ``flask.commands`` entry point before it imports the app,
 and the group makes the process a client first (see :mod:`.registry`): importing the app then
 creates its controllers as clients, which read and write the store but start no fork server and
-no thread, so the command never runs a task. ``init_app`` also adds the same commands to
-``app.cli`` (what ``app.test_cli_runner()`` invokes), where the process's role is left as it is.
+no thread, so the command never runs a task. The one exception is ``worker``, which makes the
+process a server again before the app is imported: running tasks is its job (see :mod:`.worker`).
+``init_app`` also adds the same commands to ``app.cli`` (what ``app.test_cli_runner()`` invokes),
+where the process's role is left as it is.
 
 User errors (an unknown uuid, a bad argument) print one line and exit non-zero.
 """
@@ -32,7 +35,8 @@ _WAIT_STEP = 0.5
 def _commands(group: AppGroup) -> AppGroup:
     """Add every ``mpc`` subcommand to ``group``."""
     for command in (list_command, status_command, stop_command, wait_command, purge_command, submit_command,
-                    logs_command, schedules_command):
+                    logs_command, schedules_command, hosts_command, drain_command, undrain_command,
+                    worker_command):
         group.add_command(command)
     return group
 
@@ -261,6 +265,96 @@ def submit_command(controller_name: str, arguments: tuple[str, ...]) -> None:
         except ValueError:
             kwargs[key] = raw
     click.echo(_controller(controller_name).submit(**kwargs))
+
+
+def _echo_drain(state: dict[str, Any]) -> None:
+    if state["drained"]:
+        click.echo(f"Host {state['host']} is drained (since {state['since']}): its serving processes claim "
+                   f"no new task; running ones go on.")
+    else:
+        click.echo(f"Host {state['host']} is not drained: its serving processes claim tasks.")
+
+
+@click.command("hosts")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@with_appcontext
+@_user_errors
+def hosts_command(as_json: bool) -> None:
+    """List the hosts whose serving processes heartbeat in the store, and which are drained."""
+    from .drain import known_hosts
+
+    found = known_hosts(_controllers())
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("No hosts.")
+        return
+    header = ("HOST", "HEARTBEAT", "DRAINED")
+    rows = [(h["host"], _ago(h["heartbeat"]), f"since {h['since']}" if h["drained"] else "-") for h in found]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for line in (header, *rows):
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+_HOST_HELP = ("The host, as its servers name it (MPC_HOST_ID, else the host name and pid namespace); "
+              "default: this host.")
+
+
+@click.command("drain")
+@click.option("--host", help=_HOST_HELP)
+@with_appcontext
+@_user_errors
+def drain_command(host: Optional[str]) -> None:
+    """Make every serving process of a host claim no new task, for every controller; running tasks go on."""
+    from .drain import set_host_drained
+    from .runtime import host_id
+
+    _echo_drain(dict(set_host_drained(_controllers(), host_id() if host is None else host, True)))
+
+
+@click.command("undrain")
+@click.option("--host", help=_HOST_HELP)
+@with_appcontext
+@_user_errors
+def undrain_command(host: Optional[str]) -> None:
+    """Let the serving processes of a drained host claim tasks again, at once."""
+    from .drain import set_host_drained
+    from .runtime import host_id
+
+    _echo_drain(dict(set_host_drained(_controllers(), host_id() if host is None else host, False)))
+
+
+def _as_worker(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Make the process a server with the ``--slots`` asked for, before the app is imported (which
+    ``with_appcontext``, inside, does): its controllers are created for that."""
+    import functools
+
+    @functools.wraps(command)
+    def serving(*args: Any, **kwargs: Any) -> Any:
+        registry.become_server()
+        registry.set_slots(kwargs.get("slots"))
+        return command(*args, **kwargs)
+
+    return serving
+
+
+@click.command("worker")
+@click.option("--controller", "names", multiple=True, metavar="NAME",
+              help="Serve only this controller (repeatable); default: every controller of the app.")
+@click.option("--slots", type=click.IntRange(min=1),
+              help="Controlling threads per controller in this process; default: its max_num_process, which "
+                   "stays the limit across every process.")
+@_as_worker
+@with_appcontext
+@_user_errors
+def worker_command(names: tuple[str, ...], slots: Optional[int]) -> None:
+    """Run the app's tasks in this process, which serves no HTTP, until SIGTERM or SIGINT."""
+    from . import worker
+
+    controllers = [_controller(name) for name in dict.fromkeys(names)] if names else _controllers()
+    worker.start(controllers, slots)
+    worker.wait_for_exit()
 
 
 class _ClientGroup(AppGroup):

@@ -36,6 +36,16 @@ class RuntimeConfig:
     max_num_queue: int = -1
     #: Seconds running tasks wait to be adopted when this process ends (0: they are stopped; see .handover).
     handover_window: float = 0.0
+    #: Controlling threads (slots) of this process; None: ``max_num_process``. Only the slot count:
+    #: ``max_num_process`` stays the limit across every process, enforced by the store.
+    slots: Optional[int] = None
+    #: Seconds a shutting-down process lets its running tasks finish on their own before stopping them.
+    shutdown_wait: float = 0.0
+
+    @property
+    def slot_count(self) -> int:
+        """How many controlling threads this process runs."""
+        return self.max_num_process if self.slots is None else self.slots
 
     @property
     def restartable(self) -> bool:

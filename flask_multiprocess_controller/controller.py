@@ -118,12 +118,12 @@ def _check_callback_url(url: Any) -> None:
 #: How each ``MPC_*`` setting of an app's config becomes a controller setting.
 _SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
     "stop_grace": float, "retention": float, "max_content_length": int, "max_wait": float,
-    "expose_tracebacks": bool, "handover_window": float,
+    "expose_tracebacks": bool, "handover_window": float, "shutdown_wait": float,
 }
 
 
 #: Settings a started runtime has taken for good; the others are read at each request.
-_FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window"})
+_FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait"})
 
 
 def _setting(key: str, value: Any) -> Any:
@@ -135,6 +135,12 @@ def _setting(key: str, value: Any) -> Any:
     if key != "expose_tracebacks" and (converted < 0 or (key == "max_wait" and converted == 0)):
         raise ValueError(f"MPC_{key.upper()} must be positive, not {value!r}.")
     return converted
+
+
+def _env_shutdown_wait() -> float:
+    """``MPC_SHUTDOWN_WAIT`` from the environment, checked (the default when unset or empty)."""
+    raw = os.environ.get(defaults.SHUTDOWN_WAIT_ENV)
+    return defaults.SHUTDOWN_WAIT if raw in (None, "") else _setting("shutdown_wait", raw)
 
 
 def _pick_configurator(*given: Optional[type[MetaMPLoggerConfigurator]]) -> Optional[type[MetaMPLoggerConfigurator]]:
@@ -208,6 +214,9 @@ class MetaMPController:
     :param max_state_size: bytes of JSON a task's ``save_state()`` value may take; over it the call raises
         :class:`~.exceptions.StateTooLarge` in the task (default 1 MiB).
     :param max_bulk: task objects one bulk POST may hold; over it, 413.
+    :param shutdown_wait: seconds a serving process that shuts down lets its running tasks finish on
+        their own (claiming nothing meanwhile) before it stops them; None: the app's
+        ``MPC_SHUTDOWN_WAIT``, else the ``MPC_SHUTDOWN_WAIT`` environment variable, else 0.
     :param compat: ``"0.1"`` makes this controller's resource take bodies of any content
         type and answer in upstream 0.1's shapes and codes, for clients that cannot change
         (see :mod:`.compat`); None (the default) keeps this version's answers.
@@ -250,7 +259,7 @@ class MetaMPController:
                  max_progress_size: int = defaults.MAX_PROGRESS_SIZE, max_bulk: int = defaults.MAX_BULK,
                  role: Optional[str] = None, tenant: Optional[Callable[[], Any]] = None,
                  max_state_size: int = defaults.MAX_STATE_SIZE,
-                 handover_window: Optional[float] = None) -> None:
+                 handover_window: Optional[float] = None, shutdown_wait: Optional[float] = None) -> None:
         if target_task is not None and not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
             raise TypeError(f"target_task must be a MetaMPTask subclass or None, not {target_task!r}.")
         _check_callback_url(callback_url)
@@ -292,6 +301,12 @@ class MetaMPController:
         self.expose_tracebacks = bool(expose_tracebacks)
         self.max_bulk = int(max_bulk)
         self.lease = lease
+        #: Seconds a shutting-down serving process lets its running tasks finish (see ``shutdown_wait``).
+        self.shutdown_wait = (_env_shutdown_wait() if shutdown_wait is None
+                              else _setting("shutdown_wait", shutdown_wait))
+        #: Controlling threads this process runs (None: ``max_num_process``); ``flask mpc worker --slots``
+        #: sets it for the process. The store still holds ``max_num_process`` across processes.
+        self.slots: Optional[int] = registry.slots()
         #: ``"0.1"`` when this controller answers HTTP in upstream 0.1's shapes (see :mod:`.compat`).
         self.compat: Optional[str] = compat_module.check_version(compat)
         #: The controller's name in the store: tasks are shared by controllers of the same name.
@@ -313,7 +328,7 @@ class MetaMPController:
             ("stop_grace", stop_grace, defaults.STOP_GRACE), ("retention", retention, defaults.RETENTION),
             ("max_content_length", max_content_length, defaults.MAX_CONTENT_LENGTH),
             ("max_wait", max_wait, defaults.MAX_WAIT), ("expose_tracebacks", expose_tracebacks, False),
-            ("handover_window", handover_window, None),
+            ("handover_window", handover_window, None), ("shutdown_wait", shutdown_wait, None),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
         self._bound = False
@@ -448,8 +463,8 @@ class MetaMPController:
             stop_grace=self.stop_grace, max_memory=self.max_memory, max_tasks_per_child=self.max_tasks_per_child,
             retention=self.retention, lease=self.lease, logger=self.logger, configurator=self._configurator,
             context=types.MappingProxyType(self.context), limits=self._limits,
-            expose_tracebacks=self.expose_tracebacks, max_num_queue=self.max_num_queue,
-            handover_window=configured_window(self.handover_window))
+            expose_tracebacks=self.expose_tracebacks, max_num_queue=self.max_num_queue, slots=self.slots,
+            shutdown_wait=self.shutdown_wait, handover_window=configured_window(self.handover_window))
 
     @property
     def runtime(self) -> Runtime:
@@ -461,6 +476,12 @@ class MetaMPController:
         if not isinstance(side, Runtime):
             raise RuntimeError(f"Controller {self.name} is a client in this process: it runs no tasks here.")
         return side
+
+    def local_runtime(self) -> Optional[Runtime]:
+        """The runtime this process started for the controller, if any (never starts one)."""
+        with self._lock:
+            side = self._side
+        return side if isinstance(side, Runtime) and side.pid == os.getpid() else None
 
     @property
     def forkserver_pid(self) -> Optional[int]:

@@ -100,3 +100,7 @@ SIBLING_SHUTDOWN_HOLD = 2.0
 #: Seconds running tasks whose serving process ended wait for another of the app's serving processes on
 #: the same host to adopt them, before they are stopped (or queued again) as a shutdown would (see handover.py).
 HANDOVER_WINDOW = 60.0
+#: Seconds a shutting-down serving process lets its running tasks finish on their own before it stops
+#: them (0: stop them at once); also the ``MPC_SHUTDOWN_WAIT`` environment variable.
+SHUTDOWN_WAIT = 0.0
+SHUTDOWN_WAIT_ENV = "MPC_SHUTDOWN_WAIT"

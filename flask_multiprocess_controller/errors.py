@@ -5,7 +5,8 @@ from typing import Any
 
 from . import defaults
 from .exceptions import (
-    BatchNotFound, ControllerClosed, InvalidRequest, InvalidTransition, MethodNotServed, MPCError, PayloadTooLarge,
+    BatchNotFound, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed,
+    MPCError, PayloadTooLarge,
     QueueFull,
     StoreError, TaskAlreadyFinished, TaskNotFound,
 )
@@ -15,6 +16,7 @@ HTTP_STATUS: dict[type, int] = {
     InvalidRequest: 400,
     TaskNotFound: 404,
     BatchNotFound: 404,
+    HostNotFound: 404,
     MethodNotServed: 405,
     TaskAlreadyFinished: 409,
     InvalidTransition: 409,

@@ -53,6 +53,25 @@ class BatchNotFound(MPCError):
         self.batch = batch
 
 
+class HostNotFound(MPCError):
+    """No serving process of this host ever heartbeat in the store, and the host is not drained.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"No serving process of host {host!r} is known to the store (none has a heartbeat "
+                         f"there) and the host is not drained.")
+        self.host = host
+
+
+class WorkerRefused(MPCError):
+    """``flask mpc worker`` cannot serve a controller: a client in the process, or a store of one process.
+
+    .. versionadded:: 0.3
+    """
+
+
 class TaskAlreadyFinished(MPCError):
     """The task has already reached a terminal state."""
 

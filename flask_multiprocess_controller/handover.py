@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import psutil
+
 from . import defaults
 
 if TYPE_CHECKING:
@@ -127,6 +129,19 @@ def handover_directory(host: str, controller: str, store_url: str) -> Optional[s
             _LOGGER.warning("Hand-over is off: %s is not a folder of this user that only it may use.", folder)
             return None
     return os.path.join(base, key)
+
+
+def live_adopters(directory: str) -> list[int]:
+    """Pids of the serving processes that listen for adoptions in ``directory`` (this one's excluded)."""
+    found = []
+    for path in glob.glob(os.path.join(directory, "*.sock")):
+        try:
+            pid = int(os.path.basename(path)[:-len(".sock")])
+        except ValueError:
+            continue
+        if pid != os.getpid() and psutil.pid_exists(pid):
+            found.append(pid)
+    return found
 
 
 def send_packet(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:

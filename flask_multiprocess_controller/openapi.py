@@ -457,13 +457,33 @@ def extension_paths(prefix: str) -> dict[str, Any]:
                  **_errors("BadRequest", "Unavailable")}}
     operations: dict[str, dict[str, Any]] = {f"{prefix}/api/tasks": {"get": listing, "delete": stop_all},
                                              f"{prefix}/api/tasks/{{uuid}}": item,
-                                             f"{prefix}/api/stats": {"get": stats}}
+                                             f"{prefix}/api/stats": {"get": stats},
+                                             f"{prefix}/api/hosts/{{host}}/drain": _drain_operations()}
     for path, entry in operations.items():
         for method, operation in entry.items():
             if method != "parameters":
                 operation["tags"] = ["mpc"]
                 operation["operationId"] = _safe(f"mpc{path[len(prefix):]}.{method}")
     return operations
+
+
+def _drain_operations() -> dict[str, Any]:
+    """``GET``/``POST``/``DELETE <prefix>/api/hosts/{host}/drain``: read, drain or undrain a host."""
+    state = {"type": "object", "required": ["host", "drained", "since"], "properties": {
+        "host": {"type": "string"}, "drained": {"type": "boolean"},
+        "since": {**_nullable("string"), "format": "date-time",
+                  "description": "When the host was drained (the store's clock); null when it is not."}}}
+
+    def operation(summary: str) -> dict[str, Any]:
+        answer = _task_response("The host's drain state.", state)
+        return {"summary": summary,
+                "responses": {"200": answer, **_errors("BadRequest", "NotFound", "Unavailable")}}
+
+    host = {"name": "host", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "The host's id as its servers name it (MPC_HOST_ID); it may contain '/'."}
+    return {"parameters": [host], "get": operation("Whether a host is drained, and since when"),
+            "post": operation("Drain a host: its serving processes claim no new task; running ones go on"),
+            "delete": operation("Undrain a host: its serving processes claim tasks again")}
 
 
 def _required_uuid() -> dict[str, Any]:

@@ -24,6 +24,8 @@ CLIENT = "client"
 _lock = threading.Lock()
 _controllers: "weakref.WeakSet[MetaMPController]" = weakref.WeakSet()
 _forced_role: Optional[str] = None
+#: Controlling threads per controller for the controllers created from now on (None: max_num_process).
+_slots: Optional[int] = None
 #: True once an extension object was made in this process: mounting a resource then no longer
 #: starts its controller; the extension's ``init_app`` (or the first use) does, with the app's settings.
 _extension_made = False
@@ -42,6 +44,28 @@ def become_client() -> None:
     global _forced_role
     with _lock:
         _forced_role = CLIENT
+
+
+def become_server() -> None:
+    """Make every controller created from now on in this process a server, whatever ``MPC_ROLE`` says
+    (``flask mpc worker`` calls this before the app is imported)."""
+    global _forced_role
+    with _lock:
+        _forced_role = SERVER
+
+
+def set_slots(count: Optional[int]) -> None:
+    """Give every controller created from now on in this process ``count`` controlling threads (None: its
+    ``max_num_process``); ``flask mpc worker --slots`` calls this before the app is imported."""
+    global _slots
+    with _lock:
+        _slots = count
+
+
+def slots() -> Optional[int]:
+    """The slot count of controllers created now (see :func:`set_slots`)."""
+    with _lock:
+        return _slots
 
 
 def register(controller: "MetaMPController") -> None:

@@ -39,7 +39,7 @@ from .config import RuntimeConfig
 from .events import Event, EventKind
 from .exceptions import StoreError
 from .forkserver import FORK_SERVER_NAME, ChildProcess, ForkServer
-from .handover import HandoverConfig, handover_directory, held_key, reopen_url
+from .handover import HandoverConfig, handover_directory, held_key, live_adopters, reopen_url
 from .hub import EventHub
 from .logs import LogListener, MetaMPLoggerConfigurator, log_task_ended, log_task_started
 from .pausing import follow_pause_event
@@ -176,6 +176,9 @@ class Runtime:
         self.closing = False
         #: True once the process is going away: no more claims (see stop_claiming).
         self.draining = False
+        #: True while this host is drained in the store (see :meth:`refresh_host_drained`): no claims,
+        #: running tasks go on. Read by the keeper every heartbeat.
+        self.host_drained = False
         #: Monotonic time before which no task is claimed (a sibling is shutting down).
         self._hold_claims_until = 0.0
         #: Store-clock times at which siblings recently stopped tasks because they were shutting down.
@@ -185,6 +188,8 @@ class Runtime:
         # Guards _runs: the tasks running in this process, by uuid.
         self._runs_lock = threading.Lock()
         self._runs: dict[str, TaskRun] = {}
+        #: Notified when a run is unregistered (a shutdown may wait for the last one).
+        self._runs_changed = threading.Condition(self._runs_lock)
         #: Claims made (or being made) whose task is not registered in _runs yet; guarded by _runs_lock.
         self._open_claims = 0
         #: Cursors of ``ended`` events whose place under max_num_process the slot that wrote them took
@@ -202,7 +207,7 @@ class Runtime:
             body = functools.partial(callback_body, expose_tracebacks=config.expose_tracebacks)
             self._callbacks = CallbackSender(callback_url, self.logger, body, self._ack)
             self.events.subscribe(self._callbacks.offer, local_only=True)
-        self._slots = [_Slot(self, i) for i in range(config.max_num_process)]
+        self._slots = [_Slot(self, i) for i in range(config.slot_count)]
         self._keeper = _Keeper(self)
         #: Fires the controller's schedules while this process holds their lease (no thread until one is declared).
         self.scheduler = Scheduler(store, config.name, self.owner, config.lease, config.max_num_queue, self.logger,
@@ -217,6 +222,7 @@ class Runtime:
         self.logs.start()
         retrier = Retrier(self.logger, self._give_up)
         retrier.call("recording the heartbeat", lambda: self.store.heartbeat(self.owner), give_up_at_stop=False)
+        retrier.call("reading whether this host is drained", self.refresh_host_drained, give_up_at_stop=False)
         self.events.start()
         self._offer_adoption()
         retrier.call("settling the tasks of dead processes", self.reconcile, give_up_at_stop=False)
@@ -343,6 +349,17 @@ class Runtime:
         """
         self.draining = True
 
+    def refresh_host_drained(self) -> None:
+        """Read whether this host is drained; once it is not any more, the idle slots claim at once."""
+        drained = self.host in self.store.drained_hosts()
+        was, self.host_drained = self.host_drained, drained
+        if drained != was:
+            self.logger.warning("Host %s is %s: this process %s.", self.host,
+                                "drained" if drained else "undrained",
+                                "claims no new task; running ones go on" if drained else "claims tasks again")
+        if was and not drained:
+            self.notify_work()
+
     def notify_work(self, slots: Optional[int] = None) -> None:
         """Wake idle slots (``slots`` of them, else all): tasks were queued, or places came free.
 
@@ -365,6 +382,9 @@ class Runtime:
             with self._work:
                 if self.closing or self.draining:
                     return None
+                if self.host_drained:  # refresh_host_drained wakes the slots once the host is undrained
+                    self._work.wait()
+                    continue
                 held = self._hold_claims_until - time.monotonic()
                 if held > 0:
                     self._work.wait(held)
@@ -414,8 +434,9 @@ class Runtime:
         return due_in if idle is None else min(idle, due_in)
 
     def may_claim(self) -> bool:
-        """Whether a slot may claim a task now (not closing or going away, no hold on claims)."""
-        return not (self.closing or self.draining) and time.monotonic() >= self._hold_claims_until
+        """Whether a slot may claim a task now (not closing or going away, host not drained, no hold)."""
+        return (not (self.closing or self.draining or self.host_drained)
+                and time.monotonic() >= self._hold_claims_until)
 
     def adopt(self, claim: Claim, retrier: Retrier) -> Optional[Claim]:
         """A task claimed together with the end of the slot's last one: run it, or give it back when
@@ -633,6 +654,7 @@ class Runtime:
     def unregister(self, run: TaskRun) -> None:
         with self._runs_lock:
             self._runs.pop(run.uuid, None)
+            self._runs_changed.notify_all()
 
     def record(self, run: TaskRun, outcome: Outcome, retrier: Retrier,
                child: Optional[ChildProcess] = None, claim_next: bool = True) -> Optional[Claim]:
@@ -751,6 +773,28 @@ class Runtime:
             return
         self.events.publish(event)
 
+    def _let_running_tasks_finish(self, hand_over: bool) -> None:
+        """``shutdown_wait``: claim nothing more, and give the running tasks that long to end on their own."""
+        wait = self.config.shutdown_wait
+        if wait <= 0 or not self._no_successor_expected(hand_over):
+            return
+        self.stop_claiming()
+        deadline = time.monotonic() + wait
+        with self._runs_lock:
+            if self._runs:
+                self.logger.warning("Shutting down: waiting up to %g s for %d running task(s) to finish.",
+                                    wait, len(self._runs))
+            while self._runs and self._runs_changed.wait(max(0.0, deadline - time.monotonic())):
+                pass
+
+    def _no_successor_expected(self, hand_over: bool) -> bool:
+        """Whether no sibling process is expected to take over this one's running tasks (then they are
+        given ``shutdown_wait`` to finish here): with the hand-over, one is when another serving process
+        of the controller on this host listens for adoptions."""
+        if not hand_over or self.handover is None:
+            return True
+        return not live_adopters(self.handover.directory)
+
     # -- shutdown -------------------------------------------------------------
 
     def shutdown(self, timeout: Optional[float] = None, hand_over: bool = False) -> bool:
@@ -765,6 +809,7 @@ class Runtime:
         """
         if self._listener is not None:
             self._listener.stop()  # adopt nothing more
+        self._let_running_tasks_finish(hand_over)
         with self._work:
             self.closing = True
             self._work.notify_all()
@@ -943,6 +988,7 @@ class _Keeper(threading.Thread):
             now = time.monotonic()
             if not self._attempt("heartbeat", lambda: rt.store.heartbeat(rt.owner)):
                 continue  # the store is down: the other chores would fail the same way
+            self._attempt("drain flag", rt.refresh_host_drained)
             if now >= next_reconcile and self._attempt("reconcile", rt.reconcile):
                 next_reconcile = now + defaults.RECONCILE_INTERVAL
             if now >= next_purge and self._attempt("purge", rt.purge):

@@ -41,6 +41,9 @@ def make_blueprint(extension: "MultiprocessController") -> Blueprint:
                            methods=["GET", "DELETE", "PATCH"])
     blueprint.add_url_rule("/api/tasks/<uuid>/logs", "logs", wrap(_task_logs(extension)))
     blueprint.add_url_rule("/api/schedules", "schedules", wrap(_schedules(extension)))
+    # Host ids contain "/" (see runtime.host_id): the path converter takes them whole.
+    blueprint.add_url_rule("/api/hosts/<path:host>/drain", "host_drain", wrap(_host_drain(extension)),
+                           methods=["GET", "POST", "DELETE"])
     blueprint.add_url_rule("/events", "events", wrap(_events(extension)))
     blueprint.add_url_rule("/openapi.json", "openapi", wrap(_openapi))
     from .dashboard import add_dashboard
@@ -164,6 +167,30 @@ def public_store_name(store: TaskStore) -> str:
     return urlunsplit(parts._replace(netloc=user + netloc))
 
 
+def _host_drain(extension: "MultiprocessController") -> Callable[[str], ResponseReturnValue]:
+    """``POST <prefix>/api/hosts/<host>/drain`` drains the host, ``DELETE`` undrains it, ``GET`` reads it:
+    200 with its state."""
+
+    def host_drain(host: str) -> ResponseReturnValue:
+        from .drain import drain_state, set_host_drained
+
+        if request.method == "GET":
+            return jsonify(drain_state(extension.controllers(), host))
+        return jsonify(set_host_drained(extension.controllers(), host, request.method == "POST"))
+
+    return host_drain
+
+
+def _drained_hosts(extension: "MultiprocessController") -> list[Any]:
+    """The drained hosts health shows (none when the stores cannot say: the controllers' entries tell why)."""
+    from .drain import drained_hosts
+
+    try:
+        return list(drained_hosts(extension.controllers()))
+    except StoreError:
+        return []
+
+
 def _health(extension: "MultiprocessController") -> Callable[[], ResponseReturnValue]:
     def health() -> ResponseReturnValue:
         report: dict[str, Any] = {}
@@ -180,7 +207,11 @@ def _health(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
                 ok = False
                 entry.update(status="unavailable", message=exc.message)
             report[controller.name] = entry
-        body = {"status": "ok" if ok else "unavailable", "controllers": report}
+        body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "controllers": report,
+                                "drained_hosts": _drained_hosts(extension)}
+        runtime = next(filter(None, (c.local_runtime() for c in extension.controllers())), None)
+        if runtime is not None:  # this process serves: on which host, and whether it claims (not if drained)
+            body["this_process"] = {"host": runtime.host, "host_drained": runtime.host_drained}
         if ok:
             return jsonify(body), 200
         return jsonify(body), 503, {"Retry-After": str(defaults.RETRY_AFTER)}

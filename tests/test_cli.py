@@ -202,3 +202,28 @@ def test_flask_mpc_as_a_subprocess_from_another_directory(tmp_path, pool):
     assert after - before == set()
     assert not (elsewhere / "instance").exists() and not (elsewhere / "mpc-tasks.sqlite3").exists()
     assert (instance / "mpc-tasks.sqlite3").exists()
+
+
+@pytest.mark.timeout(60)
+def test_drain_and_undrain_through_the_test_runner(cli_app, tmp_path):
+    app, controller = cli_app
+    runtime = controller.runtime  # this process serves: its host heartbeats in the store
+    runner = app.test_cli_runner()
+    drained = runner.invoke(args=["mpc", "drain"])  # this host by default
+    assert drained.exit_code == 0, drained.output
+    assert f"Host {runtime.host} is drained" in drained.output
+    assert runtime.host_drained, "the process that drains takes the flag at once"
+    listed = json.loads(runner.invoke(args=["mpc", "hosts", "--json"]).output)
+    assert [(h["host"], h["drained"], bool(h["since"]), bool(h["heartbeat"])) for h in listed] == [
+        (runtime.host, True, True, True)]
+    table = runner.invoke(args=["mpc", "hosts"]).output
+    assert "HOST" in table and runtime.host in table and "since" in table, table
+    waiting = controller.submit(steps=1)
+    assert controller.status(waiting)["status"] == "queued"
+    undrained = runner.invoke(args=["mpc", "undrain", "--host", runtime.host])
+    assert undrained.exit_code == 0 and "is not drained" in undrained.output, undrained.output
+    assert controller.wait(waiting, timeout=20)["status"] == "succeeded"
+    for args in (["mpc", "drain", "--host", "nowhere"], ["mpc", "undrain", "--host", ""]):
+        refused = runner.invoke(args=args)
+        assert refused.exit_code != 0 and "Traceback" not in refused.output, refused.output
+        assert len(refused.output.strip().splitlines()) == 1, refused.output

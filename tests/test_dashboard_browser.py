@@ -247,3 +247,20 @@ def test_the_task_page_says_when_an_attempt_resumed_from_saved_state(page: Any, 
     assert resumed.locator("time").get_attribute("datetime") == task["state_saved_at"]
     saved = page.locator("#task-fields div:has(dt:text-is('State saved')) dd time")
     assert saved.get_attribute("datetime") == task["state_saved_at"]
+
+
+def test_a_drained_host_is_shown_until_it_is_undrained(page: Any, pool: ServerPool, tmp_path: Path) -> None:
+    server = start(pool, tmp_path, free_port(), MPC_HOST_ID="rack-1/node-7")
+    first = submit(server, "/echo", text="before")  # the controller starts: its host heartbeats
+    drain = server.base + "/mpc/api/hosts/rack-1/node-7/drain"
+    answer = requests.post(drain, timeout=10)
+    assert answer.status_code == 200, answer.text
+    page.goto(server.base + "/mpc/")
+    line = '#drained-hosts .drained[data-host="rack-1/node-7"]'
+    page.wait_for_selector(line)
+    assert "host rack-1/node-7 drained since" in page.inner_text(line)
+    assert page.locator(f"{line} time").get_attribute("datetime") == answer.json()["since"]
+    assert requests.delete(drain, timeout=10).status_code == 200
+    submit(server, "/echo", text="after")  # its events make the page read the health again
+    page.wait_for_selector("#drained-hosts", state="hidden")
+    assert requests.get(f"{server.base}/echo/{first}?wait=20", timeout=30).json()["status"] == "succeeded"

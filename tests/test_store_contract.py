@@ -735,6 +735,51 @@ def test_heartbeats_record_the_last_beat_of_each_owner_on_the_store_clock(store)
 
 
 @pytest.mark.timeout(30)
+def test_known_hosts_come_from_the_heartbeats_with_each_host_s_newest_beat(store):
+    assert store.known_hosts() == {}
+    a1, a2 = "host-a/pidns-1:123:1700000000.125", "host-a/pidns-1:124:1700000000.5"
+    b = "b:with:colons:456:1700000001.5"
+    for owner in (a1, a2, b, "not-an-owner-id"):
+        store.heartbeat(owner)
+    beats = store.heartbeats()
+    assert store.known_hosts() == {"host-a/pidns-1": max(beats[a1], beats[a2]), "b:with:colons": beats[b]}
+    store.forget_owner(b)
+    assert set(store.known_hosts()) == {"host-a/pidns-1"}
+
+
+@pytest.mark.timeout(30)
+def test_drained_hosts_keep_their_first_since_until_undrained(store):
+    assert store.drained_hosts() == {}
+    store.set_drained("host-b", False)  # undraining a host that is not drained changes nothing
+    assert store.drained_hosts() == {}
+    before = store.now()
+    store.set_drained("host-a/pidns-1/boot-1", True)
+    store.set_drained("host-b", True)
+    after = store.now()
+    drained = store.drained_hosts()
+    assert set(drained) == {"host-a/pidns-1/boot-1", "host-b"}
+    assert all(isinstance(since, float) and before <= since <= after for since in drained.values())
+    store.set_drained("host-b", True)  # again: the first since stays
+    assert store.drained_hosts() == drained
+    store.set_drained("host-b", False)
+    assert store.drained_hosts() == {"host-a/pidns-1/boot-1": drained["host-a/pidns-1/boot-1"]}
+    store.set_drained("host-b", True)
+    assert store.drained_hosts()["host-b"] >= drained["host-b"]
+
+
+@pytest.mark.timeout(30)
+def test_drained_hosts_are_shared_by_every_store_object(shared_store):
+    other = reopen(shared_store)
+    try:
+        shared_store.set_drained("host-a", True)
+        assert set(other.drained_hosts()) == {"host-a"}
+        other.set_drained("host-a", False)
+        assert shared_store.drained_hosts() == {}
+    finally:
+        other.close()
+
+
+@pytest.mark.timeout(30)
 def test_now_is_the_store_clock_in_unix_seconds(store):
     first, second = store.now(), store.now()
     assert isinstance(first, float) and first <= second

@@ -265,6 +265,22 @@
       box.appendChild(controllerCard(name, info));
     }
     select.value = names.includes(chosen) ? chosen : "";
+    drainedHosts(health.drained_hosts || []);
+  }
+
+  // One line per drained host: its serving processes claim no new task until it is undrained.
+  function drainedHosts(hosts) {
+    const box = clear($("drained-hosts"));
+    box.hidden = hosts.length === 0;
+    for (const host of hosts) {
+      const line = el("p", null, "drained");
+      line.dataset.host = host.host;
+      line.appendChild(el("span", "drained", "badge"));
+      line.appendChild(document.createTextNode(" host " + host.host + " drained since "));
+      line.appendChild(timeCell(host.since));
+      line.appendChild(document.createTextNode(": it claims no new task; running tasks go on."));
+      box.appendChild(line);
+    }
   }
 
   function controllerCard(name, info) {

@@ -22,6 +22,9 @@ queued task (:meth:`TaskStore.reprioritise`), stopping everything (:meth:`TaskSt
 leases (:meth:`TaskStore.acquire_lease`) and the state of schedules (:meth:`TaskStore.fire`).
 
 The dashboard's chart reads :meth:`TaskStore.ended_counts`: ended tasks per time slot and status.
+
+Hosts can be drained (:meth:`TaskStore.set_drained`): the store keeps which hosts are, and since
+when; the serving processes of a drained host read it and claim no new task.
 """
 from __future__ import annotations
 
@@ -188,6 +191,17 @@ def _finish_fields(status: str, fields: dict[str, Any]) -> dict[str, Any]:
 def event_task(row: Mapping[str, Any]) -> dict[str, Any]:
     """The task of an event: the row without the columns of :data:`EVENT_HIDDEN`."""
     return {key: value for key, value in row.items() if key not in EVENT_HIDDEN}
+def owner_host(owner: str) -> Optional[str]:
+    """The host of a serving process's owner id ``host:pid:create_time`` (hosts may contain ``:``),
+    or None when ``owner`` is not of that shape."""
+    rest, _, created = owner.rpartition(":")
+    host, _, pid = rest.rpartition(":")
+    try:
+        int(pid)
+        float(created)
+    except ValueError:
+        return None
+    return host or None
 
 
 def parse_counter(cursor: str) -> Optional[int]:
@@ -630,6 +644,34 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def forget_owner(self, owner: str) -> None:
         """Drop ``owner``'s heartbeat (it shut down cleanly)."""
+
+    # -- hosts and their drain ----------------------------------------------------------------------------
+
+    def known_hosts(self) -> dict[str, float]:
+        """Every host with a serving process that heartbeats here: host -> its newest heartbeat (store clock).
+
+        Derived from :meth:`heartbeats` (an owner id is ``host:pid:create_time``); an owner id
+        of another shape names no host and is left out.
+        """
+        hosts: dict[str, float] = {}
+        for owner, beat in self.heartbeats().items():
+            host = owner_host(owner)
+            if host is not None:
+                hosts[host] = max(beat, hosts.get(host, beat))
+        return hosts
+
+    @abc.abstractmethod
+    def set_drained(self, host: str, drained: bool) -> None:
+        """Drain ``host`` (its serving processes claim no new task) or undrain it.
+
+        Draining a host that is drained already keeps its first ``since``; undraining one that
+        is not drained changes nothing. The store only keeps the flag: each serving process
+        reads it (:meth:`drained_hosts`) and refrains from claiming.
+        """
+
+    @abc.abstractmethod
+    def drained_hosts(self) -> dict[str, float]:
+        """Every drained host -> since when (the store's clock when it was drained)."""
 
     @property
     def logs(self) -> "LogBook":

@@ -55,6 +55,8 @@ class MemoryStore(TaskStore):
         self._leases: dict[str, tuple[str, float]] = {}
         #: Schedule states by (controller, name).
         self._schedules: dict[tuple[str, str], ScheduleRow] = {}
+        #: Drained hosts -> since when.
+        self._drained: dict[str, float] = {}
 
     # -- helpers (called with the lock held) --------------------------------------------------------------
 
@@ -493,6 +495,17 @@ class MemoryStore(TaskStore):
     def forget_owner(self, owner: str) -> None:
         with self._lock:
             self._heartbeats.pop(owner, None)
+
+    def set_drained(self, host: str, drained: bool) -> None:
+        with self._lock:
+            if drained:
+                self._drained.setdefault(host, time.time())
+            else:
+                self._drained.pop(host, None)
+
+    def drained_hosts(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._drained)
 
     def uuids(self) -> set[str]:
         """The uuids of every task kept (for the log book's clean-up)."""

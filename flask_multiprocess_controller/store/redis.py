@@ -22,6 +22,7 @@ one Redis server, not a Cluster):
   members (zero-padded stream ids) sort by id; ``c:<controller>:outbox:events`` — hash: member to event;
 - ``events`` — stream: the change feed; ``events:pruned`` — id of the newest event pruned from it;
 - ``owners`` — sorted set of serving processes by their last heartbeat;
+- ``drained`` — hash: drained host -> since when (server clock);
 - ``lease:<name>`` — string: the holder of a lease, expiring with it;
 - ``c:<controller>:schedules`` — set of the controller's schedule names; ``c:<controller>:sched:<name>``
   — hash: one schedule's state (:class:`~.base.ScheduleRow`; ``spec`` as JSON).
@@ -502,13 +503,21 @@ redis.call('ZADD', ARGV[1] .. 'owners', string.format('%.6f', tonumber(clock[1])
            ARGV[2])
 """
 
+# ARGV: prefix, host. Drains the host unless it is already (its first since stays).
+_DRAIN = """
+local clock = redis.call('TIME')
+redis.call('HSETNX', ARGV[1] .. 'drained', ARGV[2],
+           string.format('%.6f', tonumber(clock[1]) + tonumber(clock[2]) / 1000000))
+return 1
+"""
+
 _SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "claim_started": _CLAIM_STARTED,
             "start": _START, "progress": _PROGRESS, "save_state": _SAVE_STATE, "finish": _FINISH,
             "requeue": _REQUEUE, "adopt": _ADOPT, "request_stop": _REQUEST_STOP, "purge": _PURGE,
             "prune": _PRUNE,
             "feed": _FEED, "heartbeat": _HEARTBEAT, "retry": _RETRY, "transition": _TRANSITION,
             "reprioritise": _REPRIORITISE, "stop_all": _STOP_ALL, "declare": _DECLARE, "fire": _FIRE,
-            "lease": _LEASE, "release": _RELEASE}
+            "lease": _LEASE, "release": _RELEASE, "drain": _DRAIN}
 
 
 def _encode(column: str, value: Any) -> Optional[str]:
@@ -991,6 +1000,18 @@ class RedisStore(TaskStore):
     @_guarded
     def forget_owner(self, owner: str) -> None:
         self._redis.zrem(self._key("owners"), owner)
+
+    @_guarded
+    def set_drained(self, host: str, drained: bool) -> None:
+        if drained:
+            self._scripts["drain"](args=[self.prefix, host])
+        else:
+            self._redis.hdel(self._key("drained"), host)
+
+    @_guarded
+    def drained_hosts(self) -> dict[str, float]:
+        drained = self._redis.hgetall(self._key("drained"))
+        return {_text(host): float(since) for host, since in drained.items()}
 
     def close(self) -> None:
         self._redis.close()

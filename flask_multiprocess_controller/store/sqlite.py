@@ -100,6 +100,10 @@ CREATE TABLE IF NOT EXISTS mpc_leases (
     holder TEXT NOT NULL,
     expires REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS mpc_drained_hosts (
+    host TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS mpc_schedules (
     controller TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -876,6 +880,18 @@ class SQLiteStore(TaskStore):
     def forget_owner(self, owner: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM mpc_owners WHERE owner = ?", (owner,))
+
+    def set_drained(self, host: str, drained: bool) -> None:
+        with self._transaction() as db:
+            if drained:
+                db.execute("INSERT INTO mpc_drained_hosts (host, since) VALUES (?, ?) "
+                           "ON CONFLICT (host) DO NOTHING", (host, time.time()))
+            else:
+                db.execute("DELETE FROM mpc_drained_hosts WHERE host = ?", (host,))
+
+    def drained_hosts(self) -> dict[str, float]:
+        rows = self._query("SELECT host, since FROM mpc_drained_hosts")
+        return {str(host): float(since) for host, since in rows}
 
     def close(self) -> None:
         with self._idle_lock:
