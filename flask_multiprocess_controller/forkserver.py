@@ -254,6 +254,13 @@ class ForkServer:
             if not self._closed:
                 self._sock.sendall(b"H" + _PID.pack(len(data)) + data)
 
+    def release_tasks(self) -> None:
+        """Say that this process lets its running tasks go: the server keeps the end of each from now on, for
+        the process that adopts them (see :mod:`.handover`)."""
+        with self._lock:
+            if not self._closed:
+                self._sock.sendall(b"R")
+
     def close(self, timeout: float = 5.0, hand_over: bool = False) -> None:
         """Close the server and reap it: it kills any task process left, unless ``hand_over``.
 
@@ -377,16 +384,20 @@ class Task:
     def kept_fds(self) -> list[int]:
         return [fd for fd in (self.exit_w, self.channel, *self.outputs) if fd >= 0]
 
-    def report_exit(self, code: int) -> None:
-        """Write the exit code for whoever supervises the task now."""
+    def report_exit(self, code: int) -> bool:
+        """Write the exit code for whoever supervises the task now; False when nobody holds the pipe's
+        other end any more (its serving process ended: the code must be kept for an adopter)."""
         self.exit_code = code
+        delivered = False
         if self.exit_w >= 0:
             try:
                 os.write(self.exit_w, _PID.pack(code))
+                delivered = True
             except OSError:
                 pass
             os.close(self.exit_w)
             self.exit_w = -1
+        return delivered
 
     def new_exit_pipe(self) -> int:
         """A fresh exit pipe for a new supervisor; its read end (the code is in it already if reaped)."""
@@ -421,6 +432,8 @@ class _Server:
         self.config: Optional["HandoverConfig"] = None
         #: Set once the controller is gone and task processes are kept for adoption.
         self.holder: Any = None
+        #: Set when the controller said it lets its running tasks go (they end unwatched from then on).
+        self.releasing = False
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -490,6 +503,9 @@ class _Server:
                 self.config = pickle.loads(_recv_exact(sock, size))
             except (OSError, pickle.UnpicklingError, EOFError):
                 return False
+            return True
+        if message == b"R":
+            self.releasing = True
             return True
         if message == b"Q":
             self._controller_gone(quit_now=True)
@@ -596,8 +612,9 @@ class _Server:
                 continue
             if task is None:
                 continue
-            task.report_exit(os.waitstatus_to_exitcode(status))
-            if self.holder is None or self.holder.forget_when_reaped(task):
+            delivered = task.report_exit(os.waitstatus_to_exitcode(status))
+            if self.holder is None and delivered and not self.releasing or (
+                    self.holder is not None and self.holder.forget_when_reaped(task)):
                 del self.tasks[pid]
                 task.release()
 

@@ -823,6 +823,7 @@ class Runtime:
                 pass
             self.logger.warning("Shutting down: %d running task(s) go on, for another serving process of the app "
                                 "on this host to adopt within %g s.", len(runs), self.config.handover_window)
+            self.fork_server.release_tasks()  # before the runs stop watching: no end may go unread
             for run in runs:
                 run.release()
         elif runs:

@@ -240,8 +240,14 @@ class Supervisor:
         usage = TreeUsage()
         done = self._watch(run, child, usage)
         if done is None and run.released and not child.exited:
-            self._flush(run)
-            return None
+            if not wait_ready([child.exit_fd], 0):
+                self._flush(run)
+                return None
+            # It ended before the release was said: its end is this process's to record.
+            child.read_exit()
+            done, _ = self._receive(run, child, None)
+            if child.output is not None:
+                run.add_log_lines(child.output.drain())
         self._write_log(run)
         if not child.exited and done is not None and not self.settings.fresh_process:
             self._reap_descendants(child, done.usage.children)

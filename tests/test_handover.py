@@ -101,7 +101,8 @@ def assert_ran_once(task: dict, events: list[str]) -> None:
     assert (task["attempt"], task["exit_code"]) == (1, 0), task
     assert task["result"]["pid"] == task["pid"], task
     assert events.count("started") == 1 and events.count("ended") == 1, events
-    assert "requeued" not in events, events
+    # (a claim given back unstarted, by a worker that was going away, shows as 'requeued' before 'started')
+    assert "requeued" not in events[events.index("started"):], events
 
 
 class ProgressWatch(threading.Thread):
@@ -160,7 +161,6 @@ def test_a_gunicorn_reload_hands_every_running_task_over(tmp_path, pool, handove
     for uuid in every:
         task = api.get(uuid)
         assert task["status"] == "running" and task["pid"] == before[uuid]["pid"], task
-        assert worker_of(server, task["pid"]).pid not in old_workers or True  # its parent is still the holder
 
     # An adopted task is stopped, paused and resumed in the usual steps.
     response = api.delete(doomed)
