@@ -127,9 +127,9 @@ class AdoptionListener(threading.Thread):
 
     def run(self) -> None:
         try:
-            while not self._stopping:
+            while not self.stopping():
                 ready = wait_readable([self._listener.fileno(), self._wake_r], 3600.0)
-                if self._stopping:
+                if self.stopping():
                     return
                 if self._listener.fileno() in ready:
                     try:
@@ -143,6 +143,9 @@ class AdoptionListener(threading.Thread):
                         conn.close()
         finally:
             self._close()
+
+    def stopping(self) -> bool:
+        return self._stopping
 
     def stop(self) -> None:
         """Take no more offers (an offer being served is finished first)."""
@@ -277,4 +280,3 @@ def _elapsed(rt: "Runtime", row: Row) -> float:
         return max(0.0, rt.store.now() - (row.get("started_at") or rt.store.now()))
     except StoreError:
         return 0.0
-

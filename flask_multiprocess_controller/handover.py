@@ -231,10 +231,9 @@ class Holder:
         if self.link is not None or self._done:
             return
         if time.monotonic() >= self._next_offer:
-            self._offer()
             self._next_offer = time.monotonic() + OFFER_INTERVAL
-        if self.link is not None:
-            return
+            if self._offer():
+                return
         now = time.monotonic()
         if now >= self._next_beat:
             self._beat()
@@ -260,8 +259,8 @@ class Holder:
 
     # -- offers -----------------------------------------------------------------------------
 
-    def _offer(self) -> None:
-        """Offer the tasks to the first live adopter of the controller on this host."""
+    def _offer(self) -> bool:
+        """Offer the tasks to the first live adopter of the controller on this host; True when one took them."""
         for path in sorted(glob.glob(os.path.join(self.config.directory, "*.sock"))):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             sock.settimeout(OFFER_TIMEOUT)
@@ -277,7 +276,8 @@ class Holder:
             self.link, self._link_owner = sock, answer
             sock.settimeout(None)
             self._forget_beat()
-            return
+            return True
+        return False
 
     def _offer_to(self, sock: socket.socket) -> Optional[str]:
         """One offer of every task; the adopter's owner id when it took them (None: it refused)."""

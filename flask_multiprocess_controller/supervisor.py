@@ -300,7 +300,7 @@ class Supervisor:
             output = child.output
             if output is not None:
                 watched += output.fds()
-            ready = wait_ready(watched, timeout)
+            ready: list[Any] = wait_ready(watched, timeout)
             if self.wake_fd in ready:
                 _drain_fd(self.wake_fd)
             if conn_open and child.conn in ready:
