@@ -334,3 +334,49 @@ def test_a_task_with_saved_state_resumes_on_another_host_when_its_host_is_gone(t
     assert task["result"]["n"] > task["result"]["resumed_from"], task
     assert first.wait_gone(15) == []
     stop(other)
+
+
+@pytest.mark.timeout(150)
+def test_a_worker_restarted_while_another_runs_hands_its_tasks_over(tmp_path, pool, handover_dir):
+    """The worker tier: web (``MPC_ROLE=client``) and two ``flask mpc worker`` processes; one worker is
+    restarted while tasks run on both: the other adopts its tasks, nothing stops, nothing runs twice."""
+    from test_worker import Tiers, _serving_process
+
+    tiers = Tiers(tmp_path, pool, f"sqlite:///{tmp_path}/tasks.sqlite3", max_num_process=4)
+    tiers.env.update(MPC_HANDOVER_WINDOW="30", MPC_HANDOVER_DIR=handover_dir)
+    web, api = tiers.web()
+    first, second = tiers.worker("--slots", "2"), tiers.worker("--slots", "2")
+    gate, ran = tmp_path / "gate", tmp_path / "ran.txt"
+    posted = [api.submit(n=n, gate=str(gate), append=str(ran))["uuid"] for n in range(4)]
+    running = {uuid: api.wait_running(uuid) for uuid in posted}
+    on_first = [u for u, t in running.items() if _serving_process(t["pid"]) == first.proc.pid]
+    assert len(on_first) == 2, running
+
+    first.send(signal.SIGTERM)
+    assert first.proc.wait(30) is not None
+    store = resolve_store(f"sqlite:///{tmp_path}/tasks.sqlite3")
+    try:  # the other worker takes its tasks over, processes unchanged
+        def adopted() -> set:
+            return {e["uuid"] for e in store.changes("0", limit=10_000).events if e["kind"] == "adopted"}
+
+        poll_until(adopted, lambda uuids: set(on_first) <= uuids, 30)
+    finally:
+        store.close()
+    for uuid in on_first:
+        task = api.get(uuid)
+        assert task["status"] == "running" and task["pid"] == running[uuid]["pid"], task
+        assert _serving_process(task["pid"]) != second.proc.pid  # still the child of the first's fork server
+    third = tiers.worker("--slots", "2")  # the restarted worker
+    gate.touch()
+    ended = {uuid: api.wait_ended(uuid, timeout=60) for uuid in posted}
+    assert {t["status"] for t in ended.values()} == {"succeeded"}, ended
+    assert all(t["attempt"] == 1 and t["pid"] == running[u]["pid"] for u, t in ended.items()), ended
+    assert sorted(ran.read_text().split()) == ["0", "1", "2", "3"]  # each ran once
+    for server in (second, third, web):
+        _stop_quietly(server)
+    assert first.wait_gone(15) == []
+
+
+def _stop_quietly(server: Server) -> None:
+    survivors = server.stop(signal.SIGTERM, timeout=STOP_DEADLINE)
+    assert survivors == [], f"left after SIGTERM: {survivors}\n{server.log()}"

@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Hand-over figures: how fast an adopter takes over, what reloads under load cost, what holding costs.
+
+It serves ``tests/handover_app.py`` (tasks that count steps and report progress every ``step`` seconds) on a
+SQLite store in a temporary folder, with the package's own variables only (``MPC_STORE_URL``,
+``MPC_HANDOVER_WINDOW``, ``MPC_HANDOVER_DIR``).
+
+1. *Time to the adopter's first progress.* Two dev servers on one store; one long task runs (progress every
+   20 ms). The server that runs it is killed (SIGKILL, or SIGTERM every other time), a new one is started in
+   its place, and the figure is the time from the kill to the first progress value newer than any written
+   before it, read from the store (which the adopter writes every 0.25 s at most: that interval is part of the
+   figure). Repeated ``--handovers`` times, alternating which server ends; p50 and p90.
+2. *Reloads under load.* gunicorn ``-w 2``, eight tasks of ``--reload-seconds`` each running, and a POST of a
+   short task every 0.1 s; ``kill -HUP`` of the master ``--reloads`` times, 2 s apart. Figure: tasks that did not
+   succeed on their first attempt (must be 0).
+3. *Holding.* A dev server with eight tasks running is killed and nothing adopts them for ``--hold`` seconds:
+   the fork server's CPU time over that window (% of one core) and its memory (USS and PSS).
+
+Results go to ``bench/results/handover.json`` (``--out`` elsewhere) and are printed.
+
+Usage: python bench/handover.py [--handovers 20] [--reloads 10] [--hold 10] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import psutil
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "tests" / "handover_app.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Bench:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        shutil.copy(APP, folder / "app.py")
+        (folder / "ho").mkdir(mode=0o700)
+        self.db = folder / "tasks.sqlite3"
+        self.procs: list[subprocess.Popen] = []
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, MPC_STORE_URL=f"sqlite:///{self.db}", MPC_HANDOVER_WINDOW="60",
+                   MPC_HANDOVER_DIR=str(self.folder / "ho"), **extra)
+        env.pop("FLASK_RUN_FROM_CLI", None)
+        return env
+
+    def start(self, args: list[str], port: int, **extra: str) -> subprocess.Popen:
+        log = open(self.folder / f"server-{len(self.procs)}.log", "ab")
+        proc = subprocess.Popen(args, cwd=self.folder, env=self.env(PORT=str(port), **extra), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/tasks", timeout=2)
+                return proc
+            except requests.RequestException:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"server {args} did not start")
+                time.sleep(0.05)
+
+    def dev(self, port: int) -> subprocess.Popen:
+        return self.start([sys.executable, "app.py"], port)
+
+    def progress(self, uuid: str) -> Optional[int]:
+        with sqlite3.connect(self.db, timeout=30) as db:
+            row = db.execute("SELECT progress FROM mpc_tasks WHERE uuid = ?", (uuid,)).fetchone()
+        return json.loads(row[0])["n"] if row and row[0] else None
+
+    def status(self, uuid: str) -> dict[str, Any]:
+        with sqlite3.connect(self.db, timeout=30) as db:
+            row = db.execute("SELECT status, attempt FROM mpc_tasks WHERE uuid = ?", (uuid,)).fetchone()
+        return {"status": row[0], "attempt": row[1]}
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.Error:
+                tree = []
+            for member in tree:
+                try:
+                    member.kill()
+                except psutil.Error:
+                    pass
+            proc.kill()
+            proc.wait()
+
+
+def serving_process(task_pid: int) -> int:
+    return psutil.Process(task_pid).parent().parent().pid  # type: ignore[union-attr]
+
+
+def handover_latency(bench: Bench, count: int) -> dict[str, Any]:
+    ports = [free_port(), free_port()]
+    servers = [bench.dev(ports[0]), bench.dev(ports[1])]
+    uuid = requests.post(f"http://127.0.0.1:{ports[0]}/tasks", json={"seconds": 3600, "step": 0.02},
+                         timeout=10).json()["uuid"]
+    while bench.status(uuid)["status"] != "running" or bench.progress(uuid) is None:
+        time.sleep(0.05)
+    pid = requests.get(f"http://127.0.0.1:{ports[0]}/tasks/{uuid}", timeout=10).json()["pid"]
+    samples = []
+    index = next(k for k, s in enumerate(servers) if s.pid == serving_process(pid))
+    for i in range(count):
+        time.sleep(0.5)
+        servers[index].send_signal(signal.SIGKILL if i % 2 == 0 else signal.SIGTERM)
+        killed = time.monotonic()
+        servers[index].wait()
+        before = bench.progress(uuid) or 0  # what the ended server wrote last
+        while True:
+            now = bench.progress(uuid) or 0
+            if now > before:
+                samples.append(time.monotonic() - killed)
+                break
+            if time.monotonic() - killed > 30:
+                raise RuntimeError("no adopter took the task within 30 s")
+            time.sleep(0.002)
+        servers[index] = bench.dev(ports[index])
+        index = 1 - index  # the other server adopted it: it is the next to end
+    last_adopter = index
+    requests.delete(f"http://127.0.0.1:{ports[last_adopter]}/tasks/{uuid}", timeout=10)
+    for server in servers:
+        server.send_signal(signal.SIGINT)
+        server.wait()
+    samples.sort()
+    return {"handovers": count, "p50_ms": round(statistics.median(samples) * 1000, 1),
+            "p90_ms": round(samples[int(0.9 * (len(samples) - 1))] * 1000, 1),
+            "max_ms": round(samples[-1] * 1000, 1)}
+
+
+def reloads_under_load(bench: Bench, reloads: int, seconds: float) -> dict[str, Any]:
+    port = free_port()
+    master = bench.start([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "app:app"], port,
+                         APP_CONFIG=json.dumps({"max_num_process": 12}))
+    base = f"http://127.0.0.1:{port}/tasks"
+    uuids = [requests.post(base, json={"seconds": seconds, "step": 0.1}, timeout=10).json()["uuid"] for _ in range(8)]
+    next_reload = time.monotonic() + 2
+    done = 0
+    while done < reloads:
+        try:
+            uuids.append(requests.post(base, json={"seconds": 0.3, "step": 0.05}, timeout=10).json()["uuid"])
+        except (requests.RequestException, ValueError):
+            pass
+        if time.monotonic() >= next_reload:
+            master.send_signal(signal.SIGHUP)
+            done += 1
+            next_reload = time.monotonic() + 2
+        time.sleep(0.1)
+    deadline = time.monotonic() + seconds + 60
+    while time.monotonic() < deadline:
+        states = [bench.status(u) for u in uuids]
+        if all(s["status"] not in ("queued", "running", "stopping", "paused") for s in states):
+            break
+        time.sleep(0.5)
+    bad = [s for s in states if s["status"] != "succeeded" or s["attempt"] != 1]
+    master.send_signal(signal.SIGTERM)
+    master.wait()
+    return {"reloads": reloads, "tasks": len(uuids), "long_tasks": 8, "not_once_and_succeeded": len(bad)}
+
+
+def holding_cost(bench: Bench, hold: float) -> dict[str, Any]:
+    port = free_port()
+    server = bench.dev(port)
+    base = f"http://127.0.0.1:{port}/tasks"
+    uuids = [requests.post(base, json={"seconds": hold + 30, "step": 0.1}, timeout=10).json()["uuid"] for _ in range(8)]
+    while any(bench.status(u)["status"] != "running" for u in uuids):
+        time.sleep(0.05)
+    pid = requests.get(f"{base}/{uuids[0]}", timeout=10).json()["pid"]
+    holder = psutil.Process(pid).parent()
+    assert holder is not None
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    time.sleep(1.0)  # the holder has opened the store and begun to offer
+    start_cpu = sum(holder.cpu_times()[:2])
+    time.sleep(hold)
+    cpu = sum(holder.cpu_times()[:2]) - start_cpu
+    memory = holder.memory_full_info()
+    adopter = bench.dev(port)
+    for uuid in uuids:
+        requests.delete(f"{base}/{uuid}", timeout=10)
+    time.sleep(3)
+    adopter.send_signal(signal.SIGINT)
+    adopter.wait()
+    return {"tasks_held": len(uuids), "seconds": hold, "cpu_percent_of_a_core": round(100 * cpu / hold, 2),
+            "uss_mib": round(memory.uss / 2**20, 1), "pss_mib": round(memory.pss / 2**20, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--handovers", type=int, default=20)
+    parser.add_argument("--reloads", type=int, default=10)
+    parser.add_argument("--reload-seconds", type=float, default=30.0)
+    parser.add_argument("--hold", type=float, default=10.0)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "handover.json"))
+    args = parser.parse_args()
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    for name, step in (("handover", lambda b: handover_latency(b, args.handovers)),
+                       ("reloads", lambda b: reloads_under_load(b, args.reloads, args.reload_seconds)),
+                       ("holding", lambda b: holding_cost(b, args.hold))):
+        folder = Path(tempfile.mkdtemp(prefix="mpc-bench-ho-", dir="/tmp"))
+        bench = Bench(folder)
+        try:
+            results[name] = step(bench)
+        finally:
+            bench.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        print(name, json.dumps(results[name]), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
