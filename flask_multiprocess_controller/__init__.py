@@ -8,9 +8,9 @@ from .exceptions import (
     StoreError, TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
 )
 from .extension import MultiprocessController
-from .logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
-from .resource import MetaMPResource
-from .responses import Reply
+from .engine.logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
+from .http.resource import MetaMPResource
+from .http.responses import Reply
 from .states import TaskStatus
 from .store import MemoryStore, SQLiteStore, TaskStore
 from .task import MetaMPTask, set_checkpoint, upload_status

@@ -10,73 +10,48 @@ methods its class overrides.
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
-import math
 import os
-import signal
 import threading
 import time
 import types
 import uuid as uuid_module
-import weakref
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, TypedDict, Union, cast
 
-from flask import current_app, has_app_context, has_request_context, request, url_for
-from werkzeug.routing import BuildError
+from flask import current_app, has_app_context
 
-from . import compat as compat_module
+from .http import compat as compat_module
 from . import defaults
-from .arguments import ArgumentSpec, check_depth
+from .http.arguments import ArgumentSpec, check_depth
 from .batches import Batch, BatchView, new_batch_id, parse_batch_id
-from .config import RuntimeConfig
-from .console import console_aware
+from .engine.config import RuntimeConfig
+from .ops.console import console_aware
 from .events import Event, EventKind
 from .exceptions import (
     BatchNotFound, ControllerClosed, InvalidRequest, MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge,
     TaskNotFound,
 )
-from .logs import MetaMPLoggerConfigurator
-from .patching import check_priority, parse_change
+from .engine.logs import MetaMPLoggerConfigurator
+from .engine.exit import LIVE, exit_cleanly_on_sigterm
+from .http import handlers
+from .http.patching import check_priority
+from .http.handlers import HTTP_METHODS, TASK_HANDLERS, parse_uuid
 from .presenter import TaskObject, clip, hide_traceback, present
-from .protocol import Limits
-from .responses import Reply
+from .engine.protocol import Limits
+from .http.responses import Reply
 from . import registry
-from .clientside import ClientSide
+from .engine.clientside import ClientSide
 from .exceptions import StoreError
-from .forkserver import ForkServer
-from .handover import HANDOVER_ON_SIGINT_ENV, configured_window
-from .retries import RetryPolicy
-from .runtime import Runtime, task_fork_server
-from .schedules import ScheduleInfo, ScheduleSpec, describe
+from .engine.forkserver import ForkServer
+from .engine.handover import configured_window
+from .engine.retries import RetryPolicy
+from .engine.runtime import Runtime, task_fork_server
+from .engine.schedules import ScheduleInfo, ScheduleSpec, describe
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store, store_url
 from .store.base import ANY_TENANT, Row
 from .task import MetaMPTask
-
-#: HTTP methods a controller may serve, in the order an ``Allow`` header lists them.
-HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
-#: Handlers whose default works on the controller's tasks: served when it has a ``target_task``.
-TASK_HANDLERS = frozenset({"get", "post", "delete", "patch"})
-
-
-Handler = Callable[..., Any]
-
-
-def _log_call(logger: logging.Logger, name: str) -> Callable[[Handler], Handler]:
-    """The default ``decorator=``: log each call of an HTTP method at DEBUG."""
-
-    def wrap(method: Handler) -> Handler:
-        @functools.wraps(method)
-        def logged(self: Any, *args: Any, **kwargs: Any) -> Any:
-            result = method(self, *args, **kwargs)
-            logger.debug("%s.%s(%s) -> %s", name, method.__name__, kwargs or list(args), result)
-            return result
-
-        return logged
-
-    return wrap
 
 
 class _WorkerLogSetup(MetaMPLoggerConfigurator):
@@ -85,21 +60,6 @@ class _WorkerLogSetup(MetaMPLoggerConfigurator):
     @staticmethod
     def listener_log_setup() -> None:
         pass
-
-
-def _number(name: str, raw: Optional[str], kind: type = float, minimum: float = 0.0) -> Optional[Any]:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise InvalidRequest(f"Query option '{name}' must be {'an integer' if kind is int else 'a number'}, "
-                             f"not {raw!r}.") from None
-    if kind is float and not math.isfinite(value):
-        raise InvalidRequest(f"Query option '{name}' must be a finite number, not {raw!r}.")
-    if value < minimum:
-        raise InvalidRequest(f"Query option '{name}' must be at least {minimum:g}, not {raw!r}.")
-    return value
 
 
 def _check_callback_url(url: Any) -> None:
@@ -153,16 +113,6 @@ def _pick_configurator(*given: Optional[type[MetaMPLoggerConfigurator]]) -> Opti
                                          and issubclass(configurator, MetaMPLoggerConfigurator)):
         raise TypeError(f"The log configurator must be a MetaMPLoggerConfigurator subclass, not {configurator!r}.")
     return configurator
-
-
-def parse_uuid(value: Any) -> str:
-    """Return the canonical form of a task uuid, or raise :class:`InvalidRequest`."""
-    if not isinstance(value, str):
-        raise InvalidRequest(f"A task uuid must be a string, not {type(value).__name__}.")
-    try:
-        return str(uuid_module.UUID(value))
-    except ValueError:
-        raise InvalidRequest(f"{value[:80]!r} is not a valid task uuid.") from None
 
 
 class ListView(TypedDict):
@@ -229,10 +179,10 @@ class MetaMPController:
 
     _name: ClassVar[Optional[str]] = None
     _logger: ClassVar[logging.Logger] = logging.getLogger("MetaMPController")
-    _decorator: ClassVar[Optional[Callable[[Handler], Handler]]] = None
+    _decorator: ClassVar[Optional[Callable[[handlers.Handler], handlers.Handler]]] = None
 
     def __init_subclass__(cls, controller_name: Optional[str] = None, logger: Optional[logging.Logger] = None,
-                          decorator: Optional[Callable[[Handler], Handler]] = None, **kwargs: Any) -> None:
+                          decorator: Optional[Callable[[handlers.Handler], handlers.Handler]] = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if controller_name is not None:
             cls._name = controller_name
@@ -338,7 +288,7 @@ class MetaMPController:
         #: The schedules declared in this process, by name.
         self._schedules: dict[str, ScheduleSpec] = {}
         self._configurator = configurator or _WorkerLogSetup
-        self._posts = compat_module.PostCounter()
+        self.posts = compat_module.PostCounter()
         self._limits = Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size),
                               state_bytes=int(max_state_size))
         # Guards _store and _side creation, and _closed.
@@ -356,8 +306,8 @@ class MetaMPController:
             # of the runtime starts once the store is known (see bind() and _activate()).
             self._fork_server = task_fork_server(target_task, self._configurator, max_tasks_per_child)
             self._fork_server_pid_owner = os.getpid()
-            _exit_cleanly_on_sigterm()
-        _LIVE.add(self)
+            exit_cleanly_on_sigterm()
+        LIVE.add(self)
         if isinstance(store, TaskStore):
             self._activate()  # a store object is final: nothing the app says can change it
 
@@ -515,7 +465,7 @@ class MetaMPController:
             fork_server.close(hand_over=handed_over)
         if store is not None:
             store.close()
-        _LIVE.discard(self)
+        LIVE.discard(self)
         registry.unregister(self)
 
     def __enter__(self) -> "MetaMPController":
@@ -536,9 +486,9 @@ class MetaMPController:
         :raises InvalidArguments: an item does not fit ``execute``; nothing is queued.
         :raises QueueFull: the items do not fit in the queue; nothing is queued.
         """
-        return self._present_new(self._enqueue_rows(items, priority, timeout, batch))
+        return self._present_new(self.enqueue_rows(items, priority, timeout, batch))
 
-    def _enqueue_rows(self, items: Sequence[Mapping[str, Any]], priority: int, timeout: Optional[float],
+    def enqueue_rows(self, items: Sequence[Mapping[str, Any]], priority: int, timeout: Optional[float],
                       batch: Optional[str]) -> list[Row]:
         """:meth:`enqueue` without the task objects (a caller that waits reads them anyway)."""
         side = self._activate()  # raises NoTargetTask for a controller without a task
@@ -577,7 +527,7 @@ class MetaMPController:
     def submit(self, **kwargs: Any) -> str:
         """Queue ``execute(**kwargs)`` and return the task's uuid."""
         # Only the uuid is returned: no task object, so no queue position to count.
-        return str(self._enqueue_rows([kwargs], 0, None, None)[0]["uuid"])
+        return str(self.enqueue_rows([kwargs], 0, None, None)[0]["uuid"])
 
     def submit_many(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
                     timeout: Optional[float] = None) -> Batch:
@@ -817,19 +767,11 @@ class MetaMPController:
         Answers 202 with the task object and a ``Location`` header, or ``{"tasks": [...]}``
         for several; 200 with ``?wait=`` once every task ended within the wait.
         """
-        self._require_task("post")
-        reply = self._answer_post(*args, **kwargs)
-        if self.compat:
-            items = list(args) if args else [kwargs]
-            return compat_module.post_reply(self.name, items, bool(args), reply, self._posts)
-        return reply
+        return handlers.post(self, *args, **kwargs)
 
     def get(self, **kwargs: Any) -> Reply:
         """Return one task (when a ``uuid`` is given) or the list view; other keywords are ignored."""
-        self._require_task("get")
-        if self.compat:
-            return compat_module.get_reply(kwargs, lambda: self._answer_get(**kwargs))
-        return self._answer_get(**kwargs)
+        return handlers.get(self, **kwargs)
 
     def delete(self, **kwargs: Any) -> Reply:
         """Stop task ``uuid``: 202 while it stops, 200 when it was queued and is now stopped.
@@ -837,10 +779,7 @@ class MetaMPController:
         Without a uuid, ``?all=true`` stops every queued and running task of the controller:
         202 with ``{"stopped": n_queued, "stopping": n_running}`` (see :meth:`stop_all`).
         """
-        self._require_task("delete")
-        if self.compat and not (kwargs.get("uuid") is None and "all" in _query()):
-            return compat_module.delete_reply(kwargs, lambda: self._answer_delete(**kwargs))
-        return self._answer_delete(**kwargs)
+        return handlers.delete(self, **kwargs)
 
     def put(self, *args: Any, **kwargs: Any) -> Reply:
         """Not served unless overridden: raises :class:`MethodNotServed` (405 with ``Allow``)."""
@@ -853,20 +792,7 @@ class MetaMPController:
         .. versionchanged:: 0.3
             Served by default (it answered 405 unless overridden).
         """
-        self._require_task("patch")
-        if args:
-            raise InvalidRequest("PATCH takes one JSON object, not an array.")
-        if kwargs.get("uuid") is None:
-            raise InvalidRequest("PATCH needs the uuid of a task: in the path, as ?uuid=, or in a JSON body.")
-        change = parse_change(kwargs)
-        uuid = parse_uuid(kwargs["uuid"])
-        if change.priority is not None:
-            task = self.reprioritise(uuid, change.priority)
-        elif change.status == TaskStatus.PAUSED:
-            task = self.pause(uuid)
-        else:
-            task = self.resume(uuid)
-        return Reply(self._for_client(task))
+        return handlers.patch(self, *args, **kwargs)
 
     def head(self, *args: Any, **kwargs: Any) -> Reply:
         """Unless overridden, the resource answers HEAD as Flask does: GET without the body."""
@@ -885,7 +811,7 @@ class MetaMPController:
         wrapped = self._handlers.get(method)
         if wrapped is None:
             function = getattr(type(self), method)
-            decorator = self._decorator or _log_call(self.logger, self.name)  # type: ignore[misc]
+            decorator = self._decorator or handlers.log_call(self.logger, self.name)  # type: ignore[misc]
             wrapped = self._handlers[method] = functools.partial(decorator(function), self)  # type: ignore[call-arg]
         return wrapped
 
@@ -912,70 +838,7 @@ class MetaMPController:
         served.add("options")
         return tuple(method.upper() for method in HTTP_METHODS if method in served)
 
-    def _answer_post(self, *args: Mapping[str, Any], **kwargs: Any) -> Reply:
-        options = _query()
-        priority = check_priority(_number("priority", options.get("priority"), int, minimum=-(2 ** 62)) or 0)
-        timeout = _number("timeout", options.get("timeout"))
-        wait = self._wait_option(options)
-        if args and kwargs:
-            raise InvalidRequest("Send either one JSON object or a JSON array of objects.")
-        if args:
-            return self._answer_bulk_post(list(args), priority, timeout, wait)
-        if wait is None:
-            task, status = self.enqueue([kwargs], priority=priority, timeout=timeout)[0], 202
-        else:  # the wait reads the task anyway: no queue position is computed for it first
-            task = self.wait(self._enqueue_rows([kwargs], priority, timeout, None)[0]["uuid"], wait)
-            status = 200 if task["status"] in TERMINAL else 202
-        task = self._for_client(task)
-        return Reply(task, status, {"Location": self._location(task["uuid"])})
-
-    def _answer_bulk_post(self, items: list[Mapping[str, Any]], priority: int, timeout: Optional[float],
-                          wait: Optional[float]) -> Reply:
-        """A bulk POST: ``{"tasks": [...], "batch": id}``; with ``?wait=``, 200 once the whole batch ended."""
-        batch = self.submit_many(items, priority=priority, timeout=timeout)
-        tasks, status = batch.tasks, 202
-        if wait is not None:
-            view = self.wait_batch(batch.id, wait)
-            tasks = view["tasks"]
-            if view["ended"] == view["total"]:
-                status = 200
-        return Reply({"tasks": [self._for_client(t) for t in tasks], "batch": batch.id}, status)
-
-    def _answer_get(self, **kwargs: Any) -> Reply:
-        options = _query()
-        wait = self._wait_option(options)
-        if options.get("batch") is not None:
-            return self._answer_batch_get(options["batch"], kwargs.get("uuid"), wait)
-        if kwargs.get("uuid") is None:
-            statuses = [s for s in (options.get("status") or "").split(",") if s]
-            limit = _number("limit", options.get("limit"), int, minimum=1)
-            listing = self.tasks(statuses, defaults.LIST_LIMIT if limit is None else limit)
-            listing["tasks"] = [self._for_client(t) for t in listing["tasks"]]
-            return Reply(listing)
-        uuid = parse_uuid(kwargs["uuid"])
-        return Reply(self._for_client(self.wait(uuid, wait) if wait is not None else self.status(uuid)))
-
-    def _answer_batch_get(self, batch: str, uuid: Optional[str], wait: Optional[float]) -> Reply:
-        """``?batch=<id>``: 200 once every task of the batch ended, else 202; tasks clipped as in a list view."""
-        if uuid is not None:
-            raise InvalidRequest("A GET names one task (a uuid) or one batch (?batch=), not both.")
-        view = self.wait_batch(batch, 0.0 if wait is None else wait)
-        view["tasks"] = [clip(self._for_client(t), defaults.LIST_VALUE_SIZE) for t in view["tasks"]]
-        return Reply(dict(view), 200 if view["ended"] == view["total"] else 202)
-
-    def _answer_delete(self, **kwargs: Any) -> Reply:
-        every = stop_all_option(_query())
-        if kwargs.get("uuid") is None and every:
-            return Reply(self.stop_all(), 202)
-        if every:
-            raise InvalidRequest("DELETE stops one task (a uuid) or all of them (?all=true), not both.")
-        if kwargs.get("uuid") is None:
-            raise InvalidRequest("DELETE needs the uuid of a task (in the path, as ?uuid=, or in a JSON body), "
-                                 "or ?all=true to stop every task of the controller.")
-        task = self._for_client(self.stop(parse_uuid(kwargs["uuid"])))
-        return Reply(task, 200 if task["status"] == TaskStatus.STOPPED else 202)
-
-    def _require_task(self, method: str) -> None:
+    def require_task(self, method: str) -> None:
         """Raise :class:`NoTargetTask` if this controller has no task for ``method``'s default to work on."""
         if self.target_task is None:
             raise NoTargetTask(f"Controller {self.name} has no target_task, so it runs no tasks: override "
@@ -1002,14 +865,14 @@ class MetaMPController:
 
     def current_tenant(self) -> Optional[str]:
         """The tenant of the request being served (the ``tenant=`` hook's answer), None outside one."""
-        if self.tenant is None or not has_request_context():
+        if self.tenant is None or not handlers.in_request():
             return None
         value = self.tenant()
         return None if value is None else str(value)
 
     def tenant_filter(self) -> Any:
         """What lists are filtered by: the request's tenant, or every tenant (no hook, or no request)."""
-        if self.tenant is None or not has_request_context():
+        if self.tenant is None or not handlers.in_request():
             return ANY_TENANT
         return self.current_tenant()
 
@@ -1058,108 +921,6 @@ class MetaMPController:
             raise InvalidRequest("'timeout' must be a positive number of seconds.")
         return requested if self.timeout is None else min(requested, self.timeout)
 
-    def _wait_option(self, options: Mapping[str, str]) -> Optional[float]:
-        """The ``?wait=`` of a request, clamped to ``max_wait`` (a longer wait is not refused)."""
-        wait = _number("wait", options.get("wait"))
-        return None if wait is None else min(wait, self.max_wait)
-
-    def _location(self, uuid: str) -> str:
-        if not has_request_context() or request.endpoint is None:
-            return ""
-        try:
-            return url_for(request.endpoint, uuid=uuid)
-        except BuildError:
-            return f"{request.path}?uuid={uuid}"
 
 
-#: Set when the process got Ctrl-C (SIGINT) or a quick-exit signal: its exit stops the running tasks
-#: rather than handing them over (a developer who presses Ctrl-C expects the tasks to end with the server).
-_stop_tasks_at_exit = False
 
-
-def _stop_tasks_when_interrupted(previous: Any) -> Callable[[int, Any], None]:
-    """A handler for SIGINT or SIGQUIT that marks the exit as one that stops tasks, then does what ``previous`` did."""
-    def handler(signum: int, frame: Any) -> None:
-        global _stop_tasks_at_exit
-        if os.environ.get(HANDOVER_ON_SIGINT_ENV, "").lower() not in ("1", "true", "yes"):
-            _stop_tasks_at_exit = True
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-
-    handler._mpc = True  # type: ignore[attr-defined]
-    return handler
-
-
-def _stop_claiming_everywhere() -> None:
-    """Tell every runtime of the process to claim no more tasks (flags only: safe in a signal handler)."""
-    for controller in list(_LIVE):
-        side = controller._side
-        if isinstance(side, Runtime):
-            side.stop_claiming()
-
-
-def _raise_system_exit(signum: int, frame: object) -> None:
-    _stop_claiming_everywhere()
-    # Once: a second SIGTERM (a supervisor repeating itself) must not cut the graceful shutdown short.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    raise SystemExit(128 + signum)
-
-
-def _exit_cleanly_on_sigterm() -> None:
-    """On SIGTERM, stop claiming tasks at once, and end the process through a normal exit.
-
-    By default SIGTERM kills a Python process without running ``atexit``: the dev
-    server would leave its running tasks unrecorded. Like the default SIGINT handler
-    (which raises KeyboardInterrupt), the handler installed where nobody set one unwinds
-    the main thread. A handler set before (a gunicorn worker's, which exits normally
-    too, but only after its accept loop notices) is kept and called after the runtimes
-    stopped claiming: a worker that is going away must not take a queued task that a
-    sibling's stopping task just made room for.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGINT, signal.SIGQUIT):
-        before = signal.getsignal(signum)
-        if (callable(before) or signum == signal.SIGINT and before == signal.SIG_DFL) and not getattr(
-                before, "_mpc", False):
-            signal.signal(signum, _stop_tasks_when_interrupted(before))
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_system_exit)
-    elif callable(previous) and previous is not _raise_system_exit and not getattr(previous, "_mpc", False):
-        def chained(signum: int, frame: Any) -> None:
-            _stop_claiming_everywhere()
-            previous(signum, frame)
-
-        chained._mpc = True  # type: ignore[attr-defined]
-        signal.signal(signal.SIGTERM, chained)
-
-
-def _query() -> Mapping[str, str]:
-    return request.args if has_request_context() else {}
-
-
-def stop_all_option(options: Mapping[str, str]) -> bool:
-    """The ``?all=`` of a DELETE: ``true`` (or ``1``) stops every task; ``false``, ``0`` or none, one."""
-    raw = options.get("all")
-    if raw is None or raw.lower() in ("false", "0"):
-        return False
-    if raw.lower() in ("true", "1"):
-        return True
-    raise InvalidRequest(f"Query option 'all' must be true or false, not {raw[:40]!r}.")
-
-
-#: Controllers not yet shut down, to be shut down when the interpreter exits.
-_LIVE: "weakref.WeakSet[MetaMPController]" = weakref.WeakSet()
-
-
-@atexit.register
-def _shutdown_all() -> None:
-    """At the exit of the process: hand the running tasks over (see :mod:`.handover`), unless Ctrl-C ended it."""
-    for controller in list(_LIVE):
-        try:
-            controller.shutdown(hand_over=not _stop_tasks_at_exit)
-        except Exception:  # at exit, one failure must not keep the others running
-            logging.getLogger(__name__).exception("Shutting down controller %s failed.", controller.name)

@@ -81,8 +81,8 @@ class MultiprocessController:
         app.extensions["mpc"] = state
         for controller in registry.controllers():
             controller.bind(settings, app.instance_path)
-        from .cli import mpc_commands
-        from .views import make_blueprint
+        from .ops.cli import mpc_commands
+        from .http.views import make_blueprint
 
         app.register_blueprint(make_blueprint(self), url_prefix=state.prefix or None)
         app.cli.add_command(mpc_commands)

@@ -4,6 +4,6 @@ They live in :mod:`.logs`; this module only names them where 0.1 code imports th
 """
 from __future__ import annotations
 
-from .logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
+from .engine.logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
 
 __all__ = ["MetaMPLoggerConfigurator", "DefaultMPLoggerConfigurator"]

@@ -11,7 +11,7 @@ import uuid
 from typing import Optional
 
 from .controller import MetaMPController
-from .resource import MetaMPResource
+from .http.resource import MetaMPResource
 
 
 class TemplateFactory:

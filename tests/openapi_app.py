@@ -11,7 +11,7 @@ import os
 
 from flask import jsonify
 
-from flask_multiprocess_controller.openapi import openapi_document
+from flask_multiprocess_controller.http.openapi import openapi_document
 
 from serverproc import load_example_app
 

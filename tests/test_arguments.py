@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from flask_multiprocess_controller import InvalidArguments, MetaMPTask
-from flask_multiprocess_controller.arguments import ArgType, ArgumentSpec, arg_type
+from flask_multiprocess_controller.http.arguments import ArgType, ArgumentSpec, arg_type
 
 
 class Solve(MetaMPTask):

@@ -29,7 +29,7 @@ from flask_multiprocess_controller import (
     DefaultMPLoggerConfigurator, MetaMPController, MetaMPLoggerConfigurator, MetaMPResource, MetaMPTask,
     MethodNotServed, NoTargetTask, Reply, TemplateFactory, TemplateMPController, TemplateMPResource,
 )
-from flask_multiprocess_controller.console import ConsoleFallbackLogger
+from flask_multiprocess_controller.ops.console import ConsoleFallbackLogger
 
 from serverproc import free_port, gunicorn, poll_until, python
 

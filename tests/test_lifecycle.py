@@ -746,7 +746,7 @@ def test_sqlite_store_keeps_finished_and_queued_tasks_across_restarts(make_contr
 
 @pytest.mark.timeout(30)
 def test_fork_server_is_named_for_ps(make_controller):
-    from flask_multiprocess_controller.forkserver import FORK_SERVER_NAME
+    from flask_multiprocess_controller.engine.forkserver import FORK_SERVER_NAME
 
     controller = make_controller(UsesHelpers)
     assert controller.wait(controller.submit(n=1), timeout=20)["status"] == "succeeded"

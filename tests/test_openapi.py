@@ -14,7 +14,7 @@ from flask_restful import Api
 from openapi_spec_validator import validate
 
 from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
-from flask_multiprocess_controller.openapi import openapi_document
+from flask_multiprocess_controller.http.openapi import openapi_document
 
 from serverproc import free_port, python
 

@@ -10,7 +10,9 @@ import threading
 
 import pytest
 
-from flask_multiprocess_controller import MetaMPTask, forkserver
+from flask_multiprocess_controller import MetaMPTask
+
+from flask_multiprocess_controller.engine import forkserver
 
 
 class Writer(MetaMPTask):

@@ -11,10 +11,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from flask_multiprocess_controller import InvalidRequest, MetaMPTask, ProcessDied, TaskFailure, TaskTimeout
-from flask_multiprocess_controller.patching import TaskChange, parse_change
-from flask_multiprocess_controller.retries import RetryPolicy
-from flask_multiprocess_controller.schedules import Plan, ScheduleSpec, plan
-from flask_multiprocess_controller.watchdog import Action, Schedule, Watchdog
+from flask_multiprocess_controller.http.patching import TaskChange, parse_change
+from flask_multiprocess_controller.engine.retries import RetryPolicy
+from flask_multiprocess_controller.engine.schedules import Plan, ScheduleSpec, plan
+from flask_multiprocess_controller.engine.watchdog import Action, Schedule, Watchdog
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -20,7 +20,7 @@ import requests
 from conftest import wait_until
 from flask_multiprocess_controller import InvalidArguments, MetaMPTask
 from flask_multiprocess_controller.events import Event
-from flask_multiprocess_controller.schedules import ScheduleSpec, Scheduler
+from flask_multiprocess_controller.engine.schedules import ScheduleSpec, Scheduler
 from flask_multiprocess_controller.store import MemoryStore, resolve_store
 from flask_multiprocess_controller.store.redis import RedisStore
 

@@ -23,9 +23,9 @@ import pytest
 import requests
 
 from flask_multiprocess_controller import MetaMPTask, StateTooLarge
-from flask_multiprocess_controller.child import _Channel
-from flask_multiprocess_controller.runtime import host_id
-from flask_multiprocess_controller.protocol import Limits, RunTask, SaveState, StateSaved, StopTask
+from flask_multiprocess_controller.engine.child import _Channel
+from flask_multiprocess_controller.engine.runtime import host_id
+from flask_multiprocess_controller.engine.protocol import Limits, RunTask, SaveState, StateSaved, StopTask
 from flask_multiprocess_controller.store import resolve_store
 
 from serverproc import EXAMPLE_APP, ServerPool, free_port, poll_until, python

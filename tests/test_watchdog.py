@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from flask_multiprocess_controller.proctree import TreeUsage
-from flask_multiprocess_controller.protocol import Done, Usage, error_record
+from flask_multiprocess_controller.engine.proctree import TreeUsage
+from flask_multiprocess_controller.engine.protocol import Done, Usage, error_record
 from flask_multiprocess_controller.states import TaskStatus
-from flask_multiprocess_controller.supervisor import Observation, Settings, StopReason, classify
-from flask_multiprocess_controller.watchdog import Action, Schedule, Watchdog
+from flask_multiprocess_controller.engine.supervisor import Observation, Settings, StopReason, classify
+from flask_multiprocess_controller.engine.watchdog import Action, Schedule, Watchdog
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -1,0 +1,63 @@
+"""The settings a controller hands to its runtime, frozen once the controller is built."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
+
+from .logs import MetaMPLoggerConfigurator
+from .protocol import Limits
+from .retries import RetryPolicy
+from ..task import MetaMPTask
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """What the moving parts of one controller need to know about it (see :class:`MetaMPController`)."""
+
+    #: The controller's name in the store.
+    name: str
+    target_task: type[MetaMPTask]
+    max_num_process: int
+    stop_grace: float
+    max_memory: Optional[int]
+    max_tasks_per_child: int
+    retention: float
+    lease: float
+    logger: logging.Logger
+    configurator: type[MetaMPLoggerConfigurator]
+    limits: Limits
+    #: Whether callbacks show ``error.traceback``.
+    expose_tracebacks: bool = False
+    #: Handed to each task as ``self.context``.
+    context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    #: Queued tasks allowed (-1: no bound): what a schedule's firing may meet.
+    max_num_queue: int = -1
+    #: Seconds running tasks wait to be adopted when this process ends (0: they are stopped; see .handover).
+    handover_window: float = 0.0
+    #: Controlling threads (slots) of this process; None: ``max_num_process``. Only the slot count:
+    #: ``max_num_process`` stays the limit across every process, enforced by the store.
+    slots: Optional[int] = None
+    #: Seconds a shutting-down process lets its running tasks finish on their own before stopping them.
+    shutdown_wait: float = 0.0
+
+    @property
+    def slot_count(self) -> int:
+        """How many controlling threads this process runs."""
+        return self.max_num_process if self.slots is None else self.slots
+
+    @property
+    def restartable(self) -> bool:
+        """Whether a run cut off by the death of its server is queued again."""
+        return bool(self.target_task.restartable)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """How the task class's failed attempts are retried."""
+        return RetryPolicy.of(self.target_task)
+
+    @property
+    def fresh_process(self) -> bool:
+        """Whether each task gets a process of its own."""
+        return self.max_tasks_per_child == 1

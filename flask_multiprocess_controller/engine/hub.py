@@ -1,0 +1,136 @@
+"""One path for a controller's task events in one serving process.
+
+Events of writes made by this process are handed to the subscribers at once, in the
+writing thread; events written by other processes or hosts arrive through the store's
+change feed, which one follower thread per runtime reads (blocking, so a waiter on
+another host wakes within milliseconds and no request thread polls the store). Waiters,
+running tasks (stop requests, ownership), callbacks and live views all subscribe here.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Callable, Optional
+
+from .. import defaults
+from ..events import Event
+from ..exceptions import StoreError
+from .retrier import GaveUp, Retrier
+from ..store import TaskStore
+
+Subscriber = Callable[[Event], None]
+
+#: Cursors of events this process dispatched itself, remembered so the feed does not repeat them.
+_RECENT = 4096
+
+
+class EventHub:
+    """Dispatches the task events of one controller to this process's subscribers.
+
+    :param on_reset: called when the feed lost events (pruned before they were read):
+        whoever relies on events must re-read the current state.
+    """
+
+    def __init__(self, store: TaskStore, controller: str, logger: logging.Logger,
+                 on_reset: Callable[[], None]) -> None:
+        self.store = store
+        self.controller = controller
+        self._logger = logger
+        self._on_reset = on_reset
+        self._subscribers: list[Subscriber] = []
+        self._local_subscribers: list[Subscriber] = []
+        # Guards _recent and _recent_order.
+        self._recent_lock = threading.Lock()
+        self._recent: set[str] = set()
+        self._recent_order: collections.deque[str] = collections.deque()
+        self._stop = threading.Event()
+        self._retrier = Retrier(logger, self._stop)
+        self._thread: Optional[threading.Thread] = None
+        # Guards _cursor and the reading of the feed from it (the follower, or catch_up()).
+        self._reading = threading.Lock()
+        self._cursor: Optional[str] = None
+
+    def subscribe(self, subscriber: Subscriber, local_only: bool = False) -> None:
+        """Call ``subscriber`` with every event of the controller from now on (before :meth:`start`).
+
+        :param local_only: only the events this runtime wrote itself (those it must act on alone,
+            such as delivering callbacks).
+        """
+        (self._local_subscribers if local_only else self._subscribers).append(subscriber)
+
+    def start(self) -> None:
+        """Follow the store's feed from its current end (only a shared store has other writers)."""
+        if not self.store.shared:
+            return
+        self._cursor = self._retrier.call("reading the change feed", self.store.latest_cursor,
+                                          give_up_at_stop=False)
+        self._thread = threading.Thread(target=self._follow, name=f"mpc-{self.controller}-events", daemon=True)
+        self._thread.start()
+
+    def publish(self, event: Optional[Event]) -> None:
+        """Dispatch an event this process has just written (None: the write changed nothing)."""
+        if event is None:
+            return
+        if self._thread is not None:
+            with self._recent_lock:
+                self._recent.add(event["cursor"])
+                self._recent_order.append(event["cursor"])
+                while len(self._recent_order) > _RECENT:
+                    self._recent.discard(self._recent_order.popleft())
+        self._dispatch(event, self._subscribers + self._local_subscribers)
+
+    def publish_all(self, events: list[Event]) -> None:
+        """:meth:`publish` each of ``events`` in order."""
+        for event in events:
+            self.publish(event)
+
+    def _seen_here(self, cursor: str) -> bool:
+        with self._recent_lock:
+            return cursor in self._recent
+
+    def _dispatch(self, event: Event, subscribers: list[Subscriber]) -> None:
+        for subscriber in subscribers:
+            try:
+                subscriber(event)
+            except Exception:  # one consumer's failure must not starve the others
+                self._logger.exception("Handling task event %s of %s failed.", event["kind"], event["uuid"])
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._read(defaults.FEED_WAIT)
+            except GaveUp:
+                return
+
+    def catch_up(self) -> None:
+        """Read and dispatch, in this thread, the events of other processes written so far."""
+        if self._thread is None:
+            return
+        try:
+            self._read(0.0)
+        except StoreError:  # the follower catches up once the store is back
+            pass
+
+    def _read(self, wait: float) -> None:
+        with self._reading:
+            cursor = self._cursor
+            if wait > 0:
+                changes = self._retrier.call("reading the change feed", lambda: self.store.changes(cursor, wait, foreign_only=True))
+            else:
+                changes = self.store.changes(cursor, 0.0)
+            self._cursor = changes.cursor
+            if changes.reset:
+                self._logger.warning("Task events were pruned before this process read them; "
+                                     "re-reading the current state.")
+                self._on_reset()
+            for event in changes.events:
+                if event["controller"] == self.controller and not self._seen_here(event["cursor"]):
+                    self._dispatch(event, self._subscribers)
+
+    def stop(self) -> None:
+        """Stop following the feed (waits at most one feed read)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

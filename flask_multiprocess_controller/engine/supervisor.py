@@ -1,0 +1,485 @@
+"""Drive one task in one task process, from the start message to its outcome.
+
+This is the body of a controlling thread's work for one task: it relays progress and
+logs, samples the process tree, enforces the timeout and the memory limit, carries out
+stop requests in steps (flag, ``stop_grace``, SIGTERM, SIGKILL to the whole tree) and
+classifies how the task ended. When to act is the :class:`~.watchdog.Watchdog`'s call;
+how the end is named is :func:`classify`'s; both are pure and tested without processes.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_ready
+from typing import Any, Callable, Optional
+
+import psutil
+
+from .. import defaults
+from ..events import Event
+from ..exceptions import StoreError
+from .forkserver import ChildProcess
+from .logs import LogListener, logger_levels
+from .pausing import TreePause
+from .retrier import Retrier
+from .proctree import TreeUsage, describe_exit, sample, signal_processes
+from .protocol import (
+    Done, ErrorRecord, Limits, LogRecordMessage, Output, Percent, Progress, Report, RunTask, SaveState,
+    StateSaved, StopTask, error_record,
+)
+from ..states import TaskStatus
+from ..store import TaskStore
+from .watchdog import Action, Schedule, Watchdog
+
+
+class StopReason(str, enum.Enum):
+    """Why a task is being stopped."""
+
+    REQUESTED = "requested"
+    TIMEOUT = "timeout"
+    SHUTDOWN = "shutdown"
+    MEMORY = "memory"
+
+
+class TaskRun:
+    """A task that a controlling thread has claimed: what other threads may ask of it."""
+
+    def __init__(self, uuid: str, timeout: Optional[float], wake: Callable[[], None],
+                 progress: Any = None, percent: Optional[float] = None, attempt: Optional[int] = None,
+                 claimed_at: Optional[float] = None) -> None:
+        self.uuid = uuid
+        #: When the store recorded the claim (its clock), to tell a claim made as the server began to stop.
+        self.claimed_at = claimed_at
+        #: Which run of the task this is (the store counts claims): events of other runs do not apply.
+        self.attempt = attempt
+        self.timeout = timeout
+        self.started = time.monotonic()
+        #: The latest progress and percent reported by the task (fresher than the store's).
+        self.progress: Any = progress
+        self.percent: Optional[float] = percent
+        #: True while progress holds a value not yet written to the store.
+        self.dirty = False
+        #: Log lines of the task not yet written to the store (the newest LOG_KEEP_BYTES at most).
+        self.log_lines: collections.deque[str] = collections.deque()
+        self._log_bytes = 0
+        #: True once the task is known to be no longer this process's (settled elsewhere).
+        self.abandoned = False
+        #: True once this process lets go of the running task for another to adopt (see .handover).
+        self.released = False
+        self.stop_reason: Optional[StopReason] = None
+        self.stop_at: Optional[float] = None
+        self.child: Optional[ChildProcess] = None
+        #: Whether the store says the task is paused; the controlling thread makes its tree follow.
+        self.pause_wanted = False
+        #: The errors of the task's earlier attempts, oldest first (what the store's ``errors`` held).
+        self.errors: list[Any] = []
+        #: Whether the task has a saved state (an earlier attempt's, or one this run stored): cut off by
+        #: a shutdown, it is queued again to resume from it.
+        self.has_state = False
+        self._wake = wake
+        # Guards stop_reason, stop_at and child.
+        self._lock = threading.Lock()
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Ask the task to stop; the first reason given is the one recorded (memory overrides)."""
+        with self._lock:
+            if self.stop_reason is not None and reason is not StopReason.MEMORY:
+                return
+            self.stop_reason = reason
+            if self.stop_at is None:
+                self.stop_at = time.monotonic()
+            child = self.child
+        if child is not None:
+            child.send(StopTask(self.uuid))
+        self._wake()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop (of any reason) was asked for."""
+        return self.stop_reason is not None
+
+    def request_pause(self, paused: bool) -> None:
+        """Suspend (or resume) the task's process tree, as the store now says (see :mod:`.pausing`)."""
+        if paused != self.pause_wanted:
+            self.pause_wanted = paused
+            self._wake()
+
+    def add_log_lines(self, lines: list[str]) -> None:
+        """Keep lines for the task's log (the oldest unwritten ones go first past the per-task budget)."""
+        if not lines:
+            return
+        for line in lines:
+            self.log_lines.append(line)
+            self._log_bytes += len(line)
+        while self._log_bytes > defaults.LOG_KEEP_BYTES and self.log_lines:
+            self._log_bytes -= len(self.log_lines.popleft())
+        self.dirty = True
+
+    def take_log_lines(self) -> list[str]:
+        """The unwritten log lines, now counted as written."""
+        lines = list(self.log_lines)
+        self.log_lines.clear()
+        self._log_bytes = 0
+        return lines
+
+    def abandon(self) -> None:
+        """The task was settled by another process: its run here must end without a record."""
+        self.abandoned = True
+        self._wake()
+
+    def release(self) -> None:
+        """Stop supervising the task and leave its process running, for another serving process to adopt."""
+        self.released = True
+        self._wake()
+
+    def attach(self, child: ChildProcess) -> None:
+        """Record the process running the task; a stop requested before now is passed on."""
+        with self._lock:
+            self.child = child
+            pending = self.stop_reason is not None
+        if pending:
+            child.send(StopTask(self.uuid))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The controller settings a controlling thread needs."""
+
+    stop_grace: float
+    max_memory: Optional[int]
+    fresh_process: bool
+    limits: Limits = Limits(result_bytes=defaults.MAX_RESULT_SIZE, progress_bytes=defaults.MAX_PROGRESS_SIZE,
+                            state_bytes=defaults.MAX_STATE_SIZE)
+
+
+@dataclass
+class Outcome:
+    """How a task ended: its terminal status and the fields to store with it."""
+
+    status: TaskStatus
+    fields: dict[str, Any]
+    child_alive: bool
+    #: For an exception raised by ``execute``: whether it matched the task class's ``retry_on``.
+    retry_match: Optional[bool] = None
+
+
+@dataclass
+class Observation:
+    """What a controlling thread saw of one run, the input of :func:`classify`."""
+
+    stop_reason: Optional[StopReason]
+    done: Optional[Done]
+    exited: bool
+    exit_code: Optional[int]
+    timeout: Optional[float]
+    progress: Any = None
+    percent: Optional[float] = None
+    usage: TreeUsage = field(default_factory=TreeUsage)
+    ended_at: float = 0.0
+
+
+class Supervisor:
+    """Runs tasks in child processes for one controlling thread.
+
+    :param publish: called with each event the supervisor's store writes produce.
+    """
+
+    def __init__(self, settings: Settings, store: TaskStore, owner: str, logs: LogListener, wake_fd: int,
+                 publish: Callable[[Event], None], logger: logging.Logger, retrier: Retrier) -> None:
+        self.settings = settings
+        self.owner = owner
+        self.store = store
+        self.logs = logs
+        self.wake_fd = wake_fd
+        self._publish = publish
+        self._logger = logger
+        self._retrier = retrier
+        self._schedule = Schedule(
+            stop_grace=settings.stop_grace,
+            sample_every=(defaults.SAMPLE_INTERVAL_WITH_MEMORY_LIMIT if settings.max_memory
+                          else defaults.SAMPLE_INTERVAL))
+        self._levels_cache: dict[str, int] = {}
+        self._levels_at = 0.0
+        self._flush_failed = False
+
+    def run(self, run: TaskRun, child: ChildProcess, args: dict[str, Any], context: dict[str, Any],
+            started: Optional[Event] = None, state: Any = None) -> Optional[Outcome]:
+        """Start ``run`` in ``child`` and return once the task has ended (None: it was released, see
+        :meth:`supervise`).
+
+        :param started: the ``started`` event when the claim recorded ``child`` already (a reused
+            process); else the process is recorded here, once the task was sent to it.
+        :param state: the task's saved state (from the claimed row), its ``self.state``.
+        """
+        run.attach(child)
+        child.send(RunTask(run.uuid, args, context, self._levels(), self.settings.limits, state))
+        if started is None:
+            # The task runs already: an outage here is waited out (the pid is what stops and kills go by).
+            started = self._retrier.call("recording a task's process", lambda: self.store.start(
+                run.uuid, self.owner, child.pid, child.create_time or 0.0))
+        if started is None:  # settled elsewhere between the claim and now
+            run.abandon()
+        else:
+            self._publish(started)
+        return self.supervise(run, child)
+
+    def supervise(self, run: TaskRun, child: ChildProcess) -> Optional[Outcome]:
+        """Watch ``run``, running in ``child`` already, until it ends, and classify its end.
+
+        Also what an adopting process does with a task it took over (see :mod:`.handover`).
+        Returns None when the run was released before it ended: its latest progress and log lines
+        are written, and its process goes on for another serving process to adopt.
+        """
+        usage = TreeUsage()
+        done = self._watch(run, child, usage)
+        if done is None and run.released and not child.exited:
+            if not wait_ready([child.exit_fd], 0):
+                self._flush(run)
+                return None
+            # It ended before the release was said: its end is this process's to record.
+            child.read_exit()
+            done, _ = self._receive(run, child, None)
+            if child.output is not None:
+                run.add_log_lines(child.output.drain())
+        self._write_log(run)
+        if not child.exited and done is not None and not self.settings.fresh_process:
+            self._reap_descendants(child, done.usage.children)
+        else:  # whatever the task left behind (its group went with it when the fork server reaped it)
+            child.signal_tree(signal.SIGKILL, usage.seen.values())
+        observation = Observation(
+            stop_reason=run.stop_reason, done=done, exited=child.exited, exit_code=child.exit_code,
+            timeout=run.timeout, progress=run.progress, percent=run.percent, usage=usage, ended_at=time.time())
+        return classify(observation, self.settings)
+
+    def _levels(self) -> dict[str, int]:
+        """The server's logger levels, computed at most once a second."""
+        now = time.monotonic()
+        if now >= self._levels_at:
+            self._levels_cache, self._levels_at = logger_levels(), now + 1.0
+        return self._levels_cache
+
+    def _watch(self, run: TaskRun, child: ChildProcess, usage: TreeUsage) -> Optional[Done]:
+        pause = TreePause(child, usage)
+        done: Optional[Done] = None
+        try:
+            done = self._watch_run(run, child, usage, pause)
+            return done
+        finally:
+            if done is not None or not run.released:  # a released task stays as it is, paused or not
+                pause.release()  # a reused process must not wait frozen for its next task
+
+    def _watch_run(self, run: TaskRun, child: ChildProcess, usage: TreeUsage, pause: TreePause) -> Optional[Done]:
+        watchdog = Watchdog(self._schedule, run.started, run.timeout)
+        done: Optional[Done] = None
+        conn_open = True
+        while True:
+            if run.released and done is None:
+                return None
+            now = time.monotonic()
+            pause.follow(run, watchdog, now)
+            state = dict(stop_at=run.stop_at, stopping=run.stop_reason is not None, dirty=run.dirty,
+                         ended=done is not None)
+            for action in watchdog.due(now, **state):  # type: ignore[arg-type]
+                self._act(action, run, child, usage, watchdog)
+            if run.abandoned and not watchdog.killed:
+                child.signal_tree(signal.SIGKILL, usage.seen.values())
+                watchdog.killed_now()
+            state.update(stopping=run.stop_reason is not None, dirty=run.dirty)
+            timeout = watchdog.sleep_for(time.monotonic(), **state)  # type: ignore[arg-type]
+            watched: list[Any] = [child.exit_fd, self.wake_fd]
+            # Not while suspended: a message half written when the tree stopped would block the read.
+            if conn_open and not pause.paused:
+                watched.append(child.conn)
+            output = child.output
+            if output is not None:
+                watched += output.fds()
+            ready: list[Any] = wait_ready(watched, timeout)
+            if self.wake_fd in ready:
+                _drain_fd(self.wake_fd)
+            if conn_open and child.conn in ready:
+                done, conn_open = self._receive(run, child, done)
+            if output is not None:  # after the channel: a log record sent before a print comes first
+                for fd in output.fds():
+                    if fd in ready:
+                        run.add_log_lines(output.read(fd))
+            if child.exit_fd in ready:
+                child.read_exit()
+                if conn_open:
+                    done, conn_open = self._receive(run, child, done)
+                if output is not None:  # what it wrote last (a process it left may write on: not waited for)
+                    run.add_log_lines(output.drain())
+                return done
+            if done is not None and not self.settings.fresh_process:
+                return done
+
+    def _act(self, action: Action, run: TaskRun, child: ChildProcess, usage: TreeUsage,
+             watchdog: Watchdog) -> None:
+        if action is Action.TIMEOUT:
+            run.request_stop(StopReason.TIMEOUT)
+        elif action is Action.SAMPLE:
+            if child.process is not None and not child.exited:
+                sample(child.process, usage)
+            limit = self.settings.max_memory
+            if limit and usage.memory_now > limit and not watchdog.killed:
+                run.request_stop(StopReason.MEMORY)
+                child.signal_tree(signal.SIGKILL, usage.seen.values())
+                watchdog.killed_now()
+        elif action is Action.TERMINATE:
+            child.signal_tree(signal.SIGTERM, usage.seen.values())
+        elif action is Action.KILL:
+            child.signal_tree(signal.SIGKILL, usage.seen.values())
+        elif action is Action.FLUSH:
+            self._flush(run)
+
+    def _receive(self, run: TaskRun, child: ChildProcess, done: Optional[Done]) -> tuple[Optional[Done], bool]:
+        """Read every message waiting on the channel; return (done message, channel still open)."""
+        conn = child.conn
+        try:
+            while conn.poll():
+                message: Report = conn.recv()
+                if isinstance(message, LogRecordMessage):
+                    self.logs.put(message.record)
+                    run.add_log_lines([log_line(message.record)])
+                elif isinstance(message, Output) and message.uuid == run.uuid:
+                    run.add_log_lines(message.lines)
+                elif getattr(message, "uuid", None) != run.uuid:
+                    continue
+                elif isinstance(message, Progress):
+                    run.progress, run.dirty = message.value, True
+                elif isinstance(message, Percent):
+                    run.percent, run.dirty = message.value, True
+                elif isinstance(message, SaveState):
+                    self._save_state(run, child, message)
+                elif isinstance(message, Done):
+                    done = message
+                    if not self.settings.fresh_process:
+                        return done, True
+        except (EOFError, OSError):
+            return done, False
+        return done, True
+
+    def _save_state(self, run: TaskRun, child: ChildProcess, message: SaveState) -> None:
+        """Store the state the task saved, and tell it whether the store holds it.
+
+        One attempt, no retry: the task waits for the answer (bounded on its side), and a later
+        save replaces this one anyway. Progress is not flushed with it (it has its own pace).
+        """
+        try:
+            stored = self.store.save_state(run.uuid, self.owner, json.loads(message.state_json))
+        except StoreError as exc:
+            self._logger.warning("Cannot save the state of task %s: %s", run.uuid, exc)
+            stored = False
+        if stored:
+            run.has_state = True
+        child.send(StateSaved(run.uuid, message.number, stored))
+
+    def _write_log(self, run: TaskRun) -> None:
+        lines = run.take_log_lines()
+        if not lines:
+            return
+        try:
+            self.store.logs.append(run.uuid, lines)
+        except StoreError as exc:  # the log is best kept; the task goes on
+            self._logger.warning("Cannot keep %d log line(s) of task %s: %s", len(lines), run.uuid, exc)
+
+    def _flush(self, run: TaskRun) -> None:
+        run.dirty = False
+        self._write_log(run)
+        try:
+            event = self.store.progress(run.uuid, self.owner, run.progress, run.percent)
+        except StoreError as exc:  # kept in memory: the next flush (or the end record) writes it
+            run.dirty = True
+            if not self._flush_failed:
+                self._logger.warning("Cannot write the progress of task %s: %s", run.uuid, exc)
+            self._flush_failed = True
+            return
+        self._flush_failed = False
+        if event is not None:
+            self._publish(event)
+
+    @staticmethod
+    def _reap_descendants(child: ChildProcess, reported: Optional[list[int]]) -> None:
+        """Kill what a task left behind in a process that will run more tasks.
+
+        The child reports its live children when a task ends; only if it could not
+        (no /proc support) or some are left is the whole process table scanned.
+        """
+        if reported == [] or child.process is None:
+            return
+        try:
+            leftovers = child.process.children(recursive=True)
+        except psutil.Error:
+            return
+        signal_processes(leftovers, signal.SIGKILL)
+
+
+def log_line(record: logging.LogRecord) -> str:
+    """A task's log record as one line of its kept log."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.created))
+    return f"{when} {record.levelname} {record.name}: {record.getMessage()}"
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def classify(seen: Observation, settings: Settings) -> Outcome:
+    """Turn what was observed of a run into a terminal status and the fields recorded with it."""
+    usage = seen.usage
+    report = seen.done.usage if seen.done is not None else None
+    fields: dict[str, Any] = {
+        "ended_at": seen.ended_at,
+        "exit_code": seen.exit_code if seen.exited else None,
+        "progress": seen.progress,
+        "percent": seen.percent,
+        "memory_peak": max(usage.memory_peak, report.maxrss if report else 0) or None,
+        "cpu_time": max(usage.cpu_time if settings.fresh_process else 0.0,
+                        report.cpu_time if report else 0.0) or None,
+    }
+    reason = seen.stop_reason
+    alive = not seen.exited
+    if reason is StopReason.MEMORY:
+        fields["error"] = error_record(
+            "MemoryLimitExceeded", f"The task's process tree used {usage.memory_now or usage.memory_peak} bytes "
+                                   f"of memory, over the limit of {settings.max_memory} bytes, and was killed.")
+        return Outcome(TaskStatus.FAILED, fields, alive)
+    if seen.done is not None:
+        if seen.done.kind == "ok":
+            fields["result"] = json.loads(seen.done.result_json or "null")
+            return Outcome(TaskStatus.SUCCEEDED, fields, alive)
+        if seen.done.kind == "error":
+            fields["error"] = seen.done.error
+            return Outcome(TaskStatus.FAILED, fields, alive, retry_match=seen.done.retryable)
+        return _stopped(reason, fields, alive, seen.timeout, None, settings)
+    how = describe_exit(seen.exit_code if seen.exited else None)
+    if reason is None:
+        fields["error"] = error_record("ProcessDied", f"The task process {how} before returning a result.")
+        return Outcome(TaskStatus.FAILED, fields, False)
+    return _stopped(reason, fields, False, seen.timeout, how, settings)
+
+
+def _stopped(reason: Optional[StopReason], fields: dict[str, Any], alive: bool, timeout: Optional[float],
+             how: Optional[str], settings: Settings) -> Outcome:
+    killed = f" It did not stop within {settings.stop_grace:g} s and {how}." if how else ""
+    error: Optional[ErrorRecord] = None
+    if reason is StopReason.TIMEOUT:
+        fields["error"] = error_record("TaskTimeout", f"The task ran longer than its timeout of {timeout:g} s.{killed}")
+        return Outcome(TaskStatus.TIMED_OUT, fields, alive)
+    if reason is StopReason.SHUTDOWN:
+        error = error_record("Shutdown", f"The task was stopped because its server shut down.{killed}")
+    elif how:
+        error = error_record("Killed", f"The task was asked to stop.{killed}")
+    if error is not None:
+        fields["error"] = error
+    return Outcome(TaskStatus.STOPPED, fields, alive)

@@ -1,0 +1,39 @@
+"""The one place where the package's exceptions become HTTP responses."""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import defaults
+from ..exceptions import (
+    BatchNotFound, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed,
+    MPCError, PayloadTooLarge,
+    QueueFull,
+    StoreError, TaskAlreadyFinished, TaskNotFound,
+)
+
+#: HTTP status of each exception class (the first match along the MRO wins).
+HTTP_STATUS: dict[type, int] = {
+    InvalidRequest: 400,
+    TaskNotFound: 404,
+    BatchNotFound: 404,
+    HostNotFound: 404,
+    MethodNotServed: 405,
+    TaskAlreadyFinished: 409,
+    InvalidTransition: 409,
+    PayloadTooLarge: 413,
+    QueueFull: 429,
+    ControllerClosed: 503,
+    StoreError: 503,
+    MPCError: 500,
+}
+
+
+def error_response(exc: MPCError) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Return ``(body, status, headers)`` for ``exc``: a JSON object with a human ``message``."""
+    status = next(HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS)
+    headers = {}
+    if isinstance(exc, (QueueFull, StoreError)):
+        headers["Retry-After"] = str(getattr(exc, "retry_after", defaults.RETRY_AFTER))
+    if isinstance(exc, MethodNotServed):
+        headers["Allow"] = ", ".join(exc.allowed)
+    return {"message": exc.message}, status, headers

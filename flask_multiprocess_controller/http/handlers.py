@@ -1,0 +1,268 @@
+"""The HTTP layer: the default handlers of a controller's HTTP methods, and all request parsing.
+
+A controller's ``post``, ``get``, ``delete`` and ``patch`` (what :class:`~.resource.MetaMPResource`
+calls, and what a subclass may override and call with ``super()``) answer through the functions here;
+the extension's API (:mod:`.views`), the dashboard's API and the ``flask mpc`` commands parse what they
+are given with the same functions. The controller itself never reads the request.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import uuid as uuid_module
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
+
+from flask import has_request_context, request, url_for
+from werkzeug.routing import BuildError
+
+from .. import defaults
+from ..exceptions import InvalidRequest, TaskNotFound
+from ..presenter import TaskObject, clip
+from ..states import ALL_STATUSES, TERMINAL, TaskStatus
+from . import compat as compat_module
+from .patching import check_priority, parse_change
+from .responses import Reply
+
+if TYPE_CHECKING:
+    from ..controller import MetaMPController
+
+#: HTTP methods a controller may serve, in the order an ``Allow`` header lists them.
+HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
+#: Handlers whose default works on the controller's tasks: served when it has a ``target_task``.
+TASK_HANDLERS = frozenset({"get", "post", "delete", "patch"})
+
+Handler = Callable[..., Any]
+
+
+def log_call(logger: logging.Logger, name: str) -> Callable[[Handler], Handler]:
+    """The default ``decorator=``: log each call of an HTTP method at DEBUG."""
+
+    def wrap(method: Handler) -> Handler:
+        @functools.wraps(method)
+        def logged(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = method(self, *args, **kwargs)
+            logger.debug("%s.%s(%s) -> %s", name, method.__name__, kwargs or list(args), result)
+            return result
+
+        return logged
+
+    return wrap
+
+
+# -- parsing -------------------------------------------------------------------------------------------
+
+
+def in_request() -> bool:
+    """Whether a request is being served (tenant hooks and locations only apply then)."""
+    return has_request_context()
+
+
+def query_options() -> Mapping[str, str]:
+    """The query string of the request being served (empty outside a request)."""
+    return request.args if has_request_context() else {}
+
+
+def query_number(name: str, raw: Optional[str], kind: type = float, minimum: float = 0.0,
+                 maximum: Optional[float] = None) -> Optional[Any]:
+    """Query option ``name`` as a number of ``kind`` within bounds; None when absent; else :class:`InvalidRequest`."""
+    if raw is None or raw == "":
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidRequest(f"Query option '{name}' must be {'an integer' if kind is int else 'a number'}, "
+                             f"not {raw[:40]!r}.") from None
+    if kind is float and not math.isfinite(value):
+        raise InvalidRequest(f"Query option '{name}' must be a finite number, not {raw[:40]!r}.")
+    if maximum is not None and not minimum <= value <= maximum:
+        raise InvalidRequest(f"Query option '{name}' must be between {minimum:g} and {maximum:g}, not {value}.")
+    if value < minimum:
+        raise InvalidRequest(f"Query option '{name}' must be at least {minimum:g}, not {raw[:40]!r}.")
+    return value
+
+
+def int_option(name: str, default: Optional[int], minimum: int, maximum: Optional[int]) -> Any:
+    """Integer query option ``name`` of the request being served (``default`` when absent)."""
+    value = query_number(name, query_options().get(name), int, minimum, maximum)
+    return default if value is None else value
+
+
+def statuses_option(raw: Optional[str]) -> list[str]:
+    """A ``?status=a,b`` filter: the statuses named (none: every status); unknown ones are refused."""
+    statuses = [s for s in (raw or "").split(",") if s]
+    unknown = [s for s in statuses if s not in ALL_STATUSES]
+    if unknown:
+        raise InvalidRequest(f"Unknown status {unknown[0][:40]!r}: use one of {', '.join(ALL_STATUSES)}.")
+    return statuses
+
+
+def parse_uuid(value: Any) -> str:
+    """Return the canonical form of a task uuid, or raise :class:`InvalidRequest`."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"A task uuid must be a string, not {type(value).__name__}.")
+    try:
+        return str(uuid_module.UUID(value))
+    except ValueError:
+        raise InvalidRequest(f"{value[:80]!r} is not a valid task uuid.") from None
+
+
+def stop_all_option(options: Mapping[str, str]) -> bool:
+    """The ``?all=`` of a DELETE: ``true`` (or ``1``) stops every task; ``false``, ``0`` or none, one."""
+    raw = options.get("all")
+    if raw is None or raw.lower() in ("false", "0"):
+        return False
+    if raw.lower() in ("true", "1"):
+        return True
+    raise InvalidRequest(f"Query option 'all' must be true or false, not {raw[:40]!r}.")
+
+
+def wait_option(controller: "MetaMPController", options: Mapping[str, str]) -> Optional[float]:
+    """The ``?wait=`` of a request, clamped to the controller's ``max_wait`` (a longer wait is not refused)."""
+    wait = query_number("wait", options.get("wait"))
+    return None if wait is None else min(wait, controller.max_wait)
+
+
+def location(uuid: str) -> str:
+    """The URL that GETs task ``uuid`` through the resource being served ("" outside a request)."""
+    if not has_request_context() or request.endpoint is None:
+        return ""
+    try:
+        return url_for(request.endpoint, uuid=uuid)
+    except BuildError:
+        return f"{request.path}?uuid={uuid}"
+
+
+def find_owner(controllers: Iterable["MetaMPController"], uuid: str) -> "MetaMPController":
+    """The controller whose task ``uuid`` is (and, in a request, visible to its tenant).
+
+    :raises TaskNotFound: none of ``controllers`` has it, or the request's tenant may not see it.
+    """
+    uuid = parse_uuid(uuid)
+    for controller in controllers:
+        row = controller.store.get(uuid)
+        if row is not None and row["controller"] == controller.name and controller.visible(row):
+            return controller
+    raise TaskNotFound(uuid)
+
+
+# -- the default handlers ---------------------------------------------------------------------------
+
+
+def post(controller: "MetaMPController", *args: Mapping[str, Any], **kwargs: Any) -> Reply:
+    """Queue a task (keyword arguments) or several (positional mappings, all or none)."""
+    controller.require_task("post")
+    reply = _answer_post(controller, *args, **kwargs)
+    if controller.compat:
+        items = list(args) if args else [kwargs]
+        return compat_module.post_reply(controller.name, items, bool(args), reply, controller.posts)
+    return reply
+
+
+def get(controller: "MetaMPController", **kwargs: Any) -> Reply:
+    """One task (when a ``uuid`` is given) or the list view."""
+    controller.require_task("get")
+    if controller.compat:
+        return compat_module.get_reply(kwargs, lambda: _answer_get(controller, **kwargs))
+    return _answer_get(controller, **kwargs)
+
+
+def delete(controller: "MetaMPController", **kwargs: Any) -> Reply:
+    """Stop task ``uuid``, or with ``?all=true`` every task of the controller."""
+    controller.require_task("delete")
+    if controller.compat and not (kwargs.get("uuid") is None and "all" in query_options()):
+        return compat_module.delete_reply(kwargs, lambda: _answer_delete(controller, **kwargs))
+    return _answer_delete(controller, **kwargs)
+
+
+def patch(controller: "MetaMPController", *args: Any, **kwargs: Any) -> Reply:
+    """Pause, resume or re-prioritise task ``uuid`` as the body says."""
+    controller.require_task("patch")
+    if args:
+        raise InvalidRequest("PATCH takes one JSON object, not an array.")
+    if kwargs.get("uuid") is None:
+        raise InvalidRequest("PATCH needs the uuid of a task: in the path, as ?uuid=, or in a JSON body.")
+    return Reply(controller.client_view_of(apply_patch(controller, parse_uuid(kwargs["uuid"]), kwargs)))
+
+
+def apply_patch(controller: "MetaMPController", uuid: str, body: Any) -> TaskObject:
+    """The change a PATCH body asks for, applied to task ``uuid`` (the resource's PATCH and the API's)."""
+    if not isinstance(body, Mapping):
+        raise InvalidRequest('PATCH takes a JSON object: {"status": "paused"}, {"status": "running"} '
+                             'or {"priority": <integer>}.')
+    change = parse_change(body)
+    if change.priority is not None:
+        return controller.reprioritise(uuid, change.priority)
+    if change.status == TaskStatus.PAUSED:
+        return controller.pause(uuid)
+    return controller.resume(uuid)
+
+
+def _answer_post(controller: "MetaMPController", *args: Mapping[str, Any], **kwargs: Any) -> Reply:
+    options = query_options()
+    priority = check_priority(query_number("priority", options.get("priority"), int, minimum=-(2 ** 62)) or 0)
+    timeout = query_number("timeout", options.get("timeout"))
+    wait = wait_option(controller, options)
+    if args and kwargs:
+        raise InvalidRequest("Send either one JSON object or a JSON array of objects.")
+    if args:
+        return _answer_bulk_post(controller, list(args), priority, timeout, wait)
+    if wait is None:
+        task, status = controller.enqueue([kwargs], priority=priority, timeout=timeout)[0], 202
+    else:  # the wait reads the task anyway: no queue position is computed for it first
+        task = controller.wait(controller.enqueue_rows([kwargs], priority, timeout, None)[0]["uuid"], wait)
+        status = 200 if task["status"] in TERMINAL else 202
+    task = controller.client_view_of(task)
+    return Reply(task, status, {"Location": location(task["uuid"])})
+
+
+def _answer_bulk_post(controller: "MetaMPController", items: list[Mapping[str, Any]], priority: int,
+                      timeout: Optional[float], wait: Optional[float]) -> Reply:
+    """A bulk POST: ``{"tasks": [...], "batch": id}``; with ``?wait=``, 200 once the whole batch ended."""
+    batch = controller.submit_many(items, priority=priority, timeout=timeout)
+    tasks, status = batch.tasks, 202
+    if wait is not None:
+        view = controller.wait_batch(batch.id, wait)
+        tasks = view["tasks"]
+        if view["ended"] == view["total"]:
+            status = 200
+    return Reply({"tasks": [controller.client_view_of(t) for t in tasks], "batch": batch.id}, status)
+
+
+def _answer_get(controller: "MetaMPController", **kwargs: Any) -> Reply:
+    options = query_options()
+    wait = wait_option(controller, options)
+    if options.get("batch") is not None:
+        return _answer_batch_get(controller, options["batch"], kwargs.get("uuid"), wait)
+    if kwargs.get("uuid") is None:
+        statuses = [s for s in (options.get("status") or "").split(",") if s]
+        limit = query_number("limit", options.get("limit"), int, minimum=1)
+        listing = controller.tasks(statuses, defaults.LIST_LIMIT if limit is None else limit)
+        listing["tasks"] = [controller.client_view_of(t) for t in listing["tasks"]]
+        return Reply(listing)
+    uuid = parse_uuid(kwargs["uuid"])
+    return Reply(controller.client_view_of(controller.wait(uuid, wait) if wait is not None
+                                           else controller.status(uuid)))
+
+
+def _answer_batch_get(controller: "MetaMPController", batch: str, uuid: Optional[str],
+                      wait: Optional[float]) -> Reply:
+    """``?batch=<id>``: 200 once every task of the batch ended, else 202; tasks clipped as in a list view."""
+    if uuid is not None:
+        raise InvalidRequest("A GET names one task (a uuid) or one batch (?batch=), not both.")
+    view = controller.wait_batch(batch, 0.0 if wait is None else wait)
+    view["tasks"] = [clip(controller.client_view_of(t), defaults.LIST_VALUE_SIZE) for t in view["tasks"]]
+    return Reply(dict(view), 200 if view["ended"] == view["total"] else 202)
+
+
+def _answer_delete(controller: "MetaMPController", **kwargs: Any) -> Reply:
+    every = stop_all_option(query_options())
+    if kwargs.get("uuid") is None and every:
+        return Reply(controller.stop_all(), 202)
+    if every:
+        raise InvalidRequest("DELETE stops one task (a uuid) or all of them (?all=true), not both.")
+    if kwargs.get("uuid") is None:
+        raise InvalidRequest("DELETE needs the uuid of a task (in the path, as ?uuid=, or in a JSON body), "
+                             "or ?all=true to stop every task of the controller.")
+    task = controller.client_view_of(controller.stop(parse_uuid(kwargs["uuid"])))
+    return Reply(task, 200 if task["status"] == TaskStatus.STOPPED else 202)

@@ -1,0 +1,1 @@
+"""Operator tools: the `flask mpc` commands, the worker process and the dashboard."""

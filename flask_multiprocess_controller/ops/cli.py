@@ -1,0 +1,372 @@
+"""``flask mpc``: list, inspect, stop, wait for, purge and submit tasks from a shell; list, drain and
+undrain hosts; run a worker.
+
+Flask finds the group through the ``flask.commands`` entry point before it imports the app,
+and the group makes the process a client first (see :mod:`.registry`): importing the app then
+creates its controllers as clients, which read and write the store but start no fork server and
+no thread, so the command never runs a task. The one exception is ``worker``, which makes the
+process a server again before the app is imported: running tasks is its job (see :mod:`.worker`).
+``init_app`` also adds the same commands to ``app.cli`` (what ``app.test_cli_runner()`` invokes),
+where the process's role is left as it is.
+
+User errors (an unknown uuid, a bad argument) print one line and exit non-zero.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import click
+from flask.cli import AppGroup, with_appcontext
+
+from .. import registry
+from ..exceptions import MPCError, TaskNotFound
+from ..states import TERMINAL, TaskStatus
+
+if TYPE_CHECKING:
+    from ..controller import MetaMPController
+
+#: Seconds between two looks at a task's progress while ``wait`` draws its bar.
+_WAIT_STEP = 0.5
+
+
+def _commands(group: AppGroup) -> AppGroup:
+    """Add every ``mpc`` subcommand to ``group``."""
+    for command in (list_command, status_command, stop_command, wait_command, purge_command, submit_command,
+                    logs_command, schedules_command, hosts_command, drain_command, undrain_command,
+                    worker_command):
+        group.add_command(command)
+    return group
+
+
+def _controllers() -> list["MetaMPController"]:
+    from ..extension import MultiprocessController
+
+    return MultiprocessController.controllers()
+
+
+def _controller(name: str) -> "MetaMPController":
+    from ..extension import MultiprocessController
+
+    try:
+        return MultiprocessController.controller(name)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _owner(uuid: str) -> "MetaMPController":
+    """The controller of task ``uuid`` (the lookup the extension's API makes)."""
+    from ..http.handlers import find_owner
+
+    try:
+        return find_owner(_controllers(), uuid)
+    except MPCError as exc:
+        if isinstance(exc, TaskNotFound):
+            raise click.ClickException(f"No task with uuid {uuid} is known to any controller.") from None
+        raise click.ClickException(exc.message) from None
+
+
+def _user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the package's errors into one-line click errors."""
+    import functools
+
+    @functools.wraps(action)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return action(*args, **kwargs)
+        except MPCError as exc:
+            raise click.ClickException(exc.message) from None
+
+    return guarded
+
+
+def _ago(iso: Optional[str]) -> str:
+    if not iso:
+        return "-"
+    seconds = max(0.0, time.time() - datetime.fromisoformat(iso).timestamp())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _table(tasks: list[dict[str, Any]]) -> str:
+    header = ("UUID", "CONTROLLER", "STATUS", "%", "CREATED", "ENDED")
+    rows = [(t["uuid"], t["controller"], t["status"], "-" if t.get("percent") is None else f"{t['percent']:.0f}",
+             _ago(t.get("created_at")), _ago(t.get("ended_at"))) for t in tasks]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in (header, *rows))
+
+
+@click.command("list")
+@click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in TaskStatus]),
+              help="Only tasks in this status (repeatable).")
+@click.option("--controller", "controller_name", help="Only this controller's tasks.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@with_appcontext
+@_user_errors
+def list_command(statuses: tuple[str, ...], controller_name: Optional[str], limit: int, as_json: bool) -> None:
+    """List the newest tasks of every controller."""
+    from ..http.views import list_all
+
+    controllers = [_controller(controller_name)] if controller_name else _controllers()
+    found = list_all(controllers, list(statuses), limit, None)["tasks"]
+    click.echo(json.dumps(found, indent=2) if as_json else (_table(found) if found else "No tasks."))
+
+
+@click.command("status")
+@click.argument("uuid")
+@click.option("--json", "as_json", is_flag=True, help="Print the task object as JSON.")
+@with_appcontext
+@_user_errors
+def status_command(uuid: str, as_json: bool) -> None:
+    """Show one task."""
+    task = _owner(uuid).status(uuid)
+    if as_json:
+        click.echo(json.dumps(task, indent=2))
+        return
+    for key in ("uuid", "controller", "status", "msg", "progress", "percent", "args", "result", "created_at",
+                "started_at", "ended_at", "pid", "attempt"):
+        click.echo(f"{key:>10}: {json.dumps(task.get(key)) if key in ('progress', 'args', 'result') else task.get(key)}")
+    error = task.get("error")
+    if error:
+        click.echo(f"{'error':>10}: {error['type']}: {error['message']}")
+        if error.get("traceback"):
+            click.echo(error["traceback"].rstrip())
+
+
+@click.command("stop")
+@click.argument("uuid", required=False)
+@click.option("--all", "stop_all", is_flag=True, help="Stop every queued and running task of --controller.")
+@click.option("--controller", "controller_name", help="With --all: the controller whose tasks to stop.")
+@with_appcontext
+@_user_errors
+def stop_command(uuid: Optional[str], stop_all: bool, controller_name: Optional[str]) -> None:
+    """Stop a task (a queued one never starts; a running one is stopped gracefully), or all of a controller's."""
+    if stop_all:
+        if uuid or not controller_name:
+            raise click.ClickException("Use either UUID, or --all with --controller NAME.")
+        counts = _controller(controller_name).stop_all()
+        click.echo(f"Stopped {counts['stopped']} queued task(s); {counts['stopping']} running task(s) are stopping.")
+        return
+    if not uuid:
+        raise click.ClickException("Name the task to stop (UUID), or use --all --controller NAME.")
+    task = _owner(uuid).stop(uuid)
+    click.echo(task["msg"])
+
+
+@click.command("logs")
+@click.argument("uuid")
+@click.option("--follow", is_flag=True, help="Print new lines as they come, until the task ends.")
+@with_appcontext
+@_user_errors
+def logs_command(uuid: str, follow: bool) -> None:
+    """Print a task's kept log lines (what it logged and printed)."""
+    controller = _owner(uuid)
+    book = controller.store.logs
+    after = 0
+    while True:
+        lines = book.read(uuid, after)
+        for n, line in lines:
+            click.echo(line)
+            after = n
+        if not follow or lines:
+            if not follow:
+                return
+            continue
+        if controller.status(uuid)["status"] in TERMINAL:
+            for n, line in book.read(uuid, after):
+                click.echo(line)
+            return
+        time.sleep(_WAIT_STEP)
+
+
+@click.command("schedules")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@with_appcontext
+@_user_errors
+def schedules_command(as_json: bool) -> None:
+    """List every controller's schedules, their next firing and whether a server still declares them."""
+    found = [info for controller in _controllers() for info in controller.schedules()]
+    if as_json:
+        click.echo(json.dumps(found, indent=2, default=str))
+        return
+    if not found:
+        click.echo("No schedules.")
+        return
+    for info in found:
+        when = info.get("cron") or f"every {info.get('every'):g} s"
+        state = "active" if info.get("active") else "inactive"
+        click.echo(f"{info['controller']}/{info['name']}: {when} ({state}); next {info.get('next_firing') or '-'}")
+
+
+@click.command("wait")
+@click.argument("uuid")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Give up after this many seconds.")
+@with_appcontext
+@_user_errors
+def wait_command(uuid: str, timeout: Optional[float]) -> None:
+    """Wait for a task to end, with a progress bar; exit 0 if it succeeded, 1 otherwise."""
+    controller = _owner(uuid)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with click.progressbar(length=100, label=f"Task {uuid[:8]}", show_eta=False) as bar:
+        shown = 0
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            task = controller.wait(uuid, _WAIT_STEP if left is None else min(_WAIT_STEP, left))
+            percent = int(task.get("percent") or 0)
+            if task["status"] == TaskStatus.SUCCEEDED:
+                percent = 100
+            if percent > shown:
+                bar.update(percent - shown)
+                shown = percent
+            if task["status"] in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
+                break
+    click.echo(task["msg"])
+    raise SystemExit(0 if task["status"] == TaskStatus.SUCCEEDED else 1)
+
+
+@click.command("purge")
+@click.option("--older-than", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Delete finished tasks that ended more than this long ago (default: each controller's retention).")
+@with_appcontext
+@_user_errors
+def purge_command(older_than: Optional[float]) -> None:
+    """Delete finished tasks past their retention now."""
+    total = 0
+    for controller in _controllers():
+        store = controller.store
+        keep = controller.retention if older_than is None else older_than
+        total += store.purge(controller.name, store.now() - keep)
+    click.echo(f"Purged {total} task(s).")
+
+
+@click.command("submit")
+@click.argument("controller_name", metavar="CONTROLLER")
+@click.argument("arguments", nargs=-1, metavar="KEY=VALUE...")
+@with_appcontext
+@_user_errors
+def submit_command(controller_name: str, arguments: tuple[str, ...]) -> None:
+    """Queue a task; each VALUE is JSON when it parses (42, true, [1, 2]), else a string."""
+    kwargs: dict[str, Any] = {}
+    for argument in arguments:
+        key, sep, raw = argument.partition("=")
+        if not sep or not key:
+            raise click.ClickException(f"Arguments look like KEY=VALUE, not {argument!r}.")
+        try:
+            kwargs[key] = json.loads(raw)
+        except ValueError:
+            kwargs[key] = raw
+    click.echo(_controller(controller_name).submit(**kwargs))
+
+
+def _echo_drain(state: dict[str, Any]) -> None:
+    if state["drained"]:
+        click.echo(f"Host {state['host']} is drained (since {state['since']}): its serving processes claim "
+                   f"no new task; running ones go on.")
+    else:
+        click.echo(f"Host {state['host']} is not drained: its serving processes claim tasks.")
+
+
+@click.command("hosts")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@with_appcontext
+@_user_errors
+def hosts_command(as_json: bool) -> None:
+    """List the hosts whose serving processes heartbeat in the store, and which are drained."""
+    from ..engine.drain import known_hosts
+
+    found = known_hosts(_controllers())
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("No hosts.")
+        return
+    header = ("HOST", "HEARTBEAT", "DRAINED")
+    rows = [(h["host"], _ago(h["heartbeat"]), f"since {h['since']}" if h["drained"] else "-") for h in found]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for line in (header, *rows):
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+_HOST_HELP = ("The host, as its servers name it (MPC_HOST_ID, else the host name and pid namespace); "
+              "default: this host.")
+
+
+@click.command("drain")
+@click.option("--host", help=_HOST_HELP)
+@with_appcontext
+@_user_errors
+def drain_command(host: Optional[str]) -> None:
+    """Make every serving process of a host claim no new task, for every controller; running tasks go on."""
+    from ..engine.drain import set_host_drained
+    from ..engine.runtime import host_id
+
+    _echo_drain(dict(set_host_drained(_controllers(), host_id() if host is None else host, True)))
+
+
+@click.command("undrain")
+@click.option("--host", help=_HOST_HELP)
+@with_appcontext
+@_user_errors
+def undrain_command(host: Optional[str]) -> None:
+    """Let the serving processes of a drained host claim tasks again, at once."""
+    from ..engine.drain import set_host_drained
+    from ..engine.runtime import host_id
+
+    _echo_drain(dict(set_host_drained(_controllers(), host_id() if host is None else host, False)))
+
+
+def _as_worker(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Make the process a server with the ``--slots`` asked for, before the app is imported (which
+    ``with_appcontext``, inside, does): its controllers are created for that."""
+    import functools
+
+    @functools.wraps(command)
+    def serving(*args: Any, **kwargs: Any) -> Any:
+        registry.become_server()
+        registry.set_slots(kwargs.get("slots"))
+        return command(*args, **kwargs)
+
+    return serving
+
+
+@click.command("worker")
+@click.option("--controller", "names", multiple=True, metavar="NAME",
+              help="Serve only this controller (repeatable); default: every controller of the app.")
+@click.option("--slots", type=click.IntRange(min=1),
+              help="Controlling threads per controller in this process; default: its max_num_process, which "
+                   "stays the limit across every process.")
+@_as_worker
+@with_appcontext
+@_user_errors
+def worker_command(names: tuple[str, ...], slots: Optional[int]) -> None:
+    """Run the app's tasks in this process, which serves no HTTP, until SIGTERM or SIGINT."""
+    from . import worker
+
+    controllers = [_controller(name) for name in dict.fromkeys(names)] if names else _controllers()
+    worker.start(controllers, slots)
+    worker.wait_for_exit()
+
+
+class _ClientGroup(AppGroup):
+    """The ``mpc`` group as the ``flask`` command loads it: the process becomes a client before any
+    subcommand imports the app."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        registry.become_client()
+        return super().invoke(ctx)
+
+
+_HELP = "Inspect and control flask-multiprocess-controller tasks."
+
+#: The commands as ``init_app`` adds them to ``app.cli`` (the process's role is left as it is).
+mpc_commands = _commands(AppGroup("mpc", help=_HELP))
+
+#: The ``flask.commands`` entry point: the same commands, run as a client-only process.
+mpc = _commands(_ClientGroup("mpc", help=_HELP))
