@@ -16,8 +16,7 @@ import os
 import threading
 import time
 import types
-import uuid as uuid_module
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, TypedDict, Union, cast
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union, cast
 
 from flask import current_app, has_app_context
 
@@ -25,9 +24,12 @@ from .http import compat as compat_module
 from . import defaults
 from .http.arguments import ArgumentSpec, check_depth
 from .batches import Batch, BatchView, new_batch_id, parse_batch_id
-from .engine.config import RuntimeConfig
+from .submission import effective_timeout, new_rows
 from .ops.console import console_aware
-from .events import Event, EventKind
+from .events import EventKind
+from .settings import (
+    FROZEN_SETTINGS, WorkerLogSetup, app_setting, check_arguments, env_shutdown_wait, runtime_config,
+)
 from .exceptions import (
     BatchNotFound, ControllerClosed, InvalidRequest, MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge,
     TaskNotFound,
@@ -37,91 +39,21 @@ from .engine.exit import LIVE, exit_cleanly_on_sigterm
 from .http import handlers
 from .http.patching import check_priority
 from .http.handlers import HTTP_METHODS, TASK_HANDLERS, parse_uuid
-from .presenter import TaskObject, clip, hide_traceback, present
+from .presenter import ListView, TaskObject, clip, hide_traceback, present
 from .engine.protocol import Limits
 from .http.responses import Reply
 from . import registry
 from .engine.clientside import ClientSide
+from .engine.side import TaskSide
 from .exceptions import StoreError
 from .engine.forkserver import ForkServer
 from .engine.handover import configured_window
-from .engine.retries import RetryPolicy
 from .engine.runtime import Runtime, task_fork_server
 from .engine.schedules import ScheduleInfo, ScheduleSpec, describe
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store, store_url
 from .store.base import ANY_TENANT, Row
 from .task import MetaMPTask
-
-
-class _WorkerLogSetup(MetaMPLoggerConfigurator):
-    """The default: task processes log through the queue; the serving process keeps its own setup."""
-
-    @staticmethod
-    def listener_log_setup() -> None:
-        pass
-
-
-def _check_callback_url(url: Any) -> None:
-    """Refuse a ``callback_url`` that is not an http(s) URL string (or None)."""
-    if url is None:
-        return
-    if not isinstance(url, str):
-        raise TypeError(
-            f"callback_url must be an http(s) URL string or None, not {type(url).__name__} {url!r}. The "
-            f"positional order is (target_task, callback_url, max_num_process, max_num_queue, "
-            f"logger_configurator_cls), as in 0.1: pass max_num_process=... by keyword.")
-    if url and not url.lower().startswith(("http://", "https://")):
-        raise ValueError(f"callback_url must be an http:// or https:// URL, not {url!r}.")
-
-
-#: How each ``MPC_*`` setting of an app's config becomes a controller setting.
-_SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
-    "stop_grace": float, "retention": float, "max_content_length": int, "max_wait": float,
-    "expose_tracebacks": bool, "handover_window": float, "shutdown_wait": float,
-}
-
-
-#: Settings a started runtime has taken for good; the others are read at each request.
-_FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait"})
-
-
-def _setting(key: str, value: Any) -> Any:
-    """The controller setting ``key`` of a config value, checked."""
-    try:
-        converted = _SETTING_TYPES[key](value)
-    except (TypeError, ValueError):
-        raise ValueError(f"MPC_{key.upper()} must be a {_SETTING_TYPES[key].__name__}, not {value!r}.") from None
-    if key != "expose_tracebacks" and (converted < 0 or (key == "max_wait" and converted == 0)):
-        raise ValueError(f"MPC_{key.upper()} must be positive, not {value!r}.")
-    return converted
-
-
-def _env_shutdown_wait() -> float:
-    """``MPC_SHUTDOWN_WAIT`` from the environment, checked (the default when unset or empty)."""
-    raw = os.environ.get(defaults.SHUTDOWN_WAIT_ENV)
-    return defaults.SHUTDOWN_WAIT if raw in (None, "") else _setting("shutdown_wait", raw)
-
-
-def _pick_configurator(*given: Optional[type[MetaMPLoggerConfigurator]]) -> Optional[type[MetaMPLoggerConfigurator]]:
-    """The configurator named by ``logger_configurator_cls`` and/or ``log_configurator`` (None: neither)."""
-    named = {c for c in given if c is not None}
-    if len(named) > 1:
-        raise TypeError("logger_configurator_cls and log_configurator name the same setting: pass one of them.")
-    configurator = named.pop() if named else None
-    if configurator is not None and not (isinstance(configurator, type)
-                                         and issubclass(configurator, MetaMPLoggerConfigurator)):
-        raise TypeError(f"The log configurator must be a MetaMPLoggerConfigurator subclass, not {configurator!r}.")
-    return configurator
-
-
-class ListView(TypedDict):
-    """What a list request answers: the newest tasks and the controller's counts."""
-
-    tasks: list[TaskObject]
-    running: int
-    queued: int
-    max_num_process: int
 
 
 class MetaMPController:
@@ -210,22 +142,11 @@ class MetaMPController:
                  role: Optional[str] = None, tenant: Optional[Callable[[], Any]] = None,
                  max_state_size: int = defaults.MAX_STATE_SIZE,
                  handover_window: Optional[float] = None, shutdown_wait: Optional[float] = None) -> None:
-        if target_task is not None and not (isinstance(target_task, type) and issubclass(target_task, MetaMPTask)):
-            raise TypeError(f"target_task must be a MetaMPTask subclass or None, not {target_task!r}.")
-        _check_callback_url(callback_url)
-        if not isinstance(max_num_process, int) or max_num_process < 1:
-            raise ValueError(f"max_num_process must be a positive integer, not {max_num_process!r}.")
-        if not isinstance(max_num_queue, int) or max_num_queue < -1:
-            raise ValueError(f"max_num_queue must be -1 (no bound) or a non-negative integer, not {max_num_queue!r}.")
-        configurator = _pick_configurator(logger_configurator_cls, log_configurator)
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive or None.")
-        if stop_grace < 0:
-            raise ValueError("stop_grace must not be negative.")
-        if max_tasks_per_child < 0:
-            raise ValueError("max_tasks_per_child must be 1 or more, or 0 for no limit.")
-        if target_task is not None:
-            RetryPolicy.of(target_task)  # a bad retry setting fails here, not at the first failure
+        configurator = check_arguments(
+            target_task, callback_url, max_num_process, max_num_queue, timeout, stop_grace, max_tasks_per_child,
+            (logger_configurator_cls, log_configurator), role, tenant, max_wait=max_wait,
+            max_result_size=max_result_size, max_progress_size=max_progress_size, max_bulk=max_bulk,
+            max_state_size=max_state_size)
         #: The task class this controller runs (None: it runs none).
         self.target_task = target_task
         self.max_num_process = max_num_process
@@ -238,11 +159,6 @@ class MetaMPController:
         self.context: dict[str, Any] = dict(context or {})
         self.retention = retention
         self.max_content_length = max_content_length
-        for name, value in (("max_wait", max_wait), ("max_result_size", max_result_size),
-                            ("max_progress_size", max_progress_size), ("max_bulk", max_bulk),
-                            ("max_state_size", max_state_size)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, not {value!r}.")
         self.max_wait = float(max_wait)
         #: Seconds running tasks wait to be adopted when this process ends (None: ``MPC_HANDOVER_WINDOW``,
         #: else 60 s; 0: they are stopped with the process). See :mod:`.handover`.
@@ -252,8 +168,8 @@ class MetaMPController:
         self.max_bulk = int(max_bulk)
         self.lease = lease
         #: Seconds a shutting-down serving process lets its running tasks finish (see ``shutdown_wait``).
-        self.shutdown_wait = (_env_shutdown_wait() if shutdown_wait is None
-                              else _setting("shutdown_wait", shutdown_wait))
+        self.shutdown_wait = (env_shutdown_wait() if shutdown_wait is None
+                              else app_setting("shutdown_wait", shutdown_wait))
         #: Controlling threads this process runs (None: ``max_num_process``); ``flask mpc worker --slots``
         #: sets it for the process. The store still holds ``max_num_process`` across processes.
         self.slots: Optional[int] = registry.slots()
@@ -263,12 +179,8 @@ class MetaMPController:
         self.name: str = self._name or (target_task or type(self)).__name__
         #: The class's logger; records at INFO and above that no handler takes go to standard error.
         self.logger = console_aware(self._logger)
-        if role not in (None, registry.SERVER, registry.CLIENT):
-            raise ValueError(f"role must be 'server' or 'client', not {role!r}.")
         #: ``"client"``: this process submits, reads and stops tasks through the store but runs none.
         self.role: str = role or registry.role()
-        if tenant is not None and not callable(tenant):
-            raise TypeError(f"tenant must be a callable evaluated in the request context, not {tenant!r}.")
         #: Called in the request context: the tenant each task is stamped with and visible to.
         self.tenant = tenant
         self._store_arg = store
@@ -287,20 +199,20 @@ class MetaMPController:
         self._handlers: dict[str, Callable[..., Any]] = {}
         #: The schedules declared in this process, by name.
         self._schedules: dict[str, ScheduleSpec] = {}
-        self._configurator = configurator or _WorkerLogSetup
+        self._configurator = configurator or WorkerLogSetup
         self.posts = compat_module.PostCounter()
         self._limits = Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size),
                               state_bytes=int(max_state_size))
         # Guards _store and _side creation, and _closed.
         self._lock = threading.RLock()
         self._closed = False
-        self._side: Union[None, Runtime, ClientSide] = None
+        self._side: Optional[TaskSide] = None
         self._fork_server: Optional[ForkServer] = None
         registry.register(self)
         if target_task is None:
             return  # nothing to run: no fork server, no thread, nothing to shut down at exit
         if self.role == registry.SERVER:
-            if self._configurator is not _WorkerLogSetup:
+            if self._configurator is not WorkerLogSetup:
                 self._configurator.listener_log_setup()
             # Forked now, while the process may still be single-threaded (see forkserver.py); the rest
             # of the runtime starts once the store is known (see bind() and _activate()).
@@ -326,7 +238,7 @@ class MetaMPController:
         with self._lock:
             if self._bound:  # the first app to bind a controller is its app
                 return
-            settings = {key: _setting(key, config["MPC_" + key.upper()]) for key in self._configurable
+            settings = {key: app_setting(key, config["MPC_" + key.upper()]) for key in self._configurable
                         if "MPC_" + key.upper() in config}
             if self._side is not None:
                 self._check_unchanged(settings, config)
@@ -340,7 +252,7 @@ class MetaMPController:
         """A controller that already runs cannot take another store, stop grace or retention: say how to
         order the set-up (the settings read at each request it takes as they come)."""
         changed = sorted(key for key, value in settings.items()
-                         if key in _FROZEN_SETTINGS and getattr(self, key) != value)
+                         if key in FROZEN_SETTINGS and getattr(self, key) != value)
         if self._store_arg is None and store_url(config.get("MPC_STORE_URL")) != self._store_url_used:
             changed.insert(0, "store")
         if changed:
@@ -371,12 +283,12 @@ class MetaMPController:
         if not registry.extension_made() and self.target_task is not None:
             self._activate()
 
-    def _activate(self) -> Union[Runtime, "ClientSide"]:
+    def _activate(self) -> TaskSide:
         with self._lock:
             if self._closed:
                 raise ControllerClosed(f"Controller {self.name} has been shut down.")
             side = self._side
-            if side is not None and (not isinstance(side, Runtime) or side.pid == os.getpid()):
+            if side is not None and side.pid == os.getpid():
                 return side
             if self.target_task is None:
                 raise NoTargetTask(f"Controller {self.name} has no target_task, so it runs no tasks.",
@@ -392,11 +304,11 @@ class MetaMPController:
                 fork_server = self._fork_server = task_fork_server(
                     self.target_task, self._configurator, self.max_tasks_per_child)
                 self._fork_server_pid_owner = os.getpid()
-            runtime = Runtime(self._runtime_config(), store, self.callback_url, fork_server)
+            runtime = Runtime(runtime_config(self), store, self.callback_url, fork_server)
             self._side = runtime
             runtime.start()
             for spec in self._schedules.values():
-                runtime.scheduler.declare(spec)
+                runtime.declare_schedule(spec)
             return runtime
 
     def _bind_to_current_app(self) -> None:
@@ -404,17 +316,19 @@ class MetaMPController:
         if not self._bound and has_app_context() and "mpc" in current_app.extensions:
             self.bind(current_app.extensions["mpc"].settings, current_app.instance_path)
 
-    def _runtime_config(self) -> RuntimeConfig:
-        task = self.target_task
-        if task is None:
-            raise NoTargetTask(f"Controller {self.name} has no target_task.", self.served_methods())
-        return RuntimeConfig(
-            name=self.name, target_task=task, max_num_process=self.max_num_process,
-            stop_grace=self.stop_grace, max_memory=self.max_memory, max_tasks_per_child=self.max_tasks_per_child,
-            retention=self.retention, lease=self.lease, logger=self.logger, configurator=self._configurator,
-            context=types.MappingProxyType(self.context), limits=self._limits,
-            expose_tracebacks=self.expose_tracebacks, max_num_queue=self.max_num_queue, slots=self.slots,
-            shutdown_wait=self.shutdown_wait, handover_window=configured_window(self.handover_window))
+    @property
+    def log_configurator(self) -> type[MetaMPLoggerConfigurator]:
+        """The log configurator of this controller's task processes."""
+        return self._configurator
+
+    @property
+    def limits(self) -> Limits:
+        """The sizes a task's reports may have."""
+        return self._limits
+
+    def context_view(self) -> Mapping[str, Any]:
+        """A read-only view of the context handed to every task."""
+        return types.MappingProxyType(self.context)
 
     @property
     def runtime(self) -> Runtime:
@@ -456,11 +370,8 @@ class MetaMPController:
             fork_server, self._fork_server = self._fork_server, None
             store = self._store
         handed_over = False
-        if isinstance(side, Runtime):
-            if side.pid == os.getpid():
-                handed_over = side.shutdown(timeout, hand_over)
-        elif side is not None:
-            side.shutdown()
+        if side is not None and side.pid == os.getpid():
+            handed_over = side.shutdown(timeout, hand_over)
         if fork_server is not None and self._fork_server_pid_owner == os.getpid():
             fork_server.close(hand_over=handed_over)
         if store is not None:
@@ -498,29 +409,8 @@ class MetaMPController:
                                self.served_methods())
         if len(items) > self.max_bulk:
             raise PayloadTooLarge(f"{len(items)} tasks in one request; the limit is {self.max_bulk}.")
-        effective_timeout = self._effective_timeout(timeout)
-        tenant = self.current_tenant()
-        now = time.time()
-        rows: list[Row] = []
-        for item in items:
-            if not isinstance(item, Mapping):
-                raise InvalidRequest(f"Each task must be a JSON object of keyword arguments, not {type(item).__name__}.")
-            args = dict(item)
-            task_priority = priority
-            if "priority" in args and "priority" not in spec.names:
-                task_priority = args.pop("priority")
-                if not isinstance(task_priority, int) or isinstance(task_priority, bool):
-                    raise InvalidRequest(f"'priority' must be an integer, not {task_priority!r}.")
-            if not -(2 ** 62) <= task_priority <= 2 ** 62:
-                raise InvalidRequest(f"'priority' must be between {-(2 ** 62)} and {2 ** 62}.")
-            check_depth(args, defaults.MAX_ARGS_DEPTH)
-            spec.check(args)
-            rows.append({
-                "tenant": tenant,
-                "uuid": str(uuid_module.uuid4()), "controller": self.name, "status": TaskStatus.QUEUED.value,
-                "priority": task_priority, "args": args, "created_at": now, "timeout": effective_timeout,
-                "attempt": 0, "stop_requested": False, "batch": batch,
-            })
+        rows = new_rows(spec, self.name, items, priority, self._effective_timeout(timeout), self.current_tenant(),
+                        batch)
         side.submit(rows, self.max_num_queue)
         return rows
 
@@ -649,7 +539,7 @@ class MetaMPController:
 
         .. versionadded:: 0.3
         """
-        return self._change(uuid, self.store.pause)
+        return self._change(uuid, lambda side, u: side.pause(u))
 
     def resume(self, uuid: str) -> TaskObject:
         """Resume a paused task; return its task object (``running``). Resuming a running task changes nothing.
@@ -658,7 +548,7 @@ class MetaMPController:
 
         .. versionadded:: 0.3
         """
-        return self._change(uuid, self.store.resume)
+        return self._change(uuid, lambda side, u: side.resume(u))
 
     def reprioritise(self, uuid: str, priority: int) -> TaskObject:
         """Give a queued task a new priority (lower runs first); its ``position`` follows at once.
@@ -669,7 +559,7 @@ class MetaMPController:
         .. versionadded:: 0.3
         """
         priority = check_priority(priority)
-        return self._change(uuid, lambda u, emitter: self.store.reprioritise(u, priority, emitter))
+        return self._change(uuid, lambda side, u: side.reprioritise(u, priority))
 
     def stop_all(self) -> dict[str, int]:
         """Stop every queued, running and paused task of this controller, wherever it runs.
@@ -683,8 +573,7 @@ class MetaMPController:
         side = self._activate()
         if self.tenant_filter() is not ANY_TENANT:
             return self._stop_all_of_tenant()
-        events = self.store.stop_all(self.name, emitter=side.owner)
-        side.events.publish_all(events)
+        events = side.stop_all(self.name)
         return {"stopped": sum(e["kind"] == EventKind.ENDED for e in events),
                 "stopping": sum(e["kind"] == EventKind.STOPPING for e in events)}
 
@@ -732,8 +621,8 @@ class MetaMPController:
         self._schedules[name] = spec
         with self._lock:
             side = None if self._closed else self._side
-        if isinstance(side, Runtime) and side.pid == os.getpid():  # else the runtime made next declares it
-            side.scheduler.declare(spec)
+        if side is not None and side.pid == os.getpid():  # else the runtime made next declares it
+            side.declare_schedule(spec)
 
     def schedules(self) -> list[ScheduleInfo]:
         """Every schedule of this controller: declared by a serving process now (``active``), in the past
@@ -746,13 +635,10 @@ class MetaMPController:
         self._started()
         return describe(self.store.schedules(self.name), self._schedules, self.name, self.store.now(), self.lease)
 
-    def _change(self, uuid: str, write: Callable[[str, Optional[str]], tuple[Row, Optional[Event]]]) -> TaskObject:
-        """Apply a store write to one task of this controller and dispatch its event here."""
+    def _change(self, uuid: str, action: Callable[[TaskSide, str], Row]) -> TaskObject:
+        """Apply an action of this process's side to one task of this controller; its task object after."""
         uuid = self._row(uuid)["uuid"]
-        side = self._activate()
-        row, event = write(uuid, side.owner)
-        side.events.publish(event)
-        return self._present(row)
+        return self._present(action(self._activate(), uuid))
 
     # -- HTTP methods (what MetaMPResource calls; override them as in the seed) ---------
     #
@@ -891,13 +777,9 @@ class MetaMPController:
 
     def client_view(self, row: Row) -> TaskObject:
         """The task object of a stored row as HTTP clients see it (see :meth:`client_view_of`)."""
-        return self._for_client(self._present(row))
+        return self.client_view_of(self._present(row))
 
     def client_view_of(self, task: TaskObject) -> TaskObject:
-        """A task object as HTTP clients see it: no traceback unless the controller (or debug mode) says so."""
-        return self._for_client(task)
-
-    def _for_client(self, task: TaskObject) -> TaskObject:
         """A task object as HTTP clients see it: no traceback unless the controller (or debug mode) says so."""
         if self.expose_tracebacks or (has_app_context() and current_app.debug):
             return task
@@ -915,12 +797,4 @@ class MetaMPController:
         return [present(row, None if first is None else first + i) for i, row in enumerate(rows)]
 
     def _effective_timeout(self, requested: Optional[float]) -> Optional[float]:
-        if requested is None:
-            return self.timeout
-        if requested <= 0:
-            raise InvalidRequest("'timeout' must be a positive number of seconds.")
-        return requested if self.timeout is None else min(requested, self.timeout)
-
-
-
-
+        return effective_timeout(self.timeout, requested)

@@ -134,3 +134,12 @@ def clip(task: TaskObject, limit: int) -> TaskObject:
     if truncated:
         task["truncated"] = truncated
     return task
+
+
+class ListView(TypedDict):
+    """What a list request answers: the newest tasks and the controller's counts."""
+
+    tasks: list[TaskObject]
+    running: int
+    queued: int
+    max_num_process: int

@@ -23,7 +23,7 @@ from test_lifecycle import Receiver
 from test_store_contract import make_row
 
 from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, SQLiteStore
-from flask_multiprocess_controller.engine.runtime import host_id
+from flask_multiprocess_controller.engine.owners import host_id
 from flask_multiprocess_controller.store import resolve_store
 from flask_multiprocess_controller.engine.supervisor import Supervisor
 

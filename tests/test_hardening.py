@@ -20,7 +20,7 @@ from flask_restful import Api
 from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
 from flask_multiprocess_controller.engine import runtime as runtime_module
 from flask_multiprocess_controller.engine.proctree import task_process_name
-from flask_multiprocess_controller.engine.runtime import host_id, owner_alive
+from flask_multiprocess_controller.engine.owners import host_id, owner_alive
 from flask_multiprocess_controller.store import resolve_store
 
 TERMINAL = {"succeeded", "failed", "stopped", "timed_out", "lost"}
@@ -336,7 +336,7 @@ def test_the_default_host_identity_differs_in_another_pid_namespace(monkeypatch)
     monkeypatch.delenv("MPC_HOST_ID", raising=False)
     if not os.path.exists("/usr/bin/unshare"):
         pytest.fail("unshare (util-linux) is needed for this test")
-    code = "from flask_multiprocess_controller.engine.runtime import host_id; print(host_id())"
+    code = "from flask_multiprocess_controller.engine.owners import host_id; print(host_id())"
     inside = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
                             capture_output=True, text=True, timeout=30, env={**os.environ, "MPC_HOST_ID": ""})
     assert inside.returncode == 0, inside.stderr

@@ -24,7 +24,7 @@ import requests
 
 from flask_multiprocess_controller import MetaMPTask, StateTooLarge
 from flask_multiprocess_controller.engine.child import _Channel
-from flask_multiprocess_controller.engine.runtime import host_id
+from flask_multiprocess_controller.engine.owners import host_id
 from flask_multiprocess_controller.engine.protocol import Limits, RunTask, SaveState, StateSaved, StopTask
 from flask_multiprocess_controller.store import resolve_store
 

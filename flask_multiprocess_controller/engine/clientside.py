@@ -15,18 +15,17 @@ from typing import Iterator, Optional, Sequence
 
 from ..events import Event, EventKind
 from .hub import EventHub
+from .side import TaskSide
 from ..store import TaskStore
 from ..store.base import Row
 from .waiters import Countdown, Ended, Waiters
 
 
-class ClientSide:
+class ClientSide(TaskSide):
     """The client-only counterpart of :class:`~.runtime.Runtime` for one controller."""
 
-    #: A client never closes under a waiter the way a shutting-down runtime does.
-    closing = False
-
     def __init__(self, store: TaskStore, controller: str, logger: logging.Logger) -> None:
+        super().__init__()
         self.store = store
         self._waiters = Waiters()
         self._hub = EventHub(store, controller, logger, on_reset=self._waiters.wake_all)
@@ -42,11 +41,6 @@ class ClientSide:
     def submit(self, rows: Sequence[Row], max_queued: int) -> None:
         """Queue task rows (all or none); a serving process picks them up from the change feed."""
         self.store.enqueue(rows, max_queued)
-
-    def stop(self, uuid: str) -> Row:
-        """Record a stop request; the serving process running the task carries it out."""
-        row, _ = self.store.request_stop(uuid)
-        return row
 
     @contextmanager
     def watch(self, uuid: str) -> Iterator[Ended]:
@@ -76,7 +70,8 @@ class ClientSide:
         if event["kind"] == EventKind.ENDED:
             self._waiters.wake(event["uuid"], event["task"])
 
-    def shutdown(self) -> None:
-        """Stop following the feed."""
+    def shutdown(self, timeout: Optional[float] = None, hand_over: bool = False) -> bool:
+        """Stop following the feed (a client runs no task: there is nothing to hand over)."""
         self._hub.stop()
         self._waiters.wake_all()
+        return False

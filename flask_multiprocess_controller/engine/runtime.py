@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 import signal
-import socket
 import threading
 import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait as wait_ready
-from typing import Any, Iterator, NamedTuple, Optional, Sequence, cast
+from typing import Any, Iterator, Optional, Sequence, cast
 
-import psutil
 
 from .. import defaults
 from .adoption import AdoptedRun, AdoptionListener, Link, Offer, adoptable
@@ -38,89 +35,26 @@ from .child import prepare_fork_server, run_child
 from .config import RuntimeConfig
 from ..events import Event, EventKind
 from ..exceptions import StoreError
-from .forkserver import FORK_SERVER_NAME, ChildProcess, ForkServer
+from .forkserver import ChildProcess, ForkServer
 from .handover import HandoverConfig, handover_directory, held_key, live_adopters, reopen_url
 from .hub import EventHub
+from .owners import held_for_adoption, host_id, owner_alive, owner_host, owner_id
+from .keeper import Keeper
 from .logs import LogListener, MetaMPLoggerConfigurator, log_task_ended, log_task_started
 from .pausing import follow_pause_event
 from .retrier import GaveUp, Retrier
 from ..presenter import hide_traceback, present
-from .proctree import kill_process_tree, process_alive, proven_task_process
+from .proctree import kill_process_tree, proven_task_process
 from .protocol import Exit, error_record
-from .schedules import Scheduler
+from .schedules import Scheduler, ScheduleSpec
+from .side import TaskSide
+from .slots import Claim, Slot
 from ..states import ACTIVE, TaskStatus
 from ..store import TaskStore
 from ..store.base import Row
 from .supervisor import Outcome, Settings, StopReason, Supervisor, TaskRun
 from ..task import MetaMPTask
 from .waiters import Countdown, Ended, Waiters
-
-
-def host_id() -> str:
-    """This host's name in the store: ``MPC_HOST_ID``, else the host name qualified by its pid namespace and boot.
-
-    Pids are only comparable within one pid namespace of one boot: two containers on one
-    host network share a host name but not their process tables, and each would take the
-    other's live processes for dead ones. The default identity therefore names the pid
-    namespace (the inode of ``/proc/self/ns/pid``) and the boot (``boot_id``) too.
-    """
-    configured = os.environ.get(defaults.HOST_ID_ENV)
-    if configured:
-        return configured
-    return "/".join([socket.gethostname(), *_namespace_marks()])
-
-
-def _namespace_marks() -> list[str]:
-    marks = []
-    try:
-        marks.append("pidns-" + str(os.stat("/proc/self/ns/pid").st_ino))
-    except OSError:
-        pass
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as boot:
-            marks.append("boot-" + boot.read().strip()[:8])
-    except OSError:
-        pass
-    return marks
-
-
-def owner_id(host: str) -> str:
-    """Name this serving process uniquely, even across pid reuse: ``host:pid:create_time``."""
-    return f"{host}:{os.getpid()}:{psutil.Process().create_time():.3f}"
-
-
-def _parse_owner(owner: str) -> tuple[str, int, float]:
-    rest, _, created = owner.rpartition(":")
-    host, _, pid = rest.rpartition(":")
-    return host, int(pid), float(created)
-
-
-def _owner_host(owner: Optional[str]) -> Optional[str]:
-    try:
-        return _parse_owner(owner)[0] if owner else None
-    except ValueError:
-        return None
-
-
-def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], now: float, lease: float) -> bool:
-    """Whether the serving process ``owner`` still runs.
-
-    On this host the process table decides at once; elsewhere a heartbeat younger
-    than ``lease`` seconds (on the store's clock) does.
-    """
-    if not owner:
-        return False
-    held = heartbeats.get(held_key(owner))  # its tasks are held for adoption (see .handover)
-    if held is not None and now - held <= lease:
-        return True
-    try:
-        owner_host, pid, created = _parse_owner(owner)
-    except ValueError:
-        return False
-    if owner_host == host:
-        return process_alive(pid, created)
-    beat = heartbeats.get(owner)
-    return beat is not None and now - beat <= lease
 
 
 def task_fork_server(task_cls: type[MetaMPTask], configurator: type[MetaMPLoggerConfigurator],
@@ -140,35 +74,26 @@ def callback_body(event: Event, expose_tracebacks: bool = False) -> dict[str, An
             "task": task}
 
 
-def _held_for_adoption(proc: psutil.Process) -> bool:
-    """Whether task process ``proc`` is still its fork server's: held for adoption, as its serving process ended."""
-    try:
-        parent = proc.parent()
-        return parent is not None and parent.name() == FORK_SERVER_NAME
-    except psutil.Error:
-        return False
-
-
 def _shutdown_end(event: Event) -> bool:
     """Whether the event is the end of a task that its server's shutdown stopped."""
     error = event["task"].get("error") or {}
     return bool(error.get("type") == "Shutdown")
 
 
-class Runtime:
+class Runtime(TaskSide):
     """Fork server, slot threads, event hub, log listener and the running tasks of one controller."""
 
     def __init__(self, config: RuntimeConfig, store: TaskStore, callback_url: Optional[str],
                  fork_server: ForkServer) -> None:
+        super().__init__()
         self.config = config
         self.store = store
         self.logger = config.logger
-        self.pid = os.getpid()
         #: The parent of every task process; forked with the controller, before threads existed.
         self.fork_server = fork_server
         self.host = host_id()
         #: This serving process in the store: the owner of the tasks it runs, the emitter of its events.
-        self.owner = owner_id(self.host)
+        self.owner: str = owner_id(self.host)
         self.logs = LogListener(self.logger)
         # Guards _generation and closing; slots wait on it for work.
         self._work = threading.Condition()
@@ -207,8 +132,8 @@ class Runtime:
             body = functools.partial(callback_body, expose_tracebacks=config.expose_tracebacks)
             self._callbacks = CallbackSender(callback_url, self.logger, body, self._ack)
             self.events.subscribe(self._callbacks.offer, local_only=True)
-        self._slots = [_Slot(self, i) for i in range(config.slot_count)]
-        self._keeper = _Keeper(self)
+        self._slots = [Slot(self, i) for i in range(config.slot_count)]
+        self._keeper = Keeper(self)
         #: Fires the controller's schedules while this process holds their lease (no thread until one is declared).
         self.scheduler = Scheduler(store, config.name, self.owner, config.lease, config.max_num_queue, self.logger,
                                    self.events.publish)
@@ -254,12 +179,6 @@ class Runtime:
         """Queue new task rows (all or none) and wake the slots."""
         self.events.publish_all(self.store.enqueue(rows, max_queued, emitter=self.owner))  # each wakes a slot
 
-    def stop(self, uuid: str) -> Row:
-        """Ask task ``uuid`` to stop, wherever it runs; return its row afterwards."""
-        row, event = self.store.request_stop(uuid, emitter=self.owner)
-        self.events.publish(event)
-        return row
-
     @contextmanager
     def watch(self, uuid: str) -> Iterator[Ended]:
         """An event set when ``uuid`` ends (or everything must be re-read) while the block runs."""
@@ -271,6 +190,9 @@ class Runtime:
         """A countdown of ``uuids`` ending (see :class:`~.waiters.Countdown`) while the block runs."""
         with self._waiters.watch_all(uuids) as countdown:
             yield countdown
+
+    def declare_schedule(self, spec: ScheduleSpec) -> None:
+        self.scheduler.declare(spec)
 
     def local_run(self, uuid: str) -> Optional[TaskRun]:
         """The run of ``uuid`` in this process, if it runs here (its progress is the freshest)."""
@@ -490,9 +412,9 @@ class Runtime:
             owner = row.get("owner")
             if owner == self.owner or owner_alive(owner, self.host, beats, now, c.lease):
                 continue
-            if _owner_host(owner) == self.host:
+            if owner_host(owner) == self.host:
                 leftover = proven_task_process(row.get("pid"), row.get("pid_created"), row["uuid"])
-                if leftover is not None and _held_for_adoption(leftover):
+                if leftover is not None and held_for_adoption(leftover):
                     continue  # its fork server hands it over, or settles it (see .handover)
                 if leftover is not None:
                     kill_process_tree(leftover)
@@ -862,154 +784,3 @@ class Runtime:
         self.logs.stop()
         self._waiters.wake_all()
         return hand_over
-
-
-class Claim(NamedTuple):
-    """A task a slot claimed, and the ``started`` event when its process was recorded with the claim."""
-
-    row: Row
-    started: Optional[Event]
-
-
-class _Slot(threading.Thread):
-    """A controlling thread: runs one task process at a time, and one task in it at a time."""
-
-    def __init__(self, runtime: Runtime, index: int) -> None:
-        super().__init__(name=f"mpc-{runtime.config.name}-slot-{index}", daemon=True)
-        self.runtime = runtime
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        # Guards _pipe_open and the pipe's descriptors, which wake() writes from other threads.
-        self._pipe_lock = threading.Lock()
-        self._pipe_open = True
-        self._retrier = Retrier(runtime.logger, runtime._give_up)
-        self._supervisor = runtime.new_supervisor(self._wake_r, self._retrier)
-        self._child: Optional[ChildProcess] = None
-        self._tasks_in_child = 0
-        #: A task claimed with the end of the slot's last one (same write), run next.
-        self._next: Optional[Claim] = None
-
-    def wake(self) -> None:
-        """Interrupt the controlling thread's wait (a stop, a shutdown); harmless once it has ended."""
-        with self._pipe_lock:
-            if self._pipe_open:
-                try:
-                    os.write(self._wake_w, b"!")
-                except BlockingIOError:  # full: a wake is pending anyway
-                    pass
-
-    def run(self) -> None:
-        rt = self.runtime
-        try:
-            while True:
-                ready, self._next = self._next, None
-                claim = rt.adopt(ready, self._retrier) if ready is not None else None
-                if claim is None:
-                    claim = rt.next_task(self._retrier, self._child)
-                if claim is None:
-                    return
-                self._run_task(claim)
-        finally:
-            self._retire_child()
-            # A descriptor number is reused at once: no wake may write to it after this.
-            with self._pipe_lock:
-                self._pipe_open = False
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-
-    def _run_task(self, claim: Claim) -> None:
-        row = claim.row
-        rt = self.runtime
-        c = rt.config
-        run = TaskRun(row["uuid"], row.get("timeout"), self.wake, row.get("progress"), row.get("percent"),
-                      attempt=row.get("attempt"), claimed_at=row.get("started_at"))
-        run.errors = list(row.get("errors") or [])
-        run.has_state = row.get("state_saved_at") is not None
-        rt.register(run)
-        try:
-            if row.get("stop_requested"):
-                run.request_stop(StopReason.REQUESTED)
-            child = self._warm_child()
-            if rt.closing or rt.draining:  # the process began to go away since the claim: do not start it
-                rt.give_back(claim, self._retrier)
-                return
-            outcome = self._supervisor.run(run, child, row["args"], dict(c.context), claim.started,
-                                           row.get("state"))
-            if outcome is None:  # released: its process goes on, for another serving process to adopt
-                self._child = None
-                child.close()
-                return
-            self._tasks_in_child += 1
-            if not outcome.child_alive or self._tasks_in_child >= c.max_tasks_per_child > 0:
-                self._retire_child()
-            # The slot is free once the end is written: its next claim rides along (recording the
-            # process, when the slot keeps one).
-            self._next = rt.record(run, outcome, self._retrier, child=self._child)
-        except Exception as exc:  # the slot must survive anything: record the failure and go on
-            rt.logger.exception("Controlling thread failed while running task %s.", row["uuid"])
-            self._retire_child()
-            rt.fail(row["uuid"], exc, self._retrier)
-        finally:
-            rt.unregister(run)
-
-    def _warm_child(self) -> ChildProcess:
-        if self._child is None:
-            self._child = self.runtime.fork_server.spawn(capture_output=self.runtime.config.fresh_process)
-            self._tasks_in_child = 0
-        return self._child
-
-    def _retire_child(self) -> None:
-        child, self._child = self._child, None
-        if child is None:
-            return
-        self.runtime.retire(child)
-        child.close()
-
-
-class _Keeper(threading.Thread):
-    """Heartbeats for this serving process, settles the tasks of dead ones, purges old tasks."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__(name=f"mpc-{runtime.config.name}-keeper", daemon=True)
-        self.runtime = runtime
-        self._stop_event = threading.Event()
-        self._failing: Optional[str] = None
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        if self.is_alive():
-            self.join()
-
-    def run(self) -> None:
-        rt = self.runtime
-        next_reconcile = time.monotonic() + defaults.RECONCILE_INTERVAL
-        next_purge = time.monotonic() + defaults.PURGE_INTERVAL
-        while not self._stop_event.wait(defaults.HEARTBEAT_INTERVAL):
-            now = time.monotonic()
-            if not self._attempt("heartbeat", lambda: rt.store.heartbeat(rt.owner)):
-                continue  # the store is down: the other chores would fail the same way
-            self._attempt("drain flag", rt.refresh_host_drained)
-            if now >= next_reconcile and self._attempt("reconcile", rt.reconcile):
-                next_reconcile = now + defaults.RECONCILE_INTERVAL
-            if now >= next_purge and self._attempt("purge", rt.purge):
-                next_purge = now + defaults.PURGE_INTERVAL
-
-    def _attempt(self, what: str, chore: Any) -> bool:
-        """Run one chore; a store failure is logged once per outage, not once per round."""
-        rt = self.runtime
-        try:
-            chore()
-        except StoreError as exc:
-            if self._failing is None:
-                rt.logger.warning("Store housekeeping (%s) failed: %s; retrying every %g s.", what, exc,
-                                  defaults.HEARTBEAT_INTERVAL)
-                self._failing = what
-            return False
-        except Exception:  # a bug in a chore must not end the keeper either
-            rt.logger.exception("Store housekeeping (%s) failed.", what)
-            return False
-        if self._failing is not None:
-            rt.logger.warning("Store housekeeping works again.")
-            self._failing = None
-        return True

@@ -305,7 +305,7 @@ _HOST_HELP = ("The host, as its servers name it (MPC_HOST_ID, else the host name
 def drain_command(host: Optional[str]) -> None:
     """Make every serving process of a host claim no new task, for every controller; running tasks go on."""
     from ..engine.drain import set_host_drained
-    from ..engine.runtime import host_id
+    from ..engine.owners import host_id
 
     _echo_drain(dict(set_host_drained(_controllers(), host_id() if host is None else host, True)))
 
@@ -317,7 +317,7 @@ def drain_command(host: Optional[str]) -> None:
 def undrain_command(host: Optional[str]) -> None:
     """Let the serving processes of a drained host claim tasks again, at once."""
     from ..engine.drain import set_host_drained
-    from ..engine.runtime import host_id
+    from ..engine.owners import host_id
 
     _echo_drain(dict(set_host_drained(_controllers(), host_id() if host is None else host, False)))
 

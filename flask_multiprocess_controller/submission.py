@@ -1,0 +1,55 @@
+"""Task rows for a submission: each item checked against ``execute``'s signature, stamped and numbered."""
+from __future__ import annotations
+
+import time
+import uuid as uuid_module
+from typing import Any, Mapping, Optional, Sequence
+
+from . import defaults
+from .exceptions import InvalidRequest
+from .http.arguments import ArgumentSpec, check_depth
+from .states import TaskStatus
+from .store.base import Row
+
+
+def new_rows(spec: ArgumentSpec, controller: str, items: Sequence[Mapping[str, Any]], priority: int,
+             timeout: Optional[float], tenant: Optional[str], batch: Optional[str]) -> list[Row]:
+    """The queued rows of ``items`` (keyword arguments of ``execute``), all checked before any is made.
+
+    A ``priority`` key in an item is taken as that task's priority unless ``execute`` has a parameter
+    of that name (seed compatibility).
+
+    :raises InvalidRequest: an item is not a mapping, or its priority is not an integer in range.
+    :raises InvalidArguments: an item does not fit ``execute``.
+    """
+    now = time.time()
+    rows: list[Row] = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            raise InvalidRequest(f"Each task must be a JSON object of keyword arguments, not {type(item).__name__}.")
+        args = dict(item)
+        task_priority = priority
+        if "priority" in args and "priority" not in spec.names:
+            task_priority = args.pop("priority")
+            if not isinstance(task_priority, int) or isinstance(task_priority, bool):
+                raise InvalidRequest(f"'priority' must be an integer, not {task_priority!r}.")
+        if not -(2 ** 62) <= task_priority <= 2 ** 62:
+            raise InvalidRequest(f"'priority' must be between {-(2 ** 62)} and {2 ** 62}.")
+        check_depth(args, defaults.MAX_ARGS_DEPTH)
+        spec.check(args)
+        rows.append({
+            "tenant": tenant,
+            "uuid": str(uuid_module.uuid4()), "controller": controller, "status": TaskStatus.QUEUED.value,
+            "priority": task_priority, "args": args, "created_at": now, "timeout": timeout,
+            "attempt": 0, "stop_requested": False, "batch": batch,
+        })
+    return rows
+
+
+def effective_timeout(limit: Optional[float], requested: Optional[float]) -> Optional[float]:
+    """The timeout of a task: the one requested, which may only lower the controller's ``limit``."""
+    if requested is None:
+        return limit
+    if requested <= 0:
+        raise InvalidRequest("'timeout' must be a positive number of seconds.")
+    return requested if limit is None else min(requested, limit)
