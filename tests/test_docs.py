@@ -1,4 +1,4 @@
-"""The documentation: docs/ builds with Sphinx without a warning, and the README stays a front page into it."""
+"""The documentation: docs/ builds with Sphinx without a warning; the README stays a front page into it."""
 from __future__ import annotations
 
 import importlib.util
@@ -48,11 +48,11 @@ def test_the_docs_build_without_a_warning(tmp_path):
     warnings), a page left out of every table of contents or a missing image fails the suite."""
     for module in ("sphinx", "myst_parser"):
         if importlib.util.find_spec(module) is None:
-            pytest.fail(f"{module} is not installed: run the README's test command, which installs the test extra.")
+            pytest.fail(f"{module} is not installed: run the README's test command (the test extra has it).")
     out = tmp_path / "html"
     built = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "-d", str(tmp_path / "doctrees"),
-         str(DOCS), str(out)],
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
+         "-d", str(tmp_path / "doctrees"), str(DOCS), str(out)],
         capture_output=True, text=True, timeout=170, cwd=tmp_path)
     assert built.returncode == 0, f"sphinx failed:\n{built.stdout}\n{built.stderr}"
     pages = {page.stem for page in DOCS.glob("*.md")}
@@ -62,8 +62,9 @@ def test_the_docs_build_without_a_warning(tmp_path):
     for page in out.glob("*.html"):
         fetched = [a or b for a, b in _FETCHED.findall(page.read_text(encoding="utf-8"))]
         remote = [url for url in fetched if re.match(r"(https?:)?//", url)]
-        assert not remote, f"{page.name} makes the browser fetch {remote}: the docs must work offline"
-    assert (out / "_images" / "dashboard.png").is_file() and (out / "_images" / "dashboard-phone.png").is_file()
+        assert not remote, f"{page.name} makes a browser fetch {remote}: the docs must work offline"
+    for picture in ("dashboard.png", "dashboard-phone.png", "latest.png"):
+        assert (out / "_images" / picture).is_file(), f"{picture} is not shown by any page"
 
 
 def test_the_readme_is_a_front_page():
@@ -75,7 +76,7 @@ def test_the_readme_is_a_front_page():
 
 def test_every_link_from_the_readme_names_an_existing_page_and_heading():
     text = README.read_text(encoding="utf-8")
-    local = [link for link in _links(text) if not re.match(r"[a-z]+:", link) and not link.startswith("#")]
+    local = [link for link in _links(text) if not re.match(r"[a-z]+:|#", link)]
     into_docs = [link for link in local if link.startswith("docs/")]
     assert len(into_docs) >= 10, "the README links to the docs pages"
     for link in local:
