@@ -1,4 +1,4 @@
-"""Make the README's pictures of the dashboard: ``docs/dashboard.png`` (1280 px) and ``docs/dashboard-phone.png``.
+"""Make the dashboard page's pictures: ``docs/dashboard.png`` (1280 px) and ``docs/dashboard-phone.png``.
 
 Starts ``examples/app.py`` on a free port of 127.0.0.1 with a throwaway SQLite store, gives it
 tasks in every usual state (succeeded, failed, stopped, timed out, running with progress, queued),

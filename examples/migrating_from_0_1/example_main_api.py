@@ -29,7 +29,7 @@ class MainTask(MetaMPTask):
 
 
 main_api = Api()
-# The controller is created at import time, before the server starts threads (see the README).
+# The controller is created at import time, before the server starts threads (docs/operations.md says why).
 main_controller = TemplateFactory.MPController(name="Main")(
     target_task=MainTask, max_num_process=2, callback_url=f"http://127.0.0.1:{PORT}/local_callback")
 main_api.add_resource(TemplateFactory.MPResource(name="Main"), "/main", resource_class_args=(main_controller,))
