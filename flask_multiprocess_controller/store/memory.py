@@ -13,9 +13,10 @@ from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import InvalidTransition, QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task,
+    ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task,
     parse_counter,
 )
+from .schema import COLUMNS
 
 if TYPE_CHECKING:
     from .logbook import LogBook

@@ -43,10 +43,11 @@ from ..exceptions import (
 )
 from ..states import TaskStatus
 from .base import (
-    ANY_TENANT, COLUMNS as _COLUMNS, EVENT_HIDDEN, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
+    ANY_TENANT, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
     event_task,
 )
 from .redis_scripts import SCRIPTS
+from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -56,10 +57,12 @@ try:
 except ImportError:  # RedisStore() says how to install it
     redis = None  # type: ignore[assignment]
 
-_INT = {"seq", "priority", "pid", "exit_code", "memory_peak", "attempt"}
-_FLOAT = {"percent", "created_at", "started_at", "ended_at", "pid_created", "timeout", "cpu_time", "retry_at",
-          "state_saved_at"}
-_JSON = {"args", "progress", "result", "error", "errors", "schedule", "state"}
+#: Columns by encoding (:data:`.schema.FIELDS`): each a string in the task's hash, absent when None.
+_INT = frozenset(columns_encoded(Encoding.INTEGER))
+_FLOAT = frozenset(columns_encoded(Encoding.REAL))
+_JSON = frozenset(columns_encoded(Encoding.JSON))
+#: Stored as "1" or "0"; absent reads as False.
+_BOOLEAN = frozenset(columns_encoded(Encoding.BOOLEAN))
 #: The columns lists read (not the saved state, see ``event_task``); the uuid first.
 _LISTED_COLUMNS = ("uuid", *(c for c in _COLUMNS if c != "uuid" and c not in EVENT_HIDDEN))
 
@@ -77,7 +80,7 @@ def _encode(column: str, value: Any) -> Optional[str]:
         return None
     if column in _JSON:
         return json.dumps(value)
-    if column == "stop_requested":
+    if column in _BOOLEAN:
         return "1" if value else "0"
     if column in _FLOAT:
         return repr(float(value))
@@ -90,14 +93,14 @@ def _decode(flat: Sequence[Any]) -> Row:
     for column in _COLUMNS:
         value = raw.get(column)
         if value is None:
-            row[column] = False if column == "stop_requested" else None
+            row[column] = False if column in _BOOLEAN else None
         elif column in _INT:
             row[column] = int(value)
         elif column in _FLOAT:
             row[column] = float(value)
         elif column in _JSON:
             row[column] = json.loads(value)
-        elif column == "stop_requested":
+        elif column in _BOOLEAN:
             row[column] = value == "1"
         else:
             row[column] = value

@@ -12,7 +12,7 @@ from typing import Iterable
 
 from ..events import CALLBACK_KINDS
 from ..states import ACTIVE, TERMINAL
-from .base import EVENT_HIDDEN
+from .schema import EVENT_HIDDEN
 
 __all__ = ["LIB", "SCRIPTS"]
 
