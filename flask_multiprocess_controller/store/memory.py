@@ -40,7 +40,7 @@ class MemoryStore(TaskStore):
 
     shared = False
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         # Guards every attribute below; notified whenever an event is appended (wakes ``changes``).
         self._lock = threading.Condition(threading.Lock())
