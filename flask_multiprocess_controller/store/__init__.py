@@ -104,6 +104,8 @@ def resolve_store(store: Union[None, str, TaskStore], base_dir: Optional[str] = 
       arguments. After the class name, either ``?key=value&...`` calls it with those keyword
       arguments (strings), or ``+`` and a URL calls it with that URL as its one argument, taken
       verbatim to the end (its own ``?`` included): ``mypkg.stores:PostgresStore+postgresql://db/tasks``.
+      The schemes above come first: a top-level module named ``memory``, ``sqlite``, ``redis``,
+      ``rediss`` or ``unix`` is reached through a package path instead.
 
     :param base_dir: the folder relative SQLite paths are relative to (an app's instance
         folder); the working directory when None.
