@@ -14,7 +14,7 @@ import pytest
 from conftest import free_port
 
 from flask_multiprocess_controller import MetaMPTask
-from flask_multiprocess_controller.store.redis import _CLAIM
+from flask_multiprocess_controller.store.redis_scripts import CLAIM as _CLAIM
 
 
 class Echo(MetaMPTask):

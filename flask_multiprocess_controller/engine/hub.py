@@ -47,6 +47,8 @@ class EventHub:
         self._stop = threading.Event()
         self._retrier = Retrier(logger, self._stop)
         self._thread: Optional[threading.Thread] = None
+        #: Whether this hub follows the feed (a shared store, started and not stopped).
+        self._following = False
         # Guards _cursor and the reading of the feed from it (the follower, or catch_up()).
         self._reading = threading.Lock()
         self._cursor: Optional[str] = None
@@ -59,12 +61,19 @@ class EventHub:
         """
         (self._local_subscribers if local_only else self._subscribers).append(subscriber)
 
-    def start(self) -> None:
-        """Follow the store's feed from its current end (only a shared store has other writers)."""
+    def start(self, thread: bool = True) -> None:
+        """Follow the store's feed from its current end (only a shared store has other writers).
+
+        :param thread: read the feed in a follower thread; False: only when :meth:`step` (or
+            :meth:`catch_up`) is called, so that a caller can drive the hub one read at a time.
+        """
         if not self.store.shared:
             return
         self._cursor = self._retrier.call("reading the change feed", self.store.latest_cursor,
                                           give_up_at_stop=False)
+        self._following = True
+        if not thread:
+            return
         self._thread = threading.Thread(target=self._follow, name=f"mpc-{self.controller}-events", daemon=True)
         self._thread.start()
 
@@ -72,7 +81,7 @@ class EventHub:
         """Dispatch an event this process has just written (None: the write changed nothing)."""
         if event is None:
             return
-        if self._thread is not None:
+        if self._following:
             with self._recent_lock:
                 self._recent.add(event["cursor"])
                 self._recent_order.append(event["cursor"])
@@ -99,13 +108,21 @@ class EventHub:
     def _follow(self) -> None:
         while not self._stop.is_set():
             try:
-                self._read(defaults.FEED_WAIT)
+                self.step(defaults.FEED_WAIT)
             except GaveUp:
                 return
 
+    def step(self, wait: float) -> None:
+        """One read of the follower: wait up to ``wait`` seconds (> 0) for other processes' events, riding out
+        a store outage, and dispatch them (and a reset) in this thread.
+
+        :raises GaveUp: the hub was stopped while the store was failing.
+        """
+        self._read(wait)
+
     def catch_up(self) -> None:
         """Read and dispatch, in this thread, the events of other processes written so far."""
-        if self._thread is None:
+        if not self._following:
             return
         try:
             self._read(0.0)
@@ -134,3 +151,4 @@ class EventHub:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._following = False

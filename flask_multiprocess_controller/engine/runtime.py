@@ -25,7 +25,7 @@ import threading
 import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait as wait_ready
-from typing import Any, Iterator, Optional, Sequence, cast
+from typing import Any, Callable, Iterator, Optional, Sequence, cast
 
 
 from .. import defaults
@@ -81,12 +81,16 @@ def _shutdown_end(event: Event) -> bool:
 
 
 class Runtime(TaskSide):
-    """Fork server, slot threads, event hub, log listener and the running tasks of one controller."""
+    """Fork server, slot threads, event hub, log listener and the running tasks of one controller.
+
+    :param clock: the monotonic clock of the holds on claims (and of the scheduler's lease renewals).
+    """
 
     def __init__(self, config: RuntimeConfig, store: TaskStore, callback_url: Optional[str],
-                 fork_server: ForkServer) -> None:
+                 fork_server: ForkServer, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.config = config
+        self._clock = clock
         self.store = store
         self.logger = config.logger
         #: The parent of every task process; forked with the controller, before threads existed.
@@ -136,7 +140,7 @@ class Runtime(TaskSide):
         self._keeper = Keeper(self)
         #: Fires the controller's schedules while this process holds their lease (no thread until one is declared).
         self.scheduler = Scheduler(store, config.name, self.owner, config.lease, config.max_num_queue, self.logger,
-                                   self.events.publish)
+                                   self.events.publish, clock=clock)
         #: How this process's tasks are handed over when it ends (None: they are stopped; see .handover).
         self.handover: Optional[HandoverConfig] = None
         self._listener: Optional[AdoptionListener] = None
@@ -207,7 +211,7 @@ class Runtime(TaskSide):
             # A sibling is shutting down, and this process is probably next (gunicorn signals its
             # workers one after the other, and a worker may handle its signal late): hold off claims
             # for a moment, so no queued task is started only to be cut short.
-            self._hold_claims_until = time.monotonic() + defaults.SIBLING_SHUTDOWN_HOLD
+            self._hold_claims_until = self._clock() + defaults.SIBLING_SHUTDOWN_HOLD
             self._sibling_shutdowns.append(event["at"])
         if kind in (EventKind.QUEUED, EventKind.REQUEUED) or (
                 kind == EventKind.ENDED and event["cursor"] not in self._places_kept):
@@ -307,7 +311,7 @@ class Runtime(TaskSide):
                 if self.host_drained:  # refresh_host_drained wakes the slots once the host is undrained
                     self._work.wait()
                     continue
-                held = self._hold_claims_until - time.monotonic()
+                held = self._hold_claims_until - self._clock()
                 if held > 0:
                     self._work.wait(held)
                     continue
@@ -358,7 +362,7 @@ class Runtime(TaskSide):
     def may_claim(self) -> bool:
         """Whether a slot may claim a task now (not closing or going away, host not drained, no hold)."""
         return (not (self.closing or self.draining or self.host_drained)
-                and time.monotonic() >= self._hold_claims_until)
+                and self._clock() >= self._hold_claims_until)
 
     def adopt(self, claim: Claim, retrier: Retrier) -> Optional[Claim]:
         """A task claimed together with the end of the slot's last one: run it, or give it back when

@@ -266,11 +266,14 @@ class Scheduler:
     schedule costs nothing.
 
     :param publish: called with the ``queued`` event of each task a firing queues.
+    :param clock: the monotonic clock that times the lease's renewals (firings follow the store's clock).
     """
 
     def __init__(self, store: TaskStore, controller: str, owner: str, lease: float, max_queued: int,
-                 logger: logging.Logger, publish: Callable[[Event], None]) -> None:
+                 logger: logging.Logger, publish: Callable[[Event], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self._clock = clock
         self.controller = controller
         self.owner = owner
         self.lease = lease
@@ -340,7 +343,7 @@ class Scheduler:
 
     def run_once(self) -> float:
         """One round: declare and take (or keep) the lease when due, fire what is due; seconds to the next round."""
-        clock = time.monotonic()
+        clock = self._clock()
         with self._lock:
             specs = dict(self._specs)
             renew = clock >= self._renew_at

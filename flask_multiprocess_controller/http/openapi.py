@@ -613,13 +613,20 @@ def _common_schemas() -> dict[str, Any]:
         "timeout": _nullable("number", description="Seconds the task may run."),
         "attempt": {"type": "integer", "minimum": 0},
         "controller": {"type": "string"},
+        "retry_at": _nullable("string", format="date-time",
+                              description="While a failed attempt waits for its retry: when it may run again."),
+        "errors": _nullable("array", items=_ref(_SCHEMAS, "TaskError"),
+                            description="The error of every attempt that ended with one, oldest first (null in a "
+                                        "list view when too large)."),
+        "schedule": _nullable("object", description="The schedule firing that queued the task: its `name` and "
+                                                    "`firing` (ISO 8601); null when it was not a schedule's."),
         "batch": _nullable("string", pattern="^[0-9a-f]{32}$",
                            description="The id of the bulk POST that queued the task; null for a single POST."),
         "state_saved_at": _nullable(
             "string", format="date-time",
             description="When the task last saved its state with `save_state()` (an attempt after the first "
                         "resumes from it); null when it never did. The state itself is never shown."),
-        "truncated": {"type": "array", "items": {"enum": ["args", "progress", "result"]},
+        "truncated": {"type": "array", "items": {"enum": ["args", "progress", "result", "errors"]},
                       "description": "In a list view: the values shown as null because they are too large."},
     }
     return {

@@ -39,6 +39,8 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Typed
 from .. import defaults
 from ..events import Changes, Event, EventKind
 from ..states import TERMINAL
+# Kept importable from here, where they were first defined.
+from .schema import COLUMNS as COLUMNS, EVENT_HIDDEN as EVENT_HIDDEN, MUTABLE_FIELDS as MUTABLE_FIELDS
 
 
 if TYPE_CHECKING:
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
 
 
 class Row(TypedDict, total=False):
-    """A task as the store keeps it."""
+    """A task as the store keeps it: the typed view of :data:`.schema.FIELDS` (``tests/test_schema.py``
+    checks that the two agree)."""
 
     #: Insertion order (FIFO among equal priorities); assigned by :meth:`TaskStore.enqueue`.
     seq: int
@@ -107,20 +110,6 @@ class _AnyTenant:
 
 #: List the tasks of every tenant (the default), as opposed to those of tenant None.
 ANY_TENANT: Any = _AnyTenant()
-
-#: Every key of a row, in storage order.
-COLUMNS = tuple(Row.__annotations__)
-
-#: Columns of a row that events leave out (a saved state may be large; events are many and copied widely).
-EVENT_HIDDEN = frozenset({"state"})
-
-#: Columns a caller may set with :meth:`TaskStore.finish`.
-MUTABLE_FIELDS = frozenset(
-    {
-        "progress", "percent", "result", "error", "started_at", "ended_at", "pid", "pid_created",
-        "exit_code", "memory_peak", "cpu_time", "errors",
-    }
-)
 
 _TERMINAL = frozenset(s.value for s in TERMINAL)
 _COUNTER = re.compile(r"[0-9]{1,18}")

@@ -6,16 +6,17 @@ import heapq
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence, cast
 
 from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import InvalidTransition, QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, COLUMNS, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task,
+    ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task,
     parse_counter,
 )
+from .schema import COLUMNS
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -31,11 +32,16 @@ def _shown(row: Row) -> Row:
 
 
 class MemoryStore(TaskStore):
-    """Tasks in a dict, guarded by one lock; queues as heaps with lazy deletion; events in a list."""
+    """Tasks in a dict, guarded by one lock; queues as heaps with lazy deletion; events in a list.
+
+    :param clock: the store's clock (:meth:`now`), UNIX seconds; tests pass a fake one to step
+        leases, retries and schedules through time without waiting.
+    """
 
     shared = False
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         # Guards every attribute below; notified whenever an event is appended (wakes ``changes``).
         self._lock = threading.Condition(threading.Lock())
         self._rows: dict[str, Row] = {}
@@ -100,7 +106,7 @@ class MemoryStore(TaskStore):
             controller = rows[0]["controller"]
             if max_queued >= 0 and self._queued_count(controller) + len(rows) > max_queued:
                 raise QueueFull(max_queued, defaults.RETRY_AFTER)
-            now = time.time()
+            now = self._clock()
             return [self._insert(given, emitter, now) for given in rows]
 
     def _insert(self, given: Row, emitter: Optional[str], now: float) -> Event:
@@ -161,14 +167,14 @@ class MemoryStore(TaskStore):
         if row is None:
             return None
         row.update({"pid": pid, "pid_created": pid_created})
-        return copy.deepcopy(row), self._emit(EventKind.STARTED, row, owner, time.time())
+        return copy.deepcopy(row), self._emit(EventKind.STARTED, row, owner, self._clock())
 
     def _claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
         """:meth:`claim` under the lock: the stored row itself (callers copy it)."""
         running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)
         if running >= max_running:
             return None
-        self._promote_due(controller, time.time())
+        self._promote_due(controller, self._clock())
         queue = self._queues.get(controller, [])
         while queue:
             priority, _, uuid = heapq.heappop(queue)
@@ -176,7 +182,7 @@ class MemoryStore(TaskStore):
             # An entry is stale once its task left the queue, moved to another priority or waits for a retry.
             if (row is not None and row["status"] == _QUEUED and row["priority"] == priority
                     and row["retry_at"] is None):
-                row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": time.time(),
+                row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": self._clock(),
                             "attempt": row["attempt"] + 1})
                 return row
         return None
@@ -187,7 +193,7 @@ class MemoryStore(TaskStore):
             if row is None:
                 return None
             row.update({"pid": pid, "pid_created": pid_created})
-            return self._emit(EventKind.STARTED, row, owner, time.time())
+            return self._emit(EventKind.STARTED, row, owner, self._clock())
 
     def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
         with self._lock:
@@ -195,14 +201,14 @@ class MemoryStore(TaskStore):
             if row is None:
                 return None
             row.update({"progress": copy.deepcopy(progress), "percent": percent})
-            return self._emit(EventKind.PROGRESS, row, owner, time.time())
+            return self._emit(EventKind.PROGRESS, row, owner, self._clock())
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
         with self._lock:
             row = self._owned_active(uuid, owner)
             if row is None:
                 return False
-            row.update({"state": copy.deepcopy(state), "state_saved_at": time.time()})
+            row.update({"state": copy.deepcopy(state), "state_saved_at": self._clock()})
             return True
 
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
@@ -215,7 +221,7 @@ class MemoryStore(TaskStore):
         row = self._owned_active(uuid, owner)
         if row is None:
             return None
-        now = time.time()
+        now = self._clock()
         row.update({"ended_at": now, **copy.deepcopy(fields), "status": status})  # type: ignore[typeddict-item]
         return self._emit(EventKind.ENDED, row, emitter, now)
 
@@ -230,7 +236,7 @@ class MemoryStore(TaskStore):
             row.update({"status": _QUEUED, "owner": None, "pid": None, "pid_created": None, "started_at": None,
                         "stop_requested": False})
             heapq.heappush(self._queues.setdefault(row["controller"], []), (row["priority"], row["seq"], uuid))
-            return self._emit(EventKind.REQUEUED, row, owner if emitter is None else emitter, time.time())
+            return self._emit(EventKind.REQUEUED, row, owner if emitter is None else emitter, self._clock())
 
     def adopt(self, uuid: str, owner: str, new_owner: str) -> Optional[Event]:
         with self._lock:
@@ -238,7 +244,7 @@ class MemoryStore(TaskStore):
             if row is None:
                 return None
             row["owner"] = new_owner
-            return self._emit(EventKind.ADOPTED, row, new_owner, time.time())
+            return self._emit(EventKind.ADOPTED, row, new_owner, self._clock())
 
     def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
         with self._lock:
@@ -247,7 +253,7 @@ class MemoryStore(TaskStore):
                 raise TaskNotFound(uuid)
             if row["status"] in _TERMINAL:
                 raise TaskAlreadyFinished(uuid, row["status"])
-            event = self._stop_one(row, emitter, time.time())
+            event = self._stop_one(row, emitter, self._clock())
             return _shown(row), event
 
     def _stop_one(self, row: Row, emitter: Optional[str], now: float) -> Optional[Event]:
@@ -262,7 +268,7 @@ class MemoryStore(TaskStore):
 
     def purge(self, controller: str, ended_before: float, emitter: Optional[str] = None) -> int:
         with self._lock:
-            now = time.time()
+            now = self._clock()
             doomed = [r for r in self._rows.values()
                       if r["controller"] == controller and r["status"] in _TERMINAL
                       and r["ended_at"] is not None and r["ended_at"] < ended_before]
@@ -280,7 +286,7 @@ class MemoryStore(TaskStore):
             row = self._owned_active(uuid, owner)
             if row is None or row["stop_requested"]:
                 return None
-            now = time.time()
+            now = self._clock()
             row.update({**copy.deepcopy(fields), "status": _QUEUED, "owner": None,  # type: ignore[typeddict-item]
                         "pid": None, "pid_created": None, "started_at": None, "retry_at": now + delay})
             heapq.heappush(self._delayed.setdefault(row["controller"], []), (now + delay, uuid))
@@ -312,7 +318,7 @@ class MemoryStore(TaskStore):
             if status != needs:
                 raise InvalidTransition(uuid, status, change, needs)
             row["status"] = wanted
-            return _shown(row), self._emit(kind, row, emitter, time.time())
+            return _shown(row), self._emit(kind, row, emitter, self._clock())
 
     def reprioritise(self, uuid: str, priority: int, emitter: Optional[str] = None) -> tuple[Row, Event]:
         with self._lock:
@@ -326,11 +332,11 @@ class MemoryStore(TaskStore):
             row["priority"] = priority
             if row["retry_at"] is None:
                 self._push_ready(row)  # the entry at the old priority is now stale
-            return _shown(row), self._emit(EventKind.QUEUED, row, emitter, time.time())
+            return _shown(row), self._emit(EventKind.QUEUED, row, emitter, self._clock())
 
     def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
         with self._lock:
-            now = time.time()
+            now = self._clock()
             mine = sorted((r for r in self._rows.values() if r["controller"] == controller), key=lambda r: r["seq"])
             events = []
             for row in [r for r in mine if r["status"] == _QUEUED] + [r for r in mine if r["status"] != _QUEUED]:
@@ -344,7 +350,7 @@ class MemoryStore(TaskStore):
 
     def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         with self._lock:
-            now = time.time()
+            now = self._clock()
             holder = self._leases.get(name)
             if holder is not None and holder[0] != owner and holder[1] > now:
                 return False
@@ -358,7 +364,7 @@ class MemoryStore(TaskStore):
 
     def declare_schedules(self, controller: str, specs: Mapping[str, dict[str, Any]], owner: str) -> None:
         with self._lock:
-            now = time.time()
+            now = self._clock()
             for name, spec in specs.items():
                 state = self._schedules.setdefault((controller, name), ScheduleRow(
                     controller=controller, name=name, spec={}, fired_until=now, last_fired=None, last_task=None,
@@ -382,7 +388,7 @@ class MemoryStore(TaskStore):
             if 0 <= max_queued <= self._queued_count(controller):
                 state.update({"skipped": state["skipped"] + 1, "last_skipped": firing})
                 return Fired(FireOutcome.FULL, None)
-            event = self._insert(row, emitter, time.time())
+            event = self._insert(row, emitter, self._clock())
             state.update({"last_fired": firing, "last_task": row["uuid"]})
             return Fired(FireOutcome.QUEUED, event)
 
@@ -482,11 +488,11 @@ class MemoryStore(TaskStore):
     # -- clock and heartbeats ------------------------------------------------------------------------------
 
     def now(self) -> float:
-        return time.time()
+        return self._clock()
 
     def heartbeat(self, owner: str) -> None:
         with self._lock:
-            self._heartbeats[owner] = time.time()
+            self._heartbeats[owner] = self._clock()
 
     def heartbeats(self) -> dict[str, float]:
         with self._lock:
@@ -499,7 +505,7 @@ class MemoryStore(TaskStore):
     def set_drained(self, host: str, drained: bool) -> None:
         with self._lock:
             if drained:
-                self._drained.setdefault(host, time.time())
+                self._drained.setdefault(host, self._clock())
             else:
                 self._drained.pop(host, None)
 

@@ -1,8 +1,8 @@
 """The scale-out store: tasks in Redis, shared by the serving processes of several hosts.
 
-Every state change is one Lua script: the change, the indexes that follow from it, its event
-(``XADD`` to the feed) and, for callback kinds, its outbox entry happen as a single step on the
-server, whatever the number of hosts. The store's clock is the server's (``TIME``).
+Every state change is one Lua script (they live in :mod:`.redis_scripts`): the change, the
+indexes that follow from it, its event (``XADD`` to the feed) and, for callback kinds, its outbox
+entry happen as a single step on the server, whatever the number of hosts. The store's clock is the server's (``TIME``).
 
 Keys, all under ``prefix`` (default ``mpc:``; scripts derive them from it, so the store needs
 one Redis server, not a Cluster):
@@ -37,15 +37,17 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, cast
 
 from .. import defaults
-from ..events import CALLBACK_KINDS, Changes, Event, EventKind
+from ..events import Changes, Event, EventKind
 from ..exceptions import (
     InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
 )
-from ..states import ACTIVE, TERMINAL, TaskStatus
+from ..states import TaskStatus
 from .base import (
-    ANY_TENANT, COLUMNS as _COLUMNS, EVENT_HIDDEN, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
+    ANY_TENANT, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
     event_task,
 )
+from .redis_scripts import SCRIPTS
+from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -55,10 +57,12 @@ try:
 except ImportError:  # RedisStore() says how to install it
     redis = None  # type: ignore[assignment]
 
-_INT = {"seq", "priority", "pid", "exit_code", "memory_peak", "attempt"}
-_FLOAT = {"percent", "created_at", "started_at", "ended_at", "pid_created", "timeout", "cpu_time", "retry_at",
-          "state_saved_at"}
-_JSON = {"args", "progress", "result", "error", "errors", "schedule", "state"}
+#: Columns by encoding (:data:`.schema.FIELDS`): each a string in the task's hash, absent when None.
+_INT = frozenset(columns_encoded(Encoding.INTEGER))
+_FLOAT = frozenset(columns_encoded(Encoding.REAL))
+_JSON = frozenset(columns_encoded(Encoding.JSON))
+#: Stored as "1" or "0"; absent reads as False.
+_BOOLEAN = frozenset(columns_encoded(Encoding.BOOLEAN))
 #: The columns lists read (not the saved state, see ``event_task``); the uuid first.
 _LISTED_COLUMNS = ("uuid", *(c for c in _COLUMNS if c != "uuid" and c not in EVENT_HIDDEN))
 
@@ -71,461 +75,12 @@ _STATS_BATCH = 1000
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 
 
-def _lua_set(values: Iterable[str]) -> str:
-    return "{" + ", ".join(f"['{v}'] = true" for v in sorted(values)) + "}"
-
-
-# Shared by every script that writes. ARGV[1] prefix, ARGV[2] emitter ('' = none), ARGV[3] max_events;
-# a script's own arguments follow from ARGV[4].
-_LIB = """
-local prefix, emitter, max_events = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local clock = redis.call('TIME')
-local now = string.format('%.6f', tonumber(clock[1]) + tonumber(clock[2]) / 1000000)
-local stream = prefix .. 'events'
-local ACTIVE = ACTIVE_SET
-local TERMINAL = TERMINAL_SET
-local CALLBACK = CALLBACK_SET
-local EVENT_HIDDEN = EVENT_HIDDEN_SET
-
-local function ckey(controller, what)
-  return prefix .. 'c:' .. controller .. ':' .. what
-end
-
--- A task's member of its controller's queue: seq zero-padded, so equal priorities run in insertion order.
-local function queue_member(seq, uuid)
-  return string.format('%020d', tonumber(seq)) .. ':' .. uuid
-end
-
--- A stream id zero-padded, so that ids sort as strings (the members of an outbox).
-local function pad(id)
-  local ms, n = string.match(id, '^(%d+)-(%d+)$')
-  return string.rep('0', 20 - #ms) .. ms .. '-' .. string.rep('0', 20 - #n) .. n
-end
-
--- True when the task at key is running or stopping and, unless owner is '', still owner's.
-local function owned_active(key, owner)
-  local status, holder = unpack(redis.call('HMGET', key, 'status', 'owner'))
-  return ACTIVE[status] and (owner == '' or holder == owner)
-end
-
--- Set the fields of a JSON flat list [field, value, ...] and delete those of a JSON list (None values).
-local function set_fields(key, sets, dels)
-  sets, dels = cjson.decode(sets), cjson.decode(dels)
-  if #sets > 0 then redis.call('HSET', key, unpack(sets)) end
-  if #dels > 0 then redis.call('HDEL', key, unpack(dels)) end
-end
-
--- Move the task at key to status new, keeping its controller's indexes in step.
-local function move(key, new)
-  local uuid, controller, old, seq, priority =
-    unpack(redis.call('HMGET', key, 'uuid', 'controller', 'status', 'seq', 'priority'))
-  redis.call('HSET', key, 'status', new)
-  redis.call('ZREM', ckey(controller, 's:' .. old), uuid)
-  redis.call('ZADD', ckey(controller, 's:' .. new), seq, uuid)
-  redis.call('HINCRBY', ckey(controller, 'n'), old, -1)
-  redis.call('HINCRBY', ckey(controller, 'n'), new, 1)
-  if old == 'queued' then
-    redis.call('ZREM', ckey(controller, 'q'), queue_member(seq, uuid))
-    redis.call('ZREM', ckey(controller, 'delayed'), uuid)
-  end
-  if new == 'queued' then
-    local retry_at = redis.call('HGET', key, 'retry_at')
-    if retry_at then
-      redis.call('ZADD', ckey(controller, 'delayed'), retry_at, uuid)
-    else
-      redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
-    end
-  end
-  if ACTIVE[new] then
-    redis.call('SADD', ckey(controller, 'active'), uuid)
-  else
-    redis.call('SREM', ckey(controller, 'active'), uuid)
-  end
-  if TERMINAL[new] then redis.call('ZADD', ckey(controller, 'ended'), redis.call('HGET', key, 'ended_at'), uuid) end
-end
-
--- Prune the oldest events beyond max_events once there are 1% more, remembering the newest one pruned.
-local function cap()
-  if redis.call('XLEN', stream) <= max_events + math.floor(max_events / 100) then return end
-  redis.call('XTRIM', stream, 'MAXLEN', '=', max_events + 1)
-  local last_pruned = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
-  redis.call('XTRIM', stream, 'MAXLEN', '=', max_events)
-  redis.call('SET', prefix .. 'events:pruned', last_pruned)
-end
-
--- The task at key as a flat [field, value, ...] list, less the fields events leave out (a saved state).
-local function event_task(key)
-  local all, task = redis.call('HGETALL', key), {}
-  for i = 1, #all, 2 do
-    if not EVENT_HIDDEN[all[i]] then
-      task[#task + 1] = all[i]
-      task[#task + 1] = all[i + 1]
-    end
-  end
-  return task
-end
-
--- Append the event kind of the task at key to the feed (and, for callbacks, to its controller's outbox).
--- Returns {cursor, fields}.
-local function emit(kind, key)
-  local uuid, controller = unpack(redis.call('HMGET', key, 'uuid', 'controller'))
-  local fields = {'kind', kind, 'uuid', uuid, 'controller', controller, 'at', now,
-                  'task', cjson.encode(event_task(key))}
-  if emitter ~= '' then
-    fields[#fields + 1] = 'emitter'
-    fields[#fields + 1] = emitter
-  end
-  local id = redis.call('XADD', stream, '*', unpack(fields))
-  if CALLBACK[kind] then
-    redis.call('ZADD', ckey(controller, 'outbox'), 0, pad(id))
-    redis.call('HSET', ckey(controller, 'outbox:events'), pad(id), cjson.encode(fields))
-  end
-  cap()
-  return {id, fields}
-end
-
--- How many of the controller's tasks are queued (ready or waiting for a retry).
-local function queued_count(controller)
-  return redis.call('ZCARD', ckey(controller, 'q')) + redis.call('ZCARD', ckey(controller, 'delayed'))
-end
-
--- Store a new queued task from a flat [field, value, ...] list without seq; returns its uuid and event.
-local function insert_queued(controller, row)
-  local seq = redis.call('INCR', prefix .. 'seq')
-  local uuid, priority, batch
-  for i = 1, #row, 2 do
-    if row[i] == 'uuid' then uuid = row[i + 1] end
-    if row[i] == 'priority' then priority = row[i + 1] end
-    if row[i] == 'batch' then batch = row[i + 1] end
-  end
-  local key = prefix .. 't:' .. uuid
-  redis.call('HSET', key, 'seq', seq, unpack(row))
-  if batch then redis.call('ZADD', ckey(controller, 'b:' .. batch), seq, uuid) end
-  redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
-  redis.call('ZADD', ckey(controller, 'all'), seq, uuid)
-  redis.call('ZADD', ckey(controller, 's:queued'), seq, uuid)
-  redis.call('HINCRBY', ckey(controller, 'n'), 'queued', 1)
-  return uuid, emit('queued', key)
-end
-
--- Stop the task at key as request_stop does; returns its event, or false when nothing changed.
-local function stop_one(key)
-  local status = redis.call('HGET', key, 'status')
-  if status == 'queued' then
-    redis.call('HSET', key, 'ended_at', now, 'stop_requested', '1')
-    move(key, 'stopped')
-    return emit('ended', key)
-  elseif status == 'running' or status == 'paused' then
-    redis.call('HSET', key, 'stop_requested', '1')
-    move(key, 'stopping')
-    return emit('stopping', key)
-  end
-  return false
-end
-
--- The verdict on changing the task at key: false to go on, else the answer to return.
-local function unchangeable(key)
-  local status = redis.call('HGET', key, 'status')
-  if not status then return {'missing'} end
-  if TERMINAL[status] then return {'finished', status} end
-  return false
-end
-""".replace("ACTIVE_SET", _lua_set(s.value for s in ACTIVE)).replace(
-    "TERMINAL_SET", _lua_set(s.value for s in TERMINAL)).replace("CALLBACK_SET", _lua_set(CALLBACK_KINDS))
-_LIB = _LIB.replace(
-    "EVENT_HIDDEN_SET", _lua_set(EVENT_HIDDEN))
-
-# ARGV from 4: max_queued, controller, rows (JSON list of flat [field, value, ...] lists, without seq)
-_ENQUEUE = _LIB + """
-local max_queued, controller, rows = tonumber(ARGV[4]), ARGV[5], cjson.decode(ARGV[6])
-if max_queued >= 0 and queued_count(controller) + #rows > max_queued then return -1 end
-local events = {}
-for _, row in ipairs(rows) do
-  local _, event = insert_queued(controller, row)
-  events[#events + 1] = event
-end
-return events
-"""
-
-# ARGV from 4: controller, owner, max_running. Returns the claimed row (flat), or nil.
-_CLAIM = _LIB + """
-local controller, owner = ARGV[4], ARGV[5]
--- Tasks whose retry time came join the ready queue (a bounded batch per claim).
-local delayed = ckey(controller, 'delayed')
-for _, uuid in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)) do
-  local key = prefix .. 't:' .. uuid
-  redis.call('ZREM', delayed, uuid)
-  redis.call('HDEL', key, 'retry_at')
-  local seq, priority = unpack(redis.call('HMGET', key, 'seq', 'priority'))
-  redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
-end
-if redis.call('SCARD', ckey(controller, 'active')) >= tonumber(ARGV[6]) then return false end
-local first = redis.call('ZRANGE', ckey(controller, 'q'), 0, 0)
-if #first == 0 then return false end
-local key = prefix .. 't:' .. string.sub(first[1], 22)
-move(key, 'running')
-redis.call('HSET', key, 'owner', owner, 'started_at', now)
-redis.call('HINCRBY', key, 'attempt', 1)
-return redis.call('HGETALL', key)
-"""
-
-# ARGV from 4: controller, owner, max_running, pid, pid_created. Returns {row (flat), started event}, or nil.
-_CLAIM_STARTED = _CLAIM.replace("return redis.call('HGETALL', key)\n", """
-redis.call('HSET', key, 'pid', ARGV[7], 'pid_created', ARGV[8])
-return {redis.call('HGETALL', key), emit('started', key)}
-""")
-
-# ARGV from 4: uuid, owner, pid, pid_created
-_START = _LIB + """
-local key = prefix .. 't:' .. ARGV[4]
-if not owned_active(key, ARGV[5]) then return false end
-redis.call('HSET', key, 'pid', ARGV[6], 'pid_created', ARGV[7])
-return emit('started', key)
-"""
-
-# ARGV from 4: uuid, owner, fields to set (JSON flat list), fields to delete (JSON list)
-_PROGRESS = _LIB + """
-local key = prefix .. 't:' .. ARGV[4]
-if not owned_active(key, ARGV[5]) then return false end
-set_fields(key, ARGV[6], ARGV[7])
-return emit('progress', key)
-"""
-
-# ARGV from 4: uuid, owner, state (JSON). Returns 1 when it was stored, else nil. No event.
-_SAVE_STATE = _LIB + """
-local key = prefix .. 't:' .. ARGV[4]
-if not owned_active(key, ARGV[5]) then return false end
-redis.call('HSET', key, 'state', ARGV[6], 'state_saved_at', now)
-return 1
-"""
-
-# ARGV from 4: uuid, owner ('' = anyone's), status, fields to set, fields to delete
-_FINISH = _LIB + """
-local key = prefix .. 't:' .. ARGV[4]
-if not owned_active(key, ARGV[5]) then return false end
-redis.call('HSET', key, 'ended_at', now)
-set_fields(key, ARGV[7], ARGV[8])
-move(key, ARGV[6])
-return emit('ended', key)
-"""
-
-# ARGV from 4: uuid, owner ('' = anyone's)
-_REQUEUE = _LIB + """
-local key = prefix .. 't:' .. ARGV[4]
-if not owned_active(key, ARGV[5]) then return false end
-redis.call('HSET', key, 'stop_requested', '0')
-redis.call('HDEL', key, 'owner', 'pid', 'pid_created', 'started_at')
-if ARGV[6] == '1' and tonumber(redis.call('HGET', key, 'attempt') or '0') > 0 then
-  redis.call('HINCRBY', key, 'attempt', -1)
-end
-move(key, 'queued')
-return emit('requeued', key)
-"""
-
-# ARGV from 4: uuid, owner, new owner
-_ADOPT = _LIB + """
-local key = prefix .. 't:' .. ARGV[4]
-if not owned_active(key, ARGV[5]) then return false end
-redis.call('HSET', key, 'owner', ARGV[6])
-return emit('adopted', key)
-"""
-
-# ARGV from 4: uuid. Returns {'missing'}, {'finished', status} or {'ok', row (flat), event or nil}.
-_REQUEST_STOP = _LIB + """
-local key = prefix .. 't:' .. ARGV[4]
-local refused = unchangeable(key)
-if refused then return refused end
-local event = stop_one(key)
-return {'ok', event_task(key), event}
-"""
-
-# ARGV from 4: uuid, owner ('' = anyone's), delay seconds, fields to set, fields to delete
-_RETRY = _LIB + """
-local key = prefix .. 't:' .. ARGV[4]
-if not owned_active(key, ARGV[5]) or redis.call('HGET', key, 'stop_requested') == '1' then return false end
-set_fields(key, ARGV[7], ARGV[8])
-redis.call('HSET', key, 'retry_at', string.format('%.6f', tonumber(now) + tonumber(ARGV[6])))
-redis.call('HDEL', key, 'owner', 'pid', 'pid_created', 'started_at')
-move(key, 'queued')
-return emit('requeued', key)
-"""
-
-# ARGV from 4: uuid, wanted status, status needed, event kind. Returns as _REQUEST_STOP, or {'invalid', status}.
-_TRANSITION = _LIB + """
-local key = prefix .. 't:' .. ARGV[4]
-local refused = unchangeable(key)
-if refused then return refused end
-local status = redis.call('HGET', key, 'status')
-if status == ARGV[5] then return {'ok', event_task(key), false} end
-if status ~= ARGV[6] then return {'invalid', status} end
-move(key, ARGV[5])
-return {'ok', event_task(key), emit(ARGV[7], key)}
-"""
-
-# ARGV from 4: uuid, priority. Returns as _TRANSITION.
-_REPRIORITISE = _LIB + """
-local key = prefix .. 't:' .. ARGV[4]
-local refused = unchangeable(key)
-if refused then return refused end
-local status, controller, seq, uuid = unpack(redis.call('HMGET', key, 'status', 'controller', 'seq', 'uuid'))
-if status ~= 'queued' then return {'invalid', status} end
-redis.call('HSET', key, 'priority', ARGV[5])
-local q, member = ckey(controller, 'q'), queue_member(seq, uuid)
-if redis.call('ZSCORE', q, member) then redis.call('ZADD', q, ARGV[5], member) end
-return {'ok', event_task(key), emit('queued', key)}
-"""
-
-# ARGV from 4: controller. Returns the events written: the queued tasks' first.
-_STOP_ALL = _LIB + """
-local controller = ARGV[4]
-local doomed = {}
-for _, member in ipairs(redis.call('ZRANGE', ckey(controller, 'q'), 0, -1)) do
-  doomed[#doomed + 1] = string.sub(member, 22)
-end
-for _, uuid in ipairs(redis.call('ZRANGE', ckey(controller, 'delayed'), 0, -1)) do doomed[#doomed + 1] = uuid end
-for _, uuid in ipairs(redis.call('SMEMBERS', ckey(controller, 'active'))) do doomed[#doomed + 1] = uuid end
-local events = {}
-for _, uuid in ipairs(doomed) do
-  local event = stop_one(prefix .. 't:' .. uuid)
-  if event then events[#events + 1] = event end
-end
-return events
-"""
-
-# ARGV from 4: controller, owner, specs (JSON list of [name, spec as JSON text]).
-_DECLARE = _LIB + """
-local controller, owner = ARGV[4], ARGV[5]
-for _, pair in ipairs(cjson.decode(ARGV[6])) do
-  local key = ckey(controller, 'sched:' .. pair[1])
-  redis.call('HSETNX', key, 'fired_until', now)
-  redis.call('HSETNX', key, 'skipped', 0)
-  redis.call('HSET', key, 'spec', pair[2], 'seen_at', now, 'declared_by', owner)
-  redis.call('SADD', ckey(controller, 'schedules'), pair[1])
-end
-return 1
-"""
-
-# ARGV from 4: controller, name, firing, max_queued, row (JSON flat list, '' = none).
-# Returns {outcome} or {'queued', event}.
-_FIRE = _LIB + """
-local controller, firing = ARGV[4], ARGV[6]
-local key = ckey(controller, 'sched:' .. ARGV[5])
-local fired_until = redis.call('HGET', key, 'fired_until')
-if not fired_until or tonumber(firing) <= tonumber(fired_until) then return {'stale'} end
-redis.call('HSET', key, 'fired_until', firing)
-if ARGV[8] == '' then return {'missed'} end
-local max_queued = tonumber(ARGV[7])
-if max_queued >= 0 and queued_count(controller) >= max_queued then
-  redis.call('HINCRBY', key, 'skipped', 1)
-  redis.call('HSET', key, 'last_skipped', firing)
-  return {'full'}
-end
-local uuid, event = insert_queued(controller, cjson.decode(ARGV[8]))
-redis.call('HSET', key, 'last_fired', firing, 'last_task', uuid)
-return {'queued', event}
-"""
-
-# ARGV: prefix, name, owner, ttl in ms. Returns 1 when owner holds the lease afterwards.
-_LEASE = """
-local key = ARGV[1] .. 'lease:' .. ARGV[2]
-local holder = redis.call('GET', key)
-if holder and holder ~= ARGV[3] then return 0 end
-redis.call('SET', key, ARGV[3], 'PX', ARGV[4])
-return 1
-"""
-
-# ARGV: prefix, name, owner
-_RELEASE = """
-local key = ARGV[1] .. 'lease:' .. ARGV[2]
-if redis.call('GET', key) == ARGV[3] then redis.call('DEL', key) end
-return 1
-"""
-
-# ARGV from 4: controller, ended_before, batch. Returns how many tasks it deleted.
-_PURGE = _LIB + """
-local controller = ARGV[4]
-local doomed = redis.call('ZRANGEBYSCORE', ckey(controller, 'ended'), '-inf', '(' .. ARGV[5],
-                          'LIMIT', 0, tonumber(ARGV[6]))
-for _, uuid in ipairs(doomed) do
-  local key = prefix .. 't:' .. uuid
-  local status, batch = unpack(redis.call('HMGET', key, 'status', 'batch'))
-  if status then
-    emit('purged', key)
-    if batch then redis.call('ZREM', ckey(controller, 'b:' .. batch), uuid) end
-    redis.call('HINCRBY', ckey(controller, 'n'), status, -1)
-    redis.call('ZREM', ckey(controller, 's:' .. status), uuid)
-    redis.call('DEL', key)
-  end
-  redis.call('ZREM', ckey(controller, 'all'), uuid)
-  redis.call('ZREM', ckey(controller, 'ended'), uuid)
-end
-return #doomed
-"""
-
-# ARGV from 4: controller (whose outbox to prune), retention seconds.
-_PRUNE = _LIB + """
-local cutoff = math.floor((tonumber(clock[1]) + tonumber(clock[2]) / 1000000 - tonumber(ARGV[5])) * 1000)
-if cutoff > 0 then
-  local min_id = string.format('%d', cutoff) .. '-0'
-  local old = redis.call('XREVRANGE', stream, '(' .. min_id, '-', 'COUNT', 1)
-  if #old > 0 then
-    redis.call('XTRIM', stream, 'MINID', '=', min_id)
-    redis.call('SET', prefix .. 'events:pruned', old[1][1])
-  end
-end
-local last_pruned = redis.call('GET', prefix .. 'events:pruned')
-if last_pruned then
-  local outbox, upto = ckey(ARGV[4], 'outbox'), '[' .. pad(last_pruned)
-  for _, member in ipairs(redis.call('ZRANGEBYLEX', outbox, '-', upto)) do
-    redis.call('HDEL', ckey(ARGV[4], 'outbox:events'), member)
-  end
-  redis.call('ZREMRANGEBYLEX', outbox, '-', upto)
-end
-return 1
-"""
-
-# ARGV: prefix, since ('' = none), limit. Returns {newest pruned id, latest id, entries from since on}.
-_FEED = """
-local stream = ARGV[1] .. 'events'
-local pruned = redis.call('GET', ARGV[1] .. 'events:pruned') or '0-0'
-local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-local latest = pruned
-if #last > 0 then latest = last[1][1] end
-local entries = {}
-if ARGV[2] ~= '' then entries = redis.call('XRANGE', stream, ARGV[2], '+', 'COUNT', tonumber(ARGV[3]) + 1) end
-return {pruned, latest, entries}
-"""
-
-# ARGV: prefix, owner
-_HEARTBEAT = """
-local clock = redis.call('TIME')
-redis.call('ZADD', ARGV[1] .. 'owners', string.format('%.6f', tonumber(clock[1]) + tonumber(clock[2]) / 1000000),
-           ARGV[2])
-"""
-
-# ARGV: prefix, host. Drains the host unless it is already (its first since stays).
-_DRAIN = """
-local clock = redis.call('TIME')
-redis.call('HSETNX', ARGV[1] .. 'drained', ARGV[2],
-           string.format('%.6f', tonumber(clock[1]) + tonumber(clock[2]) / 1000000))
-return 1
-"""
-
-_SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "claim_started": _CLAIM_STARTED,
-            "start": _START, "progress": _PROGRESS, "save_state": _SAVE_STATE, "finish": _FINISH,
-            "requeue": _REQUEUE, "adopt": _ADOPT, "request_stop": _REQUEST_STOP, "purge": _PURGE,
-            "prune": _PRUNE,
-            "feed": _FEED, "heartbeat": _HEARTBEAT, "retry": _RETRY, "transition": _TRANSITION,
-            "reprioritise": _REPRIORITISE, "stop_all": _STOP_ALL, "declare": _DECLARE, "fire": _FIRE,
-            "lease": _LEASE, "release": _RELEASE, "drain": _DRAIN}
-
-
 def _encode(column: str, value: Any) -> Optional[str]:
     if value is None:
         return None
     if column in _JSON:
         return json.dumps(value)
-    if column == "stop_requested":
+    if column in _BOOLEAN:
         return "1" if value else "0"
     if column in _FLOAT:
         return repr(float(value))
@@ -538,14 +93,14 @@ def _decode(flat: Sequence[Any]) -> Row:
     for column in _COLUMNS:
         value = raw.get(column)
         if value is None:
-            row[column] = False if column == "stop_requested" else None
+            row[column] = False if column in _BOOLEAN else None
         elif column in _INT:
             row[column] = int(value)
         elif column in _FLOAT:
             row[column] = float(value)
         elif column in _JSON:
             row[column] = json.loads(value)
-        elif column == "stop_requested":
+        elif column in _BOOLEAN:
             row[column] = value == "1"
         else:
             row[column] = value
@@ -687,7 +242,7 @@ class RedisStore(TaskStore):
             self.close()
             raise _store_error(url, exc) from exc
         # Script objects load themselves again on NOSCRIPT (a restarted server).
-        self._scripts = {name: self._redis.register_script(source) for name, source in _SCRIPTS.items()}
+        self._scripts = {name: self._redis.register_script(source) for name, source in SCRIPTS.items()}
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r})"

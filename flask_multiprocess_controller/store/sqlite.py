@@ -28,45 +28,38 @@ from ..exceptions import (
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, COLUMNS as _COLUMNS, EVENT_HIDDEN, _finish_fields, FireOutcome, Fired, Row, ScheduleRow,
+    ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow,
     TaskStore, event_task, parse_counter,
 )
 from .groupcommit import GroupCommit
+from .schema import ADDED, COLUMNS as _COLUMNS, EVENT_HIDDEN, FIELDS, Encoding, Field, columns_encoded
 
 if TYPE_CHECKING:
     from .logbook import LogBook
 
+#: The SQLite type of each encoding.
+_SQL_TYPES = {Encoding.JSON: "TEXT", Encoding.REAL: "REAL", Encoding.INTEGER: "INTEGER", Encoding.TEXT: "TEXT",
+              Encoding.BOOLEAN: "INTEGER"}
+
+
+def _declaration(field: Field) -> str:
+    """The column declaration of a task field in ``mpc_tasks``."""
+    parts = [_SQL_TYPES[field.encoding]]
+    if field.primary_key:
+        parts.append("PRIMARY KEY AUTOINCREMENT")
+    elif not field.nullable:
+        parts.append("NOT NULL")
+    if field.unique:
+        parts.append("UNIQUE")
+    if field.default is not None:
+        parts.append(f"DEFAULT {int(field.default)}")
+    return " ".join(parts)
+
+
+#: The tables of the store; ``mpc_tasks`` has a column per field of :data:`.schema.FIELDS`.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mpc_tasks (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    uuid TEXT NOT NULL UNIQUE,
-    controller TEXT NOT NULL,
-    status TEXT NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    args TEXT NOT NULL,
-    progress TEXT,
-    percent REAL,
-    result TEXT,
-    error TEXT,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    ended_at REAL,
-    pid INTEGER,
-    pid_created REAL,
-    exit_code INTEGER,
-    owner TEXT,
-    stop_requested INTEGER NOT NULL DEFAULT 0,
-    timeout REAL,
-    memory_peak INTEGER,
-    cpu_time REAL,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    retry_at REAL,
-    errors TEXT,
-    schedule TEXT,
-    tenant TEXT,
-    batch TEXT,
-    state TEXT,
-    state_saved_at REAL
+TASK_COLUMNS
 );
 CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_status ON mpc_tasks (controller, status, seq);
@@ -117,12 +110,11 @@ CREATE TABLE IF NOT EXISTS mpc_schedules (
     declared_by TEXT,
     PRIMARY KEY (controller, name)
 );
-"""
+""".replace("TASK_COLUMNS", ",\n".join(f"    {field.name} {_declaration(field)}" for field in FIELDS))
 
 #: Columns added to ``mpc_tasks`` after its first release, with their declarations: a file made
 #: by an older version gets them (``ALTER TABLE``) when a store first opens it.
-_ADDED_COLUMNS = {"retry_at": "REAL", "errors": "TEXT", "schedule": "TEXT", "tenant": "TEXT", "batch": "TEXT",
-                  "state": "TEXT", "state_saved_at": "REAL"}
+_ADDED_COLUMNS = {field.name: _declaration(field) for field in ADDED}
 
 #: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
 #: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
@@ -135,7 +127,9 @@ CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch
 """
 
 #: Columns stored as JSON text.
-_JSON_COLUMNS = ("args", "progress", "result", "error", "errors", "schedule", "state")
+_JSON_COLUMNS = columns_encoded(Encoding.JSON)
+#: Columns stored as 0 or 1.
+_BOOLEAN_COLUMNS = columns_encoded(Encoding.BOOLEAN)
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mpc_tasks"
 #: Lists read tasks without their saved state, which may be large and is shown nowhere (see ``event_task``).
 _LISTED_COLUMNS = tuple(c for c in _COLUMNS if c not in EVENT_HIDDEN)
@@ -172,7 +166,7 @@ _UNCOUNT = object()
 def _encode(column: str, value: Any) -> Any:
     if column in _JSON_COLUMNS:
         return None if value is None else json.dumps(value)
-    if column == "stop_requested":
+    if column in _BOOLEAN_COLUMNS:
         return int(bool(value))
     return value
 
@@ -182,7 +176,8 @@ def _decode(values: Sequence[Any], columns: Sequence[str] = _COLUMNS) -> Row:
     for column in _JSON_COLUMNS:
         if row.get(column) is not None:
             row[column] = json.loads(row[column])  # type: ignore[literal-required]
-    row["stop_requested"] = bool(row["stop_requested"])
+    for column in _BOOLEAN_COLUMNS:
+        row[column] = bool(row[column])  # type: ignore[literal-required]
     return row
 
 
