@@ -28,103 +28,14 @@ from ..exceptions import (
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow,
-    TaskStore, event_task, parse_counter,
+    ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task, parse_counter,
 )
 from .groupcommit import GroupCommit
-from .schema import ADDED, COLUMNS as _COLUMNS, EVENT_HIDDEN, FIELDS, Encoding, Field, columns_encoded
+from .sqlite_schema import SCHEMA, add_missing_columns
+from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded
 
 if TYPE_CHECKING:
     from .logbook import LogBook
-
-#: The SQLite type of each encoding.
-_SQL_TYPES = {Encoding.JSON: "TEXT", Encoding.REAL: "REAL", Encoding.INTEGER: "INTEGER", Encoding.TEXT: "TEXT",
-              Encoding.BOOLEAN: "INTEGER"}
-
-
-def _declaration(field: Field) -> str:
-    """The column declaration of a task field in ``mpc_tasks``."""
-    parts = [_SQL_TYPES[field.encoding]]
-    if field.primary_key:
-        parts.append("PRIMARY KEY AUTOINCREMENT")
-    elif not field.nullable:
-        parts.append("NOT NULL")
-    if field.unique:
-        parts.append("UNIQUE")
-    if field.default is not None:
-        parts.append(f"DEFAULT {int(field.default)}")
-    return " ".join(parts)
-
-
-#: The tables of the store; ``mpc_tasks`` has a column per field of :data:`.schema.FIELDS`.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS mpc_tasks (
-TASK_COLUMNS
-);
-CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
-CREATE INDEX IF NOT EXISTS mpc_tasks_status ON mpc_tasks (controller, status, seq);
-CREATE INDEX IF NOT EXISTS mpc_tasks_newest ON mpc_tasks (controller, seq);
-CREATE INDEX IF NOT EXISTS mpc_tasks_ended ON mpc_tasks (controller, ended_at);
-CREATE TABLE IF NOT EXISTS mpc_owners (
-    owner TEXT PRIMARY KEY,
-    heartbeat REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS mpc_events (
-    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    uuid TEXT NOT NULL,
-    controller TEXT NOT NULL,
-    at REAL NOT NULL,
-    emitter TEXT,
-    task TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS mpc_events_at ON mpc_events (at);
-CREATE TABLE IF NOT EXISTS mpc_outbox (
-    cursor INTEGER PRIMARY KEY,
-    controller TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS mpc_outbox_controller ON mpc_outbox (controller, cursor);
-CREATE TABLE IF NOT EXISTS mpc_meta (
-    key TEXT PRIMARY KEY,
-    value
-);
-CREATE TABLE IF NOT EXISTS mpc_leases (
-    name TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    expires REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS mpc_drained_hosts (
-    host TEXT PRIMARY KEY,
-    since REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS mpc_schedules (
-    controller TEXT NOT NULL,
-    name TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    fired_until REAL NOT NULL,
-    last_fired REAL,
-    last_task TEXT,
-    skipped INTEGER NOT NULL DEFAULT 0,
-    last_skipped REAL,
-    seen_at REAL NOT NULL,
-    declared_by TEXT,
-    PRIMARY KEY (controller, name)
-);
-""".replace("TASK_COLUMNS", ",\n".join(f"    {field.name} {_declaration(field)}" for field in FIELDS))
-
-#: Columns added to ``mpc_tasks`` after its first release, with their declarations: a file made
-#: by an older version gets them (``ALTER TABLE``) when a store first opens it.
-_ADDED_COLUMNS = {field.name: _declaration(field) for field in ADDED}
-
-#: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
-#: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
-_ADDED_INDEXES = """
-CREATE INDEX IF NOT EXISTS mpc_tasks_ready ON mpc_tasks (controller, priority, seq)
-    WHERE status = 'queued' AND retry_at IS NULL;
-CREATE INDEX IF NOT EXISTS mpc_tasks_delayed ON mpc_tasks (controller, retry_at)
-    WHERE status = 'queued' AND retry_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch IS NOT NULL;
-"""
 
 #: Columns stored as JSON text.
 _JSON_COLUMNS = columns_encoded(Encoding.JSON)
@@ -195,19 +106,6 @@ def _event(values: Sequence[Any]) -> Event:
     cursor, kind, uuid, controller, at, emitter, task = values
     return Event(cursor=str(cursor), kind=kind, uuid=uuid, controller=controller, at=at, emitter=emitter,
                  task=json.loads(task))
-
-
-def _add_missing_columns(db: sqlite3.Connection) -> None:
-    """Bring a file made by an older version up to the current columns and indexes."""
-    present = {info[1] for info in db.execute("PRAGMA table_info(mpc_tasks)")}
-    for column, declaration in _ADDED_COLUMNS.items():
-        if column not in present:
-            try:
-                db.execute(f"ALTER TABLE mpc_tasks ADD COLUMN {column} {declaration}")
-            except sqlite3.OperationalError as exc:  # another process added it meanwhile
-                if "duplicate column" not in str(exc):
-                    raise
-    db.executescript(_ADDED_INDEXES)
 
 
 def _schedule_row(values: Sequence[Any]) -> ScheduleRow:
@@ -320,8 +218,8 @@ class SQLiteStore(TaskStore):
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             if not self._schema_ready:  # the first connection creates the tables; later ones need not
-                conn.executescript(_SCHEMA)
-                _add_missing_columns(conn)
+                conn.executescript(SCHEMA)
+                add_missing_columns(conn)
                 self._schema_ready = True
         except BaseException:
             conn.close()

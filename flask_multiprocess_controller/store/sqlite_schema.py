@@ -1,0 +1,111 @@
+"""The tables of the SQLite store, and how a file made by an older version is brought up to them.
+
+``mpc_tasks`` has a column per task field of :data:`.schema.FIELDS`, declared from the field's encoding.
+"""
+from __future__ import annotations
+
+import sqlite3
+
+from .schema import ADDED, FIELDS, Encoding, Field
+
+#: The SQLite type of each encoding.
+SQL_TYPES = {Encoding.JSON: "TEXT", Encoding.REAL: "REAL", Encoding.INTEGER: "INTEGER", Encoding.TEXT: "TEXT",
+              Encoding.BOOLEAN: "INTEGER"}
+
+
+def declaration(field: Field) -> str:
+    """The column declaration of a task field in ``mpc_tasks``."""
+    parts = [SQL_TYPES[field.encoding]]
+    if field.primary_key:
+        parts.append("PRIMARY KEY AUTOINCREMENT")
+    elif not field.nullable:
+        parts.append("NOT NULL")
+    if field.unique:
+        parts.append("UNIQUE")
+    if field.default is not None:
+        parts.append(f"DEFAULT {int(field.default)}")
+    return " ".join(parts)
+
+
+#: The tables of the store; ``mpc_tasks`` has a column per field of :data:`.schema.FIELDS`.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS mpc_tasks (
+TASK_COLUMNS
+);
+CREATE INDEX IF NOT EXISTS mpc_tasks_queue ON mpc_tasks (controller, status, priority, seq);
+CREATE INDEX IF NOT EXISTS mpc_tasks_status ON mpc_tasks (controller, status, seq);
+CREATE INDEX IF NOT EXISTS mpc_tasks_newest ON mpc_tasks (controller, seq);
+CREATE INDEX IF NOT EXISTS mpc_tasks_ended ON mpc_tasks (controller, ended_at);
+CREATE TABLE IF NOT EXISTS mpc_owners (
+    owner TEXT PRIMARY KEY,
+    heartbeat REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mpc_events (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    controller TEXT NOT NULL,
+    at REAL NOT NULL,
+    emitter TEXT,
+    task TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mpc_events_at ON mpc_events (at);
+CREATE TABLE IF NOT EXISTS mpc_outbox (
+    cursor INTEGER PRIMARY KEY,
+    controller TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mpc_outbox_controller ON mpc_outbox (controller, cursor);
+CREATE TABLE IF NOT EXISTS mpc_meta (
+    key TEXT PRIMARY KEY,
+    value
+);
+CREATE TABLE IF NOT EXISTS mpc_leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mpc_drained_hosts (
+    host TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mpc_schedules (
+    controller TEXT NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    fired_until REAL NOT NULL,
+    last_fired REAL,
+    last_task TEXT,
+    skipped INTEGER NOT NULL DEFAULT 0,
+    last_skipped REAL,
+    seen_at REAL NOT NULL,
+    declared_by TEXT,
+    PRIMARY KEY (controller, name)
+);
+""".replace("TASK_COLUMNS", ",\n".join(f"    {field.name} {declaration(field)}" for field in FIELDS))
+
+#: Columns added to ``mpc_tasks`` after its first release, with their declarations: a file made
+#: by an older version gets them (``ALTER TABLE``) when a store first opens it.
+ADDED_COLUMNS = {field.name: declaration(field) for field in ADDED}
+
+#: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
+#: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
+ADDED_INDEXES = """
+CREATE INDEX IF NOT EXISTS mpc_tasks_ready ON mpc_tasks (controller, priority, seq)
+    WHERE status = 'queued' AND retry_at IS NULL;
+CREATE INDEX IF NOT EXISTS mpc_tasks_delayed ON mpc_tasks (controller, retry_at)
+    WHERE status = 'queued' AND retry_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch IS NOT NULL;
+"""
+
+
+def add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a file made by an older version up to the current columns and indexes."""
+    present = {info[1] for info in db.execute("PRAGMA table_info(mpc_tasks)")}
+    for column, declaration in ADDED_COLUMNS.items():
+        if column not in present:
+            try:
+                db.execute(f"ALTER TABLE mpc_tasks ADD COLUMN {column} {declaration}")
+            except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                if "duplicate column" not in str(exc):
+                    raise
+    db.executescript(ADDED_INDEXES)
