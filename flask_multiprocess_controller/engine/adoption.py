@@ -22,7 +22,7 @@ from .capture import PipeReader
 from .channel import PacketChannel
 from ..exceptions import StoreError
 from .forkserver import ChildProcess, forget_parent_only, remember_parent_only
-from .handover import OFFER_TIMEOUT, recv_packet, request_signal, send_packet, wait_readable
+from .handover import OFFER_TIMEOUT, announce_release, recv_packet, request_signal, send_packet, wait_readable
 from .retrier import Retrier
 from .proctree import IDLE_NAME, process_name
 from ..states import TaskStatus
@@ -60,6 +60,15 @@ class Link:
                 return request_signal(self._sock, pid, signum)
             except OSError:
                 return False
+
+    def release(self) -> None:
+        """Tell the holder this process lets its tasks go: their ends are kept for the next adopter."""
+        with self._lock:
+            if not self._closed:
+                try:
+                    announce_release(self._sock)
+                except OSError:
+                    pass
 
     def task_ended(self) -> None:
         """One adopted task is no longer this process's; the last one closes the link (the holder then exits)."""

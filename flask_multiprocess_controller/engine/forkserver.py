@@ -614,7 +614,7 @@ class _Server:
                 continue
             delivered = task.report_exit(os.waitstatus_to_exitcode(status))
             if self.holder is None and delivered and not self.releasing or (
-                    self.holder is not None and self.holder.forget_when_reaped(task)):
+                    self.holder is not None and self.holder.forget_when_reaped(task, delivered)):
                 del self.tasks[pid]
                 task.release()
 

@@ -171,6 +171,11 @@ def recv_packet(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], 
     return message, fds
 
 
+def announce_release(sock: socket.socket) -> None:
+    """Tell a holder that its adopter lets the tasks go (it is ending): it keeps their ends for the next."""
+    sock.sendall(_SIGNAL.pack(0, 0))
+
+
 def request_signal(sock: socket.socket, pid: int, signum: int) -> bool:
     """Ask a holder to signal the process group of its task process ``pid``; False when it is not its."""
     sock.sendall(_SIGNAL.pack(pid, signum))
@@ -198,6 +203,8 @@ class Holder:
         self._next_offer = 0.0
         self._next_beat = 0.0
         self._done = False
+        #: Set when the adopter said it lets the tasks go: their ends are kept for the next one.
+        self._released = False
 
     # -- the fork server's loop ------------------------------------------------------------
 
@@ -220,6 +227,9 @@ class Holder:
             request = b""
         if len(request) == _SIGNAL.size:
             pid, signum = _SIGNAL.unpack(request)
+            if pid == 0:  # the adopter lets its tasks go (it is ending): keep every end from now on
+                self._released = True
+                return
             try:
                 link.sendall(_ANSWER.pack(self.server.signal_group(pid, signum)))
                 return
@@ -253,9 +263,11 @@ class Holder:
             self._store.close()
         return True
 
-    def forget_when_reaped(self, task: "Task") -> bool:
-        """Whether a reaped task can be forgotten: yes once an adopter has its exit code, or nobody needs it."""
-        return self.link is not None and task.adopted or getattr(task, "declined", False)
+    def forget_when_reaped(self, task: "Task", delivered: bool) -> bool:
+        """Whether a reaped task can be forgotten: yes once its adopter has its exit code (and was not letting
+        its tasks go), or when nobody needs it."""
+        adopter_has_it = self.link is not None and task.adopted and delivered and not self._released
+        return adopter_has_it or getattr(task, "declined", False)
 
     # -- offers -----------------------------------------------------------------------------
 
@@ -313,6 +325,7 @@ class Holder:
         self.owner = self._link_owner or self.owner
         self.deadline = time.monotonic() + self.config.window
         self._next_offer = self._next_beat = 0.0
+        self._released = False
         for task in self.server.tasks.values():
             task.adopted = False
 

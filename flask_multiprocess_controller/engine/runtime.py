@@ -750,6 +750,10 @@ class Runtime(TaskSide):
             self.logger.warning("Shutting down: %d running task(s) go on, for another serving process of the app "
                                 "on this host to adopt within %g s.", len(runs), self.config.handover_window)
             self.fork_server.release_tasks()  # before the runs stop watching: no end may go unread
+            with self._runs_lock:
+                links = {id(runner.link): runner.link for runner in self._adopted}
+            for link in links.values():
+                link.release()
             for run in runs:
                 run.release()
         elif runs:
