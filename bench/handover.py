@@ -6,10 +6,9 @@ SQLite store in a temporary folder, with the package's own variables only (``MPC
 ``MPC_HANDOVER_WINDOW``, ``MPC_HANDOVER_DIR``).
 
 1. *Time to the adopter's first progress.* Two dev servers on one store; one long task runs (progress every
-   20 ms). The server that runs it is killed (SIGKILL, or SIGTERM every other time), a new one is started in
-   its place, and the figure is the time from the kill to the first progress value newer than any written
-   before it, read from the store (which the adopter writes every 0.25 s at most: that interval is part of the
-   figure). Repeated ``--handovers`` times, alternating which server ends; p50 and p90.
+   20 ms). The server that runs it is ended (SIGKILL, or SIGTERM every other time), a new one is started in
+   its place, and the figures are the time from the signal to the ``adopted`` event, and to the first
+   ``progress`` event the adopter wrote after it (the store's event times: same machine, same clock). Repeated ``--handovers`` times, alternating which server ends; p50, p90 and max per signal.
 2. *Reloads under load.* gunicorn ``-w 2``, eight tasks of ``--reload-seconds`` each running, and a POST of a
    short task every 0.1 s; ``kill -HUP`` of the master ``--reloads`` times, 2 s apart. Figure: tasks that did not
    succeed on their first attempt (must be 0).
@@ -87,6 +86,25 @@ class Bench:
             row = db.execute("SELECT progress FROM mpc_tasks WHERE uuid = ?", (uuid,)).fetchone()
         return json.loads(row[0])["n"] if row and row[0] else None
 
+    def adoptions(self, uuid: str) -> list[float]:
+        """When (store clock) each ``adopted`` event of the task was written."""
+        with sqlite3.connect(self.db, timeout=30) as db:
+            return [at for (at,) in db.execute(
+                "SELECT at FROM mpc_events WHERE uuid = ? AND kind = 'adopted' ORDER BY cursor", (uuid,))]
+
+    def first_progress_after_adoption(self, uuid: str, earlier: int) -> Optional[tuple[float, float]]:
+        """When (store clock) the task's adoption after its first ``earlier`` ones was written, and the first
+        progress event after it; None until both exist."""
+        adopted = self.adoptions(uuid)
+        if len(adopted) <= earlier:
+            return None
+        with sqlite3.connect(self.db, timeout=30) as db:
+            cursor = db.execute("SELECT cursor FROM mpc_events WHERE uuid = ? AND kind = 'adopted' ORDER BY cursor "
+                                "LIMIT 1 OFFSET ?", (uuid, earlier)).fetchone()[0]
+            found = db.execute("SELECT at FROM mpc_events WHERE uuid = ? AND kind = 'progress' AND cursor > ? "
+                               "ORDER BY cursor LIMIT 1", (uuid, cursor)).fetchone()
+        return None if found is None else (adopted[earlier], found[0])
+
     def status(self, uuid: str) -> dict[str, Any]:
         with sqlite3.connect(self.db, timeout=30) as db:
             row = db.execute("SELECT status, attempt FROM mpc_tasks WHERE uuid = ?", (uuid,)).fetchone()
@@ -119,22 +137,27 @@ def handover_latency(bench: Bench, count: int) -> dict[str, Any]:
     while bench.status(uuid)["status"] != "running" or bench.progress(uuid) is None:
         time.sleep(0.05)
     pid = requests.get(f"http://127.0.0.1:{ports[0]}/tasks/{uuid}", timeout=10).json()["pid"]
-    samples = []
+    samples: dict[str, list[float]] = {"SIGKILL": [], "SIGTERM": []}
+    adoptions: dict[str, list[float]] = {"SIGKILL": [], "SIGTERM": []}
     index = next(k for k, s in enumerate(servers) if s.pid == serving_process(pid))
     for i in range(count):
         time.sleep(0.5)
-        servers[index].send_signal(signal.SIGKILL if i % 2 == 0 else signal.SIGTERM)
-        killed = time.monotonic()
+        how = signal.SIGKILL if i % 2 == 0 else signal.SIGTERM
+        adopted_before = len(bench.adoptions(uuid))
+        killed = time.time()
+        servers[index].send_signal(how)
         servers[index].wait()
-        before = bench.progress(uuid) or 0  # what the ended server wrote last
-        while True:
-            now = bench.progress(uuid) or 0
-            if now > before:
-                samples.append(time.monotonic() - killed)
+        deadline = time.monotonic() + 30
+        while True:  # the adoption, then the adopter's first relayed progress, as the store's events say
+            first = bench.first_progress_after_adoption(uuid, adopted_before)
+            if first is not None:
+                adopted_at, progress_at = first
+                adoptions[how.name].append(adopted_at - killed)
+                samples[how.name].append(progress_at - killed)
                 break
-            if time.monotonic() - killed > 30:
+            if time.monotonic() > deadline:
                 raise RuntimeError("no adopter took the task within 30 s")
-            time.sleep(0.002)
+            time.sleep(0.01)
         servers[index] = bench.dev(ports[index])
         index = 1 - index  # the other server adopted it: it is the next to end
     last_adopter = index
@@ -142,10 +165,18 @@ def handover_latency(bench: Bench, count: int) -> dict[str, Any]:
     for server in servers:
         server.send_signal(signal.SIGINT)
         server.wait()
-    samples.sort()
-    return {"handovers": count, "p50_ms": round(statistics.median(samples) * 1000, 1),
-            "p90_ms": round(samples[int(0.9 * (len(samples) - 1))] * 1000, 1),
-            "max_ms": round(samples[-1] * 1000, 1)}
+    return {"handovers": count, **{f"{kind}_{what}": figures(values)
+                                      for what, table in (("to_progress", samples), ("to_adopted", adoptions))
+                                      for kind, values in table.items()}}
+
+
+def figures(values: list[float]) -> dict[str, float]:
+    """p50, p90 and max of ``values`` seconds, in ms."""
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    return {"n": len(ordered), "p50_ms": round(statistics.median(ordered) * 1000, 1),
+            "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))] * 1000, 1), "max_ms": round(ordered[-1] * 1000, 1)}
 
 
 def reloads_under_load(bench: Bench, reloads: int, seconds: float) -> dict[str, Any]:
