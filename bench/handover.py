@@ -107,8 +107,8 @@ class Bench:
 
     def status(self, uuid: str) -> dict[str, Any]:
         with sqlite3.connect(self.db, timeout=30) as db:
-            row = db.execute("SELECT status, attempt FROM mpc_tasks WHERE uuid = ?", (uuid,)).fetchone()
-        return {"status": row[0], "attempt": row[1]}
+            row = db.execute("SELECT status, attempt, error FROM mpc_tasks WHERE uuid = ?", (uuid,)).fetchone()
+        return {"status": row[0], "attempt": row[1], "error": row[2]}
 
     def close(self) -> None:
         for proc in self.procs:
@@ -203,7 +203,9 @@ def reloads_under_load(bench: Bench, reloads: int, seconds: float) -> dict[str, 
         if all(s["status"] not in ("queued", "running", "stopping", "paused") for s in states):
             break
         time.sleep(0.5)
-    bad = [s for s in states if s["status"] != "succeeded" or s["attempt"] != 1]
+    bad = [dict(s, uuid=u) for u, s in zip(uuids, states) if s["status"] != "succeeded" or s["attempt"] != 1]
+    for one in bad:
+        print("not once and succeeded:", one, file=sys.stderr)
     master.send_signal(signal.SIGTERM)
     master.wait()
     return {"reloads": reloads, "tasks": len(uuids), "long_tasks": 8, "not_once_and_succeeded": len(bad)}
@@ -242,19 +244,26 @@ def main() -> None:
     parser.add_argument("--reloads", type=int, default=10)
     parser.add_argument("--reload-seconds", type=float, default=30.0)
     parser.add_argument("--hold", type=float, default=10.0)
+    parser.add_argument("--only", choices=["handover", "reloads", "holding"], help="run one part only")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "handover.json"))
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
-    for name, step in (("handover", lambda b: handover_latency(b, args.handovers)),
-                       ("reloads", lambda b: reloads_under_load(b, args.reloads, args.reload_seconds)),
-                       ("holding", lambda b: holding_cost(b, args.hold))):
+    steps = (("handover", lambda b: handover_latency(b, args.handovers)),
+             ("reloads", lambda b: reloads_under_load(b, args.reloads, args.reload_seconds)),
+             ("holding", lambda b: holding_cost(b, args.hold)))
+    for name, step in steps:
+        if args.only and name != args.only:
+            continue
         folder = Path(tempfile.mkdtemp(prefix="mpc-bench-ho-", dir="/tmp"))
         bench = Bench(folder)
         try:
             results[name] = step(bench)
         finally:
             bench.close()
-            shutil.rmtree(folder, ignore_errors=True)
+            if os.environ.get("KEEP"):
+                print("kept", folder, file=sys.stderr)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
         print(name, json.dumps(results[name]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

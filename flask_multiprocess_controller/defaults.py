@@ -104,3 +104,6 @@ HANDOVER_WINDOW = 60.0
 #: them (0: stop them at once); also the ``MPC_SHUTDOWN_WAIT`` environment variable.
 SHUTDOWN_WAIT = 0.0
 SHUTDOWN_WAIT_ENV = "MPC_SHUTDOWN_WAIT"
+#: Seconds after a serving process's last heartbeat during which the tasks it ran on this host are not
+#: settled yet: its fork server, which noticed its end at once, holds them and beats for them by then.
+HOLD_GRACE = 2.0

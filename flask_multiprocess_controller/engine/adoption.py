@@ -40,11 +40,14 @@ _CREATED_SLACK = 0.01
 class Link:
     """The adopter's connection to a holder: how it signals the holder's task processes."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, holder: int) -> None:
         self._sock = sock
+        #: The holder's pid (its fork server's).
+        self.holder = holder
         # Guards the request/answer exchange and the count.
         self._lock = threading.Lock()
-        self._tasks = 0
+        #: Users of the link: the adopted tasks running, and the listener until its answer was sent.
+        self._tasks = 1
         self._closed = False
 
     def add(self) -> None:
@@ -178,7 +181,7 @@ class AdoptionListener(threading.Thread):
 
     def _serve(self, conn: socket.socket) -> None:
         rt = self.runtime
-        _, uid, _ = _CREDENTIALS.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+        peer, uid, _ = _CREDENTIALS.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
         if uid != os.getuid():
             rt.logger.warning("Refused an offer of tasks from a process of another user (uid %d).", uid)
             conn.close()
@@ -201,7 +204,7 @@ class AdoptionListener(threading.Thread):
                 offer.close()
             conn.close()
             return
-        link = Link(conn)
+        link = Link(conn, peer)
         accepted = rt.take_over(owner, offers, link) if not self._stopping else None
         for offer in offers:
             offer.close()
@@ -210,11 +213,10 @@ class AdoptionListener(threading.Thread):
                 send_packet(conn, {"refused": True})
             else:
                 send_packet(conn, {"owner": rt.owner, "accepted": accepted})
+            conn.settimeout(None)
         except OSError:
             pass
-        conn.settimeout(None)
-        if not accepted:
-            link.close()
+        link.task_ended()  # the listener's own use ends: the link closes with its last task (or now, if none)
 
 
 def adoptable(offer: Offer, row: Optional[Row], fresh_process: bool) -> bool:

@@ -82,9 +82,19 @@ class HandoverConfig:
     restartable: bool
 
 
-def held_key(owner: str) -> str:
-    """The heartbeat a holder keeps for the tasks of ``owner`` (see :func:`~.runtime.owner_alive`)."""
-    return "held:" + owner
+def held_key(owner: str, holder: int) -> str:
+    """The heartbeat that holder ``holder`` (a fork server's pid) keeps for the tasks of ``owner`` it holds.
+
+    One per holder: the tasks of one owner may be held by several (its own fork server, and those whose
+    tasks it had adopted), and one of them being adopted must not end the others' (see
+    :func:`~.owners.owner_alive`).
+    """
+    return f"{held_prefix(owner)}{holder}"
+
+
+def held_prefix(owner: str) -> str:
+    """What every :func:`held_key` of ``owner`` begins with."""
+    return f"held:{owner}#"
 
 
 def configured_window(value: Optional[float]) -> float:
@@ -342,7 +352,7 @@ class Holder:
         from ..exceptions import StoreError
 
         try:
-            self.store().heartbeat(held_key(self.owner))
+            self.store().heartbeat(held_key(self.owner, os.getpid()))
         except StoreError:
             pass
 
@@ -351,7 +361,7 @@ class Holder:
 
         try:
             if self._store is not None:
-                self._store.forget_owner(held_key(self.owner))
+                self._store.forget_owner(held_key(self.owner, os.getpid()))
         except StoreError:
             pass
 

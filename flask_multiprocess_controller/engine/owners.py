@@ -15,7 +15,7 @@ import psutil
 
 from .. import defaults
 from .forkserver import FORK_SERVER_NAME
-from .handover import held_key
+from .handover import held_prefix
 from .proctree import process_alive
 
 
@@ -73,8 +73,8 @@ def owner_alive(owner: Optional[str], host: str, heartbeats: dict[str, float], n
     """
     if not owner:
         return False
-    held = heartbeats.get(held_key(owner))  # its tasks are held for adoption (see .handover)
-    if held is not None and now - held <= lease:
+    prefix = held_prefix(owner)  # its tasks are held for adoption (see .handover)
+    if any(now - beat <= lease for key, beat in heartbeats.items() if key.startswith(prefix)):
         return True
     try:
         where, pid, created = _parse_owner(owner)

@@ -417,6 +417,8 @@ class Runtime(TaskSide):
             if owner == self.owner or owner_alive(owner, self.host, beats, now, c.lease):
                 continue
             if owner_host(owner) == self.host:
+                if self.handover is not None and now - beats.get(owner or "", -defaults.LEASE) < defaults.HOLD_GRACE:
+                    continue  # it died a moment ago: its fork server may be about to hold (and beat for) its tasks
                 leftover = proven_task_process(row.get("pid"), row.get("pid_created"), row["uuid"])
                 if leftover is not None and held_for_adoption(leftover):
                     continue  # its fork server hands it over, or settles it (see .handover)
@@ -743,15 +745,16 @@ class Runtime(TaskSide):
             runs = list(self._runs.values())
         hand_over = hand_over and self.handover is not None
         if hand_over and runs:
-            try:  # so that no reconciliation elsewhere settles them in the moment before the holder beats
-                self.store.heartbeat(held_key(self.owner))
+            with self._runs_lock:
+                links = {id(runner.link): runner.link for runner in self._adopted}
+            try:  # so that no reconciliation elsewhere settles them in the moment before their holders beat
+                for holder in {self.fork_server.pid, *(link.holder for link in links.values())}:
+                    self.store.heartbeat(held_key(self.owner, holder))
             except StoreError:
                 pass
             self.logger.warning("Shutting down: %d running task(s) go on, for another serving process of the app "
                                 "on this host to adopt within %g s.", len(runs), self.config.handover_window)
             self.fork_server.release_tasks()  # before the runs stop watching: no end may go unread
-            with self._runs_lock:
-                links = {id(runner.link): runner.link for runner in self._adopted}
             for link in links.values():
                 link.release()
             for run in runs:
