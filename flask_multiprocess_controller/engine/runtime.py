@@ -52,7 +52,7 @@ from .slots import Claim, Slot
 from ..states import ACTIVE, TaskStatus
 from ..store import TaskStore
 from ..store.base import Row
-from .supervisor import Outcome, Settings, StopReason, Supervisor, TaskRun
+from .supervisor import Outcome, StopReason, Supervisor, TaskRun
 from ..task import MetaMPTask
 from .waiters import Countdown, Ended, Waiters
 
@@ -171,8 +171,7 @@ class Runtime(TaskSide):
             return
         self.handover = HandoverConfig(
             directory=directory, owner=self.owner, window=c.handover_window, store_url=url, controller=c.name,
-            stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process,
-            restartable=c.restartable)
+            supervision=c.supervision, restartable=c.restartable)
         self.fork_server.arm_handover(self.handover)
         self._listener = AdoptionListener(self, directory)
         self._listener.start()
@@ -497,11 +496,8 @@ class Runtime(TaskSide):
 
     def new_supervisor(self, wake_fd: int, retrier: Retrier) -> Supervisor:
         """A supervisor for one controlling thread whose wake-ups arrive on ``wake_fd``."""
-        c = self.config
-        settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process,
-                            limits=c.limits)
-        return Supervisor(settings, self.store, self.owner, self.logs, wake_fd, self.events.publish, self.logger,
-                          retrier)
+        return Supervisor(self.config.supervision, self.store, self.owner, self.logs, wake_fd, self.events.publish,
+                          self.logger, retrier)
 
     def take_over(self, owner: str, offers: Sequence[Offer], link: Link) -> Optional[list[int]]:
         """Take over the offered task processes of serving process ``owner``; the pids taken (None: refused).
