@@ -32,7 +32,7 @@ from .pausing import TreePause
 from .retrier import Retrier
 from .proctree import TreeUsage, describe_exit, sample, signal_processes
 from .protocol import (
-    Done, ErrorRecord, Limits, LogRecordMessage, Output, Percent, Progress, Report, RunTask, SaveState,
+    Done, ErrorRecord, LogRecordMessage, Output, Percent, Progress, Report, RunTask, SaveState,
     StateSaved, StopTask, error_record,
 )
 from ..states import TaskStatus
