@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from flask_multiprocess_controller import defaults
+from flask_multiprocess_controller.store import resolve_store
 
 from serverproc import (JobApi, Server, ServerPool, TaskProcessSampler, fork_servers, free_port, gunicorn,
                         gunicorn_workers, poll_until, process_gone, statuses, suspended, task_processes,
@@ -72,6 +73,20 @@ def _stop(server: Server) -> None:
     assert "Traceback" not in server.log(), server.log()
 
 
+def _wait_for_beats_after(redis_url: str, seconds: float, hosts: tuple[str, ...]) -> None:
+    """Wait until a serving process of each of ``hosts`` has heartbeaten ``seconds`` after now (store time)."""
+    store = resolve_store(redis_url)
+    try:
+        after = store.now() + seconds
+
+        def beaten(beats: dict[str, float]) -> bool:
+            return {owner.split(":")[0] for owner, beat in beats.items() if beat >= after} >= set(hosts)
+
+        poll_until(store.heartbeats, beaten, seconds + 10 * defaults.HEARTBEAT_INTERVAL)
+    finally:
+        store.close()
+
+
 def _worker_pid(server: Server) -> int:
     (worker,) = gunicorn_workers(server)
     return worker.pid
@@ -108,8 +123,9 @@ def test_tasks_are_read_and_stopped_through_the_other_host_and_the_limit_is_glob
         for api in (api_a, api_b):
             listing = poll_until(lambda: api.listing(), lambda v: v["running"] == 2, 20)
             assert listing["queued"] == 4, listing
-        # Both hosts' idle slots look at the store twice a second: give them a few looks.
-        time.sleep(4 * defaults.STORE_POLL_INTERVAL)
+        # Both hosts' idle slots look at the store twice a second: the listings are read again only
+        # once both hosts have heartbeaten after a few looks' time (a later beat of each, in the store).
+        _wait_for_beats_after(redis_url, 4 * defaults.STORE_POLL_INTERVAL, ("host-a", "host-b"))
         for api in (api_a, api_b):
             listing = api.listing()
             assert (listing["running"], listing["queued"]) == (2, 4), listing

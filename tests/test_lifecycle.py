@@ -21,6 +21,7 @@ from flask_multiprocess_controller import (
     MetaMPTask, MPCError, TaskAlreadyFinished, TaskNotFound, set_checkpoint, upload_status,
 )
 from flask_multiprocess_controller.exceptions import NotInTask
+from flask_multiprocess_controller.store import resolve_store
 
 #: Keys of the task object named in DESIGN.md, plus the resource figures the package records.
 DESIGN_KEYS = {
@@ -697,7 +698,14 @@ def test_retention_purges_finished_tasks(make_controller, sqlite_url):
     uuid = first.submit()
     assert first.wait(uuid, timeout=20)["status"] == "succeeded"
     first.shutdown()
-    time.sleep(1.0)
+    # By the store's own clock (the one its purge compares ended_at with), the task is now older than
+    # twice the short retention: a purge with that retention would remove it.
+    store = resolve_store(sqlite_url)
+    try:
+        ended_at = store.get(uuid)["ended_at"]
+        wait_until(lambda: store.now() - ended_at > 2 * 0.5, timeout=10)
+    finally:
+        store.close()
     # With the default retention, a new controller still sees it.
     keeper = make_controller(Retained, store=sqlite_url)
     assert keeper.status(uuid)["status"] == "succeeded"

@@ -51,7 +51,11 @@ def marks(path: Path) -> list[dict]:
 
 
 def count_into(task: MetaMPTask, path: str, seconds: float) -> int:
-    """Count in a loop for ``seconds`` of running time, writing each count to ``path`` (checkpointing)."""
+    """Count in a loop for ``seconds`` of running time, writing each count to ``path`` (checkpointing).
+
+    Each count is also appended to ``path.times`` with when it was written (``time.monotonic()``, one
+    clock for every process of the host): see :func:`counted_at`.
+    """
     count = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -59,6 +63,8 @@ def count_into(task: MetaMPTask, path: str, seconds: float) -> int:
         with open(path + ".tmp", "w") as out:
             out.write(str(count))
         os.replace(path + ".tmp", path)
+        with open(path + ".times", "a") as times:
+            times.write(f"{count} {time.monotonic()}\n")
         task.checkpoint()
         time.sleep(0.01)
     return count
@@ -186,6 +192,15 @@ def all_stopped(procs: list[psutil.Process]) -> bool:
 
 def read_count(path: Path) -> int:
     return int(path.read_text()) if path.exists() else 0
+
+
+def counted_at(path: Path, count: int) -> float:
+    """When (``time.monotonic()``) the counter writing to ``path`` wrote ``count`` (see :func:`count_into`)."""
+    for line in Path(str(path) + ".times").read_text().splitlines():
+        written, at = line.split()
+        if int(written) == count:
+            return float(at)
+    raise AssertionError(f"{count} was never counted into {path}")
 
 
 def patch(client, uuid: str, body: dict, status: int = 200) -> dict:
@@ -413,15 +428,17 @@ def test_pause_suspends_the_whole_tree_and_resume_counts_on(make_client, sqlite_
     assert paused["status"] == "paused" and paused["uuid"] == uuid, paused
     wait_until(lambda: all_stopped(procs), 10)
     frozen = read_count(counts)
-    time.sleep(0.5)
-    assert read_count(counts) == frozen, "a paused task counted on"
-    assert all_stopped(procs)
     listing = client.get("/tasks?status=paused").json
     assert [t["uuid"] for t in listing["tasks"]] == [uuid] and listing["running"] == 1, listing
     assert patch(client, uuid, {"status": "paused"})["status"] == "paused", "pausing again changes nothing"
+    assert read_count(counts) == frozen, "a paused task counted on"
+    assert all_stopped(procs)
 
+    resumed_at = time.monotonic()
     assert patch(client, uuid, {"status": "running"})["status"] == "running"
     wait_until(lambda: read_count(counts) > frozen + 10, 10)
+    # The count went on from the frozen value only after the resume: nothing was counted while paused.
+    assert counted_at(counts, frozen + 1) >= resumed_at, "a paused task counted on"
     assert not any(p.status() == psutil.STATUS_STOPPED for p in procs)
 
     # A paused task can be stopped: it is resumed so that it reaches a checkpoint.
@@ -466,7 +483,9 @@ def test_a_paused_task_s_timeout_clock_does_not_run(make_controller, tmp_path):
     uuid = controller.submit(path=str(counts))
     wait_until(lambda: read_count(counts) > 0, 10)
     controller.pause(uuid)
-    time.sleep(3.0)  # longer than the whole timeout
+    paused_at = controller.store.now()
+    # Longer than the whole timeout: this process's heartbeat is recorded 3 s after the pause.
+    wait_until(lambda: max(controller.store.heartbeats().values(), default=0.0) >= paused_at + 3.0, 10)
     assert controller.status(uuid)["status"] == "paused"
     controller.resume(uuid)
     task = controller.wait(uuid, timeout=20)
@@ -496,6 +515,8 @@ class Counter(MetaMPTask):
             with open(path + ".tmp", "w") as out:
                 out.write(str(count))
             os.replace(path + ".tmp", path)
+            with open(path + ".times", "a") as times:
+                times.write(f"{count} {time.monotonic()}\\n")
             self.checkpoint()
             time.sleep(0.01)
         return count
@@ -541,10 +562,12 @@ def test_pause_and_resume_through_another_gunicorn_worker(tmp_path, pool: Server
     assert through_the_other_worker({"status": "paused"})["status"] == "paused"
     wait_until(lambda: all_stopped(tree(process.pid)), 10)
     frozen = read_count(counts)
-    time.sleep(0.5)
     assert read_count(counts) == frozen
+    resumed_at = time.monotonic()
     assert through_the_other_worker({"status": "running"})["status"] == "running"
     wait_until(lambda: read_count(counts) > frozen + 10, 10)
+    # The count went on from the frozen value only after the resume: nothing was counted while paused.
+    assert counted_at(counts, frozen + 1) >= resumed_at, "a paused task counted on"
     with suspended([owner]):
         stopping = requests.delete(f"{url}/{uuid}", timeout=HTTP_TIMEOUT)
     assert stopping.status_code == 202

@@ -19,6 +19,7 @@ from flask_multiprocess_controller import (
 )
 from flask_multiprocess_controller.store.base import FireOutcome
 
+from conftest import wait_until
 from test_store_contract import (
     BACKENDS, CTL, OTHER, OWNER, SHARED_BACKENDS, add, claim, counts, fetch, make_row, reopen, status_of, stop,
 )
@@ -118,11 +119,14 @@ def test_retry_writes_nothing_for_a_stop_requested_a_foreign_or_an_inactive_task
 
 @pytest.mark.timeout(30)
 def test_a_task_waiting_for_its_retry_can_be_stopped_and_never_runs(store):
-    (uuid,) = running(store)
+    uuid, control = running(store, 2)
     store.retry(uuid, 0.1, owner=OWNER)
     row, event = store.request_stop(uuid)
     assert row["status"] == "stopped" and event["kind"] == "ended"
-    time.sleep(0.2)
+    # A task whose retry falls due later is claimed once due: the stopped task's retry time has passed by then.
+    store.retry(control, 0.1, owner=OWNER)
+    claimed = wait_until(lambda: claim(store), 10, interval=0.01)
+    assert claimed["uuid"] == control
     assert claim(store) is None
     assert store.next_retry_at(CTL) is None
 

@@ -6,10 +6,26 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
+from .. import defaults
 from .logs import MetaMPLoggerConfigurator
 from .protocol import Limits
 from .retries import RetryPolicy
 from ..task import MetaMPTask
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The controller settings that supervising a task process needs (a view of :class:`RuntimeConfig`).
+
+    Built by :attr:`RuntimeConfig.supervision`; a hand-over carries it to the process that settles the
+    tasks left behind.
+    """
+
+    stop_grace: float
+    max_memory: Optional[int]
+    fresh_process: bool
+    limits: Limits = Limits(result_bytes=defaults.MAX_RESULT_SIZE, progress_bytes=defaults.MAX_PROGRESS_SIZE,
+                            state_bytes=defaults.MAX_STATE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -61,3 +77,9 @@ class RuntimeConfig:
     def fresh_process(self) -> bool:
         """Whether each task gets a process of its own."""
         return self.max_tasks_per_child == 1
+
+    @property
+    def supervision(self) -> Settings:
+        """What a supervisor of this controller's task processes needs."""
+        return Settings(stop_grace=self.stop_grace, max_memory=self.max_memory, fresh_process=self.fresh_process,
+                        limits=self.limits)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import psutil
 
 from .. import defaults
+from .config import Settings
 
 if TYPE_CHECKING:
     from .forkserver import Task, _Server
@@ -76,9 +77,8 @@ class HandoverConfig:
     window: float
     store_url: str
     controller: str
-    stop_grace: float
-    max_memory: Optional[int]
-    fresh_process: bool
+    #: The controller's supervision settings (:attr:`~.config.RuntimeConfig.supervision`).
+    supervision: Settings
     restartable: bool
 
 

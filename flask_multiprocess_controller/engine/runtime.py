@@ -52,7 +52,7 @@ from .slots import Claim, Slot
 from ..states import ACTIVE, TaskStatus
 from ..store import TaskStore
 from ..store.base import Row
-from .supervisor import Outcome, Settings, StopReason, Supervisor, TaskRun
+from .supervisor import Outcome, StopReason, Supervisor, TaskRun
 from ..task import MetaMPTask
 from .waiters import Countdown, Ended, Waiters
 
@@ -171,8 +171,7 @@ class Runtime(TaskSide):
             return
         self.handover = HandoverConfig(
             directory=directory, owner=self.owner, window=c.handover_window, store_url=url, controller=c.name,
-            stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process,
-            restartable=c.restartable)
+            supervision=c.supervision, restartable=c.restartable)
         self.fork_server.arm_handover(self.handover)
         self._listener = AdoptionListener(self, directory)
         self._listener.start()
@@ -181,7 +180,7 @@ class Runtime(TaskSide):
 
     def submit(self, rows: Sequence[Row], max_queued: int) -> None:
         """Queue new task rows (all or none) and wake the slots."""
-        self.events.publish_all(self.store.enqueue(rows, max_queued, emitter=self.owner))  # each wakes a slot
+        self.written_all(lambda: self.store.enqueue(rows, max_queued, emitter=self.owner))  # each wakes a slot
 
     @contextmanager
     def watch(self, uuid: str) -> Iterator[Ended]:
@@ -379,16 +378,15 @@ class Runtime(TaskSide):
     def give_back(self, claim: Claim, retrier: Retrier) -> None:
         """Return a task this process claimed but will not run to the queue.
 
-        A claim that recorded its process wrote a ``started`` event: it is published first, so
-        that every subscriber sees the task start, then go back to the queue.
+        A claim that recorded its process wrote a ``started`` event, left for the supervisor to publish: it
+        is published here first, so that every subscriber sees the task start, then go back to the queue.
         """
         self.events.publish(claim.started)
         try:
-            event = retrier.call("returning a task to the queue", lambda: self.store.requeue(
-                claim.row["uuid"], owner=self.owner, emitter=self.owner, uncount=True))
+            self.written(lambda: self.store.requeue(claim.row["uuid"], owner=self.owner, emitter=self.owner,
+                                                    uncount=True), retrier, "returning a task to the queue")
         except GaveUp:
-            return  # the next start settles it (requeued if restartable, else lost)
-        self.events.publish(event)
+            pass  # the next start settles it (requeued if restartable, else lost)
 
     def purge(self) -> None:
         """Delete the controller's tasks that ended longer than ``retention`` ago."""
@@ -449,11 +447,10 @@ class Runtime(TaskSide):
             if seen.get(uuid) != row.get("attempt"):
                 self._unattended[uuid] = row.get("attempt")
                 continue
-            event = self.store.requeue(uuid, owner=self.owner, emitter=self.owner, uncount=True)
-            if event is not None:
-                self.logger.warning("Task %s was claimed by this process but never started (the claim's answer "
-                                    "was lost); it is queued again.", uuid)
-                self.events.publish(event)
+            self.written(lambda: self.store.requeue(uuid, owner=self.owner, emitter=self.owner, uncount=True),
+                         before_publish=lambda _: self.logger.warning(
+                             "Task %s was claimed by this process but never started (the claim's answer was lost); "
+                             "it is queued again.", uuid))
 
     def _settle_orphan(self, row: Row, owner: Optional[str]) -> None:
         """``lost``, or queued again when the task class is restartable or the task saved a state (unless a
@@ -461,17 +458,16 @@ class Runtime(TaskSide):
         uuid = row["uuid"]
         resumable = row.get("state_saved_at") is not None and not row.get("stop_requested")
         if self.config.restartable or resumable:
-            event = self.store.requeue(uuid, owner=owner, emitter=self.owner)
-            if event is not None:
-                self.logger.warning("Task %s was cut off when its server (%s) died; queued again.", uuid, owner)
-                self.events.publish(event)
+            requeued = self.written(lambda: self.store.requeue(uuid, owner=owner, emitter=self.owner),
+                                    before_publish=lambda _: self.logger.warning(
+                                        "Task %s was cut off when its server (%s) died; queued again.", uuid, owner))
+            if requeued is not None:
                 return
         error = error_record("Lost", f"The serving process that ran this task ({owner}) died.")
-        event = self.store.finish(uuid, TaskStatus.LOST.value, owner=owner, emitter=self.owner, error=error,
-                                  errors=[*(row.get("errors") or []), error])
-        if event is not None:
-            self.logger.warning("Task %s was lost with the process that ran it (%s).", uuid, owner)
-            self.events.publish(event)
+        self.written(lambda: self.store.finish(uuid, TaskStatus.LOST.value, owner=owner, emitter=self.owner,
+                                               error=error, errors=[*(row.get("errors") or []), error]),
+                     before_publish=lambda _: self.logger.warning(
+                         "Task %s was lost with the process that ran it (%s).", uuid, owner))
 
     def _deliver_orphaned_callbacks(self, beats: dict[str, float], now: float) -> None:
         if self._callbacks is None:
@@ -499,11 +495,8 @@ class Runtime(TaskSide):
 
     def new_supervisor(self, wake_fd: int, retrier: Retrier) -> Supervisor:
         """A supervisor for one controlling thread whose wake-ups arrive on ``wake_fd``."""
-        c = self.config
-        settings = Settings(stop_grace=c.stop_grace, max_memory=c.max_memory, fresh_process=c.fresh_process,
-                            limits=c.limits)
-        return Supervisor(settings, self.store, self.owner, self.logs, wake_fd, self.events.publish, self.logger,
-                          retrier)
+        return Supervisor(self.config.supervision, self.store, self.owner, self.logs, wake_fd, self.events.publish,
+                          self.logger, retrier)
 
     def take_over(self, owner: str, offers: Sequence[Offer], link: Link) -> Optional[list[int]]:
         """Take over the offered task processes of serving process ``owner``; the pids taken (None: refused).
@@ -522,21 +515,14 @@ class Runtime(TaskSide):
         accepted: list[int] = []
         for offer in offers:
             row = rows.get(offer.pid)
-            event = None
-            if row is not None and adoptable(offer, row, c.fresh_process):
-                try:
-                    event = self.store.adopt(row["uuid"], owner, self.owner)
-                except StoreError:
-                    event = None
-            if row is None or event is None:
+            if row is None or not adoptable(offer, row, c.fresh_process):
                 continue
-            link.add()
-            runner = AdoptedRun(self, cast(Row, event["task"]), offer.child(link.signal_group), link)
-            with self._runs_lock:
-                self._adopted.append(runner)
-            runner.start()
-            self.events.publish(event)
-            self.logger.info("Task %s (pid %d) was adopted from %s, which ended.", row["uuid"], offer.pid, owner)
+            uuid = row["uuid"]
+            # The run is started before the adoption is published: its subscribers find it running here.
+            if self.written(lambda: self._adopt(uuid, owner),
+                            before_publish=lambda adopted: self._run_adopted(adopted, offer, link)) is None:
+                continue
+            self.logger.info("Task %s (pid %d) was adopted from %s, which ended.", uuid, offer.pid, owner)
             accepted.append(offer.pid)
         return accepted
 
@@ -567,6 +553,21 @@ class Runtime(TaskSide):
         with self._runs_lock:
             self._runs[run.uuid] = run
             self._open_claims -= 1
+
+    def _adopt(self, uuid: str, owner: str) -> Optional[Event]:
+        """Record this process as the owner of ``uuid`` (None: the store refused, or could not be reached)."""
+        try:
+            return self.store.adopt(uuid, owner, self.owner)
+        except StoreError:
+            return None
+
+    def _run_adopted(self, adopted: Event, offer: Offer, link: Link) -> None:
+        """Supervise the adopted task process from this process (see :class:`~.adoption.AdoptedRun`)."""
+        link.add()
+        runner = AdoptedRun(self, cast(Row, adopted["task"]), offer.child(link.signal_group), link)
+        with self._runs_lock:
+            self._adopted.append(runner)
+        runner.start()
 
     def _open_claim(self) -> None:
         """A slot begins a claim: until it registers the task (or finds none), the task may be
@@ -603,20 +604,17 @@ class Runtime(TaskSide):
         try:
             if (run.stop_reason is StopReason.SHUTDOWN and outcome.status is TaskStatus.STOPPED
                     and self._claimed_amid_shutdown(run)):
-                event = retrier.call("returning a task to the queue", lambda: self.store.requeue(
-                    run.uuid, owner=self.owner, emitter=self.owner, uncount=True))
-                if event is not None:
-                    self.logger.info("Task %s was claimed as the server began to shut down; it is queued again.",
-                                     run.uuid)
-                    self.events.publish(event)
+                if self.written(lambda: self.store.requeue(run.uuid, owner=self.owner, emitter=self.owner,
+                                                           uncount=True), retrier, "returning a task to the queue",
+                                before_publish=lambda _: self.logger.info(
+                                    "Task %s was claimed as the server began to shut down; it is queued again.",
+                                    run.uuid)) is not None:
                     return None
             if (run.stop_reason is StopReason.SHUTDOWN and (c.restartable or run.has_state)
                     and outcome.status is not TaskStatus.SUCCEEDED):
-                event = retrier.call("requeueing a task", lambda: self.store.requeue(
-                    run.uuid, owner=self.owner, emitter=self.owner))
-                if event is not None:
-                    self.logger.info("Task %s will run again after the restart.", run.uuid)
-                    self.events.publish(event)
+                if self.written(lambda: self.store.requeue(run.uuid, owner=self.owner, emitter=self.owner),
+                                retrier, "requeueing a task", before_publish=lambda _: self.logger.info(
+                                    "Task %s will run again after the restart.", run.uuid)) is not None:
                     return None
             if self._retry(run, outcome, retrier):
                 return None
@@ -644,8 +642,10 @@ class Runtime(TaskSide):
             self.logger.warning("Task %s had already been settled elsewhere; its outcome %s is dropped.",
                                 run.uuid, outcome.status.value)
             return None
+        # Published here rather than through written(): the write's event comes with the claim made in
+        # the same write, and the claim is closed (when it found nothing) before the end is published.
         if claim_next:  # the claim in the same write took the place (or found nothing queued)
-            self._places_kept.add(event["cursor"])
+            self._places_kept.add(event["cursor"])  # before publishing: _on_event reads it
         self.events.publish(event)
         return claimed
 
@@ -681,25 +681,22 @@ class Runtime(TaskSide):
             return False
         fields = {"errors": [*run.errors, error], "progress": outcome.fields.get("progress"),
                   "percent": outcome.fields.get("percent")}
-        event = retrier.call("queueing a retry", lambda: self.store.retry(
-            run.uuid, delay, owner=self.owner, emitter=self.owner, **fields))
-        if event is None:  # stopped or settled elsewhere meanwhile: the end is recorded as usual
-            return False
-        self.logger.warning("Task %s %s on attempt %s (%s: %s); retry %d of %d in %.1f s.", run.uuid,
-                            outcome.status.value, run.attempt, (error or {}).get("type"),
-                            (error or {}).get("message"), len(run.errors) + 1, policy.max_retries, delay)
-        self.events.publish(event)
-        return True
+        retried = self.written(
+            lambda: self.store.retry(run.uuid, delay, owner=self.owner, emitter=self.owner, **fields), retrier,
+            "queueing a retry", before_publish=lambda _: self.logger.warning(
+                "Task %s %s on attempt %s (%s: %s); retry %d of %d in %.1f s.", run.uuid, outcome.status.value,
+                run.attempt, (error or {}).get("type"), (error or {}).get("message"), len(run.errors) + 1,
+                policy.max_retries, delay))
+        return retried is not None  # None: stopped or settled elsewhere meanwhile (its end is recorded as usual)
 
     def fail(self, uuid: str, exc: BaseException, retrier: Retrier) -> None:
         """Record that the controlling thread itself failed to run task ``uuid``."""
         error = error_record("ControllerError", f"The controller failed to run the task: {exc}")
         try:
-            event = retrier.call("recording a task's failure", lambda: self.store.finish(
-                uuid, TaskStatus.FAILED.value, owner=self.owner, emitter=self.owner, error=error))
+            self.written(lambda: self.store.finish(uuid, TaskStatus.FAILED.value, owner=self.owner,
+                                                   emitter=self.owner, error=error), retrier, "recording a task's failure")
         except GaveUp:
-            return
-        self.events.publish(event)
+            pass
 
     def _let_running_tasks_finish(self, hand_over: bool) -> None:
         """``shutdown_wait``: claim nothing more, and give the running tasks that long to end on their own."""

@@ -20,7 +20,7 @@ from .channel import PacketChannel
 from ..exceptions import StoreError
 from .protocol import Done, LogRecordMessage, Output, Percent, Progress, StopTask
 from ..states import TaskStatus
-from .supervisor import Observation, Settings, StopReason, classify, log_line
+from .supervisor import Observation, StopReason, classify, log_line
 
 if TYPE_CHECKING:
     from .forkserver import Task, _Server
@@ -87,7 +87,7 @@ class _Held:
 def settle_held(server: "_Server", config: "HandoverConfig", owner: str, store: "TaskStore") -> None:
     """Stop every task process ``server`` holds, then record each task's end (or queue it again)."""
     rows = {row.get("pid"): row for row in store.active(config.controller) if row.get("owner") == owner}
-    held = [_Held(task, config.fresh_process) for task in server.tasks.values()]
+    held = [_Held(task, config.supervision.fresh_process) for task in server.tasks.values()]
     for one in held:
         if one.task.exit_code is None and one.channel is not None:
             try:
@@ -95,7 +95,7 @@ def settle_held(server: "_Server", config: "HandoverConfig", owner: str, store: 
             except OSError:
                 pass
     started = time.monotonic()
-    term_at = started + config.stop_grace
+    term_at = started + config.supervision.stop_grace
     kill_at = term_at + defaults.KILL_AFTER_TERM
     termed = False
     while any(one.running for one in held) and time.monotonic() < kill_at + _REAP_MARGIN:
@@ -141,8 +141,7 @@ def _record(store: "TaskStore", config: "HandoverConfig", owner: str, row: Any, 
             exit_code=one.task.exit_code, timeout=row.get("timeout"),
             progress=row.get("progress") if one.progress is _UNSET else one.progress,
             percent=row.get("percent") if one.percent is _UNSET else one.percent, ended_at=time.time())
-        outcome = classify(seen, Settings(stop_grace=config.stop_grace, max_memory=config.max_memory,
-                                          fresh_process=config.fresh_process))
+        outcome = classify(seen, config.supervision)
         saved = row.get("state_saved_at") is not None and not row.get("stop_requested")
         if outcome.status is not TaskStatus.SUCCEEDED and (config.restartable or saved):
             store.requeue(uuid, owner=owner, emitter=owner)

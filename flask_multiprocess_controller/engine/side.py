@@ -4,14 +4,16 @@ A serving process has a :class:`~.runtime.Runtime` for each controller; a client
 (``MPC_ROLE=client``) has a :class:`~.clientside.ClientSide`. Both are a :class:`TaskSide`: every action
 the controller takes on tasks (submit, stop, pause, resume, re-prioritise, stop all, watch) is one method
 here, and each store write and the publication of its event to this process's subscribers (waiters, the
-running tasks, callbacks) happen together in :meth:`TaskSide.published`, not at each call site.
+running tasks, callbacks) happen together in :meth:`TaskSide.published`, :meth:`TaskSide.written` or
+:meth:`TaskSide.written_all`, not at each call site; the runtime's own writes (claims given back, ends,
+retries, requeues, adoptions) go through the same methods.
 """
 from __future__ import annotations
 
 import abc
 import os
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from ..events import Event
 from ..store import TaskStore
@@ -20,6 +22,7 @@ from .waiters import Countdown, Ended
 
 if TYPE_CHECKING:
     from .hub import EventHub
+    from .retrier import Retrier
     from .schedules import ScheduleSpec
 
 
@@ -43,6 +46,28 @@ class TaskSide(abc.ABC):
         row, event = written
         self.events.publish(event)
         return row
+
+    def written(self, write: Callable[[], Optional[Event]], retrier: Optional["Retrier"] = None,
+                doing: str = "", before_publish: Optional[Callable[[Event], None]] = None) -> Optional[Event]:
+        """Make a store write that returns its event (None: it changed nothing), publish that event, return it.
+
+        With ``retrier``, the write is retried (as ``doing``) while the store is unreachable, and the event is
+        published once, after the write succeeded; :class:`~.retrier.GaveUp` passes through with nothing
+        published. ``before_publish`` runs first with the event: for what the subscribers must find already
+        recorded when they see it.
+        """
+        event = write() if retrier is None else retrier.call(doing, write)
+        if event is not None:
+            if before_publish is not None:
+                before_publish(event)
+            self.events.publish(event)
+        return event
+
+    def written_all(self, write: Callable[[], list[Event]]) -> list[Event]:
+        """Make a store write that returns several events, publish them in order, and return them."""
+        events = write()
+        self.events.publish_all(events)
+        return events
 
     # -- the controller's actions -----------------------------------------------------------
 
@@ -68,9 +93,7 @@ class TaskSide(abc.ABC):
 
     def stop_all(self, controller: str) -> list[Event]:
         """Stop every queued, running and paused task of ``controller``; the events written."""
-        events = self.store.stop_all(controller, emitter=self.owner)
-        self.events.publish_all(events)
-        return events
+        return self.written_all(lambda: self.store.stop_all(controller, emitter=self.owner))
 
     @abc.abstractmethod
     def watch(self, uuid: str) -> AbstractContextManager[Ended]:

@@ -25,13 +25,14 @@ import psutil
 from .. import defaults
 from ..events import Event
 from ..exceptions import StoreError
+from .config import Settings as Settings  # re-exported: classify takes it
 from .forkserver import ChildProcess
 from .logs import LogListener, logger_levels
 from .pausing import TreePause
 from .retrier import Retrier
 from .proctree import TreeUsage, describe_exit, sample, signal_processes
 from .protocol import (
-    Done, ErrorRecord, Limits, LogRecordMessage, Output, Percent, Progress, Report, RunTask, SaveState,
+    Done, ErrorRecord, LogRecordMessage, Output, Percent, Progress, Report, RunTask, SaveState,
     StateSaved, StopTask, error_record,
 )
 from ..states import TaskStatus
@@ -146,17 +147,6 @@ class TaskRun:
             pending = self.stop_reason is not None
         if pending:
             child.send(StopTask(self.uuid))
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The controller settings a controlling thread needs."""
-
-    stop_grace: float
-    max_memory: Optional[int]
-    fresh_process: bool
-    limits: Limits = Limits(result_bytes=defaults.MAX_RESULT_SIZE, progress_bytes=defaults.MAX_PROGRESS_SIZE,
-                            state_bytes=defaults.MAX_STATE_SIZE)
 
 
 @dataclass
