@@ -45,11 +45,5 @@ app = Flask(__name__)
 Api(app).add_resource(MetaMPResource, "/tasks", "/tasks/<string:uuid>", resource_class_args=(controller,))
 
 
-@app.after_request
-def name_the_worker(response):
-    response.headers["X-Worker-Pid"] = str(os.getpid())
-    return response
-
-
 if __name__ == "__main__":
     app.run(host="127.0.0.1", port=int(os.environ["PORT"]))

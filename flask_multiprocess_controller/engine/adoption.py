@@ -221,7 +221,11 @@ class AdoptionListener(threading.Thread):
 
 def adoptable(offer: Offer, row: Optional[Row], fresh_process: bool) -> bool:
     """Whether ``offer`` is the process the store says runs ``row``'s task (and still runs it)."""
-    if row is None or abs((row.get("pid_created") or 0.0) - offer.created) > _CREATED_SLACK:
+    if row is None:
+        return False
+    # A reaped process is matched by its pid alone: its holder, its parent, reaped it, so the store's pid of a
+    # task of the ended owner is still that process; a live one must have the stored create time too.
+    if not offer.exited and abs((row.get("pid_created") or 0.0) - offer.created) > _CREATED_SLACK:
         return False
     # A reused process between tasks runs none, whatever the store says (its end was not read).
     return fresh_process or offer.exited or process_name(offer.pid) != IDLE_NAME

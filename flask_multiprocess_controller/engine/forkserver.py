@@ -374,12 +374,20 @@ class Task:
         self.outputs = outputs
         #: Set once reaped (its adopter is told at once).
         self.exit_code: Optional[int] = None
-        try:
-            self.create_time = psutil.Process(pid).create_time()
-        except psutil.Error:
-            self.create_time = 0.0
         #: Whether the process adopting the task took it (else it is killed).
         self.adopted = False
+        #: Whether an adopter refused it (no such running task in the store): nobody needs its end.
+        self.declined = False
+
+    def create_time(self) -> float:
+        """The process's create time, what an adopter checks against the store (0.0 once it was reaped: then the
+        pid, still this task's in the store, is enough). Read only for an offer, never on the spawn path."""
+        if self.exit_code is not None:
+            return 0.0
+        try:
+            return psutil.Process(self.pid).create_time()
+        except psutil.Error:
+            return 0.0
 
     def kept_fds(self) -> list[int]:
         return [fd for fd in (self.exit_w, self.channel, *self.outputs) if fd >= 0]
@@ -405,9 +413,7 @@ class Task:
             os.close(self.exit_w)
         exit_r, self.exit_w = os.pipe()
         if self.exit_code is not None:
-            code, self.exit_code = self.exit_code, None
-            self.report_exit(code)
-            self.exit_code = code
+            self.report_exit(self.exit_code)
         return exit_r
 
     def release(self) -> None:

@@ -277,7 +277,7 @@ class Holder:
         """Whether a reaped task can be forgotten: yes once its adopter has its exit code (and was not letting
         its tasks go), or when nobody needs it."""
         adopter_has_it = self.link is not None and task.adopted and delivered and not self._released
-        return adopter_has_it or getattr(task, "declined", False)
+        return adopter_has_it or task.declined
 
     # -- offers -----------------------------------------------------------------------------
 
@@ -308,7 +308,7 @@ class Holder:
         for task in tasks:
             exit_r = task.new_exit_pipe()
             try:
-                send_packet(sock, {"pid": task.pid, "created": task.create_time,
+                send_packet(sock, {"pid": task.pid, "created": task.create_time(),
                                    "exited": task.exit_code is not None, "outputs": len(task.outputs)},
                             [task.channel, exit_r, *task.outputs])
             finally:
@@ -320,7 +320,7 @@ class Holder:
         for task in tasks:
             task.adopted = task.pid in accepted
             if not task.adopted:  # no such running task in the store (or the adopter could not prove it)
-                task.declined = True  # type: ignore[attr-defined]
+                task.declined = True
                 self.server.signal_group(task.pid, signal.SIGKILL)
                 if task.exit_code is not None:
                     del self.server.tasks[task.pid]

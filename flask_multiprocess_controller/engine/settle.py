@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from .. import defaults
 from .capture import PipeReader
 from .channel import PacketChannel
+from .handover import wait_readable
 from ..exceptions import StoreError
 from .protocol import Done, LogRecordMessage, Output, Percent, Progress, StopTask
 from ..states import TaskStatus
@@ -105,8 +106,6 @@ def settle_held(server: "_Server", config: "HandoverConfig", owner: str, store: 
             termed = True
         if now >= kill_at:
             _signal_running(server, held, signal.SIGKILL)
-        from .handover import wait_readable
-
         ready = wait_readable([server.wake_r, *(fd for one in held for fd in one.fds())], 0.1)
         if server.wake_r in ready:
             try:
