@@ -118,6 +118,7 @@ def _hostile_requests(document: dict[str, Any], real: list[str]) -> Iterator[tup
                     yield method, url, {"query_string": required, "data": body, "content_type": "application/json"}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_no_server_error_on_any_operator_url_or_the_example_resource(example: Any) -> None:
     """Coverage cases (each parameter's boundaries and wrong types), then generated valid and invalid
