@@ -52,6 +52,7 @@ from .slots import Claim, Slot
 from ..states import ACTIVE, TaskStatus
 from ..store import TaskStore
 from ..store.base import Row
+from ..store.base import Idempotency
 from .supervisor import Outcome, StopReason, Supervisor, TaskRun
 from ..task import MetaMPTask
 from .waiters import Countdown, Ended, Waiters
@@ -178,9 +179,13 @@ class Runtime(TaskSide):
 
     # -- what the controller asks of the runtime ------------------------------------------
 
-    def submit(self, rows: Sequence[Row], max_queued: int) -> None:
+    def submit(self, rows: Sequence[Row], max_queued: int, idempotency: Optional[Idempotency] = None) -> None:
         """Queue new task rows (all or none) and wake the slots."""
-        self.written_all(lambda: self.store.enqueue(rows, max_queued, emitter=self.owner))  # each wakes a slot
+        if idempotency is None:
+            self.written_all(lambda: self.store.enqueue(rows, max_queued, emitter=self.owner))  # each wakes a slot
+        else:
+            self.written_all(lambda: self.store.enqueue(rows, max_queued, emitter=self.owner,
+                                                        idempotency=idempotency))
 
     @contextmanager
     def watch(self, uuid: str) -> Iterator[Ended]:
