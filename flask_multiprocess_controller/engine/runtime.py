@@ -53,6 +53,7 @@ from ..states import ACTIVE, TaskStatus
 from ..store import TaskStore
 from ..store.base import Row
 from ..store.base import Idempotency
+from ..exceptions import IdempotentReplay
 from .supervisor import Outcome, StopReason, Supervisor, TaskRun
 from ..task import MetaMPTask
 from .waiters import Countdown, Ended, Waiters
@@ -184,8 +185,14 @@ class Runtime(TaskSide):
         if idempotency is None:
             self.written_all(lambda: self.store.enqueue(rows, max_queued, emitter=self.owner))  # each wakes a slot
         else:
-            self.written_all(lambda: self.store.enqueue(rows, max_queued, emitter=self.owner,
-                                                        idempotency=idempotency))
+            try:
+                self.written_all(lambda: self.store.enqueue(rows, max_queued, emitter=self.owner,
+                                                            idempotency=idempotency))
+            except IdempotentReplay:
+                # The first submission's answer may have been lost here, its events never published: the
+                # slots look at the queue rather than wait for an event that will not come.
+                self.notify_work()
+                raise
 
     @contextmanager
     def watch(self, uuid: str) -> Iterator[Ended]:
