@@ -377,7 +377,7 @@ class Client:
 
     def _backoff(self, attempt: int) -> float:
         """Seconds before retry number ``attempt`` (1, 2, ...) of a lost answer."""
-        return min(RETRY_BACKOFF * 2 ** (attempt - 1), self.max_retry_delay)
+        return min(RETRY_BACKOFF * float(2 ** (attempt - 1)), self.max_retry_delay)
 
     def _request(self, method: str, url: str, params: Optional[Mapping[str, str]], body: Any,
                  headers: Mapping[str, str], timeout: float) -> requests.Response:
