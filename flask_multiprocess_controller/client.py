@@ -18,6 +18,16 @@ Each error answer raises a :class:`ClientError` subclass named after its status 
 ``429`` (queue full: nothing was queued) and a ``503`` (store unreachable) are retried, after
 the ``Retry-After`` the server sent, up to ``max_retries`` times.
 
+A submission is safe to send again: :meth:`Client.submit` and :meth:`Client.submit_many` send an
+``Idempotency-Key`` (a fresh one per call unless the caller gives one), and when the answer is lost
+(the connection broke, the request timed out, a gateway answered 502, 503 or 504) they send the same
+request again with the same key, up to ``max_retries`` times with a growing delay: the server answers
+with the task the first request made, and never makes a second one.
+
+Redirects are followed only within the origin (scheme, host and port) of the request: a redirect
+to another origin raises :class:`RedirectRefused`, so that neither the credentials (``auth=``,
+``headers=``) nor a body is ever sent where the server pointed.
+
 .. versionadded:: 0.3
 """
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import email.utils
 import time
 import urllib.parse
+import uuid as uuid_module
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -46,6 +57,13 @@ DEFAULT_MAX_RETRIES = 3
 MAX_RETRY_DELAY = 60.0
 #: Seconds a retry waits when the answer names no ``Retry-After``.
 DEFAULT_RETRY_DELAY = 1.0
+#: Seconds before the first retry of a submission whose answer was lost; each further one doubles it
+#: (up to ``max_retry_delay``).
+RETRY_BACKOFF = 0.5
+#: Redirects within the request's origin followed at most.
+MAX_REDIRECTS = 5
+#: The header that makes a submission safe to send again.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 #: States a task never leaves.
 TERMINAL_STATES = frozenset({"succeeded", "failed", "stopped", "timed_out", "lost"})
 
@@ -125,6 +143,17 @@ class PayloadTooLarge(ClientError):
     code = 413
 
 
+class UnprocessableContent(ClientError):
+    """422: the ``Idempotency-Key`` was used before with another body or other options; nothing was queued."""
+
+    code = 422
+
+
+class RedirectRefused(ClientError):
+    """The server redirected the request to another origin (scheme, host or port), which the client does not
+    follow: the credentials and the body would go there. Also raised after :data:`MAX_REDIRECTS` redirects."""
+
+
 class QueueFull(ClientError):
     """429: the queue is full and nothing was queued; raised once the retries are spent."""
 
@@ -145,11 +174,14 @@ class ServerUnavailable(ClientError):
 
 _BY_STATUS: dict[int, type[ClientError]] = {
     cls.code: cls for cls in (BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, Conflict,
-                              PayloadTooLarge, QueueFull, ServerError, ServerUnavailable) if cls.code is not None
+                              PayloadTooLarge, QueueFull, ServerError, ServerUnavailable, UnprocessableContent)
+    if cls.code is not None
 }
 
 #: Statuses retried after ``Retry-After``.
 _RETRIED = frozenset({429, 503})
+#: Statuses that may hide a lost answer (a gateway's): a submission with a key is sent again after them.
+_LOST = frozenset({502, 503, 504})
 
 
 # -- the client ------------------------------------------------------------------------------------
@@ -167,7 +199,8 @@ class Client:
     :param headers: headers sent with every request (``{"Authorization": "Bearer ..."}``).
     :param prefix: the extension's URL prefix (``MPC_URL_PREFIX``), for :meth:`logs`.
     :param timeout: seconds a request may take (a long-poll: this beyond its wait).
-    :param max_retries: times a 429 or 503 answer is retried (0: never).
+    :param max_retries: times a 429 or 503 answer is retried, and a submission whose answer was lost is
+        sent again (0: never).
     :param max_retry_delay: seconds a retry waits at most; a longer ``Retry-After`` raises at once.
     """
 
@@ -205,23 +238,34 @@ class Client:
 
     # -- tasks --------------------------------------------------------------------------------
 
-    def submit(self, *, priority: Optional[int] = None, timeout: Optional[float] = None, **arguments: Any) -> str:
+    def submit(self, *, priority: Optional[int] = None, timeout: Optional[float] = None,
+               idempotency_key: Optional[str] = None, **arguments: Any) -> str:
         """Queue ``execute(**arguments)``; return the task's uuid.
 
         ``priority`` (lower runs first) and ``timeout`` (seconds; it can only lower the
-        controller's) travel as query options. To pass task arguments of those names, use
-        :meth:`submit_many`.
+        controller's) travel as query options. To pass task arguments of those names, or
+        ``idempotency_key``, use :meth:`submit_many`.
+
+        The request carries an ``Idempotency-Key``: ``idempotency_key`` when given (the same key
+        within the server's ``idempotency_ttl`` returns the task it made: give one to make a
+        submission safe to repeat across runs of a script), else a fresh uuid4. A lost answer is
+        asked again with it (see the module's documentation).
         """
-        task = self._send("POST", self._url(), params=_options(priority, timeout), body=arguments)
+        task = self._send("POST", self._url(), params=_options(priority, timeout), body=arguments,
+                          idempotency_key=_key(idempotency_key))
         return str(task["uuid"])
 
     def submit_many(self, items: Iterable[Mapping[str, Any]], *, priority: Optional[int] = None,
-                    timeout: Optional[float] = None) -> list[dict[str, Any]]:
-        """Queue one task per mapping of keyword arguments, all or none; return their task objects in order."""
+                    timeout: Optional[float] = None, idempotency_key: Optional[str] = None) -> list[dict[str, Any]]:
+        """Queue one task per mapping of keyword arguments, all or none; return their task objects in order.
+
+        Sent with an ``Idempotency-Key`` and asked again when the answer is lost, as :meth:`submit`.
+        """
         body = [dict(item) for item in items]
         if not body:
             return []
-        answer = self._send("POST", self._url(), params=_options(priority, timeout), body=body)
+        answer = self._send("POST", self._url(), params=_options(priority, timeout), body=body,
+                            idempotency_key=_key(idempotency_key))
         return list(answer["tasks"])
 
     def status(self, uuid: str) -> dict[str, Any]:
@@ -295,26 +339,71 @@ class Client:
         return self.base_url + self.resource
 
     def _send(self, method: str, url: str, params: Optional[Mapping[str, str]] = None, body: Any = None,
-              timeout: Optional[float] = None) -> Any:
-        """Send one request, retrying 429 and 503 answers; return the decoded JSON of the answer."""
+              timeout: Optional[float] = None, idempotency_key: Optional[str] = None) -> Any:
+        """Send one request, retrying 429 and 503 answers; return the decoded JSON of the answer.
+
+        With ``idempotency_key`` (sent as the ``Idempotency-Key`` header), a request whose answer was
+        lost (no answer, or 502/503/504) is sent again with the same key, after a growing delay.
+        """
         requests = _import_requests()
+        headers = dict(self.headers)
+        if idempotency_key is not None:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key
+        lost = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
         attempt = 0
         while True:
             try:
-                response = self.session.request(
-                    method, url, params=params, json=body, headers=self.headers or None, auth=self.auth,
-                    timeout=self.timeout if timeout is None else timeout)
+                response = self._request(method, url, params, body, headers,
+                                         self.timeout if timeout is None else timeout)
             except requests.RequestException as exc:
-                raise TransportError(f"{method} {url} got no answer: {exc}") from exc
+                if idempotency_key is None or not isinstance(exc, lost) or attempt >= self.max_retries:
+                    raise TransportError(f"{method} {url} got no answer: {exc}") from exc
+                attempt += 1
+                time.sleep(self._backoff(attempt))
+                continue
             if response.status_code < 400:
                 return _json(response)
             error = _error(response)
-            delay = error.retry_after if error.retry_after is not None else DEFAULT_RETRY_DELAY
-            retry = response.status_code in _RETRIED and attempt < self.max_retries
+            if error.retry_after is not None:
+                delay = error.retry_after
+            else:
+                delay = self._backoff(attempt + 1) if idempotency_key is not None else DEFAULT_RETRY_DELAY
+            retried = _RETRIED | _LOST if idempotency_key is not None else _RETRIED
+            retry = response.status_code in retried and attempt < self.max_retries
             if not retry or delay > self.max_retry_delay:
                 raise error
             attempt += 1
             time.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds before retry number ``attempt`` (1, 2, ...) of a lost answer."""
+        return min(RETRY_BACKOFF * float(2 ** (attempt - 1)), self.max_retry_delay)
+
+    def _request(self, method: str, url: str, params: Optional[Mapping[str, str]], body: Any,
+                 headers: Mapping[str, str], timeout: float) -> requests.Response:
+        """One request, following redirects within its origin only (requests would follow any, sending
+        custom headers, and for a 307 or 308 the body, to whatever host the server names).
+
+        :raises RedirectRefused: a redirect to another origin, or more than :data:`MAX_REDIRECTS`.
+        """
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self.session.request(method, url, params=params, json=body, headers=headers or None,
+                                            auth=self.auth, timeout=timeout, allow_redirects=False)
+            if not response.is_redirect:
+                return response
+            target = urllib.parse.urljoin(response.url, response.headers["Location"])
+            if _origin(target) != _origin(response.url):
+                response.close()
+                raise RedirectRefused(
+                    f"{method} {url} was redirected ({response.status_code}) to another origin, "
+                    f"{_origin_text(target)}: not followed, so that no credentials or body go there.",
+                    status=response.status_code, response=response)
+            response.close()
+            if response.status_code == 303 or (response.status_code in (301, 302) and method == "POST"):
+                method, body = "GET", None  # what browsers (and requests) do
+            url, params = target, None  # the Location carries its own query
+        raise RedirectRefused(f"{method} {url} was redirected more than {MAX_REDIRECTS} times.",
+                              status=response.status_code, response=response)
 
     def list(self, status: Union[None, str, Iterable[str]] = None, limit: Optional[int] = None) -> dict[str, Any]:
         """The list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``, newest first.
@@ -328,6 +417,29 @@ class Client:
         if limit is not None:
             params["limit"] = str(limit)
         return dict(self._send("GET", self._url(), params=params))
+
+
+def _key(given: Optional[str]) -> str:
+    """The ``Idempotency-Key`` of a submission: the caller's, else a fresh uuid4."""
+    return str(uuid_module.uuid4()) if given is None else given
+
+
+def _origin(url: str) -> tuple[str, str, Optional[int]]:
+    """The origin of ``url``: scheme, host and port (the scheme's default when the URL names none)."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # unreadable: never the origin of a valid URL
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _origin_text(url: str) -> str:
+    scheme, host, port = _origin(url)
+    return f"{scheme}://{host}:{port}"
 
 
 def _options(priority: Optional[int], timeout: Optional[float]) -> dict[str, str]:

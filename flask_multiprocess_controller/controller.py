@@ -24,6 +24,8 @@ from .http import compat as compat_module
 from . import defaults
 from .http.arguments import ArgumentSpec, check_depth
 from .batches import Batch, BatchView, new_batch_id, parse_batch_id
+from . import idempotency
+from .idempotency import Submitted
 from .submission import effective_timeout, new_rows
 from .ops.console import console_aware
 from .events import EventKind
@@ -53,6 +55,8 @@ from .engine.schedules import ScheduleInfo, ScheduleSpec, describe
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store, store_url
 from .store.base import ANY_TENANT, Row
+from .store.base import Idempotency
+from .exceptions import IdempotencyKeyReused, IdempotentReplay, IdempotentTasksPurged
 from .task import MetaMPTask
 
 
@@ -99,6 +103,8 @@ class MetaMPController:
     :param shutdown_wait: seconds a serving process that shuts down lets its running tasks finish on
         their own (claiming nothing meanwhile) before it stops them; None: the app's
         ``MPC_SHUTDOWN_WAIT``, else the ``MPC_SHUTDOWN_WAIT`` environment variable, else 0.
+    :param idempotency_ttl: seconds a POST's ``Idempotency-Key`` is remembered with the tasks it made: the
+        same key again within it answers with those tasks (200) and queues none (see :meth:`enqueue_once`).
     :param compat: ``"0.1"`` makes this controller's resource take bodies of any content
         type and answer in upstream 0.1's shapes and codes, for clients that cannot change
         (see :mod:`.compat`); None (the default) keeps this version's answers.
@@ -141,12 +147,13 @@ class MetaMPController:
                  max_progress_size: int = defaults.MAX_PROGRESS_SIZE, max_bulk: int = defaults.MAX_BULK,
                  role: Optional[str] = None, tenant: Optional[Callable[[], Any]] = None,
                  max_state_size: int = defaults.MAX_STATE_SIZE,
-                 handover_window: Optional[float] = None, shutdown_wait: Optional[float] = None) -> None:
+                 handover_window: Optional[float] = None, shutdown_wait: Optional[float] = None,
+                 idempotency_ttl: float = defaults.IDEMPOTENCY_TTL) -> None:
         configurator = check_arguments(
             target_task, callback_url, max_num_process, max_num_queue, timeout, stop_grace, max_tasks_per_child,
             (logger_configurator_cls, log_configurator), role, tenant, max_wait=max_wait,
             max_result_size=max_result_size, max_progress_size=max_progress_size, max_bulk=max_bulk,
-            max_state_size=max_state_size)
+            max_state_size=max_state_size, idempotency_ttl=idempotency_ttl)
         #: The task class this controller runs (None: it runs none).
         self.target_task = target_task
         self.max_num_process = max_num_process
@@ -160,6 +167,8 @@ class MetaMPController:
         self.retention = retention
         self.max_content_length = max_content_length
         self.max_wait = float(max_wait)
+        #: Seconds the store keeps an ``Idempotency-Key`` with the tasks it made (see :mod:`.idempotency`).
+        self.idempotency_ttl = float(idempotency_ttl)
         #: Seconds running tasks wait to be adopted when this process ends (None: ``MPC_HANDOVER_WINDOW``,
         #: else 60 s; 0: they are stopped with the process). See :mod:`.handover`.
         self.handover_window: Optional[float] = (
@@ -191,6 +200,7 @@ class MetaMPController:
             ("max_content_length", max_content_length, defaults.MAX_CONTENT_LENGTH),
             ("max_wait", max_wait, defaults.MAX_WAIT), ("expose_tracebacks", expose_tracebacks, False),
             ("handover_window", handover_window, None), ("shutdown_wait", shutdown_wait, None),
+            ("idempotency_ttl", idempotency_ttl, defaults.IDEMPOTENCY_TTL),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
         self._bound = False
@@ -400,8 +410,13 @@ class MetaMPController:
         return self._present_new(self.enqueue_rows(items, priority, timeout, batch))
 
     def enqueue_rows(self, items: Sequence[Mapping[str, Any]], priority: int, timeout: Optional[float],
-                      batch: Optional[str]) -> list[Row]:
-        """:meth:`enqueue` without the task objects (a caller that waits reads them anyway)."""
+                     batch: Optional[str], keyed: Optional[Callable[[list[Row]], Idempotency]] = None
+                     ) -> list[Row]:
+        """:meth:`enqueue` without the task objects (a caller that waits reads them anyway).
+
+        :param keyed: makes the store's record of the submission's key from its rows (see
+            :meth:`enqueue_once`, which passes it); the store may then raise :class:`IdempotentReplay`.
+        """
         side = self._activate()  # raises NoTargetTask for a controller without a task
         spec = self._spec
         if spec is None:
@@ -411,8 +426,62 @@ class MetaMPController:
             raise PayloadTooLarge(f"{len(items)} tasks in one request; the limit is {self.max_bulk}.")
         rows = new_rows(spec, self.name, items, priority, self._effective_timeout(timeout), self.current_tenant(),
                         batch)
-        side.submit(rows, self.max_num_queue)
+        if keyed is None:
+            side.submit(rows, self.max_num_queue)
+        else:
+            side.submit(rows, self.max_num_queue, keyed(rows))
         return rows
+
+    def enqueue_once(self, key: str, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
+                     timeout: Optional[float] = None, bulk: bool = False) -> Submitted:
+        """Queue one task per mapping of keyword arguments, all or none, unless ``key`` was used already.
+
+        What a POST with an ``Idempotency-Key`` does, and ``flask mpc submit``: the store records ``key``
+        (scoped to this controller and the request's tenant) with the tasks, in the same atomic step as
+        their insert, for :attr:`idempotency_ttl` seconds. Within that time the same key with the same
+        items and options returns the tasks it made, with ``replayed`` True, and queues nothing (even
+        when the queue is full); so a caller whose answer was lost may simply ask again. ``bulk`` makes
+        the tasks one batch (as :meth:`submit_many`).
+
+        :raises InvalidRequest: ``key`` is not 1 to 255 printable ASCII characters.
+        :raises IdempotencyKeyReused: the key was used with other items or options (nothing is queued).
+        :raises IdempotentTasksPurged: the key's tasks have been purged since.
+
+        .. versionadded:: 0.3
+        """
+        key = idempotency.check_key(key)
+        if bulk and not items:
+            raise InvalidRequest("A batch needs at least one task.")
+        fingerprint = idempotency.fingerprint(items, bulk, priority, timeout)
+
+        def record(rows: list[Row]) -> Idempotency:
+            scoped = idempotency.scoped_key(self.name, rows[0].get("tenant") if rows else None, key)
+            return Idempotency(scoped, fingerprint, self.idempotency_ttl)
+
+        try:
+            rows = self.enqueue_rows(items, priority, timeout, new_batch_id() if bulk else None, record)
+        except IdempotentReplay as replay:
+            if replay.fingerprint != fingerprint:
+                raise IdempotencyKeyReused(
+                    f"The {idempotency.HEADER} {key[:80]!r} was used with other arguments or options: send a new "
+                    f"key for a new submission.") from None
+            found = [self.store.get(uuid) for uuid in replay.uuids]
+            rows = [row for row in found if row is not None and row["controller"] == self.name]
+            if not rows:
+                raise IdempotentTasksPurged(
+                    f"The tasks made with the {idempotency.HEADER} {key[:80]!r} ({', '.join(replay.uuids)}) have "
+                    f"been purged: send a new key to submit again.") from None
+            return Submitted(rows, True)
+        return Submitted(rows, False)
+
+    def submitted_tasks(self, submitted: Submitted) -> list[TaskObject]:
+        """The task objects of what :meth:`enqueue_once` returned (those it queued now, or those it found).
+
+        .. versionadded:: 0.3
+        """
+        if submitted.replayed:
+            return [self._present(row) for row in submitted.rows]
+        return self._present_new(submitted.rows)
 
     def submit(self, **kwargs: Any) -> str:
         """Queue ``execute(**kwargs)`` and return the task's uuid."""

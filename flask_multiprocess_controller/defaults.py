@@ -107,3 +107,8 @@ SHUTDOWN_WAIT_ENV = "MPC_SHUTDOWN_WAIT"
 #: Seconds after a serving process's last heartbeat during which the tasks it ran on this host are not
 #: settled yet: its fork server, which noticed its end at once, holds them and beats for them by then.
 HOLD_GRACE = 2.0
+#: Seconds the store keeps an ``Idempotency-Key`` with the tasks it made (24 h): a POST sent again with
+#: the key within it answers with those tasks and queues none.
+IDEMPOTENCY_TTL = 24 * 3600.0
+#: Times ``flask mpc submit`` tries again a submission whose store write got no answer, with the same key.
+SUBMIT_ATTEMPTS = 4

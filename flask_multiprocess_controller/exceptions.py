@@ -189,3 +189,33 @@ class TaskTimeout(TaskFailure):
 
 class MemoryLimitExceeded(TaskFailure):
     """The task's process tree used more memory than ``max_memory`` and was killed."""
+
+
+class IdempotencyKeyReused(MPCError):
+    """An ``Idempotency-Key`` came again within ``idempotency_ttl`` with another body or other query
+    options than the request that first used it (422); nothing was queued.
+
+    .. versionadded:: 0.3
+    """
+
+
+class IdempotentTasksPurged(MPCError):
+    """An ``Idempotency-Key`` came again within ``idempotency_ttl``, but the tasks it made have been purged
+    since (the controller's ``retention`` is shorter than the key's life); nothing was queued (409).
+
+    .. versionadded:: 0.3
+    """
+
+
+class IdempotentReplay(Exception):
+    """Raised by a store's ``enqueue`` when the idempotency key it was given is already recorded (and not
+    expired): nothing was written. The controller turns it into the answer of the first submission, or
+    :class:`IdempotencyKeyReused`; it never reaches a caller.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, uuids: Iterable[str], fingerprint: str) -> None:
+        self.uuids = list(uuids)
+        self.fingerprint = fingerprint
+        super().__init__(f"already submitted as {', '.join(self.uuids)}")

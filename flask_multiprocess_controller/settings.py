@@ -42,6 +42,7 @@ def check_callback_url(url: Any) -> None:
 APP_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "stop_grace": float, "retention": float, "max_content_length": int, "max_wait": float,
     "expose_tracebacks": bool, "handover_window": float, "shutdown_wait": float,
+    "idempotency_ttl": float,
 }
 
 
@@ -55,7 +56,7 @@ def app_setting(key: str, value: Any) -> Any:
         converted = APP_SETTINGS[key](value)
     except (TypeError, ValueError):
         raise ValueError(f"MPC_{key.upper()} must be a {APP_SETTINGS[key].__name__}, not {value!r}.") from None
-    if key != "expose_tracebacks" and (converted < 0 or (key == "max_wait" and converted == 0)):
+    if key != "expose_tracebacks" and (converted < 0 or (key in ("max_wait", "idempotency_ttl") and converted == 0)):
         raise ValueError(f"MPC_{key.upper()} must be positive, not {value!r}.")
     return converted
 

@@ -5,6 +5,9 @@
 - ``/secure``: answers 401 unless the request says ``Authorization: Bearer s3cret``.
 - ``/flaky``: a controller without a task whose GET answers 503 with ``Retry-After: 1`` to the
   first two reads of each uuid, then a finished task object.
+- ``/moved``: redirects (308) to ``/jobs`` on the same origin.
+- ``/elsewhere``: redirects (307) to ``/record`` on another origin (``localhost`` rather than
+  ``127.0.0.1``), which records the headers and body of what reaches it; ``/recorded`` lists them.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from flask import Flask, request
+from flask import Flask, redirect, request
 from flask_restful import Api
 
 from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
@@ -90,6 +93,30 @@ api.add_resource(MetaMPResource, "/flaky", endpoint="flaky", resource_class_args
 @app.get("/ready")
 def ready() -> str:
     return "ok"
+
+
+_recorded: list[dict[str, Any]] = []
+
+
+@app.route("/moved", methods=["GET", "POST"])
+def moved() -> Any:
+    return redirect("/jobs", 308)
+
+
+@app.route("/elsewhere", methods=["GET", "POST"])
+def elsewhere() -> Any:
+    return redirect(f"http://localhost:{os.environ['PORT']}/record", 307)
+
+
+@app.route("/record", methods=["GET", "POST"])
+def record() -> Any:
+    _recorded.append({"headers": dict(request.headers), "body": request.get_data(as_text=True)})
+    return {"uuid": "not-a-task", "tasks": []}
+
+
+@app.get("/recorded")
+def recorded() -> Any:
+    return {"requests": _recorded}
 
 
 if __name__ == "__main__":

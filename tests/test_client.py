@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from flask_multiprocess_controller.client import (
-    BadRequest, Client, ClientError, Conflict, NotFound, PayloadTooLarge, QueueFull, ServerUnavailable,
-    TransportError, Unauthorized, parse_retry_after,
+    BadRequest, Client, ClientError, Conflict, NotFound, PayloadTooLarge, QueueFull, RedirectRefused,
+    ServerUnavailable, TransportError, Unauthorized, parse_retry_after,
 )
 
 from serverproc import Server, ServerPool, free_port, python
@@ -266,3 +266,84 @@ def test_wait_batch_over_a_real_server(jobs):
     assert view["batch"] == batch and view["total"] == view["ended"] == 3
     assert [t["uuid"] for t in view["tasks"]] == [t["uuid"] for t in tasks]
     assert {t["status"] for t in view["tasks"]} == {"succeeded"}
+
+
+# -- submissions safe to send again, and redirects --------------------------------------------------------
+
+
+def _tasks_with(client: Client, n: int) -> list[str]:
+    return [t["uuid"] for t in client.list(limit=1000)["tasks"] if t["args"].get("n") == n]
+
+
+@pytest.mark.timeout(60)
+def test_a_submission_whose_answer_was_lost_is_sent_again_and_makes_one_task(server, jobs):
+    from test_lost_answers import AnswerCutter
+
+    # The proxy forwards the POST to the server, which queues the task, then breaks the connection
+    # instead of passing the answer on.
+    cutter = AnswerCutter(("127.0.0.1", server.port), b"Idempotency-Key")
+    try:
+        n = 900_000 + free_port()
+        cutter.armed.set()
+        with Client(f"http://127.0.0.1:{cutter.port}", "/jobs") as through_proxy:
+            uuid = through_proxy.submit(n=n)
+        assert cutter.cut.is_set(), "the answer was not cut: the test did not test anything"
+    finally:
+        cutter.close()
+    assert _tasks_with(jobs, n) == [uuid]
+    assert jobs.wait(uuid, timeout=30)["result"] == {"n": n}
+
+
+class _Sequence(requests.adapters.BaseAdapter):
+    """A transport that answers with the given statuses in turn, and records the requests it gets."""
+
+    def __init__(self, *answers: tuple[int, bytes]) -> None:
+        super().__init__()
+        self.answers = list(answers)
+        self.seen: list[requests.PreparedRequest] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        self.seen.append(request)
+        status, body = self.answers.pop(0)
+        response = requests.Response()
+        response.status_code, response._content, response.url = status, body, request.url
+        response.headers["Content-Type"] = "application/json"
+        response.request = request
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_a_gateway_error_is_retried_with_the_same_key_and_a_given_key_is_sent():
+    transport = _Sequence((502, b"{}"), (504, b"{}"), (202, b'{"uuid": "u1"}'), (202, b'{"uuid": "u2"}'))
+    session = requests.Session()
+    session.mount("http://", transport)
+    client = Client("http://gateway.invalid", "/jobs", session=session)
+    assert client.submit(n=1) == "u1"
+    keys = [request.headers["Idempotency-Key"] for request in transport.seen]
+    assert len(keys) == 3 and len(set(keys)) == 1 and uuid_module.UUID(keys[0])
+    assert client.submit(n=1, idempotency_key="nightly-7") == "u2"
+    assert transport.seen[-1].headers["Idempotency-Key"] == "nightly-7"
+    assert b'"idempotency_key"' not in transport.seen[-1].body  # a header, not a task argument
+
+
+@pytest.mark.timeout(60)
+def test_a_redirect_to_another_origin_is_not_followed(server):
+    headers = {"X-Api-Key": "k3y"}
+    with Client(server.base, "/elsewhere", headers=headers, auth=("user", "pass")) as client:
+        with pytest.raises(RedirectRefused) as caught:
+            client.submit(n=1)
+        assert caught.value.status == 307 and "another origin" in caught.value.message
+        with pytest.raises(RedirectRefused):
+            client.status(str(uuid_module.uuid4()))
+    assert requests.get(f"{server.base}/recorded", timeout=10).json()["requests"] == []
+
+
+@pytest.mark.timeout(60)
+def test_a_redirect_within_the_origin_is_followed_with_the_body_and_key(server, jobs):
+    n = 800_000 + free_port()
+    with Client(server.base, "/moved") as moved:
+        uuid = moved.submit(n=n)
+    assert _tasks_with(jobs, n) == [uuid]

@@ -17,7 +17,7 @@ from ..events import Event, EventKind
 from .hub import EventHub
 from .side import TaskSide
 from ..store import TaskStore
-from ..store.base import Row
+from ..store.base import Idempotency, Row
 from .waiters import Countdown, Ended, Waiters
 
 
@@ -38,9 +38,12 @@ class ClientSide(TaskSide):
         self._lock = threading.Lock()
         self._following = False
 
-    def submit(self, rows: Sequence[Row], max_queued: int) -> None:
+    def submit(self, rows: Sequence[Row], max_queued: int, idempotency: Optional[Idempotency] = None) -> None:
         """Queue task rows (all or none); a serving process picks them up from the change feed."""
-        self.store.enqueue(rows, max_queued)
+        if idempotency is None:
+            self.store.enqueue(rows, max_queued)
+        else:
+            self.store.enqueue(rows, max_queued, idempotency=idempotency)
 
     @contextmanager
     def watch(self, uuid: str) -> Iterator[Ended]:

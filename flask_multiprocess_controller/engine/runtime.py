@@ -52,6 +52,8 @@ from .slots import Claim, Slot
 from ..states import ACTIVE, TaskStatus
 from ..store import TaskStore
 from ..store.base import Row
+from ..store.base import Idempotency
+from ..exceptions import IdempotentReplay
 from .supervisor import Outcome, StopReason, Supervisor, TaskRun
 from ..task import MetaMPTask
 from .waiters import Countdown, Ended, Waiters
@@ -178,9 +180,19 @@ class Runtime(TaskSide):
 
     # -- what the controller asks of the runtime ------------------------------------------
 
-    def submit(self, rows: Sequence[Row], max_queued: int) -> None:
+    def submit(self, rows: Sequence[Row], max_queued: int, idempotency: Optional[Idempotency] = None) -> None:
         """Queue new task rows (all or none) and wake the slots."""
-        self.written_all(lambda: self.store.enqueue(rows, max_queued, emitter=self.owner))  # each wakes a slot
+        if idempotency is None:
+            self.written_all(lambda: self.store.enqueue(rows, max_queued, emitter=self.owner))  # each wakes a slot
+        else:
+            try:
+                self.written_all(lambda: self.store.enqueue(rows, max_queued, emitter=self.owner,
+                                                            idempotency=idempotency))
+            except IdempotentReplay:
+                # The first submission's answer may have been lost here, its events never published: the
+                # slots look at the queue rather than wait for an event that will not come.
+                self.notify_work()
+                raise
 
     @contextmanager
     def watch(self, uuid: str) -> Iterator[Ended]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from ..events import Event
 from ..store import TaskStore
-from ..store.base import Row
+from ..store.base import Idempotency, Row
 from .waiters import Countdown, Ended
 
 if TYPE_CHECKING:
@@ -72,8 +72,9 @@ class TaskSide(abc.ABC):
     # -- the controller's actions -----------------------------------------------------------
 
     @abc.abstractmethod
-    def submit(self, rows: Sequence[Row], max_queued: int) -> None:
-        """Queue new task rows (all or none)."""
+    def submit(self, rows: Sequence[Row], max_queued: int, idempotency: Optional[Idempotency] = None) -> None:
+        """Queue new task rows (all or none); with ``idempotency``, as :meth:`TaskStore.enqueue` says (it may
+        raise :class:`~..exceptions.IdempotentReplay`, having queued nothing)."""
 
     def stop(self, uuid: str) -> Row:
         """Ask task ``uuid`` to stop, wherever it runs; return its row afterwards."""

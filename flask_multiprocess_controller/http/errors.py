@@ -10,6 +10,7 @@ from ..exceptions import (
     QueueFull,
     StoreError, TaskAlreadyFinished, TaskNotFound,
 )
+from ..exceptions import IdempotencyKeyReused, IdempotentTasksPurged
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
@@ -21,6 +22,8 @@ HTTP_STATUS: dict[type, int] = {
     TaskAlreadyFinished: 409,
     InvalidTransition: 409,
     PayloadTooLarge: 413,
+    IdempotencyKeyReused: 422,
+    IdempotentTasksPurged: 409,
     QueueFull: 429,
     ControllerClosed: 503,
     StoreError: 503,

@@ -21,6 +21,7 @@ from ..exceptions import InvalidRequest, TaskNotFound
 from ..presenter import TaskObject, clip
 from ..states import ALL_STATUSES, TERMINAL, TaskStatus
 from . import compat as compat_module
+from .. import idempotency
 from .patching import check_priority, parse_change
 from .responses import Reply
 
@@ -198,6 +199,11 @@ def apply_patch(controller: "MetaMPController", uuid: str, body: Any) -> TaskObj
     return controller.resume(uuid)
 
 
+def idempotency_key() -> Optional[str]:
+    """The ``Idempotency-Key`` header of the request being served (None when absent or outside a request)."""
+    return request.headers.get(idempotency.HEADER) if has_request_context() else None
+
+
 def _answer_post(controller: "MetaMPController", *args: Mapping[str, Any], **kwargs: Any) -> Reply:
     options = query_options()
     priority = check_priority(query_number("priority", options.get("priority"), int, minimum=-(2 ** 62)) or 0)
@@ -205,6 +211,10 @@ def _answer_post(controller: "MetaMPController", *args: Mapping[str, Any], **kwa
     wait = wait_option(controller, options)
     if args and kwargs:
         raise InvalidRequest("Send either one JSON object or a JSON array of objects.")
+    key = idempotency_key()
+    if key is not None:
+        return _answer_keyed_post(controller, key, list(args) if args else [kwargs], bool(args), priority, timeout,
+                                  wait)
     if args:
         return _answer_bulk_post(controller, list(args), priority, timeout, wait)
     if wait is None:
@@ -212,6 +222,30 @@ def _answer_post(controller: "MetaMPController", *args: Mapping[str, Any], **kwa
     else:  # the wait reads the task anyway: no queue position is computed for it first
         task = controller.wait(controller.enqueue_rows([kwargs], priority, timeout, None)[0]["uuid"], wait)
         status = 200 if task["status"] in TERMINAL else 202
+    task = controller.client_view_of(task)
+    return Reply(task, status, {"Location": location(task["uuid"])})
+
+
+def _answer_keyed_post(controller: "MetaMPController", key: str, items: list[Mapping[str, Any]], bulk: bool,
+                       priority: int, timeout: Optional[float], wait: Optional[float]) -> Reply:
+    """A POST with an ``Idempotency-Key``: 202 as any POST the first time; the same key again, 200 with what
+    it made (after waiting as a GET ``?wait=`` would), and nothing queued (see :mod:`..idempotency`)."""
+    submitted = controller.enqueue_once(key, items, priority=priority, timeout=timeout, bulk=bulk)
+    rows = submitted.rows
+    if bulk:
+        batch = rows[0].get("batch")
+        if wait is not None and batch is not None:
+            view = controller.wait_batch(batch, wait)
+            tasks, ended = view["tasks"], view["ended"] == view["total"]
+        else:
+            tasks = controller.submitted_tasks(submitted)
+            ended = all(task["status"] in TERMINAL for task in tasks)
+        status = 200 if submitted.replayed or (wait is not None and ended) else 202
+        return Reply({"tasks": [controller.client_view_of(t) for t in tasks], "batch": batch}, status)
+    uuid = rows[0]["uuid"]
+    task = (controller.wait(uuid, wait) if wait is not None
+            else controller.submitted_tasks(submitted)[0])
+    status = 200 if submitted.replayed or task["status"] in TERMINAL else 202
     task = controller.client_view_of(task)
     return Reply(task, status, {"Location": location(task["uuid"])})
 

@@ -294,7 +294,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _errors(*names: str) -> dict[str, Any]:
     codes = {"BadRequest": "400", "NotFound": "404", "Conflict": "409", "PayloadTooLarge": "413",
-             "QueueFull": "429", "Unavailable": "503", "MethodNotAllowed": "405"}
+             "QueueFull": "429", "Unavailable": "503", "MethodNotAllowed": "405", "KeyReused": "422"}
     return {codes[name]: _ref(_RESPONSES, name) for name in names}
 
 
@@ -313,18 +313,23 @@ def _post_operation(mount: Mount, arguments_ref: str) -> dict[str, Any]:
         "description": ("A JSON object of keyword arguments for `execute` queues one task (an empty body: no "
                         "arguments); a JSON array of such objects queues one task each, all or none. Arguments "
                         "are checked against `execute`'s signature before anything is queued."),
-        "parameters": [_ref(_PARAMETERS, "priority"), _ref(_PARAMETERS, "timeout"), _ref(_PARAMETERS, "wait")],
+        "parameters": [_ref(_PARAMETERS, "priority"), _ref(_PARAMETERS, "timeout"), _ref(_PARAMETERS, "wait"),
+                       _ref(_PARAMETERS, "idempotencyKey")],
         "requestBody": {"required": False, "content": _json({"oneOf": [
             {"$ref": arguments_ref},
             {"type": "array", "items": {"$ref": arguments_ref}, "minItems": 1, "maxItems": controller.max_bulk},
         ]})},
         "responses": {
             "200": _task_response("With `?wait=`: every task (of an array body: the whole batch) ended within "
-                                  "the wait.", one_or_many, location=True),
+                                  "the wait. With an `Idempotency-Key` used before (within the controller's "
+                                  "`idempotency_ttl`, with the same body and options): the task(s) that request "
+                                  "made, and nothing queued now (after `?wait=`, as a GET would).",
+                                  one_or_many, location=True),
             "202": _task_response("Queued: the task object (`Location` names its URL), or "
                                   "`{\"tasks\": [...], \"batch\": id}` for an array body, in its order.",
                                   one_or_many, location=True),
-            **_errors("BadRequest", "PayloadTooLarge", "QueueFull", "Unavailable"),
+            **_errors("BadRequest", "PayloadTooLarge", "QueueFull", "Unavailable", "KeyReused"),
+            "409": _error("The tasks an `Idempotency-Key` made have been purged since; nothing was queued."),
         },
     }
 
@@ -675,6 +680,12 @@ def _parameters() -> dict[str, Any]:
         "status": {"name": "status", "in": "query", "style": "form", "explode": False,
                    "schema": {"type": "array", "items": _ref(_SCHEMAS, "TaskStatus")},
                    "description": "Only tasks in these states (comma-separated)."},
+        "idempotencyKey": {
+            "name": "Idempotency-Key", "in": "header",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+            "description": ("Makes the POST safe to send again: the same key (from the same tenant) within the "
+                            "controller's `idempotency_ttl` answers 200 with the task(s) the first request made "
+                            "and queues nothing; with another body or other options, 422.")},
         "limit": {"name": "limit", "in": "query",
                   "schema": {"type": "integer", "minimum": 1, "maximum": defaults.MAX_LIST_LIMIT,
                              "default": defaults.LIST_LIMIT},
@@ -702,6 +713,8 @@ def _responses() -> dict[str, Any]:
         "Unavailable": _error("The task store is unreachable (retry after `Retry-After` seconds) or the "
                               "controller has shut down.", "Retry-After"),
         "MethodNotAllowed": _error("The controller does not serve this method.", "Allow"),
+        "KeyReused": _error("The `Idempotency-Key` was used with another body or other query options; nothing "
+                            "was queued."),
     }
 
 

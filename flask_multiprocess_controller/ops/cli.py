@@ -10,11 +10,19 @@ process a server again before the app is imported: running tasks is its job (see
 where the process's role is left as it is.
 
 User errors (an unknown uuid, a bad argument) print one line and exit non-zero.
+
+Task text (messages, errors, tracebacks, log lines, names) is the tasks' and their submitters', not
+the operator's: before it reaches the terminal, control characters (escape sequences, carriage
+returns, bells, C1 codes) are shown escaped (``\x1b``), so that no task can move the cursor, rewrite
+what was printed or talk to the terminal. Newlines and tabs are kept where they are content
+(tracebacks, log lines, messages).
 """
 from __future__ import annotations
 
 import json
 import time
+import unicodedata
+import uuid as uuid_module
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -23,6 +31,8 @@ from flask.cli import AppGroup, with_appcontext
 
 from .. import registry
 from ..exceptions import MPCError, TaskNotFound
+from ..exceptions import StoreUnavailable
+from .. import defaults
 from ..states import TERMINAL, TaskStatus
 
 if TYPE_CHECKING:
@@ -82,6 +92,19 @@ def _user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+def escape_controls(text: Any, keep: str = "\n\t") -> str:
+    """``text`` (made a string) with every control character but those in ``keep`` written as an escape
+    (``\x1b``, ``\x9b``): what is printed to a terminal from tasks cannot drive it."""
+    text = str(text)
+    return "".join(char if char in keep or unicodedata.category(char) != "Cc" else
+                   (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}") for char in text)
+
+
+def _say(text: Any, keep: str = "\n\t") -> None:
+    """Print task text, its control characters escaped (see :func:`escape_controls`)."""
+    click.echo(escape_controls(text, keep))
+
+
 def _ago(iso: Optional[str]) -> str:
     if not iso:
         return "-"
@@ -94,8 +117,9 @@ def _ago(iso: Optional[str]) -> str:
 
 def _table(tasks: list[dict[str, Any]]) -> str:
     header = ("UUID", "CONTROLLER", "STATUS", "%", "CREATED", "ENDED")
-    rows = [(t["uuid"], t["controller"], t["status"], "-" if t.get("percent") is None else f"{t['percent']:.0f}",
-             _ago(t.get("created_at")), _ago(t.get("ended_at"))) for t in tasks]
+    rows = [tuple(escape_controls(cell, "") for cell in (
+        t["uuid"], t["controller"], t["status"], "-" if t.get("percent") is None else f"{t['percent']:.0f}",
+        _ago(t.get("created_at")), _ago(t.get("ended_at")))) for t in tasks]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()
                      for line in (header, *rows))
@@ -131,12 +155,13 @@ def status_command(uuid: str, as_json: bool) -> None:
         return
     for key in ("uuid", "controller", "status", "msg", "progress", "percent", "args", "result", "created_at",
                 "started_at", "ended_at", "pid", "attempt"):
-        click.echo(f"{key:>10}: {json.dumps(task.get(key)) if key in ('progress', 'args', 'result') else task.get(key)}")
+        value = json.dumps(task.get(key)) if key in ('progress', 'args', 'result') else task.get(key)
+        _say(f"{key:>10}: {value}", keep="")
     error = task.get("error")
     if error:
-        click.echo(f"{'error':>10}: {error['type']}: {error['message']}")
+        _say(f"{'error':>10}: {escape_controls(error['type'], '')}: {error['message']}")
         if error.get("traceback"):
-            click.echo(error["traceback"].rstrip())
+            _say(error["traceback"].rstrip())
 
 
 @click.command("stop")
@@ -156,7 +181,7 @@ def stop_command(uuid: Optional[str], stop_all: bool, controller_name: Optional[
     if not uuid:
         raise click.ClickException("Name the task to stop (UUID), or use --all --controller NAME.")
     task = _owner(uuid).stop(uuid)
-    click.echo(task["msg"])
+    _say(task["msg"], keep="")
 
 
 @click.command("logs")
@@ -172,7 +197,7 @@ def logs_command(uuid: str, follow: bool) -> None:
     while True:
         lines = book.read(uuid, after)
         for n, line in lines:
-            click.echo(line)
+            _say(line)
             after = n
         if not follow or lines:
             if not follow:
@@ -180,7 +205,7 @@ def logs_command(uuid: str, follow: bool) -> None:
             continue
         if controller.status(uuid)["status"] in TERMINAL:
             for n, line in book.read(uuid, after):
-                click.echo(line)
+                _say(line)
             return
         time.sleep(_WAIT_STEP)
 
@@ -201,7 +226,7 @@ def schedules_command(as_json: bool) -> None:
     for info in found:
         when = info.get("cron") or f"every {info.get('every'):g} s"
         state = "active" if info.get("active") else "inactive"
-        click.echo(f"{info['controller']}/{info['name']}: {when} ({state}); next {info.get('next_firing') or '-'}")
+        _say(f"{info['controller']}/{info['name']}: {when} ({state}); next {info.get('next_firing') or '-'}", keep="")
 
 
 @click.command("wait")
@@ -226,7 +251,7 @@ def wait_command(uuid: str, timeout: Optional[float]) -> None:
                 shown = percent
             if task["status"] in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
                 break
-    click.echo(task["msg"])
+    _say(task["msg"], keep="")
     raise SystemExit(0 if task["status"] == TaskStatus.SUCCEEDED else 1)
 
 
@@ -248,10 +273,17 @@ def purge_command(older_than: Optional[float]) -> None:
 @click.command("submit")
 @click.argument("controller_name", metavar="CONTROLLER")
 @click.argument("arguments", nargs=-1, metavar="KEY=VALUE...")
+@click.option("--idempotency-key", "key", metavar="KEY",
+              help="Submit at most once with this key (within the controller's idempotency_ttl): the same key "
+                   "again prints the task it made. Default: a fresh key, used for the command's own retries.")
 @with_appcontext
 @_user_errors
-def submit_command(controller_name: str, arguments: tuple[str, ...]) -> None:
-    """Queue a task; each VALUE is JSON when it parses (42, true, [1, 2]), else a string."""
+def submit_command(controller_name: str, arguments: tuple[str, ...], key: Optional[str]) -> None:
+    """Queue a task; each VALUE is JSON when it parses (42, true, [1, 2]), else a string.
+
+    The task is queued with an idempotency key, so that when the store's answer is lost (the store
+    became unreachable during the write) the command asks again with the same key and never queues
+    the task twice."""
     kwargs: dict[str, Any] = {}
     for argument in arguments:
         key, sep, raw = argument.partition("=")
@@ -261,10 +293,29 @@ def submit_command(controller_name: str, arguments: tuple[str, ...]) -> None:
             kwargs[key] = json.loads(raw)
         except ValueError:
             kwargs[key] = raw
-    click.echo(_controller(controller_name).submit(**kwargs))
+    click.echo(_submit_once(_controller(controller_name), key or str(uuid_module.uuid4()), kwargs))
+
+
+def _submit_once(controller: "MetaMPController", key: str, kwargs: dict[str, Any]) -> str:
+    """Queue ``kwargs`` with idempotency ``key``; a store that did not answer is asked again with the key,
+    a few times with a growing delay. Returns the task's uuid (the one the key made, if it was used)."""
+    attempt = 0
+    while True:
+        try:
+            submitted = controller.enqueue_once(key, [kwargs])
+            break
+        except StoreUnavailable:
+            attempt += 1
+            if attempt >= defaults.SUBMIT_ATTEMPTS:
+                raise
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
+    if submitted.replayed:
+        click.echo(f"Already submitted with this key: task {submitted.rows[0]['uuid']}.", err=True)
+    return str(submitted.rows[0]["uuid"])
 
 
 def _echo_drain(state: dict[str, Any]) -> None:
+    state = {**state, "host": escape_controls(state["host"], "")}
     if state["drained"]:
         click.echo(f"Host {state['host']} is drained (since {state['since']}): its serving processes claim "
                    f"no new task; running ones go on.")
@@ -288,7 +339,8 @@ def hosts_command(as_json: bool) -> None:
         click.echo("No hosts.")
         return
     header = ("HOST", "HEARTBEAT", "DRAINED")
-    rows = [(h["host"], _ago(h["heartbeat"]), f"since {h['since']}" if h["drained"] else "-") for h in found]
+    rows = [(escape_controls(h["host"], ""), _ago(h["heartbeat"]), f"since {h['since']}" if h["drained"] else "-")
+            for h in found]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
     for line in (header, *rows):
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())

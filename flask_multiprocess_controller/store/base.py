@@ -160,6 +160,21 @@ class Fired(NamedTuple):
     event: Optional[Event]
 
 
+class Idempotency(NamedTuple):
+    """What :meth:`TaskStore.enqueue` records with the tasks it inserts, so that a submission sent again
+    (its answer was lost) finds them instead of making new ones (see :mod:`..idempotency`).
+
+    .. versionadded:: 0.3
+    """
+
+    #: The key, already scoped to its controller and tenant (a hex digest: see ``idempotency.scoped_key``).
+    key: str
+    #: A digest of what was submitted (arguments and options), to tell a repeat from a reuse of the key.
+    fingerprint: str
+    #: Seconds the store keeps the record (its clock); an expired record is as good as none.
+    ttl: float
+
+
 def check_fields(method: str, fields: Mapping[str, Any]) -> None:
     """Raise ValueError when ``fields`` holds a column a caller may not set (see :data:`MUTABLE_FIELDS`)."""
     unknown = set(fields) - MUTABLE_FIELDS
@@ -215,15 +230,23 @@ class TaskStore(abc.ABC):
     # -- writes that change a task's state: each returns the event(s) it wrote ----------------------
 
     @abc.abstractmethod
-    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None) -> list[Event]:
+    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None,
+                idempotency: Optional[Idempotency] = None) -> list[Event]:
         """Insert new ``queued`` tasks, all or none; return their ``queued`` events in input order.
 
         :param rows: complete rows without ``seq``; the ``seq`` assigned here is written into each
             of them, so the caller has the stored rows without reading them back.
         :param max_queued: the most tasks of the controller that may be queued
             afterwards; ``-1`` for no bound.
+        :param idempotency: when given, and a record of its ``key`` is kept and not expired, nothing is
+            inserted and :class:`~..exceptions.IdempotentReplay` is raised with the uuids and fingerprint
+            it recorded (before the queue bound is looked at: a repeat never answers ``QueueFull``);
+            else the record (key -> the rows' uuids, fingerprint, expiry = the store's clock + ``ttl``)
+            is written with the rows. :meth:`purge` deletes expired records.
         :raises QueueFull: when the rows do not fit; nothing is inserted then.
-        Atomic: the count and the insert happen in one step. Linear in ``len(rows)``.
+        Atomic: the look-up of the key, the count and the insert happen in one step, so of two
+        submissions with one key, whichever processes and hosts make them, one inserts. Linear in
+        ``len(rows)``.
         """
 
     @abc.abstractmethod
@@ -377,7 +400,8 @@ class TaskStore(abc.ABC):
         """Delete the controller's finished tasks that ended before ``ended_before``; return how many.
 
         Writes a ``purged`` event per task (its row as it was). Also prunes the events (and outbox
-        entries) older than :attr:`event_retention` or beyond the newest :attr:`max_events`.
+        entries) older than :attr:`event_retention` or beyond the newest :attr:`max_events`, and the
+        expired idempotency records (see :meth:`enqueue`; Redis expires them by itself).
         """
 
     # -- task policies ----------------------------------------------------------------------------------

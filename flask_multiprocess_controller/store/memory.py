@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Se
 from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import InvalidTransition, QueueFull, TaskAlreadyFinished, TaskNotFound
+from ..exceptions import IdempotentReplay
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
     ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task,
     parse_counter,
 )
+from .base import Idempotency
 from .schema import COLUMNS
 
 if TYPE_CHECKING:
@@ -63,6 +65,8 @@ class MemoryStore(TaskStore):
         self._schedules: dict[tuple[str, str], ScheduleRow] = {}
         #: Drained hosts -> since when.
         self._drained: dict[str, float] = {}
+        #: Idempotency records: scoped key -> (the uuids it made, fingerprint, expiry time).
+        self._idempotency: dict[str, tuple[list[str], str, float]] = {}
 
     # -- helpers (called with the lock held) --------------------------------------------------------------
 
@@ -99,15 +103,24 @@ class MemoryStore(TaskStore):
 
     # -- writes --------------------------------------------------------------------------------------------
 
-    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None) -> list[Event]:
+    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None,
+                idempotency: Optional[Idempotency] = None) -> list[Event]:
         if not rows:
             return []
         with self._lock:
             controller = rows[0]["controller"]
+            now = self._clock()
+            if idempotency is not None:
+                found = self._idempotency.get(idempotency.key)
+                if found is not None and found[2] > now:
+                    raise IdempotentReplay(found[0], found[1])
             if max_queued >= 0 and self._queued_count(controller) + len(rows) > max_queued:
                 raise QueueFull(max_queued, defaults.RETRY_AFTER)
-            now = self._clock()
-            return [self._insert(given, emitter, now) for given in rows]
+            events = [self._insert(given, emitter, now) for given in rows]
+            if idempotency is not None:
+                self._idempotency[idempotency.key] = (
+                    [row["uuid"] for row in rows], idempotency.fingerprint, now + idempotency.ttl)
+            return events
 
     def _insert(self, given: Row, emitter: Optional[str], now: float) -> Event:
         """Store a new queued task (writing its ``seq`` into ``given``); return its ``queued`` event."""
@@ -276,6 +289,8 @@ class MemoryStore(TaskStore):
                 del self._rows[row["uuid"]]
                 self._emit(EventKind.PURGED, row, emitter, now)
             self._prune_events(now)
+            for key in [k for k, (_, _, expires) in self._idempotency.items() if expires <= now]:
+                del self._idempotency[key]
             return len(doomed)
 
     # -- task policies -------------------------------------------------------------------------------------

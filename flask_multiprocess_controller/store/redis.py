@@ -24,6 +24,8 @@ one Redis server, not a Cluster):
 - ``owners`` — sorted set of serving processes by their last heartbeat;
 - ``drained`` — hash: drained host -> since when (server clock);
 - ``lease:<name>`` — string: the holder of a lease, expiring with it;
+- ``idem:<key>`` — string: the record of an idempotency key (JSON ``{"uuids", "fingerprint"}``),
+  expiring with it;
 - ``c:<controller>:schedules`` — set of the controller's schedule names; ``c:<controller>:sched:<name>``
   — hash: one schedule's state (:class:`~.base.ScheduleRow`; ``spec`` as JSON).
 """
@@ -41,11 +43,13 @@ from ..events import Changes, Event, EventKind
 from ..exceptions import (
     InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
 )
+from ..exceptions import IdempotentReplay
 from ..states import TaskStatus
 from .base import (
     ANY_TENANT, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
     event_task,
 )
+from .base import Idempotency
 from .redis_scripts import SCRIPTS
 from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded
 
@@ -279,13 +283,19 @@ class RedisStore(TaskStore):
     # -- writes --------------------------------------------------------------------------------------------
 
     @_guarded
-    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None) -> list[Event]:
+    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None,
+                idempotency: Optional[Idempotency] = None) -> list[Event]:
         if not rows:
             return []
         flat_rows = [_flat_row(row) for row in rows]
-        done = self._write("enqueue", emitter, max_queued, rows[0]["controller"], json.dumps(flat_rows))
+        key = ("", "", 0) if idempotency is None else (
+            idempotency.key, idempotency.fingerprint, max(1, int(idempotency.ttl * 1000)))
+        done = self._write("enqueue", emitter, max_queued, rows[0]["controller"], json.dumps(flat_rows), *key)
         if done == -1:
             raise QueueFull(max_queued, defaults.RETRY_AFTER)
+        if done and _text(done[0]) == "replay":
+            record = json.loads(_text(done[1]))
+            raise IdempotentReplay(record["uuids"], record["fingerprint"])
         events = [_event(cursor, fields) for cursor, fields in done]
         for row, event in zip(rows, events):
             row["seq"] = event["task"]["seq"]

@@ -181,14 +181,26 @@ end
 LIB = LIB.replace(
     "EVENT_HIDDEN_SET", _lua_set(EVENT_HIDDEN))
 
-# ARGV from 4: max_queued, controller, rows (JSON list of flat [field, value, ...] lists, without seq)
+# ARGV from 4: max_queued, controller, rows (JSON list of flat [field, value, ...] lists, without seq),
+# then the idempotency key ('' = none), its fingerprint and its life in milliseconds. Returns the events,
+# -1 (queue full), or {'replay', record} when the key is recorded (nothing written).
 ENQUEUE = LIB + """
 local max_queued, controller, rows = tonumber(ARGV[4]), ARGV[5], cjson.decode(ARGV[6])
+local idem = ''
+if ARGV[7] and ARGV[7] ~= '' then
+  idem = prefix .. 'idem:' .. ARGV[7]
+  local recorded = redis.call('GET', idem)
+  if recorded then return {'replay', recorded} end
+end
 if max_queued >= 0 and queued_count(controller) + #rows > max_queued then return -1 end
-local events = {}
+local events, uuids = {}, {}
 for _, row in ipairs(rows) do
-  local _, event = insert_queued(controller, row)
+  local uuid, event = insert_queued(controller, row)
   events[#events + 1] = event
+  uuids[#uuids + 1] = uuid
+end
+if idem ~= '' then
+  redis.call('SET', idem, cjson.encode({uuids = uuids, fingerprint = ARGV[8]}), 'PX', tonumber(ARGV[9]))
 end
 return events
 """

@@ -26,10 +26,12 @@ from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import (
     InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
 )
+from ..exceptions import IdempotentReplay
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
     ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task, parse_counter,
 )
+from .base import Idempotency
 from .groupcommit import GroupCommit
 from .sqlite_schema import SCHEMA, add_missing_columns
 from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded
@@ -332,17 +334,33 @@ class SQLiteStore(TaskStore):
 
     # -- writes --------------------------------------------------------------------------------------------
 
-    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None) -> list[Event]:
+    def enqueue(self, rows: Sequence[Row], max_queued: int, emitter: Optional[str] = None,
+                idempotency: Optional[Idempotency] = None) -> list[Event]:
         if not rows:
             return []
         controller = rows[0]["controller"]
         with self._transaction() as db:
+            now = time.time()
+            if idempotency is not None:
+                self._check_idempotency(db, idempotency, now)
             if max_queued >= 0 and self._queued_count(db, controller) + len(rows) > max_queued:
                 raise QueueFull(max_queued, defaults.RETRY_AFTER)
-            events = self._insert(db, rows, emitter, time.time())
+            events = self._insert(db, rows, emitter, now)
+            if idempotency is not None:
+                db.execute("INSERT OR REPLACE INTO mpc_idempotency (key, uuids, fingerprint, expires) "
+                           "VALUES (?, ?, ?, ?)", (idempotency.key, json.dumps([row["uuid"] for row in rows]),
+                                                   idempotency.fingerprint, now + idempotency.ttl))
         for row, event in zip(rows, events):
             row["seq"] = event["task"]["seq"]
         return events
+
+    @staticmethod
+    def _check_idempotency(db: sqlite3.Connection, idempotency: Idempotency, now: float) -> None:
+        """Raise :class:`IdempotentReplay` when the key is recorded and not expired (in the caller's transaction)."""
+        found = db.execute("SELECT uuids, fingerprint FROM mpc_idempotency WHERE key = ? AND expires > ?",
+                           (idempotency.key, now)).fetchone()
+        if found is not None:
+            raise IdempotentReplay(json.loads(found[0]), found[1])
 
     @staticmethod
     def _queued_count(db: sqlite3.Connection, controller: str) -> int:
@@ -536,6 +554,8 @@ class SQLiteStore(TaskStore):
             if len(doomed) < _PURGE_BATCH:
                 break
         self._prune_events()
+        with self._transaction() as db:
+            db.execute("DELETE FROM mpc_idempotency WHERE expires <= ?", (time.time(),))
         return total
 
     # -- task policies -------------------------------------------------------------------------------------

@@ -68,6 +68,13 @@ CREATE TABLE IF NOT EXISTS mpc_drained_hosts (
     host TEXT PRIMARY KEY,
     since REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS mpc_idempotency (
+    key TEXT PRIMARY KEY,
+    uuids TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mpc_idempotency_expires ON mpc_idempotency (expires);
 CREATE TABLE IF NOT EXISTS mpc_schedules (
     controller TEXT NOT NULL,
     name TEXT NOT NULL,
