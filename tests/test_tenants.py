@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 import uuid as uuid_module
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import pytest
