@@ -13,12 +13,14 @@ from .http.resource import MetaMPResource
 from .http.responses import Reply
 from .states import TaskStatus
 from .store import MemoryStore, SQLiteStore, TaskStore
+from .store.base import ANY_TENANT as ALL_TENANTS, SYSTEM_TENANT
 from .task import MetaMPTask, set_checkpoint, upload_status
 from .template import TemplateFactory, TemplateMPController, TemplateMPResource
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "ALL_TENANTS", "SYSTEM_TENANT",
     "MetaMPTask", "MetaMPController", "MetaMPResource", "TemplateFactory", "upload_status", "set_checkpoint",
     "AbortException", "MetaMPLoggerConfigurator", "DefaultMPLoggerConfigurator", "TaskStatus", "TaskStore",
     "MemoryStore", "SQLiteStore", "MPCError", "InvalidRequest", "InvalidArguments", "PayloadTooLarge",

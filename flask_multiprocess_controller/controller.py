@@ -33,7 +33,7 @@ from .settings import (
     FROZEN_SETTINGS, WorkerLogSetup, app_setting, check_arguments, env_shutdown_wait, runtime_config,
 )
 from .exceptions import (
-    BatchNotFound, ControllerClosed, InvalidRequest, MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge,
+    BatchNotFound, ControllerClosed, InvalidRequest, MethodNotServed, NoTargetTask, PayloadTooLarge,
     TaskNotFound,
 )
 from .engine.logs import MetaMPLoggerConfigurator
@@ -54,7 +54,7 @@ from .engine.runtime import Runtime, task_fork_server
 from .engine.schedules import ScheduleInfo, ScheduleSpec, describe
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store, store_url
-from .store.base import ANY_TENANT, Row
+from .store.base import ANY_TENANT, SYSTEM_TENANT, Row, hook_tenant
 from .store.base import Idempotency
 from .exceptions import IdempotencyKeyReused, IdempotentReplay, IdempotentTasksPurged
 from .task import MetaMPTask
@@ -398,20 +398,26 @@ class MetaMPController:
     # -- Python API ---------------------------------------------------------------
 
     def enqueue(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
-                timeout: Optional[float] = None, batch: Optional[str] = None) -> list[TaskObject]:
+                timeout: Optional[float] = None, batch: Optional[str] = None,
+                tenant: Optional[str] = None) -> list[TaskObject]:
         """Queue one task per mapping of keyword arguments, all or none; return their task objects.
 
         A ``priority`` key in a mapping is taken as that task's priority unless
         ``execute`` has a parameter of that name (seed compatibility). ``batch`` is stored
-        with every task (see :meth:`submit_many`).
+        with every task (see :meth:`submit_many`). ``tenant`` stamps the tasks with that tenant;
+        None (the default) stamps them with the request's (see :meth:`task_tenant`).
         :raises InvalidArguments: an item does not fit ``execute``; nothing is queued.
         :raises QueueFull: the items do not fit in the queue; nothing is queued.
+        :raises TypeError: ``tenant`` is not a string.
+
+        .. versionchanged:: 0.3
+            ``tenant``.
         """
-        return self._present_new(self.enqueue_rows(items, priority, timeout, batch))
+        return self._present_new(self.enqueue_rows(items, priority, timeout, batch, tenant))
 
     def enqueue_rows(self, items: Sequence[Mapping[str, Any]], priority: int, timeout: Optional[float],
-                     batch: Optional[str], keyed: Optional[Callable[[list[Row]], Idempotency]] = None
-                     ) -> list[Row]:
+                     batch: Optional[str], tenant: Optional[str] = None,
+                     keyed: Optional[Callable[[list[Row]], Idempotency]] = None) -> list[Row]:
         """:meth:`enqueue` without the task objects (a caller that waits reads them anyway).
 
         :param keyed: makes the store's record of the submission's key from its rows (see
@@ -424,7 +430,7 @@ class MetaMPController:
                                self.served_methods())
         if len(items) > self.max_bulk:
             raise PayloadTooLarge(f"{len(items)} tasks in one request; the limit is {self.max_bulk}.")
-        rows = new_rows(spec, self.name, items, priority, self._effective_timeout(timeout), self.current_tenant(),
+        rows = new_rows(spec, self.name, items, priority, self._effective_timeout(timeout), self.task_tenant(tenant),
                         batch)
         if keyed is None:
             side.submit(rows, self.max_num_queue)
@@ -459,7 +465,7 @@ class MetaMPController:
             return Idempotency(scoped, fingerprint, self.idempotency_ttl)
 
         try:
-            rows = self.enqueue_rows(items, priority, timeout, new_batch_id() if bulk else None, record)
+            rows = self.enqueue_rows(items, priority, timeout, new_batch_id() if bulk else None, keyed=record)
         except IdempotentReplay as replay:
             if replay.fingerprint != fingerprint:
                 raise IdempotencyKeyReused(
@@ -484,23 +490,28 @@ class MetaMPController:
         return self._present_new(submitted.rows)
 
     def submit(self, **kwargs: Any) -> str:
-        """Queue ``execute(**kwargs)`` and return the task's uuid."""
+        """Queue ``execute(**kwargs)`` and return the task's uuid.
+
+        Outside a request the task is the system's (:data:`SYSTEM_TENANT`); ``enqueue([kwargs], tenant=...)``
+        queues one for a tenant (every keyword here is an argument of ``execute``).
+        """
         # Only the uuid is returned: no task object, so no queue position to count.
         return str(self.enqueue_rows([kwargs], 0, None, None)[0]["uuid"])
 
     def submit_many(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
-                    timeout: Optional[float] = None) -> Batch:
+                    timeout: Optional[float] = None, tenant: Optional[str] = None) -> Batch:
         """Queue one task per mapping of keyword arguments, all or none, as one batch.
 
         Returns the :class:`~.batches.Batch`: its ``id`` (what :meth:`wait_batch` and
-        ``GET <collection>?batch=`` take) and the task objects, in input order.
+        ``GET <collection>?batch=`` take) and the task objects, in input order. ``tenant``: as
+        :meth:`enqueue`.
 
         .. versionadded:: 0.3
         """
         if not items:
             raise InvalidRequest("A batch needs at least one task.")
         batch = new_batch_id()
-        return Batch(batch, self.enqueue(items, priority=priority, timeout=timeout, batch=batch))
+        return Batch(batch, self.enqueue(items, priority=priority, timeout=timeout, batch=batch, tenant=tenant))
 
     def wait_batch(self, batch: str, timeout: Optional[float] = None) -> BatchView:
         """Wait until every task of the batch has ended, or ``timeout`` seconds passed (0: do not wait).
@@ -577,7 +588,10 @@ class MetaMPController:
                 row = task if task is not None and task.get("status") in TERMINAL else self._row(uuid)
 
     def tasks(self, status: Union[None, str, Iterable[str]] = None, limit: int = defaults.LIST_LIMIT) -> ListView:
-        """Return the list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``."""
+        """Return the list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``.
+
+        In a request of a controller with a ``tenant=`` hook, the tasks and the counts are the tenant's.
+        """
         statuses = [status] if isinstance(status, str) else list(status or [])
         unknown = [s for s in statuses if s not in ALL_STATUSES]
         if unknown:
@@ -585,8 +599,9 @@ class MetaMPController:
         if not 1 <= limit <= defaults.MAX_LIST_LIMIT:
             raise InvalidRequest(f"'limit' must be between 1 and {defaults.MAX_LIST_LIMIT}.")
         self._started()
-        rows = self.store.list_tasks(self.name, statuses or None, limit, tenant=self.tenant_filter())
-        counts = self.store.counts(self.name)
+        tenant = self.tenant_filter()
+        rows = self.store.list_tasks(self.name, statuses or None, limit, tenant=tenant)
+        counts = self.store.counts(self.name, tenant=tenant)
         return {
             "tasks": [clip(self._present(row), defaults.LIST_VALUE_SIZE) for row in rows],
             "running": counts.get("running", 0) + counts.get("stopping", 0) + counts.get("paused", 0),
@@ -635,45 +650,29 @@ class MetaMPController:
 
         Queued tasks end ``stopped`` without starting (in one atomic step of the store, so none
         starts meanwhile); running and paused ones get the usual graceful stop and escalation.
+        In a request of a controller with a ``tenant=`` hook, only the tenant's tasks (read from
+        the store's tenant index: the cost follows them, not the controller's other tasks).
         Returns ``{"stopped": <queued tasks stopped>, "stopping": <running tasks asked to stop>}``.
 
         .. versionadded:: 0.3
         """
         side = self._activate()
-        if self.tenant_filter() is not ANY_TENANT:
-            return self._stop_all_of_tenant()
-        events = side.stop_all(self.name)
+        events = side.stop_all(self.name, tenant=self.tenant_filter())
         return {"stopped": sum(e["kind"] == EventKind.ENDED for e in events),
                 "stopping": sum(e["kind"] == EventKind.STOPPING for e in events)}
 
-    def _stop_all_of_tenant(self) -> dict[str, int]:
-        """Stop-all within the request's tenant: its queued, running and paused tasks, one by one."""
-        counts = {"stopped": 0, "stopping": 0}
-        wanted = ["queued", "running", "paused"]
-        before = None
-        while True:
-            rows = self.store.list_tasks(self.name, wanted, defaults.MAX_LIST_LIMIT, before,
-                                         tenant=self.tenant_filter())
-            for row in rows:
-                try:
-                    task = self.stop(row["uuid"])
-                except MPCError:  # it ended meanwhile
-                    continue
-                counts["stopped" if task["status"] == TaskStatus.STOPPED else "stopping"] += 1
-            if len(rows) < defaults.MAX_LIST_LIMIT:
-                return counts
-            before = rows[-1]["seq"]
-
     def schedule(self, name: str, *, cron: Optional[str] = None, every: Optional[float] = None,
                  kwargs: Optional[Mapping[str, Any]] = None, tz: str = "UTC", catchup: str = "skip",
-                 priority: int = 0, timeout: Optional[float] = None) -> None:
+                 priority: int = 0, timeout: Optional[float] = None, tenant: Optional[str] = None) -> None:
         """Queue ``execute(**kwargs)`` at each firing of a schedule, once across every process sharing the store.
 
         Give ``cron`` (a cron expression in time zone ``tz``; needs the ``schedules`` extra) or
         ``every`` (seconds, at least 1). Declare it in every serving process, after the
         controller is made (at import time, as the controller itself); declaring a name again
         replaces it. ``catchup`` says what happens to firings missed while no server ran:
-        ``"skip"`` them, or queue ``"one"`` task for them. See :mod:`.schedules`.
+        ``"skip"`` them, or queue ``"one"`` task for them. ``tenant`` names the tenant its tasks
+        belong to (and who, besides operators, sees the schedule); None: the system's
+        (:data:`SYSTEM_TENANT`). See :mod:`.schedules`.
 
         :raises InvalidArguments: ``kwargs`` do not fit ``execute``.
         :raises ValueError, TypeError: a bad schedule (the message says which field).
@@ -684,7 +683,8 @@ class MetaMPController:
             raise NoTargetTask(f"Controller {self.name} has no target_task: it has nothing to schedule.",
                                self.served_methods())
         spec = ScheduleSpec.build(name, cron=cron, every=every, tz=tz, kwargs=kwargs, catchup=catchup,
-                                  priority=check_priority(priority), timeout=self._effective_timeout(timeout))
+                                  priority=check_priority(priority), timeout=self._effective_timeout(timeout),
+                                  tenant=tenant)
         check_depth(spec.kwargs, defaults.MAX_ARGS_DEPTH)
         self._spec.check(spec.kwargs)
         self._schedules[name] = spec
@@ -697,12 +697,15 @@ class MetaMPController:
         """Every schedule of this controller: declared by a serving process now (``active``), in the past
         (inactive), or only in this process; with its next firing, its last one and its skipped firings.
 
-        Reads the store only: it works in any process, serving or not.
+        Reads the store only: it works in any process, serving or not. In a request of a controller
+        with a ``tenant=`` hook, only the schedules of the request's tenant (the system's, those
+        naming no tenant, only when the hook answers :data:`ALL_TENANTS`).
 
         .. versionadded:: 0.3
         """
         self._started()
-        return describe(self.store.schedules(self.name), self._schedules, self.name, self.store.now(), self.lease)
+        return describe(self.store.schedules(self.name), self._schedules, self.name, self.store.now(), self.lease,
+                        self.tenant_filter())
 
     def _change(self, uuid: str, action: Callable[[TaskSide, str], Row]) -> TaskObject:
         """Apply an action of this process's side to one task of this controller; its task object after."""
@@ -818,15 +821,38 @@ class MetaMPController:
         if self.target_task is not None:
             self._activate()
 
-    def current_tenant(self) -> Optional[str]:
-        """The tenant of the request being served (the ``tenant=`` hook's answer), None outside one."""
+    def current_tenant(self) -> Any:
+        """The tenant of the request being served: the ``tenant=`` hook's answer (see :func:`hook_tenant`).
+
+        None outside a request or without a hook; :data:`ALL_TENANTS` when the hook says the request
+        may see every tenant's tasks (an operator).
+        """
         if self.tenant is None or not handlers.in_request():
             return None
-        value = self.tenant()
-        return None if value is None else str(value)
+        return hook_tenant(self.tenant())
+
+    def task_tenant(self, tenant: Optional[str] = None) -> Optional[str]:
+        """The tenant a task queued now is stamped with.
+
+        ``tenant`` when given; else the request's (None in a request of a controller without a hook:
+        nobody in particular); :data:`SYSTEM_TENANT` for a task no request made (the Python API or
+        the CLI outside a request) or one an operator's request (hook answer :data:`ALL_TENANTS`) made.
+
+        :raises TypeError: ``tenant`` is not a string.
+        """
+        if tenant is not None:
+            if not isinstance(tenant, str):
+                raise TypeError(f"tenant= is a string, not {tenant!r}.")
+            return tenant
+        if not handlers.in_request():
+            return SYSTEM_TENANT
+        current = self.current_tenant()
+        return SYSTEM_TENANT if current is ANY_TENANT else current
 
     def tenant_filter(self) -> Any:
-        """What lists are filtered by: the request's tenant, or every tenant (no hook, or no request)."""
+        """What lists are filtered by: the request's tenant, or every tenant (no hook, no request, or a hook
+        answering :data:`ALL_TENANTS`). A hook answering None gives None: the tasks of nobody in
+        particular, never the system's (:data:`SYSTEM_TENANT`)."""
         if self.tenant is None or not handlers.in_request():
             return ANY_TENANT
         return self.current_tenant()

@@ -28,6 +28,11 @@ while no serving process ran: ``catchup="skip"`` (the default) passes over them 
 A firing that meets a full queue (``max_num_queue``) queues nothing: it is logged and counted on the
 schedule (``skipped``, ``last_skipped``); there is no task, hence no task event.
 
+A schedule may name a ``tenant``: its tasks are that tenant's, and with a ``tenant=`` hook only that
+tenant's requests (and operators, whose hook answers ``ALL_TENANTS``) see the schedule. A schedule
+without one is the system's: its tasks carry :data:`~.store.base.SYSTEM_TENANT`, and only requests
+that may see every tenant's tasks see it.
+
 .. versionadded:: 0.3
 """
 from __future__ import annotations
@@ -48,7 +53,7 @@ from ..exceptions import StoreError
 from ..presenter import iso
 from ..states import TaskStatus
 from ..store import TaskStore
-from ..store.base import FireOutcome, Row, ScheduleRow
+from ..store.base import ANY_TENANT, SYSTEM_TENANT, FireOutcome, Row, ScheduleRow
 
 
 def _croniter() -> Any:
@@ -87,16 +92,18 @@ class ScheduleSpec:
     catchup: str = "skip"
     priority: int = 0
     timeout: Optional[float] = None
+    #: The tenant its tasks are stamped with; None: the system's (:data:`SYSTEM_TENANT`).
+    tenant: Optional[str] = None
 
     @classmethod
     def build(cls, name: str, *, cron: Optional[str] = None, every: Optional[float] = None, tz: str = "UTC",
               kwargs: Optional[Mapping[str, Any]] = None, catchup: str = "skip", priority: int = 0,
-              timeout: Optional[float] = None) -> "ScheduleSpec":
+              timeout: Optional[float] = None, tenant: Optional[str] = None) -> "ScheduleSpec":
         """A checked schedule.
 
         :raises ValueError: no name, not exactly one of ``cron`` and ``every``, a bad expression,
             an unknown time zone or ``catchup``, ``every`` under 1 s.
-        :raises TypeError: ``kwargs`` is not a mapping, ``priority`` not an integer.
+        :raises TypeError: ``kwargs`` is not a mapping, ``priority`` not an integer, ``tenant`` not a string.
         :raises ImportError: ``cron=`` without croniter (the ``schedules`` extra).
         """
         if not isinstance(name, str) or not name.strip():
@@ -119,15 +126,17 @@ class ScheduleSpec:
             raise TypeError(f"Schedule {name!r}: kwargs= is a mapping of execute's keyword arguments.")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise TypeError(f"Schedule {name!r}: priority= is an integer, not {priority!r}.")
+        if tenant is not None and not isinstance(tenant, str):
+            raise TypeError(f"Schedule {name!r}: tenant= is a string, not {tenant!r}.")
         return cls(name, cron, None if every is None else float(every), tz, dict(kwargs or {}), catchup, priority,
-                   timeout)
+                   timeout, tenant)
 
     @classmethod
     def from_json(cls, spec: Mapping[str, Any], name: str) -> "ScheduleSpec":
         """A spec as another process declared it in the store (unchecked: it is shown, not fired; fields
         this version does not know are left out)."""
-        known = {key: spec[key] for key in ("cron", "every", "tz", "kwargs", "catchup", "priority", "timeout")
-                 if key in spec}
+        known = {key: spec[key] for key in ("cron", "every", "tz", "kwargs", "catchup", "priority", "timeout",
+                                            "tenant") if key in spec}
         return cls(name, **known)
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +144,11 @@ class ScheduleSpec:
         described = asdict(self)
         del described["name"]
         return described
+
+    @property
+    def task_tenant(self) -> str:
+        """The tenant its tasks are stamped with (and who may see it): its own, else :data:`SYSTEM_TENANT`."""
+        return SYSTEM_TENANT if self.tenant is None else self.tenant
 
     def next_after(self, moment: float) -> float:
         """The first firing strictly after ``moment`` (UNIX seconds)."""
@@ -199,6 +213,7 @@ def task_row(spec: ScheduleSpec, controller: str, firing: float) -> Row:
         "uuid": str(uuid_module.uuid4()), "controller": controller, "status": TaskStatus.QUEUED.value,
         "priority": spec.priority, "args": dict(spec.kwargs), "created_at": time.time(), "timeout": spec.timeout,
         "attempt": 0, "stop_requested": False, "schedule": {"name": spec.name, "firing": firing},
+        "tenant": spec.task_tenant,
     }
 
 
@@ -212,6 +227,8 @@ class ScheduleInfo(TypedDict):
     tz: str
     kwargs: dict[str, Any]
     catchup: str
+    #: The tenant whose tasks it queues; None: the system's.
+    tenant: Optional[str]
     #: Whether a serving process declared it within the controller's ``lease``.
     active: bool
     #: When it fires next (None while inactive).
@@ -228,16 +245,23 @@ class ScheduleInfo(TypedDict):
 
 
 def describe(states: list[ScheduleRow], local: Mapping[str, ScheduleSpec], controller: str, now: float,
-             lease: float) -> list[ScheduleInfo]:
-    """The schedules of a controller as stored, and those declared only here, by name."""
+             lease: float, tenant: Any = ANY_TENANT) -> list[ScheduleInfo]:
+    """The schedules of a controller as stored, and those declared only here, by name.
+
+    :param tenant: only the schedules of this tenant (:attr:`ScheduleSpec.task_tenant`); every one by default.
+    """
     infos: dict[str, ScheduleInfo] = {}
+    hidden: set[str] = set()
     for state in states:
         spec = ScheduleSpec.from_json(state["spec"], state["name"])
+        if tenant is not ANY_TENANT and spec.task_tenant != tenant:
+            hidden.add(spec.name)
+            continue
         active = now - state["seen_at"] <= lease
         next_firing = _next_firing(spec, max(now, state["fired_until"])) if active else None
         infos[spec.name] = _info(spec, controller, active, next_firing, state)
     for name, spec in local.items():
-        if name not in infos:
+        if name not in infos and name not in hidden and (tenant is ANY_TENANT or spec.task_tenant == tenant):
             infos[name] = _info(spec, controller, False, None, None)
     return [infos[name] for name in sorted(infos)]
 
@@ -253,7 +277,7 @@ def _info(spec: ScheduleSpec, controller: str, active: bool, next_firing: Option
           state: Optional[ScheduleRow]) -> ScheduleInfo:
     return ScheduleInfo(
         name=spec.name, controller=controller, cron=spec.cron, every=spec.every, tz=spec.tz, kwargs=spec.kwargs,
-        catchup=spec.catchup, active=active, next_firing=iso(next_firing),
+        catchup=spec.catchup, tenant=spec.tenant, active=active, next_firing=iso(next_firing),
         last_firing=iso(state["last_fired"]) if state else None, last_task=state["last_task"] if state else None,
         skipped=state["skipped"] if state else 0, last_skipped=iso(state["last_skipped"]) if state else None,
         declared_by=state["declared_by"] if state else None, declared_at=iso(state["seen_at"]) if state else None)

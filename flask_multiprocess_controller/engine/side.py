@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from ..events import Event
 from ..store import TaskStore
-from ..store.base import Idempotency, Row
+from ..store.base import ANY_TENANT, Idempotency, Row
 from .waiters import Countdown, Ended
 
 if TYPE_CHECKING:
@@ -92,9 +92,10 @@ class TaskSide(abc.ABC):
         """Give a queued task a new priority."""
         return self.published(self.store.reprioritise(uuid, priority, emitter=self.owner))
 
-    def stop_all(self, controller: str) -> list[Event]:
-        """Stop every queued, running and paused task of ``controller``; the events written."""
-        return self.written_all(lambda: self.store.stop_all(controller, emitter=self.owner))
+    def stop_all(self, controller: str, tenant: Any = ANY_TENANT) -> list[Event]:
+        """Stop every queued, running and paused task of ``controller`` (of ``tenant``'s only, if given);
+        the events written."""
+        return self.written_all(lambda: self.store.stop_all(controller, emitter=self.owner, tenant=tenant))
 
     @abc.abstractmethod
     def watch(self, uuid: str) -> AbstractContextManager[Ended]:

@@ -193,6 +193,9 @@ def _drained_hosts(extension: "MultiprocessController") -> list[Any]:
 
 
 def _health(extension: "MultiprocessController") -> Callable[[], ResponseReturnValue]:
+    """``GET <prefix>/health``. A controller's task counts follow its ``tenant=`` hook: a tenant's
+    request counts that tenant's tasks only; the rest (limits, store, hosts) is no tenant's data."""
+
     def health() -> ResponseReturnValue:
         report: dict[str, Any] = {}
         ok = True
@@ -201,7 +204,7 @@ def _health(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
             try:
                 store = controller.store
                 entry["store"] = public_store_name(store)
-                counts = store.counts(controller.name)
+                counts = store.counts(controller.name, tenant=controller.tenant_filter())
                 entry.update(running=counts.get("running", 0) + counts.get("stopping", 0),
                              queued=counts.get("queued", 0))
             except StoreError as exc:

@@ -90,7 +90,8 @@ class Row(TypedDict, total=False):
     errors: Optional[list[dict[str, Any]]]
     #: The schedule firing that queued the task, ``{"name", "firing"}`` (UNIX seconds); else None.
     schedule: Optional[dict[str, Any]]
-    #: Who may see the task, when the controller has a ``tenant=`` hook (None: nobody in particular).
+    #: Who may see the task, when the controller has a ``tenant=`` hook: the hook's answer when a request
+    #: queued it (None: nobody in particular), :data:`SYSTEM_TENANT` when no request did.
     tenant: Optional[str]
     #: The id of the bulk submission the task came with (every task of one bulk shares it); else None.
     batch: Optional[str]
@@ -108,8 +109,27 @@ class _AnyTenant:
         return "ANY_TENANT"
 
 
-#: List the tasks of every tenant (the default), as opposed to those of tenant None.
+#: List the tasks of every tenant (the default), as opposed to those of tenant None. A controller's
+#: ``tenant=`` hook returns it (as ``ALL_TENANTS``) for a request that may see every tenant's tasks.
 ANY_TENANT: Any = _AnyTenant()
+
+#: The tenant of the tasks no request made: submitted through the Python API or the CLI outside a
+#: request, or queued by a schedule that names no tenant. No hook answer is ever equal to it (see
+#: :func:`hook_tenant`), so a request whose hook returns None (or any tenant) does not see them.
+SYSTEM_TENANT = "\x00system"
+
+
+def hook_tenant(value: Any) -> Any:
+    """What a ``tenant=`` hook's answer stands for: :data:`ANY_TENANT`, None, or a tenant string.
+
+    Any other value is made a string with ``str()``; a string starting with NUL gets one more NUL
+    in front, so that no answer (a name taken from a request, say) can be :data:`SYSTEM_TENANT`.
+    """
+    if value is ANY_TENANT or value is None:
+        return value
+    text = str(value)
+    return "\x00" + text if text.startswith("\x00") else text
+
 
 _TERMINAL = frozenset(s.value for s in TERMINAL)
 _COUNTER = re.compile(r"[0-9]{1,18}")
@@ -481,12 +501,15 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
+    def stop_all(self, controller: str, emitter: Optional[str] = None, *, tenant: Any = ANY_TENANT) -> list[Event]:
         """Stop every queued, running and paused task of the controller; return the events written.
 
         As :meth:`request_stop` for each, in one atomic step, so that no queued task starts
         meanwhile: queued ones end ``stopped`` (events ``ended``, first), running and paused ones
         become ``stopping`` (events ``stopping``); tasks already stopping are left as they are.
+
+        :param tenant: only the tasks stamped with this tenant (None included), read from the
+            store's tenant index: the cost follows that tenant's tasks, not the controller's.
         """
 
     # -- leases and schedules --------------------------------------------------------------------------
@@ -597,9 +620,11 @@ class TaskStore(abc.ABC):
         Like :meth:`batch`, it gives the rows without their saved ``state`` (large, and shown nowhere:
         see :func:`event_task`); :meth:`get` has it.
 
-        :param before: a ``seq``: only older tasks (paging). Costs O(``limit``) on every store
-            (with a ``tenant``, in proportion to the tasks skipped on Redis).
+        :param before: a ``seq``: only older tasks (paging). Costs O(``limit``) on every store.
         :param tenant: only the tasks stamped with this tenant (None included); every tenant's by default.
+            Read from the store's tenant index (SQLite: an index on ``(controller, tenant, ...)``;
+            Redis: sorted sets per controller and tenant; memory: a dict per controller and tenant),
+            so other tenants' tasks are never read.
         """
 
     @abc.abstractmethod
@@ -611,8 +636,12 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def counts(self, controller: str) -> dict[str, int]:
-        """Return how many of the controller's tasks are in each status (absent = 0)."""
+    def counts(self, controller: str, *, tenant: Any = ANY_TENANT) -> dict[str, int]:
+        """Return how many of the controller's tasks are in each status (absent = 0).
+
+        :param tenant: only the tasks stamped with this tenant (None included), counted from the
+            tenant index; every tenant's by default.
+        """
 
     @abc.abstractmethod
     def ended_counts(self, controller: str, since: float, step: float = 60.0,

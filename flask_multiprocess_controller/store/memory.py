@@ -47,6 +47,8 @@ class MemoryStore(TaskStore):
         # Guards every attribute below; notified whenever an event is appended (wakes ``changes``).
         self._lock = threading.Condition(threading.Lock())
         self._rows: dict[str, Row] = {}
+        #: The tenant index: each (controller, tenant)'s tasks by uuid, in ``seq`` order (insertion order).
+        self._tenants: dict[tuple[str, Optional[str]], dict[str, Row]] = {}
         self._queues: dict[str, list[tuple[int, int, str]]] = {}
         self._seq = itertools.count(1)
         self._heartbeats: dict[str, float] = {}
@@ -81,6 +83,21 @@ class MemoryStore(TaskStore):
             self._outbox.setdefault(row["controller"], {})[self._last_cursor] = event
         self._lock.notify_all()
         return copy.deepcopy(event)
+
+    def _of(self, controller: str, tenant: Any) -> Iterable[Row]:
+        """The stored rows of the controller's tasks; of one tenant's only (from the tenant index) unless ANY_TENANT."""
+        if tenant is ANY_TENANT:
+            return [r for r in self._rows.values() if r["controller"] == controller]
+        return list(self._tenants.get((controller, tenant), {}).values())
+
+    def _unindex_tenant(self, row: Row) -> None:
+        """Take a deleted task out of the tenant index (an emptied tenant's entry goes too)."""
+        key = (row["controller"], row.get("tenant"))
+        tasks = self._tenants.get(key)
+        if tasks is not None:
+            tasks.pop(row["uuid"], None)
+            if not tasks:
+                del self._tenants[key]
 
     def _owned_active(self, uuid: str, owner: Optional[str]) -> Optional[Row]:
         row = self._rows.get(uuid)
@@ -127,6 +144,7 @@ class MemoryStore(TaskStore):
         row: Row = {**dict.fromkeys(COLUMNS), **copy.deepcopy(given)}  # type: ignore[typeddict-item]
         row["seq"] = given["seq"] = next(self._seq)
         self._rows[row["uuid"]] = row
+        self._tenants.setdefault((row["controller"], row.get("tenant")), {})[row["uuid"]] = row
         self._push_ready(row)
         return self._emit(EventKind.QUEUED, row, emitter, now)
 
@@ -287,6 +305,7 @@ class MemoryStore(TaskStore):
                       and r["ended_at"] is not None and r["ended_at"] < ended_before]
             for row in doomed:
                 del self._rows[row["uuid"]]
+                self._unindex_tenant(row)
                 self._emit(EventKind.PURGED, row, emitter, now)
             self._prune_events(now)
             for key in [k for k, (_, _, expires) in self._idempotency.items() if expires <= now]:
@@ -349,10 +368,10 @@ class MemoryStore(TaskStore):
                 self._push_ready(row)  # the entry at the old priority is now stale
             return _shown(row), self._emit(EventKind.QUEUED, row, emitter, self._clock())
 
-    def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
+    def stop_all(self, controller: str, emitter: Optional[str] = None, *, tenant: Any = ANY_TENANT) -> list[Event]:
         with self._lock:
             now = self._clock()
-            mine = sorted((r for r in self._rows.values() if r["controller"] == controller), key=lambda r: r["seq"])
+            mine = sorted(self._of(controller, tenant), key=lambda r: r["seq"])
             events = []
             for row in [r for r in mine if r["status"] == _QUEUED] + [r for r in mine if r["status"] != _QUEUED]:
                 if row["status"] not in _TERMINAL:
@@ -451,10 +470,8 @@ class MemoryStore(TaskStore):
                    before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         wanted = set(statuses or ()) or None
         with self._lock:
-            rows = [r for r in self._rows.values()
-                    if r["controller"] == controller and (wanted is None or r["status"] in wanted)
-                    and (before is None or r["seq"] < before)
-                    and (tenant is ANY_TENANT or r.get("tenant") == tenant)]
+            rows = [r for r in self._of(controller, tenant)
+                    if (wanted is None or r["status"] in wanted) and (before is None or r["seq"] < before)]
             rows.sort(key=lambda r: r["seq"], reverse=True)
             return [_shown(r) for r in rows[:limit]]
 
@@ -465,12 +482,11 @@ class MemoryStore(TaskStore):
             rows.sort(key=lambda r: r["seq"])
             return [_shown(r) for r in rows]
 
-    def counts(self, controller: str) -> dict[str, int]:
+    def counts(self, controller: str, *, tenant: Any = ANY_TENANT) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self._lock:
-            for r in self._rows.values():
-                if r["controller"] == controller:
-                    counts[r["status"]] = counts.get(r["status"], 0) + 1
+            for r in self._of(controller, tenant):
+                counts[r["status"]] = counts.get(r["status"], 0) + 1
         return counts
 
     def ended_counts(self, controller: str, since: float, step: float = 60.0,

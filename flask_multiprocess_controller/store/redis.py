@@ -18,6 +18,10 @@ one Redis server, not a Cluster):
 - ``c:<controller>:s:<status>`` — sorted set of the tasks in ``status`` by ``seq`` (filtered lists);
 - ``c:<controller>:ended`` — sorted set of finished tasks by ``ended_at`` (purges);
 - ``c:<controller>:n`` — hash: number of tasks in each status;
+- ``c:<controller>:tn:all:<tag>`` and ``c:<controller>:tn:s:<status>:<tag>`` — the tenant index: sorted
+  sets of one tenant's tasks by ``seq`` (all of them, and those in ``status``), where ``<tag>`` is
+  ``=<tenant>``, or ``~`` for tenant None; ``tenants:indexed`` — set once the key space's older tasks
+  were put into it (see :meth:`RedisStore._index_tenants`);
 - ``c:<controller>:outbox`` — sorted set of unacknowledged callback events, all scored 0 so that
   members (zero-padded stream ids) sort by id; ``c:<controller>:outbox:events`` — hash: member to event;
 - ``events`` — stream: the change feed; ``events:pruned`` — id of the newest event pruned from it;
@@ -76,7 +80,11 @@ _FEED_BLOCK_MAX = 10.0
 _PURGE_BATCH = 500
 #: Ended tasks read per round trip by ``ended_counts``.
 _STATS_BATCH = 1000
+#: Tasks the one-time filling of the tenant index handles per script.
+_INDEX_BATCH = 500
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+#: Characters a ``SCAN MATCH`` pattern gives a meaning to (escaped in a literal prefix).
+_GLOB_SPECIAL = re.compile(r"[\\*?\[\]]")
 
 
 def _encode(column: str, value: Any) -> Optional[str]:
@@ -131,6 +139,11 @@ def _flat_row(row: Row) -> list[str]:
         if encoded is not None:
             flat += [column, encoded]
     return flat
+
+
+def _tag(tenant: Optional[str]) -> str:
+    """A tenant's tag in the keys of the tenant index (the Lua ``tenant_tag``)."""
+    return "~" if tenant is None else "=" + tenant
 
 
 def _changed(uuid: str, answer: Any, change: str, needs: str) -> tuple[Row, Optional[Event]]:
@@ -247,6 +260,35 @@ class RedisStore(TaskStore):
             raise _store_error(url, exc) from exc
         # Script objects load themselves again on NOSCRIPT (a restarted server).
         self._scripts = {name: self._redis.register_script(source) for name, source in SCRIPTS.items()}
+        try:
+            self._index_tenants()
+        except redis.RedisError as exc:
+            self.close()
+            raise _store_error(url, exc) from exc
+
+    def _index_tenants(self) -> None:
+        """Put the tasks of a key space written before the tenant index existed into it, once.
+
+        A key space where no task was ever queued (no ``seq``) is only marked. Otherwise every
+        controller's tasks (found by their ``c:<controller>:all`` sets) are indexed, in batches;
+        the script is idempotent, so two processes starting together may both run it.
+        """
+        marker = self._key("tenants:indexed")
+        if self._redis.exists(marker):
+            return
+        if self._redis.exists(self._key("seq")):
+            head, tail = self._key("c:"), ":all"
+            pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", head) + "*" + tail
+            for raw in self._redis.scan_iter(match=pattern, count=1000, _type="zset"):
+                key = _text(raw)
+                controller = key[len(head):-len(tail)]
+                if ":tn:" in controller:
+                    continue  # a tenant's own set, not a controller's
+                total = self._redis.zcard(key)
+                for start in range(0, total, _INDEX_BATCH):
+                    uuids = [_text(u) for u in self._redis.zrange(key, start, start + _INDEX_BATCH - 1)]
+                    self._write("index_tenants", None, controller, json.dumps(uuids))
+        self._redis.set(marker, "1")
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r})"
@@ -387,8 +429,9 @@ class RedisStore(TaskStore):
         return row, cast(Event, event)  # the script always writes one when it changes the task
 
     @_guarded
-    def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
-        return [_event(*done) for done in self._write("stop_all", emitter, controller)]
+    def stop_all(self, controller: str, emitter: Optional[str] = None, *, tenant: Any = ANY_TENANT) -> list[Event]:
+        tag = "" if tenant is ANY_TENANT else _tag(tenant)
+        return [_event(*done) for done in self._write("stop_all", emitter, controller, tag)]
 
     # -- leases and schedules --------------------------------------------------------------------------------
 
@@ -476,31 +519,25 @@ class RedisStore(TaskStore):
             return None
         return _decode([x for pair in flat.items() for x in pair])
 
+    def _index(self, controller: str, tenant: Any, what: str) -> str:
+        """The key of the controller's set ``what`` (``all`` or ``s:<status>``), or of one tenant's."""
+        if tenant is ANY_TENANT:
+            return self._c(controller, what)
+        return self._c(controller, f"tn:{what}:{_tag(tenant)}")
+
     @_guarded
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
                    before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
-        if tenant is ANY_TENANT:
-            return self._list_page(controller, statuses, limit, before)
-        found: list[Row] = []
-        while len(found) < limit:  # pages of the newest tasks, filtered by tenant here
-            page = self._list_page(controller, statuses, limit, before)
-            found += [row for row in page if row.get("tenant") == tenant]
-            if len(page) < limit:
-                break
-            before = page[-1]["seq"]
-        return found[:limit]
-
-    def _list_page(self, controller: str, statuses: Optional[Iterable[str]], limit: int,
-                   before: Optional[int]) -> list[Row]:
         top = "+inf" if before is None else f"({before}"
         wanted = list(dict.fromkeys(statuses or ()))
         if not wanted:
-            uuids = self._redis.zrevrangebyscore(self._c(controller, "all"), top, "-inf", start=0, num=limit)
+            uuids = self._redis.zrevrangebyscore(self._index(controller, tenant, "all"), top, "-inf", start=0,
+                                                 num=limit)
             return self._list_many(uuids)
         # The newest ``limit`` of each wanted status, merged: O(limit) per status.
         pipe = self._redis.pipeline(transaction=True)
         for status in wanted:
-            pipe.zrevrangebyscore(self._c(controller, f"s:{status}"), top, "-inf", start=0, num=limit,
+            pipe.zrevrangebyscore(self._index(controller, tenant, f"s:{status}"), top, "-inf", start=0, num=limit,
                                   withscores=True)
         merged = heapq.merge(*pipe.execute(), key=lambda pair: pair[1], reverse=True)
         uuids = [uuid for uuid, _ in merged][:limit]
@@ -513,9 +550,15 @@ class RedisStore(TaskStore):
         return self._list_many(self._redis.zrange(self._c(controller, "b:" + batch), 0, -1))
 
     @_guarded
-    def counts(self, controller: str) -> dict[str, int]:
-        raw = self._redis.hgetall(self._c(controller, "n"))
-        return {_text(k): int(v) for k, v in raw.items() if int(v)}
+    def counts(self, controller: str, *, tenant: Any = ANY_TENANT) -> dict[str, int]:
+        if tenant is ANY_TENANT:
+            raw = self._redis.hgetall(self._c(controller, "n"))
+            return {_text(k): int(v) for k, v in raw.items() if int(v)}
+        # One ZCARD (O(1)) per status of the tenant's index.
+        pipe = self._redis.pipeline(transaction=True)
+        for status in TaskStatus:
+            pipe.zcard(self._index(controller, tenant, f"s:{status.value}"))
+        return {status.value: int(n) for status, n in zip(TaskStatus, pipe.execute()) if n}
 
     @_guarded
     def ended_counts(self, controller: str, since: float, step: float = 60.0,

@@ -37,6 +37,18 @@ local function ckey(controller, what)
   return prefix .. 'c:' .. controller .. ':' .. what
 end
 
+-- The tenant index of a controller: key what ('all', or 's:' .. status) of the tenant tagged tag
+-- ('=' .. tenant, or '~' for none). `what` comes from a fixed set, so no two (what, tag) share a key.
+local function tkey(controller, tag, what)
+  return prefix .. 'c:' .. controller .. ':tn:' .. what .. ':' .. tag
+end
+
+-- The tag of a tenant (a string or false).
+local function tenant_tag(tenant)
+  if tenant then return '=' .. tenant end
+  return '~'
+end
+
 -- A task's member of its controller's queue: seq zero-padded, so equal priorities run in insertion order.
 local function queue_member(seq, uuid)
   return string.format('%020d', tonumber(seq)) .. ':' .. uuid
@@ -63,11 +75,14 @@ end
 
 -- Move the task at key to status new, keeping its controller's indexes in step.
 local function move(key, new)
-  local uuid, controller, old, seq, priority =
-    unpack(redis.call('HMGET', key, 'uuid', 'controller', 'status', 'seq', 'priority'))
+  local uuid, controller, old, seq, priority, tenant =
+    unpack(redis.call('HMGET', key, 'uuid', 'controller', 'status', 'seq', 'priority', 'tenant'))
+  local tag = tenant_tag(tenant)
   redis.call('HSET', key, 'status', new)
   redis.call('ZREM', ckey(controller, 's:' .. old), uuid)
   redis.call('ZADD', ckey(controller, 's:' .. new), seq, uuid)
+  redis.call('ZREM', tkey(controller, tag, 's:' .. old), uuid)
+  redis.call('ZADD', tkey(controller, tag, 's:' .. new), seq, uuid)
   redis.call('HINCRBY', ckey(controller, 'n'), old, -1)
   redis.call('HINCRBY', ckey(controller, 'n'), new, 1)
   if old == 'queued' then
@@ -138,11 +153,12 @@ end
 -- Store a new queued task from a flat [field, value, ...] list without seq; returns its uuid and event.
 local function insert_queued(controller, row)
   local seq = redis.call('INCR', prefix .. 'seq')
-  local uuid, priority, batch
+  local uuid, priority, batch, tenant
   for i = 1, #row, 2 do
     if row[i] == 'uuid' then uuid = row[i + 1] end
     if row[i] == 'priority' then priority = row[i + 1] end
     if row[i] == 'batch' then batch = row[i + 1] end
+    if row[i] == 'tenant' then tenant = row[i + 1] end
   end
   local key = prefix .. 't:' .. uuid
   redis.call('HSET', key, 'seq', seq, unpack(row))
@@ -150,6 +166,9 @@ local function insert_queued(controller, row)
   redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
   redis.call('ZADD', ckey(controller, 'all'), seq, uuid)
   redis.call('ZADD', ckey(controller, 's:queued'), seq, uuid)
+  local tag = tenant_tag(tenant)
+  redis.call('ZADD', tkey(controller, tag, 'all'), seq, uuid)
+  redis.call('ZADD', tkey(controller, tag, 's:queued'), seq, uuid)
   redis.call('HINCRBY', ckey(controller, 'n'), 'queued', 1)
   return uuid, emit('queued', key)
 end
@@ -333,15 +352,24 @@ if redis.call('ZSCORE', q, member) then redis.call('ZADD', q, ARGV[5], member) e
 return {'ok', event_task(key), emit('queued', key)}
 """
 
-# ARGV from 4: controller. Returns the events written: the queued tasks' first.
+# ARGV from 4: controller, tenant tag ('' = every tenant's tasks). Returns the events written: the queued
+# tasks' first. With a tag, only that tenant's index is read.
 STOP_ALL = LIB + """
-local controller = ARGV[4]
+local controller, tag = ARGV[4], ARGV[5]
 local doomed = {}
-for _, member in ipairs(redis.call('ZRANGE', ckey(controller, 'q'), 0, -1)) do
-  doomed[#doomed + 1] = string.sub(member, 22)
+if tag ~= '' then
+  for _, status in ipairs({'queued', 'running', 'paused'}) do
+    for _, uuid in ipairs(redis.call('ZRANGE', tkey(controller, tag, 's:' .. status), 0, -1)) do
+      doomed[#doomed + 1] = uuid
+    end
+  end
+else
+  for _, member in ipairs(redis.call('ZRANGE', ckey(controller, 'q'), 0, -1)) do
+    doomed[#doomed + 1] = string.sub(member, 22)
+  end
+  for _, uuid in ipairs(redis.call('ZRANGE', ckey(controller, 'delayed'), 0, -1)) do doomed[#doomed + 1] = uuid end
+  for _, uuid in ipairs(redis.call('SMEMBERS', ckey(controller, 'active'))) do doomed[#doomed + 1] = uuid end
 end
-for _, uuid in ipairs(redis.call('ZRANGE', ckey(controller, 'delayed'), 0, -1)) do doomed[#doomed + 1] = uuid end
-for _, uuid in ipairs(redis.call('SMEMBERS', ckey(controller, 'active'))) do doomed[#doomed + 1] = uuid end
 local events = {}
 for _, uuid in ipairs(doomed) do
   local event = stop_one(prefix .. 't:' .. uuid)
@@ -406,12 +434,15 @@ local doomed = redis.call('ZRANGEBYSCORE', ckey(controller, 'ended'), '-inf', '(
                           'LIMIT', 0, tonumber(ARGV[6]))
 for _, uuid in ipairs(doomed) do
   local key = prefix .. 't:' .. uuid
-  local status, batch = unpack(redis.call('HMGET', key, 'status', 'batch'))
+  local status, batch, tenant = unpack(redis.call('HMGET', key, 'status', 'batch', 'tenant'))
   if status then
     emit('purged', key)
     if batch then redis.call('ZREM', ckey(controller, 'b:' .. batch), uuid) end
     redis.call('HINCRBY', ckey(controller, 'n'), status, -1)
     redis.call('ZREM', ckey(controller, 's:' .. status), uuid)
+    local tag = tenant_tag(tenant)
+    redis.call('ZREM', tkey(controller, tag, 'all'), uuid)
+    redis.call('ZREM', tkey(controller, tag, 's:' .. status), uuid)
     redis.call('DEL', key)
   end
   redis.call('ZREM', ckey(controller, 'all'), uuid)
@@ -440,6 +471,22 @@ if last_pruned then
   redis.call('ZREMRANGEBYLEX', outbox, '-', upto)
 end
 return 1
+"""
+
+# ARGV from 4: controller, uuids (JSON list). Puts these tasks of the controller into its tenant index, as
+# they are now (a store written before the index existed); idempotent. Returns how many it indexed.
+INDEX_TENANTS = LIB + """
+local controller, done = ARGV[4], 0
+for _, uuid in ipairs(cjson.decode(ARGV[5])) do
+  local status, seq, tenant = unpack(redis.call('HMGET', prefix .. 't:' .. uuid, 'status', 'seq', 'tenant'))
+  if status then
+    local tag = tenant_tag(tenant)
+    redis.call('ZADD', tkey(controller, tag, 'all'), seq, uuid)
+    redis.call('ZADD', tkey(controller, tag, 's:' .. status), seq, uuid)
+    done = done + 1
+  end
+end
+return done
 """
 
 # ARGV: prefix, since ('' = none), limit. Returns {newest pruned id, latest id, entries from since on}.
@@ -475,4 +522,4 @@ SCRIPTS = {"enqueue": ENQUEUE, "claim": CLAIM, "claim_started": CLAIM_STARTED,
             "prune": PRUNE,
             "feed": FEED, "heartbeat": HEARTBEAT, "retry": RETRY, "transition": TRANSITION,
             "reprioritise": REPRIORITISE, "stop_all": STOP_ALL, "declare": DECLARE, "fire": FIRE,
-            "lease": LEASE, "release": RELEASE, "drain": DRAIN}
+            "lease": LEASE, "release": RELEASE, "drain": DRAIN, "index_tenants": INDEX_TENANTS}

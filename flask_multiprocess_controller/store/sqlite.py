@@ -61,6 +61,10 @@ _READY_TASKS = "mpc_tasks INDEXED BY mpc_tasks_ready"
 #: The queued tasks waiting for a retry (the partial index ``mpc_tasks_delayed``).
 _DELAYED_SQL = "status = 'queued' AND retry_at IS NOT NULL"
 _SELECT_READY = f"SELECT {', '.join(_COLUMNS)} FROM {_READY_TASKS}"
+#: The tasks of one tenant: named indexes (without statistics SQLite may prefer the controller's own,
+#: and walk every tenant's tasks). ``tenant IS ?`` matches None too.
+_TENANT_TASKS = "mpc_tasks INDEXED BY mpc_tasks_tenant"
+_TENANT_STATUS_TASKS = "mpc_tasks INDEXED BY mpc_tasks_tenant_status"
 _SCHEDULE_COLUMNS = ("controller", "name", "spec", "fired_until", "last_fired", "last_task", "skipped",
                      "last_skipped", "seen_at", "declared_by")
 #: The newest cursor written (AUTOINCREMENT's high-water mark: it survives the pruning of every event).
@@ -114,6 +118,13 @@ def _schedule_row(values: Sequence[Any]) -> ScheduleRow:
     state = dict(zip(_SCHEDULE_COLUMNS, values))
     state["spec"] = json.loads(state["spec"])
     return cast(ScheduleRow, state)
+
+
+def _tenant_clause(tenant: Any, indexed: str) -> tuple[str, str, tuple[Any, ...]]:
+    """The table to read (``indexed``, a tenant index, for one tenant), the tenant condition and its parameters."""
+    if tenant is ANY_TENANT:
+        return "mpc_tasks", "", ()
+    return indexed, " AND tenant IS ?", (tenant,)
 
 
 def _latest(db: sqlite3.Connection) -> int:
@@ -613,12 +624,14 @@ class SQLiteStore(TaskStore):
             row["priority"] = priority
             return _shown(row), self._emit(db, EventKind.QUEUED, row, emitter, time.time())
 
-    def stop_all(self, controller: str, emitter: Optional[str] = None) -> list[Event]:
+    def stop_all(self, controller: str, emitter: Optional[str] = None, *, tenant: Any = ANY_TENANT) -> list[Event]:
+        table, by_tenant, tenant_args = _tenant_clause(tenant, _TENANT_STATUS_TASKS)
         with self._transaction() as db:
             now = time.time()
             rows = [_listed(found) for found in db.execute(
-                f"{_SELECT_LISTED} WHERE controller = ? AND status IN ('queued', 'running', 'paused') "
-                "ORDER BY status != 'queued', seq", (controller,))]
+                f"SELECT {', '.join(_LISTED_COLUMNS)} FROM {table} WHERE controller = ?{by_tenant} "
+                "AND status IN ('queued', 'running', 'paused') ORDER BY status != 'queued', seq",
+                (controller, *tenant_args))]
             return [event for event in (self._stop_one(db, row, emitter, now) for row in rows) if event is not None]
 
     # -- leases and schedules --------------------------------------------------------------------------------
@@ -736,15 +749,17 @@ class SQLiteStore(TaskStore):
                    before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         below = _NO_SEQ if before is None else before
         wanted = list(dict.fromkeys(statuses or ()))
-        by_tenant, tenant_args = ("", ()) if tenant is ANY_TENANT else (" AND tenant IS ?", (tenant,))
+        columns = ", ".join(_LISTED_COLUMNS)
         if not wanted:
-            return self._read_listed(f"{_SELECT_LISTED} WHERE controller = ? AND seq < ?{by_tenant} "
-                                     "ORDER BY seq DESC LIMIT ?", (controller, below, *tenant_args, limit))
+            table, by_tenant, tenant_args = _tenant_clause(tenant, _TENANT_TASKS)
+            return self._read_listed(f"SELECT {columns} FROM {table} WHERE controller = ?{by_tenant} AND seq < ? "
+                                     "ORDER BY seq DESC LIMIT ?", (controller, *tenant_args, below, limit))
         # One index range per status (each at most ``limit`` rows), merged: O(limit) per status,
-        # however many older tasks of other statuses there are.
-        pages = [self._read_listed(f"{_SELECT_LISTED} WHERE controller = ? AND status = ? AND seq < ?"
-                                   f"{by_tenant} ORDER BY seq DESC LIMIT ?",
-                                   (controller, status, below, *tenant_args, limit))
+        # however many older tasks of other statuses (or of other tenants) there are.
+        table, by_tenant, tenant_args = _tenant_clause(tenant, _TENANT_STATUS_TASKS)
+        pages = [self._read_listed(f"SELECT {columns} FROM {table} WHERE controller = ?{by_tenant} AND status = ? "
+                                   "AND seq < ? ORDER BY seq DESC LIMIT ?",
+                                   (controller, *tenant_args, status, below, limit))
                  for status in wanted]
         return list(heapq.merge(*pages, key=lambda r: r["seq"], reverse=True))[:limit]
 
@@ -752,9 +767,11 @@ class SQLiteStore(TaskStore):
         return self._read_listed(f"{_SELECT_LISTED} WHERE batch = ? AND controller = ? ORDER BY seq",
                                  (batch, controller))
 
-    def counts(self, controller: str) -> dict[str, int]:
+    def counts(self, controller: str, *, tenant: Any = ANY_TENANT) -> dict[str, int]:
+        table, by_tenant, tenant_args = _tenant_clause(tenant, _TENANT_STATUS_TASKS)
         return dict(self._query(
-            "SELECT status, COUNT(*) FROM mpc_tasks WHERE controller = ? GROUP BY status", (controller,)))
+            f"SELECT status, COUNT(*) FROM {table} WHERE controller = ?{by_tenant} GROUP BY status",
+            (controller, *tenant_args)))
 
     def ended_counts(self, controller: str, since: float, step: float = 60.0,
                      tenant: Any = ANY_TENANT) -> dict[tuple[int, str], int]:

@@ -96,12 +96,15 @@ ADDED_COLUMNS = {field.name: declaration(field) for field in ADDED}
 
 #: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
 #: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
+#: The tenant indexes serve the lists, counts and stop-all of one tenant (newest first, or by status).
 ADDED_INDEXES = """
 CREATE INDEX IF NOT EXISTS mpc_tasks_ready ON mpc_tasks (controller, priority, seq)
     WHERE status = 'queued' AND retry_at IS NULL;
 CREATE INDEX IF NOT EXISTS mpc_tasks_delayed ON mpc_tasks (controller, retry_at)
     WHERE status = 'queued' AND retry_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch IS NOT NULL;
+CREATE INDEX IF NOT EXISTS mpc_tasks_tenant ON mpc_tasks (controller, tenant, seq);
+CREATE INDEX IF NOT EXISTS mpc_tasks_tenant_status ON mpc_tasks (controller, tenant, status, seq);
 """
 
 
