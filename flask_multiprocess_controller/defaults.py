@@ -53,8 +53,9 @@ LIST_VALUE_SIZE = 4 * 1024
 MAX_BULK = 1000
 #: Levels a task's keyword arguments may nest at most (a request body: one more, for a bulk body's array).
 MAX_ARGS_DEPTH = 100
-#: Levels one progress value of a task may nest at most; a deeper one raises ValueError in the task.
-MAX_PROGRESS_DEPTH = 100
+#: Levels a task's progress value, saved state or result may nest at most: a deeper progress value or state
+#: raises ValueError in the task, a deeper result fails it (``ResultNotSerializable``).
+MAX_VALUE_DEPTH = 100
 #: Bytes (UTF-8) of an exception's message a task's ``error`` keeps (4 KiB); a longer one is clipped.
 MAX_MESSAGE_SIZE = 4 * 1024
 #: Bytes of an error's traceback text that are kept (64 KiB): its head and its tail, the middle clipped.

@@ -133,7 +133,8 @@ class MetaMPTask(abc.ABC):
         :raises StateTooLarge: the value's JSON is over the controller's ``max_state_size`` (nothing
             is saved; the task may catch it and go on).
         :raises TypeError: the value is not JSON-serialisable.
-        :raises ValueError: it holds NaN or Infinity, which JSON has no words for.
+        :raises ValueError: it holds NaN or Infinity, which JSON has no words for, or nests more than 100
+            levels deep.
 
         .. versionadded:: 0.3
         """

@@ -223,3 +223,20 @@ def test_progress_nested_too_deep_raises_in_the_task_and_later_progress_still_ar
     open(gate, "w").close()
     task = controller.wait(uuid, timeout=20)
     assert task["status"] == "succeeded" and task["result"] == progress["after"]
+
+
+class DeepResult(MetaMPTask):
+    def execute(self, depth: int = 900) -> Any:
+        value: Any = []
+        for _ in range(depth):
+            value = [value]
+        return value
+
+
+@pytest.mark.timeout(60)
+def test_a_result_nested_too_deep_fails_the_task_with_a_clear_error(make_controller):
+    controller = make_controller(DeepResult)
+    task = controller.wait(controller.submit(), timeout=20)
+    assert task["status"] == "failed" and task["error"]["type"] == "ResultNotSerializable", task["error"]
+    assert "nested more than 100 levels" in task["error"]["message"]
+    assert controller.wait(controller.submit(depth=99), timeout=20)["status"] == "succeeded"

@@ -109,10 +109,10 @@ class _Channel:
                 self._refuse(f"it has {len(value)} characters, over the limit of {self._limit} bytes")
                 return
         elif kind not in _JSON_SCALARS:
-            if too_deep(value, defaults.MAX_PROGRESS_DEPTH):
+            if too_deep(value, defaults.MAX_VALUE_DEPTH):
                 # Checked here, in the task: a value this deep would break the pickling and JSON encoding
                 # that carry it to the store (and with them the thread that sends progress).
-                raise ValueError(f"upload_status() needs a value nested at most {defaults.MAX_PROGRESS_DEPTH} "
+                raise ValueError(f"upload_status() needs a value nested at most {defaults.MAX_VALUE_DEPTH} "
                                  f"levels deep; nothing was published, the previous progress stays.")
             try:
                 size = len(_STRICT_JSON.encode(value))
@@ -187,9 +187,12 @@ class _Channel:
         and gives False: the task goes on.
 
         :raises TypeError: ``value`` is not JSON-serialisable.
-        :raises ValueError: it holds NaN or Infinity.
+        :raises ValueError: it holds NaN or Infinity, or nests too deep.
         :raises StateTooLarge: its JSON is over the limit.
         """
+        if too_deep(value, defaults.MAX_VALUE_DEPTH):
+            raise ValueError(f"save_state() needs a value nested at most {defaults.MAX_VALUE_DEPTH} levels deep; "
+                             f"nothing was saved.")
         try:
             text = _STRICT_JSON.encode(value)
         except TypeError as exc:
@@ -274,6 +277,10 @@ def _child_pids() -> Optional[list[int]]:
 
 def _result(task_id: str, result: Any, limit: int) -> Done:
     """The report of a task that returned ``result``: its JSON, or why it cannot be stored."""
+    if too_deep(result, defaults.MAX_VALUE_DEPTH):
+        return Done(task_id, "error", error=error_record(
+            "ResultNotSerializable", f"execute() returned a value nested more than {defaults.MAX_VALUE_DEPTH} "
+                                     f"levels deep, which the store does not take."))
     try:
         text = _STRICT_JSON.encode(result)
     except (TypeError, ValueError, RecursionError) as exc:
