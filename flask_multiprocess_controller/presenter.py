@@ -142,9 +142,9 @@ def hide_error_text(task: TaskObject) -> TaskObject:
 
     error = task.get("error")
     if error:
-        task["error"] = hidden(error)
+        shown = task["error"] = hidden(error)
         if task.get("status") in (TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.LOST):
-            task["msg"] = _ended_msg(task["uuid"], task["status"], task["error"]["message"])
+            task["msg"] = _ended_msg(task["uuid"], task["status"], shown["message"])
     if task.get("errors"):
         task["errors"] = [hidden(e) for e in task["errors"]]
     return task
