@@ -10,6 +10,7 @@ methods its class overrides.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -22,7 +23,7 @@ from flask import current_app, has_app_context
 
 from .http import compat as compat_module
 from . import defaults
-from .http.arguments import ArgumentSpec, check_depth
+from .http.arguments import ArgumentSpec, check_values
 from .batches import Batch, BatchView, new_batch_id, parse_batch_id
 from . import idempotency
 from .idempotency import Submitted
@@ -41,7 +42,7 @@ from .engine.exit import LIVE, exit_cleanly_on_sigterm
 from .http import handlers
 from .http.patching import check_priority
 from .http.handlers import HTTP_METHODS, TASK_HANDLERS, parse_uuid
-from .presenter import ListView, TaskObject, clip, hide_traceback, present
+from .presenter import ListView, TaskObject, clip, hide_error_text, hide_traceback, present
 from .engine.protocol import Limits
 from .http.responses import Reply
 from . import registry
@@ -100,6 +101,11 @@ class MetaMPController:
     :param max_state_size: bytes of JSON a task's ``save_state()`` value may take; over it the call raises
         :class:`~.exceptions.StateTooLarge` in the task (default 1 MiB).
     :param max_bulk: task objects one bulk POST may hold; over it, 413.
+    :param max_message_size: bytes (UTF-8) of an exception's message that a task's ``error`` (and its
+        ``msg``, and each entry of ``errors``) keeps; a longer one is clipped where it is recorded (4 KiB).
+    :param expose_errors: show the text of a task's exception to HTTP clients and callbacks (the default);
+        False shows only its type, with a sentence instead of its message (the store, the logs and the
+        Python API keep the text). It hides the traceback too, whatever ``expose_tracebacks`` says.
     :param shutdown_wait: seconds a serving process that shuts down lets its running tasks finish on
         their own (claiming nothing meanwhile) before it stops them; None: the app's
         ``MPC_SHUTDOWN_WAIT``, else the ``MPC_SHUTDOWN_WAIT`` environment variable, else 0.
@@ -112,7 +118,7 @@ class MetaMPController:
     .. versionchanged:: 0.3
         Upstream's positional order; ``target_task=None``; ``logger_configurator_cls``;
         ``compat``, ``max_wait``, ``expose_tracebacks``, ``max_result_size``,
-        ``max_progress_size``, ``max_bulk``, ``max_state_size``.
+        ``max_progress_size``, ``max_bulk``, ``max_state_size``, ``max_message_size``, ``expose_errors``.
     """
 
     _name: ClassVar[Optional[str]] = None
@@ -147,13 +153,14 @@ class MetaMPController:
                  max_progress_size: int = defaults.MAX_PROGRESS_SIZE, max_bulk: int = defaults.MAX_BULK,
                  role: Optional[str] = None, tenant: Optional[Callable[[], Any]] = None,
                  max_state_size: int = defaults.MAX_STATE_SIZE,
+                 max_message_size: int = defaults.MAX_MESSAGE_SIZE, expose_errors: bool = True,
                  handover_window: Optional[float] = None, shutdown_wait: Optional[float] = None,
                  idempotency_ttl: float = defaults.IDEMPOTENCY_TTL) -> None:
         configurator = check_arguments(
             target_task, callback_url, max_num_process, max_num_queue, timeout, stop_grace, max_tasks_per_child,
             (logger_configurator_cls, log_configurator), role, tenant, max_wait=max_wait,
             max_result_size=max_result_size, max_progress_size=max_progress_size, max_bulk=max_bulk,
-            max_state_size=max_state_size, idempotency_ttl=idempotency_ttl)
+            max_state_size=max_state_size, max_message_size=max_message_size, idempotency_ttl=idempotency_ttl)
         #: The task class this controller runs (None: it runs none).
         self.target_task = target_task
         self.max_num_process = max_num_process
@@ -174,6 +181,11 @@ class MetaMPController:
         self.handover_window: Optional[float] = (
             None if handover_window is None else configured_window(handover_window))
         self.expose_tracebacks = bool(expose_tracebacks)
+        #: Whether HTTP clients and callbacks see the text of a task's exception (else a sentence naming
+        #: its type); the store, the logs and the Python API always keep it.
+        self.expose_errors = bool(expose_errors)
+        #: Bytes (UTF-8) of an exception's message a task's ``error`` keeps (the rest is clipped).
+        self.max_message_size = int(max_message_size)
         self.max_bulk = int(max_bulk)
         self.lease = lease
         #: Seconds a shutting-down serving process lets its running tasks finish (see ``shutdown_wait``).
@@ -200,6 +212,7 @@ class MetaMPController:
             ("max_content_length", max_content_length, defaults.MAX_CONTENT_LENGTH),
             ("max_wait", max_wait, defaults.MAX_WAIT), ("expose_tracebacks", expose_tracebacks, False),
             ("handover_window", handover_window, None), ("shutdown_wait", shutdown_wait, None),
+            ("max_message_size", max_message_size, defaults.MAX_MESSAGE_SIZE), ("expose_errors", expose_errors, True),
             ("idempotency_ttl", idempotency_ttl, defaults.IDEMPOTENCY_TTL),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
@@ -212,7 +225,7 @@ class MetaMPController:
         self._configurator = configurator or WorkerLogSetup
         self.posts = compat_module.PostCounter()
         self._limits = Limits(result_bytes=int(max_result_size), progress_bytes=int(max_progress_size),
-                              state_bytes=int(max_state_size))
+                              state_bytes=int(max_state_size), message_bytes=self.max_message_size)
         # Guards _store and _side creation, and _closed.
         self._lock = threading.RLock()
         self._closed = False
@@ -257,6 +270,7 @@ class MetaMPController:
             self._instance_path = instance_path
             for key, value in settings.items():
                 setattr(self, key, value)
+            self._limits = dataclasses.replace(self._limits, message_bytes=self.max_message_size)
 
     def _check_unchanged(self, settings: dict[str, Any], config: Mapping[str, Any]) -> None:
         """A controller that already runs cannot take another store, stop grace or retention: say how to
@@ -685,7 +699,7 @@ class MetaMPController:
         spec = ScheduleSpec.build(name, cron=cron, every=every, tz=tz, kwargs=kwargs, catchup=catchup,
                                   priority=check_priority(priority), timeout=self._effective_timeout(timeout),
                                   tenant=tenant)
-        check_depth(spec.kwargs, defaults.MAX_ARGS_DEPTH)
+        check_values(spec.kwargs, defaults.MAX_ARGS_DEPTH)
         self._spec.check(spec.kwargs)
         self._schedules[name] = spec
         with self._lock:
@@ -875,7 +889,10 @@ class MetaMPController:
         return self.client_view_of(self._present(row))
 
     def client_view_of(self, task: TaskObject) -> TaskObject:
-        """A task object as HTTP clients see it: no traceback unless the controller (or debug mode) says so."""
+        """A task object as HTTP clients see it: no traceback unless the controller (or debug mode) says so, and
+        no exception text at all when ``expose_errors`` is off."""
+        if not self.expose_errors:
+            return hide_error_text(task)  # the traceback holds the text too: hidden with it, debug or not
         if self.expose_tracebacks or (has_app_context() and current_app.debug):
             return task
         return hide_traceback(task)

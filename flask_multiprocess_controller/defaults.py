@@ -51,8 +51,19 @@ MAX_PROGRESS_SIZE = 64 * 1024
 LIST_VALUE_SIZE = 4 * 1024
 #: Task objects one bulk POST may hold; over it, 413.
 MAX_BULK = 1000
-#: Levels a task's keyword arguments may nest at most.
+#: Levels a task's keyword arguments may nest at most (a request body: one more, for a bulk body's array).
 MAX_ARGS_DEPTH = 100
+#: Levels a task's progress value, saved state or result may nest at most: a deeper progress value or state
+#: raises ValueError in the task, a deeper result fails it (``ResultNotSerializable``).
+MAX_VALUE_DEPTH = 100
+#: Bytes (UTF-8) of an exception's message a task's ``error`` keeps (4 KiB); a longer one is clipped.
+MAX_MESSAGE_SIZE = 4 * 1024
+#: Bytes of an error's traceback text that are kept (64 KiB): its head and its tail, the middle clipped.
+MAX_TRACEBACK_SIZE = 64 * 1024
+#: The largest integer a query option may be (cursors, limits): what every store's integers hold.
+MAX_QUERY_INT = 2 ** 63 - 1
+#: The most seconds a timeout may be (about 31 years): a longer one is refused, not stored.
+MAX_SECONDS = 1e9
 #: Log records waiting for the serving process's handlers at most; past it records are dropped (counted).
 LOG_QUEUE_SIZE = 10_000
 #: Tasks a list view returns when ``?limit=`` is not given, and at most.

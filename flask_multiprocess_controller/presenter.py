@@ -5,6 +5,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Optional, TypedDict, cast
 
+from .engine.protocol import OWN_ERROR_TYPES
 from .states import TaskStatus
 from .store.base import Row
 
@@ -83,9 +84,14 @@ def _msg(row: Row, position: Optional[int]) -> str:
         return f"Task {uuid} was stopped before it started."
     if status == TaskStatus.STOPPED:
         return f"Task {uuid} was stopped."
+    return _ended_msg(uuid, status, error.get("message", ""))
+
+
+def _ended_msg(uuid: str, status: str, message: str) -> str:
+    """The ``msg`` of a task that ended with an error (failed, timed out, lost): the error's message."""
     if status == TaskStatus.TIMED_OUT:
-        return f"Task {uuid} timed out: {error.get('message', '')}".rstrip(": ")
-    return f"Task {uuid} {status}: {error.get('message', '')}".rstrip(": ")
+        return f"Task {uuid} timed out: {message}".rstrip(": ")
+    return f"Task {uuid} {status}: {message}".rstrip(": ")
 
 
 def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None) -> TaskObject:
@@ -117,6 +123,30 @@ def hide_traceback(task: TaskObject) -> TaskObject:
         task["error"] = {**error, "traceback": None}
     if any(e.get("traceback") is not None for e in task.get("errors") or []):
         task["errors"] = [{**e, "traceback": None} for e in task["errors"]]
+    return task
+
+
+def hidden_message(kind: str) -> str:
+    """What clients read instead of an exception's message when the controller's ``expose_errors`` is off."""
+    return f"The task raised {kind}; its message is kept in the server's logs."
+
+
+def hide_error_text(task: TaskObject) -> TaskObject:
+    """The task object without its exception text: each error keeps its ``type``, its message becomes a
+    sentence and its traceback null, and ``msg`` follows. Errors the package made itself (a timeout, a
+    crash) keep their messages: they hold no exception text."""
+    def hidden(error: dict[str, Any]) -> dict[str, Any]:
+        if error.get("type") in OWN_ERROR_TYPES:
+            return {**error, "traceback": None}
+        return {**error, "message": hidden_message(str(error.get("type"))), "traceback": None}
+
+    error = task.get("error")
+    if error:
+        shown = task["error"] = hidden(error)
+        if task.get("status") in (TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.LOST):
+            task["msg"] = _ended_msg(task["uuid"], task["status"], shown["message"])
+    if task.get("errors"):
+        task["errors"] = [hidden(e) for e in task["errors"]]
     return task
 
 

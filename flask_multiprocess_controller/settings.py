@@ -2,6 +2,7 @@
 the runtime's configuration derived from them (one place for all three)."""
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -38,16 +39,31 @@ def check_callback_url(url: Any) -> None:
         raise ValueError(f"callback_url must be an http:// or https:// URL, not {url!r}.")
 
 
+def flag(value: Any) -> bool:
+    """A yes/no setting: a bool, 0 or 1, or a word (``true``/``false``, ``yes``/``no``, ``on``/``off``), so
+    that ``MPC_EXPOSE_ERRORS=false`` from an environment file means no rather than a non-empty string."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(value)
+    if value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    raise ValueError(value)
+
+
 #: How each ``MPC_*`` setting of an app's config becomes a controller setting.
 APP_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "stop_grace": float, "retention": float, "max_content_length": int, "max_wait": float,
-    "expose_tracebacks": bool, "handover_window": float, "shutdown_wait": float,
-    "idempotency_ttl": float,
+    "expose_tracebacks": flag, "handover_window": float, "shutdown_wait": float,
+    "max_message_size": int, "expose_errors": flag, "idempotency_ttl": float,
 }
 
 
 #: Settings a started runtime has taken for good; the others are read at each request.
-FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait"})
+FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait", "max_message_size"})
 
 
 def app_setting(key: str, value: Any) -> Any:
@@ -55,8 +71,12 @@ def app_setting(key: str, value: Any) -> Any:
     try:
         converted = APP_SETTINGS[key](value)
     except (TypeError, ValueError):
-        raise ValueError(f"MPC_{key.upper()} must be a {APP_SETTINGS[key].__name__}, not {value!r}.") from None
-    if key != "expose_tracebacks" and (converted < 0 or (key in ("max_wait", "idempotency_ttl") and converted == 0)):
+        kind = "true or false" if APP_SETTINGS[key] is flag else f"a {APP_SETTINGS[key].__name__}"
+        raise ValueError(f"MPC_{key.upper()} must be {kind}, not {value!r}.") from None
+    if APP_SETTINGS[key] is flag:
+        return converted
+    if not math.isfinite(converted) or converted < 0 or (
+            key in ("max_wait", "max_message_size", "idempotency_ttl") and converted == 0):
         raise ValueError(f"MPC_{key.upper()} must be positive, not {value!r}.")
     return converted
 
@@ -93,22 +113,27 @@ def check_arguments(target_task: Optional[type[MetaMPTask]], callback_url: Any, 
     if not isinstance(max_num_queue, int) or max_num_queue < -1:
         raise ValueError(f"max_num_queue must be -1 (no bound) or a non-negative integer, not {max_num_queue!r}.")
     configurator = pick_configurator(*configurators)
-    if timeout is not None and timeout <= 0:
-        raise ValueError("timeout must be positive or None.")
-    if stop_grace < 0:
-        raise ValueError("stop_grace must not be negative.")
+    if timeout is not None and not (_finite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}.")
+    if not (_finite(stop_grace) and stop_grace >= 0):
+        raise ValueError(f"stop_grace must be a number of seconds, not negative, not {stop_grace!r}.")
     if max_tasks_per_child < 0:
         raise ValueError("max_tasks_per_child must be 1 or more, or 0 for no limit.")
     if target_task is not None:
         RetryPolicy.of(target_task)  # a bad retry setting fails here, not at the first failure
     for name, value in sizes.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if not _finite(value) or value <= 0:
             raise ValueError(f"{name} must be a positive number, not {value!r}.")
     if role not in (None, registry.SERVER, registry.CLIENT):
         raise ValueError(f"role must be 'server' or 'client', not {role!r}.")
     if tenant is not None and not callable(tenant):
         raise TypeError(f"tenant must be a callable evaluated in the request context, not {tenant!r}.")
     return configurator
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool, NaN or an infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def runtime_config(controller: "MetaMPController") -> RuntimeConfig:
@@ -121,6 +146,6 @@ def runtime_config(controller: "MetaMPController") -> RuntimeConfig:
         stop_grace=controller.stop_grace, max_memory=controller.max_memory,
         max_tasks_per_child=controller.max_tasks_per_child, retention=controller.retention, lease=controller.lease,
         logger=controller.logger, configurator=controller.log_configurator, context=controller.context_view(),
-        limits=controller.limits, expose_tracebacks=controller.expose_tracebacks,
+        limits=controller.limits, expose_tracebacks=controller.expose_tracebacks, expose_errors=controller.expose_errors,
         max_num_queue=controller.max_num_queue, slots=controller.slots, shutdown_wait=controller.shutdown_wait,
         handover_window=configured_window(controller.handover_window))

@@ -1,13 +1,15 @@
 """Task rows for a submission: each item checked against ``execute``'s signature, stamped and numbered."""
 from __future__ import annotations
 
+import math
 import time
 import uuid as uuid_module
 from typing import Any, Mapping, Optional, Sequence
 
 from . import defaults
 from .exceptions import InvalidRequest
-from .http.arguments import ArgumentSpec, check_depth
+from .http.arguments import ArgumentSpec, check_values
+from .jsonvalues import excerpt
 from .states import TaskStatus
 from .store.base import Row
 
@@ -20,7 +22,8 @@ def new_rows(spec: ArgumentSpec, controller: str, items: Sequence[Mapping[str, A
     of that name (seed compatibility).
 
     :raises InvalidRequest: an item is not a mapping, or its priority is not an integer in range.
-    :raises InvalidArguments: an item does not fit ``execute``.
+    :raises InvalidArguments: an item does not fit ``execute``, or a value is not JSON (NaN and Infinity
+        included) or nests too deep.
     """
     now = time.time()
     rows: list[Row] = []
@@ -32,10 +35,10 @@ def new_rows(spec: ArgumentSpec, controller: str, items: Sequence[Mapping[str, A
         if "priority" in args and "priority" not in spec.names:
             task_priority = args.pop("priority")
             if not isinstance(task_priority, int) or isinstance(task_priority, bool):
-                raise InvalidRequest(f"'priority' must be an integer, not {task_priority!r}.")
+                raise InvalidRequest(f"'priority' must be an integer, not {excerpt(task_priority)}.")
         if not -(2 ** 62) <= task_priority <= 2 ** 62:
             raise InvalidRequest(f"'priority' must be between {-(2 ** 62)} and {2 ** 62}.")
-        check_depth(args, defaults.MAX_ARGS_DEPTH)
+        check_values(args, defaults.MAX_ARGS_DEPTH)
         spec.check(args)
         rows.append({
             "tenant": tenant,
@@ -50,6 +53,7 @@ def effective_timeout(limit: Optional[float], requested: Optional[float]) -> Opt
     """The timeout of a task: the one requested, which may only lower the controller's ``limit``."""
     if requested is None:
         return limit
-    if requested <= 0:
-        raise InvalidRequest("'timeout' must be a positive number of seconds.")
+    if (isinstance(requested, bool) or not isinstance(requested, (int, float)) or not math.isfinite(requested)
+            or not 0 < requested <= defaults.MAX_SECONDS):
+        raise InvalidRequest(f"'timeout' must be a positive number of seconds, at most {defaults.MAX_SECONDS:g}.")
     return requested if limit is None else min(requested, limit)

@@ -102,7 +102,15 @@ class MetaMPTask(abc.ABC):
         """Publish ``status`` (any JSON value) as the task's ``progress``.
 
         It never waits for the store: the controlling thread keeps the last value and
-        writes it at a bounded rate.
+        writes it at a bounded rate. A value whose JSON is over the controller's
+        ``max_progress_size``, or that holds NaN or Infinity, is refused with a warning in the
+        log (the previous progress stays).
+
+        :raises TypeError: the value is not JSON-serialisable.
+        :raises ValueError: it nests lists and objects more than 100 levels deep (nothing is published).
+
+        .. versionchanged:: 0.3
+            A value nested too deep raises ValueError here, in the task.
         """
         self._channel.publish(status)
 
@@ -125,7 +133,8 @@ class MetaMPTask(abc.ABC):
         :raises StateTooLarge: the value's JSON is over the controller's ``max_state_size`` (nothing
             is saved; the task may catch it and go on).
         :raises TypeError: the value is not JSON-serialisable.
-        :raises ValueError: it holds NaN or Infinity, which JSON has no words for.
+        :raises ValueError: it holds NaN or Infinity, which JSON has no words for, or nests more than 100
+            levels deep.
 
         .. versionadded:: 0.3
         """

@@ -86,7 +86,7 @@ def test_user_errors_print_one_line_and_exit_non_zero(cli_app):
         (["mpc", "stop", "00000000-0000-4000-8000-000000000000"], "No task with uuid"),
         (["mpc", "submit", "nobody"], "No controller is called 'nobody'"),
         (["mpc", "submit", "steps", "steps=many"], "must be an integer"),
-        (["mpc", "submit", "steps", "unknown=1"], "do not fit"),
+        (["mpc", "submit", "steps", "unknown=1"], "Unknown argument 'unknown'"),
         (["mpc", "submit", "steps", "noequals"], "KEY=VALUE"),
     ):
         result = runner.invoke(args=args)

@@ -19,6 +19,7 @@ from typing import Any, Optional, Type
 
 from .. import defaults, task as task_module
 from ..exceptions import AbortException, StateTooLarge
+from ..jsonvalues import too_deep
 from .proctree import IDLE_NAME, set_process_name, task_process_name
 from .capture import OutputCapture, flush_python_streams
 from .channel import PacketChannel
@@ -108,6 +109,11 @@ class _Channel:
                 self._refuse(f"it has {len(value)} characters, over the limit of {self._limit} bytes")
                 return
         elif kind not in _JSON_SCALARS:
+            if too_deep(value, defaults.MAX_VALUE_DEPTH):
+                # Checked here, in the task: a value this deep would break the pickling and JSON encoding
+                # that carry it to the store (and with them the thread that sends progress).
+                raise ValueError(f"upload_status() needs a value nested at most {defaults.MAX_VALUE_DEPTH} "
+                                 f"levels deep; nothing was published, the previous progress stays.")
             try:
                 size = len(_STRICT_JSON.encode(value))
             except TypeError as exc:
@@ -145,6 +151,8 @@ class _Channel:
                 self.flush_progress()
             except OSError:  # the serving process is gone; the task's own next send will notice
                 return
+            except Exception:  # a value that cannot be sent is dropped; later ones must still go
+                self._logger.exception("Progress of task %s could not be sent; it is dropped.", self.task_id)
 
     def flush_progress(self) -> None:
         """Send the latest unsent progress value now."""
@@ -179,9 +187,12 @@ class _Channel:
         and gives False: the task goes on.
 
         :raises TypeError: ``value`` is not JSON-serialisable.
-        :raises ValueError: it holds NaN or Infinity.
+        :raises ValueError: it holds NaN or Infinity, or nests too deep.
         :raises StateTooLarge: its JSON is over the limit.
         """
+        if too_deep(value, defaults.MAX_VALUE_DEPTH):
+            raise ValueError(f"save_state() needs a value nested at most {defaults.MAX_VALUE_DEPTH} levels deep; "
+                             f"nothing was saved.")
         try:
             text = _STRICT_JSON.encode(value)
         except TypeError as exc:
@@ -266,12 +277,17 @@ def _child_pids() -> Optional[list[int]]:
 
 def _result(task_id: str, result: Any, limit: int) -> Done:
     """The report of a task that returned ``result``: its JSON, or why it cannot be stored."""
+    if too_deep(result, defaults.MAX_VALUE_DEPTH):
+        return Done(task_id, "error", error=error_record(
+            "ResultNotSerializable", f"execute() returned a value nested more than {defaults.MAX_VALUE_DEPTH} "
+                                     f"levels deep, which the store does not take."))
     try:
         text = _STRICT_JSON.encode(result)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         return Done(task_id, "error", error=error_record(
             "ResultNotSerializable",
-            f"execute() returned a value of type {type(result).__name__}, which is not JSON-serialisable: {exc}"))
+            f"execute() returned a value of type {type(result).__name__}, which is not JSON-serialisable: "
+            f"{str(exc)[:200]}"))
     if len(text) > limit:
         return Done(task_id, "error", error=error_record(
             "ResultTooLarge", f"execute() returned {len(text)} bytes of JSON, over the controller's "
@@ -302,7 +318,7 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
     except AbortException:
         done = Done(task_id, "aborted")
     except BaseException as exc:  # the task's own failure, whatever it is, is data for the parent
-        done = Done(task_id, "error", error=exception_record(exc),
+        done = Done(task_id, "error", error=exception_record(exc, command.limits.message_bytes),
                     retryable=RetryPolicy.of(task_cls).retries_raised(exc))
     finally:
         task_module._set_current(None)

@@ -46,6 +46,8 @@ class RuntimeConfig:
     limits: Limits
     #: Whether callbacks show ``error.traceback``.
     expose_tracebacks: bool = False
+    #: Whether callbacks show the text of a task's exception (else its type only).
+    expose_errors: bool = True
     #: Handed to each task as ``self.context``.
     context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     #: Queued tasks allowed (-1: no bound): what a schedule's firing may meet.

@@ -23,19 +23,75 @@ class ErrorRecord(TypedDict):
     traceback: Optional[str]
 
 
+#: Types of the errors the package itself records (a crash, a timeout...): their messages are its own
+#: sentences, holding no exception text, so ``expose_errors=False`` leaves them shown.
+OWN_ERROR_TYPES = frozenset({"ProcessDied", "TaskTimeout", "MemoryLimitExceeded", "ResultTooLarge", "Shutdown",
+                             "Killed", "Lost"})
+
+
 def error_record(kind: str, message: str, tb: Optional[str] = None) -> ErrorRecord:
     """Build an :class:`ErrorRecord`."""
     return {"type": kind, "message": message, "traceback": tb}
 
 
-def exception_record(exc: BaseException) -> ErrorRecord:
-    """The :class:`ErrorRecord` of an exception being handled (its traceback included)."""
+def clip_text(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, saying so at its end (whole when it fits).
+
+    .. versionadded:: 0.3
+    """
+    if len(text) * 4 <= limit:  # fits whatever its characters are: no encoding needed
+        return text
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    marker = f"… [clipped: {len(data)} bytes in all]"
+    keep = max(0, limit - len(marker.encode("utf-8")))
+    return data[:keep].decode("utf-8", "ignore") + marker[:limit]
+
+
+def clip_traceback(tb: Optional[str], message: str, clipped: str, limit: int) -> Optional[str]:
+    """A traceback's text with its exception's message as clipped, then at most ``limit`` bytes: its head
+    and its tail (where the innermost frames and the exception are), the middle left out."""
+    if tb is None:
+        return None
+    if clipped != message and message:
+        tb = tb.replace(message, clipped)
+    if len(tb) * 4 <= limit or len(tb.encode("utf-8", "replace")) <= limit:
+        return tb
+    half = limit // 2 - 40
+    data = tb.encode("utf-8", "replace")
+    return (data[:half].decode("utf-8", "ignore") + f"\n… [clipped: {len(data)} bytes in all] …\n"
+            + data[-half:].decode("utf-8", "ignore"))
+
+
+def clip_error(error: ErrorRecord, limit: int) -> ErrorRecord:
+    """``error`` with its message clipped to ``limit`` bytes, and its traceback bounded too (see
+    :data:`~.defaults.MAX_TRACEBACK_SIZE`): the store never holds an unbounded message.
+
+    .. versionadded:: 0.3
+    """
+    message = str(error.get("message") or "")
+    clipped = clip_text(message, limit)
+    tb = error.get("traceback")
+    bounded = clip_traceback(tb, message, clipped, max(limit, defaults.MAX_TRACEBACK_SIZE))
+    if clipped is message and bounded is tb:
+        return error
+    return {**error, "message": clipped, "traceback": bounded}
+
+
+def exception_record(exc: BaseException, message_limit: int = defaults.MAX_MESSAGE_SIZE) -> ErrorRecord:
+    """The :class:`ErrorRecord` of an exception being handled (its traceback included), its message clipped
+    to ``message_limit`` bytes."""
     kind = type(exc)
-    if kind.__module__ in ("builtins", "__main__"):
+    if kind.__module__ in ("builtins", "__main__") and kind.__qualname__ not in OWN_ERROR_TYPES:
         name = kind.__qualname__
     else:
         name = f"{kind.__module__}.{kind.__qualname__}"
-    return error_record(name, str(exc), traceback.format_exc())
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ fails is still a failure to record
+        message = f"<{name} whose message could not be made>"
+    return clip_error(error_record(name, message, traceback.format_exc()), message_limit)
 
 
 # -- commands to the task process -------------------------------------------------------------------
@@ -47,6 +103,8 @@ class Limits:
     result_bytes: int
     progress_bytes: int
     state_bytes: int = defaults.MAX_STATE_SIZE
+    #: Bytes (UTF-8) of an error's message that are kept.
+    message_bytes: int = defaults.MAX_MESSAGE_SIZE
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,9 @@ from .keeper import Keeper
 from .logs import LogListener, MetaMPLoggerConfigurator, log_task_ended, log_task_started
 from .pausing import follow_pause_event
 from .retrier import GaveUp, Retrier
-from ..presenter import hide_traceback, present
+from ..presenter import hide_error_text, hide_traceback, present
 from .proctree import kill_process_tree, proven_task_process
-from .protocol import Exit, error_record
+from .protocol import Exit, clip_error, error_record
 from .schedules import Scheduler, ScheduleSpec
 from .side import TaskSide
 from .slots import Claim, Slot
@@ -67,10 +67,13 @@ def task_fork_server(task_cls: type[MetaMPTask], configurator: type[MetaMPLogger
     return ForkServer(main, prepare=functools.partial(prepare_fork_server, configurator))
 
 
-def callback_body(event: Event, expose_tracebacks: bool = False) -> dict[str, Any]:
-    """The JSON body of a callback delivery: the event, its cursor and the task object."""
+def callback_body(event: Event, expose_tracebacks: bool = False, expose_errors: bool = True) -> dict[str, Any]:
+    """The JSON body of a callback delivery: the event, its cursor and the task object (shown as HTTP
+    clients see it: see ``expose_tracebacks`` and ``expose_errors``)."""
     task = present(cast(Row, event["task"]))
-    if not expose_tracebacks:
+    if not expose_errors:
+        hide_error_text(task)
+    elif not expose_tracebacks:
         hide_traceback(task)
     return {"event": event["kind"], "uuid": event["uuid"], "cursor": event["cursor"], "msg": task["msg"],
             "task": task}
@@ -135,7 +138,8 @@ class Runtime(TaskSide):
         self.events.subscribe(self._log_event, local_only=True)
         self._callbacks: Optional[CallbackSender] = None
         if callback_url:
-            body = functools.partial(callback_body, expose_tracebacks=config.expose_tracebacks)
+            body = functools.partial(callback_body, expose_tracebacks=config.expose_tracebacks,
+                                     expose_errors=config.expose_errors)
             self._callbacks = CallbackSender(callback_url, self.logger, body, self._ack)
             self.events.subscribe(self._callbacks.offer, local_only=True)
         self._slots = [Slot(self, i) for i in range(config.slot_count)]
@@ -703,7 +707,8 @@ class Runtime(TaskSide):
 
     def fail(self, uuid: str, exc: BaseException, retrier: Retrier) -> None:
         """Record that the controlling thread itself failed to run task ``uuid``."""
-        error = error_record("ControllerError", f"The controller failed to run the task: {exc}")
+        error = clip_error(error_record("ControllerError", f"The controller failed to run the task: {exc}"),
+                           self.config.limits.message_bytes)
         try:
             self.written(lambda: self.store.finish(uuid, TaskStatus.FAILED.value, owner=self.owner,
                                                    emitter=self.owner, error=error), retrier, "recording a task's failure")

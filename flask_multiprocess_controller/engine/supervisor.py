@@ -33,7 +33,7 @@ from .retrier import Retrier
 from .proctree import TreeUsage, describe_exit, sample, signal_processes
 from .protocol import (
     Done, ErrorRecord, LogRecordMessage, Output, Percent, Progress, Report, RunTask, SaveState,
-    StateSaved, StopTask, error_record,
+    StateSaved, StopTask, clip_error, error_record,
 )
 from ..states import TaskStatus
 from ..store import TaskStore
@@ -449,7 +449,9 @@ def classify(seen: Observation, settings: Settings) -> Outcome:
             fields["result"] = json.loads(seen.done.result_json or "null")
             return Outcome(TaskStatus.SUCCEEDED, fields, alive)
         if seen.done.kind == "error":
-            fields["error"] = seen.done.error
+            # Clipped where it is recorded (the task process clips it too): the store never holds more.
+            error = seen.done.error
+            fields["error"] = None if error is None else clip_error(error, settings.limits.message_bytes)
             return Outcome(TaskStatus.FAILED, fields, alive, retry_match=seen.done.retryable)
         return _stopped(reason, fields, alive, seen.timeout, None, settings)
     how = describe_exit(seen.exit_code if seen.exited else None)

@@ -23,9 +23,10 @@ import inspect
 import json
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from ..exceptions import InvalidArguments
+from ..jsonvalues import excerpt, json_problem
 
 #: JSON Schema type of each basic annotation.
 JSON_TYPES: dict[type, str] = {int: "integer", float: "number", str: "string", bool: "boolean", list: "array",
@@ -153,6 +154,19 @@ def check_depth(value: Any, limit: int) -> None:
         level = [child for item in level for child in _children(item)]
 
 
+def check_values(kwargs: Mapping[str, Any], limit: int) -> None:
+    """Raise :class:`InvalidArguments`, naming the argument, unless every value of ``kwargs`` is JSON that
+    nests at most ``limit`` levels with the mapping itself (no NaN or Infinity, no other types).
+
+    What the Python API, bulk submits and schedules are checked with; an HTTP body is JSON already,
+    read without NaN by :mod:`.body`.
+    """
+    for name, value in kwargs.items():
+        problem = json_problem(value, limit - 1)
+        if problem is not None:
+            raise InvalidArguments(f"Argument {excerpt(name)} {problem}.")
+
+
 def _children(value: Any) -> list[Any]:
     if isinstance(value, dict):
         return [v for v in value.values() if isinstance(v, (dict, list))]
@@ -204,16 +218,29 @@ class ArgumentSpec:
         self._types = {p.name: p.type for p in self.params if p.type is not None}
 
     def check(self, kwargs: dict[str, Any]) -> None:
-        """Raise :class:`InvalidArguments` unless ``execute(**kwargs)`` would bind and fit the annotations."""
+        """Raise :class:`InvalidArguments` unless ``execute(**kwargs)`` would bind and fit the annotations.
+
+        The message names the argument at fault and what it must be, never ``execute``'s whole
+        signature: its defaults are the task's business, not every client's.
+        """
+        if not self.open:
+            unknown = [name for name in kwargs if name not in self.names]
+            if unknown:
+                known = ", ".join(p.name for p in self.params) or "none"
+                raise InvalidArguments(f"Unknown argument {excerpt(unknown[0])}: execute() takes {known}.")
+        missing = [p for p in self.params if p.required and p.name not in kwargs]
+        if missing:
+            what = f" ({missing[0].type.describe()})" if missing[0].type is not None else ""
+            raise InvalidArguments(f"Argument '{missing[0].name}'{what} is required.")
         try:
             self._signature.bind(**kwargs)
-        except TypeError as exc:
-            raise InvalidArguments(f"Arguments do not fit execute{self._signature}: {exc}.") from None
+        except TypeError as exc:  # what the checks above do not cover: positional-only parameters
+            raise InvalidArguments(f"Arguments do not fit execute(): {exc}.") from None
         for name, value in kwargs.items():
             expected = self._types.get(name)
             if expected is not None and not expected.accepts(value):
                 raise InvalidArguments(
-                    f"Argument '{name}' must be {expected.describe()}, not {type(value).__name__} {value!r:.60}.")
+                    f"Argument '{name}' must be {expected.describe()}, not {type(value).__name__} {excerpt(value)}.")
 
     def schema(self) -> dict[str, Any]:
         """The JSON Schema (2020-12) of the JSON objects :meth:`check` accepts.

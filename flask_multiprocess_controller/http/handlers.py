@@ -66,9 +66,15 @@ def query_options() -> Mapping[str, str]:
 
 def query_number(name: str, raw: Optional[str], kind: type = float, minimum: float = 0.0,
                  maximum: Optional[float] = None) -> Optional[Any]:
-    """Query option ``name`` as a number of ``kind`` within bounds; None when absent; else :class:`InvalidRequest`."""
+    """Query option ``name`` as a number of ``kind`` within bounds; None when absent; else :class:`InvalidRequest`.
+
+    Every number is bounded: an integer without a ``maximum`` at :data:`~.defaults.MAX_QUERY_INT` (what
+    every store's integers hold: a cursor of 2^64 is a 400, not a store error), a float at any finite value.
+    """
     if raw is None or raw == "":
         return None
+    if kind is int and maximum is None:
+        maximum = defaults.MAX_QUERY_INT
     try:
         value = kind(raw)
     except ValueError:
@@ -77,7 +83,8 @@ def query_number(name: str, raw: Optional[str], kind: type = float, minimum: flo
     if kind is float and not math.isfinite(value):
         raise InvalidRequest(f"Query option '{name}' must be a finite number, not {raw[:40]!r}.")
     if maximum is not None and not minimum <= value <= maximum:
-        raise InvalidRequest(f"Query option '{name}' must be between {minimum:g} and {maximum:g}, not {value}.")
+        low, high = (f"{minimum:d}", f"{maximum:d}") if kind is int else (f"{minimum:g}", f"{maximum:g}")
+        raise InvalidRequest(f"Query option '{name}' must be between {low} and {high}, not {raw[:40]}.")
     if value < minimum:
         raise InvalidRequest(f"Query option '{name}' must be at least {minimum:g}, not {raw[:40]!r}.")
     return value
@@ -207,7 +214,7 @@ def idempotency_key() -> Optional[str]:
 def _answer_post(controller: "MetaMPController", *args: Mapping[str, Any], **kwargs: Any) -> Reply:
     options = query_options()
     priority = check_priority(query_number("priority", options.get("priority"), int, minimum=-(2 ** 62)) or 0)
-    timeout = query_number("timeout", options.get("timeout"))
+    timeout = query_number("timeout", options.get("timeout"), maximum=defaults.MAX_SECONDS)
     wait = wait_option(controller, options)
     if args and kwargs:
         raise InvalidRequest("Send either one JSON object or a JSON array of objects.")
@@ -270,7 +277,7 @@ def _answer_get(controller: "MetaMPController", **kwargs: Any) -> Reply:
         return _answer_batch_get(controller, options["batch"], kwargs.get("uuid"), wait)
     if kwargs.get("uuid") is None:
         statuses = [s for s in (options.get("status") or "").split(",") if s]
-        limit = query_number("limit", options.get("limit"), int, minimum=1)
+        limit = query_number("limit", options.get("limit"), int, minimum=1, maximum=defaults.MAX_LIST_LIMIT)
         listing = controller.tasks(statuses, defaults.LIST_LIMIT if limit is None else limit)
         listing["tasks"] = [controller.client_view_of(t) for t in listing["tasks"]]
         return Reply(listing)

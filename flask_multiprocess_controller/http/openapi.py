@@ -403,7 +403,8 @@ def _patch_operation(is_item: bool) -> dict[str, Any]:
     body = {"oneOf": [
         {"type": "object", "properties": {"status": {"enum": ["paused", "running"]}}, "required": ["status"],
          "additionalProperties": False},
-        {"type": "object", "properties": {"priority": {"type": "integer"}}, "required": ["priority"],
+        {"type": "object", "properties": {"priority": {"type": "integer", "minimum": -PRIORITY_RANGE,
+                                                       "maximum": PRIORITY_RANGE}}, "required": ["priority"],
          "additionalProperties": False},
     ]}
     return {
@@ -414,7 +415,7 @@ def _patch_operation(is_item: bool) -> dict[str, Any]:
         "requestBody": {"required": True, "content": _json(body)},
         "responses": {
             "200": _task_response("The task object after the change.", _ref(_SCHEMAS, "Task")),
-            **_errors("BadRequest", "NotFound", "Conflict", "Unavailable"),
+            **_errors("BadRequest", "NotFound", "Conflict", "PayloadTooLarge", "Unavailable"),
         },
     }
 
@@ -433,7 +434,8 @@ def extension_paths(prefix: str) -> dict[str, Any]:
         "200": _task_response("The task object.", _ref(_SCHEMAS, "Task")),
         **_errors("BadRequest", "NotFound", "Unavailable")}}
     item.update(get=get_item, delete=_delete_operation(True), patch=_patch_operation(True))
-    before = {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1},
+    before = {"name": "before", "in": "query",
+              "schema": {"type": "integer", "minimum": 1, "maximum": defaults.MAX_QUERY_INT},
               "description": "The `next` cursor of the previous page: only older tasks."}
     listing = {"summary": "Every controller's tasks, newest first",
                "parameters": [controller, _ref(_PARAMETERS, "status"), _ref(_PARAMETERS, "limit"), before],
@@ -670,7 +672,8 @@ def _parameters() -> dict[str, Any]:
         "priority": {"name": "priority", "in": "query",
                      "schema": {"type": "integer", "minimum": -PRIORITY_RANGE, "maximum": PRIORITY_RANGE},
                      "description": "Lower runs first; FIFO among equals. Default 0."},
-        "timeout": {"name": "timeout", "in": "query", "schema": {"type": "number", "exclusiveMinimum": 0},
+        "timeout": {"name": "timeout", "in": "query",
+                    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": defaults.MAX_SECONDS},
                     "description": "Seconds the task may run; it can only lower the controller's timeout."},
         "batch": {"name": "batch", "in": "query", "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
                   "description": ("A batch id (a bulk POST's `batch`): the state of its tasks; with `?wait=S`, "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from ..exceptions import InvalidRequest
+from ..jsonvalues import excerpt
 from ..states import TaskStatus
 
 #: The priorities a task may have (what fits every store's integers).
@@ -32,7 +33,7 @@ class TaskChange:
 def check_priority(value: Any) -> int:
     """``value`` as a priority, or :class:`InvalidRequest`."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidRequest(f"'priority' must be an integer, not {value!r}.")
+        raise InvalidRequest(f"'priority' must be an integer, not {excerpt(value)}.")
     if not -PRIORITY_LIMIT <= value <= PRIORITY_LIMIT:
         raise InvalidRequest(f"'priority' must be between {-PRIORITY_LIMIT} and {PRIORITY_LIMIT}.")
     return value
@@ -43,12 +44,12 @@ def parse_change(body: Mapping[str, Any]) -> TaskChange:
     keys = set(body) - {"uuid"}
     unknown = keys - {"status", "priority"}
     if unknown:
-        raise InvalidRequest(f"PATCH cannot change {', '.join(sorted(repr(k) for k in unknown))}. {_USAGE}")
+        raise InvalidRequest(f"PATCH cannot change {', '.join(sorted(excerpt(k) for k in unknown)[:5])}. {_USAGE}")
     if len(keys) != 1:
         raise InvalidRequest(f"PATCH changes one thing at a time. {_USAGE}")
     if "priority" in keys:
         return TaskChange(priority=check_priority(body["priority"]))
     status = body["status"]
     if status not in PATCH_STATUSES or not isinstance(status, str):
-        raise InvalidRequest(f"'status' can be set to 'paused' or 'running', not {status!r}.")
+        raise InvalidRequest(f"'status' can be set to 'paused' or 'running', not {excerpt(status)}.")
     return TaskChange(status=status)

@@ -14,61 +14,22 @@ unless the controller overrides ``head`` or ``options``.
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from flask import current_app, request
 from flask_restful import Resource
 
-from .. import defaults
-from .arguments import check_depth
+from .body import EMPTY, read_json_body
 from .compat import error_body
 from ..controller import MetaMPController
 from .handlers import HTTP_METHODS
 from .errors import error_response
-from ..exceptions import InvalidRequest, MPCError, PayloadTooLarge
+from ..exceptions import InvalidRequest, MPCError
 from .responses import restful_result
 
 
-def _is_json(mimetype: str) -> bool:
-    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
-
-
-EMPTY = object()  #: what read_json_body returns for an empty body
-
 #: Methods whose JSON array body is passed as positional arguments.
 _ARRAY_BODY_METHODS = frozenset({"post", "put", "patch"})
-
-
-def read_json_body(limit: int, any_content_type: bool = False) -> Any:
-    """Return the request's JSON body (:data:`EMPTY` when empty), enforcing the size limit and the content type.
-
-    :param any_content_type: parse the body as JSON whatever its content type says
-        (upstream 0.1 did; see :mod:`.compat` for why it is not the default).
-    """
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"The request body has {length} bytes; the limit is {limit} bytes.")
-    data = request.stream.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    if not data.strip():
-        return EMPTY
-    if not any_content_type and not _is_json(request.mimetype):
-        raise InvalidRequest(f"The body must be JSON sent with 'Content-Type: application/json', "
-                             f"not {request.mimetype or 'no content type'!r}.")
-    try:
-        body = json.loads(data, parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidRequest(f"The body is not valid JSON: {exc}.") from None
-    # A bulk body is one level deeper than the arguments it carries.
-    check_depth(body, defaults.MAX_ARGS_DEPTH + 1)
-    return body
-
-
-def _refuse_constant(name: str) -> Any:
-    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON, though Python's parser takes them."""
-    raise ValueError(f"{name} is not a JSON value")
 
 
 class MetaMPResource(Resource):  # type: ignore[misc]  # flask-restful is untyped

@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, stream_wit
 from flask.typing import ResponseReturnValue
 
 from .. import defaults
+from .body import EMPTY, read_json_body
 from .errors import error_response
 from .handlers import apply_patch, find_owner, int_option, statuses_option, stop_all_option
 from ..exceptions import InvalidRequest, MPCError, StoreError
@@ -105,7 +106,7 @@ def _events(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
 def _task_logs(extension: "MultiprocessController") -> Callable[[str], ResponseReturnValue]:
     def logs(uuid: str) -> ResponseReturnValue:
         controller = find_owner(extension.controllers(), uuid)
-        after = int_option("after", 0, 0, None)
+        after = int_option("after", 0, 0, defaults.MAX_QUERY_INT)
         book = controller.store.logs
         if request.args.get("follow") not in (None, "", "0", "false"):
             return _sse(_follow_log(controller, uuid, after, _max_wait()))
@@ -233,7 +234,7 @@ def _task_list(extension: "MultiprocessController") -> Callable[[], ResponseRetu
             raise InvalidRequest(f"No controller is called {wanted!r}.")
         statuses = statuses_option(request.args.get("status"))
         limit = int_option("limit", defaults.LIST_LIMIT, 1, defaults.MAX_LIST_LIMIT)
-        before = int_option("before", None, 1, None)
+        before = int_option("before", None, 1, defaults.MAX_QUERY_INT)
         return jsonify(list_all(controllers, statuses, limit, before))
 
     return tasks
@@ -280,7 +281,8 @@ def _task_item(extension: "MultiprocessController") -> Callable[[str], ResponseR
             stopped = controller.client_view_of(controller.stop(uuid))
             return jsonify(stopped), (200 if stopped["status"] == "stopped" else 202)
         if request.method == "PATCH":
-            return jsonify(controller.client_view_of(apply_patch(controller, uuid, request.get_json(silent=True))))
+            body = read_json_body(controller.max_content_length)
+            return jsonify(controller.client_view_of(apply_patch(controller, uuid, {} if body is EMPTY else body)))
         return jsonify(controller.client_view_of(controller.status(uuid)))
 
     return task

@@ -270,6 +270,14 @@ def purge_command(older_than: Optional[float]) -> None:
     click.echo(f"Purged {total} task(s).")
 
 
+class _NotJSONNumber(ValueError):
+    """A submit argument holds NaN or Infinity: refused, not taken for a string."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJSONNumber(name)
+
+
 @click.command("submit")
 @click.argument("controller_name", metavar="CONTROLLER")
 @click.argument("arguments", nargs=-1, metavar="KEY=VALUE...")
@@ -290,7 +298,10 @@ def submit_command(controller_name: str, arguments: tuple[str, ...], key: Option
         if not sep or not key:
             raise click.ClickException(f"Arguments look like KEY=VALUE, not {argument!r}.")
         try:
-            kwargs[key] = json.loads(raw)
+            kwargs[key] = json.loads(raw, parse_constant=_no_constant)
+        except _NotJSONNumber:
+            raise click.ClickException(f"Argument {key!r}: {raw!r} holds NaN or Infinity, which are not JSON "
+                                       f"numbers; quote it to pass a string (KEY='\"{raw}\"').") from None
         except ValueError:
             kwargs[key] = raw
     click.echo(_submit_once(_controller(controller_name), key or str(uuid_module.uuid4()), kwargs))
