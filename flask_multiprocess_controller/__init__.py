@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .controller import MetaMPController
 from .exceptions import (
-    AbortException, ControllerClosed, InvalidArguments, InvalidRequest, InvalidTransition, MemoryLimitExceeded,
+    AbortException, ChangeNotAllowed, ControllerClosed, InvalidArguments, InvalidRequest, InvalidTransition, MemoryLimitExceeded,
     MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, ProcessDied, QueueFull, StateTooLarge,
     StoreError, TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
 )
@@ -25,5 +25,5 @@ __all__ = [
     "TaskNotFound", "TaskAlreadyFinished", "QueueFull", "ControllerClosed", "StoreError", "MethodNotServed",
     "NoTargetTask", "Reply", "TemplateMPController", "TemplateMPResource", "MultiprocessController",
     "InvalidTransition", "TaskFailure", "ProcessDied", "TaskTimeout", "MemoryLimitExceeded",
-    "StateTooLarge",
+    "StateTooLarge", "ChangeNotAllowed",
 ]

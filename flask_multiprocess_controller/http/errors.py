@@ -5,7 +5,7 @@ from typing import Any
 
 from .. import defaults
 from ..exceptions import (
-    BatchNotFound, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed,
+    BatchNotFound, ChangeNotAllowed, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed,
     MPCError, PayloadTooLarge,
     QueueFull,
     StoreError, TaskAlreadyFinished, TaskNotFound,
@@ -17,6 +17,7 @@ HTTP_STATUS: dict[type, int] = {
     TaskNotFound: 404,
     BatchNotFound: 404,
     HostNotFound: 404,
+    ChangeNotAllowed: 403,
     MethodNotServed: 405,
     TaskAlreadyFinished: 409,
     InvalidTransition: 409,
