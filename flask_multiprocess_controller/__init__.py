@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from .controller import MetaMPController
 from .exceptions import (
-    AbortException, ChangeNotAllowed, ControllerClosed, InvalidArguments, InvalidRequest, InvalidTransition, MemoryLimitExceeded,
+    AbortException, ControllerClosed, InvalidArguments, InvalidRequest, InvalidTransition, MemoryLimitExceeded,
     MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, ProcessDied, QueueFull, StateTooLarge,
     StoreError, TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
 )
+from .exceptions import ChangeNotAllowed
 from .extension import MultiprocessController
 from .engine.logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
 from .http.resource import MetaMPResource

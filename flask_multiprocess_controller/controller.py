@@ -32,8 +32,8 @@ from .settings import (
     max_pause_setting, runtime_config,
 )
 from .exceptions import (
-    BatchNotFound, ChangeNotAllowed, ControllerClosed, InvalidRequest, MethodNotServed, MPCError, NoTargetTask,
-    PayloadTooLarge, TaskNotFound,
+    BatchNotFound, ChangeNotAllowed, ControllerClosed, InvalidRequest, MethodNotServed, MPCError,
+    NoTargetTask, PayloadTooLarge, TaskNotFound,
 )
 from .engine.logs import MetaMPLoggerConfigurator
 from .engine.exit import LIVE, exit_cleanly_on_sigterm
@@ -108,13 +108,14 @@ class MetaMPController:
     :param pause_expiry: ``"resume"`` (the default) resumes a task paused for ``max_pause``; ``"stop"``
         stops it gracefully (it ends ``stopped``, error ``PauseExpired``). ``MPC_PAUSE_EXPIRY``.
     :param timeout_while_paused: whether ``timeout`` counts the time a task is paused (default True: a
-        paused task holds its slot all along); False stops its clock while paused. ``MPC_TIMEOUT_WHILE_PAUSED``.
+        paused task holds its slot all along); False stops its clock while paused.
+        ``MPC_TIMEOUT_WHILE_PAUSED``.
     :param can_change: a callable ``can_change(action, task) -> bool``, called in the request context (as
         ``tenant=``) before a request pauses (``"pause"``), resumes (``"resume"``), re-prioritises
         (``"priority"``) or stops (``"stop"``, also once per task of a stop-all) a task; ``task`` is its task
-        object as the client would see it, plus its ``tenant``. Falsy: 403 (:class:`ChangeNotAllowed`), nothing
-        changed. None (the default): whoever may reach the URL may change the task. The Python API and the
-        CLI are not asked (no request).
+        object as the client would see it, plus its ``tenant``. Falsy: 403 (:class:`ChangeNotAllowed`),
+        nothing changed. None (the default): whoever may reach the URL may change the task. The Python API
+        and the CLI are not asked (no request).
 
     .. versionchanged:: 0.3
         Upstream's positional order; ``target_task=None``; ``logger_configurator_cls``;
@@ -158,7 +159,7 @@ class MetaMPController:
                  handover_window: Optional[float] = None, shutdown_wait: Optional[float] = None,
                  max_pause: Optional[float] = defaults.MAX_PAUSE, pause_expiry: str = defaults.PAUSE_EXPIRY,
                  timeout_while_paused: bool = True,
-                 can_change: Optional[Callable[[str, TaskObject], Any]] = None) -> None:
+                 can_change: Optional[Callable[[str, dict[str, Any]], Any]] = None) -> None:
         configurator = check_arguments(
             target_task, callback_url, max_num_process, max_num_queue, timeout, stop_grace, max_tasks_per_child,
             (logger_configurator_cls, log_configurator), role, tenant, max_wait=max_wait,
@@ -216,7 +217,8 @@ class MetaMPController:
             ("max_content_length", max_content_length, defaults.MAX_CONTENT_LENGTH),
             ("max_wait", max_wait, defaults.MAX_WAIT), ("expose_tracebacks", expose_tracebacks, False),
             ("handover_window", handover_window, None), ("shutdown_wait", shutdown_wait, None),
-            ("max_pause", max_pause, defaults.MAX_PAUSE), ("pause_expiry", pause_expiry, defaults.PAUSE_EXPIRY),
+            ("max_pause", max_pause, defaults.MAX_PAUSE),
+            ("pause_expiry", pause_expiry, defaults.PAUSE_EXPIRY),
             ("timeout_while_paused", timeout_while_paused, True),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
@@ -721,7 +723,7 @@ class MetaMPController:
         """The hook's answer (True without a hook, or outside a request: the Python API and the CLI)."""
         if self.can_change is None or not handlers.in_request():
             return True
-        task = dict(self.client_view(row))
+        task: dict[str, Any] = dict(self.client_view(row))
         task["tenant"] = row.get("tenant")
         return bool(self.can_change(action, task))
 

@@ -100,7 +100,8 @@ SIBLING_SHUTDOWN_HOLD = 2.0
 #: Seconds running tasks whose serving process ended wait for another of the app's serving processes on
 #: the same host to adopt them, before they are stopped (or queued again) as a shutdown would (see handover.py).
 HANDOVER_WINDOW = 60.0
-#: Seconds a task may stay paused; then it is resumed (or stopped, as ``pause_expiry`` says). 0 or None: no limit.
+#: Seconds a task may stay paused; then it is resumed (or stopped, as ``pause_expiry`` says); 0 or None:
+#: no limit.
 MAX_PAUSE = 3600.0
 #: What happens to a task paused for ``max_pause``: ``"resume"`` it, or ``"stop"`` it (graceful stop).
 PAUSE_EXPIRY = "resume"

@@ -53,7 +53,8 @@ def max_pause_setting(value: Any) -> Optional[float]:
     except (TypeError, ValueError):
         raise ValueError(f"max_pause must be a number of seconds or None, not {value!r}.") from None
     if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"max_pause must be a finite number of seconds, 0 or more (0: no limit), not {value!r}.")
+        raise ValueError(f"max_pause must be a finite number of seconds, 0 or more (0: no limit), "
+                         f"not {value!r}.")
     return seconds or None
 
 
@@ -79,22 +80,25 @@ def flag_setting(value: Any) -> bool:
     raise ValueError(f"not a yes/no value: {value!r}")
 
 
-def check_pause_settings(max_pause: Any, pause_expiry: Any, timeout_while_paused: Any, can_change: Any) -> None:
-    """Check the controller's pause keywords and its ``can_change`` hook (ValueError or TypeError naming the one)."""
+def check_pause_settings(max_pause: Any, pause_expiry: Any, timeout_while_paused: Any,
+                         can_change: Any) -> None:
+    """Check the controller's pause keywords and its ``can_change`` hook (ValueError or TypeError naming the
+    one that is wrong)."""
     max_pause_setting(max_pause)
     pause_expiry_setting(pause_expiry)
     if not isinstance(timeout_while_paused, bool):
         raise TypeError(f"timeout_while_paused must be True or False, not {timeout_while_paused!r}.")
     if can_change is not None and not callable(can_change):
-        raise TypeError(f"can_change must be a callable (action, task) -> bool evaluated in the request context, "
-                        f"not {can_change!r}.")
+        raise TypeError(f"can_change must be a callable (action, task) -> bool evaluated in the request "
+                        f"context, not {can_change!r}.")
 
 
 #: How each ``MPC_*`` setting of an app's config becomes a controller setting.
 APP_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "stop_grace": float, "retention": float, "max_content_length": int, "max_wait": float,
     "expose_tracebacks": bool, "handover_window": float, "shutdown_wait": float,
-    "max_pause": max_pause_setting, "pause_expiry": pause_expiry_setting, "timeout_while_paused": flag_setting,
+    "max_pause": max_pause_setting, "pause_expiry": pause_expiry_setting,
+    "timeout_while_paused": flag_setting,
 }
 
 #: What a setting must be, in the message refusing a bad value (where the converter's name would not say).

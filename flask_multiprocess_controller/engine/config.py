@@ -63,8 +63,8 @@ class RuntimeConfig:
     slots: Optional[int] = None
     #: Seconds a shutting-down process lets its running tasks finish on their own before stopping them.
     shutdown_wait: float = 0.0
-    #: Seconds a task may stay paused (None: no limit), what ends a longer pause, and whether the timeout counts
-    #: paused time (see :mod:`.pausing`).
+    #: Seconds a task may stay paused (None: no limit), what ends a longer pause, and whether the timeout
+    #: counts paused time (see :mod:`.pausing`).
     max_pause: Optional[float] = defaults.MAX_PAUSE
     pause_expiry: str = defaults.PAUSE_EXPIRY
     timeout_while_paused: bool = True

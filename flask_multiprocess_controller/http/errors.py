@@ -4,8 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from .. import defaults
+from ..exceptions import ChangeNotAllowed
 from ..exceptions import (
-    BatchNotFound, ChangeNotAllowed, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed,
+    BatchNotFound, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed,
     MPCError, PayloadTooLarge,
     QueueFull,
     StoreError, TaskAlreadyFinished, TaskNotFound,

@@ -293,7 +293,8 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _errors(*names: str) -> dict[str, Any]:
-    codes = {"BadRequest": "400", "Forbidden": "403", "NotFound": "404", "Conflict": "409", "PayloadTooLarge": "413",
+    codes = {"BadRequest": "400", "Forbidden": "403",
+             "NotFound": "404", "Conflict": "409", "PayloadTooLarge": "413",
              "QueueFull": "429", "Unavailable": "503", "MethodNotAllowed": "405"}
     return {codes[name]: _ref(_RESPONSES, name) for name in names}
 
@@ -696,8 +697,9 @@ def _responses() -> dict[str, Any]:
     return {
         "BadRequest": _error("Invalid JSON, a body that is not a JSON object (or array of them), arguments "
                              "`execute` does not take, a bad query option or a malformed uuid."),
-        "Forbidden": _error("The controller's `can_change` hook refused this request the change (pause, resume, "
-                            "new priority or stop; for a stop-all, of one of the tasks): nothing was changed."),
+        "Forbidden": _error("The controller's `can_change` hook refused this request the change (pause, "
+                            "resume, new priority or stop; for a stop-all, of one of the tasks): nothing was "
+                            "changed."),
         "NotFound": _error("No task with this uuid (or batch with this id) belongs to this controller."),
         "Conflict": _error("The task has already ended."),
         "PayloadTooLarge": _error("The body is larger than the controller's `max_content_length`, or holds more "
