@@ -7,6 +7,7 @@ from .exceptions import (
     MethodNotServed, MPCError, NoTargetTask, PayloadTooLarge, ProcessDied, QueueFull, StateTooLarge,
     StoreError, TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
 )
+from .exceptions import ChangeNotAllowed
 from .extension import MultiprocessController
 from .engine.logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
 from .http.resource import MetaMPResource
@@ -27,5 +28,5 @@ __all__ = [
     "TaskNotFound", "TaskAlreadyFinished", "QueueFull", "ControllerClosed", "StoreError", "MethodNotServed",
     "NoTargetTask", "Reply", "TemplateMPController", "TemplateMPResource", "MultiprocessController",
     "InvalidTransition", "TaskFailure", "ProcessDied", "TaskTimeout", "MemoryLimitExceeded",
-    "StateTooLarge",
+    "StateTooLarge", "ChangeNotAllowed",
 ]

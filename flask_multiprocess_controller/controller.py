@@ -31,11 +31,12 @@ from .submission import effective_timeout, new_rows
 from .ops.console import console_aware
 from .events import EventKind
 from .settings import (
-    FROZEN_SETTINGS, WorkerLogSetup, app_setting, check_arguments, env_shutdown_wait, runtime_config,
+    FROZEN_SETTINGS, WorkerLogSetup, app_setting, check_arguments, check_pause_settings, env_shutdown_wait,
+    max_pause_setting, runtime_config,
 )
 from .exceptions import (
-    BatchNotFound, ControllerClosed, InvalidRequest, MethodNotServed, NoTargetTask, PayloadTooLarge,
-    TaskNotFound,
+    BatchNotFound, ChangeNotAllowed, ControllerClosed, InvalidRequest, MethodNotServed, MPCError,
+    NoTargetTask, PayloadTooLarge, TaskNotFound,
 )
 from .engine.logs import MetaMPLoggerConfigurator
 from .engine.exit import LIVE, exit_cleanly_on_sigterm
@@ -114,11 +115,25 @@ class MetaMPController:
     :param compat: ``"0.1"`` makes this controller's resource take bodies of any content
         type and answer in upstream 0.1's shapes and codes, for clients that cannot change
         (see :mod:`.compat`); None (the default) keeps this version's answers.
+    :param max_pause: seconds a task may stay paused (default one hour; None or 0: no limit); then the
+        serving process that supervises it ends the pause as ``pause_expiry`` says. ``MPC_MAX_PAUSE``.
+    :param pause_expiry: ``"resume"`` (the default) resumes a task paused for ``max_pause``; ``"stop"``
+        stops it gracefully (it ends ``stopped``, error ``PauseExpired``). ``MPC_PAUSE_EXPIRY``.
+    :param timeout_while_paused: whether ``timeout`` counts the time a task is paused (default True: a
+        paused task holds its slot all along); False stops its clock while paused.
+        ``MPC_TIMEOUT_WHILE_PAUSED``.
+    :param can_change: a callable ``can_change(action, task) -> bool``, called in the request context (as
+        ``tenant=``) before a request pauses (``"pause"``), resumes (``"resume"``), re-prioritises
+        (``"priority"``) or stops (``"stop"``, also once per task of a stop-all) a task; ``task`` is its task
+        object as the client would see it, plus its ``tenant``. Falsy: 403 (:class:`ChangeNotAllowed`),
+        nothing changed. None (the default): whoever may reach the URL may change the task. The Python API
+        and the CLI are not asked (no request).
 
     .. versionchanged:: 0.3
         Upstream's positional order; ``target_task=None``; ``logger_configurator_cls``;
         ``compat``, ``max_wait``, ``expose_tracebacks``, ``max_result_size``,
-        ``max_progress_size``, ``max_bulk``, ``max_state_size``, ``max_message_size``, ``expose_errors``.
+        ``max_progress_size``, ``max_bulk``, ``max_state_size``, ``max_message_size``, ``expose_errors``,
+        ``max_pause``, ``pause_expiry``, ``timeout_while_paused``, ``can_change``.
     """
 
     _name: ClassVar[Optional[str]] = None
@@ -155,12 +170,16 @@ class MetaMPController:
                  max_state_size: int = defaults.MAX_STATE_SIZE,
                  max_message_size: int = defaults.MAX_MESSAGE_SIZE, expose_errors: bool = True,
                  handover_window: Optional[float] = None, shutdown_wait: Optional[float] = None,
-                 idempotency_ttl: float = defaults.IDEMPOTENCY_TTL) -> None:
+                 idempotency_ttl: float = defaults.IDEMPOTENCY_TTL,
+                 max_pause: Optional[float] = defaults.MAX_PAUSE, pause_expiry: str = defaults.PAUSE_EXPIRY,
+                 timeout_while_paused: bool = True,
+                 can_change: Optional[Callable[[str, dict[str, Any]], Any]] = None) -> None:
         configurator = check_arguments(
             target_task, callback_url, max_num_process, max_num_queue, timeout, stop_grace, max_tasks_per_child,
             (logger_configurator_cls, log_configurator), role, tenant, max_wait=max_wait,
             max_result_size=max_result_size, max_progress_size=max_progress_size, max_bulk=max_bulk,
             max_state_size=max_state_size, max_message_size=max_message_size, idempotency_ttl=idempotency_ttl)
+        check_pause_settings(max_pause, pause_expiry, timeout_while_paused, can_change)
         #: The task class this controller runs (None: it runs none).
         self.target_task = target_task
         self.max_num_process = max_num_process
@@ -204,6 +223,13 @@ class MetaMPController:
         self.role: str = role or registry.role()
         #: Called in the request context: the tenant each task is stamped with and visible to.
         self.tenant = tenant
+        #: Seconds a task may stay paused (None: no limit), what ends a longer pause, whether the timeout
+        #: counts paused time (see :mod:`.engine.pausing`).
+        self.max_pause: Optional[float] = max_pause_setting(max_pause)
+        self.pause_expiry: str = pause_expiry
+        self.timeout_while_paused: bool = timeout_while_paused
+        #: Called in the request context before a request changes a task: may it? (see :meth:`check_change`).
+        self.can_change = can_change
         self._store_arg = store
         self._store: Optional[TaskStore] = store if isinstance(store, TaskStore) else None
         #: Settings the app's ``MPC_*`` configuration may still set (those left at their defaults).
@@ -214,6 +240,9 @@ class MetaMPController:
             ("handover_window", handover_window, None), ("shutdown_wait", shutdown_wait, None),
             ("max_message_size", max_message_size, defaults.MAX_MESSAGE_SIZE), ("expose_errors", expose_errors, True),
             ("idempotency_ttl", idempotency_ttl, defaults.IDEMPOTENCY_TTL),
+            ("max_pause", max_pause, defaults.MAX_PAUSE),
+            ("pause_expiry", pause_expiry, defaults.PAUSE_EXPIRY),
+            ("timeout_while_paused", timeout_while_paused, True),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
         self._bound = False
@@ -580,8 +609,9 @@ class MetaMPController:
 
         :raises TaskNotFound: no such task here.
         :raises TaskAlreadyFinished: the task has already ended.
+        :raises ChangeNotAllowed: the ``can_change`` hook refused the request.
         """
-        self._row(uuid)
+        self.check_change("stop", self._row(uuid))
         return self._present(self._activate().stop(uuid))
 
     def wait(self, uuid: str, timeout: Optional[float] = None) -> TaskObject:
@@ -628,16 +658,17 @@ class MetaMPController:
     def pause(self, uuid: str) -> TaskObject:
         """Suspend a running task's whole process tree, wherever it runs; return its task object (``paused``).
 
-        It keeps its slot, and its timeout clock stops until :meth:`resume`. Pausing a paused task
-        changes nothing.
+        It keeps its slot, and its timeout goes on counting (unless ``timeout_while_paused=False``) until
+        :meth:`resume`, or until ``max_pause`` ends the pause. Pausing a paused task changes nothing.
 
         :raises TaskNotFound: no such task here.
         :raises TaskAlreadyFinished: the task has already ended.
         :raises InvalidTransition: the task is queued or stopping.
+        :raises ChangeNotAllowed: the ``can_change`` hook refused the request.
 
         .. versionadded:: 0.3
         """
-        return self._change(uuid, lambda side, u: side.pause(u))
+        return self._change(uuid, "pause", lambda side, u: side.pause(u))
 
     def resume(self, uuid: str) -> TaskObject:
         """Resume a paused task; return its task object (``running``). Resuming a running task changes nothing.
@@ -646,7 +677,7 @@ class MetaMPController:
 
         .. versionadded:: 0.3
         """
-        return self._change(uuid, lambda side, u: side.resume(u))
+        return self._change(uuid, "resume", lambda side, u: side.resume(u))
 
     def reprioritise(self, uuid: str, priority: int) -> TaskObject:
         """Give a queued task a new priority (lower runs first); its ``position`` follows at once.
@@ -657,7 +688,7 @@ class MetaMPController:
         .. versionadded:: 0.3
         """
         priority = check_priority(priority)
-        return self._change(uuid, lambda side, u: side.reprioritise(u, priority))
+        return self._change(uuid, "priority", lambda side, u: side.reprioritise(u, priority))
 
     def stop_all(self) -> dict[str, int]:
         """Stop every queued, running and paused task of this controller, wherever it runs.
@@ -667,13 +698,48 @@ class MetaMPController:
         In a request of a controller with a ``tenant=`` hook, only the tenant's tasks (read from
         the store's tenant index: the cost follows them, not the controller's other tasks).
         Returns ``{"stopped": <queued tasks stopped>, "stopping": <running tasks asked to stop>}``.
+        With a ``can_change`` hook, in a request, every task is put to it first, and one refusal stops none
+        (:class:`ChangeNotAllowed`).
 
         .. versionadded:: 0.3
         """
         side = self._activate()
+        if self.can_change is not None and handlers.in_request():
+            return self._stop_all_checked(side)
         events = side.stop_all(self.name, tenant=self.tenant_filter())
         return {"stopped": sum(e["kind"] == EventKind.ENDED for e in events),
                 "stopping": sum(e["kind"] == EventKind.STOPPING for e in events)}
+
+    def _stop_all_checked(self, side: TaskSide) -> dict[str, int]:
+        """Stop-all under a ``can_change`` hook: all or nothing. Every task it would stop (the request's
+        tenant's) is put to the hook first; if it refuses any, nothing is stopped (403). Tasks queued
+        after the check are not stopped."""
+        uuids: list[str] = []
+        refused = 0
+        before = None
+        while True:
+            rows = self.store.list_tasks(self.name, ["queued", "running", "paused"], defaults.MAX_LIST_LIMIT,
+                                         before, tenant=self.tenant_filter())
+            for row in rows:
+                if self._may_change("stop", row):
+                    uuids.append(row["uuid"])
+                else:
+                    refused += 1
+            if len(rows) < defaults.MAX_LIST_LIMIT:
+                break
+            before = rows[-1]["seq"]
+        if refused:
+            raise ChangeNotAllowed(None, "stop", f"This request may not stop {refused} of the "
+                                                 f"{refused + len(uuids)} tasks of controller {self.name} "
+                                                 f"that stop-all would stop; none was stopped.")
+        counts = {"stopped": 0, "stopping": 0}
+        for uuid in uuids:
+            try:
+                row = side.stop(uuid)
+            except MPCError:  # it ended meanwhile
+                continue
+            counts["stopped" if row["status"] == TaskStatus.STOPPED else "stopping"] += 1
+        return counts
 
     def schedule(self, name: str, *, cron: Optional[str] = None, every: Optional[float] = None,
                  kwargs: Optional[Mapping[str, Any]] = None, tz: str = "UTC", catchup: str = "skip",
@@ -721,10 +787,31 @@ class MetaMPController:
         return describe(self.store.schedules(self.name), self._schedules, self.name, self.store.now(), self.lease,
                         self.tenant_filter())
 
-    def _change(self, uuid: str, action: Callable[[TaskSide, str], Row]) -> TaskObject:
-        """Apply an action of this process's side to one task of this controller; its task object after."""
-        uuid = self._row(uuid)["uuid"]
-        return self._present(action(self._activate(), uuid))
+    def _change(self, uuid: str, name: str, action: Callable[[TaskSide, str], Row]) -> TaskObject:
+        """Apply an action of this process's side to one task of this controller, if the request may make
+        change ``name`` (see :meth:`check_change`); its task object after."""
+        row = self._row(uuid)
+        self.check_change(name, row)
+        return self._present(action(self._activate(), row["uuid"]))
+
+    def check_change(self, action: str, row: Row) -> None:
+        """Ask the ``can_change`` hook whether the request being served may make change ``action`` to ``row``.
+
+        :param action: ``"pause"``, ``"resume"``, ``"priority"`` or ``"stop"``.
+        :raises ChangeNotAllowed: the hook answered falsy (403).
+
+        .. versionadded:: 0.3
+        """
+        if not self._may_change(action, row):
+            raise ChangeNotAllowed(row["uuid"], action)
+
+    def _may_change(self, action: str, row: Row) -> bool:
+        """The hook's answer (True without a hook, or outside a request: the Python API and the CLI)."""
+        if self.can_change is None or not handlers.in_request():
+            return True
+        task: dict[str, Any] = dict(self.client_view(row))
+        task["tenant"] = row.get("tenant")
+        return bool(self.can_change(action, task))
 
     # -- HTTP methods (what MetaMPResource calls; override them as in the seed) ---------
     #

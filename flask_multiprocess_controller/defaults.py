@@ -111,6 +111,15 @@ SIBLING_SHUTDOWN_HOLD = 2.0
 #: Seconds running tasks whose serving process ended wait for another of the app's serving processes on
 #: the same host to adopt them, before they are stopped (or queued again) as a shutdown would (see handover.py).
 HANDOVER_WINDOW = 60.0
+#: Seconds a task may stay paused; then it is resumed (or stopped, as ``pause_expiry`` says); 0 or None:
+#: no limit.
+MAX_PAUSE = 3600.0
+#: What happens to a task paused for ``max_pause``: ``"resume"`` it, or ``"stop"`` it (graceful stop).
+PAUSE_EXPIRY = "resume"
+#: The values ``pause_expiry`` may take.
+PAUSE_EXPIRIES = ("resume", "stop")
+#: Seconds before the supervising process tries again to end a pause it could not write (store outage).
+PAUSE_EXPIRY_RETRY = 5.0
 #: Seconds a shutting-down serving process lets its running tasks finish on their own before it stops
 #: them (0: stop them at once); also the ``MPC_SHUTDOWN_WAIT`` environment variable.
 SHUTDOWN_WAIT = 0.0

@@ -5,7 +5,7 @@ them to HTTP status codes in one place (:mod:`.errors`).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 
 class AbortException(BaseException):
@@ -95,6 +95,27 @@ class InvalidTransition(MPCError):
         self.uuid = uuid
         #: The task's status when the change was refused.
         self.status = status
+
+
+class ChangeNotAllowed(MPCError):
+    """The controller's ``can_change`` hook refused the request this change of a task (403).
+
+    Raised for a pause, a resume, a new priority or a stop (one task, or stop-all) that the hook
+    answered falsy for; nothing was changed.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, uuid: Optional[str], action: str, message: Optional[str] = None) -> None:
+        what = f"task {uuid}" if uuid else "these tasks"
+        super().__init__(message or f"This request may not {_ACTION_VERBS.get(action, action)} {what}.")
+        self.uuid = uuid
+        #: The action refused: ``"pause"``, ``"resume"``, ``"priority"`` or ``"stop"``.
+        self.action = action
+
+
+#: How each ``can_change`` action reads in a refusal.
+_ACTION_VERBS = {"pause": "pause", "resume": "resume", "priority": "re-prioritise", "stop": "stop"}
 
 
 class QueueFull(MPCError):

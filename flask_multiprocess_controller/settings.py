@@ -54,16 +54,64 @@ def flag(value: Any) -> bool:
     raise ValueError(value)
 
 
+def max_pause_setting(value: Any) -> Optional[float]:
+    """A ``max_pause`` (seconds, finite, not negative) as the runtime takes it: None for no limit (None or 0).
+
+    :raises ValueError: anything else.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"max_pause must be a number of seconds or None, not {value!r}.")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_pause must be a number of seconds or None, not {value!r}.") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"max_pause must be a finite number of seconds, 0 or more (0: no limit), "
+                         f"not {value!r}.")
+    return seconds or None
+
+
+def pause_expiry_setting(value: Any) -> str:
+    """A ``pause_expiry``: ``"resume"`` or ``"stop"``.
+
+    :raises ValueError: anything else.
+    """
+    if value not in defaults.PAUSE_EXPIRIES:
+        raise ValueError(f"pause_expiry must be 'resume' or 'stop', not {value!r}.")
+    return str(value)
+
+
+def check_pause_settings(max_pause: Any, pause_expiry: Any, timeout_while_paused: Any,
+                         can_change: Any) -> None:
+    """Check the controller's pause keywords and its ``can_change`` hook (ValueError or TypeError naming the
+    one that is wrong)."""
+    max_pause_setting(max_pause)
+    pause_expiry_setting(pause_expiry)
+    if not isinstance(timeout_while_paused, bool):
+        raise TypeError(f"timeout_while_paused must be True or False, not {timeout_while_paused!r}.")
+    if can_change is not None and not callable(can_change):
+        raise TypeError(f"can_change must be a callable (action, task) -> bool evaluated in the request "
+                        f"context, not {can_change!r}.")
+
+
 #: How each ``MPC_*`` setting of an app's config becomes a controller setting.
 APP_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "stop_grace": float, "retention": float, "max_content_length": int, "max_wait": float,
     "expose_tracebacks": flag, "handover_window": float, "shutdown_wait": float,
     "max_message_size": int, "expose_errors": flag, "idempotency_ttl": float,
+    "max_pause": max_pause_setting, "pause_expiry": pause_expiry_setting, "timeout_while_paused": flag,
 }
+
+#: What a setting must be, in the message refusing a bad value (where the converter's name would not say).
+_SETTING_KINDS = {"max_pause": "number of seconds (0: no limit)", "pause_expiry": "'resume' or 'stop'",
+                  "timeout_while_paused": "true or false"}
 
 
 #: Settings a started runtime has taken for good; the others are read at each request.
-FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait", "max_message_size"})
+FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait", "max_message_size",
+                             "max_pause", "pause_expiry", "timeout_while_paused"})
 
 
 def app_setting(key: str, value: Any) -> Any:
@@ -71,12 +119,12 @@ def app_setting(key: str, value: Any) -> Any:
     try:
         converted = APP_SETTINGS[key](value)
     except (TypeError, ValueError):
-        kind = "true or false" if APP_SETTINGS[key] is flag else f"a {APP_SETTINGS[key].__name__}"
+        kind = _SETTING_KINDS.get(key) or (
+            "true or false" if APP_SETTINGS[key] is flag else f"a {APP_SETTINGS[key].__name__}")
         raise ValueError(f"MPC_{key.upper()} must be {kind}, not {value!r}.") from None
-    if APP_SETTINGS[key] is flag:
-        return converted
-    if not math.isfinite(converted) or converted < 0 or (
-            key in ("max_wait", "max_message_size", "idempotency_ttl") and converted == 0):
+    if (isinstance(converted, (int, float)) and not isinstance(converted, bool)
+            and (not math.isfinite(converted) or converted < 0
+                 or (key in ("max_wait", "max_message_size", "idempotency_ttl") and converted == 0))):
         raise ValueError(f"MPC_{key.upper()} must be positive, not {value!r}.")
     return converted
 
@@ -148,4 +196,5 @@ def runtime_config(controller: "MetaMPController") -> RuntimeConfig:
         logger=controller.logger, configurator=controller.log_configurator, context=controller.context_view(),
         limits=controller.limits, expose_tracebacks=controller.expose_tracebacks, expose_errors=controller.expose_errors,
         max_num_queue=controller.max_num_queue, slots=controller.slots, shutdown_wait=controller.shutdown_wait,
-        handover_window=configured_window(controller.handover_window))
+        handover_window=configured_window(controller.handover_window), max_pause=controller.max_pause,
+        pause_expiry=controller.pause_expiry, timeout_while_paused=controller.timeout_while_paused)

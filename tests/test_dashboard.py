@@ -338,6 +338,7 @@ def test_the_openapi_document_describes_the_extension_task_api(controllers):
     paths = document["paths"]
     assert set(paths["/ops/api/tasks"]) == {"get", "delete"}
     assert {"get", "delete", "patch"} <= set(paths["/ops/api/tasks/{uuid}"])
-    assert set(paths["/ops/api/tasks"]["delete"]["responses"]) == {"202", "400", "503"}
-    assert set(paths["/ops/api/tasks/{uuid}"]["patch"]["responses"]) == {"200", "400", "404", "409", "413", "503"}
+    assert set(paths["/ops/api/tasks"]["delete"]["responses"]) == {"202", "400", "403", "503"}
+    assert set(paths["/ops/api/tasks/{uuid}"]["patch"]["responses"]) == {"200", "400", "403", "404", "409", "413",
+                                                                        "503"}
     assert "get" in paths["/ops/api/stats"]

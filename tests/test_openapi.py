@@ -91,7 +91,7 @@ def test_status_codes_of_the_http_table(make_controller):
     assert set(paths["/solve"]["post"]["responses"]) == {"200", "202", "400", "409", "413", "422", "429", "503"}
     assert set(paths["/solve/{uuid}"]["get"]["responses"]) == {"200", "400", "404", "503"}
     assert set(paths["/solve"]["get"]["responses"]) == {"200", "202", "400", "404", "503"}  # 202: ?batch= not ended
-    assert set(paths["/solve/{uuid}"]["delete"]["responses"]) == {"200", "202", "400", "404", "409", "503"}
+    assert set(paths["/solve/{uuid}"]["delete"]["responses"]) == {"200", "202", "400", "403", "404", "409", "503"}
     assert set(paths["/solve/{uuid}"]["post"]["responses"]) == {"400"}  # POST goes to the collection URL
     document = openapi_document(app)
     responses = document["components"]["responses"]

@@ -477,8 +477,8 @@ def test_pause_and_re_prioritise_refuse_what_does_not_apply(make_client, sqlite_
 
 
 @pytest.mark.timeout(60)
-def test_a_paused_task_s_timeout_clock_does_not_run(make_controller, tmp_path):
-    controller = make_controller(Counter, timeout=2.0, stop_grace=0.5)
+def test_a_paused_task_s_timeout_clock_does_not_run_when_told_so(make_controller, tmp_path):
+    controller = make_controller(Counter, timeout=2.0, stop_grace=0.5, timeout_while_paused=False)
     counts = tmp_path / "count"
     uuid = controller.submit(path=str(counts))
     wait_until(lambda: read_count(counts) > 0, 10)

@@ -19,13 +19,16 @@ from flask_multiprocess_controller.engine.watchdog import Action, Schedule, Watc
 pytestmark = pytest.mark.timeout(10)
 
 SCHEDULE = Schedule(stop_grace=10.0, sample_every=100.0, flush_every=0.25, kill_after_term=2.0)
+#: A schedule whose timeout does not count paused time (``timeout_while_paused=False``).
+FROZEN = Schedule(stop_grace=10.0, sample_every=100.0, flush_every=0.25, kill_after_term=2.0,
+                  timeout_while_paused=False)
 QUIET = dict(stop_at=None, stopping=False, dirty=False, ended=False)
 
 
 # -- the watchdog's clock while paused --------------------------------------------------------------------
 
-def test_the_timeout_clock_stops_while_paused():
-    dog = Watchdog(SCHEDULE, started=0.0, timeout=10.0)
+def test_the_timeout_clock_stops_while_paused_when_told_so():
+    dog = Watchdog(FROZEN, started=0.0, timeout=10.0)
     dog.pause(4.0)
     assert Action.TIMEOUT not in dog.due(50.0, **QUIET), "no timeout while paused"
     assert dog.sleep_for(50.0, **QUIET) == pytest.approx(50.0), "the deadline does not wake a paused task"
@@ -37,7 +40,7 @@ def test_the_timeout_clock_stops_while_paused():
 
 
 def test_several_pauses_add_up_and_repeated_calls_change_nothing():
-    dog = Watchdog(SCHEDULE, started=0.0, timeout=5.0)
+    dog = Watchdog(FROZEN, started=0.0, timeout=5.0)
     dog.pause(1.0)
     dog.pause(2.0)  # already paused: the first moment counts
     dog.resume(3.0)
@@ -56,6 +59,44 @@ def test_without_a_timeout_pausing_only_records_the_pause():
     dog.resume(3.0)
     assert dog.paused_since is None and dog.deadline is None
     assert Action.TIMEOUT not in dog.due(1e9, **QUIET)
+
+
+def test_by_default_the_timeout_counts_the_time_paused():
+    dog = Watchdog(SCHEDULE, started=0.0, timeout=10.0)
+    dog.pause(4.0)
+    assert Action.TIMEOUT not in dog.due(9.9, **QUIET)
+    assert dog.sleep_for(9.9, **QUIET) == pytest.approx(0.1), "the deadline wakes a paused task"
+    assert Action.TIMEOUT in dog.due(10.0, **QUIET), "a paused task times out on time"
+    dog.resume(12.0)
+    assert dog.deadline == pytest.approx(10.0), "a resume does not move the deadline"
+
+
+def test_a_pause_longer_than_max_pause_is_due_to_end_once_then_again_if_it_goes_on():
+    dog = Watchdog(Schedule(stop_grace=10.0, sample_every=100.0, max_pause=30.0, pause_retry=5.0),
+                   started=0.0, timeout=None)
+    assert Action.PAUSE_EXPIRED not in dog.due(1000.0, **QUIET), "not paused: nothing to end"
+    dog.pause(1000.0)
+    dog.pause(1010.0)  # already paused: the first moment counts
+    assert Action.PAUSE_EXPIRED not in dog.due(1029.9, **QUIET)
+    assert dog.sleep_for(1029.9, **QUIET) == pytest.approx(0.1), "the end of the pause wakes the thread"
+    assert Action.PAUSE_EXPIRED in dog.due(1030.0, **QUIET)
+    assert Action.PAUSE_EXPIRED not in dog.due(1031.0, **QUIET), "asked once"
+    assert Action.PAUSE_EXPIRED in dog.due(1035.0, **QUIET), "asked again when the pause did not end"
+    stopping = dict(stop_at=1036.0, stopping=True, dirty=False, ended=False)
+    assert Action.PAUSE_EXPIRED not in dog.due(1041.0, **stopping), "a stop under way wins"
+    dog.resume(1042.0)
+    assert Action.PAUSE_EXPIRED not in dog.due(5000.0, **QUIET), "resumed: nothing to end"
+    dog.pause(5000.0)  # a new pause gets the whole max_pause
+    assert Action.PAUSE_EXPIRED not in dog.due(5029.0, **QUIET)
+    assert Action.PAUSE_EXPIRED in dog.due(5030.0, **QUIET)
+
+
+@pytest.mark.parametrize("max_pause", [None, 0.0])
+def test_without_max_pause_a_pause_never_ends_by_itself(max_pause):
+    dog = Watchdog(Schedule(stop_grace=10.0, sample_every=100.0, max_pause=max_pause), started=0.0, timeout=None)
+    dog.pause(1.0)
+    assert dog.sleep_for(1.0, **QUIET) == pytest.approx(99.0), "only the sample wakes it"
+    assert Action.PAUSE_EXPIRED not in dog.due(1e9, **QUIET)
 
 
 def test_a_pause_does_not_change_the_stop_escalation():

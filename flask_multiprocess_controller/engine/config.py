@@ -26,6 +26,12 @@ class Settings:
     fresh_process: bool
     limits: Limits = Limits(result_bytes=defaults.MAX_RESULT_SIZE, progress_bytes=defaults.MAX_PROGRESS_SIZE,
                             state_bytes=defaults.MAX_STATE_SIZE)
+    #: Seconds a task may stay paused before :attr:`pause_expiry` applies (None: no limit).
+    max_pause: Optional[float] = defaults.MAX_PAUSE
+    #: ``"resume"`` or ``"stop"``: what ends a pause longer than :attr:`max_pause`.
+    pause_expiry: str = defaults.PAUSE_EXPIRY
+    #: Whether the timeout counts the time a task is paused.
+    timeout_while_paused: bool = True
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,11 @@ class RuntimeConfig:
     slots: Optional[int] = None
     #: Seconds a shutting-down process lets its running tasks finish on their own before stopping them.
     shutdown_wait: float = 0.0
+    #: Seconds a task may stay paused (None: no limit), what ends a longer pause, and whether the timeout
+    #: counts paused time (see :mod:`.pausing`).
+    max_pause: Optional[float] = defaults.MAX_PAUSE
+    pause_expiry: str = defaults.PAUSE_EXPIRY
+    timeout_while_paused: bool = True
 
     @property
     def slot_count(self) -> int:
@@ -84,4 +95,5 @@ class RuntimeConfig:
     def supervision(self) -> Settings:
         """What a supervisor of this controller's task processes needs."""
         return Settings(stop_grace=self.stop_grace, max_memory=self.max_memory, fresh_process=self.fresh_process,
-                        limits=self.limits)
+                        limits=self.limits, max_pause=self.max_pause, pause_expiry=self.pause_expiry,
+                        timeout_while_paused=self.timeout_while_paused)

@@ -4,8 +4,14 @@ A PATCH reaching any serving process marks the task ``paused`` in the store (:me
 the ``paused`` event reaches the serving process that runs it, wherever that is, and its controlling
 thread suspends the tree: the task's process group through the fork server (which signals only its
 own unreaped child's group) and every other process of the tree through psutil, as stops and kills
-do (:meth:`~.forkserver.ChildProcess.signal_tree`). The task keeps its slot, and its timeout clock
-stops (:meth:`~.watchdog.Watchdog.pause`).
+do (:meth:`~.forkserver.ChildProcess.signal_tree`). The task keeps its slot, and its timeout goes on
+counting unless the controller says ``timeout_while_paused=False`` (:meth:`~.watchdog.Watchdog.pause`).
+
+A pause does not last for ever: once the tree has been suspended for the controller's ``max_pause``
+seconds, the process supervising it (whichever process made the pause) writes the end of the pause to
+the store, as a PATCH or a DELETE would: the task is resumed (event ``resumed``), or with
+``pause_expiry="stop"`` stopped gracefully (event ``stopping``; it ends ``stopped`` with the error
+``PauseExpired``). See :meth:`~.supervisor.Supervisor._end_pause`.
 
 Every change of the process's state happens in the controlling thread, in :class:`TreePause`: other
 threads only say what the store wants (:meth:`~.supervisor.TaskRun.request_pause`) and wake it. A

@@ -691,7 +691,7 @@ class Runtime(TaskSide):
         """Queue the task again if its class retries this end (see :mod:`.retries`); True when it was."""
         policy = self.config.retry_policy
         error = outcome.fields.get("error")
-        stopped = run.stop_reason in (StopReason.REQUESTED, StopReason.SHUTDOWN)
+        stopped = run.stop_reason in (StopReason.REQUESTED, StopReason.SHUTDOWN, StopReason.PAUSE_EXPIRED)
         delay = policy.next_delay(outcome.status.value, error, outcome.retry_match, stopped, len(run.errors))
         if delay is None:
             return False

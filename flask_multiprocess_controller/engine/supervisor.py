@@ -24,7 +24,7 @@ import psutil
 
 from .. import defaults
 from ..events import Event
-from ..exceptions import StoreError
+from ..exceptions import MPCError, StoreError
 from .config import Settings as Settings  # re-exported: classify takes it
 from .forkserver import ChildProcess
 from .logs import LogListener, logger_levels
@@ -47,6 +47,8 @@ class StopReason(str, enum.Enum):
     TIMEOUT = "timeout"
     SHUTDOWN = "shutdown"
     MEMORY = "memory"
+    #: Paused longer than ``max_pause``, with ``pause_expiry="stop"``.
+    PAUSE_EXPIRED = "pause_expired"
 
 
 class TaskRun:
@@ -194,7 +196,8 @@ class Supervisor:
         self._schedule = Schedule(
             stop_grace=settings.stop_grace,
             sample_every=(defaults.SAMPLE_INTERVAL_WITH_MEMORY_LIMIT if settings.max_memory
-                          else defaults.SAMPLE_INTERVAL))
+                          else defaults.SAMPLE_INTERVAL),
+            max_pause=settings.max_pause, timeout_while_paused=settings.timeout_while_paused)
         self._levels_cache: dict[str, int] = {}
         self._levels_at = 0.0
         self._flush_failed = False
@@ -327,6 +330,37 @@ class Supervisor:
             child.signal_tree(signal.SIGKILL, usage.seen.values())
         elif action is Action.FLUSH:
             self._flush(run)
+        elif action is Action.PAUSE_EXPIRED:
+            self._end_pause(run)
+
+    def _end_pause(self, run: TaskRun) -> None:
+        """End a pause that lasted ``max_pause``: resume the task, or stop it, as ``pause_expiry`` says.
+
+        The change is written to the store as a PATCH or a DELETE would write it (events ``resumed`` or
+        ``stopping``), so every process sees it; this run follows it at once. A pause that ended
+        meanwhile (resumed, stopped or settled elsewhere) is left as it is; a store outage is tried again
+        by the watchdog a little later.
+        """
+        stop = self.settings.pause_expiry == "stop"
+        try:
+            if stop:
+                row, event = self.store.request_stop(run.uuid, emitter=self.owner)
+            else:
+                row, event = self.store.resume(run.uuid, emitter=self.owner)
+        except StoreError as exc:
+            self._logger.warning("Cannot end the pause of task %s now: %s", run.uuid, exc)
+            return
+        except MPCError:  # no longer paused: resumed, stopped or ended meanwhile
+            return
+        if event is None:
+            return
+        self._logger.warning("Task %s was paused for %g s (max_pause): it is %s.", run.uuid,
+                             self.settings.max_pause or 0.0, "stopped" if stop else "resumed")
+        if stop and row.get("status") == TaskStatus.STOPPING:
+            run.request_stop(StopReason.PAUSE_EXPIRED)  # before the event's own request: this reason is kept
+        elif not stop and row.get("status") == TaskStatus.RUNNING:
+            run.request_pause(False)
+        self._publish(event)
 
     def _receive(self, run: TaskRun, child: ChildProcess, done: Optional[Done]) -> tuple[Optional[Done], bool]:
         """Read every message waiting on the channel; return (done message, channel still open)."""
@@ -470,6 +504,9 @@ def _stopped(reason: Optional[StopReason], fields: dict[str, Any], alive: bool, 
         return Outcome(TaskStatus.TIMED_OUT, fields, alive)
     if reason is StopReason.SHUTDOWN:
         error = error_record("Shutdown", f"The task was stopped because its server shut down.{killed}")
+    elif reason is StopReason.PAUSE_EXPIRED:
+        error = error_record("PauseExpired", f"The task was stopped because it stayed paused for "
+                                             f"{settings.max_pause or 0.0:g} s (max_pause).{killed}")
     elif how:
         error = error_record("Killed", f"The task was asked to stop.{killed}")
     if error is not None:

@@ -6,8 +6,10 @@ actions are due and how long the thread may sleep. It never reads a clock, sleep
 touches a process, so the stop escalation (flag, ``stop_grace``, SIGTERM,
 ``KILL_AFTER_TERM``, SIGKILL) and the timeout are tested with plain numbers.
 
-A task's timeout counts the time it runs, not the time it is paused: :meth:`Watchdog.pause`
-stops its clock and :meth:`Watchdog.resume` moves the deadline by the time spent paused.
+A task's timeout counts the time it is paused too (its slot is held all along), unless the schedule
+says ``timeout_while_paused=False``: then :meth:`Watchdog.pause` stops its clock and
+:meth:`Watchdog.resume` moves the deadline by the time spent paused. A pause longer than the
+schedule's ``max_pause`` makes :attr:`Action.PAUSE_EXPIRED` due: the caller resumes or stops the task.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ class Action(str, enum.Enum):
     TERMINATE = "terminate"
     #: SIGTERM did not end it within ``kill_after_term`` seconds: SIGKILL its tree.
     KILL = "kill"
+    #: The task has been paused for ``max_pause`` seconds: end the pause (resume or stop it).
+    PAUSE_EXPIRED = "pause_expired"
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,12 @@ class Schedule:
     sample_every: float
     flush_every: float = defaults.PROGRESS_INTERVAL
     kill_after_term: float = defaults.KILL_AFTER_TERM
+    #: Seconds a pause may last before :attr:`Action.PAUSE_EXPIRED` is due (None or 0: no limit).
+    max_pause: Optional[float] = None
+    #: Whether the timeout counts the time the task is paused.
+    timeout_while_paused: bool = True
+    #: Seconds before :attr:`Action.PAUSE_EXPIRED` is due again if the pause did not end after it.
+    pause_retry: float = defaults.PAUSE_EXPIRY_RETRY
 
 
 class Watchdog:
@@ -52,10 +62,13 @@ class Watchdog:
 
     def __init__(self, schedule: Schedule, started: float, timeout: Optional[float]) -> None:
         self.schedule = schedule
-        #: Monotonic time after which the task has run too long (it moves on by each pause).
+        #: Monotonic time after which the task has run too long (it moves on by each pause, if paused time
+        #: does not count).
         self.deadline = started + timeout if timeout else None
         #: When the current pause began; None while the task is not paused.
         self.paused_since: Optional[float] = None
+        #: When the current pause has lasted ``max_pause`` (None: not paused, or no limit).
+        self._pause_ends_at: Optional[float] = None
         # The first sample waits a full interval: short tasks are measured by their own report,
         # and a sample scans the process table.
         self._next_sample = started + schedule.sample_every
@@ -69,21 +82,30 @@ class Watchdog:
         self.killed = True
 
     def pause(self, now: float) -> None:
-        """The task was suspended at ``now``: its timeout clock stops (a second call changes nothing)."""
+        """The task was suspended at ``now``: its pause is timed, and its timeout clock stops if paused time
+        does not count (a second call changes nothing)."""
         if self.paused_since is None:
             self.paused_since = now
+            if self.schedule.max_pause:
+                self._pause_ends_at = now + self.schedule.max_pause
 
     def resume(self, now: float) -> None:
-        """The task was resumed at ``now``: the deadline moves by the time it spent paused."""
+        """The task was resumed at ``now``: if paused time does not count, the deadline moves by it."""
         if self.paused_since is None:
             return
-        if self.deadline is not None:
+        if self.deadline is not None and not self.schedule.timeout_while_paused:
             self.deadline += max(0.0, now - self.paused_since)
         self.paused_since = None
+        self._pause_ends_at = None
 
     def _live_deadline(self, stopping: bool) -> Optional[float]:
         """The deadline while it may fall due (its clock runs and no stop is under way), else None."""
-        return None if stopping or self.paused_since is not None else self.deadline
+        frozen = self.paused_since is not None and not self.schedule.timeout_while_paused
+        return None if stopping or frozen else self.deadline
+
+    def _pause_end(self, stopping: bool) -> Optional[float]:
+        """When the current pause must end, while that may fall due (no stop under way), else None."""
+        return None if stopping else self._pause_ends_at
 
     def due(self, now: float, *, stop_at: Optional[float], stopping: bool, dirty: bool,
             ended: bool) -> list[Action]:
@@ -98,6 +120,10 @@ class Watchdog:
         deadline = self._live_deadline(stopping)
         if deadline is not None and now >= deadline:
             actions.append(Action.TIMEOUT)
+        pause_end = self._pause_end(stopping)
+        if pause_end is not None and now >= pause_end:
+            actions.append(Action.PAUSE_EXPIRED)
+            self._pause_ends_at = now + self.schedule.pause_retry  # due again only if the pause goes on
         if now >= self._next_sample:
             actions.append(Action.SAMPLE)
             self._next_sample = now + self.schedule.sample_every
@@ -120,6 +146,9 @@ class Watchdog:
         deadline = self._live_deadline(stopping)
         if deadline is not None:
             moments.append(deadline)
+        pause_end = self._pause_end(stopping)
+        if pause_end is not None:
+            moments.append(pause_end)
         if stop_at is not None and not ended and not self.killed:
             moments.append(self._term_at + self.schedule.kill_after_term if self._term_at is not None
                            else stop_at + self.schedule.stop_grace)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import defaults
+from ..exceptions import ChangeNotAllowed
 from ..exceptions import (
     BatchNotFound, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed,
     MPCError, PayloadTooLarge,
@@ -18,6 +19,7 @@ HTTP_STATUS: dict[type, int] = {
     TaskNotFound: 404,
     BatchNotFound: 404,
     HostNotFound: 404,
+    ChangeNotAllowed: 403,
     MethodNotServed: 405,
     TaskAlreadyFinished: 409,
     InvalidTransition: 409,

@@ -293,8 +293,9 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _errors(*names: str) -> dict[str, Any]:
-    codes = {"BadRequest": "400", "NotFound": "404", "Conflict": "409", "PayloadTooLarge": "413",
-             "QueueFull": "429", "Unavailable": "503", "MethodNotAllowed": "405", "KeyReused": "422"}
+    codes = {"BadRequest": "400", "Forbidden": "403", "NotFound": "404", "Conflict": "409",
+             "PayloadTooLarge": "413", "QueueFull": "429", "Unavailable": "503", "MethodNotAllowed": "405",
+             "KeyReused": "422"}
     return {codes[name]: _ref(_RESPONSES, name) for name in names}
 
 
@@ -379,7 +380,7 @@ def _delete_operation(is_item: bool) -> dict[str, Any]:
             "responses": {
                 "200": _task_response("The task was queued: now `stopped`.", _ref(_SCHEMAS, "Task")),
                 "202": _task_response("The task runs: now `stopping`.", _ref(_SCHEMAS, "Task")),
-                **_errors("BadRequest", "NotFound", "Conflict", "Unavailable"),
+                **_errors("BadRequest", "Forbidden", "NotFound", "Conflict", "Unavailable"),
             },
         }
     return {
@@ -394,7 +395,7 @@ def _delete_operation(is_item: bool) -> dict[str, Any]:
             "200": _task_response("The task was queued: now `stopped`.", _ref(_SCHEMAS, "Task")),
             "202": _task_response("The task runs: now `stopping`; or, with `?all=true`, the counts.",
                                   {"anyOf": [_ref(_SCHEMAS, "Task"), _ref(_SCHEMAS, "StopAll")]}),
-            **_errors("BadRequest", "NotFound", "Conflict", "Unavailable"),
+            **_errors("BadRequest", "Forbidden", "NotFound", "Conflict", "Unavailable"),
         },
     }
 
@@ -415,7 +416,7 @@ def _patch_operation(is_item: bool) -> dict[str, Any]:
         "requestBody": {"required": True, "content": _json(body)},
         "responses": {
             "200": _task_response("The task object after the change.", _ref(_SCHEMAS, "Task")),
-            **_errors("BadRequest", "NotFound", "Conflict", "PayloadTooLarge", "Unavailable"),
+            **_errors("BadRequest", "Forbidden", "NotFound", "Conflict", "PayloadTooLarge", "Unavailable"),
         },
     }
 
@@ -450,7 +451,7 @@ def extension_paths(prefix: str) -> dict[str, Any]:
                                 "description": "Must be `true`: a DELETE of the list stops every task."}],
                 "responses": {"202": _task_response("Queued tasks stopped, and running ones asked to stop.",
                                                     _ref(_SCHEMAS, "StopAll")),
-                              **_errors("BadRequest", "Unavailable")}}
+                              **_errors("BadRequest", "Forbidden", "Unavailable")}}
     counts = {"type": "array", "items": {"type": "integer", "minimum": 0}}
     stats = {"summary": "Tasks ended per minute and outcome (the dashboard's chart)",
              "parameters": [controller, {"name": "minutes", "in": "query", "description": "Minutes back from now.",
@@ -486,7 +487,10 @@ def _drain_operations() -> dict[str, Any]:
         return {"summary": summary,
                 "responses": {"200": answer, **_errors("BadRequest", "NotFound", "Unavailable")}}
 
-    host = {"name": "host", "in": "path", "required": True, "schema": {"type": "string"},
+    # A URL path segment cannot begin with '/' and Flask's path converter takes no line break: such an id
+    # matches no URL (a plain 404), so the document does not offer it.
+    host = {"name": "host", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": "^[^/\n][^\n]*$"},
             "description": "The host's id as its servers name it (MPC_HOST_ID); it may contain '/'."}
     return {"parameters": [host], "get": operation("Whether a host is drained, and since when"),
             "post": operation("Drain a host: its serving processes claim no new task; running ones go on"),
@@ -707,6 +711,9 @@ def _responses() -> dict[str, Any]:
     return {
         "BadRequest": _error("Invalid JSON, a body that is not a JSON object (or array of them), arguments "
                              "`execute` does not take, a bad query option or a malformed uuid."),
+        "Forbidden": _error("The controller's `can_change` hook refused this request the change (pause, "
+                            "resume, new priority or stop; for a stop-all, of one of the tasks): nothing was "
+                            "changed."),
         "NotFound": _error("No task with this uuid (or batch with this id) belongs to this controller."),
         "Conflict": _error("The task has already ended."),
         "PayloadTooLarge": _error("The body is larger than the controller's `max_content_length`, or holds more "

@@ -207,7 +207,7 @@ def _health(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
                 entry["store"] = public_store_name(store)
                 counts = store.counts(controller.name, tenant=controller.tenant_filter())
                 entry.update(running=counts.get("running", 0) + counts.get("stopping", 0),
-                             queued=counts.get("queued", 0))
+                             queued=counts.get("queued", 0), paused=counts.get("paused", 0))
             except StoreError as exc:
                 ok = False
                 entry.update(status="unavailable", message=exc.message)
