@@ -99,6 +99,9 @@ class MetaMPController:
     :param shutdown_wait: seconds a serving process that shuts down lets its running tasks finish on
         their own (claiming nothing meanwhile) before it stops them; None: the app's
         ``MPC_SHUTDOWN_WAIT``, else the ``MPC_SHUTDOWN_WAIT`` environment variable, else 0.
+    :param callback_max_age: seconds a callback that could not be delivered stays in the store's outbox
+        (retried at each start and reconciliation); then it is dropped, logged as a warning and counted in
+        ``/mpc/health`` (``callbacks_dropped``). Default 7 days; ``MPC_CALLBACK_MAX_AGE`` in the app's config.
     :param compat: ``"0.1"`` makes this controller's resource take bodies of any content
         type and answer in upstream 0.1's shapes and codes, for clients that cannot change
         (see :mod:`.compat`); None (the default) keeps this version's answers.
@@ -141,17 +144,21 @@ class MetaMPController:
                  max_progress_size: int = defaults.MAX_PROGRESS_SIZE, max_bulk: int = defaults.MAX_BULK,
                  role: Optional[str] = None, tenant: Optional[Callable[[], Any]] = None,
                  max_state_size: int = defaults.MAX_STATE_SIZE,
-                 handover_window: Optional[float] = None, shutdown_wait: Optional[float] = None) -> None:
+                 handover_window: Optional[float] = None, shutdown_wait: Optional[float] = None,
+                 callback_max_age: float = defaults.CALLBACK_MAX_AGE) -> None:
         configurator = check_arguments(
             target_task, callback_url, max_num_process, max_num_queue, timeout, stop_grace, max_tasks_per_child,
             (logger_configurator_cls, log_configurator), role, tenant, max_wait=max_wait,
             max_result_size=max_result_size, max_progress_size=max_progress_size, max_bulk=max_bulk,
-            max_state_size=max_state_size)
+            max_state_size=max_state_size, callback_max_age=callback_max_age)
         #: The task class this controller runs (None: it runs none).
         self.target_task = target_task
         self.max_num_process = max_num_process
         self.max_num_queue = max_num_queue
         self.callback_url = callback_url
+        #: Seconds an undelivered callback is kept in the store's outbox; then it is dropped, logged and
+        #: counted (``callbacks_dropped`` in ``/mpc/health``).
+        self.callback_max_age = float(callback_max_age)
         self.timeout = timeout
         self.stop_grace = float(stop_grace)
         self.max_memory = max_memory
@@ -191,6 +198,7 @@ class MetaMPController:
             ("max_content_length", max_content_length, defaults.MAX_CONTENT_LENGTH),
             ("max_wait", max_wait, defaults.MAX_WAIT), ("expose_tracebacks", expose_tracebacks, False),
             ("handover_window", handover_window, None), ("shutdown_wait", shutdown_wait, None),
+            ("callback_max_age", callback_max_age, defaults.CALLBACK_MAX_AGE),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
         self._bound = False
@@ -495,7 +503,8 @@ class MetaMPController:
         side = self._activate()
         deadline = None if timeout is None else time.monotonic() + timeout
         # The task's 'ended' event wakes us, whichever process or host ran it: no polling. It
-        # carries the task as its ending wrote it, so the store is not read again then.
+        # carries the task as its ending wrote it but its arguments, which never change: merged into
+        # the row read first, the store is not read again then.
         with side.watch(uuid) as ended:
             row = self._row(uuid)
             while True:
@@ -505,7 +514,8 @@ class MetaMPController:
                 ended.wait(remaining)
                 ended.clear()
                 task = cast(Optional[Row], ended.task)
-                row = task if task is not None and task.get("status") in TERMINAL else self._row(uuid)
+                row = (cast(Row, {**row, **task}) if task is not None and task.get("status") in TERMINAL
+                       else self._row(uuid))
 
     def tasks(self, status: Union[None, str, Iterable[str]] = None, limit: int = defaults.LIST_LIMIT) -> ListView:
         """Return the list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``."""

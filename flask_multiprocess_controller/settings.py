@@ -42,11 +42,12 @@ def check_callback_url(url: Any) -> None:
 APP_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "stop_grace": float, "retention": float, "max_content_length": int, "max_wait": float,
     "expose_tracebacks": bool, "handover_window": float, "shutdown_wait": float,
+    "callback_max_age": float,
 }
 
 
 #: Settings a started runtime has taken for good; the others are read at each request.
-FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait"})
+FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait", "callback_max_age"})
 
 
 def app_setting(key: str, value: Any) -> Any:
@@ -122,4 +123,5 @@ def runtime_config(controller: "MetaMPController") -> RuntimeConfig:
         logger=controller.logger, configurator=controller.log_configurator, context=controller.context_view(),
         limits=controller.limits, expose_tracebacks=controller.expose_tracebacks,
         max_num_queue=controller.max_num_queue, slots=controller.slots, shutdown_wait=controller.shutdown_wait,
-        handover_window=configured_window(controller.handover_window))
+        handover_window=configured_window(controller.handover_window),
+        callback_max_age=controller.callback_max_age)

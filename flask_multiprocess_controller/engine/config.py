@@ -57,6 +57,8 @@ class RuntimeConfig:
     slots: Optional[int] = None
     #: Seconds a shutting-down process lets its running tasks finish on their own before stopping them.
     shutdown_wait: float = 0.0
+    #: Seconds an undelivered callback stays in the store's outbox before it is dropped (logged, counted).
+    callback_max_age: float = defaults.CALLBACK_MAX_AGE
 
     @property
     def slot_count(self) -> int:
