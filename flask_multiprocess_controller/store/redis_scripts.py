@@ -514,24 +514,39 @@ if #last > 0 then latest = last[1][1] end
 local entries, cursor = {}, ARGV[2]
 if ARGV[2] == '' then return {pruned, latest, entries, cursor} end
 local limit, wanted, max_bytes = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local taken = 0
--- From since inclusive (an exclusive start fails on the largest id): since itself is skipped.
-for _, entry in ipairs(redis.call('XRANGE', stream, ARGV[2], '+', 'COUNT', limit + 1)) do
-  if entry[1] ~= ARGV[2] then
-    cursor = entry[1]
-    local keep, size, tenant = true, 0, nil
-    for i = 1, #entry[2], 2 do
-      if entry[2][i] == 'tenant' then tenant = entry[2][i + 1] end
-      if entry[2][i] == 'task' then size = #entry[2][i + 1] end
-    end
-    if wanted == 'n' then keep = tenant == nil elseif wanted ~= '' then keep = 's:' .. (tenant or '') == wanted
-      and tenant ~= nil end
-    if keep then
-      entries[#entries + 1] = entry
-      taken = taken + size
-      if #entries >= limit or (max_bytes and taken >= max_bytes) then break end
+-- A filtered read looks at up to this many entries per call; its cursor then resumes past them.
+local scan_left = 10 * limit + 1000
+local taken, full, start = 0, false, ARGV[2]
+-- From since inclusive at first (an exclusive start fails on the largest id): since itself is skipped.
+local batch = redis.call('XRANGE', stream, start, '+', 'COUNT', math.min(limit, 1000) + 1)
+while #batch > 0 and not full and scan_left > 0 do
+  for _, entry in ipairs(batch) do
+    if entry[1] ~= ARGV[2] then
+      cursor = entry[1]
+      scan_left = scan_left - 1
+      local keep, size, tenant = true, 0, nil
+      for i = 1, #entry[2], 2 do
+        if entry[2][i] == 'tenant' then tenant = entry[2][i + 1] end
+        if entry[2][i] == 'task' then size = #entry[2][i + 1] end
+      end
+      if wanted == 'n' then
+        keep = tenant == nil
+      elseif wanted ~= '' then
+        keep = tenant ~= nil and 's:' .. tenant == wanted
+      end
+      if keep then
+        entries[#entries + 1] = entry
+        taken = taken + size
+        if #entries >= limit or (max_bytes and taken >= max_bytes) then
+          full = true
+          break
+        end
+      end
+      if scan_left <= 0 then break end
     end
   end
+  if full or scan_left <= 0 then break end
+  batch = redis.call('XRANGE', stream, '(' .. cursor, '+', 'COUNT', math.min(limit, 1000))
 end
 return {pruned, latest, entries, cursor}
 """
