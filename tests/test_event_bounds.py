@@ -141,3 +141,39 @@ def test_callback_max_age_comes_from_the_app_config_and_must_be_positive(make_co
     for bad in (0, -1, "soon"):
         with pytest.raises((TypeError, ValueError), match="callback_max_age"):
             MetaMPController(None, callback_max_age=bad)
+
+
+@pytest.mark.timeout(30)
+def test_a_sqlite_feed_of_an_older_version_keeps_its_events_and_callbacks(tmp_path):
+    """The feed and the outbox of a file made before events were bounded get their new columns: the
+    events kept are counted and filterable by tenant, and the outbox entries keep their events."""
+    import sqlite3
+
+    from flask_multiprocess_controller import SQLiteStore
+
+    path = tmp_path / "old-feed.sqlite3"
+    task = {"uuid": "u-old", "controller": "c", "status": "running", "tenant": "t1", "attempt": 1}
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE mpc_events (cursor INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, uuid TEXT NOT NULL,
+            controller TEXT NOT NULL, at REAL NOT NULL, emitter TEXT, task TEXT NOT NULL);
+        CREATE TABLE mpc_outbox (cursor INTEGER PRIMARY KEY, controller TEXT NOT NULL);
+    """)
+    old.execute("INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task) VALUES "
+                "('started', 'u-old', 'c', 1.0, 'w', ?)", (json.dumps(task),))
+    old.execute("INSERT INTO mpc_outbox (cursor, controller) VALUES (1, 'c')")
+    old.commit()
+    old.close()
+    store = SQLiteStore(str(path))
+    try:
+        (pending,) = store.unacked("c")
+        assert (pending["cursor"], pending["kind"], pending["task"]) == ("1", "started", task)
+        assert store.changes("0", tenant="t1").events == [pending]
+        assert store.changes("0", tenant="t2").events == []
+        store.max_event_bytes = 1  # the old event is counted: the next write prunes it
+        store.enqueue([{"uuid": "u-new", "controller": "c", "status": "queued", "priority": 0, "args": {},
+                        "created_at": time.time(), "timeout": None, "attempt": 0, "stop_requested": False}], -1)
+        assert store.changes("0").reset is True
+        assert store.unacked("c") == [pending]  # the outbox keeps it
+    finally:
+        store.close()

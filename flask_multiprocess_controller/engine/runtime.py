@@ -144,7 +144,8 @@ class Runtime(TaskSide):
         self.events.subscribe(self._log_event, local_only=True)
         self._callbacks: Optional[CallbackSender] = None
         if callback_url:
-            body = functools.partial(callback_body, expose_tracebacks=config.expose_tracebacks, read=store.get)
+            body = functools.partial(callback_body, expose_tracebacks=config.expose_tracebacks,
+                                     read=store.get)
             self._callbacks = CallbackSender(callback_url, self.logger, body, self._ack)
             self.events.subscribe(self._callbacks.offer, local_only=True)
         self._slots = [Slot(self, i) for i in range(config.slot_count)]

@@ -313,11 +313,11 @@ class SQLiteStore(TaskStore):
         pruning the oldest events once the feed is past one of its bounds."""
         task = event_payload(kind.value, row)
         text = json.dumps(task)
-        cursor = db.execute(
+        cursor = cast(int, db.execute(
             "INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task, tenant, size) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (kind.value, row["uuid"], row["controller"], at, emitter, text, row.get("tenant"), len(text)),
-        ).lastrowid
+        ).lastrowid)
         if kind.value in CALLBACK_KINDS:  # a copy: the outbox keeps it whatever the feed's pruning
             db.execute("INSERT INTO mpc_outbox (cursor, controller, kind, uuid, at, emitter, task) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -135,15 +135,17 @@ def upgrade_feed(db: sqlite3.Connection) -> None:
     (in one write transaction, so that no event is written half-way through), and count its bytes."""
     db.execute("BEGIN IMMEDIATE")
     try:
+        added = False
         for table, columns in FEED_ADDED_COLUMNS.items():
             present = {info[1] for info in db.execute(f"PRAGMA table_info({table})")}
             for column, declaration in columns.items():
                 if column not in present:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-                    if table == "mpc_events" and column == "size":
-                        for statement in _FEED_UPGRADE.strip().split(";"):
-                            if statement.strip():
-                                db.execute(statement)
+                    added = True
+        if added:
+            for statement in _FEED_UPGRADE.strip().split(";"):
+                if statement.strip():
+                    db.execute(statement)
         db.execute("INSERT INTO mpc_meta (key, value) SELECT 'event_bytes', COALESCE(SUM(size), 0) FROM mpc_events "
                    "WHERE true ON CONFLICT (key) DO NOTHING")
         for statement in FEED_INDEXES.strip().split(";"):
