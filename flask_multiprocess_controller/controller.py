@@ -112,6 +112,9 @@ class MetaMPController:
         ``MPC_SHUTDOWN_WAIT``, else the ``MPC_SHUTDOWN_WAIT`` environment variable, else 0.
     :param idempotency_ttl: seconds a POST's ``Idempotency-Key`` is remembered with the tasks it made: the
         same key again within it answers with those tasks (200) and queues none (see :meth:`enqueue_once`).
+    :param callback_max_age: seconds a callback that could not be delivered stays in the store's outbox
+        (retried at each start and reconciliation); then it is dropped, logged as a warning and counted in
+        ``/mpc/health`` (``callbacks_dropped``). Default 7 days; ``MPC_CALLBACK_MAX_AGE`` in the app's config.
     :param compat: ``"0.1"`` makes this controller's resource take bodies of any content
         type and answer in upstream 0.1's shapes and codes, for clients that cannot change
         (see :mod:`.compat`); None (the default) keeps this version's answers.
@@ -173,18 +176,23 @@ class MetaMPController:
                  idempotency_ttl: float = defaults.IDEMPOTENCY_TTL,
                  max_pause: Optional[float] = defaults.MAX_PAUSE, pause_expiry: str = defaults.PAUSE_EXPIRY,
                  timeout_while_paused: bool = True,
-                 can_change: Optional[Callable[[str, dict[str, Any]], Any]] = None) -> None:
+                 can_change: Optional[Callable[[str, dict[str, Any]], Any]] = None,
+                 callback_max_age: float = defaults.CALLBACK_MAX_AGE) -> None:
         configurator = check_arguments(
             target_task, callback_url, max_num_process, max_num_queue, timeout, stop_grace, max_tasks_per_child,
             (logger_configurator_cls, log_configurator), role, tenant, max_wait=max_wait,
             max_result_size=max_result_size, max_progress_size=max_progress_size, max_bulk=max_bulk,
-            max_state_size=max_state_size, max_message_size=max_message_size, idempotency_ttl=idempotency_ttl)
+            max_state_size=max_state_size, max_message_size=max_message_size, idempotency_ttl=idempotency_ttl,
+            callback_max_age=callback_max_age)
         check_pause_settings(max_pause, pause_expiry, timeout_while_paused, can_change)
         #: The task class this controller runs (None: it runs none).
         self.target_task = target_task
         self.max_num_process = max_num_process
         self.max_num_queue = max_num_queue
         self.callback_url = callback_url
+        #: Seconds an undelivered callback is kept in the store's outbox; then it is dropped, logged and
+        #: counted (``callbacks_dropped`` in ``/mpc/health``).
+        self.callback_max_age = float(callback_max_age)
         self.timeout = timeout
         self.stop_grace = float(stop_grace)
         self.max_memory = max_memory
@@ -243,6 +251,7 @@ class MetaMPController:
             ("max_pause", max_pause, defaults.MAX_PAUSE),
             ("pause_expiry", pause_expiry, defaults.PAUSE_EXPIRY),
             ("timeout_while_paused", timeout_while_paused, True),
+            ("callback_max_age", callback_max_age, defaults.CALLBACK_MAX_AGE),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
         self._bound = False
@@ -619,7 +628,8 @@ class MetaMPController:
         side = self._activate()
         deadline = None if timeout is None else time.monotonic() + timeout
         # The task's 'ended' event wakes us, whichever process or host ran it: no polling. It
-        # carries the task as its ending wrote it, so the store is not read again then.
+        # carries the task as its ending wrote it but its arguments, which never change: merged into
+        # the row read first, the store is not read again then.
         with side.watch(uuid) as ended:
             row = self._row(uuid)
             while True:
@@ -629,7 +639,8 @@ class MetaMPController:
                 ended.wait(remaining)
                 ended.clear()
                 task = cast(Optional[Row], ended.task)
-                row = task if task is not None and task.get("status") in TERMINAL else self._row(uuid)
+                row = (cast(Row, {**row, **task}) if task is not None and task.get("status") in TERMINAL
+                       else self._row(uuid))
 
     def tasks(self, status: Union[None, str, Iterable[str]] = None, limit: int = defaults.LIST_LIMIT) -> ListView:
         """Return the list view: ``{"tasks": [...], "running": n, "queued": m, "max_num_process": k}``.

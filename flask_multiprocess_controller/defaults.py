@@ -27,6 +27,11 @@ FEED_POLL_INTERVAL = 0.02
 EVENT_RETENTION = 24 * 3600.0
 #: The most task events a store keeps; older ones are pruned first.
 EVENT_STREAM_MAXLEN = 100_000
+#: The most bytes of task events a store keeps (64 MiB of their tasks' JSON); older ones are pruned first.
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+#: Seconds an undelivered callback stays in the store's outbox (7 days); then it is dropped, logged and
+#: counted in ``/mpc/health`` (``callbacks_dropped``).
+CALLBACK_MAX_AGE = 7 * 24 * 3600.0
 #: Seconds between two heartbeats of a serving process in the store.
 HEARTBEAT_INTERVAL = 1.0
 #: Seconds without a heartbeat after which a serving process on another host counts as dead.

@@ -46,7 +46,9 @@ class Event(TypedDict):
     at: float
     #: Owner id of the serving process that made the change (None: a client-only process).
     emitter: Optional[str]
-    #: The task row after the change (for ``purged``: the row as it was when deleted).
+    #: What the change touched of the task, as it is after the change: its uuid, controller, status, tenant,
+    #: attempt, seq and pid always, and the columns of the change (see :func:`.store.base.event_payload`);
+    #: never its arguments or saved state.
     task: dict[str, Any]
 
 

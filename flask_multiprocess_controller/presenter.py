@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Optional, TypedDict, cast
+from typing import Any, Mapping, Optional, TypedDict, cast
 
 from .engine.protocol import OWN_ERROR_TYPES
 from .states import TaskStatus
@@ -114,6 +114,18 @@ def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None
     view["position"] = position if row["status"] == TaskStatus.QUEUED else None
     view["msg"] = _msg(row, position)
     return cast(TaskObject, view)
+
+
+def present_change(task: Mapping[str, Any]) -> TaskObject:
+    """The task object of an event's task: only the keys the event carries (see
+    :func:`~.store.base.event_payload`), shown as :func:`present` shows them, with its ``msg`` and ``position``.
+
+    A ``progress`` event gives ``progress`` and ``percent`` (with the task's uuid, status, attempt, pid and
+    controller), an end the whole task object but its ``args``: a live view merges it into what it has.
+    """
+    whole = cast(dict[str, Any], present(cast(Row, task)))
+    return cast(TaskObject, {key: value for key, value in whole.items()
+                             if key in task or key in ("msg", "position")})
 
 
 def hide_traceback(task: TaskObject) -> TaskObject:

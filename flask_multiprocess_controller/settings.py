@@ -102,6 +102,7 @@ APP_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "expose_tracebacks": flag, "handover_window": float, "shutdown_wait": float,
     "max_message_size": int, "expose_errors": flag, "idempotency_ttl": float,
     "max_pause": max_pause_setting, "pause_expiry": pause_expiry_setting, "timeout_while_paused": flag,
+    "callback_max_age": float,
 }
 
 #: What a setting must be, in the message refusing a bad value (where the converter's name would not say).
@@ -111,7 +112,8 @@ _SETTING_KINDS = {"max_pause": "number of seconds (0: no limit)", "pause_expiry"
 
 #: Settings a started runtime has taken for good; the others are read at each request.
 FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait", "max_message_size",
-                             "max_pause", "pause_expiry", "timeout_while_paused"})
+                             "max_pause", "pause_expiry", "timeout_while_paused",
+                             "callback_max_age"})
 
 
 def app_setting(key: str, value: Any) -> Any:
@@ -197,4 +199,5 @@ def runtime_config(controller: "MetaMPController") -> RuntimeConfig:
         limits=controller.limits, expose_tracebacks=controller.expose_tracebacks, expose_errors=controller.expose_errors,
         max_num_queue=controller.max_num_queue, slots=controller.slots, shutdown_wait=controller.shutdown_wait,
         handover_window=configured_window(controller.handover_window), max_pause=controller.max_pause,
-        pause_expiry=controller.pause_expiry, timeout_while_paused=controller.timeout_while_paused)
+        pause_expiry=controller.pause_expiry, timeout_while_paused=controller.timeout_while_paused,
+        callback_max_age=controller.callback_max_age)

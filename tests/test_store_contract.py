@@ -93,6 +93,8 @@ CTL = "contract"
 OTHER = "other-controller"
 OWNER = "owner-1"
 EVENT_KEYS = {"cursor", "kind", "uuid", "controller", "at", "emitter", "task"}
+#: What the task of every event carries.
+BASE_KEYS = {"seq", "uuid", "controller", "status", "tenant", "attempt", "pid"}
 
 
 def make_row(controller: str = CTL, priority: int = 0, args: Any = None, created_at: float | None = None,
@@ -188,7 +190,9 @@ def test_get_returns_every_documented_key(store):
     (other,) = add(store)
     stopped, event = store.request_stop(other)
     assert ROW_KEYS <= set(stopped), sorted(ROW_KEYS - set(stopped))
-    assert ROW_KEYS <= set(event["task"]), sorted(ROW_KEYS - set(event["task"]))
+    # An end carries the whole task but its unbounded inputs (see the lean events tests).
+    assert ROW_KEYS - {"args"} <= set(event["task"]), sorted(ROW_KEYS - {"args"} - set(event["task"]))
+    assert "args" not in event["task"]
     assert store.get(str(uuid_module.uuid4())) is None
 
 
@@ -1020,7 +1024,8 @@ def test_saved_state_is_never_in_events(store):
         assert event["task"].get("state") is None, event["kind"]
         assert "x" * 1000 not in json.dumps(event)
     saved_at = fetch(store, uuid)["state_saved_at"]
-    assert [e["task"]["state_saved_at"] for e in feed] == [saved_at] * 5  # when, but never what
+    # when, but never what (the events that carry it: a progress write and the whole-task kinds)
+    assert [e["task"]["state_saved_at"] for e in feed if "state_saved_at" in e["task"]] == [saved_at] * 3
     assert all("x" * 1000 not in json.dumps(e) for e in store.unacked(CTL))
     store.purge(CTL, time.time() + 1)
     assert all(e["task"].get("state") is None for e in store.changes(since, limit=100).events)
@@ -1059,7 +1064,9 @@ def check_event(event: Optional[Event], kind: str, uuid: str, emitter: Optional[
     assert set(event) == EVENT_KEYS
     assert isinstance(event["cursor"], str) and isinstance(event["at"], float)
     assert (event["kind"], event["uuid"], event["controller"], event["emitter"]) == (kind, uuid, controller, emitter)
-    assert ROW_KEYS <= set(event["task"])
+    assert BASE_KEYS <= set(event["task"]) and "args" not in event["task"] and "state" not in event["task"]
+    if kind in ("queued", "started", "adopted", "ended"):
+        assert ROW_KEYS - {"args"} <= set(event["task"])  # the whole task but its inputs
     assert (event["task"]["uuid"], event["task"]["status"]) == (uuid, status)
     return event
 
@@ -1082,7 +1089,8 @@ def test_every_state_change_returns_its_event_and_the_feed_shows_the_same_in_ord
     assert (progressed["task"]["progress"], progressed["task"]["percent"]) == ({"step": 1}, 10.0)
     row, stopping = store.request_stop(a, emitter="stopper")
     check_event(stopping, "stopping", a, "stopper", "stopping")
-    assert stopping["task"] == row and row["stop_requested"] is True
+    assert row["stop_requested"] is True and row["args"] == {}  # the answer is the whole task
+    assert stopping["task"] == {key: row[key] for key in BASE_KEYS | {"stop_requested"}}
     assert store.request_stop(a, emitter="stopper")[1] is None  # already stopping: nothing written
     requeued = check_event(store.requeue(a, owner=OWNER), "requeued", a, OWNER, "queued")  # emitter = owner
     assert (requeued["task"]["owner"], requeued["task"]["pid"], requeued["task"]["stop_requested"]) == \
@@ -1099,15 +1107,16 @@ def test_every_state_change_returns_its_event_and_the_feed_shows_the_same_in_ord
     assert lost["task"]["ended_at"] == 5.0
     row, stopped = store.request_stop(c)
     check_event(stopped, "ended", c, None, "stopped")
-    assert stopped["task"] == row and row["ended_at"] == stopped["at"]
+    assert stopped["task"] == {k: v for k, v in row.items() if k != "args"} and row["ended_at"] == stopped["at"]
     written += [ended, lost, stopped]
 
     assert store.purge(CTL, store.now() + 1.0, emitter="janitor") == 3
     purged = store.changes(stopped["cursor"]).events
     assert sorted(e["uuid"] for e in purged) == sorted([a, b, c])
     by_uuid = {e["uuid"]: e for e in written}
-    for event in purged:  # the row as it was when deleted
+    for event in purged:  # which task, and its status when it was deleted
         check_event(event, "purged", event["uuid"], "janitor", by_uuid[event["uuid"]]["task"]["status"])
+        assert set(event["task"]) == BASE_KEYS
     written += purged
     after = store.now()
 
@@ -1145,7 +1154,8 @@ def test_enqueue_returns_one_event_per_row_in_input_order(store):
     rows = [make_row(priority=i % 3, args={"i": i}) for i in range(300)]
     events = store.enqueue(rows, -1)
     assert [e["uuid"] for e in events] == [r["uuid"] for r in rows]
-    assert [e["task"]["args"] for e in events] == [{"i": i} for i in range(300)]
+    assert all("args" not in e["task"] for e in events)  # never in an event: read the task
+    assert [e["task"]["priority"] for e in events] == [i % 3 for i in range(300)]
     assert [e["task"]["seq"] for e in events] == [r["seq"] for r in rows]
     assert {e["kind"] for e in events} == {"queued"} and {e["emitter"] for e in events} == {None}
     assert store.enqueue([], -1) == []
@@ -1280,7 +1290,7 @@ def test_a_cursor_whose_events_were_pruned_gives_a_reset(store):
         assert store.changes(pruned) == Changes([], latest, True)
         assert store.changes(pruned, timeout=10.0) == Changes([], latest, True)  # at once
     assert store.changes(latest) == Changes([], latest, False)  # nothing after it was lost
-    assert store.unacked(CTL) == []  # outbox entries go with their events
+    assert store.unacked(CTL) == [events[-1]]  # the outbox keeps its entries: it has a retention of its own
     store.event_retention = 3600.0
     later = store.progress(events[0]["uuid"], OWNER, 1, None)
     assert store.changes(latest) == Changes([later], later["cursor"], False)
@@ -1362,6 +1372,182 @@ def test_the_outbox_keeps_callback_events_until_acknowledged(store):
     assert store.unacked(CTL) == []
     store.ack(CTL, [])
     assert store.changes(since).events == written  # acknowledging leaves the feed alone
+
+
+# -- lean events, the feed's bounds, the outbox's own retention, reads by tenant and by bytes ---------------
+
+def test_events_carry_what_changed_never_the_arguments(store):
+    big = {"blob": "x" * 100_000}
+    since = store.latest_cursor()
+    (uuid,) = add(store, args=big)
+    claim(store)
+    assert store.save_state(uuid, OWNER, {"saved": "y" * 10_000})
+    store.start(uuid, OWNER, 4242, 1.5)
+    progressed = store.progress(uuid, OWNER, {"step": 3}, 30.0)
+    store.pause(uuid)
+    store.resume(uuid)
+    stopping = store.request_stop(uuid)[1]
+    store.requeue(uuid, owner=OWNER)
+    claim(store)
+    store.finish(uuid, "succeeded", owner=OWNER, result=[1])
+    store.purge(CTL, store.now() + 1.0)
+    feed = store.changes(since, limit=100).events
+    assert [e["kind"] for e in feed] == ["queued", "started", "progress", "paused", "resumed", "stopping",
+                                         "requeued", "ended", "purged"]
+    for event in feed + [progressed, stopping]:
+        task = event["task"]
+        assert BASE_KEYS <= set(task), (event["kind"], sorted(BASE_KEYS - set(task)))
+        assert "args" not in task and "state" not in task, event["kind"]
+        assert (task["uuid"], task["controller"], task["attempt"] >= 1 or event["kind"] == "queued") == \
+            (uuid, CTL, True)
+        assert len(json.dumps(event)) < 2000, event["kind"]  # what changed: never the inputs
+    progress_events = [e for e in feed if e["kind"] == "progress"] + [progressed]
+    for event in progress_events:
+        assert set(event["task"]) == BASE_KEYS | {"progress", "percent", "state_saved_at"}
+        assert (event["task"]["progress"], event["task"]["percent"], event["task"]["pid"]) == ({"step": 3}, 30.0, 4242)
+    assert store.get(uuid) is None and fetch_events_task_keys(feed, "purged") == BASE_KEYS
+
+
+def fetch_events_task_keys(feed: list, kind: str) -> set:
+    (event,) = [e for e in feed if e["kind"] == kind]
+    return set(event["task"])
+
+
+def footprint(store: TaskStore) -> int:
+    """The bytes the store's change feed takes where it lives: the SQLite file and its WAL, the Redis
+    stream's memory, the memory store's events as JSON."""
+    if isinstance(store, SQLiteStore):
+        return sum(os.path.getsize(store.path + suffix) for suffix in ("", "-wal") if os.path.exists(store.path + suffix))
+    if isinstance(store, RedisStore):
+        client = redis.Redis.from_url(store.url)
+        try:
+            return int(client.memory_usage(store.prefix + "events", samples=0) or 0)
+        finally:
+            client.close()
+    kept = store.changes(str(store._pruned), limit=10 ** 9).events  # type: ignore[attr-defined]
+    return len(json.dumps(kept))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("store", ["memory", pytest.param("sqlite", marks=pytest.mark.slow), "redis"], indirect=True)
+def test_ten_thousand_progress_events_of_a_task_with_a_900_kb_argument_take_less_than_10_mb(store):
+    (uuid,) = add(store, args={"blob": "x" * 900_000})
+    claim(store)
+    before = footprint(store)
+    for n in range(1, 10_001):
+        assert store.progress(uuid, OWNER, {"step": n}, n / 100) is not None
+        if n in (20, 200, 2_000, 10_000):  # early checks: a feed that copies the argument fails at once
+            grown = footprint(store) - before
+            assert grown < 10 * 1024 * 1024, (n, grown)
+
+
+def kept_events(store: TaskStore, cursors: list) -> list:
+    """The events the feed still has of those written (by their cursors), read from the oldest kept."""
+    for i, cursor in enumerate(cursors):
+        if not store.changes(cursor).reset:
+            return store.changes(cursor, limit=10 ** 6).events if i else []
+    return []
+
+
+@pytest.mark.timeout(60)
+def test_every_write_prunes_the_feed_to_its_byte_bound(store):
+    (uuid,) = add(store)
+    claim(store)
+    store.max_event_bytes = 50_000
+    written = [store.progress(uuid, OWNER, {"blob": "p" * 5_000, "n": n}, None) for n in range(100)]
+    cursors = [e["cursor"] for e in written]
+    assert store.changes(cursors[0]).reset is True  # pruned as written: no purge was needed
+    kept = kept_events(store, cursors)
+    assert kept and kept[-1] == written[-1]  # the newest are kept
+    assert sum(len(json.dumps(e["task"])) for e in kept) <= 50_000
+    assert len(kept) >= 5  # and as many of them as fit
+    store.max_events = 10  # the count bound too, as written
+    more = [store.progress(uuid, OWNER, n, None) for n in range(30)]
+    assert store.changes(more[-12]["cursor"]).reset is True
+    assert store.changes(more[-10]["cursor"]).events == more[-9:]
+
+
+@pytest.mark.timeout(60)
+def test_the_outbox_keeps_a_callback_whatever_the_feed_prunes(store):
+    store.max_events = 50
+    (uuid,) = add(store)
+    claim(store)
+    started = store.start(uuid, OWNER, 1, 1.0)
+    for n in range(60):  # progress events never count towards the outbox
+        store.progress(uuid, OWNER, n, None)
+    store.purge(CTL, 0.0)
+    assert store.changes(started["cursor"]).reset is True  # the feed let it go ...
+    assert store.unacked(CTL) == [started]  # ... the outbox did not
+    wait_past(store, started)
+    store.event_retention = 0.0
+    store.purge(CTL, 0.0)
+    assert store.unacked(CTL) == [started]
+    assert store.callbacks_dropped(CTL) == 0
+
+
+@pytest.mark.timeout(60)
+def test_callbacks_older_than_their_max_age_are_dropped_and_counted(store):
+    old, new = add(store, 2)
+    (elsewhere,) = add(store, controller=OTHER)
+    claim(store)
+    claim(store, controller=OTHER)
+    first = store.start(old, OWNER, 1, 1.0)
+    ended = store.finish(old, "failed", owner=OWNER)
+    other = store.start(elsewhere, OWNER, 2, 2.0)
+    wait_past(store, ended)
+    wait_past(store, other)
+    claim(store)
+    fresh = store.start(new, OWNER, 3, 3.0)
+    assert store.expire_callbacks(CTL, 3600.0) == []
+    age = store.now() - ended["at"]
+    assert store.expire_callbacks(CTL, age / 2) in ([first, ended], [first, ended, fresh])
+    assert store.unacked(CTL) in ([fresh], [])
+    assert store.callbacks_dropped(CTL) == 3 - len(store.unacked(CTL))
+    assert store.unacked(OTHER) == [other] and store.callbacks_dropped(OTHER) == 0  # one controller's only
+    assert store.callbacks_dropped("nobody") == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_feed_read_for_one_tenant_is_filtered_in_the_store_and_moves_past_the_others(store):
+    since = store.latest_cursor()
+    rows = [dict(make_row(), tenant=tenant) for tenant in ("a", "b", None, "a", "b", "a")]
+    written = store.enqueue(rows, -1)
+    mine = [e for e in written if e["task"]["tenant"] == "a"]
+    found = store.changes(since, tenant="a")
+    assert found.events == mine and found.reset is False
+    assert store.changes(since, tenant=None).events == [written[2]]
+    assert store.changes(since, tenant="nobody").events == []
+    first = store.changes(since, limit=2, tenant="a")
+    assert (first.events, first.cursor) == (mine[:2], mine[1]["cursor"])
+    assert store.changes(first.cursor, tenant="a").events == mine[2:]
+    # Other tenants' events only: the cursor moves past them, so the reader does not read them again.
+    latest = store.latest_cursor()
+    others = store.enqueue([dict(make_row(), tenant="b") for _ in range(5)], -1)
+    quiet = store.changes(latest, tenant="a")
+    assert quiet.events == [] and quiet.reset is False
+    assert quiet.cursor == others[-1]["cursor"] == store.latest_cursor()
+    started = time.monotonic()
+    assert store.changes(latest, timeout=0.3, tenant="a").events == []  # waits, then answers empty
+    assert time.monotonic() - started < 20
+    later = store.enqueue([dict(make_row(), tenant="a")], -1)
+    assert store.changes(quiet.cursor, tenant="a").events == later
+
+
+@pytest.mark.timeout(60)
+def test_a_feed_read_is_bounded_by_bytes_with_at_least_one_event(store):
+    (uuid,) = add(store)
+    claim(store)
+    since = store.latest_cursor()
+    written = [store.progress(uuid, OWNER, "p" * 1_000, None) for _ in range(6)]
+    size = len(json.dumps(written[0]["task"]))
+    assert size > 1_000
+    batch = store.changes(since, max_bytes=2 * size + 1)
+    assert (batch.events, batch.cursor) == (written[:3], written[2]["cursor"])  # stops once it reached it
+    assert store.changes(batch.cursor, max_bytes=1).events == written[3:4]  # always one
+    assert store.changes(since, max_bytes=10 ** 9).events == written
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError):
+            store.changes(since, max_bytes=bad)
 
 
 # -- the store clock inside claim -------------------------------------------------------------------------

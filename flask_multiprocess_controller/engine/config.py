@@ -70,6 +70,8 @@ class RuntimeConfig:
     max_pause: Optional[float] = defaults.MAX_PAUSE
     pause_expiry: str = defaults.PAUSE_EXPIRY
     timeout_while_paused: bool = True
+    #: Seconds an undelivered callback stays in the store's outbox before it is dropped (logged, counted).
+    callback_max_age: float = defaults.CALLBACK_MAX_AGE
 
     @property
     def slot_count(self) -> int:

@@ -67,10 +67,21 @@ def task_fork_server(task_cls: type[MetaMPTask], configurator: type[MetaMPLogger
     return ForkServer(main, prepare=functools.partial(prepare_fork_server, configurator))
 
 
-def callback_body(event: Event, expose_tracebacks: bool = False, expose_errors: bool = True) -> dict[str, Any]:
+#: Outbox entries read per batch when a controller without a ``callback_url`` clears its old ones.
+_OUTBOX_BATCH = 1000
+
+
+def callback_body(event: Event, expose_tracebacks: bool = False, expose_errors: bool = True,
+                  read: Optional[Callable[[str], Optional[Row]]] = None) -> dict[str, Any]:
     """The JSON body of a callback delivery: the event, its cursor and the task object (shown as HTTP
-    clients see it: see ``expose_tracebacks`` and ``expose_errors``)."""
-    task = present(cast(Row, event["task"]))
+    clients see it: see ``expose_tracebacks`` and ``expose_errors``).
+
+    A ``started`` or ``ended`` event carries the whole task but its arguments (events never carry them:
+    see :func:`~..store.base.event_payload`); ``read`` (the store's ``get``) gives them, so the task object
+    is the whole task as the change left it. A task purged meanwhile shows its arguments as null.
+    """
+    stored = read(event["uuid"]) if read is not None else None
+    task = present(cast(Row, {"args": stored.get("args") if stored else None, **event["task"]}))
     if not expose_errors:
         hide_error_text(task)
     elif not expose_tracebacks:
@@ -139,7 +150,7 @@ class Runtime(TaskSide):
         self._callbacks: Optional[CallbackSender] = None
         if callback_url:
             body = functools.partial(callback_body, expose_tracebacks=config.expose_tracebacks,
-                                     expose_errors=config.expose_errors)
+                                     expose_errors=config.expose_errors, read=store.get)
             self._callbacks = CallbackSender(callback_url, self.logger, body, self._ack)
             self.events.subscribe(self._callbacks.offer, local_only=True)
         self._slots = [Slot(self, i) for i in range(config.slot_count)]
@@ -411,6 +422,29 @@ class Runtime(TaskSide):
         if purged:
             self.store.logs.drop_orphans()  # a task's log goes with the task
             self.logger.info("Purged %d tasks that ended more than %g s ago.", purged, self.config.retention)
+        self.expire_callbacks()
+
+    def expire_callbacks(self) -> None:
+        """Drop the callbacks still undelivered ``callback_max_age`` after their event: each one is logged,
+        and counted in the store (``/mpc/health`` shows the count).
+
+        Without a ``callback_url`` there is nobody to deliver to: the outbox entries older than the
+        store's event retention are acknowledged instead, uncounted.
+        """
+        c = self.config
+        if self._callbacks is None:
+            cutoff = self.store.now() - self.store.event_retention
+            while True:
+                batch = self.store.unacked(c.name, _OUTBOX_BATCH)
+                old = [event["cursor"] for event in batch if event["at"] < cutoff]
+                if old:
+                    self.store.ack(c.name, old)
+                if len(old) < _OUTBOX_BATCH:
+                    return
+        for event in self.store.expire_callbacks(c.name, c.callback_max_age):
+            self.logger.warning("The %s callback of task %s (cursor %s) was not delivered within %g s "
+                                "(callback_max_age): it is dropped.", event["kind"], event["uuid"], event["cursor"],
+                                c.callback_max_age)
 
     def reconcile(self) -> None:
         """Settle the active tasks of serving processes that died: ``lost``, or queued again (restartable,

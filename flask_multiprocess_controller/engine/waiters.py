@@ -112,7 +112,8 @@ class Waiters:
                 self._remove(member.uuid, member)
 
     def wake(self, uuid: str, task: Optional[dict[str, Any]] = None) -> None:
-        """Wake the threads waiting for ``uuid``; ``task`` is its row as its ending wrote it."""
+        """Wake the threads waiting for ``uuid``; ``task`` is its row as its ``ended`` event carries it
+        (the whole task but its arguments, which never change: a waiter has them from its own read)."""
         with self._lock:
             events = list(self._events.get(uuid, ()))
         for event in events:

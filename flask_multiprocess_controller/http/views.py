@@ -19,7 +19,7 @@ from .body import EMPTY, read_json_body
 from .errors import error_response
 from .handlers import apply_patch, find_owner, int_option, statuses_option, stop_all_option
 from ..exceptions import InvalidRequest, MPCError, StoreError
-from ..presenter import TaskObject, clip, present
+from ..presenter import TaskObject, clip, present_change
 from ..states import TERMINAL
 from ..store.base import ANY_TENANT
 from ..store import TaskStore
@@ -95,7 +95,7 @@ def _events(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
                 return None
             if event["kind"] == "purged":
                 return {"uuid": event["uuid"], "controller": controller.name}
-            return dict(controller.client_view_of(present(task)))
+            return dict(controller.client_view_of(present_change(task)))
 
         last_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
         return _sse(stream(controllers, view, last_id, _max_wait()))
@@ -208,6 +208,7 @@ def _health(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
                 counts = store.counts(controller.name, tenant=controller.tenant_filter())
                 entry.update(running=counts.get("running", 0) + counts.get("stopping", 0),
                              queued=counts.get("queued", 0), paused=counts.get("paused", 0))
+                entry["callbacks_dropped"] = store.callbacks_dropped(controller.name)
             except StoreError as exc:
                 ok = False
                 entry.update(status="unavailable", message=exc.message)

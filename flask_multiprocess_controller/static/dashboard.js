@@ -196,14 +196,19 @@
     return Boolean(shown) && TERMINAL.includes(shown.status) && !TERMINAL.includes(task.status);
   }
 
+  // An event carries what changed (a progress write its progress, an end the task but its args): it is
+  // merged into the task shown, as a whole task object from an answer is.
   function showTask(task) {
-    if (state.rows.has(task.uuid) && !stale(state.tasks.get(task.uuid), task)) {
-      state.tasks.set(task.uuid, task);
-      fillRow(state.rows.get(task.uuid), task);
+    const listed = state.tasks.get(task.uuid);
+    if (state.rows.has(task.uuid) && !stale(listed, task)) {
+      const merged = Object.assign({}, listed, task);
+      state.tasks.set(task.uuid, merged);
+      fillRow(state.rows.get(task.uuid), merged);
     }
     if (state.current !== task.uuid || stale(state.shown, task)) return;
+    const shown = Object.assign({}, state.shown && state.shown.uuid === task.uuid ? state.shown : {}, task);
     // Events carry no queue position (it moves with every other task): read it with the task.
-    if (task.status === "queued" && task.position === null) openTask(task.uuid); else renderTask(task);
+    if (shown.status === "queued" && shown.position === null) openTask(task.uuid); else renderTask(shown);
   }
 
   function onTaskEvent(kind, event) {

@@ -6,11 +6,14 @@ app reads and writes tasks through it, and the limits of a controller
 they hold across processes that share it.
 
 Every write that changes a task's state also writes the task's :class:`~..events.Event`
-(the row less its saved ``state``, see :func:`event_task`) in the same atomic step and returns it,
-so the store's change feed (:meth:`TaskStore.changes`)
-never misses a change and never shows one that did not happen. Events of the kinds in
-:data:`~..events.CALLBACK_KINDS` are also kept in a per-controller outbox until acknowledged,
-so that callbacks survive a crash (at least once).
+(what the change touched, never the task's arguments or saved state, see :func:`event_payload`) in the
+same atomic step and returns it, so the store's change feed (:meth:`TaskStore.changes`)
+never misses a change and never shows one that did not happen. The feed is bounded by count
+(:attr:`TaskStore.max_events`) and by bytes (:attr:`TaskStore.max_event_bytes`) as it is written, and by
+age (:attr:`TaskStore.event_retention`) at each purge. Events of the kinds in
+:data:`~..events.CALLBACK_KINDS` are also kept in a per-controller outbox of their own until acknowledged
+or older than the controller's ``callback_max_age`` (:meth:`TaskStore.expire_callbacks`), whatever the
+feed's pruning, so that callbacks survive a crash (at least once).
 
 Times written by the store (``started_at``, a default ``ended_at``, heartbeats, ``Event.at``)
 come from the store's own clock (:meth:`TaskStore.now`), so leases and orderings do not depend
@@ -31,6 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import abc
+import json
 import re
 import time
 import enum
@@ -41,6 +45,7 @@ from ..events import Changes, Event, EventKind
 from ..states import TERMINAL
 # Kept importable from here, where they were first defined.
 from .schema import COLUMNS as COLUMNS, EVENT_HIDDEN as EVENT_HIDDEN, MUTABLE_FIELDS as MUTABLE_FIELDS
+from .schema import event_columns
 
 
 if TYPE_CHECKING:
@@ -213,8 +218,33 @@ def _finish_fields(status: str, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def event_task(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The task of an event: the row without the columns of :data:`EVENT_HIDDEN`."""
+    """The row as lists and the writes that answer with a task give it: without the columns of
+    :data:`EVENT_HIDDEN` (a saved state, large and shown nowhere). Events carry less: :func:`event_payload`."""
     return {key: value for key, value in row.items() if key not in EVENT_HIDDEN}
+
+
+def event_payload(kind: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The task of an event of ``kind`` about ``row``: what the change touched (:func:`.schema.event_columns`).
+
+    Every event has the task's ``seq``, ``uuid``, ``controller``, ``status``, ``tenant``, ``attempt`` and
+    ``pid``; a ``progress`` event its ``progress`` and ``percent``; ``queued``, ``started``, ``adopted`` and
+    ``ended`` events the whole row. None has ``args`` or the saved ``state``: events are many, and
+    whoever needs the arguments reads the task (:meth:`TaskStore.get`).
+    """
+    return {column: row.get(column) for column in event_columns(kind)}
+
+
+def encoded_size(task: Mapping[str, Any]) -> int:
+    """The bytes an event's task takes encoded (its JSON text): what the feed's byte bound counts."""
+    return len(json.dumps(task))
+
+
+def check_feed_read(limit: int, max_bytes: Optional[int]) -> None:
+    """Refuse a ``changes()`` batch bound that is not a positive integer (ValueError)."""
+    for name, value in (("limit", limit), ("max_bytes", max_bytes)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"changes() needs a positive integer {name}, not {value!r}.")
+
 def owner_host(owner: str) -> Optional[str]:
     """The host of a serving process's owner id ``host:pid:create_time`` (hosts may contain ``:``),
     or None when ``owner`` is not of that shape."""
@@ -244,8 +274,12 @@ class TaskStore(abc.ABC):
     shared: bool = False
     #: Seconds events (and outbox entries) are kept; :meth:`purge` prunes older ones.
     event_retention: float = defaults.EVENT_RETENTION
-    #: The most events kept; :meth:`purge` (Redis: every write) prunes the oldest beyond it.
+    #: The most events kept; every write prunes the oldest beyond it (amortised: a store may keep up to
+    #: 1% more for a moment).
     max_events: int = defaults.EVENT_STREAM_MAXLEN
+    #: The most bytes of events kept (their tasks' JSON, see :func:`encoded_size`); every write prunes the
+    #: oldest beyond it. Outbox entries are not counted: they have a retention of their own.
+    max_event_bytes: int = defaults.MAX_EVENT_BYTES
 
     # -- writes that change a task's state: each returns the event(s) it wrote ----------------------
 
@@ -419,9 +453,10 @@ class TaskStore(abc.ABC):
     def purge(self, controller: str, ended_before: float, emitter: Optional[str] = None) -> int:
         """Delete the controller's finished tasks that ended before ``ended_before``; return how many.
 
-        Writes a ``purged`` event per task (its row as it was). Also prunes the events (and outbox
-        entries) older than :attr:`event_retention` or beyond the newest :attr:`max_events`, and the
-        expired idempotency records (see :meth:`enqueue`; Redis expires them by itself).
+        Writes a ``purged`` event per task. Also prunes the events older than :attr:`event_retention`
+        (or beyond :attr:`max_events` and :attr:`max_event_bytes`, which every write prunes already) and the
+        expired idempotency records (see :meth:`enqueue`; Redis expires them by itself); the outbox is left
+        alone (see :meth:`expire_callbacks`).
         """
 
     # -- task policies ----------------------------------------------------------------------------------
@@ -558,7 +593,7 @@ class TaskStore(abc.ABC):
     # -- the change feed --------------------------------------------------------------------------------
 
     def changes(self, since: Optional[str], timeout: float = 0.0, *, limit: int = 1000,
-                foreign_only: bool = False) -> Changes:
+                foreign_only: bool = False, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None) -> Changes:
         """Return the events after the cursor ``since``, oldest first, at most ``limit``.
 
         When there are none, wait up to ``timeout`` seconds for one. ``since=None`` means
@@ -570,20 +605,31 @@ class TaskStore(abc.ABC):
         follower, which dispatched them when they were written): a store may then wait for other
         processes' writes only, so that a burst of local writes does not wake the reader once per
         write on the threads that serve them. The events returned still include local ones.
+
+        ``tenant`` keeps only the events of that tenant's tasks (None included), filtered in the store
+        before the events are decoded; the cursor returned then moves past the events left out too,
+        so a reader of a quiet tenant does not read the others' events again. ``max_bytes`` ends the
+        batch once the events in it take that many bytes (:func:`encoded_size` of their tasks), with
+        at least one event, so that a reader always progresses.
+
+        :raises ValueError: ``limit`` or ``max_bytes`` is not a positive integer.
         """
+        check_feed_read(limit, max_bytes)
         if since is None:
             return Changes([], self.latest_cursor(), False)
         deadline = time.monotonic() + max(0.0, timeout)
+        cursor = since
         while True:
-            found = self._changes(since, max(1, limit))
+            found = self._changes(cursor, limit, tenant, max_bytes)
             remaining = deadline - time.monotonic()
             if found.events or found.reset or remaining <= 0:
                 return found
-            self._wait_for_changes(since, remaining, foreign_only)
+            cursor = found.cursor  # past the events another tenant's filter left out
+            self._wait_for_changes(cursor, remaining, foreign_only)
 
     @abc.abstractmethod
-    def _changes(self, since: str, limit: int) -> Changes:
-        """:meth:`changes` without waiting."""
+    def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None) -> Changes:
+        """:meth:`changes` without waiting (checked bounds)."""
 
     @abc.abstractmethod
     def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
@@ -605,6 +651,21 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def ack(self, controller: str, cursors: Iterable[str]) -> None:
         """Remove these events from the controller's outbox (unknown cursors are ignored)."""
+
+    @abc.abstractmethod
+    def expire_callbacks(self, controller: str, max_age: float) -> list[Event]:
+        """Drop the controller's outbox entries older than ``max_age`` seconds (store clock); return them.
+
+        The only way an unacknowledged callback leaves the outbox besides :meth:`ack`: the feed's
+        pruning never touches it. Each one dropped is added to :meth:`callbacks_dropped`, in the
+        same step, so that every process sees the count.
+
+        .. versionadded:: 0.4
+        """
+
+    @abc.abstractmethod
+    def callbacks_dropped(self, controller: str) -> int:
+        """How many of the controller's callbacks :meth:`expire_callbacks` dropped undelivered, ever."""
 
     # -- reads ------------------------------------------------------------------------------------------
 

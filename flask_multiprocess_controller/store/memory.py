@@ -14,8 +14,8 @@ from ..exceptions import InvalidTransition, QueueFull, TaskAlreadyFinished, Task
 from ..exceptions import IdempotentReplay
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task,
-    parse_counter,
+    ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, encoded_size, event_payload,
+    event_task, parse_counter,
 )
 from .base import Idempotency
 from .schema import COLUMNS
@@ -54,11 +54,17 @@ class MemoryStore(TaskStore):
         self._heartbeats: dict[str, float] = {}
         #: The feed, oldest first; cursors are consecutive integers.
         self._events: list[Event] = []
+        #: The size of each event of the feed (:func:`encoded_size` of its task), in the same order.
+        self._sizes: list[int] = []
+        #: The sum of ``_sizes``: what ``max_event_bytes`` bounds.
+        self._event_bytes = 0
         self._last_cursor = 0
         #: Every event with a cursor up to this one was pruned.
         self._pruned = 0
         #: Unacknowledged callback events per controller, by cursor (insertion order = cursor order).
         self._outbox: dict[str, dict[int, Event]] = {}
+        #: Callbacks dropped undelivered for their age, per controller.
+        self._dropped: dict[str, int] = {}
         #: Tasks waiting for their ``retry_at`` per controller: heaps of (retry_at, uuid), lazily deleted.
         self._delayed: dict[str, list[tuple[float, str]]] = {}
         #: Leases by name: (holder, expiry time).
@@ -77,10 +83,16 @@ class MemoryStore(TaskStore):
         self._last_cursor += 1
         event = Event(cursor=str(self._last_cursor), kind=kind.value, uuid=row["uuid"],
                       controller=row["controller"], at=at, emitter=emitter,
-                      task=copy.deepcopy(event_task(row)))
+                      task=copy.deepcopy(event_payload(kind.value, row)))
+        size = encoded_size(event["task"])
         self._events.append(event)
+        self._sizes.append(size)
+        self._event_bytes += size
         if event["kind"] in CALLBACK_KINDS:
             self._outbox.setdefault(row["controller"], {})[self._last_cursor] = event
+        # Amortised: past a bound, prune 1% below it, so that the next writes prune nothing.
+        if self._event_bytes > self.max_event_bytes or len(self._events) > self.max_events + self.max_events // 100:
+            self._prune_to(self._last_cursor - self.max_events, self.max_event_bytes - self.max_event_bytes // 100)
         self._lock.notify_all()
         return copy.deepcopy(event)
 
@@ -106,17 +118,25 @@ class MemoryStore(TaskStore):
         return row
 
     def _prune_events(self, now: float) -> None:
-        """Drop the events older than the retention or beyond the newest ``max_events``, with their outbox entries."""
+        """Drop the events older than the retention, beyond the newest ``max_events`` or ``max_event_bytes``."""
         cutoff = now - self.event_retention
         too_old = next((i for i, e in enumerate(self._events) if e["at"] >= cutoff), len(self._events))
-        bound = max(self._pruned + too_old, self._last_cursor - self.max_events)
-        if bound <= self._pruned:
+        self._prune_to(max(self._pruned + too_old, self._last_cursor - self.max_events), self.max_event_bytes)
+
+    def _prune_to(self, bound: int, max_bytes: int) -> None:
+        """Drop the events with a cursor up to ``bound``, and then the oldest until the rest fit
+        ``max_bytes``. The outbox keeps its own entries (see :meth:`expire_callbacks`)."""
+        drop = max(0, bound - self._pruned)  # self._events[i] has the cursor self._pruned + 1 + i
+        excess = self._event_bytes - sum(self._sizes[:drop]) - max_bytes
+        while excess > 0 and drop < len(self._sizes):
+            excess -= self._sizes[drop]
+            drop += 1
+        if drop == 0:
             return
-        del self._events[:bound - self._pruned]  # self._events[i] has the cursor self._pruned + 1 + i
-        self._pruned = bound
-        for entries in self._outbox.values():
-            for cursor in [c for c in entries if c <= bound]:
-                del entries[cursor]
+        self._event_bytes -= sum(self._sizes[:drop])
+        del self._events[:drop]
+        del self._sizes[:drop]
+        self._pruned += drop
 
     # -- writes --------------------------------------------------------------------------------------------
 
@@ -428,15 +448,28 @@ class MemoryStore(TaskStore):
 
     # -- the change feed and the outbox -------------------------------------------------------------------
 
-    def _changes(self, since: str, limit: int) -> Changes:
+    def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None) -> Changes:
         after = parse_counter(since)
         with self._lock:
             if after is None or after < self._pruned or after > self._last_cursor:
                 return Changes([], str(self._last_cursor), True)
             # Cursors are consecutive: the event after ``after`` sits at a known index.
             start = after - self._pruned
-            events = copy.deepcopy(self._events[start:start + limit])
-        return Changes(events, events[-1]["cursor"] if events else since, False)
+            found: list[Event] = []
+            taken = 0
+            cursor = since
+            for index in range(start, len(self._events)):
+                event = self._events[index]
+                cursor = event["cursor"]
+                if tenant is not ANY_TENANT and event["task"].get("tenant") != tenant:
+                    continue
+                found.append(event)
+                taken += self._sizes[index]
+                if len(found) >= limit or (max_bytes is not None and taken >= max_bytes):
+                    break
+            events = copy.deepcopy(found)
+        # Filtered out or not, every event up to ``cursor`` was looked at.
+        return Changes(events, cursor, False)
 
     def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
         after = parse_counter(since)
@@ -458,6 +491,19 @@ class MemoryStore(TaskStore):
                 number = parse_counter(cursor)
                 if number is not None:
                     entries.pop(number, None)
+
+    def expire_callbacks(self, controller: str, max_age: float) -> list[Event]:
+        with self._lock:
+            cutoff = self._clock() - max_age
+            entries = self._outbox.get(controller, {})
+            doomed = [cursor for cursor, event in entries.items() if event["at"] < cutoff]
+            dropped = [entries.pop(cursor) for cursor in doomed]
+            self._dropped[controller] = self._dropped.get(controller, 0) + len(dropped)
+            return dropped
+
+    def callbacks_dropped(self, controller: str) -> int:
+        with self._lock:
+            return self._dropped.get(controller, 0)
 
     # -- reads ---------------------------------------------------------------------------------------------
 

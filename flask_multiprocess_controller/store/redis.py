@@ -24,7 +24,10 @@ one Redis server, not a Cluster):
   were put into it (see :meth:`RedisStore._index_tenants`);
 - ``c:<controller>:outbox`` — sorted set of unacknowledged callback events, all scored 0 so that
   members (zero-padded stream ids) sort by id; ``c:<controller>:outbox:events`` — hash: member to event;
-- ``events`` — stream: the change feed; ``events:pruned`` — id of the newest event pruned from it;
+- ``events`` — stream: the change feed (each entry also has its task's ``tenant``, so reads filter by
+  tenant on the server); ``events:pruned`` — id of the newest event pruned from it; ``events:bytes`` — the
+  bytes of the tasks of the events in it (what ``max_event_bytes`` bounds);
+- ``callbacks_dropped`` — hash: controller -> callbacks dropped undelivered for their age;
 - ``owners`` — sorted set of serving processes by their last heartbeat;
 - ``drained`` — hash: drained host -> since when (server clock);
 - ``lease:<name>`` — string: the holder of a lease, expiring with it;
@@ -55,7 +58,7 @@ from .base import (
 )
 from .base import Idempotency
 from .redis_scripts import SCRIPTS
-from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded
+from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded, event_columns
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -99,10 +102,10 @@ def _encode(column: str, value: Any) -> Optional[str]:
     return str(value)
 
 
-def _decode(flat: Sequence[Any]) -> Row:
+def _decode(flat: Sequence[Any], columns: Sequence[str] = _COLUMNS) -> Row:
     raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
     row: dict[str, Any] = {}
-    for column in _COLUMNS:
+    for column in columns:
         value = raw.get(column)
         if value is None:
             row[column] = False if column in _BOOLEAN else None
@@ -124,7 +127,7 @@ def _event(cursor: Any, flat: Sequence[Any]) -> Event:
     fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
     return Event(cursor=_text(cursor), kind=fields["kind"], uuid=fields["uuid"], controller=fields["controller"],
                  at=float(fields["at"]), emitter=fields.get("emitter"),
-                 task=event_task(_decode(json.loads(fields["task"]))))
+                 task=cast(dict[str, Any], _decode(json.loads(fields["task"]), event_columns(fields["kind"]))))
 
 
 def _text(value: Any) -> Any:
@@ -301,7 +304,8 @@ class RedisStore(TaskStore):
 
     def _write(self, script: str, emitter: Optional[str], *args: Any) -> Any:
         """Run a writing script with the arguments every one of them takes first."""
-        return self._scripts[script](args=[self.prefix, emitter or "", self.max_events, *args])
+        bounds = f"{max(1, int(self.max_events))} {max(1, int(self.max_event_bytes))}"
+        return self._scripts[script](args=[self.prefix, emitter or "", bounds, *args])
 
     def _get_many(self, uuids: Sequence[Any]) -> list[Row]:
         pipe = self._redis.pipeline(transaction=False)
@@ -473,14 +477,17 @@ class RedisStore(TaskStore):
     # -- the change feed and the outbox -------------------------------------------------------------------
 
     @_guarded
-    def _changes(self, since: str, limit: int) -> Changes:
+    def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None) -> Changes:
         after = _stream_id(since)
-        pruned, latest, entries = self._scripts["feed"](args=[self.prefix, "" if after is None else since, limit])
+        wanted = "" if tenant is ANY_TENANT else "n" if tenant is None else f"s:{tenant}"
+        canonical = "" if after is None else "%d-%d" % after  # what the script compares entry ids with
+        pruned, latest, entries, cursor = self._scripts["feed"](
+            args=[self.prefix, canonical, limit, wanted, "" if max_bytes is None else max_bytes])
         if after is None or after < _server_id(pruned) or after > _server_id(latest):
             return Changes([], _text(latest), True)
-        # The script reads from ``since`` inclusive (an exclusive start fails on the largest id).
-        events = [_event(cursor, fields) for cursor, fields in entries if _server_id(cursor) != after][:limit]
-        return Changes(events, events[-1]["cursor"] if events else since, False)
+        events = [_event(entry_id, fields) for entry_id, fields in entries]
+        cursor = _text(cursor)
+        return Changes(events, since if cursor == canonical else cursor, False)
 
     @_guarded
     def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
@@ -489,7 +496,7 @@ class RedisStore(TaskStore):
 
     @_guarded
     def latest_cursor(self) -> str:
-        return str(_text(self._scripts["feed"](args=[self.prefix, "", 0])[1]))
+        return str(_text(self._scripts["feed"](args=[self.prefix, "", 0, "", ""])[1]))
 
     @_guarded
     def unacked(self, controller: str, limit: int = 100) -> list[Event]:
@@ -509,6 +516,15 @@ class RedisStore(TaskStore):
             pipe.zrem(self._c(controller, "outbox"), *members)
             pipe.hdel(self._c(controller, "outbox:events"), *members)
             pipe.execute()
+
+    @_guarded
+    def expire_callbacks(self, controller: str, max_age: float) -> list[Event]:
+        dropped = self._write("expire_callbacks", None, controller, repr(float(max_age)))
+        return [_event(_unpad(member), json.loads(payload)) for member, payload in dropped]
+
+    @_guarded
+    def callbacks_dropped(self, controller: str) -> int:
+        return int(self._redis.hget(self._key("callbacks_dropped"), controller) or 0)
 
     # -- reads ---------------------------------------------------------------------------------------------
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..events import CALLBACK_KINDS
+from ..events import CALLBACK_KINDS, EventKind
 from ..states import ACTIVE, TERMINAL
-from .schema import EVENT_HIDDEN
+from .schema import EVENT_HIDDEN, event_columns
 
 __all__ = ["LIB", "SCRIPTS"]
 
@@ -21,13 +21,24 @@ def _lua_set(values: Iterable[str]) -> str:
     return "{" + ", ".join(f"['{v}'] = true" for v in sorted(values)) + "}"
 
 
-# Shared by every script that writes. ARGV[1] prefix, ARGV[2] emitter ('' = none), ARGV[3] max_events;
-# a script's own arguments follow from ARGV[4].
+def _lua_event_fields() -> str:
+    """The columns each kind of event carries (:func:`.schema.event_columns`), as a Lua table."""
+    return "{" + ", ".join(f"['{kind.value}'] = {{" + ", ".join(f"'{c}'" for c in event_columns(kind.value)) + "}"
+                           for kind in EventKind) + "}"
+
+
+# Shared by every script that writes. ARGV[1] prefix, ARGV[2] emitter ('' = none), ARGV[3] the feed's
+# bounds, "<max_events> <max_event_bytes>"; a script's own arguments follow from ARGV[4].
 LIB = """
-local prefix, emitter, max_events = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local prefix, emitter = ARGV[1], ARGV[2]
+local max_events, max_event_bytes = string.match(ARGV[3], '^(%d+) (%d+)$')
+max_events, max_event_bytes = tonumber(max_events), tonumber(max_event_bytes)
 local clock = redis.call('TIME')
 local now = string.format('%.6f', tonumber(clock[1]) + tonumber(clock[2]) / 1000000)
 local stream = prefix .. 'events'
+-- The bytes of the events in the stream (their tasks' JSON): what max_event_bytes bounds.
+local stream_bytes = prefix .. 'events:bytes'
+local EVENT_FIELDS = EVENT_FIELDS_TABLE
 local ACTIVE = ACTIVE_SET
 local TERMINAL = TERMINAL_SET
 local CALLBACK = CALLBACK_SET
@@ -105,13 +116,50 @@ local function move(key, new)
   if TERMINAL[new] then redis.call('ZADD', ckey(controller, 'ended'), redis.call('HGET', key, 'ended_at'), uuid) end
 end
 
--- Prune the oldest events beyond max_events once there are 1% more, remembering the newest one pruned.
+-- The bytes of a feed entry's task (a flat [field, value, ...] list).
+local function entry_size(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'task' then return #fields[i + 1] end
+  end
+  return 0
+end
+
+-- Remove the oldest events while there are more than keep_count, they take more than keep_bytes, or
+-- (min_ms not nil) their id is older than min_ms; keep the bytes counted and the newest id pruned.
+local function trim(keep_count, keep_bytes, min_ms)
+  local count = redis.call('XLEN', stream)
+  local bytes = tonumber(redis.call('GET', stream_bytes) or '0')
+  local last = false
+  while count > 0 do
+    local batch = redis.call('XRANGE', stream, last and ('(' .. last) or '-', '+', 'COUNT', 256)
+    if #batch == 0 then break end
+    local done = false
+    for _, entry in ipairs(batch) do
+      local ms = tonumber(string.match(entry[1], '^(%d+)-'))
+      if count <= keep_count and bytes <= keep_bytes and (min_ms == nil or ms >= min_ms) then
+        done = true
+        break
+      end
+      bytes, count, last = bytes - entry_size(entry[2]), count - 1, entry[1]
+    end
+    if done then break end
+  end
+  if not last then return end
+  local ms, n = string.match(last, '^(%d+)-(%d+)$')
+  redis.call('XTRIM', stream, 'MINID', '=', ms .. '-' .. string.format('%d', tonumber(n) + 1))
+  redis.call('SET', prefix .. 'events:pruned', last)
+  if count <= 0 or bytes < 0 then bytes = 0 end
+  redis.call('SET', stream_bytes, bytes)
+end
+
+-- Prune the oldest events once there are 1% more than max_events (down to it) or they take more than
+-- max_event_bytes (down to 1% below it), remembering the newest one pruned.
 local function cap()
-  if redis.call('XLEN', stream) <= max_events + math.floor(max_events / 100) then return end
-  redis.call('XTRIM', stream, 'MAXLEN', '=', max_events + 1)
-  local last_pruned = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
-  redis.call('XTRIM', stream, 'MAXLEN', '=', max_events)
-  redis.call('SET', prefix .. 'events:pruned', last_pruned)
+  if redis.call('XLEN', stream) <= max_events + math.floor(max_events / 100)
+      and tonumber(redis.call('GET', stream_bytes) or '0') <= max_event_bytes then
+    return
+  end
+  trim(max_events, max_event_bytes - math.floor(max_event_bytes / 100), nil)
 end
 
 -- The task at key as a flat [field, value, ...] list, less the fields events leave out (a saved state).
@@ -126,21 +174,40 @@ local function event_task(key)
   return task
 end
 
--- Append the event kind of the task at key to the feed (and, for callbacks, to its controller's outbox).
--- Returns {cursor, fields}.
+-- What an event of kind carries of the task at key (EVENT_FIELDS: never its arguments or saved state), as a
+-- flat [field, value, ...] list.
+local function event_payload(kind, key)
+  local names = EVENT_FIELDS[kind]
+  local values, task = redis.call('HMGET', key, unpack(names)), {}
+  for i, name in ipairs(names) do
+    if values[i] then
+      task[#task + 1] = name
+      task[#task + 1] = values[i]
+    end
+  end
+  return task
+end
+
+-- Append the event kind of the task at key to the feed (and, for callbacks, to its controller's outbox,
+-- which keeps it whatever the feed's pruning). Returns {cursor, fields}.
 local function emit(kind, key)
-  local uuid, controller = unpack(redis.call('HMGET', key, 'uuid', 'controller'))
-  local fields = {'kind', kind, 'uuid', uuid, 'controller', controller, 'at', now,
-                  'task', cjson.encode(event_task(key))}
+  local uuid, controller, tenant = unpack(redis.call('HMGET', key, 'uuid', 'controller', 'tenant'))
+  local task = cjson.encode(event_payload(kind, key))
+  local fields = {'kind', kind, 'uuid', uuid, 'controller', controller, 'at', now, 'task', task}
   if emitter ~= '' then
     fields[#fields + 1] = 'emitter'
     fields[#fields + 1] = emitter
+  end
+  if tenant then
+    fields[#fields + 1] = 'tenant'
+    fields[#fields + 1] = tenant
   end
   local id = redis.call('XADD', stream, '*', unpack(fields))
   if CALLBACK[kind] then
     redis.call('ZADD', ckey(controller, 'outbox'), 0, pad(id))
     redis.call('HSET', ckey(controller, 'outbox:events'), pad(id), cjson.encode(fields))
   end
+  redis.call('INCRBY', stream_bytes, #task)
   cap()
   return {id, fields}
 end
@@ -198,7 +265,7 @@ end
 """.replace("ACTIVE_SET", _lua_set(s.value for s in ACTIVE)).replace(
     "TERMINAL_SET", _lua_set(s.value for s in TERMINAL)).replace("CALLBACK_SET", _lua_set(CALLBACK_KINDS))
 LIB = LIB.replace(
-    "EVENT_HIDDEN_SET", _lua_set(EVENT_HIDDEN))
+    "EVENT_HIDDEN_SET", _lua_set(EVENT_HIDDEN)).replace("EVENT_FIELDS_TABLE", _lua_event_fields())
 
 # ARGV from 4: max_queued, controller, rows (JSON list of flat [field, value, ...] lists, without seq),
 # then the idempotency key ('' = none), its fingerprint and its life in milliseconds. Returns the events,
@@ -451,25 +518,11 @@ end
 return #doomed
 """
 
-# ARGV from 4: controller (whose outbox to prune), retention seconds.
+# ARGV from 4: controller, retention seconds. Prunes the events older than the retention (and beyond the
+# bounds); the outbox is left alone (EXPIRE_CALLBACKS).
 PRUNE = LIB + """
 local cutoff = math.floor((tonumber(clock[1]) + tonumber(clock[2]) / 1000000 - tonumber(ARGV[5])) * 1000)
-if cutoff > 0 then
-  local min_id = string.format('%d', cutoff) .. '-0'
-  local old = redis.call('XREVRANGE', stream, '(' .. min_id, '-', 'COUNT', 1)
-  if #old > 0 then
-    redis.call('XTRIM', stream, 'MINID', '=', min_id)
-    redis.call('SET', prefix .. 'events:pruned', old[1][1])
-  end
-end
-local last_pruned = redis.call('GET', prefix .. 'events:pruned')
-if last_pruned then
-  local outbox, upto = ckey(ARGV[4], 'outbox'), '[' .. pad(last_pruned)
-  for _, member in ipairs(redis.call('ZRANGEBYLEX', outbox, '-', upto)) do
-    redis.call('HDEL', ckey(ARGV[4], 'outbox:events'), member)
-  end
-  redis.call('ZREMRANGEBYLEX', outbox, '-', upto)
-end
+trim(max_events, max_event_bytes, cutoff)
 return 1
 """
 
@@ -489,16 +542,72 @@ end
 return done
 """
 
-# ARGV: prefix, since ('' = none), limit. Returns {newest pruned id, latest id, entries from since on}.
+# ARGV from 4: controller, max age seconds. Drops the outbox entries older than that, counts them, and
+# returns them as {member, fields (JSON)} pairs.
+EXPIRE_CALLBACKS = LIB + """
+local controller = ARGV[4]
+local cutoff = math.floor((tonumber(clock[1]) + tonumber(clock[2]) / 1000000 - tonumber(ARGV[5])) * 1000)
+if cutoff <= 0 then return {} end
+local outbox, payloads = ckey(controller, 'outbox'), ckey(controller, 'outbox:events')
+local upto = '(' .. pad(string.format('%d', cutoff) .. '-0')
+local dropped = {}
+for _, member in ipairs(redis.call('ZRANGEBYLEX', outbox, '-', upto)) do
+  local payload = redis.call('HGET', payloads, member)
+  if payload then dropped[#dropped + 1] = {member, payload} end
+  redis.call('HDEL', payloads, member)
+end
+redis.call('ZREMRANGEBYLEX', outbox, '-', upto)
+if #dropped > 0 then redis.call('HINCRBY', prefix .. 'callbacks_dropped', controller, #dropped) end
+return dropped
+"""
+
+# ARGV: prefix, since ('' = none), limit, tenant ('' = every tenant's, 'n' = tenant None, 's:<tenant>'),
+# max bytes ('' = no bound). Returns {newest pruned id, latest id, entries after since, the cursor to
+# resume from}: the entries are filtered by tenant here, and the cursor moves past those left out.
 FEED = """
 local stream = ARGV[1] .. 'events'
 local pruned = redis.call('GET', ARGV[1] .. 'events:pruned') or '0-0'
 local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 local latest = pruned
 if #last > 0 then latest = last[1][1] end
-local entries = {}
-if ARGV[2] ~= '' then entries = redis.call('XRANGE', stream, ARGV[2], '+', 'COUNT', tonumber(ARGV[3]) + 1) end
-return {pruned, latest, entries}
+local entries, cursor = {}, ARGV[2]
+if ARGV[2] == '' then return {pruned, latest, entries, cursor} end
+local limit, wanted, max_bytes = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+-- A filtered read looks at up to this many entries per call; its cursor then resumes past them.
+local scan_left = 10 * limit + 1000
+local taken, full, start = 0, false, ARGV[2]
+-- From since inclusive at first (an exclusive start fails on the largest id): since itself is skipped.
+local batch = redis.call('XRANGE', stream, start, '+', 'COUNT', math.min(limit, 1000) + 1)
+while #batch > 0 and not full and scan_left > 0 do
+  for _, entry in ipairs(batch) do
+    if entry[1] ~= ARGV[2] then
+      cursor = entry[1]
+      scan_left = scan_left - 1
+      local keep, size, tenant = true, 0, nil
+      for i = 1, #entry[2], 2 do
+        if entry[2][i] == 'tenant' then tenant = entry[2][i + 1] end
+        if entry[2][i] == 'task' then size = #entry[2][i + 1] end
+      end
+      if wanted == 'n' then
+        keep = tenant == nil
+      elseif wanted ~= '' then
+        keep = tenant ~= nil and 's:' .. tenant == wanted
+      end
+      if keep then
+        entries[#entries + 1] = entry
+        taken = taken + size
+        if #entries >= limit or (max_bytes and taken >= max_bytes) then
+          full = true
+          break
+        end
+      end
+      if scan_left <= 0 then break end
+    end
+  end
+  if full or scan_left <= 0 then break end
+  batch = redis.call('XRANGE', stream, '(' .. cursor, '+', 'COUNT', math.min(limit, 1000))
+end
+return {pruned, latest, entries, cursor}
 """
 
 # ARGV: prefix, owner
@@ -519,7 +628,7 @@ return 1
 SCRIPTS = {"enqueue": ENQUEUE, "claim": CLAIM, "claim_started": CLAIM_STARTED,
             "start": START, "progress": PROGRESS, "save_state": SAVE_STATE, "finish": FINISH,
             "requeue": REQUEUE, "adopt": ADOPT, "request_stop": REQUEST_STOP, "purge": PURGE,
-            "prune": PRUNE,
+            "prune": PRUNE, "expire_callbacks": EXPIRE_CALLBACKS,
             "feed": FEED, "heartbeat": HEARTBEAT, "retry": RETRY, "transition": TRANSITION,
             "reprioritise": REPRIORITISE, "stop_all": STOP_ALL, "declare": DECLARE, "fire": FIRE,
             "lease": LEASE, "release": RELEASE, "drain": DRAIN, "index_tenants": INDEX_TENANTS}

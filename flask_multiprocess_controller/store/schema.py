@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 __all__ = [
     "Encoding", "Shown", "Field", "FIELDS", "COLUMNS", "EVENT_HIDDEN", "MUTABLE_FIELDS", "ADDED",
-    "columns_encoded",
+    "columns_encoded", "EVENT_BASE", "EVENT_EXCLUDED", "WHOLE_EVENT_KINDS", "EVENT_TOUCHED", "event_columns",
 ]
 
 
@@ -122,6 +122,36 @@ COLUMNS: tuple[str, ...] = tuple(field.name for field in FIELDS)
 #: Columns of a row that events and list views leave out (a saved state may be large; events are many and
 #: copied widely).
 EVENT_HIDDEN: frozenset[str] = frozenset(field.name for field in FIELDS if field.hidden)
+
+#: What the task of every event carries, whatever the change: which task, where it stands, which attempt.
+EVENT_BASE: tuple[str, ...] = ("seq", "uuid", "controller", "status", "tenant", "attempt", "pid")
+
+#: Columns no event carries: the task's unbounded inputs (its arguments, its saved state). Events are
+#: many (a progress write each) and copied widely; whoever needs these reads the task.
+EVENT_EXCLUDED: frozenset[str] = frozenset({"args"}) | EVENT_HIDDEN
+
+#: Kinds whose task is the whole row less :data:`EVENT_EXCLUDED`: written once or twice per attempt, and
+#: small once the inputs are left out (a result and an error are clipped before they are stored).
+WHOLE_EVENT_KINDS: frozenset[str] = frozenset({"queued", "started", "adopted", "ended"})
+
+#: What the task of each other kind carries besides :data:`EVENT_BASE`: what its change touched.
+EVENT_TOUCHED: dict[str, tuple[str, ...]] = {
+    "progress": ("progress", "percent", "state_saved_at"),
+    "stopping": ("stop_requested",),
+    "paused": (),
+    "resumed": (),
+    "requeued": ("priority", "owner", "started_at", "stop_requested", "retry_at", "errors"),
+    "purged": (),
+}
+
+
+def event_columns(kind: str) -> tuple[str, ...]:
+    """The columns of a task that an event of ``kind`` carries, in storage order."""
+    if kind in WHOLE_EVENT_KINDS:
+        return tuple(c for c in COLUMNS if c not in EVENT_EXCLUDED)
+    wanted = set(EVENT_BASE) | set(EVENT_TOUCHED[kind])
+    return tuple(c for c in COLUMNS if c in wanted)
+
 
 #: Columns a caller may set with :meth:`~.base.TaskStore.finish`.
 MUTABLE_FIELDS: frozenset[str] = frozenset(field.name for field in FIELDS if field.mutable)

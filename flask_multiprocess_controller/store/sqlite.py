@@ -29,12 +29,13 @@ from ..exceptions import (
 from ..exceptions import IdempotentReplay
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_task, parse_counter,
+    ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_payload, event_task,
+    parse_counter,
 )
 from .base import Idempotency
 from .groupcommit import GroupCommit
-from .sqlite_schema import SCHEMA, add_missing_columns
-from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded
+from .sqlite_schema import SCHEMA, add_missing_columns, upgrade_feed
+from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded, event_columns
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -71,6 +72,11 @@ _SCHEDULE_COLUMNS = ("controller", "name", "spec", "fired_until", "last_fired", 
 _LATEST_SQL = "SELECT seq FROM sqlite_sequence WHERE name = 'mpc_events'"
 #: Every event with a cursor up to this one was pruned.
 _PRUNED_SQL = "SELECT value FROM mpc_meta WHERE key = 'pruned'"
+#: The newest cursor pruned and the bytes of the events kept (what ``max_event_bytes`` bounds).
+_FEED_STATE_SQL = ("SELECT (SELECT value FROM mpc_meta WHERE key = 'pruned'), "
+                   "(SELECT value FROM mpc_meta WHERE key = 'event_bytes')")
+#: Events a byte-bound pruning reads per statement while it looks for where to cut.
+_PRUNE_SCAN = 512
 #: Tasks a purge deletes per transaction, so that other writers do not wait long.
 _PURGE_BATCH = 500
 _NO_SEQ = 2 ** 63 - 1
@@ -94,7 +100,8 @@ def _decode(values: Sequence[Any], columns: Sequence[str] = _COLUMNS) -> Row:
         if row.get(column) is not None:
             row[column] = json.loads(row[column])  # type: ignore[literal-required]
     for column in _BOOLEAN_COLUMNS:
-        row[column] = bool(row[column])  # type: ignore[literal-required]
+        if column in row:
+            row[column] = bool(row[column])  # type: ignore[literal-required]
     return row
 
 
@@ -233,6 +240,7 @@ class SQLiteStore(TaskStore):
             if not self._schema_ready:  # the first connection creates the tables; later ones need not
                 conn.executescript(SCHEMA)
                 add_missing_columns(conn)
+                upgrade_feed(conn)
                 self._schema_ready = True
         except BaseException:
             conn.close()
@@ -313,16 +321,27 @@ class SQLiteStore(TaskStore):
 
     # -- events --------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _emit(db: sqlite3.Connection, kind: EventKind, row: Row, emitter: Optional[str], at: float) -> Event:
-        """Append the event of a change of ``row`` (and its outbox entry) in the caller's transaction."""
-        task = event_task(row)
-        cursor = db.execute(
-            "INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task) VALUES (?, ?, ?, ?, ?, ?)",
-            (kind.value, row["uuid"], row["controller"], at, emitter, json.dumps(task)),
-        ).lastrowid
-        if kind.value in CALLBACK_KINDS:
-            db.execute("INSERT INTO mpc_outbox (cursor, controller) VALUES (?, ?)", (cursor, row["controller"]))
+    def _emit(self, db: sqlite3.Connection, kind: EventKind, row: Row, emitter: Optional[str], at: float) -> Event:
+        """Append the event of a change of ``row`` (and its outbox entry) in the caller's transaction,
+        pruning the oldest events once the feed is past one of its bounds."""
+        task = event_payload(kind.value, row)
+        text = json.dumps(task)
+        cursor = cast(int, db.execute(
+            "INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task, tenant, size) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (kind.value, row["uuid"], row["controller"], at, emitter, text, row.get("tenant"), len(text)),
+        ).lastrowid)
+        if kind.value in CALLBACK_KINDS:  # a copy: the outbox keeps it whatever the feed's pruning
+            db.execute("INSERT INTO mpc_outbox (cursor, controller, kind, uuid, at, emitter, task) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (cursor, row["controller"], kind.value, row["uuid"], at, emitter, text))
+        db.execute("INSERT INTO mpc_meta (key, value) VALUES ('event_bytes', ?) "
+                   "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value", (len(text),))
+        pruned, total = db.execute(_FEED_STATE_SQL).fetchone()
+        # Amortised: past a bound, prune 1% below it, so that the next writes prune nothing.
+        if (cursor - (pruned or 0) > self.max_events + self.max_events // 100
+                or (total or 0) > self.max_event_bytes):
+            self._prune_in(db, cursor - self.max_events, self.max_event_bytes - self.max_event_bytes // 100)
         return Event(cursor=str(cursor), kind=kind.value, uuid=row["uuid"], controller=row["controller"], at=at,
                      emitter=emitter, task=task)
 
@@ -330,18 +349,43 @@ class SQLiteStore(TaskStore):
     def _row(db: sqlite3.Connection, uuid: str) -> Row:
         return _decode(db.execute(f"{_SELECT} WHERE uuid = ?", (uuid,)).fetchone())
 
+    @staticmethod
+    def _event_row(db: sqlite3.Connection, uuid: str, kind: EventKind) -> Row:
+        """The columns of task ``uuid`` that its event of ``kind`` carries (not its arguments, say)."""
+        columns = event_columns(kind.value)
+        return _decode(db.execute(f"SELECT {', '.join(columns)} FROM mpc_tasks WHERE uuid = ?", (uuid,)).fetchone(),
+                       columns)
+
+    def _prune_in(self, db: sqlite3.Connection, bound: int, max_bytes: int) -> None:
+        """In the caller's transaction: delete the events with a cursor up to ``bound``, then the oldest
+        until the rest take at most ``max_bytes``. The outbox keeps its own copies (see ``expire_callbacks``)."""
+        pruned, total = db.execute(_FEED_STATE_SQL).fetchone()
+        pruned, total = pruned or 0, total or 0
+        bound = max(bound, pruned)
+        (freed,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM mpc_events WHERE cursor > ? AND cursor <= ?",
+                              (pruned, bound)).fetchone()
+        while total - freed > max_bytes:
+            batch = db.execute("SELECT cursor, size FROM mpc_events WHERE cursor > ? ORDER BY cursor LIMIT ?",
+                               (bound, _PRUNE_SCAN)).fetchall()
+            if not batch:
+                break
+            for cursor, size in batch:
+                if total - freed <= max_bytes:
+                    break
+                freed += size
+                bound = cursor
+        if bound <= pruned:
+            return
+        db.execute("DELETE FROM mpc_events WHERE cursor > ? AND cursor <= ?", (pruned, bound))
+        db.execute("INSERT OR REPLACE INTO mpc_meta (key, value) VALUES ('pruned', ?)", (bound,))
+        db.execute("INSERT OR REPLACE INTO mpc_meta (key, value) VALUES ('event_bytes', ?)", (max(0, total - freed),))
+
     def _prune_events(self) -> None:
-        """Delete the events (and outbox entries) older than the retention or beyond the newest ``max_events``."""
+        """Delete the events older than the retention, or beyond the newest ``max_events`` or ``max_event_bytes``."""
         with self._transaction() as db:
             (too_old,) = db.execute("SELECT MAX(cursor) FROM mpc_events WHERE at < ?",
                                     (time.time() - self.event_retention,)).fetchone()
-            bound = max(too_old or 0, _latest(db) - self.max_events)
-            pruned = db.execute(_PRUNED_SQL).fetchone()
-            if bound <= (pruned[0] if pruned else 0):
-                return
-            db.execute("DELETE FROM mpc_events WHERE cursor <= ?", (bound,))
-            db.execute("DELETE FROM mpc_outbox WHERE cursor <= ?", (bound,))
-            db.execute("INSERT OR REPLACE INTO mpc_meta (key, value) VALUES ('pruned', ?)", (bound,))
+            self._prune_in(db, max(too_old or 0, _latest(db) - self.max_events), self.max_event_bytes)
 
     # -- writes --------------------------------------------------------------------------------------------
 
@@ -487,7 +531,7 @@ class SQLiteStore(TaskStore):
                              (*values, uuid, *fenced)).rowcount
         if not changed:
             return None
-        return self._emit(db, kind, self._row(db, uuid), emitter, now)
+        return self._emit(db, kind, self._event_row(db, uuid, kind), emitter, now)
 
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
         return self._update_active(EventKind.STARTED, uuid, owner, owner, {"pid": pid, "pid_created": pid_created})
@@ -585,7 +629,7 @@ class SQLiteStore(TaskStore):
                 (*(_encode(c, v) for c, v in assignments.items()), now + delay, uuid, *fenced)).rowcount
             if not changed:
                 return None
-            return self._emit(db, EventKind.REQUEUED, self._row(db, uuid), emitter, now)
+            return self._emit(db, EventKind.REQUEUED, self._event_row(db, uuid, EventKind.REQUEUED), emitter, now)
 
     def next_retry_at(self, controller: str) -> Optional[float]:
         [(earliest,)] = self._query(f"SELECT MIN(retry_at) FROM mpc_tasks WHERE controller = ? AND {_DELAYED_SQL}",
@@ -687,15 +731,32 @@ class SQLiteStore(TaskStore):
 
     # -- the change feed and the outbox -------------------------------------------------------------------
 
-    def _changes(self, since: str, limit: int) -> Changes:
+    def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None) -> Changes:
         after = parse_counter(since)
+        events: list[Event] = []
         with self._snapshot() as db:
             latest = _latest(db)
             pruned = db.execute(_PRUNED_SQL).fetchone()
             if after is None or after < (pruned[0] if pruned else 0) or after > latest:
                 return Changes([], str(latest), True)
-            events = [_event(values) for values in db.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM mpc_events WHERE cursor > ? ORDER BY cursor LIMIT ?", (after, limit))]
+            if tenant is ANY_TENANT:
+                rows = db.execute(f"SELECT {_EVENT_COLUMNS}, size FROM mpc_events WHERE cursor > ? "
+                                  "ORDER BY cursor LIMIT ?", (after, limit))
+            else:  # the index of one tenant's events: what the others wrote costs nothing
+                rows = db.execute(f"SELECT {_EVENT_COLUMNS}, size FROM mpc_events INDEXED BY mpc_events_tenant "
+                                  "WHERE tenant IS ? AND cursor > ? ORDER BY cursor LIMIT ?", (tenant, after, limit))
+            taken, cut = 0, False
+            try:
+                for values in rows:  # decoded one at a time: a byte bound stops the reading too
+                    events.append(_event(values[:-1]))
+                    taken += values[-1]
+                    if len(events) >= limit or (max_bytes is not None and taken >= max_bytes):
+                        cut = True
+                        break
+            finally:
+                rows.close()
+        if tenant is not ANY_TENANT and not cut:
+            return Changes(events, str(latest), False)  # every event up to the latest was looked at
         return Changes(events, events[-1]["cursor"] if events else since, False)
 
     def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
@@ -729,9 +790,24 @@ class SQLiteStore(TaskStore):
 
     def unacked(self, controller: str, limit: int = 100) -> list[Event]:
         return [_event(values) for values in self._query(
-            f"SELECT {', '.join('e.' + c for c in _EVENT_COLUMNS.split(', '))} FROM mpc_outbox o "
-            "JOIN mpc_events e ON e.cursor = o.cursor WHERE o.controller = ? ORDER BY o.cursor LIMIT ?",
+            f"SELECT {_EVENT_COLUMNS} FROM mpc_outbox WHERE controller = ? ORDER BY cursor LIMIT ?",
             (controller, limit))]
+
+    def expire_callbacks(self, controller: str, max_age: float) -> list[Event]:
+        with self._transaction() as db:
+            doomed = [_event(values) for values in db.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM mpc_outbox WHERE controller = ? AND at < ? ORDER BY cursor",
+                (controller, time.time() - max_age))]
+            if doomed:
+                db.executemany("DELETE FROM mpc_outbox WHERE cursor = ?", [(int(e["cursor"]),) for e in doomed])
+                db.execute("INSERT INTO mpc_meta (key, value) VALUES (?, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+                           ("callbacks_dropped:" + controller, len(doomed)))
+        return doomed
+
+    def callbacks_dropped(self, controller: str) -> int:
+        found = self._query("SELECT value FROM mpc_meta WHERE key = ?", ("callbacks_dropped:" + controller,))
+        return int(found[0][0]) if found else 0
 
     def ack(self, controller: str, cursors: Iterable[str]) -> None:
         numbers = [(controller, n) for n in map(parse_counter, cursors) if n is not None]

@@ -47,12 +47,19 @@ CREATE TABLE IF NOT EXISTS mpc_events (
     controller TEXT NOT NULL,
     at REAL NOT NULL,
     emitter TEXT,
-    task TEXT NOT NULL
+    task TEXT NOT NULL,
+    tenant TEXT,
+    size INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS mpc_events_at ON mpc_events (at);
 CREATE TABLE IF NOT EXISTS mpc_outbox (
     cursor INTEGER PRIMARY KEY,
-    controller TEXT NOT NULL
+    controller TEXT NOT NULL,
+    kind TEXT,
+    uuid TEXT,
+    at REAL,
+    emitter TEXT,
+    task TEXT
 );
 CREATE INDEX IF NOT EXISTS mpc_outbox_controller ON mpc_outbox (controller, cursor);
 CREATE TABLE IF NOT EXISTS mpc_meta (
@@ -106,6 +113,58 @@ CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch
 CREATE INDEX IF NOT EXISTS mpc_tasks_tenant ON mpc_tasks (controller, tenant, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_tenant_status ON mpc_tasks (controller, tenant, status, seq);
 """
+
+
+#: Columns added to ``mpc_events`` (the task's tenant, for reads filtered by tenant; the bytes of its task,
+#: for the feed's byte bound) and to ``mpc_outbox`` (a copy of the event: the outbox outlives the feed's pruning).
+FEED_ADDED_COLUMNS = {
+    "mpc_events": {"tenant": "TEXT", "size": "INTEGER NOT NULL DEFAULT 0"},
+    "mpc_outbox": {"kind": "TEXT", "uuid": "TEXT", "at": "REAL", "emitter": "TEXT", "task": "TEXT"},
+}
+
+#: How a file whose feed lacks those columns is brought up to them: sizes, tenants and the running total of
+#: bytes from the events kept, outbox entries copied from their events (those whose event is gone were lost
+#: already).
+_FEED_UPGRADE = """
+UPDATE mpc_events SET size = length(task), tenant = json_extract(task, '$.tenant');
+UPDATE mpc_outbox SET (kind, uuid, at, emitter, task) =
+    (SELECT e.kind, e.uuid, e.at, e.emitter, e.task FROM mpc_events e WHERE e.cursor = mpc_outbox.cursor)
+    WHERE task IS NULL;
+DELETE FROM mpc_outbox WHERE task IS NULL;
+"""
+
+#: Indexes of the feed: events of one tenant in cursor order; outbox entries by age.
+FEED_INDEXES = """
+CREATE INDEX IF NOT EXISTS mpc_events_tenant ON mpc_events (tenant, cursor);
+CREATE INDEX IF NOT EXISTS mpc_outbox_at ON mpc_outbox (controller, at);
+"""
+
+
+def upgrade_feed(db: sqlite3.Connection) -> None:
+    """Bring the feed and the outbox of a file made by an older version up to their current columns
+    (in one write transaction, so that no event is written half-way through), and count its bytes."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        added = False
+        for table, columns in FEED_ADDED_COLUMNS.items():
+            present = {info[1] for info in db.execute(f"PRAGMA table_info({table})")}
+            for column, declaration in columns.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                    added = True
+        if added:
+            for statement in _FEED_UPGRADE.strip().split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        db.execute("INSERT INTO mpc_meta (key, value) SELECT 'event_bytes', COALESCE(SUM(size), 0) FROM mpc_events "
+                   "WHERE true ON CONFLICT (key) DO NOTHING")
+        for statement in FEED_INDEXES.strip().split(";"):
+            if statement.strip():
+                db.execute(statement)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def add_missing_columns(db: sqlite3.Connection) -> None:
