@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import abc
+import json
 import re
 import time
 import enum
@@ -196,6 +197,24 @@ def owner_host(owner: str) -> Optional[str]:
 def parse_counter(cursor: str) -> Optional[int]:
     """The integer of a decimal cursor (memory, SQLite), or None when it is not one of ours."""
     return int(cursor) if isinstance(cursor, str) and _COUNTER.fullmatch(cursor) else None
+
+
+def _cut(found: Changes, tenant: Any, max_bytes: Optional[int]) -> Changes:
+    """``found`` less the events of other tenants, ended once ``max_bytes`` of JSON are reached."""
+    kept: list[Event] = []
+    cursor, size = found.cursor, 0
+    for event in found.events:
+        if tenant is not ANY_TENANT and event["task"].get("tenant") != tenant:
+            cursor = event["cursor"]
+            continue
+        if max_bytes is not None and kept and size >= max_bytes:
+            break
+        kept.append(event)
+        cursor = event["cursor"]
+        size += len(json.dumps(event, default=str))
+    else:
+        cursor = found.cursor
+    return Changes(kept, cursor, found.reset)
 
 
 class TaskStore(abc.ABC):
@@ -511,7 +530,8 @@ class TaskStore(abc.ABC):
     # -- the change feed --------------------------------------------------------------------------------
 
     def changes(self, since: Optional[str], timeout: float = 0.0, *, limit: int = 1000,
-                foreign_only: bool = False) -> Changes:
+                foreign_only: bool = False, tenant: Any = ANY_TENANT,
+                max_bytes: Optional[int] = None) -> Changes:
         """Return the events after the cursor ``since``, oldest first, at most ``limit``.
 
         When there are none, wait up to ``timeout`` seconds for one. ``since=None`` means
@@ -523,12 +543,19 @@ class TaskStore(abc.ABC):
         follower, which dispatched them when they were written): a store may then wait for other
         processes' writes only, so that a burst of local writes does not wake the reader once per
         write on the threads that serve them. The events returned still include local ones.
+
+        ``tenant`` keeps only the events of that tenant's tasks; the cursor returned is past the
+        events left out, so a filtered reader moves on. ``max_bytes`` ends the batch once the JSON
+        of the events returned reaches it (at least one event is returned, so a reader progresses).
         """
         if since is None:
             return Changes([], self.latest_cursor(), False)
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             found = self._changes(since, max(1, limit))
+            if tenant is not ANY_TENANT or max_bytes is not None:
+                found = _cut(found, tenant, max_bytes)
+                since = found.cursor
             remaining = deadline - time.monotonic()
             if found.events or found.reset or remaining <= 0:
                 return found
