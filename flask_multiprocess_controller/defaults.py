@@ -107,3 +107,14 @@ SHUTDOWN_WAIT_ENV = "MPC_SHUTDOWN_WAIT"
 #: Seconds after a serving process's last heartbeat during which the tasks it ran on this host are not
 #: settled yet: its fork server, which noticed its end at once, holds them and beats for them by then.
 HOLD_GRACE = 2.0
+#: Streams (the event stream, log follows) one process serves at once; past it, 503. Also the
+#: ``MPC_MAX_STREAMS`` environment variable.
+MAX_STREAMS = 32
+MAX_STREAMS_ENV = "MPC_MAX_STREAMS"
+#: Seconds one write to a stream's client may block (a client that stops reading); then the stream ends.
+STREAM_SEND_TIMEOUT = 5.0
+#: Bytes of events one stream's client may have waiting (1 MiB), and the most one replay reads; past it
+#: the stream ends and the client resumes with ``Last-Event-ID``.
+STREAM_BUFFER = 1024 * 1024
+#: Bytes of events the stream's feed reader takes from the store per read (at least one event).
+FEED_READ_BYTES = 1024 * 1024

@@ -8,7 +8,7 @@ from ..exceptions import (
     BatchNotFound, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed,
     MPCError, PayloadTooLarge,
     QueueFull,
-    StoreError, TaskAlreadyFinished, TaskNotFound,
+    StoreError, TaskAlreadyFinished, TaskNotFound, TooManyStreams,
 )
 
 #: HTTP status of each exception class (the first match along the MRO wins).
@@ -23,6 +23,7 @@ HTTP_STATUS: dict[type, int] = {
     PayloadTooLarge: 413,
     QueueFull: 429,
     ControllerClosed: 503,
+    TooManyStreams: 503,
     StoreError: 503,
     MPCError: 500,
 }
@@ -32,7 +33,7 @@ def error_response(exc: MPCError) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Return ``(body, status, headers)`` for ``exc``: a JSON object with a human ``message``."""
     status = next(HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS)
     headers = {}
-    if isinstance(exc, (QueueFull, StoreError)):
+    if isinstance(exc, (QueueFull, StoreError, TooManyStreams)):
         headers["Retry-After"] = str(getattr(exc, "retry_after", defaults.RETRY_AFTER))
     if isinstance(exc, MethodNotServed):
         headers["Allow"] = ", ".join(exc.allowed)
