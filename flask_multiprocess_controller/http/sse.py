@@ -234,15 +234,14 @@ class ClientQueue:
                 return OVERFLOW
             return self._pop()
 
-    def skip_through(self, cursor: str) -> bool:
-        """When the event ``cursor`` waits here: drop it and every event before it, and return True."""
+    def skip_to(self, cursor: str) -> bool:
+        """When the event ``cursor`` waits here: drop every event before it (a replay sent them), and return True."""
         with self._ready:
             if cursor not in self._cursors:
                 return False
-            while True:
-                event = self._pop()
-                if event is not None and event["cursor"] == cursor:
-                    return True
+            while not (self._items[0][0] is not None and self._items[0][0]["cursor"] == cursor):
+                self._pop()
+            return True
 
     def _pop(self) -> Optional[Event]:
         event, size = self._items.popleft()
@@ -385,20 +384,24 @@ def _replay(store: TaskStore, mine: ClientQueue, last_id: str, deadline: float, 
     ``replayed`` receives the cursors of the last reads, which the live events must not repeat.
     """
     cursor = last_id
+    previous: set[str] = set()
     while time.monotonic() < deadline and not mine.overflowed:
         changes = store.changes(cursor, 0.0, limit=REPLAY_LIMIT, tenant=tenant, max_bytes=mine.budget)
         if changes.reset:
             yield message("reset", {})
             return
-        if len(replayed) > 2 * REPLAY_LIMIT:  # older reads were long taken by the live events
-            replayed.clear()
+        # Only the newest reads may hold events the feed reader has not queued yet: the older ones are forgotten.
+        replayed.clear()
+        replayed.update(previous)
+        previous = {event["cursor"] for event in changes.events}
+        replayed.update(previous)
         shown = cursor
         for event in changes.events:
-            if mine.skip_through(event["cursor"]):
-                return
-            replayed.add(event["cursor"])
-            yield from _one(event, by_name, view)
-            shown = event["cursor"]
+            if mine.skip_to(event["cursor"]):
+                return  # this event and the ones after it wait in the client's queue
+            for piece in _one(event, by_name, view):
+                shown = event["cursor"]
+                yield piece
         if changes.cursor == cursor:
             return
         if changes.cursor != shown:
