@@ -20,7 +20,7 @@ from conftest import free_port, wait_until
 from flask import Flask
 from flask import request as flask_request
 
-from flask_multiprocess_controller import MetaMPController, MetaMPTask, MultiprocessController
+from flask_multiprocess_controller import MetaMPTask, MultiprocessController
 from flask_multiprocess_controller.http import sse
 from flask_multiprocess_controller.store import resolve_store
 
@@ -107,7 +107,8 @@ def test_a_client_that_falls_behind_by_more_than_its_buffer_has_its_stream_ended
         for i in range(40):  # 40 events of 10 KB while the client reads nothing
             controller.store.progress(uuid, OWNER, {"step": i, "filler": "p" * 10_000}, i)
         hub = sse.broadcaster_for(controller.store)
-        wait_until(lambda: hub.cursor == controller.store.latest_cursor(), timeout=10)  # all handed to the client
+        # Every event was handed to the client's queue.
+        wait_until(lambda: hub.cursor == controller.store.latest_cursor(), timeout=10)
         text, ended = _drain(chunks, limit=15)
         assert ended, "the stream went on after its client fell behind"
         # It ends without sending what was dropped: the client resumes from the store with Last-Event-ID.
@@ -123,7 +124,8 @@ def test_a_replay_is_filtered_by_tenant_in_the_store_and_read_in_pieces_of_the_b
                                                                                       request: Any):
     budget = 8 * 1024
     url = request.getfixturevalue(f"{kind}_url")
-    controller = make_controller(Idle, role="client", store=url, tenant=lambda: request_headers().get("X-Tenant"))
+    controller = make_controller(Idle, role="client", store=url,
+                                 tenant=lambda: request_headers().get("X-Tenant"))
     app = Flask(__name__)
     app.config.update(MPC_MAX_WAIT=1, MPC_STREAM_BUFFER=budget)
     MultiprocessController(app)
@@ -152,7 +154,8 @@ def test_a_replay_is_filtered_by_tenant_in_the_store_and_read_in_pieces_of_the_b
     blocks = _blocks(text)
     events = [b for b in blocks if "event" in b]
     assert {json.loads(b["data"])["uuid"] for b in events} == {mine}
-    assert [json.loads(b["data"])["progress"]["step"] for b in events if b["event"] == "progress"] == list(range(20))
+    steps = [json.loads(b["data"])["progress"]["step"] for b in events if b["event"] == "progress"]
+    assert steps == list(range(20))
     replays = [(kwargs, size) for kwargs, size in reads if kwargs.get("max_bytes") == budget]
     assert replays and all(kwargs.get("tenant") == "a" for kwargs, _ in replays), reads
     assert len(replays) > 1, "the replay was read in one piece, past its byte bound"
@@ -173,8 +176,12 @@ def test_a_replay_that_meets_the_live_events_hands_over_to_them_without_a_gap_or
     for event in progress[3:]:  # the feed reader queued the newest ones already
         mine.put(event, 100)
     replayed: set[str] = set()
-    sent = list(sse._replay(store, mine, since, time.monotonic() + 30, sse.ANY_TENANT, replayed, {"C": object()},
-                            lambda controller, event: {"kind": event["kind"], "progress": event["task"]["progress"]}))
+
+    def view(controller: Any, event: Any) -> dict:
+        return {"kind": event["kind"], "progress": event["task"]["progress"]}
+
+    deadline = time.monotonic() + 30
+    sent = list(sse._replay(store, mine, since, deadline, sse.ANY_TENANT, replayed, {"C": object()}, view))
     live = []
     while (item := mine.get(0)) is not sse.EMPTY:
         live.append(item["task"]["progress"])
@@ -280,7 +287,8 @@ app = Flask(__name__)
 app.config["MPC_MAX_WAIT"] = float(os.environ["MAX_WAIT"])
 app.config["MPC_MAX_STREAMS"] = int(os.environ.get("MAX_STREAMS", "32"))
 api = Api(app)
-api.add_resource(MetaMPResource, "/bulky", "/bulky/<string:uuid>", resource_class_args=(bulky,), endpoint="bulky")
+api.add_resource(MetaMPResource, "/bulky", "/bulky/<string:uuid>", resource_class_args=(bulky,),
+                 endpoint="bulky")
 api.add_resource(MetaMPResource, "/talker", "/talker/<string:uuid>", resource_class_args=(talker,),
                  endpoint="talker")
 mpc.init_app(app)
@@ -346,12 +354,15 @@ def _start(pool: Any, tmp_path: Path, command: list[str], port: int, env: dict[s
 
 
 @pytest.mark.timeout(120)
-def test_an_event_stream_client_that_never_reads_does_not_hold_a_gunicorn_sync_worker(tmp_path, pool, sqlite_url):
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_an_event_stream_client_that_never_reads_does_not_hold_a_gunicorn_worker(tmp_path, pool, sqlite_url,
+                                                                                 worker_class):
     from serverproc import gunicorn, gunicorn_workers
 
     port = free_port()
-    server = _start(pool, tmp_path, gunicorn("-w", "1", "-k", "sync", "--timeout", "8", "-b", f"127.0.0.1:{port}",
-                                             "streams_app:app"),
+    threads = ["--threads", "2"] if worker_class == "gthread" else []  # (sync with threads would be gthread)
+    server = _start(pool, tmp_path, gunicorn("-w", "1", "-k", worker_class, *threads, "--timeout", "8",
+                                             "-b", f"127.0.0.1:{port}", "streams_app:app"),
                     port, {"MPC_STORE_URL": sqlite_url, "MAX_WAIT": "3"})
     worker = gunicorn_workers(server)[0]
     gate = tmp_path / "gate"
@@ -363,26 +374,29 @@ def test_an_event_stream_client_that_never_reads_does_not_hold_a_gunicorn_sync_w
     sampler = PeakRss(worker)
     sampler.start()
     try:
-        gate.touch()  # 30 MB of task ends go out on the stream nobody reads
-        wait_until(lambda: store.counts("Bulky").get("succeeded", 0) == 60, timeout=60, interval=0.2)
-        health = requests.get(f"{server.base}/mpc/health", timeout=30)
+        try:
+            gate.touch()  # 30 MB of task ends go out on the stream nobody reads
+            wait_until(lambda: store.counts("Bulky").get("succeeded", 0) == 60, timeout=60, interval=0.2)
+            health = requests.get(f"{server.base}/mpc/health", timeout=30)
+        finally:
+            sampler.stop()
+        assert health.status_code == 200
+        assert health.headers["X-Worker-Pid"] == str(worker.pid), "the worker was replaced"
+        assert "WORKER TIMEOUT" not in server.log()
+        # The stream ends (its connection dropped by the server) although its client never read a byte.
+        wait_until(lambda: not _serves(worker, silent), timeout=15, interval=0.1)
+        # Without a stream, the worker grows by about 12 MiB in this run (the tasks' results pass through it);
+        # a stream that queued every event for its silent client grew it by about 40.
+        grown = (sampler.peak - sampler.first) / 2**20
+        assert grown < 25, f"the worker's RSS grew by {grown:.0f} MiB for a client that reads nothing"
     finally:
-        sampler.stop()
-    assert health.status_code == 200
-    assert health.headers["X-Worker-Pid"] == str(worker.pid), "the worker was replaced"
-    assert "WORKER TIMEOUT" not in server.log()
-    assert not _serves(worker, silent), "the worker still holds the stream"
-    # Without a stream, the worker grows by about 12 MiB in this run (the tasks' results pass through it);
-    # a stream that queued every event for its silent client grew it by about 40.
-    grown = (sampler.peak - sampler.first) / 2**20
-    assert grown < 25, f"the worker's RSS grew by {grown:.0f} MiB for a client that reads nothing"
-    silent.close()
-    store.close()
+        silent.close()
+        store.close()
 
 
 @pytest.mark.timeout(120)
-def test_a_log_follow_that_is_not_read_ends_and_frees_its_stream_place_on_the_dev_server(tmp_path, pool,
-                                                                                          sqlite_url):
+def test_a_log_follow_that_is_not_read_ends_and_frees_its_stream_place_on_the_dev_server(
+        tmp_path, pool, sqlite_url):
     from serverproc import python
 
     port = free_port()
@@ -392,15 +406,15 @@ def test_a_log_follow_that_is_not_read_ends_and_frees_its_stream_place_on_the_de
     uuid = requests.post(f"{server.base}/talker", json={"gate": str(gate)}, timeout=30).json()["uuid"]
     follow = f"/mpc/api/tasks/{uuid}/logs?follow=1"
     try:
-        wait_until(lambda: requests.get(f"{server.base}/mpc/api/tasks/{uuid}/logs", timeout=30).json()["lines"],
-                   timeout=20)
-        silent = _silent_client(port, follow)
-        # The silent client holds the one stream place: a second stream is refused.
-        refused = requests.get(f"{server.base}{follow}", timeout=30)
-        assert refused.status_code == 503, [line for line in server.log().splitlines() if "WARNING" not in line]
-        assert refused.headers["Retry-After"] == "1" and "MPC_MAX_STREAMS" in refused.json()["message"]
-        # It ends by itself although its client reads nothing, and gives its place back.
-        wait_until(lambda: not _serves(server.root, silent), timeout=30, interval=0.1)
+        logs = f"{server.base}/mpc/api/tasks/{uuid}/logs"
+        wait_until(lambda: requests.get(logs, timeout=30).json()["lines"], timeout=20)
+        with _silent_client(port, follow) as silent:
+            # The silent client holds the one stream place: a second stream is refused.
+            refused = requests.get(f"{server.base}{follow}", timeout=30)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["Retry-After"] == "1" and "MPC_MAX_STREAMS" in refused.json()["message"]
+            # It ends by itself although its client reads nothing, and gives its place back.
+            wait_until(lambda: not _serves(server.root, silent), timeout=30, interval=0.1)
         reader = wait_until(lambda: (lambda r: r if r.status_code == 200 else r.close())(
             requests.get(f"{server.base}{follow}", stream=True, timeout=30)), timeout=10)
         text, ended = _drain(reader.iter_content(chunk_size=None), limit=20)
@@ -409,6 +423,5 @@ def test_a_log_follow_that_is_not_read_ends_and_frees_its_stream_place_on_the_de
         assert [b for b in _blocks(text) if b.get("event") == "line"]
         assert not [b for b in _blocks(text) if b.get("event") == "end"]
         assert requests.get(f"{server.base}/talker/{uuid}", timeout=30).json()["status"] == "running"
-        silent.close()
     finally:
         gate.touch()

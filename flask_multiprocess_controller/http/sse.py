@@ -83,7 +83,8 @@ def stream_config(config: Mapping[str, Any]) -> StreamConfig:
         max_streams=int(_positive("MPC_MAX_STREAMS", max_streams, int)),
         send_timeout=_positive("MPC_STREAM_SEND_TIMEOUT",
                                config.get("MPC_STREAM_SEND_TIMEOUT", defaults.STREAM_SEND_TIMEOUT), float),
-        buffer=int(_positive("MPC_STREAM_BUFFER", config.get("MPC_STREAM_BUFFER", defaults.STREAM_BUFFER), int)))
+        buffer=int(_positive("MPC_STREAM_BUFFER",
+                             config.get("MPC_STREAM_BUFFER", defaults.STREAM_BUFFER), int)))
 
 
 def _positive(name: str, value: Any, kind: Callable[[Any], Any]) -> Any:
@@ -226,7 +227,8 @@ class ClientQueue:
                 self._ready.notify()
 
     def get(self, timeout: float) -> Any:
-        """The next event, None (events were lost: re-read), :data:`OVERFLOW`, or :data:`EMPTY` after ``timeout``."""
+        """The next event, None (events were lost: re-read), :data:`OVERFLOW`, or :data:`EMPTY` after
+        ``timeout`` seconds."""
         with self._ready:
             if not self._ready.wait_for(lambda: self._items or self.overflowed, max(0.0, timeout)):
                 return EMPTY
@@ -235,7 +237,8 @@ class ClientQueue:
             return self._pop()
 
     def skip_to(self, cursor: str) -> bool:
-        """When the event ``cursor`` waits here: drop every event before it (a replay sent them), and return True."""
+        """When the event ``cursor`` waits here: drop every event before it (a replay sent them) and return
+        True."""
         with self._ready:
             if cursor not in self._cursors:
                 return False
@@ -266,7 +269,8 @@ class Broadcaster:
 
     def subscribe(self, budget: int = defaults.STREAM_BUFFER,
                   wants: Optional[Callable[[Event], bool]] = None) -> ClientQueue:
-        """A queue that receives every event (that ``wants`` accepts) from now on, ``budget`` bytes at most."""
+        """A queue that receives every event (that ``wants`` accepts) from now on, ``budget`` bytes at
+        most."""
         mine = ClientQueue(budget, wants)
         with self._lock:
             self._queues.add(mine)
@@ -352,7 +356,8 @@ def stream(controllers: list["MetaMPController"], view: Callable[["MetaMPControl
         yield "retry: 1000\n\n"
         replayed: set[str] = set()
         if last_id:
-            yield from _replay(store, mine, last_id, deadline, _common(tenants.values()), replayed, by_name, view)
+            tenant = _common(tenants.values())
+            yield from _replay(store, mine, last_id, deadline, tenant, replayed, by_name, view)
         next_beat = time.monotonic() + HEARTBEAT
         while True:
             now = time.monotonic()
@@ -373,8 +378,8 @@ def stream(controllers: list["MetaMPController"], view: Callable[["MetaMPControl
         hub.unsubscribe(mine)
 
 
-def _replay(store: TaskStore, mine: ClientQueue, last_id: str, deadline: float, tenant: Any, replayed: set[str],
-            by_name: dict[str, "MetaMPController"],
+def _replay(store: TaskStore, mine: ClientQueue, last_id: str, deadline: float, tenant: Any,
+            replayed: set[str], by_name: dict[str, "MetaMPController"],
             view: Callable[["MetaMPController", Event], Optional[dict[str, Any]]]) -> Iterator[str]:
     """What the client missed after ``last_id``, read from the store until it meets the live events.
 
@@ -390,7 +395,7 @@ def _replay(store: TaskStore, mine: ClientQueue, last_id: str, deadline: float, 
         if changes.reset:
             yield message("reset", {})
             return
-        # Only the newest reads may hold events the feed reader has not queued yet: the older ones are forgotten.
+        # Only the newest reads may hold events the feed reader has not queued yet: older ones are forgotten.
         replayed.clear()
         replayed.update(previous)
         previous = {event["cursor"] for event in changes.events}
@@ -427,7 +432,8 @@ _NOBODY: Any = object()
 
 
 def _common(tenants: Any) -> Any:
-    """The one tenant all of ``tenants`` are, else :data:`ANY_TENANT` (then each event is filtered after the read)."""
+    """The one tenant all of ``tenants`` are, else :data:`ANY_TENANT` (each event is then filtered after
+    the read)."""
     values = list(tenants)
     first = values[0] if values else ANY_TENANT
     return first if all(v is first or (v is not ANY_TENANT and first is not ANY_TENANT and v == first)

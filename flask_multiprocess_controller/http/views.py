@@ -69,7 +69,8 @@ def _stream(make: Callable[[float, "StreamConfig"], Iterator[str]]) -> Response:
     from .sse import paced, stream_config, stream_slots
 
     config = stream_config(current_app.config)
-    slot = stream_slots(current_app._get_current_object()).take(config.max_streams)  # type: ignore[attr-defined]
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    slot = stream_slots(app).take(config.max_streams)
     try:
         deadline = time.monotonic() + _max_wait()
         sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
@@ -117,8 +118,8 @@ def _events(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
             return dict(controller.client_view_of(present(task)))
 
         last_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-        return _stream(lambda deadline, config: stream(controllers, view, last_id, deadline, buffer=config.buffer,
-                                                       tenants=tenants))
+        return _stream(lambda deadline, config: stream(controllers, view, last_id, deadline,
+                                                       buffer=config.buffer, tenants=tenants))
 
     return events
 
