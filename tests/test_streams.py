@@ -222,6 +222,22 @@ def test_streams_beyond_max_streams_are_refused_with_503(make_controller, sqlite
 
 
 @pytest.mark.timeout(60)
+def test_max_streams_may_come_from_the_environment(make_controller, sqlite_url, monkeypatch):
+    make_controller(Idle, role="client", store=sqlite_url)
+    monkeypatch.setenv("MPC_MAX_STREAMS", "1")
+    app = Flask(__name__)
+    app.config["MPC_MAX_WAIT"] = 30
+    MultiprocessController(app)
+    client = app.test_client()
+    first = client.get("/mpc/events")
+    try:
+        assert first.status_code == 200
+        assert client.get("/mpc/events").status_code == 503
+    finally:
+        first.close()
+
+
+@pytest.mark.timeout(60)
 def test_a_log_follow_ends_at_max_wait_while_the_task_keeps_logging(make_controller, tmp_path):
     controller = make_controller(Talker)
     app = Flask(__name__)
