@@ -161,7 +161,10 @@ def paced(lines: Iterator[str], sock: Any, deadline: float, send_timeout: float,
             if left <= 0:
                 return
             if settimeout is not None:
-                settimeout(max(LAST_WRITE, min(send_timeout, left)))
+                try:
+                    settimeout(max(LAST_WRITE, min(send_timeout, left)))
+                except OSError:  # the connection is gone already
+                    return
             yield piece
     finally:
         try:
