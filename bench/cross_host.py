@@ -3,7 +3,8 @@
 
 It starts a Redis server on 127.0.0.1 at a free port (``redis-server`` from PATH) and serves
 ``bench/peers/cross_host_app.py`` (a controller whose task checkpoints every 10 ms until told to
-end) with the package's own variables only: ``MPC_STORE_URL`` and ``MPC_HOST_ID``.
+end) with the package's own variables only: ``MPC_STORE_URL``, ``MPC_HOST_ID`` and (for the idle streams of
+the dev server) ``MPC_MAX_STREAMS``.
 
 1. *Wait on another host.* Two dev servers, ``MPC_HOST_ID=host-a`` and ``host-b``, on one Redis
    database. Each task is posted to A and runs there (B is frozen with SIGSTOP while the task is
@@ -440,7 +441,8 @@ def measure_idle_waiters(server: Server, redis_pid: int, waiters: int, window: f
 # -- running it all ---------------------------------------------------------------------------------
 
 def _dev_server(name: str, workdir: Path, store: str, host: str) -> Server:
-    env = {"MPC_STORE_URL": store, "MPC_HOST_ID": host}
+    # The idle-stream figure holds --waiters event streams on one process: above the default cap of 32.
+    env = {"MPC_STORE_URL": store, "MPC_HOST_ID": host, "MPC_MAX_STREAMS": "100000"}
     return Server(name, [sys.executable, str(APP)], env, workdir, free_port(), workers=0)
 
 

@@ -137,3 +137,14 @@ HOLD_GRACE = 2.0
 IDEMPOTENCY_TTL = 24 * 3600.0
 #: Times ``flask mpc submit`` tries again a submission whose store write got no answer, with the same key.
 SUBMIT_ATTEMPTS = 4
+#: Streams (the event stream, log follows) one process serves at once; past it, 503. Also the
+#: ``MPC_MAX_STREAMS`` environment variable.
+MAX_STREAMS = 32
+MAX_STREAMS_ENV = "MPC_MAX_STREAMS"
+#: Seconds one write to a stream's client may block (a client that stops reading); then the stream ends.
+STREAM_SEND_TIMEOUT = 5.0
+#: Bytes of events one stream's client may have waiting (1 MiB), and the most one replay reads; past it
+#: the stream ends and the client resumes with ``Last-Event-ID``.
+STREAM_BUFFER = 1024 * 1024
+#: Bytes of events the stream's feed reader takes from the store per read (at least one event).
+FEED_READ_BYTES = 1024 * 1024

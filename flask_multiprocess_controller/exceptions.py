@@ -127,6 +127,20 @@ class QueueFull(MPCError):
         self.retry_after = retry_after
 
 
+class TooManyStreams(MPCError):
+    """This process already serves ``MPC_MAX_STREAMS`` streams (the event stream, log follows).
+
+    Answered with 503 and a ``Retry-After``: a stream holds a worker thread for up to ``MPC_MAX_WAIT``,
+    so the cap keeps streams from taking every thread of the process.
+    """
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(f"This server already serves {limit} streams (MPC_MAX_STREAMS); "
+                         f"retry in {retry_after} s.")
+        self.limit = limit
+        self.retry_after = retry_after
+
+
 class MethodNotServed(MPCError):
     """The controller does not serve this HTTP method: its class does not override the handler.
 

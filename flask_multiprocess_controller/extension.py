@@ -28,6 +28,10 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "MPC_STOP_GRACE": defaults.STOP_GRACE,
     "MPC_MAX_WAIT": defaults.MAX_WAIT,
     "MPC_EXPOSE_TRACEBACKS": False,
+    # None: the MPC_MAX_STREAMS environment variable, else defaults.MAX_STREAMS (see http.sse.stream_config).
+    "MPC_MAX_STREAMS": None,
+    "MPC_STREAM_SEND_TIMEOUT": defaults.STREAM_SEND_TIMEOUT,
+    "MPC_STREAM_BUFFER": defaults.STREAM_BUFFER,
 }
 
 #: A view decorator (authentication, say) applied to every URL the extension registers.
@@ -82,7 +86,10 @@ class MultiprocessController:
         for controller in registry.controllers():
             controller.bind(settings, app.instance_path)
         from .ops.cli import mpc_commands
+        from .http.sse import stream_config
         from .http.views import make_blueprint
+
+        stream_config(app.config)  # a bad stream setting fails here, not at the first stream
 
         app.register_blueprint(make_blueprint(self), url_prefix=state.prefix or None)
         app.cli.add_command(mpc_commands)

@@ -9,7 +9,7 @@ from ..exceptions import (
     BatchNotFound, ControllerClosed, HostNotFound, InvalidRequest, InvalidTransition, MethodNotServed,
     MPCError, PayloadTooLarge,
     QueueFull,
-    StoreError, TaskAlreadyFinished, TaskNotFound,
+    StoreError, TaskAlreadyFinished, TaskNotFound, TooManyStreams,
 )
 from ..exceptions import IdempotencyKeyReused, IdempotentTasksPurged
 
@@ -28,6 +28,7 @@ HTTP_STATUS: dict[type, int] = {
     IdempotentTasksPurged: 409,
     QueueFull: 429,
     ControllerClosed: 503,
+    TooManyStreams: 503,
     StoreError: 503,
     MPCError: 500,
 }
@@ -37,7 +38,7 @@ def error_response(exc: MPCError) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Return ``(body, status, headers)`` for ``exc``: a JSON object with a human ``message``."""
     status = next(HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS)
     headers = {}
-    if isinstance(exc, (QueueFull, StoreError)):
+    if isinstance(exc, (QueueFull, StoreError, TooManyStreams)):
         headers["Retry-After"] = str(getattr(exc, "retry_after", defaults.RETRY_AFTER))
     if isinstance(exc, MethodNotServed):
         headers["Allow"] = ", ".join(exc.allowed)

@@ -27,6 +27,7 @@ from ..store import TaskStore
 if TYPE_CHECKING:
     from ..controller import MetaMPController
     from ..extension import MultiprocessController
+    from .sse import StreamConfig
 
 
 #: Seconds between two reads of a followed task's log.
@@ -59,9 +60,29 @@ def _max_wait() -> float:
     return float(current_app.config.get("MPC_MAX_WAIT", defaults.MAX_WAIT))
 
 
-def _sse(lines: Iterator[str]) -> Response:
-    return Response(stream_with_context(lines), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def _stream(make: Callable[[float, "StreamConfig"], Iterator[str]]) -> Response:
+    """A Server-Sent Events answer of the lines ``make(deadline, config)`` gives, within the stream limits.
+
+    The stream takes one of the app's ``MPC_MAX_STREAMS`` places (503 when none is free) until it ends
+    or its response is closed, ends at ``MPC_MAX_WAIT`` from now (``deadline``, ``time.monotonic()``),
+    and each of its writes may block ``MPC_STREAM_SEND_TIMEOUT`` seconds at most (see :func:`.sse.paced`).
+    """
+    from .sse import paced, stream_config, stream_slots
+
+    config = stream_config(current_app.config)
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    slot = stream_slots(app).take(config.max_streams)
+    try:
+        deadline = time.monotonic() + _max_wait()
+        sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+        lines = paced(make(deadline, config), sock, deadline, config.send_timeout, slot.release)
+        response = Response(stream_with_context(lines), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    except BaseException:
+        slot.release()
+        raise
+    response.call_on_close(slot.release)  # also when the stream never began
+    return response
 
 
 def _openapi() -> ResponseReturnValue:
@@ -98,7 +119,8 @@ def _events(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
             return dict(controller.client_view_of(present_change(task)))
 
         last_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-        return _sse(stream(controllers, view, last_id, _max_wait()))
+        return _stream(lambda deadline, config: stream(controllers, view, last_id, deadline,
+                                                       buffer=config.buffer, tenants=tenants))
 
     return events
 
@@ -109,7 +131,7 @@ def _task_logs(extension: "MultiprocessController") -> Callable[[str], ResponseR
         after = int_option("after", 0, 0, defaults.MAX_QUERY_INT)
         book = controller.store.logs
         if request.args.get("follow") not in (None, "", "0", "false"):
-            return _sse(_follow_log(controller, uuid, after, _max_wait()))
+            return _stream(lambda deadline, config: _follow_log(controller, uuid, after, deadline))
         lines = book.read(uuid, after)
         return jsonify({"lines": [{"n": n, "line": line} for n, line in lines],
                         "next": lines[-1][0] if lines else after})
@@ -117,15 +139,18 @@ def _task_logs(extension: "MultiprocessController") -> Callable[[str], ResponseR
     return logs
 
 
-def _follow_log(controller: "MetaMPController", uuid: str, after: int, max_wait: float) -> Iterator[str]:
-    """New log lines as SSE ``line`` events, until the task ended and its last line was sent, or ``max_wait``."""
+def _follow_log(controller: "MetaMPController", uuid: str, after: int, deadline: float) -> Iterator[str]:
+    """New log lines as SSE ``line`` events, until the task ended and its last line was sent, or ``deadline``
+    (``time.monotonic()``) passed: looked at before every line, so a task that logs without pause does
+    not keep the stream open."""
     from .sse import message
 
-    deadline = time.monotonic() + max_wait
     yield "retry: 1000\n\n"
-    while True:
+    while time.monotonic() < deadline:
         lines = controller.store.logs.read(uuid, after)
         for n, line in lines:
+            if time.monotonic() >= deadline:
+                return
             yield message("line", {"n": n, "line": line}, str(n))
             after = n
         if not lines:
@@ -133,9 +158,7 @@ def _follow_log(controller: "MetaMPController", uuid: str, after: int, max_wait:
             if row is None or row["status"] in TERMINAL:
                 yield message("end", {"status": row["status"] if row else None})
                 return
-            if time.monotonic() >= deadline:
-                return
-            time.sleep(_LOG_FOLLOW_INTERVAL)
+            time.sleep(max(0.0, min(_LOG_FOLLOW_INTERVAL, deadline - time.monotonic())))
 
 
 def _wrapper(extension: "MultiprocessController") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
