@@ -165,6 +165,22 @@ def test_a_schedule_no_serving_process_declares_any_more_is_inactive(make_contro
     assert shown["new"]["active"] and shown["new"]["next_firing"].endswith(":00:00+00:00"), shown["new"]
 
 
+@pytest.mark.timeout(60)
+def test_a_stored_schedule_with_a_time_zone_this_host_does_not_know_is_shown_without_next_firing(
+        make_controller, sqlite_url):
+    """Another process (another version, another host's tz database) declared a time zone unknown here: the
+    listing shows the schedule, with no next firing, rather than failing."""
+    other = resolve_store(sqlite_url)
+    try:
+        other.declare_schedules("Tick", {"elsewhere": {"cron": "0 3 * * *", "tz": "Mars/Olympus_Mons",
+                                                       "kwargs": {"note": "m"}}}, "other-host:1:1.0")
+    finally:
+        other.close()
+    here = make_controller(Tick, store=sqlite_url)
+    shown = {s["name"]: s for s in here.schedules()}
+    assert shown["elsewhere"]["tz"] == "Mars/Olympus_Mons" and shown["elsewhere"]["next_firing"] is None
+
+
 class ClockStore(MemoryStore):
     """A memory store whose clock the test sets."""
 

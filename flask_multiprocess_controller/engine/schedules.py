@@ -269,7 +269,9 @@ def describe(states: list[ScheduleRow], local: Mapping[str, ScheduleSpec], contr
 def _next_firing(spec: ScheduleSpec, moment: float) -> Optional[float]:
     try:
         return spec.next_after(moment)
-    except (TypeError, ValueError, AttributeError):  # no croniter here, or an expression it cannot read
+    # No croniter here, or an expression it cannot read, or a time zone this host does not know (declared by
+    # another version or another host): the schedule is still shown, without a next firing.
+    except (TypeError, ValueError, AttributeError, ZoneInfoNotFoundError):
         return None
 
 
