@@ -12,7 +12,10 @@ of the submits).
 
 Finished tasks are kept ``--retention`` seconds and purged every ``--purge-every`` seconds (in production
 the serving processes purge hourly with a retention of days: the soak compresses that time, so that the
-store reaches the steady state a year of uptime would have, within the run). Before each purge the
+store reaches the steady state a year of uptime would have, within the run). For the same reason the store's
+event feed cap (``--max-events``, 100,000 in production), the events' age (``--event-retention``, a day) and the
+life of an ``Idempotency-Key`` (``--idempotency-ttl``, 24 h) are compressed: each bound is reached early in the
+run, and the soak shows that what it bounds then stays flat. Before each purge the
 soak reads every finished task's state, so that none is purged before it was counted.
 
 At the end it checks and reports:
@@ -395,6 +398,7 @@ class Soak:
         from flask_multiprocess_controller.store.redis import RedisStore
 
         store = RedisStore(self.redis.url)
+        store.max_events, store.event_retention = self.args.max_events, self.args.event_retention
         while not self.done.wait(self.args.purge_every):
             try:
                 self.collect()
@@ -412,7 +416,9 @@ class Soak:
         env = dict(os.environ, MPC_STORE_URL=self.redis.url, MPC_HANDOVER_DIR=str(self.folder / "handover"),
                    SOAK_RECORDS=str(self.records),
                    SOAK_CONFIG=json.dumps({"max_num_process": args.max_num_process,
-                                           "retention": args.retention, "restartable": args.restartable}))
+                                           "retention": args.retention, "restartable": args.restartable,
+                                           "max_events": args.max_events, "event_retention": args.event_retention,
+                                           "idempotency_ttl": args.idempotency_ttl}))
         env.pop("FLASK_RUN_FROM_CLI", None)
         self.server = Gunicorn(self.folder, free_port(), args.workers, env)
         self.started = time.monotonic()
@@ -518,6 +524,8 @@ class Soak:
             "setup": {"tasks": args.tasks, "workers": args.workers, "max_num_process": args.max_num_process,
                       "steps": args.steps, "step_s": args.step, "arg_bytes": args.arg_bytes, "clients": args.clients,
                       "backlog": args.backlog, "retention_s": args.retention, "purge_every_s": args.purge_every,
+                      "max_events": args.max_events, "event_retention_s": args.event_retention,
+                      "idempotency_ttl_s": args.idempotency_ttl,
                       "restartable": args.restartable, "redis": "appendonly yes, appendfsync always"},
             "checks": checks,
             "passed": all(checks.values()),
@@ -586,6 +594,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--backlog", type=int, default=16, help="clients wait while this many tasks are queued")
     parser.add_argument("--retention", type=float, default=120.0, help="seconds finished tasks are kept")
     parser.add_argument("--purge-every", type=float, default=30.0)
+    parser.add_argument("--max-events", type=int, default=20_000,
+                        help="the store's event feed cap (100,000 in production: compressed, as the retention is)")
+    parser.add_argument("--event-retention", type=float, default=600.0,
+                        help="seconds events are kept (a day in production)")
+    parser.add_argument("--idempotency-ttl", type=float, default=300.0,
+                        help="seconds an Idempotency-Key is kept (24 h in production)")
     parser.add_argument("--sample-every", type=float, default=5.0)
     parser.add_argument("--redis-down", type=float, default=3.0, help="seconds redis-server stays killed")
     parser.add_argument("--restartable", action="store_true", help="tasks are re-queued (not lost) without adopter")
@@ -595,7 +609,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default=str(BENCH / "results" / "soak.json"))
     args = parser.parse_args(argv)
     if args.quick:
-        defaults = {"tasks": 300, "retention": 15.0, "purge_every": 5.0, "sample_every": 1.0, "drain_timeout": 180.0}
+        defaults = {"tasks": 300, "retention": 15.0, "purge_every": 5.0, "sample_every": 1.0, "drain_timeout": 180.0,
+                    "max_events": 2000, "event_retention": 60.0, "idempotency_ttl": 30.0}
         for name, value in defaults.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)

@@ -7,7 +7,9 @@ concurrent runs never interleave): ``S <uuid> <sid> <pid> <time>`` when ``execut
 by another serving process (the same run, in the same process) has one. ``sid`` is the client's submit
 id, an argument of the task, so that two tasks made by one submit are found.
 
-``SOAK_CONFIG`` (JSON) sets ``max_num_process``, ``retention`` (seconds) and ``restartable``. The store
+``SOAK_CONFIG`` (JSON) sets ``max_num_process``, ``retention`` (seconds), ``restartable``, the store's
+``max_events`` and ``event_retention`` (compressed, as the retention is: see ``soak.py``) and the
+controller's ``idempotency_ttl``. The store
 is ``MPC_STORE_URL``; the extension serves ``/mpc/health`` and ``/mpc/api/tasks``, which the soak reads.
 """
 from __future__ import annotations
@@ -20,9 +22,13 @@ from flask import Flask
 from flask_restful import Api
 
 from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, MultiprocessController
+from flask_multiprocess_controller.store.redis import RedisStore
 
 CONFIG = json.loads(os.environ.get("SOAK_CONFIG") or "{}")
 RECORDS = os.environ.get("SOAK_RECORDS", "soak-runs.log")
+# The store is made from MPC_STORE_URL (so that hand-over can reopen it): its bounds are set on the class.
+RedisStore.max_events = int(CONFIG.get("max_events", RedisStore.max_events))
+RedisStore.event_retention = float(CONFIG.get("event_retention", RedisStore.event_retention))
 
 
 def record(kind: str, uuid: str, sid: str) -> None:
@@ -53,7 +59,8 @@ class SoakController(MetaMPController, controller_name="soak"):
 
 
 controller = SoakController(SoakTask, max_num_process=int(CONFIG.get("max_num_process", 4)), stop_grace=2,
-                            retention=float(CONFIG.get("retention", 7 * 24 * 3600)))
+                            retention=float(CONFIG.get("retention", 7 * 24 * 3600)),
+                            idempotency_ttl=float(CONFIG.get("idempotency_ttl", 24 * 3600)))
 app = Flask(__name__)
 Api(app).add_resource(MetaMPResource, "/tasks", "/tasks/<string:uuid>", resource_class_args=(controller,))
 MultiprocessController(app)
