@@ -399,14 +399,17 @@ def _replay(store: TaskStore, mine: ClientQueue, last_id: str, deadline: float, 
             yield message("reset", {})
             return
         # Only the newest reads may hold events the feed reader has not queued yet: older ones are forgotten.
+        # An event counts as replayed once it is handled here, never before: those from the one the queue
+        # holds on are the live events' to send.
         replayed.clear()
         replayed.update(previous)
-        previous = {event["cursor"] for event in changes.events}
-        replayed.update(previous)
+        previous = set()
         shown = cursor
         for event in changes.events:
             if mine.skip_to(event["cursor"]):
                 return  # this event and the ones after it wait in the client's queue
+            previous.add(event["cursor"])
+            replayed.add(event["cursor"])
             for piece in _one(event, by_name, view):
                 shown = event["cursor"]
                 yield piece
