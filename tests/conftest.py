@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import psutil
 import pytest
@@ -19,6 +19,9 @@ from flask import Flask  # noqa: E402
 from flask_restful import Api  # noqa: E402
 
 from flask_multiprocess_controller import MetaMPController, MetaMPResource  # noqa: E402
+
+if TYPE_CHECKING:
+    from pgserver import PostgresCluster
 
 #: Seconds a test's leftovers get to go away before they count as leaked.
 LEAK_GRACE = 5.0
@@ -85,6 +88,40 @@ def redis_url(redis_server: str) -> Iterator[str]:
     client.flushdb()
     client.close()
     yield redis_server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator["PostgresCluster"]:
+    """A private PostgreSQL cluster on 127.0.0.1 for the whole session (see :mod:`pgserver`)."""
+    from pgserver import PostgresCluster, bin_dir
+
+    if bin_dir() is None:
+        pytest.fail("PostgreSQL is not installed: run the README's test command, which installs it.")
+    cluster = PostgresCluster(free_port())
+    yield cluster
+    cluster.destroy()
+
+
+def reset_postgres(url: str) -> None:
+    """Drop every schema the tests' stores made in the database at ``url`` (connections to it are ended)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        for (schema,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' "
+                                      "AND nspname NOT IN ('public', 'information_schema')").fetchall():
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+
+
+@pytest.fixture
+def postgres_url(postgres_server: "PostgresCluster") -> Iterator[str]:
+    """The session's PostgreSQL database (with a password in its URL), emptied before the test."""
+    url = postgres_server.url()
+    reset_postgres(url)
+    yield url
 
 
 @pytest.fixture(autouse=True)

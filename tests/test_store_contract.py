@@ -31,6 +31,7 @@ from flask_multiprocess_controller import (
 from flask_multiprocess_controller.events import CALLBACK_KINDS, Changes, Event
 from flask_multiprocess_controller.exceptions import StoreError, StoreUnavailable
 from flask_multiprocess_controller.store import resolve_store
+from flask_multiprocess_controller.store.postgres import PostgresStore
 from flask_multiprocess_controller.store.redis import RedisStore
 
 from conftest import free_port, wait_until
@@ -40,28 +41,38 @@ def _redis_store(env: SimpleNamespace) -> TaskStore:
     return RedisStore(env.redis_url, prefix=f"contract-{uuid_module.uuid4().hex}:")  # a fresh key space
 
 
+def _postgres_store(env: SimpleNamespace) -> TaskStore:
+    return PostgresStore(env.postgres_url, schema=f"contract_{uuid_module.uuid4().hex[:16]}")  # a fresh schema
+
+
 BACKENDS: dict[str, Callable[[SimpleNamespace], TaskStore]] = {
     "memory": lambda env: MemoryStore(),
     "sqlite": lambda env: SQLiteStore(str(env.tmp_path / "contract.sqlite3")),
     "redis": _redis_store,
+    "postgres": _postgres_store,
 }
 
 
 #: The backends whose store several processes (and store objects) share.
-SHARED_BACKENDS = ["sqlite", "redis"]
+SHARED_BACKENDS = ["sqlite", "redis", "postgres"]
+
+
+def _env(request: Any, tmp_path: Path, redis_server: str) -> SimpleNamespace:
+    """What a backend's store is made from; the PostgreSQL cluster is started only for its tests."""
+    postgres_url = request.getfixturevalue("postgres_server").url() if request.param == "postgres" else None
+    return SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server, postgres_url=postgres_url)
 
 
 @pytest.fixture(params=list(BACKENDS))
 def store(request, tmp_path, redis_server):
-    env = SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server)
-    made = BACKENDS[request.param](env)
+    made = BACKENDS[request.param](_env(request, tmp_path, redis_server))
     yield made
     made.close()
 
 
 @pytest.fixture(params=SHARED_BACKENDS)
 def shared_store(request, tmp_path, redis_server):
-    env = SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server)
+    env = _env(request, tmp_path, redis_server)
     made = BACKENDS[request.param](env)
     yield made
     made.close()
@@ -71,6 +82,8 @@ def reopen(store: TaskStore) -> TaskStore:
     """A new store object on the same SQLite file or Redis key space."""
     if isinstance(store, SQLiteStore):
         return SQLiteStore(store.path)
+    if isinstance(store, PostgresStore):
+        return PostgresStore(store.url, schema=store.schema)
     assert isinstance(store, RedisStore)
     return RedisStore(store.url, prefix=store.prefix)
 
@@ -79,6 +92,8 @@ def location(store: TaskStore) -> tuple[str, str, str]:
     """(kind, location, prefix) of a shared store, for a child process to open the same one."""
     if isinstance(store, SQLiteStore):
         return "sqlite", store.path, ""
+    if isinstance(store, PostgresStore):
+        return "postgres", store.url, store.schema
     assert isinstance(store, RedisStore)
     return "redis", store.url, store.prefix
 
@@ -830,6 +845,9 @@ _CLAIM_SCRIPT = textwrap.dedent("""
     if kind == "sqlite":
         from flask_multiprocess_controller import SQLiteStore
         store = SQLiteStore(location)
+    elif kind == "postgres":
+        from flask_multiprocess_controller.store.postgres import PostgresStore
+        store = PostgresStore(location, schema=prefix)
     else:
         from flask_multiprocess_controller.store.redis import RedisStore
         store = RedisStore(location, prefix=prefix)
@@ -861,12 +879,15 @@ _CLAIM_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
-def test_claims_from_several_processes_are_exactly_once(tmp_path, redis_server, kind):
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
+def test_claims_from_several_processes_are_exactly_once(request, tmp_path, redis_server, kind):
     """4 processes claim (max_running=3) and finish 120 tasks of one shared store: each exactly once."""
     if kind == "sqlite":
         location, prefix = str(tmp_path / "shared.sqlite3"), ""
         store: TaskStore = SQLiteStore(location)
+    elif kind == "postgres":
+        location, prefix = request.getfixturevalue("postgres_server").url(), "multi_" + uuid_module.uuid4().hex[:12]
+        store = PostgresStore(location, schema=prefix)
     else:
         location = redis_server
         prefix = f"multi-{uuid_module.uuid4().hex}:"
@@ -1218,6 +1239,9 @@ _WRITE_SCRIPT = textwrap.dedent("""
     if kind == "sqlite":
         from flask_multiprocess_controller import SQLiteStore
         store = SQLiteStore(location)
+    elif kind == "postgres":
+        from flask_multiprocess_controller.store.postgres import PostgresStore
+        store = PostgresStore(location, schema=prefix)
     else:
         from flask_multiprocess_controller.store.redis import RedisStore
         store = RedisStore(location, prefix=prefix)
@@ -1424,12 +1448,15 @@ def footprint(store: TaskStore) -> int:
             return int(client.memory_usage(store.prefix + "events", samples=0) or 0)
         finally:
             client.close()
+    if isinstance(store, PostgresStore):  # the events' table with its TOAST and indexes (dead rows included)
+        return int(store._query(f"SELECT pg_total_relation_size('{store.schema}.events')")[0][0])
     kept = store.changes(str(store._pruned), limit=10 ** 9).events  # type: ignore[attr-defined]
     return len(json.dumps(kept))
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("store", ["memory", pytest.param("sqlite", marks=pytest.mark.slow), "redis"], indirect=True)
+@pytest.mark.parametrize("store", ["memory", pytest.param("sqlite", marks=pytest.mark.slow), "redis", "postgres"],
+                         indirect=True)
 def test_ten_thousand_progress_events_of_a_task_with_a_900_kb_argument_take_less_than_10_mb(store):
     (uuid,) = add(store, args={"blob": "x" * 900_000})
     claim(store)

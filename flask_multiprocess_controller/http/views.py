@@ -9,7 +9,6 @@ import functools
 import heapq
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from flask.typing import ResponseReturnValue
@@ -180,16 +179,13 @@ def _wrapper(extension: "MultiprocessController") -> Callable[[Callable[..., Any
 
 def public_store_name(store: TaskStore) -> str:
     """How a store is shown to operators: its URL without any password."""
+    from ..store import redacted_url
+
     url = getattr(store, "url", None)
     if not isinstance(url, str):
         path = getattr(store, "path", None)
         return f"sqlite:///{path}" if isinstance(path, str) else type(store).__name__
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
+    return redacted_url(url)
 
 
 def _host_drain(extension: "MultiprocessController") -> Callable[[str], ResponseReturnValue]:

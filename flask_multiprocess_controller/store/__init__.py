@@ -5,7 +5,7 @@ import importlib
 import os
 import re
 from typing import Optional, Union
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .. import defaults
 from ..exceptions import StoreError
@@ -13,7 +13,25 @@ from .base import TaskStore
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["TaskStore", "MemoryStore", "SQLiteStore", "resolve_store", "sqlite_path_from_url", "store_url"]
+__all__ = ["TaskStore", "MemoryStore", "SQLiteStore", "resolve_store", "sqlite_path_from_url", "store_url",
+           "redacted_url"]
+
+#: The schemes of the PostgreSQL store (SQLAlchemy's spellings included).
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2", "postgres+psycopg")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password (``user:***@host``): how logs, errors, health and pages show a store URL."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url.partition("://")[0] + "://***"
+    if password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 def sqlite_path_from_url(url: str) -> str:
@@ -98,6 +116,8 @@ def resolve_store(store: Union[None, str, TaskStore], base_dir: Optional[str] = 
     - ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (``?mode=0640``: the
       permissions of a file it creates): :class:`SQLiteStore`;
     - ``redis://host:port/db`` (also ``rediss://``, ``unix://``): :class:`~.redis.RedisStore`;
+    - ``postgresql://user:password@host:port/database`` (also ``postgresql+psycopg://``):
+      :class:`~.postgres.PostgresStore`, its tables in the schema ``MPC_PG_SCHEMA`` (default ``mpc``);
     - ``memory://``: :class:`MemoryStore`;
     - ``module.path:ClassName``: a store class of your own, imported from its module (a subclass
       of :class:`TaskStore`, else :class:`~..exceptions.StoreError`) and called without
@@ -127,8 +147,13 @@ def resolve_store(store: Union[None, str, TaskStore], base_dir: Optional[str] = 
         from .redis import RedisStore
 
         return RedisStore(url)
+    if scheme in POSTGRES_SCHEMES:
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
     found = _CLASS_URL.fullmatch(url)
     if found is not None:
         return _class_store(found, url)
-    raise StoreError(f"Unsupported store URL {url!r}: use sqlite:///path.db, redis://host:port/db, memory:// "
+    raise StoreError(f"Unsupported store URL {url!r}: use sqlite:///path.db, redis://host:port/db, "
+                     f"postgresql://user@host/db, memory:// "
                      f"or module.path:StoreClass.")

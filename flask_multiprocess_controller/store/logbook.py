@@ -17,6 +17,7 @@ from .. import defaults
 
 if TYPE_CHECKING:
     from .memory import MemoryStore
+    from .postgres import PostgresStore
     from .redis import RedisStore
     from .sqlite import SQLiteStore
 
@@ -169,6 +170,57 @@ class SQLiteLogBook(LogBook):
         with self._store._transaction() as db:
             db.execute("DELETE FROM mpc_logs WHERE uuid NOT IN (SELECT uuid FROM mpc_tasks)")
             db.execute("DELETE FROM mpc_log_sizes WHERE uuid NOT IN (SELECT uuid FROM mpc_tasks)")
+
+
+class PostgresLogBook(LogBook):
+    """Logs in two tables of the PostgreSQL store's schema (``logs``, ``log_sizes``), as in SQLite: the task's
+    size row is locked while lines are added, so that two writers of one task number its lines in turn."""
+
+    def __init__(self, store: "PostgresStore", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._store = store
+        self._s = store.schema
+
+    def append(self, uuid: str, lines: Sequence[str]) -> None:
+        s = self._s
+        lines = self._clip(lines)
+        with self._store._transaction() as tx:
+            now = tx.now
+            tx.execute(f"INSERT INTO {s}.log_sizes (uuid, bytes, last, at) VALUES (%s, 0, 0, %s) "
+                       "ON CONFLICT (uuid) DO NOTHING", (uuid, now))
+            size, last = tx.execute(f"SELECT bytes, last FROM {s}.log_sizes WHERE uuid = %s FOR UPDATE",
+                                    (uuid,)).fetchone()
+            tx.db.cursor().executemany(f"INSERT INTO {s}.logs (uuid, n, line, at) VALUES (%s, %s, %s, %s)",
+                                       [(uuid, last + i, line, now) for i, line in enumerate(lines, 1)])
+            size += sum(len(line) for line in lines)
+            last += len(lines)
+            if size > self.keep_bytes:
+                cut = 0
+                for n, length in tx.execute(f"SELECT n, length(line) FROM {s}.logs WHERE uuid = %s ORDER BY n",
+                                            (uuid,)).fetchall():
+                    if size <= self.keep_bytes:
+                        break
+                    size -= length
+                    cut = n
+                tx.execute(f"DELETE FROM {s}.logs WHERE uuid = %s AND n <= %s", (uuid, cut))
+            tx.execute(f"UPDATE {s}.log_sizes SET bytes = %s, last = %s, at = %s WHERE uuid = %s",
+                       (size, last, now, uuid))
+            stale = [row[0] for row in tx.execute(
+                f"DELETE FROM {s}.log_sizes WHERE uuid IN (SELECT uuid FROM {s}.log_sizes WHERE at < %s LIMIT 100 "
+                "FOR UPDATE SKIP LOCKED) RETURNING uuid", (now - self.retention,)).fetchall()]
+            if stale:
+                tx.execute(f"DELETE FROM {s}.logs WHERE uuid = ANY(%s)", (stale,))
+
+    def read(self, uuid: str, after: int = 0, limit: int = 1000) -> list[Line]:
+        return [(int(n), str(line)) for n, line in self._store._query(
+            f"SELECT n, line FROM {self._s}.logs WHERE uuid = %s AND n > %s ORDER BY n LIMIT %s", (uuid, after, limit))]
+
+    def drop_orphans(self) -> None:
+        s = self._s
+        with self._store._transaction() as tx:
+            tx.execute(f"DELETE FROM {s}.logs l WHERE NOT EXISTS (SELECT 1 FROM {s}.tasks t WHERE t.uuid = l.uuid)")
+            tx.execute(f"DELETE FROM {s}.log_sizes l WHERE NOT EXISTS "
+                       f"(SELECT 1 FROM {s}.tasks t WHERE t.uuid = l.uuid)")
 
 
 # KEYS: lines, meta ; ARGV: keep_bytes, retention seconds, line...

@@ -215,7 +215,11 @@ def _unpad(member: Any) -> str:
 
 
 def _store_error(url: str, exc: Exception) -> StoreError:
-    """The store error a driver error becomes: StoreUnavailable when the server cannot be reached."""
+    """The store error a driver error becomes: StoreUnavailable when the server cannot be reached. The URL is
+    shown without its password."""
+    from . import redacted_url
+
+    url = redacted_url(url)
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         return StoreUnavailable(f"The Redis store at {url} is unreachable: {exc}", defaults.RETRY_AFTER)
     return StoreError(f"The Redis store at {url} failed: {exc}")
