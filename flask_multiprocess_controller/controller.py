@@ -451,7 +451,7 @@ class MetaMPController:
 
     def enqueue(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
                 timeout: Optional[float] = None, batch: Optional[str] = None,
-                tenant: Optional[str] = None) -> list[TaskObject]:
+                tenant: Optional[str] = None, connection: Any = None) -> list[TaskObject]:
         """Queue one task per mapping of keyword arguments, all or none; return their task objects.
 
         A ``priority`` key in a mapping is taken as that task's priority unless
@@ -462,18 +462,25 @@ class MetaMPController:
         :raises QueueFull: the items do not fit in the queue; nothing is queued.
         :raises TypeError: ``tenant`` is not a string.
 
+        ``connection``: the application's open database connection or session; the tasks are then written in
+        its transaction (see :meth:`submit`).
+
         .. versionchanged:: 0.3
-            ``tenant``.
+            ``tenant``, ``connection``.
         """
-        return self._present_new(self.enqueue_rows(items, priority, timeout, batch, tenant))
+        return self._present_new(self.enqueue_rows(items, priority, timeout, batch, tenant, connection=connection))
 
     def enqueue_rows(self, items: Sequence[Mapping[str, Any]], priority: int, timeout: Optional[float],
                      batch: Optional[str], tenant: Optional[str] = None,
-                     keyed: Optional[Callable[[list[Row]], Idempotency]] = None) -> list[Row]:
+                     keyed: Optional[Callable[[list[Row]], Idempotency]] = None,
+                     connection: Any = None) -> list[Row]:
         """:meth:`enqueue` without the task objects (a caller that waits reads them anyway).
 
         :param keyed: makes the store's record of the submission's key from its rows (see
             :meth:`enqueue_once`, which passes it); the store may then raise :class:`IdempotentReplay`.
+        :param connection: the application's connection or session whose open transaction the rows are
+            written in (a store with ``enqueue_in``: PostgreSQL); its commit makes them visible and wakes
+            the slots of every serving process.
         """
         side = self._activate()  # raises NoTargetTask for a controller without a task
         spec = self._spec
@@ -484,7 +491,14 @@ class MetaMPController:
             raise PayloadTooLarge(f"{len(items)} tasks in one request; the limit is {self.max_bulk}.")
         rows = new_rows(spec, self.name, items, priority, self._effective_timeout(timeout), self.task_tenant(tenant),
                         batch)
-        if keyed is None:
+        if connection is not None:
+            enqueue_in = getattr(self.store, "enqueue_in", None)
+            if enqueue_in is None:
+                raise TypeError(f"connection= writes tasks in the application's own transaction, which needs the "
+                                f"PostgreSQL store (MPC_STORE_URL=postgresql://...); this controller's store is "
+                                f"{type(self.store).__name__}.")
+            enqueue_in(connection, rows, self.max_num_queue, keyed(rows) if keyed is not None else None)
+        elif keyed is None:
             side.submit(rows, self.max_num_queue)
         else:
             side.submit(rows, self.max_num_queue, keyed(rows))
@@ -546,24 +560,37 @@ class MetaMPController:
 
         Outside a request the task is the system's (:data:`SYSTEM_TENANT`); ``enqueue([kwargs], tenant=...)``
         queues one for a tenant (every keyword here is an argument of ``execute``).
+
+        ``connection=`` (unless ``execute`` has a parameter of that name) is the application's open
+        database connection or session on the PostgreSQL store's database: a psycopg 3 or psycopg2
+        connection, a SQLAlchemy ``Connection`` or ``Session`` (Flask-SQLAlchemy's ``db.session``). The
+        task and its ``queued`` event are then written in that transaction: the task exists if and only
+        if the transaction commits, is seen by no slot or reader before, and runs once it has.
+
+        .. versionchanged:: 0.3
+            ``connection``.
         """
+        connection = None
+        if "connection" in kwargs and (self._spec is None or "connection" not in self._spec.names):
+            connection = kwargs.pop("connection")
         # Only the uuid is returned: no task object, so no queue position to count.
-        return str(self.enqueue_rows([kwargs], 0, None, None)[0]["uuid"])
+        return str(self.enqueue_rows([kwargs], 0, None, None, connection=connection)[0]["uuid"])
 
     def submit_many(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
-                    timeout: Optional[float] = None, tenant: Optional[str] = None) -> Batch:
+                    timeout: Optional[float] = None, tenant: Optional[str] = None, connection: Any = None) -> Batch:
         """Queue one task per mapping of keyword arguments, all or none, as one batch.
 
         Returns the :class:`~.batches.Batch`: its ``id`` (what :meth:`wait_batch` and
         ``GET <collection>?batch=`` take) and the task objects, in input order. ``tenant``: as
-        :meth:`enqueue`.
+        :meth:`enqueue`. ``connection``: the application's transaction to write them in (see :meth:`submit`).
 
         .. versionadded:: 0.3
         """
         if not items:
             raise InvalidRequest("A batch needs at least one task.")
         batch = new_batch_id()
-        return Batch(batch, self.enqueue(items, priority=priority, timeout=timeout, batch=batch, tenant=tenant))
+        return Batch(batch, self.enqueue(items, priority=priority, timeout=timeout, batch=batch, tenant=tenant,
+                                         connection=connection))
 
     def wait_batch(self, batch: str, timeout: Optional[float] = None) -> BatchView:
         """Wait until every task of the batch has ended, or ``timeout`` seconds passed (0: do not wait).

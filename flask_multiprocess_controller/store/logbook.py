@@ -183,7 +183,7 @@ class PostgresLogBook(LogBook):
 
     def append(self, uuid: str, lines: Sequence[str]) -> None:
         s = self._s
-        lines = self._clip(lines)
+        lines = [line.replace("\x00", "\ufffd") for line in self._clip(lines)]  # PostgreSQL text has no NUL
         with self._store._transaction() as tx:
             now = tx.now
             tx.execute(f"INSERT INTO {s}.log_sizes (uuid, bytes, last, at) VALUES (%s, 0, 0, %s) "

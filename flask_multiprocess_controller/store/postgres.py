@@ -75,9 +75,26 @@ _NOW = object()
 _UNCOUNT = object()
 #: Idle connections kept per process.
 _MAX_IDLE_CONNECTIONS = 16
+#: Connections a forked process inherited from its parent: never used, never closed (closing would end the
+#: parent's session), and kept referenced so that no finaliser touches them.
+_INHERITED: list[Any] = []
 #: Seconds a waiting follower sleeps at most between looks when no notification comes (the listener may be
 #: reconnecting after a restart of the server).
 _WAIT_POLL = 1.0
+
+
+def tenant_text(tenant: Optional[str]) -> Optional[str]:
+    """A tenant as the ``tenant`` columns hold it: PostgreSQL text has no NUL, which the system tenant's
+    marker starts with, so backslashes and NULs are escaped (``\\\\`` and ``\\0``); equal tenants stay equal."""
+    return None if tenant is None else tenant.replace("\\", "\\\\").replace("\x00", "\\0")
+
+
+def _tenant_value(text: Optional[str]) -> Optional[str]:
+    """The tenant of a ``tenant`` column's text (see :func:`tenant_text`)."""
+    if text is None or "\\" not in text:
+        return text
+    parts = text.split("\\\\")
+    return "\\".join(part.replace("\\0", "\x00") for part in parts)
 
 
 def _encode(column: str, value: Any) -> Any:
@@ -85,6 +102,8 @@ def _encode(column: str, value: Any) -> Any:
         return None if value is None else json.dumps(value)
     if column == "stop_requested":
         return bool(value)
+    if column == "tenant":
+        return tenant_text(value)
     return value
 
 
@@ -95,6 +114,8 @@ def _decode(values: Sequence[Any], columns: Sequence[str] = _COLUMNS) -> Row:
             row[column] = json.loads(row[column])
     if "stop_requested" in row:
         row["stop_requested"] = bool(row["stop_requested"])
+    if row.get("tenant") is not None:
+        row["tenant"] = _tenant_value(row["tenant"])
     return cast(Row, row)
 
 
@@ -125,7 +146,7 @@ def _tenant_condition(tenant: Any) -> tuple[str, tuple[Any, ...]]:
         return "", ()
     if tenant is None:
         return " AND tenant IS NULL", ()
-    return " AND tenant = %s", (tenant,)
+    return " AND tenant = %s", (tenant_text(tenant),)
 
 
 def plain_url(url: str) -> str:
@@ -162,7 +183,7 @@ class _Tx:
         task = event_payload(kind.value, row)
         event = Event(cursor="", kind=kind.value, uuid=row["uuid"], controller=row["controller"], at=at,
                       emitter=emitter, task=task)
-        self.events.append((event, json.dumps(task), row.get("tenant")))
+        self.events.append((event, json.dumps(task), tenant_text(row.get("tenant"))))
         return event
 
 
@@ -213,11 +234,13 @@ class PostgresStore(TaskStore):
         self._listener: Optional[threading.Thread] = None
         self._listener_pid = 0
         self._stopping = threading.Event()
-        with self._connection() as db:
-            migrate(db, self.schema)
-            #: Names this store's tables: a transactional enqueue checks it on the application's connection.
-            self.store_id = int(db.execute(f"SELECT value FROM {s}.meta WHERE key = 'store_id'").fetchone()[0])
-        self.close()  # no connection is carried into the processes the controller forks next
+        try:
+            with self._connection() as db:
+                migrate(db, self.schema)
+                #: Names this store's tables: a transactional enqueue checks it on the application's connection.
+                self.store_id = int(db.execute(f"SELECT value FROM {s}.meta WHERE key = 'store_id'").fetchone()[0])
+        finally:
+            self.close()  # no connection is carried into the processes the controller forks next  # no connection is carried into the processes the controller forks next
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.public_url!r}, schema={self.schema!r})"
@@ -256,6 +279,7 @@ class PostgresStore(TaskStore):
     def _take(self) -> Any:
         with self._idle_lock:
             if self._idle_pid != os.getpid():  # forked: the parent's connections are not ours to use
+                _INHERITED.extend(self._idle)  # nor to close: kept, so that nothing finalises them here
                 self._idle, self._idle_pid = [], os.getpid()
             while self._idle:
                 conn = self._idle.pop()

@@ -29,6 +29,8 @@ def driver_connection(connection: Any) -> Any:
     if module.startswith("sqlalchemy"):
         if hasattr(connection, "get_bind"):  # a Session or a scoped_session: its transaction's Connection
             connection = connection.connection()
+        elif hasattr(connection, "in_transaction") and not connection.in_transaction():
+            connection.begin()  # what its next statement would do: the application's commit() then commits ours
         proxied = getattr(connection, "connection", None)
         raw = getattr(proxied, "driver_connection", None) or getattr(proxied, "connection", None)
         if raw is None:
@@ -36,7 +38,7 @@ def driver_connection(connection: Any) -> Any:
                              f"connection; it takes {ACCEPTED}.")
         connection = raw
         module = type(connection).__module__
-    if module.startswith("psycopg2") or module.startswith("psycopg."):
+    if module.split(".")[0] in ("psycopg", "psycopg2", "psycopg_binary"):
         return connection
     raise StoreError(f"connection= got {type(connection).__name__!s}; it takes {ACCEPTED}.")
 
