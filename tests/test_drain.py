@@ -134,10 +134,12 @@ DRAIN_APP = JOB_APP.replace(
 assert DRAIN_APP.count("MultiprocessController") == 2
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/store/tasks.sqlite3"
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_url")
     return request.getfixturevalue("redis_url")
 
 

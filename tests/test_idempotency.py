@@ -25,6 +25,7 @@ from flask_multiprocess_controller import (
 )
 from flask_multiprocess_controller.exceptions import IdempotentReplay
 from flask_multiprocess_controller.store.base import Idempotency, TaskStore
+from flask_multiprocess_controller.store.postgres import PostgresStore
 from flask_multiprocess_controller.store.redis import RedisStore
 
 from serverproc import gunicorn, free_port, write_job_app
@@ -41,12 +42,15 @@ BACKENDS = {
     "memory": lambda env: MemoryStore(),
     "sqlite": lambda env: SQLiteStore(str(env.tmp_path / "idem.sqlite3")),
     "redis": lambda env: RedisStore(env.redis_url, prefix=f"idem-{uuid_module.uuid4().hex}:"),
+    "postgres": lambda env: PostgresStore(env.postgres_url, schema=f"idem_{uuid_module.uuid4().hex[:12]}"),
 }
 
 
 @pytest.fixture(params=list(BACKENDS))
 def store(request, tmp_path, redis_server) -> Iterator[TaskStore]:
-    made = BACKENDS[request.param](SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server))
+    postgres_url = request.getfixturevalue("postgres_server").url() if request.param == "postgres" else None
+    made = BACKENDS[request.param](SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server,
+                                                   postgres_url=postgres_url))
     yield made
     made.close()
 
@@ -99,6 +103,8 @@ def test_an_expired_key_is_forgotten_and_purged(store):
         assert kept == ["long"]
     elif isinstance(store, MemoryStore):
         assert list(store._idempotency) == ["long"]
+    elif isinstance(store, PostgresStore):
+        assert store._query(f"SELECT key FROM {store.schema}.idempotency") == [("long",)]
     else:
         import redis
 

@@ -149,12 +149,14 @@ def test_pause_settings_are_checked_and_read_from_the_app(make_controller):
 
 # -- health ---------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
 def any_store(request, tmp_path) -> str:
     if request.param == "memory":
         return "memory://"
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/tasks.sqlite3"
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_url")
     return request.getfixturevalue("redis_url")
 
 

@@ -224,10 +224,12 @@ def wait_status(client, uuid: str, status: str, timeout: float = 15.0) -> dict:
     return wait_until(reached, timeout)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/tasks.sqlite3"
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_url")
     return request.getfixturevalue("redis_url")
 
 

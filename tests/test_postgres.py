@@ -4,11 +4,9 @@ password is shown nowhere. The store contract itself runs on it in ``tests/test_
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid as uuid_module
-from pathlib import Path
 from typing import Any
 
 import psycopg

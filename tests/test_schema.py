@@ -153,12 +153,17 @@ def test_sqlite_file_of_the_first_release_gets_the_added_columns(tmp_path) -> No
 # -- every store keeps every field ---------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
 def any_store(request, tmp_path, redis_server):
     if request.param == "memory":
         made: Any = MemoryStore()
     elif request.param == "sqlite":
         made = SQLiteStore(str(tmp_path / "roundtrip.sqlite3"))
+    elif request.param == "postgres":
+        from flask_multiprocess_controller.store.postgres import PostgresStore
+
+        made = PostgresStore(request.getfixturevalue("postgres_server").url(),
+                             schema=f"schema_{uuid_module.uuid4().hex[:12]}")
     else:
         made = RedisStore(redis_server, prefix=f"schema-{uuid_module.uuid4().hex}:")
     yield made

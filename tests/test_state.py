@@ -124,12 +124,14 @@ class ChecksItsState(MetaMPTask):
         return seen
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
 def store_url(request, tmp_path):
     if request.param == "memory":
         return "memory://"
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'state.sqlite3'}"
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_url")
     return request.getfixturevalue("redis_url")
 
 

@@ -10,7 +10,6 @@ import threading
 import time
 import uuid as uuid_module
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -21,7 +20,7 @@ from flask_multiprocess_controller.store.base import FireOutcome
 
 from conftest import wait_until
 from test_store_contract import (
-    BACKENDS, CTL, OTHER, OWNER, SHARED_BACKENDS, add, claim, counts, fetch, make_row, reopen, status_of, stop,
+    BACKENDS, CTL, OTHER, OWNER, SHARED_BACKENDS, _env, add, claim, counts, fetch, make_row, reopen, status_of, stop,
 )
 
 ERROR = {"type": "ValueError", "message": "boom", "traceback": None}
@@ -29,14 +28,14 @@ ERROR = {"type": "ValueError", "message": "boom", "traceback": None}
 
 @pytest.fixture(params=list(BACKENDS))
 def store(request, tmp_path, redis_server):
-    made = BACKENDS[request.param](SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server))
+    made = BACKENDS[request.param](_env(request, tmp_path, redis_server))
     yield made
     made.close()
 
 
 @pytest.fixture(params=SHARED_BACKENDS)
 def shared_store(request, tmp_path, redis_server):
-    made = BACKENDS[request.param](SimpleNamespace(tmp_path=tmp_path, redis_url=redis_server))
+    made = BACKENDS[request.param](_env(request, tmp_path, redis_server))
     yield made
     made.close()
 

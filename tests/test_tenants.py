@@ -172,9 +172,22 @@ def test_one_tenants_list_counts_and_stop_all_do_not_read_other_tenants_tasks(me
     assert len(store.list_tasks(CTL, ["queued"], limit=5000)) == 3028
 
 
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
+def any_store(request, tmp_path, redis_server):
+    if request.param == "postgres":
+        from flask_multiprocess_controller.store.postgres import PostgresStore
+
+        store: TaskStore = PostgresStore(request.getfixturevalue("postgres_server").url(),
+                                         schema=f"tenants_{uuid_module.uuid4().hex[:12]}")
+    else:
+        store, _ = BACKENDS[request.param]({"tmp_path": tmp_path, "redis_url": redis_server})
+    yield store
+    store.close()
+
+
 @pytest.mark.timeout(60)
-def test_tenant_none_and_the_system_tenant_have_indexes_of_their_own(metered_store):
-    store, _ = metered_store
+def test_tenant_none_and_the_system_tenant_have_indexes_of_their_own(any_store):
+    store = any_store
     rows = [_row(None), _row(SYSTEM_TENANT), _row("acme"), _row(None)]
     store.enqueue(rows, -1)
     assert [r["uuid"] for r in store.list_tasks(CTL, tenant=None)] == [rows[3]["uuid"], rows[0]["uuid"]]

@@ -22,10 +22,12 @@ HTTP_TIMEOUT = 30.0
 STOP_DEADLINE = 30.0
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/store/tasks.sqlite3"
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_url")
     return request.getfixturevalue("redis_url")
 
 
