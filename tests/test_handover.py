@@ -133,15 +133,17 @@ class ProgressWatch(threading.Thread):
 
 
 @pytest.mark.timeout(150)
-def test_a_gunicorn_reload_hands_every_running_task_over(tmp_path, pool, handover_dir):
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_gunicorn_reload_hands_every_running_task_over(store, tmp_path, pool, handover_dir, request):
     """``kill -HUP`` of the master mid-run: the new workers adopt every task; nothing stops or runs twice."""
-    app = App(tmp_path, pool, f"sqlite:///{tmp_path}/tasks.sqlite3", handover_dir, window=30, stop_grace=1.0)
+    url = f"sqlite:///{tmp_path}/tasks.sqlite3" if store == "sqlite" else request.getfixturevalue("postgres_url")
+    app = App(tmp_path, pool, url, handover_dir, window=30, stop_grace=1.0)
     server = app.gunicorn("-w", "2")
     api = JobApi(server.base, HTTP_TIMEOUT, log=server.log)
     long = [api.submit(seconds=20, step=0.2, tag=f"t{i}")["uuid"] for i in range(4)]
     timed = requests.post(api.url + "?timeout=8", json={"seconds": 30}, timeout=HTTP_TIMEOUT).json()["uuid"]
     doomed = api.submit(seconds=60)["uuid"]
-    paused = api.submit(seconds=8, step=0.1)["uuid"]
+    paused = api.submit(seconds=12, step=0.1)["uuid"]  # still running once adopted, on a busy machine too
     every = [*long, timed, doomed, paused]
     before = {uuid: api.wait_running(uuid) for uuid in every}
     old_workers = {w.pid for w in gunicorn_workers(server)}
@@ -202,9 +204,9 @@ def test_a_gunicorn_reload_hands_every_running_task_over(tmp_path, pool, handove
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("store", ["sqlite", "redis"])
+@pytest.mark.parametrize("store", ["sqlite", "redis", "postgres"])
 def test_a_worker_killed_while_a_sibling_lives_has_its_task_adopted(store, tmp_path, pool, handover_dir, request):
-    url = f"sqlite:///{tmp_path}/tasks.sqlite3" if store == "sqlite" else request.getfixturevalue("redis_url")
+    url = f"sqlite:///{tmp_path}/tasks.sqlite3" if store == "sqlite" else request.getfixturevalue(f"{store}_url")
     app = App(tmp_path, pool, url, handover_dir, window=30)
     server = app.gunicorn("-w", "2")
     api = JobApi(server.base, HTTP_TIMEOUT, log=server.log)

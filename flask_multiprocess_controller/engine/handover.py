@@ -115,6 +115,8 @@ def reopen_url(store: "TaskStore") -> Optional[str]:
         return "sqlite:///" + store.path
     if type(store).__name__ == "RedisStore" and getattr(store, "prefix", None) == "mpc:":
         return str(getattr(store, "url"))
+    if type(store).__name__ == "PostgresStore":
+        return str(getattr(store, "reopen_url"))
     return None
 
 

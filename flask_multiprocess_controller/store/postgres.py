@@ -26,6 +26,7 @@ import select
 import threading
 import time
 from contextlib import contextmanager
+from urllib.parse import parse_qsl, urlencode
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Sequence, cast
 
 from .. import defaults
@@ -149,12 +150,19 @@ def _tenant_condition(tenant: Any) -> tuple[str, tuple[Any, ...]]:
     return " AND tenant = %s", (tenant_text(tenant),)
 
 
-def plain_url(url: str) -> str:
-    """The libpq URL of a store URL: ``postgresql+psycopg://`` (SQLAlchemy's spelling) as ``postgresql://``."""
+def plain_url(url: str) -> tuple[str, Optional[str]]:
+    """The libpq URL of a store URL (``postgresql+psycopg://``, SQLAlchemy's spelling, as ``postgresql://``) and
+    the schema its ``schema=`` option names (an option of the store, which libpq would refuse)."""
     scheme, sep, rest = url.partition("://")
     if scheme.startswith("postgresql+") or scheme.startswith("postgres+"):
-        return "postgresql://" + rest
-    return url
+        url = "postgresql://" + rest
+    base, mark, query = url.partition("?")
+    if not mark:
+        return url, None
+    options = parse_qsl(query, keep_blank_values=True)
+    schema = next((value for key, value in options if key == "schema"), None)
+    kept = urlencode([(key, value) for key, value in options if key != "schema"])
+    return base + ("?" + kept if kept else ""), schema
 
 
 class _Tx:
@@ -191,9 +199,9 @@ class PostgresStore(TaskStore):
     """Tasks in a PostgreSQL database (``postgresql://user:password@host:port/database``), through psycopg 3.
 
     :param url: the database's URL (``postgresql+psycopg://`` is taken too); any libpq option may follow
-        ``?``, ``sslmode=require`` say.
-    :param schema: the schema of the store's tables (created on first use); default ``MPC_PG_SCHEMA``, else
-        ``mpc``. Several apps may share a database with a schema each.
+        ``?``, ``sslmode=require`` say, and ``schema=`` names the schema.
+    :param schema: the schema of the store's tables (created on first use); default the URL's ``schema=``, else
+        ``MPC_PG_SCHEMA``, else ``mpc``. Several apps may share a database with a schema each.
     :param connect_timeout: seconds a new connection may take.
     """
 
@@ -204,8 +212,8 @@ class PostgresStore(TaskStore):
         if psycopg is None:
             raise StoreError("The PostgreSQL store needs psycopg 3: pip install "
                              "'flask-multiprocess-controller[postgres]'.")
-        self.url = plain_url(url)
-        self.schema = schema or os.environ.get(SCHEMA_ENV) or DEFAULT_SCHEMA
+        self.url, url_schema = plain_url(url)
+        self.schema = schema or url_schema or os.environ.get(SCHEMA_ENV) or DEFAULT_SCHEMA
         if not SCHEMA_NAME.fullmatch(self.schema):
             raise StoreError(f"The PostgreSQL store's schema must be a lower-case identifier like mpc or "
                              f"tasks_app1, not {self.schema!r}.")
@@ -244,6 +252,11 @@ class PostgresStore(TaskStore):
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.public_url!r}, schema={self.schema!r})"
+
+    @property
+    def reopen_url(self) -> str:
+        """A store URL that opens this store again in another process (its schema included)."""
+        return f"{self.url}{'&' if '?' in self.url else '?'}schema={self.schema}"
 
     @property
     def public_url(self) -> str:
