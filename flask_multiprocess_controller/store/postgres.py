@@ -69,6 +69,8 @@ _SCHEDULE_COLUMNS = ("controller", "name", "spec", "fired_until", "last_fired", 
                      "last_skipped", "seen_at", "declared_by")
 #: The server's clock in UNIX seconds.
 _CLOCK = "extract(epoch FROM clock_timestamp())::float8"
+#: The server's clock when the statement began: one value wherever a statement uses it.
+_STATEMENT_CLOCK = "extract(epoch FROM statement_timestamp())::float8"
 _PRUNE_SCAN = 512
 _PURGE_BATCH = 500
 _NO_SEQ = 2 ** 63 - 1
@@ -229,7 +231,7 @@ class PostgresStore(TaskStore):
                             f"(SELECT max(cursor) FROM {s}.events))")
         self._feed_state = (f"SELECT (SELECT value FROM {s}.meta WHERE key = 'pruned'), "
                             f"(SELECT value FROM {s}.meta WHERE key = 'event_bytes')")
-        self._publish_sql = f"SELECT {s}.publish(%s, %s, %s, %s, %s, %s, %s, %s)"
+        self._publish_sql = f"SELECT * FROM {s}.publish(%s, %s, %s, %s, %s, %s, %s, %s)"
         # Guards _idle and _idle_pid: idle connections of the process that opened them.
         self._idle_lock = threading.Lock()
         self._idle: list[Any] = []
@@ -359,19 +361,18 @@ class PostgresStore(TaskStore):
         params = [(e["kind"], e["uuid"], e["controller"], e["at"], e["emitter"], text, tenant,
                    e["kind"] in CALLBACK_KINDS) for e, text, tenant in tx.events]
         if len(params) == 1:
-            cursors = [tx.execute(self._publish_sql, params[0]).fetchone()[0]]
+            answers = [tx.execute(self._publish_sql, params[0]).fetchone()]
         else:
             cur = tx.db.cursor()
             cur.executemany(self._publish_sql, params, returning=True)
-            cursors = []
+            answers = []
             while True:
-                cursors.append(cur.fetchone()[0])
+                answers.append(cur.fetchone())
                 if not cur.nextset():
                     break
-        for (event, _, _), cursor in zip(tx.events, cursors):
+        for (event, _, _), (cursor, _, _) in zip(tx.events, answers):
             event["cursor"] = str(cursor)
-        pruned, total = tx.execute(self._feed_state).fetchone()
-        latest = cursors[-1]
+        latest, pruned, total = answers[-1]
         if latest - pruned > self.max_events + self.max_events // 100 or total > self.max_event_bytes:
             self._prune_in(tx, latest - self.max_events, self.max_event_bytes - self.max_event_bytes // 100)
 
@@ -494,8 +495,9 @@ class PostgresStore(TaskStore):
         """:meth:`_claim` in the caller's transaction: the controller's claim lock makes the count of running
         tasks and the claim one step for every claimer on every host."""
         t = self._t
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{self.schema}.claim:{controller}",))
-        now = tx.now  # read after the lock: later than any claim committed before this one
+        (_, now) = tx.execute(f"SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)), {_CLOCK}",
+                              (f"{self.schema}.claim:{controller}",)).fetchone()
+        tx._now = now  # read after the lock: later than any claim committed before this one
         tx.execute(f"UPDATE {t} SET retry_at = NULL WHERE controller = %s AND {_DELAYED_SQL} AND retry_at <= %s",
                    (controller, now))
         (running,) = tx.execute(self._active_count, (controller,)).fetchone()
@@ -544,18 +546,30 @@ class PostgresStore(TaskStore):
     def _update_active_in(self, tx: _Tx, kind: EventKind, uuid: str, owner: Optional[str],
                           emitter: Optional[str], assignments: dict[str, Any]) -> Optional[Event]:
         """Set columns of an active task (of ``owner``, if given) and write the event ``kind``; a value
-        :data:`_NOW` is the server's clock at the change."""
-        clause = ", ".join(f"{c} = GREATEST(0, {c} - 1)" if v is _UNCOUNT else f"{c} = %s"
-                           for c, v in assignments.items())
+        :data:`_NOW` is the server's clock at the change (read by the statement itself, unless the transaction
+        read it already)."""
+        known = tx._now
+        clock, clock_args = (_STATEMENT_CLOCK, ()) if known is None else ("%s::float8", (known,))
+        parts: list[str] = []
+        values: list[Any] = []
+        for column, value in assignments.items():
+            if value is _UNCOUNT:
+                parts.append(f"{column} = GREATEST(0, {column} - 1)")
+            elif value is _NOW:
+                parts.append(f"{column} = {clock}")
+                values.extend(clock_args)
+            else:
+                parts.append(f"{column} = %s")
+                values.append(_encode(column, value))
         fence, fenced = (" AND owner = %s", (owner,)) if owner is not None else ("", ())
-        now = tx.now
-        values = [now if v is _NOW else _encode(c, v) for c, v in assignments.items() if v is not _UNCOUNT]
         columns = event_columns(kind.value)
-        found = tx.execute(f"UPDATE {self._t} SET {clause} WHERE uuid = %s AND status IN {_ACTIVE_SQL}{fence} "
-                           f"RETURNING {', '.join(columns)}", (*values, uuid, *fenced)).fetchone()
+        found = tx.execute(f"UPDATE {self._t} SET {', '.join(parts)} WHERE uuid = %s AND status IN {_ACTIVE_SQL}"
+                           f"{fence} RETURNING {clock}, {', '.join(columns)}",
+                           (*values, uuid, *fenced, *clock_args)).fetchone()
         if found is None:
             return None
-        return tx.emit(kind, _decode(found, columns), emitter, now)
+        tx._now = now = float(found[0])
+        return tx.emit(kind, _decode(found[1:], columns), emitter, now)
 
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
         return self._update_active(EventKind.STARTED, uuid, owner, owner, {"pid": pid, "pid_created": pid_created})

@@ -49,7 +49,8 @@ def declaration(field: Field) -> str:
 
 
 #: Version 1 of the tables; ``{s}`` is the schema. ``publish`` takes the feed's lock, gives the event the next
-#: cursor, copies a callback event into the outbox, counts its bytes and wakes the listeners (at commit).
+#: cursor, copies a callback event into the outbox, counts its bytes and wakes the listeners (at commit); it
+#: answers the cursor with the feed's state (the newest cursor pruned, the bytes kept) for the pruning.
 _VERSION_1 = """
 CREATE TABLE {s}.tasks (
 TASK_COLUMNS
@@ -131,22 +132,21 @@ INSERT INTO {s}.meta (key, value) VALUES ('event_bytes', 0), ('pruned', 0),
     ('store_id', floor(random() * 4611686018427387903)::bigint);
 
 CREATE FUNCTION {s}.publish(p_kind text, p_uuid text, p_controller text, p_at double precision, p_emitter text,
-                            p_task text, p_tenant text, p_callback boolean) RETURNS bigint
+                            p_task text, p_tenant text, p_callback boolean,
+                            OUT cursor bigint, OUT pruned bigint, OUT event_bytes bigint)
 LANGUAGE plpgsql AS $$
-DECLARE
-    c bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended('{s}.events', 0));
-    c := nextval('{s}.event_cursor');
+    cursor := nextval('{s}.event_cursor');
     INSERT INTO {s}.events (cursor, kind, uuid, controller, at, emitter, task, tenant, size)
-        VALUES (c, p_kind, p_uuid, p_controller, p_at, p_emitter, p_task, p_tenant, length(p_task));
+        VALUES (cursor, p_kind, p_uuid, p_controller, p_at, p_emitter, p_task, p_tenant, length(p_task));
     IF p_callback THEN
         INSERT INTO {s}.outbox (cursor, controller, kind, uuid, at, emitter, task)
-            VALUES (c, p_controller, p_kind, p_uuid, p_at, p_emitter, p_task);
+            VALUES (cursor, p_controller, p_kind, p_uuid, p_at, p_emitter, p_task);
     END IF;
-    UPDATE {s}.meta SET value = value + length(p_task) WHERE key = 'event_bytes';
+    UPDATE {s}.meta SET value = value + length(p_task) WHERE key = 'event_bytes' RETURNING value INTO event_bytes;
+    SELECT value INTO pruned FROM {s}.meta WHERE key = 'pruned';
     PERFORM pg_notify('{channel}', '');
-    RETURN c;
 END $$;
 
 CREATE FUNCTION {s}.publish_pending() RETURNS trigger
