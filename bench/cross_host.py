@@ -18,6 +18,9 @@ the dev server) ``MPC_MAX_STREAMS``.
    that stay running; its process tree's CPU time per wall second is measured over a window without
    waiters, and again with ``--waiters`` concurrent ``GET ?wait=`` requests held on those tasks.
    Figure: the difference, in % of one core.
+5. *The same wait and stop on PostgreSQL* (``--stores``, when PostgreSQL is installed): (1) and (2) again with
+   the two hosts on one database of a private PostgreSQL cluster (:mod:`bench.pgcluster`) instead of
+   Redis; the same targets.
 
 Everything runs on this machine, so the server's clock and this script's are the same clock. Each
 figure is printed beside its target, met or missed, and all of them are written to
@@ -26,7 +29,8 @@ figure is printed beside its target, met or missed, and all of them are written 
 The random pauses keep the measured moments from falling always at the same point of a server's
 periodic work (a store poll every 0.1 s would otherwise make every sample alike).
 
-Usage: python bench/cross_host.py [--tasks 50] [--waiters 200] [--window 8] [--seed 8] [--out FILE]
+Usage: python bench/cross_host.py [--tasks 50] [--waiters 200] [--window 8] [--seed 8] [--stores redis,postgresql]
+                                 [--out FILE]
 
 It tears down what it starts (the servers' whole process trees, the Redis server, its temporary
 directory), also when interrupted or when a step fails.
@@ -57,6 +61,7 @@ import psutil
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import pgcluster  # noqa: E402
 from bench.peers.base import REPO_DIR, RedisServer, free_port, poll_until, spawn, stop_tree  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cross_host.json"
@@ -455,34 +460,49 @@ def _gunicorn(name: str, workdir: Path, store: str, host: str) -> Server:
                   workers=GUNICORN_WORKERS)
 
 
+class _Cluster:
+    """The private PostgreSQL cluster, stopped like the servers (in ``started``)."""
+
+    def __init__(self) -> None:
+        self.cluster = pgcluster.PostgresCluster()
+
+    def stop(self) -> None:
+        self.cluster.destroy()
+
+
+def _wait_and_stop(args: argparse.Namespace, workdir: Path, started: list, store: str, suffix: str,
+                   figures: dict, commands: dict, what: str) -> None:
+    """(1) and (2) on two dev servers sharing ``store``; figures named with ``suffix``."""
+    gates = workdir / f"gates{suffix}"
+    gates.mkdir()
+    a = _dev_server(f"host-a{suffix}", workdir, store, "host-a")
+    started.append(a)
+    b = _dev_server(f"host-b{suffix}", workdir, store, "host-b")
+    started.append(b)
+    a.wait_ready()
+    b.wait_ready()
+    commands[f"hosts{suffix}"] = [a.command, b.command]
+    print(f"(1) ?wait= on host B for {args.tasks} tasks ending on host A ({what}) ...", flush=True)
+    rng = random.Random(args.seed)
+    wait = _stats(measure_wait(a, b, gates, args.tasks, rng))
+    figures[f"wait_on_other_host{suffix}_ms"] = {**wait, "target": f"median <= {TARGET_WAIT_MS:g} ms",
+                                                 "met": wait["median"] <= TARGET_WAIT_MS}
+    print(f"(2) DELETE on host B for {args.tasks} tasks running on host A ({what}) ...", flush=True)
+    stop = _stats(measure_stop(a, b, args.tasks, rng))
+    figures[f"stop_from_other_host{suffix}_ms"] = {**stop, "target": f"median <= {TARGET_STOP_MS:g} ms",
+                                                   "met": stop["median"] <= TARGET_STOP_MS}
+    for server in (a, b):
+        server.stop()
+
+
 def run(args: argparse.Namespace, workdir: Path, started: list) -> dict:
     redis_server = RedisServer(workdir)
     started.append(redis_server)
     redis_server.start()
     base_url = redis_server.url.rsplit("/", 1)[0]
-    gates = workdir / "gates"
-    gates.mkdir()
     figures: dict = {}
     commands: dict = {}
-
-    a = _dev_server("host-a", workdir, f"{base_url}/0", "host-a")
-    started.append(a)
-    b = _dev_server("host-b", workdir, f"{base_url}/0", "host-b")
-    started.append(b)
-    a.wait_ready()
-    b.wait_ready()
-    commands["hosts"] = [a.command, b.command]
-    print(f"(1) ?wait= on host B for {args.tasks} tasks ending on host A ...", flush=True)
-    rng = random.Random(args.seed)
-    wait = _stats(measure_wait(a, b, gates, args.tasks, rng))
-    figures["wait_on_other_host_ms"] = {**wait, "target": f"median <= {TARGET_WAIT_MS:g} ms",
-                                        "met": wait["median"] <= TARGET_WAIT_MS}
-    print(f"(2) DELETE on host B for {args.tasks} tasks running on host A ...", flush=True)
-    stop = _stats(measure_stop(a, b, args.tasks, rng))
-    figures["stop_from_other_host_ms"] = {**stop, "target": f"median <= {TARGET_STOP_MS:g} ms",
-                                          "met": stop["median"] <= TARGET_STOP_MS}
-    for server in (a, b):
-        server.stop()
+    _wait_and_stop(args, workdir, started, f"{base_url}/0", "", figures, commands, "Redis")
 
     for key, make, db in (("idle_waiters_dev_server_pct", _dev_server, 1),
                           ("idle_waiters_gunicorn_pct", _gunicorn, 2)):
@@ -500,6 +520,12 @@ def run(args: argparse.Namespace, workdir: Path, started: list) -> dict:
             figures["idle_streams_dev_server_pct"] = {**streams, "target": f"< {TARGET_IDLE_PCT:g} % of one core",
                                                       "met": streams["value"] < TARGET_IDLE_PCT}
         server.stop()
+    if "postgresql" in args.stores:
+        cluster = _Cluster()
+        started.append(cluster)
+        _wait_and_stop(args, workdir, started, cluster.cluster.url(), "_pg", figures, commands, "PostgreSQL")
+        cluster.stop()
+        started.remove(cluster)
     return {"figures": figures, "commands": commands}
 
 
@@ -508,13 +534,18 @@ def _table(result: dict) -> str:
     s = result["settings"]
     verdict = {True: "met", False: "MISSED"}
     lines = [
-        f"Cross-host figures: {s['cpus']} CPUs, Python {s['python']}, one Redis on 127.0.0.1; "
+        f"Cross-host figures: {s['cpus']} CPUs, Python {s['python']}, one Redis on 127.0.0.1"
+        f"{' (and one PostgreSQL for the rows so marked)' if 'wait_on_other_host_pg_ms' in f else ''}; "
         f"{s['tasks']} tasks, {s['waiters']} waiters, {s['window_s']:g} s windows",
         "",
         f"{'figure (ms)':58} {'median':>7} {'p90':>7}  {'target':18} result",
     ]
     for key, label in (("wait_on_other_host_ms", "GET ?wait= held on host B: answer - ended_at on host A"),
-                       ("stop_from_other_host_ms", "DELETE sent to host B: task's ended_at on host A - send")):
+                       ("stop_from_other_host_ms", "DELETE sent to host B: task's ended_at on host A - send"),
+                       ("wait_on_other_host_pg_ms", "PostgreSQL: GET ?wait= held on host B, as above"),
+                       ("stop_from_other_host_pg_ms", "PostgreSQL: DELETE sent to host B, as above")):
+        if key not in f:
+            continue
         fig = f[key]
         lines.append(f"{label:58} {fig['median']:7.1f} {fig['p90']:7.1f}  {fig['target']:18} {verdict[fig['met']]}")
     lines += ["", f"{'figure (% of one core)':58} {'idle':>7} {'held':>7} {'extra':>7}  {'target':22} result"]
@@ -534,10 +565,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--waiters", type=int, default=200, help="held ?wait= requests in (3) (default 200)")
     parser.add_argument("--window", type=float, default=8.0, help="seconds of each CPU window in (3) (default 8)")
     parser.add_argument("--seed", type=int, default=8, help="seed of the random pauses (default 8)")
+    parser.add_argument("--stores", default="redis,postgresql",
+                        help="stores of (1) and (2): redis, and postgresql when installed (default redis,postgresql)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file to write (default {RESULTS})")
     args = parser.parse_args(argv)
     if args.tasks < 1 or args.waiters < 1 or args.window <= 0:
         parser.error("--tasks and --waiters must be at least 1, --window positive")
+
+    args.stores = {x for x in args.stores.split(",") if x}
+    if args.stores - {"redis", "postgresql"} or "redis" not in args.stores:
+        parser.error("--stores: redis, optionally with postgresql")
+    if "postgresql" in args.stores and pgcluster.bin_dir() is None:
+        print("PostgreSQL is not installed: (1) and (2) on Redis only.", flush=True)
+        args.stores.discard("postgresql")
 
     # SIGTERM unwinds like Ctrl-C, so that the finally clause below tears everything down.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -555,7 +595,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             thing.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    result["settings"] = {"tasks": args.tasks, "waiters": args.waiters, "window_s": args.window, "seed": args.seed,
+    result["settings"] = {"stores": sorted(args.stores), "tasks": args.tasks, "waiters": args.waiters, "window_s": args.window, "seed": args.seed,
                           "cpus": os.cpu_count(), "python": platform.python_version(),
                           "platform": platform.platform(), "checkpoint_every_ms": 10,
                           "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -28,7 +28,7 @@ MEMORY_COLUMNS = [
 ]
 #: Where the time goes: (role as figures name it, column title).
 CPU_ROLES = [("serving", "serving"), ("forkserver", "fork server"), ("tasks", "task processes"),
-             ("client", "client"), ("redis", "Redis"), ("total", "total")]
+             ("client", "client"), ("redis", "Redis"), ("postgres", "PostgreSQL"), ("total", "total")]
 CPU_WORKLOADS = ["burst", "sequential", "dispatch"]
 PROGRESS_COLUMNS = [
     ("progress_slowdown_pct", "loop slowdown %", "{:.1f}", False),
@@ -352,11 +352,14 @@ def markdown(run: dict) -> str:
         "peers served inside the benchmark's process (the floors, the Python API) that process less its client "
         "threads; fork server = this project's fork servers; task processes = the processes that ran tasks, "
         "alive or reaped; client = the benchmark's client threads (`time.thread_time()`); Redis = "
-        "`redis-server`. Read with psutil (user + system, 10 ms clock ticks summed over a run). Store write tx = "
+        "`redis-server`; PostgreSQL = the private cluster's server processes (the rows on that store). "
+        "Read with psutil (user + system, 10 ms clock ticks summed over a run). Store write tx = "
         "this project's SQLite write transactions per task, counted in one extra run of the workload (after "
         "the measured ones, on a server started again with a trace callback on the store's connections in every "
         "process: one byte appended to a file per committed write transaction; read-only transactions not "
-        "counted); the measured runs go without the callback.", "",
+        "counted); the measured runs go without the callback. The rows on Redis and PostgreSQL count on the "
+        "server, in every run: Redis's atomic writes (scripts and `MULTI`/`EXEC`, `INFO commandstats`) and "
+        "PostgreSQL's transaction ids assigned (only a transaction that writes is given one).", "",
         *_where_time_goes(outcomes), "",
         "## Memory (PSS of the peer's own processes, Redis excluded)", "",
         f"Idle after a warm-up; with {run['sizes']['memory_queued']:,} tasks queued behind two running ones; after "

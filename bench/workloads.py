@@ -154,7 +154,8 @@ ACCOUNTED: dict[str, Callable[[Sizes], int]] = {
     base.DISPATCH: lambda sizes: sizes.dispatch,
 }
 #: The roles CPU is split by, as figures name them (``cpu_<workload>_<role>_ms``).
-ROLES = {"serving": "serving", "fork server": "forkserver", "tasks": "tasks", "client": "client", "redis": "redis"}
+ROLES = {"serving": "serving", "fork server": "forkserver", "tasks": "tasks", "client": "client", "redis": "redis",
+         "postgres": "postgres"}
 
 
 def accounted(name: str, peer: Peer, sizes: Sizes) -> dict:

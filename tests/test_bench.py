@@ -79,7 +79,8 @@ def test_the_benchmark_runs_every_workload_on_a_tiny_load_and_writes_its_report(
 
 
 CROSS_HOST_FIGURES = {"wait_on_other_host_ms", "stop_from_other_host_ms", "idle_waiters_dev_server_pct",
-                      "idle_waiters_gunicorn_pct", "idle_streams_dev_server_pct"}
+                      "idle_waiters_gunicorn_pct", "idle_streams_dev_server_pct", "wait_on_other_host_pg_ms",
+                      "stop_from_other_host_pg_ms"}
 
 
 def _processes_with(marker: str) -> list[str]:
@@ -108,7 +109,8 @@ def test_the_cross_host_benchmark_gives_every_figure_and_leaves_nothing(tmp_path
     run = json.loads(out.read_text())
     figures = run["figures"]
     assert set(figures) == CROSS_HOST_FIGURES
-    for key in ("wait_on_other_host_ms", "stop_from_other_host_ms"):
+    for key in ("wait_on_other_host_ms", "stop_from_other_host_ms", "wait_on_other_host_pg_ms",
+                "stop_from_other_host_pg_ms"):
         figure = figures[key]
         assert figure["samples"] == 3, (key, figure)
         assert 0 < figure["min"] <= figure["median"] <= figure["p90"] <= figure["max"], (key, figure)
@@ -127,7 +129,8 @@ def test_the_cross_host_benchmark_gives_every_figure_and_leaves_nothing(tmp_path
     assert "GET ?wait= held on host B" in table and "DELETE sent to host B" in table
     assert "10 idle ?wait= on the dev server" in table and "10 idle ?wait= on gunicorn" in table
     assert "10 idle /mpc/events streams on the dev server" in table
-    assert table.count(" met") + table.count(" MISSED") == 5, table
+    assert "PostgreSQL: GET ?wait= held on host B" in table and "PostgreSQL: DELETE sent to host B" in table
+    assert table.count(" met") + table.count(" MISSED") == 7, table
 
 
 SCALE_OUT_FIGURES = {"tasks_per_s", "claim_p50_ms", "claim_p99_ms", "redis_cpu_ms_per_task", "redis_calls_per_task",
@@ -156,6 +159,28 @@ def test_the_scale_out_benchmark_measures_each_host_count_projects_and_leaves_no
     assert hosts[:2] == [1, 2] and 256 in hosts
     report = (tmp_path / "scale_out.md").read_text()
     assert "# Scale-out on one Redis" in report and "## Projected ceiling of one Redis core" in report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_the_postgres_claims_benchmark_drains_every_task_with_each_claim_lock_and_leaves_nothing(tmp_path):
+    marker = uuid.uuid4().hex
+    completed = subprocess.run(
+        [sys.executable, "bench/pg_claims.py", "--processes", "2", "--tasks", "30", "--repeats", "1",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=75, env={**os.environ, "MPC_BENCH_SMOKE": marker},
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert _processes_with(marker) == [], "the benchmark left processes behind"
+    run = json.loads((tmp_path / "pg_claims.json").read_text())
+    assert [(r["variant"], r["processes"]) for r in run["summary"]] == [
+        ("advisory", 2), ("row-lock", 2), ("counter", 2)]
+    for row in run["summary"]:
+        assert row["tasks"] == 30 and row["tasks_per_s"] > 0, row
+        assert 0 < row["finish_and_claim_p50_ms"] <= row["finish_and_claim_p99_ms"], row
+        assert row["waits"]["samples"] > 0, row
+    report = (tmp_path / "pg_claims.md").read_text()
+    assert "# Claims on one PostgreSQL database" in report and "| 2 | counter |" in report
 
 
 @pytest.mark.timeout(10)

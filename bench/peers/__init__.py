@@ -24,6 +24,8 @@ PEERS: dict[str, str] = {
     "mpc-dev-reused": "bench.peers.mpc:DevServerReused",
     "mpc-gunicorn-fresh": "bench.peers.mpc:GunicornFresh",
     "mpc-gunicorn-reused": "bench.peers.mpc:GunicornReused",
+    "mpc-gunicorn-reused-redis": "bench.peers.mpc:GunicornReusedRedis",
+    "mpc-gunicorn-reused-pg": "bench.peers.mpc:GunicornReusedPostgres",
     "mpc-dev-reused-wait": "bench.peers.mpc:DevServerReusedWait",
     "mpc-gunicorn-reused-wait": "bench.peers.mpc:GunicornReusedWait",
     "mpc-dev-batch": "bench.peers.mpc:DevServerBatch",

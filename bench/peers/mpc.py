@@ -2,7 +2,12 @@
 each in its fresh-process mode (``max_tasks_per_child=1``, the default) and its reused-worker mode
 (``max_tasks_per_child=0``).
 
-Every variant uses the default embedded store, a SQLite file (here in the peer's work directory).
+Every variant uses the default embedded store, a SQLite file (here in the peer's work directory), but
+the ``-redis`` and ``-pg`` rows: the same gunicorn server on a private ``redis-server`` or a private
+PostgreSQL cluster (:mod:`bench.pgcluster`) that the peer starts and stops itself. Their store write
+transactions are counted by the server: Redis's atomic writes (``INFO commandstats``: the scripts and
+``MULTI``/``EXEC`` transactions), PostgreSQL's transaction ids assigned (only a transaction that writes
+gets one), so the measured runs are the counted ones too.
 The ignoring-task stop workload runs against a controller with ``stop_grace=0`` (a task that never
 checks should be stopped at once); every other workload uses the default grace of 10 s.
 """
@@ -342,6 +347,95 @@ class GunicornFresh(_Gunicorn):
 class GunicornReused(_Gunicorn):
     key, label = "mpc-gunicorn-reused", "this project, HTTP (gunicorn -w 2), reused workers"
     reused = True
+
+
+class _ServerStore:
+    """A gunicorn row on a store server the peer starts (Redis or PostgreSQL) instead of the SQLite file."""
+
+    supports = frozenset({base.BURST, base.SEQUENTIAL, base.DISPATCH, base.POST, base.STOP_CHECKPOINT})
+    store_server: Any = None
+
+    def _start_store(self) -> str:
+        raise NotImplementedError
+
+    def _store_url(self) -> str:
+        if self.store_server is None:
+            self.store_url = self._start_store()
+        return self.store_url
+
+    def close(self) -> None:
+        super().close()
+        if self.store_server is not None:
+            self._stop_store()
+            self.store_server = None
+
+    def enable_write_count(self) -> None:
+        """The server counts the writes: nothing to install, nothing to start again."""
+        self.count_writes = True
+
+    def store_writes(self) -> Optional[int]:
+        return self._server_writes() if self.count_writes and self.store_server is not None else None
+
+    def cpu_roles(self) -> dict:
+        roles = super().cpu_roles()
+        if self.store_server is not None:
+            roles[self.store_role] = self._server_cpu()
+        return roles
+
+
+class GunicornReusedRedis(_ServerStore, GunicornReused):
+    key, label = "mpc-gunicorn-reused-redis", "this project, HTTP (gunicorn -w 2), reused workers, Redis store"
+    store_role = "redis"
+
+    def _start_store(self) -> str:
+        self.store_server = base.RedisServer(self.workdir).start()
+        return self.store_server.url
+
+    def _stop_store(self) -> None:
+        self.store_server.stop()
+
+    def _server_writes(self) -> int:
+        import redis
+        stats = redis.Redis.from_url(self.store_server.url).info("commandstats")
+        return sum(v["calls"] for k, v in stats.items()
+                   if k.removeprefix("cmdstat_") in ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "exec"))
+
+    def _server_cpu(self) -> float:
+        return sum(map(accounting.own, accounting.processes([self.store_server.proc.pid])))
+
+    def versions(self) -> dict:
+        import redis
+        info = redis.Redis.from_url(self.store_server.url).info("server") if self.store_server else {}
+        return {**super().versions(), "redis-py": redis.__version__, "redis-server": info.get("redis_version", "?")}
+
+
+class GunicornReusedPostgres(_ServerStore, GunicornReused):
+    key, label = "mpc-gunicorn-reused-pg", "this project, HTTP (gunicorn -w 2), reused workers, PostgreSQL store"
+    store_role = "postgres"
+
+    def _start_store(self) -> str:
+        from bench import pgcluster
+        if pgcluster.bin_dir() is None:
+            raise PeerUnavailable("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+        self.store_server = pgcluster.PostgresCluster()
+        return self.store_server.url()
+
+    def _stop_store(self) -> None:
+        self.store_server.destroy()
+
+    def _server_writes(self) -> int:
+        import psycopg
+        with psycopg.connect(self.store_server.url(), autocommit=True) as conn:
+            # The next transaction id: only a transaction that writes is given one (reading it takes none).
+            return int(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()[0])
+
+    def _server_cpu(self) -> float:
+        return self.store_server.cpu_seconds()
+
+    def versions(self) -> dict:
+        import psycopg
+        return {**super().versions(), "psycopg": psycopg.__version__,
+                "postgresql": self.store_server.version() if self.store_server else "?"}
 
 
 class DevServerReusedWait(DevServerReused):
