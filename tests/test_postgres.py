@@ -199,6 +199,11 @@ def test_the_schema_is_made_on_first_use_with_its_version_and_a_newer_one_is_ref
                "created_at": time.time(), "timeout": None, "attempt": 0, "stop_requested": False}
         store.enqueue([row], -1)
         assert other.get(row["uuid"]) is None, "two schemas are two stores"
+        # A field added by a later release (here: one dropped) is added by the next store opened, data kept.
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("ALTER TABLE mpc.tasks DROP COLUMN state_saved_at")
+        PostgresStore(postgres_url).close()
+        assert store.get(row["uuid"])["state_saved_at"] is None
         store._query("UPDATE mpc.meta SET value = %s WHERE key = 'schema_version' RETURNING 1", (SCHEMA_VERSION + 1,))
         with pytest.raises(SchemaTooNew, match="newer") as info:
             PostgresStore(postgres_url)

@@ -195,6 +195,14 @@ def migrate(db: object, schema: str) -> None:
                 f"on this host (or point MPC_PG_SCHEMA at another schema).")
         for script in MIGRATIONS[version:]:
             db.execute(_statements(script, schema))  # type: ignore[attr-defined]
+        # Fields added since (schema.FIELDS): an older package reads the columns it knows, so new nullable or
+        # defaulted columns need no new version.
+        present = {name for (name,) in db.execute(  # type: ignore[attr-defined]
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = 'tasks'",
+            (schema,)).fetchall()}
+        for field in FIELDS:
+            if field.name not in present:
+                db.execute(f"ALTER TABLE {schema}.tasks ADD COLUMN {field.name} {declaration(field)}")  # type: ignore
         if version < SCHEMA_VERSION:
             db.execute(f"INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', %s) "  # type: ignore
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (SCHEMA_VERSION,))
