@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import re
 import select
 import threading
 import time
@@ -80,11 +81,31 @@ _MAX_IDLE_CONNECTIONS = 16
 _WAIT_POLL = 1.0
 
 
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _stored_tenant(tenant: Optional[str]) -> Optional[str]:
+    """A tenant as its text column holds it: PostgreSQL's text cannot hold NUL, which begins the system's
+    tenant (:data:`~.base.SYSTEM_TENANT`), so NUL is written ``\\0`` and a backslash ``\\\\``."""
+    if tenant is None or ("\x00" not in tenant and "\\" not in tenant):
+        return tenant
+    return tenant.replace("\\", "\\\\").replace("\x00", "\\0")
+
+
+def _read_tenant(stored: Optional[str]) -> Optional[str]:
+    """The tenant of :func:`_stored_tenant`'s text."""
+    if stored is None or "\\" not in stored:
+        return stored
+    return _ESCAPED.sub(lambda m: "\x00" if m.group(1) == "0" else m.group(1), stored)
+
+
 def _encode(column: str, value: Any) -> Any:
     if column in _JSON_COLUMNS:
         return None if value is None else json.dumps(value)
     if column == "stop_requested":
         return bool(value)
+    if column == "tenant":
+        return _stored_tenant(value)
     return value
 
 
@@ -95,6 +116,8 @@ def _decode(values: Sequence[Any], columns: Sequence[str] = _COLUMNS) -> Row:
             row[column] = json.loads(row[column])
     if "stop_requested" in row:
         row["stop_requested"] = bool(row["stop_requested"])
+    if row.get("tenant") is not None:
+        row["tenant"] = _read_tenant(row["tenant"])
     return cast(Row, row)
 
 
@@ -125,7 +148,7 @@ def _tenant_condition(tenant: Any) -> tuple[str, tuple[Any, ...]]:
         return "", ()
     if tenant is None:
         return " AND tenant IS NULL", ()
-    return " AND tenant = %s", (tenant,)
+    return " AND tenant = %s", (_stored_tenant(tenant),)
 
 
 def plain_url(url: str) -> str:
@@ -162,7 +185,7 @@ class _Tx:
         task = event_payload(kind.value, row)
         event = Event(cursor="", kind=kind.value, uuid=row["uuid"], controller=row["controller"], at=at,
                       emitter=emitter, task=task)
-        self.events.append((event, json.dumps(task), row.get("tenant")))
+        self.events.append((event, json.dumps(task), _stored_tenant(row.get("tenant"))))
         return event
 
 
