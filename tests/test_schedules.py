@@ -55,11 +55,11 @@ class Tick(MetaMPTask):
         return note
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/store/tasks.sqlite3"
-    return request.getfixturevalue("redis_url")
+    return request.getfixturevalue(f"{request.param}_url")
 
 
 def scheduled(base: str) -> list[dict]:

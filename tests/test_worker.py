@@ -22,11 +22,11 @@ HTTP_TIMEOUT = 30.0
 STOP_DEADLINE = 30.0
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/store/tasks.sqlite3"
-    return request.getfixturevalue("redis_url")
+    return request.getfixturevalue(f"{request.param}_url")
 
 
 class Tiers:
