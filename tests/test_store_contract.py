@@ -26,11 +26,12 @@ import pytest
 import redis
 
 from flask_multiprocess_controller import (
-    MemoryStore, QueueFull, SQLiteStore, TaskAlreadyFinished, TaskNotFound, TaskStore,
+    SYSTEM_TENANT, MemoryStore, QueueFull, SQLiteStore, TaskAlreadyFinished, TaskNotFound, TaskStore,
 )
 from flask_multiprocess_controller.events import CALLBACK_KINDS, Changes, Event
 from flask_multiprocess_controller.exceptions import StoreError, StoreUnavailable
 from flask_multiprocess_controller.store import resolve_store
+from flask_multiprocess_controller.store.base import hook_tenant
 from flask_multiprocess_controller.store.postgres import PostgresStore
 from flask_multiprocess_controller.store.redis import RedisStore
 
@@ -1558,6 +1559,22 @@ def test_a_feed_read_for_one_tenant_is_filtered_in_the_store_and_moves_past_the_
     assert time.monotonic() - started < 20
     later = store.enqueue([dict(make_row(), tenant="a")], -1)
     assert store.changes(quiet.cursor, tenant="a").events == later
+
+
+@pytest.mark.timeout(60)
+def test_the_system_s_tenant_and_tenants_with_nul_or_backslashes_are_kept_as_given(store):
+    """The tasks no request made carry SYSTEM_TENANT, which starts with NUL (a hook's answer that does gets
+    one more): a store whose text cannot hold NUL still takes, returns and filters by them as they are."""
+    tenants = [SYSTEM_TENANT, hook_tenant(SYSTEM_TENANT), "a\\0b", "a\x00b", "\\", None]
+    since = store.latest_cursor()
+    written = store.enqueue([dict(make_row(), tenant=tenant) for tenant in tenants], -1)
+    assert [e["task"]["tenant"] for e in written] == tenants
+    assert [store.get(e["uuid"])["tenant"] for e in written] == tenants
+    assert [t["tenant"] for t in reversed(store.list_tasks(CTL))] == tenants
+    for tenant, event in zip(tenants, written):
+        assert [t["uuid"] for t in store.list_tasks(CTL, tenant=tenant)] == [event["uuid"]], tenant
+        assert store.counts(CTL, tenant=tenant) == {"queued": 1}, tenant
+        assert store.changes(since, tenant=tenant).events == [event], tenant
 
 
 @pytest.mark.timeout(60)
