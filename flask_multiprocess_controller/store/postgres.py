@@ -39,6 +39,7 @@ from .base import (
     ANY_TENANT, FireOutcome, Fired, Idempotency, Row, ScheduleRow, TaskStore, _finish_fields, event_payload,
     event_task, parse_counter,
 )
+from . import pglisten
 from .postgres_schema import SCHEMA_NAME, channel, migrate
 from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded, event_columns
 
@@ -77,7 +78,7 @@ _NO_SEQ = 2 ** 63 - 1
 _NOW = object()
 _UNCOUNT = object()
 #: Idle connections kept per process.
-_MAX_IDLE_CONNECTIONS = 16
+_MAX_IDLE_CONNECTIONS = 8
 #: Connections a forked process inherited from its parent: never used, never closed (closing would end the
 #: parent's session), and kept referenced so that no finaliser touches them.
 _INHERITED: list[Any] = []
@@ -239,11 +240,10 @@ class PostgresStore(TaskStore):
         # Guards _generation: bumped at each commit of this object and each notification the listener gets.
         self._committed = threading.Condition()
         self._generation = 0
-        # Guards _listener and _listener_pid: the thread that LISTENs, started by the first waiting follower.
-        self._listener_lock = threading.Lock()
-        self._listener: Optional[threading.Thread] = None
-        self._listener_pid = 0
-        self._stopping = threading.Event()
+        # Guards _listening_pid: the process in which this store subscribed to the process's feed listener
+        # (:mod:`.pglisten`), at its first waiting follower; 0 while it is not subscribed.
+        self._listening_lock = threading.Lock()
+        self._listening_pid = 0
         try:
             with self._connection() as db:
                 migrate(db, self.schema)
@@ -798,35 +798,16 @@ class PostgresStore(TaskStore):
                 self._committed.wait_for(lambda: self._generation != generation, min(_WAIT_POLL, remaining))
 
     def _ensure_listener(self) -> None:
-        """Start this process's listener of the feed's notifications, once."""
-        with self._listener_lock:
-            if self._listener is not None and self._listener_pid == os.getpid() and self._listener.is_alive():
-                return
-            if self._stopping.is_set():
-                return
-            self._listener_pid = os.getpid()
-            self._listener = threading.Thread(target=self._listen, name="mpc-pg-listener", daemon=True)
-            self._listener.start()
+        """Subscribe to this process's listener of the feed's notifications, once."""
+        with self._listening_lock:
+            if self._listening_pid != os.getpid():
+                self._listening_pid = os.getpid()
+                pglisten.subscribe(self.url, self._channel, id(self), self._woken, self._open)
 
     def _woken(self) -> None:
         with self._committed:
             self._generation += 1
             self._committed.notify_all()
-
-    def _listen(self) -> None:
-        """LISTEN on the feed's channel and wake the waiting followers at each notification (and after each
-        reconnection, which may have missed some), until the store is closed."""
-        while not self._stopping.is_set():
-            try:
-                with self._open() as conn:
-                    conn.execute(f"LISTEN {self._channel}")
-                    self._woken()
-                    while not self._stopping.is_set():
-                        for _ in conn.notifies(timeout=0.5, stop_after=1):
-                            self._woken()
-            except psycopg.Error:
-                self._woken()
-                self._stopping.wait(0.5)
 
     def latest_cursor(self) -> str:
         with self._connection() as db:
@@ -943,13 +924,10 @@ class PostgresStore(TaskStore):
             f"SELECT host, since FROM {self.schema}.drained_hosts")}
 
     def close(self) -> None:
-        with self._listener_lock:
-            listener = self._listener if self._listener_pid == os.getpid() else None
-            self._listener = None
-        if listener is not None:
-            self._stopping.set()
-            listener.join(5)
-            self._stopping.clear()
+        with self._listening_lock:
+            listening, self._listening_pid = self._listening_pid == os.getpid(), 0
+        if listening:
+            pglisten.unsubscribe(self.url, self._channel, id(self))
         with self._idle_lock:
             idle, self._idle = self._idle, []
             ours = self._idle_pid == os.getpid()
