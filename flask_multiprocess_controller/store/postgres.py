@@ -331,7 +331,7 @@ class PostgresStore(TaskStore):
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._connection() as db:
-            return db.execute(sql, params).fetchall()
+            return cast(list[tuple[Any, ...]], db.execute(sql, params).fetchall())
 
     @contextmanager
     def _transaction(self) -> Iterator[_Tx]:
@@ -490,29 +490,31 @@ class PostgresStore(TaskStore):
         with self._transaction() as tx:
             return self._claim_in(tx, controller, owner, max_running, process)
 
+    def _claim_lock(self, tx: _Tx, controller: str) -> tuple[float, int]:
+        """Take the controller's claim lock (to the commit) and return the clock read after it (later than any
+        claim committed before this one) and the number of its running tasks; tasks whose retry time came join
+        the ready queue."""
+        now, running = tx.execute(f"SELECT * FROM {self.schema}.claim_lock(%s)", (controller,)).fetchone()
+        return float(now), int(running)
+
     def _claim_in(self, tx: _Tx, controller: str, owner: str, max_running: int,
                   process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
         """:meth:`_claim` in the caller's transaction: the controller's claim lock makes the count of running
-        tasks and the claim one step for every claimer on every host."""
-        t = self._t
-        (_, now) = tx.execute(f"SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)), {_CLOCK}",
-                              (f"{self.schema}.claim:{controller}",)).fetchone()
-        tx._now = now  # read after the lock: later than any claim committed before this one
-        tx.execute(f"UPDATE {t} SET retry_at = NULL WHERE controller = %s AND {_DELAYED_SQL} AND retry_at <= %s",
-                   (controller, now))
-        (running,) = tx.execute(self._active_count, (controller,)).fetchone()
+        tasks and the claim one step for every claimer on every host. Two round trips hold the lock before
+        the commit: the lock with the count, and the claim."""
+        now, running = self._claim_lock(tx, controller)
+        tx._now = now
         if running >= max_running:
             return None
-        found = tx.execute(f"{self._select} WHERE controller = %s AND {_READY_SQL} ORDER BY priority, seq "
-                           "LIMIT 1 FOR UPDATE SKIP LOCKED", (controller,)).fetchone()
+        recorded, values = ("pid = %s, pid_created = %s, ", process) if process is not None else ("", ())
+        found = tx.execute(
+            f"UPDATE {self._t} SET status = 'running', owner = %s, started_at = %s, attempt = attempt + 1, "
+            f"{recorded}stop_requested = stop_requested WHERE seq = (SELECT seq FROM {self._t} "
+            f"WHERE controller = %s AND {_READY_SQL} ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {', '.join(_COLUMNS)}", (owner, now, *values, controller)).fetchone()
         if found is None:
             return None
         row = _decode(found)
-        pid, pid_created = process if process is not None else (row["pid"], row["pid_created"])
-        tx.execute(f"UPDATE {t} SET status = 'running', owner = %s, started_at = %s, attempt = attempt + 1, "
-                   "pid = %s, pid_created = %s WHERE seq = %s", (owner, now, pid, pid_created, row["seq"]))
-        row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": now,
-                    "attempt": row["attempt"] + 1, "pid": pid, "pid_created": pid_created})
         event = tx.emit(EventKind.STARTED, row, owner, now) if process is not None else None
         return row, event
 
@@ -580,9 +582,10 @@ class PostgresStore(TaskStore):
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
         with self._transaction() as tx:
-            return tx.execute(f"UPDATE {self._t} SET state = %s, state_saved_at = {_CLOCK} WHERE uuid = %s "
-                              f"AND status IN {_ACTIVE_SQL} AND owner = %s",
-                              (_encode("state", state), uuid, owner)).rowcount > 0
+            changed: int = tx.execute(f"UPDATE {self._t} SET state = %s, state_saved_at = {_CLOCK} WHERE uuid = %s "
+                                      f"AND status IN {_ACTIVE_SQL} AND owner = %s",
+                                      (_encode("state", state), uuid, owner)).rowcount
+            return changed > 0
 
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
                 fields: dict[str, Any]) -> Optional[Event]:
