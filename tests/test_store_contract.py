@@ -595,6 +595,31 @@ def test_ended_counts_per_slot_and_status(store):
 
 
 @pytest.mark.timeout(30)
+def test_ended_timings_read_the_times_of_tasks_ended_since_latest_first(store):
+    """What the wait-time and run-time histograms of <prefix>/metrics read."""
+    created = store.now() - 100.0
+    rows = [make_row(created_at=created) for _ in range(4)]
+    store.enqueue(rows, -1)
+    early, late, retried, never_ran = (r["uuid"] for r in rows)
+    add(store, 1, controller=OTHER)
+    claim(store), claim(store), claim(store), claim(store, OTHER)
+    since = store.now() + 1000.0  # ended_at values of the future: no store clock is that far ahead
+    store.finish(early, "succeeded", owner=OWNER, ended_at=since - 1)  # before the window
+    store.finish(late, "failed", owner=OWNER, ended_at=since + 20)
+    store.retry(retried, 0.0, owner=OWNER)
+    wait_until(lambda: claim(store) is not None, timeout=5)
+    store.finish(retried, "succeeded", owner=OWNER, ended_at=since + 30)
+    store.request_stop(never_ran)  # ended at the store's clock, before the window
+    timings = store.ended_timings(CTL, since)
+    assert [(t.status, t.ended_at, t.attempt) for t in timings] == [("succeeded", since + 30, 2), ("failed", since + 20, 1)]
+    assert all(t.created_at == created and t.started_at is not None and created < t.started_at < since for t in timings)
+    assert store.ended_timings(CTL, since, limit=1) == timings[:1]
+    stopped = store.ended_timings(CTL, since - 2000)
+    assert len(stopped) == 4 and (stopped[-1].started_at, stopped[-1].attempt) == (None, 0)
+    assert store.ended_timings(OTHER, since - 2000) == []  # running
+
+
+@pytest.mark.timeout(30)
 def test_counts_per_status(store):
     assert counts(store, CTL) == {}
     a, b, c, d, e = add(store, 5)
@@ -1390,8 +1415,10 @@ def test_the_outbox_keeps_callback_events_until_acknowledged(store):
     assert store.unacked(CTL, limit=2) == [started, ended]
     assert store.unacked(OTHER) == [other_started]
     assert store.unacked("nobody") == []
+    assert (store.callbacks_pending(CTL), store.callbacks_pending(OTHER), store.callbacks_pending("nobody")) == (3, 1, 0)
     store.ack(CTL, [started["cursor"], other_started["cursor"], "garbage"])  # another controller's: ignored
     assert store.unacked(CTL) == [ended, stopped_event]
+    assert store.callbacks_pending(CTL) == 2
     assert store.unacked(OTHER) == [other_started]
     store.ack(CTL, iter([ended["cursor"], stopped_event["cursor"], ended["cursor"]]))
     assert store.unacked(CTL) == []

@@ -39,6 +39,7 @@ from .base import (
     ANY_TENANT, FireOutcome, Fired, Idempotency, Row, ScheduleRow, TaskStore, _finish_fields, event_payload,
     event_task, parse_counter,
 )
+from .base import Timing
 from . import pglisten
 from .postgres_schema import SCHEMA_NAME, channel, migrate
 from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded, event_columns
@@ -882,6 +883,18 @@ class PostgresStore(TaskStore):
             f"WHERE controller = %s AND ended_at >= %s AND status IN {_TERMINAL_SQL}{by_tenant} GROUP BY slot, status",
             (since, step, controller, since, *tenant_args))
         return {(int(slot), str(status)): int(count) for slot, status, count in rows}
+
+    def ended_timings(self, controller: str, since: float, limit: int = defaults.METRICS_SAMPLE) -> list[Timing]:
+        rows = self._query(
+            f"SELECT status, created_at, started_at, ended_at, attempt FROM {self._t} WHERE controller = %s "
+            f"AND ended_at >= %s AND status IN {_TERMINAL_SQL} ORDER BY ended_at DESC LIMIT %s",
+            (controller, since, limit))
+        return [Timing(str(status), float(created), None if started is None else float(started), float(ended),
+                       int(attempt or 0)) for status, created, started, ended, attempt in rows]
+
+    def callbacks_pending(self, controller: str) -> int:
+        [(pending,)] = self._query(f"SELECT count(*) FROM {self.schema}.outbox WHERE controller = %s", (controller,))
+        return int(pending)
 
     def position(self, row: Row) -> Optional[int]:
         if row["status"] != _QUEUED or row.get("retry_at") is not None:
