@@ -105,6 +105,8 @@ class Row(TypedDict, total=False):
     state: Any
     #: When ``state`` was last saved (store clock), else None.
     state_saved_at: Optional[float]
+    #: The W3C ``traceparent`` of the trace the task was queued in (see :mod:`..tracing`), else None.
+    traceparent: Optional[str]
 
 
 class _AnyTenant:
