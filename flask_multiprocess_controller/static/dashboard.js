@@ -600,19 +600,15 @@
 
   function firstResource(doc) {
     const schemas = (doc.components && doc.components.schemas) || {};
-    const wanted = $("filter-controller").value;
-    let first = null;
     for (const [path, operations] of Object.entries(doc.paths || {})) {
       const post = operations.post;
       if (path.includes("{") || !post || !post.requestBody) continue;
       let schema = ((post.requestBody.content || {})["application/json"] || {}).schema || {};
       if (schema.oneOf) schema = schema.oneOf[0];
       const name = schema.$ref ? schema.$ref.split("/").pop() : "";
-      const found = {path: path, example: example(schemas[name] || schema)};
-      if (wanted && name === wanted + ".Arguments") return found;
-      if (!first) first = found;
+      return {path: path, example: example(schemas[name] || schema)};
     }
-    return first;
+    return null;
   }
 
   // Arguments to show: each one's default, or a placeholder of its type when it has none.
