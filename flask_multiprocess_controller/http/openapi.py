@@ -618,6 +618,8 @@ def _common_schemas() -> dict[str, Any]:
         "started_at": _nullable("string", format="date-time"),
         "ended_at": _nullable("string", format="date-time"),
         "pid": _nullable("integer"),
+        "host": _nullable("string", description="The host (its `MPC_HOST_ID`) of the serving process that runs the "
+                                                "task, or ran its last attempt; null before it first started."),
         "exit_code": _nullable("integer", description="Negative: killed by that signal."),
         "memory_peak": _nullable("integer", minimum=0, description="Bytes of RSS of the task's process tree."),
         "cpu_time": _nullable("number", minimum=0, description="Seconds of CPU of the task's process tree."),
