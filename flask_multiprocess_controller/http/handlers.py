@@ -130,8 +130,8 @@ def uuid_prefix(value: Any) -> str:
     if (not MIN_PREFIX_DIGITS <= len(digits) < 32 or any(c not in "0123456789abcdef" for c in digits)
             or not (text == digits or canonical.startswith(text.rstrip("-")))):
         shown = value[:80] if isinstance(value, str) else type(value).__name__
-        raise InvalidRequest(f"{shown!r} is neither a task uuid nor the start of one: give the uuid, or at least "
-                             f"its first {MIN_PREFIX_DIGITS} hex digits.")
+        raise InvalidRequest(f"{shown!r} is not a valid task uuid, nor the start of one: give the uuid, or at "
+                             f"least its first {MIN_PREFIX_DIGITS} hex digits.")
     return canonical
 
 
