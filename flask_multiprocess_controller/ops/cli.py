@@ -424,7 +424,8 @@ def unserved_warning(controller: "MetaMPController") -> Optional[str]:
     live.discard(None)
     if not live:
         return (f"no live server heartbeats in the store of controller {controller.name}: the task is queued, "
-                f"but nothing runs it until a server of the app starts (flask run, gunicorn, flask mpc worker).")
+                f"but nothing runs it until a server of the app is up and serving (flask run, gunicorn, "
+                f"flask mpc worker).")
     if live <= set(drained):
         return (f"every host with a live server of the store is drained ({', '.join(sorted(map(str, live)))}): "
                 f"the task is queued, but nothing runs it until one is undrained (flask mpc undrain).")
