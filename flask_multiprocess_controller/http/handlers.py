@@ -19,6 +19,7 @@ from werkzeug.routing import BuildError
 from .. import defaults
 from ..exceptions import AmbiguousTaskPrefix, InvalidRequest, TaskNotFound, TaskPrefixNotFound
 from ..presenter import TaskObject, clip
+from ..store.base import Row
 from ..states import ALL_STATUSES, TERMINAL, TaskStatus
 from . import compat as compat_module
 from .. import idempotency
@@ -136,14 +137,14 @@ def uuid_prefix(value: Any) -> str:
 
 
 def tasks_by_prefix(controllers: Iterable["MetaMPController"], prefix: str,
-                    limit: int) -> list[tuple["MetaMPController", dict[str, Any]]]:
+                    limit: int) -> list[tuple["MetaMPController", Row]]:
     """The tasks of ``controllers`` (visible, in a request, to its tenant) whose uuid begins with ``prefix``
     (canonical, see :func:`uuid_prefix`), newest first, at most ``limit``: ``(controller, row)`` pairs.
 
     Each distinct store is asked once (:meth:`~..store.base.TaskStore.find_by_prefix`).
     """
     by_name = {c.name: c for c in controllers}
-    found: list[tuple["MetaMPController", dict[str, Any]]] = []
+    found: list[tuple["MetaMPController", Row]] = []
     asked: list[Any] = []
     for controller in by_name.values():
         store = controller.store
@@ -157,7 +158,7 @@ def tasks_by_prefix(controllers: Iterable["MetaMPController"], prefix: str,
         for row in rows:
             owner = by_name.get(row["controller"])
             if owner is not None and owner.store is store and owner.visible(row):
-                found.append((owner, dict(row)))
+                found.append((owner, row))
     found.sort(key=lambda pair: pair[1]["seq"], reverse=True)
     return found[:limit]
 
