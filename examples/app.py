@@ -1,7 +1,7 @@
 """A fuller example: typed arguments, progress, an item URL, a timeout, a memory limit and the extension.
 
-Run it with ``python examples/app.py`` (the dev server on http://127.0.0.1:5000; the dashboard is at
-http://127.0.0.1:5000/mpc/), or
+Run it with ``python examples/app.py`` (the dev server on http://127.0.0.1:5000, or on the port ``PORT``
+names: ``PORT=8080 python examples/app.py``; the dashboard is at http://127.0.0.1:5000/mpc/), or
 under gunicorn with ``gunicorn -w 2 -b 127.0.0.1:8000 --chdir examples app:app``.
 """
 import logging
@@ -71,4 +71,4 @@ api.add_resource(MetaMPResource, "/primes", "/primes/<string:uuid>", resource_cl
 mpc.init_app(app)  # tasks live in instance/mpc-tasks.sqlite3 unless MPC_STORE_URL says otherwise
 
 if __name__ == "__main__":
-    app.run(host="127.0.0.1", port=5000)
+    app.run(host="127.0.0.1", port=int(os.environ.get("PORT", "5000")))

@@ -24,6 +24,11 @@ A submission is safe to send again: :meth:`Client.submit` and :meth:`Client.subm
 request again with the same key, up to ``max_retries`` times with a growing delay: the server answers
 with the task the first request made, and never makes a second one.
 
+A task is named by its uuid, or by a prefix of 8 or more of its hex digits (the short id the dashboard shows)
+that begins the uuid of one task only: the client asks the extension's task API which tasks it names
+(``GET <prefix>/api/tasks?uuid_prefix=``), and raises :class:`NotFound` when none, :class:`AmbiguousPrefix`
+(listing some) when several.
+
 Redirects are followed only within the origin (scheme, host and port) of the request: a redirect
 to another origin raises :class:`RedirectRefused`, so that neither the credentials (``auth=``,
 ``headers=``) nor a body is ever sent where the server pointed.
@@ -64,6 +69,10 @@ RETRY_BACKOFF = 0.5
 MAX_REDIRECTS = 5
 #: The header that makes a submission safe to send again.
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: Hex digits a uuid prefix needs at least (the server's rule, checked here to ask only about prefixes).
+MIN_PREFIX_DIGITS = 8
+#: Tasks an :class:`AmbiguousPrefix` lists at most.
+PREFIX_CANDIDATES = 5
 #: States a task never leaves.
 TERMINAL_STATES = frozenset({"succeeded", "failed", "stopped", "timed_out", "lost"})
 
@@ -82,8 +91,11 @@ class ClientError(Exception):
     code: Optional[int] = None
 
     def __init__(self, message: str, *, status: Optional[int] = None,
-                 response: Optional[requests.Response] = None, retry_after: Optional[float] = None) -> None:
+                 response: Optional[requests.Response] = None, retry_after: Optional[float] = None,
+                 url: Optional[str] = None) -> None:
         super().__init__(message)
+        #: The URL of the request the error answered (None when no request was sent).
+        self.url = url
         #: The server's ``message`` (or what went wrong).
         self.message = message
         #: The HTTP status of the answer; None when there was none.
@@ -147,6 +159,16 @@ class UnprocessableContent(ClientError):
     """422: the ``Idempotency-Key`` was used before with another body or other options; nothing was queued."""
 
     code = 422
+
+
+class AmbiguousPrefix(ClientError):
+    """The uuid prefix given begins the uuid of several tasks; ``candidates`` holds some of their task objects,
+    newest first. Give more of the uuid. Nothing was sent to the resource."""
+
+    def __init__(self, message: str, candidates: list[dict[str, Any]], **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        #: Task objects of the tasks whose uuid begins with the prefix (some of them).
+        self.candidates = candidates
 
 
 class RedirectRefused(ClientError):
@@ -269,18 +291,66 @@ class Client:
         return list(answer["tasks"])
 
     def status(self, uuid: str) -> dict[str, Any]:
-        """The task object of task ``uuid``."""
-        return dict(self._send("GET", self._url(), params={"uuid": uuid}))
+        """The task object of task ``uuid`` (its uuid, or a prefix of 8 or more hex digits of it)."""
+        return dict(self._send("GET", self._url(), params={"uuid": self.resolve(uuid)}))
 
     def stop(self, uuid: str) -> dict[str, Any]:
         """Stop task ``uuid``; return its task object: ``stopping`` while it stops, ``stopped`` if it was queued."""
-        return dict(self._send("DELETE", self._url(), params={"uuid": uuid}))
+        return dict(self._send("DELETE", self._url(), params={"uuid": self.resolve(uuid)}))
+
+    def stop_all(self) -> dict[str, int]:
+        """Stop every queued and running task of the resource's controller: ``{"stopped": n, "stopping": m}``
+        (queued tasks stopped, running ones asked to stop)."""
+        return dict(self._send("DELETE", self._url(), params={"all": "true"}))
+
+    def pause(self, uuid: str) -> dict[str, Any]:
+        """Pause running task ``uuid`` (its whole process tree is suspended); return its task object."""
+        return self._patch(uuid, {"status": "paused"})
+
+    def resume(self, uuid: str) -> dict[str, Any]:
+        """Resume paused task ``uuid``; return its task object."""
+        return self._patch(uuid, {"status": "running"})
+
+    def reprioritise(self, uuid: str, priority: int) -> dict[str, Any]:
+        """Give queued task ``uuid`` another ``priority`` (lower runs first); return its task object."""
+        return self._patch(uuid, {"priority": priority})
+
+    def _patch(self, uuid: str, change: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(self._send("PATCH", self._url(), params={"uuid": self.resolve(uuid)}, body=dict(change)))
+
+    def resolve(self, uuid: str) -> str:
+        """The uuid of the task ``uuid`` names: itself when it is a uuid (or nothing like one, for the server
+        to refuse); else, for a prefix of 8 or more hex digits, the uuid of the one task it begins.
+
+        :raises NotFound: no task's uuid begins with the prefix.
+        :raises AmbiguousPrefix: several do.
+        """
+        try:
+            return str(uuid_module.UUID(uuid))
+        except (TypeError, ValueError, AttributeError):
+            pass
+        digits = uuid.replace("-", "").lower() if isinstance(uuid, str) else ""
+        if not MIN_PREFIX_DIGITS <= len(digits) < 32 or digits.strip("0123456789abcdef"):
+            return uuid  # not a prefix: the server says what is wrong with it
+        url = f"{self.base_url}{self.prefix}/api/tasks"
+        found = list(self._send("GET", url, params={"uuid_prefix": uuid,
+                                                   "limit": str(PREFIX_CANDIDATES + 1)})["tasks"])
+        if not found:
+            raise NotFound(f"No task's uuid begins with {uuid}.", status=404, url=url)
+        if len(found) > 1:
+            shown = found[:PREFIX_CANDIDATES]
+            listed = "; ".join(f"{t.get('uuid')} ({t.get('controller')}, {t.get('status')})" for t in shown)
+            more = "more than " if len(found) > PREFIX_CANDIDATES else ""
+            raise AmbiguousPrefix(f"{uuid} begins the uuid of {more}{len(shown)} tasks: {listed}. Give more of "
+                                  f"the uuid.", shown, url=url)
+        return str(found[0]["uuid"])
 
     def logs(self, uuid: str) -> list[Any]:
         """The log lines the server keeps for task ``uuid`` (``GET <prefix>/api/tasks/<uuid>/logs``).
 
         The answer is a JSON array of lines, or an object holding them under ``lines``.
         """
+        uuid = self.resolve(uuid)
         path = f"{self.prefix}/api/tasks/{urllib.parse.quote(uuid, safe='')}/logs"
         answer = self._send("GET", self.base_url + path)
         if isinstance(answer, dict):
@@ -298,6 +368,7 @@ class Client:
         reading the task every :data:`PROGRESS_INTERVAL` seconds instead.
         Check the returned ``status``: after a ``timeout`` the task may still run.
         """
+        uuid = self.resolve(uuid)
         deadline = None if timeout is None else time.monotonic() + timeout
         chunk = PROGRESS_INTERVAL if progress else WAIT_CHUNK
         bar = _progress_bar(uuid) if progress else None
@@ -357,7 +428,7 @@ class Client:
                                          self.timeout if timeout is None else timeout)
             except requests.RequestException as exc:
                 if idempotency_key is None or not isinstance(exc, lost) or attempt >= self.max_retries:
-                    raise TransportError(f"{method} {url} got no answer: {exc}") from exc
+                    raise TransportError(f"{method} {url} got no answer: {exc}", url=url) from exc
                 attempt += 1
                 time.sleep(self._backoff(attempt))
                 continue
@@ -460,17 +531,36 @@ def _json(response: requests.Response) -> Any:
 
 
 def _error(response: requests.Response) -> ClientError:
-    """The :class:`ClientError` of an error answer, with the server's ``message`` when it sent one."""
+    """The :class:`ClientError` of an error answer, with the server's ``message`` when it sent one.
+
+    An answer without one is not the API's (a URL the server does not serve, a proxy's error page): its
+    message names the method and URL, and for a 404 says to check the base URL and resource path.
+    """
     try:
         body = response.json()
     except ValueError:
         body = None
     message = body.get("message") if isinstance(body, dict) else None
-    if not isinstance(message, str):
-        message = response.reason or response.text[:200] or "no message"
+    url = _without_query(response.url or "")
+    if not isinstance(message, str) or (response.status_code == 404 and _is_werkzeug_404(message)):
+        method = response.request.method if response.request is not None else "request"
+        message = f"{method} {url} answered {response.status_code} {response.reason or ''}".rstrip()
+        if response.status_code == 404:
+            message += ": the server has no such URL (check the base URL and the resource path)"
     cls = _BY_STATUS.get(response.status_code, ServerError if response.status_code >= 500 else ClientError)
     return cls(message, status=response.status_code, response=response,
-               retry_after=parse_retry_after(response.headers.get("Retry-After")))
+               retry_after=parse_retry_after(response.headers.get("Retry-After")), url=url)
+
+
+def _is_werkzeug_404(message: str) -> bool:
+    """Whether ``message`` is werkzeug's text for a URL that matches no route (what flask-restful sends as
+    JSON for one), rather than this API's "no such task"."""
+    return message.startswith("The requested URL was not found on the server.")
+
+
+def _without_query(url: str) -> str:
+    """``url`` without its query string (the uuid and options are not part of which URL it was)."""
+    return urllib.parse.urlsplit(url)._replace(query="", fragment="").geturl()
 
 
 def parse_retry_after(value: Optional[str]) -> Optional[float]:

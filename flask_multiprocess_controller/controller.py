@@ -53,6 +53,7 @@ from .engine.side import TaskSide
 from .exceptions import StoreError
 from .engine.forkserver import ForkServer
 from .engine.handover import configured_window
+from .engine.proctree import name_serving_process
 from .engine.runtime import Runtime, task_fork_server
 from .engine.schedules import ScheduleInfo, ScheduleSpec, describe
 from .states import ALL_STATUSES, TERMINAL, TaskStatus
@@ -370,6 +371,7 @@ class MetaMPController:
             runtime = Runtime(runtime_config(self), store, self.callback_url, fork_server)
             self._side = runtime
             runtime.start()
+            name_serving_process(current_app.name if has_app_context() else None)  # what ps shows
             for spec in self._schedules.values():
                 runtime.declare_schedule(spec)
             return runtime

@@ -47,6 +47,31 @@ class TaskNotFound(MPCError):
         self.uuid = uuid
 
 
+class TaskPrefixNotFound(TaskNotFound):
+    """No task visible here has a uuid that begins with this prefix.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix)
+        self.message = f"No task's uuid begins with {prefix}."
+
+
+class AmbiguousTaskPrefix(InvalidRequest):
+    """A uuid prefix names several tasks: the operator must give more of it (``candidates`` are some of them).
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, prefix: str, candidates: list[tuple[str, str, str]], more: bool) -> None:
+        listed = "; ".join(f"{uuid} ({controller}, {status})" for uuid, controller, status in candidates)
+        super().__init__(f"{prefix} begins the uuid of {'more than ' if more else ''}{len(candidates)} tasks: "
+                         f"{listed}. Give more of the uuid.")
+        #: ``(uuid, controller, status)`` of the tasks found, newest first.
+        self.candidates = candidates
+
+
 class BatchNotFound(MPCError):
     """No task of this controller (visible to the request) was queued with this batch id."""
 

@@ -2,7 +2,8 @@
 
 The schemathesis test runs it as a subprocess. The example is loaded as it is; only its
 waits and its task timeout are shortened (``?wait=`` answers within a second, a task
-runs at most two), so that generated requests for huge prime counts keep the run quick.
+runs at most two, an event or log stream ends after a second), so that generated requests
+for huge prime counts, and for the streams, keep the run quick.
 The document is served from a plain route, as the extension will serve it.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ example = load_example_app()
 example.primes.max_wait = 1.0
 example.primes.timeout = 2.0
 app = example.app
+app.config["MPC_MAX_WAIT"] = 1.0
 
 
 @app.get("/openapi.json")

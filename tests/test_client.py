@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from flask_multiprocess_controller.client import (
-    BadRequest, Client, ClientError, Conflict, NotFound, PayloadTooLarge, QueueFull, RedirectRefused,
-    ServerUnavailable, TransportError, Unauthorized, parse_retry_after,
+    AmbiguousPrefix, BadRequest, Client, ClientError, Conflict, NotFound, PayloadTooLarge, QueueFull,
+    RedirectRefused, ServerUnavailable, TransportError, Unauthorized, parse_retry_after,
 )
 
 from serverproc import Server, ServerPool, free_port, python
@@ -184,6 +184,61 @@ def test_credentials_from_headers_auth_and_session(server):
         assert by_session.list(limit=1)["tasks"]
     assert session.get(server.base + "/ready", timeout=5).ok  # a session the client was given stays open
     session.close()
+
+
+def _wait_for(read: Any, status: str, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        task = read()
+        if task["status"] == status or time.monotonic() > deadline:
+            return task
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(60)
+def test_pause_resume_reprioritise_and_stop_all_by_short_id(server):
+    with Client(server.base, "/tight") as tight:
+        running = tight.submit(steps=400, delay=0.05)
+        short = running[:8]
+        assert _wait_for(lambda: tight.status(short), "running")["uuid"] == running
+        queued = tight.submit(n=2)
+        assert tight.pause(short)["status"] == "paused"
+        assert tight.resume(running.replace("-", "")[:12].upper())["status"] == "running"
+        moved = tight.reprioritise(queued[:9], -3)
+        assert (moved["uuid"], moved["priority"]) == (queued, -3)
+        assert tight.stop_all() == {"stopped": 1, "stopping": 1}
+        assert tight.wait(short, timeout=20)["status"] == "stopped"
+        with pytest.raises(Conflict):
+            tight.pause(short)
+
+
+@pytest.mark.timeout(60)
+def test_short_ids_that_name_several_tasks_or_none_and_a_wrong_resource_path(server, jobs):
+    from flask_multiprocess_controller.store import SQLiteStore
+
+    twins = ["abcd1234-0000-4000-8000-00000000000a", "abcd1234-1111-4000-8000-00000000000b"]
+    store = SQLiteStore(str(server.log_path.parent / "tasks.sqlite3"))
+    try:
+        store.enqueue([{"uuid": uuid, "controller": "jobs", "status": "queued", "priority": 0, "args": {},
+                        "created_at": time.time(), "timeout": None, "attempt": 0, "stop_requested": False}
+                       for uuid in twins], -1)
+    finally:
+        store.close()
+    with pytest.raises(AmbiguousPrefix) as caught:
+        jobs.status("abcd1234")
+    assert sorted(t["uuid"] for t in caught.value.candidates) == twins
+    assert all(uuid in caught.value.message for uuid in twins) and "Give more" in caught.value.message
+    assert jobs.status("abcd1234-1")["uuid"] == twins[1]  # one more digit tells them apart
+    assert jobs.wait("ABCD12340000", timeout=20)["uuid"] == twins[0]
+    with pytest.raises(NotFound, match="No task's uuid begins with abcd1235"):
+        jobs.status("abcd1235")
+    with pytest.raises(BadRequest, match="not a valid task uuid"):
+        jobs.status("abcd123")  # too short to be a prefix: the server's answer
+    with Client(server.base, "/job") as typo:
+        with pytest.raises(NotFound) as wrong:
+            typo.status(twins[0])
+    assert f"GET {server.base}/job answered 404" in str(wrong.value), str(wrong.value)
+    assert "resource path" in str(wrong.value) and wrong.value.url == f"{server.base}/job"
 
 
 @pytest.mark.timeout(30)

@@ -759,3 +759,25 @@ def test_fork_server_is_named_for_ps(make_controller):
     controller = make_controller(UsesHelpers)
     assert controller.wait(controller.submit(n=1), timeout=20)["status"] == "succeeded"
     assert psutil.Process(controller.forkserver_pid).name() == FORK_SERVER_NAME == "mpc-forkserver"
+
+
+@pytest.mark.timeout(30)
+def test_the_serving_process_is_named_for_ps(make_controller, monkeypatch):
+    from flask import Flask
+
+    from flask_multiprocess_controller.engine import proctree
+
+    before = proctree.process_name(os.getpid())
+    monkeypatch.setattr(proctree, "_serving_name", None)
+    try:
+        controller = make_controller(UsesHelpers)
+        with Flask("reports-app").app_context():
+            assert controller.runtime is not None  # the first controller that starts serving names the process
+        assert proctree.process_name(os.getpid()) == "mpc-serve:repor"  # the kernel keeps 15 bytes
+        proctree.name_serving_process("reports", worker=True)
+        assert proctree.process_name(os.getpid()) == "mpc-worker:repo"
+        proctree.name_serving_process("reports")  # a controller started later in a worker keeps its name
+        assert proctree.process_name(os.getpid()) == "mpc-worker:repo"
+    finally:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(before or "python")

@@ -146,8 +146,45 @@ def test_request_body_from_the_signature_and_docstring(make_controller):
     assert props["anything"] == {"default": None}
     assert props["either"] == {"type": ["integer", "string"], "default": 0}
     assert props["mode"] == {"enum": [1, 2, None], "default": None}
-    assert props["priority"]["deprecated"] is True  # the seed's body priority, not an argument
+    assert "priority" not in props  # the seed's body priority is honoured, but only ?priority= is offered
     assert schema["description"] == "Run the solver."
+
+
+class Marked(MetaMPTask):
+    """Count with :class:`~collections.Counter` and ``sorted``."""
+
+    def execute(self, text: str = "") -> None:
+        """Count the words of :obj:`text`, see :meth:`the counter <collections.Counter.update>`.
+
+        :param text: a :class:`str` of ``words``.
+        """
+
+
+@pytest.mark.timeout(30)
+def test_extension_urls_and_descriptions_without_rest_markup(make_controller):
+    from flask_multiprocess_controller import MultiprocessController
+
+    app = _app((make_controller(Marked), ("/marked",)))
+    MultiprocessController(app)
+    document = openapi_document(app)
+    validate(document)
+    paths = document["paths"]
+    assert {"/mpc/health", "/mpc/api/tasks/{uuid}/logs", "/mpc/events", "/mpc/api/schedules"} <= set(paths)
+    assert set(paths["/mpc/health"]["get"]["responses"]) == {"200", "503"}
+    assert "text/event-stream" in paths["/mpc/events"]["get"]["responses"]["200"]["content"]
+    assert {"application/json", "text/event-stream"} == set(
+        paths["/mpc/api/tasks/{uuid}/logs"]["get"]["responses"]["200"]["content"])
+    assert "uuid_prefix" in {p.get("name") for p in paths["/mpc/api/tasks"]["get"]["parameters"]}
+    schema = document["components"]["schemas"]["Marked.Arguments"]
+    assert schema["description"] == "Count the words of `text`, see `the counter`."
+    assert schema["properties"]["text"]["description"] == "a `str` of `words`."
+    assert {"name": "Marked", "description": "Count the words of `text`, see `the counter`."} in document["tags"]
+    assert ":class:" not in json.dumps(document) and "``" not in json.dumps(document)
+    with app.test_client() as client:  # what the document says the URLs answer
+        assert client.get("/mpc/health").status_code == 200
+        assert client.get("/mpc/api/schedules").get_json() == {"schedules": []}
+        uuid = client.post("/marked", json={"text": "a b"}).get_json()["uuid"]
+        assert client.get(f"/mpc/api/tasks/{uuid}/logs").get_json()["next"] == 0
 
 
 @pytest.mark.timeout(30)

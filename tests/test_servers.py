@@ -222,6 +222,9 @@ def test_app_example_under_gunicorn_counts_primes(tmp_path, pool):
 
     # Both workers booted (a request may have been served before the second one was up).
     poll_until(lambda: len(server.remember()), lambda n: n >= 5, 30)  # master, 2 workers, 2 fork servers
+    # The worker that serves the controller names itself for ps (gunicorn's master keeps its name).
+    names = [p.name() for p in psutil.Process(server.proc.pid).children()]
+    assert "mpc-serve:app" in names, names
     survivors = server.stop(signal.SIGTERM, timeout=STOP_DEADLINE)
     assert survivors == [], f"left {STOP_DEADLINE} s after SIGTERM to gunicorn: {survivors}\n{server.log()}"
 
@@ -236,3 +239,18 @@ def _assert_stopped_by_shutdown(db, uuid: str, server) -> None:
     assert row is not None and row["status"] == "stopped", row
     assert row["error"]["type"] == "Shutdown"
     assert row["pid"] in server.seen  # so the tree check above covered the task process
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_app_example_takes_its_port_from_port_and_names_its_process(tmp_path, pool):
+    port = free_port()
+    server = pool.start(python(str(EXAMPLES / "app.py")), cwd=tmp_path, port=port,
+                        log_path=tmp_path / "server.log", ready_path="/mpc/health",
+                        env={"PORT": str(port), "MPC_STORE_URL": f"sqlite:///{tmp_path}/tasks.sqlite3"})
+    posted = requests.post(server.base + "/primes", json={"limit": 100}, timeout=HTTP_TIMEOUT)
+    assert posted.status_code == 202, posted.text
+    task = requests.get(f"{server.base}/primes/{posted.json()['uuid']}", params={"wait": 20}, timeout=40).json()
+    assert task["result"] == {"limit": 100, "primes": 25}, task
+    assert psutil.Process(server.proc.pid).name() == "mpc-serve:app"  # what ps -o comm, top and pgrep show
+    assert server.stop(signal.SIGINT, timeout=STOP_DEADLINE) == [], server.log()

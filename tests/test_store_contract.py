@@ -547,6 +547,23 @@ def test_active_lists_running_and_stopping_of_the_controller(store):
 # -- reading --------------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
+def test_find_by_prefix_of_any_controller_newest_first(store):
+    def row(uuid: str, controller: str = CTL) -> dict:
+        return {**make_row(controller), "uuid": uuid}
+
+    older, newer, other, elsewhere = ("abcd1234-0000-4000-8000-000000000001", "abcd1234-ff00-4000-8000-000000000002",
+                                      "abcd1234-ff00-4000-8000-000000000003", "abcd1235-0000-4000-8000-000000000000")
+    store.enqueue([row(older), row(newer), row(elsewhere)], -1)
+    store.enqueue([row(other, OTHER)], -1)
+    assert [r["uuid"] for r in store.find_by_prefix("abcd1234")] == [other, newer, older]
+    assert [r["uuid"] for r in store.find_by_prefix("abcd1234", limit=1)] == [other]
+    assert [r["uuid"] for r in store.find_by_prefix("abcd1234-ff00-4000-8000-00000000000")] == [other, newer]
+    assert [(r["uuid"], r["controller"]) for r in store.find_by_prefix("abcd1234-0")] == [(older, CTL)]
+    assert store.find_by_prefix("abcd1233") == [] and store.find_by_prefix("0bcd1234") == []
+    assert "state" not in store.find_by_prefix(older[:8])[-1]
+
+
+@pytest.mark.timeout(30)
 def test_list_is_newest_first_with_status_filter_and_limit(store):
     uuids = add(store, 3) + add(store, 2, priority=-5)
     add(store, 2, controller=OTHER)

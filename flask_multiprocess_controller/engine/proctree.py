@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -97,6 +98,36 @@ def set_process_name(name: str) -> None:
     """Set this process's name as ``ps`` and ``/proc/PID/comm`` show it (Linux ``PR_SET_NAME``)."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+#: What a serving process's name begins with (a web server's process), and a worker's (``flask mpc worker``).
+SERVE_PREFIX = "mpc-serve:"
+WORKER_PREFIX = "mpc-worker:"
+
+# The name this process gave itself as a serving process, if it did (guarded by the GIL: one assignment).
+_serving_name: Optional[str] = None
+
+
+def name_serving_process(app_name: Optional[str], worker: bool = False) -> None:
+    """Name this process after its role and app, as ``ps -o comm``, ``top`` and ``pgrep`` show it:
+    ``mpc-serve:<app>`` for a process that serves HTTP and runs tasks, ``mpc-worker:<app>`` for a worker
+    (15 bytes at most, the kernel's limit: a long app name is cut). Its command line is left as it is.
+
+    The whole process is named, whichever thread asks (``/proc/self/comm`` names the main thread, whose
+    name ``ps`` shows), and a worker's name is kept when a controller starts in it later.
+    """
+    global _serving_name
+    if not worker and _serving_name is not None and _serving_name.startswith(WORKER_PREFIX):
+        return
+    name = ((WORKER_PREFIX if worker else SERVE_PREFIX) + (app_name or "")).encode()[:15].decode(errors="ignore")
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name)
+    except OSError:
+        if threading.current_thread() is not threading.main_thread():
+            return  # PR_SET_NAME would name this thread only
+        set_process_name(name)
+    _serving_name = name
 
 
 def proven_task_process(pid: Optional[int], create_time: Optional[float], uuid: str) -> Optional[psutil.Process]:

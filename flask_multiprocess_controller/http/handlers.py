@@ -17,8 +17,9 @@ from flask import has_request_context, request, url_for
 from werkzeug.routing import BuildError
 
 from .. import defaults
-from ..exceptions import InvalidRequest, TaskNotFound
+from ..exceptions import AmbiguousTaskPrefix, InvalidRequest, TaskNotFound, TaskPrefixNotFound
 from ..presenter import TaskObject, clip
+from ..store.base import Row
 from ..states import ALL_STATUSES, TERMINAL, TaskStatus
 from . import compat as compat_module
 from .. import idempotency
@@ -113,6 +114,80 @@ def parse_uuid(value: Any) -> str:
         return str(uuid_module.UUID(value))
     except ValueError:
         raise InvalidRequest(f"{value[:80]!r} is not a valid task uuid.") from None
+
+
+#: Hex digits a uuid prefix needs at least: the 8 the dashboard and the CLI's tables show.
+MIN_PREFIX_DIGITS = 8
+#: Tasks an ambiguous prefix lists at most.
+PREFIX_CANDIDATES = 5
+
+
+def uuid_prefix(value: Any) -> str:
+    """The canonical form of a uuid prefix of 8 to 31 hex digits, dashes where a uuid has them
+    (``ABCD1234ef`` and ``abcd1234-ef`` give ``abcd1234-ef``), or :class:`InvalidRequest`."""
+    text = value.strip().lower() if isinstance(value, str) else ""
+    digits = text.replace("-", "")
+    canonical = "-".join(digits[a:b] for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32)) if digits[a:b])
+    if (not MIN_PREFIX_DIGITS <= len(digits) < 32 or any(c not in "0123456789abcdef" for c in digits)
+            or not (text == digits or canonical.startswith(text.rstrip("-")))):
+        shown = value[:80] if isinstance(value, str) else type(value).__name__
+        raise InvalidRequest(f"{shown!r} is not a valid task uuid, nor the start of one: give the uuid, or at "
+                             f"least its first {MIN_PREFIX_DIGITS} hex digits.")
+    return canonical
+
+
+def tasks_by_prefix(controllers: Iterable["MetaMPController"], prefix: str,
+                    limit: int) -> list[tuple["MetaMPController", Row]]:
+    """The tasks of ``controllers`` (visible, in a request, to its tenant) whose uuid begins with ``prefix``
+    (canonical, see :func:`uuid_prefix`), newest first, at most ``limit``: ``(controller, row)`` pairs.
+
+    Each distinct store is asked once (:meth:`~..store.base.TaskStore.find_by_prefix`).
+    """
+    by_name = {c.name: c for c in controllers}
+    found: list[tuple["MetaMPController", Row]] = []
+    asked: list[Any] = []
+    for controller in by_name.values():
+        store = controller.store
+        if any(store is seen for seen in asked):
+            continue
+        asked.append(store)
+        try:
+            rows = store.find_by_prefix(prefix, limit + 20)  # room for other apps' and tenants' tasks
+        except NotImplementedError as exc:
+            raise InvalidRequest(f"{exc} Give the whole uuid.") from None
+        for row in rows:
+            owner = by_name.get(row["controller"])
+            if owner is not None and owner.store is store and owner.visible(row):
+                found.append((owner, row))
+    found.sort(key=lambda pair: pair[1]["seq"], reverse=True)
+    return found[:limit]
+
+
+def resolve_task(controllers: Iterable["MetaMPController"], reference: str) -> tuple["MetaMPController", str]:
+    """The controller and uuid of the task ``reference`` names: its uuid, or a prefix of 8 or more hex
+    digits that begins the uuid of exactly one task (of ``controllers``, visible to the request's tenant).
+
+    :raises InvalidRequest: ``reference`` is neither a uuid nor such a prefix.
+    :raises TaskNotFound: no such task (:class:`~..exceptions.TaskPrefixNotFound` for a prefix).
+    :raises AmbiguousTaskPrefix: the prefix begins the uuid of several tasks (some are listed).
+    """
+    controllers = list(controllers)
+    try:
+        uuid = parse_uuid(reference)
+    except InvalidRequest:
+        pass
+    else:
+        return find_owner(controllers, uuid), uuid
+    prefix = uuid_prefix(reference)
+    found = tasks_by_prefix(controllers, prefix, PREFIX_CANDIDATES + 1)
+    if not found:
+        raise TaskPrefixNotFound(prefix)
+    if len(found) > 1:
+        raise AmbiguousTaskPrefix(prefix, [(row["uuid"], controller.name, row["status"])
+                                           for controller, row in found[:PREFIX_CANDIDATES]],
+                                  more=len(found) > PREFIX_CANDIDATES)
+    controller, row = found[0]
+    return controller, str(row["uuid"])
 
 
 def stop_all_option(options: Mapping[str, str]) -> bool:

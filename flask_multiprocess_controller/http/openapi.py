@@ -422,10 +422,10 @@ def _patch_operation(is_item: bool) -> dict[str, Any]:
 
 
 def extension_paths(prefix: str) -> dict[str, Any]:
-    """The extension's JSON task API under ``prefix``: every controller's tasks, as the dashboard reads them.
+    """The extension's URLs under ``prefix``: the task API over every controller (as the dashboard reads it),
+    the health endpoint, the task log (JSON, or a stream), the event stream and the schedules.
 
-    The extension's other URLs (the dashboard page, event and log streams, health, schedules) are
-    left out: they are not JSON request/answer operations of the task API.
+    The dashboard page and this document itself are left out: they are no operations of the API.
     """
     controller = {"name": "controller", "in": "query", "schema": {"type": "string"},
                   "description": "Only this controller's tasks (its name)."}
@@ -438,8 +438,13 @@ def extension_paths(prefix: str) -> dict[str, Any]:
     before = {"name": "before", "in": "query",
               "schema": {"type": "integer", "minimum": 1, "maximum": defaults.MAX_QUERY_INT},
               "description": "The `next` cursor of the previous page: only older tasks."}
+    by_prefix = {"name": "uuid_prefix", "in": "query", "schema": {"type": "string", "pattern": _PREFIX_PATTERN},
+                 "description": ("Only the tasks whose uuid begins with these 8 or more hex digits (the short id "
+                                 "the dashboard shows), newest first, on one page: how a client finds the one "
+                                 "task a short id names. Not with `before`.")}
     listing = {"summary": "Every controller's tasks, newest first",
-               "parameters": [controller, _ref(_PARAMETERS, "status"), _ref(_PARAMETERS, "limit"), before],
+               "parameters": [controller, _ref(_PARAMETERS, "status"), _ref(_PARAMETERS, "limit"), before,
+                              by_prefix],
                "responses": {"200": _task_response("A page of tasks, and the cursor of the next one (null: last).", {
                    "type": "object", "required": ["tasks", "next"], "properties": {
                        "tasks": {"type": "array", "items": _ref(_SCHEMAS, "Task")},
@@ -467,12 +472,88 @@ def extension_paths(prefix: str) -> dict[str, Any]:
                                              f"{prefix}/api/tasks/{{uuid}}": item,
                                              f"{prefix}/api/stats": {"get": stats},
                                              f"{prefix}/api/hosts/{{host}}/drain": _drain_operations()}
+    operations.update(_monitoring_paths(prefix))
     for path, entry in operations.items():
         for method, operation in entry.items():
             if method != "parameters":
                 operation["tags"] = ["mpc"]
                 operation["operationId"] = _safe(f"mpc{path[len(prefix):]}.{method}")
     return operations
+
+
+#: A uuid prefix as ``?uuid_prefix=`` takes it: 8 to 31 hex digits, dashes where a uuid has them, or none.
+_PREFIX_PATTERN = ("^(?:[0-9a-fA-F]{8,31}|[0-9a-fA-F]{8}-[0-9a-fA-F]{0,4}(?:-[0-9a-fA-F]{0,4}"
+                   "(?:-[0-9a-fA-F]{0,4}(?:-[0-9a-fA-F]{0,11})?)?)?)$")
+
+
+#: One Server-Sent Event: its name, its data (JSON text), its id (what ``Last-Event-ID`` resumes after).
+_SSE_EVENT = {"type": "object", "properties": {"event": {"type": "string"}, "data": {"type": "string"},
+                                               "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
+def _event_stream(description: str) -> dict[str, Any]:
+    """A 200 answer of Server-Sent Events (``text/event-stream``), open until ``MPC_MAX_WAIT`` at most."""
+    return {"description": description, "content": {"text/event-stream": {"schema": _SSE_EVENT}}}
+
+
+def _monitoring_paths(prefix: str) -> dict[str, Any]:
+    """``<prefix>/health``, ``<prefix>/api/tasks/{uuid}/logs``, ``<prefix>/events`` and ``<prefix>/api/schedules``."""
+    entry = {"type": "object", "additionalProperties": True, "properties": {
+        "max_num_process": {"type": "integer"}, "store": {"type": "string"},
+        "running": {"type": "integer", "minimum": 0}, "queued": {"type": "integer", "minimum": 0},
+        "paused": {"type": "integer", "minimum": 0}, "callbacks_dropped": {"type": "integer", "minimum": 0},
+        "status": {"const": "unavailable"}, "message": {"type": "string"}}}
+    health_body = {"type": "object", "required": ["status", "controllers", "drained_hosts"], "properties": {
+        "status": {"enum": ["ok", "unavailable"]},
+        "controllers": {"type": "object", "additionalProperties": entry,
+                        "description": "Each controller's limit, store and task counts (the request's tenant's)."},
+        "drained_hosts": {"type": "array"},
+        "this_process": {"type": "object", "description": "When the answering process serves: its host and "
+                                                          "whether that host is drained."}}}
+    health = {"summary": "Whether every controller can reach its store, with task counts", "responses": {
+        "200": _task_response("Every controller's store answers.", health_body),
+        "503": {"description": "A controller's store does not answer (its entry says why).",
+                "headers": {"Retry-After": _ref("#/components/headers/", "Retry-After")},
+                "content": _json(health_body)}}}
+    lines = {"type": "object", "required": ["lines", "next"], "properties": {
+        "lines": {"type": "array", "items": {"type": "object", "required": ["n", "line"], "properties": {
+            "n": {"type": "integer", "minimum": 1}, "line": {"type": "string"}}}},
+        "next": {"type": "integer", "minimum": 0, "description": "The `after` of the next read."}}}
+    logs = {"summary": "A task's kept log lines (what it logged and printed)",
+            "parameters": [{"name": "after", "in": "query", "description": "Only lines after this number.",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": defaults.MAX_QUERY_INT}},
+                           {"name": "follow", "in": "query", "schema": {"type": "string"},
+                            "description": ("`1`: a stream of `line` events as they come, and an `end` event "
+                                            "once the task ended and its last line was sent.")}],
+            "responses": {"200": {"description": "The lines (JSON), or with `?follow=1` their stream.",
+                                  "content": {**_json(lines), "text/event-stream": {"schema": _SSE_EVENT}}},
+                          **_errors("BadRequest", "NotFound", "Unavailable")}}
+    events = {"summary": "Task events of every controller, live (Server-Sent Events)",
+              "description": ("Each state change of a task as an event named after it, carrying the task object; "
+                              "`Last-Event-ID` (or `?last_event_id=`) replays what was missed."),
+              "parameters": [{"name": "controller", "in": "query", "schema": {"type": "string"},
+                              "description": "Only this controller's events (its name)."},
+                             {"name": "last_event_id", "in": "query", "schema": {"type": "string"},
+                              "description": "Resume after this event (as the `Last-Event-ID` header)."},
+                             {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+                              "description": "Resume after this event."}],
+              "responses": {"200": _event_stream("The events, until `MPC_MAX_WAIT` seconds passed."),
+                            **_errors("BadRequest", "Unavailable")}}
+    schedule = {"type": "object", "required": ["name", "controller"], "additionalProperties": True, "properties": {
+        "name": {"type": "string"}, "controller": {"type": "string"}, "cron": _nullable("string"),
+        "every": _nullable("number"), "active": {"type": "boolean",
+                                                 "description": "Whether a live server still declares it."},
+        "next_firing": _nullable("string", format="date-time")}}
+    schedules = {"summary": "Every controller's schedules and their next firing", "responses": {
+        "200": _task_response("The schedules, by controller and name.", {
+            "type": "object", "required": ["schedules"],
+            "properties": {"schedules": {"type": "array", "items": schedule}}}),
+        **_errors("Unavailable")}}
+    uuid = {"name": "uuid", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {f"{prefix}/health": {"get": health},
+            f"{prefix}/api/tasks/{{uuid}}/logs": {"parameters": [uuid], "get": logs},
+            f"{prefix}/events": {"get": events},
+            f"{prefix}/api/schedules": {"get": schedules}}
 
 
 def _drain_operations() -> dict[str, Any]:
@@ -531,11 +612,8 @@ def _arguments_schema(controller: MetaMPController) -> dict[str, Any]:
     for name, prop in schema.get("properties", {}).items():
         if name in params:
             prop["description"] = params[name]
-    if "priority" not in spec.names and "properties" in schema:
-        # Seed compatibility: a body's 'priority' sets the task's priority (the query option is better).
-        schema["properties"]["priority"] = {
-            "type": "integer", "minimum": -PRIORITY_RANGE, "maximum": PRIORITY_RANGE, "deprecated": True,
-            "description": "The task's priority (lower runs first), not an argument: use `?priority=` instead."}
+    # A body's 'priority' still sets the task's priority (seed compatibility), but the document offers only
+    # the query option: the arguments' schema holds the task's arguments and nothing else.
     return schema
 
 
@@ -552,8 +630,31 @@ def _execute_doc(controller: MetaMPController) -> str:
 _PARAM_LINE = re.compile(r"^:param\s+(?:[^:]*\s)?(?P<name>\w+):\s*(?P<text>.*)$")
 
 
+#: A reST role (``:class:`~pkg.Name```, ``:meth:`text <target>```) or an inline literal (````x````).
+_REST_ROLE = re.compile(r":[a-z][\w:+-]*:`(?P<body>[^`]+)`")
+_REST_LITERAL = re.compile(r"``(?P<body>[^`]+)``")
+
+
+def plain_markup(text: str) -> str:
+    """``text`` with the reST markup of docstrings made the Markdown of OpenAPI descriptions: a role gives its
+    target as code (``:class:`~pkg.Name``` gives `` `Name` ``, a titled one its title), a literal single
+    backticks."""
+
+    def role(match: re.Match[str]) -> str:
+        body = match["body"].strip()
+        titled = re.fullmatch(r"(?P<title>.+?)\s*<[^<>]+>", body)
+        if titled:
+            return f"`{titled['title']}`"
+        if body.startswith("~"):
+            body = body[1:].rsplit(".", 1)[-1]
+        return f"`{body.lstrip('.!')}`"
+
+    return _REST_LITERAL.sub(lambda m: f"`{m['body']}`", _REST_ROLE.sub(role, text))
+
+
 def _parse_doc(doc: str) -> tuple[str, dict[str, str]]:
-    """Split a docstring into its prose and its ``:param name: text`` fields (continued lines joined)."""
+    """Split a docstring into its prose and its ``:param name: text`` fields (continued lines joined), their
+    reST markup made Markdown (:func:`plain_markup`)."""
     prose: list[str] = []
     params: dict[str, str] = {}
     current: Optional[str] = None
@@ -569,7 +670,7 @@ def _parse_doc(doc: str) -> tuple[str, dict[str, str]]:
         else:
             current = None
             prose.append(line)
-    return "\n".join(prose).strip(), params
+    return plain_markup("\n".join(prose).strip()), {name: plain_markup(text) for name, text in params.items()}
 
 
 def _task_summary(controller: MetaMPController) -> str:

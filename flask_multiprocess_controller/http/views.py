@@ -16,7 +16,8 @@ from flask.typing import ResponseReturnValue
 from .. import defaults
 from .body import EMPTY, read_json_body
 from .errors import error_response
-from .handlers import apply_patch, find_owner, int_option, statuses_option, stop_all_option
+from .handlers import (apply_patch, find_owner, int_option, statuses_option, stop_all_option, tasks_by_prefix,
+                       uuid_prefix)
 from ..exceptions import InvalidRequest, MPCError, StoreError
 from ..presenter import TaskObject, clip, present_change
 from ..states import TERMINAL
@@ -258,6 +259,10 @@ def _task_list(extension: "MultiprocessController") -> Callable[[], ResponseRetu
         statuses = statuses_option(request.args.get("status"))
         limit = int_option("limit", defaults.LIST_LIMIT, 1, defaults.MAX_LIST_LIMIT)
         before = int_option("before", None, 1, defaults.MAX_QUERY_INT)
+        if request.args.get("uuid_prefix") is not None:
+            if before is not None:
+                raise InvalidRequest("?uuid_prefix= lists the few tasks it names, on one page: drop ?before=.")
+            return jsonify(list_by_prefix(controllers, uuid_prefix(request.args["uuid_prefix"]), statuses, limit))
         return jsonify(list_all(controllers, statuses, limit, before))
 
     return tasks
@@ -295,6 +300,16 @@ def list_all(controllers: list["MetaMPController"], statuses: list[str], limit: 
                                for _, controller, row in merged]
     next_cursor = merged[-1][0] if len(merged) == limit else None
     return {"tasks": found, "next": next_cursor}
+
+
+def list_by_prefix(controllers: list["MetaMPController"], prefix: str, statuses: list[str],
+                   limit: int) -> dict[str, Any]:
+    """The tasks whose uuid begins with ``prefix`` (see :func:`.handlers.tasks_by_prefix`), newest first, as
+    :func:`list_all` shows them (no next page): how a client finds the task an 8-digit id names."""
+    found = [(controller, row) for controller, row in tasks_by_prefix(controllers, prefix, limit)
+             if not statuses or row["status"] in statuses]
+    return {"tasks": [clip(controller.client_view(row), defaults.LIST_VALUE_SIZE) for controller, row in found],
+            "next": None}
 
 
 def _task_item(extension: "MultiprocessController") -> Callable[[str], ResponseReturnValue]:

@@ -9,7 +9,12 @@ process a server again before the app is imported: running tasks is its job (see
 ``init_app`` also adds the same commands to ``app.cli`` (what ``app.test_cli_runner()`` invokes),
 where the process's role is left as it is.
 
-User errors (an unknown uuid, a bad argument) print one line and exit non-zero.
+User errors (an unknown uuid, a bad argument) print one line and exit with a code that says which kind of
+error it was (:data:`EXIT_CODES`, documented in docs/cli.md): a script can tell a task that failed from a
+wait that timed out, a task that does not exist or a store that is down.
+
+A task is named by its uuid or by a prefix of 8 or more hex digits that begins the uuid of one task only
+(the short id the dashboard and ``list`` show; see :func:`~..http.handlers.resolve_task`).
 
 Task text (messages, errors, tracebacks, log lines, names) is the tasks' and their submitters', not
 the operator's: before it reaches the terminal, control characters (escape sequences, carriage
@@ -30,8 +35,10 @@ import click
 from flask.cli import AppGroup, with_appcontext
 
 from .. import registry
-from ..exceptions import MPCError, TaskNotFound
-from ..exceptions import StoreUnavailable
+from ..exceptions import (
+    BatchNotFound, HostNotFound, IdempotencyKeyReused, InvalidRequest, MPCError, PayloadTooLarge, StoreError,
+    StoreUnavailable, TaskNotFound,
+)
 from .. import defaults
 from ..states import TERMINAL, TaskStatus
 
@@ -41,12 +48,53 @@ if TYPE_CHECKING:
 #: Seconds between two looks at a task's progress while ``wait`` draws its bar.
 _WAIT_STEP = 0.5
 
+#: Exit codes of the commands.
+EXIT_OK = 0
+#: ``wait``: the task ended without succeeding (failed, stopped, timed out or lost).
+EXIT_TASK_FAILED = 1
+#: A bad command line or argument, an unknown controller, a uuid prefix that names several tasks
+#: (click's own usage errors exit 2 as well).
+EXIT_USAGE = 2
+#: No such task (or host).
+EXIT_NOT_FOUND = 3
+#: ``wait --timeout``: the time passed before the task ended (it may still be running).
+EXIT_TIMEOUT = 4
+#: The task store could not be reached.
+EXIT_STORE_UNAVAILABLE = 5
+#: The action does not apply to the task as it is (it already ended, it is not running or not paused),
+#: the ``can_change`` hook refused it, or the queue is full.
+EXIT_REFUSED = 6
+
+#: Each exit code and what it means (docs/cli.md lists them).
+EXIT_CODES = {EXIT_OK: "ok", EXIT_TASK_FAILED: "the task did not succeed", EXIT_USAGE: "usage error",
+              EXIT_NOT_FOUND: "not found", EXIT_TIMEOUT: "timed out waiting",
+              EXIT_STORE_UNAVAILABLE: "store unavailable", EXIT_REFUSED: "refused"}
+
+
+class CommandError(click.ClickException):
+    """A user error: one line on standard error, and ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def exit_code_of(exc: MPCError) -> int:
+    """The exit code of a command that ``exc`` ended."""
+    if isinstance(exc, (TaskNotFound, BatchNotFound, HostNotFound)):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, StoreError):
+        return EXIT_STORE_UNAVAILABLE
+    if isinstance(exc, (InvalidRequest, PayloadTooLarge, IdempotencyKeyReused)):
+        return EXIT_USAGE
+    return EXIT_REFUSED
+
 
 def _commands(group: AppGroup) -> AppGroup:
     """Add every ``mpc`` subcommand to ``group``."""
-    for command in (list_command, status_command, stop_command, wait_command, purge_command, submit_command,
-                    logs_command, schedules_command, hosts_command, drain_command, undrain_command,
-                    worker_command):
+    for command in (list_command, status_command, stop_command, pause_command, resume_command,
+                    reprioritise_command, wait_command, purge_command, submit_command, logs_command,
+                    schedules_command, hosts_command, drain_command, undrain_command, worker_command):
         group.add_command(command)
     return group
 
@@ -63,19 +111,21 @@ def _controller(name: str) -> "MetaMPController":
     try:
         return MultiprocessController.controller(name)
     except LookupError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CommandError(str(exc), EXIT_USAGE) from None
 
 
-def _owner(uuid: str) -> "MetaMPController":
-    """The controller of task ``uuid`` (the lookup the extension's API makes)."""
-    from ..http.handlers import find_owner
+def _task(reference: str) -> tuple["MetaMPController", str]:
+    """The controller and uuid of the task ``reference`` names: a uuid, or a prefix of 8 or more hex digits
+    of exactly one task's (the lookup the extension's API makes, see :func:`.handlers.resolve_task`)."""
+    from ..exceptions import TaskPrefixNotFound
+    from ..http.handlers import resolve_task
 
     try:
-        return find_owner(_controllers(), uuid)
-    except MPCError as exc:
-        if isinstance(exc, TaskNotFound):
-            raise click.ClickException(f"No task with uuid {uuid} is known to any controller.") from None
-        raise click.ClickException(exc.message) from None
+        return resolve_task(_controllers(), reference)
+    except TaskNotFound as exc:
+        message = exc.message if isinstance(exc, TaskPrefixNotFound) else \
+            f"No task with uuid {exc.uuid} is known to any controller."
+        raise CommandError(message, EXIT_NOT_FOUND) from None
 
 
 def _user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
@@ -87,7 +137,7 @@ def _user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return action(*args, **kwargs)
         except MPCError as exc:
-            raise click.ClickException(exc.message) from None
+            raise CommandError(exc.message, exit_code_of(exc)) from None
 
     return guarded
 
@@ -126,8 +176,9 @@ def _table(tasks: list[dict[str, Any]]) -> str:
 
 
 @click.command("list")
-@click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in TaskStatus]),
-              help="Only tasks in this status (repeatable).")
+@click.option("--status", "statuses", multiple=True, metavar="STATUS[,STATUS...]",
+              help="Only tasks in these states (repeatable, or comma-separated): "
+                   f"{', '.join(s.value for s in TaskStatus)}.")
 @click.option("--controller", "controller_name", help="Only this controller's tasks.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -135,10 +186,12 @@ def _table(tasks: list[dict[str, Any]]) -> str:
 @_user_errors
 def list_command(statuses: tuple[str, ...], controller_name: Optional[str], limit: int, as_json: bool) -> None:
     """List the newest tasks of every controller."""
+    from ..http.handlers import statuses_option
     from ..http.views import list_all
 
+    wanted = list(dict.fromkeys(s for raw in statuses for s in statuses_option(raw)))
     controllers = [_controller(controller_name)] if controller_name else _controllers()
-    found = list_all(controllers, list(statuses), limit, None)["tasks"]
+    found = list_all(controllers, wanted, limit, None)["tasks"]
     click.echo(json.dumps(found, indent=2) if as_json else (_table(found) if found else "No tasks."))
 
 
@@ -148,8 +201,9 @@ def list_command(statuses: tuple[str, ...], controller_name: Optional[str], limi
 @with_appcontext
 @_user_errors
 def status_command(uuid: str, as_json: bool) -> None:
-    """Show one task."""
-    task = _owner(uuid).status(uuid)
+    """Show one task (UUID: its uuid, or the first 8 or more hex digits of it)."""
+    controller, uuid = _task(uuid)
+    task = controller.status(uuid)
     if as_json:
         click.echo(json.dumps(task, indent=2))
         return
@@ -174,14 +228,50 @@ def stop_command(uuid: Optional[str], stop_all: bool, controller_name: Optional[
     """Stop a task (a queued one never starts; a running one is stopped gracefully), or all of a controller's."""
     if stop_all:
         if uuid or not controller_name:
-            raise click.ClickException("Use either UUID, or --all with --controller NAME.")
+            raise CommandError("Use either UUID, or --all with --controller NAME.", EXIT_USAGE)
         counts = _controller(controller_name).stop_all()
         click.echo(f"Stopped {counts['stopped']} queued task(s); {counts['stopping']} running task(s) are stopping.")
         return
     if not uuid:
-        raise click.ClickException("Name the task to stop (UUID), or use --all --controller NAME.")
-    task = _owner(uuid).stop(uuid)
+        raise CommandError("Name the task to stop (UUID), or use --all --controller NAME.", EXIT_USAGE)
+    controller, uuid = _task(uuid)
+    task = controller.stop(uuid)
     _say(task["msg"], keep="")
+
+
+@click.command("pause")
+@click.argument("uuid")
+@with_appcontext
+@_user_errors
+def pause_command(uuid: str) -> None:
+    """Pause a running task: its whole process tree is suspended (it keeps its slot) until resumed."""
+    controller, uuid = _task(uuid)
+    _say(controller.pause(uuid)["msg"], keep="")
+
+
+@click.command("resume")
+@click.argument("uuid")
+@with_appcontext
+@_user_errors
+def resume_command(uuid: str) -> None:
+    """Resume a paused task."""
+    controller, uuid = _task(uuid)
+    _say(controller.resume(uuid)["msg"], keep="")
+
+
+@click.command("reprioritise", context_settings={"ignore_unknown_options": True})  # a priority may be -5
+@click.argument("uuid")
+@click.argument("priority", type=int)
+@with_appcontext
+@_user_errors
+def reprioritise_command(uuid: str, priority: int) -> None:
+    """Give a queued task another PRIORITY (an integer, lower runs first: -5 before 0)."""
+    from ..http.patching import check_priority
+
+    controller, uuid = _task(uuid)
+    task = controller.reprioritise(uuid, check_priority(priority))
+    position = f", place {task['position']} in the queue" if task.get("position") else ""
+    _say(f"Task {uuid} has priority {task['priority']}{position}.", keep="")
 
 
 @click.command("logs")
@@ -191,7 +281,7 @@ def stop_command(uuid: Optional[str], stop_all: bool, controller_name: Optional[
 @_user_errors
 def logs_command(uuid: str, follow: bool) -> None:
     """Print a task's kept log lines (what it logged and printed)."""
-    controller = _owner(uuid)
+    controller, uuid = _task(uuid)
     book = controller.store.logs
     after = 0
     while True:
@@ -235,8 +325,9 @@ def schedules_command(as_json: bool) -> None:
 @with_appcontext
 @_user_errors
 def wait_command(uuid: str, timeout: Optional[float]) -> None:
-    """Wait for a task to end, with a progress bar; exit 0 if it succeeded, 1 otherwise."""
-    controller = _owner(uuid)
+    """Wait for a task to end, with a progress bar; exit 0 if it succeeded, 1 if it ended otherwise, 4 if
+    --timeout passed first (the task goes on)."""
+    controller, uuid = _task(uuid)
     deadline = None if timeout is None else time.monotonic() + timeout
     with click.progressbar(length=100, label=f"Task {uuid[:8]}", show_eta=False) as bar:
         shown = 0
@@ -252,7 +343,10 @@ def wait_command(uuid: str, timeout: Optional[float]) -> None:
             if task["status"] in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
                 break
     _say(task["msg"], keep="")
-    raise SystemExit(0 if task["status"] == TaskStatus.SUCCEEDED else 1)
+    if task["status"] not in TERMINAL:
+        click.echo(f"Gave up waiting after {timeout:g} s: task {uuid} is {task['status']}.", err=True)
+        raise SystemExit(EXIT_TIMEOUT)
+    raise SystemExit(EXIT_OK if task["status"] == TaskStatus.SUCCEEDED else EXIT_TASK_FAILED)
 
 
 @click.command("purge")
@@ -296,15 +390,46 @@ def submit_command(controller_name: str, arguments: tuple[str, ...], key: Option
     for argument in arguments:
         key, sep, raw = argument.partition("=")
         if not sep or not key:
-            raise click.ClickException(f"Arguments look like KEY=VALUE, not {argument!r}.")
+            raise CommandError(f"Arguments look like KEY=VALUE, not {argument!r}.", EXIT_USAGE)
         try:
             kwargs[key] = json.loads(raw, parse_constant=_no_constant)
         except _NotJSONNumber:
-            raise click.ClickException(f"Argument {key!r}: {raw!r} holds NaN or Infinity, which are not JSON "
-                                       f"numbers; quote it to pass a string (KEY='\"{raw}\"').") from None
+            raise CommandError(f"Argument {key!r}: {raw!r} holds NaN or Infinity, which are not JSON "
+                               f"numbers; quote it to pass a string (KEY='\"{raw}\"').", EXIT_USAGE) from None
         except ValueError:
             kwargs[key] = raw
-    click.echo(_submit_once(_controller(controller_name), key or str(uuid_module.uuid4()), kwargs))
+    controller = _controller(controller_name)
+    click.echo(_submit_once(controller, key or str(uuid_module.uuid4()), kwargs))
+    warning = unserved_warning(controller)
+    if warning:
+        click.echo(f"Warning: {warning}", err=True)
+
+
+def unserved_warning(controller: "MetaMPController") -> Optional[str]:
+    """Why nothing may run the controller's queued tasks now, or None when a live server may.
+
+    A serving process heartbeats in the store (each second) while it serves; one whose last heartbeat is
+    older than the controller's ``lease``, or whose host is drained, claims nothing. The heartbeats name
+    processes, not controllers: a live server of another controller only (a ``worker --controller``)
+    counts as one. Never raises: a store that cannot say gives no warning.
+    """
+    from ..store.base import owner_host
+
+    try:
+        store = controller.store
+        now, beats, drained = store.now(), store.heartbeats(), store.drained_hosts()
+    except (MPCError, NotImplementedError):
+        return None
+    live = {owner_host(owner) for owner, beat in beats.items() if now - beat <= controller.lease}
+    live.discard(None)
+    if not live:
+        return (f"no live server heartbeats in the store of controller {controller.name}: the task is queued, "
+                f"but nothing runs it until a server of the app is up and serving (flask run, gunicorn, "
+                f"flask mpc worker).")
+    if live <= set(drained):
+        return (f"every host with a live server of the store is drained ({', '.join(sorted(map(str, live)))}): "
+                f"the task is queued, but nothing runs it until one is undrained (flask mpc undrain).")
+    return None
 
 
 def _submit_once(controller: "MetaMPController", key: str, kwargs: dict[str, Any]) -> str:

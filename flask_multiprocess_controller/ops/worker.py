@@ -58,6 +58,16 @@ def start(controllers: Sequence["MetaMPController"], slots: Optional[int] = None
             "Worker %d on host %s serves controller %s: %d slot(s), at most %d task(s) across every process, "
             "store %s.", os.getpid(), runtime.host, controller.name, runtime.config.slot_count,
             controller.max_num_process, _store_name(controller))
+    _name_worker()
+
+
+def _name_worker() -> None:
+    """Name the process ``mpc-worker:<app>`` (see :func:`~..engine.proctree.name_serving_process`)."""
+    from flask import current_app, has_app_context
+
+    from ..engine.proctree import name_serving_process
+
+    name_serving_process(current_app.name if has_app_context() else None, worker=True)
 
 
 def _bind_to_current_app(controller: "MetaMPController") -> None:

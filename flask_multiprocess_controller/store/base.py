@@ -699,6 +699,18 @@ class TaskStore(abc.ABC):
     def get(self, uuid: str) -> Optional[Row]:
         """Return the task with this uuid, or None."""
 
+    def find_by_prefix(self, prefix: str, limit: int = 10) -> list[Row]:
+        """Return at most ``limit`` tasks of any controller whose uuid begins with ``prefix``, newest first.
+
+        ``prefix`` is the start of a uuid in its canonical form (lower-case hex digits and dashes in
+        their places, as :func:`~..http.handlers.uuid_prefix` makes it), so that an operator can name
+        a task by the first 8 or more hex digits the dashboard shows. Like :meth:`list_tasks`, the rows
+        come without their saved ``state``. Every built-in store answers it (SQLite with a range of its
+        primary key; PostgreSQL and Redis by a scan, as an operator's look-up is rare); a store that
+        does not raises :class:`NotImplementedError`, and a full uuid is then needed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot look tasks up by a prefix of their uuid.")
+
     @abc.abstractmethod
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
                    before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:

@@ -513,6 +513,12 @@ class MemoryStore(TaskStore):
             row = self._rows.get(uuid)
             return None if row is None else copy.deepcopy(row)
 
+    def find_by_prefix(self, prefix: str, limit: int = 10) -> list[Row]:
+        with self._lock:
+            rows = [r for uuid, r in self._rows.items() if uuid.startswith(prefix)]
+            rows.sort(key=lambda r: r["seq"], reverse=True)
+            return [_shown(r) for r in rows[:limit]]
+
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
                    before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         wanted = set(statuses or ()) or None

@@ -851,6 +851,12 @@ class PostgresStore(TaskStore):
         rows = self._read(f"{self._select} WHERE uuid = %s", (uuid,))
         return rows[0] if rows else None
 
+    def find_by_prefix(self, prefix: str, limit: int = 10) -> list[Row]:
+        # LIKE, not a range: the database's collation may not order the dash byte-wise. A prefix holds
+        # hex digits and dashes only, none of LIKE's special characters.
+        return self._read_listed(f"{self._select_listed} WHERE uuid LIKE %s ORDER BY seq DESC LIMIT %s",
+                                 (prefix + "%", limit))
+
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
                    before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         below = _NO_SEQ if before is None else before

@@ -549,6 +549,20 @@ class RedisStore(TaskStore):
         return self._c(controller, f"tn:{what}:{_tag(tenant)}")
 
     @_guarded
+    def find_by_prefix(self, prefix: str, limit: int = 10) -> list[Row]:
+        # A scan of the task hashes' keys: O(key space), for an operator's rare look-up; few uuids match.
+        head = self._key("t", "")
+        pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", head + prefix) + "*"
+        uuids = []
+        for raw in self._redis.scan_iter(match=pattern, count=1000, _type="hash"):
+            key = _text(raw)
+            if len(key) == len(head) + 36:  # a task's own hash, not a longer key that shares the start
+                uuids.append(key[len(head):])
+        rows = self._list_many(uuids)
+        rows.sort(key=lambda r: r["seq"], reverse=True)
+        return rows[:limit]
+
+    @_guarded
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
                    before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         top = "+inf" if before is None else f"({before}"

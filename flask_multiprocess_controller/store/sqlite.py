@@ -822,6 +822,12 @@ class SQLiteStore(TaskStore):
         rows = self._read(f"{_SELECT} WHERE uuid = ?", (uuid,))
         return rows[0] if rows else None
 
+    def find_by_prefix(self, prefix: str, limit: int = 10) -> list[Row]:
+        # A range of the primary key: every uuid that begins with the prefix sorts from it up to the
+        # prefix followed by "g", past every hex digit and the dash (BINARY collation).
+        return self._read_listed(f"{_SELECT_LISTED} WHERE uuid >= ? AND uuid < ? ORDER BY seq DESC LIMIT ?",
+                                 (prefix, prefix + "g", limit))
+
     def list_tasks(self, controller: str, statuses: Optional[Iterable[str]] = None, limit: int = 100,
                    before: Optional[int] = None, tenant: Any = ANY_TENANT) -> list[Row]:
         below = _NO_SEQ if before is None else before
