@@ -497,7 +497,8 @@ def _event_stream(description: str) -> dict[str, Any]:
 
 
 def _monitoring_paths(prefix: str) -> dict[str, Any]:
-    """``<prefix>/health``, ``<prefix>/api/tasks/{uuid}/logs``, ``<prefix>/events`` and ``<prefix>/api/schedules``."""
+    """``<prefix>/health``, ``<prefix>/api/tasks/{uuid}/logs``, ``<prefix>/events``, ``<prefix>/api/schedules`` and
+    ``<prefix>/metrics``."""
     entry = {"type": "object", "additionalProperties": True, "properties": {
         "max_num_process": {"type": "integer"}, "store": {"type": "string"},
         "running": {"type": "integer", "minimum": 0}, "queued": {"type": "integer", "minimum": 0},
@@ -549,11 +550,19 @@ def _monitoring_paths(prefix: str) -> dict[str, Any]:
             "type": "object", "required": ["schedules"],
             "properties": {"schedules": {"type": "array", "items": schedule}}}),
         **_errors("Unavailable")}}
+    metrics = {"summary": "Task, queue and store figures in the Prometheus text format",
+               "description": ("Read from the store at each scrape, so every worker and host answers the same "
+                               "(see the metrics page of the documentation); 404 without prometheus-client."),
+               "responses": {"200": {"description": "The metrics (OpenMetrics when the scraper asks for it).",
+                                     "content": {"text/plain": {"schema": {"type": "string"}},
+                                                 "application/openmetrics-text": {"schema": {"type": "string"}}}},
+                             **_errors("NotFound")}}
     uuid = {"name": "uuid", "in": "path", "required": True, "schema": {"type": "string"}}
     return {f"{prefix}/health": {"get": health},
             f"{prefix}/api/tasks/{{uuid}}/logs": {"parameters": [uuid], "get": logs},
             f"{prefix}/events": {"get": events},
-            f"{prefix}/api/schedules": {"get": schedules}}
+            f"{prefix}/api/schedules": {"get": schedules},
+            f"{prefix}/metrics": {"get": metrics}}
 
 
 def _drain_operations() -> dict[str, Any]:
