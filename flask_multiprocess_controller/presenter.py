@@ -47,6 +47,11 @@ class TaskObject(TypedDict, total=False):
     batch: Optional[str]
     #: When the task last saved its state (ISO 8601), else None. The state itself is never shown.
     state_saved_at: Optional[str]
+    #: The uuid of the ended task this one runs again, else None.
+    rerun_of: Optional[str]
+    #: The uuids of the tasks queued to run this one again, newest first (at most
+    #: :data:`~.defaults.RERUNS_SHOWN`); None where they are not read: list views and events.
+    reruns: Optional[list[str]]
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
@@ -56,6 +61,7 @@ TASK_KEYS = (
     "uuid", "status", "msg", "progress", "percent", "result", "error", "args", "priority", "position",
     "created_at", "started_at", "ended_at", "pid", "exit_code", "memory_peak", "cpu_time", "timeout",
     "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
+    "rerun_of", "reruns",
 )
 
 
@@ -94,11 +100,14 @@ def _ended_msg(uuid: str, status: str, message: str) -> str:
     return f"Task {uuid} {status}: {message}".rstrip(": ")
 
 
-def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None) -> TaskObject:
+def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None,
+            reruns: Optional[list[str]] = None) -> TaskObject:
     """Build the task object of a stored row.
 
     :param position: the row's place in the queue, when it is queued.
     :param live: the in-process run of the task, whose progress may be fresher than the store's.
+    :param reruns: the uuids of the task's reruns (see :meth:`~.store.base.TaskStore.reruns`); None when
+        they were not read (list views).
     """
     stored = cast(dict[str, Any], row)
     view: dict[str, Any] = {key: stored.get(key) for key in TASK_KEYS}
@@ -113,6 +122,7 @@ def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None
         view["progress"], view["percent"] = live.progress, live.percent
     view["position"] = position if row["status"] == TaskStatus.QUEUED else None
     view["msg"] = _msg(row, position)
+    view["reruns"] = None if reruns is None else list(reruns)
     return cast(TaskObject, view)
 
 
