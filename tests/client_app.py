@@ -5,6 +5,7 @@
 - ``/secure``: answers 401 unless the request says ``Authorization: Bearer s3cret``.
 - ``/flaky``: a controller without a task whose GET answers 503 with ``Retry-After: 1`` to the
   first two reads of each uuid, then a finished task object.
+- ``/mpc/...``: the extension's URLs (a task's logs, its rerun).
 - ``/moved``: redirects (308) to ``/jobs`` on the same origin.
 - ``/elsewhere``: redirects (307) to ``/record`` on another origin (``localhost`` rather than
   ``127.0.0.1``), which records the headers and body of what reaches it; ``/recorded`` lists them.
@@ -21,7 +22,7 @@ from typing import Any, Callable
 from flask import Flask, redirect, request
 from flask_restful import Api
 
-from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
+from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, MultiprocessController
 
 TOKEN = "Bearer s3cret"
 
@@ -88,6 +89,7 @@ api.add_resource(MetaMPResource, "/tight", endpoint="tight", resource_class_args
 api.add_resource(MetaMPResource, "/secure", "/secure/<string:uuid>", endpoint="secure",
                  resource_class_args=(secure,))
 api.add_resource(MetaMPResource, "/flaky", endpoint="flaky", resource_class_args=(flaky,))
+MultiprocessController(app)  # the extension's URLs under /mpc: logs, rerun
 
 
 @app.get("/ready")

@@ -1,4 +1,4 @@
-"""``flask mpc``: list, inspect, stop, wait for, purge and submit tasks from a shell; list, drain and
+"""``flask mpc``: list, inspect, stop, wait for, purge, submit and rerun tasks from a shell; list, drain and
 undrain hosts; run a worker.
 
 Flask finds the group through the ``flask.commands`` entry point before it imports the app,
@@ -46,7 +46,7 @@ def _commands(group: AppGroup) -> AppGroup:
     """Add every ``mpc`` subcommand to ``group``."""
     for command in (list_command, status_command, stop_command, wait_command, purge_command, submit_command,
                     logs_command, schedules_command, hosts_command, drain_command, undrain_command,
-                    worker_command):
+                    worker_command, rerun_command):
         group.add_command(command)
     return group
 
@@ -182,6 +182,18 @@ def stop_command(uuid: Optional[str], stop_all: bool, controller_name: Optional[
         raise click.ClickException("Name the task to stop (UUID), or use --all --controller NAME.")
     task = _owner(uuid).stop(uuid)
     _say(task["msg"], keep="")
+
+
+@click.command("rerun")
+@click.argument("uuid")
+@with_appcontext
+@_user_errors
+def rerun_command(uuid: str) -> None:
+    """Queue an ended task again (same controller, arguments, priority and timeout); print the new task's uuid.
+
+    Any ended task may be run again: failed, stopped, timed_out, lost or succeeded. The new task's
+    ``rerun_of`` names the first one."""
+    click.echo(_owner(uuid).rerun(uuid)["uuid"])
 
 
 @click.command("logs")
