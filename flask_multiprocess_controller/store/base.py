@@ -705,7 +705,7 @@ class TaskStore(abc.ABC):
 
         Read from the store's index of reruns (SQL: a partial index on ``rerun_of``; Redis: a sorted set per
         task, written with the rerun and trimmed by purges), so the cost follows the reruns found. A task never
-        rerun gives an empty list.
+        rerun gives an empty list, and so may one that was purged (Redis drops its set with it).
 
         .. versionadded:: 0.3
         """
