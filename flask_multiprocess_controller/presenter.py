@@ -47,6 +47,8 @@ class TaskObject(TypedDict, total=False):
     batch: Optional[str]
     #: When the task last saved its state (ISO 8601), else None. The state itself is never shown.
     state_saved_at: Optional[str]
+    #: The W3C ``traceparent`` of the trace the task belongs to (its trace id is characters 3 to 35), else None.
+    traceparent: Optional[str]
     #: The uuid of the ended task this one runs again, else None.
     rerun_of: Optional[str]
     #: The uuids of the tasks queued to run this one again, newest first (at most
@@ -61,6 +63,7 @@ TASK_KEYS = (
     "uuid", "status", "msg", "progress", "percent", "result", "error", "args", "priority", "position",
     "created_at", "started_at", "ended_at", "pid", "exit_code", "memory_peak", "cpu_time", "timeout",
     "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
+    "traceparent",
     "rerun_of", "reruns",
 )
 

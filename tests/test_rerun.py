@@ -81,8 +81,10 @@ def test_an_ended_task_runs_again_with_its_arguments_linked_both_ways(served, tm
         assert answer.get_json()["message"], answer.get_json()
     assert len(controller.tasks()["tasks"]) == 1
 
-    answer = _rerun(client, first)
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    answer = _rerun(client, first, {**ALICE, "traceparent": trace})
     assert answer.status_code == 202, answer.get_json()
+    assert answer.get_json()["traceparent"].split("-")[1] == trace.split("-")[1], "queued in the request's trace"
     again = answer.get_json()
     assert again["uuid"] != first and answer.headers["Location"].endswith(f"/mpc/api/tasks/{again['uuid']}")
     assert (again["rerun_of"], again["reruns"], again["args"], again["priority"], again["timeout"]) == \

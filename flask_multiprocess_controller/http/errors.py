@@ -12,6 +12,7 @@ from ..exceptions import (
     StoreError, TaskAlreadyFinished, TaskNotFound, TooManyStreams,
 )
 from ..exceptions import IdempotencyKeyReused, IdempotentTasksPurged
+from ..exceptions import MetricsUnavailable
 from ..exceptions import TaskStillActive
 
 #: HTTP status of each exception class (the first match along the MRO wins).
@@ -20,6 +21,7 @@ HTTP_STATUS: dict[type, int] = {
     TaskNotFound: 404,
     BatchNotFound: 404,
     HostNotFound: 404,
+    MetricsUnavailable: 404,
     ChangeNotAllowed: 403,
     MethodNotServed: 405,
     TaskAlreadyFinished: 409,

@@ -315,7 +315,7 @@ def _post_operation(mount: Mount, arguments_ref: str) -> dict[str, Any]:
                         "arguments); a JSON array of such objects queues one task each, all or none. Arguments "
                         "are checked against `execute`'s signature before anything is queued."),
         "parameters": [_ref(_PARAMETERS, "priority"), _ref(_PARAMETERS, "timeout"), _ref(_PARAMETERS, "wait"),
-                       _ref(_PARAMETERS, "idempotencyKey")],
+                       _ref(_PARAMETERS, "idempotencyKey"), _ref(_PARAMETERS, "traceparent")],
         "requestBody": {"required": False, "content": _json({"oneOf": [
             {"$ref": arguments_ref},
             {"type": "array", "items": {"$ref": arguments_ref}, "minItems": 1, "maxItems": controller.max_bulk},
@@ -646,6 +646,11 @@ def _common_schemas() -> dict[str, Any]:
             "string", format="date-time",
             description="When the task last saved its state with `save_state()` (an attempt after the first "
                         "resumes from it); null when it never did. The state itself is never shown."),
+        "traceparent": _nullable(
+            "string", pattern="^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+            description="The W3C trace context of the trace the task belongs to (from the POST's `traceparent` "
+                        "header, or the caller's OpenTelemetry span); its trace id is the second part. Null "
+                        "when it was queued outside any trace."),
         "rerun_of": _nullable("string", format="uuid", description="The ended task this one runs again, else null."),
         "reruns": _nullable("array", items={"type": "string", "format": "uuid"},
                             description="The tasks queued to run this one again, newest first (at most "
@@ -707,6 +712,11 @@ def _parameters() -> dict[str, Any]:
             "description": ("Makes the POST safe to send again: the same key (from the same tenant) within the "
                             "controller's `idempotency_ttl` answers 200 with the task(s) the first request made "
                             "and queues nothing; with another body or other options, 422.")},
+        "traceparent": {
+            "name": "traceparent", "in": "header", "schema": {"type": "string"},
+            "description": ("A W3C trace context: kept with the task(s), carried by their log lines and callbacks "
+                            "(and the parent of their spans when the server traces with OpenTelemetry). An invalid "
+                            "value is ignored, as the W3C recommendation says.")},
         "limit": {"name": "limit", "in": "query",
                   "schema": {"type": "integer", "minimum": 1, "maximum": defaults.MAX_LIST_LIMIT,
                              "default": defaults.LIST_LIMIT},
