@@ -8,6 +8,7 @@ from .exceptions import (
     StoreError, TaskAlreadyFinished, TaskFailure, TaskNotFound, TaskTimeout,
 )
 from .exceptions import ChangeNotAllowed
+from .exceptions import TaskStillActive
 from .extension import MultiprocessController
 from .engine.logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
 from .http.resource import MetaMPResource
@@ -29,4 +30,5 @@ __all__ = [
     "NoTargetTask", "Reply", "TemplateMPController", "TemplateMPResource", "MultiprocessController",
     "InvalidTransition", "TaskFailure", "ProcessDied", "TaskTimeout", "MemoryLimitExceeded",
     "StateTooLarge", "ChangeNotAllowed",
+    "TaskStillActive",
 ]

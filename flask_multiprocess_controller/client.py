@@ -345,6 +345,15 @@ class Client:
                                   f"the uuid.", shown, url=url)
         return str(found[0]["uuid"])
 
+    def rerun(self, uuid: str) -> dict[str, Any]:
+        """Queue ended task ``uuid`` again (``POST <prefix>/api/tasks/<uuid>/rerun``); return the new task's object.
+
+        The new task has the same arguments, priority and timeout; its ``rerun_of`` is ``uuid``. A task that
+        has not ended raises :class:`Conflict` (409); one the server does not know, :class:`NotFound`.
+        """
+        path = f"{self.prefix}/api/tasks/{urllib.parse.quote(uuid, safe='')}/rerun"
+        return dict(self._send("POST", self.base_url + path))
+
     def logs(self, uuid: str) -> list[Any]:
         """The log lines the server keeps for task ``uuid`` (``GET <prefix>/api/tasks/<uuid>/logs``).
 

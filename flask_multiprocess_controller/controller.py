@@ -38,6 +38,7 @@ from .exceptions import (
     BatchNotFound, ChangeNotAllowed, ControllerClosed, InvalidRequest, MethodNotServed, MPCError,
     NoTargetTask, PayloadTooLarge, TaskNotFound,
 )
+from .exceptions import TaskStillActive
 from .engine.logs import MetaMPLoggerConfigurator
 from .engine.exit import LIVE, exit_cleanly_on_sigterm
 from .http import handlers
@@ -129,8 +130,8 @@ class MetaMPController:
         ``MPC_TIMEOUT_WHILE_PAUSED``.
     :param can_change: a callable ``can_change(action, task) -> bool``, called in the request context (as
         ``tenant=``) before a request pauses (``"pause"``), resumes (``"resume"``), re-prioritises
-        (``"priority"``) or stops (``"stop"``, also once per task of a stop-all) a task; ``task`` is its task
-        object as the client would see it, plus its ``tenant``. Falsy: 403 (:class:`ChangeNotAllowed`),
+        (``"priority"``), stops (``"stop"``, also once per task of a stop-all) or reruns (``"rerun"``) a task;
+        ``task`` is its task object as the client would see it, plus its ``tenant``. Falsy: 403 (:class:`ChangeNotAllowed`),
         nothing changed. None (the default): whoever may reach the URL may change the task. The Python API
         and the CLI are not asked (no request).
 
@@ -655,11 +656,45 @@ class MetaMPController:
         return rows
 
     def status(self, uuid: str) -> TaskObject:
-        """Return the task object of a task of this controller.
+        """Return the task object of a task of this controller (with its ``reruns``).
 
         :raises TaskNotFound: no such task here.
         """
-        return self._present(self._row(uuid))
+        return self._present_item(self._row(uuid))
+
+    def rerun(self, uuid: str) -> TaskObject:
+        """Queue an ended task again; return the new task's object.
+
+        The new task runs the same ``execute`` arguments with the same priority and timeout (the
+        controller's ``timeout`` still caps it) and belongs to the same tenant; it is not part of the
+        first one's batch or schedule. Its ``rerun_of`` names the first task, whose ``reruns`` then name it.
+        Any ended task may be run again: ``failed``, ``stopped``, ``timed_out``, ``lost``, and ``succeeded``
+        too (a report to make again). In a request, the ``can_change`` hook is asked first (``"rerun"``).
+
+        :raises TaskNotFound: no such task here (or not the request's tenant's).
+        :raises TaskStillActive: the task has not ended (409).
+        :raises ChangeNotAllowed: the ``can_change`` hook refused the request.
+        :raises InvalidArguments: ``execute``'s signature no longer takes the task's arguments.
+        :raises QueueFull: the controller's queue is full.
+
+        .. versionadded:: 0.3
+        """
+        row = self._row(uuid)
+        if row["status"] not in TERMINAL:
+            raise TaskStillActive(row["uuid"], row["status"])
+        self.check_change("rerun", row)
+        side = self._activate()  # raises NoTargetTask for a controller without a task
+        spec = cast(ArgumentSpec, self._spec)  # a controller with a task has its spec
+        rows = new_rows(spec, self.name, [row["args"]], row["priority"], self._effective_timeout(row.get("timeout")),
+                        row.get("tenant"), None)
+        rows[0]["rerun_of"] = row["uuid"]
+        with tracing.submission(self.name) as traced:  # a new submission: in the trace of the request asking it
+            rows[0]["traceparent"] = traced.traceparent
+            traced.tasks([rows[0]["uuid"]], None)
+            side.submit(rows, self.max_num_queue)
+        task = self._present_new(rows)[0]
+        task["reruns"] = []
+        return task
 
     def stop(self, uuid: str) -> TaskObject:
         """Ask a task to stop; return its task object (``stopped`` if it was queued, else ``stopping``).
@@ -683,7 +718,7 @@ class MetaMPController:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if row["status"] in TERMINAL or side.closing or (remaining is not None and remaining <= 0):
-                    return self._present(row)
+                    return self._present_item(row)
                 ended.wait(remaining)
                 ended.clear()
                 task = cast(Optional[Row], ended.task)
@@ -856,7 +891,7 @@ class MetaMPController:
     def check_change(self, action: str, row: Row) -> None:
         """Ask the ``can_change`` hook whether the request being served may make change ``action`` to ``row``.
 
-        :param action: ``"pause"``, ``"resume"``, ``"priority"`` or ``"stop"``.
+        :param action: ``"pause"``, ``"resume"``, ``"priority"``, ``"stop"`` or ``"rerun"``.
         :raises ChangeNotAllowed: the hook answered falsy (403).
 
         .. versionadded:: 0.3
@@ -1029,6 +1064,16 @@ class MetaMPController:
         if runtime is not None and row["status"] not in TERMINAL:
             live = runtime.local_run(row["uuid"])
         return present(row, position, live)
+
+    def _present_item(self, row: Row) -> TaskObject:
+        """The task object of one task read on its own: with its ``reruns`` (one indexed read of the store, for
+        an ended task only: only those are run again)."""
+        reruns: list[str] = []
+        if row["status"] in TERMINAL:
+            reruns = self.store.reruns(self.name, row["uuid"], defaults.RERUNS_SHOWN)
+        task = self._present(row)
+        task["reruns"] = reruns
+        return task
 
     def client_view(self, row: Row) -> TaskObject:
         """The task object of a stored row as HTTP clients see it (see :meth:`client_view_of`)."""

@@ -74,6 +74,8 @@ LOG_QUEUE_SIZE = 10_000
 #: Tasks a list view returns when ``?limit=`` is not given, and at most.
 LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
+#: Reruns of a task its task object names at most (``reruns``, newest first).
+RERUNS_SHOWN = 20
 #: Seconds a client is told to wait (``Retry-After``) when the queue is full.
 RETRY_AFTER = 1
 #: Callback delivery: attempts, seconds before the first retry (doubling), seconds per attempt.

@@ -124,10 +124,24 @@ class InvalidTransition(MPCError):
         self.status = status
 
 
+class TaskStillActive(MPCError):
+    """A task that has not ended cannot be run again (409): wait for its end, or stop it first.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, uuid: str, status: str) -> None:
+        super().__init__(f"Task {uuid} is {status}: only an ended task (succeeded, failed, stopped, timed_out or "
+                         f"lost) can be run again.")
+        self.uuid = uuid
+        #: The task's status when the rerun was refused.
+        self.status = status
+
+
 class ChangeNotAllowed(MPCError):
     """The controller's ``can_change`` hook refused the request this change of a task (403).
 
-    Raised for a pause, a resume, a new priority or a stop (one task, or stop-all) that the hook
+    Raised for a pause, a resume, a new priority, a stop (one task, or stop-all) or a rerun that the hook
     answered falsy for; nothing was changed.
 
     .. versionadded:: 0.3
@@ -137,12 +151,13 @@ class ChangeNotAllowed(MPCError):
         what = f"task {uuid}" if uuid else "these tasks"
         super().__init__(message or f"This request may not {_ACTION_VERBS.get(action, action)} {what}.")
         self.uuid = uuid
-        #: The action refused: ``"pause"``, ``"resume"``, ``"priority"`` or ``"stop"``.
+        #: The action refused: ``"pause"``, ``"resume"``, ``"priority"``, ``"stop"`` or ``"rerun"``.
         self.action = action
 
 
 #: How each ``can_change`` action reads in a refusal.
-_ACTION_VERBS = {"pause": "pause", "resume": "resume", "priority": "re-prioritise", "stop": "stop"}
+_ACTION_VERBS = {"pause": "pause", "resume": "resume", "priority": "re-prioritise", "stop": "stop",
+                 "rerun": "run again"}
 
 
 class QueueFull(MPCError):

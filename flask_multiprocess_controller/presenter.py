@@ -52,6 +52,11 @@ class TaskObject(TypedDict, total=False):
     state_saved_at: Optional[str]
     #: The W3C ``traceparent`` of the trace the task belongs to (its trace id is characters 3 to 35), else None.
     traceparent: Optional[str]
+    #: The uuid of the ended task this one runs again, else None.
+    rerun_of: Optional[str]
+    #: The uuids of the tasks queued to run this one again, newest first (at most
+    #: :data:`~.defaults.RERUNS_SHOWN`); None where they are not read: list views and events.
+    reruns: Optional[list[str]]
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
@@ -62,6 +67,7 @@ TASK_KEYS = (
     "created_at", "started_at", "ended_at", "pid", "host", "exit_code", "memory_peak", "cpu_time", "timeout",
     "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
     "traceparent",
+    "rerun_of", "reruns",
 )
 
 
@@ -100,11 +106,14 @@ def _ended_msg(uuid: str, status: str, message: str) -> str:
     return f"Task {uuid} {status}: {message}".rstrip(": ")
 
 
-def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None) -> TaskObject:
+def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None,
+            reruns: Optional[list[str]] = None) -> TaskObject:
     """Build the task object of a stored row.
 
     :param position: the row's place in the queue, when it is queued.
     :param live: the in-process run of the task, whose progress may be fresher than the store's.
+    :param reruns: the uuids of the task's reruns (see :meth:`~.store.base.TaskStore.reruns`); None when
+        they were not read (list views).
     """
     stored = cast(dict[str, Any], row)
     view: dict[str, Any] = {key: stored.get(key) for key in TASK_KEYS}
@@ -120,6 +129,7 @@ def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None
     view["position"] = position if row["status"] == TaskStatus.QUEUED else None
     view["host"] = _host(stored)
     view["msg"] = _msg(row, position)
+    view["reruns"] = None if reruns is None else list(reruns)
     return cast(TaskObject, view)
 
 

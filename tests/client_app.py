@@ -5,6 +5,7 @@
 - ``/secure``: answers 401 unless the request says ``Authorization: Bearer s3cret``.
 - ``/flaky``: a controller without a task whose GET answers 503 with ``Retry-After: 1`` to the
   first two reads of each uuid, then a finished task object.
+- ``/mpc/...``: the extension's URLs (a task's logs, its rerun).
 - ``/moved``: redirects (308) to ``/jobs`` on the same origin.
 - ``/elsewhere``: redirects (307) to ``/record`` on another origin (``localhost`` rather than
   ``127.0.0.1``), which records the headers and body of what reaches it; ``/recorded`` lists them.

@@ -96,6 +96,25 @@ def test_user_errors_print_one_line_and_exit_non_zero(cli_app):
         assert len(result.output.strip().splitlines()) == 1, result.output
 
 
+@pytest.mark.timeout(60)
+def test_rerun_queues_an_ended_task_again_and_refuses_one_that_runs(cli_app, tmp_path):
+    app, controller = cli_app
+    runner = app.test_cli_runner()
+    failed = controller.submit(steps=1, fail=True)
+    assert controller.wait(failed, timeout=20)["status"] == "failed"
+    rerun = runner.invoke(args=["mpc", "rerun", failed])
+    assert rerun.exit_code == 0, rerun.output
+    task = controller.wait(rerun.output.strip(), timeout=20)
+    assert (task["status"], task["args"], task["rerun_of"]) == ("failed", {"steps": 1, "fail": True}, failed)
+    assert controller.status(failed)["reruns"] == [task["uuid"]]
+    blocked = controller.submit(gate=str(tmp_path / "never"))
+    for uuid, words in ((blocked, "only an ended task"), ("00000000-0000-4000-8000-000000000000", "No task")):
+        refused = runner.invoke(args=["mpc", "rerun", uuid])
+        assert refused.exit_code != 0 and words in refused.output, refused.output
+    controller.stop(blocked)
+    assert controller.wait(blocked, timeout=20)["status"] == "stopped"
+
+
 # -- as a real `flask` command against a live server's store --------------------------------------------
 
 CLI_APP = '''

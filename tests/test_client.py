@@ -251,6 +251,23 @@ def test_logs_url_and_not_found(server):
         assert caught.value.response.url == f"{server.base}{path}/api/tasks/{uuid}/logs"
 
 
+@pytest.mark.timeout(60)
+def test_rerun_queues_an_ended_task_again(jobs):
+    failed = jobs.submit(n=3, fail=True)
+    assert jobs.wait(failed, timeout=20)["status"] == "failed"
+    again = jobs.rerun(failed)
+    assert (again["rerun_of"], again["args"]) == (failed, {"n": 3, "fail": True})
+    assert jobs.wait(again["uuid"], timeout=20)["status"] == "failed"
+    assert jobs.status(failed)["reruns"] == [again["uuid"]]
+    running = jobs.submit(steps=200, delay=0.05)
+    with pytest.raises(Conflict, match="only an ended task"):
+        jobs.rerun(running)
+    jobs.stop(running)
+    with pytest.raises(NotFound):
+        jobs.rerun(str(uuid_module.uuid4()))
+    assert jobs.wait(running, timeout=20)["status"] == "stopped"
+
+
 class _Canned(requests.adapters.BaseAdapter):
     """A transport that answers every request with one canned JSON body."""
 

@@ -359,3 +359,20 @@ def test_the_empty_list_says_how_to_submit_and_the_filters_live_in_the_url(page:
     page.goto(server.base + "/mpc/?status=failed&controller=echo")
     page.wait_for_selector("#list-empty:has-text('No tasks match these filters.')")
     assert page.locator(row(uuid)).count() == 0 and page.locator("#submit-hint").is_hidden()
+
+
+def test_run_again_on_the_task_page_of_an_ended_task(page: Any, server: Server) -> None:
+    failed = submit(server, "/echo", text="once more", fail=True)
+    page.goto(server.base + f"/mpc/#/tasks/{failed}")
+    page.wait_for_selector("#task-status.status-failed")
+    page.click("#task-actions button.rerun")
+    page.wait_for_function(f"() => /^#\\/tasks\\/[0-9a-f-]{{36}}$/.test(location.hash) && !location.hash.endsWith('{failed}')")
+    again = page.evaluate("location.hash").rsplit("/", 1)[1]
+    page.wait_for_function(f"() => document.getElementById('task-uuid').textContent === '{again}'")
+    page.wait_for_selector("#task-status.status-failed")  # the same arguments: it fails the same way
+    task = requests.get(f"{server.base}/mpc/api/tasks/{again}", timeout=10).json()
+    assert (task["rerun_of"], task["args"], task["controller"]) == (failed, {"text": "once more", "fail": True}, "echo")
+    page.click("#task-fields div:has(dt:text-is('Rerun of')) dd a")  # back to the first task: it names its rerun
+    page.wait_for_selector(f"#task-fields div:has(dt:text-is('Reruns')) dd a[title='{again}']")
+    assert page.inner_text("#task-uuid") == failed
+    assert page.locator("#task-actions button.rerun").count() == 1

@@ -25,8 +25,8 @@ from flask_multiprocess_controller.store.schema import (
     ADDED, COLUMNS, EVENT_HIDDEN, FIELDS, Encoding, Field, MUTABLE_FIELDS, Shown,
 )
 
-#: Keys of the task object that no stored field gives: the presenter computes them.
-PRESENTED_ONLY = {"msg", "position", "host"}
+#: Keys of the task object that no stored field gives: the presenter computes them (or the controller reads them).
+PRESENTED_ONLY = {"msg", "position", "host", "reruns"}
 #: Keys the list view adds to a task object (presenter.clip).
 LIST_ONLY = {"truncated"}
 

@@ -13,6 +13,7 @@ from ..exceptions import (
 )
 from ..exceptions import IdempotencyKeyReused, IdempotentTasksPurged
 from ..exceptions import MetricsUnavailable
+from ..exceptions import TaskStillActive
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
@@ -25,6 +26,7 @@ HTTP_STATUS: dict[type, int] = {
     MethodNotServed: 405,
     TaskAlreadyFinished: 409,
     InvalidTransition: 409,
+    TaskStillActive: 409,
     PayloadTooLarge: 413,
     IdempotencyKeyReused: 422,
     IdempotentTasksPurged: 409,

@@ -468,8 +468,17 @@ def extension_paths(prefix: str) -> dict[str, Any]:
                      "minutes": {"type": "integer"},
                      "counts": {"type": "object", "additionalProperties": counts}}}),
                  **_errors("BadRequest", "Unavailable")}}
+    rerun = {"summary": "Run an ended task again",
+             "description": ("Queues a new task of the same controller with the same arguments, priority, timeout "
+                             "and tenant; its `rerun_of` names this task, whose `reruns` then name it. Any ended "
+                             "task may be run again (succeeded included). No body is read."),
+             "responses": {"202": _task_response("The new task.", _ref(_SCHEMAS, "Task"), location=True),
+                           "409": _error("The task has not ended yet: only an ended task can be run again."),
+                           **_errors("BadRequest", "Forbidden", "NotFound", "QueueFull", "Unavailable")}}
     operations: dict[str, dict[str, Any]] = {f"{prefix}/api/tasks": {"get": listing, "delete": stop_all},
                                              f"{prefix}/api/tasks/{{uuid}}": item,
+                                             f"{prefix}/api/tasks/{{uuid}}/rerun": {
+                                                 "parameters": item["parameters"], "post": rerun},
                                              f"{prefix}/api/stats": {"get": stats},
                                              f"{prefix}/api/hosts/{{host}}/drain": _drain_operations()}
     operations.update(_monitoring_paths(prefix))
@@ -754,6 +763,11 @@ def _common_schemas() -> dict[str, Any]:
             description="The W3C trace context of the trace the task belongs to (from the POST's `traceparent` "
                         "header, or the caller's OpenTelemetry span); its trace id is the second part. Null "
                         "when it was queued outside any trace."),
+        "rerun_of": _nullable("string", format="uuid", description="The ended task this one runs again, else null."),
+        "reruns": _nullable("array", items={"type": "string", "format": "uuid"},
+                            description="The tasks queued to run this one again, newest first (at most "
+                                        f"{defaults.RERUNS_SHOWN}); null in list views and events, which do not "
+                                        "read them."),
         "truncated": {"type": "array", "items": {"enum": ["args", "progress", "result", "errors"]},
                       "description": "In a list view: the values shown as null because they are too large."},
     }
@@ -834,7 +848,7 @@ def _responses() -> dict[str, Any]:
         "BadRequest": _error("Invalid JSON, a body that is not a JSON object (or array of them), arguments "
                              "`execute` does not take, a bad query option or a malformed uuid."),
         "Forbidden": _error("The controller's `can_change` hook refused this request the change (pause, "
-                            "resume, new priority or stop; for a stop-all, of one of the tasks): nothing was "
+                            "resume, new priority, stop or rerun; for a stop-all, of one of the tasks): nothing was "
                             "changed."),
         "NotFound": _error("No task with this uuid (or batch with this id) belongs to this controller."),
         "Conflict": _error("The task has already ended."),

@@ -10,7 +10,7 @@ import heapq
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 from flask.typing import ResponseReturnValue
 
 from .. import defaults
@@ -43,6 +43,7 @@ def make_blueprint(extension: "MultiprocessController") -> Blueprint:
     blueprint.add_url_rule("/api/tasks/<uuid>", "task", wrap(_task_item(extension)),
                            methods=["GET", "DELETE", "PATCH"])
     blueprint.add_url_rule("/api/tasks/<uuid>/logs", "logs", wrap(_task_logs(extension)))
+    blueprint.add_url_rule("/api/tasks/<uuid>/rerun", "rerun", wrap(_task_rerun(extension)), methods=["POST"])
     blueprint.add_url_rule("/api/schedules", "schedules", wrap(_schedules(extension)))
     # Host ids contain "/" (see runtime.host_id): the path converter takes them whole.
     blueprint.add_url_rule("/api/hosts/<path:host>/drain", "host_drain", wrap(_host_drain(extension)),
@@ -310,6 +311,20 @@ def list_by_prefix(controllers: list["MetaMPController"], prefix: str, statuses:
              if not statuses or row["status"] in statuses]
     return {"tasks": [clip(controller.client_view(row), defaults.LIST_VALUE_SIZE) for controller, row in found],
             "next": None}
+
+
+def _task_rerun(extension: "MultiprocessController") -> Callable[[str], ResponseReturnValue]:
+    """``POST <prefix>/api/tasks/<uuid>/rerun``: queue an ended task again (see
+    :meth:`~..controller.MetaMPController.rerun`). 202 with the new task object and a ``Location`` to its URL here;
+    404 for a task the request may not see, 409 while the task has not ended, 403 when ``can_change`` refuses.
+    A body, if any, is not read: the new task takes the first one's arguments."""
+
+    def rerun(uuid: str) -> ResponseReturnValue:
+        controller = find_owner(extension.controllers(), uuid)
+        task = controller.client_view_of(controller.rerun(uuid))
+        return jsonify(task), 202, {"Location": url_for("mpc.task", uuid=task["uuid"])}
+
+    return rerun
 
 
 def _task_item(extension: "MultiprocessController") -> Callable[[str], ResponseReturnValue]:

@@ -1,4 +1,4 @@
-"""``flask mpc``: list, inspect, stop, wait for, purge and submit tasks from a shell; list, drain and
+"""``flask mpc``: list, inspect, stop, wait for, purge, submit and rerun tasks from a shell; list, drain and
 undrain hosts; run a worker.
 
 Flask finds the group through the ``flask.commands`` entry point before it imports the app,
@@ -94,7 +94,7 @@ def _commands(group: AppGroup) -> AppGroup:
     """Add every ``mpc`` subcommand to ``group``."""
     for command in (list_command, status_command, stop_command, pause_command, resume_command,
                     reprioritise_command, wait_command, purge_command, submit_command, logs_command,
-                    schedules_command, hosts_command, drain_command, undrain_command, worker_command):
+                    schedules_command, hosts_command, drain_command, undrain_command, worker_command, rerun_command):
         group.add_command(command)
     return group
 
@@ -272,6 +272,19 @@ def reprioritise_command(uuid: str, priority: int) -> None:
     task = controller.reprioritise(uuid, check_priority(priority))
     position = f", place {task['position']} in the queue" if task.get("position") else ""
     _say(f"Task {uuid} has priority {task['priority']}{position}.", keep="")
+
+
+@click.command("rerun")
+@click.argument("uuid")
+@with_appcontext
+@_user_errors
+def rerun_command(uuid: str) -> None:
+    """Queue an ended task again (same controller, arguments, priority and timeout); print the new task's uuid.
+
+    Any ended task may be run again: failed, stopped, timed_out, lost or succeeded. The new task's
+    ``rerun_of`` names the first one."""
+    controller, uuid = _task(uuid)
+    click.echo(controller.rerun(uuid)["uuid"])
 
 
 @click.command("logs")

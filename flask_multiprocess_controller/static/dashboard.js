@@ -891,6 +891,7 @@
     field(list, "Ended", task.ended_at ? timeCell(task.ended_at) : null);
     field(list, "Duration", duration(task));
     field(list, "Schedule", task.schedule ? task.schedule.name + " (" + task.schedule.firing + ")" : null);
+    renderRerun(task, list);
     $("task-args").textContent = pretty(task.args);
     $("task-result").textContent = pretty(task.result);
     renderError(task.error);
@@ -954,6 +955,31 @@
         patch(uuid, {priority: value});
       }));
     }
+  }
+
+  // "Run again" for an ended task (POST api/tasks/<uuid>/rerun queues a new one with its arguments, then the
+  // page shows the new task), and the links between a task and its reruns, both ways.
+  function renderRerun(task, list) {
+    const link = (uuid) => {
+      const a = el("a", uuid.slice(0, 8), "uuid");
+      a.href = "#/tasks/" + uuid;
+      a.title = uuid;
+      return a;
+    };
+    if (task.rerun_of) field(list, "Rerun of", link(task.rerun_of));
+    if (task.reruns && task.reruns.length) {
+      const span = el("span", null, "reruns");
+      task.reruns.forEach((uuid, i) => { if (i) span.appendChild(document.createTextNode(", ")); span.appendChild(link(uuid)); });
+      field(list, "Reruns", span);
+    }
+    if (!TERMINAL.includes(task.status)) return;
+    $("task-actions").appendChild(button("Run again", "rerun", async () => {
+      try {
+        const created = await api("api/tasks/" + encodeURIComponent(task.uuid) + "/rerun", {method: "POST"});
+        banner("");
+        location.hash = "#/tasks/" + created.uuid;
+      } catch (e) { banner(e.message); }
+    }));
   }
 
   function patch(uuid, body) {

@@ -107,6 +107,8 @@ class Row(TypedDict, total=False):
     state_saved_at: Optional[float]
     #: The W3C ``traceparent`` of the trace the task was queued in (see :mod:`..tracing`), else None.
     traceparent: Optional[str]
+    #: The uuid of the ended task this one runs again (see :meth:`TaskStore.reruns`); else None.
+    rerun_of: Optional[str]
 
 
 class _AnyTenant:
@@ -732,6 +734,18 @@ class TaskStore(abc.ABC):
 
         An unknown batch (or one whose tasks were all purged) gives an empty list. Costs
         O(size of the batch) on every store.
+        """
+
+    @abc.abstractmethod
+    def reruns(self, controller: str, uuid: str, limit: int = 20) -> list[str]:
+        """Return the uuids of the controller's tasks queued to run task ``uuid`` again (their ``rerun_of``),
+        newest first, at most ``limit``.
+
+        Read from the store's index of reruns (SQL: a partial index on ``rerun_of``; Redis: a sorted set per
+        task, written with the rerun and trimmed by purges), so the cost follows the reruns found. A task never
+        rerun gives an empty list, and so may one that was purged (Redis drops its set with it).
+
+        .. versionadded:: 0.3
         """
 
     @abc.abstractmethod

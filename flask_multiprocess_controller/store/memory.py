@@ -528,6 +528,12 @@ class MemoryStore(TaskStore):
             rows.sort(key=lambda r: r["seq"], reverse=True)
             return [_shown(r) for r in rows[:limit]]
 
+    def reruns(self, controller: str, uuid: str, limit: int = 20) -> list[str]:
+        with self._lock:  # a scan, as batch(): the memory store is for tests and throwaway use
+            rows = [r for r in self._rows.values() if r.get("rerun_of") == uuid and r["controller"] == controller]
+            rows.sort(key=lambda r: r["seq"], reverse=True)
+            return [r["uuid"] for r in rows[:limit]]
+
     def batch(self, controller: str, batch: str) -> list[Row]:
         with self._lock:
             rows = [r for r in self._rows.values()

@@ -875,6 +875,11 @@ class PostgresStore(TaskStore):
         return self._read_listed(f"{self._select_listed} WHERE batch = %s AND controller = %s ORDER BY seq",
                                  (batch, controller))
 
+    def reruns(self, controller: str, uuid: str, limit: int = 20) -> list[str]:
+        return [found for (found,) in self._query(
+            f"SELECT uuid FROM {self._t} WHERE rerun_of = %s AND controller = %s ORDER BY seq DESC LIMIT %s",
+            (uuid, controller, limit))]
+
     def counts(self, controller: str, *, tenant: Any = ANY_TENANT) -> dict[str, int]:
         by_tenant, tenant_args = _tenant_condition(tenant)
         return {str(status): int(count) for status, count in self._query(

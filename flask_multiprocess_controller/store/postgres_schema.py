@@ -216,6 +216,11 @@ def migrate(db: object, schema: str) -> None:
         for field in FIELDS:
             if field.name not in present:
                 db.execute(f"ALTER TABLE {schema}.tasks ADD COLUMN {field.name} {declaration(field)}")  # type: ignore
+        # Indexes on added columns (made when missing: CREATE INDEX locks the table against writes): the reruns
+        # of a task.
+        if db.execute("SELECT to_regclass(%s)", (f"{schema}.tasks_rerun_of",)).fetchone()[0] is None:  # type: ignore
+            db.execute(f"CREATE INDEX tasks_rerun_of ON {schema}.tasks (rerun_of, seq) "  # type: ignore
+                       "WHERE rerun_of IS NOT NULL")
         if version < SCHEMA_VERSION:
             db.execute(f"INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', %s) "  # type: ignore
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (SCHEMA_VERSION,))

@@ -587,6 +587,11 @@ class RedisStore(TaskStore):
         return self._list_many(self._redis.zrange(self._c(controller, "b:" + batch), 0, -1))
 
     @_guarded
+    def reruns(self, controller: str, uuid: str, limit: int = 20) -> list[str]:
+        # A sorted set per rerun task (by seq), written with its reruns and trimmed by purges.
+        return [_text(found) for found in self._redis.zrevrange(self._c(controller, "r:" + uuid), 0, limit - 1)]
+
+    @_guarded
     def counts(self, controller: str, *, tenant: Any = ANY_TENANT) -> dict[str, int]:
         if tenant is ANY_TENANT:
             raw = self._redis.hgetall(self._c(controller, "n"))

@@ -220,16 +220,18 @@ end
 -- Store a new queued task from a flat [field, value, ...] list without seq; returns its uuid and event.
 local function insert_queued(controller, row)
   local seq = redis.call('INCR', prefix .. 'seq')
-  local uuid, priority, batch, tenant
+  local uuid, priority, batch, tenant, rerun_of
   for i = 1, #row, 2 do
     if row[i] == 'uuid' then uuid = row[i + 1] end
     if row[i] == 'priority' then priority = row[i + 1] end
     if row[i] == 'batch' then batch = row[i + 1] end
     if row[i] == 'tenant' then tenant = row[i + 1] end
+    if row[i] == 'rerun_of' then rerun_of = row[i + 1] end
   end
   local key = prefix .. 't:' .. uuid
   redis.call('HSET', key, 'seq', seq, unpack(row))
   if batch then redis.call('ZADD', ckey(controller, 'b:' .. batch), seq, uuid) end
+  if rerun_of then redis.call('ZADD', ckey(controller, 'r:' .. rerun_of), seq, uuid) end
   redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
   redis.call('ZADD', ckey(controller, 'all'), seq, uuid)
   redis.call('ZADD', ckey(controller, 's:queued'), seq, uuid)
@@ -501,10 +503,12 @@ local doomed = redis.call('ZRANGEBYSCORE', ckey(controller, 'ended'), '-inf', '(
                           'LIMIT', 0, tonumber(ARGV[6]))
 for _, uuid in ipairs(doomed) do
   local key = prefix .. 't:' .. uuid
-  local status, batch, tenant = unpack(redis.call('HMGET', key, 'status', 'batch', 'tenant'))
+  local status, batch, tenant, rerun_of = unpack(redis.call('HMGET', key, 'status', 'batch', 'tenant', 'rerun_of'))
   if status then
     emit('purged', key)
     if batch then redis.call('ZREM', ckey(controller, 'b:' .. batch), uuid) end
+    if rerun_of then redis.call('ZREM', ckey(controller, 'r:' .. rerun_of), uuid) end
+    redis.call('DEL', ckey(controller, 'r:' .. uuid))
     redis.call('HINCRBY', ckey(controller, 'n'), status, -1)
     redis.call('ZREM', ckey(controller, 's:' .. status), uuid)
     local tag = tenant_tag(tenant)

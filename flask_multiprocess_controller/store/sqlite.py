@@ -850,6 +850,11 @@ class SQLiteStore(TaskStore):
         return self._read_listed(f"{_SELECT_LISTED} WHERE batch = ? AND controller = ? ORDER BY seq",
                                  (batch, controller))
 
+    def reruns(self, controller: str, uuid: str, limit: int = 20) -> list[str]:
+        return [found for (found,) in self._query(
+            "SELECT uuid FROM mpc_tasks WHERE rerun_of = ? AND controller = ? ORDER BY seq DESC LIMIT ?",
+            (uuid, controller, limit))]
+
     def counts(self, controller: str, *, tenant: Any = ANY_TENANT) -> dict[str, int]:
         table, by_tenant, tenant_args = _tenant_clause(tenant, _TENANT_STATUS_TASKS)
         return dict(self._query(

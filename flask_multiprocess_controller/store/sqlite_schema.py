@@ -103,7 +103,8 @@ ADDED_COLUMNS = {field.name: declaration(field) for field in ADDED}
 
 #: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
 #: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
-#: The tenant indexes serve the lists, counts and stop-all of one tenant (newest first, or by status).
+#: The tenant indexes serve the lists, counts and stop-all of one tenant (newest first, or by status); the
+#: rerun index, the reruns of a task.
 ADDED_INDEXES = """
 CREATE INDEX IF NOT EXISTS mpc_tasks_ready ON mpc_tasks (controller, priority, seq)
     WHERE status = 'queued' AND retry_at IS NULL;
@@ -112,6 +113,7 @@ CREATE INDEX IF NOT EXISTS mpc_tasks_delayed ON mpc_tasks (controller, retry_at)
 CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch IS NOT NULL;
 CREATE INDEX IF NOT EXISTS mpc_tasks_tenant ON mpc_tasks (controller, tenant, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_tenant_status ON mpc_tasks (controller, tenant, status, seq);
+CREATE INDEX IF NOT EXISTS mpc_tasks_rerun_of ON mpc_tasks (rerun_of, seq) WHERE rerun_of IS NOT NULL;
 """
 
 
