@@ -392,6 +392,11 @@ def test_start_and_progress_only_touch_active_tasks(store):
     assert store.get(unknown) is None
     assert store.progress(running, OWNER, None, None) is not None  # clearing progress
     assert (fetch(store, running)["progress"], fetch(store, running)["percent"]) == (None, None)
+    # What the task's tree used so far rides with a progress write (and its event); a write without it keeps it.
+    event = store.progress(running, OWNER, 2, None, usage={"memory_peak": 7 << 20, "cpu_time": 1.5})
+    assert event is not None and (event["task"]["memory_peak"], event["task"]["cpu_time"]) == (7 << 20, 1.5)
+    assert store.progress(running, OWNER, 3, None) is not None
+    assert (fetch(store, running)["memory_peak"], fetch(store, running)["cpu_time"]) == (7 << 20, 1.5)
 
 
 @pytest.mark.timeout(30)
