@@ -77,8 +77,8 @@ def median_run_time(store: TaskStore, controller: str, sample: int = defaults.ET
     One read of the store's list (newest first, status ``succeeded``).
     """
     rows = store.list_tasks(controller, [TaskStatus.SUCCEEDED.value], sample)
-    runs = [row["ended_at"] - row["started_at"] for row in rows
-            if row.get("ended_at") is not None and row.get("started_at") is not None]
+    runs = [ended - started for ended, started in ((row.get("ended_at"), row.get("started_at")) for row in rows)
+            if ended is not None and started is not None]
     return max(0.0, statistics.median(runs)) if runs else None
 
 

@@ -14,7 +14,7 @@ import logging.handlers
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from ..ops import console
 
@@ -228,13 +228,13 @@ def log_task_ended(logger: logging.Logger, uuid: str, status: str, error: Option
         log.info("Task %s ended %s.", uuid, status)
 
 
-def traceback_suffix(error: Optional[dict[str, Any]]) -> str:
+def traceback_suffix(error: Optional[Mapping[str, Any]]) -> str:
     """The traceback of ``error`` on lines of its own, to end a log message with; empty when it has none."""
     tb = (error or {}).get("traceback")
     return "\n" + str(tb).rstrip("\n") if tb else ""
 
 
-def traceback_lines(error: Optional[dict[str, Any]], when: float, name: str) -> list[str]:
+def traceback_lines(error: Optional[Mapping[str, Any]], when: float, name: str) -> list[str]:
     """Lines of a task's kept log that show the exception it raised (``error``) with its traceback; none
     when the error has no traceback (a crash, a timeout: the package's own errors)."""
     tb = (error or {}).get("traceback")

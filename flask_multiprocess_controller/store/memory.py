@@ -253,7 +253,8 @@ class MemoryStore(TaskStore):
             row = self._owned_active(uuid, owner)
             if row is None:
                 return None
-            row.update({"progress": copy.deepcopy(progress), "percent": percent, **usage_fields(usage)})
+            row.update({"progress": copy.deepcopy(progress), "percent": percent})
+            row.update(usage_fields(usage))  # type: ignore[typeddict-item]
             return self._emit(EventKind.PROGRESS, row, owner, self._clock())
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
