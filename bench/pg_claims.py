@@ -26,7 +26,8 @@ ways of taking that lock are measured:
   too, where the other two let ends run without waiting for claims).
 
 The last two are bench-only subclasses of :class:`PostgresStore` (:class:`RowLockStore`,
-:class:`CounterStore`) that rewrite the lock statement of ``_claim_in``; the store is not changed.
+:class:`CounterStore`) whose first step of a claim (``_claim_lock``: one round trip, a function like the
+store's ``claim_lock``) takes their lock instead; the store is not changed.
 
 Writes ``bench/results/pg_claims.json`` and ``pg_claims.md``; tears down everything it started.
 """
@@ -37,17 +38,15 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid as uuid_module
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.pgcluster import PostgresCluster  # noqa: E402
@@ -61,85 +60,70 @@ VARIANTS = ("advisory", "row-lock", "counter")
 START_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 300.0
 SAMPLE_EVERY = 0.01
-_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 
 
-class _Fetched:
-    """A cursor's stand-in holding one row."""
-
-    def __init__(self, row: tuple) -> None:
-        self.row = row
-
-    def fetchone(self) -> tuple:
-        return self.row
-
-
-class _Rewriting:
-    """The store's transaction object with the claim lock (and, for the counter, the count) rewritten."""
-
-    def __init__(self, tx: Any, store: "_Variant") -> None:
-        self._tx = tx
-        self._store = store
-        self.locked = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tx, name)
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self._store.rewrite(self, sql, params)
+#: The first step of a claim (see ``claim_lock`` in the store's schema) with another lock: ``{lock}`` is replaced by
+#: the statement that takes it and sets ``running``.
+_CLAIM_LOCK = """
+CREATE OR REPLACE FUNCTION {s}.bench_{name}(p_controller text, OUT now double precision, OUT running bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    {lock}
+    now := extract(epoch FROM clock_timestamp());
+    UPDATE {s}.tasks SET retry_at = NULL
+        WHERE controller = p_controller AND status = 'queued' AND retry_at IS NOT NULL AND retry_at <= now;
+    {count}
+END $$;
+"""
+_COUNT = ("SELECT count(*) INTO running FROM {s}.tasks "
+          "WHERE controller = p_controller AND status IN ('paused', 'running', 'stopping');")
 
 
 class _Variant(PostgresStore):
-    """A store whose claims take another lock than the advisory one (bench only)."""
+    """A store whose claims take another lock than the advisory one (bench only): its ``_claim_lock`` calls a
+    function like the store's ``claim_lock``, one round trip too, with the variant's lock."""
+
+    name = ""
+    lock = ""
+    count = _COUNT
 
     def setup(self, controller: str) -> None:
-        """Create the lock table and the controller's row (once, before the processes start)."""
+        """Create the lock table, the controller's row and the variant's function (once, before the processes
+        start)."""
+        s = self.schema
         with self._transaction() as tx:
-            tx.execute(f"CREATE TABLE IF NOT EXISTS {self.schema}.bench_claim_counts "
+            tx.execute(f"CREATE TABLE IF NOT EXISTS {s}.bench_claim_counts "
                        "(controller text PRIMARY KEY, running bigint NOT NULL)")
-            tx.execute(f"INSERT INTO {self.schema}.bench_claim_counts VALUES (%s, 0) ON CONFLICT DO NOTHING",
-                       (controller,))
+            tx.execute(f"INSERT INTO {s}.bench_claim_counts VALUES (%s, 0) ON CONFLICT DO NOTHING", (controller,))
+            tx.execute(_CLAIM_LOCK.replace("{lock}", self.lock).replace("{count}", self.count)
+                       .replace("{name}", self.name).replace("{s}", s))
 
-    def _claim_in(self, tx: Any, controller: str, owner: str, max_running: int, process: Any) -> Any:
-        rewriting = _Rewriting(tx, self)
-        claimed = super()._claim_in(rewriting, controller, owner, max_running, process)
-        if not rewriting.locked:  # the store's claim changed: this variant no longer measures what it says
-            raise RuntimeError("the claim did not take its lock through the statement this benchmark rewrites")
-        return claimed
-
-    def rewrite(self, tx: _Rewriting, sql: str, params: Sequence[Any]) -> Any:
-        raise NotImplementedError
+    def _claim_lock(self, tx: Any, controller: str) -> tuple[float, int]:
+        now, running = tx.execute(f"SELECT * FROM {self.schema}.bench_{self.name}(%s)", (controller,)).fetchone()
+        return float(now), int(running)
 
 
 class RowLockStore(_Variant):
     """Claims lock the controller's row with ``SELECT ... FOR UPDATE`` instead of an advisory lock."""
 
-    def rewrite(self, tx: _Rewriting, sql: str, params: Sequence[Any]) -> Any:
-        if sql == _LOCK_SQL:
-            tx.locked = True
-            return tx._tx.execute(f"SELECT 1 FROM {self.schema}.bench_claim_counts WHERE controller = %s FOR UPDATE",
-                                  (params[0].rsplit(":", 1)[1],))
-        return tx._tx.execute(sql, params)
+    name = "row_lock"
+    lock = "PERFORM 1 FROM {s}.bench_claim_counts WHERE controller = p_controller FOR UPDATE;"
 
 
 class CounterStore(_Variant):
     """Claims lock the controller's counter row, read the running count from it and increment it; ends
     decrement it."""
 
-    def rewrite(self, tx: _Rewriting, sql: str, params: Sequence[Any]) -> Any:
-        if sql == _LOCK_SQL:
-            tx.locked = True
-            tx.controller = params[0].rsplit(":", 1)[1]
-            (tx.running,) = tx._tx.execute(f"SELECT running FROM {self.schema}.bench_claim_counts "
-                                           "WHERE controller = %s FOR UPDATE", (tx.controller,)).fetchone()
-            return _Fetched((1,))
-        if sql == self._active_count:
-            return _Fetched((tx.running,))
-        done = tx._tx.execute(sql, params)
-        if sql.startswith(f"UPDATE {self._t} SET status = 'running'"):
-            tx._tx.execute(f"UPDATE {self.schema}.bench_claim_counts SET running = running + 1 "
-                           "WHERE controller = %s", (tx.controller,))
-        return done
+    name = "counter"
+    lock = "SELECT c.running INTO running FROM {s}.bench_claim_counts c WHERE c.controller = p_controller FOR UPDATE;"
+    count = ""
+
+    def _claim_in(self, tx: Any, controller: str, owner: str, max_running: int, process: Any) -> Any:
+        claimed = super()._claim_in(tx, controller, owner, max_running, process)
+        if claimed is not None:
+            tx.execute(f"UPDATE {self.schema}.bench_claim_counts SET running = running + 1 "
+                       "WHERE controller = %s", (controller,))
+        return claimed
 
     def _update_active_in(self, tx: Any, kind: EventKind, uuid: str, owner: Optional[str], emitter: Optional[str],
                           assignments: dict) -> Any:

@@ -47,6 +47,7 @@ from .presenter import ListView, TaskObject, clip, hide_error_text, hide_traceba
 from .engine.protocol import Limits
 from .http.responses import Reply
 from . import registry
+from . import tracing
 from .engine.clientside import ClientSide
 from .engine.side import TaskSide
 from .exceptions import StoreError
@@ -454,7 +455,8 @@ class MetaMPController:
 
     def enqueue(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
                 timeout: Optional[float] = None, batch: Optional[str] = None,
-                tenant: Optional[str] = None, connection: Any = None) -> list[TaskObject]:
+                tenant: Optional[str] = None, connection: Any = None,
+                traceparent: Optional[str] = None) -> list[TaskObject]:
         """Queue one task per mapping of keyword arguments, all or none; return their task objects.
 
         A ``priority`` key in a mapping is taken as that task's priority unless
@@ -468,15 +470,20 @@ class MetaMPController:
         ``connection``: the application's open database connection or session; the tasks are then written in
         its transaction (see :meth:`submit`).
 
+        ``traceparent``: the W3C trace context the tasks belong to; by default the current OpenTelemetry
+        span's (with ``opentelemetry-api`` installed), else the ``traceparent`` header of the request being
+        served (see :mod:`.tracing`). An invalid one is ignored.
+
         .. versionchanged:: 0.3
-            ``tenant``, ``connection``.
+            ``tenant``, ``connection``, ``traceparent``.
         """
-        return self._present_new(self.enqueue_rows(items, priority, timeout, batch, tenant, connection=connection))
+        return self._present_new(self.enqueue_rows(items, priority, timeout, batch, tenant, connection=connection,
+                                                   traceparent=traceparent))
 
     def enqueue_rows(self, items: Sequence[Mapping[str, Any]], priority: int, timeout: Optional[float],
                      batch: Optional[str], tenant: Optional[str] = None,
                      keyed: Optional[Callable[[list[Row]], Idempotency]] = None,
-                     connection: Any = None) -> list[Row]:
+                     connection: Any = None, traceparent: Optional[str] = None) -> list[Row]:
         """:meth:`enqueue` without the task objects (a caller that waits reads them anyway).
 
         :param keyed: makes the store's record of the submission's key from its rows (see
@@ -484,6 +491,8 @@ class MetaMPController:
         :param connection: the application's connection or session whose open transaction the rows are
             written in (a store with ``enqueue_in``: PostgreSQL); its commit makes them visible and wakes
             the slots of every serving process.
+        :param traceparent: the W3C trace context to keep with the tasks (see :func:`.tracing.incoming`,
+            which also reads the request's header and the current OpenTelemetry span).
         """
         side = self._activate()  # raises NoTargetTask for a controller without a task
         spec = self._spec
@@ -494,17 +503,21 @@ class MetaMPController:
             raise PayloadTooLarge(f"{len(items)} tasks in one request; the limit is {self.max_bulk}.")
         rows = new_rows(spec, self.name, items, priority, self._effective_timeout(timeout), self.task_tenant(tenant),
                         batch)
-        if connection is not None:
-            enqueue_in = getattr(self.store, "enqueue_in", None)
-            if enqueue_in is None:
-                raise TypeError(f"connection= writes tasks in the application's own transaction, which needs the "
-                                f"PostgreSQL store (MPC_STORE_URL=postgresql://...); this controller's store is "
-                                f"{type(self.store).__name__}.")
-            enqueue_in(connection, rows, self.max_num_queue, keyed(rows) if keyed is not None else None)
-        elif keyed is None:
-            side.submit(rows, self.max_num_queue)
-        else:
-            side.submit(rows, self.max_num_queue, keyed(rows))
+        with tracing.submission(self.name, traceparent) as traced:
+            for row in rows:
+                row["traceparent"] = traced.traceparent
+            traced.tasks([row["uuid"] for row in rows], batch)
+            if connection is not None:
+                enqueue_in = getattr(self.store, "enqueue_in", None)
+                if enqueue_in is None:
+                    raise TypeError(f"connection= writes tasks in the application's own transaction, which needs "
+                                    f"the PostgreSQL store (MPC_STORE_URL=postgresql://...); this controller's store "
+                                    f"is {type(self.store).__name__}.")
+                enqueue_in(connection, rows, self.max_num_queue, keyed(rows) if keyed is not None else None)
+            elif keyed is None:
+                side.submit(rows, self.max_num_queue)
+            else:
+                side.submit(rows, self.max_num_queue, keyed(rows))
         return rows
 
     def enqueue_once(self, key: str, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
@@ -570,6 +583,10 @@ class MetaMPController:
         task and its ``queued`` event are then written in that transaction: the task exists if and only
         if the transaction commits, is seen by no slot or reader before, and runs once it has.
 
+        The task belongs to the trace of the current OpenTelemetry span (with ``opentelemetry-api``
+        installed), else of the request's ``traceparent`` header; ``enqueue([kwargs], traceparent=...)``
+        names one.
+
         .. versionchanged:: 0.3
             ``connection``.
         """
@@ -580,12 +597,14 @@ class MetaMPController:
         return str(self.enqueue_rows([kwargs], 0, None, None, connection=connection)[0]["uuid"])
 
     def submit_many(self, items: Sequence[Mapping[str, Any]], *, priority: int = 0,
-                    timeout: Optional[float] = None, tenant: Optional[str] = None, connection: Any = None) -> Batch:
+                    timeout: Optional[float] = None, tenant: Optional[str] = None, connection: Any = None,
+                    traceparent: Optional[str] = None) -> Batch:
         """Queue one task per mapping of keyword arguments, all or none, as one batch.
 
         Returns the :class:`~.batches.Batch`: its ``id`` (what :meth:`wait_batch` and
         ``GET <collection>?batch=`` take) and the task objects, in input order. ``tenant``: as
         :meth:`enqueue`. ``connection``: the application's transaction to write them in (see :meth:`submit`).
+        ``traceparent``: the trace they belong to (see :meth:`enqueue`).
 
         .. versionadded:: 0.3
         """
@@ -593,7 +612,7 @@ class MetaMPController:
             raise InvalidRequest("A batch needs at least one task.")
         batch = new_batch_id()
         return Batch(batch, self.enqueue(items, priority=priority, timeout=timeout, batch=batch, tenant=tenant,
-                                         connection=connection))
+                                         connection=connection, traceparent=traceparent))
 
     def wait_batch(self, batch: str, timeout: Optional[float] = None) -> BatchView:
         """Wait until every task of the batch has ended, or ``timeout`` seconds passed (0: do not wait).

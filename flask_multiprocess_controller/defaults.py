@@ -156,3 +156,11 @@ STREAM_SEND_TIMEOUT = 5.0
 STREAM_BUFFER = 1024 * 1024
 #: Bytes of events the stream's feed reader takes from the store per read (at least one event).
 FEED_READ_BYTES = 1024 * 1024
+#: Seconds of ended tasks ``<prefix>/metrics`` describes in its wait-time and run-time histograms and its
+#: counts of recently ended tasks (15 min); also the ``MPC_METRICS_WINDOW`` setting.
+METRICS_WINDOW = 900.0
+#: The most ended tasks of one controller one scrape of ``<prefix>/metrics`` reads for its histograms.
+METRICS_SAMPLE = 10_000
+#: The upper bounds (seconds) of the buckets of the wait-time and run-time histograms.
+METRICS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                   4 * 3600.0, 12 * 3600.0)

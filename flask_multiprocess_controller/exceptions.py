@@ -5,7 +5,9 @@ them to HTTP status codes in one place (:mod:`.errors`).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import os
+import threading
+from typing import Callable, Iterable, Optional
 
 
 class AbortException(BaseException):
@@ -170,7 +172,47 @@ class ControllerClosed(MPCError):
 
 
 class StoreError(MPCError):
-    """The task store is misconfigured or unusable."""
+    """The task store is misconfigured or unusable.
+
+    Every one made in a process is counted, by class, for ``<prefix>/metrics`` (:func:`store_errors_seen`).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        _count_store_error(type(self).__name__)
+
+
+#: StoreError instances made in this process, by class name (reset in a forked child: its own count).
+_store_errors: dict[str, int] = {}
+_store_errors_lock = threading.Lock()
+#: Called with the class name of every StoreError made (``<prefix>/metrics`` adds one in multiprocess mode).
+store_error_hooks: list[Callable[[str], None]] = []
+
+
+def _count_store_error(kind: str) -> None:
+    with _store_errors_lock:
+        _store_errors[kind] = _store_errors.get(kind, 0) + 1
+    for hook in store_error_hooks:
+        try:
+            hook(kind)
+        except Exception:  # counting must never hide the error being raised
+            pass
+
+
+def _forget_store_errors() -> None:
+    global _store_errors_lock
+    _store_errors_lock = threading.Lock()  # another thread may have held it at the fork
+    _store_errors.clear()
+
+
+os.register_at_fork(after_in_child=_forget_store_errors)
+
+
+def store_errors_seen() -> dict[str, int]:
+    """How many store errors this process has met since it started (or was forked), by class name
+    (``StoreUnavailable``: the store was down or locked; ``StoreError``: it failed otherwise)."""
+    with _store_errors_lock:
+        return dict(_store_errors)
 
 
 class StoreUnavailable(StoreError):
@@ -182,6 +224,17 @@ class StoreUnavailable(StoreError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class MetricsUnavailable(MPCError):
+    """``<prefix>/metrics`` was asked for, but prometheus-client is not installed in the serving process.
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self) -> None:
+        super().__init__("Metrics need prometheus-client, which is not installed: "
+                         "pip install 'flask-multiprocess-controller[metrics]'.")
 
 
 class NotInTask(MPCError):

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional, TypedDict, cast
 
 from .engine.protocol import OWN_ERROR_TYPES
 from .states import TaskStatus
-from .store.base import Row
+from .store.base import Row, owner_host
 from .waiting import QueueState, shown as waiting_shown
 
 
@@ -36,6 +36,9 @@ class TaskObject(TypedDict, total=False):
     started_at: Optional[str]
     ended_at: Optional[str]
     pid: Optional[int]
+    #: The host (``MPC_HOST_ID``, else the host name) of the serving process that runs the task, or ran its
+    #: last attempt; None before it first started and while it is queued again.
+    host: Optional[str]
     exit_code: Optional[int]
     memory_peak: Optional[int]
     cpu_time: Optional[float]
@@ -53,6 +56,8 @@ class TaskObject(TypedDict, total=False):
     batch: Optional[str]
     #: When the task last saved its state (ISO 8601), else None. The state itself is never shown.
     state_saved_at: Optional[str]
+    #: The W3C ``traceparent`` of the trace the task belongs to (its trace id is characters 3 to 35), else None.
+    traceparent: Optional[str]
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
@@ -60,8 +65,10 @@ class TaskObject(TypedDict, total=False):
 #: Keys of the task object, in the order they are shown.
 TASK_KEYS = (
     "uuid", "status", "msg", "progress", "percent", "result", "error", "args", "priority", "position",
-    "waiting_on", "eta", "created_at", "started_at", "ended_at", "pid", "exit_code", "memory_peak", "cpu_time", "timeout",
+    "waiting_on", "eta", "created_at", "started_at", "ended_at", "pid", "host", "exit_code", "memory_peak",
+    "cpu_time", "timeout",
     "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
+    "traceparent",
 )
 
 
@@ -126,8 +133,15 @@ def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None
     view["position"] = position if row["status"] == TaskStatus.QUEUED else None
     waiting = waiting_shown(row, view["position"], queue)
     view["waiting_on"], view["eta"] = waiting["waiting_on"], iso(waiting["eta"])
+    view["host"] = _host(stored)
     view["msg"] = _msg(row, position)
     return cast(TaskObject, view)
+
+
+def _host(row: Mapping[str, Any]) -> Optional[str]:
+    """The host part of the row's ``owner`` (the serving process that claimed it, whose id stays hidden)."""
+    owner = row.get("owner")
+    return owner_host(owner) if isinstance(owner, str) and owner else None
 
 
 def present_change(task: Mapping[str, Any]) -> TaskObject:
@@ -136,10 +150,12 @@ def present_change(task: Mapping[str, Any]) -> TaskObject:
 
     A ``progress`` event gives ``progress`` and ``percent`` (with the task's uuid, status, attempt, pid and
     controller), an end the whole task object but its ``args``: a live view merges it into what it has.
+    ``host`` comes with the events that carry the owner (a start, an adoption, an end, a requeue).
     """
     whole = cast(dict[str, Any], present(cast(Row, task)))
     return cast(TaskObject, {key: value for key, value in whole.items()
-                             if key in task or key in ("msg", "position")})
+                             if key in task or key in ("msg", "position")
+                             or (key == "host" and "owner" in task)})
 
 
 def hide_traceback(task: TaskObject) -> TaskObject:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,9 +44,11 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
-    """A fresh page in its own context; any script error or Content-Security-Policy violation fails the test."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
+def page(browser: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh page in its own context; any script error or Content-Security-Policy violation fails the test.
+
+    An indirect parameter gives more options of the context (``timezone_id``, ...)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, **getattr(request, "param", {}))
     opened = context.new_page()
     opened.set_default_timeout(SHOWN)
     errors: list[str] = []
@@ -293,3 +296,94 @@ def test_a_drained_host_is_shown_until_it_is_undrained(page: Any, pool: ServerPo
     submit(server, "/echo", text="after")  # its events make the page read the health again
     page.wait_for_selector("#drained-hosts", state="hidden")
     assert requests.get(f"{server.base}/echo/{first}?wait=20", timeout=30).json()["status"] == "succeeded"
+
+
+def cell(uuid: str, label: str) -> str:
+    return f'{row(uuid)} td[data-label="{label}"]'
+
+
+@pytest.mark.parametrize("page", [{"timezone_id": "Asia/Kolkata"}], indirect=True)
+def test_the_list_shows_where_each_task_stands_and_absolute_times_in_the_browsers_zone(
+        page: Any, pool: ServerPool, tmp_path: Path) -> None:
+    server = start(pool, tmp_path, free_port(), MPC_HOST_ID="rack-9/node-3")
+    gate = tmp_path / "gate"
+    running = [submit(server, "/echo", text=f"run {n}", gate=str(gate)) for n in range(2)]  # both echo slots
+    queued = submit(server, "/echo?priority=7", text="waits", gate=str(gate))
+    stopped, going = (submit(server, "/primes", limit=100_000, chunks=100, pause=0.2) for _ in range(2))
+    page.goto(server.base + "/mpc/")
+    page.wait_for_selector(f"{cell(stopped, 'Progress')} .percent")  # the percent is text, not only a tooltip
+    assert requests.delete(f"{server.base}/mpc/api/tasks/{stopped}", timeout=10).status_code in (200, 202)
+    page.wait_for_selector(f'{row(stopped)}[data-status="stopped"]')
+    page.wait_for_selector(f"{cell(going, 'Progress')} .percent")
+    for uuid in (stopped, going):
+        shown = page.inner_text(f"{cell(uuid, 'Progress')} .percent")
+        value = page.locator(f"{row(uuid)} progress").evaluate("bar => bar.value")
+        assert re.fullmatch(r"\d+ %", shown) and int(shown.split()[0]) == int(value), (shown, value)
+    colour = "bar => getComputedStyle(bar).getPropertyValue('--bar')"
+    assert page.locator(f"{row(stopped)} progress").evaluate(colour) != \
+        page.locator(f"{row(going)} progress").evaluate(colour), "a stopped bar looks unlike a running one"
+
+    page.wait_for_selector(f"{cell(queued, 'Where')} span:text-is('#1 in queue')")
+    assert page.inner_text(cell(queued, "Priority")) == "7"
+    assert page.inner_text(cell(queued, "Waited / ran")).startswith("queued for ")
+    for uuid in running:
+        page.wait_for_selector(f'{row(uuid)}[data-status="running"]')
+        assert page.inner_text(cell(uuid, "Where")) == "rack-9/node-3"
+        assert page.inner_text(cell(uuid, "Waited / ran")).startswith("running for ")
+    task = requests.get(f"{server.base}/mpc/api/tasks/{running[0]}", timeout=10).json()
+    assert task["host"] == "rack-9/node-3" and "owner" not in task
+    first = submit(server, "/echo?priority=-1", text="jumps the queue", gate=str(gate))
+    page.wait_for_selector(f"{cell(first, 'Where')} span:text-is('#1 in queue')")
+    page.wait_for_selector(f"{cell(queued, 'Where')} span:text-is('#2 in queue')")  # the places shown follow the queue
+
+    # Absolute times in the browser's zone (named with its offset), UTC in the tooltip.
+    assert "UTC+05:30" in page.inner_text("#time-zone")
+    created = datetime.fromisoformat(task["created_at"])
+    local = created.astimezone(timezone(timedelta(hours=5, minutes=30)))
+    shown_time = page.locator(f"{cell(running[0], 'Created')} time")
+    assert shown_time.inner_text().split()[-1] == local.strftime("%H:%M:%S")
+    assert shown_time.get_attribute("datetime") == task["created_at"]
+    title = shown_time.get_attribute("title")
+    assert local.strftime("%Y-%m-%d %H:%M:%S UTC+05:30") in title
+    assert created.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") in title
+    gate.touch()
+    assert requests.delete(f"{server.base}/mpc/api/tasks/{going}", timeout=10).status_code in (200, 202)
+
+
+def test_the_empty_list_says_how_to_submit_and_the_filters_live_in_the_url(page: Any, server: Server) -> None:
+    page.goto(server.base + "/mpc/")
+    page.wait_for_selector("#submit-hint pre.curl")
+    assert page.locator("#list-empty").is_hidden()
+    page.wait_for_selector("#chart .chart-empty")
+    assert page.locator("#chart svg").count() == 0
+    assert page.locator("#chart").bounding_box()["height"] < 40, "an empty chart takes one line"
+    command = page.inner_text("#submit-hint pre.curl")
+    found = re.fullmatch(r"curl -X POST '([^']+)' -H 'Content-Type: application/json' -d '(.*)'", command)
+    assert found and found.group(1).startswith(server.base + "/"), command
+    answer = requests.post(found.group(1), data=found.group(2), headers={"Content-Type": "application/json"},
+                           timeout=10)
+    assert answer.status_code == 202, answer.text  # the command shown works as it is
+    uuid = answer.json()["uuid"]
+    page.wait_for_selector(f'{row(uuid)}[data-status="succeeded"]')
+    assert page.locator("#submit-hint").is_hidden()
+    page.wait_for_selector("#chart svg")
+    assert page.locator("#chart svg").bounding_box()["height"] < 80, "one task a minute takes a strip, not 200 px"
+
+    for text, says in (("xyz", "hex digits (0-9, a-f)"), ("ab", "at least 4 hex digits")):
+        page.fill("#search", text)
+        page.wait_for_selector(f"#search-hint:has-text('{says}')")
+    page.fill("#search", uuid[:6])
+    assert page.locator("#search-hint").is_hidden()
+    page.select_option("#filter-status", "succeeded")
+    page.wait_for_selector('#filter-controller option[value="echo"]', state="attached")
+    page.select_option("#filter-controller", "echo")
+    page.wait_for_function("() => location.search.includes('controller=echo')")
+    assert "status=succeeded" in page.url and f"q={uuid[:6]}" in page.url
+    page.reload()  # a reload (or the link shared) keeps the filters and the search
+    page.wait_for_selector(row(uuid))
+    assert page.eval_on_selector("#filter-status", "s => s.value") == "succeeded"
+    page.wait_for_function("() => document.getElementById('filter-controller').value === 'echo'")
+    assert page.input_value("#search") == uuid[:6]
+    page.goto(server.base + "/mpc/?status=failed&controller=echo")
+    page.wait_for_selector("#list-empty:has-text('No tasks match these filters.')")
+    assert page.locator(row(uuid)).count() == 0 and page.locator("#submit-hint").is_hidden()

@@ -1,5 +1,5 @@
-"""Two "hosts" sharing one Redis store: two servers (gunicorn -w 1 each) with ``MPC_HOST_ID=host-a`` and
-``host-b``, the same controller (max_num_process=2, global), lease 3 s.
+"""Two "hosts" sharing one store (Redis, PostgreSQL): two servers (gunicorn -w 1 each) with
+``MPC_HOST_ID=host-a`` and ``host-b``, the same controller (max_num_process=2, global), lease 3 s.
 
 A task posted to one host is read and stopped through the other (the stop reaches the host that runs
 it); the process limit holds across both hosts; when a host dies (SIGKILL to its process group) the
@@ -37,14 +37,25 @@ SETTLE_DEADLINE = 15.0
 assert SETTLE_DEADLINE >= LEASE + defaults.RECONCILE_INTERVAL + defaults.HEARTBEAT_INTERVAL + 5
 
 
-class Hosts:
-    """The job app served as two hosts on one Redis database."""
+@pytest.fixture(params=["redis"])
+def store_url(request) -> str:
+    """The store both hosts share."""
+    return request.getfixturevalue(f"{request.param}_url")
 
-    def __init__(self, tmp_path: Path, pool: ServerPool, redis_url: str, **config: object) -> None:
+
+#: The tests that run on PostgreSQL too (a frozen host's stale copy is given up when its writes are refused:
+#: the store contract checks that PostgreSQL fences writes by owner).
+ON_POSTGRES_TOO = pytest.mark.parametrize("store_url", ["redis", "postgres"], indirect=True)
+
+
+class Hosts:
+    """The job app served as two hosts on one store."""
+
+    def __init__(self, tmp_path: Path, pool: ServerPool, store_url: str, **config: object) -> None:
         write_job_app(tmp_path)
         self.tmp_path = tmp_path
         self.pool = pool
-        self.redis_url = redis_url
+        self.store_url = store_url
         self.config = {"max_num_process": 2, "stop_grace": 0.5, "lease": LEASE, **config}
         self.gates = tmp_path / "gates"
         self.gates.mkdir(exist_ok=True)
@@ -54,7 +65,7 @@ class Hosts:
         server = self.pool.start(
             gunicorn("-w", "1", "-b", f"127.0.0.1:{port}", "--chdir", str(self.tmp_path), "app:app"),
             cwd=self.tmp_path, port=port, log_path=self.tmp_path / f"{host_id}.log",
-            env={"MPC_STORE_URL": self.redis_url, "MPC_HOST_ID": host_id, "APP_CONFIG": json.dumps(self.config)},
+            env={"MPC_STORE_URL": self.store_url, "MPC_HOST_ID": host_id, "APP_CONFIG": json.dumps(self.config)},
             ready_path="/tasks")
         poll_until(lambda: len(fork_servers(server)), lambda n: n == 1, 60, interval=0.1)
         server.remember()
@@ -73,9 +84,9 @@ def _stop(server: Server) -> None:
     assert "Traceback" not in server.log(), server.log()
 
 
-def _wait_for_beats_after(redis_url: str, seconds: float, hosts: tuple[str, ...]) -> None:
+def _wait_for_beats_after(store_url: str, seconds: float, hosts: tuple[str, ...]) -> None:
     """Wait until a serving process of each of ``hosts`` has heartbeaten ``seconds`` after now (store time)."""
-    store = resolve_store(redis_url)
+    store = resolve_store(store_url)
     try:
         after = store.now() + seconds
 
@@ -93,8 +104,9 @@ def _worker_pid(server: Server) -> int:
 
 
 @pytest.mark.timeout(120)
-def test_tasks_are_read_and_stopped_through_the_other_host_and_the_limit_is_global(redis_url, tmp_path, pool):
-    hosts = Hosts(tmp_path, pool, redis_url)
+@ON_POSTGRES_TOO
+def test_tasks_are_read_and_stopped_through_the_other_host_and_the_limit_is_global(store_url, tmp_path, pool):
+    hosts = Hosts(tmp_path, pool, store_url)
     a, api_a = hosts.start("host-a")
     b, api_b = hosts.start("host-b")
     never = hosts.gate("never")
@@ -125,7 +137,7 @@ def test_tasks_are_read_and_stopped_through_the_other_host_and_the_limit_is_glob
             assert listing["queued"] == 4, listing
         # Both hosts' idle slots look at the store twice a second: the listings are read again only
         # once both hosts have heartbeaten after a few looks' time (a later beat of each, in the store).
-        _wait_for_beats_after(redis_url, 4 * defaults.STORE_POLL_INTERVAL, ("host-a", "host-b"))
+        _wait_for_beats_after(store_url, 4 * defaults.STORE_POLL_INTERVAL, ("host-a", "host-b"))
         for api in (api_a, api_b):
             listing = api.listing()
             assert (listing["running"], listing["queued"]) == (2, 4), listing
@@ -150,8 +162,9 @@ def test_tasks_are_read_and_stopped_through_the_other_host_and_the_limit_is_glob
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("restartable", [False, True], ids=["not-restartable", "restartable"])
-def test_a_dead_host_s_tasks_are_settled_by_the_other_host(restartable, redis_url, tmp_path, pool):
-    hosts = Hosts(tmp_path, pool, redis_url, restartable=restartable)
+@ON_POSTGRES_TOO
+def test_a_dead_host_s_tasks_are_settled_by_the_other_host(restartable, store_url, tmp_path, pool):
+    hosts = Hosts(tmp_path, pool, store_url, restartable=restartable)
     a, api_a = hosts.start("host-a")
     b, api_b = hosts.start("host-b")
     gate = hosts.gate("g")
@@ -210,12 +223,12 @@ FENCE_DEADLINE = defaults.HEARTBEAT_INTERVAL + defaults.RECONCILE_INTERVAL + 5.0
 
 
 @pytest.mark.timeout(120)
-def test_a_host_frozen_past_the_lease_gives_up_the_tasks_settled_elsewhere(redis_url, tmp_path, pool):
+def test_a_host_frozen_past_the_lease_gives_up_the_tasks_settled_elsewhere(store_url, tmp_path, pool):
     """Host A's serving process freezes (SIGSTOP; a long GC pause or a partition looks the same from B)
     longer than the lease while its task process keeps running. B cannot tell it from a dead host: it
     queues the restartable task again and runs it. Once A wakes up, its stale copy must go, or the
     task runs twice at once (and more task processes run than max_num_process)."""
-    hosts = Hosts(tmp_path, pool, redis_url, restartable=True)
+    hosts = Hosts(tmp_path, pool, store_url, restartable=True)
     a, api_a = hosts.start("host-a")
     b, api_b = hosts.start("host-b")
     gate = hosts.gate("g")

@@ -283,3 +283,37 @@ def test_the_password_is_shown_nowhere(postgres_url, make_controller, tmp_path, 
     with pytest.raises(StoreUnavailable) as info:  # nothing listens there
         PostgresStore(postgres_url.replace(f":{port}/", ":1/"))
     assert PASSWORD not in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_the_stores_of_one_database_share_one_listening_connection_per_process(postgres_url):
+    import threading
+
+    stores = [PostgresStore(postgres_url) for _ in range(3)]
+    writer = PostgresStore(postgres_url)
+    try:
+        for store in stores:
+            store.changes(store.latest_cursor(), timeout=0.05)  # each has waited: each is subscribed
+        listeners = [t for t in threading.enumerate() if t.name.startswith("mpc-pg-listener")]
+        assert len(listeners) == 1
+        [(connections,)] = writer._query("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %%'")
+        assert connections == 1
+        since = [store.latest_cursor() for store in stores]
+        found: list = []
+        waiters = [threading.Thread(target=lambda s=s, c=c: found.append(s.changes(c, timeout=30).events))
+                   for s, c in zip(stores, since)]
+        for waiter in waiters:
+            waiter.start()
+        row = {"uuid": str(uuid_module.uuid4()), "controller": "c", "status": "queued", "priority": 0, "args": {},
+               "created_at": time.time(), "timeout": None, "attempt": 0, "stop_requested": False}
+        writer.enqueue([row], -1)  # another store object: only the notification wakes the three
+        for waiter in waiters:
+            waiter.join(30)
+        assert [[e["uuid"] for e in events] for events in found] == [[row["uuid"]]] * 3
+        for store in stores[:2]:
+            store.close()
+        assert listeners[0].is_alive(), "one subscriber is left"
+    finally:
+        for store in stores + [writer]:
+            store.close()
+    assert not listeners[0].is_alive()

@@ -59,9 +59,7 @@ class Tick(MetaMPTask):
 def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/store/tasks.sqlite3"
-    if request.param == "postgres":
-        return request.getfixturevalue("postgres_url")
-    return request.getfixturevalue("redis_url")
+    return request.getfixturevalue(f"{request.param}_url")
 
 
 def scheduled(base: str) -> list[dict]:

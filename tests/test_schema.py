@@ -17,7 +17,7 @@ import redis
 from flask import Flask
 
 from flask_multiprocess_controller.http.openapi import openapi_document
-from flask_multiprocess_controller.presenter import TASK_KEYS, TaskObject, present
+from flask_multiprocess_controller.presenter import TASK_KEYS, TaskObject, present, present_change
 from flask_multiprocess_controller.store import MemoryStore, SQLiteStore
 from flask_multiprocess_controller.store.base import Row
 from flask_multiprocess_controller.store.redis import RedisStore
@@ -26,7 +26,7 @@ from flask_multiprocess_controller.store.schema import (
 )
 
 #: Keys of the task object that no stored field gives: the presenter computes them.
-PRESENTED_ONLY = {"msg", "position", "waiting_on", "eta"}
+PRESENTED_ONLY = {"msg", "position", "waiting_on", "eta", "host"}
 #: Keys the list view adds to a task object (presenter.clip).
 LIST_ONLY = {"truncated"}
 
@@ -241,6 +241,17 @@ def test_presenter_shows_each_field_as_declared() -> None:
     for name in shown(Shown.VALUE) - {"schedule"}:
         assert task[name] == row[name], f"{name} is not shown as stored"
     assert task["schedule"]["key"] == row["schedule"]["key"]
+
+
+def test_the_task_object_shows_the_host_of_its_owner_never_the_owner() -> None:
+    row = full_row()
+    row.update(seq=1, status="running", owner="rack-1/node:7:4242:1700000000.125")
+    task = present(row)  # type: ignore[arg-type]
+    assert task["host"] == "rack-1/node:7" and "owner" not in task
+    assert present({**row, "owner": None})["host"] is None  # type: ignore[typeddict-item]
+    assert present_change({"uuid": row["uuid"], "status": "running", "owner": row["owner"]})["host"] == "rack-1/node:7"
+    assert "host" not in present_change({"uuid": row["uuid"], "status": "running", "percent": 5.0}), (
+        "an event without the owner (progress) leaves the host the page shows as it is")
 
 
 def _json_types(schema: dict[str, Any], schemas: dict[str, Any]) -> Optional[set[str]]:

@@ -26,11 +26,12 @@ import pytest
 import redis
 
 from flask_multiprocess_controller import (
-    MemoryStore, QueueFull, SQLiteStore, TaskAlreadyFinished, TaskNotFound, TaskStore,
+    SYSTEM_TENANT, MemoryStore, QueueFull, SQLiteStore, TaskAlreadyFinished, TaskNotFound, TaskStore,
 )
 from flask_multiprocess_controller.events import CALLBACK_KINDS, Changes, Event
 from flask_multiprocess_controller.exceptions import StoreError, StoreUnavailable
 from flask_multiprocess_controller.store import resolve_store
+from flask_multiprocess_controller.store.base import hook_tenant
 from flask_multiprocess_controller.store.postgres import PostgresStore
 from flask_multiprocess_controller.store.redis import RedisStore
 
@@ -596,6 +597,31 @@ def test_ended_counts_per_slot_and_status(store):
     assert store.ended_counts(CTL, since + 200) == {}
     stop(store, e)
     assert sum(store.ended_counts(CTL, since).values()) == 4  # stopping is not an end yet
+
+
+@pytest.mark.timeout(30)
+def test_ended_timings_read_the_times_of_tasks_ended_since_latest_first(store):
+    """What the wait-time and run-time histograms of <prefix>/metrics read."""
+    created = store.now() - 100.0
+    rows = [make_row(created_at=created) for _ in range(4)]
+    store.enqueue(rows, -1)
+    early, late, retried, never_ran = (r["uuid"] for r in rows)
+    add(store, 1, controller=OTHER)
+    claim(store), claim(store), claim(store), claim(store, OTHER)
+    since = store.now() + 1000.0  # ended_at values of the future: no store clock is that far ahead
+    store.finish(early, "succeeded", owner=OWNER, ended_at=since - 1)  # before the window
+    store.finish(late, "failed", owner=OWNER, ended_at=since + 20)
+    store.retry(retried, 0.0, owner=OWNER)
+    wait_until(lambda: claim(store) is not None, timeout=5)
+    store.finish(retried, "succeeded", owner=OWNER, ended_at=since + 30)
+    store.request_stop(never_ran)  # ended at the store's clock, before the window
+    timings = store.ended_timings(CTL, since)
+    assert [(t.status, t.ended_at, t.attempt) for t in timings] == [("succeeded", since + 30, 2), ("failed", since + 20, 1)]
+    assert all(t.created_at == created and t.started_at is not None and created < t.started_at < since for t in timings)
+    assert store.ended_timings(CTL, since, limit=1) == timings[:1]
+    stopped = store.ended_timings(CTL, since - 2000)
+    assert len(stopped) == 4 and (stopped[-1].started_at, stopped[-1].attempt) == (None, 0)
+    assert store.ended_timings(OTHER, since - 2000) == []  # running
 
 
 @pytest.mark.timeout(30)
@@ -1394,8 +1420,10 @@ def test_the_outbox_keeps_callback_events_until_acknowledged(store):
     assert store.unacked(CTL, limit=2) == [started, ended]
     assert store.unacked(OTHER) == [other_started]
     assert store.unacked("nobody") == []
+    assert (store.callbacks_pending(CTL), store.callbacks_pending(OTHER), store.callbacks_pending("nobody")) == (3, 1, 0)
     store.ack(CTL, [started["cursor"], other_started["cursor"], "garbage"])  # another controller's: ignored
     assert store.unacked(CTL) == [ended, stopped_event]
+    assert store.callbacks_pending(CTL) == 2
     assert store.unacked(OTHER) == [other_started]
     store.ack(CTL, iter([ended["cursor"], stopped_event["cursor"], ended["cursor"]]))
     assert store.unacked(CTL) == []
@@ -1563,6 +1591,22 @@ def test_a_feed_read_for_one_tenant_is_filtered_in_the_store_and_moves_past_the_
     assert time.monotonic() - started < 20
     later = store.enqueue([dict(make_row(), tenant="a")], -1)
     assert store.changes(quiet.cursor, tenant="a").events == later
+
+
+@pytest.mark.timeout(60)
+def test_the_system_s_tenant_and_tenants_with_nul_or_backslashes_are_kept_as_given(store):
+    """The tasks no request made carry SYSTEM_TENANT, which starts with NUL (a hook's answer that does gets
+    one more): a store whose text cannot hold NUL still takes, returns and filters by them as they are."""
+    tenants = [SYSTEM_TENANT, hook_tenant(SYSTEM_TENANT), "a\\0b", "a\x00b", "\\", None]
+    since = store.latest_cursor()
+    written = store.enqueue([dict(make_row(), tenant=tenant) for tenant in tenants], -1)
+    assert [e["task"]["tenant"] for e in written] == tenants
+    assert [store.get(e["uuid"])["tenant"] for e in written] == tenants
+    assert [t["tenant"] for t in reversed(store.list_tasks(CTL))] == tenants
+    for tenant, event in zip(tenants, written):
+        assert [t["uuid"] for t in store.list_tasks(CTL, tenant=tenant)] == [event["uuid"]], tenant
+        assert store.counts(CTL, tenant=tenant) == {"queued": 1}, tenant
+        assert store.changes(since, tenant=tenant).events == [event], tenant
 
 
 @pytest.mark.timeout(60)

@@ -26,9 +26,7 @@ STOP_DEADLINE = 30.0
 def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/store/tasks.sqlite3"
-    if request.param == "postgres":
-        return request.getfixturevalue("postgres_url")
-    return request.getfixturevalue("redis_url")
+    return request.getfixturevalue(f"{request.param}_url")
 
 
 class Tiers:

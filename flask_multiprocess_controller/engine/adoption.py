@@ -264,6 +264,7 @@ class AdoptedRun(threading.Thread):
         run.started = time.monotonic() - _elapsed(rt, row)  # the timeout counts from the task's start
         run.errors = list(row.get("errors") or [])
         run.has_state = row.get("state_saved_at") is not None
+        run.traceparent, run.created_at = row.get("traceparent"), row.get("created_at")
         rt.register_adopted(run)
         try:
             run.attach(child)

@@ -5,7 +5,8 @@ as the state change: the process that wrote the event delivers it (exactly once 
 operation), and the events of a process that died before delivering are delivered by a
 survivor or by the next start (at least once across a crash). Each delivery carries the
 event's cursor in an ``Idempotency-Key`` header (and as ``cursor`` in the body), so a
-receiver can drop repeats.
+receiver can drop repeats. A task queued in a trace (see :mod:`..tracing`) sends its ``traceparent``
+header, and the body's ``trace_id`` names the trace.
 
 Deliveries run on one thread of their own, in order, with retries and backoff, so a slow
 or dead receiver never holds up dispatch or a controlling thread. The queue is bounded,
@@ -21,6 +22,7 @@ import threading
 from typing import Any, Callable, Optional
 
 from .. import defaults
+from .. import tracing
 from ..events import CALLBACK_KINDS, Event
 from ..exceptions import StoreError
 
@@ -100,6 +102,9 @@ class CallbackSender:
 
         data = json.dumps(self._body(event)).encode()
         headers = {"Content-Type": "application/json", "Idempotency-Key": event["cursor"]}
+        traceparent = event["task"].get("traceparent")
+        if traceparent:  # the receiver's work joins the trace the task was queued in
+            headers[tracing.HEADER] = traceparent
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
             if self._closing.is_set() and attempt > 1:

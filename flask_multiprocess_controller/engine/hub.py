@@ -145,6 +145,31 @@ class EventHub:
                 if event["controller"] == self.controller and not self._seen_here(event["cursor"]):
                     self._dispatch(event, self._subscribers)
 
+    def lag(self, own: Optional[str] = None) -> Optional[float]:
+        """Seconds this process's follower is behind the store's change feed, for ``<prefix>/metrics``.
+
+        The age (store clock) of the oldest event after the follower's cursor that another process wrote
+        (``own``: this process's emitter id, whose events it dispatched already); 0 when it has read them
+        all; None when it follows no feed (a store of one process, or not started) or its next read finds the
+        events after its cursor pruned (it then re-reads the current state). One read of at most
+        100 events: when all of them are this process's own, the oldest one's age is given.
+
+        :raises StoreError: the store could not be read.
+        """
+        cursor = self._cursor
+        if not self._following or cursor is None:
+            return None
+        changes = self.store.changes(cursor, 0.0, limit=100)
+        if changes.reset:  # events were pruned before the follower read them: it re-reads the state next
+            return None
+        if not changes.events:
+            return 0.0
+        foreign = [event for event in changes.events if own is None or event["emitter"] != own]
+        if not foreign and len(changes.events) < 100:
+            return 0.0
+        oldest = (foreign or changes.events)[0]
+        return max(0.0, self.store.now() - oldest["at"])
+
     def stop(self) -> None:
         """Stop following the feed (waits at most one feed read)."""
         self._stop.set()

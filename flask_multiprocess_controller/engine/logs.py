@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 from ..ops import console
 
 from .. import defaults
+from .. import tracing
 from .protocol import LogRecordMessage
 
 
@@ -111,10 +112,17 @@ class ChannelQueue:
 
 
 class _HandToNamedLogger(logging.Handler):
-    """Hands a record from a task process to the serving process's logger of the same name."""
+    """Hands a record from a task process to the serving process's logger of the same name.
+
+    The record of a task that belongs to a trace carries ``trace_id`` (32 hex digits) and
+    ``traceparent`` attributes, for the app's formats and filters; with ``opentelemetry-api``
+    installed it is handled with that trace as the current context, so OpenTelemetry's logging
+    handler links it to the trace too.
+    """
 
     def handle(self, record: logging.LogRecord) -> bool:
-        console.handle(logging.getLogger(record.name), record)
+        with tracing.attached(getattr(record, "traceparent", None)):
+            console.handle(logging.getLogger(record.name), record)
         return True
 
     def emit(self, record: logging.LogRecord) -> None:  # pragma: no cover - handle() does the work

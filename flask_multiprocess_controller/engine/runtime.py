@@ -56,6 +56,7 @@ from ..store.base import Idempotency
 from ..exceptions import IdempotentReplay
 from .supervisor import Outcome, StopReason, Supervisor, TaskRun
 from ..task import MetaMPTask
+from .. import tracing
 from .waiters import Countdown, Ended, Waiters
 
 
@@ -79,6 +80,7 @@ def callback_body(event: Event, expose_tracebacks: bool = False, expose_errors: 
     A ``started`` or ``ended`` event carries the whole task but its arguments (events never carry them:
     see :func:`~..store.base.event_payload`); ``read`` (the store's ``get``) gives them, so the task object
     is the whole task as the change left it. A task purged meanwhile shows its arguments as null.
+    ``trace_id`` is the id of the trace the task belongs to (null: none; see :mod:`...tracing`).
     """
     stored = read(event["uuid"]) if read is not None else None
     task = present(cast(Row, {"args": stored.get("args") if stored else None, **event["task"]}))
@@ -87,7 +89,7 @@ def callback_body(event: Event, expose_tracebacks: bool = False, expose_errors: 
     elif not expose_tracebacks:
         hide_traceback(task)
     return {"event": event["kind"], "uuid": event["uuid"], "cursor": event["cursor"], "msg": task["msg"],
-            "task": task}
+            "trace_id": tracing.trace_id(task.get("traceparent")), "task": task}
 
 
 def _shutdown_end(event: Event) -> bool:
@@ -651,6 +653,8 @@ class Runtime(TaskSide):
                                 "here was killed and is not recorded.", run.uuid)
             return None
         c = self.config
+        tracing.record_run(c.name, run.uuid, run.traceparent, run.attempt, run.created_at, run.claimed_at,
+                           outcome.fields.get("ended_at"), outcome.status.value, outcome.fields.get("error"))
         try:
             if (run.stop_reason is StopReason.SHUTDOWN and outcome.status is TaskStatus.STOPPED
                     and self._claimed_amid_shutdown(run)):

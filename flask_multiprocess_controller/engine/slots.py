@@ -82,6 +82,7 @@ class Slot(threading.Thread):
                       attempt=row.get("attempt"), claimed_at=row.get("started_at"))
         run.errors = list(row.get("errors") or [])
         run.has_state = row.get("state_saved_at") is not None
+        run.traceparent, run.created_at = row.get("traceparent"), row.get("created_at")
         rt.register(run)
         try:
             if row.get("stop_requested"):

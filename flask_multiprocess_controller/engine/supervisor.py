@@ -37,6 +37,7 @@ from .protocol import (
 )
 from ..states import TaskStatus
 from ..store import TaskStore
+from ..tracing import trace_id
 from .watchdog import Action, Schedule, Watchdog
 
 
@@ -90,6 +91,10 @@ class TaskRun:
         #: Whether the task has a saved state (an earlier attempt's, or one this run stored): cut off by
         #: a shutdown, it is queued again to resume from it.
         self.has_state = False
+        #: The task's W3C ``traceparent`` (see :mod:`...tracing`): its log records carry the trace id.
+        self.traceparent: Optional[str] = None
+        #: When the task was queued (the start of its ``mpc.queue`` span).
+        self.created_at: Optional[float] = None
         self._wake = wake
         # Guards stop_reason, stop_at and child.
         self._lock = threading.Lock()
@@ -379,6 +384,9 @@ class Supervisor:
             while conn.poll():
                 message: Report = conn.recv()
                 if isinstance(message, LogRecordMessage):
+                    if run.traceparent is not None:  # for the app's handlers and formats (see .logs)
+                        message.record.trace_id = trace_id(run.traceparent)
+                        message.record.traceparent = run.traceparent
                     self.logs.put(message.record)
                     run.add_log_lines([log_line(message.record)])
                 elif isinstance(message, Output) and message.uuid == run.uuid:
@@ -457,9 +465,12 @@ class Supervisor:
 
 
 def log_line(record: logging.LogRecord) -> str:
-    """A task's log record as one line of its kept log."""
+    """A task's log record as one line of its kept log; the trace id of a task that has one follows its
+    logger's name (``trace_id=<32 hex digits>``)."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.created))
-    return f"{when} {record.levelname} {record.name}: {record.getMessage()}"
+    traced = getattr(record, "trace_id", None)
+    name = f"{record.name} trace_id={traced}" if traced else record.name
+    return f"{when} {record.levelname} {name}: {record.getMessage()}"
 
 
 def _drain_fd(fd: int) -> None:

@@ -12,6 +12,7 @@ from ..exceptions import (
     StoreError, TaskAlreadyFinished, TaskNotFound, TooManyStreams,
 )
 from ..exceptions import IdempotencyKeyReused, IdempotentTasksPurged
+from ..exceptions import MetricsUnavailable
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
@@ -19,6 +20,7 @@ HTTP_STATUS: dict[type, int] = {
     TaskNotFound: 404,
     BatchNotFound: 404,
     HostNotFound: 404,
+    MetricsUnavailable: 404,
     ChangeNotAllowed: 403,
     MethodNotServed: 405,
     TaskAlreadyFinished: 409,

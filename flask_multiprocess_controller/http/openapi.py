@@ -315,7 +315,7 @@ def _post_operation(mount: Mount, arguments_ref: str) -> dict[str, Any]:
                         "arguments); a JSON array of such objects queues one task each, all or none. Arguments "
                         "are checked against `execute`'s signature before anything is queued."),
         "parameters": [_ref(_PARAMETERS, "priority"), _ref(_PARAMETERS, "timeout"), _ref(_PARAMETERS, "wait"),
-                       _ref(_PARAMETERS, "idempotencyKey")],
+                       _ref(_PARAMETERS, "idempotencyKey"), _ref(_PARAMETERS, "traceparent")],
         "requestBody": {"required": False, "content": _json({"oneOf": [
             {"$ref": arguments_ref},
             {"type": "array", "items": {"$ref": arguments_ref}, "minItems": 1, "maxItems": controller.max_bulk},
@@ -627,6 +627,8 @@ def _common_schemas() -> dict[str, Any]:
         "started_at": _nullable("string", format="date-time"),
         "ended_at": _nullable("string", format="date-time"),
         "pid": _nullable("integer"),
+        "host": _nullable("string", description="The host (its `MPC_HOST_ID`) of the serving process that runs the "
+                                                "task, or ran its last attempt; null before it first started."),
         "exit_code": _nullable("integer", description="Negative: killed by that signal."),
         "memory_peak": _nullable("integer", minimum=0, description="Bytes of RSS of the task's process tree."),
         "cpu_time": _nullable("number", minimum=0, description="Seconds of CPU of the task's process tree."),
@@ -646,6 +648,11 @@ def _common_schemas() -> dict[str, Any]:
             "string", format="date-time",
             description="When the task last saved its state with `save_state()` (an attempt after the first "
                         "resumes from it); null when it never did. The state itself is never shown."),
+        "traceparent": _nullable(
+            "string", pattern="^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+            description="The W3C trace context of the trace the task belongs to (from the POST's `traceparent` "
+                        "header, or the caller's OpenTelemetry span); its trace id is the second part. Null "
+                        "when it was queued outside any trace."),
         "truncated": {"type": "array", "items": {"enum": ["args", "progress", "result", "errors"]},
                       "description": "In a list view: the values shown as null because they are too large."},
     }
@@ -702,6 +709,11 @@ def _parameters() -> dict[str, Any]:
             "description": ("Makes the POST safe to send again: the same key (from the same tenant) within the "
                             "controller's `idempotency_ttl` answers 200 with the task(s) the first request made "
                             "and queues nothing; with another body or other options, 422.")},
+        "traceparent": {
+            "name": "traceparent", "in": "header", "schema": {"type": "string"},
+            "description": ("A W3C trace context: kept with the task(s), carried by their log lines and callbacks "
+                            "(and the parent of their spans when the server traces with OpenTelemetry). An invalid "
+                            "value is ignored, as the W3C recommendation says.")},
         "limit": {"name": "limit", "in": "query",
                   "schema": {"type": "integer", "minimum": 1, "maximum": defaults.MAX_LIST_LIMIT,
                              "default": defaults.LIST_LIMIT},

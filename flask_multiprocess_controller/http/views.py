@@ -51,6 +51,9 @@ def make_blueprint(extension: "MultiprocessController") -> Blueprint:
     from ..ops.dashboard import add_dashboard
 
     add_dashboard(blueprint, extension, wrap)
+    from ..ops.metrics import add_metrics
+
+    add_metrics(blueprint, extension, wrap)
     return blueprint
 
 

@@ -31,6 +31,7 @@
     logAfter: 0,
     healthTimer: null,
     statsTimer: null,
+    positionsTimer: null,
     limits: {},         // controller name -> its max_memory (bytes, or null), from the health answer
   };
 
@@ -203,6 +204,9 @@
     const listed = state.tasks.get(task.uuid);
     if (state.rows.has(task.uuid) && !stale(listed, task)) {
       const merged = Object.assign({}, listed, task);
+      if (merged.status === "queued" && merged.position === null && listed.status === "queued") {
+        merged.position = listed.position;  // events carry no position: the last one read stays until loadPositions
+      }
       state.tasks.set(task.uuid, merged);
       fillRow(state.rows.get(task.uuid), merged);
     }
@@ -219,6 +223,7 @@
     if (state.reading) state.missed.push([kind, task]);  // applied again once the list read lands
     applyEvent(kind, task);
     if (kind === "ended") soon("statsTimer", loadStats, 1000);  // at most one read of the counts a second
+    if (kind !== "progress") soon("positionsTimer", loadPositions, 1000);  // the queue moved
     soon("healthTimer", loadHealth, 500);
   }
 
@@ -272,6 +277,7 @@
       box.appendChild(controllerCard(name, info));
     }
     select.value = names.includes(chosen) ? chosen : "";
+    if (chosen && select.value !== chosen) onFilter("controller");  // a link's controller that is not served here
     drainedHosts(health.drained_hosts || []);
   }
 
@@ -376,7 +382,8 @@
     applySearch();
   }
 
-  const COLUMNS = ["Task", "Controller", "Status", "Progress", "Latest", "Created", "Started", "Ended", "Duration"];
+  const COLUMNS = ["Task", "Controller", "Status", "Priority", "Progress", "Latest", "Where", "Created", "Started",
+                   "Ended", "Waited / ran"];
 
   function addRow(task, atTop) {
     if (state.rows.has(task.uuid)) return;
@@ -391,28 +398,118 @@
     fillRow(row, task);
     const body = $("task-rows");
     if (atTop) body.insertBefore(row, body.firstChild); else body.appendChild(row);
-    $("list-empty").hidden = true;
     applySearch();
   }
 
   function fillRow(row, task) {
     row.dataset.uuid = task.uuid;
     row.dataset.status = task.status;
-    const cells = row.children;
+    const cells = {};
+    for (const cell of row.children) cells[cell.dataset.label] = cell;
     const link = el("a", task.uuid.slice(0, 8), "uuid");
     link.href = "#/tasks/" + task.uuid;
     link.title = task.uuid;
-    clear(cells[0]).appendChild(link);
-    cells[1].textContent = task.controller || "";
-    clear(cells[2]).appendChild(statusBadge(task.status));
-    clear(cells[3]).appendChild(progressBar(task));
-    cells[4].textContent = show(task.progress).slice(0, 200);
-    cells[4].className = "latest";
-    for (const [i, iso] of [[5, task.created_at], [6, task.started_at], [7, task.ended_at]]) {
-      clear(cells[i]);
-      if (iso) cells[i].appendChild(timeCell(iso));
+    clear(cells.Task).appendChild(link);
+    cells.Controller.textContent = task.controller || "";
+    clear(cells.Status).appendChild(statusBadge(task.status));
+    cells.Priority.textContent = task.priority === undefined || task.priority === null ? "" : String(task.priority);
+    cells.Priority.className = "priority";
+    clear(cells.Progress).appendChild(progressCell(task));
+    cells.Latest.textContent = show(task.progress).slice(0, 200);
+    cells.Latest.className = "latest";
+    clear(cells.Where).appendChild(whereCell(task));
+    for (const [label, iso] of [["Created", task.created_at], ["Started", task.started_at], ["Ended", task.ended_at]]) {
+      clear(cells[label]);
+      if (iso) cells[label].appendChild(clockCell(iso));
     }
-    cells[8].textContent = duration(task);
+    fillWaited(cells["Waited / ran"], task);
+  }
+
+  // The bar with its percent as text beside it (not only in a tooltip).
+  function progressCell(task) {
+    const box = el("span", null, "progress-cell");
+    box.appendChild(progressBar(task));
+    if (typeof task.percent === "number") box.appendChild(el("span", Math.floor(task.percent) + " %", "percent"));
+    return box;
+  }
+
+  // Where the task stands: its place in the queue while queued, else the host that runs (or ran) it.
+  function whereCell(task) {
+    if (task.status === "queued") {
+      if (typeof task.position === "number") return el("span", "#" + task.position + " in queue", "position");
+      if (task.retry_at) {
+        const retry = el("span", "retry at ", "position muted");
+        retry.appendChild(clockCell(task.retry_at));
+        return retry;
+      }
+      return el("span", "queued", "position muted");
+    }
+    const host = el("span", task.host || "", "host" + (TERMINAL.includes(task.status) ? " muted" : ""));
+    if (task.host) host.title = (TERMINAL.includes(task.status) ? "ran on host " : "runs on host ") + task.host;
+    return host;
+  }
+
+  // How long the task waited so far (queued for) or ran (running for / ran for); the wait in the queue of
+  // a task that started is in the tooltip.
+  function fillWaited(cell, task) {
+    const created = Date.parse(task.created_at);
+    const started = task.started_at ? Date.parse(task.started_at) : null;
+    const end = task.ended_at ? Date.parse(task.ended_at) : Date.now();
+    let text = "";
+    let title = "";
+    if (started === null) {
+      if (!isNaN(created)) text = (task.ended_at ? "was queued " : "queued for ") + span((end - created) / 1000);
+    } else {
+      text = (task.ended_at ? "ran " : "running for ") + span((end - started) / 1000);
+      if (!isNaN(created)) title = "waited " + span((started - created) / 1000) + " in the queue";
+    }
+    cell.textContent = text;
+    cell.title = title;
+    cell.className = "waited";
+  }
+
+  function span(seconds) {
+    const s = Math.max(0, seconds);
+    if (s < 60) return s.toFixed(s < 10 ? 1 : 0) + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + Math.floor(s % 60) + " s";
+    if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+    return Math.floor(s / 86400) + " d " + Math.floor((s % 86400) / 3600) + " h";
+  }
+
+  // -- absolute times, in the browser's zone ---------------------------------------------------------
+
+  function two(n) { return String(n).padStart(2, "0"); }
+
+  // "UTC+05:30": the browser's offset from UTC at that moment (daylight saving time included).
+  function utcOffset(date) {
+    const minutes = -date.getTimezoneOffset();
+    const sign = minutes < 0 ? "-" : "+";
+    return "UTC" + sign + two(Math.floor(Math.abs(minutes) / 60)) + ":" + two(Math.abs(minutes) % 60);
+  }
+
+  function zoneName() {
+    try { return Intl.DateTimeFormat().resolvedOptions().timeZone || ""; } catch (e) { return ""; }
+  }
+
+  function localDay(date) { return date.getFullYear() + "-" + two(date.getMonth() + 1) + "-" + two(date.getDate()); }
+
+  // The local time of day for today's times, the date and time otherwise; the exact local time with its
+  // offset, and UTC, in the tooltip.
+  function clockCell(iso) {
+    const date = new Date(iso);
+    const time = two(date.getHours()) + ":" + two(date.getMinutes()) + ":" + two(date.getSeconds());
+    const today = localDay(date) === localDay(new Date());
+    const node = el("time", today ? time : localDay(date) + " " + time, "abs");
+    node.dateTime = iso;
+    node.title = localDay(date) + " " + time + " " + utcOffset(date) + " (" + relative(iso) + ")\n" +
+      date.toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC");
+    return node;
+  }
+
+  function showZone() {
+    const zone = zoneName();
+    $("time-zone").textContent = "Times are in " + (zone ? zone + " (" + utcOffset(new Date()) + ")" : utcOffset(new Date())) +
+      "; hover one for UTC.";
   }
 
   function applySearch() {
@@ -423,17 +520,162 @@
       row.hidden = Boolean(prefix) && !uuid.startsWith(prefix);
       if (!row.hidden) shown++;
     }
-    $("list-empty").hidden = shown > 0;
+    searchHint(text);
+    emptyList(shown, prefix);
+  }
+
+  // The queue moves with every start, end and new task: read the places of the queued tasks the list shows
+  // again (at most once a second, one read per controller), changing nothing else of them.
+  async function loadPositions() {
+    const controllers = new Set();
+    for (const task of state.tasks.values()) if (task.status === "queued") controllers.add(task.controller);
+    for (const controller of controllers) {
+      let page;
+      try {
+        page = await api("api/tasks?" + new URLSearchParams({status: "queued", controller: controller, limit: String(PAGE)}));
+      } catch (e) { continue; }
+      for (const task of page.tasks) {
+        const listed = state.tasks.get(task.uuid);
+        if (!listed || listed.status !== "queued" || listed.position === task.position) continue;
+        listed.position = task.position;
+        fillRow(state.rows.get(task.uuid), listed);
+      }
+    }
+  }
+
+  // A search the box cannot use says what it takes (rather than silently showing every task).
+  function searchHint(text) {
+    let hint = "";
+    if (text && !PREFIX.test(text)) {
+      hint = /^[0-9a-f-]*$/.test(text)
+        ? "Type at least 4 hex digits of a task's uuid (or the whole uuid)."
+        : "A uuid has only hex digits (0-9, a-f) and dashes: type its first 4 or more, or the whole uuid.";
+    }
+    $("search-hint").textContent = hint;
+    $("search-hint").hidden = !hint;
+    $("search").setAttribute("aria-invalid", hint ? "true" : "false");
+  }
+
+  // What an empty list says: nothing matched the search or filters, or there is no task yet (then how to
+  // queue one).
+  function emptyList(shown, prefix) {
+    const empty = $("list-empty");
+    const filtered = Boolean($("filter-controller").value || $("filter-status").value);
+    const none = shown === 0 && !prefix && !filtered && state.rows.size === 0 && !state.next;
+    empty.hidden = shown > 0 || none;
+    if (prefix) {
+      empty.textContent = "No task loaded here starts with " + prefix +
+        (state.next ? "; load older tasks to search further back." : ".");
+    } else {
+      empty.textContent = filtered ? "No tasks match these filters." : "No tasks yet.";
+    }
+    $("submit-hint").hidden = !none;
+    if (none) submitHint();
+  }
+
+  let hintRead = null;  // the hint is made once, from the app's OpenAPI document
+
+  function submitHint() {
+    if (hintRead) return;
+    hintRead = api("openapi.json").then(fillSubmitHint, () => fillSubmitHint(null));
+  }
+
+  // A curl command queueing a task on the first resource the app mounts (with its arguments' defaults),
+  // or a pointer to the API description when the app describes none.
+  function fillSubmitHint(doc) {
+    const box = clear($("submit-hint"));
+    const found = doc ? firstResource(doc) : null;
+    if (!found) {
+      box.appendChild(el("span", "Queue a task with a POST of its arguments (a JSON object) to a resource of the app; "));
+      const link = el("a", "the API description");
+      link.href = "openapi.json";
+      box.appendChild(link);
+      box.appendChild(el("span", " lists them, and the task shows up here at once."));
+      return;
+    }
+    const url = new URL(((doc.servers && doc.servers[0] && doc.servers[0].url) || "").replace(/\/$/, "") + found.path,
+                        location.href).href;
+    const body = JSON.stringify(found.example).replace(/'/g, "'\\''");
+    box.appendChild(el("p", "No tasks yet. Queue one (it shows up here at once):"));
+    box.appendChild(el("pre", "curl -X POST '" + url + "' -H 'Content-Type: application/json' -d '" + body + "'", "curl"));
+  }
+
+  function firstResource(doc) {
+    const schemas = (doc.components && doc.components.schemas) || {};
+    for (const [path, operations] of Object.entries(doc.paths || {})) {
+      const post = operations.post;
+      if (path.includes("{") || !post || !post.requestBody) continue;
+      let schema = ((post.requestBody.content || {})["application/json"] || {}).schema || {};
+      if (schema.oneOf) schema = schema.oneOf[0];
+      const name = schema.$ref ? schema.$ref.split("/").pop() : "";
+      return {path: path, example: example(schemas[name] || schema)};
+    }
+    return null;
+  }
+
+  // Arguments to show: each one's default, or a placeholder of its type when it has none.
+  function example(schema) {
+    const body = {};
+    const required = schema.required || [];
+    for (const [name, property] of Object.entries(schema.properties || {})) {
+      if (property.deprecated) continue;
+      if ("default" in property) body[name] = property.default;
+      else if (required.includes(name)) {
+        const type = Array.isArray(property.type) ? property.type[0] : property.type;
+        body[name] = {string: name, integer: 0, number: 0, boolean: false, array: [], object: {}}[type] ?? null;
+      }
+    }
+    return body;
   }
 
   function onSearch(event) {
     const text = $("search").value.trim();
+    keepFilters();
     if (UUID.test(text)) {
       event.preventDefault();
       location.hash = "#/tasks/" + text.toLowerCase();
       return;
     }
     applySearch();
+  }
+
+  // -- the filters in the page's URL (?controller=&status=&q=): a reload or a shared link keeps them --------
+
+  function keepFilters() {
+    const params = new URLSearchParams(location.search);
+    for (const [key, value] of [["controller", $("filter-controller").value], ["status", $("filter-status").value],
+                                ["q", $("search").value.trim()]]) {
+      if (value) params.set(key, value); else params.delete(key);
+    }
+    const query = params.toString();
+    history.replaceState(history.state, "", location.pathname + (query ? "?" + query : "") + location.hash);
+  }
+
+  function readFilters() {
+    const params = new URLSearchParams(location.search);
+    const controller = params.get("controller") || "";
+    if (controller) {
+      // The controllers' names come with the health read: until then, the one asked for is the only choice.
+      const option = el("option", controller);
+      option.value = controller;
+      $("filter-controller").appendChild(option);
+      $("filter-controller").value = controller;
+    }
+    const status = params.get("status") || "";
+    const select = $("filter-status");
+    if (status && !Array.from(select.options).some((option) => option.value === status)) {
+      const option = el("option", status.split(",").join(", ").replace(/_/g, " "));  // a list of statuses, as the API takes
+      option.value = status;
+      select.appendChild(option);
+    }
+    select.value = status;
+    $("search").value = params.get("q") || "";
+  }
+
+  function onFilter(which) {
+    keepFilters();
+    loadTasks(false);
+    if (which === "controller") loadStats();
   }
 
   // -- the chart ---------------------------------------------------------------------------------
@@ -473,17 +715,26 @@
     return node;
   }
 
+  // The chart's height follows its tallest minute: a few tasks take a strip, a busy hour the full height.
+  function chartHeight(top) {
+    return Math.min(110, 16 + 14 * top);
+  }
+
   function drawChart() {
     const stats = state.stats;
     const box = clear($("chart"));
     if (!stats) return;
-    const width = 1200, height = 110, pad = 18;
     const slots = stats.minutes;
     const totals = [];
     for (let i = 0; i < slots; i++) totals.push(OUTCOMES.reduce((sum, s) => sum + (stats.counts[s] ? stats.counts[s][i] : 0), 0));
     const top = Math.max(1, ...totals);
-    const chart = svg("svg", {viewBox: "0 0 " + width + " " + (height + pad), role: "img", class: "chart-svg"});
     const total = totals.reduce((a, b) => a + b, 0);
+    if (total === 0) {
+      box.appendChild(el("p", "No task ended in the last " + slots + " minutes.", "chart-empty"));
+      return;
+    }
+    const width = 1200, height = chartHeight(top), pad = 18;
+    const chart = svg("svg", {viewBox: "0 0 " + width + " " + (height + pad), role: "img", class: "chart-svg"});
     chart.appendChild(svg("title")).textContent = total + " tasks ended in the last " + slots + " minutes";
     const barWidth = width / slots;
     for (let i = 0; i < slots; i++) {
@@ -514,7 +765,7 @@
     const legend = el("p", null, "legend");
     for (const status of OUTCOMES) {
       const sum = (stats.counts[status] || []).reduce((a, b) => a + b, 0);
-      legend.appendChild(el("span", status.replace("_", " ") + " " + sum, "key key-" + status));
+      if (sum) legend.appendChild(el("span", status.replace("_", " ") + " " + sum, "key key-" + status));
     }
     box.appendChild(legend);
   }
@@ -813,13 +1064,15 @@
     for (const node of document.querySelectorAll("time.rel")) node.textContent = relative(node.dateTime);
     for (const [uuid, row] of state.rows) {
       const task = state.tasks.get(uuid);
-      if (task && task.started_at && !task.ended_at) row.children[8].textContent = duration(task);
+      if (task && !task.ended_at) fillWaited(row.querySelector('td[data-label="Waited / ran"]'), task);
     }
   }
 
   function start() {
-    $("filter-controller").addEventListener("change", () => { loadTasks(false); loadStats(); });
-    $("filter-status").addEventListener("change", () => loadTasks(false));
+    readFilters();
+    showZone();
+    $("filter-controller").addEventListener("change", () => onFilter("controller"));
+    $("filter-status").addEventListener("change", () => onFilter("status"));
     $("search").addEventListener("input", onSearch);
     $("filters").addEventListener("submit", (event) => { event.preventDefault(); onSearch(event); });
     $("older").addEventListener("click", () => loadTasks(true));

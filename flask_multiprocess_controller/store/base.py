@@ -105,6 +105,8 @@ class Row(TypedDict, total=False):
     state: Any
     #: When ``state`` was last saved (store clock), else None.
     state_saved_at: Optional[float]
+    #: The W3C ``traceparent`` of the trace the task was queued in (see :mod:`..tracing`), else None.
+    traceparent: Optional[str]
 
 
 class _AnyTenant:
@@ -158,6 +160,21 @@ class ScheduleRow(TypedDict):
     #: When a serving process last declared the schedule (store clock), and which one.
     seen_at: float
     declared_by: Optional[str]
+
+
+class Timing(NamedTuple):
+    """The times of one ended task, as :meth:`TaskStore.ended_timings` reads them (store clock, UNIX seconds).
+
+    .. versionadded:: 0.4
+    """
+
+    status: str
+    created_at: float
+    #: When its last attempt started; None for a task stopped before it ever ran.
+    started_at: Optional[float]
+    ended_at: float
+    #: Attempts made (0 for a task stopped in the queue); more than 1 means it was retried.
+    attempt: int
 
 
 class FireOutcome(str, enum.Enum):
@@ -255,6 +272,15 @@ def check_feed_read(limit: int, max_bytes: Optional[int]) -> None:
     for name, value in (("limit", limit), ("max_bytes", max_bytes)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"changes() needs a positive integer {name}, not {value!r}.")
+
+def timing_of(row: Mapping[str, Any]) -> Optional[Timing]:
+    """The :class:`Timing` of an ended task's row (None when it has not ended)."""
+    if row.get("ended_at") is None or row.get("status") not in _TERMINAL:
+        return None
+    started = row.get("started_at")
+    return Timing(str(row["status"]), float(row["created_at"]), None if started is None else float(started),
+                  float(row["ended_at"]), int(row.get("attempt") or 0))
+
 
 def owner_host(owner: str) -> Optional[str]:
     """The host of a serving process's owner id ``host:pid:create_time`` (hosts may contain ``:``),
@@ -733,6 +759,31 @@ class TaskStore(abc.ABC):
 
         .. versionadded:: 0.3
         """
+
+    def ended_timings(self, controller: str, since: float, limit: int = defaults.METRICS_SAMPLE) -> list[Timing]:
+        """The times of the controller's tasks that ended at or after ``since`` (store clock), latest ended first,
+        at most ``limit``: what the wait-time and run-time histograms of ``<prefix>/metrics`` are made of.
+
+        The stores of this package read the index of ended tasks (the one :meth:`ended_counts` and purges
+        use) and only these five columns, so the cost follows ``limit``, not the table; this default, for
+        stores of other packages, reads the newest ``limit`` tasks of each terminal status.
+
+        .. versionadded:: 0.4
+        """
+        rows = self.list_tasks(controller, sorted(_TERMINAL), limit)
+        found = [timing for timing in map(timing_of, rows) if timing is not None and timing.ended_at >= since]
+        found.sort(key=lambda timing: timing.ended_at, reverse=True)
+        return found[:limit]
+
+    def callbacks_pending(self, controller: str) -> int:
+        """How many of the controller's callback events wait in its outbox, not acknowledged yet.
+
+        The stores of this package count the outbox (one aggregate read); this default, for stores of
+        other packages, reads it.
+
+        .. versionadded:: 0.4
+        """
+        return len(self.unacked(controller, limit=10 ** 9))
 
     @abc.abstractmethod
     def position(self, row: Row) -> Optional[int]:

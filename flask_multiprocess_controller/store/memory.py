@@ -19,6 +19,7 @@ from .base import (
 )
 from .base import Idempotency
 from .base import usage_fields
+from .base import Timing, timing_of
 from .schema import COLUMNS
 
 if TYPE_CHECKING:
@@ -549,6 +550,17 @@ class MemoryStore(TaskStore):
                     key = (int((ended - since) // step), r["status"])
                     found[key] = found.get(key, 0) + 1
         return found
+
+    def ended_timings(self, controller: str, since: float, limit: int = defaults.METRICS_SAMPLE) -> list[Timing]:
+        with self._lock:
+            found = [timing for timing in map(timing_of, self._of(controller, ANY_TENANT))
+                     if timing is not None and timing.ended_at >= since]
+        found.sort(key=lambda timing: timing.ended_at, reverse=True)
+        return found[:limit]
+
+    def callbacks_pending(self, controller: str) -> int:
+        with self._lock:
+            return len(self._outbox.get(controller, {}))
 
     def position(self, row: Row) -> Optional[int]:
         if row["status"] != _QUEUED or row.get("retry_at") is not None:

@@ -40,6 +40,8 @@ from .base import (
     event_task, parse_counter,
 )
 from .base import usage_fields
+from .base import Timing
+from . import pglisten
 from .postgres_schema import SCHEMA_NAME, channel, migrate
 from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded, event_columns
 
@@ -78,7 +80,7 @@ _NO_SEQ = 2 ** 63 - 1
 _NOW = object()
 _UNCOUNT = object()
 #: Idle connections kept per process.
-_MAX_IDLE_CONNECTIONS = 16
+_MAX_IDLE_CONNECTIONS = 8
 #: Connections a forked process inherited from its parent: never used, never closed (closing would end the
 #: parent's session), and kept referenced so that no finaliser touches them.
 _INHERITED: list[Any] = []
@@ -240,11 +242,10 @@ class PostgresStore(TaskStore):
         # Guards _generation: bumped at each commit of this object and each notification the listener gets.
         self._committed = threading.Condition()
         self._generation = 0
-        # Guards _listener and _listener_pid: the thread that LISTENs, started by the first waiting follower.
-        self._listener_lock = threading.Lock()
-        self._listener: Optional[threading.Thread] = None
-        self._listener_pid = 0
-        self._stopping = threading.Event()
+        # Guards _listening_pid: the process in which this store subscribed to the process's feed listener
+        # (:mod:`.pglisten`), at its first waiting follower; 0 while it is not subscribed.
+        self._listening_lock = threading.Lock()
+        self._listening_pid = 0
         try:
             with self._connection() as db:
                 migrate(db, self.schema)
@@ -332,7 +333,7 @@ class PostgresStore(TaskStore):
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._connection() as db:
-            return db.execute(sql, params).fetchall()
+            return cast(list[tuple[Any, ...]], db.execute(sql, params).fetchall())
 
     @contextmanager
     def _transaction(self) -> Iterator[_Tx]:
@@ -491,29 +492,31 @@ class PostgresStore(TaskStore):
         with self._transaction() as tx:
             return self._claim_in(tx, controller, owner, max_running, process)
 
+    def _claim_lock(self, tx: _Tx, controller: str) -> tuple[float, int]:
+        """Take the controller's claim lock (to the commit) and return the clock read after it (later than any
+        claim committed before this one) and the number of its running tasks; tasks whose retry time came join
+        the ready queue."""
+        now, running = tx.execute(f"SELECT * FROM {self.schema}.claim_lock(%s)", (controller,)).fetchone()
+        return float(now), int(running)
+
     def _claim_in(self, tx: _Tx, controller: str, owner: str, max_running: int,
                   process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
         """:meth:`_claim` in the caller's transaction: the controller's claim lock makes the count of running
-        tasks and the claim one step for every claimer on every host."""
-        t = self._t
-        (_, now) = tx.execute(f"SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)), {_CLOCK}",
-                              (f"{self.schema}.claim:{controller}",)).fetchone()
-        tx._now = now  # read after the lock: later than any claim committed before this one
-        tx.execute(f"UPDATE {t} SET retry_at = NULL WHERE controller = %s AND {_DELAYED_SQL} AND retry_at <= %s",
-                   (controller, now))
-        (running,) = tx.execute(self._active_count, (controller,)).fetchone()
+        tasks and the claim one step for every claimer on every host. Two round trips hold the lock before
+        the commit: the lock with the count, and the claim."""
+        now, running = self._claim_lock(tx, controller)
+        tx._now = now
         if running >= max_running:
             return None
-        found = tx.execute(f"{self._select} WHERE controller = %s AND {_READY_SQL} ORDER BY priority, seq "
-                           "LIMIT 1 FOR UPDATE SKIP LOCKED", (controller,)).fetchone()
+        recorded, values = ("pid = %s, pid_created = %s, ", process) if process is not None else ("", ())
+        found = tx.execute(
+            f"UPDATE {self._t} SET status = 'running', owner = %s, started_at = %s, attempt = attempt + 1, "
+            f"{recorded}stop_requested = stop_requested WHERE seq = (SELECT seq FROM {self._t} "
+            f"WHERE controller = %s AND {_READY_SQL} ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {', '.join(_COLUMNS)}", (owner, now, *values, controller)).fetchone()
         if found is None:
             return None
         row = _decode(found)
-        pid, pid_created = process if process is not None else (row["pid"], row["pid_created"])
-        tx.execute(f"UPDATE {t} SET status = 'running', owner = %s, started_at = %s, attempt = attempt + 1, "
-                   "pid = %s, pid_created = %s WHERE seq = %s", (owner, now, pid, pid_created, row["seq"]))
-        row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": now,
-                    "attempt": row["attempt"] + 1, "pid": pid, "pid_created": pid_created})
         event = tx.emit(EventKind.STARTED, row, owner, now) if process is not None else None
         return row, event
 
@@ -582,9 +585,10 @@ class PostgresStore(TaskStore):
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
         with self._transaction() as tx:
-            return tx.execute(f"UPDATE {self._t} SET state = %s, state_saved_at = {_CLOCK} WHERE uuid = %s "
-                              f"AND status IN {_ACTIVE_SQL} AND owner = %s",
-                              (_encode("state", state), uuid, owner)).rowcount > 0
+            changed: int = tx.execute(f"UPDATE {self._t} SET state = %s, state_saved_at = {_CLOCK} WHERE uuid = %s "
+                                      f"AND status IN {_ACTIVE_SQL} AND owner = %s",
+                                      (_encode("state", state), uuid, owner)).rowcount
+            return changed > 0
 
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
                 fields: dict[str, Any]) -> Optional[Event]:
@@ -800,35 +804,16 @@ class PostgresStore(TaskStore):
                 self._committed.wait_for(lambda: self._generation != generation, min(_WAIT_POLL, remaining))
 
     def _ensure_listener(self) -> None:
-        """Start this process's listener of the feed's notifications, once."""
-        with self._listener_lock:
-            if self._listener is not None and self._listener_pid == os.getpid() and self._listener.is_alive():
-                return
-            if self._stopping.is_set():
-                return
-            self._listener_pid = os.getpid()
-            self._listener = threading.Thread(target=self._listen, name="mpc-pg-listener", daemon=True)
-            self._listener.start()
+        """Subscribe to this process's listener of the feed's notifications, once."""
+        with self._listening_lock:
+            if self._listening_pid != os.getpid():
+                self._listening_pid = os.getpid()
+                pglisten.subscribe(self.url, self._channel, id(self), self._woken, self._open)
 
     def _woken(self) -> None:
         with self._committed:
             self._generation += 1
             self._committed.notify_all()
-
-    def _listen(self) -> None:
-        """LISTEN on the feed's channel and wake the waiting followers at each notification (and after each
-        reconnection, which may have missed some), until the store is closed."""
-        while not self._stopping.is_set():
-            try:
-                with self._open() as conn:
-                    conn.execute(f"LISTEN {self._channel}")
-                    self._woken()
-                    while not self._stopping.is_set():
-                        for _ in conn.notifies(timeout=0.5, stop_after=1):
-                            self._woken()
-            except psycopg.Error:
-                self._woken()
-                self._stopping.wait(0.5)
 
     def latest_cursor(self) -> str:
         with self._connection() as db:
@@ -901,6 +886,18 @@ class PostgresStore(TaskStore):
             (since, step, controller, since, *tenant_args))
         return {(int(slot), str(status)): int(count) for slot, status, count in rows}
 
+    def ended_timings(self, controller: str, since: float, limit: int = defaults.METRICS_SAMPLE) -> list[Timing]:
+        rows = self._query(
+            f"SELECT status, created_at, started_at, ended_at, attempt FROM {self._t} WHERE controller = %s "
+            f"AND ended_at >= %s AND status IN {_TERMINAL_SQL} ORDER BY ended_at DESC LIMIT %s",
+            (controller, since, limit))
+        return [Timing(str(status), float(created), None if started is None else float(started), float(ended),
+                       int(attempt or 0)) for status, created, started, ended, attempt in rows]
+
+    def callbacks_pending(self, controller: str) -> int:
+        [(pending,)] = self._query(f"SELECT count(*) FROM {self.schema}.outbox WHERE controller = %s", (controller,))
+        return int(pending)
+
     def position(self, row: Row) -> Optional[int]:
         if row["status"] != _QUEUED or row.get("retry_at") is not None:
             return None
@@ -945,13 +942,10 @@ class PostgresStore(TaskStore):
             f"SELECT host, since FROM {self.schema}.drained_hosts")}
 
     def close(self) -> None:
-        with self._listener_lock:
-            listener = self._listener if self._listener_pid == os.getpid() else None
-            self._listener = None
-        if listener is not None:
-            self._stopping.set()
-            listener.join(5)
-            self._stopping.clear()
+        with self._listening_lock:
+            listening, self._listening_pid = self._listening_pid == os.getpid(), 0
+        if listening:
+            pglisten.unsubscribe(self.url, self._channel, id(self))
         with self._idle_lock:
             idle, self._idle = self._idle, []
             ours = self._idle_pid == os.getpid()

@@ -48,7 +48,9 @@ def declaration(field: Field) -> str:
     return " ".join(parts)
 
 
-#: Version 1 of the tables; ``{s}`` is the schema. ``publish`` takes the feed's lock, gives the event the next
+#: Version 1 of the tables; ``{s}`` is the schema. ``claim_lock`` takes a controller's claim lock (held to the
+#: commit), reads the clock after it, moves the tasks whose retry time came into the ready queue and counts the
+#: running ones: the first step of every claim, in one round trip. ``publish`` takes the feed's lock, gives the event the next
 #: cursor, copies a callback event into the outbox, counts its bytes and wakes the listeners (at commit); it
 #: answers the cursor with the feed's state (the newest cursor pruned, the bytes kept) for the pruning.
 _VERSION_1 = """
@@ -147,6 +149,17 @@ BEGIN
     UPDATE {s}.meta SET value = value + length(p_task) WHERE key = 'event_bytes' RETURNING value INTO event_bytes;
     SELECT value INTO pruned FROM {s}.meta WHERE key = 'pruned';
     PERFORM pg_notify('{channel}', '');
+END $$;
+
+CREATE FUNCTION {s}.claim_lock(p_controller text, OUT now double precision, OUT running bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('{s}.claim:' || p_controller, 0));
+    now := extract(epoch FROM clock_timestamp());
+    UPDATE {s}.tasks SET retry_at = NULL
+        WHERE controller = p_controller AND status = 'queued' AND retry_at IS NOT NULL AND retry_at <= now;
+    SELECT count(*) INTO running FROM {s}.tasks
+        WHERE controller = p_controller AND status IN ('paused', 'running', 'stopping');
 END $$;
 
 CREATE FUNCTION {s}.publish_pending() RETURNS trigger

@@ -58,6 +58,7 @@ from .base import (
 )
 from .base import Idempotency
 from .base import usage_fields
+from .base import Timing, timing_of
 from .redis_scripts import SCRIPTS
 from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded, event_columns
 
@@ -84,6 +85,8 @@ _FEED_BLOCK_MAX = 10.0
 _PURGE_BATCH = 500
 #: Ended tasks read per round trip by ``ended_counts``.
 _STATS_BATCH = 1000
+#: The columns :meth:`RedisStore.ended_timings` reads of each task.
+_TIMING_COLUMNS = ("status", "created_at", "started_at", "ended_at", "attempt")
 #: Tasks the one-time filling of the tenant index handles per script.
 _INDEX_BATCH = 500
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
@@ -600,6 +603,25 @@ class RedisStore(TaskStore):
                 key = (int((float(at) - since) // step), _text(status))
                 found[key] = found.get(key, 0) + 1
         return found
+
+    @_guarded
+    def ended_timings(self, controller: str, since: float, limit: int = defaults.METRICS_SAMPLE) -> list[Timing]:
+        uuids: list[Any] = list(self._redis.zrevrangebyscore(
+            self._c(controller, "ended"), "+inf", repr(float(since)), start=0, num=limit))
+        found: list[Timing] = []
+        for start in range(0, len(uuids), _STATS_BATCH):
+            pipe = self._redis.pipeline(transaction=False)
+            for uuid in uuids[start:start + _STATS_BATCH]:
+                pipe.hmget(self._key("t", _text(uuid)), _TIMING_COLUMNS)
+            for values in pipe.execute():
+                timing = timing_of({column: _text(value) for column, value in zip(_TIMING_COLUMNS, values)})
+                if timing is not None:  # None: purged meanwhile
+                    found.append(timing)
+        return found
+
+    @_guarded
+    def callbacks_pending(self, controller: str) -> int:
+        return int(self._redis.zcard(self._c(controller, "outbox")))
 
     @_guarded
     def position(self, row: Row) -> Optional[int]:

@@ -114,6 +114,7 @@ FIELDS: tuple[Field, ...] = (
     Field("batch", str, True, _T, added=True),
     Field("state", Any, True, _J, shown=_NO, hidden=True, added=True),
     Field("state_saved_at", float, True, _R, shown=_TIME, added=True),
+    Field("traceparent", str, True, _T, added=True),
 )
 
 #: Every key of a row, in storage order.

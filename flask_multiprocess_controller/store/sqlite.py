@@ -34,6 +34,7 @@ from .base import (
 )
 from .base import Idempotency
 from .base import usage_fields
+from .base import Timing
 from .groupcommit import GroupCommit
 from .sqlite_schema import SCHEMA, add_missing_columns, upgrade_feed
 from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded, event_columns
@@ -859,6 +860,17 @@ class SQLiteStore(TaskStore):
             f"WHERE controller = ? AND ended_at >= ? AND status IN {_TERMINAL_SQL}{by_tenant} GROUP BY slot, status",
             (since, step, controller, since, *tenant_args))
         return {(int(slot), str(status)): int(count) for slot, status, count in rows}
+
+    def ended_timings(self, controller: str, since: float, limit: int = defaults.METRICS_SAMPLE) -> list[Timing]:
+        rows = self._query(
+            f"SELECT status, created_at, started_at, ended_at, attempt FROM mpc_tasks WHERE controller = ? "
+            f"AND ended_at >= ? AND status IN {_TERMINAL_SQL} ORDER BY ended_at DESC LIMIT ?", (controller, since, limit))
+        return [Timing(str(status), float(created), None if started is None else float(started), float(ended),
+                       int(attempt or 0)) for status, created, started, ended, attempt in rows]
+
+    def callbacks_pending(self, controller: str) -> int:
+        [(pending,)] = self._query("SELECT COUNT(*) FROM mpc_outbox WHERE controller = ?", (controller,))
+        return int(pending)
 
     def position(self, row: Row) -> Optional[int]:
         if row["status"] != _QUEUED or row.get("retry_at") is not None:
