@@ -1460,7 +1460,7 @@ def test_events_carry_what_changed_never_the_arguments(store):
         assert len(json.dumps(event)) < 2000, event["kind"]  # what changed: never the inputs
     progress_events = [e for e in feed if e["kind"] == "progress"] + [progressed]
     for event in progress_events:
-        assert set(event["task"]) == BASE_KEYS | {"progress", "percent", "state_saved_at"}
+        assert set(event["task"]) == BASE_KEYS | {"progress", "percent", "state_saved_at", "memory_peak", "cpu_time"}
         assert (event["task"]["progress"], event["task"]["percent"], event["task"]["pid"]) == ({"step": 3}, 30.0, 4242)
     assert store.get(uuid) is None and fetch_events_task_keys(feed, "purged") == BASE_KEYS
 
