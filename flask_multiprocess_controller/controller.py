@@ -61,6 +61,7 @@ from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store, store_url
 from .store.base import ANY_TENANT, SYSTEM_TENANT, Row, hook_tenant
 from .store.base import Idempotency
+from .waiting import QueueState, read_queue_state
 from .exceptions import IdempotencyKeyReused, IdempotentReplay, IdempotentTasksPurged
 from .task import MetaMPTask
 
@@ -218,6 +219,8 @@ class MetaMPController:
         self.max_message_size = int(max_message_size)
         self.max_bulk = int(max_bulk)
         self.lease = lease
+        #: What queued tasks wait behind, and until when (``time.monotonic()``) it is kept (see :meth:`queue_state`).
+        self._queue_state: Optional[tuple[float, QueueState]] = None
         #: Seconds a shutting-down serving process lets its running tasks finish (see ``shutdown_wait``).
         self.shutdown_wait = (env_shutdown_wait() if shutdown_wait is None
                               else app_setting("shutdown_wait", shutdown_wait))
@@ -740,8 +743,10 @@ class MetaMPController:
         tenant = self.tenant_filter()
         rows = self.store.list_tasks(self.name, statuses or None, limit, tenant=tenant)
         counts = self.store.counts(self.name, tenant=tenant)
+        queue = (self.queue_state(counts if tenant is ANY_TENANT else None)
+                 if any(row["status"] == TaskStatus.QUEUED for row in rows) else None)
         return {
-            "tasks": [clip(self._present(row), defaults.LIST_VALUE_SIZE) for row in rows],
+            "tasks": [clip(self._present(row, queue), defaults.LIST_VALUE_SIZE) for row in rows],
             "running": counts.get("running", 0) + counts.get("stopping", 0) + counts.get("paused", 0),
             "queued": counts.get("queued", 0),
             "max_num_process": self.max_num_process,
@@ -1057,13 +1062,31 @@ class MetaMPController:
         wanted = self.tenant_filter()
         return wanted is ANY_TENANT or row.get("tenant") == wanted
 
-    def _present(self, row: Row) -> TaskObject:
-        position = self.store.position(row) if row["status"] == TaskStatus.QUEUED else None
+    def queue_state(self, counts: Optional[dict[str, int]] = None) -> QueueState:
+        """What this controller's queued tasks wait behind (see :mod:`.waiting`), read from the store at most
+        once per :data:`~.defaults.QUEUE_STATE_TTL` seconds in this process.
+
+        :param counts: every tenant's counts per status, when the caller just read them: a stale state is
+            read again with them (one query less).
+        """
+        kept = self._queue_state
+        now = time.monotonic()
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        state = read_queue_state(self.store, self.name, self.max_num_process, counts)
+        self._queue_state = (now + defaults.QUEUE_STATE_TTL, state)
+        return state
+
+    def _present(self, row: Row, queue: Optional[QueueState] = None) -> TaskObject:
+        queued = row["status"] == TaskStatus.QUEUED
+        position = self.store.position(row) if queued else None
         live = None
         runtime = self._side
         if runtime is not None and row["status"] not in TERMINAL:
             live = runtime.local_run(row["uuid"])
-        return present(row, position, live)
+        if queued and queue is None:
+            queue = self.queue_state()
+        return present(row, position, live, queue=queue)
 
     def _present_item(self, row: Row) -> TaskObject:
         """The task object of one task read on its own: with its ``reruns`` (one indexed read of the store, for
@@ -1097,7 +1120,8 @@ class MetaMPController:
         if len({row["priority"] for row in rows}) != 1:
             return [self._present(row) for row in rows]
         first = self.store.position(rows[0])
-        return [present(row, None if first is None else first + i) for i, row in enumerate(rows)]
+        queue = self.queue_state()
+        return [present(row, None if first is None else first + i, queue=queue) for i, row in enumerate(rows)]
 
     def _effective_timeout(self, requested: Optional[float]) -> Optional[float]:
         return effective_timeout(self.timeout, requested)

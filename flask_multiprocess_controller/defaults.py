@@ -17,6 +17,14 @@ PROGRESS_INTERVAL = 0.25
 SAMPLE_INTERVAL = 0.5
 #: Seconds between two samples when a memory limit is set.
 SAMPLE_INTERVAL_WITH_MEMORY_LIMIT = 0.1
+#: Seconds between two writes of a running task's memory and CPU figures to the store when the task writes
+#: no progress (they ride with each progress write otherwise).
+USAGE_WRITE_INTERVAL = 5.0
+#: How many of a controller's newest successes the median run time behind a queued task's ``eta`` is taken from.
+ETA_SAMPLE = 50
+#: Seconds a controller keeps what its queued tasks wait behind (places held, drained hosts, the median run
+#: time) before reading it again: the ``waiting_on`` and ``eta`` of many task objects cost a few queries.
+QUEUE_STATE_TTL = 2.0
 #: Seconds within which a serving process has reacted to work or a stop request made elsewhere. Nothing
 #: polls at this rate any more (the change feed wakes idle slots and running tasks at once); it remains the
 #: bound that waits for "nothing else happens" use.

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, TypedDict, cast
 from .engine.protocol import OWN_ERROR_TYPES
 from .states import TaskStatus
 from .store.base import Row, owner_host
+from .waiting import QueueState, shown as waiting_shown
 
 
 class TaskObject(TypedDict, total=False):
@@ -25,6 +26,11 @@ class TaskObject(TypedDict, total=False):
     priority: int
     #: 1-based place in the queue while queued, else None.
     position: Optional[int]
+    #: While queued: what the task waits for (``slot``, ``paused``, ``retry_at``, ``schedule``, ``drained``;
+    #: see :mod:`.waiting`), else None.
+    waiting_on: Optional[str]
+    #: While queued: when it is estimated to start (ISO 8601), None when nothing can tell.
+    eta: Optional[str]
     #: ISO 8601 in UTC.
     created_at: Optional[str]
     started_at: Optional[str]
@@ -64,7 +70,8 @@ class TaskObject(TypedDict, total=False):
 #: Keys of the task object, in the order they are shown.
 TASK_KEYS = (
     "uuid", "status", "msg", "progress", "percent", "result", "error", "args", "priority", "position",
-    "created_at", "started_at", "ended_at", "pid", "host", "exit_code", "memory_peak", "cpu_time", "timeout",
+    "waiting_on", "eta", "created_at", "started_at", "ended_at", "pid", "host", "exit_code", "memory_peak",
+    "cpu_time", "timeout",
     "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
     "traceparent",
     "rerun_of", "reruns",
@@ -107,13 +114,15 @@ def _ended_msg(uuid: str, status: str, message: str) -> str:
 
 
 def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None,
-            reruns: Optional[list[str]] = None) -> TaskObject:
+            reruns: Optional[list[str]] = None, queue: Optional[QueueState] = None) -> TaskObject:
     """Build the task object of a stored row.
 
     :param position: the row's place in the queue, when it is queued.
-    :param live: the in-process run of the task, whose progress may be fresher than the store's.
+    :param live: the in-process run of the task, whose progress and usage may be fresher than the store's.
     :param reruns: the uuids of the task's reruns (see :meth:`~.store.base.TaskStore.reruns`); None when
         they were not read (list views).
+    :param queue: what the controller's queued tasks wait behind: gives a queued task's ``waiting_on`` and
+        ``eta`` (None leaves them null).
     """
     stored = cast(dict[str, Any], row)
     view: dict[str, Any] = {key: stored.get(key) for key in TASK_KEYS}
@@ -126,7 +135,12 @@ def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None
         view["schedule"] = {**view["schedule"], "firing": iso(view["schedule"].get("firing"))}
     if live is not None:
         view["progress"], view["percent"] = live.progress, live.percent
+        usage = getattr(live, "usage", None)  # this process samples the task's tree: fresher than the store
+        if usage is not None:
+            view.update(usage.figures())
     view["position"] = position if row["status"] == TaskStatus.QUEUED else None
+    waiting = waiting_shown(row, view["position"], queue)
+    view["waiting_on"], view["eta"] = waiting["waiting_on"], iso(waiting["eta"])
     view["host"] = _host(stored)
     view["msg"] = _msg(row, position)
     view["reruns"] = None if reruns is None else list(reruns)

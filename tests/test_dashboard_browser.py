@@ -141,6 +141,11 @@ def test_hostile_text_is_shown_as_text_and_nothing_runs(page: Any, server: Serve
     assert page.inner_text("#task-error") == f"ValueError: {HOSTILE}"
     assert page.inner_text("#task-progress-text") == HOSTILE
     assert "MPC_EXPOSE_TRACEBACKS" in page.inner_text("#task-traceback-note"), "the page says the traceback is hidden"
+    # ... and where it is: the task's log on this page, and the server's log.
+    assert "in the task's log below and in the server's log" in page.inner_text("#task-traceback-note")
+    page.wait_for_selector("#task-log:has-text('Traceback (most recent call last)')")
+    assert "raise ValueError(text)" in page.inner_text("#task-log")
+    assert f"Task {failed} ended failed: ValueError" in server.log() and "raise ValueError(text)" in server.log()
     assert page.evaluate("window.pwned") is None
     assert page.locator("main img, main script").count() == 0, "no element was made from the text"
 
@@ -204,6 +209,29 @@ def test_the_traceback_is_shown_when_the_controller_exposes_it(page: Any, pool: 
     assert "Traceback (most recent call last)" in page.inner_text("#task-traceback")
     assert "raise ValueError(text)" in page.inner_text("#task-traceback")
     assert page.locator("#task-traceback-note").is_hidden()
+
+
+def test_the_task_page_shows_why_a_task_waits_and_what_a_running_one_uses(page: Any, server: Server) -> None:
+    quick = submit(server, "/primes", limit=100, chunks=1)
+    assert requests.get(f"{server.base}/primes/{quick}?wait=20", timeout=30).json()["status"] == "succeeded"
+    running = [submit(server, "/primes", limit=100_000, chunks=400, pause=0.2) for _ in range(2)]  # both places
+    queued = submit(server, "/primes", limit=100, chunks=1)
+    page.goto(server.base + f"/mpc/#/tasks/{queued}")
+    page.wait_for_selector("#task-status.status-queued")
+    waiting = "#task-fields div:has(dt:text-is('Waiting on')) dd"
+    page.wait_for_selector(f"{waiting}:text-matches('^slot: ')")
+    eta = page.locator("#task-fields div:has(dt:text-is('ETA')) dd time")
+    assert eta.get_attribute("datetime").endswith("+00:00"), "an estimate, from the median of the quick success"
+    page.goto(server.base + f"/mpc/#/tasks/{running[0]}")
+    page.wait_for_selector("#task-status.status-running")
+    memory = "#task-fields div:has(dt:text-is('Memory peak')) dd"
+    page.wait_for_selector(f"{memory} .memory-peak:text-matches('MiB$')")  # live, not "—"
+    assert page.inner_text(f"{memory} .memory-limit") == " of 512.0 MiB limit"
+    assert 0 < page.locator(f"{memory} meter").evaluate("m => m.value") < 512 * 1024 * 1024
+    cpu = "#task-fields div:has(dt:text-is('CPU time')) dd"
+    page.wait_for_selector(f"{cpu}:has-text('s (so far)')")
+    assert re.fullmatch(r"[0-9]+\.[0-9]{2} s \(so far\)", page.inner_text(cpu)), page.inner_text(cpu)
+    assert page.inner_text("#task-status") == "running"
 
 
 def test_a_stream_that_ends_normally_reconnects_without_showing_disconnected(page: Any, pool: ServerPool,

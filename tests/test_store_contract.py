@@ -393,6 +393,11 @@ def test_start_and_progress_only_touch_active_tasks(store):
     assert store.get(unknown) is None
     assert store.progress(running, OWNER, None, None) is not None  # clearing progress
     assert (fetch(store, running)["progress"], fetch(store, running)["percent"]) == (None, None)
+    # What the task's tree used so far rides with a progress write (and its event); a write without it keeps it.
+    event = store.progress(running, OWNER, 2, None, usage={"memory_peak": 7 << 20, "cpu_time": 1.5})
+    assert event is not None and (event["task"]["memory_peak"], event["task"]["cpu_time"]) == (7 << 20, 1.5)
+    assert store.progress(running, OWNER, 3, None) is not None
+    assert (fetch(store, running)["memory_peak"], fetch(store, running)["cpu_time"]) == (7 << 20, 1.5)
 
 
 @pytest.mark.timeout(30)
@@ -1472,7 +1477,7 @@ def test_events_carry_what_changed_never_the_arguments(store):
         assert len(json.dumps(event)) < 2000, event["kind"]  # what changed: never the inputs
     progress_events = [e for e in feed if e["kind"] == "progress"] + [progressed]
     for event in progress_events:
-        assert set(event["task"]) == BASE_KEYS | {"progress", "percent", "state_saved_at"}
+        assert set(event["task"]) == BASE_KEYS | {"progress", "percent", "state_saved_at", "memory_peak", "cpu_time"}
         assert (event["task"]["progress"], event["task"]["percent"], event["task"]["pid"]) == ({"step": 3}, 30.0, 4242)
     assert store.get(uuid) is None and fetch_events_task_keys(feed, "purged") == BASE_KEYS
 

@@ -48,12 +48,12 @@ def counting(store_cls: type) -> Any:
         return counted
 
     cls = type(f"Counting{store_cls.__name__}", (store_cls,), {name: wrap(name) for name in WRITES})
-    cls.counts = counts  # type: ignore[attr-defined]
+    cls.writes = counts  # type: ignore[attr-defined]
     return cls
 
 
 def counting_store(backend: str, tmp_path: Any) -> Any:
-    """A counting store of ``backend`` ("memory" or "sqlite"); its write calls are in ``.counts``."""
+    """A counting store of ``backend`` ("memory" or "sqlite"); its write calls are in ``.writes``."""
     store_cls = counting(MemoryStore if backend == "memory" else SQLiteStore)
     return store_cls() if backend == "memory" else store_cls(str(tmp_path / "w.sqlite3"))
 
@@ -72,15 +72,15 @@ def test_a_task_costs_at_most_four_writes_and_a_bulk_shares_its_enqueue(backend,
     store = counting_store(backend, tmp_path)
     controller = make_controller(Quick, max_num_process=2, store=store)
     controller.wait(controller.submit(i=0), 20)
-    store.counts.clear()
+    store.writes.clear()
     uuids = [controller.submit(i=i) for i in range(5)]
     for uuid in uuids:
         assert controller.wait(uuid, 20)["status"] == "succeeded"
-    single = dict(store.counts)
-    store.counts.clear()
+    single = dict(store.writes)
+    store.writes.clear()
     batch = controller.submit_many([{"i": i} for i in range(5)])
     assert controller.wait_batch(batch.id, 20)["ended"] == 5
-    bulk = dict(store.counts)
+    bulk = dict(store.writes)
     assert single["enqueue"] == 5 and bulk["enqueue"] == 1
     for counts in (single, bulk):
         summary = _summary(counts, 5)
@@ -100,17 +100,17 @@ def test_a_task_in_a_reused_process_costs_three_alone_and_two_in_a_burst(backend
     store = counting_store(backend, tmp_path)
     controller = make_controller(Quick, max_num_process=1, max_tasks_per_child=0, store=store)
     first = controller.wait(controller.submit(i=0), 20)  # the slot's process starts with this one
-    store.counts.clear()
+    store.writes.clear()
     tasks = [controller.wait(controller.submit(i=i), 20) for i in range(5)]
     assert {t["status"] for t in tasks} == {"succeeded"} and {t["pid"] for t in tasks} == {first["pid"]}
-    counts = {k: v for k, v in store.counts.items() if k != "progress"}
+    counts = {k: v for k, v in store.writes.items() if k != "progress"}
     # One at a time: each end finds nothing queued, so the next task is claimed when it comes.
     assert counts == {"enqueue": 5, "claim_started": 5, "finish_and_claim_started": 5}, counts
-    store.counts.clear()
+    store.writes.clear()
     batch = controller.submit_many([{"i": i} for i in range(5)])
     tasks = controller.wait_batch(batch.id, 20)["tasks"]
     assert [t["result"] for t in tasks] == [0, 1, 2, 3, 4] and {t["pid"] for t in tasks} == {first["pid"]}
-    counts = {k: v for k, v in store.counts.items() if k != "progress"}
+    counts = {k: v for k, v in store.writes.items() if k != "progress"}
     # Queued together: the first is claimed on its own, each next one with the end of the last.
     assert counts == {"enqueue": 1, "claim_started": 1, "finish_and_claim_started": 5, "claimed with an end": 4}, \
         counts
@@ -122,11 +122,11 @@ def test_one_slot_claims_each_next_task_with_the_end_of_the_last(backend, make_c
     store = counting_store(backend, tmp_path)
     controller = make_controller(Quick, max_num_process=1, store=store)
     controller.wait(controller.submit(i=0), 20)
-    store.counts.clear()
+    store.writes.clear()
     batch = controller.submit_many([{"i": i} for i in range(5)])
     view = controller.wait_batch(batch.id, 20)
     assert [t["result"] for t in view["tasks"]] == [0, 1, 2, 3, 4]
-    counts = {k: v for k, v in store.counts.items() if k != "progress"}
+    counts = {k: v for k, v in store.writes.items() if k != "progress"}
     assert counts == {"enqueue": 1, "claim": 1, "start": 5, "finish_and_claim": 5, "claimed with an end": 4}, counts
 
 

@@ -13,7 +13,8 @@ import logging
 import logging.handlers
 import queue
 import threading
-from typing import Any, Callable, Optional
+import time
+from typing import Any, Callable, Mapping, Optional
 
 from ..ops import console
 
@@ -217,14 +218,36 @@ def log_task_started(logger: logging.Logger, uuid: str, pid: Optional[int]) -> N
 
 
 def log_task_ended(logger: logging.Logger, uuid: str, status: str, error: Optional[dict[str, Any]] = None) -> None:
-    """Log at INFO how task ``uuid`` ended: its state, and its error if it has one.
+    """Log how task ``uuid`` ended: its state, and its error if it has one.
 
+    At INFO, but at WARNING with the traceback when the task raised an exception: clients see the
+    traceback only if the controller exposes it, so the server's log is where an operator finds it.
     A task that stopped at a checkpoint is "aborted by signal", upstream 0.1's words.
     """
     log = console.console_aware(logger)
     if status == "stopped" and not error:
         log.info("Task %s aborted by signal: it stopped at a checkpoint.", uuid)
+    elif error and error.get("traceback"):
+        log.warning("Task %s ended %s: %s: %s%s", uuid, status, error.get("type"), error.get("message"),
+                    traceback_suffix(error))
     elif error:
         log.info("Task %s ended %s: %s: %s", uuid, status, error.get("type"), error.get("message"))
     else:
         log.info("Task %s ended %s.", uuid, status)
+
+
+def traceback_suffix(error: Optional[Mapping[str, Any]]) -> str:
+    """The traceback of ``error`` on lines of its own, to end a log message with; empty when it has none."""
+    tb = (error or {}).get("traceback")
+    return "\n" + str(tb).rstrip("\n") if tb else ""
+
+
+def traceback_lines(error: Optional[Mapping[str, Any]], when: float, name: str) -> list[str]:
+    """Lines of a task's kept log that show the exception it raised (``error``) with its traceback; none
+    when the error has no traceback (a crash, a timeout: the package's own errors)."""
+    tb = (error or {}).get("traceback")
+    if not tb or error is None:
+        return []
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
+    return [f"{stamp} ERROR {name}: The task raised {error.get('type')}: {error.get('message')}",
+            *str(tb).rstrip("\n").splitlines()]

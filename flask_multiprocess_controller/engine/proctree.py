@@ -25,6 +25,14 @@ class TreeUsage:
     cpu_time: float = 0.0
     #: Every process of the tree seen so far, so that even re-parented ones can be killed.
     seen: dict[int, psutil.Process] = field(default_factory=dict)
+    #: CPU seconds the tree had used before the task began (a reused process's earlier tasks): not counted.
+    cpu_base: float = 0.0
+
+    def figures(self) -> dict[str, Any]:
+        """``memory_peak`` and ``cpu_time`` as a task's row holds them: empty before the first sample."""
+        if not self.memory_peak:
+            return {}
+        return {"memory_peak": self.memory_peak, "cpu_time": round(self.cpu_time, 3)}
 
 
 def sample(root: psutil.Process, usage: TreeUsage) -> None:
@@ -46,7 +54,16 @@ def sample(root: psutil.Process, usage: TreeUsage) -> None:
         usage.seen.setdefault(proc.pid, proc)
     usage.memory_now = rss
     usage.memory_peak = max(usage.memory_peak, rss)
-    usage.cpu_time = max(usage.cpu_time, cpu)
+    usage.cpu_time = max(usage.cpu_time, cpu - usage.cpu_base)
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) ``proc`` itself used so far; 0 when it cannot be read."""
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
 
 
 def signal_processes(procs: Iterable[psutil.Process], signum: int) -> None:

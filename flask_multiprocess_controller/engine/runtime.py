@@ -40,7 +40,7 @@ from .handover import HandoverConfig, handover_directory, held_key, live_adopter
 from .hub import EventHub
 from .owners import held_for_adoption, host_id, owner_alive, owner_host, owner_id
 from .keeper import Keeper
-from .logs import LogListener, MetaMPLoggerConfigurator, log_task_ended, log_task_started
+from .logs import LogListener, MetaMPLoggerConfigurator, log_task_ended, log_task_started, traceback_suffix
 from .pausing import follow_pause_event
 from .retrier import GaveUp, Retrier
 from ..presenter import hide_error_text, hide_traceback, present
@@ -738,9 +738,9 @@ class Runtime(TaskSide):
         retried = self.written(
             lambda: self.store.retry(run.uuid, delay, owner=self.owner, emitter=self.owner, **fields), retrier,
             "queueing a retry", before_publish=lambda _: self.logger.warning(
-                "Task %s %s on attempt %s (%s: %s); retry %d of %d in %.1f s.", run.uuid, outcome.status.value,
+                "Task %s %s on attempt %s (%s: %s); retry %d of %d in %.1f s.%s", run.uuid, outcome.status.value,
                 run.attempt, (error or {}).get("type"), (error or {}).get("message"), len(run.errors) + 1,
-                policy.max_retries, delay))
+                policy.max_retries, delay, traceback_suffix(error)))
         return retried is not None  # None: stopped or settled elsewhere meanwhile (its end is recorded as usual)
 
     def fail(self, uuid: str, exc: BaseException, retrier: Retrier) -> None:

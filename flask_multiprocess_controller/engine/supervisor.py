@@ -27,10 +27,10 @@ from ..events import Event
 from ..exceptions import MPCError, StoreError
 from .config import Settings as Settings  # re-exported: classify takes it
 from .forkserver import ChildProcess
-from .logs import LogListener, logger_levels
+from .logs import LogListener, logger_levels, traceback_lines
 from .pausing import TreePause
 from .retrier import Retrier
-from .proctree import TreeUsage, describe_exit, sample, signal_processes
+from .proctree import TreeUsage, cpu_seconds, describe_exit, sample, signal_processes
 from .protocol import (
     Done, ErrorRecord, LogRecordMessage, Output, Percent, Progress, Report, RunTask, SaveState,
     StateSaved, StopTask, clip_error, error_record,
@@ -70,6 +70,10 @@ class TaskRun:
         self.percent: Optional[float] = percent
         #: True while progress holds a value not yet written to the store.
         self.dirty = False
+        #: What the task's process tree used so far (sampled by the supervisor), None before it is watched.
+        self.usage: Optional[TreeUsage] = None
+        #: Monotonic time the usage figures were last written to the store (with progress, or on their own).
+        self.usage_written_at = self.started
         #: Log lines of the task not yet written to the store (the newest LOG_KEEP_BYTES at most).
         self.log_lines: collections.deque[str] = collections.deque()
         self._log_bytes = 0
@@ -235,7 +239,9 @@ class Supervisor:
         Returns None when the run was released before it ended: its latest progress and log lines
         are written, and its process goes on for another serving process to adopt.
         """
-        usage = TreeUsage()
+        usage = run.usage = TreeUsage()
+        if not self.settings.fresh_process and child.process is not None:
+            usage.cpu_base = cpu_seconds(child.process)  # the CPU its earlier tasks used is not this task's
         done = self._watch(run, child, usage)
         if done is None and run.released and not child.exited:
             if not wait_ready([child.exit_fd], 0):
@@ -246,6 +252,8 @@ class Supervisor:
             done, _ = self._receive(run, child, None)
             if child.output is not None:
                 run.add_log_lines(child.output.drain())
+        if done is not None and done.kind == "error":  # the traceback, where the dashboard says it is
+            run.add_log_lines(traceback_lines(done.error, time.time(), self._logger.name))
         self._write_log(run)
         if not child.exited and done is not None and not self.settings.fresh_process:
             self._reap_descendants(child, done.usage.children)
@@ -324,6 +332,8 @@ class Supervisor:
         elif action is Action.SAMPLE:
             if child.process is not None and not child.exited:
                 sample(child.process, usage)
+                if time.monotonic() - run.usage_written_at >= defaults.USAGE_WRITE_INTERVAL:
+                    run.dirty = True  # a task writing no progress still shows its usage every few seconds
             limit = self.settings.max_memory
             if limit and usage.memory_now > limit and not watchdog.killed:
                 run.request_stop(StopReason.MEMORY)
@@ -425,7 +435,9 @@ class Supervisor:
         run.dirty = False
         self._write_log(run)
         try:
-            event = self.store.progress(run.uuid, self.owner, run.progress, run.percent)
+            event = self.store.progress(run.uuid, self.owner, run.progress, run.percent, usage=(
+                run.usage.figures() if run.usage is not None else None))
+            run.usage_written_at = time.monotonic()
         except StoreError as exc:  # kept in memory: the next flush (or the end record) writes it
             run.dirty = True
             if not self._flush_failed:

@@ -733,6 +733,15 @@ def _common_schemas() -> dict[str, Any]:
         "args": _nullable("object", description="The keyword arguments (null in a list view when too large)."),
         "priority": {"type": "integer", "description": "Lower runs first."},
         "position": _nullable("integer", minimum=1, description="1-based place in the queue while queued."),
+        "waiting_on": {"enum": ["slot", "paused", "retry_at", "schedule", "drained", None],
+                       "description": "While queued, what the task waits for: `retry_at` (its retry time), "
+                                      "`schedule` (a set start time), `drained` (every serving host is drained), "
+                                      "`paused` (every place is held by a paused task), `slot` (a free place, "
+                                      "behind the tasks ahead of it); the first that holds. Null when not queued."},
+        "eta": _nullable("string", format="date-time",
+                         description="While queued, when the task is estimated to start: from its place in the "
+                                     "queue and the median run time of the controller's recent successes (its "
+                                     "`retry_at` while it waits for it). Null when unknown or not queued."),
         "created_at": {"type": "string", "format": "date-time"},
         "started_at": _nullable("string", format="date-time"),
         "ended_at": _nullable("string", format="date-time"),

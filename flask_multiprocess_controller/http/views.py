@@ -225,7 +225,8 @@ def _health(extension: "MultiprocessController") -> Callable[[], ResponseReturnV
         report: dict[str, Any] = {}
         ok = True
         for controller in extension.controllers():
-            entry: dict[str, Any] = {"max_num_process": controller.max_num_process}
+            entry: dict[str, Any] = {"max_num_process": controller.max_num_process,
+                                     "max_memory": controller.max_memory}
             try:
                 store = controller.store
                 entry["store"] = public_store_name(store)

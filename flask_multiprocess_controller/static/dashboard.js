@@ -32,6 +32,7 @@
     healthTimer: null,
     statsTimer: null,
     positionsTimer: null,
+    limits: {},         // controller name -> its max_memory (bytes, or null), from the health answer
   };
 
   // -- small helpers -----------------------------------------------------------------------------
@@ -266,6 +267,7 @@
     const select = $("filter-controller");
     const chosen = select.value;
     const names = Object.keys(health.controllers || {}).sort();
+    keepLimits(health.controllers || {});
     clear(select).appendChild(el("option", "all")).value = "";
     for (const name of names) {
       const info = health.controllers[name];
@@ -877,14 +879,14 @@
     field(list, "Message", task.msg);
     field(list, "Priority", task.priority);
     field(list, "Position", task.position);
+    waitingFields(list, task);
     field(list, "Attempt", task.attempt);
     field(list, "Retry at", task.retry_at ? timeCell(task.retry_at) : null);
     field(list, "Resumed", resumedFrom(task));
     field(list, "State saved", task.state_saved_at ? timeCell(task.state_saved_at) : null);
     field(list, "Pid", task.pid);
     field(list, "Exit code", task.exit_code);
-    field(list, "Memory peak", task.memory_peak === null || task.memory_peak === undefined ? null : bytes(task.memory_peak));
-    field(list, "CPU time", typeof task.cpu_time === "number" ? task.cpu_time.toFixed(2) + " s" : null);
+    usageFields(list, task);
     field(list, "Timeout", typeof task.timeout === "number" ? task.timeout + " s" : null);
     field(list, "Created", task.created_at ? timeCell(task.created_at) : null);
     field(list, "Started", task.started_at ? timeCell(task.started_at) : null);
@@ -906,8 +908,17 @@
     $("task-traceback").hidden = hidden;
     $("task-traceback").textContent = error.traceback || "";
     $("task-traceback-note").hidden = !hidden;
-    $("task-traceback-note").textContent = "Traceback hidden: set MPC_EXPOSE_TRACEBACKS = True in the app's " +
-      "config (or expose_tracebacks=True on the controller) to show it here. It is in the server's log.";
+    $("task-traceback-note").textContent = tracebackNote(error);
+  }
+
+  // Where an operator finds a traceback this page does not show: the task's log (below) and the server's log
+  // (a WARNING line "Task <uuid> ended failed: ..." followed by it). The package's own errors (a crash, a
+  // timeout, the memory limit) have none.
+  function tracebackNote(error) {
+    if (OWN_ERRORS.includes(error.type)) return "No traceback: the task did not raise (" + error.type + ").";
+    return "Traceback hidden: it is in the task's log below and in the server's log (a WARNING line " +
+      "\"Task … ended …\" followed by the traceback). Set MPC_EXPOSE_TRACEBACKS = True in the app's config " +
+      "(or expose_tracebacks=True on the controller) to show it here.";
   }
 
   function renderRetries(errors) {
@@ -994,6 +1005,69 @@
     } catch (e) { banner(e.message); }
   }
 
+  // -- why a task waits, what a running task uses -------------------------------------------------
+
+  const OWN_ERRORS = ["ProcessDied", "TaskTimeout", "MemoryLimitExceeded", "ResultTooLarge", "Shutdown", "Killed",
+    "Lost", "PauseExpired"];
+  const WAITING = {
+    slot: "a free place (every place is taken, or tasks are ahead of it)",
+    paused: "a paused task to resume (paused tasks hold every place)",
+    retry_at: "its retry time",
+    schedule: "its start time",
+    drained: "a host to undrain (every serving host is drained)",
+  };
+
+  function keepLimits(controllers) {
+    let changed = false;
+    for (const [name, info] of Object.entries(controllers)) {
+      if (!info || !("max_memory" in info) || state.limits[name] === info.max_memory) continue;
+      state.limits[name] = info.max_memory;
+      changed = true;
+    }
+    // The limits may come after the task page was drawn: draw it again (not a queued one, whose priority box
+    // may be in use).
+    if (changed && state.shown && state.shown.status !== "queued") renderTask(state.shown);
+  }
+
+  // A queued task's waiting_on and eta (estimated from its place and the median run time of recent successes).
+  function waitingFields(list, task) {
+    if (task.status !== "queued") return;
+    const reason = task.waiting_on;
+    field(list, "Waiting on", reason ? reason + ": " + (WAITING[reason] || reason) : null);
+    field(list, "ETA", task.eta ? timeCell(task.eta) : "unknown (no recent success to measure)");
+  }
+
+  // Memory (the peak RSS of the task's process tree so far) and CPU time, live while the task runs: written with
+  // its progress or every few seconds. The controller's max_memory stands beside the memory, with a meter.
+  function usageFields(list, task) {
+    const limit = state.limits[task.controller];
+    const peak = typeof task.memory_peak === "number" ? task.memory_peak : null;
+    let memory = peak === null ? null : bytes(peak);
+    if (limit) {
+      const box = el("span", null, "memory");
+      box.appendChild(el("span", peak === null ? "—" : bytes(peak), "memory-peak"));
+      box.appendChild(el("span", " of " + bytes(limit) + " limit", "memory-limit"));
+      if (peak !== null) {
+        const meter = document.createElement("meter");
+        meter.min = 0;
+        meter.max = limit;
+        meter.high = limit * 0.8;
+        meter.value = Math.min(peak, limit);
+        meter.title = Math.round(100 * peak / limit) + "% of max_memory";
+        box.appendChild(meter);
+      }
+      memory = box;
+    }
+    const live = ["running", "paused", "stopping"].includes(task.status) ? " (so far)" : "";
+    field(list, "Memory peak", memory);
+    field(list, "CPU time", typeof task.cpu_time === "number" ? task.cpu_time.toFixed(2) + " s" + live : null);
+  }
+
+  // A queued task's place, reason and estimate move as other tasks end: read it again now and then.
+  function refreshWaiting() {
+    if (state.current && state.shown && state.shown.status === "queued") openTask(state.current);
+  }
+
   // -- routing -----------------------------------------------------------------------------------
 
   function route() {
@@ -1012,6 +1086,7 @@
 
   function tick() {
     advanceChart();
+    refreshWaiting();
     for (const node of document.querySelectorAll("time.rel")) node.textContent = relative(node.dateTime);
     for (const [uuid, row] of state.rows) {
       const task = state.tasks.get(uuid);

@@ -226,6 +226,17 @@ def check_fields(method: str, fields: Mapping[str, Any]) -> None:
         raise ValueError(f"{method}() cannot set {sorted(unknown)}: only {sorted(MUTABLE_FIELDS)}")
 
 
+#: The figures of a running task's process tree that a progress write may carry (see :meth:`TaskStore.progress`).
+USAGE_FIELDS = ("memory_peak", "cpu_time")
+
+
+def usage_fields(usage: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """The columns a progress write sets from ``usage``: the known figures only (a None keeps the stored one)."""
+    if not usage:
+        return {}
+    return {key: usage[key] for key in USAGE_FIELDS if usage.get(key) is not None}
+
+
 def _finish_fields(status: str, fields: dict[str, Any]) -> dict[str, Any]:
     """The checked fields of a finish: ValueError for an unknown field or a status that is not terminal."""
     check_fields("finish", fields)
@@ -375,8 +386,13 @@ class TaskStore(abc.ABC):
         """Record the process of an active task of ``owner``; event ``started``."""
 
     @abc.abstractmethod
-    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
-        """Set the progress of an active task of ``owner``; event ``progress``."""
+    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float],
+                 usage: Optional[Mapping[str, Any]] = None) -> Optional[Event]:
+        """Set the progress of an active task of ``owner``; event ``progress``.
+
+        :param usage: what the task's process tree used so far (``memory_peak``, ``cpu_time``), written in
+            the same step; None (or a key left out) keeps the stored figure.
+        """
 
     @abc.abstractmethod
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:

@@ -18,6 +18,7 @@ from .base import (
     event_task, parse_counter,
 )
 from .base import Idempotency
+from .base import usage_fields
 from .base import Timing, timing_of
 from .schema import COLUMNS
 
@@ -247,12 +248,14 @@ class MemoryStore(TaskStore):
             row.update({"pid": pid, "pid_created": pid_created})
             return self._emit(EventKind.STARTED, row, owner, self._clock())
 
-    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
+    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float],
+                 usage: Optional[Mapping[str, Any]] = None) -> Optional[Event]:
         with self._lock:
             row = self._owned_active(uuid, owner)
             if row is None:
                 return None
             row.update({"progress": copy.deepcopy(progress), "percent": percent})
+            row.update(usage_fields(usage))  # type: ignore[typeddict-item]
             return self._emit(EventKind.PROGRESS, row, owner, self._clock())
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:

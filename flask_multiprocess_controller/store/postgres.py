@@ -39,6 +39,7 @@ from .base import (
     ANY_TENANT, FireOutcome, Fired, Idempotency, Row, ScheduleRow, TaskStore, _finish_fields, event_payload,
     event_task, parse_counter,
 )
+from .base import usage_fields
 from .base import Timing
 from . import pglisten
 from .postgres_schema import SCHEMA_NAME, channel, migrate
@@ -577,9 +578,10 @@ class PostgresStore(TaskStore):
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
         return self._update_active(EventKind.STARTED, uuid, owner, owner, {"pid": pid, "pid_created": pid_created})
 
-    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
+    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float],
+                 usage: Optional[Mapping[str, Any]] = None) -> Optional[Event]:
         return self._update_active(EventKind.PROGRESS, uuid, owner, owner,
-                                   {"progress": progress, "percent": percent})
+                                   {"progress": progress, "percent": percent, **usage_fields(usage)})
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
         with self._transaction() as tx:

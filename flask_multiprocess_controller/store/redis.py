@@ -57,6 +57,7 @@ from .base import (
     event_task,
 )
 from .base import Idempotency
+from .base import usage_fields
 from .base import Timing, timing_of
 from .redis_scripts import SCRIPTS
 from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded, event_columns
@@ -375,8 +376,10 @@ class RedisStore(TaskStore):
         return _event(*done) if done else None
 
     @_guarded
-    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
-        done = self._write("progress", owner, uuid, owner, *_split({"progress": progress, "percent": percent}))
+    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float],
+                 usage: Optional[Mapping[str, Any]] = None) -> Optional[Event]:
+        done = self._write("progress", owner, uuid, owner,
+                           *_split({"progress": progress, "percent": percent, **usage_fields(usage)}))
         return _event(*done) if done else None
 
     @_guarded

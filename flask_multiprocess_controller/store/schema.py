@@ -138,7 +138,7 @@ WHOLE_EVENT_KINDS: frozenset[str] = frozenset({"queued", "started", "adopted", "
 
 #: What the task of each other kind carries besides :data:`EVENT_BASE`: what its change touched.
 EVENT_TOUCHED: dict[str, tuple[str, ...]] = {
-    "progress": ("progress", "percent", "state_saved_at"),
+    "progress": ("progress", "percent", "state_saved_at", "memory_peak", "cpu_time"),
     "stopping": ("stop_requested",),
     "paused": (),
     "resumed": (),

@@ -33,6 +33,7 @@ from .base import (
     parse_counter,
 )
 from .base import Idempotency
+from .base import usage_fields
 from .base import Timing
 from .groupcommit import GroupCommit
 from .sqlite_schema import SCHEMA, add_missing_columns, upgrade_feed
@@ -537,9 +538,10 @@ class SQLiteStore(TaskStore):
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
         return self._update_active(EventKind.STARTED, uuid, owner, owner, {"pid": pid, "pid_created": pid_created})
 
-    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float]) -> Optional[Event]:
+    def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float],
+                 usage: Optional[Mapping[str, Any]] = None) -> Optional[Event]:
         return self._update_active(EventKind.PROGRESS, uuid, owner, owner,
-                                   {"progress": progress, "percent": percent})
+                                   {"progress": progress, "percent": percent, **usage_fields(usage)})
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
         text = _encode("state", state)
