@@ -351,6 +351,11 @@ class MetaMPController:
         if not registry.extension_made() and self.target_task is not None:
             self._activate()
 
+    def start_serving(self) -> None:
+        """Start running tasks now (the extension's ``init_app`` in a server process), not at the first use."""
+        if self.target_task is not None and not self._closed:
+            self._activate()
+
     def _activate(self) -> TaskSide:
         with self._lock:
             if self._closed:

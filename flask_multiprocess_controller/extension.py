@@ -9,6 +9,8 @@ in the extension's ``decorator=``.
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -93,9 +95,14 @@ class MultiprocessController:
 
         app.register_blueprint(make_blueprint(self), url_prefix=state.prefix or None)
         app.cli.add_command(mpc_commands)
-        for controller in registry.controllers():
-            if controller.target_task is not None:
-                controller.mounted()
+        if os.environ.get("FLASK_RUN_FROM_CLI") != "true":
+            # A server (gunicorn, `python app.py`): its controllers start now, so that tasks queued elsewhere and
+            # tasks handed over by the processes it replaces run without waiting for its first request. Under the
+            # `flask` command (`flask mpc ...`, `flask run`) they start at their first use instead.
+            with app.app_context():
+                for controller in registry.controllers():
+                    if controller.target_task is not None:
+                        controller.start_serving()
 
     @staticmethod
     def controllers() -> list["MetaMPController"]:

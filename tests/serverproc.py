@@ -46,14 +46,22 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on, chosen below the kernel's ephemeral range.
 
     A port the kernel hands out for ``bind(0)`` is an ephemeral one, and any outgoing connection
-    made before the server binds it may take it; a port below that range is never given away.
+    made before the server binds it may take it; a port below that range is never given away. Under
+    pytest-xdist each worker draws from a part of the range of its own, so that two workers never pick
+    the same port between the look and the server's bind.
     """
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
+    first = min(20000, low // 2)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    index = int(worker[2:]) % workers if worker[2:].isdigit() else 0
+    span = (low - first) // workers
+    first += index * span
     for _ in range(200):
-        port = random.randint(min(20000, low // 2), low - 1)
+        port = random.randint(first, first + span - 1)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))

@@ -164,14 +164,6 @@ def _flask(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comple
                           timeout=60)
 
 
-def _task_processes() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["name"]):
-        if (proc.info["name"] or "").startswith("mpc-"):
-            found.append(proc)
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_flask_mpc_as_a_subprocess_from_another_directory(tmp_path, pool):

@@ -11,7 +11,10 @@ must be gone within a deadline.
 """
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 import uuid as uuid_module
 from pathlib import Path
@@ -245,9 +248,24 @@ def _assert_stopped_by_shutdown(db, uuid: str, server) -> None:
 @pytest.mark.timeout(60)
 def test_app_example_takes_its_port_from_port_and_names_its_process(tmp_path, pool):
     port = free_port()
+    store_url = f"sqlite:///{tmp_path}/tasks.sqlite3"
     server = pool.start(python(str(EXAMPLES / "app.py")), cwd=tmp_path, port=port,
                         log_path=tmp_path / "server.log", ready_path="/mpc/health",
-                        env={"PORT": str(port), "MPC_STORE_URL": f"sqlite:///{tmp_path}/tasks.sqlite3"})
+                        env={"PORT": str(port), "MPC_STORE_URL": store_url})
+    # The server runs what `flask mpc submit` queued, though no request of its resource came yet: its
+    # controllers started with the app (after a deploy, queued and handed-over tasks do not wait for traffic).
+    submitted = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "mpc", "submit", "primes", "limit=50"],
+                               cwd=EXAMPLES, capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "MPC_STORE_URL": store_url})
+    assert submitted.returncode == 0, submitted.stderr
+    queued = submitted.stdout.split()[0]
+    store = SQLiteStore(f"{tmp_path}/tasks.sqlite3")
+    try:
+        ran = poll_until(lambda: store.get(queued), lambda row: row is not None and row["status"] == "succeeded", 30)
+    finally:
+        store.close()
+    assert ran["result"] == {"limit": 50, "primes": 15}, ran
+    assert ran["owner"].rsplit(":", 2)[1] == str(server.proc.pid), ran  # the server ran it, not the command
     posted = requests.post(server.base + "/primes", json={"limit": 100}, timeout=HTTP_TIMEOUT)
     assert posted.status_code == 202, posted.text
     task = requests.get(f"{server.base}/primes/{posted.json()['uuid']}", params={"wait": 20}, timeout=40).json()

@@ -100,9 +100,12 @@ class TaskRun:
         self._lock = threading.Lock()
 
     def request_stop(self, reason: StopReason) -> None:
-        """Ask the task to stop; the first reason given is the one recorded (memory overrides)."""
+        """Ask the task to stop; the first reason given is the one recorded (memory overrides, and so does an
+        expired pause over the request its own stop wrote: the feed may hand that event over first)."""
         with self._lock:
-            if self.stop_reason is not None and reason is not StopReason.MEMORY:
+            overrides = reason is StopReason.MEMORY or (
+                reason is StopReason.PAUSE_EXPIRED and self.stop_reason is StopReason.REQUESTED)
+            if self.stop_reason is not None and not overrides:
                 return
             self.stop_reason = reason
             if self.stop_at is None:
@@ -372,7 +375,7 @@ class Supervisor:
         self._logger.warning("Task %s was paused for %g s (max_pause): it is %s.", run.uuid,
                              self.settings.max_pause or 0.0, "stopped" if stop else "resumed")
         if stop and row.get("status") == TaskStatus.STOPPING:
-            run.request_stop(StopReason.PAUSE_EXPIRED)  # before the event's own request: this reason is kept
+            run.request_stop(StopReason.PAUSE_EXPIRED)  # kept over the request its event makes, whichever comes first
         elif not stop and row.get("status") == TaskStatus.RUNNING:
             run.request_pause(False)
         self._publish(event)
