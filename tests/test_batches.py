@@ -95,7 +95,7 @@ def test_bulk_post_wait_waits_for_the_whole_batch(make_client):
     ("batch=", 400),
     (f"batch={uuid_module.uuid4().hex}&wait=soon", 400),
     (f"batch={uuid_module.uuid4().hex}&uuid={uuid_module.uuid4()}", 400),
-])
+], ids=["unknown", "not-hex", "empty", "bad-wait", "with-uuid"])  # fixed ids: every worker collects the same tests
 def test_bad_or_unknown_batch(make_client, query, status):
     client, _ = make_client(Sleep)
     response = client.get(f"/tasks?{query}")
