@@ -352,9 +352,19 @@ class MetaMPController:
             self._activate()
 
     def start_serving(self) -> None:
-        """Start running tasks now (the extension's ``init_app`` in a server process), not at the first use."""
-        if self.target_task is not None and not self._closed:
+        """Start running tasks now (the extension's ``init_app`` in a server process), not at the first use.
+
+        A client runs nothing, so it waits for its first use; a store that cannot be reached (or named) now is
+        logged, and the controller starts at its first use instead, as it would without this: the app still
+        starts, and answers 503 until the store is back.
+        """
+        if self.target_task is None or self._closed or self.role == registry.CLIENT:
+            return
+        try:
             self._activate()
+        except StoreError as exc:
+            self.logger.warning("Controller %s starts at its first use: its store is not usable now: %s",
+                                self.name, exc)
 
     def _activate(self) -> TaskSide:
         with self._lock:

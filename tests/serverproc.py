@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +41,20 @@ def load_example_app() -> types.ModuleType:
     sys.modules["app"] = module
     spec.loader.exec_module(module)
     return module
+
+
+#: The line a task's own traceback follows in a server's log: its end, or its failed attempt before a retry (the
+#: server logs them on purpose, see engine/logs.py).
+_TASK_TRACEBACK_HEAD = re.compile(r"Task [0-9a-f-]{36} (ended [a-z_]+: |[a-z_]+ on attempt \d+ )")
+
+
+def unexpected_tracebacks(log: str) -> list[str]:
+    """The tracebacks in a server's log other than those of tasks that raised: what a test that wants no error
+    of the server itself looks for (each with the line before it and a few after)."""
+    lines = log.splitlines()
+    return ["\n".join(lines[max(0, i - 1):i + 12]) for i, line in enumerate(lines)
+            if "Traceback (most recent call last):" in line
+            and not (i and _TASK_TRACEBACK_HEAD.search(lines[i - 1]))]
 
 
 def free_port() -> int:

@@ -24,7 +24,8 @@ from flask_restful import Api
 
 from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, MultiprocessController
 
-from serverproc import JOB_APP, JobApi, Server, ServerPool, free_port, poll_until, python, task_processes
+from serverproc import JOB_APP, JobApi, Server, ServerPool, free_port, poll_until, python
+from serverproc import task_processes, unexpected_tracebacks
 
 HTTP_TIMEOUT = 30.0
 
@@ -182,7 +183,7 @@ def _health(server: Server) -> dict:
 def _stop(server: Server) -> None:
     survivors = server.stop(signal.SIGTERM, timeout=30)
     assert survivors == [], f"left after SIGTERM: {survivors}\n{server.log()}"
-    assert "Traceback" not in server.log(), server.log()
+    assert not unexpected_tracebacks(server.log()), server.log()
 
 
 @pytest.mark.slow

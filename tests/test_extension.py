@@ -71,7 +71,7 @@ def test_both_styles_serve_health_and_the_task_api(controllers, tmp_path, style)
     body = health.get_json()
     assert body["status"] == "ok"
     entry = body["controllers"][controller.name]
-    assert entry == {"running": 0, "queued": 0, "paused": 0, "max_num_process": 1,
+    assert entry == {"running": 0, "queued": 0, "paused": 0, "max_num_process": 1, "max_memory": None,
                      "store": f"sqlite:///{tmp_path}/t.sqlite3", "callbacks_dropped": 0}
     listed = client.get("/mpc/api/tasks").get_json()
     assert [t["uuid"] for t in listed["tasks"] if t["uuid"] == uuid] == [uuid]

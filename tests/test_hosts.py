@@ -25,6 +25,7 @@ from flask_multiprocess_controller.store import resolve_store
 from serverproc import (JobApi, Server, ServerPool, TaskProcessSampler, fork_servers, free_port, gunicorn,
                         gunicorn_workers, poll_until, process_gone, statuses, suspended, task_processes,
                         write_job_app)
+from serverproc import unexpected_tracebacks
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,7 @@ class Hosts:
 def _stop(server: Server) -> None:
     survivors = server.stop(signal.SIGTERM, timeout=STOP_DEADLINE)
     assert survivors == [], f"left {STOP_DEADLINE} s after SIGTERM: {survivors}\n{server.log()}"
-    assert "Traceback" not in server.log(), server.log()
+    assert not unexpected_tracebacks(server.log()), server.log()
 
 
 def _wait_for_beats_after(store_url: str, seconds: float, hosts: tuple[str, ...]) -> None:

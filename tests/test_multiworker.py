@@ -27,6 +27,7 @@ from flask_multiprocess_controller.store import resolve_store
 from serverproc import (JobApi, Server, ServerPool, TaskProcessSampler, fork_servers, free_port, gunicorn,
                         gunicorn_workers, poll_until, process_gone, statuses, suspended, worker_of,
                         write_job_app)
+from serverproc import unexpected_tracebacks
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +109,7 @@ class Cluster:
     def stop(self) -> None:
         survivors = self.server.stop(signal.SIGTERM, timeout=STOP_DEADLINE)
         assert survivors == [], f"left {STOP_DEADLINE} s after SIGTERM to gunicorn: {survivors}\n{self.server.log()}"
-        assert "Traceback" not in self.server.log(), self.server.log()
+        assert not unexpected_tracebacks(self.server.log()), self.server.log()
 
 
 def _assert_succeeded(task: dict, n: int, attempt: int = 1) -> None:

@@ -16,7 +16,7 @@ from openapi_spec_validator import validate
 from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
 from flask_multiprocess_controller.http.openapi import openapi_document
 
-from serverproc import free_port, python
+from serverproc import free_port, python, unexpected_tracebacks
 
 TESTS = Path(__file__).resolve().parent
 
@@ -298,4 +298,4 @@ def test_example_app_conforms_to_its_document(tmp_path, pool):
             case.call_and_validate(base_url=server.base, checks=checks, timeout=15)
 
     sequence()
-    assert "Traceback" not in server.log(), server.log()
+    assert not unexpected_tracebacks(server.log()), server.log()
