@@ -171,6 +171,9 @@ def test_a_failed_task_traceback_is_in_its_log_and_the_server_log(make_controlle
     with caplog.at_level(logging.WARNING):
         uuid = controller.submit()
         assert controller.wait(uuid, timeout=30)["status"] == "failed"
+        # The end's log line is written by another subscriber of the same event than the one waking wait():
+        # it may come a moment later.
+        wait_until(lambda: any(f"Task {uuid} ended failed" in r.getMessage() for r in caplog.records), 10)
     lines = [line for _, line in controller.store.logs.read(uuid, 0)]
     assert any("The task raised ConnectionError: the network is down" in line for line in lines), lines
     assert "Traceback (most recent call last):" in lines and any('raise ConnectionError("the network is down")'
