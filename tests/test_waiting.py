@@ -35,11 +35,15 @@ class Gated(MetaMPTask):
 
 
 class Grows(MetaMPTask):
-    """Holds ``first`` MiB and says so (a progress write), waits for ``gate1``; then holds ``second`` MiB
-    more without a word, and waits for ``gate2``."""
+    """Holds ``first`` MiB, works 0.1 s of CPU (the kernel counts CPU in ticks of 10 ms: less might read 0) and
+    says so (a progress write), waits for ``gate1``; then holds ``second`` MiB more without a word, and waits for
+    ``gate2``."""
 
     def execute(self, first: int, second: int, gate1: str, gate2: str) -> int:
         held = [bytearray(b"x") * (first * MIB)]
+        busy_until = time.process_time() + 0.1
+        while time.process_time() < busy_until:
+            pass
         self.upload_status("first")
         while not os.path.exists(gate1):
             self.checkpoint()
