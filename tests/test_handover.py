@@ -141,15 +141,17 @@ def test_a_gunicorn_reload_hands_every_running_task_over(store, tmp_path, pool, 
     app = App(tmp_path, pool, url, handover_dir, window=30, stop_grace=1.0)
     server = app.gunicorn("-w", "2")
     api = JobApi(server.base, HTTP_TIMEOUT, log=server.log)
-    long = [api.submit(seconds=20, step=0.2, tag=f"t{i}")["uuid"] for i in range(4)]
+    # Long enough to be running still once adopted, however long the reload takes on a busy machine.
+    long = [api.submit(seconds=25, step=0.2, tag=f"t{i}")["uuid"] for i in range(4)]
     timed = requests.post(api.url + "?timeout=8", json={"seconds": 30}, timeout=HTTP_TIMEOUT).json()["uuid"]
     doomed = api.submit(seconds=60)["uuid"]
-    paused = api.submit(seconds=12, step=0.1)["uuid"]  # still running once adopted, on a busy machine too
+    paused = api.submit(seconds=25, step=0.1)["uuid"]
     every = [*long, timed, doomed, paused]
     before = {uuid: api.wait_running(uuid) for uuid in every}
     old_workers = {w.pid for w in gunicorn_workers(server)}
     watch = ProgressWatch(api, long[0])
     watch.start()
+    request.addfinalizer(lambda: (watch.halt.set(), watch.join(10)))  # ended whatever the test's outcome
     time.sleep(5)  # the tasks run a while before the reload
     reloaded_at = time.monotonic()
     server.send(signal.SIGHUP)
