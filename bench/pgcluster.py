@@ -1,7 +1,5 @@
-"""A private PostgreSQL cluster for the benchmarks: made in a temporary folder, listening on 127.0.0.1 on a free port.
-
-The same recipe as the tests' cluster (``tests/pgserver.py``), kept here so that the benchmarks do not
-import the tests.
+"""A private PostgreSQL cluster for the benchmarks and the tests: made in a temporary folder, listening on 127.0.0.1
+on a free port (the tests pass one of theirs: ``tests/pgserver.py``).
 
 Debian's ``postgresql`` package puts its programs in ``/usr/lib/postgresql/<version>/bin``. The server
 refuses to run as root, so when the tests run as root the cluster belongs to the ``postgres`` user and
@@ -23,8 +21,8 @@ import psutil
 
 #: The password of the cluster's superuser, ``postgres``.
 PASSWORD = "pg-secret-7f3a"
-#: The database the benchmarks use.
-DATABASE = "mpc_bench"
+#: The database the benchmarks and the tests use.
+DATABASE = "mpc"
 
 
 def _free_port() -> int:

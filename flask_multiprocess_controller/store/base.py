@@ -883,3 +883,48 @@ class TaskStore(abc.ABC):
 
     def close(self) -> None:
         """Release connections held by this process."""
+
+
+#: A claimer's task process: its pid and create time, recorded with the claim (or None: recorded by ``start``).
+Process = Optional[tuple[int, float]]
+
+
+class ClaimSteps:
+    """The four claim methods of :class:`TaskStore`, for a store that implements two steps in one transaction
+    each: ``_claim(controller, owner, max_running, process)`` and ``_end_and_claim(uuid, status, owner, controller,
+    max_running, process, fields)``, both answering the claimed row with its ``started`` event (None without
+    ``process``). Put it before :class:`TaskStore` among the bases."""
+
+    def _claim(self, controller: str, owner: str, max_running: int,
+               process: Process) -> Optional[tuple[Row, Optional[Event]]]:
+        raise NotImplementedError
+
+    def _end_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
+                       process: Process, fields: dict[str, Any],
+                       ) -> tuple[Optional[Event], Optional[tuple[Row, Optional[Event]]]]:
+        raise NotImplementedError
+
+    def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
+        claimed = self._claim(controller, owner, max_running, None)
+        return None if claimed is None else claimed[0]
+
+    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
+                      pid_created: float) -> Optional[tuple[Row, Event]]:
+        claimed = self._claim(controller, owner, max_running, (pid, pid_created))
+        if claimed is None or claimed[1] is None:
+            return None
+        return claimed[0], claimed[1]
+
+    def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
+                         **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
+        event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, None, fields)
+        return event, None if claimed is None else claimed[0]
+
+    def finish_and_claim_started(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
+                                 pid: int, pid_created: float,
+                                 **fields: Any) -> tuple[Optional[Event], Optional[tuple[Row, Event]]]:
+        event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, (pid, pid_created),
+                                             fields)
+        if claimed is None or claimed[1] is None:
+            return event, None
+        return event, (claimed[0], claimed[1])

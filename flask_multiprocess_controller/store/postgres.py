@@ -36,7 +36,7 @@ from ..exceptions import (
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, FireOutcome, Fired, Idempotency, Row, ScheduleRow, TaskStore, _finish_fields, event_payload,
+    ANY_TENANT, ClaimSteps, FireOutcome, Fired, Idempotency, Row, ScheduleRow, TaskStore, _finish_fields, event_payload,
     event_task, parse_counter,
 )
 from .base import usage_fields
@@ -200,7 +200,7 @@ class _Tx:
         return event
 
 
-class PostgresStore(TaskStore):
+class PostgresStore(ClaimSteps, TaskStore):
     """Tasks in a PostgreSQL database (``postgresql://user:password@host:port/database``), through psycopg 3.
 
     :param url: the database's URL (``postgresql+psycopg://`` is taken too); any libpq option may follow
@@ -468,17 +468,6 @@ class PostgresStore(TaskStore):
             events.append(tx.emit(EventKind.QUEUED, stored, emitter, now))
         return events
 
-    def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
-        claimed = self._claim(controller, owner, max_running, None)
-        return None if claimed is None else claimed[0]
-
-    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
-                      pid_created: float) -> Optional[tuple[Row, Event]]:
-        claimed = self._claim(controller, owner, max_running, (pid, pid_created))
-        if claimed is None or claimed[1] is None:
-            return None
-        return claimed[0], claimed[1]
-
     def _claim(self, controller: str, owner: str, max_running: int,
                process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
         # A plain read first: idle slots look often, and a queue with nothing ready, or a controller running
@@ -519,20 +508,6 @@ class PostgresStore(TaskStore):
         row = _decode(found)
         event = tx.emit(EventKind.STARTED, row, owner, now) if process is not None else None
         return row, event
-
-    def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                         **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
-        event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, None, fields)
-        return event, None if claimed is None else claimed[0]
-
-    def finish_and_claim_started(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                                 pid: int, pid_created: float,
-                                 **fields: Any) -> tuple[Optional[Event], Optional[tuple[Row, Event]]]:
-        event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, (pid, pid_created),
-                                             fields)
-        if claimed is None or claimed[1] is None:
-            return event, None
-        return event, (claimed[0], claimed[1])
 
     def _end_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
                        process: Optional[tuple[int, float]], fields: dict[str, Any],

@@ -29,7 +29,7 @@ from ..exceptions import (
 from ..exceptions import IdempotentReplay
 from ..states import ACTIVE, TERMINAL, TaskStatus
 from .base import (
-    ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_payload, event_task,
+    ANY_TENANT, ClaimSteps, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_payload, event_task,
     parse_counter,
 )
 from .base import Idempotency
@@ -165,7 +165,7 @@ def _forget_write_locks() -> None:
 os.register_at_fork(after_in_child=_forget_write_locks)
 
 
-class SQLiteStore(TaskStore):
+class SQLiteStore(ClaimSteps, TaskStore):
     """Tasks in a SQLite database file.
 
     :param path: the database file; relative paths are relative to the working
@@ -437,17 +437,6 @@ class SQLiteStore(TaskStore):
             events.append(self._emit(db, EventKind.QUEUED, stored, emitter, now))
         return events
 
-    def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
-        claimed = self._claim(controller, owner, max_running, None)
-        return None if claimed is None else claimed[0]
-
-    def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
-                      pid_created: float) -> Optional[tuple[Row, Event]]:
-        claimed = self._claim(controller, owner, max_running, (pid, pid_created))
-        if claimed is None or claimed[1] is None:
-            return None
-        return claimed[0], claimed[1]
-
     def _claim(self, controller: str, owner: str, max_running: int,
                process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
         """Claim the next task in one transaction; with ``process`` (pid, create time), record it and
@@ -487,20 +476,6 @@ class SQLiteStore(TaskStore):
                     "attempt": row["attempt"] + 1, "pid": pid, "pid_created": pid_created})
         event = self._emit(db, EventKind.STARTED, row, owner, now) if process is not None else None
         return row, event
-
-    def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                         **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
-        event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, None, fields)
-        return event, None if claimed is None else claimed[0]
-
-    def finish_and_claim_started(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                                 pid: int, pid_created: float,
-                                 **fields: Any) -> tuple[Optional[Event], Optional[tuple[Row, Event]]]:
-        event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, (pid, pid_created),
-                                             fields)
-        if claimed is None or claimed[1] is None:
-            return event, None
-        return event, (claimed[0], claimed[1])
 
     def _end_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
                        process: Optional[tuple[int, float]], fields: dict[str, Any],
