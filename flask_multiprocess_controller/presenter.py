@@ -63,6 +63,10 @@ class TaskObject(TypedDict, total=False):
     #: The uuids of the tasks queued to run this one again, newest first (at most
     #: :data:`~.defaults.RERUNS_SHOWN`); None where they are not read: list views and events.
     reruns: Optional[list[str]]
+    #: The key whose running tasks ``max_per_key`` bounds, else None.
+    concurrency_key: Optional[str]
+    #: What the task needs of a host (memory in bytes, cpus, custom names), else None.
+    resources: Optional[dict[str, Any]]
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
@@ -74,7 +78,7 @@ TASK_KEYS = (
     "cpu_time", "timeout",
     "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
     "traceparent",
-    "rerun_of", "reruns",
+    "rerun_of", "reruns", "concurrency_key", "resources",
 )
 
 

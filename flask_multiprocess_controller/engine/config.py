@@ -72,6 +72,11 @@ class RuntimeConfig:
     timeout_while_paused: bool = True
     #: Seconds an undelivered callback stays in the store's outbox before it is dropped (logged, counted).
     callback_max_age: float = defaults.CALLBACK_MAX_AGE
+    #: Running tasks per ``concurrency_key`` at most, and per tenant at most (None: no bound); whether claims
+    #: share out between tenants (see :mod:`..store.claimrules`).
+    max_per_key: Optional[int] = None
+    max_per_tenant: Optional[int] = None
+    fair_share: bool = True
 
     @property
     def slot_count(self) -> int:

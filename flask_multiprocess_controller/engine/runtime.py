@@ -25,7 +25,7 @@ import threading
 import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait as wait_ready
-from typing import Any, Callable, Iterator, Optional, Sequence, cast
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, cast
 
 
 from .. import defaults
@@ -52,6 +52,7 @@ from .slots import Claim, Slot
 from ..states import ACTIVE, TaskStatus
 from ..store import TaskStore
 from ..store.base import Row
+from ..store.claimrules import ClaimRules
 from ..store.base import Idempotency
 from ..exceptions import IdempotentReplay
 from .supervisor import Outcome, StopReason, Supervisor, TaskRun
@@ -128,6 +129,11 @@ class Runtime(TaskSide):
         self.host_drained = False
         #: Monotonic time before which no task is claimed (a sibling is shutting down).
         self._hold_claims_until = 0.0
+        #: This host's capacity, resource name -> amount, that claims count declared resources against
+        #: (None: tasks are claimed whatever they declare).
+        self.capacity: Optional[Mapping[str, float]] = None
+        #: Tenants whose tasks are not claimed now (over their quota).
+        self.held_tenants: frozenset[Optional[str]] = frozenset()
         #: Store-clock times at which siblings recently stopped tasks because they were shutting down.
         self._sibling_shutdowns: collections.deque[float] = collections.deque(maxlen=16)
         #: Set when background threads must stop waiting for an unreachable store.
@@ -362,13 +368,19 @@ class Runtime(TaskSide):
                 if self._generation == generation and not self.closing:
                     self._work.wait(idle_for)
 
+    def claim_rules(self) -> ClaimRules:
+        """What this process's claims honour beyond ``max_num_process`` (see :mod:`..store.claimrules`)."""
+        c = self.config
+        return ClaimRules(host=self.host, max_per_key=c.max_per_key, max_per_tenant=c.max_per_tenant,
+                          fair=c.fair_share, capacity=self.capacity, held_tenants=self.held_tenants)
+
     def _claim(self, child: Optional[ChildProcess]) -> Optional[Claim]:
         c = self.config
         if child is None:
-            row = self.store.claim(c.name, self.owner, c.max_num_process)
+            row = self.store.claim(c.name, self.owner, c.max_num_process, self.claim_rules())
             return None if row is None else Claim(row, None)
         claimed = self.store.claim_started(c.name, self.owner, c.max_num_process, child.pid,
-                                           child.create_time or 0.0)
+                                           child.create_time or 0.0, self.claim_rules())
         return None if claimed is None else Claim(*claimed)
 
     def _idle_wait(self) -> Optional[float]:
@@ -708,11 +720,11 @@ class Runtime(TaskSide):
         c = self.config
         if child is None:
             event, row = self.store.finish_and_claim(run.uuid, outcome.status.value, self.owner, c.name,
-                                                     c.max_num_process, **fields)
+                                                     c.max_num_process, self.claim_rules(), **fields)
             return event, None if row is None else Claim(row, None)
         event, claimed = self.store.finish_and_claim_started(
             run.uuid, outcome.status.value, self.owner, c.name, c.max_num_process, child.pid,
-            child.create_time or 0.0, **fields)
+            child.create_time or 0.0, self.claim_rules(), **fields)
         return event, None if claimed is None else Claim(*claimed)
 
     def _claimed_amid_shutdown(self, run: TaskRun) -> bool:

@@ -773,6 +773,13 @@ def _common_schemas() -> dict[str, Any]:
                         "header, or the caller's OpenTelemetry span); its trace id is the second part. Null "
                         "when it was queued outside any trace."),
         "rerun_of": _nullable("string", format="uuid", description="The ended task this one runs again, else null."),
+        "concurrency_key": _nullable(
+            "string", description="The key whose running tasks the controller's `max_per_key` bounds; null when the "
+                                  "task has none."),
+        "resources": _nullable(
+            "object", additionalProperties={"type": "number"},
+            description="What the task needs of a host to start: `memory` in bytes, `cpus`, and custom names; "
+                        "null when its class declares nothing."),
         "reruns": _nullable("array", items={"type": "string", "format": "uuid"},
                             description="The tasks queued to run this one again, newest first (at most "
                                         f"{defaults.RERUNS_SHOWN}); null in list views and events, which do not "

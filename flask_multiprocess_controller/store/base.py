@@ -45,6 +45,7 @@ from ..events import Changes, Event, EventKind
 from ..states import TERMINAL
 # Kept importable from here, where they were first defined.
 from .schema import COLUMNS as COLUMNS, EVENT_HIDDEN as EVENT_HIDDEN, MUTABLE_FIELDS as MUTABLE_FIELDS
+from .claimrules import NO_RULES, ClaimRules
 from .schema import event_columns
 
 
@@ -109,6 +110,12 @@ class Row(TypedDict, total=False):
     traceparent: Optional[str]
     #: The uuid of the ended task this one runs again (see :meth:`TaskStore.reruns`); else None.
     rerun_of: Optional[str]
+    #: The key whose running tasks the controller's ``max_per_key`` bounds (see :class:`.claimrules.ClaimRules`);
+    #: None: no key, bounded by nothing but the global limit.
+    concurrency_key: Optional[str]
+    #: What the task declared it needs of a host, resource name -> amount (memory in bytes, cpus, custom
+    #: names), counted against the capacity of the host that claims it; None: nothing declared.
+    resources: Optional[dict[str, Any]]
 
 
 class _AnyTenant:
@@ -343,7 +350,7 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
+    def claim(self, controller: str, owner: str, max_running: int, rules: ClaimRules = NO_RULES) -> Optional[Row]:
         """Move the next queued task to ``running`` and return it, or return None.
 
         The next task is the one with the lowest ``(priority, seq)`` among the queued tasks that
@@ -355,10 +362,14 @@ class TaskStore(abc.ABC):
         store's clock inside that atomic step, so it is never earlier than a change
         committed before the claim; ``attempt`` grows by one. No event: the
         ``started`` event comes with the pid (:meth:`start`).
+
+        ``rules`` (:class:`~.claimrules.ClaimRules`) narrow which tasks may be claimed (drained host, per-key and
+        per-tenant bounds, held tenants, the host's capacity) and order them (fair share between tenants), in
+        the same atomic step.
         """
 
     def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
-                      pid_created: float) -> Optional[tuple[Row, Event]]:
+                      pid_created: float, rules: ClaimRules = NO_RULES) -> Optional[tuple[Row, Event]]:
         """:meth:`claim` and :meth:`start` in one step, for a serving process whose task process is
         already there (a reused one): return the claimed task with its process recorded and the
         ``started`` event, or None when nothing was claimed.
@@ -366,7 +377,7 @@ class TaskStore(abc.ABC):
         The backends of this package make one transaction of it; this default makes two (a
         task settled elsewhere between them gives None, as :meth:`start` would).
         """
-        row = self.claim(controller, owner, max_running)
+        row = self.claim(controller, owner, max_running, rules)
         if row is None:
             return None
         event = self.start(row["uuid"], owner, pid, pid_created)
@@ -422,7 +433,7 @@ class TaskStore(abc.ABC):
         return self._finish(uuid, status, owner, owner if emitter is None else emitter, fields)
 
     def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                         **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
+                         rules: ClaimRules = NO_RULES, **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
         """:meth:`finish` a task of ``owner``, then :meth:`claim` the next task of ``controller`` for ``owner``.
 
         For a serving process whose slot is free again once the task ended (a fresh process per
@@ -433,10 +444,10 @@ class TaskStore(abc.ABC):
         event = self.finish(uuid, status, owner=owner, **fields)
         if event is None:
             return None, None
-        return event, self.claim(controller, owner, max_running)
+        return event, self.claim(controller, owner, max_running, rules)
 
     def finish_and_claim_started(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                                 pid: int, pid_created: float,
+                                 pid: int, pid_created: float, rules: ClaimRules = NO_RULES,
                                  **fields: Any) -> tuple[Optional[Event], Optional[tuple[Row, Event]]]:
         """:meth:`finish` a task of ``owner``, then :meth:`claim_started` the next task for the same process.
 
@@ -449,7 +460,7 @@ class TaskStore(abc.ABC):
         event = self.finish(uuid, status, owner=owner, **fields)
         if event is None:
             return None, None
-        return event, self.claim_started(controller, owner, max_running, pid, pid_created)
+        return event, self.claim_started(controller, owner, max_running, pid, pid_created, rules)
 
     @abc.abstractmethod
     def _finish(self, uuid: str, status: str, owner: Optional[str], emitter: Optional[str],
@@ -891,40 +902,40 @@ Process = Optional[tuple[int, float]]
 
 class ClaimSteps:
     """The four claim methods of :class:`TaskStore`, for a store that implements two steps in one transaction
-    each: ``_claim(controller, owner, max_running, process)`` and ``_end_and_claim(uuid, status, owner, controller,
-    max_running, process, fields)``, both answering the claimed row with its ``started`` event (None without
+    each: ``_claim(controller, owner, max_running, process, rules)`` and ``_end_and_claim(uuid, status, owner,
+    controller, max_running, process, fields, rules)``, both answering the claimed row with its ``started`` event (None without
     ``process``). Put it before :class:`TaskStore` among the bases."""
 
-    def _claim(self, controller: str, owner: str, max_running: int,
-               process: Process) -> Optional[tuple[Row, Optional[Event]]]:
+    def _claim(self, controller: str, owner: str, max_running: int, process: Process,
+               rules: ClaimRules) -> Optional[tuple[Row, Optional[Event]]]:
         raise NotImplementedError
 
     def _end_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                       process: Process, fields: dict[str, Any],
+                       process: Process, fields: dict[str, Any], rules: ClaimRules,
                        ) -> tuple[Optional[Event], Optional[tuple[Row, Optional[Event]]]]:
         raise NotImplementedError
 
-    def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
-        claimed = self._claim(controller, owner, max_running, None)
+    def claim(self, controller: str, owner: str, max_running: int, rules: ClaimRules = NO_RULES) -> Optional[Row]:
+        claimed = self._claim(controller, owner, max_running, None, rules)
         return None if claimed is None else claimed[0]
 
     def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
-                      pid_created: float) -> Optional[tuple[Row, Event]]:
-        claimed = self._claim(controller, owner, max_running, (pid, pid_created))
+                      pid_created: float, rules: ClaimRules = NO_RULES) -> Optional[tuple[Row, Event]]:
+        claimed = self._claim(controller, owner, max_running, (pid, pid_created), rules)
         if claimed is None or claimed[1] is None:
             return None
         return claimed[0], claimed[1]
 
     def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                         **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
-        event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, None, fields)
+                         rules: ClaimRules = NO_RULES, **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
+        event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, None, fields, rules)
         return event, None if claimed is None else claimed[0]
 
     def finish_and_claim_started(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                                 pid: int, pid_created: float,
+                                 pid: int, pid_created: float, rules: ClaimRules = NO_RULES,
                                  **fields: Any) -> tuple[Optional[Event], Optional[tuple[Row, Event]]]:
         event, claimed = self._end_and_claim(uuid, status, owner, controller, max_running, (pid, pid_created),
-                                             fields)
+                                             fields, rules)
         if claimed is None or claimed[1] is None:
             return event, None
         return event, (claimed[0], claimed[1])

@@ -13,6 +13,7 @@ from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import InvalidTransition, QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..exceptions import IdempotentReplay
 from ..states import ACTIVE, TERMINAL, TaskStatus
+from .claimrules import NO_RULES, ClaimRules
 from .base import (
     ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, encoded_size, event_payload,
     event_task, parse_counter,
@@ -186,43 +187,43 @@ class MemoryStore(TaskStore):
                 row["retry_at"] = None
                 self._push_ready(row)
 
-    def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
+    def claim(self, controller: str, owner: str, max_running: int, rules: ClaimRules = NO_RULES) -> Optional[Row]:
         with self._lock:
-            row = self._claim(controller, owner, max_running)
+            row = self._claim(controller, owner, max_running, rules)
             return None if row is None else copy.deepcopy(row)
 
     def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
-                      pid_created: float) -> Optional[tuple[Row, Event]]:
+                      pid_created: float, rules: ClaimRules = NO_RULES) -> Optional[tuple[Row, Event]]:
         with self._lock:
-            return self._claim_started(controller, owner, max_running, pid, pid_created)
+            return self._claim_started(controller, owner, max_running, pid, pid_created, rules)
 
     def finish_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                         **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
+                         rules: ClaimRules = NO_RULES, **fields: Any) -> tuple[Optional[Event], Optional[Row]]:
         fields = _finish_fields(status, fields)
         with self._lock:
             event = self._finish_locked(uuid, status, owner, owner, fields)
-            row = None if event is None else self._claim(controller, owner, max_running)
+            row = None if event is None else self._claim(controller, owner, max_running, rules)
             return event, None if row is None else copy.deepcopy(row)
 
     def finish_and_claim_started(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                                 pid: int, pid_created: float,
+                                 pid: int, pid_created: float, rules: ClaimRules = NO_RULES,
                                  **fields: Any) -> tuple[Optional[Event], Optional[tuple[Row, Event]]]:
         fields = _finish_fields(status, fields)
         with self._lock:
             event = self._finish_locked(uuid, status, owner, owner, fields)
             return event, None if event is None else self._claim_started(controller, owner, max_running, pid,
-                                                                         pid_created)
+                                                                         pid_created, rules)
 
     def _claim_started(self, controller: str, owner: str, max_running: int, pid: int,
-                       pid_created: float) -> Optional[tuple[Row, Event]]:
+                       pid_created: float, rules: ClaimRules) -> Optional[tuple[Row, Event]]:
         """:meth:`claim_started` under the lock."""
-        row = self._claim(controller, owner, max_running)
+        row = self._claim(controller, owner, max_running, rules)
         if row is None:
             return None
         row.update({"pid": pid, "pid_created": pid_created})
         return copy.deepcopy(row), self._emit(EventKind.STARTED, row, owner, self._clock())
 
-    def _claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
+    def _claim(self, controller: str, owner: str, max_running: int, rules: ClaimRules) -> Optional[Row]:
         """:meth:`claim` under the lock: the stored row itself (callers copy it)."""
         running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)
         if running >= max_running:

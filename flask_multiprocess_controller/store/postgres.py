@@ -35,6 +35,7 @@ from ..exceptions import (
     IdempotentReplay, InvalidTransition, QueueFull, StoreError, StoreUnavailable, TaskAlreadyFinished, TaskNotFound,
 )
 from ..states import ACTIVE, TERMINAL, TaskStatus
+from .claimrules import ClaimRules
 from .base import (
     ANY_TENANT, ClaimSteps, FireOutcome, Fired, Idempotency, Row, ScheduleRow, TaskStore, _finish_fields, event_payload,
     event_task, parse_counter,
@@ -468,8 +469,8 @@ class PostgresStore(ClaimSteps, TaskStore):
             events.append(tx.emit(EventKind.QUEUED, stored, emitter, now))
         return events
 
-    def _claim(self, controller: str, owner: str, max_running: int,
-               process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
+    def _claim(self, controller: str, owner: str, max_running: int, process: Optional[tuple[int, float]],
+               rules: ClaimRules) -> Optional[tuple[Row, Optional[Event]]]:
         # A plain read first: idle slots look often, and a queue with nothing ready, or a controller running
         # all it may, needs no transaction and no lock.
         t = self._t
@@ -479,7 +480,7 @@ class PostgresStore(ClaimSteps, TaskStore):
                            (controller, max_running, controller, controller)):
             return None
         with self._transaction() as tx:
-            return self._claim_in(tx, controller, owner, max_running, process)
+            return self._claim_in(tx, controller, owner, max_running, process, rules)
 
     def _claim_lock(self, tx: _Tx, controller: str) -> tuple[float, int]:
         """Take the controller's claim lock (to the commit) and return the clock read after it (later than any
@@ -489,7 +490,7 @@ class PostgresStore(ClaimSteps, TaskStore):
         return float(now), int(running)
 
     def _claim_in(self, tx: _Tx, controller: str, owner: str, max_running: int,
-                  process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
+                  process: Optional[tuple[int, float]], rules: ClaimRules) -> Optional[tuple[Row, Optional[Event]]]:
         """:meth:`_claim` in the caller's transaction: the controller's claim lock makes the count of running
         tasks and the claim one step for every claimer on every host. Two round trips hold the lock before
         the commit: the lock with the count, and the claim."""
@@ -510,12 +511,13 @@ class PostgresStore(ClaimSteps, TaskStore):
         return row, event
 
     def _end_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                       process: Optional[tuple[int, float]], fields: dict[str, Any],
+                       process: Optional[tuple[int, float]], fields: dict[str, Any], rules: ClaimRules,
                        ) -> tuple[Optional[Event], Optional[tuple[Row, Optional[Event]]]]:
         assignments = {"ended_at": _NOW, **_finish_fields(status, fields), "status": status}
         with self._transaction() as tx:
             event = self._update_active_in(tx, EventKind.ENDED, uuid, owner, owner, assignments)
-            return event, None if event is None else self._claim_in(tx, controller, owner, max_running, process)
+            return event, None if event is None else self._claim_in(tx, controller, owner, max_running, process,
+                                                                    rules)
 
     def _update_active(self, kind: EventKind, uuid: str, owner: Optional[str], emitter: Optional[str],
                        assignments: dict[str, Any]) -> Optional[Event]:

@@ -52,6 +52,7 @@ from ..exceptions import (
 )
 from ..exceptions import IdempotentReplay
 from ..states import TaskStatus
+from .claimrules import NO_RULES, ClaimRules
 from .base import (
     ANY_TENANT, FireOutcome, Fired, Row, ScheduleRow, TaskStore,
     event_task,
@@ -356,13 +357,13 @@ class RedisStore(TaskStore):
         return events
 
     @_guarded
-    def claim(self, controller: str, owner: str, max_running: int) -> Optional[Row]:
+    def claim(self, controller: str, owner: str, max_running: int, rules: ClaimRules = NO_RULES) -> Optional[Row]:
         flat = self._write("claim", None, controller, owner, max_running)
         return _decode(flat) if flat else None
 
     @_guarded
     def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
-                      pid_created: float) -> Optional[tuple[Row, Event]]:
+                      pid_created: float, rules: ClaimRules = NO_RULES) -> Optional[tuple[Row, Event]]:
         done = self._write("claim_started", owner, controller, owner, max_running, _encode("pid", pid),
                            _encode("pid_created", pid_created))
         if not done:

@@ -116,6 +116,8 @@ FIELDS: tuple[Field, ...] = (
     Field("state_saved_at", float, True, _R, shown=_TIME, added=True),
     Field("traceparent", str, True, _T, added=True),
     Field("rerun_of", str, True, _T, added=True),
+    Field("concurrency_key", str, True, _T, added=True),
+    Field("resources", dict[str, Any], True, _J, added=True),
 )
 
 #: Every key of a row, in storage order.

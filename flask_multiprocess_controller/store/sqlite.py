@@ -28,6 +28,7 @@ from ..exceptions import (
 )
 from ..exceptions import IdempotentReplay
 from ..states import ACTIVE, TERMINAL, TaskStatus
+from .claimrules import ClaimRules
 from .base import (
     ANY_TENANT, ClaimSteps, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_payload, event_task,
     parse_counter,
@@ -437,8 +438,8 @@ class SQLiteStore(ClaimSteps, TaskStore):
             events.append(self._emit(db, EventKind.QUEUED, stored, emitter, now))
         return events
 
-    def _claim(self, controller: str, owner: str, max_running: int,
-               process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
+    def _claim(self, controller: str, owner: str, max_running: int, process: Optional[tuple[int, float]],
+               rules: ClaimRules) -> Optional[tuple[Row, Optional[Event]]]:
         """Claim the next task in one transaction; with ``process`` (pid, create time), record it and
         write the ``started`` event in the same transaction."""
         # A plain read first: idle slots look often, and a queue with nothing ready, or a controller
@@ -448,10 +449,10 @@ class SQLiteStore(ClaimSteps, TaskStore):
                            f"WHERE controller = ? AND {_DELAYED_SQL} AND retry_at <= ?)",
                            (controller, max_running, controller, controller, time.time())):
             return None
-        return self._group.run(lambda db: self._claim_in(db, controller, owner, max_running, process))
+        return self._group.run(lambda db: self._claim_in(db, controller, owner, max_running, process, rules))
 
     def _claim_in(self, db: sqlite3.Connection, controller: str, owner: str, max_running: int,
-                  process: Optional[tuple[int, float]]) -> Optional[tuple[Row, Optional[Event]]]:
+                  process: Optional[tuple[int, float]], rules: ClaimRules) -> Optional[tuple[Row, Optional[Event]]]:
         """:meth:`_claim` in the caller's write transaction."""
         now = time.time()  # inside the lock: later than any change committed before this claim
         db.execute(f"UPDATE mpc_tasks SET retry_at = NULL WHERE controller = ? AND {_DELAYED_SQL} "
@@ -478,14 +479,15 @@ class SQLiteStore(ClaimSteps, TaskStore):
         return row, event
 
     def _end_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
-                       process: Optional[tuple[int, float]], fields: dict[str, Any],
+                       process: Optional[tuple[int, float]], fields: dict[str, Any], rules: ClaimRules,
                        ) -> tuple[Optional[Event], Optional[tuple[Row, Optional[Event]]]]:
         """Finish a task and claim the next in one transaction (see :meth:`_claim_in` for ``process``)."""
         assignments = {"ended_at": _NOW, **_finish_fields(status, fields), "status": status}
 
         def end_and_claim(db: sqlite3.Connection) -> tuple[Optional[Event], Optional[tuple[Row, Optional[Event]]]]:
             event = self._update_active_in(db, EventKind.ENDED, uuid, owner, owner, assignments)
-            return event, None if event is None else self._claim_in(db, controller, owner, max_running, process)
+            return event, None if event is None else self._claim_in(db, controller, owner, max_running, process,
+                                                                    rules)
 
         return self._group.run(end_and_claim)
 
