@@ -63,6 +63,9 @@ class TaskObject(TypedDict, total=False):
     #: The uuids of the tasks queued to run this one again, newest first (at most
     #: :data:`~.defaults.RERUNS_SHOWN`); None where they are not read: list views and events.
     reruns: Optional[list[str]]
+    #: The task's artifacts, ``{"name", "size", "content_type", "sha256"}`` each, as its last attempt left them
+    #: (see :mod:`.artifacts`); None before an attempt ended, or when it saved none.
+    artifacts: Optional[list[dict[str, Any]]]
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
@@ -74,7 +77,7 @@ TASK_KEYS = (
     "cpu_time", "timeout",
     "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
     "traceparent",
-    "rerun_of", "reruns",
+    "rerun_of", "reruns", "artifacts",
 )
 
 

@@ -777,6 +777,13 @@ def _common_schemas() -> dict[str, Any]:
                             description="The tasks queued to run this one again, newest first (at most "
                                         f"{defaults.RERUNS_SHOWN}); null in list views and events, which do not "
                                         "read them."),
+        "artifacts": _nullable(
+            "array", items={"type": "object", "required": ["name", "size", "content_type", "sha256"], "properties": {
+                "name": {"type": "string"}, "size": {"type": "integer", "minimum": 0},
+                "content_type": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}},
+            description="The files the task saved (`save_artifact()`, `artifact_dir`) as its last attempt left "
+                        "them; null before an attempt ended or when it saved none. `GET <item>/artifacts` lists "
+                        "them at any time, `GET <item>/artifacts/<name>` downloads one."),
         "truncated": {"type": "array", "items": {"enum": ["args", "progress", "result", "errors"]},
                       "description": "In a list view: the values shown as null because they are too large."},
     }

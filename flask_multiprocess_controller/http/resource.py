@@ -25,11 +25,17 @@ from ..controller import MetaMPController
 from .handlers import HTTP_METHODS
 from .errors import error_response
 from ..exceptions import InvalidRequest, MPCError
-from .responses import restful_result
+from .responses import Reply, restful_result
 
 
 #: Methods whose JSON array body is passed as positional arguments.
 _ARRAY_BODY_METHODS = frozenset({"post", "put", "patch"})
+
+
+def _artifacts_route() -> bool:
+    """Whether the request came through an artifacts URL of a resource (see :meth:`MetaMPResource.urls`)."""
+    rule = request.url_rule.rule if request.url_rule is not None else ""
+    return rule.endswith("/artifacts") or "/artifacts/<" in rule
 
 
 class MetaMPResource(Resource):  # type: ignore[misc]  # flask-restful is untyped
@@ -88,8 +94,29 @@ class MetaMPResource(Resource):  # type: ignore[misc]  # flask-restful is untype
                 fields["uuid"] = uuid
         return restful_result(controller.handler(method)(*args, **fields))
 
+    @classmethod
+    def urls(cls, collection: str) -> tuple[str, ...]:
+        """The URLs to mount a resource at for ``collection`` (``"/sample"``): the collection, the item
+        (``/sample/<string:uuid>``), and its artifacts (``.../artifacts``, ``.../artifacts/<path:name>``)::
+
+            api.add_resource(R, *R.urls("/sample"), resource_class_args=(controller,))
+
+        .. versionadded:: 0.4
+        """
+        base = collection.rstrip("/")
+        item = f"{base}/<string:uuid>"
+        return (collection, item, f"{item}/artifacts", f"{item}/artifacts/<path:name>")
+
     def get(self, **path: Any) -> Any:
+        if _artifacts_route() and path.get("uuid") is not None:
+            return self._artifacts(path)
         return self._call("get", path)
+
+    def _artifacts(self, path: dict[str, Any]) -> Any:
+        """``GET <item>/artifacts`` (the list) or ``GET <item>/artifacts/<name>`` (a download): the controller's
+        :meth:`~..controller.MetaMPController.artifacts`, behind its ``decorator``."""
+        answer = self._controller.handler("artifacts")(path["uuid"], path.get("name"))
+        return restful_result(Reply(answer)) if isinstance(answer, dict) else answer
 
     def post(self, **path: Any) -> Any:
         if path.get("uuid") is not None and not self._controller.overrides("post"):

@@ -109,6 +109,9 @@ class Row(TypedDict, total=False):
     traceparent: Optional[str]
     #: The uuid of the ended task this one runs again (see :meth:`TaskStore.reruns`); else None.
     rerun_of: Optional[str]
+    #: The task's artifacts when its last attempt ended, ``{"name", "size", "content_type", "sha256"}`` each
+    #: (see :mod:`..artifacts`); None when it never saved one.
+    artifacts: Optional[list[dict[str, Any]]]
 
 
 class _AnyTenant:

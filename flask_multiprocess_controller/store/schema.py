@@ -116,6 +116,7 @@ FIELDS: tuple[Field, ...] = (
     Field("state_saved_at", float, True, _R, shown=_TIME, added=True),
     Field("traceparent", str, True, _T, added=True),
     Field("rerun_of", str, True, _T, added=True),
+    Field("artifacts", list[dict[str, Any]], True, _J, mutable=True, added=True),
 )
 
 #: Every key of a row, in storage order.
