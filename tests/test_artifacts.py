@@ -105,6 +105,8 @@ def test_artifacts_are_saved_listed_downloaded_elsewhere_and_purged(tmp_path: An
         assert reading.get(f"/reports/{uuid}/artifacts", headers={"X-Tenant": "b"}).status_code == 404
         assert reading.get(f"/mpc/api/tasks/{uuid}/artifacts/data.bin", headers={"X-Tenant": "b"}).status_code == 404
 
+        assert reading.delete(f"/reports/{uuid}/artifacts", headers={"X-Tenant": "a"}).status_code == 405
+
         purged = serving.test_cli_runner().invoke(args=["mpc", "purge", "--older-than", "0"])
         assert purged.exit_code == 0, purged.output
         assert not os.path.exists(os.path.join(reader.artifacts_directory, uuid))

@@ -30,6 +30,7 @@ from werkzeug.routing import Rule
 
 from .. import defaults
 from .arguments import ArgumentSpec
+from .resource import is_artifacts_rule
 from ..controller import MetaMPController
 from ..presenter import TASK_KEYS
 from .resource import MetaMPResource
@@ -165,6 +166,12 @@ class _Builder:
 
     def add(self, mount: Mount) -> None:
         path, path_parameters = openapi_path(mount.rule)
+        if is_artifacts_rule(mount.rule.rule):  # GET only: the list, or one download
+            if path.endswith("/artifacts"):
+                uuid = next((p for p in path_parameters if p["name"] == "uuid"), None)
+                if uuid is not None:
+                    self.paths.update(_artifact_paths(path[:-len("/artifacts")], uuid))
+            return
         item = self.paths.setdefault(path, {})
         if path_parameters:
             item["parameters"] = path_parameters
@@ -569,9 +576,30 @@ def _monitoring_paths(prefix: str) -> dict[str, Any]:
     uuid = {"name": "uuid", "in": "path", "required": True, "schema": {"type": "string"}}
     return {f"{prefix}/health": {"get": health},
             f"{prefix}/api/tasks/{{uuid}}/logs": {"parameters": [uuid], "get": logs},
+            **_artifact_paths(f"{prefix}/api/tasks/{{uuid}}", uuid),
             f"{prefix}/events": {"get": events},
             f"{prefix}/api/schedules": {"get": schedules},
             f"{prefix}/metrics": {"get": metrics}}
+
+
+def _artifact_paths(item: str, uuid: dict[str, Any]) -> dict[str, Any]:
+    """``<item>/artifacts`` and ``<item>/artifacts/{name}``: a task's artifacts, listed and downloaded."""
+    listing = {"summary": "The files the task saved, as kept now", "responses": {
+        "200": _task_response("The task's artifacts.", {
+            "type": "object", "required": ["uuid", "artifacts"], "properties": {
+                "uuid": {"type": "string", "format": "uuid"},
+                "artifacts": {"type": "array", "items": {"type": "object"}}}}),
+        **_errors("BadRequest", "NotFound", "Unavailable")}}
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "One plain file name (no path, no leading dot)."}
+    download = {"summary": "One artifact, as an attachment (range requests answered)",
+                "parameters": [{"name": "Range", "in": "header", "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The file.", "content": {"*/*": {"schema": {
+                                  "type": "string", "format": "binary"}}}},
+                              "206": {"description": "The range asked for."},
+                              **_errors("BadRequest", "NotFound", "Unavailable")}}
+    return {f"{item}/artifacts": {"parameters": [uuid], "get": listing},
+            f"{item}/artifacts/{{name}}": {"parameters": [uuid, name], "get": download}}
 
 
 def _drain_operations() -> dict[str, Any]:

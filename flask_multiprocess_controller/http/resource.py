@@ -24,7 +24,7 @@ from .compat import error_body
 from ..controller import MetaMPController
 from .handlers import HTTP_METHODS
 from .errors import error_response
-from ..exceptions import InvalidRequest, MPCError
+from ..exceptions import InvalidRequest, MethodNotServed, MPCError
 from .responses import Reply, restful_result
 
 
@@ -32,10 +32,14 @@ from .responses import Reply, restful_result
 _ARRAY_BODY_METHODS = frozenset({"post", "put", "patch"})
 
 
+def is_artifacts_rule(rule: str) -> bool:
+    """Whether URL rule ``rule`` is an artifacts URL of a resource (see :meth:`MetaMPResource.urls`)."""
+    return rule.endswith("/<string:uuid>/artifacts") or rule.endswith("/<uuid>/artifacts") or "/artifacts/<" in rule
+
+
 def _artifacts_route() -> bool:
-    """Whether the request came through an artifacts URL of a resource (see :meth:`MetaMPResource.urls`)."""
-    rule = request.url_rule.rule if request.url_rule is not None else ""
-    return rule.endswith("/artifacts") or "/artifacts/<" in rule
+    """Whether the request came through an artifacts URL of a resource."""
+    return request.url_rule is not None and is_artifacts_rule(request.url_rule.rule)
 
 
 class MetaMPResource(Resource):  # type: ignore[misc]  # flask-restful is untyped
@@ -65,6 +69,9 @@ class MetaMPResource(Resource):  # type: ignore[misc]  # flask-restful is untype
 
     def dispatch_request(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            if _artifacts_route() and request.method not in ("GET", "HEAD", "OPTIONS"):
+                # An artifacts URL only reads: a DELETE there must not stop the task.
+                raise MethodNotServed(f"{request.path} only answers GET (and HEAD).", ["GET", "HEAD", "OPTIONS"])
             return super().dispatch_request(*args, **kwargs)
         except MPCError as exc:
             body, status, headers = error_response(exc)
