@@ -23,6 +23,7 @@ from flask import current_app, has_app_context
 
 from .http import compat as compat_module
 from . import defaults
+from . import artifacts as artifacts_module
 from .http.arguments import ArgumentSpec, check_values
 from .batches import Batch, BatchView, new_batch_id, parse_batch_id
 from . import idempotency
@@ -116,6 +117,11 @@ class MetaMPController:
         ``MPC_SHUTDOWN_WAIT``, else the ``MPC_SHUTDOWN_WAIT`` environment variable, else 0.
     :param idempotency_ttl: seconds a POST's ``Idempotency-Key`` is remembered with the tasks it made: the
         same key again within it answers with those tasks (200) and queues none (see :meth:`enqueue_once`).
+    :param artifacts_url: where tasks keep the files they save (:mod:`.artifacts`): a directory (relative
+        to the app's instance folder) or a ``file://`` URL, shared by every host that serves the app; None:
+        ``MPC_ARTIFACTS_URL``, else ``<instance folder>/mpc-artifacts``.
+    :param max_artifact_size: bytes one artifact may take (default 1 GiB); ``MPC_MAX_ARTIFACT_SIZE``.
+    :param max_artifacts: artifacts one task may keep (default 100); ``MPC_MAX_ARTIFACTS``.
     :param callback_max_age: seconds a callback that could not be delivered stays in the store's outbox
         (retried at each start and reconciliation); then it is dropped, logged as a warning and counted in
         ``/mpc/health`` (``callbacks_dropped``). Default 7 days; ``MPC_CALLBACK_MAX_AGE`` in the app's config.
@@ -181,13 +187,15 @@ class MetaMPController:
                  max_pause: Optional[float] = defaults.MAX_PAUSE, pause_expiry: str = defaults.PAUSE_EXPIRY,
                  timeout_while_paused: bool = True,
                  can_change: Optional[Callable[[str, dict[str, Any]], Any]] = None,
-                 callback_max_age: float = defaults.CALLBACK_MAX_AGE) -> None:
+                 callback_max_age: float = defaults.CALLBACK_MAX_AGE, artifacts_url: Optional[str] = None,
+                 max_artifact_size: int = defaults.MAX_ARTIFACT_SIZE,
+                 max_artifacts: int = defaults.MAX_ARTIFACTS) -> None:
         configurator = check_arguments(
             target_task, callback_url, max_num_process, max_num_queue, timeout, stop_grace, max_tasks_per_child,
             (logger_configurator_cls, log_configurator), role, tenant, max_wait=max_wait,
             max_result_size=max_result_size, max_progress_size=max_progress_size, max_bulk=max_bulk,
             max_state_size=max_state_size, max_message_size=max_message_size, idempotency_ttl=idempotency_ttl,
-            callback_max_age=callback_max_age)
+            callback_max_age=callback_max_age, max_artifact_size=max_artifact_size, max_artifacts=max_artifacts)
         check_pause_settings(max_pause, pause_expiry, timeout_while_paused, can_change)
         #: The task class this controller runs (None: it runs none).
         self.target_task = target_task
@@ -197,6 +205,11 @@ class MetaMPController:
         #: Seconds an undelivered callback is kept in the store's outbox; then it is dropped, logged and
         #: counted (``callbacks_dropped`` in ``/mpc/health``).
         self.callback_max_age = float(callback_max_age)
+        #: Where tasks keep their artifacts (a directory or ``file://`` URL; None: ``MPC_ARTIFACTS_URL``, else
+        #: ``<instance folder>/mpc-artifacts``), the bytes one may take, and how many a task may keep.
+        self.artifacts_url: Optional[str] = artifacts_url
+        self.max_artifact_size = int(max_artifact_size)
+        self.max_artifacts = int(max_artifacts)
         self.timeout = timeout
         self.stop_grace = float(stop_grace)
         self.max_memory = max_memory
@@ -258,6 +271,9 @@ class MetaMPController:
             ("pause_expiry", pause_expiry, defaults.PAUSE_EXPIRY),
             ("timeout_while_paused", timeout_while_paused, True),
             ("callback_max_age", callback_max_age, defaults.CALLBACK_MAX_AGE),
+            ("artifacts_url", artifacts_url, None),
+            ("max_artifact_size", max_artifact_size, defaults.MAX_ARTIFACT_SIZE),
+            ("max_artifacts", max_artifacts, defaults.MAX_ARTIFACTS),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
         self._bound = False
@@ -407,8 +423,16 @@ class MetaMPController:
 
     @property
     def limits(self) -> Limits:
-        """The sizes a task's reports may have."""
-        return self._limits
+        """The sizes a task's reports may have, and where and how many artifacts it may keep."""
+        return dataclasses.replace(self._limits, artifact_bytes=self.max_artifact_size,
+                                   artifact_count=self.max_artifacts, artifacts_url=self.artifacts_directory)
+
+    @property
+    def artifacts_directory(self) -> str:
+        """The directory of this controller's artifacts: a folder named after it under ``artifacts_url``
+        (see :mod:`.artifacts`)."""
+        return artifacts_module.controller_folder(
+            artifacts_module.storage_root(self.artifacts_url, self._instance_path), self.name)
 
     def context_view(self) -> Mapping[str, Any]:
         """A read-only view of the context handed to every task."""
@@ -978,6 +1002,24 @@ class MetaMPController:
     def trace(self, *args: Any, **kwargs: Any) -> Reply:
         """Not served unless overridden: raises :class:`MethodNotServed` (405 with ``Allow``)."""
         raise self._not_served("trace")
+
+    def artifacts(self, uuid: str, name: Optional[str] = None) -> Any:
+        """``GET <item>/artifacts``: ``{"artifacts": [...]}``, the task's artifacts as kept now; with ``name``
+        (``GET <item>/artifacts/<name>``), the download of that one (see :func:`.artifacts.artifact_response`).
+
+        Called through :meth:`handler` (so behind the class's ``decorator``), in a request; the task must be
+        visible to the request's tenant.
+
+        :raises TaskNotFound: no such task (or not the tenant's).
+        :raises InvalidArtifactName: ``name`` cannot be an artifact's (a path, ``..``...).
+        :raises ArtifactNotFound: the task has no artifact ``name``.
+
+        .. versionadded:: 0.4
+        """
+        row = self._row(uuid)
+        if name is None:
+            return {"uuid": row["uuid"], "artifacts": artifacts_module.list_artifacts(self, row)}
+        return artifacts_module.artifact_response(self, row, name)
 
     def handler(self, method: str) -> Callable[..., Any]:
         """The HTTP method ``method`` of this controller, wrapped once in the class's ``decorator``."""

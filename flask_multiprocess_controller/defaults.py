@@ -166,3 +166,9 @@ METRICS_SAMPLE = 10_000
 #: The upper bounds (seconds) of the buckets of the wait-time and run-time histograms.
 METRICS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
                    4 * 3600.0, 12 * 3600.0)
+#: The directory, under the app's instance folder, that keeps the files tasks save (``MPC_ARTIFACTS_URL``).
+ARTIFACTS_DIR = "mpc-artifacts"
+#: Bytes one artifact may take (1 GiB); over it ``save_artifact()`` raises ``ArtifactTooLarge``.
+MAX_ARTIFACT_SIZE = 1024 ** 3
+#: Artifacts one task may keep; more make ``save_artifact()`` raise ``TooManyArtifacts``.
+MAX_ARTIFACTS = 100

@@ -296,6 +296,52 @@ class StateTooLarge(MPCError):
         self.limit = limit
 
 
+class InvalidArtifactName(InvalidRequest):
+    """An artifact name that could lead out of its task's directory, or that no file system takes: a path
+    (``/``, ``\\``), ``.`` or ``..``, a leading dot, a control character, or more than 255 bytes.
+
+    .. versionadded:: 0.4
+    """
+
+
+class ArtifactNotFound(MPCError):
+    """The task has no artifact of that name.
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self, uuid: str, name: str) -> None:
+        super().__init__(f"Task {uuid} has no artifact named {name[:200]!r}.")
+        self.uuid = uuid
+        self.name = name
+
+
+class ArtifactTooLarge(MPCError):
+    """Raised inside a task by ``save_artifact()`` when the file is over the controller's
+    ``max_artifact_size``; nothing is saved, and the task may catch it and go on.
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__(f"Artifact {name!r} is over the controller's max_artifact_size of {limit} bytes; "
+                         f"nothing was saved.")
+        self.limit = limit
+
+
+class TooManyArtifacts(MPCError):
+    """Raised inside a task by ``save_artifact()`` when the task holds ``max_artifacts`` artifacts already
+    (saving again under a name it holds replaces that one and is allowed).
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__(f"Artifact {name!r} was not saved: the task holds the controller's max_artifacts of "
+                         f"{limit} already.")
+        self.limit = limit
+
+
 class TaskFailure(MPCError):
     """Base of the ways a task can fail outside ``execute``; name them in a task's ``retry_on``.
 

@@ -67,6 +67,9 @@ class TaskObject(TypedDict, total=False):
     concurrency_key: Optional[str]
     #: What the task needs of a host (memory in bytes, cpus, custom names), else None.
     resources: Optional[dict[str, Any]]
+    #: The task's artifacts, ``{"name", "size", "content_type", "sha256"}`` each, as its last attempt left them
+    #: (see :mod:`.artifacts`); None before an attempt ended, or when it saved none.
+    artifacts: Optional[list[dict[str, Any]]]
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
@@ -78,7 +81,7 @@ TASK_KEYS = (
     "cpu_time", "timeout",
     "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
     "traceparent",
-    "rerun_of", "reruns", "concurrency_key", "resources",
+    "rerun_of", "reruns", "concurrency_key", "resources", "artifacts",
 )
 
 

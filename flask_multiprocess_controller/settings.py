@@ -102,7 +102,7 @@ APP_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "expose_tracebacks": flag, "handover_window": float, "shutdown_wait": float,
     "max_message_size": int, "expose_errors": flag, "idempotency_ttl": float,
     "max_pause": max_pause_setting, "pause_expiry": pause_expiry_setting, "timeout_while_paused": flag,
-    "callback_max_age": float,
+    "callback_max_age": float, "artifacts_url": str, "max_artifact_size": int, "max_artifacts": int,
 }
 
 #: What a setting must be, in the message refusing a bad value (where the converter's name would not say).
@@ -113,7 +113,7 @@ _SETTING_KINDS = {"max_pause": "number of seconds (0: no limit)", "pause_expiry"
 #: Settings a started runtime has taken for good; the others are read at each request.
 FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait", "max_message_size",
                              "max_pause", "pause_expiry", "timeout_while_paused",
-                             "callback_max_age"})
+                             "callback_max_age", "artifacts_url", "max_artifact_size", "max_artifacts"})
 
 
 def app_setting(key: str, value: Any) -> Any:

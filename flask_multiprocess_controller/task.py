@@ -142,6 +142,43 @@ class MetaMPTask(abc.ABC):
         self.state = value
         return stored
 
+    @property
+    def artifact_dir(self) -> str:
+        """A private scratch directory of this attempt, made at the first use: files left in it when
+        :meth:`execute` ends (returns, raises or stops) are saved as artifacts under their file names
+        (subdirectories are not), then it is removed.
+
+        :raises NotInTask: outside a task process.
+
+        .. versionadded:: 0.4
+        """
+        return str(self._artifact_writer().directory)
+
+    def save_artifact(self, name: str, data_or_path: Any, content_type: Optional[str] = None) -> dict[str, Any]:
+        """Save a file this task produced as its artifact ``name`` (replacing one of that name), and return
+        its record ``{"name", "size", "content_type", "sha256"}``.
+
+        ``data_or_path`` is the content (``bytes``; encode text first), the path of a file (``str`` or
+        ``os.PathLike``, copied), or a binary file object (read to its end). ``content_type`` defaults to
+        what the name's extension says, else ``application/octet-stream``. The artifact is complete once
+        this returns: ``GET <item>/artifacts`` lists it from then on, from any serving process that reaches
+        the same artifacts directory, and it is deleted with the task.
+
+        :raises InvalidArtifactName: ``name`` is not one plain file name (a path, ``..``, a leading dot...).
+        :raises ArtifactTooLarge: the content is over the controller's ``max_artifact_size`` (nothing saved).
+        :raises TooManyArtifacts: the task holds ``max_artifacts`` others already (nothing saved).
+        :raises NotInTask: outside a task process.
+
+        .. versionadded:: 0.4
+        """
+        return dict(self._artifact_writer().save(name, data_or_path, content_type))
+
+    def _artifact_writer(self) -> Any:
+        writer = getattr(self, "_artifacts", None)
+        if writer is None:
+            raise NotInTask("Artifacts are saved from inside MetaMPTask.execute(), in a task process.")
+        return writer
+
     def checkpoint(self) -> None:
         """Raise :class:`AbortException` if a stop of this task has been requested."""
         if self._channel.stop_requested():

@@ -18,6 +18,7 @@ import time
 from typing import Any, Optional, Type
 
 from .. import defaults, task as task_module
+from ..artifacts import ArtifactWriter
 from ..exceptions import AbortException, StateTooLarge
 from ..jsonvalues import too_deep
 from .proctree import IDLE_NAME, set_process_name, task_process_name
@@ -312,6 +313,8 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
     if capture is not None:
         capture.begin(task_id)
     task = task_cls(task_id, channel, command.context, state=command.state)
+    writer = ArtifactWriter(task_id, command.limits, task_cls.logger) if command.limits.artifacts_url else None
+    task._artifacts = writer  # type: ignore[attr-defined]  # see MetaMPTask.save_artifact
     task_module._set_current(task)
     try:
         done = _result(task_id, task.execute(**command.args), command.limits.result_bytes)
@@ -328,10 +331,12 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
             flush_python_streams()
         if reused:
             set_process_name(IDLE_NAME)
+    artifacts = writer.finish() if writer is not None else None
     channel.flush_progress()
     cpu_after, maxrss = _usage()
     usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids() if reused else None)
-    return Done(done.uuid, done.kind, done.result_json, done.error, usage, done.retryable)
+    return Done(done.uuid, done.kind, done.result_json, done.error, usage, done.retryable,
+                [dict(info) for info in artifacts] if artifacts is not None else None)
 
 
 def _send_quietly(channel: _Channel, message: Output) -> None:

@@ -105,6 +105,11 @@ class Limits:
     state_bytes: int = defaults.MAX_STATE_SIZE
     #: Bytes (UTF-8) of an error's message that are kept.
     message_bytes: int = defaults.MAX_MESSAGE_SIZE
+    #: Bytes one artifact may take, and how many a task may keep (see :mod:`..artifacts`).
+    artifact_bytes: int = defaults.MAX_ARTIFACT_SIZE
+    artifact_count: int = defaults.MAX_ARTIFACTS
+    #: Where artifacts are kept (an absolute directory or a ``file://`` URL; "": the task saves none).
+    artifacts_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,8 @@ class Done:
     error: Optional[ErrorRecord] = None
     usage: Usage = field(default_factory=Usage)
     retryable: bool = False
+    #: The task's artifacts when the attempt ended (see :mod:`..artifacts`); None: it never touched them.
+    artifacts: Optional[list[dict[str, Any]]] = None
 
 
 Report = Union[Progress, Percent, LogRecordMessage, Output, SaveState, Done]

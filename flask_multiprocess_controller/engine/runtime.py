@@ -28,6 +28,7 @@ from multiprocessing.connection import wait as wait_ready
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, cast
 
 
+from ..artifacts import ArtifactStorage, sweep
 from .. import defaults
 from .adoption import AdoptedRun, AdoptionListener, Link, Offer, adoptable
 from .callbacks import CallbackSender
@@ -435,8 +436,18 @@ class Runtime(TaskSide):
         purged = self.store.purge(self.config.name, ended_before, emitter=self.owner)
         if purged:
             self.store.logs.drop_orphans()  # a task's log goes with the task
+            self._sweep_artifacts()  # and its files
             self.logger.info("Purged %d tasks that ended more than %g s ago.", purged, self.config.retention)
         self.expire_callbacks()
+
+    def _sweep_artifacts(self) -> None:
+        """Delete the artifacts of the tasks just purged (see :func:`..artifacts.sweep`)."""
+        if not self.config.limits.artifacts_url:
+            return
+        try:
+            sweep(ArtifactStorage(self.config.limits.artifacts_url), self.store)
+        except OSError as exc:  # the next purge tries again
+            self.logger.warning("Cannot delete the artifacts of purged tasks: %s", exc)
 
     def expire_callbacks(self) -> None:
         """Drop the callbacks still undelivered ``callback_max_age`` after their event: each one is logged,

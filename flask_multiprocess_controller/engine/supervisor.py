@@ -497,6 +497,8 @@ def classify(seen: Observation, settings: Settings) -> Outcome:
         "cpu_time": max(usage.cpu_time if settings.fresh_process else 0.0,
                         report.cpu_time if report else 0.0) or None,
     }
+    if seen.done is not None and seen.done.artifacts is not None:
+        fields["artifacts"] = seen.done.artifacts
     reason = seen.stop_reason
     alive = not seen.exited
     if reason is StopReason.MEMORY:

@@ -14,11 +14,15 @@ from ..exceptions import (
 from ..exceptions import IdempotencyKeyReused, IdempotentTasksPurged
 from ..exceptions import MetricsUnavailable
 from ..exceptions import TaskStillActive
+from ..exceptions import ArtifactNotFound, ArtifactTooLarge, TooManyArtifacts
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
     InvalidRequest: 400,
     TaskNotFound: 404,
+    ArtifactNotFound: 404,
+    ArtifactTooLarge: 413,
+    TooManyArtifacts: 409,
     BatchNotFound: 404,
     HostNotFound: 404,
     MetricsUnavailable: 404,

@@ -30,6 +30,7 @@ from werkzeug.routing import Rule
 
 from .. import defaults
 from .arguments import ArgumentSpec
+from .resource import is_artifacts_rule
 from ..controller import MetaMPController
 from ..presenter import TASK_KEYS
 from .resource import MetaMPResource
@@ -165,6 +166,12 @@ class _Builder:
 
     def add(self, mount: Mount) -> None:
         path, path_parameters = openapi_path(mount.rule)
+        if is_artifacts_rule(mount.rule.rule):  # GET only: the list, or one download
+            if path.endswith("/artifacts"):
+                uuid = next((p for p in path_parameters if p["name"] == "uuid"), None)
+                if uuid is not None:
+                    self.paths.update(_artifact_paths(path[:-len("/artifacts")], uuid))
+            return
         item = self.paths.setdefault(path, {})
         if path_parameters:
             item["parameters"] = path_parameters
@@ -569,9 +576,30 @@ def _monitoring_paths(prefix: str) -> dict[str, Any]:
     uuid = {"name": "uuid", "in": "path", "required": True, "schema": {"type": "string"}}
     return {f"{prefix}/health": {"get": health},
             f"{prefix}/api/tasks/{{uuid}}/logs": {"parameters": [uuid], "get": logs},
+            **_artifact_paths(f"{prefix}/api/tasks/{{uuid}}", uuid),
             f"{prefix}/events": {"get": events},
             f"{prefix}/api/schedules": {"get": schedules},
             f"{prefix}/metrics": {"get": metrics}}
+
+
+def _artifact_paths(item: str, uuid: dict[str, Any]) -> dict[str, Any]:
+    """``<item>/artifacts`` and ``<item>/artifacts/{name}``: a task's artifacts, listed and downloaded."""
+    listing = {"summary": "The files the task saved, as kept now", "responses": {
+        "200": _task_response("The task's artifacts.", {
+            "type": "object", "required": ["uuid", "artifacts"], "properties": {
+                "uuid": {"type": "string", "format": "uuid"},
+                "artifacts": {"type": "array", "items": {"type": "object"}}}}),
+        **_errors("BadRequest", "NotFound", "Unavailable")}}
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "One plain file name (no path, no leading dot)."}
+    download = {"summary": "One artifact, as an attachment (range requests answered)",
+                "parameters": [{"name": "Range", "in": "header", "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The file.", "content": {"*/*": {"schema": {
+                                  "type": "string", "format": "binary"}}}},
+                              "206": {"description": "The range asked for."},
+                              **_errors("BadRequest", "NotFound", "Unavailable")}}
+    return {f"{item}/artifacts": {"parameters": [uuid], "get": listing},
+            f"{item}/artifacts/{{name}}": {"parameters": [uuid, name], "get": download}}
 
 
 def _drain_operations() -> dict[str, Any]:
@@ -784,6 +812,13 @@ def _common_schemas() -> dict[str, Any]:
                             description="The tasks queued to run this one again, newest first (at most "
                                         f"{defaults.RERUNS_SHOWN}); null in list views and events, which do not "
                                         "read them."),
+        "artifacts": _nullable(
+            "array", items={"type": "object", "required": ["name", "size", "content_type", "sha256"], "properties": {
+                "name": {"type": "string"}, "size": {"type": "integer", "minimum": 0},
+                "content_type": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}},
+            description="The files the task saved (`save_artifact()`, `artifact_dir`) as its last attempt left "
+                        "them; null before an attempt ended or when it saved none. `GET <item>/artifacts` lists "
+                        "them at any time, `GET <item>/artifacts/<name>` downloads one."),
         "truncated": {"type": "array", "items": {"enum": ["args", "progress", "result", "errors"]},
                       "description": "In a list view: the values shown as null because they are too large."},
     }

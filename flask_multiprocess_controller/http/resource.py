@@ -24,12 +24,22 @@ from .compat import error_body
 from ..controller import MetaMPController
 from .handlers import HTTP_METHODS
 from .errors import error_response
-from ..exceptions import InvalidRequest, MPCError
-from .responses import restful_result
+from ..exceptions import InvalidRequest, MethodNotServed, MPCError
+from .responses import Reply, restful_result
 
 
 #: Methods whose JSON array body is passed as positional arguments.
 _ARRAY_BODY_METHODS = frozenset({"post", "put", "patch"})
+
+
+def is_artifacts_rule(rule: str) -> bool:
+    """Whether URL rule ``rule`` is an artifacts URL of a resource (see :meth:`MetaMPResource.urls`)."""
+    return rule.endswith("/<string:uuid>/artifacts") or rule.endswith("/<uuid>/artifacts") or "/artifacts/<" in rule
+
+
+def _artifacts_route() -> bool:
+    """Whether the request came through an artifacts URL of a resource."""
+    return request.url_rule is not None and is_artifacts_rule(request.url_rule.rule)
 
 
 class MetaMPResource(Resource):  # type: ignore[misc]  # flask-restful is untyped
@@ -59,6 +69,9 @@ class MetaMPResource(Resource):  # type: ignore[misc]  # flask-restful is untype
 
     def dispatch_request(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            if _artifacts_route() and request.method not in ("GET", "HEAD", "OPTIONS"):
+                # An artifacts URL only reads: a DELETE there must not stop the task.
+                raise MethodNotServed(f"{request.path} only answers GET (and HEAD).", ["GET", "HEAD", "OPTIONS"])
             return super().dispatch_request(*args, **kwargs)
         except MPCError as exc:
             body, status, headers = error_response(exc)
@@ -88,8 +101,29 @@ class MetaMPResource(Resource):  # type: ignore[misc]  # flask-restful is untype
                 fields["uuid"] = uuid
         return restful_result(controller.handler(method)(*args, **fields))
 
+    @classmethod
+    def urls(cls, collection: str) -> tuple[str, ...]:
+        """The URLs to mount a resource at for ``collection`` (``"/sample"``): the collection, the item
+        (``/sample/<string:uuid>``), and its artifacts (``.../artifacts``, ``.../artifacts/<path:name>``)::
+
+            api.add_resource(R, *R.urls("/sample"), resource_class_args=(controller,))
+
+        .. versionadded:: 0.4
+        """
+        base = collection.rstrip("/")
+        item = f"{base}/<string:uuid>"
+        return (collection, item, f"{item}/artifacts", f"{item}/artifacts/<path:name>")
+
     def get(self, **path: Any) -> Any:
+        if _artifacts_route() and path.get("uuid") is not None:
+            return self._artifacts(path)
         return self._call("get", path)
+
+    def _artifacts(self, path: dict[str, Any]) -> Any:
+        """``GET <item>/artifacts`` (the list) or ``GET <item>/artifacts/<name>`` (a download): the controller's
+        :meth:`~..controller.MetaMPController.artifacts`, behind its ``decorator``."""
+        answer = self._controller.handler("artifacts")(path["uuid"], path.get("name"))
+        return restful_result(Reply(answer)) if isinstance(answer, dict) else answer
 
     def post(self, **path: Any) -> Any:
         if path.get("uuid") is not None and not self._controller.overrides("post"):

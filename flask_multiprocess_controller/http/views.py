@@ -43,6 +43,9 @@ def make_blueprint(extension: "MultiprocessController") -> Blueprint:
     blueprint.add_url_rule("/api/tasks/<uuid>", "task", wrap(_task_item(extension)),
                            methods=["GET", "DELETE", "PATCH"])
     blueprint.add_url_rule("/api/tasks/<uuid>/logs", "logs", wrap(_task_logs(extension)))
+    blueprint.add_url_rule("/api/tasks/<uuid>/artifacts", "artifacts", wrap(_task_artifacts(extension)))
+    # The path converter takes "a/b" and "../x" too, so that they are refused with a 400 that says why.
+    blueprint.add_url_rule("/api/tasks/<uuid>/artifacts/<path:name>", "artifact", wrap(_task_artifacts(extension)))
     blueprint.add_url_rule("/api/tasks/<uuid>/rerun", "rerun", wrap(_task_rerun(extension)), methods=["POST"])
     blueprint.add_url_rule("/api/schedules", "schedules", wrap(_schedules(extension)))
     # Host ids contain "/" (see runtime.host_id): the path converter takes them whole.
@@ -141,6 +144,15 @@ def _task_logs(extension: "MultiprocessController") -> Callable[[str], ResponseR
                         "next": lines[-1][0] if lines else after})
 
     return logs
+
+
+def _task_artifacts(extension: "MultiprocessController") -> Callable[..., ResponseReturnValue]:
+    def artifacts(uuid: str, name: Optional[str] = None) -> ResponseReturnValue:
+        controller = find_owner(extension.controllers(), uuid)
+        answer = controller.artifacts(uuid, name)
+        return jsonify(answer) if isinstance(answer, dict) else answer
+
+    return artifacts
 
 
 def _follow_log(controller: "MetaMPController", uuid: str, after: int, deadline: float) -> Iterator[str]:

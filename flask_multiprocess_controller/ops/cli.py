@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import click
 from flask.cli import AppGroup, with_appcontext
 
+from ..artifacts import ArtifactStorage, sweep
 from .. import registry
 from ..exceptions import (
     BatchNotFound, HostNotFound, IdempotencyKeyReused, InvalidRequest, MPCError, PayloadTooLarge, StoreError,
@@ -373,7 +374,10 @@ def purge_command(older_than: Optional[float]) -> None:
     for controller in _controllers():
         store = controller.store
         keep = controller.retention if older_than is None else older_than
-        total += store.purge(controller.name, store.now() - keep)
+        purged = store.purge(controller.name, store.now() - keep)
+        if purged:
+            sweep(ArtifactStorage(controller.artifacts_directory), store)  # a task's files go with it
+        total += purged
     click.echo(f"Purged {total} task(s).")
 
 

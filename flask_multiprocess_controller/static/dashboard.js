@@ -894,10 +894,27 @@
     field(list, "Duration", duration(task));
     field(list, "Schedule", task.schedule ? task.schedule.name + " (" + task.schedule.firing + ")" : null);
     renderRerun(task, list);
+    field(list, "Artifacts", artifactLinks(task));
     $("task-args").textContent = pretty(task.args);
     $("task-result").textContent = pretty(task.result);
     renderError(task.error);
     renderRetries(task.errors || []);
+  }
+
+  // The files the task saved (save_artifact, artifact_dir), each a download link (served as an attachment,
+  // never rendered by the page); the name is shown as text only.
+  function artifactLinks(task) {
+    if (!task.artifacts || !task.artifacts.length) return null;
+    const span = el("span", null, "artifacts");
+    task.artifacts.forEach((artifact, i) => {
+      if (i) span.appendChild(document.createTextNode(", "));
+      const a = el("a", artifact.name, "artifact");
+      a.href = "api/tasks/" + encodeURIComponent(task.uuid) + "/artifacts/" + encodeURIComponent(artifact.name);
+      a.setAttribute("download", artifact.name);
+      a.title = artifact.content_type + ", " + artifact.size + " bytes, sha256 " + artifact.sha256;
+      span.appendChild(a);
+    });
+    return span;
   }
 
   function renderError(error) {

@@ -116,6 +116,9 @@ class Row(TypedDict, total=False):
     #: What the task declared it needs of a host, resource name -> amount (memory in bytes, cpus, custom
     #: names), counted against the capacity of the host that claims it; None: nothing declared.
     resources: Optional[dict[str, Any]]
+    #: The task's artifacts when its last attempt ended, ``{"name", "size", "content_type", "sha256"}`` each
+    #: (see :mod:`..artifacts`); None when it never saved one.
+    artifacts: Optional[list[dict[str, Any]]]
 
 
 class _AnyTenant:

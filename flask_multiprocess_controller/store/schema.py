@@ -118,6 +118,7 @@ FIELDS: tuple[Field, ...] = (
     Field("rerun_of", str, True, _T, added=True),
     Field("concurrency_key", str, True, _T, added=True),
     Field("resources", dict[str, Any], True, _J, added=True),
+    Field("artifacts", list[dict[str, Any]], True, _J, mutable=True, added=True),
 )
 
 #: Every key of a row, in storage order.
