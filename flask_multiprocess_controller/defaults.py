@@ -166,3 +166,7 @@ METRICS_SAMPLE = 10_000
 #: The upper bounds (seconds) of the buckets of the wait-time and run-time histograms.
 METRICS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
                    4 * 3600.0, 12 * 3600.0)
+#: Seconds a share link (``controller.share_url``, ``POST ...?share=``) is valid unless told otherwise (1 h).
+SHARE_TTL = 3600
+#: The longest validity a share link may be given (30 days).
+MAX_SHARE_TTL = 30 * 24 * 3600

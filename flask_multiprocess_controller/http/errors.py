@@ -14,6 +14,7 @@ from ..exceptions import (
 from ..exceptions import IdempotencyKeyReused, IdempotentTasksPurged
 from ..exceptions import MetricsUnavailable
 from ..exceptions import TaskStillActive
+from ..exceptions import ShareDenied, ShareLinkExpired, ShareLinksUnavailable, ShareTokenMissing
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
@@ -23,6 +24,9 @@ HTTP_STATUS: dict[type, int] = {
     HostNotFound: 404,
     MetricsUnavailable: 404,
     ChangeNotAllowed: 403,
+    ShareTokenMissing: 401,
+    ShareLinkExpired: 401,
+    ShareDenied: 403,
     MethodNotServed: 405,
     TaskAlreadyFinished: 409,
     InvalidTransition: 409,
@@ -34,6 +38,7 @@ HTTP_STATUS: dict[type, int] = {
     ControllerClosed: 503,
     TooManyStreams: 503,
     StoreError: 503,
+    ShareLinksUnavailable: 501,
     MPCError: 500,
 }
 
@@ -46,4 +51,6 @@ def error_response(exc: MPCError) -> tuple[dict[str, Any], int, dict[str, str]]:
         headers["Retry-After"] = str(getattr(exc, "retry_after", defaults.RETRY_AFTER))
     if isinstance(exc, MethodNotServed):
         headers["Allow"] = ", ".join(exc.allowed)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="share link"'
     return {"message": exc.message}, status, headers
