@@ -364,6 +364,7 @@ class ShareLinkExpired(ShareDenied):
     """A share link's validity has passed: the app must make a new one (401)."""
 
 
-class ShareLinksUnavailable(MPCError):
+class ShareLinksUnavailable(InvalidRequest):
     """Share links cannot be made or checked here: the app has no ``SECRET_KEY`` (they are signed with it), or
-    the extension (which serves them) is not initialised in the app (501)."""
+    the extension (which serves them) is not initialised in the app (400: a request for a link is one this
+    server cannot answer, whatever it is sent again with)."""

@@ -159,7 +159,7 @@ def test_events_follow_the_one_task_until_it_ends(controller, tmp_path):
 def test_links_need_a_secret_key_and_a_valid_validity_and_refusals_queue_nothing(controller):
     unsigned = make_app(controller, secret=None).test_client()
     refused = unsigned.post("/gate?share=60", json={"text": "x"})
-    assert refused.status_code == 501 and "SECRET_KEY" in refused.get_json()["message"]
+    assert refused.status_code == 400 and "SECRET_KEY" in refused.get_json()["message"]
     signed = make_app(controller).test_client()
     for bad in ("0", "-5", "abc", str(31 * 24 * 3600)):
         assert signed.post(f"/gate?share={bad}", json={"text": "x"}).status_code == 400, bad

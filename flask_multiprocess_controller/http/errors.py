@@ -14,7 +14,7 @@ from ..exceptions import (
 from ..exceptions import IdempotencyKeyReused, IdempotentTasksPurged
 from ..exceptions import MetricsUnavailable
 from ..exceptions import TaskStillActive
-from ..exceptions import ShareDenied, ShareLinkExpired, ShareLinksUnavailable, ShareTokenMissing
+from ..exceptions import ShareDenied, ShareLinkExpired, ShareTokenMissing
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
@@ -38,7 +38,6 @@ HTTP_STATUS: dict[type, int] = {
     ControllerClosed: 503,
     TooManyStreams: 503,
     StoreError: 503,
-    ShareLinksUnavailable: 501,
     MPCError: 500,
 }
 
