@@ -28,6 +28,7 @@ be framed by the app's own origin (``frame-ancestors 'self'``).
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
@@ -178,7 +179,8 @@ def share_option(options: Mapping[str, str]) -> Optional[int]:
 
 def add_share_urls(reply: dict[str, Any], ttl: int) -> None:
     """Give the task object(s) of a POST's answer their ``share_url``."""
-    tasks = reply.get("tasks") if isinstance(reply.get("tasks"), list) else [reply]
+    listed = reply.get("tasks")
+    tasks = listed if isinstance(listed, list) else [reply]
     for task in tasks:
         if isinstance(task, dict) and isinstance(task.get("uuid"), str):
             task["share_url"] = signed_url(task["uuid"], ttl)
@@ -326,7 +328,9 @@ def follow(controller: "MetaMPController", uuid: str, deadline: float, buffer: i
             elif _event_name(piece) in _FINAL_EVENTS:
                 return
     finally:
-        lines.close()
+        close = getattr(lines, "close", None)
+        if close is not None:
+            close()
 
 
 def _event_name(piece: str) -> Optional[str]:
@@ -351,7 +355,7 @@ def serve_shared_artifact(controller: "MetaMPController", row: Row, name: str) -
     when the server has one; else 404.
     """
     try:
-        from .. import artifacts  # type: ignore[attr-defined]
+        artifacts: Any = importlib.import_module("flask_multiprocess_controller.artifacts")
     except ImportError:
         artifacts = None
     reader = getattr(artifacts, "open_artifact", None)
