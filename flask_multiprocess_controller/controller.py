@@ -738,6 +738,25 @@ class MetaMPController:
         task["reruns"] = []
         return task
 
+    def share_url(self, uuid: str, ttl: float = defaults.SHARE_TTL) -> str:
+        """A signed, read-only link to task ``uuid`` that expires in ``ttl`` seconds (1 s to 30 days).
+
+        The link shows that task only (status, progress, result, error, files) as JSON, as Server-Sent
+        Events and, to a browser, as a small live page; anyone who has it may read the task until it
+        expires, without the app's ``decorator=`` or ``tenant=`` hook (see :mod:`.http.share`). It is
+        signed with the app's ``SECRET_KEY``: call it in a request (the link is then absolute) or within
+        ``app.app_context()`` (absolute with ``SERVER_NAME``, else the path from the app's root).
+
+        :raises TaskNotFound: no such task here (or not the request's tenant's).
+        :raises InvalidRequest: ``ttl`` is out of bounds.
+        :raises ShareLinksUnavailable: the app has no ``SECRET_KEY``, no app context, or no extension.
+
+        .. versionadded:: 0.3
+        """
+        from .http.share import share_url
+
+        return share_url(self, uuid, ttl)
+
     def stop(self, uuid: str) -> TaskObject:
         """Ask a task to stop; return its task object (``stopped`` if it was queued, else ``stopping``).
 

@@ -172,3 +172,7 @@ ARTIFACTS_DIR = "mpc-artifacts"
 MAX_ARTIFACT_SIZE = 1024 ** 3
 #: Artifacts one task may keep; more make ``save_artifact()`` raise ``TooManyArtifacts``.
 MAX_ARTIFACTS = 100
+#: Seconds a share link (``controller.share_url``, ``POST ...?share=``) is valid unless told otherwise (1 h).
+SHARE_TTL = 3600
+#: The longest validity a share link may be given (30 days).
+MAX_SHARE_TTL = 30 * 24 * 3600

@@ -393,3 +393,24 @@ class IdempotentReplay(Exception):
         self.uuids = list(uuids)
         self.fingerprint = fingerprint
         super().__init__(f"already submitted as {', '.join(self.uuids)}")
+
+
+class ShareDenied(MPCError):
+    """A share link's token does not open this task: it was altered, or it is another task's (403).
+
+    .. versionadded:: 0.3
+    """
+
+
+class ShareTokenMissing(ShareDenied):
+    """A share URL was requested without its ``token`` (401)."""
+
+
+class ShareLinkExpired(ShareDenied):
+    """A share link's validity has passed: the app must make a new one (401)."""
+
+
+class ShareLinksUnavailable(InvalidRequest):
+    """Share links cannot be made or checked here: the app has no ``SECRET_KEY`` (they are signed with it), or
+    the extension (which serves them) is not initialised in the app (400: a request for a link is one this
+    server cannot answer, whatever it is sent again with)."""

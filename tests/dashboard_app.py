@@ -72,6 +72,8 @@ example = load_example_app()
 echo = EchoController(Echo, max_num_process=2, stop_grace=1,
                       expose_tracebacks=os.environ.get("ECHO_TRACEBACKS") == "1")
 app = example.app
+# Share links are signed with it.
+app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY", "dashboard tests")
 # How long an event stream lasts before the browser reconnects (read at each request).
 app.config["MPC_MAX_WAIT"] = float(os.environ.get("STREAM_SECONDS", "25"))
 example.api.add_resource(MetaMPResource, "/echo", "/echo/<string:uuid>", endpoint="echo", resource_class_args=(echo,))

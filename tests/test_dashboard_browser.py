@@ -404,3 +404,29 @@ def test_run_again_on_the_task_page_of_an_ended_task(page: Any, server: Server) 
     page.wait_for_selector(f"#task-fields div:has(dt:text-is('Reruns')) dd a[title='{again}']")
     assert page.inner_text("#task-uuid") == failed
     assert page.locator("#task-actions button.rerun").count() == 1
+
+
+def test_a_share_link_page_shows_live_progress_and_task_text_as_text(page: Any, server: Server,
+                                                                       tmp_path: Path) -> None:
+    answer = requests.post(server.base + "/primes?share=600", json={"limit": 100_000, "chunks": 25, "pause": 0.12},
+                           timeout=10)
+    assert answer.status_code == 202, answer.text
+    page.goto(answer.json()["share_url"])  # no login: the token opens this one task
+    bar = "mpc-progress progress"
+    first = page.wait_for_function(
+        f"() => {{ const bar = document.querySelector('{bar}');"
+        f" return bar && bar.value > 0 && bar.value < 100 ? bar.value : false; }}").json_value()
+    page.wait_for_function(f"() => document.querySelector('{bar}').value > {first}")
+    page.wait_for_selector('mpc-progress[data-status="succeeded"]')
+    assert '"primes": 9592' in page.inner_text("mpc-progress .mpc-progress-result")
+
+    hostile = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+    echoed = requests.post(server.base + "/echo?share=600", json={"text": hostile, "gate": str(tmp_path / "gate")},
+                           timeout=10).json()
+    page.goto(echoed["share_url"])
+    page.wait_for_selector('mpc-progress[data-status="running"]')
+    assert page.inner_text("mpc-progress .mpc-progress-message") == hostile
+    (tmp_path / "gate").touch()
+    page.wait_for_selector('mpc-progress[data-status="succeeded"]')
+    assert page.inner_text("mpc-progress .mpc-progress-result") == hostile
+    assert page.evaluate("() => window.pwned === undefined && document.querySelectorAll('main img').length === 0")

@@ -113,7 +113,7 @@ def test_query_options(make_controller):
                 for p in operation.get("parameters", [])}
 
     paths = document["paths"]
-    assert names(paths["/solve"]["post"]) == {"priority", "timeout", "wait", "Idempotency-Key", "traceparent"}
+    assert names(paths["/solve"]["post"]) == {"priority", "timeout", "wait", "share", "Idempotency-Key", "traceparent"}
     assert params["idempotencyKey"]["in"] == "header"
     assert names(paths["/solve"]["get"]) == {"uuid", "batch", "wait", "status", "limit"}
     assert names(paths["/solve/{uuid}"]["get"]) == {"wait"}

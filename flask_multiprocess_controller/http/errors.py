@@ -15,6 +15,7 @@ from ..exceptions import IdempotencyKeyReused, IdempotentTasksPurged
 from ..exceptions import MetricsUnavailable
 from ..exceptions import TaskStillActive
 from ..exceptions import ArtifactNotFound, ArtifactTooLarge, TooManyArtifacts
+from ..exceptions import ShareDenied, ShareLinkExpired, ShareTokenMissing
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
@@ -27,6 +28,9 @@ HTTP_STATUS: dict[type, int] = {
     HostNotFound: 404,
     MetricsUnavailable: 404,
     ChangeNotAllowed: 403,
+    ShareTokenMissing: 401,
+    ShareLinkExpired: 401,
+    ShareDenied: 403,
     MethodNotServed: 405,
     TaskAlreadyFinished: 409,
     InvalidTransition: 409,
@@ -50,4 +54,6 @@ def error_response(exc: MPCError) -> tuple[dict[str, Any], int, dict[str, str]]:
         headers["Retry-After"] = str(getattr(exc, "retry_after", defaults.RETRY_AFTER))
     if isinstance(exc, MethodNotServed):
         headers["Allow"] = ", ".join(exc.allowed)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="share link"'
     return {"message": exc.message}, status, headers

@@ -235,7 +235,12 @@ def find_owner(controllers: Iterable["MetaMPController"], uuid: str) -> "MetaMPC
 def post(controller: "MetaMPController", *args: Mapping[str, Any], **kwargs: Any) -> Reply:
     """Queue a task (keyword arguments) or several (positional mappings, all or none)."""
     controller.require_task("post")
+    from .share import add_share_urls, share_option
+
+    share = share_option(query_options())  # checked before anything is queued
     reply = _answer_post(controller, *args, **kwargs)
+    if share is not None:
+        add_share_urls(reply, share)
     if controller.compat:
         items = list(args) if args else [kwargs]
         return compat_module.post_reply(controller.name, items, bool(args), reply, controller.posts)

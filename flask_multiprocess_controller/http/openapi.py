@@ -33,6 +33,7 @@ from .arguments import ArgumentSpec
 from .resource import is_artifacts_rule
 from ..controller import MetaMPController
 from ..presenter import TASK_KEYS
+from .share import SHARED_KEYS as _SHARED_KEYS
 from .resource import MetaMPResource
 from ..states import ALL_STATUSES
 
@@ -322,7 +323,8 @@ def _post_operation(mount: Mount, arguments_ref: str) -> dict[str, Any]:
                         "arguments); a JSON array of such objects queues one task each, all or none. Arguments "
                         "are checked against `execute`'s signature before anything is queued."),
         "parameters": [_ref(_PARAMETERS, "priority"), _ref(_PARAMETERS, "timeout"), _ref(_PARAMETERS, "wait"),
-                       _ref(_PARAMETERS, "idempotencyKey"), _ref(_PARAMETERS, "traceparent")],
+                       _ref(_PARAMETERS, "share"), _ref(_PARAMETERS, "idempotencyKey"),
+                       _ref(_PARAMETERS, "traceparent")],
         "requestBody": {"required": False, "content": _json({"oneOf": [
             {"$ref": arguments_ref},
             {"type": "array", "items": {"$ref": arguments_ref}, "minItems": 1, "maxItems": controller.max_bulk},
@@ -489,12 +491,43 @@ def extension_paths(prefix: str) -> dict[str, Any]:
                                              f"{prefix}/api/stats": {"get": stats},
                                              f"{prefix}/api/hosts/{{host}}/drain": _drain_operations()}
     operations.update(_monitoring_paths(prefix))
+    operations.update(_share_paths(prefix))
     for path, entry in operations.items():
         for method, operation in entry.items():
             if method != "parameters":
                 operation["tags"] = ["mpc"]
                 operation["operationId"] = _safe(f"mpc{path[len(prefix):]}.{method}")
     return operations
+
+
+def _share_paths(prefix: str) -> dict[str, Any]:
+    """``<prefix>/share/{uuid}`` (JSON, or the page), its ``/events`` and ``/artifacts/{name}``: open with a share
+    link's token, without the extension's ``decorator=``."""
+    parameters = [{"name": "uuid", "in": "path", "required": True, "schema": {"type": "string"}},
+                  {"name": "token", "in": "query", "schema": {"type": "string"},
+                   "description": "The share link's token (else as `Authorization: Bearer <token>`)."}]
+    refusals = {"401": _error("No token, or an expired one: ask for a new link.", "WWW-Authenticate"),
+                "403": _error("An altered token, or another task's: nothing is shown."),
+                **_errors("BadRequest", "NotFound")}
+    task = {"summary": "One task, through its share link",
+            "description": ("The task as a share link shows it: status, progress, result, error (no traceback) and "
+                            "files; never its arguments. A browser (`Accept` preferring `text/html`) gets a small "
+                            "page that follows it live instead."),
+            "responses": {"200": {"description": "The task.", "content": {
+                **_json(_ref(_SCHEMAS, "SharedTask")), "text/html": {"schema": {"type": "string"}}}}, **refusals}}
+    events = {"summary": "One task's changes, through its share link",
+              "description": ("Server-Sent Events: `task` (the whole view) first, then each change of the task "
+                              "(`progress`, `started`, `ended`, ...: the keys it changed), until it ended."),
+              "responses": {"200": _event_stream("The task's events."), **refusals,
+                            "503": _error("Too many streams.", "Retry-After")}}
+    artifact = {"summary": "A file of one task, through its share link",
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The file.",
+                                      "content": {"application/octet-stream": {"schema": {"type": "string"}}}},
+                              **refusals}}
+    return {f"{prefix}/share/{{uuid}}": {"parameters": parameters, "get": task},
+            f"{prefix}/share/{{uuid}}/events": {"parameters": parameters, "get": events},
+            f"{prefix}/share/{{uuid}}/artifacts/{{name}}": {"parameters": parameters, "get": artifact}}
 
 
 #: A uuid prefix as ``?uuid_prefix=`` takes it: 8 to 31 hex digits, dashes where a uuid has them, or none.
@@ -821,6 +854,8 @@ def _common_schemas() -> dict[str, Any]:
                         "them at any time, `GET <item>/artifacts/<name>` downloads one."),
         "truncated": {"type": "array", "items": {"enum": ["args", "progress", "result", "errors"]},
                       "description": "In a list view: the values shown as null because they are too large."},
+        "share_url": {"type": "string", "description": "In the answer of a POST with `?share=<seconds>` only: the "
+                                                       "task's signed, read-only share link."},
     }
     return {
         "TaskStatus": {"enum": list(ALL_STATUSES)},
@@ -847,6 +882,8 @@ def _common_schemas() -> dict[str, Any]:
             "stopped": {"type": "integer", "minimum": 0, "description": "Queued tasks now stopped."},
             "stopping": {"type": "integer", "minimum": 0, "description": "Running tasks asked to stop."}}},
         "Error": {"type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}},
+        "SharedTask": {"type": "object", "required": ["uuid", "status"], "properties": {
+            key: task_properties.get(key, {}) for key in _SHARED_KEYS}},
     }
 
 
@@ -880,6 +917,10 @@ def _parameters() -> dict[str, Any]:
             "description": ("A W3C trace context: kept with the task(s), carried by their log lines and callbacks "
                             "(and the parent of their spans when the server traces with OpenTelemetry). An invalid "
                             "value is ignored, as the W3C recommendation says.")},
+        "share": {"name": "share", "in": "query",
+                  "schema": {"type": "integer", "minimum": 1, "maximum": defaults.MAX_SHARE_TTL},
+                  "description": ("Seconds of validity of a share link: each task object answered then has a "
+                                  "`share_url`. Needs the app's `SECRET_KEY` (else 400, and nothing is queued).")},
         "limit": {"name": "limit", "in": "query",
                   "schema": {"type": "integer", "minimum": 1, "maximum": defaults.MAX_LIST_LIMIT,
                              "default": defaults.LIST_LIMIT},
@@ -917,6 +958,7 @@ def _responses() -> dict[str, Any]:
 
 def _headers() -> dict[str, Any]:
     return {
+        "WWW-Authenticate": {"description": "How to authenticate: a share link's token.", "schema": {"type": "string"}},
         "Location": {"description": "The URL that GETs the task.", "schema": {"type": "string"}},
         "Retry-After": {"description": "Seconds to wait before retrying.",
                         "schema": {"type": "integer", "minimum": 0}},

@@ -342,19 +342,21 @@ def message(kind: str, data: Any, event_id: Optional[str] = None) -> str:
 
 def stream(controllers: list["MetaMPController"], view: Callable[["MetaMPController", Event], Optional[dict[str, Any]]],
            last_id: Optional[str], deadline: float, *, buffer: int = defaults.STREAM_BUFFER,
-           tenants: Optional[Mapping[str, Any]] = None) -> Iterator[str]:
+           tenants: Optional[Mapping[str, Any]] = None, only: Optional[str] = None) -> Iterator[str]:
     """The SSE stream of the controllers' events (all sharing the first one's store), ended at ``deadline``
     (``time.monotonic()``), or once more than ``buffer`` bytes of events wait for the client.
 
     :param view: the task object a client may see of an event, or None to leave it out.
     :param tenants: the tenant each controller's events are filtered by (:data:`ANY_TENANT`: none);
         applied before events are queued for the client, and in the store for a replay.
+    :param only: the uuid of the one task whose events the client follows (a share link); its other events
+        are never queued for it.
     """
     by_name = {c.name: c for c in controllers}
     tenants = dict(tenants) if tenants is not None else {name: ANY_TENANT for name in by_name}
     store = controllers[0].store
     hub = broadcaster_for(store)
-    mine = hub.subscribe(buffer, _wanted_by(tenants))
+    mine = hub.subscribe(buffer, _wanted_by(tenants, only))
     try:
         yield "retry: 1000\n\n"
         replayed: set[str] = set()
@@ -422,10 +424,13 @@ def _replay(store: TaskStore, mine: ClientQueue, last_id: str, deadline: float, 
         cursor = changes.cursor
 
 
-def _wanted_by(tenants: Mapping[str, Any]) -> Callable[[Event], bool]:
-    """Whether a client following the controllers (by name) of ``tenants`` may see an event at all."""
+def _wanted_by(tenants: Mapping[str, Any], only: Optional[str] = None) -> Callable[[Event], bool]:
+    """Whether a client following the controllers (by name) of ``tenants`` (and task ``only``, if given) may see
+    an event at all."""
 
     def wants(event: Event) -> bool:
+        if only is not None and event["uuid"] != only:
+            return False
         tenant = tenants.get(event["controller"], _NOBODY)
         if tenant is _NOBODY:
             return False

@@ -53,6 +53,9 @@ def make_blueprint(extension: "MultiprocessController") -> Blueprint:
                            methods=["GET", "POST", "DELETE"])
     blueprint.add_url_rule("/events", "events", wrap(_events(extension)))
     blueprint.add_url_rule("/openapi.json", "openapi", wrap(_openapi))
+    from .share import add_share_routes
+
+    add_share_routes(blueprint, extension)  # not wrapped: a share link's token is its authority
     from ..ops.dashboard import add_dashboard
 
     add_dashboard(blueprint, extension, wrap)
