@@ -1159,7 +1159,7 @@ def test_every_state_change_returns_its_event_and_the_feed_shows_the_same_in_ord
     row, stopping = store.request_stop(a, emitter="stopper")
     check_event(stopping, "stopping", a, "stopper", "stopping")
     assert row["stop_requested"] is True and row["args"] == {}  # the answer is the whole task
-    assert stopping["task"] == {key: row[key] for key in BASE_KEYS | {"stop_requested"}}
+    assert stopping["task"] == {key: row[key] for key in BASE_KEYS | {"stop_requested", "finish_requested"}}
     assert store.request_stop(a, emitter="stopper")[1] is None  # already stopping: nothing written
     requeued = check_event(store.requeue(a, owner=OWNER), "requeued", a, OWNER, "queued")  # emitter = owner
     assert (requeued["task"]["owner"], requeued["task"]["pid"], requeued["task"]["stop_requested"]) == \

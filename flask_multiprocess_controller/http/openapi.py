@@ -728,7 +728,8 @@ def _common_schemas() -> dict[str, Any]:
         "msg": {"type": "string", "description": "A human sentence about the task."},
         "progress": {"description": "The last value the task uploaded (any JSON), or null."},
         "percent": _nullable("number", description="How far `track()` got, 0 to 100."),
-        "result": {"description": "What `execute` returned (any JSON); null until the task succeeded."},
+        "result": {"description": "What `execute` returned (any JSON); null until the task succeeded, or until it "
+                                  "ended `stopped` with `stopped_with_result`."},
         "error": {"anyOf": [_ref(_SCHEMAS, "TaskError"), {"type": "null"}]},
         "args": _nullable("object", description="The keyword arguments (null in a list view when too large)."),
         "priority": {"type": "integer", "description": "Lower runs first."},
@@ -773,6 +774,10 @@ def _common_schemas() -> dict[str, Any]:
                         "header, or the caller's OpenTelemetry span); its trace id is the second part. Null "
                         "when it was queued outside any trace."),
         "rerun_of": _nullable("string", format="uuid", description="The ended task this one runs again, else null."),
+        "stopped_with_result": {"type": "boolean",
+                                "description": "True when the task was asked to finish now (`DELETE ?finish=true`) "
+                                               "and returned its best answer so far: it is `stopped`, with that "
+                                               "`result`."},
         "reruns": _nullable("array", items={"type": "string", "format": "uuid"},
                             description="The tasks queued to run this one again, newest first (at most "
                                         f"{defaults.RERUNS_SHOWN}); null in list views and events, which do not "

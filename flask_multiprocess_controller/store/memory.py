@@ -301,23 +301,24 @@ class MemoryStore(TaskStore):
             row["owner"] = new_owner
             return self._emit(EventKind.ADOPTED, row, new_owner, self._clock())
 
-    def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+    def request_stop(self, uuid: str, emitter: Optional[str] = None, *,
+                     finish: bool = False) -> tuple[Row, Optional[Event]]:
         with self._lock:
             row = self._rows.get(uuid)
             if row is None:
                 raise TaskNotFound(uuid)
             if row["status"] in _TERMINAL:
                 raise TaskAlreadyFinished(uuid, row["status"])
-            event = self._stop_one(row, emitter, self._clock())
+            event = self._stop_one(row, emitter, self._clock(), finish)
             return _shown(row), event
 
-    def _stop_one(self, row: Row, emitter: Optional[str], now: float) -> Optional[Event]:
+    def _stop_one(self, row: Row, emitter: Optional[str], now: float, finish: bool = False) -> Optional[Event]:
         """Stop a task that is not terminal: what :meth:`request_stop` and :meth:`stop_all` do to each."""
         if row["status"] == _QUEUED:
             row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
             return self._emit(EventKind.ENDED, row, emitter, now)
         if row["status"] in (TaskStatus.RUNNING.value, TaskStatus.PAUSED.value):
-            row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
+            row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True, "finish_requested": finish})
             return self._emit(EventKind.STOPPING, row, emitter, now)
         return None
 

@@ -116,6 +116,8 @@ FIELDS: tuple[Field, ...] = (
     Field("state_saved_at", float, True, _R, shown=_TIME, added=True),
     Field("traceparent", str, True, _T, added=True),
     Field("rerun_of", str, True, _T, added=True),
+    Field("finish_requested", bool, False, _B, shown=_NO, default=0, added=True),
+    Field("stopped_with_result", bool, False, _B, mutable=True, default=0, added=True),
 )
 
 #: Every key of a row, in storage order.
@@ -139,7 +141,7 @@ WHOLE_EVENT_KINDS: frozenset[str] = frozenset({"queued", "started", "adopted", "
 #: What the task of each other kind carries besides :data:`EVENT_BASE`: what its change touched.
 EVENT_TOUCHED: dict[str, tuple[str, ...]] = {
     "progress": ("progress", "percent", "state_saved_at", "memory_peak", "cpu_time"),
-    "stopping": ("stop_requested",),
+    "stopping": ("stop_requested", "finish_requested"),
     "paused": (),
     "resumed": (),
     "requeued": ("priority", "owner", "started_at", "stop_requested", "retry_at", "errors"),
