@@ -9,6 +9,7 @@ from .exceptions import (
 )
 from .exceptions import ChangeNotAllowed
 from .exceptions import TaskStillActive
+from .exceptions import FinishRequested
 from .extension import MultiprocessController
 from .engine.logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
 from .http.resource import MetaMPResource
@@ -31,4 +32,5 @@ __all__ = [
     "InvalidTransition", "TaskFailure", "ProcessDied", "TaskTimeout", "MemoryLimitExceeded",
     "StateTooLarge", "ChangeNotAllowed",
     "TaskStillActive",
+    "FinishRequested",
 ]

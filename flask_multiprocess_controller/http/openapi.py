@@ -371,12 +371,21 @@ def _get_collection() -> dict[str, Any]:
     }
 
 
+#: The ``?finish=`` of a DELETE of one task.
+_FINISH_PARAMETER = {"name": "finish", "in": "query", "schema": {"enum": ["true", "false", "1", "0"]},
+                     "description": "`true`: the running task is asked to finish now and return its best answer so "
+                                    "far, kept as its `result` (it ends `stopped` with `stopped_with_result`). Not "
+                                    "with `all`."}
+
+
 def _delete_operation(is_item: bool) -> dict[str, Any]:
     if is_item:
         return {
             "summary": "Stop a task",
             "description": ("A running task is asked to stop (202, `stopping`); a queued one is stopped at once "
-                            "and never starts (200, `stopped`)."),
+                            "and never starts (200, `stopped`). `?finish=true`: asked to finish now instead, "
+                            "returning its best answer so far."),
+            "parameters": [_FINISH_PARAMETER],
             "responses": {
                 "200": _task_response("The task was queued: now `stopped`.", _ref(_SCHEMAS, "Task")),
                 "202": _task_response("The task runs: now `stopping`.", _ref(_SCHEMAS, "Task")),
@@ -390,7 +399,8 @@ def _delete_operation(is_item: bool) -> dict[str, Any]:
                         "every running one asked to stop (202 with the counts). Neither: 400."),
         "parameters": [{**_required_uuid(), "required": False},
                        {"name": "all", "in": "query", "schema": {"enum": ["true", "false", "1", "0"]},
-                        "description": "`true` stops every queued and running task of the controller."}],
+                        "description": "`true` stops every queued and running task of the controller."},
+                       _FINISH_PARAMETER],
         "responses": {
             "200": _task_response("The task was queued: now `stopped`.", _ref(_SCHEMAS, "Task")),
             "202": _task_response("The task runs: now `stopping`; or, with `?all=true`, the counts.",
