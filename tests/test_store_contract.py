@@ -519,6 +519,19 @@ def test_request_stop_of_running_task_marks_it_stopping(store):
     assert full(again)["status"] == "stopping" and full(again)["ended_at"] is None
     assert event is None
     assert store.finish(uuid, "stopped", ended_at=12.0)
+    assert fetch(store, uuid)["finish_requested"] is False and fetch(store, uuid)["stopped_with_result"] is False
+
+
+@pytest.mark.timeout(30)
+def test_request_stop_with_finish_is_carried_to_the_running_task_and_its_result_kept(store):
+    (uuid,) = add(store)
+    claim(store)
+    row, event = store.request_stop(uuid, emitter="stopper", finish=True)
+    assert (row["status"], row["stop_requested"], row["finish_requested"]) == ("stopping", True, True)
+    assert event["task"]["finish_requested"] is True  # what the process running it reads
+    assert store.finish(uuid, "stopped", ended_at=12.0, result={"best": 3}, stopped_with_result=True)
+    got = fetch(store, uuid)
+    assert (got["status"], got["result"], got["stopped_with_result"]) == ("stopped", {"best": 3}, True)
 
 
 @pytest.mark.timeout(30)

@@ -20,7 +20,7 @@ from .base import (
 from .base import Idempotency
 from .base import usage_fields
 from .base import Timing, timing_of
-from .schema import COLUMNS
+from .schema import COLUMNS, Encoding, columns_encoded
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE = frozenset(s.value for s in ACTIVE)
 _TERMINAL = frozenset(s.value for s in TERMINAL)
+#: What a boolean field not given holds (as SQLite, PostgreSQL and Redis read it back): False.
+_UNSET_BOOLEANS = dict.fromkeys(columns_encoded(Encoding.BOOLEAN), False)
 
 
 def _shown(row: Row) -> Row:
@@ -163,7 +165,8 @@ class MemoryStore(TaskStore):
 
     def _insert(self, given: Row, emitter: Optional[str], now: float) -> Event:
         """Store a new queued task (writing its ``seq`` into ``given``); return its ``queued`` event."""
-        row: Row = {**dict.fromkeys(COLUMNS), **copy.deepcopy(given)}  # type: ignore[typeddict-item]
+        row: Row = {**dict.fromkeys(COLUMNS), **_UNSET_BOOLEANS,  # type: ignore[typeddict-item]
+                    **copy.deepcopy(given)}
         row["seq"] = given["seq"] = next(self._seq)
         self._rows[row["uuid"]] = row
         self._tenants.setdefault((row["controller"], row.get("tenant")), {})[row["uuid"]] = row
