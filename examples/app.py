@@ -12,7 +12,9 @@ import time
 from flask import Flask
 from flask_restful import Api
 
-from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, MultiprocessController
+from flask_multiprocess_controller import (
+    FinishRequested, MetaMPController, MetaMPResource, MetaMPTask, MultiprocessController,
+)
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
 
@@ -22,6 +24,8 @@ class PrimeCount(MetaMPTask, task_name="prime-count"):
 
     Every few seconds it saves how far it got (``save_state``): if its server dies or shuts down, the
     task is queued again and the next attempt goes on from there (``self.state``) instead of restarting.
+    Asked to finish now (``DELETE /primes/<uuid>?finish=true``, or "Finish now" on the dashboard), it
+    returns the count so far: the task ends ``stopped`` with that result.
     """
 
     #: Seconds between two saves of how far the count got.
@@ -34,16 +38,21 @@ class PrimeCount(MetaMPTask, task_name="prime-count"):
             self.logger.info("resuming from %d (%d primes found below it)", done_below, found)
         step = max(1, limit // chunks)
         next_save = time.monotonic() + self.SAVE_EVERY
-        for start in self.track(range(0, limit, step)):  # publishes percent and honours stop requests
-            if start < done_below:
-                continue  # counted by an earlier attempt
-            found += sum(1 for n in range(start, min(start + step, limit)) if _is_prime(n))
-            reached = {"checked_below": min(start + step, limit), "found": found}
-            self.upload_status(reached)
-            if time.monotonic() >= next_save:
-                self.save_state(reached)
-                next_save = time.monotonic() + self.SAVE_EVERY
-            time.sleep(pause)
+        try:
+            for start in self.track(range(0, limit, step)):  # publishes percent and honours stop requests
+                if start < done_below:
+                    continue  # counted by an earlier attempt
+                found += sum(1 for n in range(start, min(start + step, limit)) if _is_prime(n))
+                done_below = min(start + step, limit)
+                reached = {"checked_below": done_below, "found": found}
+                self.upload_status(reached)
+                if time.monotonic() >= next_save:
+                    self.save_state(reached)
+                    next_save = time.monotonic() + self.SAVE_EVERY
+                time.sleep(pause)
+        except FinishRequested:  # asked to finish now: the count so far is the answer
+            self.logger.info("finishing early: %d primes below %d", found, done_below)
+            return {"limit": limit, "primes": found, "checked_below": done_below}
         self.logger.info("%d primes below %d", found, limit)
         return {"limit": limit, "primes": found}
 

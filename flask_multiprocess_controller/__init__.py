@@ -10,6 +10,7 @@ from .exceptions import (
 from .exceptions import ChangeNotAllowed
 from .exceptions import TaskStillActive
 from .exceptions import ArtifactNotFound, ArtifactTooLarge, InvalidArtifactName, TooManyArtifacts
+from .exceptions import FinishRequested
 from .extension import MultiprocessController
 from .engine.logs import DefaultMPLoggerConfigurator, MetaMPLoggerConfigurator
 from .http.resource import MetaMPResource
@@ -33,4 +34,5 @@ __all__ = [
     "StateTooLarge", "ChangeNotAllowed",
     "TaskStillActive",
     "ArtifactNotFound", "ArtifactTooLarge", "InvalidArtifactName", "TooManyArtifacts",
+    "FinishRequested",
 ]

@@ -298,6 +298,15 @@ class Client:
         """Stop task ``uuid``; return its task object: ``stopping`` while it stops, ``stopped`` if it was queued."""
         return dict(self._send("DELETE", self._url(), params={"uuid": self.resolve(uuid)}))
 
+    def finish(self, uuid: str) -> dict[str, Any]:
+        """Ask running task ``uuid`` to finish now and return its best answer so far (``DELETE ?finish=true``);
+        return its task object, ``stopping`` until it ends ``stopped`` with that ``result`` and
+        ``stopped_with_result: true`` (``stopped`` at once, without a result, if it was queued).
+
+        .. versionadded:: 0.3
+        """
+        return dict(self._send("DELETE", self._url(), params={"uuid": self.resolve(uuid), "finish": "true"}))
+
     def stop_all(self) -> dict[str, int]:
         """Stop every queued and running task of the resource's controller: ``{"stopped": n, "stopping": m}``
         (queued tasks stopped, running ones asked to stop)."""

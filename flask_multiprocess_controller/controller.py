@@ -757,15 +757,25 @@ class MetaMPController:
 
         return share_url(self, uuid, ttl)
 
-    def stop(self, uuid: str) -> TaskObject:
+    def stop(self, uuid: str, *, finish: bool = False) -> TaskObject:
         """Ask a task to stop; return its task object (``stopped`` if it was queued, else ``stopping``).
+
+        With ``finish``, a running (or paused) task is asked to *finish now* instead: inside ``execute``,
+        :attr:`~.task.MetaMPTask.finishing` turns true and ``checkpoint()`` raises
+        :class:`~.exceptions.FinishRequested`; a task that returns then ends ``stopped`` with that
+        ``result`` and ``stopped_with_result: true``. One that ignores it stops as for a plain stop, and
+        ``stop_grace`` applies alike. A queued task has no answer yet: it is stopped as without ``finish``.
+        A finish is a stop to the ``can_change`` hook (asked with ``"stop"``).
 
         :raises TaskNotFound: no such task here.
         :raises TaskAlreadyFinished: the task has already ended.
         :raises ChangeNotAllowed: the ``can_change`` hook refused the request.
+
+        .. versionchanged:: 0.3
+            ``finish``.
         """
         self.check_change("stop", self._row(uuid))
-        return self._present(self._activate().stop(uuid))
+        return self._present(self._activate().stop(uuid, finish=finish))
 
     def wait(self, uuid: str, timeout: Optional[float] = None) -> TaskObject:
         """Wait until the task has ended or ``timeout`` seconds passed; return its task object."""

@@ -18,6 +18,17 @@ class AbortException(BaseException):
     """
 
 
+class FinishRequested(AbortException):
+    """Raised by ``checkpoint()`` once the task was asked to *finish now* (``DELETE ?finish=true``).
+
+    A task that catches it returns its best answer so far: that value becomes the task's ``result``, and
+    the task ends ``stopped`` with ``stopped_with_result: true``. A task that does not catch it stops as
+    for any stop (it is an :class:`AbortException`), without a result.
+
+    .. versionadded:: 0.3
+    """
+
+
 class MPCError(Exception):
     """Base class of the package's errors."""
 

@@ -70,6 +70,9 @@ class TaskObject(TypedDict, total=False):
     #: The task's artifacts, ``{"name", "size", "content_type", "sha256"}`` each, as its last attempt left them
     #: (see :mod:`.artifacts`); None before an attempt ended, or when it saved none.
     artifacts: Optional[list[dict[str, Any]]]
+    #: True when the task was asked to finish now and returned its best answer so far: it is ``stopped`` with
+    #: that ``result``.
+    stopped_with_result: bool
     #: In list views only: the values shown as null because they were too large.
     truncated: list[str]
 
@@ -81,7 +84,7 @@ TASK_KEYS = (
     "cpu_time", "timeout",
     "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
     "traceparent",
-    "rerun_of", "reruns", "concurrency_key", "resources", "artifacts",
+    "rerun_of", "reruns", "concurrency_key", "resources", "artifacts", "stopped_with_result",
 )
 
 
@@ -106,6 +109,8 @@ def _msg(row: Row, position: Optional[int]) -> str:
         return f"Task {uuid} is paused in process {row.get('pid')}."
     if status == TaskStatus.SUCCEEDED:
         return f"Task {uuid} succeeded."
+    if status == TaskStatus.STOPPED and row.get("stopped_with_result"):
+        return f"Task {uuid} was asked to finish and returned its result so far."
     if status == TaskStatus.STOPPED and row.get("started_at") is None:
         return f"Task {uuid} was stopped before it started."
     if status == TaskStatus.STOPPED:
@@ -151,6 +156,7 @@ def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None
     view["host"] = _host(stored)
     view["msg"] = _msg(row, position)
     view["reruns"] = None if reruns is None else list(reruns)
+    view["stopped_with_result"] = bool(stored.get("stopped_with_result"))
     return cast(TaskObject, view)
 
 

@@ -6,7 +6,7 @@ import logging
 import math
 from typing import Any, ClassVar, Iterable, Iterator, Optional, Protocol, TypeVar
 
-from .exceptions import AbortException, NotInTask
+from .exceptions import AbortException, FinishRequested, NotInTask
 
 T = TypeVar("T")
 
@@ -21,6 +21,8 @@ class TaskChannel(Protocol):
     def stop_requested(self) -> bool: ...
 
     def save_state(self, value: Any) -> bool: ...
+
+    # Optional: ``finish_requested() -> bool``, True once the stop asked for is a finish (see MetaMPTask.finishing).
 
 
 #: The task running in this process, if any (a task process runs one at a time).
@@ -179,9 +181,29 @@ class MetaMPTask(abc.ABC):
             raise NotInTask("Artifacts are saved from inside MetaMPTask.execute(), in a task process.")
         return writer
 
+    @property
+    def finishing(self) -> bool:
+        """True once the task was asked to *finish now* (``DELETE <item>?finish=true``, the dashboard's "Finish
+        now", ``flask mpc stop --finish``, ``Client.finish``).
+
+        A task that can give a useful answer before its end (a solver's incumbent, a count so far) looks at
+        it, or catches :class:`FinishRequested` from :meth:`checkpoint`, and returns that answer: it is kept
+        as the task's ``result`` and the task ends ``stopped`` with ``stopped_with_result: true``. The
+        ``stop_grace`` escalation applies as for any stop.
+
+        .. versionadded:: 0.3
+        """
+        if not self._channel.stop_requested():
+            return False
+        asked = getattr(self._channel, "finish_requested", None)
+        return bool(asked()) if asked is not None else False
+
     def checkpoint(self) -> None:
-        """Raise :class:`AbortException` if a stop of this task has been requested."""
+        """Raise :class:`AbortException` if a stop of this task has been requested: :class:`FinishRequested`
+        (a subclass) when the stop asked for is a finish (see :attr:`finishing`)."""
         if self._channel.stop_requested():
+            if self.finishing:
+                raise FinishRequested(f"Task {self.task_name} ({self.task_id}) was asked to finish now.")
             raise AbortException(f"Task {self.task_name} ({self.task_id}) was asked to stop.")
 
     #: Seed name of :meth:`checkpoint`.
@@ -236,4 +258,4 @@ def set_checkpoint() -> None:
     current_task().checkpoint()
 
 
-__all__ = ["MetaMPTask", "AbortException", "upload_status", "set_checkpoint", "current_task"]
+__all__ = ["MetaMPTask", "AbortException", "FinishRequested", "upload_status", "set_checkpoint", "current_task"]

@@ -88,9 +88,10 @@ def test_wait_with_a_timeout_returns_the_running_task_and_stop_stops_it(jobs):
     assert task["status"] in ("queued", "running")
     assert jobs.stop(uuid)["status"] in ("stopping", "stopped")
     assert jobs.wait(uuid, timeout=20)["status"] == "stopped"
-    with pytest.raises(Conflict) as caught:
-        jobs.stop(uuid)
-    assert caught.value.status == 409 and "already finished" in caught.value.message
+    for again in (jobs.stop, jobs.finish):
+        with pytest.raises(Conflict) as caught:
+            again(uuid)
+        assert caught.value.status == 409 and "already finished" in caught.value.message
 
 
 @pytest.mark.timeout(60)

@@ -124,6 +124,20 @@ def test_pause_resume_and_stop_on_the_task_page(page: Any, server: Server, tmp_p
     assert page.locator("#task-actions button.stop").count() == 0, "nothing left to stop"
 
 
+def test_finish_now_on_the_task_page_keeps_the_count_so_far(page: Any, server: Server) -> None:
+    uuid = submit(server, "/primes", limit=100_000, chunks=100, pause=0.2)
+    page.goto(server.base + f"/mpc/#/tasks/{uuid}")
+    page.wait_for_selector("#task-status.status-running")
+    page.wait_for_selector("#task-progress-text:has-text('checked_below')")
+    page.click("#task-actions button.finish")  # the confirmation is accepted by the page fixture
+    page.wait_for_selector("#task-status.status-stopped")
+    task = requests.get(f"{server.base}/mpc/api/tasks/{uuid}", timeout=10).json()
+    assert task["stopped_with_result"] is True and 0 < task["result"]["checked_below"] < 100_000, task
+    page.wait_for_selector("#task-fields dt:has-text('Finished early')")
+    assert json.loads(page.inner_text("#task-result")) == task["result"]
+    assert page.locator("#task-actions button.finish").count() == 0, "nothing left to finish"
+
+
 HOSTILE = '<script>window.pwned = "script"</script><img src=x onerror="window.pwned = \'img\'">'
 
 

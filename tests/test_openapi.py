@@ -117,7 +117,8 @@ def test_query_options(make_controller):
     assert params["idempotencyKey"]["in"] == "header"
     assert names(paths["/solve"]["get"]) == {"uuid", "batch", "wait", "status", "limit"}
     assert names(paths["/solve/{uuid}"]["get"]) == {"wait"}
-    assert names(paths["/solve"]["delete"]) == {"uuid", "all"}
+    assert names(paths["/solve"]["delete"]) == {"uuid", "all", "finish"}
+    assert names(paths["/solve/{uuid}"]["delete"]) == {"finish"}
     stop_all = paths["/solve"]["delete"]["responses"]["202"]["content"]["application/json"]["schema"]
     assert {"$ref": "#/components/schemas/StopAll"} in stop_all["anyOf"]
     assert params["status"]["schema"]["items"] == {"$ref": "#/components/schemas/TaskStatus"}

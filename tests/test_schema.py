@@ -63,8 +63,8 @@ def sample(field: Field, n: int = 1) -> Any:
 def full_row(n: int = 1) -> dict[str, Any]:
     """A queued task with every field but ``seq`` set to a value that is not None."""
     row = {field.name: sample(field, n) for field in FIELDS if field.name != "seq"}
-    row.update(uuid=str(uuid_module.uuid4()), controller="schema", status="queued", priority=n,
-               stop_requested=False)
+    row.update(uuid=str(uuid_module.uuid4()), controller="schema", status="queued", priority=n)
+    row.update({field.name: False for field in FIELDS if field.encoding is Encoding.BOOLEAN})
     return row
 
 
@@ -193,7 +193,7 @@ def test_redis_encodes_each_field_as_declared(redis_server) -> None:
         row = full_row()
         store.enqueue([row], -1)
         raw = client.hgetall(f"{prefix}t:{row['uuid']}")
-        stopped = {**full_row(2), "stop_requested": True}
+        stopped = {**full_row(2), **{field.name: True for field in FIELDS if field.encoding is Encoding.BOOLEAN}}
         store.enqueue([stopped], -1)
         raw_true = client.hgetall(f"{prefix}t:{stopped['uuid']}")
     finally:

@@ -519,6 +519,19 @@ def test_request_stop_of_running_task_marks_it_stopping(store):
     assert full(again)["status"] == "stopping" and full(again)["ended_at"] is None
     assert event is None
     assert store.finish(uuid, "stopped", ended_at=12.0)
+    assert fetch(store, uuid)["finish_requested"] is False and fetch(store, uuid)["stopped_with_result"] is False
+
+
+@pytest.mark.timeout(30)
+def test_request_stop_with_finish_is_carried_to_the_running_task_and_its_result_kept(store):
+    (uuid,) = add(store)
+    claim(store)
+    row, event = store.request_stop(uuid, emitter="stopper", finish=True)
+    assert (row["status"], row["stop_requested"], row["finish_requested"]) == ("stopping", True, True)
+    assert event["task"]["finish_requested"] is True  # what the process running it reads
+    assert store.finish(uuid, "stopped", ended_at=12.0, result={"best": 3}, stopped_with_result=True)
+    got = fetch(store, uuid)
+    assert (got["status"], got["result"], got["stopped_with_result"]) == ("stopped", {"best": 3}, True)
 
 
 @pytest.mark.timeout(30)
@@ -1159,7 +1172,7 @@ def test_every_state_change_returns_its_event_and_the_feed_shows_the_same_in_ord
     row, stopping = store.request_stop(a, emitter="stopper")
     check_event(stopping, "stopping", a, "stopper", "stopping")
     assert row["stop_requested"] is True and row["args"] == {}  # the answer is the whole task
-    assert stopping["task"] == {key: row[key] for key in BASE_KEYS | {"stop_requested"}}
+    assert stopping["task"] == {key: row[key] for key in BASE_KEYS | {"stop_requested", "finish_requested"}}
     assert store.request_stop(a, emitter="stopper")[1] is None  # already stopping: nothing written
     requeued = check_event(store.requeue(a, owner=OWNER), "requeued", a, OWNER, "queued")  # emitter = owner
     assert (requeued["task"]["owner"], requeued["task"]["pid"], requeued["task"]["stop_requested"]) == \

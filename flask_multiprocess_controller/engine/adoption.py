@@ -27,7 +27,7 @@ from .retrier import Retrier
 from .proctree import IDLE_NAME, process_name
 from ..states import TaskStatus
 from ..store.base import Row
-from .supervisor import StopReason, TaskRun
+from .supervisor import TaskRun, requested_stop
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -269,7 +269,7 @@ class AdoptedRun(threading.Thread):
         try:
             run.attach(child)
             if row.get("stop_requested"):
-                run.request_stop(StopReason.REQUESTED)
+                run.request_stop(requested_stop(row))
             run.request_pause(row.get("status") == TaskStatus.PAUSED.value)
             outcome = self._supervisor.supervise(run, child)
             if outcome is not None:

@@ -61,6 +61,8 @@ class _Channel:
         self._conn = conn
         self.task_id: Optional[str] = None
         self._stop = False
+        #: The stop asked for is a finish (see MetaMPTask.finishing).
+        self._finish = False
         self._pending: list[Command] = []  # commands read while a task ran, for the next task
         self.exit_requested = False
         # Sends come from the task's thread and from the flusher: one message at a time.
@@ -92,7 +94,7 @@ class _Channel:
 
     def begin(self, command: RunTask, logger: logging.Logger) -> None:
         self.task_id = command.uuid
-        self._stop = False
+        self._stop = self._finish = False
         self._limit = command.limits.progress_bytes
         # A string this short cannot encode to more than the limit (JSON escapes take 6 bytes at most).
         self._short_str = self._limit // 6
@@ -177,6 +179,10 @@ class _Channel:
             self._recv_lock.release()
         return self._stop
 
+    def finish_requested(self) -> bool:
+        """Whether the stop requested (see :meth:`stop_requested`) is a finish: the task is to return now."""
+        return self._finish
+
     def save_state(self, value: Any) -> bool:
         """Have ``value`` stored as the task's saved state; return True once the store holds it.
 
@@ -240,6 +246,8 @@ class _Channel:
     def _take(self, message: Command) -> None:
         if isinstance(message, StopTask):
             if message.uuid == self.task_id or message.uuid is None:
+                if not self._stop:  # the first request says how the task ends
+                    self._finish = message.finish
                 self._stop = True
         elif isinstance(message, Exit):
             self.exit_requested = True

@@ -129,9 +129,11 @@ class RunTask:
 
 @dataclass(frozen=True)
 class StopTask:
-    """Make the next ``checkpoint()`` of task ``uuid`` raise (None: of whichever task runs)."""
+    """Make the next ``checkpoint()`` of task ``uuid`` raise (None: of whichever task runs); with ``finish``, raise
+    ``FinishRequested``: the task is to return its best answer so far."""
 
     uuid: Optional[str]
+    finish: bool = False
 
 
 @dataclass(frozen=True)

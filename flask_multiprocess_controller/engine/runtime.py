@@ -56,7 +56,7 @@ from ..store.base import Row
 from ..store.claimrules import ClaimRules
 from ..store.base import Idempotency
 from ..exceptions import IdempotentReplay
-from .supervisor import Outcome, StopReason, Supervisor, TaskRun
+from .supervisor import Outcome, StopReason, Supervisor, TaskRun, requested_stop
 from ..task import MetaMPTask
 from .. import tracing
 from .waiters import Countdown, Ended, Waiters
@@ -260,7 +260,7 @@ class Runtime(TaskSide):
         if run is None or event["task"].get("attempt") != run.attempt:
             return  # not about the run of this process (an earlier attempt's event, read late)
         if kind == EventKind.STOPPING or (kind == EventKind.STARTED and event["task"].get("stop_requested")):
-            run.request_stop(StopReason.REQUESTED)
+            run.request_stop(requested_stop(event["task"]))
         elif kind in (EventKind.ENDED, EventKind.REQUEUED) and event["emitter"] != self.owner:
             run.abandon()
         elif kind in (EventKind.STARTED, EventKind.PAUSED, EventKind.RESUMED):
@@ -294,7 +294,7 @@ class Runtime(TaskSide):
                     or row.get("attempt") != run.attempt):
                 run.abandon()
             elif row.get("stop_requested"):
-                run.request_stop(StopReason.REQUESTED)
+                run.request_stop(requested_stop(row))
             else:
                 run.request_pause(row["status"] == TaskStatus.PAUSED)
 
@@ -752,7 +752,8 @@ class Runtime(TaskSide):
         """Queue the task again if its class retries this end (see :mod:`.retries`); True when it was."""
         policy = self.config.retry_policy
         error = outcome.fields.get("error")
-        stopped = run.stop_reason in (StopReason.REQUESTED, StopReason.SHUTDOWN, StopReason.PAUSE_EXPIRED)
+        stopped = run.stop_reason in (StopReason.REQUESTED, StopReason.FINISH, StopReason.SHUTDOWN,
+                                      StopReason.PAUSE_EXPIRED)
         delay = policy.next_delay(outcome.status.value, error, outcome.retry_match, stopped, len(run.errors))
         if delay is None:
             return False

@@ -76,8 +76,11 @@ class TaskSide(abc.ABC):
         """Queue new task rows (all or none); with ``idempotency``, as :meth:`TaskStore.enqueue` says (it may
         raise :class:`~..exceptions.IdempotentReplay`, having queued nothing)."""
 
-    def stop(self, uuid: str) -> Row:
-        """Ask task ``uuid`` to stop, wherever it runs; return its row afterwards."""
+    def stop(self, uuid: str, finish: bool = False) -> Row:
+        """Ask task ``uuid`` to stop (with ``finish``: to finish now, returning its answer so far), wherever it
+        runs; return its row afterwards."""
+        if finish:
+            return self.published(self.store.request_stop(uuid, emitter=self.owner, finish=True))
         return self.published(self.store.request_stop(uuid, emitter=self.owner))
 
     def pause(self, uuid: str) -> Row:

@@ -14,7 +14,7 @@ from ..events import Event
 from ..store.base import Row
 from .forkserver import ChildProcess
 from .retrier import Retrier
-from .supervisor import StopReason, TaskRun
+from .supervisor import TaskRun, requested_stop
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -86,7 +86,7 @@ class Slot(threading.Thread):
         rt.register(run)
         try:
             if row.get("stop_requested"):
-                run.request_stop(StopReason.REQUESTED)
+                run.request_stop(requested_stop(row))
             child = self._warm_child()
             if rt.closing or rt.draining:  # the process began to go away since the claim: do not start it
                 rt.give_back(claim, self._retrier)

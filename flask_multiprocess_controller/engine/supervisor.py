@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_ready
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import psutil
 
@@ -45,11 +45,18 @@ class StopReason(str, enum.Enum):
     """Why a task is being stopped."""
 
     REQUESTED = "requested"
+    #: Asked to finish now: the task returns its best answer so far, kept as its result.
+    FINISH = "finish"
     TIMEOUT = "timeout"
     SHUTDOWN = "shutdown"
     MEMORY = "memory"
     #: Paused longer than ``max_pause``, with ``pause_expiry="stop"``.
     PAUSE_EXPIRED = "pause_expired"
+
+
+def requested_stop(task: Mapping[str, Any]) -> StopReason:
+    """The reason of the stop a stored task (or an event's task) asks for: a finish, or a plain stop."""
+    return StopReason.FINISH if task.get("finish_requested") else StopReason.REQUESTED
 
 
 class TaskRun:
@@ -112,7 +119,7 @@ class TaskRun:
                 self.stop_at = time.monotonic()
             child = self.child
         if child is not None:
-            child.send(StopTask(self.uuid))
+            child.send(StopTask(self.uuid, finish=self.stop_reason is StopReason.FINISH))
         self._wake()
 
     @property
@@ -159,8 +166,9 @@ class TaskRun:
         with self._lock:
             self.child = child
             pending = self.stop_reason is not None
+            finish = self.stop_reason is StopReason.FINISH
         if pending:
-            child.send(StopTask(self.uuid))
+            child.send(StopTask(self.uuid, finish=finish))
 
 
 @dataclass
@@ -509,6 +517,9 @@ def classify(seen: Observation, settings: Settings) -> Outcome:
     if seen.done is not None:
         if seen.done.kind == "ok":
             fields["result"] = json.loads(seen.done.result_json or "null")
+            if reason is StopReason.FINISH:  # asked to finish now, it returned its answer so far
+                fields["stopped_with_result"] = True
+                return Outcome(TaskStatus.STOPPED, fields, alive)
             return Outcome(TaskStatus.SUCCEEDED, fields, alive)
         if seen.done.kind == "error":
             # Clipped where it is recorded (the task process clips it too): the store never holds more.

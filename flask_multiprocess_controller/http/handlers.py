@@ -192,12 +192,22 @@ def resolve_task(controllers: Iterable["MetaMPController"], reference: str) -> t
 
 def stop_all_option(options: Mapping[str, str]) -> bool:
     """The ``?all=`` of a DELETE: ``true`` (or ``1``) stops every task; ``false``, ``0`` or none, one."""
-    raw = options.get("all")
+    return _flag_option(options, "all")
+
+
+def finish_option(options: Mapping[str, str]) -> bool:
+    """The ``?finish=`` of a DELETE: ``true`` (or ``1``) asks the task to finish now, returning its answer so
+    far; ``false``, ``0`` or none, a plain stop."""
+    return _flag_option(options, "finish")
+
+
+def _flag_option(options: Mapping[str, str], name: str) -> bool:
+    raw = options.get(name)
     if raw is None or raw.lower() in ("false", "0"):
         return False
     if raw.lower() in ("true", "1"):
         return True
-    raise InvalidRequest(f"Query option 'all' must be true or false, not {raw[:40]!r}.")
+    raise InvalidRequest(f"Query option {name!r} must be true or false, not {raw[:40]!r}.")
 
 
 def wait_option(controller: "MetaMPController", options: Mapping[str, str]) -> Optional[float]:
@@ -377,7 +387,11 @@ def _answer_batch_get(controller: "MetaMPController", batch: str, uuid: Optional
 
 
 def _answer_delete(controller: "MetaMPController", **kwargs: Any) -> Reply:
-    every = stop_all_option(query_options())
+    options = query_options()
+    every = stop_all_option(options)
+    finish = finish_option(options)
+    if every and finish:
+        raise InvalidRequest("?finish=true asks one task (a uuid) to finish now; it does not go with ?all=true.")
     if kwargs.get("uuid") is None and every:
         return Reply(controller.stop_all(), 202)
     if every:
@@ -385,5 +399,5 @@ def _answer_delete(controller: "MetaMPController", **kwargs: Any) -> Reply:
     if kwargs.get("uuid") is None:
         raise InvalidRequest("DELETE needs the uuid of a task (in the path, as ?uuid=, or in a JSON body), "
                              "or ?all=true to stop every task of the controller.")
-    task = controller.client_view_of(controller.stop(parse_uuid(kwargs["uuid"])))
+    task = controller.client_view_of(controller.stop(parse_uuid(kwargs["uuid"]), finish=finish))
     return Reply(task, 200 if task["status"] == TaskStatus.STOPPED else 202)

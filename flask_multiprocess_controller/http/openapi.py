@@ -380,12 +380,21 @@ def _get_collection() -> dict[str, Any]:
     }
 
 
+#: The ``?finish=`` of a DELETE of one task.
+_FINISH_PARAMETER = {"name": "finish", "in": "query", "schema": {"enum": ["true", "false", "1", "0"]},
+                     "description": "`true`: the running task is asked to finish now and return its best answer so "
+                                    "far, kept as its `result` (it ends `stopped` with `stopped_with_result`). Not "
+                                    "with `all`."}
+
+
 def _delete_operation(is_item: bool) -> dict[str, Any]:
     if is_item:
         return {
             "summary": "Stop a task",
             "description": ("A running task is asked to stop (202, `stopping`); a queued one is stopped at once "
-                            "and never starts (200, `stopped`)."),
+                            "and never starts (200, `stopped`). `?finish=true`: asked to finish now instead, "
+                            "returning its best answer so far."),
+            "parameters": [_FINISH_PARAMETER],
             "responses": {
                 "200": _task_response("The task was queued: now `stopped`.", _ref(_SCHEMAS, "Task")),
                 "202": _task_response("The task runs: now `stopping`.", _ref(_SCHEMAS, "Task")),
@@ -399,7 +408,8 @@ def _delete_operation(is_item: bool) -> dict[str, Any]:
                         "every running one asked to stop (202 with the counts). Neither: 400."),
         "parameters": [{**_required_uuid(), "required": False},
                        {"name": "all", "in": "query", "schema": {"enum": ["true", "false", "1", "0"]},
-                        "description": "`true` stops every queued and running task of the controller."}],
+                        "description": "`true` stops every queued and running task of the controller."},
+                       _FINISH_PARAMETER],
         "responses": {
             "200": _task_response("The task was queued: now `stopped`.", _ref(_SCHEMAS, "Task")),
             "202": _task_response("The task runs: now `stopping`; or, with `?all=true`, the counts.",
@@ -789,7 +799,8 @@ def _common_schemas() -> dict[str, Any]:
         "msg": {"type": "string", "description": "A human sentence about the task."},
         "progress": {"description": "The last value the task uploaded (any JSON), or null."},
         "percent": _nullable("number", description="How far `track()` got, 0 to 100."),
-        "result": {"description": "What `execute` returned (any JSON); null until the task succeeded."},
+        "result": {"description": "What `execute` returned (any JSON); null until the task succeeded, or until it "
+                                  "ended `stopped` with `stopped_with_result`."},
         "error": {"anyOf": [_ref(_SCHEMAS, "TaskError"), {"type": "null"}]},
         "args": _nullable("object", description="The keyword arguments (null in a list view when too large)."),
         "priority": {"type": "integer", "description": "Lower runs first."},
@@ -841,6 +852,10 @@ def _common_schemas() -> dict[str, Any]:
             "object", additionalProperties={"type": "number"},
             description="What the task needs of a host to start: `memory` in bytes, `cpus`, and custom names; "
                         "null when its class declares nothing."),
+        "stopped_with_result": {"type": "boolean",
+                                "description": "True when the task was asked to finish now (`DELETE ?finish=true`) "
+                                               "and returned its best answer so far: it is `stopped`, with that "
+                                               "`result`."},
         "reruns": _nullable("array", items={"type": "string", "format": "uuid"},
                             description="The tasks queued to run this one again, newest first (at most "
                                         f"{defaults.RERUNS_SHOWN}); null in list views and events, which do not "

@@ -16,8 +16,8 @@ from flask.typing import ResponseReturnValue
 from .. import defaults
 from .body import EMPTY, read_json_body
 from .errors import error_response
-from .handlers import (apply_patch, find_owner, int_option, statuses_option, stop_all_option, tasks_by_prefix,
-                       uuid_prefix)
+from .handlers import (apply_patch, find_owner, finish_option, int_option, statuses_option, stop_all_option,
+                       tasks_by_prefix, uuid_prefix)
 from ..exceptions import InvalidRequest, MPCError, StoreError
 from ..presenter import TaskObject, clip, present_change
 from ..states import TERMINAL
@@ -347,7 +347,7 @@ def _task_item(extension: "MultiprocessController") -> Callable[[str], ResponseR
     def task(uuid: str) -> ResponseReturnValue:
         controller = find_owner(extension.controllers(), uuid)
         if request.method == "DELETE":
-            stopped = controller.client_view_of(controller.stop(uuid))
+            stopped = controller.client_view_of(controller.stop(uuid, finish=finish_option(request.args)))
             return jsonify(stopped), (200 if stopped["status"] == "stopped" else 202)
         if request.method == "PATCH":
             body = read_json_body(controller.max_content_length)

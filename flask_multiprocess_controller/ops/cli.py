@@ -223,11 +223,19 @@ def status_command(uuid: str, as_json: bool) -> None:
 @click.argument("uuid", required=False)
 @click.option("--all", "stop_all", is_flag=True, help="Stop every queued and running task of --controller.")
 @click.option("--controller", "controller_name", help="With --all: the controller whose tasks to stop.")
+@click.option("--finish", is_flag=True,
+              help="Ask the running task to finish now and return its best answer so far (kept as its result).")
 @with_appcontext
 @_user_errors
-def stop_command(uuid: Optional[str], stop_all: bool, controller_name: Optional[str]) -> None:
-    """Stop a task (a queued one never starts; a running one is stopped gracefully), or all of a controller's."""
+def stop_command(uuid: Optional[str], stop_all: bool, controller_name: Optional[str], finish: bool) -> None:
+    """Stop a task (a queued one never starts; a running one is stopped gracefully), or all of a controller's.
+
+    With --finish, the running task is asked to finish now: it returns its best answer so far, kept as its
+    result, and ends stopped.
+    """
     if stop_all:
+        if finish:
+            raise CommandError("--finish asks one task (UUID) to finish now; it does not go with --all.", EXIT_USAGE)
         if uuid or not controller_name:
             raise CommandError("Use either UUID, or --all with --controller NAME.", EXIT_USAGE)
         counts = _controller(controller_name).stop_all()
@@ -236,7 +244,7 @@ def stop_command(uuid: Optional[str], stop_all: bool, controller_name: Optional[
     if not uuid:
         raise CommandError("Name the task to stop (UUID), or use --all --controller NAME.", EXIT_USAGE)
     controller, uuid = _task(uuid)
-    task = controller.stop(uuid)
+    task = controller.stop(uuid, finish=finish)
     _say(task["msg"], keep="")
 
 

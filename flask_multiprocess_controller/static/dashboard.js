@@ -893,6 +893,7 @@
     field(list, "Ended", task.ended_at ? timeCell(task.ended_at) : null);
     field(list, "Duration", duration(task));
     field(list, "Schedule", task.schedule ? task.schedule.name + " (" + task.schedule.firing + ")" : null);
+    if (task.stopped_with_result) field(list, "Finished early", "yes: the result is its answer so far");
     renderRerun(task, list);
     field(list, "Artifacts", artifactLinks(task));
     $("task-args").textContent = pretty(task.args);
@@ -967,6 +968,13 @@
         await change(uuid, {method: "DELETE"});
       }));
     }
+    // "Finish now": a running task returns its best answer so far (kept as its result) and ends stopped.
+    if (["running", "paused"].includes(task.status)) {
+      box.appendChild(button("Finish now", "finish", async () => {
+        if (!window.confirm("Finish task " + uuid + " now, keeping its result so far?")) return;
+        await change(uuid, {method: "DELETE", query: "?finish=true"});
+      }));
+    }
     if (task.status === "running") box.appendChild(button("Pause", "pause", () => patch(uuid, {status: "paused"})));
     if (task.status === "paused") box.appendChild(button("Resume", "resume", () => patch(uuid, {status: "running"})));
     if (task.status === "queued") {
@@ -1016,7 +1024,8 @@
 
   async function change(uuid, options) {
     try {
-      const task = await api("api/tasks/" + encodeURIComponent(uuid), options);
+      const {query, ...rest} = options;
+      const task = await api("api/tasks/" + encodeURIComponent(uuid) + (query || ""), rest);
       banner("");
       showTask(task);
     } catch (e) { banner(e.message); }

@@ -119,6 +119,10 @@ class Row(TypedDict, total=False):
     #: The task's artifacts when its last attempt ended, ``{"name", "size", "content_type", "sha256"}`` each
     #: (see :mod:`..artifacts`); None when it never saved one.
     artifacts: Optional[list[dict[str, Any]]]
+    #: The stop asked for is a finish: the task is to return its best answer so far (see ``FinishRequested``).
+    finish_requested: bool
+    #: The task was asked to finish and returned: it ended ``stopped`` with that ``result``.
+    stopped_with_result: bool
 
 
 class _AnyTenant:
@@ -491,7 +495,8 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+    def request_stop(self, uuid: str, emitter: Optional[str] = None, *,
+                     finish: bool = False) -> tuple[Row, Optional[Event]]:
         """Ask a task to stop; return the task afterwards and the event written.
 
         Like :meth:`pause`, :meth:`resume` and :meth:`reprioritise`, it answers with the task as its
@@ -500,6 +505,10 @@ class TaskStore(abc.ABC):
         A queued task becomes ``stopped`` at once (``ended_at`` = the store's clock, event
         ``ended``); a running or paused one ``stopping`` with ``stop_requested`` set (event
         ``stopping``); a ``stopping`` one is returned unchanged, with no event.
+
+        With ``finish``, a running or paused task is asked to finish now instead: ``finish_requested`` is set
+        with ``stop_requested`` (the ``stopping`` event carries both), and the process running it has the task
+        return its best answer so far. A queued task is stopped as without it (it has no answer yet).
 
         :raises TaskNotFound: unknown uuid.
         :raises TaskAlreadyFinished: the task is in a terminal state.

@@ -21,7 +21,7 @@ from .base import (
 from .base import Idempotency
 from .base import usage_fields
 from .base import Timing, timing_of
-from .schema import COLUMNS
+from .schema import COLUMNS, Encoding, columns_encoded
 
 if TYPE_CHECKING:
     from .logbook import LogBook
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 _QUEUED = TaskStatus.QUEUED.value
 _ACTIVE = frozenset(s.value for s in ACTIVE)
 _TERMINAL = frozenset(s.value for s in TERMINAL)
+#: What a boolean field not given holds (as SQLite, PostgreSQL and Redis read it back): False.
+_UNSET_BOOLEANS = dict.fromkeys(columns_encoded(Encoding.BOOLEAN), False)
 
 
 def _shown(row: Row) -> Row:
@@ -164,7 +166,8 @@ class MemoryStore(TaskStore):
 
     def _insert(self, given: Row, emitter: Optional[str], now: float) -> Event:
         """Store a new queued task (writing its ``seq`` into ``given``); return its ``queued`` event."""
-        row: Row = {**dict.fromkeys(COLUMNS), **copy.deepcopy(given)}  # type: ignore[typeddict-item]
+        row: Row = {**dict.fromkeys(COLUMNS), **_UNSET_BOOLEANS,  # type: ignore[typeddict-item]
+                    **copy.deepcopy(given)}
         row["seq"] = given["seq"] = next(self._seq)
         self._rows[row["uuid"]] = row
         self._tenants.setdefault((row["controller"], row.get("tenant")), {})[row["uuid"]] = row
@@ -302,23 +305,24 @@ class MemoryStore(TaskStore):
             row["owner"] = new_owner
             return self._emit(EventKind.ADOPTED, row, new_owner, self._clock())
 
-    def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+    def request_stop(self, uuid: str, emitter: Optional[str] = None, *,
+                     finish: bool = False) -> tuple[Row, Optional[Event]]:
         with self._lock:
             row = self._rows.get(uuid)
             if row is None:
                 raise TaskNotFound(uuid)
             if row["status"] in _TERMINAL:
                 raise TaskAlreadyFinished(uuid, row["status"])
-            event = self._stop_one(row, emitter, self._clock())
+            event = self._stop_one(row, emitter, self._clock(), finish)
             return _shown(row), event
 
-    def _stop_one(self, row: Row, emitter: Optional[str], now: float) -> Optional[Event]:
+    def _stop_one(self, row: Row, emitter: Optional[str], now: float, finish: bool = False) -> Optional[Event]:
         """Stop a task that is not terminal: what :meth:`request_stop` and :meth:`stop_all` do to each."""
         if row["status"] == _QUEUED:
             row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
             return self._emit(EventKind.ENDED, row, emitter, now)
         if row["status"] in (TaskStatus.RUNNING.value, TaskStatus.PAUSED.value):
-            row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
+            row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True, "finish_requested": finish})
             return self._emit(EventKind.STOPPING, row, emitter, now)
         return None
 

@@ -60,6 +60,7 @@ DEFAULT_SCHEMA = "mpc"
 SCHEMA_ENV = "MPC_PG_SCHEMA"
 
 _JSON_COLUMNS = frozenset(columns_encoded(Encoding.JSON))
+_BOOLEAN_COLUMNS = columns_encoded(Encoding.BOOLEAN)
 _LISTED_COLUMNS = tuple(c for c in _COLUMNS if c not in EVENT_HIDDEN)
 _INSERTED_COLUMNS = tuple(c for c in _COLUMNS if c != "seq")
 _EVENT_COLUMNS = "cursor, kind, uuid, controller, at, emitter, task"
@@ -107,7 +108,7 @@ def _tenant_value(text: Optional[str]) -> Optional[str]:
 def _encode(column: str, value: Any) -> Any:
     if column in _JSON_COLUMNS:
         return None if value is None else json.dumps(value)
-    if column == "stop_requested":
+    if column in _BOOLEAN_COLUMNS:
         return bool(value)
     if column == "tenant":
         return tenant_text(value)
@@ -119,8 +120,9 @@ def _decode(values: Sequence[Any], columns: Sequence[str] = _COLUMNS) -> Row:
     for column in _JSON_COLUMNS:
         if row.get(column) is not None:
             row[column] = json.loads(row[column])
-    if "stop_requested" in row:
-        row["stop_requested"] = bool(row["stop_requested"])
+    for column in _BOOLEAN_COLUMNS:
+        if column in row:
+            row[column] = bool(row[column])
     if row.get("tenant") is not None:
         row["tenant"] = _tenant_value(row["tenant"])
     return cast(Row, row)
@@ -583,13 +585,14 @@ class PostgresStore(ClaimSteps, TaskStore):
     def adopt(self, uuid: str, owner: str, new_owner: str) -> Optional[Event]:
         return self._update_active(EventKind.ADOPTED, uuid, owner, new_owner, {"owner": new_owner})
 
-    def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+    def request_stop(self, uuid: str, emitter: Optional[str] = None, *,
+                     finish: bool = False) -> tuple[Row, Optional[Event]]:
         with self._transaction() as tx:
             row = self._changeable(tx, uuid)
-            event = self._stop_one(tx, row, emitter)  # updates row
+            event = self._stop_one(tx, row, emitter, finish)  # updates row
             return _shown(row), event
 
-    def _stop_one(self, tx: _Tx, row: Row, emitter: Optional[str]) -> Optional[Event]:
+    def _stop_one(self, tx: _Tx, row: Row, emitter: Optional[str], finish: bool = False) -> Optional[Event]:
         """Stop a task that is not terminal (``row`` is updated)."""
         now = tx.now
         if row["status"] == _QUEUED:
@@ -598,9 +601,9 @@ class PostgresStore(ClaimSteps, TaskStore):
             row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
             return tx.emit(EventKind.ENDED, row, emitter, now)
         if row["status"] in (TaskStatus.RUNNING.value, TaskStatus.PAUSED.value):
-            tx.execute(f"UPDATE {self._t} SET status = 'stopping', stop_requested = true WHERE seq = %s",
-                       (row["seq"],))
-            row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
+            tx.execute(f"UPDATE {self._t} SET status = 'stopping', stop_requested = true, finish_requested = %s "
+                       "WHERE seq = %s", (finish, row["seq"]))
+            row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True, "finish_requested": finish})
             return tx.emit(EventKind.STOPPING, row, emitter, now)
         return None
 

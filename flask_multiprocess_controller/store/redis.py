@@ -405,8 +405,9 @@ class RedisStore(TaskStore):
         return _event(*done) if done else None
 
     @_guarded
-    def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
-        return _changed(uuid, self._write("request_stop", emitter, uuid), "stopped", "")
+    def request_stop(self, uuid: str, emitter: Optional[str] = None, *,
+                     finish: bool = False) -> tuple[Row, Optional[Event]]:
+        return _changed(uuid, self._write("request_stop", emitter, uuid, "1" if finish else "0"), "stopped", "")
 
     @_guarded
     def purge(self, controller: str, ended_before: float, emitter: Optional[str] = None) -> int:

@@ -242,8 +242,9 @@ local function insert_queued(controller, row)
   return uuid, emit('queued', key)
 end
 
--- Stop the task at key as request_stop does; returns its event, or false when nothing changed.
-local function stop_one(key)
+-- Stop the task at key as request_stop does (finish: a running one is asked to finish); returns its event,
+-- or false when nothing changed.
+local function stop_one(key, finish)
   local status = redis.call('HGET', key, 'status')
   if status == 'queued' then
     redis.call('HSET', key, 'ended_at', now, 'stop_requested', '1')
@@ -251,6 +252,7 @@ local function stop_one(key)
     return emit('ended', key)
   elseif status == 'running' or status == 'paused' then
     redis.call('HSET', key, 'stop_requested', '1')
+    redis.call('HSET', key, 'finish_requested', finish and '1' or '0')
     move(key, 'stopping')
     return emit('stopping', key)
   end
@@ -381,7 +383,7 @@ REQUEST_STOP = LIB + """
 local key = prefix .. 't:' .. ARGV[4]
 local refused = unchangeable(key)
 if refused then return refused end
-local event = stop_one(key)
+local event = stop_one(key, ARGV[5] == '1')
 return {'ok', event_task(key), event}
 """
 

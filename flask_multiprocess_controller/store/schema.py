@@ -119,6 +119,8 @@ FIELDS: tuple[Field, ...] = (
     Field("concurrency_key", str, True, _T, added=True),
     Field("resources", dict[str, Any], True, _J, added=True),
     Field("artifacts", list[dict[str, Any]], True, _J, mutable=True, added=True),
+    Field("finish_requested", bool, False, _B, shown=_NO, default=0, added=True),
+    Field("stopped_with_result", bool, False, _B, mutable=True, default=0, added=True),
 )
 
 #: Every key of a row, in storage order.
@@ -142,7 +144,7 @@ WHOLE_EVENT_KINDS: frozenset[str] = frozenset({"queued", "started", "adopted", "
 #: What the task of each other kind carries besides :data:`EVENT_BASE`: what its change touched.
 EVENT_TOUCHED: dict[str, tuple[str, ...]] = {
     "progress": ("progress", "percent", "state_saved_at", "memory_peak", "cpu_time"),
-    "stopping": ("stop_requested",),
+    "stopping": ("stop_requested", "finish_requested"),
     "paused": (),
     "resumed": (),
     "requeued": ("priority", "owner", "started_at", "stop_requested", "retry_at", "errors"),

@@ -547,7 +547,8 @@ class SQLiteStore(ClaimSteps, TaskStore):
     def adopt(self, uuid: str, owner: str, new_owner: str) -> Optional[Event]:
         return self._update_active(EventKind.ADOPTED, uuid, owner, new_owner, {"owner": new_owner})
 
-    def request_stop(self, uuid: str, emitter: Optional[str] = None) -> tuple[Row, Optional[Event]]:
+    def request_stop(self, uuid: str, emitter: Optional[str] = None, *,
+                     finish: bool = False) -> tuple[Row, Optional[Event]]:
         with self._transaction() as db:
             found = db.execute(f"{_SELECT} WHERE uuid = ?", (uuid,)).fetchone()
             if found is None:
@@ -556,10 +557,11 @@ class SQLiteStore(ClaimSteps, TaskStore):
             status = row["status"]
             if status in _TERMINAL:
                 raise TaskAlreadyFinished(uuid, status)
-            event = self._stop_one(db, row, emitter, time.time())  # updates row
+            event = self._stop_one(db, row, emitter, time.time(), finish)  # updates row
             return _shown(row), event
 
-    def _stop_one(self, db: sqlite3.Connection, row: Row, emitter: Optional[str], now: float) -> Optional[Event]:
+    def _stop_one(self, db: sqlite3.Connection, row: Row, emitter: Optional[str], now: float,
+                  finish: bool = False) -> Optional[Event]:
         """Stop a task that is not terminal (``row`` is updated): what :meth:`request_stop` and
         :meth:`stop_all` do to each."""
         if row["status"] == _QUEUED:
@@ -568,8 +570,9 @@ class SQLiteStore(ClaimSteps, TaskStore):
             row.update({"status": TaskStatus.STOPPED.value, "ended_at": now, "stop_requested": True})
             return self._emit(db, EventKind.ENDED, row, emitter, now)
         if row["status"] in (TaskStatus.RUNNING.value, TaskStatus.PAUSED.value):
-            db.execute("UPDATE mpc_tasks SET status = 'stopping', stop_requested = 1 WHERE seq = ?", (row["seq"],))
-            row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True})
+            db.execute("UPDATE mpc_tasks SET status = 'stopping', stop_requested = 1, finish_requested = ? "
+                       "WHERE seq = ?", (1 if finish else 0, row["seq"]))
+            row.update({"status": TaskStatus.STOPPING.value, "stop_requested": True, "finish_requested": finish})
             return self._emit(db, EventKind.STOPPING, row, emitter, now)
         return None
 
