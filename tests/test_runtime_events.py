@@ -7,6 +7,7 @@ follow a pause, and when a sibling's shutdown holds off claims.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Iterator
 
 import pytest
@@ -15,10 +16,12 @@ from flask_multiprocess_controller import defaults
 from flask_multiprocess_controller.engine.config import RuntimeConfig
 from flask_multiprocess_controller.events import Event
 from flask_multiprocess_controller.engine.logs import DefaultMPLoggerConfigurator
-from flask_multiprocess_controller.engine.protocol import Limits
+from flask_multiprocess_controller.engine.protocol import Limits, error_record
+from flask_multiprocess_controller.engine.retrier import Retrier
 from flask_multiprocess_controller.engine.runtime import Runtime
+from flask_multiprocess_controller.states import TaskStatus
 from flask_multiprocess_controller.store import MemoryStore
-from flask_multiprocess_controller.engine.supervisor import StopReason, TaskRun
+from flask_multiprocess_controller.engine.supervisor import Outcome, StopReason, TaskRun
 from flask_multiprocess_controller.task import MetaMPTask
 
 from fakes import FakeClock, event
@@ -38,7 +41,9 @@ class Noop(MetaMPTask):
 class Setup:
     def __init__(self) -> None:
         self.mono = FakeClock(500.0)
-        self.store = MemoryStore(clock=FakeClock())
+        #: The store's clock; it starts where the events of fakes.event are stamped.
+        self.clock = FakeClock()
+        self.store = MemoryStore(clock=self.clock)
         config = RuntimeConfig(
             name=CTL, target_task=Noop, max_num_process=2, stop_grace=1.0, max_memory=None, max_tasks_per_child=1,
             retention=3600.0, lease=30.0, logger=LOGGER, configurator=DefaultMPLoggerConfigurator,
@@ -199,6 +204,41 @@ def test_a_sibling_shutting_down_holds_claims_for_a_moment(setup: Setup) -> None
     assert not setup.runtime.may_claim()
     setup.mono.advance(0.001)
     assert setup.runtime.may_claim()
+
+
+def test_a_claim_the_hold_held_back_goes_back_to_the_queue_when_the_process_shuts_down(setup: Setup) -> None:
+    # The sibling's end is read a moment after it was written, and the hold runs from the read: the slot it
+    # held claims as it lapses, later than a hold after the end. This process then handles its own SIGTERM
+    # (late, as a loaded machine may), and its shutdown cuts the task short: it must not end ``stopped``.
+    end = shutdown_end("1", OTHER)
+    assert end["at"] == setup.clock()
+    setup.on(end)
+    feed_delay, claim_time = 0.3, 0.05
+    setup.mono.advance(defaults.SIBLING_SHUTDOWN_HOLD)
+    setup.clock.advance(feed_delay + defaults.SIBLING_SHUTDOWN_HOLD + claim_time)
+    assert setup.runtime.may_claim()
+
+    def shut_down(uuid: str) -> dict:
+        setup.store.enqueue([{"uuid": uuid, "controller": CTL, "status": "queued", "priority": 0, "args": {},
+                              "created_at": 1.0, "timeout": None, "attempt": 0, "stop_requested": False}], -1)
+        row = setup.store.claim(CTL, setup.owner, 2)
+        assert row is not None and row["uuid"] == uuid
+        run = TaskRun(uuid, None, lambda: None, attempt=row["attempt"], claimed_at=row["started_at"])
+        run.request_stop(StopReason.SHUTDOWN)
+        outcome = Outcome(TaskStatus.STOPPED, {"ended_at": setup.clock(), "error": error_record(
+            "Shutdown", "The task was stopped because its server shut down.")}, child_alive=False)
+        setup.runtime.record(run, outcome, Retrier(LOGGER, threading.Event()), claim_next=False)
+        stored = setup.store.get(uuid)
+        assert stored is not None
+        return stored
+
+    held = shut_down("held")
+    assert (held["status"], held["attempt"], held.get("owner")) == ("queued", 0, None), held
+    setup.store.request_stop("held")  # out of the queue
+    # A task claimed long after a sibling's shutdown is this process's own: its shutdown stops it.
+    setup.clock.advance(10 * defaults.SIBLING_SHUTDOWN_HOLD)
+    later = shut_down("later")
+    assert (later["status"], later["error"]["type"]) == ("stopped", "Shutdown"), later
 
 
 def test_the_process_own_shutdown_end_holds_nothing(setup: Setup) -> None:

@@ -740,13 +740,18 @@ class Runtime(TaskSide):
 
     def _claimed_amid_shutdown(self, run: TaskRun) -> bool:
         """Whether ``run`` was claimed just after a sibling began to shut down (this process had not
-        been told yet): such a task is given back rather than recorded as stopped by the shutdown."""
+        been told yet): such a task is given back rather than recorded as stopped by the shutdown.
+
+        "Just after" reaches a whole hold past the hold the sibling's end began: a slot that hold kept
+        from claiming claims the moment it lapses, which is a hold after this process *read* the end,
+        so later than a hold after the end was written (by the feed's delay and the claim's own time).
+        """
         claimed = run.claimed_at
         if claimed is None:
             return False
         self.events.catch_up()  # what the siblings did may not have been read yet
-        return any(
-            0.0 <= claimed - at <= defaults.SIBLING_SHUTDOWN_HOLD for at in list(self._sibling_shutdowns))
+        window = 2 * defaults.SIBLING_SHUTDOWN_HOLD
+        return any(0.0 <= claimed - at <= window for at in list(self._sibling_shutdowns))
 
     def _retry(self, run: TaskRun, outcome: Outcome, retrier: Retrier) -> bool:
         """Queue the task again if its class retries this end (see :mod:`.retries`); True when it was."""
