@@ -166,3 +166,10 @@ METRICS_SAMPLE = 10_000
 #: The upper bounds (seconds) of the buckets of the wait-time and run-time histograms.
 METRICS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
                    4 * 3600.0, 12 * 3600.0)
+#: Environment variable that overrides or adds to a host's detected capacity (``memory=16GiB,cpus=4,gpu=1``).
+RESOURCES_ENV = "MPC_RESOURCES"
+#: Characters a task's ``concurrency_key`` may have at most.
+MAX_CONCURRENCY_KEY = 255
+#: Seconds a process keeps what it read of the hosts' capacities and the tenants' quota usage, for the checks
+#: made at submit.
+LIMITS_TTL = 1.0

@@ -347,3 +347,29 @@ class IdempotentReplay(Exception):
         self.uuids = list(uuids)
         self.fingerprint = fingerprint
         super().__init__(f"already submitted as {', '.join(self.uuids)}")
+
+
+class ResourcesUnavailable(MPCError):
+    """A task declares more resources (``memory``, ``cpus``, custom names) than any serving host's capacity
+    offers, even with nothing else running: it could never start, so it is refused at submit (422).
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self, message: str, needed: dict[str, float], largest: dict[str, float]) -> None:
+        super().__init__(message)
+        #: What the task declares, and the largest capacity of each of those resources among the live hosts.
+        self.needed = needed
+        self.largest = largest
+
+
+class QuotaExceeded(MPCError):
+    """The tenant's tasks used their CPU quota (``tenant_quota``) of the window: no new task is accepted for
+    it until enough of that usage leaves the window (429 with ``Retry-After``).
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -14,6 +14,7 @@ from ..exceptions import (
 from ..exceptions import IdempotencyKeyReused, IdempotentTasksPurged
 from ..exceptions import MetricsUnavailable
 from ..exceptions import TaskStillActive
+from ..exceptions import QuotaExceeded, ResourcesUnavailable
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
@@ -31,6 +32,8 @@ HTTP_STATUS: dict[type, int] = {
     IdempotencyKeyReused: 422,
     IdempotentTasksPurged: 409,
     QueueFull: 429,
+    ResourcesUnavailable: 422,
+    QuotaExceeded: 429,
     ControllerClosed: 503,
     TooManyStreams: 503,
     StoreError: 503,
@@ -42,7 +45,7 @@ def error_response(exc: MPCError) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Return ``(body, status, headers)`` for ``exc``: a JSON object with a human ``message``."""
     status = next(HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS)
     headers = {}
-    if isinstance(exc, (QueueFull, StoreError, TooManyStreams)):
+    if isinstance(exc, (QueueFull, StoreError, TooManyStreams, QuotaExceeded)):
         headers["Retry-After"] = str(getattr(exc, "retry_after", defaults.RETRY_AFTER))
     if isinstance(exc, MethodNotServed):
         headers["Allow"] = ", ".join(exc.allowed)

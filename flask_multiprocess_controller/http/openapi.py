@@ -733,11 +733,20 @@ def _common_schemas() -> dict[str, Any]:
         "args": _nullable("object", description="The keyword arguments (null in a list view when too large)."),
         "priority": {"type": "integer", "description": "Lower runs first."},
         "position": _nullable("integer", minimum=1, description="1-based place in the queue while queued."),
-        "waiting_on": {"enum": ["slot", "paused", "retry_at", "schedule", "drained", None],
+        "waiting_on": {"enum": ["slot", "paused", "retry_at", "schedule", "drained", "quota", "resources", "key",
+                                "tenant", None],
                        "description": "While queued, what the task waits for: `retry_at` (its retry time), "
                                       "`schedule` (a set start time), `drained` (every serving host is drained), "
+                                      "`quota` (its tenant used its CPU quota of the window), `resources` (no "
+                                      "serving host has room for what it declares now), `key` (`max_per_key` "
+                                      "tasks of its `concurrency_key` run), `tenant` (`max_per_tenant` tasks of "
+                                      "its tenant run), "
                                       "`paused` (every place is held by a paused task), `slot` (a free place, "
                                       "behind the tasks ahead of it); the first that holds. Null when not queued."},
+        "waiting_for": _nullable("string", description="While the task waits on a limit, its detail: the resources "
+                                                       "short on every host (`memory`, `cpus, gpu`) for `resources`, "
+                                                       "the key for `key`, the tenant for `tenant` and `quota`; "
+                                                       "else null."),
         "eta": _nullable("string", format="date-time",
                          description="While queued, when the task is estimated to start: from its place in the "
                                      "queue and the median run time of the controller's recent successes (its "

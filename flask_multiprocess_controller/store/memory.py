@@ -627,3 +627,19 @@ class MemoryStore(TaskStore):
         from .logbook import MemoryLogBook
 
         return MemoryLogBook(self)
+
+    # -- hosts' capacities and CPU usage (see ..limits) -----------------------------------------------------
+
+    def publish_capacity(self, host: str, capacity: Mapping[str, float]) -> None:
+        with self._lock:
+            self.__dict__.setdefault("_capacities", {})[host] = {k: float(v) for k, v in capacity.items()}
+
+    def capacities(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {host: dict(capacity) for host, capacity in self.__dict__.get("_capacities", {}).items()}
+
+    def ended_cpu(self, controller: str, since: float) -> list[tuple[Optional[str], float, float]]:
+        with self._lock:
+            return [(r.get("tenant"), float(r["ended_at"]), float(r["cpu_time"]))
+                    for r in self._of(controller, ANY_TENANT)
+                    if r.get("ended_at") is not None and r["ended_at"] >= since and r.get("cpu_time")]

@@ -975,3 +975,20 @@ class PostgresStore(ClaimSteps, TaskStore):
                            (event["kind"], event["uuid"], event["controller"], now, event["emitter"], text, tenant))
             for row, (event, _, _) in zip(rows, tx.events):
                 row["seq"] = event["task"]["seq"]
+
+    # -- hosts' capacities and CPU usage (see ..limits) -----------------------------------------------------
+
+    def publish_capacity(self, host: str, capacity: Mapping[str, float]) -> None:
+        with self._transaction() as tx:
+            tx.execute(f"INSERT INTO {self.schema}.host_capacity (host, capacity, at) VALUES (%s, %s, {_CLOCK}) "
+                       "ON CONFLICT (host) DO UPDATE SET capacity = excluded.capacity, at = excluded.at",
+                       (host, json.dumps({k: float(v) for k, v in capacity.items()})))
+
+    def capacities(self) -> dict[str, dict[str, float]]:
+        return {str(host): json.loads(capacity) for host, capacity in self._query(
+            f"SELECT host, capacity FROM {self.schema}.host_capacity")}
+
+    def ended_cpu(self, controller: str, since: float) -> list[tuple[Optional[str], float, float]]:
+        rows = self._query(f"SELECT tenant, ended_at, cpu_time FROM {self._t} WHERE controller = %s AND ended_at >= %s "
+                           "AND cpu_time > 0", (controller, since))
+        return [(tenant, float(ended), float(cpu)) for tenant, ended, cpu in rows]

@@ -199,6 +199,9 @@ def migrate(db: object, schema: str) -> None:
         db.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")  # type: ignore[attr-defined]
         db.execute(f"CREATE TABLE IF NOT EXISTS {schema}.meta (key text PRIMARY KEY, "  # type: ignore[attr-defined]
                    "value bigint NOT NULL)")
+        # Each host's published capacity (see ..limits): kept apart from the versioned tables, made when missing.
+        db.execute(f"CREATE TABLE IF NOT EXISTS {schema}.host_capacity (host text PRIMARY KEY, "  # type: ignore
+                   "capacity text NOT NULL, at double precision NOT NULL)")
         found = db.execute(f"SELECT value FROM {schema}.meta WHERE key = 'schema_version'").fetchone()  # type: ignore
         version = int(found[0]) if found else 0
         if version > SCHEMA_VERSION:

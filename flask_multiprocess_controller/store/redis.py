@@ -702,3 +702,27 @@ class RedisStore(TaskStore):
         from .logbook import RedisLogBook
 
         return RedisLogBook(self)
+
+    # -- hosts' capacities and CPU usage (see ..limits) -----------------------------------------------------
+
+    @_guarded
+    def publish_capacity(self, host: str, capacity: Mapping[str, float]) -> None:
+        self._redis.hset(self._key("capacity"), host, json.dumps({k: float(v) for k, v in capacity.items()}))
+
+    @_guarded
+    def capacities(self) -> dict[str, dict[str, float]]:
+        found = self._redis.hgetall(self._key("capacity"))
+        return {_text(host): json.loads(_text(value)) for host, value in found.items()}
+
+    @_guarded
+    def ended_cpu(self, controller: str, since: float) -> list[tuple[Optional[str], float, float]]:
+        uuids: list[Any] = list(self._redis.zrangebyscore(self._c(controller, "ended"), repr(float(since)), "+inf"))
+        found: list[tuple[Optional[str], float, float]] = []
+        for start in range(0, len(uuids), _STATS_BATCH):
+            pipe = self._redis.pipeline(transaction=False)
+            for uuid in uuids[start:start + _STATS_BATCH]:
+                pipe.hmget(self._key("t", _text(uuid)), ("tenant", "ended_at", "cpu_time"))
+            for tenant, ended, cpu in pipe.execute():
+                if ended is not None and cpu is not None and float(_text(cpu)) > 0:
+                    found.append((None if tenant is None else _text(tenant), float(_text(ended)), float(_text(cpu))))
+        return found
