@@ -571,7 +571,29 @@ def _monitoring_paths(prefix: str) -> dict[str, Any]:
             f"{prefix}/api/tasks/{{uuid}}/logs": {"parameters": [uuid], "get": logs},
             f"{prefix}/events": {"get": events},
             f"{prefix}/api/schedules": {"get": schedules},
+            f"{prefix}/api/usage": {"get": _usage_operation()},
             f"{prefix}/metrics": {"get": metrics}}
+
+
+def _usage_operation() -> dict[str, Any]:
+    """``GET <prefix>/api/usage``: each controller's tenant quota usage."""
+    tenant = {"type": "object", "required": ["tenant", "cpu_seconds", "quota", "window", "over", "retry_after"],
+              "properties": {
+                  "tenant": _nullable("string"), "cpu_seconds": {"type": "number", "minimum": 0},
+                  "quota": {"type": "number"}, "window": {"type": "number"}, "over": {"type": "boolean"},
+                  "retry_after": _nullable("integer", minimum=1,
+                                           description="Seconds until the tenant is under its quota again.")}}
+    controller = {"type": "object", "required": ["controller", "quota", "window", "tenants"], "properties": {
+        "controller": {"type": "string"}, "quota": _nullable("number", description="CPU seconds per window."),
+        "window": _nullable("number", description="Seconds."), "tenants": {"type": "array", "items": tenant}}}
+    return {"summary": "Each controller's CPU usage per tenant against its tenant_quota",
+            "description": ("CPU seconds of each tenant's tasks (their process trees) that ended within the "
+                            "controller's quota window, plus those running; the request's tenant only when the "
+                            "controller has a `tenant=` hook."),
+            "responses": {"200": _task_response("The usage, per controller.", {
+                "type": "object", "required": ["usage"],
+                "properties": {"usage": {"type": "array", "items": controller}}}),
+                **_errors("Unavailable")}}
 
 
 def _drain_operations() -> dict[str, Any]:
@@ -879,13 +901,14 @@ def _responses() -> dict[str, Any]:
         "Conflict": _error("The task has already ended."),
         "PayloadTooLarge": _error("The body is larger than the controller's `max_content_length`, or holds more "
                                   "tasks than its `max_bulk`."),
-        "QueueFull": _error("The queue is full: nothing was queued; retry after `Retry-After` seconds.",
-                            "Retry-After"),
+        "QueueFull": _error("The queue is full, or the tenant used its CPU quota of the window (`tenant_quota`): "
+                            "nothing was queued; retry after `Retry-After` seconds.", "Retry-After"),
         "Unavailable": _error("The task store is unreachable (retry after `Retry-After` seconds) or the "
                               "controller has shut down.", "Retry-After"),
         "MethodNotAllowed": _error("The controller does not serve this method.", "Allow"),
-        "KeyReused": _error("The `Idempotency-Key` was used with another body or other query options; nothing "
-                            "was queued."),
+        "KeyReused": _error("The `Idempotency-Key` was used with another body or other query options, or the "
+                            "task declares more resources than any serving host's capacity (the message names the "
+                            "largest seen); nothing was queued."),
     }
 
 
