@@ -47,6 +47,7 @@ def parse_amount(value: Any, name: str = "amount") -> float:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(f"{name} must be a number or a string such as '6GiB', not {value!r}.")
+    amount: float
     if isinstance(value, str):
         match = _AMOUNT.match(value)
         if match is None:
@@ -226,7 +227,8 @@ KeyFunction = Callable[[Mapping[str, Any], Optional[str]], Optional[str]]
 
 
 def key_function(concurrency_key: Union[None, str, Callable[..., Any]], names: Iterable[str] = (),
-                 open_signature: bool = False, defaults_of: Optional[Mapping[str, Any]] = None) -> Optional[KeyFunction]:
+                 open_signature: bool = False,
+                 defaults_of: Optional[Mapping[str, Any]] = None) -> Optional[KeyFunction]:
     """The function that gives a task its ``concurrency_key`` (None when the controller has none).
 
     :param concurrency_key: an argument name of ``execute`` (its value is the key; a value that is not a

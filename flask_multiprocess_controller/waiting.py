@@ -150,8 +150,9 @@ def read_queue_state(store: TaskStore, controller: str, max_num_process: int,
         tenants: dict[Optional[str], int] = {}
         used: dict[str, dict[str, float]] = {}
         for row in active:
-            if row.get("concurrency_key") is not None:
-                keys[row["concurrency_key"]] = keys.get(row["concurrency_key"], 0) + 1
+            key = row.get("concurrency_key")
+            if key is not None:
+                keys[key] = keys.get(key, 0) + 1
             tenants[row.get("tenant")] = tenants.get(row.get("tenant"), 0) + 1
             host = owner_host(row.get("owner") or "")
             if host is not None:
@@ -192,7 +193,7 @@ def _limited(row: Row, state: QueueState) -> Optional[tuple[WaitReason, Optional
     if short:
         return WaitReason.RESOURCES, ", ".join(short)
     key = row.get("concurrency_key")
-    if state.max_per_key is not None and key is not None and state.keys.get(key, 0) >= state.max_per_key:
+    if state.max_per_key is not None and key is not None and state.keys.get(str(key), 0) >= state.max_per_key:
         return WaitReason.KEY, key
     if state.max_per_tenant is not None and tenant is not None and \
             state.tenants.get(tenant, 0) >= state.max_per_tenant:

@@ -701,6 +701,6 @@ class MemoryStore(TaskStore):
 
     def ended_cpu(self, controller: str, since: float) -> list[tuple[Optional[str], float, float]]:
         with self._lock:
-            return [(r.get("tenant"), float(r["ended_at"]), float(r["cpu_time"]))
-                    for r in self._of(controller, ANY_TENANT)
-                    if r.get("ended_at") is not None and r["ended_at"] >= since and r.get("cpu_time")]
+            found = [(r.get("tenant"), r.get("ended_at"), r.get("cpu_time")) for r in self._of(controller, ANY_TENANT)]
+        return [(tenant, float(ended), float(cpu)) for tenant, ended, cpu in found
+                if ended is not None and ended >= since and cpu]
