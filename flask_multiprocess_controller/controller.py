@@ -62,7 +62,11 @@ from .states import ALL_STATUSES, TERMINAL, TaskStatus
 from .store import TaskStore, resolve_store, store_url
 from .store.base import ANY_TENANT, SYSTEM_TENANT, Row, hook_tenant
 from .store.base import Idempotency
-from .waiting import QueueState, read_queue_state
+from .waiting import QueueState, WaitLimits, read_queue_state
+from .limits import (
+    TenantUsage, check_fits_some_host, host_capacity, key_function, live_capacities, quota_spec,
+    quota_usage, refuse_over_quota, stamp,
+)
 from .exceptions import IdempotencyKeyReused, IdempotentReplay, IdempotentTasksPurged
 from .task import MetaMPTask
 
@@ -125,6 +129,19 @@ class MetaMPController:
     :param callback_max_age: seconds a callback that could not be delivered stays in the store's outbox
         (retried at each start and reconciliation); then it is dropped, logged as a warning and counted in
         ``/mpc/health`` (``callbacks_dropped``). Default 7 days; ``MPC_CALLBACK_MAX_AGE`` in the app's config.
+    :param concurrency_key: what makes tasks share a key that ``max_per_key`` bounds: the name of an argument
+        of ``execute`` (its value is the key), or a callable ``concurrency_key(args, tenant) -> str`` (None: no
+        key). Each task stores its key (``concurrency_key`` of the task object).
+    :param max_per_key: running tasks of this controller with the same ``concurrency_key`` at most, across every
+        process and host (None: no bound). Tasks of other keys behind a held one are not held up.
+    :param max_per_tenant: running tasks of this controller of the same tenant at most (None: no bound).
+    :param fair_share: whether claims go round-robin between the tenants with queued tasks (within a
+        priority), so that a tenant with many queued tasks does not starve one with few (default True);
+        False: strictly oldest first.
+    :param tenant_quota: ``(cpu_seconds, window_seconds)``: the CPU time (of the tasks' process trees) each
+        tenant's tasks may use per window; a tenant over it gets 429 with ``Retry-After`` at submit, and its
+        queued tasks wait (``waiting_on: "quota"``) until enough usage leaves the window (None: no quota).
+        The system's tasks (no request) are bounded by none. See ``<prefix>/api/usage``.
     :param compat: ``"0.1"`` makes this controller's resource take bodies of any content
         type and answer in upstream 0.1's shapes and codes, for clients that cannot change
         (see :mod:`.compat`); None (the default) keeps this version's answers.
@@ -189,7 +206,10 @@ class MetaMPController:
                  can_change: Optional[Callable[[str, dict[str, Any]], Any]] = None,
                  callback_max_age: float = defaults.CALLBACK_MAX_AGE, artifacts_url: Optional[str] = None,
                  max_artifact_size: int = defaults.MAX_ARTIFACT_SIZE,
-                 max_artifacts: int = defaults.MAX_ARTIFACTS) -> None:
+                 max_artifacts: int = defaults.MAX_ARTIFACTS,
+                 concurrency_key: Union[None, str, Callable[[dict[str, Any], Optional[str]], Any]] = None,
+                 max_per_key: Optional[int] = None, max_per_tenant: Optional[int] = None, fair_share: bool = True,
+                 tenant_quota: Optional[tuple[float, float]] = None) -> None:
         configurator = check_arguments(
             target_task, callback_url, max_num_process, max_num_queue, timeout, stop_grace, max_tasks_per_child,
             (logger_configurator_cls, log_configurator), role, tenant, max_wait=max_wait,
@@ -197,6 +217,20 @@ class MetaMPController:
             max_state_size=max_state_size, max_message_size=max_message_size, idempotency_ttl=idempotency_ttl,
             callback_max_age=callback_max_age, max_artifact_size=max_artifact_size, max_artifacts=max_artifacts)
         check_pause_settings(max_pause, pause_expiry, timeout_while_paused, can_change)
+        for name, bound in (("max_per_key", max_per_key), ("max_per_tenant", max_per_tenant)):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 1):
+                raise ValueError(f"{name} must be a positive integer or None, not {bound!r}.")
+        #: Running tasks per ``concurrency_key`` and per tenant at most (None: no bound); whether claims share
+        #: out between tenants; each tenant's CPU quota (see :mod:`.limits`).
+        self.max_per_key = max_per_key
+        self.max_per_tenant = max_per_tenant
+        self.fair_share = bool(fair_share)
+        self.tenant_quota = quota_spec(tenant_quota)
+        #: What one task needs of a host (its class's ``resources``, parsed), else None.
+        self.resources: Optional[dict[str, float]] = (
+            None if target_task is None else target_task.declared_resources)
+        if max_memory is None and self.resources and "memory" in self.resources:
+            max_memory = int(self.resources["memory"])  # what it declared is what it may use
         #: The task class this controller runs (None: it runs none).
         self.target_task = target_task
         self.max_num_process = max_num_process
@@ -279,6 +313,13 @@ class MetaMPController:
         self._bound = False
         self._instance_path: Optional[str] = None
         self._spec = ArgumentSpec(target_task.execute) if target_task is not None else None
+        self._key_function = (None if self._spec is None else key_function(
+            concurrency_key, self._spec.names, self._spec.open,
+            {p.name: p.default for p in self._spec.params if p.has_default}))
+        if concurrency_key is not None and self._spec is None:
+            raise ValueError("concurrency_key needs a target_task.")
+        #: What the submit checks read of the store (hosts' capacities, quota usage), and until when it is kept.
+        self._limits_read: dict[str, tuple[float, Any]] = {}
         self._handlers: dict[str, Callable[..., Any]] = {}
         #: The schedules declared in this process, by name.
         self._schedules: dict[str, ScheduleSpec] = {}
@@ -404,6 +445,8 @@ class MetaMPController:
                     self.target_task, self._configurator, self.max_tasks_per_child)
                 self._fork_server_pid_owner = os.getpid()
             runtime = Runtime(runtime_config(self), store, self.callback_url, fork_server)
+            if self.resources is not None:  # else claims need not count resources: the plain claim stays
+                runtime.capacity = host_capacity()
             self._side = runtime
             runtime.start()
             name_serving_process(current_app.name if has_app_context() else None)  # what ps shows
@@ -545,6 +588,7 @@ class MetaMPController:
             raise PayloadTooLarge(f"{len(items)} tasks in one request; the limit is {self.max_bulk}.")
         rows = new_rows(spec, self.name, items, priority, self._effective_timeout(timeout), self.task_tenant(tenant),
                         batch)
+        self._admit(rows)
         with tracing.submission(self.name, traceparent) as traced:
             for row in rows:
                 row["traceparent"] = traced.traceparent
@@ -730,6 +774,7 @@ class MetaMPController:
         rows = new_rows(spec, self.name, [row["args"]], row["priority"], self._effective_timeout(row.get("timeout")),
                         row.get("tenant"), None)
         rows[0]["rerun_of"] = row["uuid"]
+        self._admit(rows)
         with tracing.submission(self.name) as traced:  # a new submission: in the trace of the request asking it
             rows[0]["traceparent"] = traced.traceparent
             traced.tasks([rows[0]["uuid"]], None)
@@ -1159,7 +1204,7 @@ class MetaMPController:
         now = time.monotonic()
         if kept is not None and kept[0] > now:
             return kept[1]
-        state = read_queue_state(self.store, self.name, self.max_num_process, counts)
+        state = read_queue_state(self.store, self.name, self.max_num_process, counts, self._wait_limits())
         self._queue_state = (now + defaults.QUEUE_STATE_TTL, state)
         return state
 
@@ -1211,3 +1256,87 @@ class MetaMPController:
 
     def _effective_timeout(self, requested: Optional[float]) -> Optional[float]:
         return effective_timeout(self.timeout, requested)
+
+    # -- limits (see .limits) ----------------------------------------------------------
+
+    def _admit(self, rows: list[Row]) -> None:
+        """Stamp new rows with their ``concurrency_key`` and ``resources``, and refuse them when they could never
+        start (:class:`ResourcesUnavailable`, 422) or their tenant is over its quota (:class:`QuotaExceeded`, 429)."""
+        stamp(rows, self._key_function, self.resources)
+        if self.resources is not None:
+            check_fits_some_host(self.resources, self._read_limit("capacities", self._live_capacities),
+                                 self.target_task.__name__ if self.target_task is not None else self.name)
+        if self.tenant_quota is not None and rows:
+            usage = self._read_limit("usage", lambda: self.quota_usage())
+            refuse_over_quota(usage, rows[0].get("tenant"), self.store.now())
+
+    def _read_limit(self, what: str, read: Callable[[], Any]) -> Any:
+        """What ``read`` answers, kept :data:`~.defaults.LIMITS_TTL` seconds in this process."""
+        kept = self._limits_read.get(what)
+        now = time.monotonic()
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        value = read()
+        self._limits_read[what] = (now + defaults.LIMITS_TTL, value)
+        return value
+
+    def _live_capacities(self) -> dict[str, Mapping[str, float]]:
+        """The published capacities of the hosts with a live serving process (heartbeat within ``lease``)."""
+        store = self.store
+        return live_capacities(store.capacities(), store.known_hosts(), store.now(), self.lease)
+
+    def quota_usage(self) -> dict[Optional[str], TenantUsage]:
+        """Each tenant's CPU seconds in the ``tenant_quota`` window (tasks ended in it, and running), read from
+        the store; empty without a quota.
+
+        .. versionadded:: 0.4
+        """
+        quota = self.tenant_quota
+        if quota is None:
+            return {}
+        self._started()
+        now = self.store.now()
+        return quota_usage(self.store.ended_cpu(self.name, now - quota.window), self.store.active(self.name),
+                           quota, now)
+
+    def usage(self) -> dict[str, Any]:
+        """The controller's quota usage as ``<prefix>/api/usage`` shows it: ``{"controller", "quota", "window",
+        "tenants": [...]}``, each tenant's CPU seconds in the window, whether it is over, and the seconds until
+        it is not (``retry_after``). In a request of a controller with a ``tenant=`` hook, only the request's
+        tenant. ``quota`` and ``window`` are null (and ``tenants`` empty) without a ``tenant_quota``.
+
+        .. versionadded:: 0.4
+        """
+        quota = self.tenant_quota
+        wanted = self.tenant_filter()
+        tenants: list[dict[str, Any]] = []
+        if quota is not None:
+            now = self.store.now()
+            usage = self.quota_usage()
+            if wanted is not ANY_TENANT and wanted not in usage:
+                usage[wanted] = TenantUsage(wanted, 0.0, quota.cpu_seconds, quota.window, None)
+            tenants = [usage[t].to_json(now) for t in sorted(usage, key=lambda t: (t is not None, t or ""))
+                       if wanted is ANY_TENANT or t == wanted]
+        return {"controller": self.name, "quota": None if quota is None else quota.cpu_seconds,
+                "window": None if quota is None else quota.window, "tenants": tenants}
+
+    def stamp_scheduled(self, rows: list[Row]) -> None:
+        """Stamp the task a schedule's firing queues (its key and resources; no submit check: the firing is the
+        system's, and a task that cannot start yet waits)."""
+        try:
+            stamp(rows, self._key_function, self.resources)
+        except MPCError as exc:
+            self.logger.warning("A scheduled task of %s gets no concurrency key: %s", self.name, exc)
+            stamp(rows, None, self.resources)
+
+    def _wait_limits(self) -> Optional[WaitLimits]:
+        """What this controller's limits make queued tasks wait on (see :func:`.waiting.read_queue_state`)."""
+        if self.max_per_key is None and self.max_per_tenant is None and self.resources is None \
+                and self.tenant_quota is None:
+            return None
+        held: frozenset[Optional[str]] = frozenset()
+        if self.tenant_quota is not None:
+            held = frozenset(t for t, u in self.quota_usage().items() if u.over)
+        return WaitLimits(max_per_key=self.max_per_key, max_per_tenant=self.max_per_tenant,
+                          capacities=self._live_capacities() if self.resources is not None else None,
+                          held_tenants=held)

@@ -176,3 +176,10 @@ MAX_ARTIFACTS = 100
 SHARE_TTL = 3600
 #: The longest validity a share link may be given (30 days).
 MAX_SHARE_TTL = 30 * 24 * 3600
+#: Environment variable that overrides or adds to a host's detected capacity (``memory=16GiB,cpus=4,gpu=1``).
+RESOURCES_ENV = "MPC_RESOURCES"
+#: Characters a task's ``concurrency_key`` may have at most.
+MAX_CONCURRENCY_KEY = 255
+#: Seconds a process keeps what it read of the hosts' capacities and the tenants' quota usage, for the checks
+#: made at submit.
+LIMITS_TTL = 1.0

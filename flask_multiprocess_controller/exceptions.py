@@ -425,3 +425,29 @@ class ShareLinksUnavailable(InvalidRequest):
     """Share links cannot be made or checked here: the app has no ``SECRET_KEY`` (they are signed with it), or
     the extension (which serves them) is not initialised in the app (400: a request for a link is one this
     server cannot answer, whatever it is sent again with)."""
+
+
+class ResourcesUnavailable(MPCError):
+    """A task declares more resources (``memory``, ``cpus``, custom names) than any serving host's capacity
+    offers, even with nothing else running: it could never start, so it is refused at submit (422).
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self, message: str, needed: dict[str, float], largest: dict[str, float]) -> None:
+        super().__init__(message)
+        #: What the task declares, and the largest capacity of each of those resources among the live hosts.
+        self.needed = needed
+        self.largest = largest
+
+
+class QuotaExceeded(MPCError):
+    """The tenant's tasks used their CPU quota (``tenant_quota``) of the window: no new task is accepted for
+    it until enough of that usage leaves the window (429 with ``Retry-After``).
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -26,9 +26,13 @@ class TaskObject(TypedDict, total=False):
     priority: int
     #: 1-based place in the queue while queued, else None.
     position: Optional[int]
-    #: While queued: what the task waits for (``slot``, ``paused``, ``retry_at``, ``schedule``, ``drained``;
+    #: While queued: what the task waits for (``slot``, ``paused``, ``retry_at``, ``schedule``, ``drained``,
+    #: ``quota``, ``resources``, ``key``, ``tenant``;
     #: see :mod:`.waiting`), else None.
     waiting_on: Optional[str]
+    #: While it waits on a limit: the resources short (``resources``), the key (``key``), the tenant
+    #: (``tenant``, ``quota``); else None.
+    waiting_for: Optional[str]
     #: While queued: when it is estimated to start (ISO 8601), None when nothing can tell.
     eta: Optional[str]
     #: ISO 8601 in UTC.
@@ -80,7 +84,7 @@ class TaskObject(TypedDict, total=False):
 #: Keys of the task object, in the order they are shown.
 TASK_KEYS = (
     "uuid", "status", "msg", "progress", "percent", "result", "error", "args", "priority", "position",
-    "waiting_on", "eta", "created_at", "started_at", "ended_at", "pid", "host", "exit_code", "memory_peak",
+    "waiting_on", "waiting_for", "eta", "created_at", "started_at", "ended_at", "pid", "host", "exit_code", "memory_peak",
     "cpu_time", "timeout",
     "attempt", "controller", "retry_at", "errors", "schedule", "batch", "state_saved_at",
     "traceparent",
@@ -153,6 +157,7 @@ def present(row: Row, position: Optional[int] = None, live: Optional[Any] = None
     view["position"] = position if row["status"] == TaskStatus.QUEUED else None
     waiting = waiting_shown(row, view["position"], queue)
     view["waiting_on"], view["eta"] = waiting["waiting_on"], iso(waiting["eta"])
+    view["waiting_for"] = waiting["waiting_for"]
     view["host"] = _host(stored)
     view["msg"] = _msg(row, position)
     view["reruns"] = None if reruns is None else list(reruns)

@@ -200,4 +200,6 @@ def runtime_config(controller: "MetaMPController") -> RuntimeConfig:
         max_num_queue=controller.max_num_queue, slots=controller.slots, shutdown_wait=controller.shutdown_wait,
         handover_window=configured_window(controller.handover_window), max_pause=controller.max_pause,
         pause_expiry=controller.pause_expiry, timeout_while_paused=controller.timeout_while_paused,
-        callback_max_age=controller.callback_max_age)
+        callback_max_age=controller.callback_max_age, max_per_key=controller.max_per_key,
+        max_per_tenant=controller.max_per_tenant, fair_share=controller.fair_share,
+        tenant_quota=controller.tenant_quota, stamp=controller.stamp_scheduled)

@@ -68,6 +68,13 @@ class MetaMPTask(abc.ABC):
     #: How many tasks of this class this process has started, this one included (upstream 0.1's
     #: counter; 1 in a fresh task process). ``self.task_id`` is the task's unique name.
     counter: ClassVar[int] = 0
+    #: What one task of this class needs of a host to start, resource name -> amount: ``memory`` (bytes, or a
+    #: string with a unit such as ``"6GiB"``), ``cpus``, and custom names (``"gpu": 1``). A serving process
+    #: claims the task only while its host's running tasks leave room for it (see :mod:`.limits`); None:
+    #: nothing declared. Checked when the class is made.
+    resources: ClassVar[Optional[dict[str, Any]]] = None
+    #: :attr:`resources` as numbers (memory in bytes), parsed when the class is made.
+    declared_resources: ClassVar[Optional[dict[str, float]]] = None
 
     def __init_subclass__(cls, task_name: Optional[str] = None, logger: Optional[logging.Logger] = None,
                           **kwargs: Any) -> None:
@@ -78,6 +85,10 @@ class MetaMPTask(abc.ABC):
             cls.logger = logger
         elif "logger" not in cls.__dict__:
             cls.logger = logging.getLogger(cls.__name__)
+        if "resources" in cls.__dict__:
+            from .limits import parse_resources
+
+            cls.declared_resources = parse_resources(cls.__dict__["resources"], f"{cls.__name__}.resources")
 
     def __init__(self, task_id: str, channel: TaskChannel, context: Optional[dict[str, Any]] = None,
                  state: Any = None) -> None:

@@ -26,7 +26,7 @@ from flask_multiprocess_controller.store.schema import (
 )
 
 #: Keys of the task object that no stored field gives: the presenter computes them (or the controller reads them).
-PRESENTED_ONLY = {"msg", "position", "waiting_on", "eta", "host", "reruns"}
+PRESENTED_ONLY = {"msg", "position", "waiting_on", "waiting_for", "eta", "host", "reruns"}
 #: Keys the list view adds to a task object (presenter.clip).
 LIST_ONLY = {"truncated"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .. import defaults
 from .logs import MetaMPLoggerConfigurator
@@ -77,6 +77,10 @@ class RuntimeConfig:
     max_per_key: Optional[int] = None
     max_per_tenant: Optional[int] = None
     fair_share: bool = True
+    #: Each tenant's CPU quota (a :class:`~..limits.QuotaSpec`), whose tenants over it are held (None: none).
+    tenant_quota: Optional[Any] = None
+    #: Gives the rows a schedule's firings queue their ``concurrency_key`` and ``resources`` (None: nothing).
+    stamp: Optional[Callable[[list[Any]], None]] = None
 
     @property
     def slot_count(self) -> int:

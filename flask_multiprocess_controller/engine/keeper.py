@@ -35,6 +35,8 @@ class Keeper(threading.Thread):
             if not self._attempt("heartbeat", lambda: rt.store.heartbeat(rt.owner)):
                 continue  # the store is down: the other chores would fail the same way
             self._attempt("drain flag", rt.refresh_host_drained)
+            if rt.config.tenant_quota is not None:
+                self._attempt("quotas", rt.refresh_quotas)
             if now >= next_reconcile and self._attempt("reconcile", rt.reconcile):
                 next_reconcile = now + defaults.RECONCILE_INTERVAL
             if now >= next_purge and self._attempt("purge", rt.purge):

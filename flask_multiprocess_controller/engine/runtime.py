@@ -166,7 +166,7 @@ class Runtime(TaskSide):
         self._keeper = Keeper(self)
         #: Fires the controller's schedules while this process holds their lease (no thread until one is declared).
         self.scheduler = Scheduler(store, config.name, self.owner, config.lease, config.max_num_queue, self.logger,
-                                   self.events.publish, clock=clock)
+                                   self.events.publish, clock=clock, stamp=config.stamp)
         #: How this process's tasks are handed over when it ends (None: they are stopped; see .handover).
         self.handover: Optional[HandoverConfig] = None
         self._listener: Optional[AdoptionListener] = None
@@ -178,6 +178,12 @@ class Runtime(TaskSide):
         retrier = Retrier(self.logger, self._give_up)
         retrier.call("recording the heartbeat", lambda: self.store.heartbeat(self.owner), give_up_at_stop=False)
         retrier.call("reading whether this host is drained", self.refresh_host_drained, give_up_at_stop=False)
+        capacity = self.capacity
+        if capacity is not None:
+            retrier.call("publishing this host's capacity", lambda: self.store.publish_capacity(self.host, capacity),
+                         give_up_at_stop=False)
+        if self.config.tenant_quota is not None:
+            retrier.call("reading the tenants' quota usage", self.refresh_quotas, give_up_at_stop=False)
         self.events.start()
         self._offer_adoption()
         retrier.call("settling the tasks of dead processes", self.reconcile, give_up_at_stop=False)
@@ -319,6 +325,23 @@ class Runtime(TaskSide):
                                 "drained" if drained else "undrained",
                                 "claims no new task; running ones go on" if drained else "claims tasks again")
         if was and not drained:
+            self.notify_work()
+
+    def refresh_quotas(self) -> None:
+        """Read which tenants are over their CPU quota (their tasks are not claimed); once one is not any more,
+        the idle slots claim at once. Read by the keeper every heartbeat when the controller has a quota."""
+        from ..limits import quota_usage
+
+        quota = self.config.tenant_quota
+        if quota is None:
+            return
+        now = self.store.now()
+        usage = quota_usage(self.store.ended_cpu(self.config.name, now - quota.window),
+                            self.store.active(self.config.name), quota, now)
+        held = frozenset(tenant for tenant, used in usage.items() if used.over)
+        released = self.held_tenants - held
+        self.held_tenants = held
+        if released:
             self.notify_work()
 
     def notify_work(self, slots: Optional[int] = None) -> None:

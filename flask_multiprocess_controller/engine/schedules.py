@@ -297,8 +297,11 @@ class Scheduler:
 
     def __init__(self, store: TaskStore, controller: str, owner: str, lease: float, max_queued: int,
                  logger: logging.Logger, publish: Callable[[Event], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 stamp: Optional[Callable[[list[Row]], None]] = None) -> None:
         self.store = store
+        #: Gives a firing's task its concurrency key and resources (see :mod:`..limits`).
+        self._stamp = stamp
         self._clock = clock
         self.controller = controller
         self.owner = owner
@@ -413,6 +416,8 @@ class Scheduler:
             fired_until = max(fired_until, todo.pass_over_until)
         for firing in todo.queue:
             row = task_row(spec, self.controller, firing)
+            if self._stamp is not None:
+                self._stamp([row])
             fired = self.store.fire(self.controller, spec.name, firing, row, self.max_queued, emitter=self.owner)
             if fired.outcome is FireOutcome.QUEUED and fired.event is not None:
                 self._logger.info("Schedule %s of %s queued task %s for its firing at %s.", spec.name,

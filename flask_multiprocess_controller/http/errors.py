@@ -16,6 +16,7 @@ from ..exceptions import MetricsUnavailable
 from ..exceptions import TaskStillActive
 from ..exceptions import ArtifactNotFound, ArtifactTooLarge, TooManyArtifacts
 from ..exceptions import ShareDenied, ShareLinkExpired, ShareTokenMissing
+from ..exceptions import QuotaExceeded, ResourcesUnavailable
 
 #: HTTP status of each exception class (the first match along the MRO wins).
 HTTP_STATUS: dict[type, int] = {
@@ -39,6 +40,8 @@ HTTP_STATUS: dict[type, int] = {
     IdempotencyKeyReused: 422,
     IdempotentTasksPurged: 409,
     QueueFull: 429,
+    ResourcesUnavailable: 422,
+    QuotaExceeded: 429,
     ControllerClosed: 503,
     TooManyStreams: 503,
     StoreError: 503,
@@ -50,7 +53,7 @@ def error_response(exc: MPCError) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Return ``(body, status, headers)`` for ``exc``: a JSON object with a human ``message``."""
     status = next(HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS)
     headers = {}
-    if isinstance(exc, (QueueFull, StoreError, TooManyStreams)):
+    if isinstance(exc, (QueueFull, StoreError, TooManyStreams, QuotaExceeded)):
         headers["Retry-After"] = str(getattr(exc, "retry_after", defaults.RETRY_AFTER))
     if isinstance(exc, MethodNotServed):
         headers["Allow"] = ", ".join(exc.allowed)

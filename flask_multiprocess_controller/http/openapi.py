@@ -622,6 +622,7 @@ def _monitoring_paths(prefix: str) -> dict[str, Any]:
             **_artifact_paths(f"{prefix}/api/tasks/{{uuid}}", uuid),
             f"{prefix}/events": {"get": events},
             f"{prefix}/api/schedules": {"get": schedules},
+            f"{prefix}/api/usage": {"get": _usage_operation()},
             f"{prefix}/metrics": {"get": metrics}}
 
 
@@ -643,6 +644,27 @@ def _artifact_paths(item: str, uuid: dict[str, Any]) -> dict[str, Any]:
                               **_errors("BadRequest", "NotFound", "Unavailable")}}
     return {f"{item}/artifacts": {"parameters": [uuid], "get": listing},
             f"{item}/artifacts/{{name}}": {"parameters": [uuid, name], "get": download}}
+
+
+def _usage_operation() -> dict[str, Any]:
+    """``GET <prefix>/api/usage``: each controller's tenant quota usage."""
+    tenant = {"type": "object", "required": ["tenant", "cpu_seconds", "quota", "window", "over", "retry_after"],
+              "properties": {
+                  "tenant": _nullable("string"), "cpu_seconds": {"type": "number", "minimum": 0},
+                  "quota": {"type": "number"}, "window": {"type": "number"}, "over": {"type": "boolean"},
+                  "retry_after": _nullable("integer", minimum=1,
+                                           description="Seconds until the tenant is under its quota again.")}}
+    controller = {"type": "object", "required": ["controller", "quota", "window", "tenants"], "properties": {
+        "controller": {"type": "string"}, "quota": _nullable("number", description="CPU seconds per window."),
+        "window": _nullable("number", description="Seconds."), "tenants": {"type": "array", "items": tenant}}}
+    return {"summary": "Each controller's CPU usage per tenant against its tenant_quota",
+            "description": ("CPU seconds of each tenant's tasks (their process trees) that ended within the "
+                            "controller's quota window, plus those running; the request's tenant only when the "
+                            "controller has a `tenant=` hook."),
+            "responses": {"200": _task_response("The usage, per controller.", {
+                "type": "object", "required": ["usage"],
+                "properties": {"usage": {"type": "array", "items": controller}}}),
+                **_errors("Unavailable")}}
 
 
 def _drain_operations() -> dict[str, Any]:
@@ -805,11 +827,20 @@ def _common_schemas() -> dict[str, Any]:
         "args": _nullable("object", description="The keyword arguments (null in a list view when too large)."),
         "priority": {"type": "integer", "description": "Lower runs first."},
         "position": _nullable("integer", minimum=1, description="1-based place in the queue while queued."),
-        "waiting_on": {"enum": ["slot", "paused", "retry_at", "schedule", "drained", None],
+        "waiting_on": {"enum": ["slot", "paused", "retry_at", "schedule", "drained", "quota", "resources", "key",
+                                "tenant", None],
                        "description": "While queued, what the task waits for: `retry_at` (its retry time), "
                                       "`schedule` (a set start time), `drained` (every serving host is drained), "
+                                      "`quota` (its tenant used its CPU quota of the window), `resources` (no "
+                                      "serving host has room for what it declares now), `key` (`max_per_key` "
+                                      "tasks of its `concurrency_key` run), `tenant` (`max_per_tenant` tasks of "
+                                      "its tenant run), "
                                       "`paused` (every place is held by a paused task), `slot` (a free place, "
                                       "behind the tasks ahead of it); the first that holds. Null when not queued."},
+        "waiting_for": _nullable("string", description="While the task waits on a limit, its detail: the resources "
+                                                       "short on every host (`memory`, `cpus, gpu`) for `resources`, "
+                                                       "the key for `key`, the tenant for `tenant` and `quota`; "
+                                                       "else null."),
         "eta": _nullable("string", format="date-time",
                          description="While queued, when the task is estimated to start: from its place in the "
                                      "queue and the median run time of the controller's recent successes (its "
@@ -961,13 +992,14 @@ def _responses() -> dict[str, Any]:
         "Conflict": _error("The task has already ended."),
         "PayloadTooLarge": _error("The body is larger than the controller's `max_content_length`, or holds more "
                                   "tasks than its `max_bulk`."),
-        "QueueFull": _error("The queue is full: nothing was queued; retry after `Retry-After` seconds.",
-                            "Retry-After"),
+        "QueueFull": _error("The queue is full, or the tenant used its CPU quota of the window (`tenant_quota`): "
+                            "nothing was queued; retry after `Retry-After` seconds.", "Retry-After"),
         "Unavailable": _error("The task store is unreachable (retry after `Retry-After` seconds) or the "
                               "controller has shut down.", "Retry-After"),
         "MethodNotAllowed": _error("The controller does not serve this method.", "Allow"),
-        "KeyReused": _error("The `Idempotency-Key` was used with another body or other query options; nothing "
-                            "was queued."),
+        "KeyReused": _error("The `Idempotency-Key` was used with another body or other query options, or the "
+                            "task declares more resources than any serving host's capacity (the message names the "
+                            "largest seen); nothing was queued."),
     }
 
 

@@ -48,6 +48,7 @@ def make_blueprint(extension: "MultiprocessController") -> Blueprint:
     blueprint.add_url_rule("/api/tasks/<uuid>/artifacts/<path:name>", "artifact", wrap(_task_artifacts(extension)))
     blueprint.add_url_rule("/api/tasks/<uuid>/rerun", "rerun", wrap(_task_rerun(extension)), methods=["POST"])
     blueprint.add_url_rule("/api/schedules", "schedules", wrap(_schedules(extension)))
+    blueprint.add_url_rule("/api/usage", "usage", wrap(_usage(extension)))
     # Host ids contain "/" (see runtime.host_id): the path converter takes them whole.
     blueprint.add_url_rule("/api/hosts/<path:host>/drain", "host_drain", wrap(_host_drain(extension)),
                            methods=["GET", "POST", "DELETE"])
@@ -107,6 +108,16 @@ def _schedules(extension: "MultiprocessController") -> Callable[[], ResponseRetu
         return jsonify({"schedules": found})
 
     return schedules
+
+
+def _usage(extension: "MultiprocessController") -> Callable[[], ResponseReturnValue]:
+    """``GET <prefix>/api/usage``: each controller's CPU usage per tenant against its ``tenant_quota`` (the
+    request's tenant only, under a ``tenant=`` hook)."""
+    def usage() -> ResponseReturnValue:
+        return jsonify({"usage": [controller.usage() for controller in extension.controllers()
+                                  if controller.target_task is not None]})
+
+    return usage
 
 
 def _events(extension: "MultiprocessController") -> Callable[[], ResponseReturnValue]:

@@ -252,6 +252,7 @@
     loadHealth();
     loadStats();
     loadSchedules();
+    loadUsage();
     loadTasks(false);
     if (state.current) openTask(state.current);
   }
@@ -800,6 +801,34 @@
     $("schedules-empty").hidden = found.length > 0;
   }
 
+  // -- quota usage (controllers with a tenant_quota) ----------------------------------------------
+
+  async function loadUsage() {
+    let found;
+    try { found = (await api("api/usage")).usage; } catch (e) { return; }
+    const body = clear($("usage-rows"));
+    let shown = 0;
+    for (const info of found) {
+      if (info.quota === null) continue;
+      for (const tenant of info.tenants) {
+        const row = document.createElement("tr");
+        const cells = [
+          ["Controller", info.controller], ["Tenant", tenant.tenant === null ? "—" : tenant.tenant],
+          ["CPU seconds", tenant.cpu_seconds.toFixed(1)], ["Quota", info.quota + " per " + info.window + " s"],
+          ["State", tenant.over ? "over quota, free in " + tenant.retry_after + " s" : "within quota"]];
+        for (const [label, text] of cells) {
+          const cell = el("td", text);
+          cell.dataset.label = label;
+          if (label === "State") cell.className = tenant.over ? "bad" : "ok";
+          row.appendChild(cell);
+        }
+        body.appendChild(row);
+        shown++;
+      }
+    }
+    $("usage-panel").hidden = shown === 0;
+  }
+
   // -- the task page -----------------------------------------------------------------------------
 
   async function openTask(uuid) {
@@ -1041,6 +1070,10 @@
     retry_at: "its retry time",
     schedule: "its start time",
     drained: "a host to undrain (every serving host is drained)",
+    quota: "its tenant's CPU quota (used up for this window)",
+    resources: "room on a host for what it declares",
+    key: "a running task of its concurrency key to end (max_per_key)",
+    tenant: "a running task of its tenant to end (max_per_tenant)",
   };
 
   function keepLimits(controllers) {
@@ -1059,7 +1092,8 @@
   function waitingFields(list, task) {
     if (task.status !== "queued") return;
     const reason = task.waiting_on;
-    field(list, "Waiting on", reason ? reason + ": " + (WAITING[reason] || reason) : null);
+    const detail = task.waiting_for ? " (" + task.waiting_for + ")" : "";
+    field(list, "Waiting on", reason ? reason + ": " + (WAITING[reason] || reason) + detail : null);
     field(list, "ETA", task.eta ? timeCell(task.eta) : "unknown (no recent success to measure)");
   }
 
@@ -1133,6 +1167,7 @@
     loadHealth();
     loadStats();
     loadSchedules();
+    loadUsage();
     loadTasks(false);
     route();
     setInterval(tick, 5000);  // relative times only: the data comes from the event stream

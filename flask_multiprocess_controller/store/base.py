@@ -907,6 +907,48 @@ class TaskStore(abc.ABC):
     def close(self) -> None:
         """Release connections held by this process."""
 
+    # -- hosts' capacities and CPU usage (see ..limits) -----------------------------------------------------
+
+    def publish_capacity(self, host: str, capacity: Mapping[str, float]) -> None:
+        """Record ``host``'s capacity (resource name -> amount), replacing what it published before: what a
+        submit checks a task's declared resources against (see :meth:`capacities`).
+
+        The stores of this package keep one entry per host; this default, for stores of other packages,
+        keeps nothing (then no submit is refused for its resources).
+
+        .. versionadded:: 0.4
+        """
+
+    def capacities(self) -> dict[str, dict[str, float]]:
+        """Every host's published capacity: host -> resource name -> amount (see :meth:`publish_capacity`).
+
+        .. versionadded:: 0.4
+        """
+        return {}
+
+    def ended_cpu(self, controller: str, since: float) -> list[tuple[Optional[str], float, float]]:
+        """``(tenant, ended_at, cpu_time)`` of the controller's tasks that ended at or after ``since`` (store clock)
+        with a CPU time: what tenant quotas are measured from.
+
+        The stores of this package read the index of ended tasks (as :meth:`ended_timings`), so the cost
+        follows the tasks of the window; this default, for stores of other packages, pages through the
+        controller's ended tasks.
+
+        .. versionadded:: 0.4
+        """
+        found: list[tuple[Optional[str], float, float]] = []
+        before: Optional[int] = None
+        while True:
+            rows = self.list_tasks(controller, sorted(_TERMINAL),
+                                   defaults.MAX_LIST_LIMIT, before)
+            for row in rows:
+                ended, cpu = row.get("ended_at"), row.get("cpu_time")
+                if ended is not None and ended >= since and cpu:
+                    found.append((row.get("tenant"), float(ended), float(cpu)))
+            if len(rows) < defaults.MAX_LIST_LIMIT:
+                return found
+            before = rows[-1]["seq"]
+
 
 #: A claimer's task process: its pid and create time, recorded with the claim (or None: recorded by ``start``).
 Process = Optional[tuple[int, float]]

@@ -1,6 +1,7 @@
 """An in-process store: fast, for tests and throwaway use; nothing survives the process."""
 from __future__ import annotations
 
+import collections
 import copy
 import heapq
 import itertools
@@ -13,10 +14,10 @@ from ..events import CALLBACK_KINDS, Changes, Event, EventKind
 from ..exceptions import InvalidTransition, QueueFull, TaskAlreadyFinished, TaskNotFound
 from ..exceptions import IdempotentReplay
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .claimrules import NO_RULES, ClaimRules
+from .claimrules import NO_RULES, ClaimRules, fits, host_usage
 from .base import (
     ANY_TENANT, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, encoded_size, event_payload,
-    event_task, parse_counter,
+    event_task, owner_host, parse_counter,
 )
 from .base import Idempotency
 from .base import usage_fields
@@ -231,18 +232,78 @@ class MemoryStore(TaskStore):
         running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)
         if running >= max_running:
             return None
+        if rules.host is not None and rules.host in self._drained:
+            return None
         self._promote_due(controller, self._clock())
         queue = self._queues.get(controller, [])
-        while queue:
-            priority, _, uuid = heapq.heappop(queue)
-            row = self._rows.get(uuid)
-            # An entry is stale once its task left the queue, moved to another priority or waits for a retry.
-            if (row is not None and row["status"] == _QUEUED and row["priority"] == priority
-                    and row["retry_at"] is None):
-                row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": self._clock(),
-                            "attempt": row["attempt"] + 1})
-                return row
-        return None
+        while queue and not self._ready_entry(queue[0]):
+            heapq.heappop(queue)  # stale entries off the top: the top is the oldest ready task, if any
+        if not queue:
+            return None
+        if rules.plain and not rules.fair:
+            row = self._rows[heapq.heappop(queue)[2]]
+        else:
+            chosen = self._choose(controller, queue, rules)
+            if chosen is None:
+                return None
+            if chosen == queue[0]:
+                heapq.heappop(queue)
+            else:
+                queue.remove(chosen)
+                heapq.heapify(queue)
+            row = self._rows[chosen[2]]
+        row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": self._clock(),
+                    "attempt": row["attempt"] + 1})
+        return row
+
+    def _ready_entry(self, entry: tuple[int, int, str]) -> bool:
+        """Whether a queue entry stands for a ready task: stale once its task left the queue, moved to another
+        priority or waits for a retry."""
+        row = self._rows.get(entry[2])
+        return (row is not None and row["status"] == _QUEUED and row["priority"] == entry[0]
+                and row["retry_at"] is None)
+
+    def _choose(self, controller: str, queue: list[tuple[int, int, str]],
+                rules: ClaimRules) -> Optional[tuple[int, int, str]]:
+        """The queue entry of the task ``rules`` let a claim take (see :mod:`.claimrules`), or None.
+
+        The plain rules look at the tasks of the lowest priority only (to share them out between tenants);
+        others walk the ready tasks in queue order, skipping those held back.
+        """
+        if rules.plain:
+            top = queue[0][0]
+            entries = sorted(e for e in queue if e[0] == top and self._ready_entry(e))
+        else:
+            entries = sorted(e for e in queue if self._ready_entry(e))
+        mine = [r for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE]
+        per_tenant = collections.Counter(r.get("tenant") for r in mine)
+        per_key = collections.Counter(r.get("concurrency_key") for r in mine)
+        used: dict[str, float] = {}
+        if rules.capacity is not None and rules.host is not None:
+            used = host_usage(r for r in self._rows.values() if r["status"] in _ACTIVE and r.get("resources")
+                              and r.get("owner") and owner_host(r["owner"]) == rules.host)
+
+        def eligible(row: Row) -> bool:
+            tenant, key = row.get("tenant"), row.get("concurrency_key")
+            return (tenant not in rules.held_tenants
+                    and (key is None or rules.max_per_key is None or per_key[key] < rules.max_per_key)
+                    and (tenant is None or rules.max_per_tenant is None or per_tenant[tenant] < rules.max_per_tenant)
+                    and (rules.capacity is None or fits(row.get("resources"), used, rules.capacity)))
+
+        # The first eligible task of each tenant, at the lowest priority value that has one.
+        firsts: dict[Optional[str], tuple[int, int, str]] = {}
+        for entry in entries:
+            if firsts and entry[0] != next(iter(firsts.values()))[0]:
+                break
+            row = self._rows[entry[2]]
+            if row.get("tenant") in firsts or not eligible(row):
+                continue
+            if not rules.fair:
+                return entry
+            firsts[row.get("tenant")] = entry
+        if not firsts:
+            return None
+        return min(firsts.items(), key=lambda item: (per_tenant[item[0]], item[1]))[1]
 
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
         with self._lock:
@@ -631,3 +692,19 @@ class MemoryStore(TaskStore):
         from .logbook import MemoryLogBook
 
         return MemoryLogBook(self)
+
+    # -- hosts' capacities and CPU usage (see ..limits) -----------------------------------------------------
+
+    def publish_capacity(self, host: str, capacity: Mapping[str, float]) -> None:
+        with self._lock:
+            self.__dict__.setdefault("_capacities", {})[host] = {k: float(v) for k, v in capacity.items()}
+
+    def capacities(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {host: dict(capacity) for host, capacity in self.__dict__.get("_capacities", {}).items()}
+
+    def ended_cpu(self, controller: str, since: float) -> list[tuple[Optional[str], float, float]]:
+        with self._lock:
+            found = [(r.get("tenant"), r.get("ended_at"), r.get("cpu_time")) for r in self._of(controller, ANY_TENANT)]
+        return [(tenant, float(ended), float(cpu)) for tenant, ended, cpu in found
+                if ended is not None and ended >= since and cpu]

@@ -69,6 +69,8 @@ _ACTIVE_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(ACTIVE)) + ")"
 _TERMINAL = frozenset(s.value for s in TERMINAL)
 _TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(_TERMINAL)) + ")"
 _READY_SQL = "status = 'queued' AND retry_at IS NULL"
+#: The statuses the per-key and per-tenant bounds and fair share count.
+_RUNNING_SQL = "('running', 'stopping')"
 _DELAYED_SQL = "status = 'queued' AND retry_at IS NOT NULL"
 _SCHEDULE_COLUMNS = ("controller", "name", "spec", "fired_until", "last_fired", "last_task", "skipped",
                      "last_skipped", "seen_at", "declared_by")
@@ -475,11 +477,14 @@ class PostgresStore(ClaimSteps, TaskStore):
                rules: ClaimRules) -> Optional[tuple[Row, Optional[Event]]]:
         # A plain read first: idle slots look often, and a queue with nothing ready, or a controller running
         # all it may, needs no transaction and no lock.
+        # A drained host claims nothing (checked again in the claim itself).
         t = self._t
-        if not self._query(f"SELECT 1 WHERE ({self._active_count}) < %s AND EXISTS (SELECT 1 FROM {t} "
+        drained, host = ("", ()) if rules.host is None else (
+            f" AND NOT EXISTS (SELECT 1 FROM {self.schema}.drained_hosts WHERE host = %s)", (rules.host,))
+        if not self._query(f"SELECT 1 WHERE ({self._active_count}) < %s{drained} AND EXISTS (SELECT 1 FROM {t} "
                            f"WHERE controller = %s AND {_READY_SQL} UNION ALL SELECT 1 FROM {t} "
                            f"WHERE controller = %s AND {_DELAYED_SQL} AND retry_at <= {_CLOCK})",
-                           (controller, max_running, controller, controller)):
+                           (controller, max_running, *host, controller, controller)):
             return None
         with self._transaction() as tx:
             return self._claim_in(tx, controller, owner, max_running, process, rules)
@@ -495,22 +500,118 @@ class PostgresStore(ClaimSteps, TaskStore):
                   process: Optional[tuple[int, float]], rules: ClaimRules) -> Optional[tuple[Row, Optional[Event]]]:
         """:meth:`_claim` in the caller's transaction: the controller's claim lock makes the count of running
         tasks and the claim one step for every claimer on every host. Two round trips hold the lock before
-        the commit: the lock with the count, and the claim."""
+        the commit: the lock with the count, and the claim (a third, the host's lock, when the claim weighs
+        the host's capacity: claims of every controller on one host are then one step too)."""
         now, running = self._claim_lock(tx, controller)
         tx._now = now
         if running >= max_running:
             return None
-        recorded, values = ("pid = %s, pid_created = %s, ", process) if process is not None else ("", ())
-        found = tx.execute(
-            f"UPDATE {self._t} SET status = 'running', owner = %s, started_at = %s, attempt = attempt + 1, "
-            f"{recorded}stop_requested = stop_requested WHERE seq = (SELECT seq FROM {self._t} "
-            f"WHERE controller = %s AND {_READY_SQL} ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
-            f"RETURNING {', '.join(_COLUMNS)}", (owner, now, *values, controller)).fetchone()
+        if rules.capacity is not None and rules.host is not None:
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{self.schema}.host:{rules.host}",))
+        sql, params = self._claim_sql(controller, owner, now, process, rules)
+        found = tx.execute(sql, params).fetchone()
         if found is None:
             return None
         row = _decode(found)
         event = tx.emit(EventKind.STARTED, row, owner, now) if process is not None else None
         return row, event
+
+    def _claim_sql(self, controller: str, owner: str, now: float, process: Optional[tuple[int, float]],
+                   rules: ClaimRules) -> tuple[str, dict[str, Any]]:
+        """The statement that claims the task ``rules`` pick (see :mod:`.claimrules`), and its parameters.
+
+        Every rule is a condition of the statement, read in its snapshot under the claim lock: the drain flag;
+        the keys and tenants at their bound (from the controller's running tasks); the held tenants; the room
+        left on the host (its capacity less the resources of the active tasks of every controller whose owner is
+        on the host). Tasks held back are skipped, never waited for. With fair share, the lowest priority value
+        of an eligible task is found first, then its tenants (a skip scan of ``tasks_ready_tenant``: a few index
+        probes per tenant, however long the queue) and each one's oldest eligible task; the tenant with the
+        fewest running tasks goes first (ties: the oldest head)."""
+        t = self._t
+        s = self.schema
+        params: dict[str, Any] = {"c": controller, "owner": owner, "now": now}
+        recorded = ""
+        if process is not None:
+            recorded = "pid = %(pid)s, pid_created = %(pid_created)s, "
+            params["pid"], params["pid_created"] = process
+        ctes: list[str] = []
+        rows_ok: list[str] = []  # conditions on a queued row ``q``
+        tenants_ok: list[str] = []  # conditions on a tenant ``{col}`` (not NULL: NULL is no tenant)
+        gate = ""
+        if rules.host is not None:
+            params["host"] = rules.host
+            gate = f" AND NOT EXISTS (SELECT 1 FROM {s}.drained_hosts WHERE host = %(host)s)"
+        if rules.max_per_key is not None or rules.max_per_tenant is not None or rules.fair:
+            ctes.append(f"act AS (SELECT tenant, concurrency_key FROM {t} WHERE controller = %(c)s "
+                        f"AND status IN {_RUNNING_SQL})")
+        if rules.max_per_key is not None:
+            if rules.max_per_key <= 0:
+                rows_ok.append("q.concurrency_key IS NULL")
+            else:
+                params["max_per_key"] = rules.max_per_key
+                ctes.append("full_keys AS (SELECT concurrency_key FROM act WHERE concurrency_key IS NOT NULL "
+                            "GROUP BY concurrency_key HAVING count(*) >= %(max_per_key)s)")
+                rows_ok.append("(q.concurrency_key IS NULL OR q.concurrency_key NOT IN "
+                               "(SELECT concurrency_key FROM full_keys))")
+        if rules.max_per_tenant is not None:
+            if rules.max_per_tenant <= 0:
+                tenants_ok.append("false")
+            else:
+                params["max_per_tenant"] = rules.max_per_tenant
+                ctes.append("full_tenants AS (SELECT tenant FROM act WHERE tenant IS NOT NULL "
+                            "GROUP BY tenant HAVING count(*) >= %(max_per_tenant)s)")
+                tenants_ok.append("{col} NOT IN (SELECT tenant FROM full_tenants)")
+        held = [tenant_text(tenant) for tenant in rules.held_tenants if tenant is not None]
+        no_tenant_held = None in rules.held_tenants
+        if held:
+            params["held"] = held
+            tenants_ok.append("{col} <> ALL(%(held)s::text[])")
+        if rules.capacity is not None and rules.host is not None:
+            params["capacity"] = json.dumps({name: float(amount) for name, amount in rules.capacity.items()})
+            params["host_prefix"] = rules.host + ":"
+            params["host_length"] = len(rules.host) + 1
+            ctes.append(f"used AS (SELECT r.key AS name, sum(r.value::float8) AS amount FROM {t} u, "
+                        f"jsonb_each_text(u.resources::jsonb) r WHERE u.status IN {_ACTIVE_SQL} "
+                        "AND u.resources IS NOT NULL AND left(u.owner, %(host_length)s) = %(host_prefix)s "
+                        "AND substr(u.owner, %(host_length)s + 1) ~ '^[^:]*:[^:]*$' GROUP BY r.key)")
+            ctes.append("free AS (SELECT COALESCE(jsonb_object_agg(c.key, c.value::float8 - COALESCE(u.amount, 0)), "
+                        "'{}'::jsonb) AS f FROM jsonb_each_text(%(capacity)s::jsonb) c LEFT JOIN used u "
+                        "ON u.name = c.key)")
+            rows_ok.append("(q.resources IS NULL OR NOT EXISTS (SELECT 1 FROM jsonb_each_text(q.resources::jsonb) r "
+                           "WHERE r.value::float8 > COALESCE(((SELECT f FROM free) ->> r.key)::float8, 0) + 1e-9))")
+
+        def tenant_ok(col: str) -> str:
+            """The tenant conditions on ``col``; a task of no tenant passes them unless no tenant is held."""
+            bounded = " AND ".join(condition.format(col=col) for condition in tenants_ok)
+            if no_tenant_held:
+                return f" AND {col} IS NOT NULL" + (f" AND {bounded}" if bounded else "")
+            return f" AND ({col} IS NULL OR {bounded})" if bounded else ""
+
+        row_ok = "".join(" AND " + condition for condition in rows_ok)
+        ready = f"q.controller = %(c)s AND q.status = 'queued' AND q.retry_at IS NULL"
+        claimed = (f"UPDATE {t} SET status = 'running', owner = %(owner)s, started_at = %(now)s, "
+                   f"attempt = attempt + 1, {recorded}stop_requested = stop_requested WHERE seq = ")
+        returning = f" RETURNING {', '.join(_COLUMNS)}"
+        if not rules.fair:
+            sql = (f"{claimed}(SELECT q.seq FROM {t} q WHERE {ready}{row_ok}{tenant_ok('q.tenant')}{gate} "
+                   f"ORDER BY q.priority, q.seq LIMIT 1 FOR UPDATE SKIP LOCKED){returning}")
+            return (f"WITH {', '.join(ctes)} {sql}" if ctes else sql), params
+        at_top = f"{ready} AND q.priority = (SELECT priority FROM top)"
+        ctes.append(f"top AS (SELECT q.priority FROM {t} q WHERE {ready}{row_ok}{tenant_ok('q.tenant')}{gate} "
+                    "ORDER BY q.priority, q.seq LIMIT 1)")
+        ctes.append(f"tenants(tenant) AS ((SELECT q.tenant FROM {t} q WHERE {at_top} AND q.tenant IS NOT NULL "
+                    f"ORDER BY q.tenant LIMIT 1) UNION ALL SELECT (SELECT q.tenant FROM {t} q WHERE {at_top} "
+                    "AND q.tenant > g.tenant ORDER BY q.tenant LIMIT 1) FROM tenants g WHERE g.tenant IS NOT NULL)")
+        heads = (f"SELECT g.tenant, (SELECT q.seq FROM {t} q WHERE {at_top} AND q.tenant = g.tenant{row_ok} "
+                 f"ORDER BY q.seq LIMIT 1) AS head FROM tenants g WHERE g.tenant IS NOT NULL{tenant_ok('g.tenant')}")
+        if not no_tenant_held:
+            heads += (f" UNION ALL SELECT NULL, (SELECT q.seq FROM {t} q WHERE {at_top} AND q.tenant IS NULL{row_ok} "
+                      "ORDER BY q.seq LIMIT 1)")
+        ctes.append(f"heads AS ({heads})")
+        ctes.append("pick AS (SELECT h.head FROM heads h WHERE h.head IS NOT NULL ORDER BY "
+                    "(SELECT count(*) FROM act a WHERE a.tenant IS NOT DISTINCT FROM h.tenant), h.head LIMIT 1)")
+        return (f"WITH RECURSIVE {', '.join(ctes)} {claimed}(SELECT head FROM pick) AND status = 'queued' "
+                f"AND retry_at IS NULL{returning}"), params
 
     def _end_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
                        process: Optional[tuple[int, float]], fields: dict[str, Any], rules: ClaimRules,
@@ -978,3 +1079,20 @@ class PostgresStore(ClaimSteps, TaskStore):
                            (event["kind"], event["uuid"], event["controller"], now, event["emitter"], text, tenant))
             for row, (event, _, _) in zip(rows, tx.events):
                 row["seq"] = event["task"]["seq"]
+
+    # -- hosts' capacities and CPU usage (see ..limits) -----------------------------------------------------
+
+    def publish_capacity(self, host: str, capacity: Mapping[str, float]) -> None:
+        with self._transaction() as tx:
+            tx.execute(f"INSERT INTO {self.schema}.host_capacity (host, capacity, at) VALUES (%s, %s, {_CLOCK}) "
+                       "ON CONFLICT (host) DO UPDATE SET capacity = excluded.capacity, at = excluded.at",
+                       (host, json.dumps({k: float(v) for k, v in capacity.items()})))
+
+    def capacities(self) -> dict[str, dict[str, float]]:
+        return {str(host): json.loads(capacity) for host, capacity in self._query(
+            f"SELECT host, capacity FROM {self.schema}.host_capacity")}
+
+    def ended_cpu(self, controller: str, since: float) -> list[tuple[Optional[str], float, float]]:
+        rows = self._query(f"SELECT tenant, ended_at, cpu_time FROM {self._t} WHERE controller = %s AND ended_at >= %s "
+                           "AND cpu_time > 0", (controller, since))
+        return [(tenant, float(ended), float(cpu)) for tenant, ended, cpu in rows]

@@ -199,6 +199,9 @@ def migrate(db: object, schema: str) -> None:
         db.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")  # type: ignore[attr-defined]
         db.execute(f"CREATE TABLE IF NOT EXISTS {schema}.meta (key text PRIMARY KEY, "  # type: ignore[attr-defined]
                    "value bigint NOT NULL)")
+        # Each host's published capacity (see ..limits): kept apart from the versioned tables, made when missing.
+        db.execute(f"CREATE TABLE IF NOT EXISTS {schema}.host_capacity (host text PRIMARY KEY, "  # type: ignore
+                   "capacity text NOT NULL, at double precision NOT NULL)")
         found = db.execute(f"SELECT value FROM {schema}.meta WHERE key = 'schema_version'").fetchone()  # type: ignore
         version = int(found[0]) if found else 0
         if version > SCHEMA_VERSION:
@@ -221,6 +224,11 @@ def migrate(db: object, schema: str) -> None:
         if db.execute("SELECT to_regclass(%s)", (f"{schema}.tasks_rerun_of",)).fetchone()[0] is None:  # type: ignore
             db.execute(f"CREATE INDEX tasks_rerun_of ON {schema}.tasks (rerun_of, seq) "  # type: ignore
                        "WHERE rerun_of IS NOT NULL")
+        # The ready queue by tenant within a priority: a fair claim finds the tenants waiting at a priority, and
+        # each one's oldest task, with a few probes of it however long the queue.
+        if db.execute("SELECT to_regclass(%s)", (f"{schema}.tasks_ready_tenant",)).fetchone()[0] is None:  # type: ignore
+            db.execute(f"CREATE INDEX tasks_ready_tenant ON {schema}.tasks (controller, priority, tenant, seq) "  # type: ignore
+                       "WHERE status = 'queued' AND retry_at IS NULL")
         if version < SCHEMA_VERSION:
             db.execute(f"INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', %s) "  # type: ignore
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (SCHEMA_VERSION,))

@@ -11,6 +11,10 @@ one Redis server, not a Cluster):
 - ``t:<uuid>`` — hash: the task's columns as strings (absent = None);
 - ``c:<controller>:q`` — sorted set of queued tasks ready to run, score = priority, member =
   ``<seq zero-padded>:<uuid>`` so that equal priorities run in insertion order;
+- ``c:<controller>:rq:<tag>`` — one tenant's part of ``q`` (``<tag>`` as in the tenant index below), and
+  ``c:<controller>:rqt`` — sorted set of the tags of the tenants with ready tasks, score = the priority of
+  their first one: what fair share and the claim rules read (see :mod:`.claimrules`); ``ready:indexed`` — set
+  once the key space's older queued tasks were put into them (see :meth:`RedisStore._index_ready`);
 - ``c:<controller>:delayed`` — sorted set of queued tasks waiting for their retry, score =
   ``retry_at``, member = uuid (a claim moves the due ones into ``q``);
 - ``c:<controller>:active`` — set of the uuids ``running`` or ``stopping``;
@@ -30,6 +34,9 @@ one Redis server, not a Cluster):
 - ``callbacks_dropped`` — hash: controller -> callbacks dropped undelivered for their age;
 - ``owners`` — sorted set of serving processes by their last heartbeat;
 - ``drained`` — hash: drained host -> since when (server clock);
+- ``host:<host>:res`` — set of the uuids of tasks declaring ``resources`` that a process of ``<host>`` claimed
+  or adopted (of every controller): a superset of those active there, trimmed by the claims that weigh the
+  host's capacity, which read the tasks' own status, owner and resources;
 - ``lease:<name>`` — string: the holder of a lease, expiring with it;
 - ``idem:<key>`` — string: the record of an idempotency key (JSON ``{"uuids", "fingerprint"}``),
   expiring with it;
@@ -90,6 +97,8 @@ _STATS_BATCH = 1000
 _TIMING_COLUMNS = ("status", "created_at", "started_at", "ended_at", "attempt")
 #: Tasks the one-time filling of the tenant index handles per script.
 _INDEX_BATCH = 500
+#: Queued tasks the one-time filling of the tenants' ready queues handles per script.
+_READY_BATCH = 500
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 #: Characters a ``SCAN MATCH`` pattern gives a meaning to (escaped in a literal prefix).
 _GLOB_SPECIAL = re.compile(r"[\\*?\[\]]")
@@ -152,6 +161,23 @@ def _flat_row(row: Row) -> list[str]:
 def _tag(tenant: Optional[str]) -> str:
     """A tenant's tag in the keys of the tenant index (the Lua ``tenant_tag``)."""
     return "~" if tenant is None else "=" + tenant
+
+
+def _rules(rules: ClaimRules) -> str:
+    """A claim's rules as the claim scripts read them (JSON): ``host``, ``plain``, ``fair``, and unless plain
+    ``key`` and ``tenant`` (the bounds), ``cap`` (the capacity) and ``held`` (the held tenants' tags)."""
+    spec: dict[str, Any] = {"plain": rules.plain, "fair": rules.fair}
+    if rules.host is not None:
+        spec["host"] = rules.host
+    if rules.max_per_key is not None:
+        spec["key"] = int(rules.max_per_key)
+    if rules.max_per_tenant is not None:
+        spec["tenant"] = int(rules.max_per_tenant)
+    if rules.capacity is not None:
+        spec["cap"] = {str(name): float(amount) for name, amount in rules.capacity.items()}
+    if rules.held_tenants:
+        spec["held"] = sorted(_tag(tenant) for tenant in rules.held_tenants)
+    return json.dumps(spec)
 
 
 def _changed(uuid: str, answer: Any, change: str, needs: str) -> tuple[Row, Optional[Event]]:
@@ -274,6 +300,7 @@ class RedisStore(TaskStore):
         self._scripts = {name: self._redis.register_script(source) for name, source in SCRIPTS.items()}
         try:
             self._index_tenants()
+            self._index_ready()
         except redis.RedisError as exc:
             self.close()
             raise _store_error(url, exc) from exc
@@ -300,6 +327,28 @@ class RedisStore(TaskStore):
                 for start in range(0, total, _INDEX_BATCH):
                     uuids = [_text(u) for u in self._redis.zrange(key, start, start + _INDEX_BATCH - 1)]
                     self._write("index_tenants", None, controller, json.dumps(uuids))
+        self._redis.set(marker, "1")
+
+    def _index_ready(self) -> None:
+        """Put the ready tasks of a key space written before the tenants' ready queues existed into them, once.
+
+        As :meth:`_index_tenants`: every controller's ``q`` is read in batches by a script that is idempotent.
+        """
+        marker = self._key("ready:indexed")
+        if self._redis.exists(marker):
+            return
+        if self._redis.exists(self._key("seq")):
+            head, tail = self._key("c:"), ":q"
+            pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", head) + "*" + tail
+            for raw in self._redis.scan_iter(match=pattern, count=1000, _type="zset"):
+                key = _text(raw)
+                controller = key[len(head):-len(tail)]
+                if ":tn:" in controller or ":rq:" in controller:
+                    continue  # a tenant's own set, not a controller's queue
+                total = self._redis.zcard(key)
+                for start in range(0, total, _READY_BATCH):
+                    members = [_text(m) for m in self._redis.zrange(key, start, start + _READY_BATCH - 1)]
+                    self._write("index_ready", None, controller, json.dumps(members))
         self._redis.set(marker, "1")
 
     def __repr__(self) -> str:
@@ -358,14 +407,14 @@ class RedisStore(TaskStore):
 
     @_guarded
     def claim(self, controller: str, owner: str, max_running: int, rules: ClaimRules = NO_RULES) -> Optional[Row]:
-        flat = self._write("claim", None, controller, owner, max_running)
+        flat = self._write("claim", None, controller, owner, max_running, _rules(rules))
         return _decode(flat) if flat else None
 
     @_guarded
     def claim_started(self, controller: str, owner: str, max_running: int, pid: int,
                       pid_created: float, rules: ClaimRules = NO_RULES) -> Optional[tuple[Row, Event]]:
-        done = self._write("claim_started", owner, controller, owner, max_running, _encode("pid", pid),
-                           _encode("pid_created", pid_created))
+        done = self._write("claim_started", owner, controller, owner, max_running, _rules(rules),
+                           _encode("pid", pid), _encode("pid_created", pid_created))
         if not done:
             return None
         flat, event = done
@@ -703,3 +752,27 @@ class RedisStore(TaskStore):
         from .logbook import RedisLogBook
 
         return RedisLogBook(self)
+
+    # -- hosts' capacities and CPU usage (see ..limits) -----------------------------------------------------
+
+    @_guarded
+    def publish_capacity(self, host: str, capacity: Mapping[str, float]) -> None:
+        self._redis.hset(self._key("capacity"), host, json.dumps({k: float(v) for k, v in capacity.items()}))
+
+    @_guarded
+    def capacities(self) -> dict[str, dict[str, float]]:
+        found = self._redis.hgetall(self._key("capacity"))
+        return {_text(host): json.loads(_text(value)) for host, value in found.items()}
+
+    @_guarded
+    def ended_cpu(self, controller: str, since: float) -> list[tuple[Optional[str], float, float]]:
+        uuids: list[Any] = list(self._redis.zrangebyscore(self._c(controller, "ended"), repr(float(since)), "+inf"))
+        found: list[tuple[Optional[str], float, float]] = []
+        for start in range(0, len(uuids), _STATS_BATCH):
+            pipe = self._redis.pipeline(transaction=False)
+            for uuid in uuids[start:start + _STATS_BATCH]:
+                pipe.hmget(self._key("t", _text(uuid)), ("tenant", "ended_at", "cpu_time"))
+            for tenant, ended, cpu in pipe.execute():
+                if ended is not None and cpu is not None and float(_text(cpu)) > 0:
+                    found.append((None if tenant is None else _text(tenant), float(_text(ended)), float(_text(cpu))))
+        return found

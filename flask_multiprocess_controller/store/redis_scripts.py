@@ -65,6 +65,46 @@ local function queue_member(seq, uuid)
   return string.format('%020d', tonumber(seq)) .. ':' .. uuid
 end
 
+-- The ready queue of one tenant (tagged tag) of a controller: as its queue 'q', score = priority.
+local function rkey(controller, tag)
+  return prefix .. 'c:' .. controller .. ':rq:' .. tag
+end
+
+-- Put a queued task into its controller's ready queues (on true) or take it out of them (on false): the
+-- controller's 'q', its tenant's 'rq:<tag>', and 'rqt', the tenants with ready tasks scored by the priority
+-- of their first one (so that a claim sees at once whether several tenants wait at the lowest priority).
+local function set_ready(controller, seq, uuid, priority, tenant, on)
+  local member, tag = queue_member(seq, uuid), tenant_tag(tenant)
+  local rq = rkey(controller, tag)
+  if on then
+    redis.call('ZADD', ckey(controller, 'q'), priority, member)
+    redis.call('ZADD', rq, priority, member)
+  else
+    redis.call('ZREM', ckey(controller, 'q'), member)
+    redis.call('ZREM', rq, member)
+  end
+  local first = redis.call('ZRANGE', rq, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('ZREM', ckey(controller, 'rqt'), tag)
+  else
+    redis.call('ZADD', ckey(controller, 'rqt'), first[2], tag)
+  end
+end
+
+-- The host of an owner id 'host:pid:create_time' (hosts may contain ':'), or false (base.owner_host).
+local function owner_host(owner)
+  if not owner then return false end
+  local host, pid, created = string.match(owner, '^(.*):([^:]*):([^:]*)$')
+  if not host or host == '' or not string.match(pid, '^%d+$') or not tonumber(created) then return false end
+  return host
+end
+
+-- The set of the tasks declaring resources that a process of host claimed or adopted: a superset of those
+-- active there, which a claim weighing the host's capacity reads (and trims).
+local function hkey(host)
+  return prefix .. 'host:' .. host .. ':res'
+end
+
 -- A stream id zero-padded, so that ids sort as strings (the members of an outbox).
 local function pad(id)
   local ms, n = string.match(id, '^(%d+)-(%d+)$')
@@ -97,7 +137,7 @@ local function move(key, new)
   redis.call('HINCRBY', ckey(controller, 'n'), old, -1)
   redis.call('HINCRBY', ckey(controller, 'n'), new, 1)
   if old == 'queued' then
-    redis.call('ZREM', ckey(controller, 'q'), queue_member(seq, uuid))
+    set_ready(controller, seq, uuid, priority, tenant, false)
     redis.call('ZREM', ckey(controller, 'delayed'), uuid)
   end
   if new == 'queued' then
@@ -105,7 +145,7 @@ local function move(key, new)
     if retry_at then
       redis.call('ZADD', ckey(controller, 'delayed'), retry_at, uuid)
     else
-      redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
+      set_ready(controller, seq, uuid, priority, tenant, true)
     end
   end
   if ACTIVE[new] then
@@ -232,7 +272,7 @@ local function insert_queued(controller, row)
   redis.call('HSET', key, 'seq', seq, unpack(row))
   if batch then redis.call('ZADD', ckey(controller, 'b:' .. batch), seq, uuid) end
   if rerun_of then redis.call('ZADD', ckey(controller, 'r:' .. rerun_of), seq, uuid) end
-  redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
+  set_ready(controller, seq, uuid, priority, tenant, true)
   redis.call('ZADD', ckey(controller, 'all'), seq, uuid)
   redis.call('ZADD', ckey(controller, 's:queued'), seq, uuid)
   local tag = tenant_tag(tenant)
@@ -295,31 +335,128 @@ end
 return events
 """
 
-# ARGV from 4: controller, owner, max_running. Returns the claimed row (flat), or nil.
+# ARGV from 4: controller, owner, max_running, the claim's rules (JSON, see RedisStore._rules: host, plain,
+# fair, key and tenant (the bounds), cap (the host's capacity), held (tags of the held tenants)). Returns the
+# claimed row (flat), or nil. The rules are claimrules' (its module text is their specification).
 CLAIM = LIB + """
 local controller, owner = ARGV[4], ARGV[5]
+local rules = cjson.decode(ARGV[7])
+
+local function uuid_of(member)
+  return string.sub(member, 22)
+end
+
+-- The uuid of the task the claim takes, or false. The plain rules take the head of the queue, as long as
+-- one tenant at most has tasks at its priority (fair share weighs nothing then); else every tenant with
+-- ready tasks offers its first task that may start, and the lowest priority wins, then (fair share) the
+-- tenant with the fewest active tasks, then the oldest.
+local function pick()
+  local head = redis.call('ZRANGE', ckey(controller, 'q'), 0, 0, 'WITHSCORES')
+  if #head == 0 then return false end
+  if rules.plain and (not rules.fair or redis.call('ZCOUNT', ckey(controller, 'rqt'), head[2], head[2]) <= 1) then
+    return uuid_of(head[1])
+  end
+  -- The controller's active tasks per tenant tag and per concurrency key.
+  local per_tag, per_key = {}, {}
+  if rules.fair or rules.tenant or rules.key then
+    for _, uuid in ipairs(redis.call('SMEMBERS', ckey(controller, 'active'))) do
+      local tenant, ck = unpack(redis.call('HMGET', prefix .. 't:' .. uuid, 'tenant', 'concurrency_key'))
+      local tag = tenant_tag(tenant)
+      per_tag[tag] = (per_tag[tag] or 0) + 1
+      if ck then per_key[ck] = (per_key[ck] or 0) + 1 end
+    end
+  end
+  -- The resources the host's active tasks (of every controller) declare, read from the tasks themselves.
+  local cap, used = rules.host and rules.cap, {}
+  if cap then
+    local hk = hkey(rules.host)
+    for _, uuid in ipairs(redis.call('SMEMBERS', hk)) do
+      local status, holder, res = unpack(redis.call('HMGET', prefix .. 't:' .. uuid, 'status', 'owner', 'resources'))
+      if status and ACTIVE[status] and res and owner_host(holder) == rules.host then
+        for name, amount in pairs(cjson.decode(res)) do used[name] = (used[name] or 0) + (tonumber(amount) or 0) end
+      else
+        redis.call('SREM', hk, uuid)  -- ended, requeued or gone to another host since
+      end
+    end
+  end
+  local held = {}
+  for _, tag in ipairs(rules.held or {}) do held[tag] = true end
+  -- Whether a task of the tenant tagged tag may start (tasks of no tenant have no per-tenant bound).
+  local function tenant_open(tag)
+    if held[tag] then return false end
+    return not (rules.tenant and tag ~= '~' and (per_tag[tag] or 0) >= rules.tenant)
+  end
+  -- Whether the queued task uuid may start, its tenant's being open: its key has room, it fits the host.
+  local function task_open(uuid)
+    if not (rules.key or cap) then return true end
+    local ck, res = unpack(redis.call('HMGET', prefix .. 't:' .. uuid, 'concurrency_key', 'resources'))
+    if rules.key and ck and (per_key[ck] or 0) >= rules.key then return false end
+    if cap and res then
+      for name, amount in pairs(cjson.decode(res)) do
+        if (used[name] or 0) + (tonumber(amount) or 0) > (tonumber(cap[name]) or 0) + 1e-9 then return false end
+      end
+    end
+    return true
+  end
+  local best = false  -- {priority, active tasks of its tenant (0 without fair share), seq, uuid}
+  local tenants = redis.call('ZRANGE', ckey(controller, 'rqt'), 0, -1, 'WITHSCORES')
+  for i = 1, #tenants, 2 do
+    local tag, top = tenants[i], tonumber(tenants[i + 1])
+    if best and top > best[1] then break end  -- by their first tasks' priority: none after can win
+    local active = rules.fair and (per_tag[tag] or 0) or 0
+    if tenant_open(tag) and not (best and top == best[1] and active > best[2]) then
+      local rq, from, done = rkey(controller, tag), 0, false
+      while not done do
+        local batch = redis.call('ZRANGE', rq, from, from + 99, 'WITHSCORES')
+        if #batch == 0 then break end
+        for j = 1, #batch, 2 do
+          local priority, seq = tonumber(batch[j + 1]), tonumber(string.sub(batch[j], 1, 20))
+          if best and (priority > best[1] or (priority == best[1] and (active > best[2]
+              or (active == best[2] and seq > best[3])))) then
+            done = true  -- this tenant's later tasks cannot win either
+            break
+          end
+          local uuid = uuid_of(batch[j])
+          if task_open(uuid) then
+            best, done = {priority, active, seq, uuid}, true
+            break
+          end
+        end
+        from = from + 100
+      end
+    end
+  end
+  return best and best[4]
+end
+
 -- Tasks whose retry time came join the ready queue (a bounded batch per claim).
 local delayed = ckey(controller, 'delayed')
 for _, uuid in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)) do
   local key = prefix .. 't:' .. uuid
   redis.call('ZREM', delayed, uuid)
   redis.call('HDEL', key, 'retry_at')
-  local seq, priority = unpack(redis.call('HMGET', key, 'seq', 'priority'))
-  redis.call('ZADD', ckey(controller, 'q'), priority, queue_member(seq, uuid))
+  local seq, priority, tenant = unpack(redis.call('HMGET', key, 'seq', 'priority', 'tenant'))
+  set_ready(controller, seq, uuid, priority, tenant, true)
 end
+-- A drained host claims nothing (read here, so that a task queued after the drain is never taken by it).
+if rules.host and redis.call('HEXISTS', prefix .. 'drained', rules.host) == 1 then return false end
 if redis.call('SCARD', ckey(controller, 'active')) >= tonumber(ARGV[6]) then return false end
-local first = redis.call('ZRANGE', ckey(controller, 'q'), 0, 0)
-if #first == 0 then return false end
-local key = prefix .. 't:' .. string.sub(first[1], 22)
+local uuid = pick()
+if not uuid then return false end
+local key = prefix .. 't:' .. uuid
 move(key, 'running')
 redis.call('HSET', key, 'owner', owner, 'started_at', now)
 redis.call('HINCRBY', key, 'attempt', 1)
+if redis.call('HEXISTS', key, 'resources') == 1 then
+  local host = owner_host(owner)
+  if host then redis.call('SADD', hkey(host), uuid) end
+end
 return redis.call('HGETALL', key)
 """
 
-# ARGV from 4: controller, owner, max_running, pid, pid_created. Returns {row (flat), started event}, or nil.
+# ARGV from 4: as CLAIM's, then pid, pid_created. Returns {row (flat), started event}, or nil.
 CLAIM_STARTED = CLAIM.replace("return redis.call('HGETALL', key)\n", """
-redis.call('HSET', key, 'pid', ARGV[7], 'pid_created', ARGV[8])
+redis.call('HSET', key, 'pid', ARGV[8], 'pid_created', ARGV[9])
 return {redis.call('HGETALL', key), emit('started', key)}
 """)
 
@@ -375,6 +512,10 @@ ADOPT = LIB + """
 local key = prefix .. 't:' .. ARGV[4]
 if not owned_active(key, ARGV[5]) then return false end
 redis.call('HSET', key, 'owner', ARGV[6])
+if redis.call('HEXISTS', key, 'resources') == 1 then
+  local host = owner_host(ARGV[6])
+  if host then redis.call('SADD', hkey(host), ARGV[4]) end  -- its resources now count on that host
+end
 return emit('adopted', key)
 """
 
@@ -415,11 +556,13 @@ REPRIORITISE = LIB + """
 local key = prefix .. 't:' .. ARGV[4]
 local refused = unchangeable(key)
 if refused then return refused end
-local status, controller, seq, uuid = unpack(redis.call('HMGET', key, 'status', 'controller', 'seq', 'uuid'))
+local status, controller, seq, uuid, tenant =
+  unpack(redis.call('HMGET', key, 'status', 'controller', 'seq', 'uuid', 'tenant'))
 if status ~= 'queued' then return {'invalid', status} end
 redis.call('HSET', key, 'priority', ARGV[5])
-local q, member = ckey(controller, 'q'), queue_member(seq, uuid)
-if redis.call('ZSCORE', q, member) then redis.call('ZADD', q, ARGV[5], member) end
+if redis.call('ZSCORE', ckey(controller, 'q'), queue_member(seq, uuid)) then
+  set_ready(controller, seq, uuid, ARGV[5], tenant, true)
+end
 return {'ok', event_task(key), emit('queued', key)}
 """
 
@@ -548,6 +691,22 @@ end
 return done
 """
 
+# ARGV from 4: controller, members of its ready queue 'q' (JSON list). Puts these tasks into their tenants'
+# ready queues (a store written before those existed); idempotent. Returns how many it indexed.
+INDEX_READY = LIB + """
+local controller, done = ARGV[4], 0
+for _, member in ipairs(cjson.decode(ARGV[5])) do
+  local uuid = string.sub(member, 22)
+  local status, seq, priority, tenant =
+    unpack(redis.call('HMGET', prefix .. 't:' .. uuid, 'status', 'seq', 'priority', 'tenant'))
+  if status == 'queued' and seq and queue_member(seq, uuid) == member then
+    set_ready(controller, seq, uuid, priority, tenant, true)
+    done = done + 1
+  end
+end
+return done
+"""
+
 # ARGV from 4: controller, max age seconds. Drops the outbox entries older than that, counts them, and
 # returns them as {member, fields (JSON)} pairs.
 EXPIRE_CALLBACKS = LIB + """
@@ -637,4 +796,5 @@ SCRIPTS = {"enqueue": ENQUEUE, "claim": CLAIM, "claim_started": CLAIM_STARTED,
             "prune": PRUNE, "expire_callbacks": EXPIRE_CALLBACKS,
             "feed": FEED, "heartbeat": HEARTBEAT, "retry": RETRY, "transition": TRANSITION,
             "reprioritise": REPRIORITISE, "stop_all": STOP_ALL, "declare": DECLARE, "fire": FIRE,
-            "lease": LEASE, "release": RELEASE, "drain": DRAIN, "index_tenants": INDEX_TENANTS}
+            "lease": LEASE, "release": RELEASE, "drain": DRAIN, "index_tenants": INDEX_TENANTS,
+            "index_ready": INDEX_READY}

@@ -916,3 +916,19 @@ class SQLiteStore(ClaimSteps, TaskStore):
         from .logbook import SQLiteLogBook
 
         return SQLiteLogBook(self)
+
+    # -- hosts' capacities and CPU usage (see ..limits) -----------------------------------------------------
+
+    def publish_capacity(self, host: str, capacity: Mapping[str, float]) -> None:
+        with self._transaction() as db:  # kept in mpc_meta: one entry per host, no table of its own
+            db.execute("INSERT OR REPLACE INTO mpc_meta (key, value) VALUES (?, ?)",
+                       ("capacity:" + host, json.dumps({k: float(v) for k, v in capacity.items()})))
+
+    def capacities(self) -> dict[str, dict[str, float]]:
+        rows = self._query("SELECT key, value FROM mpc_meta WHERE key >= 'capacity:' AND key < 'capacity;'")
+        return {str(key)[len("capacity:"):]: json.loads(value) for key, value in rows}
+
+    def ended_cpu(self, controller: str, since: float) -> list[tuple[Optional[str], float, float]]:
+        rows = self._query("SELECT tenant, ended_at, cpu_time FROM mpc_tasks WHERE controller = ? AND ended_at >= ? "
+                           "AND cpu_time > 0", (controller, since))
+        return [(tenant, float(ended), float(cpu)) for tenant, ended, cpu in rows]
