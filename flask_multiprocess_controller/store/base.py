@@ -289,6 +289,7 @@ def check_feed_read(limit: int, max_bytes: Optional[int]) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"changes() needs a positive integer {name}, not {value!r}.")
 
+
 def timing_of(row: Mapping[str, Any]) -> Optional[Timing]:
     """The :class:`Timing` of an ended task's row (None when it has not ended)."""
     if row.get("ended_at") is None or row.get("status") not in _TERMINAL:
