@@ -356,13 +356,20 @@ local function pick()
   if rules.plain and (not rules.fair or redis.call('ZCOUNT', ckey(controller, 'rqt'), head[2], head[2]) <= 1) then
     return uuid_of(head[1])
   end
-  -- The controller's active tasks per tenant tag and per concurrency key.
+  -- The controller's active tasks per tenant tag (from the tenant index, when first asked) and per key.
   local per_tag, per_key = {}, {}
-  if rules.fair or rules.tenant or rules.key then
+  local function tag_active(tag)
+    local n = per_tag[tag]
+    if not n then
+      n = 0
+      for status in pairs(ACTIVE) do n = n + redis.call('ZCARD', tkey(controller, tag, 's:' .. status)) end
+      per_tag[tag] = n
+    end
+    return n
+  end
+  if rules.key then
     for _, uuid in ipairs(redis.call('SMEMBERS', ckey(controller, 'active'))) do
-      local tenant, ck = unpack(redis.call('HMGET', prefix .. 't:' .. uuid, 'tenant', 'concurrency_key'))
-      local tag = tenant_tag(tenant)
-      per_tag[tag] = (per_tag[tag] or 0) + 1
+      local ck = redis.call('HGET', prefix .. 't:' .. uuid, 'concurrency_key')
       if ck then per_key[ck] = (per_key[ck] or 0) + 1 end
     end
   end
@@ -384,7 +391,7 @@ local function pick()
   -- Whether a task of the tenant tagged tag may start (tasks of no tenant have no per-tenant bound).
   local function tenant_open(tag)
     if held[tag] then return false end
-    return not (rules.tenant and tag ~= '~' and (per_tag[tag] or 0) >= rules.tenant)
+    return not (rules.tenant and tag ~= '~' and tag_active(tag) >= rules.tenant)
   end
   -- Whether the queued task uuid may start, its tenant's being open: its key has room, it fits the host.
   local function task_open(uuid)
@@ -403,11 +410,12 @@ local function pick()
   for i = 1, #tenants, 2 do
     local tag, top = tenants[i], tonumber(tenants[i + 1])
     if best and top > best[1] then break end  -- by their first tasks' priority: none after can win
-    local active = rules.fair and (per_tag[tag] or 0) or 0
+    local active = rules.fair and tag_active(tag) or 0
     if tenant_open(tag) and not (best and top == best[1] and active > best[2]) then
-      local rq, from, done = rkey(controller, tag), 0, false
+      -- Read by batches growing from one task (all it takes when the first may start) to 256.
+      local rq, from, size, done = rkey(controller, tag), 0, (rules.key or cap) and 4 or 1, false
       while not done do
-        local batch = redis.call('ZRANGE', rq, from, from + 99, 'WITHSCORES')
+        local batch = redis.call('ZRANGE', rq, from, from + size - 1, 'WITHSCORES')
         if #batch == 0 then break end
         for j = 1, #batch, 2 do
           local priority, seq = tonumber(batch[j + 1]), tonumber(string.sub(batch[j], 1, 20))
@@ -422,7 +430,7 @@ local function pick()
             break
           end
         end
-        from = from + 100
+        from, size = from + size, math.min(size * 4, 256)
       end
     end
   end
