@@ -68,6 +68,8 @@ class Server:
         self.running: Optional[str] = None
         self.samples: dict[str, list[float]] = {"post": [], "get": []}
         self.rounds: dict[str, list[float]] = {"post": [], "get": []}
+        #: Server CPU milliseconds per request, summed over the rounds (divided by the rounds when reported).
+        self.cpu_ms: dict[str, float] = {"post": 0.0, "get": 0.0}
 
     @property
     def is_floor(self) -> bool:
@@ -96,12 +98,16 @@ class Server:
     def round(self, requests: int) -> None:
         """``requests`` timed POSTs (each task's result fetched untimed), then ``requests`` timed GETs."""
         peer = self.peer
+        cpu = self.cpu()
         posts = []
         for n in range(requests):
             began = time.perf_counter()
             handle = peer.submit_add(n, 1)
             posts.append(time.perf_counter() - began)
             peer.result(handle)
+        now = self.cpu()
+        self.cpu_ms["post"] += 1000 * (now - cpu) / requests
+        cpu = now
         gets = []
         for _ in range(requests):
             began = time.perf_counter()
@@ -109,9 +115,17 @@ class Server:
             gets.append(time.perf_counter() - began)
             if not self.is_floor and task["status"] != "running":
                 raise RuntimeError(f"the task to GET is {task['status']}, not running")
+        self.cpu_ms["get"] += 1000 * (self.cpu() - cpu) / requests
         for kind, values in (("post", posts), ("get", gets)):
             self.samples[kind] += values
             self.rounds[kind].append(statistics.median(values))
+
+    def cpu(self) -> float:
+        """CPU seconds so far of the serving processes (gunicorn's master and workers) and everything below
+        them (this project's fork server and task processes)."""
+        from bench.peers import accounting
+        serving = self.peer.serving_processes()
+        return sum(accounting.mpc_roles(serving).values()) if not self.is_floor else sum(map(accounting.own, serving))
 
     def pids(self) -> list[int]:
         """The gunicorn workers' pids (the processes that serve requests)."""
@@ -168,6 +182,7 @@ def _figures(servers: dict[str, Server]) -> dict:
             ms = [s * 1000 for s in server.samples[kind]]
             row[f"{kind}_p50_ms"] = percentile(ms, 50)
             row[f"{kind}_p95_ms"] = percentile(ms, 95)
+            row[f"{kind}_cpu_ms"] = server.cpu_ms[kind] / max(1, len(server.rounds[kind]))
             if key != "floor":
                 row[f"{kind}_ratio"] = row[f"{kind}_p50_ms"] / percentile([s * 1000 for s in floor.samples[kind]], 50)
                 per_round = [a / b for a, b in zip(server.rounds[kind], floor.rounds[kind])]
@@ -183,15 +198,20 @@ def markdown(run: dict) -> str:
              f"requests of each kind per server, one at a time, servers taking turns (order swapped every round). "
              f"gunicorn -w 2, gthread, 8 threads; this project with reused workers. Load average at the start "
              f"{run['load_before']}, at the end {run['load_after']} (2 cores).", "",
-             "| server | POST alone p50 ms | POST p95 ms | GET running p50 ms | GET p95 ms | POST / floor | GET / floor |",
-             "|---|---|---|---|---|---|---|"]
+             "| server | POST alone p50 ms | POST p95 ms | GET running p50 ms | GET p95 ms | POST / floor | GET / floor "
+             "| server CPU ms per POST (+ its result) | server CPU ms per GET |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, row in run["figures"].items():
         ratios = ["n/a", "n/a"] if key == "floor" else [
             f"{row[f'{k}_ratio']:.2f}× ({row[f'{k}_ratio_low']:.2f}–{row[f'{k}_ratio_high']:.2f})" for k in KINDS]
         lines.append(f"| {run['labels'][key]} | {row['post_p50_ms']:.2f} | {row['post_p95_ms']:.2f} | "
-                     f"{row['get_p50_ms']:.2f} | {row['get_p95_ms']:.2f} | {ratios[0]} | {ratios[1]} |")
+                     f"{row['get_p50_ms']:.2f} | {row['get_p95_ms']:.2f} | {ratios[0]} | {ratios[1]} | "
+                     f"{row['post_cpu_ms']:.2f} | {row['get_cpu_ms']:.2f} |")
     lines += ["", "Ratios: the pooled p50 over the floor's pooled p50 (in brackets, the lowest and highest of the "
-              "per-round ratios of medians).", "", "## Targets", ""]
+              "per-round ratios of medians). Server CPU: user + system time of the serving processes and everything "
+              "below them (fork server, task processes; psutil, 10 ms ticks) over each phase, per request: less "
+              "moved by other load on the machine than the latencies. A POST's includes running its task and "
+              "answering the GET `?wait=` of its result.", "", "## Targets", ""]
     for key, row in run["figures"].items():
         if key == "floor":
             continue
