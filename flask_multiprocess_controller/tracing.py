@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 from typing import Any, Iterator, Optional, Sequence
 
 __all__ = [
@@ -65,13 +66,33 @@ def trace_id(traceparent: Optional[str]) -> Optional[str]:
     return None if not traceparent else traceparent[3:35]
 
 
+#: Set once an import of ``opentelemetry`` failed: every submission asks, and a failing import searches the
+#: whole ``sys.path`` each time. It is tried again only once something else has imported the package.
+_missing = False
+
+
 def _otel() -> Any:
     """``opentelemetry.trace``, or None when ``opentelemetry-api`` is not installed."""
+    global _missing
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is not None:  # imported already: no import machinery on every submission
+        return trace
+    if _missing and sys.modules.get("opentelemetry") is None:
+        return None
     try:
         from opentelemetry import trace
     except ImportError:
+        _missing = True
         return None
     return trace
+
+
+def _records_spans(trace: Any) -> bool:
+    """Whether a tracer provider is set (by the application, or by ``OTEL_PYTHON_TRACER_PROVIDER``): without
+    one, OpenTelemetry's proxy tracer makes only non-recording spans that carry their parent's context, so a
+    submission keeps the incoming ``traceparent`` as it is, and making the span would only cost time."""
+    proxy = getattr(trace, "ProxyTracerProvider", None)
+    return proxy is None or not isinstance(trace.get_tracer_provider(), proxy)
 
 
 def _format(span_context: Any) -> Optional[str]:
@@ -144,7 +165,7 @@ def submission(controller: str, explicit: Optional[str] = None) -> Iterator[Subm
     tracer provider records one). An exception raised inside is recorded on the span."""
     parent = incoming(explicit)
     trace = _otel()
-    if trace is None:
+    if trace is None or not _records_spans(trace):
         yield Submission(parent)
         return
     tracer = trace.get_tracer(TRACER)
@@ -165,7 +186,7 @@ def record_run(controller: str, uuid: str, traceparent: Optional[str], attempt: 
     with their times, in the trace ``traceparent`` names. Does nothing without ``opentelemetry-api``, a
     trace or the times; never raises (a tracing failure must not touch the task's record)."""
     trace = _otel()
-    if trace is None or traceparent is None or started_at is None or ended_at is None:
+    if trace is None or traceparent is None or started_at is None or ended_at is None or not _records_spans(trace):
         return
     try:
         tracer = trace.get_tracer(TRACER)

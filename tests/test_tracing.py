@@ -172,3 +172,20 @@ def test_without_opentelemetry_the_header_is_kept_and_nothing_breaks(make_contro
     uuid = controller.submit(x=2)
     assert controller.wait(uuid, timeout=20)["traceparent"] is None
     assert controller.enqueue([{"x": 3}], traceparent=TRACEPARENT)[0]["traceparent"] == TRACEPARENT
+
+
+@pytest.mark.timeout(60)
+def test_without_a_tracer_provider_no_span_is_made_and_the_header_is_kept(make_controller, monkeypatch):
+    # No provider set: OpenTelemetry would only make a non-recording span carrying its parent, so none is
+    # made (each POST would pay for it) and the task keeps the incoming trace context as it came.
+    from opentelemetry import trace
+
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    asked = []
+    monkeypatch.setattr(trace, "get_tracer", lambda *args, **kwargs: asked.append(args) or trace.NoOpTracer())
+    controller = make_controller(Traced)
+    client = _client(controller)
+    task = client.post("/traced?wait=20", json={"x": 1}, headers={"traceparent": TRACEPARENT}).get_json()
+    assert task["status"] == "succeeded" and task["traceparent"] == TRACEPARENT
+    assert controller.wait(controller.submit(x=2), timeout=20)["traceparent"] is None
+    assert asked == []

@@ -215,6 +215,8 @@ class ArgumentSpec:
         self.open = any(p.kind is p.VAR_KEYWORD for p in params)
         #: Whether no request can call ``execute``: it has positional-only parameters without defaults.
         self.uncallable = any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in params)
+        #: Whether binding can refuse what the name checks accept: only with positional-only parameters.
+        self._bind = any(p.kind is p.POSITIONAL_ONLY for p in params)
         self._types = {p.name: p.type for p in self.params if p.type is not None}
 
     def check(self, kwargs: dict[str, Any]) -> None:
@@ -233,7 +235,8 @@ class ArgumentSpec:
             what = f" ({missing[0].type.describe()})" if missing[0].type is not None else ""
             raise InvalidArguments(f"Argument '{missing[0].name}'{what} is required.")
         try:
-            self._signature.bind(**kwargs)
+            if self._bind:
+                self._signature.bind(**kwargs)
         except TypeError as exc:  # what the checks above do not cover: positional-only parameters
             raise InvalidArguments(f"Arguments do not fit execute(): {exc}.") from None
         for name, value in kwargs.items():

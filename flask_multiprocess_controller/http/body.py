@@ -42,6 +42,10 @@ def read_json_body(limit: int, any_content_type: bool = False) -> Any:
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"The request body has {length} bytes; the limit is {limit} bytes.")
+    if length == 0 or (length is None and not request.headers.get("Transfer-Encoding")):
+        # No Content-Length (or 0) and no Transfer-Encoding: the request has no body (RFC 9112, 6.3); a
+        # GET or DELETE, mostly, whose empty input stream is not worth setting up and reading.
+        return EMPTY
     data = request.stream.read(limit + 1)
     if len(data) > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")

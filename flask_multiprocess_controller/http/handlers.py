@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import uuid as uuid_module
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
@@ -106,10 +107,16 @@ def statuses_option(raw: Optional[str]) -> list[str]:
     return statuses
 
 
+#: A uuid in its canonical form (what :func:`parse_uuid` returns), as clients mostly send it.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def parse_uuid(value: Any) -> str:
     """Return the canonical form of a task uuid, or raise :class:`InvalidRequest`."""
     if not isinstance(value, str):
         raise InvalidRequest(f"A task uuid must be a string, not {type(value).__name__}.")
+    if _CANONICAL_UUID.fullmatch(value):  # already canonical: no UUID object to make and print
+        return value
     try:
         return str(uuid_module.UUID(value))
     except ValueError:
