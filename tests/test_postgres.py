@@ -289,8 +289,6 @@ def test_the_password_is_shown_nowhere(postgres_url, make_controller, tmp_path, 
 
 @pytest.mark.timeout(60)
 def test_the_stores_of_one_database_share_one_listening_connection_per_process(postgres_url):
-    import threading
-
     stores = [PostgresStore(postgres_url) for _ in range(3)]
     writer = PostgresStore(postgres_url)
     try:
@@ -325,10 +323,6 @@ def test_the_stores_of_one_database_share_one_listening_connection_per_process(p
 def test_claims_of_two_controllers_on_one_host_share_its_capacity(postgres_url):
     """Two controllers claim on one host at once (each controller has its own claim lock): the host's lock
     makes their capacity checks one step, so the host never runs more than fits."""
-    import threading
-
-    from flask_multiprocess_controller.store.claimrules import ClaimRules
-
     store = PostgresStore(postgres_url)
     for controller in ("cap-one", "cap-two"):
         store.enqueue([{"uuid": str(uuid_module.uuid4()), "controller": controller, "status": "queued",

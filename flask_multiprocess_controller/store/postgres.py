@@ -6,8 +6,11 @@ lock, so cursors follow commit order and a follower never skips an event that co
 function ends with a ``NOTIFY`` that wakes followers on every host when the transaction commits.
 Claims serialise the count of running tasks per controller with a transaction-scoped advisory lock
 (only claims take it: ends, progress and stops never wait for it) and take the next ready task with
-``FOR UPDATE SKIP LOCKED``. The store's clock is the server's, as on Redis, so hosts whose clocks
-differ still agree on heartbeats, timeouts and retries.
+``FOR UPDATE SKIP LOCKED``; the claim rules (:mod:`.claimrules`) are conditions of the claiming statement,
+and a claim that weighs the host's capacity also takes the host's advisory lock (after the controller's:
+always in that order), so that claims of every controller on one host check and take room in one step.
+The store's clock is the server's, as on Redis, so hosts whose clocks differ still agree on heartbeats,
+timeouts and retries.
 
 :meth:`PostgresStore.enqueue_in` writes new tasks in a transaction of the application's own (the
 transactional enqueue): their ``queued`` events are published when that transaction commits, and a
@@ -184,7 +187,7 @@ class _Tx:
         #: (event, its task as JSON, its tenant), in the order written.
         self.events: list[tuple[Event, str, Optional[str]]] = []
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
         return self.db.execute(sql, params)
 
     @property
@@ -505,7 +508,8 @@ class PostgresStore(ClaimSteps, TaskStore):
         if running >= max_running:
             return None
         if rules.capacity is not None and rules.host is not None:
-            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{self.schema}.host:{rules.host}",))
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                       (f"{self.schema}.host:{rules.host}",))
         first, fair, params = self._claim_sql(controller, owner, now, process, rules)
         found = tx.execute(first, params).fetchone()
         if found is not None and fair is not None:
@@ -595,7 +599,7 @@ class PostgresStore(ClaimSteps, TaskStore):
             return f" AND ({col} IS NULL OR {bounded})" if bounded else ""
 
         row_ok = "".join(" AND " + condition for condition in rows_ok)
-        ready = f"q.controller = %(c)s AND q.status = 'queued' AND q.retry_at IS NULL"
+        ready = "q.controller = %(c)s AND q.status = 'queued' AND q.retry_at IS NULL"
         claimed = (f"UPDATE {t} SET status = 'running', owner = %(owner)s, started_at = %(now)s, "
                    f"attempt = attempt + 1, {recorded}stop_requested = stop_requested WHERE seq = ")
         returning = f" RETURNING {', '.join(_COLUMNS)}"
