@@ -71,8 +71,6 @@ _ACTIVE_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(ACTIVE)) + ")"
 _TERMINAL = frozenset(s.value for s in TERMINAL)
 _TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(_TERMINAL)) + ")"
 _READY_SQL = "status = 'queued' AND retry_at IS NULL"
-#: The statuses the per-key and per-tenant bounds and fair share count.
-_RUNNING_SQL = "('running', 'stopping')"
 _DELAYED_SQL = "status = 'queued' AND retry_at IS NOT NULL"
 _SCHEDULE_COLUMNS = ("controller", "name", "spec", "fired_until", "last_fired", "last_task", "skipped",
                      "last_skipped", "seen_at", "declared_by")
@@ -526,15 +524,15 @@ class PostgresStore(ClaimSteps, TaskStore):
         """The statements that claim the task ``rules`` pick (see :mod:`.claimrules`), and their parameters.
 
         Every rule is a condition of the statements, read in their snapshot under the claim lock: the drain
-        flag; the keys and tenants at their bound (from the controller's running tasks); the held tenants; the
-        room left on the host (its capacity less the resources of the active tasks of every controller whose
-        owner is on the host). Tasks held back are skipped, never waited for.
+        flag; the keys and tenants at their bound (counting the controller's active tasks, as the global limit
+        does); the held tenants; the room left on the host (its capacity less the resources of the active tasks
+        of every controller whose owner is on the host). Tasks held back are skipped, never waited for.
 
         Without fair share, the first statement claims the first eligible task by priority and age, as before
         any rule, and the second is None. With it, the first claims the first eligible task only if no other
         tenant has a ready task at its priority (three index probes: a queue of one tenant costs little more
         than before), and answers ``shared`` first (then the claimed row's columns, NULL when shared); when
-        shared, the second claims for the tenant with the fewest running tasks (ties: the oldest eligible
+        shared, the second claims for the tenant with the fewest active tasks (ties: the oldest eligible
         task), finding the tenants waiting at that priority with a skip scan of ``tasks_ready_tenant`` (a few
         index probes per tenant, however long the queue) and each one's oldest eligible task."""
         t = self._t
@@ -552,7 +550,7 @@ class PostgresStore(ClaimSteps, TaskStore):
             params["host"] = rules.host
             gate = f" AND NOT EXISTS (SELECT 1 FROM {s}.drained_hosts WHERE host = %(host)s)"
         running = (f"act AS (SELECT tenant, concurrency_key FROM {t} WHERE controller = %(c)s "
-                   f"AND status IN {_RUNNING_SQL})")
+                   f"AND status IN {_ACTIVE_SQL})")
         if rules.max_per_key is not None or rules.max_per_tenant is not None:
             ctes.append(running)
         if rules.max_per_key is not None:
