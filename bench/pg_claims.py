@@ -118,8 +118,8 @@ class CounterStore(_Variant):
     lock = "SELECT c.running INTO running FROM {s}.bench_claim_counts c WHERE c.controller = p_controller FOR UPDATE;"
     count = ""
 
-    def _claim_in(self, tx: Any, controller: str, owner: str, max_running: int, process: Any) -> Any:
-        claimed = super()._claim_in(tx, controller, owner, max_running, process)
+    def _claim_in(self, tx: Any, controller: str, owner: str, max_running: int, process: Any, rules: Any) -> Any:
+        claimed = super()._claim_in(tx, controller, owner, max_running, process, rules)
         if claimed is not None:
             tx.execute(f"UPDATE {self.schema}.bench_claim_counts SET running = running + 1 "
                        "WHERE controller = %s", (controller,))

@@ -5,6 +5,7 @@ password is shown nowhere. The store contract itself runs on it in ``tests/test_
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid as uuid_module
 from typing import Any
@@ -19,6 +20,7 @@ from flask_multiprocess_controller import (
 )
 from flask_multiprocess_controller.exceptions import StoreError, StoreUnavailable
 from flask_multiprocess_controller.store import resolve_store
+from flask_multiprocess_controller.store.claimrules import ClaimRules
 from flask_multiprocess_controller.store.postgres import PostgresStore
 from flask_multiprocess_controller.store.postgres_schema import SCHEMA_VERSION, SchemaTooNew
 
@@ -287,8 +289,6 @@ def test_the_password_is_shown_nowhere(postgres_url, make_controller, tmp_path, 
 
 @pytest.mark.timeout(60)
 def test_the_stores_of_one_database_share_one_listening_connection_per_process(postgres_url):
-    import threading
-
     stores = [PostgresStore(postgres_url) for _ in range(3)]
     writer = PostgresStore(postgres_url)
     try:
@@ -317,3 +317,39 @@ def test_the_stores_of_one_database_share_one_listening_connection_per_process(p
         for store in stores + [writer]:
             store.close()
     assert not listeners[0].is_alive()
+
+
+@pytest.mark.timeout(60)
+def test_claims_of_two_controllers_on_one_host_share_its_capacity(postgres_url):
+    """Two controllers claim on one host at once (each controller has its own claim lock): the host's lock
+    makes their capacity checks one step, so the host never runs more than fits."""
+    store = PostgresStore(postgres_url)
+    for controller in ("cap-one", "cap-two"):
+        store.enqueue([{"uuid": str(uuid_module.uuid4()), "controller": controller, "status": "queued",
+                        "priority": 0, "args": {}, "created_at": time.time(), "timeout": None, "attempt": 0,
+                        "stop_requested": False, "resources": {"memory": 2}} for _ in range(25)], -1)
+    rules = ClaimRules(host="host-a", capacity={"memory": 3})  # one task at a time fits
+    seen: list[int] = []
+    start = threading.Barrier(4)
+
+    def claimer(controller: str, n: int) -> None:
+        mine = PostgresStore(postgres_url)
+        owner = f"host-a:{100 + n}:1700000000.0"
+        try:
+            start.wait()
+            while mine.counts(controller).get("queued"):
+                row = mine.claim(controller, owner, 10, rules)
+                if row is not None:
+                    seen.append(sum(mine.counts(c).get("running", 0) for c in ("cap-one", "cap-two")))
+                    mine.finish(row["uuid"], "succeeded", owner=owner)
+        finally:
+            mine.close()
+
+    threads = [threading.Thread(target=claimer, args=(controller, n))
+               for n, controller in enumerate(("cap-one", "cap-two", "cap-one", "cap-two"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.close()
+    assert len(seen) == 50 and max(seen) == 1
