@@ -77,6 +77,9 @@ class RuntimeConfig:
     max_per_key: Optional[int] = None
     max_per_tenant: Optional[int] = None
     fair_share: bool = True
+    #: Seconds between two writes of the running tasks' progress, all tasks of the process in one write
+    #: (see :mod:`.flusher`).
+    progress_flush: float = defaults.PROGRESS_FLUSH
 
     @property
     def slot_count(self) -> int:
