@@ -53,6 +53,8 @@ class ProgressFlusher:
         # Held while a batch is written and its events published (forget() waits on it).
         self._writing = threading.Lock()
         self._kick = threading.Event()
+        #: Set by close(): ends the wait between two writes at once.
+        self._closing = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._next_write = 0.0
@@ -121,7 +123,7 @@ class ProgressFlusher:
             self._kick.wait()
             delay = self._next_write - time.monotonic()
             if delay > 0:
-                time.sleep(delay)  # what arrives meanwhile rides along
+                self._closing.wait(delay)  # what arrives meanwhile rides along
             self._kick.clear()
             with self._lock:  # after the clear: a close() that set the kick before it is seen here
                 if self._closed:
@@ -137,6 +139,7 @@ class ProgressFlusher:
         with self._lock:
             self._closed = True
             thread = self._thread
+        self._closing.set()
         self._kick.set()
         if thread is not None:
             thread.join()
