@@ -35,6 +35,7 @@ from .settings import (
     FROZEN_SETTINGS, WorkerLogSetup, app_setting, check_arguments, check_pause_settings, env_shutdown_wait,
     max_pause_setting, runtime_config,
 )
+from .settings import env_progress_flush
 from .exceptions import (
     BatchNotFound, ChangeNotAllowed, ControllerClosed, InvalidRequest, MethodNotServed, MPCError,
     NoTargetTask, PayloadTooLarge, TaskNotFound,
@@ -239,6 +240,9 @@ class MetaMPController:
         #: Seconds an undelivered callback is kept in the store's outbox; then it is dropped, logged and
         #: counted (``callbacks_dropped`` in ``/mpc/health``).
         self.callback_max_age = float(callback_max_age)
+        #: Seconds between two writes of the running tasks' progress (``MPC_PROGRESS_FLUSH``, the app's or the
+        #: environment's): every task of a serving process in one write.
+        self.progress_flush: float = env_progress_flush()
         #: Where tasks keep their artifacts (a directory or ``file://`` URL; None: ``MPC_ARTIFACTS_URL``, else
         #: ``<instance folder>/mpc-artifacts``), the bytes one may take, and how many a task may keep.
         self.artifacts_url: Optional[str] = artifacts_url
@@ -308,6 +312,7 @@ class MetaMPController:
             ("artifacts_url", artifacts_url, None),
             ("max_artifact_size", max_artifact_size, defaults.MAX_ARTIFACT_SIZE),
             ("max_artifacts", max_artifacts, defaults.MAX_ARTIFACTS),
+            ("progress_flush", None, None),
         ) if value == default}
         self._app_config: Mapping[str, Any] = {}
         self._bound = False

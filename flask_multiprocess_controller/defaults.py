@@ -11,8 +11,14 @@ RETENTION = 7 * 24 * 3600.0
 PURGE_INTERVAL = 3600.0
 #: Bytes a request body may hold (1 MiB).
 MAX_CONTENT_LENGTH = 1024 * 1024
-#: Seconds between two writes of a running task's progress to the store.
+#: Seconds between two writes of a running task's log lines to the store (and of its progress, for a
+#: supervisor without a progress flusher).
 PROGRESS_INTERVAL = 0.25
+#: Seconds between two writes of the progress of a serving process's running tasks (all of them in one write):
+#: ``MPC_PROGRESS_FLUSH``. GET, the event streams and the dashboard see a progress call within about this.
+PROGRESS_FLUSH = 0.2
+#: The environment variable of the progress flush interval (the app's ``MPC_PROGRESS_FLUSH`` wins).
+PROGRESS_FLUSH_ENV = "MPC_PROGRESS_FLUSH"
 #: Seconds between two samples of a running task's process tree (memory, CPU).
 SAMPLE_INTERVAL = 0.5
 #: Seconds between two samples when a memory limit is set.

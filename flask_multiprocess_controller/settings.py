@@ -103,6 +103,7 @@ APP_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "max_message_size": int, "expose_errors": flag, "idempotency_ttl": float,
     "max_pause": max_pause_setting, "pause_expiry": pause_expiry_setting, "timeout_while_paused": flag,
     "callback_max_age": float, "artifacts_url": str, "max_artifact_size": int, "max_artifacts": int,
+    "progress_flush": float,
 }
 
 #: What a setting must be, in the message refusing a bad value (where the converter's name would not say).
@@ -113,7 +114,8 @@ _SETTING_KINDS = {"max_pause": "number of seconds (0: no limit)", "pause_expiry"
 #: Settings a started runtime has taken for good; the others are read at each request.
 FROZEN_SETTINGS = frozenset({"stop_grace", "retention", "handover_window", "shutdown_wait", "max_message_size",
                              "max_pause", "pause_expiry", "timeout_while_paused",
-                             "callback_max_age", "artifacts_url", "max_artifact_size", "max_artifacts"})
+                             "callback_max_age", "artifacts_url", "max_artifact_size", "max_artifacts",
+                             "progress_flush"})
 
 
 def app_setting(key: str, value: Any) -> Any:
@@ -135,6 +137,12 @@ def env_shutdown_wait() -> float:
     """``MPC_SHUTDOWN_WAIT`` from the environment, checked (the default when unset or empty)."""
     raw = os.environ.get(defaults.SHUTDOWN_WAIT_ENV)
     return defaults.SHUTDOWN_WAIT if raw in (None, "") else app_setting("shutdown_wait", raw)
+
+
+def env_progress_flush() -> float:
+    """``MPC_PROGRESS_FLUSH`` from the environment, checked (the default when unset or empty)."""
+    raw = os.environ.get(defaults.PROGRESS_FLUSH_ENV)
+    return defaults.PROGRESS_FLUSH if raw in (None, "") else app_setting("progress_flush", raw)
 
 
 def pick_configurator(*given: Optional[type[MetaMPLoggerConfigurator]]) -> Optional[type[MetaMPLoggerConfigurator]]:
@@ -202,4 +210,5 @@ def runtime_config(controller: "MetaMPController") -> RuntimeConfig:
         pause_expiry=controller.pause_expiry, timeout_while_paused=controller.timeout_while_paused,
         callback_max_age=controller.callback_max_age, max_per_key=controller.max_per_key,
         max_per_tenant=controller.max_per_tenant, fair_share=controller.fair_share,
-        tenant_quota=controller.tenant_quota, stamp=controller.stamp_scheduled)
+        tenant_quota=controller.tenant_quota, stamp=controller.stamp_scheduled,
+        progress_flush=controller.progress_flush)

@@ -59,3 +59,40 @@ def test_unserialisable_progress_still_fails_at_the_call(make_controller):
     assert task["error"]["type"] == "TypeError"
     assert "JSON-serialisable" in task["error"]["message"]
     assert task["progress"] == 99
+
+
+@pytest.mark.timeout(30)
+def test_a_process_writes_its_tasks_progress_together_latest_value_wins():
+    """The progress flusher: many progress calls of several tasks, one store write with the latest of each;
+    what a run's end makes it forget is never written after."""
+    import logging
+
+    from flask_multiprocess_controller.engine.flusher import ProgressFlusher
+    from flask_multiprocess_controller.engine.supervisor import TaskRun
+    from flask_multiprocess_controller.store import MemoryStore
+    from test_store_contract import add, claim
+
+    store = MemoryStore()
+    owner = "owner-1"
+    uuids = add(store, 3)
+    for _ in uuids:
+        claim(store, owner=owner)
+    batches: list[list] = []
+    write_many = store.progress_many
+    store.progress_many = lambda who, writes: batches.append(list(writes)) or write_many(who, writes)  # type: ignore
+    events: list = []
+    flusher = ProgressFlusher(store, owner, 3600.0, events.append, logging.getLogger("test"))
+    runs = [TaskRun(uuid, None, lambda: None) for uuid in uuids]
+    flusher.mark(runs[0])  # wakes the flusher thread: it writes at once, and then not for an hour
+    wait_until(lambda: batches, timeout=10)
+    for n in range(100):
+        for run in runs:
+            run.progress = n
+            flusher.mark(run)
+    flusher.forget(runs[2])  # its end is being written: nothing more of it
+    flusher.flush()
+    flusher.close()
+    assert len(batches) == 2
+    assert [(w.uuid, w.progress) for w in batches[1]] == [(uuids[0], 99), (uuids[1], 99)]
+    assert [store.get(uuid)["progress"] for uuid in uuids[:2]] == [99, 99]
+    assert [e["task"]["progress"] for e in events[-2:]] == [99, 99]

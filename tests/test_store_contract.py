@@ -32,6 +32,7 @@ from flask_multiprocess_controller.events import CALLBACK_KINDS, Changes, Event
 from flask_multiprocess_controller.exceptions import StoreError, StoreUnavailable
 from flask_multiprocess_controller.store import resolve_store
 from flask_multiprocess_controller.store.base import hook_tenant
+from flask_multiprocess_controller.store.base import ProgressWrite
 from flask_multiprocess_controller.store.postgres import PostgresStore
 from flask_multiprocess_controller.store.redis import RedisStore
 
@@ -398,6 +399,32 @@ def test_start_and_progress_only_touch_active_tasks(store):
     assert event is not None and (event["task"]["memory_peak"], event["task"]["cpu_time"]) == (7 << 20, 1.5)
     assert store.progress(running, OWNER, 3, None) is not None
     assert (fetch(store, running)["memory_peak"], fetch(store, running)["cpu_time"]) == (7 << 20, 1.5)
+
+
+@pytest.mark.timeout(30)
+def test_progress_many_writes_a_batch_as_progress_writes_each(store):
+    """A flusher's batch: each active task of the owner gets its progress and its event, in order; a task
+    that is not (queued, ended, another owner's, unknown) gets None and keeps its row."""
+    running, other, finished, queued = add(store, 4)
+    for _ in range(3):
+        claim(store)
+    store.finish(finished, "succeeded", ended_at=time.time(), result=1)
+    unknown = str(uuid_module.uuid4())
+    events = store.progress_many(OWNER, [
+        ProgressWrite(running, {"n": 1}, 10.0, {"memory_peak": 5 << 20, "cpu_time": 0.5}),
+        ProgressWrite(queued, {"n": 2}, 20.0), ProgressWrite(finished, 3, None), ProgressWrite(unknown, 4, None),
+        ProgressWrite(other, [5], None)])
+    assert [e is not None for e in events] == [True, False, False, False, True]
+    first, fifth = events[0], events[4]
+    assert first is not None and fifth is not None
+    assert (first["kind"], first["uuid"], first["emitter"], first["task"]["progress"], first["task"]["percent"],
+            first["task"]["memory_peak"]) == ("progress", running, OWNER, {"n": 1}, 10.0, 5 << 20)
+    assert (fifth["uuid"], fifth["task"]["progress"]) == (other, [5])
+    assert (fetch(store, running)["progress"], fetch(store, other)["progress"]) == ({"n": 1}, [5])
+    assert fetch(store, queued)["progress"] is None and fetch(store, finished)["progress"] is None
+    assert store.progress_many("host-b:2:2.0", [ProgressWrite(running, "stale", None)]) == [None]
+    assert store.progress_many(OWNER, []) == []
+    assert fetch(store, running)["progress"] == {"n": 1}
 
 
 @pytest.mark.timeout(30)

@@ -81,6 +81,9 @@ class RuntimeConfig:
     tenant_quota: Optional[Any] = None
     #: Gives the rows a schedule's firings queue their ``concurrency_key`` and ``resources`` (None: nothing).
     stamp: Optional[Callable[[list[Any]], None]] = None
+    #: Seconds between two writes of the running tasks' progress, all tasks of the process in one write
+    #: (see :mod:`.flusher`).
+    progress_flush: float = defaults.PROGRESS_FLUSH
 
     @property
     def slot_count(self) -> int:

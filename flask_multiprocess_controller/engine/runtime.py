@@ -39,6 +39,7 @@ from ..exceptions import StoreError
 from .forkserver import ChildProcess, ForkServer
 from .handover import HandoverConfig, handover_directory, held_key, live_adopters, reopen_url
 from .hub import EventHub
+from .flusher import ProgressFlusher
 from .owners import held_for_adoption, host_id, owner_alive, owner_host, owner_id
 from .keeper import Keeper
 from .logs import LogListener, MetaMPLoggerConfigurator, log_task_ended, log_task_started, traceback_suffix
@@ -155,6 +156,9 @@ class Runtime(TaskSide):
         self._waiters = Waiters()
         self.events = EventHub(store, config.name, self.logger, on_reset=self._feed_reset)
         self.events.subscribe(self._on_event)
+        #: Writes the progress of this process's running tasks together, once per ``progress_flush`` seconds.
+        self.progress = ProgressFlusher(store, self.owner, config.progress_flush, self.events.publish, self.logger,
+                                        name=f"mpc-{config.name}-progress")
         self.events.subscribe(self._log_event, local_only=True)
         self._callbacks: Optional[CallbackSender] = None
         if callback_url:
@@ -594,7 +598,7 @@ class Runtime(TaskSide):
     def new_supervisor(self, wake_fd: int, retrier: Retrier) -> Supervisor:
         """A supervisor for one controlling thread whose wake-ups arrive on ``wake_fd``."""
         return Supervisor(self.config.supervision, self.store, self.owner, self.logs, wake_fd, self.events.publish,
-                          self.logger, retrier)
+                          self.logger, retrier, self.progress)
 
     def take_over(self, owner: str, offers: Sequence[Offer], link: Link) -> Optional[list[int]]:
         """Take over the offered task processes of serving process ``owner``; the pids taken (None: refused).
@@ -888,6 +892,7 @@ class Runtime(TaskSide):
         for runner in adopted:
             runner.wake()
             runner.join()
+        self.progress.close()  # the slots ended: nothing more is marked
         self._keeper.stop()
         self.events.stop()
         if self._callbacks is not None:

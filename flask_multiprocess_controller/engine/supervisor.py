@@ -26,6 +26,7 @@ from .. import defaults
 from ..events import Event
 from ..exceptions import MPCError, StoreError
 from .config import Settings as Settings  # re-exported: classify takes it
+from .flusher import ProgressFlusher
 from .forkserver import ChildProcess
 from .logs import LogListener, logger_levels, traceback_lines
 from .pausing import TreePause
@@ -75,7 +76,8 @@ class TaskRun:
         #: The latest progress and percent reported by the task (fresher than the store's).
         self.progress: Any = progress
         self.percent: Optional[float] = percent
-        #: True while progress holds a value not yet written to the store.
+        #: True while something waits to be written by the controlling thread: log lines (and, without a
+        #: progress flusher, progress).
         self.dirty = False
         #: What the task's process tree used so far (sampled by the supervisor), None before it is watched.
         self.usage: Optional[TreeUsage] = None
@@ -201,10 +203,13 @@ class Supervisor:
     """Runs tasks in child processes for one controlling thread.
 
     :param publish: called with each event the supervisor's store writes produce.
+    :param flusher: writes the progress of the runtime's tasks together (see :mod:`.flusher`); None: each
+        controlling thread writes its task's own, every ``PROGRESS_INTERVAL`` seconds.
     """
 
     def __init__(self, settings: Settings, store: TaskStore, owner: str, logs: LogListener, wake_fd: int,
-                 publish: Callable[[Event], None], logger: logging.Logger, retrier: Retrier) -> None:
+                 publish: Callable[[Event], None], logger: logging.Logger, retrier: Retrier,
+                 flusher: Optional[ProgressFlusher] = None) -> None:
         self.settings = settings
         self.owner = owner
         self.store = store
@@ -213,6 +218,7 @@ class Supervisor:
         self._publish = publish
         self._logger = logger
         self._retrier = retrier
+        self._flusher = flusher
         self._schedule = Schedule(
             stop_grace=settings.stop_grace,
             sample_every=(defaults.SAMPLE_INTERVAL_WITH_MEMORY_LIMIT if settings.max_memory
@@ -254,9 +260,11 @@ class Supervisor:
         if not self.settings.fresh_process and child.process is not None:
             usage.cpu_base = cpu_seconds(child.process)  # the CPU its earlier tasks used is not this task's
         done = self._watch(run, child, usage)
+        if self._flusher is not None:  # from here on this thread writes the run's progress (or its end does)
+            self._flusher.forget(run)
         if done is None and run.released and not child.exited:
             if not wait_ready([child.exit_fd], 0):
-                self._flush(run)
+                self._flush(run, direct=True)
                 return None
             # It ended before the release was said: its end is this process's to record.
             child.read_exit()
@@ -344,7 +352,7 @@ class Supervisor:
             if child.process is not None and not child.exited:
                 sample(child.process, usage)
                 if time.monotonic() - run.usage_written_at >= defaults.USAGE_WRITE_INTERVAL:
-                    run.dirty = True  # a task writing no progress still shows its usage every few seconds
+                    self._progressed(run)  # a task writing no progress still shows its usage every few seconds
             limit = self.settings.max_memory
             if limit and usage.memory_now > limit and not watchdog.killed:
                 run.request_stop(StopReason.MEMORY)
@@ -405,9 +413,11 @@ class Supervisor:
                 elif getattr(message, "uuid", None) != run.uuid:
                     continue
                 elif isinstance(message, Progress):
-                    run.progress, run.dirty = message.value, True
+                    run.progress = message.value
+                    self._progressed(run)
                 elif isinstance(message, Percent):
-                    run.percent, run.dirty = message.value, True
+                    run.percent = message.value
+                    self._progressed(run)
                 elif isinstance(message, SaveState):
                     self._save_state(run, child, message)
                 elif isinstance(message, Done):
@@ -442,9 +452,19 @@ class Supervisor:
         except StoreError as exc:  # the log is best kept; the task goes on
             self._logger.warning("Cannot keep %d log line(s) of task %s: %s", len(lines), run.uuid, exc)
 
-    def _flush(self, run: TaskRun) -> None:
+    def _progressed(self, run: TaskRun) -> None:
+        """The run's progress, percent or usage changed: have it written (by the flusher, if there is one)."""
+        if self._flusher is not None:
+            self._flusher.mark(run)
+        else:
+            run.dirty = True
+
+    def _flush(self, run: TaskRun, direct: bool = False) -> None:
+        """Write the run's log lines and, without a flusher (or ``direct``), its progress."""
         run.dirty = False
         self._write_log(run)
+        if self._flusher is not None and not direct:
+            return
         try:
             event = self.store.progress(run.uuid, self.owner, run.progress, run.percent, usage=(
                 run.usage.figures() if run.usage is not None else None))

@@ -244,6 +244,15 @@ def check_fields(method: str, fields: Mapping[str, Any]) -> None:
 USAGE_FIELDS = ("memory_peak", "cpu_time")
 
 
+class ProgressWrite(NamedTuple):
+    """One task's progress in a :meth:`TaskStore.progress_many` batch (the arguments of :meth:`TaskStore.progress`)."""
+
+    uuid: str
+    progress: Any
+    percent: Optional[float]
+    usage: Optional[Mapping[str, Any]] = None
+
+
 def usage_fields(usage: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     """The columns a progress write sets from ``usage``: the known figures only (a None keeps the stored one)."""
     if not usage:
@@ -412,6 +421,19 @@ class TaskStore(abc.ABC):
         :param usage: what the task's process tree used so far (``memory_peak``, ``cpu_time``), written in
             the same step; None (or a key left out) keeps the stored figure.
         """
+
+    def progress_many(self, owner: str, writes: Sequence[ProgressWrite]) -> list[Optional[Event]]:
+        """:meth:`progress` of several active tasks of ``owner`` at once: the event of each write, in order
+        (None where the task is no longer ``owner``'s active task, as :meth:`progress` says).
+
+        What a serving process's progress flusher calls once per flush interval with the latest progress of
+        each of its running tasks that reported some since, so that many busy tasks cost one store round
+        trip, not one each. This default makes one :meth:`progress` call per task; the stores override it
+        with one transaction (or one script) for the whole batch.
+
+        .. versionadded:: 0.4
+        """
+        return [self.progress(write.uuid, owner, write.progress, write.percent, write.usage) for write in writes]
 
     @abc.abstractmethod
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:

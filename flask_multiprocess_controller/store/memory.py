@@ -21,6 +21,7 @@ from .base import (
 )
 from .base import Idempotency
 from .base import usage_fields
+from .base import ProgressWrite
 from .base import Timing, timing_of
 from .schema import COLUMNS, Encoding, columns_encoded
 
@@ -316,12 +317,21 @@ class MemoryStore(TaskStore):
     def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float],
                  usage: Optional[Mapping[str, Any]] = None) -> Optional[Event]:
         with self._lock:
-            row = self._owned_active(uuid, owner)
-            if row is None:
-                return None
-            row.update({"progress": copy.deepcopy(progress), "percent": percent})
-            row.update(usage_fields(usage))  # type: ignore[typeddict-item]
-            return self._emit(EventKind.PROGRESS, row, owner, self._clock())
+            return self._progress_locked(uuid, owner, progress, percent, usage)
+
+    def progress_many(self, owner: str, writes: Sequence[ProgressWrite]) -> list[Optional[Event]]:
+        with self._lock:  # one hold of the lock: the batch is one step
+            return [self._progress_locked(write.uuid, owner, write.progress, write.percent, write.usage)
+                    for write in writes]
+
+    def _progress_locked(self, uuid: str, owner: str, progress: Any, percent: Optional[float],
+                         usage: Optional[Mapping[str, Any]]) -> Optional[Event]:
+        row = self._owned_active(uuid, owner)
+        if row is None:
+            return None
+        row.update({"progress": copy.deepcopy(progress), "percent": percent})
+        row.update(usage_fields(usage))  # type: ignore[typeddict-item]
+        return self._emit(EventKind.PROGRESS, row, owner, self._clock())
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
         with self._lock:

@@ -44,6 +44,7 @@ from .base import (
     event_task, parse_counter,
 )
 from .base import usage_fields
+from .base import ProgressWrite
 from .base import Timing
 from . import pglisten
 from .postgres_schema import SCHEMA_NAME, channel, migrate
@@ -689,6 +690,14 @@ class PostgresStore(ClaimSteps, TaskStore):
                  usage: Optional[Mapping[str, Any]] = None) -> Optional[Event]:
         return self._update_active(EventKind.PROGRESS, uuid, owner, owner,
                                    {"progress": progress, "percent": percent, **usage_fields(usage)})
+
+    def progress_many(self, owner: str, writes: Sequence[ProgressWrite]) -> list[Optional[Event]]:
+        if not writes:
+            return []
+        with self._transaction() as tx:  # one transaction (one commit) for the batch
+            return [self._update_active_in(tx, EventKind.PROGRESS, write.uuid, owner, owner, {
+                "progress": write.progress, "percent": write.percent, **usage_fields(write.usage)})
+                for write in writes]
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
         with self._transaction() as tx:

@@ -66,6 +66,7 @@ from .base import (
 )
 from .base import Idempotency
 from .base import usage_fields
+from .base import ProgressWrite
 from .base import Timing, timing_of
 from .redis_scripts import SCRIPTS
 from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded, event_columns
@@ -431,6 +432,17 @@ class RedisStore(TaskStore):
         done = self._write("progress", owner, uuid, owner,
                            *_split({"progress": progress, "percent": percent, **usage_fields(usage)}))
         return _event(*done) if done else None
+
+    @_guarded
+    def progress_many(self, owner: str, writes: Sequence[ProgressWrite]) -> list[Optional[Event]]:
+        if not writes:
+            return []
+        args: list[Any] = [owner]
+        for write in writes:
+            args += [write.uuid, *_split({"progress": write.progress, "percent": write.percent,
+                                          **usage_fields(write.usage)})]
+        done = self._write("progress_many", owner, *args)  # one script: one round trip, applied at once
+        return [_event(*one) if one else None for one in done]
 
     @_guarded
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:

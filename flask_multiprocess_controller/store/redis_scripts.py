@@ -484,6 +484,23 @@ set_fields(key, ARGV[6], ARGV[7])
 return emit('progress', key)
 """
 
+# ARGV from 4: owner, then for each task: uuid, fields to set (JSON flat list), fields to delete (JSON list).
+# Returns one entry per task: its progress event, or 0 when the task is not owner's active task.
+PROGRESS_MANY = LIB + """
+local owner = ARGV[4]
+local done = {}
+for i = 5, #ARGV, 3 do
+  local key = prefix .. 't:' .. ARGV[i]
+  if owned_active(key, owner) then
+    set_fields(key, ARGV[i + 1], ARGV[i + 2])
+    done[#done + 1] = emit('progress', key)
+  else
+    done[#done + 1] = 0
+  end
+end
+return done
+"""
+
 # ARGV from 4: uuid, owner, state (JSON). Returns 1 when it was stored, else nil. No event.
 SAVE_STATE = LIB + """
 local key = prefix .. 't:' .. ARGV[4]
@@ -799,7 +816,7 @@ return 1
 """
 
 SCRIPTS = {"enqueue": ENQUEUE, "claim": CLAIM, "claim_started": CLAIM_STARTED,
-            "start": START, "progress": PROGRESS, "save_state": SAVE_STATE, "finish": FINISH,
+            "start": START, "progress": PROGRESS, "progress_many": PROGRESS_MANY, "save_state": SAVE_STATE, "finish": FINISH,
             "requeue": REQUEUE, "adopt": ADOPT, "request_stop": REQUEST_STOP, "purge": PURGE,
             "prune": PRUNE, "expire_callbacks": EXPIRE_CALLBACKS,
             "feed": FEED, "heartbeat": HEARTBEAT, "retry": RETRY, "transition": TRANSITION,

@@ -35,6 +35,7 @@ from .base import (
 )
 from .base import Idempotency
 from .base import usage_fields
+from .base import ProgressWrite
 from .base import Timing
 from .groupcommit import GroupCommit
 from .sqlite_schema import SCHEMA, add_missing_columns, upgrade_feed
@@ -519,6 +520,17 @@ class SQLiteStore(ClaimSteps, TaskStore):
                  usage: Optional[Mapping[str, Any]] = None) -> Optional[Event]:
         return self._update_active(EventKind.PROGRESS, uuid, owner, owner,
                                    {"progress": progress, "percent": percent, **usage_fields(usage)})
+
+    def progress_many(self, owner: str, writes: Sequence[ProgressWrite]) -> list[Optional[Event]]:
+        if not writes:
+            return []
+
+        def write_all(db: sqlite3.Connection) -> list[Optional[Event]]:
+            return [self._update_active_in(db, EventKind.PROGRESS, write.uuid, owner, owner, {
+                "progress": write.progress, "percent": write.percent, **usage_fields(write.usage)})
+                for write in writes]
+
+        return self._group.run(write_all)  # one transaction for the batch
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
         text = _encode("state", state)
