@@ -270,17 +270,18 @@ class MemoryStore(TaskStore):
         """
         per_tenant = collections.Counter(r.get("tenant") for r in mine)
         per_key = collections.Counter(r.get("concurrency_key") for r in mine)
+        capacity = None if rules.host is None else rules.capacity  # no host: no capacity to count against
         used: dict[str, float] = {}
-        if rules.capacity is not None and rules.host is not None:
+        if capacity is not None:
             used = host_usage(r for r in self._rows.values() if r["status"] in _ACTIVE and r.get("resources")
-                              and r.get("owner") and owner_host(r["owner"]) == rules.host)
+                              and owner_host(r.get("owner") or "") == rules.host)
 
         def eligible(row: Row) -> bool:
             tenant, key = row.get("tenant"), row.get("concurrency_key")
             return (tenant not in rules.held_tenants
                     and (key is None or rules.max_per_key is None or per_key[key] < rules.max_per_key)
                     and (tenant is None or rules.max_per_tenant is None or per_tenant[tenant] < rules.max_per_tenant)
-                    and (rules.capacity is None or fits(row.get("resources"), used, rules.capacity)))
+                    and fits(row.get("resources"), used, capacity))
 
         def in_order() -> Iterator[tuple[int, int, str]]:
             entries = list(queue)

@@ -146,8 +146,9 @@ def _choose(db: sqlite3.Connection, controller: str, rules: ClaimRules) -> Optio
     if rules.max_per_tenant is not None:
         excluded.update(tenant for tenant, count in per_tenant.items()
                         if tenant is not None and count >= rules.max_per_tenant)
+    capacity = None if rules.host is None else rules.capacity  # no host: no capacity to count against
     used: dict[str, float] = {}
-    if rules.capacity is not None and rules.host is not None:
+    if capacity is not None:
         used = host_usage({"resources": json.loads(resources)} for owner, resources in db.execute(_ACTIVE_RESOURCES)
                           if owner and owner_host(owner) == rules.host)
 
@@ -156,8 +157,7 @@ def _choose(db: sqlite3.Connection, controller: str, rules: ClaimRules) -> Optio
         cursor = db.execute(sql, args)
         try:
             for seq, resources in cursor:
-                if rules.capacity is None or fits(None if resources is None else json.loads(resources), used,
-                                                  rules.capacity):
+                if capacity is None or fits(None if resources is None else json.loads(resources), used, capacity):
                     return int(seq)
             return None
         finally:
