@@ -171,7 +171,7 @@ def test_tasks_of_held_tenants_are_skipped(store):
 @pytest.mark.timeout(30)
 def test_a_task_is_claimed_only_when_it_fits_beside_the_hosts_running_tasks(store):
     big1, big2 = add(store, 2, resources={"memory": 6 * GIB, "cpus": 2})
-    (gpu,) = add(store, resources={"gpu": 1})
+    gpu, gpu_again = add(store, 2, resources={"gpu": 1})
     (small,) = add(store, resources={"memory": 1 * GIB, "cpus": 1})
     (plain,) = add(store)
     rules = ClaimRules(host=HOST_A, capacity={"memory": 8 * GIB, "cpus": 4})
@@ -185,6 +185,7 @@ def test_a_task_is_claimed_only_when_it_fits_beside_the_hosts_running_tasks(stor
     assert claim(store, rules, owner=A2) == big2  # fits once big1 ended (6 + 1 GiB, 3 cpus)
     assert claim(store, rules) is None
     assert claim(store, ClaimRules(host=HOST_A)) == gpu  # no capacity: claimed whatever it declares
+    assert claim(store, ClaimRules(capacity={"cpus": 4})) == gpu_again  # no host: no capacity counted
 
 
 @pytest.mark.timeout(30)

@@ -7,7 +7,7 @@ import heapq
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, cast
 
 from .. import defaults
 from ..events import CALLBACK_KINDS, Changes, Event, EventKind
@@ -230,8 +230,8 @@ class MemoryStore(TaskStore):
 
     def _claim(self, controller: str, owner: str, max_running: int, rules: ClaimRules) -> Optional[Row]:
         """:meth:`claim` under the lock: the stored row itself (callers copy it)."""
-        running = sum(1 for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE)
-        if running >= max_running:
+        mine = [r for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE]
+        if len(mine) >= max_running:
             return None
         if rules.host is not None and rules.host in self._drained:
             return None
@@ -241,10 +241,10 @@ class MemoryStore(TaskStore):
             heapq.heappop(queue)  # stale entries off the top: the top is the oldest ready task, if any
         if not queue:
             return None
-        if rules.plain and not rules.fair:
-            row = self._rows[heapq.heappop(queue)[2]]
+        if rules.plain and (not rules.fair or sum(1 for of, _ in self._tenants if of == controller) == 1):
+            row = self._rows[heapq.heappop(queue)[2]]  # the oldest, as fair share would with one tenant
         else:
-            chosen = self._choose(controller, queue, rules)
+            chosen = self._choose(controller, queue, mine, rules)
             if chosen is None:
                 return None
             if chosen == queue[0]:
@@ -264,37 +264,43 @@ class MemoryStore(TaskStore):
         return (row is not None and row["status"] == _QUEUED and row["priority"] == entry[0]
                 and row["retry_at"] is None)
 
-    def _choose(self, controller: str, queue: list[tuple[int, int, str]],
+    def _choose(self, controller: str, queue: list[tuple[int, int, str]], mine: list[Row],
                 rules: ClaimRules) -> Optional[tuple[int, int, str]]:
-        """The queue entry of the task ``rules`` let a claim take (see :mod:`.claimrules`), or None.
+        """The queue entry of the task ``rules`` let a claim take (see :mod:`.claimrules`), or None; ``mine`` are
+        the controller's active tasks.
 
-        The plain rules look at the tasks of the lowest priority only (to share them out between tenants);
-        others walk the ready tasks in queue order, skipping those held back.
+        Reads the queue in order (a copy of the heap, popped lazily) and stops at the first eligible task,
+        or with fair share once every tenant that may be claimed offered its first one (or the priority changed).
         """
-        if rules.plain:
-            top = queue[0][0]
-            entries = sorted(e for e in queue if e[0] == top and self._ready_entry(e))
-        else:
-            entries = sorted(e for e in queue if self._ready_entry(e))
-        mine = [r for r in self._rows.values() if r["controller"] == controller and r["status"] in _ACTIVE]
         per_tenant = collections.Counter(r.get("tenant") for r in mine)
         per_key = collections.Counter(r.get("concurrency_key") for r in mine)
+        capacity = None if rules.host is None else rules.capacity  # no host: no capacity to count against
         used: dict[str, float] = {}
-        if rules.capacity is not None and rules.host is not None:
+        if capacity is not None:
             used = host_usage(r for r in self._rows.values() if r["status"] in _ACTIVE and r.get("resources")
-                              and r.get("owner") and owner_host(r["owner"]) == rules.host)
+                              and owner_host(r.get("owner") or "") == rules.host)
 
         def eligible(row: Row) -> bool:
             tenant, key = row.get("tenant"), row.get("concurrency_key")
             return (tenant not in rules.held_tenants
                     and (key is None or rules.max_per_key is None or per_key[key] < rules.max_per_key)
                     and (tenant is None or rules.max_per_tenant is None or per_tenant[tenant] < rules.max_per_tenant)
-                    and (rules.capacity is None or fits(row.get("resources"), used, rules.capacity)))
+                    and fits(row.get("resources"), used, capacity))
 
+        def in_order() -> Iterator[tuple[int, int, str]]:
+            entries = list(queue)
+            while entries:
+                entry = heapq.heappop(entries)
+                if self._ready_entry(entry):
+                    yield entry
+
+        wanted = {tenant for of, tenant in self._tenants if of == controller} - set(rules.held_tenants)
+        if rules.max_per_tenant is not None:
+            wanted -= {tenant for tenant, n in per_tenant.items() if tenant is not None and n >= rules.max_per_tenant}
         # The first eligible task of each tenant, at the lowest priority value that has one.
         firsts: dict[Optional[str], tuple[int, int, str]] = {}
-        for entry in entries:
-            if firsts and entry[0] != next(iter(firsts.values()))[0]:
+        for entry in in_order():
+            if firsts and (entry[0] != next(iter(firsts.values()))[0] or len(firsts) >= len(wanted)):
                 break
             row = self._rows[entry[2]]
             if row.get("tenant") in firsts or not eligible(row):

@@ -12,6 +12,7 @@ so the store works again once the cause is gone.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import json
 import os
@@ -28,10 +29,10 @@ from ..exceptions import (
 )
 from ..exceptions import IdempotentReplay
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .claimrules import ClaimRules
+from .claimrules import ClaimRules, fits, host_usage
 from .base import (
     ANY_TENANT, ClaimSteps, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_payload, event_task,
-    parse_counter,
+    owner_host, parse_counter,
 )
 from .base import Idempotency
 from .base import usage_fields
@@ -66,6 +67,18 @@ _READY_TASKS = "mpc_tasks INDEXED BY mpc_tasks_ready"
 #: The queued tasks waiting for a retry (the partial index ``mpc_tasks_delayed``).
 _DELAYED_SQL = "status = 'queued' AND retry_at IS NOT NULL"
 _SELECT_READY = f"SELECT {', '.join(_COLUMNS)} FROM {_READY_TASKS}"
+#: The ready queue by priority and tenant (the partial index ``mpc_tasks_ready_tenant``), for fair share.
+_READY_TENANT = "mpc_tasks INDEXED BY mpc_tasks_ready_tenant"
+#: The declared resources of every controller's active tasks (the partial index ``mpc_tasks_active_resources``).
+_ACTIVE_RESOURCES = (f"SELECT owner, resources FROM mpc_tasks INDEXED BY mpc_tasks_active_resources "
+                     f"WHERE resources IS NOT NULL AND status IN {_ACTIVE_SQL}")
+#: Whether the lowest priority of a controller's ready queue holds one tenant's tasks only (or none): then a
+#: claim without bounds takes the oldest, as fair share would (three index seeks, however long the queue).
+_ONE_TENANT_FIRST = (
+    f"SELECT (SELECT tenant FROM {_READY_TENANT} WHERE controller = ?1 AND {_READY_SQL} AND priority = r.priority "
+    f"ORDER BY tenant LIMIT 1) IS (SELECT tenant FROM {_READY_TENANT} WHERE controller = ?1 AND {_READY_SQL} "
+    f"AND priority = r.priority ORDER BY tenant DESC LIMIT 1) FROM (SELECT priority FROM {_READY_TASKS} "
+    f"WHERE controller = ?1 AND {_READY_SQL} ORDER BY priority, seq LIMIT 1) r")
 #: The tasks of one tenant: named indexes (without statistics SQLite may prefer the controller's own,
 #: and walk every tenant's tasks). ``tenant IS ?`` matches None too.
 _TENANT_TASKS = "mpc_tasks INDEXED BY mpc_tasks_tenant"
@@ -107,6 +120,90 @@ def _decode(values: Sequence[Any], columns: Sequence[str] = _COLUMNS) -> Row:
         if column in row:
             row[column] = bool(row[column])  # type: ignore[literal-required]
     return row
+
+
+def _choose(db: sqlite3.Connection, controller: str, rules: ClaimRules) -> Optional[int]:
+    """The ``seq`` of the ready task a claim with ``rules`` takes (see :mod:`.claimrules`), or None, read in the
+    claim's transaction.
+
+    The bounds count the controller's active tasks (as many as it runs: few); the host's usage sums the
+    resources of the active tasks that declare some (a partial index holds just those). Keys at their bound
+    and tenants held or at theirs are left out in the query; a task that does not fit is skipped, the next
+    one read. With fair share, each tenant waiting at the lowest priority value (found by skipping through the
+    index of the ready queue by tenant, one seek per tenant) offers its first eligible task, and the tenant
+    with the fewest active tasks wins (ties: the older task).
+    """
+    active = db.execute(f"SELECT tenant, concurrency_key FROM mpc_tasks WHERE controller = ? AND status IN "
+                        f"{_ACTIVE_SQL}", (controller,)).fetchall()
+    per_tenant = collections.Counter(tenant for tenant, _ in active)
+    per_key = collections.Counter(key for _, key in active if key is not None)
+    clauses, params = [], []
+    if rules.max_per_key is not None:
+        full_keys = [key for key, count in per_key.items() if count >= rules.max_per_key]
+        if full_keys:
+            clauses.append(f"(concurrency_key IS NULL OR concurrency_key NOT IN ({', '.join('?' * len(full_keys))}))")
+            params.extend(full_keys)
+    excluded = set(rules.held_tenants)
+    if rules.max_per_tenant is not None:
+        excluded.update(tenant for tenant, count in per_tenant.items()
+                        if tenant is not None and count >= rules.max_per_tenant)
+    capacity = None if rules.host is None else rules.capacity  # no host: no capacity to count against
+    used: dict[str, float] = {}
+    if capacity is not None:
+        used = host_usage({"resources": json.loads(resources)} for owner, resources in db.execute(_ACTIVE_RESOURCES)
+                          if owner and owner_host(owner) == rules.host)
+
+    def first_fit(sql: str, args: Sequence[Any]) -> Optional[int]:
+        """The seq of the first task ``sql`` reads (seq, resources) that fits the host."""
+        cursor = db.execute(sql, args)
+        try:
+            for seq, resources in cursor:
+                if capacity is None or fits(None if resources is None else json.loads(resources), used, capacity):
+                    return int(seq)
+            return None
+        finally:
+            cursor.close()
+
+    keys = "".join(f" AND {clause}" for clause in clauses)
+    if not rules.fair:
+        named = sorted(tenant for tenant in excluded if tenant is not None)
+        not_in = f"tenant NOT IN ({', '.join('?' * len(named))})"  # false for a NULL tenant too
+        tenants = (f" AND {not_in}" if None in excluded and named else " AND tenant IS NOT NULL" if None in excluded
+                   else f" AND (tenant IS NULL OR {not_in})" if named else "")
+        return first_fit(f"SELECT seq, resources FROM {_READY_TASKS} WHERE controller = ? AND {_READY_SQL}{tenants}"
+                         f"{keys} ORDER BY priority, seq", [controller, *named, *params])
+    priority: Optional[int] = None
+    while True:
+        after = "" if priority is None else " AND priority > ?"
+        found = db.execute(f"SELECT priority FROM {_READY_TASKS} WHERE controller = ? AND {_READY_SQL}{after} "
+                           "ORDER BY priority, seq LIMIT 1", [controller, *([] if priority is None else [priority])]
+                           ).fetchone()
+        if found is None:
+            return None
+        priority = int(found[0])
+        best: Optional[tuple[int, int]] = None
+        for tenant in _tenants_at(db, controller, priority):
+            if tenant in excluded:
+                continue
+            seq = first_fit(f"SELECT seq, resources FROM {_READY_TENANT} WHERE controller = ? AND {_READY_SQL} "
+                            f"AND priority = ? AND tenant IS ?{keys} ORDER BY seq", [controller, priority, tenant, *params])
+            if seq is not None and (best is None or (per_tenant[tenant], seq) < best):
+                best = (per_tenant[tenant], seq)
+        if best is not None:
+            return best[1]
+
+
+def _tenants_at(db: sqlite3.Connection, controller: str, priority: int) -> list[Optional[str]]:
+    """The tenants with ready tasks of the controller at ``priority``: one index seek per tenant (None first)."""
+    sql = f"SELECT tenant FROM {_READY_TENANT} WHERE controller = ? AND {_READY_SQL} AND priority = ?"
+    found: list[Optional[str]] = []
+    if db.execute(f"{sql} AND tenant IS NULL LIMIT 1", (controller, priority)).fetchone():
+        found.append(None)
+    row = db.execute(f"{sql} AND tenant IS NOT NULL ORDER BY tenant LIMIT 1", (controller, priority)).fetchone()
+    while row is not None:
+        found.append(row[0])
+        row = db.execute(f"{sql} AND tenant > ? ORDER BY tenant LIMIT 1", (controller, priority, row[0])).fetchone()
+    return found
 
 
 def _listed(values: Sequence[Any]) -> Row:
@@ -447,8 +544,9 @@ class SQLiteStore(ClaimSteps, TaskStore):
         # running all it may (slots of other processes compete for its places), needs no write lock.
         if not self._query(f"SELECT 1 WHERE ({_ACTIVE_COUNT}) < ? AND EXISTS (SELECT 1 FROM {_READY_TASKS} "
                            f"WHERE controller = ? AND {_READY_SQL} UNION ALL SELECT 1 FROM mpc_tasks "
-                           f"WHERE controller = ? AND {_DELAYED_SQL} AND retry_at <= ?)",
-                           (controller, max_running, controller, controller, time.time())):
+                           f"WHERE controller = ? AND {_DELAYED_SQL} AND retry_at <= ?) "
+                           "AND NOT EXISTS (SELECT 1 FROM mpc_drained_hosts WHERE host = ?)",
+                           (controller, max_running, controller, controller, time.time(), rules.host)):
             return None
         return self._group.run(lambda db: self._claim_in(db, controller, owner, max_running, process, rules))
 
@@ -461,10 +559,17 @@ class SQLiteStore(ClaimSteps, TaskStore):
         (running,) = db.execute(_ACTIVE_COUNT, (controller,)).fetchone()
         if running >= max_running:
             return None
-        found = db.execute(
-            f"{_SELECT_READY} WHERE controller = ? AND {_READY_SQL} "
-            "ORDER BY priority, seq LIMIT 1", (controller,),
-        ).fetchone()
+        if rules.host is not None and db.execute("SELECT 1 FROM mpc_drained_hosts WHERE host = ?",
+                                                 (rules.host,)).fetchone():
+            return None  # read here, in the claim's transaction: a drain is never missed
+        if rules.plain and (not rules.fair or (db.execute(_ONE_TENANT_FIRST, (controller,)).fetchone() or (1,))[0]):
+            found = db.execute(
+                f"{_SELECT_READY} WHERE controller = ? AND {_READY_SQL} "
+                "ORDER BY priority, seq LIMIT 1", (controller,),
+            ).fetchone()
+        else:
+            seq = _choose(db, controller, rules)
+            found = None if seq is None else db.execute(f"{_SELECT} WHERE seq = ?", (seq,)).fetchone()
         if found is None:
             return None
         row = _decode(found)

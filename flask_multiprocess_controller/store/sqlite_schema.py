@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from ..states import ACTIVE
 from .schema import ADDED, FIELDS, Encoding, Field
 
 #: The SQLite type of each encoding.
@@ -101,8 +102,13 @@ CREATE TABLE IF NOT EXISTS mpc_schedules (
 #: by an older version gets them (``ALTER TABLE``) when a store first opens it.
 ADDED_COLUMNS = {field.name: declaration(field) for field in ADDED}
 
+#: The statuses of the tasks that hold a slot, as SQL (the partial index of active tasks' resources matches it).
+ACTIVE_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(ACTIVE)) + ")"
+
 #: Indexes on the added columns, made once they exist. The ready queue holds the queued tasks that
 #: wait for no ``retry_at``; the delayed ones are found by time, so claims never scan past them.
+#: Claims with rules also read the ready queue by tenant within a priority (fair share: the tenants that
+#: wait, each one's oldest task), and the declared resources of the active tasks (a host's usage).
 #: The tenant indexes serve the lists, counts and stop-all of one tenant (newest first, or by status); the
 #: rerun index, the reruns of a task.
 ADDED_INDEXES = """
@@ -114,7 +120,11 @@ CREATE INDEX IF NOT EXISTS mpc_tasks_batch ON mpc_tasks (batch, seq) WHERE batch
 CREATE INDEX IF NOT EXISTS mpc_tasks_tenant ON mpc_tasks (controller, tenant, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_tenant_status ON mpc_tasks (controller, tenant, status, seq);
 CREATE INDEX IF NOT EXISTS mpc_tasks_rerun_of ON mpc_tasks (rerun_of, seq) WHERE rerun_of IS NOT NULL;
-"""
+CREATE INDEX IF NOT EXISTS mpc_tasks_ready_tenant ON mpc_tasks (controller, priority, tenant, seq)
+    WHERE status = 'queued' AND retry_at IS NULL;
+CREATE INDEX IF NOT EXISTS mpc_tasks_active_resources ON mpc_tasks (owner)
+    WHERE resources IS NOT NULL AND status IN ACTIVE_SQL;
+""".replace("ACTIVE_SQL", ACTIVE_SQL)
 
 
 #: Columns added to ``mpc_events`` (the task's tenant, for reads filtered by tenant; the bytes of its task,
