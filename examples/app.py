@@ -4,9 +4,11 @@ Run it with ``python examples/app.py`` (the dev server on http://127.0.0.1:5000,
 names: ``PORT=8080 python examples/app.py``; the dashboard is at http://127.0.0.1:5000/mpc/), or
 under gunicorn with ``gunicorn -w 2 -b 127.0.0.1:8000 --chdir examples app:app``.
 """
+import json
 import logging
 import math
 import os
+import secrets
 import time
 
 from flask import Flask
@@ -54,6 +56,8 @@ class PrimeCount(MetaMPTask, task_name="prime-count"):
             self.logger.info("finishing early: %d primes below %d", found, done_below)
             return {"limit": limit, "primes": found, "checked_below": done_below}
         self.logger.info("%d primes below %d", found, limit)
+        self.save_artifact("summary.json", json.dumps({"limit": limit, "primes": found}).encode(),
+                           content_type="application/json")  # GET /primes/<uuid>/artifacts/summary.json
         return {"limit": limit, "primes": found}
 
 
@@ -61,6 +65,25 @@ def _is_prime(n: int) -> bool:
     if n < 2:
         return False
     return all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def _instance_secret(folder: str) -> str:
+    """The secret kept in ``folder/secret-key``, made on first use (the first of several workers to get there
+    writes it; the others read it)."""
+    path = os.path.join(folder, "secret-key")
+    os.makedirs(folder, exist_ok=True)
+    try:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as made:
+            made.write(secrets.token_hex(32))
+    except FileExistsError:
+        pass
+    for _ in range(50):  # another worker may be writing it
+        with open(path) as kept:
+            secret = kept.read().strip()
+        if secret:
+            return secret
+        time.sleep(0.01)
+    raise RuntimeError(f"{path} is empty: delete it, or set SECRET_KEY.")
 
 
 class PrimeController(MetaMPController, controller_name="primes"):
@@ -75,8 +98,12 @@ primes = PrimeController(PrimeCount, max_num_process=2, max_num_queue=100, timeo
 # Run as a script, an app's instance folder would be the working directory's (Flask cannot find the package of
 # __main__); naming it keeps `python examples/app.py`, `flask --app app mpc ...` and cron jobs on one store.
 app = Flask(__name__, instance_path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance"))
+# Signs share links (POST /primes?share=3600): SECRET_KEY from the environment, else one kept in the instance
+# folder, so that every worker and restart signs alike.
+app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY") or _instance_secret(app.instance_path)
 api = Api(app)
-api.add_resource(MetaMPResource, "/primes", "/primes/<string:uuid>", resource_class_args=(primes,))
+# /primes, /primes/<uuid>, and /primes/<uuid>/artifacts[/<name>] for the files a task saved.
+api.add_resource(MetaMPResource, *MetaMPResource.urls("/primes"), resource_class_args=(primes,))
 mpc.init_app(app)  # tasks live in instance/mpc-tasks.sqlite3 unless MPC_STORE_URL says otherwise
 
 if __name__ == "__main__":
