@@ -7,7 +7,8 @@ once (so every lazy start-up path has run), waits for them to end and for the se
 measures over one window (``--window``, 30 s; 10 s with ``--quick``):
 
 - the CPU seconds per wall second (% of one core) of the serving processes with their fork servers,
-  in total and per serving process (the figure the target bounds), and of gunicorn's arbiter apart;
+  in total and per serving process (the figure the target bounds), and of gunicorn's arbiter apart
+  (summed over their threads' scheduler times, to the nanosecond: an idle process uses few clock ticks);
 - their wake-ups per second (context switches of all their threads), which say the same as the CPU
   figure with far less noise on a busy machine;
 - for Redis and PostgreSQL, the store server's own CPU over the window.
@@ -76,12 +77,29 @@ def _roles(server: Server) -> dict[str, list[psutil.Process]]:
     return {"serving": [server.root, *server.root.children()], "arbiter": []}
 
 
+def _cpu(proc: psutil.Process) -> float:
+    """CPU seconds so far of the live threads of ``proc``, to the nanosecond (/proc/<pid>/task/*/schedstat):
+    the clock-tick figures of ``cpu_times()`` are too coarse for an idle process over one window."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{proc.pid}/task")
+    except OSError:
+        times = proc.cpu_times()
+        return times.user + times.system
+    for tid in tasks:
+        try:
+            with open(f"/proc/{proc.pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
 def _sample(procs: Sequence[psutil.Process]) -> tuple[float, int]:
     cpu, switches = 0.0, 0
     for proc in procs:
         try:
-            times = proc.cpu_times()
-            cpu += times.user + times.system
+            cpu += _cpu(proc)
             switches += _wakeups(proc)
         except psutil.Error:
             continue
