@@ -105,6 +105,13 @@ STORE_RETRY_MIN = 0.1
 STORE_RETRY_MAX = 5.0
 #: Seconds a change-feed reader blocks per read (it looks at its stop flag in between).
 FEED_WAIT = 0.25
+#: Seconds one read of a runtime's change-feed follower blocks when nothing happens: it sleeps until
+#: another process writes an event (its stop interrupts the read), so an idle serving process costs nothing.
+FEED_FOLLOW_WAIT = 60.0
+#: Seconds between two looks at a SQLite store that a blocked ``changes()`` makes even though the file
+#: watch (inotify) said nothing changed: a safety net; without a file watch it looks every
+#: ``FEED_POLL_INTERVAL``.
+FEED_FALLBACK_POLL = 1.0
 #: Seconds an unacknowledged callback of a dead serving process waits before a survivor delivers it.
 CALLBACK_ORPHAN_AGE = 2.0
 #: Callback deliveries waiting at most; past it new ones are dropped (and stay unacknowledged).

@@ -14,7 +14,7 @@ import threading
 from typing import Callable, Optional
 
 from .. import defaults
-from ..events import Event
+from ..events import Changes, Event
 from ..exceptions import StoreError
 from .retrier import GaveUp, Retrier
 from ..store import TaskStore
@@ -23,6 +23,8 @@ Subscriber = Callable[[Event], None]
 
 #: Cursors of events this process dispatched itself, remembered so the feed does not repeat them.
 _RECENT = 4096
+#: Seconds between two interruptions of the follower's wait while it is being stopped.
+_STOP_LOOK = 0.05
 
 
 class EventHub:
@@ -108,7 +110,7 @@ class EventHub:
     def _follow(self) -> None:
         while not self._stop.is_set():
             try:
-                self.step(defaults.FEED_WAIT)
+                self.step(defaults.FEED_FOLLOW_WAIT)
             except GaveUp:
                 return
 
@@ -130,20 +132,29 @@ class EventHub:
             pass
 
     def _read(self, wait: float) -> None:
-        with self._reading:
+        if wait > 0:
+            # The wait holds no lock, so that catch_up() reads at once. When it read meanwhile, what was
+            # found here is dropped: the next read starts where catch_up() got (and finds the rest at once).
             cursor = self._cursor
-            if wait > 0:
-                changes = self._retrier.call("reading the change feed", lambda: self.store.changes(cursor, wait, foreign_only=True))
-            else:
-                changes = self.store.changes(cursor, 0.0)
-            self._cursor = changes.cursor
-            if changes.reset:
-                self._logger.warning("Task events were pruned before this process read them; "
-                                     "re-reading the current state.")
-                self._on_reset()
-            for event in changes.events:
-                if event["controller"] == self.controller and not self._seen_here(event["cursor"]):
-                    self._dispatch(event, self._subscribers)
+            changes = self._retrier.call("reading the change feed",
+                                         lambda: self.store.changes(cursor, wait, foreign_only=True))
+            with self._reading:
+                if self._cursor == cursor:
+                    self._take(changes)
+            return
+        with self._reading:
+            self._take(self.store.changes(self._cursor, 0.0))
+
+    def _take(self, changes: Changes) -> None:
+        """Move past ``changes`` and dispatch them (the caller holds ``_reading``)."""
+        self._cursor = changes.cursor
+        if changes.reset:
+            self._logger.warning("Task events were pruned before this process read them; "
+                                 "re-reading the current state.")
+            self._on_reset()
+        for event in changes.events:
+            if event["controller"] == self.controller and not self._seen_here(event["cursor"]):
+                self._dispatch(event, self._subscribers)
 
     def lag(self, own: Optional[str] = None) -> Optional[float]:
         """Seconds this process's follower is behind the store's change feed, for ``<prefix>/metrics``.
@@ -171,9 +182,14 @@ class EventHub:
         return max(0.0, self.store.now() - oldest["at"])
 
     def stop(self) -> None:
-        """Stop following the feed (waits at most one feed read)."""
+        """Stop following the feed: the follower's wait is interrupted, and the thread joined."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            while self._thread.is_alive():  # again, in case the follower was not waiting yet
+                try:
+                    self.store.interrupt_waits()
+                except StoreError:  # the store is down: the follower gives up at its next retry
+                    pass
+                self._thread.join(_STOP_LOOK)
             self._thread = None
         self._following = False

@@ -708,14 +708,32 @@ class TaskStore(abc.ABC):
         if since is None:
             return Changes([], self.latest_cursor(), False)
         deadline = time.monotonic() + max(0.0, timeout)
+        interrupts = self._interrupts
         cursor = since
         while True:
             found = self._changes(cursor, limit, tenant, max_bytes)
             remaining = deadline - time.monotonic()
-            if found.events or found.reset or remaining <= 0:
+            if found.events or found.reset or remaining <= 0 or self._interrupts != interrupts:
                 return found
             cursor = found.cursor  # past the events another tenant's filter left out
             self._wait_for_changes(cursor, remaining, foreign_only)
+
+    #: How many times :meth:`interrupt_waits` was called on this store object.
+    _interrupts: int = 0
+
+    def interrupt_waits(self) -> None:
+        """Make every :meth:`changes` of this process blocked on this store return now, with what it found.
+
+        A reader that waits long (a runtime's follower sleeps until something happens) is told to stop
+        this way: it sets its own stop flag, then interrupts. Other waiting readers return early too,
+        with no events, and wait again.
+        """
+        self._interrupts += 1
+        self._wake_waits()
+
+    def _wake_waits(self) -> None:
+        """Wake the waits of :meth:`_wait_for_changes` blocked now, so that they see the interruption
+        (each store blocks its own way; a wait that is short anyway need not be woken)."""
 
     @abc.abstractmethod
     def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None) -> Changes:
@@ -726,6 +744,7 @@ class TaskStore(abc.ABC):
         """Return once there may be events after ``since`` (a valid cursor), or after ``timeout`` seconds.
 
         With ``foreign_only``, waking for this process's own writes is optional (see :meth:`changes`).
+        A wait that may block long must also return once :meth:`interrupt_waits` is called.
         """
 
     @abc.abstractmethod

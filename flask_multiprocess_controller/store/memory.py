@@ -559,8 +559,14 @@ class MemoryStore(TaskStore):
 
     def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
         after = parse_counter(since)
+        interrupts = self._interrupts
         with self._lock:
-            self._lock.wait_for(lambda: after is None or self._last_cursor > after, timeout)
+            self._lock.wait_for(lambda: after is None or self._last_cursor > after or self._interrupts != interrupts,
+                                timeout)
+
+    def _wake_waits(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
 
     def latest_cursor(self) -> str:
         with self._lock:

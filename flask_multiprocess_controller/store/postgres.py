@@ -90,9 +90,9 @@ _MAX_IDLE_CONNECTIONS = 8
 #: Connections a forked process inherited from its parent: never used, never closed (closing would end the
 #: parent's session), and kept referenced so that no finaliser touches them.
 _INHERITED: list[Any] = []
-#: Seconds a waiting follower sleeps at most between looks when no notification comes (the listener may be
-#: reconnecting after a restart of the server).
-_WAIT_POLL = 1.0
+#: Seconds a waiting follower sleeps at most between looks when no notification comes (a safety net: the
+#: listener wakes every waiter at each notification and after each reconnection, which may have missed some).
+_WAIT_POLL = 5.0
 
 
 def tenant_text(tenant: Optional[str]) -> Optional[str]:
@@ -908,6 +908,7 @@ class PostgresStore(ClaimSteps, TaskStore):
     def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
         after = parse_counter(since)
         deadline = time.monotonic() + timeout
+        interrupts = self._interrupts
         self._ensure_listener()
         while True:
             with self._committed:
@@ -915,7 +916,7 @@ class PostgresStore(ClaimSteps, TaskStore):
             if after is None or int(self.latest_cursor()) > after:
                 return
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._interrupts != interrupts:
                 return
             with self._committed:
                 self._committed.wait_for(lambda: self._generation != generation, min(_WAIT_POLL, remaining))
@@ -926,6 +927,9 @@ class PostgresStore(ClaimSteps, TaskStore):
             if self._listening_pid != os.getpid():
                 self._listening_pid = os.getpid()
                 pglisten.subscribe(self.url, self._channel, id(self), self._woken, self._open)
+
+    def _wake_waits(self) -> None:
+        self._woken()
 
     def _woken(self) -> None:
         with self._committed:

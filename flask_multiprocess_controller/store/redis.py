@@ -49,7 +49,9 @@ import contextlib
 import functools
 import heapq
 import json
+import os
 import re
+import uuid
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, cast
 
 from .. import defaults
@@ -90,6 +92,8 @@ _LISTED_COLUMNS = ("uuid", *(c for c in _COLUMNS if c != "uuid" and c not in EVE
 
 #: Seconds one ``XREAD BLOCK`` of a waiting ``changes()`` lasts at most (it waits in several if longer).
 _FEED_BLOCK_MAX = 10.0
+#: Seconds a wake stream (see ``_wake_key``) outlives its last wake.
+_WAKE_TTL = 60
 #: Tasks one purge script deletes, so that the server is never busy for long.
 _PURGE_BATCH = 500
 #: Ended tasks read per round trip by ``ended_counts``.
@@ -292,6 +296,8 @@ class RedisStore(TaskStore):
         # Waiting ``changes()`` calls block on connections of their own, which need a socket
         # timeout above the longest block; the client's pools are thread-safe.
         self._feed = redis.Redis.from_url(url, socket_timeout=_FEED_BLOCK_MAX + 5.0)
+        self._wake_pid = 0
+        self._wake_name = ""
         try:
             self._redis.ping()
         except redis.RedisError as exc:
@@ -565,7 +571,21 @@ class RedisStore(TaskStore):
     @_guarded
     def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
         block = max(1, int(min(timeout, _FEED_BLOCK_MAX) * 1000))
-        self._feed.xread({self._key("events"): since}, count=1, block=block)
+        # The wake stream of this process ends the block when interrupt_waits() adds to it.
+        self._feed.xread({self._key("events"): since, self._wake_key(): "$"}, count=1, block=block)
+
+    def _wake_key(self) -> str:
+        """This process's wake stream for this store object: one entry ends the blocked reads of the feed."""
+        if self._wake_pid != os.getpid():
+            self._wake_pid, self._wake_name = os.getpid(), self._key("wake", uuid.uuid4().hex)
+        return self._wake_name
+
+    @_guarded
+    def _wake_waits(self) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self._wake_key(), {"wake": "1"}, maxlen=1, approximate=False)
+        pipe.expire(self._wake_key(), _WAKE_TTL)
+        pipe.execute()
 
     @_guarded
     def latest_cursor(self) -> str:

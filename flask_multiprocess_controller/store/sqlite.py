@@ -38,6 +38,8 @@ from .base import Idempotency
 from .base import usage_fields
 from .base import ProgressWrite
 from .base import Timing
+from . import filewatch
+from .filewatch import FileWatch
 from .groupcommit import GroupCommit
 from .sqlite_schema import SCHEMA, add_missing_columns, upgrade_feed
 from .schema import COLUMNS as _COLUMNS, EVENT_HIDDEN, Encoding, columns_encoded, event_columns
@@ -294,6 +296,12 @@ class SQLiteStore(ClaimSteps, TaskStore):
         # on it at once, and polls for the commits of other objects and processes.
         self._committed = threading.Condition()
         self._generation = 0
+        # Guards _watch and _watch_tried: this process's watch of the database's files (see _file_watch).
+        self._watch_lock = threading.Lock()
+        self._watch: Optional[FileWatch] = None
+        self._watch_tried = False
+        #: When a follower's wait (``foreign_only``) last returned (monotonic clock).
+        self._followed_at = 0.0
         #: The writes of a task's life that slots make together (claims, starts, progress, ends) share commits.
         self._group = GroupCommit(self._transaction, self._error)
         try:
@@ -859,15 +867,42 @@ class SQLiteStore(ClaimSteps, TaskStore):
             return Changes(events, str(latest), False)  # every event up to the latest was looked at
         return Changes(events, events[-1]["cursor"] if events else since, False)
 
+    def _file_watch(self) -> Optional[FileWatch]:
+        """This process's watch of the database's files (made at the first wait), or None: polling."""
+        with self._watch_lock:
+            if self._watch is not None and (self._watch.pid != os.getpid() or self._watch.broken):
+                if self._watch.pid == os.getpid():
+                    self._watch.close()
+                self._watch = None
+                self._watch_tried = False
+            if self._watch is None and not self._watch_tried:
+                self._watch_tried = True  # once per process: without inotify, the store polls
+                self._watch = filewatch.watch(self.path)
+            return self._watch
+
+    def _wake_waits(self) -> None:
+        with self._committed:
+            self._generation += 1
+            self._committed.notify_all()
+        with self._watch_lock:
+            found = self._watch
+        if found is not None and found.pid == os.getpid():
+            found.wake()
+
     def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
         after = parse_counter(since)
         deadline = time.monotonic() + timeout
+        found = self._file_watch()
+        if found is not None:
+            self._wait_watching(found, after, deadline, foreign_only)
+            return
+        interrupts = self._interrupts
         if foreign_only:
             # Other processes' commits are seen by looking, every poll interval; this process's
             # own commits need not wake the caller, so a burst of them costs one look per interval.
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._interrupts != interrupts:
                     return
                 time.sleep(min(defaults.FEED_POLL_INTERVAL, remaining))
                 if after is None or int(self.latest_cursor()) > after:
@@ -878,11 +913,36 @@ class SQLiteStore(ClaimSteps, TaskStore):
             if after is None or int(self.latest_cursor()) > after:
                 return
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._interrupts != interrupts:
                 return
             with self._committed:
                 self._committed.wait_for(lambda: self._generation != generation,
                                          min(defaults.FEED_POLL_INTERVAL, remaining))
+
+    def _wait_watching(self, found: FileWatch, after: Optional[int], deadline: float, foreign_only: bool) -> None:
+        """:meth:`_wait_for_changes` asleep until a commit of any process changes the database's files.
+
+        A follower (``foreign_only``) looks at most once per ``FEED_POLL_INTERVAL`` during a burst of
+        commits, as when it polled, but at once after a quiet spell; the watch is checked by a look
+        every ``FEED_FALLBACK_POLL`` seconds anyway.
+        """
+        interrupts = self._interrupts
+        if foreign_only:
+            pause = self._followed_at + defaults.FEED_POLL_INTERVAL - time.monotonic()
+            if pause > 0:
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        try:
+            while self._interrupts == interrupts:
+                seen = found.generation
+                if after is None or int(self.latest_cursor()) > after:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or found.broken:
+                    return
+                found.wait(seen, min(defaults.FEED_FALLBACK_POLL, remaining), time.monotonic)
+        finally:
+            if foreign_only:
+                self._followed_at = time.monotonic()
 
     def latest_cursor(self) -> str:
         with self._connection() as db:
@@ -1028,6 +1088,10 @@ class SQLiteStore(ClaimSteps, TaskStore):
         if ours:
             for conn in idle:
                 conn.close()
+        with self._watch_lock:
+            found, self._watch, self._watch_tried = self._watch, None, False
+        if found is not None and found.pid == os.getpid():
+            found.close()
 
     def _make_logbook(self) -> "LogBook":
         from .logbook import SQLiteLogBook

@@ -1,0 +1,83 @@
+"""An idle reader of the change feed sleeps: SQLite's file watch wakes it on a change of the database's
+files only, and ``interrupt_waits()`` ends a long wait of any store."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+
+from flask_multiprocess_controller.events import Changes
+from flask_multiprocess_controller.store import MemoryStore, SQLiteStore
+from flask_multiprocess_controller.store import filewatch
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+
+
+@linux_only
+def test_the_file_watch_wakes_on_the_database_files_only(tmp_path) -> None:
+    db = tmp_path / "tasks.sqlite3"
+    watch = filewatch.watch(str(db))
+    assert watch is not None
+    try:
+        seen = watch.generation
+        (tmp_path / "unrelated.log").write_text("noise")
+        assert watch.wait(seen, 0.2, time.monotonic) == seen  # another file of the directory: still asleep
+        writer = threading.Timer(0.05, lambda: (tmp_path / "tasks.sqlite3-wal").write_bytes(b"frame"))
+        writer.start()
+        try:
+            assert watch.wait(seen, 30.0, time.monotonic) != seen  # a commit writes the -wal file
+        finally:
+            writer.join()
+        seen = watch.generation
+        watch.wake()
+        assert watch.wait(seen, 30.0, time.monotonic) != seen
+    finally:
+        watch.close()
+    assert watch.broken
+
+
+@linux_only
+def test_a_waiting_sqlite_reader_wakes_on_another_store_objects_commit(tmp_path) -> None:
+    # Two store objects on one file share no condition: only the file's change can wake the reader
+    # (besides its safety look), as for a reader in another process.
+    path = str(tmp_path / "tasks.sqlite3")
+    reader, writer = SQLiteStore(path), SQLiteStore(path)
+    try:
+        cursor = reader.latest_cursor()
+        row = {"uuid": "u-1", "controller": "ctl", "status": "queued", "priority": 0, "args": {},
+               "created_at": time.time(), "attempt": 0, "stop_requested": False}
+        later = threading.Timer(0.1, lambda: writer.enqueue([dict(row)], -1))
+        later.start()
+        try:
+            changes = reader.changes(cursor, 30.0, foreign_only=True)
+        finally:
+            later.join()
+        assert [e["uuid"] for e in changes.events] == ["u-1"]
+        assert reader._watch is not None and not reader._watch.broken  # it slept on the watch, not polling
+    finally:
+        reader.close()
+        writer.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+def test_interrupt_waits_ends_a_long_wait(tmp_path, request, kind: str) -> None:
+    if kind == "redis":
+        from flask_multiprocess_controller.store.redis import RedisStore
+
+        store = RedisStore(request.getfixturevalue("redis_url"))
+    else:
+        store = MemoryStore() if kind == "memory" else SQLiteStore(str(tmp_path / "tasks.sqlite3"))
+    found: list[Changes] = []
+    cursor = store.latest_cursor()
+    reader = threading.Thread(target=lambda: found.append(store.changes(cursor, 60.0, foreign_only=True)))
+    reader.start()
+    try:
+        while reader.is_alive():  # interrupted again, in case it was not waiting yet
+            store.interrupt_waits()
+            reader.join(0.05)
+        assert found == [Changes([], cursor, False)]
+    finally:
+        reader.join()
+        store.close()
