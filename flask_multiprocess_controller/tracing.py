@@ -69,14 +69,16 @@ def trace_id(traceparent: Optional[str]) -> Optional[str]:
 #: Set once an import of ``opentelemetry`` failed: every submission asks, and a failing import searches the
 #: whole ``sys.path`` each time. It is tried again only once something else has imported the package.
 _missing = False
+#: ``opentelemetry.trace`` once an import of it completed (a module another thread is still importing is in
+#: ``sys.modules`` half made: only the import statement waits for it).
+_trace: Any = None
 
 
 def _otel() -> Any:
     """``opentelemetry.trace``, or None when ``opentelemetry-api`` is not installed."""
-    global _missing
-    trace = sys.modules.get("opentelemetry.trace")
-    if trace is not None:  # imported already: no import machinery on every submission
-        return trace
+    global _missing, _trace
+    if _trace is not None:  # imported already: no import machinery on every submission
+        return _trace
     if _missing and sys.modules.get("opentelemetry") is None:
         return None
     try:
@@ -84,6 +86,7 @@ def _otel() -> Any:
     except ImportError:
         _missing = True
         return None
+    _trace = trace
     return trace
 
 

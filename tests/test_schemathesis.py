@@ -131,7 +131,8 @@ def test_no_server_error_on_any_operator_url_or_the_example_resource(example: An
 
     # Every URL the app serves under the prefix, and the example's resource, is in the document.
     templates = {rule.rule.replace("<uuid>", "{uuid}").replace("<path:host>", "{host}")
-                 .replace("<string:uuid>", "{uuid}").replace("<name>", "{name}") for rule in app.url_map.iter_rules()
+                 .replace("<string:uuid>", "{uuid}").replace("<name>", "{name}").replace("<path:name>", "{name}")
+                 for rule in app.url_map.iter_rules()
                  if rule.endpoint != "static"}
     assert templates - set(document["paths"]) == set(), "URLs the test does not call"
 

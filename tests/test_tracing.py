@@ -14,7 +14,7 @@ from flask import Flask
 from flask_restful import Api
 from test_lifecycle import Receiver
 
-from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask
+from flask_multiprocess_controller import MetaMPController, MetaMPResource, MetaMPTask, tracing
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -164,6 +164,7 @@ def test_without_opentelemetry_the_header_is_kept_and_nothing_breaks(make_contro
     for name in [m for m in sys.modules if m == "opentelemetry" or m.startswith("opentelemetry.")]:
         monkeypatch.setitem(sys.modules, name, None)  # every import of it now fails
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
+    monkeypatch.setattr(tracing, "_trace", None)  # as in a process where it never was importable
     controller = make_controller(Traced)
     client = _client(controller)
     task = client.post("/traced?wait=20", json={"x": 1}, headers={"traceparent": TRACEPARENT}).get_json()

@@ -51,7 +51,7 @@ import heapq
 import json
 import os
 import re
-import uuid
+import uuid as uuid_module
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, cast
 
 from .. import defaults
@@ -577,7 +577,7 @@ class RedisStore(TaskStore):
     def _wake_key(self) -> str:
         """This process's wake stream for this store object: one entry ends the blocked reads of the feed."""
         if self._wake_pid != os.getpid():
-            self._wake_pid, self._wake_name = os.getpid(), self._key("wake", uuid.uuid4().hex)
+            self._wake_pid, self._wake_name = os.getpid(), self._key("wake", uuid_module.uuid4().hex)
         return self._wake_name
 
     @_guarded
