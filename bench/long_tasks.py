@@ -16,8 +16,8 @@ slots (``max_num_process`` across the four serving processes; Celery: one worker
   Flask endpoint reading ``AsyncResult`` (``state``, then ``info``).
 
 Every task is POSTed first; the measured window starts once the last POST is answered and ends when the
-last task is seen ended. During it a poller GETs the tasks that run (a task seen queued is asked again a
-second later), ``--poll-rate`` GETs a second, in phases of ``--phase`` seconds that come in pairs, one of
+last task is seen ended. During it a poller GETs the tasks that run (a task seen queued is asked again
+3 s later), ``--poll-rate`` GETs a second, in phases of ``--phase`` seconds that come in pairs, one of
 each kind in a random order (``--seed``): in a *reading* phase it polls, in a *quiet* phase it sends
 nothing. So the CPU of the quiet phases is what babysitting the tasks costs alone, and that of the reading
 phases adds a steady, equal read load in every row; the random order keeps the bursts of work when a wave
@@ -74,8 +74,8 @@ ROWS = {
 TERMINAL = frozenset({"succeeded", "failed", "stopped", "timed_out", "lost", "SUCCESS", "FAILURE", "REVOKED"})
 QUEUED = frozenset({"queued", "PENDING"})
 SUCCEEDED = frozenset({"succeeded", "SUCCESS"})
-#: Seconds before a task seen queued is asked again.
-QUEUED_RECHECK = 1.0
+#: Seconds before a task seen queued is asked again (so that most GETs go to running tasks).
+QUEUED_RECHECK = 3.0
 HTTP_TIMEOUT = 30.0
 STEP_TIMEOUT = 60.0
 #: Seconds the servers get to become quiet after they start, before the tasks are posted.
@@ -332,16 +332,27 @@ def make_row(key: str, workdir: Path, args: argparse.Namespace) -> Row:
 # -- the measurement ---------------------------------------------------------------------------------------
 
 
+def _session() -> Any:
+    """A requests session whose GETs are sent again when the server closed an idle keep-alive connection
+    just as the request went out (gunicorn closes them after 2 s; a GET is safe to repeat)."""
+    import requests
+    from urllib3.util.retry import Retry
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(max_retries=Retry(total=3, status=0, backoff_factor=0,
+                                                               allowed_methods=frozenset({"GET"})))
+    session.mount("http://", adapter)
+    return session
+
+
 class Poller(threading.Thread):
     """GETs the tasks, ``rate`` a second while ``reading`` is set, running ones round robin (a task seen
     queued is asked again :data:`QUEUED_RECHECK` s later), and records each running task's progress age."""
 
     def __init__(self, base_url: str, uuids: list[str], rate: float, connections: int) -> None:
         super().__init__(name="long-tasks-poller", daemon=True)
-        import requests
         # One keep-alive connection stays with one gunicorn worker: a few, used in turn, spread the reads
         # over the workers as many clients would.
-        self.sessions = [requests.Session() for _ in range(max(1, connections))]
+        self.sessions = [_session() for _ in range(max(1, connections))]
         self.base_url = base_url
         self.period = 1.0 / rate
         self.reading = threading.Event()
@@ -454,7 +465,8 @@ def measure(row: Row, args: argparse.Namespace) -> dict:
     if poller.error is not None:
         raise poller.error
     window = time.monotonic() - began
-    ended = {uuid: session.get(f"{row.base_url}/{uuid}", timeout=HTTP_TIMEOUT).json().get("status")
+    reader = _session()
+    ended = {uuid: reader.get(f"{row.base_url}/{uuid}", timeout=HTTP_TIMEOUT).json().get("status")
              for uuid in uuids}
     figures: dict[str, Any] = {"window_s": round(window, 2), "gets": poller.gets,
                                "ended_ok": sum(status in SUCCEEDED for status in ended.values()),
