@@ -318,8 +318,19 @@ def _ratios(outcomes: dict[str, dict]) -> list[str]:
     return lines
 
 
-def markdown(run: dict) -> str:
-    """The report of one run."""
+def long_tasks(out: Path) -> Optional[dict]:
+    """The long-task workload's figures (``bench/long_tasks.py``) in the results folder ``out``, if it ran."""
+    path = out / "long_tasks.json"
+    if not path.exists():
+        return None
+    import json
+    return json.loads(path.read_text())
+
+
+def markdown(run: dict, long_tasks: Optional[dict] = None) -> str:
+    """The report of one run; the long-task workload's table first when its figures are given (it is the
+    workload this project is for)."""
+    from bench.long_tasks import table as long_tasks_table
     outcomes = {o["peer"]: o for o in run["outcomes"]}
     listed = list(outcomes.values())
     m = run["machine"]
@@ -329,6 +340,7 @@ def markdown(run: dict) -> str:
         f"workload after a warm-up run; memory and stored-task figures are single runs). "
         f"Every figure is the median, with the lowest and highest run in brackets.", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, Linux {m['kernel']}, Python {m['python']}.", "",
+        *([*long_tasks_table(long_tasks), "", "## Short tasks", ""] if long_tasks else []),
         "Every peer runs the same trivial task (`return x + y`) with a concurrency of 2. "
         "Workloads: burst = {burst_tasks} tasks submitted by {burst_threads} client threads, each then fetching "
         "its results; sequential = submit one task and wait for its result, {sequential} times; dispatch = submit → "

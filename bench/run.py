@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.report_only:
         run = json.loads((args.out / "latest.json").read_text())
-        (args.out / "latest.md").write_text(report.markdown(run))
+        (args.out / "latest.md").write_text(report.markdown(run, report.long_tasks(args.out)))
         report.chart(run, args.out / "latest.png")
         return 0
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(run, indent=1))
-    (args.out / "latest.md").write_text(report.markdown(run))
+    (args.out / "latest.md").write_text(report.markdown(run, report.long_tasks(args.out)))
     charted = report.chart(run, args.out / "latest.png")
     print(f"Wrote {args.out / 'latest.md'}" + (" and latest.png" if charted else " (no chart: matplotlib is missing)")
           + f" in {run['seconds']:.0f} s.")

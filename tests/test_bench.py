@@ -1,5 +1,5 @@
-"""The benchmark harness runs end to end on a tiny workload and writes its report; so does the
-cross-host benchmark, ``bench/cross_host.py``.
+"""The benchmark harness runs end to end on a tiny workload and writes its report; so do the
+cross-host benchmark, ``bench/cross_host.py``, and the long-task workload, ``bench/long_tasks.py``.
 
 Only the floors and this project's own rows are run here, so the test install needs none of the
 peers' packages (Celery, RQ, matplotlib and restful-functions come with the ``bench`` extra, the upstream
@@ -131,6 +131,37 @@ def test_the_cross_host_benchmark_gives_every_figure_and_leaves_nothing(tmp_path
     assert "10 idle /mpc/events streams on the dev server" in table
     assert "PostgreSQL: GET ?wait= held on host B" in table and "PostgreSQL: DELETE sent to host B" in table
     assert table.count(" met") + table.count(" MISSED") == 7, table
+
+
+LONG_TASK_FIGURES = {"cpu_all_web_tier_pct", "cpu_quiet_web_tier_pct", "cpu_reading_web_tier_pct",
+                     "cpu_quiet_serving_pct", "cpu_quiet_fork_server_pct", "cpu_all_tasks_pct",
+                     "progress_age_p50_ms", "progress_age_p99_ms", "rss_serving_mib", "rss_fork_server_mib"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_the_long_task_benchmark_measures_the_web_tier_and_opens_the_report(tmp_path):
+    marker = uuid.uuid4().hex
+    (tmp_path / "latest.json").write_text((REPO / "bench" / "results" / "latest.json").read_text())
+    completed = subprocess.run(
+        [sys.executable, "bench/long_tasks.py", "--no-setup", "--rows", "sqlite", "--tasks", "3", "--seconds", "1.5",
+         "--slots", "2", "--workers", "1", "--phase", "0.25", "--poll-rate", "20", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=75, env={**os.environ, "MPC_BENCH_SMOKE": marker},
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert _processes_with(marker) == [], "the benchmark left processes behind"
+    run = json.loads((tmp_path / "long_tasks.json").read_text())
+    (row,) = run["rows"]
+    assert not row.get("error"), row
+    figures = row["figures"]
+    assert LONG_TASK_FIGURES <= set(figures), sorted(figures)
+    assert figures["ended_ok"] == 3 and figures["progress_samples"] > 0, figures
+    assert 0 < figures["progress_age_p50_ms"] <= figures["progress_age_p99_ms"], figures
+    assert figures["rss_serving_mib"] > 0 and figures["quiet_s"] > 0 and figures["reading_s"] > 0, figures
+    # The long-task table comes first in the main report, written again from its latest.json.
+    headings = [line for line in (tmp_path / "latest.md").read_text().splitlines() if line.startswith("## ")]
+    assert headings[0] == "## Long tasks: what the web tier pays to babysit them", headings[:3]
+    assert "| this project, SQLite store |" in (tmp_path / "long_tasks.md").read_text()
 
 
 SCALE_OUT_FIGURES = {"tasks_per_s", "claim_p50_ms", "claim_p99_ms", "redis_cpu_ms_per_task", "redis_calls_per_task",
