@@ -5,7 +5,8 @@ text it is given as its progress, logs it, waits until the file ``gate`` exists 
 requests) and fails with that text when asked: what a hostile client or task may write, for the
 tests that check the page shows it as text. The ``flaky`` controller's task fails on each of its
 two attempts (retry history), and has a schedule. The ``resumes`` controller's task saves a state and
-fails on its first attempt, and returns the state it resumed from on its second.
+fails on its first attempt, and returns the state it resumed from on its second. The ``keyed`` controller runs
+the echo task one per ``text`` at a time (``concurrency_key="text"``, ``max_per_key=1``).
 """
 from __future__ import annotations
 
@@ -84,6 +85,15 @@ example.api.add_resource(MetaMPResource, "/flaky", "/flaky/<string:uuid>", endpo
 resumes = ResumesController(Resumes, max_num_process=1)
 example.api.add_resource(MetaMPResource, "/resumes", "/resumes/<string:uuid>", endpoint="resumes",
                          resource_class_args=(resumes,))
+
+
+class KeyedController(MetaMPController, controller_name="keyed"):
+    pass
+
+
+keyed = KeyedController(Echo, max_num_process=2, stop_grace=1, concurrency_key="text", max_per_key=1)
+example.api.add_resource(MetaMPResource, "/keyed", "/keyed/<string:uuid>", endpoint="keyed",
+                         resource_class_args=(keyed,))
 
 if __name__ == "__main__":
     app.run(host="127.0.0.1", port=int(os.environ["PORT"]), threaded=True)

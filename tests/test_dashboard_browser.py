@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from conftest import free_port
-from serverproc import Server, ServerPool, python
+from serverproc import Server, ServerPool, poll_until, python
 
 APP = Path(__file__).resolve().parent / "dashboard_app.py"
 #: Milliseconds the page gets to show what a test waits for.
@@ -246,6 +246,21 @@ def test_the_task_page_shows_why_a_task_waits_and_what_a_running_one_uses(page: 
     page.wait_for_selector(f"{cpu}:has-text('s (so far)')")
     assert re.fullmatch(r"[0-9]+\.[0-9]{2} s \(so far\)", page.inner_text(cpu)), page.inner_text(cpu)
     assert page.inner_text("#task-status") == "running"
+
+
+def test_the_task_page_shows_the_limit_a_held_task_waits_on(page: Any, server: Server, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    running = submit(server, "/keyed", text="acct-7", gate=str(gate))
+    poll_until(lambda: requests.get(f"{server.base}/keyed/{running}", timeout=10).json()["status"],
+               lambda status: status == "running", 20)
+    held = submit(server, "/keyed", text="acct-7")  # a place is free, but not for its key
+    page.goto(server.base + f"/mpc/#/tasks/{held}")
+    page.wait_for_selector("#task-status.status-queued")
+    waiting = "#task-fields div:has(dt:text-is('Waiting on')) dd"
+    page.wait_for_selector(f"{waiting}:text-matches('^key: ')")
+    assert page.inner_text(waiting) == "key: a running task of its concurrency key to end (max_per_key) (acct-7)"
+    gate.touch()
+    page.wait_for_selector("#task-status.status-succeeded")  # it starts once the other ended
 
 
 def test_a_stream_that_ends_normally_reconnects_without_showing_disconnected(page: Any, pool: ServerPool,
