@@ -19,6 +19,9 @@ PROGRESS_INTERVAL = 0.25
 PROGRESS_FLUSH = 0.2
 #: The environment variable of the progress flush interval (the app's ``MPC_PROGRESS_FLUSH`` wins).
 PROGRESS_FLUSH_ENV = "MPC_PROGRESS_FLUSH"
+#: Seconds between two progress messages a task process sends at least: the latest value wins meanwhile
+#: (it sends them at the flush interval, ``PROGRESS_FLUSH``, when that is longer).
+PUBLISH_INTERVAL = 0.05
 #: Seconds between two samples of a running task's process tree (memory, CPU).
 SAMPLE_INTERVAL = 0.5
 #: Seconds between two samples when a memory limit is set.

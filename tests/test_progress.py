@@ -96,3 +96,35 @@ def test_a_process_writes_its_tasks_progress_together_latest_value_wins():
     assert [(w.uuid, w.progress) for w in batches[1]] == [(uuids[0], 99), (uuids[1], 99)]
     assert [store.get(uuid)["progress"] for uuid in uuids[:2]] == [99, 99]
     assert [e["task"]["progress"] for e in events[-2:]] == [99, 99]
+
+
+class Steady(MetaMPTask):
+    """Reports progress every few milliseconds for ``seconds`` seconds, then answers how many calls it made."""
+
+    def execute(self, seconds: float = 1.5) -> int:
+        calls = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            calls += 1
+            self.upload_status(calls)
+            time.sleep(0.005)
+        return calls
+
+
+@pytest.mark.timeout(60)
+def test_a_task_process_sends_progress_no_more_often_than_it_is_written(make_controller, monkeypatch):
+    """With a flush interval of 1 s, a task reporting progress for 1.5 s wakes its controlling thread a few
+    times (its first value, one a second, its last), not at every call, and its last value still arrives."""
+    from flask_multiprocess_controller.engine.supervisor import Supervisor
+
+    received: list = []
+    progressed = Supervisor._progressed
+    monkeypatch.setattr(Supervisor, "_progressed", lambda self, run: received.append(run.progress)
+                        or progressed(self, run))
+    monkeypatch.setenv("MPC_PROGRESS_FLUSH", "1.0")
+    controller = make_controller(Steady, store="memory://")
+    task = controller.wait(controller.submit(seconds=1.5), timeout=30)
+    assert task["status"] == "succeeded", task
+    assert task["progress"] == task["result"] > 10
+    assert 2 <= len(received) <= 4, received
+    assert received[-1] == task["result"]

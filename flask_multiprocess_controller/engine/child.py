@@ -32,8 +32,8 @@ from .protocol import (
 from .retries import RetryPolicy
 from ..task import MetaMPTask
 
-#: Seconds between two progress messages of a task (the controlling thread writes less often still).
-PUBLISH_INTERVAL = 0.05
+#: Seconds between two progress messages of a task at least, whatever its :class:`RunTask` says.
+PUBLISH_INTERVAL = defaults.PUBLISH_INTERVAL
 
 
 _NOTHING = object()
@@ -53,8 +53,9 @@ class _Channel:
     """The child's end of the task channel (one task at a time).
 
     Progress is coalesced here: :meth:`publish` only keeps the latest value, and a flusher thread
-    sends it at most every ``PUBLISH_INTERVAL`` seconds, so a task may report progress in a tight
-    loop at the cost of an attribute store. The last value is always sent before the task's end.
+    sends it at most every ``RunTask.progress_every`` seconds (the serving process's flush interval,
+    ``PUBLISH_INTERVAL`` at least), so a task may report progress in a tight loop at the cost of an
+    attribute store. The last value is always sent before the task's end.
     """
 
     def __init__(self, conn: PacketChannel) -> None:
@@ -74,6 +75,7 @@ class _Channel:
         self._kick: Optional[threading.Event] = None  # made with the flusher thread, by the first publish
         self._flush_lock = threading.Lock()
         self._next_send = 0.0
+        self._every = PUBLISH_INTERVAL
         self._limit = 0
         self._short_str = 0
         self._state_limit = 0
@@ -95,6 +97,7 @@ class _Channel:
     def begin(self, command: RunTask, logger: logging.Logger) -> None:
         self.task_id = command.uuid
         self._stop = self._finish = False
+        self._every = max(PUBLISH_INTERVAL, command.progress_every)
         self._limit = command.limits.progress_bytes
         # A string this short cannot encode to more than the limit (JSON escapes take 6 bytes at most).
         self._short_str = self._limit // 6
@@ -164,7 +167,7 @@ class _Channel:
             pending, self._progress = self._progress, _NOTHING
             if pending is not _NOTHING:
                 self.send(Progress(self.task_id, pending))
-                self._next_send = time.monotonic() + PUBLISH_INTERVAL
+                self._next_send = time.monotonic() + self._every
 
     def publish_percent(self, percent: float) -> None:
         self.send(Percent(self.task_id, percent))

@@ -125,6 +125,10 @@ class RunTask:
     levels: dict[str, int]
     limits: Limits
     state: Any = None
+    #: Seconds between two :class:`Progress` messages of the task at least (the latest value wins): the
+    #: serving process writes progress no more often than that (its ``progress_flush``), so sending it
+    #: more often only wakes the serving process for values it overwrites unwritten.
+    progress_every: float = defaults.PUBLISH_INTERVAL
 
 
 @dataclass(frozen=True)

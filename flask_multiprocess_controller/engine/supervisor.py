@@ -12,7 +12,9 @@ import collections
 import enum
 import json
 import logging
+import math
 import os
+import select
 import signal
 import threading
 import time
@@ -227,6 +229,7 @@ class Supervisor:
         self._levels_cache: dict[str, int] = {}
         self._levels_at = 0.0
         self._flush_failed = False
+        self._poller = Poller()
 
     def run(self, run: TaskRun, child: ChildProcess, args: dict[str, Any], context: dict[str, Any],
             started: Optional[Event] = None, state: Any = None) -> Optional[Outcome]:
@@ -238,7 +241,8 @@ class Supervisor:
         :param state: the task's saved state (from the claimed row), its ``self.state``.
         """
         run.attach(child)
-        child.send(RunTask(run.uuid, args, context, self._levels(), self.settings.limits, state))
+        child.send(RunTask(run.uuid, args, context, self._levels(), self.settings.limits, state,
+                           progress_every=self._progress_every()))
         if started is None:
             # The task runs already: an outage here is waited out (the pid is what stops and kills go by).
             started = self._retrier.call("recording a task's process", lambda: self.store.start(
@@ -283,6 +287,12 @@ class Supervisor:
             timeout=run.timeout, progress=run.progress, percent=run.percent, usage=usage, ended_at=time.time())
         return classify(observation, self.settings)
 
+    def _progress_every(self) -> float:
+        """Seconds between two progress messages of a task: as often as its progress is written, no more."""
+        if self._flusher is not None:
+            return self._flusher.interval
+        return self._schedule.flush_every
+
     def _levels(self) -> dict[str, int]:
         """The server's logger levels, computed at most once a second."""
         now = time.monotonic()
@@ -318,17 +328,18 @@ class Supervisor:
                 watchdog.killed_now()
             state.update(stopping=run.stop_reason is not None, dirty=run.dirty)
             timeout = watchdog.sleep_for(time.monotonic(), **state)  # type: ignore[arg-type]
-            watched: list[Any] = [child.exit_fd, self.wake_fd]
+            conn_fd = child.conn.fileno() if conn_open else -1
+            watched: set[int] = {child.exit_fd, self.wake_fd}
             # Not while suspended: a message half written when the tree stopped would block the read.
             if conn_open and not pause.paused:
-                watched.append(child.conn)
+                watched.add(conn_fd)
             output = child.output
             if output is not None:
-                watched += output.fds()
-            ready: list[Any] = wait_ready(watched, timeout)
+                watched.update(output.fds())
+            ready = self._poller.wait(watched, timeout)
             if self.wake_fd in ready:
                 _drain_fd(self.wake_fd)
-            if conn_open and child.conn in ready:
+            if conn_open and conn_fd in ready:
                 done, conn_open = self._receive(run, child, done)
             if output is not None:  # after the channel: a log record sent before a print comes first
                 for fd in output.fds():
@@ -493,6 +504,34 @@ class Supervisor:
         except psutil.Error:
             return
         signal_processes(leftovers, signal.SIGKILL)
+
+
+class Poller:
+    """Waits for descriptors to become readable, keeping them registered from one wait to the next.
+
+    A controlling thread waits on the same few descriptors (its task's channel, exit and output pipes, its
+    wake-up pipe) at every message its task sends: :func:`multiprocessing.connection.wait` built and filled
+    a new selector each time, a cost paid many times a second per busy task. This one ``poll`` set only
+    changes when the watched descriptors do (a new task, a closed pipe). ``poll`` rather than ``epoll``:
+    its set lives in this process, so a descriptor closed (and its number reused) between two waits cannot
+    leave a stale registration in the kernel.
+    """
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._fds: set[int] = set()
+
+    def wait(self, fds: set[int], timeout: Optional[float]) -> set[int]:
+        """The descriptors of ``fds`` that are readable (or at their end) within ``timeout`` seconds (None:
+        no limit); an empty set when none is."""
+        if fds != self._fds:
+            for fd in self._fds - fds:
+                self._poll.unregister(fd)
+            for fd in fds - self._fds:
+                self._poll.register(fd, select.POLLIN)
+            self._fds = set(fds)
+        ms = None if timeout is None else math.ceil(max(0.0, timeout) * 1000)
+        return {fd for fd, _ in self._poll.poll(ms)}
 
 
 def log_line(record: logging.LogRecord) -> str:
