@@ -113,15 +113,16 @@ class Steady(MetaMPTask):
 
 @pytest.mark.timeout(60)
 def test_a_task_process_sends_progress_no_more_often_than_it_is_written(make_controller, monkeypatch):
-    """With a flush interval of 1 s, a task reporting progress for 1.5 s wakes its controlling thread a few
-    times (its first value, one a second, its last), not at every call, and its last value still arrives."""
+    """With a flush interval of 2 s (a message a second), a task reporting progress for 1.5 s wakes its
+    controlling thread a few times (its first value, one a second, its last), not at every call, and its last
+    value still arrives."""
     from flask_multiprocess_controller.engine.supervisor import Supervisor
 
     received: list = []
     progressed = Supervisor._progressed
     monkeypatch.setattr(Supervisor, "_progressed", lambda self, run: received.append(run.progress)
                         or progressed(self, run))
-    monkeypatch.setenv("MPC_PROGRESS_FLUSH", "1.0")
+    monkeypatch.setenv("MPC_PROGRESS_FLUSH", "2.0")
     controller = make_controller(Steady, store="memory://")
     task = controller.wait(controller.submit(seconds=1.5), timeout=30)
     assert task["status"] == "succeeded", task

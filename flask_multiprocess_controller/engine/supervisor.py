@@ -288,10 +288,11 @@ class Supervisor:
         return classify(observation, self.settings)
 
     def _progress_every(self) -> float:
-        """Seconds between two progress messages of a task: as often as its progress is written, no more."""
+        """Seconds between two progress messages of a task: twice per write of its progress (a value then waits
+        at most half an interval in the task and one in the flusher: visible within 0.3 s by default), no more."""
         if self._flusher is not None:
-            return self._flusher.interval
-        return self._schedule.flush_every
+            return self._flusher.interval / 2
+        return self._schedule.flush_every / 2
 
     def _levels(self) -> dict[str, int]:
         """The server's logger levels, computed at most once a second."""
