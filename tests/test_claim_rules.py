@@ -297,3 +297,36 @@ def test_the_global_limit_still_bounds_claims_with_rules(store):
     assert claim(store, rules, max_running=2) == third  # a is at its bound of 1
     assert claim(store, rules, max_running=3) is None  # k is at its bound of 2
     assert status_of(store, second) == "queued"
+
+
+def one_slot_claims(store: TaskStore, count: int, rules: ClaimRules = ClaimRules(host=HOST_A)) -> list[str]:
+    """The uuids of ``count`` claims with one slot, each claimed as the task before it ends (none runs before)."""
+    first = claim(store, rules, max_running=1)
+    assert first is not None
+    order = [first]
+    while len(order) < count:
+        event, row = store.finish_and_claim(order[-1], "succeeded", A1, CTL, 1, rules)
+        assert event is not None and row is not None
+        order.append(row["uuid"])
+    end(store, order[-1])
+    return order
+
+
+@pytest.mark.timeout(60)
+def test_with_one_slot_tenants_take_turns_rather_than_the_oldest_winning_every_tie(store):
+    many = add(store, 200, tenant="a")
+    few = add(store, 5, tenant="b")
+    order = one_slot_claims(store, 10)
+    assert order == [task for pair in zip(many, few) for task in pair], [("b" if u in few else "a") for u in order]
+
+
+@pytest.mark.timeout(60)
+def test_three_tenants_rotate_and_a_tenant_claimed_alone_is_still_the_latest_claimed(store):
+    a_tasks, b_tasks, c_tasks = add(store, 6, tenant="a"), add(store, 3, tenant="b"), add(store, 3)
+    order = one_slot_claims(store, 9)
+    assert order == [task for trio in zip(a_tasks, b_tasks, c_tasks) for task in trio]
+    assert one_slot_claims(store, 2) == a_tasks[3:5]  # a alone waits: claimed as before any other tenant came
+    (b_late,) = add(store, tenant="b")
+    (c_late,) = add(store)
+    # b and c were last claimed before a's claims alone: they go first, in the order of their last claims.
+    assert one_slot_claims(store, 3) == [b_late, c_late, a_tasks[5]]

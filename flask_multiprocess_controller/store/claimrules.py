@@ -14,8 +14,12 @@ workers and hosts as the global limit does:
   of every controller on the claiming host, plus its own, fit in the host's ``capacity`` (a resource the host
   does not list has capacity 0);
 - **fair share**: among the eligible tasks of the lowest priority value, the tenant with the fewest active
-  tasks of the controller goes first (ties: the tenant whose oldest eligible task is oldest), so that a tenant
-  with a thousand queued tasks does not starve one with a single task; without it, the oldest goes first.
+  tasks of the controller goes first; ties go to the tenant claimed least recently for the controller (one
+  never claimed first), then to the tenant whose oldest eligible task is oldest. So a tenant with a thousand
+  queued tasks does not starve one with a single task, and tenants take turns even when none runs any task
+  (one slot, or claims right after ends). Each fair claim records its tenant's last claim in its atomic step
+  (skipped when that tenant is already the one claimed last: a lone tenant's claims write nothing more).
+  Without fair share, the oldest goes first.
 
 A task that a rule holds back does not hold up the tasks behind it: a claim takes the first eligible task in
 that order, whatever stands before it (no head-of-line blocking).
@@ -25,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
-__all__ = ["ClaimRules", "NO_RULES", "fits", "host_usage"]
+__all__ = ["ClaimRules", "NO_RULES", "claim_tag", "fits", "host_usage"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +79,9 @@ def fits(resources: Optional[Mapping[str, Any]], used: Mapping[str, float],
         return True
     return all(used.get(name, 0.0) + float(amount) <= float(capacity.get(name, 0.0)) + 1e-9
                for name, amount in resources.items())
+
+
+def claim_tag(tenant: Optional[str]) -> str:
+    """How the stores key a tenant's last claim: ``=`` and the tenant, or ``~`` for tasks of no tenant (a key
+    never NULL, so that tasks of no tenant have a last claim of their own)."""
+    return "~" if tenant is None else "=" + tenant

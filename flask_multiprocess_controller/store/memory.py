@@ -82,6 +82,10 @@ class MemoryStore(TaskStore):
         self._drained: dict[str, float] = {}
         #: Idempotency records: scoped key -> (the uuids it made, fingerprint, expiry time).
         self._idempotency: dict[str, tuple[list[str], str, float]] = {}
+        #: Fair share's memory: per controller, each tenant's last claim (a counter that grows with every claim
+        #: recorded), so that tenants tied on their active tasks take turns.
+        self._last_claims: dict[str, dict[Optional[str], int]] = {}
+        self._claim_counter = itertools.count(1)
 
     # -- helpers (called with the lock held) --------------------------------------------------------------
 
@@ -253,6 +257,8 @@ class MemoryStore(TaskStore):
                 queue.remove(chosen)
                 heapq.heapify(queue)
             row = self._rows[chosen[2]]
+        if rules.fair:
+            self._last_claims.setdefault(controller, {})[row.get("tenant")] = next(self._claim_counter)
         row.update({"status": TaskStatus.RUNNING.value, "owner": owner, "started_at": self._clock(),
                     "attempt": row["attempt"] + 1})
         return row
@@ -310,7 +316,8 @@ class MemoryStore(TaskStore):
             firsts[row.get("tenant")] = entry
         if not firsts:
             return None
-        return min(firsts.items(), key=lambda item: (per_tenant[item[0]], item[1]))[1]
+        last = self._last_claims.get(controller, {})  # never claimed: 0, first
+        return min(firsts.items(), key=lambda item: (per_tenant[item[0]], last.get(item[0], 0), item[1]))[1]
 
     def start(self, uuid: str, owner: str, pid: int, pid_created: float) -> Optional[Event]:
         with self._lock:

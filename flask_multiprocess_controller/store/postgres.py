@@ -101,6 +101,10 @@ def tenant_text(tenant: Optional[str]) -> Optional[str]:
     return None if tenant is None else tenant.replace("\\", "\\\\").replace("\x00", "\\0")
 
 
+#: A tenant column's key in ``tenant_claims`` (as :func:`.claimrules.claim_tag`, of the escaped text): never NULL.
+_CLAIM_TAG = "COALESCE('=' || {col}, '~')"
+
+
 def _tenant_value(text: Optional[str]) -> Optional[str]:
     """The tenant of a ``tenant`` column's text (see :func:`tenant_text`)."""
     if text is None or "\\" not in text:
@@ -535,9 +539,11 @@ class PostgresStore(ClaimSteps, TaskStore):
         any rule, and the second is None. With it, the first claims the first eligible task only if no other
         tenant has a ready task at its priority (three index probes: a queue of one tenant costs little more
         than before), and answers ``shared`` first (then the claimed row's columns, NULL when shared); when
-        shared, the second claims for the tenant with the fewest active tasks (ties: the oldest eligible
-        task), finding the tenants waiting at that priority with a skip scan of ``tasks_ready_tenant`` (a few
-        index probes per tenant, however long the queue) and each one's oldest eligible task."""
+        shared, the second claims for the tenant with the fewest active tasks (ties: the tenant claimed least
+        recently, then the oldest eligible task), finding the tenants waiting at that priority with a skip scan
+        of ``tasks_ready_tenant`` (a few index probes per tenant, however long the queue) and each one's oldest
+        eligible task. With fair share, both record the claimed task's tenant as the controller's latest in
+        ``tenant_claims`` (a write only when another tenant was claimed last: see :meth:`_record_claim`)."""
         t = self._t
         s = self.schema
         params: dict[str, Any] = {"c": controller, "owner": owner, "now": now}
@@ -619,8 +625,8 @@ class PostgresStore(ClaimSteps, TaskStore):
                   f"{other} IS NOT NULL{found}) OR (top.tenant IS NOT NULL AND {other} IS NULL{found})")
         alone = (f"{with_rules}{', ' if ctes else 'WITH '}candidate AS ({first} FOR UPDATE SKIP LOCKED), "
                  f"top AS (SELECT top.seq, {shared} AS shared FROM candidate top), "
-                 f"claimed AS ({claimed}(SELECT seq FROM top WHERE NOT shared){returning}) "
-                 "SELECT top.shared, claimed.* FROM top LEFT JOIN claimed ON true")
+                 f"claimed AS ({claimed}(SELECT seq FROM top WHERE NOT shared){returning}), "
+                 f"{self._record_claim()} SELECT top.shared, claimed.* FROM top LEFT JOIN claimed ON true")
         at_top = f"{ready} AND q.priority = (SELECT priority FROM top)"
         if running not in ctes:
             ctes.insert(0, running)
@@ -636,10 +642,26 @@ class PostgresStore(ClaimSteps, TaskStore):
                       f"{in_index}, q.seq LIMIT 1)")
         ctes.append(f"heads AS ({heads})")
         ctes.append("pick AS (SELECT h.head FROM heads h WHERE h.head IS NOT NULL ORDER BY "
-                    "(SELECT count(*) FROM act a WHERE a.tenant IS NOT DISTINCT FROM h.tenant), h.head LIMIT 1)")
-        fair = (f"WITH RECURSIVE {', '.join(ctes)} {claimed}(SELECT head FROM pick) AND status = 'queued' "
-                f"AND retry_at IS NULL{returning}")
+                    "(SELECT count(*) FROM act a WHERE a.tenant IS NOT DISTINCT FROM h.tenant), "
+                    f"COALESCE((SELECT lc.claimed FROM {s}.tenant_claims lc WHERE lc.controller = %(c)s "
+                    f"AND lc.tenant = {_CLAIM_TAG.format(col='h.tenant')}), 0), h.head LIMIT 1)")
+        ctes.append(f"claimed AS ({claimed}(SELECT head FROM pick) AND status = 'queued' AND retry_at IS NULL"
+                    f"{returning})")
+        fair = f"WITH RECURSIVE {', '.join(ctes)}, {self._record_claim()} SELECT * FROM claimed"
         return alone, fair, params
+
+    def _record_claim(self) -> str:
+        """The CTEs that record the tenant of the task claimed by the CTE ``claimed`` as the controller's latest
+        (fair share's memory, read by the next claims): the tenant's counter becomes the latest's plus one, and
+        nothing is written when that tenant was claimed last already (a lone tenant's claims: one index probe)."""
+        s = self.schema
+        tag = _CLAIM_TAG.format(col="c.tenant")
+        return (f"latest AS (SELECT l.tenant, l.claimed FROM {s}.tenant_claims l WHERE l.controller = %(c)s "
+                "ORDER BY l.claimed DESC LIMIT 1), "
+                f"recorded AS (INSERT INTO {s}.tenant_claims (controller, tenant, claimed) SELECT %(c)s, {tag}, "
+                f"COALESCE((SELECT l.claimed FROM latest l), 0) + 1 FROM claimed c WHERE {tag} IS DISTINCT FROM "
+                "(SELECT l.tenant FROM latest l) ON CONFLICT (controller, tenant) DO UPDATE SET claimed = "
+                "excluded.claimed)")
 
     def _end_and_claim(self, uuid: str, status: str, owner: str, controller: str, max_running: int,
                        process: Optional[tuple[int, float]], fields: dict[str, Any], rules: ClaimRules,

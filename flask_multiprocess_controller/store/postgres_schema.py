@@ -224,6 +224,13 @@ def migrate(db: object, schema: str) -> None:
         if db.execute("SELECT to_regclass(%s)", (f"{schema}.tasks_rerun_of",)).fetchone()[0] is None:  # type: ignore
             db.execute(f"CREATE INDEX tasks_rerun_of ON {schema}.tasks (rerun_of, seq) "  # type: ignore
                        "WHERE rerun_of IS NOT NULL")
+        # Fair share's memory: each tenant's last claim for a controller (``tenant`` is ``'=' || tenant``, the
+        # escaped text, or ``'~'`` for tasks of no tenant; ``claimed`` a counter that grows with each claim
+        # recorded), so that tenants tied on their active tasks take turns; made when missing.
+        db.execute(f"CREATE TABLE IF NOT EXISTS {schema}.tenant_claims (controller text NOT NULL, "  # type: ignore
+                   "tenant text NOT NULL, claimed bigint NOT NULL, PRIMARY KEY (controller, tenant))")
+        db.execute(f"CREATE INDEX IF NOT EXISTS tenant_claims_latest ON {schema}.tenant_claims "  # type: ignore
+                   "(controller, claimed)")
         # The ready queue by tenant within a priority: a fair claim finds the tenants waiting at a priority, and
         # each one's oldest task, with a few probes of it however long the queue.
         if db.execute("SELECT to_regclass(%s)", (f"{schema}.tasks_ready_tenant",)).fetchone()[0] is None:  # type: ignore

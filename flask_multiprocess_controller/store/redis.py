@@ -15,6 +15,8 @@ one Redis server, not a Cluster):
   ``c:<controller>:rqt`` — sorted set of the tags of the tenants with ready tasks, score = the priority of
   their first one: what fair share and the claim rules read (see :mod:`.claimrules`); ``ready:indexed`` — set
   once the key space's older queued tasks were put into them (see :meth:`RedisStore._index_ready`);
+- ``c:<controller>:lc`` — sorted set: fair share's memory, the tags of the tenants claimed, score = a counter
+  that grows with each claim recorded (the tenant claimed least recently wins a tie; made by the first claim);
 - ``c:<controller>:delayed`` — sorted set of queued tasks waiting for their retry, score =
   ``retry_at``, member = uuid (a claim moves the due ones into ``q``);
 - ``c:<controller>:active`` — set of the uuids ``running`` or ``stopping``;

@@ -349,7 +349,7 @@ end
 -- The uuid of the task the claim takes, or false. The plain rules take the head of the queue, as long as
 -- one tenant at most has tasks at its priority (fair share weighs nothing then); else every tenant with
 -- ready tasks offers its first task that may start, and the lowest priority wins, then (fair share) the
--- tenant with the fewest active tasks, then the oldest.
+-- tenant with the fewest active tasks, then the tenant claimed least recently ('lc'), then the oldest.
 local function pick()
   local head = redis.call('ZRANGE', ckey(controller, 'q'), 0, 0, 'WITHSCORES')
   if #head == 0 then return false end
@@ -405,13 +405,16 @@ local function pick()
     end
     return true
   end
-  local best = false  -- {priority, active tasks of its tenant (0 without fair share), seq, uuid}
+  -- {priority, active tasks of its tenant and its last claim (0 without fair share; 0: never claimed), seq, uuid}
+  local best = false
   local tenants = redis.call('ZRANGE', ckey(controller, 'rqt'), 0, -1, 'WITHSCORES')
   for i = 1, #tenants, 2 do
     local tag, top = tenants[i], tonumber(tenants[i + 1])
     if best and top > best[1] then break end  -- by their first tasks' priority: none after can win
     local active = rules.fair and tag_active(tag) or 0
-    if tenant_open(tag) and not (best and top == best[1] and active > best[2]) then
+    local last = rules.fair and tonumber(redis.call('ZSCORE', ckey(controller, 'lc'), tag) or 0) or 0
+    if tenant_open(tag) and not (best and top == best[1] and (active > best[2]
+        or (active == best[2] and last > best[3]))) then
       -- Read by batches growing from one task (all it takes when the first may start) to 256.
       local rq, from, size, done = rkey(controller, tag), 0, (rules.key or cap) and 4 or 1, false
       while not done do
@@ -420,13 +423,13 @@ local function pick()
         for j = 1, #batch, 2 do
           local priority, seq = tonumber(batch[j + 1]), tonumber(string.sub(batch[j], 1, 20))
           if best and (priority > best[1] or (priority == best[1] and (active > best[2]
-              or (active == best[2] and seq > best[3])))) then
+              or (active == best[2] and (last > best[3] or (last == best[3] and seq > best[4])))))) then
             done = true  -- this tenant's later tasks cannot win either
             break
           end
           local uuid = uuid_of(batch[j])
           if task_open(uuid) then
-            best, done = {priority, active, seq, uuid}, true
+            best, done = {priority, active, last, seq, uuid}, true
             break
           end
         end
@@ -434,7 +437,17 @@ local function pick()
       end
     end
   end
-  return best and best[4]
+  return best and best[5]
+end
+
+-- Fair share's memory: record the claim of a task of the tenant tagged tag as the controller's latest ('lc':
+-- tags scored by a counter that grows with each claim recorded); nothing to write when that tenant was
+-- claimed last already, so a lone tenant's claims cost one read.
+local function record_claim(tag)
+  local lc = ckey(controller, 'lc')
+  local latest = redis.call('ZRANGE', lc, -1, -1, 'WITHSCORES')
+  if #latest > 0 and latest[1] == tag then return end
+  redis.call('ZADD', lc, #latest > 0 and tonumber(latest[2]) + 1 or 1, tag)
 end
 
 -- Tasks whose retry time came join the ready queue (a bounded batch per claim).
@@ -452,6 +465,7 @@ if redis.call('SCARD', ckey(controller, 'active')) >= tonumber(ARGV[6]) then ret
 local uuid = pick()
 if not uuid then return false end
 local key = prefix .. 't:' .. uuid
+if rules.fair then record_claim(tenant_tag(redis.call('HGET', key, 'tenant'))) end
 move(key, 'running')
 redis.call('HSET', key, 'owner', owner, 'started_at', now)
 redis.call('HINCRBY', key, 'attempt', 1)

@@ -29,7 +29,7 @@ from ..exceptions import (
 )
 from ..exceptions import IdempotentReplay
 from ..states import ACTIVE, TERMINAL, TaskStatus
-from .claimrules import ClaimRules, fits, host_usage
+from .claimrules import ClaimRules, claim_tag, fits, host_usage
 from .base import (
     ANY_TENANT, ClaimSteps, _finish_fields, FireOutcome, Fired, Row, ScheduleRow, TaskStore, event_payload, event_task,
     owner_host, parse_counter,
@@ -81,6 +81,10 @@ _ONE_TENANT_FIRST = (
     f"ORDER BY tenant LIMIT 1) IS (SELECT tenant FROM {_READY_TENANT} WHERE controller = ?1 AND {_READY_SQL} "
     f"AND priority = r.priority ORDER BY tenant DESC LIMIT 1) FROM (SELECT priority FROM {_READY_TASKS} "
     f"WHERE controller = ?1 AND {_READY_SQL} ORDER BY priority, seq LIMIT 1) r")
+#: The tenant claimed last for a controller, and its counter (the index ``mpc_tenant_claims_latest``).
+_LATEST_CLAIM = "SELECT tenant, claimed FROM mpc_tenant_claims WHERE controller = ? ORDER BY claimed DESC LIMIT 1"
+#: One tenant's last claim for a controller (NULL: never claimed).
+_LAST_CLAIM = "SELECT claimed FROM mpc_tenant_claims WHERE controller = ? AND tenant = ?"
 #: The tasks of one tenant: named indexes (without statistics SQLite may prefer the controller's own,
 #: and walk every tenant's tasks). ``tenant IS ?`` matches None too.
 _TENANT_TASKS = "mpc_tasks INDEXED BY mpc_tasks_tenant"
@@ -133,7 +137,7 @@ def _choose(db: sqlite3.Connection, controller: str, rules: ClaimRules) -> Optio
     and tenants held or at theirs are left out in the query; a task that does not fit is skipped, the next
     one read. With fair share, each tenant waiting at the lowest priority value (found by skipping through the
     index of the ready queue by tenant, one seek per tenant) offers its first eligible task, and the tenant
-    with the fewest active tasks wins (ties: the older task).
+    with the fewest active tasks wins (ties: the tenant claimed least recently, then the older task).
     """
     active = db.execute(f"SELECT tenant, concurrency_key FROM mpc_tasks WHERE controller = ? AND status IN "
                         f"{_ACTIVE_SQL}", (controller,)).fetchall()
@@ -183,16 +187,32 @@ def _choose(db: sqlite3.Connection, controller: str, rules: ClaimRules) -> Optio
         if found is None:
             return None
         priority = int(found[0])
-        best: Optional[tuple[int, int]] = None
+        best: Optional[tuple[int, int, int]] = None
         for tenant in _tenants_at(db, controller, priority):
-            if tenant in excluded:
+            if tenant in excluded or (best is not None and per_tenant[tenant] > best[0]):
                 continue
             seq = first_fit(f"SELECT seq, resources FROM {_READY_TENANT} WHERE controller = ? AND {_READY_SQL} "
                             f"AND priority = ? AND tenant IS ?{keys} ORDER BY seq", [controller, priority, tenant, *params])
-            if seq is not None and (best is None or (per_tenant[tenant], seq) < best):
-                best = (per_tenant[tenant], seq)
+            if seq is None:
+                continue
+            last = db.execute(_LAST_CLAIM, (controller, claim_tag(tenant))).fetchone()
+            candidate = (per_tenant[tenant], 0 if last is None else int(last[0]), seq)  # never claimed: first
+            if best is None or candidate < best:
+                best = candidate
         if best is not None:
-            return best[1]
+            return best[2]
+
+
+def _record_claim(db: sqlite3.Connection, controller: str, tenant: Optional[str]) -> None:
+    """Record a fair claim of ``tenant``'s task as the controller's latest (in the claim's transaction); nothing
+    to write when that tenant was claimed last already, so a lone tenant's claims cost one index seek."""
+    tag = claim_tag(tenant)
+    latest = db.execute(_LATEST_CLAIM, (controller,)).fetchone()
+    if latest is not None and latest[0] == tag:
+        return
+    db.execute("INSERT INTO mpc_tenant_claims (controller, tenant, claimed) VALUES (?, ?, ?) "
+               "ON CONFLICT (controller, tenant) DO UPDATE SET claimed = excluded.claimed",
+               (controller, tag, 1 if latest is None else int(latest[1]) + 1))
 
 
 def _tenants_at(db: sqlite3.Connection, controller: str, priority: int) -> list[Optional[str]]:
@@ -581,6 +601,8 @@ class SQLiteStore(ClaimSteps, TaskStore):
         if found is None:
             return None
         row = _decode(found)
+        if rules.fair:
+            _record_claim(db, controller, row.get("tenant"))
         pid, pid_created = process if process is not None else (row["pid"], row["pid_created"])
         db.execute(
             "UPDATE mpc_tasks SET status = 'running', owner = ?, started_at = ?, attempt = attempt + 1, "

@@ -29,6 +29,9 @@ def declaration(field: Field) -> str:
 
 
 #: The tables of the store; ``mpc_tasks`` has a column per field of :data:`.schema.FIELDS`.
+#: ``mpc_tenant_claims`` is fair share's memory: each tenant's last claim for a controller (``tenant`` is
+#: ``'=' || tenant``, or ``'~'`` for tasks of no tenant; ``claimed`` a counter that grows with each claim
+#: recorded), so that tenants tied on their active tasks take turns. Made when missing, as every table here.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mpc_tasks (
 TASK_COLUMNS
@@ -96,6 +99,13 @@ CREATE TABLE IF NOT EXISTS mpc_schedules (
     declared_by TEXT,
     PRIMARY KEY (controller, name)
 );
+CREATE TABLE IF NOT EXISTS mpc_tenant_claims (
+    controller TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    claimed INTEGER NOT NULL,
+    PRIMARY KEY (controller, tenant)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS mpc_tenant_claims_latest ON mpc_tenant_claims (controller, claimed);
 """.replace("TASK_COLUMNS", ",\n".join(f"    {field.name} {declaration(field)}" for field in FIELDS))
 
 #: Columns added to ``mpc_tasks`` after its first release, with their declarations: a file made
