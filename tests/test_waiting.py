@@ -153,11 +153,13 @@ def test_a_running_task_shows_its_memory_and_cpu_while_it_runs(make_client, tmp_
     def stored_peak(at_least: int) -> object:
         row = controller.store.get(uuid)
         assert row is not None and row["status"] in ("queued", "running"), row
-        return row if row["status"] == "running" and (row["memory_peak"] or 0) >= at_least else None
+        return row if (row["status"] == "running" and (row["memory_peak"] or 0) >= at_least
+                       and (row["cpu_time"] or 0) > 0) else None
 
-    # Written with its progress: the store (what every serving process reads) has the tree's figures.
+    # Written with its progress, and every few seconds: the store (what every serving process reads) has the
+    # tree's figures while it runs (a sample taken between the allocation and the CPU work may read 0 s of CPU,
+    # a later one does not).
     first = wait_until(lambda: stored_peak(40 * MIB), timeout=20)
-    assert first["cpu_time"] is not None and first["cpu_time"] > 0, first
     shown = client.get(f"/tasks/{uuid}").get_json()
     assert shown["status"] == "running" and shown["memory_peak"] >= 40 * MIB, shown
     gate1.touch()

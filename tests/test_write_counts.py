@@ -11,6 +11,8 @@ its finish.
 from __future__ import annotations
 
 import collections
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -33,12 +35,20 @@ class Quick(MetaMPTask):
 def counting(store_cls: type) -> Any:
     """A subclass of ``store_cls`` counting its write calls (claims only when they claimed a task)."""
     counts: collections.Counter = collections.Counter()
+    inflight = [0]  # writes begun and not returned yet (their commit may already be seen by a waiter)
+    lock = threading.Lock()
 
     def wrap(name: str) -> Any:
         original = getattr(store_cls, name)
 
         def counted(self: TaskStore, *args: Any, **kwargs: Any) -> Any:
-            answer = original(self, *args, **kwargs)
+            with lock:
+                inflight[0] += 1
+            try:
+                answer = original(self, *args, **kwargs)
+            finally:
+                with lock:
+                    inflight[0] -= 1
             if not name.startswith("claim") or answer is not None:
                 counts[name] += 1
             if name.startswith("finish_and_claim") and answer[1] is not None:
@@ -49,7 +59,17 @@ def counting(store_cls: type) -> Any:
 
     cls = type(f"Counting{store_cls.__name__}", (store_cls,), {name: wrap(name) for name in WRITES})
     cls.writes = counts  # type: ignore[attr-defined]
+    cls.inflight = inflight  # type: ignore[attr-defined]
     return cls
+
+
+def settled(store: Any) -> collections.Counter:
+    """The store's write counts once no write is under way: a waiter may wake on a write's commit (the change
+    feed sees it) before the write returns and is counted."""
+    deadline = time.monotonic() + 10
+    while store.inflight[0] and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return store.writes
 
 
 def counting_store(backend: str, tmp_path: Any) -> Any:
@@ -72,15 +92,15 @@ def test_a_task_costs_at_most_four_writes_and_a_bulk_shares_its_enqueue(backend,
     store = counting_store(backend, tmp_path)
     controller = make_controller(Quick, max_num_process=2, store=store)
     controller.wait(controller.submit(i=0), 20)
-    store.writes.clear()
+    settled(store).clear()
     uuids = [controller.submit(i=i) for i in range(5)]
     for uuid in uuids:
         assert controller.wait(uuid, 20)["status"] == "succeeded"
-    single = dict(store.writes)
-    store.writes.clear()
+    single = dict(settled(store))
+    settled(store).clear()
     batch = controller.submit_many([{"i": i} for i in range(5)])
     assert controller.wait_batch(batch.id, 20)["ended"] == 5
-    bulk = dict(store.writes)
+    bulk = dict(settled(store))
     assert single["enqueue"] == 5 and bulk["enqueue"] == 1
     for counts in (single, bulk):
         summary = _summary(counts, 5)
@@ -100,17 +120,17 @@ def test_a_task_in_a_reused_process_costs_three_alone_and_two_in_a_burst(backend
     store = counting_store(backend, tmp_path)
     controller = make_controller(Quick, max_num_process=1, max_tasks_per_child=0, store=store)
     first = controller.wait(controller.submit(i=0), 20)  # the slot's process starts with this one
-    store.writes.clear()
+    settled(store).clear()
     tasks = [controller.wait(controller.submit(i=i), 20) for i in range(5)]
     assert {t["status"] for t in tasks} == {"succeeded"} and {t["pid"] for t in tasks} == {first["pid"]}
-    counts = {k: v for k, v in store.writes.items() if k != "progress"}
+    counts = {k: v for k, v in settled(store).items() if k != "progress"}
     # One at a time: each end finds nothing queued, so the next task is claimed when it comes.
     assert counts == {"enqueue": 5, "claim_started": 5, "finish_and_claim_started": 5}, counts
-    store.writes.clear()
+    settled(store).clear()
     batch = controller.submit_many([{"i": i} for i in range(5)])
     tasks = controller.wait_batch(batch.id, 20)["tasks"]
     assert [t["result"] for t in tasks] == [0, 1, 2, 3, 4] and {t["pid"] for t in tasks} == {first["pid"]}
-    counts = {k: v for k, v in store.writes.items() if k != "progress"}
+    counts = {k: v for k, v in settled(store).items() if k != "progress"}
     # Queued together: the first is claimed on its own, each next one with the end of the last.
     assert counts == {"enqueue": 1, "claim_started": 1, "finish_and_claim_started": 5, "claimed with an end": 4}, \
         counts
@@ -122,11 +142,11 @@ def test_one_slot_claims_each_next_task_with_the_end_of_the_last(backend, make_c
     store = counting_store(backend, tmp_path)
     controller = make_controller(Quick, max_num_process=1, store=store)
     controller.wait(controller.submit(i=0), 20)
-    store.writes.clear()
+    settled(store).clear()
     batch = controller.submit_many([{"i": i} for i in range(5)])
     view = controller.wait_batch(batch.id, 20)
     assert [t["result"] for t in view["tasks"]] == [0, 1, 2, 3, 4]
-    counts = {k: v for k, v in store.writes.items() if k != "progress"}
+    counts = {k: v for k, v in settled(store).items() if k != "progress"}
     assert counts == {"enqueue": 1, "claim": 1, "start": 5, "finish_and_claim": 5, "claimed with an end": 4}, counts
 
 
