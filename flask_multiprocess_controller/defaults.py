@@ -139,6 +139,9 @@ LOG_KEEP_BYTES = 256 * 1024
 LOG_RETENTION = 24 * 3600.0
 #: Seconds a serving process claims nothing after a sibling stopped a task because it is shutting down.
 SIBLING_SHUTDOWN_HOLD = 2.0
+#: Seconds after a sibling's shutdown within which this process's own shutdown counts as the same one (gunicorn
+#: signals its workers at once; one may handle its signal late): a task it claimed between the two is given back.
+SIBLING_SHUTDOWN_SPAN = 10.0
 #: Seconds running tasks whose serving process ended wait for another of the app's serving processes on
 #: the same host to adopt them, before they are stopped (or queued again) as a shutdown would (see handover.py).
 HANDOVER_WINDOW = 60.0

@@ -131,6 +131,8 @@ class Runtime(TaskSide):
         self.host_drained = False
         #: Monotonic time before which no task is claimed (a sibling is shutting down).
         self._hold_claims_until = 0.0
+        #: The store's clock when this process began to shut down (None before).
+        self._shutdown_began: Optional[float] = None
         #: This host's capacity, resource name -> amount, that claims count declared resources against
         #: (None: tasks are claimed whatever they declare).
         self.capacity: Optional[Mapping[str, float]] = None
@@ -772,13 +774,34 @@ class Runtime(TaskSide):
         "Just after" reaches a whole hold past the hold the sibling's end began: a slot that hold kept
         from claiming claims the moment it lapses, which is a hold after this process *read* the end,
         so later than a hold after the end was written (by the feed's delay and the claim's own time).
+        However late this process handles its own signal, a task it claimed after a sibling's shutdown and before
+        its own, when the two are one shutdown (:data:`~..defaults.SIBLING_SHUTDOWN_SPAN` apart at most), is
+        given back too.
         """
         claimed = run.claimed_at
         if claimed is None:
             return False
         self.events.catch_up()  # what the siblings did may not have been read yet
         window = 2 * defaults.SIBLING_SHUTDOWN_HOLD
-        return any(0.0 <= claimed - at <= window for at in list(self._sibling_shutdowns))
+        began = self._shutdown_began
+        return any(0.0 <= claimed - at <= window or (
+            began is not None and at <= claimed <= began and began - at <= defaults.SIBLING_SHUTDOWN_SPAN)
+            for at in list(self._sibling_shutdowns)) or self._sibling_shutdown_stored(claimed, window)
+
+    def _sibling_shutdown_stored(self, claimed: float, window: float) -> bool:
+        """Whether the store shows a task of this controller that another serving process's shutdown stopped
+        at most ``window`` seconds before ``claimed``: the feed may not have brought that end to this process
+        before the claim and its own shutdown (both a moment apart under load)."""
+        try:
+            rows = self.store.list_tasks(self.config.name, statuses=[TaskStatus.STOPPED.value], limit=50)
+        except StoreError:
+            return False
+        for row in rows:
+            error, ended = row.get("error") or {}, row.get("ended_at")
+            if (error.get("type") == "Shutdown" and row.get("owner") != self.owner and ended is not None
+                    and 0.0 <= claimed - ended <= window):
+                return True
+        return False
 
     def _retry(self, run: TaskRun, outcome: Outcome, retrier: Retrier) -> bool:
         """Queue the task again if its class retries this end (see :mod:`.retries`); True when it was."""
@@ -843,6 +866,10 @@ class Runtime(TaskSide):
             to adopt (see :mod:`.handover`) when the hand-over is armed; else they are stopped.
         :returns: whether the tasks were handed over.
         """
+        try:
+            self._shutdown_began = self.store.now()
+        except StoreError:
+            self._shutdown_began = time.time()
         if self._listener is not None:
             self._listener.stop()  # adopt nothing more
         self._let_running_tasks_finish(hand_over)
