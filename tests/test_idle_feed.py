@@ -39,9 +39,10 @@ def test_the_file_watch_wakes_on_the_database_files_only(tmp_path) -> None:
 
 
 @linux_only
-def test_a_waiting_sqlite_reader_wakes_on_another_store_objects_commit(tmp_path) -> None:
+def test_a_waiting_sqlite_reader_wakes_on_another_store_objects_commit(tmp_path, monkeypatch) -> None:
     # Two store objects on one file share no condition: only the file's change can wake the reader
     # (besides its safety look), as for a reader in another process.
+    monkeypatch.setenv("MPC_SQLITE_FILE_WATCH", "1")  # the watch is opt-in
     path = str(tmp_path / "tasks.sqlite3")
     reader, writer = SQLiteStore(path), SQLiteStore(path)
     try:
