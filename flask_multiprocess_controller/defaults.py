@@ -24,7 +24,12 @@ PROGRESS_FLUSH_ENV = "MPC_PROGRESS_FLUSH"
 PUBLISH_INTERVAL = 0.05
 #: Seconds between two samples of a running task's process tree (memory, CPU).
 SAMPLE_INTERVAL = 0.5
-#: Seconds between two samples when a memory limit is set.
+#: Seconds between two samples of a task that has run ``SAMPLE_WARMUP`` seconds, without a memory limit: the
+#: live figures of a long task need not be fresher, and each sample reads a few /proc files per process.
+SAMPLE_INTERVAL_LATER = 2.0
+#: Seconds a task runs before its tree is sampled every ``SAMPLE_INTERVAL_LATER`` seconds.
+SAMPLE_WARMUP = 5.0
+#: Seconds between two samples when a memory limit is set (all along: the limit is enforced from them).
 SAMPLE_INTERVAL_WITH_MEMORY_LIMIT = 0.1
 #: Seconds between two writes of a running task's memory and CPU figures to the store when the task writes
 #: no progress (they ride with each progress write otherwise).

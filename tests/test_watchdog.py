@@ -29,6 +29,17 @@ def test_nothing_is_due_before_the_first_sample():
     assert dog.sleep_for(100.5, **QUIET) == pytest.approx(0.5)
 
 
+def test_a_long_task_is_sampled_less_often_after_its_warm_up():
+    dog = Watchdog(Schedule(stop_grace=10.0, sample_every=0.5, sample_every_later=2.0, sample_warmup=5.0),
+                   started=100.0, timeout=None)
+    assert dog.due(104.5, **QUIET) == [Action.SAMPLE]  # still warming up: the next one in 0.5 s
+    assert dog.sleep_for(104.5, **QUIET) == pytest.approx(0.5)
+    assert dog.due(105.0, **QUIET) == [Action.SAMPLE]  # warmed up: every 2 s from now on
+    assert dog.sleep_for(105.0, **QUIET) == pytest.approx(2.0)
+    assert dog.due(106.9, **QUIET) == []
+    assert dog.due(107.0, **QUIET) == [Action.SAMPLE]
+
+
 def test_timeout_is_due_once_at_the_deadline():
     dog = Watchdog(SCHEDULE, started=0.0, timeout=3.0)
     assert Action.TIMEOUT not in dog.due(2.99, **QUIET)

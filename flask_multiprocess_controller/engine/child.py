@@ -53,7 +53,7 @@ class _Channel:
     """The child's end of the task channel (one task at a time).
 
     Progress is coalesced here: :meth:`publish` only keeps the latest value, and a flusher thread
-    sends it at most every ``RunTask.progress_every`` seconds (half the serving process's flush interval,
+    sends it at most every ``RunTask.progress_every`` seconds (the serving process's flush interval,
     ``PUBLISH_INTERVAL`` at least), so a task may report progress in a tight loop at the cost of an
     attribute store. The last value is always sent before the task's end.
     """

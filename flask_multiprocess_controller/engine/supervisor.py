@@ -225,6 +225,7 @@ class Supervisor:
             stop_grace=settings.stop_grace,
             sample_every=(defaults.SAMPLE_INTERVAL_WITH_MEMORY_LIMIT if settings.max_memory
                           else defaults.SAMPLE_INTERVAL),
+            sample_every_later=None if settings.max_memory else defaults.SAMPLE_INTERVAL_LATER,
             max_pause=settings.max_pause, timeout_while_paused=settings.timeout_while_paused)
         self._levels_cache: dict[str, int] = {}
         self._levels_at = 0.0
@@ -288,11 +289,13 @@ class Supervisor:
         return classify(observation, self.settings)
 
     def _progress_every(self) -> float:
-        """Seconds between two progress messages of a task: twice per write of its progress (a value then waits
-        at most half an interval in the task and one in the flusher: visible within 0.3 s by default), no more."""
+        """Seconds between two progress messages of a task: one per write of its progress, no more (a value then
+        waits at most an interval in the task and one in the flusher: visible within 0.4 s by default). Each
+        message wakes a controlling thread of the serving process: two per write cost the web tier twice as much
+        for values a write would have coalesced anyway."""
         if self._flusher is not None:
-            return self._flusher.interval / 2
-        return self._schedule.flush_every / 2
+            return self._flusher.interval
+        return self._schedule.flush_every
 
     def _levels(self) -> dict[str, int]:
         """The server's logger levels, computed at most once a second."""

@@ -51,6 +51,11 @@ class Schedule:
     timeout_while_paused: bool = True
     #: Seconds before :attr:`Action.PAUSE_EXPIRED` is due again if the pause did not end after it.
     pause_retry: float = defaults.PAUSE_EXPIRY_RETRY
+    #: Seconds between two samples once the task has run ``sample_warmup`` seconds (None: ``sample_every``
+    #: all along). A long task's tree is read less often: its end report carries exact figures anyway.
+    sample_every_later: Optional[float] = None
+    #: Seconds a task runs before its samples come every ``sample_every_later`` seconds.
+    sample_warmup: float = defaults.SAMPLE_WARMUP
 
 
 class Watchdog:
@@ -71,11 +76,18 @@ class Watchdog:
         self._pause_ends_at: Optional[float] = None
         # The first sample waits a full interval: short tasks are measured by their own report,
         # and a sample scans the process table.
+        self._started = started
         self._next_sample = started + schedule.sample_every
         self._next_flush = started + schedule.flush_every
         self._term_at: Optional[float] = None
         #: True once the tree was SIGKILLed (by the schedule or by the caller): no escalation is left.
         self.killed = False
+
+    def _sample_interval(self, now: float) -> float:
+        later = self.schedule.sample_every_later
+        if later is not None and now - self._started >= self.schedule.sample_warmup:
+            return later
+        return self.schedule.sample_every
 
     def killed_now(self) -> None:
         """Record that the caller killed the tree (memory limit, ownership lost)."""
@@ -126,7 +138,7 @@ class Watchdog:
             self._pause_ends_at = now + self.schedule.pause_retry  # due again only if the pause goes on
         if now >= self._next_sample:
             actions.append(Action.SAMPLE)
-            self._next_sample = now + self.schedule.sample_every
+            self._next_sample = now + self._sample_interval(now)
         if stop_at is not None and not ended and not self.killed:
             if self._term_at is None and now >= stop_at + self.schedule.stop_grace:
                 actions.append(Action.TERMINATE)
