@@ -105,6 +105,16 @@ def tenant_text(tenant: Optional[str]) -> Optional[str]:
 _CLAIM_TAG = "COALESCE('=' || {col}, '~')"
 
 
+def _full_groups(name: str, column: str, bound: str) -> tuple[str, str]:
+    """A claim's bound on the active tasks per value of ``column`` (a concurrency key, a tenant): the CTE
+    ``name`` of the values whose active tasks (the CTE ``act``) number the parameter ``bound`` or more, and
+    the condition, written after a value, that it is not one of them. NULL is no group and never full; the
+    condition does not hold for it, so the caller lets its tasks through."""
+    cte = (f"{name} AS (SELECT {column} FROM act WHERE {column} IS NOT NULL "
+           f"GROUP BY {column} HAVING count(*) >= %({bound})s)")
+    return cte, f"NOT IN (SELECT {column} FROM {name})"
+
+
 def _tenant_value(text: Optional[str]) -> Optional[str]:
     """The tenant of a ``tenant`` column's text (see :func:`tenant_text`)."""
     if text is None or "\\" not in text:
@@ -567,18 +577,17 @@ class PostgresStore(ClaimSteps, TaskStore):
                 rows_ok.append("q.concurrency_key IS NULL")
             else:
                 params["max_per_key"] = rules.max_per_key
-                ctes.append("full_keys AS (SELECT concurrency_key FROM act WHERE concurrency_key IS NOT NULL "
-                            "GROUP BY concurrency_key HAVING count(*) >= %(max_per_key)s)")
-                rows_ok.append("(q.concurrency_key IS NULL OR q.concurrency_key NOT IN "
-                               "(SELECT concurrency_key FROM full_keys))")
+                full_keys, not_full = _full_groups("full_keys", "concurrency_key", "max_per_key")
+                ctes.append(full_keys)
+                rows_ok.append(f"(q.concurrency_key IS NULL OR q.concurrency_key {not_full})")
         if rules.max_per_tenant is not None:
             if rules.max_per_tenant <= 0:
                 tenants_ok.append("false")
             else:
                 params["max_per_tenant"] = rules.max_per_tenant
-                ctes.append("full_tenants AS (SELECT tenant FROM act WHERE tenant IS NOT NULL "
-                            "GROUP BY tenant HAVING count(*) >= %(max_per_tenant)s)")
-                tenants_ok.append("{col} NOT IN (SELECT tenant FROM full_tenants)")
+                full_tenants, not_full = _full_groups("full_tenants", "tenant", "max_per_tenant")
+                ctes.append(full_tenants)
+                tenants_ok.append("{col} " + not_full)
         held = [tenant_text(tenant) for tenant in rules.held_tenants if tenant is not None]
         no_tenant_held = None in rules.held_tenants
         if held:
