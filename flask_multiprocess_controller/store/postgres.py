@@ -105,6 +105,16 @@ def tenant_text(tenant: Optional[str]) -> Optional[str]:
 _CLAIM_TAG = "COALESCE('=' || {col}, '~')"
 
 
+def _full_groups(name: str, column: str, bound: str) -> tuple[str, str]:
+    """A claim's bound on the active tasks per value of ``column`` (a concurrency key, a tenant): the CTE
+    ``name`` of the values whose active tasks (the CTE ``act``) number the parameter ``bound`` or more, and
+    the condition, written after a value, that it is not one of them. NULL is no group and never full; the
+    condition does not hold for it, so the caller lets its tasks through."""
+    cte = (f"{name} AS (SELECT {column} FROM act WHERE {column} IS NOT NULL "
+           f"GROUP BY {column} HAVING count(*) >= %({bound})s)")
+    return cte, f"NOT IN (SELECT {column} FROM {name})"
+
+
 def _tenant_value(text: Optional[str]) -> Optional[str]:
     """The tenant of a ``tenant`` column's text (see :func:`tenant_text`)."""
     if text is None or "\\" not in text:
@@ -567,18 +577,17 @@ class PostgresStore(ClaimSteps, TaskStore):
                 rows_ok.append("q.concurrency_key IS NULL")
             else:
                 params["max_per_key"] = rules.max_per_key
-                ctes.append("full_keys AS (SELECT concurrency_key FROM act WHERE concurrency_key IS NOT NULL "
-                            "GROUP BY concurrency_key HAVING count(*) >= %(max_per_key)s)")
-                rows_ok.append("(q.concurrency_key IS NULL OR q.concurrency_key NOT IN "
-                               "(SELECT concurrency_key FROM full_keys))")
+                full_keys, not_full = _full_groups("full_keys", "concurrency_key", "max_per_key")
+                ctes.append(full_keys)
+                rows_ok.append(f"(q.concurrency_key IS NULL OR q.concurrency_key {not_full})")
         if rules.max_per_tenant is not None:
             if rules.max_per_tenant <= 0:
                 tenants_ok.append("false")
             else:
                 params["max_per_tenant"] = rules.max_per_tenant
-                ctes.append("full_tenants AS (SELECT tenant FROM act WHERE tenant IS NOT NULL "
-                            "GROUP BY tenant HAVING count(*) >= %(max_per_tenant)s)")
-                tenants_ok.append("{col} NOT IN (SELECT tenant FROM full_tenants)")
+                full_tenants, not_full = _full_groups("full_tenants", "tenant", "max_per_tenant")
+                ctes.append(full_tenants)
+                tenants_ok.append("{col} " + not_full)
         held = [tenant_text(tenant) for tenant in rules.held_tenants if tenant is not None]
         no_tenant_held = None in rules.held_tenants
         if held:
@@ -618,28 +627,39 @@ class PostgresStore(ClaimSteps, TaskStore):
                    f"SKIP LOCKED){returning}", None, params
         # (The orders spell the index's columns, so that the planner walks it rather than the primary key.)
         in_index = "ORDER BY q.controller, q.priority, q.tenant"
-        at_top = f"{ready} AND q.priority = top.priority"
-        other = f"(SELECT 1 FROM {t} q WHERE {at_top} AND q.tenant"
-        found = f" {in_index} LIMIT 1) IS NOT NULL"
-        shared = (f"{other} > top.tenant{found} OR {other} < top.tenant{found} OR (top.tenant IS NULL AND "
-                  f"{other} IS NOT NULL{found}) OR (top.tenant IS NOT NULL AND {other} IS NULL{found})")
+
+        def probe(what: str, priority: str, tenant: str, *, eligible: bool = False) -> str:
+            """One walk of ``tasks_ready_tenant``, as both statements of fair share read the queue: ``what``
+            of the first ready task at ``priority`` (an SQL expression) whose tenant meets ``tenant`` (a
+            condition on ``q.tenant``); when ``eligible``, of the oldest such task that the row rules let be
+            claimed."""
+            where = f"{ready} AND q.priority = {priority} AND {tenant}{row_ok if eligible else ''}"
+            order = f"{in_index}, q.seq" if eligible else in_index
+            return f"(SELECT {what} FROM {t} q WHERE {where} {order} LIMIT 1)"
+
+        def waiting(tenant: str) -> str:
+            """Whether a task of a tenant meeting ``tenant`` is ready at the candidate's priority."""
+            return f"{probe('1', 'top.priority', tenant)} IS NOT NULL"
+
+        shared = (f"{waiting('q.tenant > top.tenant')} OR {waiting('q.tenant < top.tenant')} OR "
+                  f"(top.tenant IS NULL AND {waiting('q.tenant IS NOT NULL')}) OR "
+                  f"(top.tenant IS NOT NULL AND {waiting('q.tenant IS NULL')})")
         alone = (f"{with_rules}{', ' if ctes else 'WITH '}candidate AS ({first} FOR UPDATE SKIP LOCKED), "
                  f"top AS (SELECT top.seq, {shared} AS shared FROM candidate top), "
                  f"claimed AS ({claimed}(SELECT seq FROM top WHERE NOT shared){returning}), "
                  f"{self._record_claim()} SELECT top.shared, claimed.* FROM top LEFT JOIN claimed ON true")
-        at_top = f"{ready} AND q.priority = (SELECT priority FROM top)"
+        at_top = "(SELECT priority FROM top)"
         if running not in ctes:
             ctes.insert(0, running)
         ctes.append(f"top AS ({first})")
-        ctes.append(f"tenants(tenant) AS ((SELECT q.tenant FROM {t} q WHERE {at_top} AND q.tenant IS NOT NULL "
-                    f"{in_index} LIMIT 1) UNION ALL SELECT (SELECT q.tenant FROM {t} q WHERE {at_top} "
-                    f"AND q.tenant > g.tenant {in_index} LIMIT 1) FROM tenants g WHERE g.tenant IS NOT NULL)")
-        heads = (f"SELECT g.tenant, (SELECT q.seq FROM {t} q WHERE {at_top} AND q.tenant = g.tenant{row_ok} "
-                 f"{in_index}, q.seq LIMIT 1) AS head FROM tenants g WHERE g.tenant IS NOT NULL"
-                 f"{tenant_ok('g.tenant')}")
+        first_tenant = probe("q.tenant", at_top, "q.tenant IS NOT NULL")
+        next_tenant = probe("q.tenant", at_top, "q.tenant > g.tenant")
+        ctes.append(f"tenants(tenant) AS ({first_tenant} UNION ALL SELECT {next_tenant} FROM tenants g "
+                    "WHERE g.tenant IS NOT NULL)")
+        heads = (f"SELECT g.tenant, {probe('q.seq', at_top, 'q.tenant = g.tenant', eligible=True)} AS head "
+                 f"FROM tenants g WHERE g.tenant IS NOT NULL{tenant_ok('g.tenant')}")
         if not no_tenant_held:
-            heads += (f" UNION ALL SELECT NULL, (SELECT q.seq FROM {t} q WHERE {at_top} AND q.tenant IS NULL{row_ok} "
-                      f"{in_index}, q.seq LIMIT 1)")
+            heads += f" UNION ALL SELECT NULL, {probe('q.seq', at_top, 'q.tenant IS NULL', eligible=True)}"
         ctes.append(f"heads AS ({heads})")
         ctes.append("pick AS (SELECT h.head FROM heads h WHERE h.head IS NOT NULL ORDER BY "
                     "(SELECT count(*) FROM act a WHERE a.tenant IS NOT DISTINCT FROM h.tenant), "

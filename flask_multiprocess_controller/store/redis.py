@@ -123,6 +123,11 @@ def _encode(column: str, value: Any) -> Optional[str]:
     return str(value)
 
 
+def _flat_fields(pairs: Iterable[tuple[Any, Any]]) -> list[Any]:
+    """A hash's (field, value) pairs as the flat list :func:`_decode` reads, without the fields it lacks (None)."""
+    return [x for pair in pairs if pair[1] is not None for x in pair]
+
+
 def _decode(flat: Sequence[Any], columns: Sequence[str] = _COLUMNS) -> Row:
     raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
     row: dict[str, Any] = {}
@@ -374,22 +379,26 @@ class RedisStore(TaskStore):
         bounds = f"{max(1, int(self.max_events))} {max(1, int(self.max_event_bytes))}"
         return self._scripts[script](args=[self.prefix, emitter or "", bounds, *args])
 
-    def _get_many(self, uuids: Sequence[Any]) -> list[Row]:
-        pipe = self._redis.pipeline(transaction=False)
-        for uuid in uuids:
-            pipe.hgetall(self._key("t", _text(uuid)))
-        return [_decode([x for pair in flat.items() for x in pair]) for flat in pipe.execute() if flat]
+    def _read_rows(self, uuids: Sequence[Any], *, with_state: bool) -> list[Row]:
+        """The rows of ``uuids`` still stored, in their order, read in one round trip (a pipeline).
 
-    def _list_many(self, uuids: Sequence[Any]) -> list[Row]:
-        """:meth:`_get_many` for lists: the rows without their saved state (large, and shown nowhere)."""
+        Without ``with_state`` only :data:`_LISTED_COLUMNS` are read, and the rows are as lists show them
+        (:func:`event_task`): the saved state is large and shown nowhere. A purged task has no row.
+        """
         pipe = self._redis.pipeline(transaction=False)
         for uuid in uuids:
-            pipe.hmget(self._key("t", _text(uuid)), _LISTED_COLUMNS)
+            key = self._key("t", _text(uuid))
+            if with_state:
+                pipe.hgetall(key)
+            else:
+                pipe.hmget(key, _LISTED_COLUMNS)
         rows = []
-        for values in pipe.execute():
-            if values[0] is not None:  # uuid: None once the task was purged
-                flat = [x for pair in zip(_LISTED_COLUMNS, values) if pair[1] is not None for x in pair]
-                row = _decode(flat)
+        for answer in pipe.execute():
+            if with_state:
+                if answer:  # {} once the task was purged
+                    rows.append(_decode(_flat_fields(answer.items())))
+            elif answer[0] is not None:  # uuid: None once the task was purged
+                row = _decode(_flat_fields(zip(_LISTED_COLUMNS, answer)))
                 rows.append(cast(Row, event_task(row)))
         return rows
 
@@ -646,7 +655,7 @@ class RedisStore(TaskStore):
             key = _text(raw)
             if len(key) == len(head) + 36:  # a task's own hash, not a longer key that shares the start
                 uuids.append(key[len(head):])
-        rows = self._list_many(uuids)
+        rows = self._read_rows(uuids, with_state=False)
         rows.sort(key=lambda r: r["seq"], reverse=True)
         return rows[:limit]
 
@@ -658,7 +667,7 @@ class RedisStore(TaskStore):
         if not wanted:
             uuids = self._redis.zrevrangebyscore(self._index(controller, tenant, "all"), top, "-inf", start=0,
                                                  num=limit)
-            return self._list_many(uuids)
+            return self._read_rows(uuids, with_state=False)
         # The newest ``limit`` of each wanted status, merged: O(limit) per status.
         pipe = self._redis.pipeline(transaction=True)
         for status in wanted:
@@ -667,12 +676,12 @@ class RedisStore(TaskStore):
         merged = heapq.merge(*pipe.execute(), key=lambda pair: pair[1], reverse=True)
         uuids = [uuid for uuid, _ in merged][:limit]
         # A task may have changed status since: keep to the filter.
-        return [row for row in self._list_many(uuids) if row["status"] in wanted]
+        return [row for row in self._read_rows(uuids, with_state=False) if row["status"] in wanted]
 
     @_guarded
     def batch(self, controller: str, batch: str) -> list[Row]:
         # A sorted set per batch (by seq), written with the tasks and trimmed by purges.
-        return self._list_many(self._redis.zrange(self._c(controller, "b:" + batch), 0, -1))
+        return self._read_rows(self._redis.zrange(self._c(controller, "b:" + batch), 0, -1), with_state=False)
 
     @_guarded
     def reruns(self, controller: str, uuid: str, limit: int = 20) -> list[str]:
@@ -736,7 +745,7 @@ class RedisStore(TaskStore):
 
     @_guarded
     def active(self, controller: str) -> list[Row]:
-        return self._get_many(sorted(self._redis.smembers(self._c(controller, "active"))))
+        return self._read_rows(sorted(self._redis.smembers(self._c(controller, "active"))), with_state=True)
 
     # -- clock and heartbeats ------------------------------------------------------------------------------
 
