@@ -45,24 +45,22 @@ import math
 import os
 import platform
 import random
-import shutil
-import signal
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import psutil
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import pgcluster  # noqa: E402
-from bench.peers.base import REPO_DIR, RedisServer, free_port, poll_until, spawn, stop_tree  # noqa: E402
+from bench.peers.base import RedisServer, poll_until  # noqa: E402
+from bench.serving import PostgresStore, Process, Server, cpu_rates, torn_down  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cross_host.json"
 APP = Path(__file__).resolve().parent / "peers" / "cross_host_app.py"
@@ -95,82 +93,6 @@ IDLE_TASK_EVERY = 0.2
 MAX_ASKS = 20
 GUNICORN_WORKERS = 2
 GUNICORN_THREADS = 256
-
-
-class Server:
-    """One serving process started by this script, with its whole process tree."""
-
-    def __init__(self, name: str, argv: Sequence[str], env: dict, workdir: Path, port: int, workers: int) -> None:
-        self.name = name
-        self.port = port
-        self.workers = workers  # gunicorn workers; 0 for the dev server (the server is the worker)
-        self.log = workdir / f"{name}.log"
-        self.command = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith(("MPC_", "BENCH_"))) + " " + \
-            " ".join(str(a) for a in argv)
-        self.proc = spawn(argv, self.log, cwd=REPO_DIR, env={**env, "PORT": str(port), "PYTHONUNBUFFERED": "1"})
-        self.root = psutil.Process(self.proc.pid)
-        self.base = f"http://127.0.0.1:{port}/tasks"
-
-    def url(self, uuid: str) -> str:
-        return f"{self.base}/{uuid}"
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-    def wait_ready(self) -> None:
-        """Wait until it answers, and each of its serving processes has its controller's fork server."""
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(self.base, timeout=5).status_code != 200:
-                    return False
-                serving = self.root.children() if self.workers else [self.root]
-                return len(serving) == max(1, self.workers) and all(p.children() for p in serving)
-            except (requests.RequestException, psutil.Error):
-                return False
-        poll_until(ready, bool, STEP_TIMEOUT, f"{self.name} ready", interval=0.1)
-
-    def tree(self) -> list[psutil.Process]:
-        try:
-            return [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return []
-
-    def pids(self) -> set[int]:
-        return {p.pid for p in self.tree()}
-
-    def cpu_seconds(self) -> dict[tuple[int, float], float]:
-        """CPU seconds so far of each process of the tree (with the children it reaped), by (pid, start)."""
-        seconds = {}
-        for proc in self.tree():
-            try:
-                times = proc.cpu_times()
-                seconds[(proc.pid, proc.create_time())] = (times.user + times.system + times.children_user
-                                                           + times.children_system)
-            except psutil.Error:
-                continue
-        return seconds
-
-    def client_ports(self) -> set[int]:
-        """Ports of the clients whose connections the server's processes have accepted and hold open."""
-        ports = set()
-        for proc in self.tree():
-            try:
-                for conn in proc.net_connections(kind="tcp"):
-                    if conn.status == psutil.CONN_ESTABLISHED and conn.laddr and conn.laddr.port == self.port \
-                            and conn.raddr:
-                        ports.add(conn.raddr.port)
-            except psutil.Error:
-                continue
-        return ports
-
-    def stop(self) -> None:
-        try:
-            self.root.resume()  # a frozen server would not see its SIGTERM
-        except psutil.Error:
-            pass
-        stop_tree(self.proc)
 
 
 @contextmanager
@@ -259,14 +181,14 @@ def measure_idle_streams(server: Server, clients: int, window: float) -> dict:
     until = threading.Event()
     held = [HeldStream(server, until) for _ in range(clients)]
     time.sleep(CPU_SETTLE)
-    idle, = _cpu_rate([server], window)
+    idle, = cpu_rates([server], window)
     try:
         for stream in held:
             stream.start()
         poll_until(lambda: len(server.client_ports() & {s.local_port for s in held}), lambda n: n >= clients,
                    STEP_TIMEOUT, f"{clients} event streams held by {server.name}", interval=0.1)
         time.sleep(CPU_SETTLE)
-        loaded, = _cpu_rate([server], window)
+        loaded, = cpu_rates([server], window)
         failed = [s.error for s in held if s.error is not None]
         if failed:
             raise RuntimeError(f"{len(failed)} event streams failed, e.g. {failed[0]!r}")
@@ -378,40 +300,19 @@ def measure_stop(a: Server, b: Server, tasks: int, rng: random.Random) -> list[f
     return latencies
 
 
-def _cpu_rate(servers: Sequence[Any], window: float) -> list[float]:
-    """CPU seconds per wall second of each of ``servers`` (anything with ``cpu_seconds()``) over ``window``."""
-    before = [s.cpu_seconds() for s in servers]
-    began = time.monotonic()
-    time.sleep(window)
-    after = [s.cpu_seconds() for s in servers]
-    elapsed = time.monotonic() - began
-    return [sum(t - b.get(key, 0.0) for key, t in a.items()) / elapsed for b, a in zip(before, after)]
-
-
-class _Process:
-    """CPU of one plain process (the Redis server), shaped like :meth:`Server.cpu_seconds`."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-
-    def cpu_seconds(self) -> dict:
-        times = self.proc.cpu_times()
-        return {(self.proc.pid, 0.0): times.user + times.system}
-
-
 def measure_idle_waiters(server: Server, redis_pid: int, waiters: int, window: float) -> dict:
     """(3): CPU of ``server``'s tree with ``waiters`` held long-polls, above its own idle CPU."""
     until = threading.Event()
     held: list[HeldWait] = []
     uuids: list[str] = []
-    redis = _Process(redis_pid)
+    redis = Process(redis_pid)
     with requests.Session() as session:
         try:
             uuids += [_post(session, server, every=IDLE_TASK_EVERY) for _ in range(IDLE_TASKS)]
             for uuid in uuids:
                 _running(session, server, uuid, executing=True)
             time.sleep(CPU_SETTLE)
-            idle, redis_idle = _cpu_rate([server, redis], window)
+            idle, redis_idle = cpu_rates([server, redis], window)
             held += [HeldWait(server, uuids[i % len(uuids)], until) for i in range(waiters)]
             for waiter in held:
                 waiter.start()
@@ -424,7 +325,7 @@ def measure_idle_waiters(server: Server, redis_pid: int, waiters: int, window: f
             poll_until(holding, lambda n: n >= waiters, STEP_TIMEOUT, f"{waiters} waits held by {server.name}",
                        interval=0.1)
             time.sleep(CPU_SETTLE)
-            loaded, redis_loaded = _cpu_rate([server, redis], window)
+            loaded, redis_loaded = cpu_rates([server, redis], window)
             still = holding()
         finally:
             # Ending the tasks answers every held wait.
@@ -448,26 +349,12 @@ def measure_idle_waiters(server: Server, redis_pid: int, waiters: int, window: f
 def _dev_server(name: str, workdir: Path, store: str, host: str) -> Server:
     # The idle-stream figure holds --waiters event streams on one process: above the default cap of 32.
     env = {"MPC_STORE_URL": store, "MPC_HOST_ID": host, "MPC_MAX_STREAMS": "100000"}
-    return Server(name, [sys.executable, str(APP)], env, workdir, free_port(), workers=0)
+    return Server.dev(name, APP, env, workdir)
 
 
 def _gunicorn(name: str, workdir: Path, store: str, host: str) -> Server:
-    port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "-w", str(GUNICORN_WORKERS), "-k", "gthread",
-            "--threads", str(GUNICORN_THREADS), "--timeout", "120", "--graceful-timeout", "15",
-            "-b", f"127.0.0.1:{port}", APP_MODULE]
-    return Server(name, argv, {"MPC_STORE_URL": store, "MPC_HOST_ID": host}, workdir, port,
-                  workers=GUNICORN_WORKERS)
-
-
-class _Cluster:
-    """The private PostgreSQL cluster, stopped like the servers (in ``started``)."""
-
-    def __init__(self) -> None:
-        self.cluster = pgcluster.PostgresCluster()
-
-    def stop(self) -> None:
-        self.cluster.destroy()
+    return Server.gunicorn(name, APP_MODULE, {"MPC_STORE_URL": store, "MPC_HOST_ID": host}, workdir,
+                           GUNICORN_WORKERS, GUNICORN_THREADS)
 
 
 def _wait_and_stop(args: argparse.Namespace, workdir: Path, started: list, store: str, suffix: str,
@@ -521,7 +408,7 @@ def run(args: argparse.Namespace, workdir: Path, started: list) -> dict:
                                                       "met": streams["value"] < TARGET_IDLE_PCT}
         server.stop()
     if "postgresql" in args.stores:
-        cluster = _Cluster()
+        cluster = PostgresStore()
         started.append(cluster)
         _wait_and_stop(args, workdir, started, cluster.cluster.url(), "_pg", figures, commands, "PostgreSQL")
         cluster.stop()
@@ -579,21 +466,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("PostgreSQL is not installed: (1) and (2) on Redis only.", flush=True)
         args.stores.discard("postgresql")
 
-    # SIGTERM unwinds like Ctrl-C, so that the finally clause below tears everything down.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    workdir = Path(tempfile.mkdtemp(prefix="mpc-cross-host-"))
-    started: list = []
-    try:
-        result = run(args, workdir, started)
-    except Exception:
-        for server in started:
-            if isinstance(server, Server):
-                print(f"--- last lines of {server.name}'s log ---\n{server.tail()}", file=sys.stderr)
-        raise
-    finally:
-        for thing in reversed(started):
-            thing.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    result = torn_down("mpc-cross-host-", lambda workdir, started: run(args, workdir, started))
 
     result["settings"] = {"stores": sorted(args.stores), "tasks": args.tasks, "waiters": args.waiters, "window_s": args.window, "seed": args.seed,
                           "cpus": os.cpu_count(), "python": platform.python_version(),

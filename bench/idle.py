@@ -27,10 +27,7 @@ import datetime
 import json
 import os
 import platform
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -40,8 +37,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import pgcluster  # noqa: E402
-from bench.cross_host import APP, APP_MODULE, HTTP_TIMEOUT, STEP_TIMEOUT, TERMINAL, Server  # noqa: E402
-from bench.peers.base import RedisServer, free_port, poll_until  # noqa: E402
+from bench.cross_host import APP, APP_MODULE, HTTP_TIMEOUT, STEP_TIMEOUT, TERMINAL  # noqa: E402
+from bench.peers.base import RedisServer, poll_until  # noqa: E402
+from bench.serving import PostgresStore, Server, torn_down, tree_cpu_seconds  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: % of one core an idle serving process (with its fork server) may take.
@@ -67,14 +65,6 @@ def _wakeups(proc: psutil.Process) -> int:
         except OSError:
             continue
     return total
-
-
-def _roles(server: Server) -> dict[str, list[psutil.Process]]:
-    """The processes of ``server``: ``serving`` (with their fork servers) and ``arbiter`` (gunicorn's)."""
-    if server.workers:
-        workers = server.root.children()
-        return {"serving": [p for w in workers for p in (w, *w.children())], "arbiter": [server.root]}
-    return {"serving": [server.root, *server.root.children()], "arbiter": []}
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -122,9 +112,9 @@ def _burst(server: Server, gate: Path, tasks: int) -> None:
 def measure(server: Server, store_proc: Optional[psutil.Process], window: float) -> dict:
     """CPU (% of one core) and wake-ups per second of ``server``'s roles over ``window``, and the CPU of the
     store's server (``store_proc`` with its children) over the same window."""
-    roles = _roles(server)
+    roles = {"serving": server.serving_with_children(), "arbiter": server.arbiter()}
     before = {role: _sample(procs) for role, procs in roles.items()}
-    store_before = _tree_cpu(store_proc) if store_proc else 0.0
+    store_before = tree_cpu_seconds(store_proc) if store_proc else 0.0
     began = time.monotonic()
     time.sleep(window)
     elapsed = time.monotonic() - began
@@ -140,26 +130,15 @@ def measure(server: Server, store_proc: Optional[psutil.Process], window: float)
         figure["arbiter_pct"] = round((after["arbiter"][0] - before["arbiter"][0]) / elapsed * 100, 3)
         figure["arbiter_wakeups_per_s"] = round((after["arbiter"][1] - before["arbiter"][1]) / elapsed, 1)
     if store_proc is not None:
-        figure["store_server_pct"] = round((_tree_cpu(store_proc) - store_before) / elapsed * 100, 3)
+        figure["store_server_pct"] = round((tree_cpu_seconds(store_proc) - store_before) / elapsed * 100, 3)
     return figure
 
 
 def _server(kind: str, name: str, workdir: Path, store: str) -> Server:
     env = {"MPC_STORE_URL": store, "MPC_HOST_ID": "idle-host"}
     if kind == "dev":
-        return Server(name, [sys.executable, str(APP)], env, workdir, free_port(), workers=0)
-    port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "-w", str(GUNICORN_WORKERS), "-k", "gthread", "--threads", "8",
-            "--timeout", "120", "--graceful-timeout", "15", "-b", f"127.0.0.1:{port}", APP_MODULE]
-    return Server(name, argv, env, workdir, port, workers=GUNICORN_WORKERS)
-
-
-class _Cluster:
-    def __init__(self) -> None:
-        self.cluster = pgcluster.PostgresCluster()
-
-    def stop(self) -> None:
-        self.cluster.destroy()
+        return Server.dev(name, APP, env, workdir)
+    return Server.gunicorn(name, APP_MODULE, env, workdir, GUNICORN_WORKERS, threads=8)
 
 
 def _postmaster(cluster: pgcluster.PostgresCluster) -> Optional[psutil.Process]:
@@ -168,18 +147,6 @@ def _postmaster(cluster: pgcluster.PostgresCluster) -> Optional[psutil.Process]:
         if any(cluster.data in part for part in (proc.info["cmdline"] or [])):
             return proc
     return None
-
-
-def _tree_cpu(root: psutil.Process) -> float:
-    """CPU seconds so far of ``root`` and its children (a store server with its backends)."""
-    total = 0.0
-    for proc in (root, *root.children(recursive=True)):
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def run(args: argparse.Namespace, workdir: Path, started: list) -> dict:
@@ -199,7 +166,7 @@ def run(args: argparse.Namespace, workdir: Path, started: list) -> dict:
             urls = {kind: f"{base}/{i}" for i, kind in enumerate(args.servers)}
             store_proc = psutil.Process(redis_server.proc.pid)
         else:
-            cluster = _Cluster()
+            cluster = PostgresStore()
             started.append(cluster)
             urls = {kind: cluster.cluster.url() for kind in args.servers}
             store_proc = _postmaster(cluster.cluster)
@@ -259,20 +226,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("PostgreSQL is not installed: left out.", flush=True)
         args.stores.remove("postgresql")
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    workdir = Path(tempfile.mkdtemp(prefix="mpc-idle-"))
-    started: list = []
-    try:
-        result = run(args, workdir, started)
-    except Exception:
-        for thing in started:
-            if isinstance(thing, Server):
-                print(f"--- last lines of {thing.name}'s log ---\n{thing.tail()}", file=sys.stderr)
-        raise
-    finally:
-        for thing in reversed(started):
-            thing.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    result = torn_down("mpc-idle-", lambda workdir, started: run(args, workdir, started))
 
     result["settings"] = {"stores": args.stores, "servers": args.servers, "window_s": args.window,
                           "burst": args.burst, "cpus": os.cpu_count(), "python": platform.python_version(),

@@ -56,11 +56,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import environment  # noqa: E402
+
+if TYPE_CHECKING:  # imported where used: the script first runs itself in its environment (psutil, requests)
+    from bench.serving import Server
 
 RESULTS = environment.BENCH_DIR / "results"
 #: Row keys in report order, and their labels.
@@ -112,12 +115,13 @@ class Row:
 
     key = ""
     app = ""
+    #: Whether each gunicorn worker starts a controller's fork server (awaited before the row is ready).
+    fork_servers = False
 
     def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
         self.workdir = workdir
         self.args = args
-        self.gunicorn = None
-        self.port = 0
+        self.server: Optional["Server"] = None
         self.store_label = ""
 
     @property
@@ -128,21 +132,11 @@ class Row:
         return {}
 
     def start(self) -> None:
-        from bench.peers import base
-        self.port = base.free_port()
-        log = self.workdir / "gunicorn.log"
-        argv = [sys.executable, "-m", "gunicorn", "--workers", str(self.args.workers), "--worker-class", "gthread",
-                "--threads", "8", "--bind", f"127.0.0.1:{self.port}", "--timeout", "120", "--graceful-timeout",
-                "15", self.app]
-        self.gunicorn = base.spawn(argv, log, env={**self.env(), "PYTHONUNBUFFERED": "1"})
-        base.wait_port(self.port, self.gunicorn, log=log)
-        self.base_url = f"http://127.0.0.1:{self.port}/tasks"
-        base.poll_until(self._ready, bool, STEP_TIMEOUT, f"{self.key}: {self.args.workers} workers ready", 0.1)
-
-    def _ready(self) -> bool:
-        if self.gunicorn.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {self.gunicorn.returncode}:\n{self._tail('gunicorn.log')}")
-        return len(self.serving()) == self.args.workers + 1
+        """gunicorn on the row's app (its log ``gunicorn.log``), once every worker is up."""
+        from bench.serving import Server
+        self.server = Server.gunicorn("gunicorn", self.app, self.env(), self.workdir, self.args.workers, threads=8)
+        self.base_url = self.server.base
+        self.server.wait_ready(STEP_TIMEOUT, http=False, fork_servers=self.fork_servers)
 
     def _tail(self, name: str) -> str:
         path = self.workdir / name
@@ -150,9 +144,7 @@ class Row:
 
     def serving(self) -> list:
         """gunicorn's master and its workers."""
-        from bench.peers import accounting
-        masters = accounting.processes([self.gunicorn.pid]) if self.gunicorn is not None else []
-        return masters + [w for m in masters for w in accounting.children(m)]
+        return [*self.server.arbiter(), *self.server.serving()] if self.server is not None else []
 
     def cpu(self) -> dict[str, float]:
         raise NotImplementedError
@@ -161,9 +153,9 @@ class Row:
         raise NotImplementedError
 
     def close(self) -> None:
-        from bench.peers import base
-        base.stop_tree(self.gunicorn)
-        self.gunicorn = None
+        if self.server is not None:
+            self.server.stop()
+        self.server = None
 
     def versions(self) -> dict:
         from importlib.metadata import version
@@ -185,6 +177,7 @@ class MpcRow(Row):
     """This project on one store."""
 
     app = "bench.peers.long_mpc_app:app"
+    fork_servers = True
 
     def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
         super().__init__(workdir, args)
@@ -212,14 +205,6 @@ class MpcRow(Row):
 
     def env(self) -> dict:
         return {"MPC_STORE_URL": self.store_url, "BENCH_SLOTS": str(self.args.slots)}
-
-    def _ready(self) -> bool:
-        # Every worker up, each with its controller's fork server.
-        if not super()._ready():
-            return False
-        workers = self.serving()[1:]
-        from bench.peers import accounting
-        return all(accounting.children(w) for w in workers)
 
     def cpu(self) -> dict[str, float]:
         from bench.peers import accounting

@@ -38,11 +38,8 @@ import datetime
 import json
 import os
 import platform
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +50,9 @@ import redis
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.cross_host import Server, _ts  # noqa: E402
-from bench.peers.base import RedisServer, free_port  # noqa: E402
+from bench.cross_host import _ts  # noqa: E402
+from bench.peers.base import RedisServer  # noqa: E402
+from bench.serving import Server, torn_down  # noqa: E402
 from bench.workloads import percentile  # noqa: E402
 from flask_multiprocess_controller import defaults  # noqa: E402
 
@@ -126,7 +124,7 @@ def start_hosts(count: int, workdir: Path, store: str, slots: int) -> list[Serve
     servers = []
     for n in range(1, count + 1):
         env = {"MPC_STORE_URL": store, "MPC_HOST_ID": f"host-{n}", "BENCH_SLOTS": str(slots)}
-        servers.append(Server(f"host-{n}", [sys.executable, str(APP)], env, workdir, free_port(), 0))
+        servers.append(Server.dev(f"host-{n}", APP, env, workdir))
     return servers
 
 
@@ -354,20 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.hosts or min(args.hosts) < 1 or args.tasks < 1 or args.latency_tasks < 1 or args.idle <= 0:
         parser.error("--hosts, --tasks and --latency-tasks must be at least 1, --idle positive")
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    workdir = Path(tempfile.mkdtemp(prefix="mpc-scale-out-"))
-    started: list = []
-    try:
-        result = run(args, workdir, started)
-    except Exception:
-        for thing in started:
-            if isinstance(thing, Server):
-                print(f"--- last lines of {thing.name}'s log ---\n{thing.tail()}", file=sys.stderr)
-        raise
-    finally:
-        for thing in reversed(started):
-            thing.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    result = torn_down("mpc-scale-out-", lambda workdir, started: run(args, workdir, started))
     result["settings"] = {
         "hosts": args.hosts, "slots": args.slots, "tasks": args.tasks, "batch": args.batch,
         "latency_tasks": args.latency_tasks, "idle_s": args.idle, "cpus": os.cpu_count(),

@@ -35,13 +35,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import psutil
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.peers.base import REPO_DIR, RedisServer, free_port, poll_until, spawn, stop_tree  # noqa: E402
+from bench.peers.base import RedisServer, poll_until  # noqa: E402
+from bench.serving import Server, cpu_seconds, cpu_spent  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 APP = Path(__file__).resolve().parent / "peers" / "web_tier_app.py"
@@ -59,73 +60,6 @@ HTTP_TIMEOUT = 30.0
 SETTLE = 2.0
 #: Seconds the age poller reads for.
 AGE_WINDOW = 4.0
-FORK_SERVER_NAME = "mpc-forkserver"
-
-
-class Server:
-    """One server started by this script: its process tree, and which of it is the web tier."""
-
-    def __init__(self, name: str, argv: Sequence[str], env: dict, log: Path, workers: int, port: int) -> None:
-        self.name = name
-        self.port = port
-        self.workers = workers
-        self.log = log
-        self.proc = spawn(argv, log, cwd=REPO_DIR,
-                          env={**env, "PORT": str(self.port), "PYTHONUNBUFFERED": "1"})
-        self.root = psutil.Process(self.proc.pid)
-        self.base = f"http://127.0.0.1:{self.port}/tasks"
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-    def serving(self) -> list[psutil.Process]:
-        try:
-            return self.root.children() if self.workers else [self.root]
-        except psutil.Error:
-            return []
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(self.base, timeout=5).status_code != 200:
-                    return False
-                serving = self.serving()
-                return len(serving) == max(1, self.workers) and all(p.children() for p in serving)
-            except (requests.RequestException, psutil.Error):
-                return False
-        poll_until(ready, bool, STEP_TIMEOUT, f"{self.name} ready", interval=0.1)
-
-    def web_tier(self) -> list[psutil.Process]:
-        """The serving processes (and gunicorn's arbiter) and their fork servers: not the task processes."""
-        procs = [self.root]
-        try:
-            for proc in self.root.children(recursive=True):
-                try:
-                    if proc.ppid() == self.root.pid and self.workers:
-                        procs.append(proc)  # a gunicorn worker
-                    elif proc.name() == FORK_SERVER_NAME:
-                        procs.append(proc)
-                except psutil.Error:
-                    continue
-        except psutil.Error:
-            pass
-        return procs
-
-    def stop(self) -> None:
-        stop_tree(self.proc)
-
-
-def cpu_seconds(procs: Sequence[psutil.Process]) -> dict[tuple[int, float], float]:
-    seconds = {}
-    for proc in procs:
-        try:
-            times = proc.cpu_times()
-            seconds[(proc.pid, proc.create_time())] = times.user + times.system
-        except psutil.Error:
-            continue
-    return seconds
 
 
 def percentile(values: list[float], q: float) -> Optional[float]:
@@ -147,16 +81,12 @@ def measure(config: str, args: argparse.Namespace, workdir: Path, redis: Optiona
     else:
         url = f"sqlite:///{workdir / (config + '.sqlite3')}"
     env = {"MPC_STORE_URL": url, "BENCH_MAX_NUM_PROCESS": str(args.tasks), **dict(args.env)}
-    log = workdir / f"{config}.log"
-    port = free_port()
     if kind == "dev":
-        server = Server(config, [sys.executable, str(APP)], env, log, workers=0, port=port)
+        server = Server.dev(config, APP, env, workdir)
     else:
-        argv = [sys.executable, "-m", "gunicorn", "-w", str(GUNICORN_WORKERS), "-k", "gthread", "--threads", "32",
-                "--timeout", "120", "--graceful-timeout", "15", "-b", f"127.0.0.1:{port}", APP_MODULE]
-        server = Server(config, argv, env, log, workers=GUNICORN_WORKERS, port=port)
+        server = Server.gunicorn(config, APP_MODULE, env, workdir, GUNICORN_WORKERS, threads=32)
     try:
-        server.wait_ready()
+        server.wait_ready(STEP_TIMEOUT)
         seconds = SETTLE + args.window + AGE_WINDOW + 30
         with requests.Session() as session:
             uuids = []
@@ -183,8 +113,8 @@ def measure(config: str, args: argparse.Namespace, workdir: Path, redis: Optiona
             time.sleep(args.window)
             after, elapsed = cpu_seconds(tier), time.monotonic() - began
             store_after = cpu_seconds([store_proc]) if store_proc else {}
-            used = sum(t - before.get(key, t) for key, t in after.items())
-            store_used = sum(t - store_before.get(key, t) for key, t in store_after.items())
+            used = cpu_spent(before, after, count_new=False)
+            store_used = cpu_spent(store_before, store_after, count_new=False)
             ages: list[float] = []
             stop_at = time.monotonic() + AGE_WINDOW
             while time.monotonic() < stop_at:
