@@ -345,8 +345,10 @@ def test_the_list_shows_where_each_task_stands_and_absolute_times_in_the_browser
     page.wait_for_selector(f'{row(stopped)}[data-status="stopped"]')
     page.wait_for_selector(f"{cell(going, 'Progress')} .percent")
     for uuid in (stopped, going):
-        shown = page.inner_text(f"{cell(uuid, 'Progress')} .percent")
-        value = page.locator(f"{row(uuid)} progress").evaluate("bar => bar.value")
+        # Both read in one step: the running task's next event may redraw its row between two reads.
+        shown, value = page.locator(row(uuid)).evaluate(
+            "tr => [tr.querySelector('td[data-label=\"Progress\"] .percent').innerText,"
+            " tr.querySelector('progress').value]")
         assert re.fullmatch(r"\d+ %", shown) and int(shown.split()[0]) == int(value), (shown, value)
     colour = "bar => getComputedStyle(bar).getPropertyValue('--bar')"
     assert page.locator(f"{row(stopped)} progress").evaluate(colour) != \
