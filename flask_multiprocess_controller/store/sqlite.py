@@ -96,6 +96,9 @@ _LATEST_SQL = "SELECT seq FROM sqlite_sequence WHERE name = 'mpc_events'"
 #: Every event with a cursor up to this one was pruned.
 _PRUNED_SQL = "SELECT value FROM mpc_meta WHERE key = 'pruned'"
 #: The newest cursor pruned and the bytes of the events kept (what ``max_event_bytes`` bounds).
+#: What a progress write reads back for its event (as the store holds it: JSON decoded as any reader gets it).
+_PROGRESS_EVENT_COLUMNS = event_columns(EventKind.PROGRESS.value)
+_PROGRESS_RETURNING = ", ".join(_PROGRESS_EVENT_COLUMNS)
 _FEED_STATE_SQL = ("SELECT (SELECT value FROM mpc_meta WHERE key = 'pruned'), "
                    "(SELECT value FROM mpc_meta WHERE key = 'event_bytes')")
 #: Events a byte-bound pruning reads per statement while it looks for where to cut.
@@ -453,26 +456,39 @@ class SQLiteStore(ClaimSteps, TaskStore):
     def _emit(self, db: sqlite3.Connection, kind: EventKind, row: Row, emitter: Optional[str], at: float) -> Event:
         """Append the event of a change of ``row`` (and its outbox entry) in the caller's transaction,
         pruning the oldest events once the feed is past one of its bounds."""
-        task = event_payload(kind.value, row)
-        text = json.dumps(task)
-        cursor = cast(int, db.execute(
-            "INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task, tenant, size) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (kind.value, row["uuid"], row["controller"], at, emitter, text, row.get("tenant"), len(text)),
-        ).lastrowid)
-        if kind.value in CALLBACK_KINDS:  # a copy: the outbox keeps it whatever the feed's pruning
-            db.execute("INSERT INTO mpc_outbox (cursor, controller, kind, uuid, at, emitter, task) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (cursor, row["controller"], kind.value, row["uuid"], at, emitter, text))
+        return self._emit_many(db, kind, [row], emitter, at)[0]
+
+    def _emit_many(self, db: sqlite3.Connection, kind: EventKind, rows: Sequence[Row], emitter: Optional[str],
+                   at: float) -> list[Event]:
+        """:meth:`_emit` for several rows changed alike: the feed's byte count and bounds are looked at once."""
+        events: list[Event] = []
+        added = 0
+        cursor = 0
+        for row in rows:
+            task = event_payload(kind.value, row)
+            text = json.dumps(task)
+            added += len(text)
+            cursor = cast(int, db.execute(
+                "INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task, tenant, size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind.value, row["uuid"], row["controller"], at, emitter, text, row.get("tenant"), len(text)),
+            ).lastrowid)
+            if kind.value in CALLBACK_KINDS:  # a copy: the outbox keeps it whatever the feed's pruning
+                db.execute("INSERT INTO mpc_outbox (cursor, controller, kind, uuid, at, emitter, task) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (cursor, row["controller"], kind.value, row["uuid"], at, emitter, text))
+            events.append(Event(cursor=str(cursor), kind=kind.value, uuid=row["uuid"], controller=row["controller"],
+                                at=at, emitter=emitter, task=task))
+        if not events:
+            return events
         db.execute("INSERT INTO mpc_meta (key, value) VALUES ('event_bytes', ?) "
-                   "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value", (len(text),))
+                   "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value", (added,))
         pruned, total = db.execute(_FEED_STATE_SQL).fetchone()
         # Amortised: past a bound, prune 1% below it, so that the next writes prune nothing.
         if (cursor - (pruned or 0) > self.max_events + self.max_events // 100
                 or (total or 0) > self.max_event_bytes):
             self._prune_in(db, cursor - self.max_events, self.max_event_bytes - self.max_event_bytes // 100)
-        return Event(cursor=str(cursor), kind=kind.value, uuid=row["uuid"], controller=row["controller"], at=at,
-                     emitter=emitter, task=task)
+        return events
 
     @staticmethod
     def _row(db: sqlite3.Connection, uuid: str) -> Row:
@@ -653,19 +669,31 @@ class SQLiteStore(ClaimSteps, TaskStore):
 
     def progress(self, uuid: str, owner: str, progress: Any, percent: Optional[float],
                  usage: Optional[Mapping[str, Any]] = None) -> Optional[Event]:
-        return self._update_active(EventKind.PROGRESS, uuid, owner, owner,
-                                   {"progress": progress, "percent": percent, **usage_fields(usage)})
+        return self.progress_many(owner, [ProgressWrite(uuid, progress, percent, usage)])[0]
 
     def progress_many(self, owner: str, writes: Sequence[ProgressWrite]) -> list[Optional[Event]]:
         if not writes:
             return []
+        return self._group.run(lambda db: self._progress_in(db, owner, writes))  # one transaction for the batch
 
-        def write_all(db: sqlite3.Connection) -> list[Optional[Event]]:
-            return [self._update_active_in(db, EventKind.PROGRESS, write.uuid, owner, owner, {
-                "progress": write.progress, "percent": write.percent, **usage_fields(write.usage)})
-                for write in writes]
-
-        return self._group.run(write_all)  # one transaction for the batch
+    def _progress_in(self, db: sqlite3.Connection, owner: str, writes: Sequence[ProgressWrite]) -> list[Optional[Event]]:
+        """The progress writes of a batch in the caller's transaction: one statement per task, which answers with
+        what its event carries (no second read), then the events, the feed's byte count and bounds at once."""
+        now = time.time()
+        rows: list[Row] = []
+        written: list[bool] = []
+        for write in writes:
+            assignments = {"progress": write.progress, "percent": write.percent, **usage_fields(write.usage)}
+            clause = ", ".join(f"{column} = ?" for column in assignments)
+            found = db.execute(
+                f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL} AND owner = ? "
+                f"RETURNING {_PROGRESS_RETURNING}",
+                (*(_encode(c, v) for c, v in assignments.items()), write.uuid, owner)).fetchall()
+            written.append(bool(found))
+            if found:
+                rows.append(_decode(found[0], _PROGRESS_EVENT_COLUMNS))
+        events = iter(self._emit_many(db, EventKind.PROGRESS, rows, owner, now))
+        return [next(events) if done else None for done in written]
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
         text = _encode("state", state)
