@@ -9,11 +9,13 @@ store unsubscribes. A forked process starts listeners of its own.
 from __future__ import annotations
 
 import os
+import select
 import threading
 from typing import Any, Callable
 
-#: Seconds one wait for notifications lasts before the listener looks whether it should end.
-_POLL = 0.5
+#: Seconds the listener sleeps at most without a notification: then it reads the connection once anyway, so
+#: that a connection the server dropped without a word is found out (and replaced) within this time.
+_IDLE_CHECK = 30.0
 #: Seconds between two attempts to connect while the server is away.
 _RETRY = 0.5
 
@@ -24,10 +26,14 @@ class FeedListener:
     def __init__(self, connect: Callable[[], Any], channel: str) -> None:
         self._connect = connect
         self._channel = channel
-        # Guards _subscribers.
+        # Guards _subscribers and _pipe_closed.
         self._lock = threading.Lock()
+        self._pipe_closed = False
         self._subscribers: dict[int, Callable[[], None]] = {}
         self._stopping = threading.Event()
+        # Written by remove() when the last store left: ends the listener's sleep at once.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name=f"mpc-pg-listener-{channel}", daemon=True)
 
     def subscribe(self, key: int, wake: Callable[[], None]) -> None:
@@ -41,8 +47,13 @@ class FeedListener:
         with self._lock:
             self._subscribers.pop(key, None)
             last = not self._subscribers
-        if last:
-            self._stopping.set()
+            if last:
+                self._stopping.set()
+                if not self._pipe_closed:
+                    try:
+                        os.write(self._wake_w, b"!")
+                    except OSError:  # full: a wake is pending anyway
+                        pass
         return last
 
     def join(self) -> None:
@@ -56,6 +67,18 @@ class FeedListener:
             wake()
 
     def _run(self) -> None:
+        try:
+            self._listen()
+        finally:
+            with self._lock:
+                self._pipe_closed = True
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+
+    def _listen(self) -> None:
+        """Sleep on the connection's socket (and the stop pipe) until the server sends something, then take
+        every notification it sent: an idle process makes no wake-up at all (psycopg's own wait for
+        notifications looks at the socket ten times a second)."""
         import psycopg
 
         while not self._stopping.is_set():
@@ -64,7 +87,8 @@ class FeedListener:
                     conn.execute(f"LISTEN {self._channel}")
                     self._wake_all()
                     while not self._stopping.is_set():
-                        for _ in conn.notifies(timeout=_POLL, stop_after=1):
+                        select.select([conn.pgconn.socket, self._wake_r], [], [], _IDLE_CHECK)
+                        if any(True for _ in conn.notifies(timeout=0)):  # reads what came; raises if it broke
                             self._wake_all()
             except psycopg.Error:
                 self._wake_all()
