@@ -256,6 +256,31 @@ def test_a_stopped_server_gives_store_unavailable_until_it_is_back(postgres_serv
         store.close()
 
 
+@pytest.mark.timeout(90)
+def test_the_listener_reconnects_after_a_restart_and_wakes_waiters_again(postgres_server, postgres_url):
+    """The listener sleeps on its connection's socket: a server that went away must still be noticed, the
+    connection made again, and the stores woken by each later notification (a waiter would otherwise rely on
+    its 5 s safety look)."""
+    waiting, writer = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    try:
+        waiting.changes(waiting.latest_cursor(), timeout=0.05)  # subscribed: the listener runs
+        postgres_server.restart(down_for=1.0)
+        wait_until(lambda: _quietly(writer.latest_cursor) is not None, timeout=30)
+        wait_until(lambda: (_quietly(lambda: writer._query(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %%'")) or [(0,)])[0][0] == 1, timeout=30)
+        for _ in range(2):  # twice: the second wake-up cannot be the one that follows the reconnection
+            before = waiting._generation  # counts the listener's wake-ups of this store (the writer is another)
+            row = {"uuid": str(uuid_module.uuid4()), "controller": "c", "status": "queued", "priority": 0,
+                   "args": {}, "created_at": time.time(), "timeout": None, "attempt": 0, "stop_requested": False}
+            writer.enqueue([row], -1)
+            wait_until(lambda: waiting._generation > before, timeout=30)
+        listeners = [t for t in threading.enumerate() if t.name.startswith("mpc-pg-listener")]
+        assert len(listeners) == 1 and listeners[0].is_alive()
+    finally:
+        waiting.close()
+        writer.close()
+
+
 def _quietly(call: Any) -> Any:
     try:
         return call()

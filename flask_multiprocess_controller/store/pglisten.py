@@ -16,6 +16,8 @@ from typing import Any, Callable
 #: Seconds the listener sleeps at most without a notification: then it reads the connection once anyway, so
 #: that a connection the server dropped without a word is found out (and replaced) within this time.
 _IDLE_CHECK = 30.0
+#: poll() events of a socket whose connection is gone.
+_BROKEN = select.POLLHUP | select.POLLERR | select.POLLNVAL
 #: Seconds between two attempts to connect while the server is away.
 _RETRY = 0.5
 
@@ -86,8 +88,14 @@ class FeedListener:
                 with self._connect() as conn:
                     conn.execute(f"LISTEN {self._channel}")
                     self._wake_all()
+                    server = conn.pgconn.socket
+                    sleeper = select.poll()  # not select(): a busy process's descriptors may be past FD_SETSIZE
+                    sleeper.register(server, select.POLLIN)
+                    sleeper.register(self._wake_r, select.POLLIN)
                     while not self._stopping.is_set():
-                        select.select([conn.pgconn.socket, self._wake_r], [], [], _IDLE_CHECK)
+                        ready = dict(sleeper.poll(int(_IDLE_CHECK * 1000)))
+                        if ready.get(server, 0) & _BROKEN:  # never readable again: without this, a busy loop
+                            raise psycopg.OperationalError("the listening connection was closed")
                         if any(True for _ in conn.notifies(timeout=0)):  # reads what came; raises if it broke
                             self._wake_all()
             except psycopg.Error:
