@@ -456,6 +456,8 @@ def test_a_share_link_page_shows_live_progress_and_task_text_as_text(page: Any, 
                            timeout=10).json()
     page.goto(echoed["share_url"])
     page.wait_for_selector('mpc-progress[data-status="running"]')
+    # The task's first progress value follows its start (it is written with the next flush of progress).
+    page.wait_for_function("() => document.querySelector('mpc-progress .mpc-progress-message').textContent !== ''")
     assert page.inner_text("mpc-progress .mpc-progress-message") == hostile
     (tmp_path / "gate").touch()
     page.wait_for_selector('mpc-progress[data-status="succeeded"]')
