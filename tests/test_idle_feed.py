@@ -2,6 +2,7 @@
 files only, and ``interrupt_waits()`` ends a long wait of any store."""
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
@@ -36,6 +37,24 @@ def test_the_file_watch_wakes_on_the_database_files_only(tmp_path) -> None:
     finally:
         watch.close()
     assert watch.broken
+
+
+@linux_only
+@pytest.mark.timeout(60)
+def test_making_a_file_watch_starts_no_process(tmp_path) -> None:
+    """The watch is made by the first waiting thread, under the lock every commit of the process takes: finding
+    the C library there once ran ``ldconfig`` in a subprocess, and the process's writes stalled behind it."""
+    script = (
+        "import subprocess, sys\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise AssertionError('a subprocess was started: %r' % (args,))\n"
+        "subprocess.Popen = refuse\n"
+        "from flask_multiprocess_controller.store import filewatch\n"
+        f"watch = filewatch.watch({str(tmp_path / 'tasks.sqlite3')!r})\n"
+        "assert watch is not None, 'no inotify watch'\n"
+        "watch.close()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
 
 
 @linux_only

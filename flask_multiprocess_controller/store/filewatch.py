@@ -13,7 +13,6 @@ wait reads the kernel's notices, the others wait on a condition it notifies (no 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import select
 import struct
@@ -40,25 +39,32 @@ _EVENT = struct.Struct("iIII")
 #: Bytes read from the inotify descriptor at once (many notices; the kernel never splits one).
 _READ_SIZE = 64 * 1024
 
-_libc: Optional[ctypes.CDLL] = None
-_libc_guard = threading.Lock()  # guards _libc
+def _load_inotify() -> Optional[ctypes.CDLL]:
+    """The C library's inotify functions, from the symbols this process already has loaded (Linux), else None.
+
+    Not :func:`ctypes.util.find_library`: it runs ``ldconfig`` (or a compiler) in a subprocess, slowly, and it
+    was called lazily by the first waiting thread while it held the store's watch lock, which every commit of the
+    process takes to wake the waiters: a dashboard's stream and the process's own writes stalled behind it (once
+    for as long as the subprocess took to start, seen past 20 s under load).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+#: Loaded at import: nothing is looked up while a store waits.
+_LIBC = _load_inotify()
 
 
 def _inotify() -> Optional[ctypes.CDLL]:
     """The C library, when it has inotify (Linux), else None."""
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return None
-    with _libc_guard:
-        if _libc is None:
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-                libc.inotify_init1.argtypes = [ctypes.c_int]
-                libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-            except (OSError, AttributeError):
-                return None
-            _libc = libc
-        return _libc
+    return _LIBC
 
 
 #: The watches of this process, closed in a forked child (whose store opens its own).
