@@ -61,7 +61,7 @@ def test_making_a_file_watch_starts_no_process(tmp_path) -> None:
 def test_a_waiting_sqlite_reader_wakes_on_another_store_objects_commit(tmp_path, monkeypatch) -> None:
     # Two store objects on one file share no condition: only the file's change can wake the reader
     # (besides its safety look), as for a reader in another process.
-    monkeypatch.setenv("MPC_SQLITE_FILE_WATCH", "1")  # the watch is opt-in
+    monkeypatch.delenv("MPC_SQLITE_FILE_WATCH", raising=False)  # on by default
     path = str(tmp_path / "tasks.sqlite3")
     reader, writer = SQLiteStore(path), SQLiteStore(path)
     try:

@@ -918,12 +918,9 @@ class SQLiteStore(ClaimSteps, TaskStore):
         return Changes(events, events[-1]["cursor"] if events else since, False)
 
     def _file_watch(self) -> Optional[FileWatch]:
-        """This process's watch of the database's files (made at the first wait), or None: polling.
-
-        Only with ``MPC_SQLITE_FILE_WATCH=1``: under load, a dashboard's live stream was seen to stall and a
-        server with one open to linger at shutdown with the watch, and not without it; until that is understood,
-        SQLite waiters poll (every ``FEED_POLL_INTERVAL``) by default."""
-        if os.environ.get("MPC_SQLITE_FILE_WATCH") != "1":
+        """This process's watch of the database's files (made at the first wait), or None: polling (every
+        ``FEED_POLL_INTERVAL``), where the kernel cannot tell of changes or ``MPC_SQLITE_FILE_WATCH=0`` says so."""
+        if os.environ.get("MPC_SQLITE_FILE_WATCH") == "0":
             return None
         with self._watch_lock:
             if self._watch is not None and (self._watch.pid != os.getpid() or self._watch.broken):
