@@ -62,11 +62,6 @@ def _load_inotify() -> Optional[ctypes.CDLL]:
 _LIBC = _load_inotify()
 
 
-def _inotify() -> Optional[ctypes.CDLL]:
-    """The C library, when it has inotify (Linux), else None."""
-    return _LIBC
-
-
 #: The watches of this process, closed in a forked child (whose store opens its own).
 _open_watches: "weakref.WeakSet[FileWatch]" = weakref.WeakSet()
 
@@ -202,7 +197,7 @@ class FileWatch:
 def watch(path: str) -> Optional[FileWatch]:
     """A watch of the SQLite database ``path`` and its ``-wal`` and ``-journal`` files, or None where the
     kernel cannot tell of their changes (not Linux, no inotify instance or watch left)."""
-    libc = _inotify()
+    libc = _LIBC
     if libc is None:
         return None
     fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)

@@ -937,8 +937,7 @@ class SQLiteStore(ClaimSteps, TaskStore):
         with self._committed:
             self._generation += 1
             self._committed.notify_all()
-        with self._watch_lock:
-            found = self._watch
+        found = self._watch  # one attribute read: every commit comes here, and the lock guards only making it
         if found is not None and found.pid == os.getpid():
             found.wake()
 
