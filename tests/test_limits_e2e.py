@@ -256,6 +256,7 @@ def test_a_tenant_queueing_five_after_another_queued_two_hundred_starts_within_t
     client = app.test_client()
     answer = client.post("/tasks", json=[{}] * 200, headers={"X-Tenant": "big"})
     assert answer.status_code == 202, answer.get_json()
+    cursor = controller.store.changes(None).cursor
     answer = client.post("/tasks", json=[{}] * 5, headers={"X-Tenant": "small"})
     assert answer.status_code == 202, answer.get_json()
     small = [task["uuid"] for task in answer.get_json()["tasks"]]
@@ -264,12 +265,24 @@ def test_a_tenant_queueing_five_after_another_queued_two_hundred_starts_within_t
     controller.stop_all()
     tasks = controller.tasks(limit=1000)["tasks"]
     assert len(tasks) == 205
-    submitted = max(at(task["created_at"]) for task in tasks if task["uuid"] in small)
+    # A claim stamps started_at and an insert its queued event's time inside the store's write lock, so they order
+    # the claims that came after the small tenant's tasks were queued (created_at would not: it is stamped before
+    # the insert waits for that lock, and the feed's started events come once a task's process runs).
+    queued_at = None
+    while queued_at is None:
+        changes = controller.store.changes(cursor, limit=1000)
+        assert changes.events and not changes.reset, "the small tenant's queued events are missing from the feed"
+        cursor = changes.cursor
+        queued_at = max((event["at"] for event in changes.events
+                         if event["kind"] == "queued" and event["uuid"] in small), default=None)
     starts = sorted((at(task["started_at"]), task["uuid"] in small) for task in tasks
-                    if task["started_at"] and at(task["started_at"]) >= submitted)
-    last_small = max(i for i, (_, is_small) in enumerate(starts) if is_small)
-    assert last_small < 10, \
-        f"the small tenant's fifth task was start {last_small + 1} after it queued them (fair share: within ~5)"
+                    if task["started_at"] and at(task["started_at"]) > queued_at)
+    assert sum(is_small for _, is_small in starts) == 5, "a small task claimed before its queued event"
+    fifth = max(i for i, (_, is_small) in enumerate(starts) if is_small) + 1
+    # Fair share: the tenant with fewer active tasks goes first, so the small tenant takes about half of the six
+    # slots as they free up; its fifth start comes within about two rounds of the slots, where without fair share
+    # it would wait for the big tenant's ~190 queued tasks.
+    assert fifth <= 12, f"the small tenant's fifth task was start {fifth} after it queued them (fair share: ~8)"
 
 
 # -- 4: admission by declared resources ------------------------------------------------------------------------------
