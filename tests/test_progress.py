@@ -113,15 +113,17 @@ class Steady(MetaMPTask):
 
 @pytest.mark.timeout(60)
 def test_a_task_process_sends_progress_no_more_often_than_it_is_written(make_controller, monkeypatch):
-    """With a flush interval of 2 s (a message a second), a task reporting progress for 1.5 s wakes its
-    controlling thread a few times (its first value, one a second, its last), not at every call, and its last
-    value still arrives."""
+    """Without a progress buffer, with a flush interval of 2 s (a message a second), a task reporting progress
+    for 1.5 s wakes its controlling thread a few times (its first value, one a second, its last), not at every
+    call, and its last value still arrives."""
+    from flask_multiprocess_controller.engine import supervisor
     from flask_multiprocess_controller.engine.supervisor import Supervisor
 
     received: list = []
     progressed = Supervisor._progressed
     monkeypatch.setattr(Supervisor, "_progressed", lambda self, run: received.append(run.progress)
                         or progressed(self, run))
+    monkeypatch.setattr(supervisor, "buffers_supported", lambda: False)
     monkeypatch.setenv("MPC_PROGRESS_FLUSH", "2.0")
     controller = make_controller(Steady, store="memory://")
     task = controller.wait(controller.submit(seconds=1.5), timeout=30)
@@ -129,3 +131,36 @@ def test_a_task_process_sends_progress_no_more_often_than_it_is_written(make_con
     assert task["progress"] == task["result"] > 10
     assert 2 <= len(received) <= 4, received
     assert received[-1] == task["result"]
+
+
+@pytest.mark.timeout(60)
+def test_progress_read_from_the_task_process_buffer_wakes_no_controlling_thread(make_controller, monkeypatch):
+    """With a progress buffer (the default on Linux), the controlling thread hears of a task's progress by
+    message once (its first value; the next would come after MESSAGE_EVERY), yet the store follows the task's
+    values while it runs and holds its last one at the end."""
+    from flask_multiprocess_controller.engine.progressbuffer import MESSAGE_EVERY, supported
+    from flask_multiprocess_controller.engine.supervisor import Supervisor
+
+    assert supported(), "this suite runs on Linux, where task processes have progress buffers"
+    received: list = []
+    progressed = Supervisor._progressed
+    monkeypatch.setattr(Supervisor, "_progressed", lambda self, run: received.append(run.progress)
+                        or progressed(self, run))
+    seconds = 2.5
+    assert seconds < MESSAGE_EVERY
+    controller = make_controller(Steady, store="memory://")
+    uuid = controller.submit(seconds=seconds)
+    seen = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        task = controller.store.get(uuid)
+        if task["status"] not in ("running", "queued"):
+            break
+        if task["status"] == "running" and task["progress"] is not None:
+            seen.add(task["progress"])
+        time.sleep(0.05)
+    task = controller.wait(uuid, timeout=30)
+    assert task["status"] == "succeeded", task
+    assert task["progress"] == task["result"] > 10
+    assert len(seen) >= 3, f"the store showed {sorted(seen)} while the task ran"
+    assert len(received) == 1 and received[0] <= min(seen), received

@@ -21,6 +21,7 @@ from .. import defaults, task as task_module
 from ..artifacts import ArtifactWriter
 from ..exceptions import AbortException, StateTooLarge
 from ..jsonvalues import too_deep
+from .progressbuffer import MESSAGE_EVERY, ProgressBuffer, supported as buffers_supported
 from .proctree import IDLE_NAME, set_process_name, task_process_name
 from .capture import OutputCapture, flush_python_streams
 from .channel import PacketChannel
@@ -56,6 +57,10 @@ class _Channel:
     sends it at most every ``RunTask.progress_every`` seconds (the serving process's flush interval,
     ``PUBLISH_INTERVAL`` at least), so a task may report progress in a tight loop at the cost of an
     attribute store. The last value is always sent before the task's end.
+
+    When the serving process asks for it (``RunTask.progress_buffer``), values go to the process's progress
+    buffer instead (see :mod:`.progressbuffer`), at most every ``PUBLISH_INTERVAL``, and a message carries
+    the first value of a task, one every ``MESSAGE_EVERY`` seconds after it, and the last.
     """
 
     def __init__(self, conn: PacketChannel) -> None:
@@ -76,6 +81,12 @@ class _Channel:
         self._flush_lock = threading.Lock()
         self._next_send = 0.0
         self._every = PUBLISH_INTERVAL
+        #: The process's progress buffer (made by the first task that uses one), and whether this task does.
+        self._buffer: Optional[ProgressBuffer] = None
+        self._buffered = False
+        #: Monotonic time of the next progress message of a buffered task; its latest value not sent as one.
+        self._next_message = 0.0
+        self._unsent: Any = _NOTHING
         self._limit = 0
         self._short_str = 0
         self._state_limit = 0
@@ -98,6 +109,17 @@ class _Channel:
         self.task_id = command.uuid
         self._stop = self._finish = False
         self._every = max(PUBLISH_INTERVAL, command.progress_every)
+        self._buffered = False
+        if command.progress_buffer and buffers_supported():
+            try:
+                if self._buffer is None:
+                    self._buffer = ProgressBuffer()
+                self._buffered = True
+                self._every = PUBLISH_INTERVAL  # a write to the buffer wakes no one
+            except OSError:  # no memfd here after all: messages, as without the buffer
+                pass
+        self._next_message = 0.0
+        self._unsent = _NOTHING
         self._limit = command.limits.progress_bytes
         # A string this short cannot encode to more than the limit (JSON escapes take 6 bytes at most).
         self._short_str = self._limit // 6
@@ -160,14 +182,27 @@ class _Channel:
             except Exception:  # a value that cannot be sent is dropped; later ones must still go
                 self._logger.exception("Progress of task %s could not be sent; it is dropped.", self.task_id)
 
-    def flush_progress(self) -> None:
-        """Send the latest unsent progress value now."""
+    def flush_progress(self, final: bool = False) -> None:
+        """Send the latest unsent progress value now (``final``: the task ended, its last value goes as a
+        message too)."""
         with self._flush_lock:
             self._armed = False  # before taking the value: a publish from now on arms again
             pending, self._progress = self._progress, _NOTHING
+            buffer = self._buffer if self._buffered else None
+            if buffer is None:
+                if pending is not _NOTHING:
+                    self.send(Progress(self.task_id, pending))
+                    self._next_send = time.monotonic() + self._every
+                return
+            now = time.monotonic()
             if pending is not _NOTHING:
-                self.send(Progress(self.task_id, pending))
-                self._next_send = time.monotonic() + self._every
+                buffer.write(self.task_id or "", _STRICT_JSON.encode(pending))
+                self._next_send = now + self._every
+                self._unsent = pending
+            if self._unsent is not _NOTHING and (final or now >= self._next_message):
+                value, self._unsent = self._unsent, _NOTHING
+                self.send(Progress(self.task_id, value, buffer.fd))
+                self._next_message = now + MESSAGE_EVERY
 
     def publish_percent(self, percent: float) -> None:
         self.send(Percent(self.task_id, percent))
@@ -343,7 +378,7 @@ def _run_one(task_cls: Type[MetaMPTask], channel: _Channel, command: RunTask, re
         if reused:
             set_process_name(IDLE_NAME)
     artifacts = writer.finish() if writer is not None else None
-    channel.flush_progress()
+    channel.flush_progress(final=True)
     cpu_after, maxrss = _usage()
     usage = Usage(cpu_time=cpu_after - cpu_before, maxrss=maxrss, children=_child_pids() if reused else None)
     return Done(done.uuid, done.kind, done.result_json, done.error, usage, done.retryable,

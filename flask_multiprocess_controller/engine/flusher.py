@@ -13,6 +13,10 @@ Ordering: before a controlling thread records its task's end (or lets it go for 
 writing it, events published; the end record carries the final progress itself. So an end is never
 followed by an older progress, in the store or in the events a process dispatches. The flusher thread
 starts with the first mark and sleeps (no timeout) while nothing is pending: it costs nothing when idle.
+
+Tasks whose process writes its progress to a shared buffer (see :mod:`.progressbuffer`) are *watched*: the
+flusher reads their buffers once per interval, marking the runs whose value changed, so that their values
+wake no controlling thread. It sleeps without a timeout again once no watched task is left.
 """
 from __future__ import annotations
 
@@ -25,9 +29,14 @@ from ..events import Event
 from ..exceptions import StoreError
 from ..store import TaskStore
 from ..store.base import ProgressWrite
+from .progressbuffer import BufferReader
 
 if TYPE_CHECKING:
     from .supervisor import TaskRun
+
+
+#: Seconds between two reads of the watched buffers at least (an interval of 0 writes marks at once).
+_MIN_POLL = 0.05
 
 
 class ProgressFlusher:
@@ -49,6 +58,8 @@ class ProgressFlusher:
         # Guards _pending, _in_flight, _thread and _closed.
         self._lock = threading.Lock()
         self._pending: dict[str, TaskRun] = {}
+        #: The runs whose progress is read from their process's buffer, with its reader.
+        self._watched: dict[str, tuple[TaskRun, BufferReader]] = {}
         self._in_flight: frozenset[str] = frozenset()
         # Held while a batch is written and its events published (forget() waits on it).
         self._writing = threading.Lock()
@@ -71,12 +82,22 @@ class ProgressFlusher:
                 self._thread.start()
         self._kick.set()
 
+    def watch(self, run: "TaskRun", reader: BufferReader) -> None:
+        """Read ``run``'s progress from ``reader`` at each write, until :meth:`forget`."""
+        with self._lock:
+            if self._closed:
+                return
+            self._watched[run.uuid] = (run, reader)
+        self.mark(run)
+
     def forget(self, run: "TaskRun") -> None:
-        """Write nothing more of ``run``: drop what is pending for it, and wait until a batch writing it now is
-        written and its events published (what the controlling thread does before recording the end)."""
+        """Write nothing more of ``run``: drop what is pending for it, stop reading its buffer, and wait until a
+        batch reading or writing it now is written and its events published (what the controlling thread does
+        before recording the end)."""
         with self._lock:
             self._pending.pop(run.uuid, None)
-            writing = run.uuid in self._in_flight
+            watched = self._watched.pop(run.uuid, None) is not None
+            writing = watched or run.uuid in self._in_flight
         if writing:
             with self._writing:
                 pass
@@ -84,6 +105,15 @@ class ProgressFlusher:
     def flush(self) -> None:
         """Write what is pending now, in the calling thread (the flusher thread's step; tests call it)."""
         with self._writing:
+            with self._lock:
+                watched = list(self._watched.values())
+            for run, reader in watched:  # under _writing: forget() waits for this read
+                changed, value = reader.read(run.uuid)
+                if changed:
+                    run.progress = value
+                    with self._lock:
+                        if run.uuid in self._watched:
+                            self._pending[run.uuid] = run
             with self._lock:
                 batch, self._pending = self._pending, {}
                 self._in_flight = frozenset(batch)
@@ -120,7 +150,8 @@ class ProgressFlusher:
 
     def _loop(self) -> None:
         while True:
-            self._kick.wait()
+            # Watched buffers are read once per interval; without any, the thread sleeps until a mark.
+            self._kick.wait(max(self.interval, _MIN_POLL) if self._watched else None)
             delay = self._next_write - time.monotonic()
             if delay > 0:
                 self._closing.wait(delay)  # what arrives meanwhile rides along

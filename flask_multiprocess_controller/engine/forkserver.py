@@ -43,6 +43,7 @@ import psutil
 
 from .capture import PipeReader, use_descriptors_for_print
 from .channel import PacketChannel, channel_pair
+from .progressbuffer import BufferReader
 from .proctree import set_process_name, signal_processes
 
 if TYPE_CHECKING:
@@ -103,6 +104,10 @@ class ChildProcess:
             self.process, self.create_time = None, None
         # Guards sends on conn: the controlling thread and request threads (stop) both send.
         self._send_lock = threading.Lock()
+        #: The reader of the process's progress buffer, once a progress message named it (see .progressbuffer),
+        #: and whether opening it failed (not tried again).
+        self.progress_reader: Optional[BufferReader] = None
+        self.progress_reader_failed = False
 
     def send(self, message: object) -> bool:
         """Send a command; False when the child is already gone."""
@@ -159,6 +164,8 @@ class ChildProcess:
             self.output.close()
         forget_parent_only(*fds, self.exit_fd)
         self.conn.close()
+        if self.progress_reader is not None:
+            self.progress_reader.close()
         try:
             os.close(self.exit_fd)
         except OSError:

@@ -129,6 +129,9 @@ class RunTask:
     #: serving process writes progress no more often than that (its ``progress_flush``), so sending it
     #: more often only wakes the serving process for values it overwrites unwritten.
     progress_every: float = defaults.PUBLISH_INTERVAL
+    #: Write progress to the process's shared buffer (see :mod:`.progressbuffer`), sending a message now and
+    #: then only: the serving process reads the buffer at its flush interval.
+    progress_buffer: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,9 @@ class Progress:
 
     uuid: Optional[str]
     value: Any
+    #: The task process's descriptor of its progress buffer, where its later values are (None: it has none,
+    #: they come as messages).
+    buffer_fd: Optional[int] = None
 
 
 @dataclass(frozen=True)

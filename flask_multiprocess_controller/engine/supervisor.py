@@ -32,6 +32,7 @@ from .flusher import ProgressFlusher
 from .forkserver import ChildProcess
 from .logs import LogListener, logger_levels, traceback_lines
 from .pausing import TreePause
+from .progressbuffer import MESSAGE_EVERY, open_reader, supported as buffers_supported
 from .retrier import Retrier
 from .proctree import TreeUsage, cpu_seconds, describe_exit, sample, signal_processes
 from .protocol import (
@@ -88,6 +89,9 @@ class TaskRun:
         #: Log lines of the task not yet written to the store (the newest LOG_KEEP_BYTES at most).
         self.log_lines: collections.deque[str] = collections.deque()
         self._log_bytes = 0
+        #: True once the progress flusher reads the task's progress from its process's buffer (see
+        #: .progressbuffer): the task's progress messages then carry nothing newer.
+        self.progress_watched = False
         #: True once the task is known to be no longer this process's (settled elsewhere).
         self.abandoned = False
         #: True once this process lets go of the running task for another to adopt (see .handover).
@@ -231,6 +235,8 @@ class Supervisor:
         self._levels_at = 0.0
         self._flush_failed = False
         self._poller = Poller()
+        #: Whether task processes write progress to a buffer that the flusher reads (see .progressbuffer).
+        self._buffers = flusher is not None and buffers_supported()
 
     def run(self, run: TaskRun, child: ChildProcess, args: dict[str, Any], context: dict[str, Any],
             started: Optional[Event] = None, state: Any = None) -> Optional[Outcome]:
@@ -243,7 +249,7 @@ class Supervisor:
         """
         run.attach(child)
         child.send(RunTask(run.uuid, args, context, self._levels(), self.settings.limits, state,
-                           progress_every=self._progress_every()))
+                           progress_every=self._progress_every(), progress_buffer=self._buffers))
         if started is None:
             # The task runs already: an outage here is waited out (the pid is what stops and kills go by).
             started = self._retrier.call("recording a task's process", lambda: self.store.start(
@@ -267,6 +273,7 @@ class Supervisor:
         done = self._watch(run, child, usage)
         if self._flusher is not None:  # from here on this thread writes the run's progress (or its end does)
             self._flusher.forget(run)
+        self._read_buffer(run, child)
         if done is None and run.released and not child.exited:
             if not wait_ready([child.exit_fd], 0):
                 self._flush(run, direct=True)
@@ -428,7 +435,11 @@ class Supervisor:
                 elif getattr(message, "uuid", None) != run.uuid:
                     continue
                 elif isinstance(message, Progress):
+                    if run.progress_watched:
+                        continue  # the buffer holds this value or a later one: the flusher reads it
                     run.progress = message.value
+                    if message.buffer_fd is not None:
+                        self._watch_buffer(run, child, message.buffer_fd)
                     self._progressed(run)
                 elif isinstance(message, Percent):
                     run.percent = message.value
@@ -442,6 +453,29 @@ class Supervisor:
         except (EOFError, OSError):
             return done, False
         return done, True
+
+    def _watch_buffer(self, run: TaskRun, child: ChildProcess, fd: int) -> None:
+        """Have the flusher read the run's later progress from the progress buffer ``fd`` of its process (opened
+        once per process; a buffer that cannot be opened leaves the run to the task's rarer messages)."""
+        if self._flusher is None:
+            return
+        if child.progress_reader is None and not child.progress_reader_failed:
+            child.progress_reader = open_reader(child.pid, fd)
+            if child.progress_reader is None:
+                child.progress_reader_failed = True
+                self._logger.warning("Cannot read the progress buffer of task process %d: the progress of its "
+                                     "tasks comes every %g s.", child.pid, MESSAGE_EVERY)
+        if child.progress_reader is not None:
+            run.progress_watched = True
+            self._flusher.watch(run, child.progress_reader)
+
+    @staticmethod
+    def _read_buffer(run: TaskRun, child: ChildProcess) -> None:
+        """Take the run's latest progress from its process's buffer (once the flusher no longer reads it)."""
+        if child.progress_reader is not None:
+            changed, value = child.progress_reader.read(run.uuid)
+            if changed:
+                run.progress = value
 
     def _save_state(self, run: TaskRun, child: ChildProcess, message: SaveState) -> None:
         """Store the state the task saved, and tell it whether the store holds it.
