@@ -13,6 +13,8 @@ What cannot be derived (the typed view :class:`~.base.Row`, the task object of
 """
 from __future__ import annotations
 
+import functools
+
 import enum
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -152,8 +154,10 @@ EVENT_TOUCHED: dict[str, tuple[str, ...]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def event_columns(kind: str) -> tuple[str, ...]:
-    """The columns of a task that an event of ``kind`` carries, in storage order."""
+    """The columns of a task that an event of ``kind`` carries, in storage order (computed once per kind: every
+    event written asks)."""
     if kind in WHOLE_EVENT_KINDS:
         return tuple(c for c in COLUMNS if c not in EVENT_EXCLUDED)
     wanted = set(EVENT_BASE) | set(EVENT_TOUCHED[kind])

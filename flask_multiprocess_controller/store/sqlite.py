@@ -97,8 +97,13 @@ _LATEST_SQL = "SELECT seq FROM sqlite_sequence WHERE name = 'mpc_events'"
 _PRUNED_SQL = "SELECT value FROM mpc_meta WHERE key = 'pruned'"
 #: The newest cursor pruned and the bytes of the events kept (what ``max_event_bytes`` bounds).
 #: What a progress write reads back for its event (as the store holds it: JSON decoded as any reader gets it).
-_PROGRESS_EVENT_COLUMNS = event_columns(EventKind.PROGRESS.value)
-_PROGRESS_RETURNING = ", ".join(_PROGRESS_EVENT_COLUMNS)
+#: What a progress write reads back for its event: the event's columns but the progress it wrote (all stored as
+#: they are shown: no decoding).
+_PROGRESS_RETURNED = tuple(c for c in event_columns(EventKind.PROGRESS.value) if c != "progress")
+assert not set(_PROGRESS_RETURNED) & (set(_JSON_COLUMNS) | set(_BOOLEAN_COLUMNS))
+_PROGRESS_RETURNING = ", ".join(_PROGRESS_RETURNED)
+#: Events written by one INSERT at most (8 values each, well within SQLite's bound on a statement's values).
+_EVENTS_PER_INSERT = 200
 _FEED_STATE_SQL = ("SELECT (SELECT value FROM mpc_meta WHERE key = 'pruned'), "
                    "(SELECT value FROM mpc_meta WHERE key = 'event_bytes')")
 #: Events a byte-bound pruning reads per statement while it looks for where to cut.
@@ -459,26 +464,39 @@ class SQLiteStore(ClaimSteps, TaskStore):
         return self._emit_many(db, kind, [row], emitter, at)[0]
 
     def _emit_many(self, db: sqlite3.Connection, kind: EventKind, rows: Sequence[Row], emitter: Optional[str],
-                   at: float) -> list[Event]:
-        """:meth:`_emit` for several rows changed alike: the feed's byte count and bounds are looked at once."""
+                   at: float, progress_texts: Optional[Sequence[Optional[str]]] = None) -> list[Event]:
+        """:meth:`_emit` for several rows changed alike: one insert per :data:`_EVENTS_PER_INSERT` events, and the
+        feed's byte count and bounds looked at once. ``progress_texts``: the JSON of each row's ``progress``,
+        made already (a progress write's), put in the event's text as it is instead of encoded again."""
         events: list[Event] = []
         added = 0
         cursor = 0
-        for row in rows:
-            task = event_payload(kind.value, row)
-            text = json.dumps(task)
-            added += len(text)
-            cursor = cast(int, db.execute(
-                "INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task, tenant, size) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind.value, row["uuid"], row["controller"], at, emitter, text, row.get("tenant"), len(text)),
-            ).lastrowid)
-            if kind.value in CALLBACK_KINDS:  # a copy: the outbox keeps it whatever the feed's pruning
-                db.execute("INSERT INTO mpc_outbox (cursor, controller, kind, uuid, at, emitter, task) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (cursor, row["controller"], kind.value, row["uuid"], at, emitter, text))
-            events.append(Event(cursor=str(cursor), kind=kind.value, uuid=row["uuid"], controller=row["controller"],
-                                at=at, emitter=emitter, task=task))
+        for start in range(0, len(rows), _EVENTS_PER_INSERT):
+            chunk = rows[start:start + _EVENTS_PER_INSERT]
+            tasks: list[tuple[dict[str, Any], str]] = []
+            values: list[Any] = []
+            for i, row in enumerate(chunk, start):
+                task = event_payload(kind.value, row)
+                if progress_texts is not None:
+                    rest = json.dumps({k: v for k, v in task.items() if k != "progress"})
+                    progress = progress_texts[i]
+                    text = f'{rest[:-1]}, "progress": {"null" if progress is None else progress}}}'
+                else:
+                    text = json.dumps(task)
+                added += len(text)
+                tasks.append((task, text))
+                values += (kind.value, row["uuid"], row["controller"], at, emitter, text, row.get("tenant"), len(text))
+            cursors = sorted(found for (found,) in db.execute(
+                "INSERT INTO mpc_events (kind, uuid, controller, at, emitter, task, tenant, size) VALUES "
+                + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)) + " RETURNING cursor", values).fetchall())
+            # One statement inserts its rows in order, each with the next cursor (AUTOINCREMENT).
+            for row, (task, text), cursor in zip(chunk, tasks, cursors):
+                if kind.value in CALLBACK_KINDS:  # a copy: the outbox keeps it whatever the feed's pruning
+                    db.execute("INSERT INTO mpc_outbox (cursor, controller, kind, uuid, at, emitter, task) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (cursor, row["controller"], kind.value, row["uuid"], at, emitter, text))
+                events.append(Event(cursor=str(cursor), kind=kind.value, uuid=row["uuid"],
+                                    controller=row["controller"], at=at, emitter=emitter, task=task))
         if not events:
             return events
         db.execute("INSERT INTO mpc_meta (key, value) VALUES ('event_bytes', ?) "
@@ -678,21 +696,26 @@ class SQLiteStore(ClaimSteps, TaskStore):
 
     def _progress_in(self, db: sqlite3.Connection, owner: str, writes: Sequence[ProgressWrite]) -> list[Optional[Event]]:
         """The progress writes of a batch in the caller's transaction: one statement per task, which answers with
-        what its event carries (no second read), then the events, the feed's byte count and bounds at once."""
+        what its event carries besides the progress written (no second read, no decoding), then the events, the
+        feed's byte count and bounds at once. Each value is encoded once, for the row and its event."""
         now = time.time()
         rows: list[Row] = []
+        texts: list[Optional[str]] = []
         written: list[bool] = []
         for write in writes:
-            assignments = {"progress": write.progress, "percent": write.percent, **usage_fields(write.usage)}
+            text = None if write.progress is None else json.dumps(write.progress)
+            assignments = {"progress": text, "percent": write.percent, **usage_fields(write.usage)}
             clause = ", ".join(f"{column} = ?" for column in assignments)
             found = db.execute(
                 f"UPDATE mpc_tasks SET {clause} WHERE uuid = ? AND status IN {_ACTIVE_SQL} AND owner = ? "
-                f"RETURNING {_PROGRESS_RETURNING}",
-                (*(_encode(c, v) for c, v in assignments.items()), write.uuid, owner)).fetchall()
-            written.append(bool(found))
-            if found:
-                rows.append(_decode(found[0], _PROGRESS_EVENT_COLUMNS))
-        events = iter(self._emit_many(db, EventKind.PROGRESS, rows, owner, now))
+                f"RETURNING {_PROGRESS_RETURNING}", (*assignments.values(), write.uuid, owner)).fetchone()
+            written.append(found is not None)
+            if found is not None:
+                row: Row = dict(zip(_PROGRESS_RETURNED, found))  # type: ignore[assignment]
+                row["progress"] = write.progress
+                rows.append(row)
+                texts.append(text)
+        events = iter(self._emit_many(db, EventKind.PROGRESS, rows, owner, now, texts))
         return [next(events) if done else None for done in written]
 
     def save_state(self, uuid: str, owner: str, state: Any) -> bool:
