@@ -48,7 +48,7 @@ class FeedStore:
         return self.latest
 
     def changes(self, since: Optional[str], timeout: float = 0.0, *, limit: int = 1000,
-                foreign_only: bool = False) -> Changes:
+                foreign_only: bool = False, without_progress: bool = False) -> Changes:
         self.calls.append((since, timeout, foreign_only))
         if self.fail_with is not None:
             exc, self.fail_with = self.fail_with, None

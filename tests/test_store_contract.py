@@ -1348,8 +1348,9 @@ _WRITE_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("foreign_only", [False, True])
-def test_waiting_changes_wake_when_another_process_writes(shared_store, tmp_path, foreign_only):
+@pytest.mark.parametrize("foreign_only, without_progress", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "foreign-only", "follower"])
+def test_waiting_changes_wake_when_another_process_writes(shared_store, tmp_path, foreign_only, without_progress):
     since = shared_store.latest_cursor()
     go = tmp_path / "go"
     proc = subprocess.Popen([sys.executable, "-c", _WRITE_SCRIPT, *location(shared_store), CTL, str(go)],
@@ -1357,7 +1358,8 @@ def test_waiting_changes_wake_when_another_process_writes(shared_store, tmp_path
     try:
         go.touch()
         started = time.monotonic()
-        found = shared_store.changes(since, timeout=30.0, foreign_only=foreign_only)
+        found = shared_store.changes(since, timeout=30.0, foreign_only=foreign_only,
+                                     without_progress=without_progress)
         waited = time.monotonic() - started
         out, err = proc.communicate(timeout=30)
     finally:
@@ -1369,6 +1371,40 @@ def test_waiting_changes_wake_when_another_process_writes(shared_store, tmp_path
     assert [(e["uuid"], e["cursor"], e["emitter"]) for e in found.events] == \
         [(written["uuid"], written["cursor"], "writer-process")]
     assert waited < 15.0
+
+
+@pytest.mark.timeout(30)
+def test_a_read_without_progress_leaves_them_out_and_waits_through_them(store):
+    """What a runtime's follower reads: no progress events (the cursor moves past them), and a wait that
+    progress writes do not end with nothing; a reader of everything still gets them all."""
+    [uuid] = add(store)
+    claim(store)
+    since = store.latest_cursor()
+    store.progress(uuid, OWNER, 1, None)
+    found = store.changes(since, without_progress=True)
+    assert found == Changes([], store.latest_cursor(), False)
+    failures: list[BaseException] = []
+
+    def write_later() -> None:
+        try:
+            time.sleep(0.3)  # let the reader block first
+            for n in range(2, 6):
+                store.progress(uuid, OWNER, n, None)
+                time.sleep(0.05)
+            store.request_stop(uuid)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    writer = threading.Thread(target=write_later, name="feed-writer")
+    writer.start()
+    try:
+        later = store.changes(found.cursor, timeout=20.0, without_progress=True)
+    finally:
+        writer.join(30)
+    assert failures == []
+    assert [e["kind"] for e in later.events] == ["stopping"]
+    assert later.cursor == later.events[0]["cursor"] == store.latest_cursor() and not later.reset
+    assert [e["kind"] for e in store.changes(since).events] == ["progress"] * 5 + ["stopping"]
 
 
 @pytest.mark.timeout(30)

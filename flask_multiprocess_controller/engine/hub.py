@@ -4,7 +4,9 @@ Events of writes made by this process are handed to the subscribers at once, in 
 writing thread; events written by other processes or hosts arrive through the store's
 change feed, which one follower thread per runtime reads (blocking, so a waiter on
 another host wakes within milliseconds and no request thread polls the store). Waiters,
-running tasks (stop requests, ownership), callbacks and live views all subscribe here.
+running tasks (stop requests, ownership) and callbacks subscribe here. None of them acts on another
+process's ``progress`` events, the most frequent by far: the follower does not read them (live views
+read the feed themselves, see :mod:`..http.sse`).
 """
 from __future__ import annotations
 
@@ -137,13 +139,14 @@ class EventHub:
             # found here is dropped: the next read starts where catch_up() got (and finds the rest at once).
             cursor = self._cursor
             changes = self._retrier.call("reading the change feed",
-                                         lambda: self.store.changes(cursor, wait, foreign_only=True))
+                                         lambda: self.store.changes(cursor, wait, foreign_only=True,
+                                                                    without_progress=True))
             with self._reading:
                 if self._cursor == cursor:
                     self._take(changes)
             return
         with self._reading:
-            self._take(self.store.changes(self._cursor, 0.0))
+            self._take(self.store.changes(self._cursor, 0.0, without_progress=True))
 
     def _take(self, changes: Changes) -> None:
         """Move past ``changes`` and dispatch them (the caller holds ``_reading``)."""
@@ -159,7 +162,8 @@ class EventHub:
     def lag(self, own: Optional[str] = None) -> Optional[float]:
         """Seconds this process's follower is behind the store's change feed, for ``<prefix>/metrics``.
 
-        The age (store clock) of the oldest event after the follower's cursor that another process wrote
+        The age (store clock) of the oldest event after the follower's cursor that another process wrote (of
+        the kinds it reads: not ``progress``)
         (``own``: this process's emitter id, whose events it dispatched already); 0 when it has read them
         all; None when it follows no feed (a store of one process, or not started) or its next read finds the
         events after its cursor pruned (it then re-reads the current state). One read of at most
@@ -170,7 +174,7 @@ class EventHub:
         cursor = self._cursor
         if not self._following or cursor is None:
             return None
-        changes = self.store.changes(cursor, 0.0, limit=100)
+        changes = self.store.changes(cursor, 0.0, limit=100, without_progress=True)
         if changes.reset:  # events were pruned before the follower read them: it re-reads the state next
             return None
         if not changes.events:

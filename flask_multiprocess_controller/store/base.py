@@ -683,7 +683,8 @@ class TaskStore(abc.ABC):
     # -- the change feed --------------------------------------------------------------------------------
 
     def changes(self, since: Optional[str], timeout: float = 0.0, *, limit: int = 1000,
-                foreign_only: bool = False, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None) -> Changes:
+                foreign_only: bool = False, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None,
+                without_progress: bool = False) -> Changes:
         """Return the events after the cursor ``since``, oldest first, at most ``limit``.
 
         When there are none, wait up to ``timeout`` seconds for one. ``since=None`` means
@@ -702,6 +703,11 @@ class TaskStore(abc.ABC):
         batch once the events in it take that many bytes (:func:`encoded_size` of their tasks), with
         at least one event, so that a reader always progresses.
 
+        ``without_progress`` leaves out the ``progress`` events, for a reader that acts on none (a runtime's
+        follower: running tasks report progress many times a second, and every serving process would read
+        them all). The cursor returned moves past them too; a store that can (:attr:`filters_progress`)
+        leaves them out in its read and sleeps through writes that made only progress events.
+
         :raises ValueError: ``limit`` or ``max_bytes`` is not a positive integer.
         """
         check_feed_read(limit, max_bytes)
@@ -710,13 +716,30 @@ class TaskStore(abc.ABC):
         deadline = time.monotonic() + max(0.0, timeout)
         interrupts = self._interrupts
         cursor = since
+        native = without_progress and self.filters_progress
         while True:
-            found = self._changes(cursor, limit, tenant, max_bytes)
+            if native:
+                found = self._changes(cursor, limit, tenant, max_bytes, without_progress=True)  # type: ignore[call-arg]
+            else:
+                found = self._changes(cursor, limit, tenant, max_bytes)
+                if without_progress and found.events:
+                    kept = [event for event in found.events if event["kind"] != EventKind.PROGRESS.value]
+                    if len(kept) != len(found.events):
+                        found = Changes(kept, found.cursor, found.reset)
             remaining = deadline - time.monotonic()
             if found.events or found.reset or remaining <= 0 or self._interrupts != interrupts:
                 return found
             cursor = found.cursor  # past the events another tenant's filter left out
-            self._wait_for_changes(cursor, remaining, foreign_only)
+            if native:
+                cursor = self._wait_for_changes(  # type: ignore[call-arg]
+                    cursor, remaining, foreign_only, without_progress=True) or cursor
+            else:
+                self._wait_for_changes(cursor, remaining, foreign_only)
+
+    #: Whether :meth:`_changes` and :meth:`_wait_for_changes` take ``without_progress`` (see :meth:`changes`):
+    #: the read leaves ``progress`` events out, and the wait returns only for others, answering the cursor it
+    #: got past meanwhile (None: the one given).
+    filters_progress: bool = False
 
     #: How many times :meth:`interrupt_waits` was called on this store object.
     _interrupts: int = 0
@@ -740,11 +763,13 @@ class TaskStore(abc.ABC):
         """:meth:`changes` without waiting (checked bounds)."""
 
     @abc.abstractmethod
-    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
+    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> Optional[str]:
         """Return once there may be events after ``since`` (a valid cursor), or after ``timeout`` seconds.
 
         With ``foreign_only``, waking for this process's own writes is optional (see :meth:`changes`).
-        A wait that may block long must also return once :meth:`interrupt_waits` is called.
+        A wait that may block long must also return once :meth:`interrupt_waits` is called. A store that
+        :attr:`filters_progress` also takes ``without_progress`` and answers the cursor it got past meanwhile
+        (None: the one given); others answer None.
         """
 
     @abc.abstractmethod

@@ -93,6 +93,8 @@ _SCHEDULE_COLUMNS = ("controller", "name", "spec", "fired_until", "last_fired", 
                      "last_skipped", "seen_at", "declared_by")
 #: The newest cursor written (AUTOINCREMENT's high-water mark: it survives the pruning of every event).
 _LATEST_SQL = "SELECT seq FROM sqlite_sequence WHERE name = 'mpc_events'"
+#: The newest cursor, and whether an event of a kind other than ``progress`` came after a cursor.
+_NEWS_SQL = (f"SELECT ({_LATEST_SQL}), EXISTS (SELECT 1 FROM mpc_events WHERE cursor > ? AND kind != 'progress')")
 #: Every event with a cursor up to this one was pruned.
 _PRUNED_SQL = "SELECT value FROM mpc_meta WHERE key = 'pruned'"
 #: The newest cursor pruned and the bytes of the events kept (what ``max_event_bytes`` bounds).
@@ -263,6 +265,33 @@ def _tenant_clause(tenant: Any, indexed: str) -> tuple[str, str, tuple[Any, ...]
     if tenant is ANY_TENANT:
         return "mpc_tasks", "", ()
     return indexed, " AND tenant IS ?", (tenant,)
+
+
+class _News:
+    """What a wait of the change feed looks for: an event after ``after`` (without ``progress``: one of another
+    kind, moving :attr:`cursor` past the progress events it finds meanwhile)."""
+
+    def __init__(self, store: "SQLiteStore", after: Optional[int], without_progress: bool) -> None:
+        self._store = store
+        self._after = after
+        self._without_progress = without_progress
+        #: The cursor up to which the wait found only progress events (None: it moved nothing).
+        self.cursor: Optional[str] = None
+
+    def came(self) -> bool:
+        """Whether what the wait looks for is in the feed now."""
+        if self._after is None:
+            return True
+        if not self._without_progress:
+            return int(self._store.latest_cursor()) > self._after
+        with self._store._snapshot() as db:
+            latest, other = db.execute(_NEWS_SQL, (self._after,)).fetchone()
+        if other:
+            return True
+        if latest is not None and latest > self._after:  # only progress since: looked at, and passed
+            self._after = latest
+            self.cursor = str(latest)
+        return False
 
 
 def _latest(db: sqlite3.Connection) -> int:
@@ -912,8 +941,12 @@ class SQLiteStore(ClaimSteps, TaskStore):
 
     # -- the change feed and the outbox -------------------------------------------------------------------
 
-    def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None) -> Changes:
+    filters_progress = True
+
+    def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None,
+                 without_progress: bool = False) -> Changes:
         after = parse_counter(since)
+        kinds = " AND kind != 'progress'" if without_progress else ""
         events: list[Event] = []
         with self._snapshot() as db:
             latest = _latest(db)
@@ -921,11 +954,12 @@ class SQLiteStore(ClaimSteps, TaskStore):
             if after is None or after < (pruned[0] if pruned else 0) or after > latest:
                 return Changes([], str(latest), True)
             if tenant is ANY_TENANT:
-                rows = db.execute(f"SELECT {_EVENT_COLUMNS}, size FROM mpc_events WHERE cursor > ? "
+                rows = db.execute(f"SELECT {_EVENT_COLUMNS}, size FROM mpc_events WHERE cursor > ?{kinds} "
                                   "ORDER BY cursor LIMIT ?", (after, limit))
             else:  # the index of one tenant's events: what the others wrote costs nothing
                 rows = db.execute(f"SELECT {_EVENT_COLUMNS}, size FROM mpc_events INDEXED BY mpc_events_tenant "
-                                  "WHERE tenant IS ? AND cursor > ? ORDER BY cursor LIMIT ?", (tenant, after, limit))
+                                  f"WHERE tenant IS ? AND cursor > ?{kinds} ORDER BY cursor LIMIT ?",
+                                  (tenant, after, limit))
             taken, cut = 0, False
             try:
                 for values in rows:  # decoded one at a time: a byte bound stops the reading too
@@ -936,7 +970,7 @@ class SQLiteStore(ClaimSteps, TaskStore):
                         break
             finally:
                 rows.close()
-        if tenant is not ANY_TENANT and not cut:
+        if (tenant is not ANY_TENANT or without_progress) and not cut:
             return Changes(events, str(latest), False)  # every event up to the latest was looked at
         return Changes(events, events[-1]["cursor"] if events else since, False)
 
@@ -964,13 +998,15 @@ class SQLiteStore(ClaimSteps, TaskStore):
         if found is not None and found.pid == os.getpid():
             found.wake()
 
-    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
+    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False,
+                          without_progress: bool = False) -> Optional[str]:
         after = parse_counter(since)
         deadline = time.monotonic() + timeout
+        news = _News(self, after, without_progress)
         found = self._file_watch()
         if found is not None:
-            self._wait_watching(found, after, deadline, foreign_only)
-            return
+            self._wait_watching(found, news, deadline, foreign_only)
+            return news.cursor
         interrupts = self._interrupts
         if foreign_only:
             # Other processes' commits are seen by looking, every poll interval; this process's
@@ -978,23 +1014,23 @@ class SQLiteStore(ClaimSteps, TaskStore):
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._interrupts != interrupts:
-                    return
+                    return news.cursor
                 time.sleep(min(defaults.FEED_POLL_INTERVAL, remaining))
-                if after is None or int(self.latest_cursor()) > after:
-                    return
+                if news.came():
+                    return news.cursor
         while True:
             with self._committed:
                 generation = self._generation
-            if after is None or int(self.latest_cursor()) > after:
-                return
+            if news.came():
+                return news.cursor
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._interrupts != interrupts:
-                return
+                return news.cursor
             with self._committed:
                 self._committed.wait_for(lambda: self._generation != generation,
                                          min(defaults.FEED_POLL_INTERVAL, remaining))
 
-    def _wait_watching(self, found: FileWatch, after: Optional[int], deadline: float, foreign_only: bool) -> None:
+    def _wait_watching(self, found: FileWatch, news: "_News", deadline: float, foreign_only: bool) -> None:
         """:meth:`_wait_for_changes` asleep until a commit of any process changes the database's files.
 
         A follower (``foreign_only``) looks at most once per ``FEED_POLL_INTERVAL`` during a burst of
@@ -1009,7 +1045,7 @@ class SQLiteStore(ClaimSteps, TaskStore):
         try:
             while self._interrupts == interrupts:
                 seen = found.generation
-                if after is None or int(self.latest_cursor()) > after:
+                if news.came():
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or found.broken:
