@@ -32,7 +32,9 @@ one Redis server, not a Cluster):
   members (zero-padded stream ids) sort by id; ``c:<controller>:outbox:events`` — hash: member to event;
 - ``events`` — stream: the change feed (each entry also has its task's ``tenant``, so reads filter by
   tenant on the server); ``events:pruned`` — id of the newest event pruned from it; ``events:bytes`` — the
-  bytes of the tasks of the events in it (what ``max_event_bytes`` bounds);
+  bytes of the tasks of the events in it (what ``max_event_bytes`` bounds); ``events:other`` — stream of
+  one entry: the id (as in ``events``) of the newest event that is not ``progress``, what a runtime's
+  follower blocks on;
 - ``callbacks_dropped`` — hash: controller -> callbacks dropped undelivered for their age;
 - ``owners`` — sorted set of serving processes by their last heartbeat;
 - ``drained`` — hash: drained host -> since when (server clock);
@@ -566,13 +568,17 @@ class RedisStore(TaskStore):
 
     # -- the change feed and the outbox -------------------------------------------------------------------
 
+    filters_progress = True
+
     @_guarded
-    def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None) -> Changes:
+    def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None,
+                 without_progress: bool = False) -> Changes:
         after = _stream_id(since)
         wanted = "" if tenant is ANY_TENANT else "n" if tenant is None else f"s:{tenant}"
         canonical = "" if after is None else "%d-%d" % after  # what the script compares entry ids with
         pruned, latest, entries, cursor = self._scripts["feed"](
-            args=[self.prefix, canonical, limit, wanted, "" if max_bytes is None else max_bytes])
+            args=[self.prefix, canonical, limit, wanted, "" if max_bytes is None else max_bytes,
+                  "1" if without_progress else ""])
         if after is None or after < _server_id(pruned) or after > _server_id(latest):
             return Changes([], _text(latest), True)
         events = [_event(entry_id, fields) for entry_id, fields in entries]
@@ -580,10 +586,15 @@ class RedisStore(TaskStore):
         return Changes(events, since if cursor == canonical else cursor, False)
 
     @_guarded
-    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
+    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False,
+                          without_progress: bool = False) -> Optional[str]:
         block = max(1, int(min(timeout, _FEED_BLOCK_MAX) * 1000))
-        # The wake stream of this process ends the block when interrupt_waits() adds to it.
-        self._feed.xread({self._key("events"): since, self._wake_key(): "$"}, count=1, block=block)
+        # Without progress, the stream that holds the id of the newest event of another kind (the same id as
+        # in the feed): its entry after ``since`` is one such event after it. The wake stream of this process
+        # ends the block when interrupt_waits() adds to it.
+        feed = self._key("events:other" if without_progress else "events")
+        self._feed.xread({feed: since, self._wake_key(): "$"}, count=1, block=block)
+        return None
 
     def _wake_key(self) -> str:
         """This process's wake stream for this store object: one entry ends the blocked reads of the feed."""

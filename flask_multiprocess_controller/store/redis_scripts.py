@@ -38,6 +38,8 @@ local now = string.format('%.6f', tonumber(clock[1]) + tonumber(clock[2]) / 1000
 local stream = prefix .. 'events'
 -- The bytes of the events in the stream (their tasks' JSON): what max_event_bytes bounds.
 local stream_bytes = prefix .. 'events:bytes'
+-- The id of the newest event of a kind other than progress (what a runtime's follower waits for).
+local stream_other = prefix .. 'events:other'
 local EVENT_FIELDS = EVENT_FIELDS_TABLE
 local ACTIVE = ACTIVE_SET
 local TERMINAL = TERMINAL_SET
@@ -243,6 +245,7 @@ local function emit(kind, key)
     fields[#fields + 1] = tenant
   end
   local id = redis.call('XADD', stream, '*', unpack(fields))
+  if kind ~= 'progress' then redis.call('XADD', stream_other, 'MAXLEN', '1', id, 'kind', kind) end
   if CALLBACK[kind] then
     redis.call('ZADD', ckey(controller, 'outbox'), 0, pad(id))
     redis.call('HSET', ckey(controller, 'outbox:events'), pad(id), cjson.encode(fields))
@@ -766,8 +769,9 @@ return dropped
 """
 
 # ARGV: prefix, since ('' = none), limit, tenant ('' = every tenant's, 'n' = tenant None, 's:<tenant>'),
-# max bytes ('' = no bound). Returns {newest pruned id, latest id, entries after since, the cursor to
-# resume from}: the entries are filtered by tenant here, and the cursor moves past those left out.
+# max bytes ('' = no bound), '1' to leave progress events out. Returns {newest pruned id, latest id, entries
+# after since, the cursor to resume from}: the entries are filtered here, and the cursor moves past those
+# left out.
 FEED = """
 local stream = ARGV[1] .. 'events'
 local pruned = redis.call('GET', ARGV[1] .. 'events:pruned') or '0-0'
@@ -776,7 +780,7 @@ local latest = pruned
 if #last > 0 then latest = last[1][1] end
 local entries, cursor = {}, ARGV[2]
 if ARGV[2] == '' then return {pruned, latest, entries, cursor} end
-local limit, wanted, max_bytes = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local limit, wanted, max_bytes, without_progress = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1'
 -- A filtered read looks at up to this many entries per call; its cursor then resumes past them.
 local scan_left = 10 * limit + 1000
 local taken, full, start = 0, false, ARGV[2]
@@ -787,12 +791,15 @@ while #batch > 0 and not full and scan_left > 0 do
     if entry[1] ~= ARGV[2] then
       cursor = entry[1]
       scan_left = scan_left - 1
-      local keep, size, tenant = true, 0, nil
+      local keep, size, tenant, kind = true, 0, nil, nil
       for i = 1, #entry[2], 2 do
         if entry[2][i] == 'tenant' then tenant = entry[2][i + 1] end
         if entry[2][i] == 'task' then size = #entry[2][i + 1] end
+        if entry[2][i] == 'kind' then kind = entry[2][i + 1] end
       end
-      if wanted == 'n' then
+      if without_progress and kind == 'progress' then
+        keep = false
+      elseif wanted == 'n' then
         keep = tenant == nil
       elseif wanted ~= '' then
         keep = tenant ~= nil and 's:' .. tenant == wanted
