@@ -253,6 +253,10 @@ class PostgresStore(ClaimSteps, TaskStore):
         self._latest_sql = (f"SELECT (SELECT value FROM {s}.meta WHERE key = 'pruned'), "
                             f"GREATEST((SELECT value FROM {s}.meta WHERE key = 'pruned'), "
                             f"(SELECT max(cursor) FROM {s}.events))")
+        # The newest cursor, and whether an event of a kind other than progress came after a cursor.
+        self._news_sql = (f"SELECT GREATEST((SELECT value FROM {s}.meta WHERE key = 'pruned'), "
+                          f"(SELECT max(cursor) FROM {s}.events)), "
+                          f"EXISTS (SELECT 1 FROM {s}.events WHERE cursor > %s AND kind <> 'progress')")
         self._feed_state = (f"SELECT (SELECT value FROM {s}.meta WHERE key = 'pruned'), "
                             f"(SELECT value FROM {s}.meta WHERE key = 'event_bytes')")
         self._publish_sql = f"SELECT * FROM {s}.publish(%s, %s, %s, %s, %s, %s, %s, %s)"
@@ -921,9 +925,13 @@ class PostgresStore(ClaimSteps, TaskStore):
 
     # -- the change feed and the outbox -------------------------------------------------------------------
 
-    def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None) -> Changes:
+    filters_progress = True
+
+    def _changes(self, since: str, limit: int, tenant: Any = ANY_TENANT, max_bytes: Optional[int] = None,
+                 without_progress: bool = False) -> Changes:
         after = parse_counter(since)
         s = self.schema
+        kinds = " AND kind <> 'progress'" if without_progress else ""
         events: list[Event] = []
         cut = False
         with self._connection() as db:
@@ -934,7 +942,7 @@ class PostgresStore(ClaimSteps, TaskStore):
                 if after is None or after < pruned or after > latest:
                     return Changes([], str(latest), True)
                 by_tenant, tenant_args = _tenant_condition(tenant)
-                rows = db.execute(f"SELECT {_EVENT_COLUMNS}, size FROM {s}.events WHERE cursor > %s{by_tenant} "
+                rows = db.execute(f"SELECT {_EVENT_COLUMNS}, size FROM {s}.events WHERE cursor > %s{by_tenant}{kinds} "
                                   "ORDER BY cursor LIMIT %s", (after, *tenant_args, limit)).fetchall()
         taken = 0
         for values in rows:
@@ -943,23 +951,35 @@ class PostgresStore(ClaimSteps, TaskStore):
             if len(events) >= limit or (max_bytes is not None and taken >= max_bytes):
                 cut = True
                 break
-        if tenant is not ANY_TENANT and not cut:
+        if (tenant is not ANY_TENANT or without_progress) and not cut:
             return Changes(events, str(latest), False)  # every event up to the latest was looked at
         return Changes(events, events[-1]["cursor"] if events else since, False)
 
-    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False) -> None:
+    def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False,
+                          without_progress: bool = False) -> Optional[str]:
         after = parse_counter(since)
         deadline = time.monotonic() + timeout
         interrupts = self._interrupts
         self._ensure_listener()
+        passed: Optional[str] = None  # without progress: the cursor up to which only progress events came
         while True:
             with self._committed:
                 generation = self._generation
-            if after is None or int(self.latest_cursor()) > after:
-                return
+            if after is None:
+                return passed
+            if not without_progress:
+                if int(self.latest_cursor()) > after:
+                    return passed
+            else:
+                with self._connection() as db:
+                    latest, other = db.execute(self._news_sql, (after,)).fetchone()
+                if other:
+                    return passed
+                if latest > after:
+                    after, passed = latest, str(latest)
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._interrupts != interrupts:
-                return
+                return passed
             with self._committed:
                 self._committed.wait_for(lambda: self._generation != generation, min(_WAIT_POLL, remaining))
 
