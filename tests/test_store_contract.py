@@ -875,6 +875,20 @@ def test_drained_hosts_keep_their_first_since_until_undrained(store):
 
 
 @pytest.mark.timeout(30)
+def test_a_keeper_s_round_beats_and_reads_the_drained_hosts_in_one_call(store):
+    """What the keeper calls each second: the heartbeat is recorded as heartbeat() records it, and the answer is
+    what drained_hosts() says."""
+    before = store.now()
+    assert store.heartbeat_and_drained(OWNER) == {}
+    assert before <= store.heartbeats()[OWNER] <= store.now()
+    store.set_drained("host-b", True)
+    first = store.heartbeats()[OWNER]
+    wait_until(lambda: store.now() > first + 0.002, timeout=5.0, interval=0.001)
+    assert store.heartbeat_and_drained(OWNER) == store.drained_hosts() and "host-b" in store.drained_hosts()
+    assert store.heartbeats()[OWNER] > first
+
+
+@pytest.mark.timeout(30)
 def test_drained_hosts_are_shared_by_every_store_object(shared_store):
     other = reopen(shared_store)
     try:

@@ -32,9 +32,11 @@ class Keeper(threading.Thread):
         next_purge = time.monotonic() + defaults.PURGE_INTERVAL
         while not self._stop_event.wait(defaults.HEARTBEAT_INTERVAL):
             now = time.monotonic()
-            if not self._attempt("heartbeat", lambda: rt.store.heartbeat(rt.owner)):
+            drained: dict[str, float] = {}
+            # The heartbeat and the drain flags in one store call (one round trip where the store can).
+            if not self._attempt("heartbeat", lambda: drained.update(rt.store.heartbeat_and_drained(rt.owner))):
                 continue  # the store is down: the other chores would fail the same way
-            self._attempt("drain flag", rt.refresh_host_drained)
+            self._attempt("drain flag", lambda: rt.refresh_host_drained(drained))
             if rt.config.tenant_quota is not None:
                 self._attempt("quotas", rt.refresh_quotas)
             if now >= next_reconcile and self._attempt("reconcile", rt.reconcile):

@@ -322,9 +322,10 @@ class Runtime(TaskSide):
         """
         self.draining = True
 
-    def refresh_host_drained(self) -> None:
-        """Read whether this host is drained; once it is not any more, the idle slots claim at once."""
-        drained = self.host in self.store.drained_hosts()
+    def refresh_host_drained(self, drained_hosts: Optional[Mapping[str, float]] = None) -> None:
+        """Read whether this host is drained (from ``drained_hosts`` when the caller read them already); once it is
+        not any more, the idle slots claim at once."""
+        drained = self.host in (self.store.drained_hosts() if drained_hosts is None else drained_hosts)
         was, self.host_drained = self.host_drained, drained
         if drained != was:
             self.logger.warning("Host %s is %s: this process %s.", self.host,

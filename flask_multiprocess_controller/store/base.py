@@ -959,6 +959,12 @@ class TaskStore(abc.ABC):
     def drained_hosts(self) -> dict[str, float]:
         """Every drained host -> since when (the store's clock when it was drained)."""
 
+    def heartbeat_and_drained(self, owner: str) -> dict[str, float]:
+        """:meth:`heartbeat` for ``owner``, then :meth:`drained_hosts`: what a serving process's keeper does each
+        second, which a store may do in one round trip (the default makes two calls)."""
+        self.heartbeat(owner)
+        return self.drained_hosts()
+
     @property
     def logs(self) -> "LogBook":
         """The per-task logs kept in this store (see :mod:`.logbook`)."""

@@ -1135,6 +1135,14 @@ class PostgresStore(ClaimSteps, TaskStore):
         return {str(host): float(since) for host, since in self._query(
             f"SELECT host, since FROM {self.schema}.drained_hosts")}
 
+    def heartbeat_and_drained(self, owner: str) -> dict[str, float]:
+        # One statement (autocommit: atomic on its own), one round trip.
+        s = self.schema
+        return {str(host): float(since) for host, since in self._query(
+            f"WITH beat AS (INSERT INTO {s}.owners (owner, heartbeat) VALUES (%s, {_CLOCK}) "
+            "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat) "
+            f"SELECT host, since FROM {s}.drained_hosts", (owner,))}
+
     def close(self) -> None:
         with self._listening_lock:
             listening, self._listening_pid = self._listening_pid == os.getpid(), 0

@@ -790,6 +790,14 @@ class RedisStore(TaskStore):
         drained = self._redis.hgetall(self._key("drained"))
         return {_text(host): float(since) for host, since in drained.items()}
 
+    @_guarded
+    def heartbeat_and_drained(self, owner: str) -> dict[str, float]:
+        pipe = self._redis.pipeline(transaction=False)  # one round trip
+        self._scripts["heartbeat"](args=[self.prefix, owner], client=pipe)
+        pipe.hgetall(self._key("drained"))
+        drained = pipe.execute()[-1]
+        return {_text(host): float(since) for host, since in drained.items()}
+
     def close(self) -> None:
         self._redis.close()
         self._feed.close()

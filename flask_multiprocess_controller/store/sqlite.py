@@ -1192,6 +1192,13 @@ class SQLiteStore(ClaimSteps, TaskStore):
         rows = self._query("SELECT host, since FROM mpc_drained_hosts")
         return {str(host): float(since) for host, since in rows}
 
+    def heartbeat_and_drained(self, owner: str) -> dict[str, float]:
+        with self._transaction() as db:  # one transaction
+            db.execute("INSERT INTO mpc_owners (owner, heartbeat) VALUES (?, ?) "
+                       "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat", (owner, time.time()))
+            rows = db.execute("SELECT host, since FROM mpc_drained_hosts").fetchall()
+        return {str(host): float(since) for host, since in rows}
+
     def close(self) -> None:
         with self._idle_lock:
             idle, self._idle = self._idle, []
