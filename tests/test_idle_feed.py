@@ -58,7 +58,9 @@ def test_making_a_file_watch_starts_no_process(tmp_path) -> None:
 
 
 @linux_only
-def test_a_waiting_sqlite_reader_wakes_on_another_store_objects_commit(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("without_progress", [False, True], ids=["reader", "follower"])
+def test_a_waiting_sqlite_reader_wakes_on_another_store_objects_commit(tmp_path, monkeypatch,
+                                                                       without_progress) -> None:
     # Two store objects on one file share no condition: only the file's change can wake the reader
     # (besides its safety look), as for a reader in another process.
     monkeypatch.delenv("MPC_SQLITE_FILE_WATCH", raising=False)  # on by default
@@ -71,13 +73,46 @@ def test_a_waiting_sqlite_reader_wakes_on_another_store_objects_commit(tmp_path,
         later = threading.Timer(0.1, lambda: writer.enqueue([dict(row)], -1))
         later.start()
         try:
-            changes = reader.changes(cursor, 30.0, foreign_only=True)
+            changes = reader.changes(cursor, 30.0, foreign_only=True, without_progress=without_progress)
         finally:
             later.join()
         assert [e["uuid"] for e in changes.events] == ["u-1"]
-        assert reader._watch is not None and not reader._watch.broken  # it slept on the watch, not polling
+        found = reader._watches.get(without_progress)  # a follower sleeps on the signal file's watch
+        assert found is not None and not found.broken  # it slept on the watch, not polling
     finally:
         reader.close()
+        writer.close()
+
+
+@linux_only
+@pytest.mark.timeout(60)
+def test_only_commits_that_made_events_a_follower_acts_on_write_the_feed_signal(tmp_path) -> None:
+    """A heartbeat or a batch of progress commits to the database but leaves the signal file alone, so that the
+    followers of other processes sleep on; a stop request writes it."""
+    from flask_multiprocess_controller.store import filewatch
+    from flask_multiprocess_controller.store.feedsignal import SUFFIX
+
+    path = str(tmp_path / "tasks.sqlite3")
+    writer = SQLiteStore(path)
+    assert writer._signal.ensure()
+    watch = filewatch.watch_file(path + SUFFIX)
+    assert watch is not None
+    try:
+        row = {"uuid": "u-1", "controller": "ctl", "status": "queued", "priority": 0, "args": {},
+               "created_at": time.time(), "attempt": 0, "stop_requested": False}
+        writer.enqueue([row], -1)
+        owner = "host-a:1:1.0"
+        assert writer.claim("ctl", owner, 10) is not None
+        seen = watch.wait(watch.generation, 10.0, time.monotonic)  # the claim's signal, if not read yet
+        seen = watch.wait(seen, 0.2, time.monotonic)
+        writer.heartbeat(owner)
+        assert writer.progress("u-1", owner, 1, None) is not None
+        assert writer.heartbeat_and_drained(owner) == {}
+        assert watch.wait(seen, 0.5, time.monotonic) == seen, "a commit without such an event wrote the signal"
+        writer.request_stop("u-1")
+        assert watch.wait(seen, 10.0, time.monotonic) != seen, "the stop request wrote no signal"
+    finally:
+        watch.close()
         writer.close()
 
 

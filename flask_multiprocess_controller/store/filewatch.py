@@ -194,9 +194,14 @@ class FileWatch:
                 pass
 
 
-def watch(path: str) -> Optional[FileWatch]:
-    """A watch of the SQLite database ``path`` and its ``-wal`` and ``-journal`` files, or None where the
-    kernel cannot tell of their changes (not Linux, no inotify instance or watch left)."""
+#: What the names of the files a commit writes add to the database file's (a checkpoint writes the database file).
+DATABASE_SUFFIXES = ("", "-wal", "-journal")
+
+
+def watch(path: str, suffixes: tuple[str, ...] = DATABASE_SUFFIXES) -> Optional[FileWatch]:
+    """A watch of the SQLite database ``path`` and its ``-wal`` and ``-journal`` files (the files named ``path``
+    plus each of ``suffixes``), or None where the kernel cannot tell of their changes (not Linux, no inotify
+    instance or watch left)."""
     libc = _LIBC
     if libc is None:
         return None
@@ -208,4 +213,21 @@ def watch(path: str) -> Optional[FileWatch]:
         os.close(fd)
         return None
     name = os.fsencode(base)
-    return FileWatch(fd, frozenset({name, name + b"-wal", name + b"-journal"}))
+    return FileWatch(fd, frozenset(name + os.fsencode(suffix) for suffix in suffixes))
+
+
+def watch_file(path: str) -> Optional[FileWatch]:
+    """A watch of the one file ``path`` itself (it must exist): writes to other files of its directory do not
+    reach it, as they reach a watch of the directory. None where the kernel cannot tell (see :func:`watch`), or
+    the file is missing; the watch is :attr:`~FileWatch.broken` once the file is removed or moved."""
+    libc = _LIBC
+    if libc is None:
+        return None
+    fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    if fd < 0:
+        return None
+    if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY | _IN_DELETE_SELF | _IN_MOVE_SELF) < 0:
+        os.close(fd)
+        return None
+    return FileWatch(fd, frozenset({b""}))  # a file's own notices carry no name
+

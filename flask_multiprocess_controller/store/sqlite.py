@@ -39,6 +39,7 @@ from .base import usage_fields
 from .base import ProgressWrite
 from .base import Timing
 from . import filewatch
+from .feedsignal import FeedSignal
 from .filewatch import FileWatch
 from .groupcommit import GroupCommit
 from .sqlite_schema import SCHEMA, add_missing_columns, upgrade_feed
@@ -353,10 +354,13 @@ class SQLiteStore(ClaimSteps, TaskStore):
         # on it at once, and polls for the commits of other objects and processes.
         self._committed = threading.Condition()
         self._generation = 0
-        # Guards _watch and _watch_tried: this process's watch of the database's files (see _file_watch).
+        # Guards _watches and _watches_tried: this process's watches of the database's files, and of the signal
+        # file of the events followers act on (see _file_watch).
         self._watch_lock = threading.Lock()
-        self._watch: Optional[FileWatch] = None
-        self._watch_tried = False
+        self._watches: dict[bool, FileWatch] = {}
+        self._watches_tried: set[bool] = set()
+        #: The signal file written after commits that made events a follower acts on (see .feedsignal).
+        self._signal = FeedSignal(self.path, mode)
         #: When a follower's wait (``foreign_only``) last returned (monotonic clock).
         self._followed_at = 0.0
         #: The writes of a task's life that slots make together (claims, starts, progress, ends) share commits.
@@ -471,9 +475,15 @@ class SQLiteStore(ClaimSteps, TaskStore):
             try:
                 yield db
             except BaseException:
+                self._signal.settle(committed=False)
                 db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except BaseException:
+                self._signal.settle(committed=False)
+                raise
+        self._signal.settle(committed=True)
         with self._committed:
             self._generation += 1
             self._committed.notify_all()
@@ -500,6 +510,8 @@ class SQLiteStore(ClaimSteps, TaskStore):
         events: list[Event] = []
         added = 0
         cursor = 0
+        if kind is not EventKind.PROGRESS and rows:
+            self._signal.owe()
         for start in range(0, len(rows), _EVENTS_PER_INSERT):
             chunk = rows[start:start + _EVENTS_PER_INSERT]
             tasks: list[tuple[dict[str, Any], str]] = []
@@ -974,36 +986,47 @@ class SQLiteStore(ClaimSteps, TaskStore):
             return Changes(events, str(latest), False)  # every event up to the latest was looked at
         return Changes(events, events[-1]["cursor"] if events else since, False)
 
-    def _file_watch(self) -> Optional[FileWatch]:
-        """This process's watch of the database's files (made at the first wait), or None: polling (every
+    def _file_watch(self, signal: bool = False) -> Optional[FileWatch]:
+        """This process's watch of the database's files (made at the first wait), or with ``signal`` of the signal
+        file of the events a follower acts on (see :mod:`.feedsignal`); None: polling (every
         ``FEED_POLL_INTERVAL``), where the kernel cannot tell of changes or ``MPC_SQLITE_FILE_WATCH=0`` says so."""
         if os.environ.get("MPC_SQLITE_FILE_WATCH") == "0":
             return None
         with self._watch_lock:
-            if self._watch is not None and (self._watch.pid != os.getpid() or self._watch.broken):
-                if self._watch.pid == os.getpid():
-                    self._watch.close()
-                self._watch = None
-                self._watch_tried = False
-            if self._watch is None and not self._watch_tried:
-                self._watch_tried = True  # once per process: without inotify, the store polls
-                self._watch = filewatch.watch(self.path)
-            return self._watch
+            found = self._watches.get(signal)
+            if found is not None and (found.pid != os.getpid() or found.broken):
+                if found.pid == os.getpid():
+                    found.close()
+                del self._watches[signal]
+                self._watches_tried.discard(signal)
+                found = None
+            if found is None and signal not in self._watches_tried:
+                self._watches_tried.add(signal)  # once per process: without inotify, the store polls
+                if signal:
+                    found = filewatch.watch_file(self._signal.path) if self._signal.ensure() else None
+                else:
+                    found = filewatch.watch(self.path)
+                if found is not None:
+                    self._watches[signal] = found
+        if found is None and signal:  # no signal file to watch: the database's files tell of every commit
+            return self._file_watch()
+        return found
 
     def _wake_waits(self) -> None:
         with self._committed:
             self._generation += 1
             self._committed.notify_all()
-        found = self._watch  # one attribute read: every commit comes here, and the lock guards only making it
-        if found is not None and found.pid == os.getpid():
-            found.wake()
+        for found in list(self._watches.values()):  # no lock: it guards only making them
+            if found.pid == os.getpid():
+                found.wake()
 
     def _wait_for_changes(self, since: str, timeout: float, foreign_only: bool = False,
                           without_progress: bool = False) -> Optional[str]:
         after = parse_counter(since)
         deadline = time.monotonic() + timeout
         news = _News(self, after, without_progress)
-        found = self._file_watch()
+        # Without progress, the signal file tells of the events looked for: other commits wake no one.
+        found = self._file_watch(signal=without_progress)
         if found is not None:
             self._wait_watching(found, news, deadline, foreign_only)
             return news.cursor
@@ -1207,9 +1230,11 @@ class SQLiteStore(ClaimSteps, TaskStore):
             for conn in idle:
                 conn.close()
         with self._watch_lock:
-            found, self._watch, self._watch_tried = self._watch, None, False
-        if found is not None and found.pid == os.getpid():
-            found.close()
+            watches, self._watches, self._watches_tried = list(self._watches.values()), {}, set()
+        for found in watches:
+            if found.pid == os.getpid():
+                found.close()
+        self._signal.close()
 
     def _make_logbook(self) -> "LogBook":
         from .logbook import SQLiteLogBook
