@@ -106,6 +106,8 @@ class Bigs(MetaMPController, controller_name="big"):
 
 jobs = Jobs(Job, max_num_process=CONFIG.get("max_num_process", 2),
                         stop_grace=0.5, lease=3, **LIMITS)
+if CONFIG.get("slots"):  # this process's controlling threads, fewer than the controller's places
+    jobs.slots = CONFIG["slots"]
 app = Flask(__name__)
 api = Api(app)
 api.add_resource(MetaMPResource, "/tasks", "/tasks/<string:uuid>", resource_class_args=(jobs,))
@@ -213,7 +215,9 @@ def test_per_key_and_per_tenant_limits_hold_across_workers_and_hosts(setup: str,
         servers = []
         for host in ("host-a", "host-b"):
             (tmp_path / host).mkdir()
-            servers.append(LimitsServer(pool, tmp_path / host, url, LIMITS, host=host))
+            # Two slots each: neither host can take all four places, so both run tasks however the claims race
+            # (a host whose slot ends a task claims the next in the same step, and could otherwise keep them all).
+            servers.append(LimitsServer(pool, tmp_path / host, url, {**LIMITS, "slots": 2}, host=host))
     t1 = servers[0].submit([{"n": n, "account": key, "sleep": 0.25, "log": str(log)} for key, n in T1], "t1")
     t2 = servers[-1].submit([{"n": n, "account": key, "sleep": 0.25, "log": str(log)} for key, n in T2], "t2")
     for task in servers[0].wait_ended(t1 + t2):
