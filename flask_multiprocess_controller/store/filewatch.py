@@ -198,19 +198,28 @@ class FileWatch:
 DATABASE_SUFFIXES = ("", "-wal", "-journal")
 
 
-def watch(path: str, suffixes: tuple[str, ...] = DATABASE_SUFFIXES) -> Optional[FileWatch]:
-    """A watch of the SQLite database ``path`` and its ``-wal`` and ``-journal`` files (the files named ``path``
-    plus each of ``suffixes``), or None where the kernel cannot tell of their changes (not Linux, no inotify
-    instance or watch left)."""
+def _inotify(target: str, mask: int) -> Optional[int]:
+    """An inotify descriptor watching ``target`` for ``mask``, or None where the kernel cannot (not Linux, no
+    inotify instance or watch left, no access, no such file)."""
     libc = _LIBC
     if libc is None:
         return None
     fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
     if fd < 0:
         return None
-    directory, base = os.path.split(os.path.abspath(path))
-    if libc.inotify_add_watch(fd, os.fsencode(directory), _MASK) < 0:  # no watch left, no access, ...
+    if libc.inotify_add_watch(fd, os.fsencode(target), mask) < 0:
         os.close(fd)
+        return None
+    return int(fd)
+
+
+def watch(path: str, suffixes: tuple[str, ...] = DATABASE_SUFFIXES) -> Optional[FileWatch]:
+    """A watch of the SQLite database ``path`` and its ``-wal`` and ``-journal`` files (the files named ``path``
+    plus each of ``suffixes``), or None where the kernel cannot tell of their changes (not Linux, no inotify
+    instance or watch left)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    fd = _inotify(directory, _MASK)
+    if fd is None:
         return None
     name = os.fsencode(base)
     return FileWatch(fd, frozenset(name + os.fsencode(suffix) for suffix in suffixes))
@@ -220,14 +229,7 @@ def watch_file(path: str) -> Optional[FileWatch]:
     """A watch of the one file ``path`` itself (it must exist): writes to other files of its directory do not
     reach it, as they reach a watch of the directory. None where the kernel cannot tell (see :func:`watch`), or
     the file is missing; the watch is :attr:`~FileWatch.broken` once the file is removed or moved."""
-    libc = _LIBC
-    if libc is None:
-        return None
-    fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-    if fd < 0:
-        return None
-    if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY | _IN_DELETE_SELF | _IN_MOVE_SELF) < 0:
-        os.close(fd)
+    fd = _inotify(path, _IN_MODIFY | _IN_DELETE_SELF | _IN_MOVE_SELF)
+    if fd is None:
         return None
     return FileWatch(fd, frozenset({b""}))  # a file's own notices carry no name
-

@@ -94,6 +94,9 @@ _SCHEDULE_COLUMNS = ("controller", "name", "spec", "fired_until", "last_fired", 
                      "last_skipped", "seen_at", "declared_by")
 #: The newest cursor written (AUTOINCREMENT's high-water mark: it survives the pruning of every event).
 _LATEST_SQL = "SELECT seq FROM sqlite_sequence WHERE name = 'mpc_events'"
+#: Records a serving process's heartbeat (owner, time).
+_HEARTBEAT_SQL = ("INSERT INTO mpc_owners (owner, heartbeat) VALUES (?, ?) "
+                  "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat")
 #: The newest cursor, and whether an event of a kind other than ``progress`` came after a cursor.
 _NEWS_SQL = (f"SELECT ({_LATEST_SQL}), EXISTS (SELECT 1 FROM mpc_events WHERE cursor > ? AND kind != 'progress')")
 #: Every event with a cursor up to this one was pruned.
@@ -1193,8 +1196,7 @@ class SQLiteStore(ClaimSteps, TaskStore):
 
     def heartbeat(self, owner: str) -> None:
         with self._transaction() as db:
-            db.execute("INSERT INTO mpc_owners (owner, heartbeat) VALUES (?, ?) "
-                       "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat", (owner, time.time()))
+            db.execute(_HEARTBEAT_SQL, (owner, time.time()))
 
     def heartbeats(self) -> dict[str, float]:
         return dict(self._query("SELECT owner, heartbeat FROM mpc_owners"))
@@ -1217,8 +1219,7 @@ class SQLiteStore(ClaimSteps, TaskStore):
 
     def heartbeat_and_drained(self, owner: str) -> dict[str, float]:
         with self._transaction() as db:  # one transaction
-            db.execute("INSERT INTO mpc_owners (owner, heartbeat) VALUES (?, ?) "
-                       "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat", (owner, time.time()))
+            db.execute(_HEARTBEAT_SQL, (owner, time.time()))
             rows = db.execute("SELECT host, since FROM mpc_drained_hosts").fetchall()
         return {str(host): float(since) for host, since in rows}
 
