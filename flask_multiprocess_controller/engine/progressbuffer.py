@@ -19,6 +19,7 @@ by its uuid.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -38,8 +39,10 @@ _HEADER = struct.Struct("<4sQII36s")
 _FIRST_READ = 4096
 
 
+@functools.lru_cache(maxsize=None)
 def supported() -> bool:
-    """Whether task processes can have progress buffers here (Linux's memfd and /proc)."""
+    """Whether task processes can have progress buffers here (Linux's memfd and /proc): looked at once per process,
+    not at each task."""
     return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
 
 

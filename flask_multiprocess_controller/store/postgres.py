@@ -1132,16 +1132,15 @@ class PostgresStore(ClaimSteps, TaskStore):
                 tx.execute(f"DELETE FROM {table} WHERE host = %s", (host,))
 
     def drained_hosts(self) -> dict[str, float]:
-        return {str(host): float(since) for host, since in self._query(
-            f"SELECT host, since FROM {self.schema}.drained_hosts")}
+        return _drained(self._query(f"SELECT host, since FROM {self.schema}.drained_hosts"))
 
     def heartbeat_and_drained(self, owner: str) -> dict[str, float]:
         # One statement (autocommit: atomic on its own), one round trip.
         s = self.schema
-        return {str(host): float(since) for host, since in self._query(
+        return _drained(self._query(
             f"WITH beat AS (INSERT INTO {s}.owners (owner, heartbeat) VALUES (%s, {_CLOCK}) "
             "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat) "
-            f"SELECT host, since FROM {s}.drained_hosts", (owner,))}
+            f"SELECT host, since FROM {s}.drained_hosts", (owner,)))
 
     def close(self) -> None:
         with self._listening_lock:
@@ -1206,3 +1205,9 @@ class PostgresStore(ClaimSteps, TaskStore):
         rows = self._query(f"SELECT tenant, ended_at, cpu_time FROM {self._t} WHERE controller = %s AND ended_at >= %s "
                            "AND cpu_time > 0", (controller, since))
         return [(tenant, float(ended), float(cpu)) for tenant, ended, cpu in rows]
+
+
+def _drained(rows: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """Host -> since, from rows of host and since."""
+    return {str(host): float(since) for host, since in rows}
+

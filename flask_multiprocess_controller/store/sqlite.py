@@ -97,6 +97,8 @@ _LATEST_SQL = "SELECT seq FROM sqlite_sequence WHERE name = 'mpc_events'"
 #: Records a serving process's heartbeat (owner, time).
 _HEARTBEAT_SQL = ("INSERT INTO mpc_owners (owner, heartbeat) VALUES (?, ?) "
                   "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat")
+#: The drained hosts and since when.
+_DRAINED_SQL = "SELECT host, since FROM mpc_drained_hosts"
 #: The newest cursor, and whether an event of a kind other than ``progress`` came after a cursor.
 _NEWS_SQL = (f"SELECT ({_LATEST_SQL}), EXISTS (SELECT 1 FROM mpc_events WHERE cursor > ? AND kind != 'progress')")
 #: Every event with a cursor up to this one was pruned.
@@ -296,6 +298,11 @@ class _News:
             self._after = latest
             self.cursor = str(latest)
         return False
+
+
+def _drained(rows: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """Host -> since, from rows of :data:`_DRAINED_SQL`."""
+    return {str(host): float(since) for host, since in rows}
 
 
 def _latest(db: sqlite3.Connection) -> int:
@@ -1214,14 +1221,13 @@ class SQLiteStore(ClaimSteps, TaskStore):
                 db.execute("DELETE FROM mpc_drained_hosts WHERE host = ?", (host,))
 
     def drained_hosts(self) -> dict[str, float]:
-        rows = self._query("SELECT host, since FROM mpc_drained_hosts")
-        return {str(host): float(since) for host, since in rows}
+        return _drained(self._query(_DRAINED_SQL))
 
     def heartbeat_and_drained(self, owner: str) -> dict[str, float]:
         with self._transaction() as db:  # one transaction
             db.execute(_HEARTBEAT_SQL, (owner, time.time()))
-            rows = db.execute("SELECT host, since FROM mpc_drained_hosts").fetchall()
-        return {str(host): float(since) for host, since in rows}
+            rows = db.execute(_DRAINED_SQL).fetchall()
+        return _drained(rows)
 
     def close(self) -> None:
         with self._idle_lock:
